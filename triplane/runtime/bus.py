@@ -1,0 +1,145 @@
+"""The NATS JetStream event spine: the one envelope, subjects, streams, publish.
+
+Subjects are `triplane.<plane>.<tenant_id>.<event kind...>`, so a consumer can
+take one tenant's history (`triplane.money.acme.>`) for a backfill or replay.
+Every publish sets `Nats-Msg-Id` to the envelope's event_id: JetStream drops a
+re-publish of the same event inside the stream's duplicate window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nats
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+from triplane.common.v1 import envelope_pb2, types_pb2
+from triplane.runtime.config import NatsConfig
+
+log = logging.getLogger("triplane.bus")
+
+# Streams of the spine: name -> subjects. Each plane ensures the ones it writes.
+STREAMS: dict[str, list[str]] = {
+    "TRIPLANE_MONEY": ["triplane.money.>"],
+    "TRIPLANE_POLICY": ["triplane.policy.>"],
+    "TRIPLANE_AI": ["triplane.ai.>"],
+    "TRIPLANE_GATEWAY": ["triplane.gateway.>"],
+}
+
+
+def subject_for(event_type: str, tenant_id: str) -> str:
+    """"money.entry.posted" for tenant "acme" -> "triplane.money.acme.entry.posted"."""
+    plane, _, rest = event_type.partition(".")
+    assert plane and rest, f"event type {event_type!r} must be '<plane>.<kind>'"
+    return f"triplane.{plane}.{tenant_id}.{rest}"
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def make_envelope(
+    *,
+    event_type: str,
+    tenant_id: str,
+    payload: Message,
+    occurred_at_us: int,
+    event_id: str | None = None,
+    account_id: str = "",
+    idempotency_key: str = "",
+    amount: types_pb2.Money | None = None,
+    policy_decision: str = "",
+    policy_version: str = "",
+    model_score_ref: types_pb2.ModelScoreRef | None = None,
+    trace_id: str = "",
+) -> envelope_pb2.EventEnvelope:
+    occurred_at = timestamp_pb2.Timestamp()
+    occurred_at.FromMicroseconds(occurred_at_us)
+    envelope = envelope_pb2.EventEnvelope(
+        event_id=event_id or new_event_id(),
+        event_type=event_type,
+        occurred_at=occurred_at,
+        tenant_id=tenant_id,
+        account_id=account_id,
+        idempotency_key=idempotency_key,
+        policy_decision=policy_decision,
+        policy_version=policy_version,
+        trace_id=trace_id,
+        payload_type=payload.DESCRIPTOR.full_name,
+        payload=payload.SerializeToString(deterministic=True),
+    )
+    if amount is not None:
+        envelope.amount.CopyFrom(amount)
+    if model_score_ref is not None:
+        envelope.model_score_ref.CopyFrom(model_score_ref)
+    return envelope
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEvent:
+    """A serialized envelope ready to publish."""
+
+    event_id: str
+    subject: str
+    data: bytes
+
+
+async def connect(config: NatsConfig, name: str) -> NatsClient:
+    """Connects with bounded reconnects; the caller owns the connection."""
+    return await nats.connect(
+        config.url,
+        name=name,
+        connect_timeout=config.connect_timeout_s,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+    )
+
+
+async def ensure_streams(
+    js: JetStreamContext, config: NatsConfig, names: Sequence[str] | None = None
+) -> None:
+    """Creates (or updates) the spine's streams with the configured dedupe window."""
+    for name in names or STREAMS:
+        stream = StreamConfig(
+            name=name,
+            subjects=STREAMS[name],
+            storage=StorageType.FILE,
+            num_replicas=config.stream_replicas,
+            duplicate_window=float(config.dedupe_window_s),
+            max_age=float(config.stream_max_age_s),
+        )
+        try:
+            await js.add_stream(stream)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(stream)
+
+
+async def publish_batch(
+    js: JetStreamContext, events: Sequence[OutgoingEvent], timeout_s: float
+) -> list[bool]:
+    """Publishes events concurrently; True for each one JetStream acknowledged
+    (a duplicate counts as acknowledged: it is already stored)."""
+    futures = []
+    for event in events:
+        futures.append(
+            await js.publish_async(
+                event.subject, event.data, headers={"Nats-Msg-Id": event.event_id}
+            )
+        )
+    done, pending = await asyncio.wait(futures, timeout=timeout_s) if futures else (set(), set())
+    for future in pending:
+        future.cancel()
+    results = []
+    for future in futures:
+        ok = future in done and not future.cancelled() and future.exception() is None
+        results.append(ok)
+    return results

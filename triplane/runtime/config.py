@@ -1,0 +1,219 @@
+"""The one config loader: shipped YAML defaults, an optional file, env overrides.
+
+Config is typed (msgspec Structs, frozen) so that a wrong type or an unknown key
+fails at start-up with the key named, never at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "TRIPLANE__"
+
+
+class ConfigError(Exception):
+    """Raised when configuration is invalid; the message names the key."""
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RuntimeConfig(_Strict):
+    state_dir: str
+    log_level: str
+    log_format: str
+    shutdown_grace_s: float
+    otel_exporter: str
+    max_message_bytes: int
+
+
+class NatsConfig(_Strict):
+    url: str
+    connect_timeout_s: float
+    publish_timeout_s: float
+    dedupe_window_s: int
+    stream_replicas: int
+    stream_max_age_s: int
+
+
+class KeysConfig(_Strict):
+    policy_public_keys: list[str]
+    policy_private_key_path: str
+
+
+class MoneyStoreConfig(_Strict):
+    backend: str
+    sqlite_path: str
+    postgres_dsn: str
+    postgres_pool_size: int
+    conflict_retries: int
+
+
+class GroupCommitConfig(_Strict):
+    max_batch_transfers: int
+    max_wait_ms: float
+    workers: int
+    max_queue_transfers: int
+
+
+class MoneyLimitsConfig(_Strict):
+    max_transfers_per_request: int
+    max_accounts_per_request: int
+    max_splits_per_transfer: int
+    max_id_length: int
+    max_string_length: int
+    max_metadata_entries: int
+    default_page_size: int
+    max_page_size: int
+
+
+class HoldsConfig(_Strict):
+    default_timeout_s: int
+    max_timeout_s: int
+    expiry_sweep_interval_s: float
+    expiry_sweep_batch: int
+
+
+class ReservesConfig(_Strict):
+    release_sweep_interval_s: float
+    release_sweep_batch: int
+
+
+class OutboxConfig(_Strict):
+    relay_batch_size: int
+    relay_idle_poll_ms: float
+    relay_backoff_initial_s: float
+    relay_backoff_max_s: float
+
+
+class TokensConfig(_Strict):
+    clock_skew_s: int
+
+
+class MoneyConfig(_Strict):
+    listen: str
+    budget_ms: float
+    store: MoneyStoreConfig
+    group_commit: GroupCommitConfig
+    limits: MoneyLimitsConfig
+    holds: HoldsConfig
+    reserves: ReservesConfig
+    outbox: OutboxConfig
+    tokens: TokensConfig
+
+
+class ListenConfig(_Strict):
+    listen: str
+
+
+class Config(_Strict):
+    runtime: RuntimeConfig
+    nats: NatsConfig
+    keys: KeysConfig
+    money: MoneyConfig
+    gateway: ListenConfig
+    policy: ListenConfig
+    ai: ListenConfig
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.runtime.state_dir)
+
+
+def _defaults() -> dict[str, Any]:
+    text = resources.files("triplane.runtime").joinpath("defaults.yaml").read_text()
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        where = f"{path}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key '{where}'")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{where}' must be a mapping")
+            merged[key] = _merge(base[key], value, f"{where}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    if environ.get("NATS_URL"):
+        tree.setdefault("nats", {})["url"] = environ["NATS_URL"]
+    if environ.get("TRIPLANE_STATE_DIR"):
+        tree.setdefault("runtime", {})["state_dir"] = environ["TRIPLANE_STATE_DIR"]
+    if environ.get("TRIPLANE_MONEY_DSN"):
+        store = tree.setdefault("money", {}).setdefault("store", {})
+        store["postgres_dsn"] = environ["TRIPLANE_MONEY_DSN"]
+        store.setdefault("backend", "postgres")
+    return tree
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Loads the config: defaults, then `path` (or $TRIPLANE_CONFIG), then env,
+    then `overrides` (a nested mapping, for tests and embedding)."""
+    env = os.environ if environ is None else environ
+    data = _defaults()
+    file_path = path if path is not None else env.get("TRIPLANE_CONFIG")
+    if file_path:
+        loaded = yaml.safe_load(Path(file_path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file_path}: top level must be a mapping")
+        data = _merge(data, loaded)
+    data = _merge(data, _env_overrides(env))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if config.money.store.backend not in ("sqlite", "postgres"):
+        raise ConfigError("money.store.backend must be 'sqlite' or 'postgres'")
+    if config.money.store.backend == "postgres" and not config.money.store.postgres_dsn:
+        raise ConfigError("money.store.postgres_dsn is required with backend 'postgres'")
+    if config.money.group_commit.workers < 1:
+        raise ConfigError("money.group_commit.workers must be >= 1")
+    if config.runtime.log_format not in ("json", "text"):
+        raise ConfigError("runtime.log_format must be 'json' or 'text'")
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """A copy of `config` with some keys changed (nested mapping)."""
+    data = msgspec.to_builtins(config)
+    merged = _merge(data, overrides)
+    result = msgspec.convert(merged, Config)
+    _check(result)
+    return result

@@ -1,0 +1,108 @@
+"""Server bootstrap shared by every plane: grpc.aio with standard health and
+reflection, OpenTelemetry instrumentation, error mapping, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+from triplane.runtime.errors import ErrorMappingInterceptor
+from triplane.runtime.telemetry import setup_tracing
+
+log = logging.getLogger("triplane.server")
+
+
+@dataclass(frozen=True)
+class Service:
+    """One gRPC service to serve: its full name and how to register it."""
+
+    full_name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+Hook = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class PlaneServer:
+    """A plane's gRPC server. `start()` returns the bound port."""
+
+    name: str
+    listen: str
+    services: Sequence[Service]
+    shutdown_grace_s: float = 5.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    otel_exporter: str = "none"
+    on_stop: list[Hook] = field(default_factory=list)
+    port: int = 0
+    _server: grpc.aio.Server | None = None
+    _health: HealthServicer | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> int:
+        provider = setup_tracing(self.name, self.otel_exporter)
+        server = grpc.aio.server(
+            interceptors=[
+                aio_server_interceptor(
+                    tracer_provider=provider, filter_=filters.negate(filters.health_check())
+                ),
+                ErrorMappingInterceptor(),
+            ],
+            options=[
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        names = [s.full_name for s in self.services]
+        for service in self.services:
+            service.register(server)
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"{self.name}: cannot listen on {self.listen}")
+        await server.start()
+        for name in ["", *names]:
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self._health = server, health
+        log.info("%s listening", self.name, extra={"listen": self.listen, "port": self.port})
+        return self.port
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING first (so probes drain traffic), then stop."""
+        if self._server is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        assert self._health is not None
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.shutdown_grace_s)
+        for hook in self.on_stop:
+            await hook()
+        log.info("%s stopped", self.name)
+
+    async def serve_until_signalled(self) -> None:
+        """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        if self._server is None:
+            await self.start()
+        await stop_requested.wait()
+        log.info("%s: signal received, draining", self.name)
+        await self.stop()
