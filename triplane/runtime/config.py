@@ -110,6 +110,84 @@ class MoneyConfig(_Strict):
     tokens: TokensConfig
 
 
+class PolicyStoreConfig(_Strict):
+    backend: str
+    sqlite_path: str
+    postgres_dsn: str
+
+
+class PolicyLimitsConfig(_Strict):
+    max_id_length: int
+    max_string_length: int
+    max_name_length: int
+    max_features: int
+    max_rules_per_bundle: int
+    max_bundle_bytes: int
+    max_sanctions_entries: int
+    default_page_size: int
+    max_page_size: int
+    max_replay_decisions: int
+    max_changed_decisions_listed: int
+    max_offers_per_tenant: int
+    max_offer_channels: int
+    max_contact_history_per_customer: int
+    max_note_length: int
+
+
+class DecisionLogConfig(_Strict):
+    chain_id: str
+    max_batch_records: int
+    max_wait_ms: float
+    max_queue_records: int
+    retention_days: int
+    retention_sweep_interval_s: float
+    replay_page_records: int
+
+
+class PolicyBundlesConfig(_Strict):
+    default_path: str
+    lists_dir: str
+    kv_bucket: str
+    kv_key: str
+    kv_watch: bool
+    compiled_cache_size: int
+
+
+class SanctionsConfig(_Strict):
+    hit_threshold: float
+    possible_match_threshold: float
+
+
+class ConsentConfig(_Strict):
+    default_time_zone: str
+    quiet_hours_start: str
+    quiet_hours_end: str
+    quiet_hours_topics: list[str]
+    max_contacts_per_day: int
+    max_contacts_per_channel_per_day: int
+    default_offer_cooldown_s: int
+    vulnerable_blocked_topics: list[str]
+    vulnerable_blocked_products: list[str]
+
+
+class PolicyOutboxConfig(_Strict):
+    relay_batch_size: int
+    relay_interval_s: float
+
+
+class PolicyConfig(_Strict):
+    listen: str
+    budget_ms: float
+    token_ttl_s: int
+    store: PolicyStoreConfig
+    limits: PolicyLimitsConfig
+    decision_log: DecisionLogConfig
+    bundles: PolicyBundlesConfig
+    sanctions: SanctionsConfig
+    consent: ConsentConfig
+    outbox: PolicyOutboxConfig
+
+
 class ListenConfig(_Strict):
     listen: str
 
@@ -120,7 +198,7 @@ class Config(_Strict):
     keys: KeysConfig
     money: MoneyConfig
     gateway: ListenConfig
-    policy: ListenConfig
+    policy: PolicyConfig
     ai: ListenConfig
 
     @property
@@ -170,6 +248,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         store = tree.setdefault("money", {}).setdefault("store", {})
         store["postgres_dsn"] = environ["TRIPLANE_MONEY_DSN"]
         store.setdefault("backend", "postgres")
+    if environ.get("TRIPLANE_POLICY_DSN"):
+        policy_store = tree.setdefault("policy", {}).setdefault("store", {})
+        policy_store["postgres_dsn"] = environ["TRIPLANE_POLICY_DSN"]
+        policy_store.setdefault("backend", "postgres")
     return tree
 
 
@@ -208,6 +290,10 @@ def _check(config: Config) -> None:
         raise ConfigError("money.group_commit.workers must be >= 1")
     if config.runtime.log_format not in ("json", "text"):
         raise ConfigError("runtime.log_format must be 'json' or 'text'")
+    if config.policy.store.backend not in ("sqlite", "postgres"):
+        raise ConfigError("policy.store.backend must be 'sqlite' or 'postgres'")
+    if config.policy.store.backend == "postgres" and not config.policy.store.postgres_dsn:
+        raise ConfigError("policy.store.postgres_dsn is required with backend 'postgres'")
 
 
 def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:

@@ -1,0 +1,97 @@
+"""Assembles the money plane from config: store, verifier, ledger, relay, server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from money_plane import codec
+from money_plane.ledger import Ledger
+from money_plane.relay import OutboxRelay
+from money_plane.service import ledger_service
+from money_plane.store.base import LedgerStore
+from money_plane.store.postgres import PostgresLedgerStore
+from money_plane.store.sqlite import SqliteLedgerStore
+from triplane.runtime.clock import Clock, SystemClock
+from triplane.runtime.config import Config
+from triplane.runtime.server import PlaneServer
+from triplane.runtime.tokens import TokenVerifier, load_public_keys
+
+log = logging.getLogger("triplane.money")
+
+
+def build_store(config: Config) -> LedgerStore:
+    store = config.money.store
+    timeout_s = config.money.holds.default_timeout_s
+    if store.backend == "postgres":
+        return PostgresLedgerStore(
+            store.postgres_dsn, codec.encode_event, codec.encode_account_event, timeout_s,
+            store.conflict_retries,
+        )
+    path = Path(store.sqlite_path)
+    if not path.is_absolute():
+        path = config.state_path / path
+    return SqliteLedgerStore(
+        path, codec.encode_event, codec.encode_account_event, timeout_s, store.conflict_retries
+    )
+
+
+@dataclass
+class MoneyPlane:
+    config: Config
+    clock: Clock = field(default_factory=SystemClock)
+    listen: str | None = None
+    ledger: Ledger | None = None
+    server: PlaneServer | None = None
+    relay: OutboxRelay | None = None
+    _relay_task: asyncio.Task[None] | None = None
+    _relay_executor: ThreadPoolExecutor | None = None
+
+    async def start(self, sweepers: bool = True) -> int:
+        """Starts everything; returns the bound gRPC port."""
+        config = self.config
+        store = build_store(config)
+        verifier = TokenVerifier(
+            load_public_keys(config.keys.policy_public_keys, config.state_path),
+            config.money.tokens.clock_skew_s,
+        )
+        self.ledger = Ledger(store, verifier, self.clock, config.money,
+                             single_writer=config.money.store.backend == "sqlite")
+        await self.ledger.start(sweepers=sweepers)
+        if config.nats.url:
+            self._relay_executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
+            self.relay = OutboxRelay(store, config.nats, config.money.outbox,
+                                     self._relay_executor, self.clock, self.ledger.committed)
+            self._relay_task = asyncio.create_task(self.relay.run(), name="outbox-relay")
+        else:
+            log.warning("nats.url is empty: ledger events stay in the outbox until a relay runs")
+        self.server = PlaneServer(
+            name="money_plane",
+            listen=self.listen or config.money.listen,
+            services=[ledger_service(self.ledger, self.clock)],
+            shutdown_grace_s=config.runtime.shutdown_grace_s,
+            max_message_bytes=config.runtime.max_message_bytes,
+            otel_exporter=config.runtime.otel_exporter,
+            on_stop=[self._stop_internals],
+        )
+        return await self.server.start()
+
+    async def _stop_internals(self) -> None:
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+            await asyncio.gather(self._relay_task, return_exceptions=True)
+        if self.relay is not None:
+            await self.relay.close()
+        if self.ledger is not None:
+            await self.ledger.stop()
+        if self._relay_executor is not None:
+            assert self.ledger is not None
+            self._relay_executor.submit(self.ledger.store.close)
+            self._relay_executor.shutdown(wait=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()

@@ -1,0 +1,170 @@
+"""Translation between triplane.money.v1 protobuf messages and domain values,
+and the encoding of ledger events into the one envelope."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from money_plane.domain import (
+    AccountSpec,
+    AccountState,
+    Command,
+    Entry,
+    Hold,
+    ItemError,
+    Leg,
+    Outcome,
+    Posting,
+)
+from money_plane.engine import EventSpec
+from triplane.common.v1 import types_pb2
+from triplane.money.v1 import money_pb2 as pb
+from triplane.runtime.bus import OutgoingEvent, make_envelope, new_event_id, subject_for
+
+
+def timestamp(us: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+def money(amount_minor: int, currency: str) -> types_pb2.Money:
+    return types_pb2.Money(amount_minor=amount_minor, currency=currency)
+
+
+def account_spec(message: pb.NewAccount) -> AccountSpec:
+    return AccountSpec(
+        account_id=message.account_id, currency=message.currency, kind=message.kind,
+        constraint=message.constraint, overdraft_limit_minor=message.overdraft_limit_minor,
+        metadata=dict(message.metadata),
+    )
+
+
+def command(tenant_id: str, message: pb.Transfer) -> Command:
+    return Command(
+        tenant_id=tenant_id,
+        idempotency_key=message.idempotency_key,
+        kind=message.kind,
+        debit_account_id=message.debit_account_id,
+        credit_account_id=message.credit_account_id,
+        amount_minor=message.amount.amount_minor,
+        currency=message.amount.currency,
+        splits=[
+            Leg(
+                account_id=leg.account_id, kind=leg.kind, amount_minor=leg.amount_minor,
+                basis_points=leg.basis_points, label=leg.label,
+                release_at_us=leg.release_at.ToMicroseconds() if leg.HasField("release_at") else 0,
+                release_account_id=leg.release_account_id,
+            )
+            for leg in message.splits
+        ],
+        hold_id=message.hold_id,
+        entry_id=message.entry_id,
+        hold_timeout_s=message.hold_timeout_s,
+        description=message.description,
+        metadata=dict(message.metadata),
+        decision_token=message.decision_token,
+    )
+
+
+def balance(account: AccountState, as_of_us: int) -> pb.Balance:
+    return pb.Balance(
+        currency=account.currency,
+        debits_posted_minor=account.debits_posted,
+        credits_posted_minor=account.credits_posted,
+        debits_pending_minor=account.debits_pending,
+        credits_pending_minor=account.credits_pending,
+        posted_minor=account.posted,
+        available_minor=account.available,
+        as_of=timestamp(as_of_us),
+    )
+
+
+def account(state: AccountState, now_us: int) -> pb.Account:
+    return pb.Account(
+        tenant_id=state.tenant_id, account_id=state.account_id, currency=state.currency,
+        kind=state.kind,  # type: ignore[arg-type]
+        constraint=state.constraint,  # type: ignore[arg-type]
+        overdraft_limit_minor=state.overdraft_limit_minor, metadata=state.metadata,
+        balance=balance(state, now_us), created_at=timestamp(state.created_at_us),
+    )
+
+
+def posting(value: Posting, entry: Entry) -> pb.Posting:
+    return pb.Posting(
+        account_id=value.account_id, side=value.side,  # type: ignore[arg-type]
+        amount=money(value.amount_minor, value.currency), entry_id=entry.entry_id,
+        posted_at=timestamp(entry.posted_at_us),
+    )
+
+
+def entry(value: Entry) -> pb.Entry:
+    return pb.Entry(
+        tenant_id=value.tenant_id, entry_id=value.entry_id,
+        idempotency_key=value.idempotency_key, kind=value.kind,  # type: ignore[arg-type]
+        postings=[posting(p, value) for p in value.postings],
+        posted_at=timestamp(value.posted_at_us), hold_id=value.hold_id,
+        refers_to_entry_id=value.refers_to_entry_id,
+        amount=money(value.amount_minor, value.currency), refunded_minor=value.refunded_minor,
+        decision_id=value.decision_id, description=value.description, metadata=value.metadata,
+    )
+
+
+def hold(value: Hold) -> pb.Hold:
+    return pb.Hold(
+        tenant_id=value.tenant_id, hold_id=value.hold_id, idempotency_key=value.idempotency_key,
+        debit_account_id=value.debit_account_id, credit_account_id=value.credit_account_id,
+        amount=money(value.amount_minor, value.currency), captured_minor=value.captured_minor,
+        state=value.state,  # type: ignore[arg-type]
+        created_at=timestamp(value.created_at_us),
+        expires_at=timestamp(value.expires_at_us), capture_entry_id=value.capture_entry_id,
+        decision_id=value.decision_id,
+    )
+
+
+def item_error(value: ItemError) -> types_pb2.ItemError:
+    return types_pb2.ItemError(
+        code=value.code, reason=value.reason, field=value.field, message=value.message
+    )
+
+
+def result(index: int, outcome: Outcome) -> pb.TransferResult:
+    message = pb.TransferResult(index=index, replayed=outcome.replayed)
+    if outcome.entry is not None:
+        message.entry.CopyFrom(entry(outcome.entry))
+    if outcome.hold is not None:
+        message.hold.CopyFrom(hold(outcome.hold))
+    if outcome.error is not None:
+        message.error.CopyFrom(item_error(outcome.error))
+    return message
+
+
+def encode_event(spec: EventSpec, now_us: int) -> OutgoingEvent:
+    """An outbox row: the envelope, with event_id fixed now and kept for good."""
+    payload: pb.EntryPostedEvent | pb.HoldChangedEvent
+    if isinstance(spec.record, Entry):
+        payload = pb.EntryPostedEvent(entry=entry(spec.record))
+    else:
+        payload = pb.HoldChangedEvent(hold=hold(spec.record))
+    envelope = make_envelope(
+        event_type=spec.event_type, tenant_id=spec.tenant_id, payload=payload,
+        occurred_at_us=now_us, event_id=new_event_id(), account_id=spec.account_id,
+        idempotency_key=spec.idempotency_key, amount=money(spec.amount_minor, spec.currency),
+        policy_decision=spec.decision_id,
+    )
+    return OutgoingEvent(
+        event_id=envelope.event_id, subject=subject_for(spec.event_type, spec.tenant_id),
+        data=envelope.SerializeToString(),
+    )
+
+
+def encode_account_event(state: AccountState, now_us: int) -> OutgoingEvent:
+    envelope = make_envelope(
+        event_type="money.account.opened", tenant_id=state.tenant_id,
+        payload=pb.AccountOpenedEvent(account=account(state, now_us)), occurred_at_us=now_us,
+        account_id=state.account_id,
+    )
+    return OutgoingEvent(
+        event_id=envelope.event_id, subject=subject_for("money.account.opened", state.tenant_id),
+        data=envelope.SerializeToString(),
+    )

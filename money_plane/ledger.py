@@ -1,0 +1,375 @@
+"""The ledger as the servicer sees it: validation, token checks, group commit.
+
+Requests are validated and their decision tokens verified on arrival (cheap,
+stateless); then they queue for a committer. Each committer takes everything
+queued (up to a bound) and commits it as one database transaction (see
+store/base.py), so throughput grows with load instead of collapsing on a hot
+account. A request whose deadline passes while it queues is dropped unwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+
+from money_plane.domain import (
+    NEEDS_TOKEN,
+    AccountSpec,
+    AccountState,
+    Command,
+    Entry,
+    Hold,
+    Kind,
+    Outcome,
+    Tenant,
+    check_account_spec,
+    check_command,
+    check_id,
+    check_tenant_id,
+    check_text,
+)
+from money_plane.engine import Job
+from money_plane.store.base import BalanceCheck, LedgerStore, PostingRow
+from triplane.runtime.clock import Clock
+from triplane.runtime.config import MoneyConfig
+from triplane.runtime.deadline import Deadline
+from triplane.runtime.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    TriplaneError,
+    Unavailable,
+)
+from triplane.runtime.tokens import TokenVerifier
+
+log = logging.getLogger("triplane.money.ledger")
+T = TypeVar("T")
+
+
+@dataclass
+class _Pending:
+    job: Job
+    deadline: Deadline
+    future: asyncio.Future[list[Outcome]] = field(repr=False)
+
+
+class Ledger:
+    def __init__(
+        self, store: LedgerStore, verifier: TokenVerifier, clock: Clock, config: MoneyConfig,
+        single_writer: bool = False,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self._verifier = verifier
+        self._clock = clock
+        self._workers = 1 if single_writer else config.group_commit.workers
+        self._writer = ThreadPoolExecutor(self._workers, thread_name_prefix="ledger-writer")
+        self._reader = ThreadPoolExecutor(4, thread_name_prefix="ledger-reader")
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queued_transfers = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self.committed = asyncio.Event()
+        self.stats = {"groups": 0, "jobs": 0, "commands": 0}
+
+    # ---- lifecycle ----
+
+    async def start(self, sweepers: bool = True) -> None:
+        await self._write(self.store.create_schema)
+        for index in range(self._workers):
+            self._tasks.append(asyncio.create_task(self._committer(), name=f"committer-{index}"))
+        if sweepers:
+            self._tasks.append(asyncio.create_task(self._sweep_holds(), name="hold-expiry"))
+            self._tasks.append(asyncio.create_task(self._sweep_reserves(), name="reserves"))
+
+    async def stop(self) -> None:
+        """Lets queued requests commit, then stops the workers."""
+        if self._queue.qsize():
+            await asyncio.wait_for(self._queue.join(), timeout=10)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for executor in (self._writer, self._reader):
+            executor.submit(self.store.close)
+        for executor in (self._writer, self._reader):
+            executor.shutdown(wait=True)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
+
+    # ---- tenants and accounts ----
+
+    async def create_tenant(self, tenant_id: str, display_name: str) -> Tenant:
+        check_tenant_id(tenant_id)
+        check_text(display_name, "display_name", self.config.limits)
+        return await self._write(
+            self.store.create_tenant, tenant_id, display_name, self._clock.now_us()
+        )
+
+    async def create_accounts(self, tenant_id: str, specs: list[AccountSpec]) -> list[AccountState]:
+        check_tenant_id(tenant_id)
+        limit = self.config.limits.max_accounts_per_request
+        if not specs:
+            raise InvalidArgument("FIELD_REQUIRED", "at least one account is required", "accounts")
+        if len(specs) > limit:
+            raise InvalidArgument(
+                "BATCH_TOO_LARGE", f"at most {limit} accounts per request", "accounts"
+            )
+        for index, spec in enumerate(specs):
+            check_account_spec(spec, f"accounts[{index}]", self.config.limits)
+        return await self._write(self.store.create_accounts, tenant_id, specs, self._clock.now_us())
+
+    async def get_account(self, tenant_id: str, account_id: str) -> AccountState:
+        check_tenant_id(tenant_id)
+        check_id(account_id, "account_id", self.config.limits)
+        account = await self._read(self.store.get_account, tenant_id, account_id)
+        if account is None:
+            raise NotFound("ACCOUNT_NOT_FOUND", f"no account {account_id!r}", "account_id")
+        return account
+
+    # ---- transfers ----
+
+    async def submit(
+        self, tenant_id: str, commands: list[Command], *, atomic: bool = False,
+        deadline: Deadline | None = None, field_prefix: str = "transfers",
+        indexed: bool = True,
+    ) -> list[Outcome]:
+        """Validates, verifies tokens, queues for group commit, waits."""
+        check_tenant_id(tenant_id)
+        limit = self.config.limits.max_transfers_per_request
+        if not commands:
+            raise InvalidArgument("FIELD_REQUIRED", "at least one transfer is required",
+                                  field_prefix)
+        if len(commands) > limit:
+            raise InvalidArgument(
+                "BATCH_TOO_LARGE", f"at most {limit} transfers per request", field_prefix
+            )
+        fields = [f"{field_prefix}[{i}]" if indexed else field_prefix
+                  for i in range(len(commands))]
+        for cmd, where in zip(commands, fields, strict=True):
+            check_command(cmd, where, self.config.limits, self.config.holds.max_timeout_s)
+        job = Job(tenant_id=tenant_id, commands=[], atomic=atomic, fields=fields)
+        now_us = self._clock.now_us()
+        for index, (cmd, where) in enumerate(zip(commands, fields, strict=True)):
+            job.commands.append(self._authorize_command(job, index, cmd, where, now_us))
+        return await self._enqueue(job, deadline or Deadline.from_remaining(
+            None, self.config.budget_ms / 1000.0))
+
+    def _authorize_command(
+        self, job: Job, index: int, cmd: Command, where: str, now_us: int
+    ) -> Command:
+        if cmd.kind not in NEEDS_TOKEN:
+            return cmd
+        try:
+            claims = self._verifier.verify(
+                cmd.decision_token,
+                field=f"{where}.decision_token", tenant_id=cmd.tenant_id,
+                account_id=cmd.debit_account_id, amount_minor=cmd.amount_minor,
+                currency=cmd.currency, idempotency_key=cmd.idempotency_key, now_us=now_us,
+            )
+        except PermissionDenied as err:
+            if err.reason == "DECISION_TOKEN_EXPIRED":
+                # A retry of a committed transfer may carry its original, now
+                # expired, token: the engine replays it or refuses it.
+                return msgspec.structs.replace(cmd, token_expired=True)
+            job.preset_errors[index] = err
+            return cmd
+        return msgspec.structs.replace(cmd, decision_id=claims.decision_id)
+
+    async def _enqueue(self, job: Job, deadline: Deadline) -> list[Outcome]:
+        size = len(job.commands)
+        if self._queued_transfers + size > self.config.group_commit.max_queue_transfers:
+            raise ResourceExhausted(
+                "COMMIT_QUEUE_FULL", "the ledger is at capacity; retry with backoff", ""
+            )
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        self._queued_transfers += size
+        self._queue.put_nowait(_Pending(job, deadline, future))
+        return await future
+
+    async def _committer(self) -> None:
+        max_transfers = self.config.group_commit.max_batch_transfers
+        max_wait_s = self.config.group_commit.max_wait_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await self._queue.get()]
+            size = len(group[0].job.commands)
+            until = loop.time() + max_wait_s
+            while size < max_transfers:
+                if self._queue.empty():
+                    if max_wait_s <= 0 or loop.time() >= until:
+                        break
+                    await asyncio.sleep(0)
+                    continue
+                pending = self._queue.get_nowait()
+                group.append(pending)
+                size += len(pending.job.commands)
+            try:
+                await self._commit_group(group)
+            finally:
+                self._queued_transfers -= size
+                for _ in group:
+                    self._queue.task_done()
+
+    async def _commit_group(self, group: list[_Pending]) -> None:
+        live: list[_Pending] = []
+        for pending in group:
+            if pending.future.done():
+                continue
+            if pending.deadline.expired():
+                pending.future.set_exception(DeadlineExceeded(
+                    "DEADLINE_EXCEEDED", "deadline passed while queued; nothing was written", ""
+                ))
+                continue
+            live.append(pending)
+        if not live:
+            return
+        now_us = self._clock.now_us()
+        try:
+            results = await self._write(self.store.commit_jobs, [p.job for p in live], now_us)
+        except Exception:
+            log.warning("group commit of %d jobs failed; committing them one by one", len(live),
+                        exc_info=True)
+            await self._commit_one_by_one(live, now_us)
+            return
+        self._record(live, results)
+
+    async def _commit_one_by_one(self, live: list[_Pending], now_us: int) -> None:
+        """One poisoned job must not fail its neighbours."""
+        for pending in live:
+            try:
+                results = await self._write(self.store.commit_jobs, [pending.job], now_us)
+            except TriplaneError as err:
+                pending.future.set_exception(err)
+            except Exception as exc:
+                log.error("commit failed", exc_info=True)
+                pending.future.set_exception(
+                    Unavailable("STORE_UNAVAILABLE", f"ledger store unavailable: {exc}", "")
+                )
+            else:
+                self._record([pending], results)
+
+    def _record(self, live: list[_Pending], results: list[list[Outcome]]) -> None:
+        self.stats["groups"] += 1
+        for pending, outcomes in zip(live, results, strict=True):
+            self.stats["jobs"] += 1
+            self.stats["commands"] += len(outcomes)
+            if not pending.future.done():
+                pending.future.set_result(outcomes)
+        self.committed.set()
+
+    # ---- sweepers: hold expiry and reserve releases go through the same queue ----
+
+    async def _sweep_holds(self) -> None:
+        holds = self.config.holds
+        while True:
+            await asyncio.sleep(holds.expiry_sweep_interval_s)
+            try:
+                await self.expire_due_holds()
+            except Exception:
+                log.exception("hold expiry sweep failed")
+
+    async def expire_due_holds(self) -> int:
+        due = await self._read(
+            self.store.due_holds, self._clock.now_us(), self.config.holds.expiry_sweep_batch
+        )
+        await self._run_internal([
+            Command(tenant_id=t, idempotency_key="", kind=Kind.EXPIRE_HOLD, hold_id=h)
+            for t, h in due
+        ])
+        return len(due)
+
+    async def _sweep_reserves(self) -> None:
+        reserves = self.config.reserves
+        while True:
+            await asyncio.sleep(reserves.release_sweep_interval_s)
+            try:
+                await self.release_due_reserves()
+            except Exception:
+                log.exception("reserve release sweep failed")
+
+    async def release_due_reserves(self) -> int:
+        due = await self._read(
+            self.store.due_reserves, self._clock.now_us(), self.config.reserves.release_sweep_batch
+        )
+        outcomes = await self._run_internal([
+            Command(tenant_id=t, idempotency_key="", kind=Kind.RESERVE_RELEASE, reserve_id=r)
+            for t, r in due
+        ])
+        for outcome in outcomes:
+            if outcome.error is not None:
+                log.error("reserve release refused: %s", outcome.error.reason)
+        return sum(1 for o in outcomes if o.entry is not None)
+
+    async def _run_internal(self, commands: list[Command]) -> list[Outcome]:
+        if not commands:
+            return []
+        job = Job(tenant_id="", commands=commands)
+        return await self._enqueue(job, Deadline(None))
+
+    # ---- reads ----
+
+    async def balance_as_of(self, tenant_id: str, account_id: str, as_of_us: int) -> AccountState:
+        account = await self.get_account(tenant_id, account_id)
+        debits, credits = await self._read(self.store.posted_as_of, tenant_id, account_id, as_of_us)
+        return msgspec.structs.replace(
+            account, debits_posted=debits, credits_posted=credits, debits_pending=0,
+            credits_pending=0,
+        )
+
+    async def list_postings(
+        self, tenant_id: str, account_id: str, page_size: int, after_seq: int
+    ) -> list[PostingRow]:
+        await self.get_account(tenant_id, account_id)
+        limits = self.config.limits
+        if page_size < 0 or page_size > limits.max_page_size:
+            raise InvalidArgument(
+                "PAGE_SIZE_OUT_OF_RANGE", f"page_size must be in 0..{limits.max_page_size}",
+                "page_size",
+            )
+        size = page_size or limits.default_page_size
+        return await self._read(self.store.list_postings, tenant_id, account_id, after_seq, size)
+
+    async def get_entry(self, tenant_id: str, entry_id: str, idempotency_key: str) -> Entry:
+        check_tenant_id(tenant_id)
+        if bool(entry_id) == bool(idempotency_key):
+            raise InvalidArgument(
+                "ONE_OF_REQUIRED", "give exactly one of entry_id and idempotency_key", "entry_id"
+            )
+        if entry_id:
+            check_id(entry_id, "entry_id", self.config.limits)
+            entry = await self._read(self.store.get_entry, tenant_id, entry_id)
+        else:
+            check_id(idempotency_key, "idempotency_key", self.config.limits)
+            entry = await self._read(
+                self.store.get_entry_by_idempotency_key, tenant_id, idempotency_key
+            )
+        if entry is None:
+            raise NotFound("ENTRY_NOT_FOUND", "no such entry", "entry_id" if entry_id
+                           else "idempotency_key")
+        return entry
+
+    async def get_hold(self, tenant_id: str, hold_id: str) -> Hold:
+        check_tenant_id(tenant_id)
+        check_id(hold_id, "hold_id", self.config.limits)
+        hold = await self._read(self.store.get_hold, tenant_id, hold_id)
+        if hold is None:
+            raise NotFound("HOLD_NOT_FOUND", f"no hold {hold_id!r}", "hold_id")
+        return hold
+
+    async def check_balanced(self, tenant_id: str) -> BalanceCheck:
+        check_tenant_id(tenant_id)
+        if not await self._read(self.store.tenant_exists, tenant_id):
+            raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
+        return await self._read(self.store.check_balanced, tenant_id)

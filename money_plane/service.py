@@ -1,0 +1,175 @@
+"""The gRPC servicer: protobuf in, domain calls, protobuf out. Thin on purpose:
+validation lives in the ledger, error mapping in the server's interceptor."""
+
+from __future__ import annotations
+
+import base64
+
+import grpc
+
+from money_plane import codec
+from money_plane.domain import Outcome
+from money_plane.ledger import Ledger
+from triplane.money.v1 import money_pb2 as pb
+from triplane.money.v1 import money_pb2_grpc
+from triplane.runtime.clock import Clock
+from triplane.runtime.deadline import Deadline
+from triplane.runtime.errors import InvalidArgument, error_for
+from triplane.runtime.server import Service
+
+PAGE_TOKEN_PREFIX = "p1:"
+
+
+def _deadline(context: grpc.aio.ServicerContext, ledger: Ledger) -> Deadline:
+    return Deadline.from_remaining(context.time_remaining(), ledger.config.budget_ms / 1000.0)
+
+
+def encode_page_token(sequence: int) -> str:
+    return base64.urlsafe_b64encode(f"{PAGE_TOKEN_PREFIX}{sequence}".encode()).decode()
+
+
+def decode_page_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        if not text.startswith(PAGE_TOKEN_PREFIX):
+            raise ValueError(text)
+        return int(text[len(PAGE_TOKEN_PREFIX):])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one we issued",
+                              "page_token") from exc
+
+
+def _raise_for(outcome: Outcome) -> None:
+    if outcome.error is not None:
+        err = outcome.error
+        raise error_for(err.code, err.reason, err.message, err.field)
+
+
+class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, ledger: Ledger, clock: Clock) -> None:
+        self._ledger = ledger
+        self._clock = clock
+
+    async def CreateTenant(
+        self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTenantResponse:
+        tenant = await self._ledger.create_tenant(request.tenant_id, request.display_name)
+        return pb.CreateTenantResponse(tenant=pb.Tenant(
+            tenant_id=tenant.tenant_id, display_name=tenant.display_name,
+            created_at=codec.timestamp(tenant.created_at_us),
+        ))
+
+    async def CreateAccounts(
+        self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateAccountsResponse:
+        specs = [codec.account_spec(a) for a in request.accounts]
+        accounts = await self._ledger.create_accounts(request.tenant_id, specs)
+        now_us = self._clock.now_us()
+        return pb.CreateAccountsResponse(accounts=[codec.account(a, now_us) for a in accounts])
+
+    async def GetAccount(
+        self, request: pb.GetAccountRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAccountResponse:
+        account = await self._ledger.get_account(request.tenant_id, request.account_id)
+        return pb.GetAccountResponse(account=codec.account(account, self._clock.now_us()))
+
+    async def CreateTransfer(
+        self, request: pb.CreateTransferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTransferResponse:
+        if not request.HasField("transfer"):
+            raise InvalidArgument("FIELD_REQUIRED", "transfer is required", "transfer")
+        commands = [codec.command(request.tenant_id, request.transfer)]
+        [outcome] = await self._ledger.submit(
+            request.tenant_id, commands, deadline=_deadline(context, self._ledger),
+            field_prefix="transfer", indexed=False,
+        )
+        _raise_for(outcome)
+        return pb.CreateTransferResponse(result=codec.result(0, outcome))
+
+    async def CreateTransfers(
+        self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTransfersResponse:
+        commands = [codec.command(request.tenant_id, t) for t in request.transfers]
+        outcomes = await self._ledger.submit(
+            request.tenant_id, commands, atomic=request.atomic,
+            deadline=_deadline(context, self._ledger),
+        )
+        return pb.CreateTransfersResponse(
+            results=[codec.result(i, o) for i, o in enumerate(outcomes)]
+        )
+
+    async def GetBalance(
+        self, request: pb.GetBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBalanceResponse:
+        if request.HasField("as_of"):
+            as_of_us = request.as_of.ToMicroseconds()
+            account = await self._ledger.balance_as_of(
+                request.tenant_id, request.account_id, as_of_us
+            )
+            return pb.GetBalanceResponse(balance=codec.balance(account, as_of_us))
+        account = await self._ledger.get_account(request.tenant_id, request.account_id)
+        return pb.GetBalanceResponse(balance=codec.balance(account, self._clock.now_us()))
+
+    async def ListAccountPostings(
+        self, request: pb.ListAccountPostingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAccountPostingsResponse:
+        after = decode_page_token(request.page_token)
+        rows = await self._ledger.list_postings(
+            request.tenant_id, request.account_id, request.page_size, after
+        )
+        size = request.page_size or self._ledger.config.limits.default_page_size
+        response = pb.ListAccountPostingsResponse(postings=[
+            pb.Posting(
+                account_id=r.account_id, side=r.side,  # type: ignore[arg-type]
+                amount=codec.money(r.amount_minor, r.currency), entry_id=r.entry_id,
+                sequence=r.sequence, posted_at=codec.timestamp(r.posted_at_us),
+            )
+            for r in rows
+        ])
+        if len(rows) == size:
+            response.next_page_token = encode_page_token(rows[-1].sequence)
+        return response
+
+    async def GetEntry(
+        self, request: pb.GetEntryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetEntryResponse:
+        entry = await self._ledger.get_entry(
+            request.tenant_id, request.entry_id, request.idempotency_key
+        )
+        return pb.GetEntryResponse(entry=codec.entry(entry))
+
+    async def GetHold(
+        self, request: pb.GetHoldRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetHoldResponse:
+        hold = await self._ledger.get_hold(request.tenant_id, request.hold_id)
+        return pb.GetHoldResponse(hold=codec.hold(hold))
+
+    async def CheckBalanced(
+        self, request: pb.CheckBalancedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckBalancedResponse:
+        check = await self._ledger.check_balanced(request.tenant_id)
+        return pb.CheckBalancedResponse(
+            balanced=check.balanced,
+            totals=[
+                pb.CurrencyTotal(
+                    currency=t.currency, debits_minor=t.debits_minor,
+                    credits_minor=t.credits_minor, pending_debits_minor=t.pending_debits_minor,
+                    pending_credits_minor=t.pending_credits_minor,
+                )
+                for t in check.totals
+            ],
+            accounts_checked=check.accounts_checked,
+            postings_checked=check.postings_checked,
+        )
+
+
+def ledger_service(ledger: Ledger, clock: Clock) -> Service:
+    servicer = LedgerServicer(ledger, clock)
+    return Service(
+        full_name=pb.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+        register=lambda server: money_pb2_grpc.add_LedgerServiceServicer_to_server(
+            servicer, server
+        ),
+    )

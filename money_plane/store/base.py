@@ -1,0 +1,561 @@
+"""The ledger store: one algorithm for every SQL backend.
+
+`commit_jobs` is the group commit. In one database transaction it loads and
+locks every row a group of jobs needs, always in the same order (holds, then
+reserves, then entries, then accounts, each sorted by key), so concurrent
+writers never deadlock; the engine decides every command in memory; the
+changes, the idempotency records and the outbox events are written before the
+one commit. A hot account is therefore locked once per group, not once per
+transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from money_plane import codec_records
+from money_plane.domain import (
+    AccountSpec,
+    AccountState,
+    Entry,
+    Hold,
+    HoldState,
+    IdempotencyRecord,
+    Kind,
+    Reserve,
+    Side,
+    Tenant,
+    account_key,
+    scoped_key,
+)
+from money_plane.engine import Changes, Engine, EventSpec, Job, View
+from money_plane.domain import Outcome
+from triplane.runtime.bus import OutgoingEvent
+from triplane.runtime.errors import AlreadyExists, NotFound
+
+T = TypeVar("T")
+
+EventEncoder = Callable[[EventSpec, int], OutgoingEvent]
+AccountEventEncoder = Callable[[AccountState, int], OutgoingEvent]
+
+
+class StoreConflict(Exception):
+    """A transaction lost a race with another writer; retrying it is safe."""
+
+
+@dataclass(frozen=True, slots=True)
+class PostingRow:
+    sequence: int
+    account_id: str
+    entry_id: str
+    side: int
+    amount_minor: int
+    currency: str
+    posted_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    event_id: str
+    subject: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CurrencyTotals:
+    currency: str
+    debits_minor: int
+    credits_minor: int
+    pending_debits_minor: int
+    pending_credits_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceCheck:
+    balanced: bool
+    totals: list[CurrencyTotals]
+    accounts_checked: int
+    postings_checked: int
+    problems: list[str]
+
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS tenants (
+        tenant_id TEXT PRIMARY KEY, display_name TEXT NOT NULL, created_at_us BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS accounts (
+        account_key TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, account_id TEXT NOT NULL,
+        currency TEXT NOT NULL, kind INTEGER NOT NULL, constraint_kind INTEGER NOT NULL,
+        overdraft_limit_minor BIGINT NOT NULL, metadata TEXT NOT NULL,
+        created_at_us BIGINT NOT NULL,
+        debits_posted BIGINT NOT NULL DEFAULT 0, credits_posted BIGINT NOT NULL DEFAULT 0,
+        debits_pending BIGINT NOT NULL DEFAULT 0, credits_pending BIGINT NOT NULL DEFAULT 0,
+        CHECK (debits_posted >= 0 AND credits_posted >= 0
+               AND debits_pending >= 0 AND credits_pending >= 0))""",
+    "CREATE INDEX IF NOT EXISTS accounts_by_tenant ON accounts (tenant_id, account_key)",
+    """CREATE TABLE IF NOT EXISTS entries (
+        entry_key TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, idempotency_key TEXT NOT NULL,
+        posted_at_us BIGINT NOT NULL, body {blob} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS entries_by_idempotency_key ON entries (tenant_id, idempotency_key)",
+    """CREATE TABLE IF NOT EXISTS postings (
+        seq {serial}, account_key TEXT NOT NULL, entry_id TEXT NOT NULL,
+        side SMALLINT NOT NULL, amount_minor BIGINT NOT NULL, currency TEXT NOT NULL,
+        posted_at_us BIGINT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS postings_by_account ON postings (account_key, seq)",
+    "CREATE INDEX IF NOT EXISTS postings_by_time ON postings (account_key, posted_at_us)",
+    """CREATE TABLE IF NOT EXISTS holds (
+        hold_key TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, state SMALLINT NOT NULL,
+        expires_at_us BIGINT NOT NULL, body {blob} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS holds_pending ON holds (expires_at_us) WHERE state = 1",
+    """CREATE TABLE IF NOT EXISTS reserves (
+        reserve_key TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, release_at_us BIGINT NOT NULL,
+        released SMALLINT NOT NULL, body {blob} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS reserves_due ON reserves (release_at_us) WHERE released = 0",
+    """CREATE TABLE IF NOT EXISTS idempotency (
+        scope_key TEXT PRIMARY KEY, created_at_us BIGINT NOT NULL, body {blob} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS outbox (
+        seq {serial}, event_id TEXT NOT NULL UNIQUE, subject TEXT NOT NULL,
+        data {blob} NOT NULL, created_at_us BIGINT NOT NULL, sent_at_us BIGINT)""",
+    "CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at_us IS NULL",
+]
+
+ACCOUNT_COLUMNS = (
+    "tenant_id, account_id, currency, kind, constraint_kind, overdraft_limit_minor, metadata, "
+    "created_at_us, debits_posted, credits_posted, debits_pending, credits_pending"
+)
+
+
+def _account_from_row(row: Sequence[Any]) -> AccountState:
+    return AccountState(
+        tenant_id=row[0], account_id=row[1], currency=row[2], kind=row[3], constraint=row[4],
+        overdraft_limit_minor=row[5], metadata=json.loads(row[6]), created_at_us=row[7],
+        debits_posted=row[8], credits_posted=row[9], debits_pending=row[10],
+        credits_pending=row[11],
+    )
+
+
+class LedgerStore:
+    """Base class; subclasses supply connections and dialect details."""
+
+    placeholder = "%s"
+    blob_type = "BYTEA"
+    serial_type = "BIGSERIAL PRIMARY KEY"
+    lock_suffix = ""
+
+    def __init__(
+        self, encode_event: EventEncoder, encode_account_event: AccountEventEncoder,
+        default_hold_timeout_s: int, conflict_retries: int,
+    ) -> None:
+        self._encode_event = encode_event
+        self._encode_account_event = encode_account_event
+        self._default_hold_timeout_s = default_hold_timeout_s
+        self._conflict_retries = conflict_retries
+        self._local = threading.local()
+
+    # ---- dialect hooks ----
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        raise NotImplementedError
+        yield
+
+    def _insert_many(self, cur: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            marks = ", ".join([self.placeholder] * len(rows[0]))
+            cur.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+
+    def _update_accounts(self, cur: Any, rows: list[tuple[int, int, int, int, str]]) -> None:
+        p = self.placeholder
+        cur.executemany(
+            f"UPDATE accounts SET debits_posted = {p}, credits_posted = {p}, "
+            f"debits_pending = {p}, credits_pending = {p} WHERE account_key = {p}",
+            rows,
+        )
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # ---- plumbing ----
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _sql(self, text: str) -> str:
+        return text.replace("%s", self.placeholder)
+
+    def _marks(self, count: int) -> str:
+        return ", ".join([self.placeholder] * count)
+
+    def create_schema(self) -> None:
+        with self._transaction() as cur:
+            for statement in SCHEMA:
+                cur.execute(statement.format(blob=self.blob_type, serial=self.serial_type))
+
+    # ---- tenants and accounts ----
+
+    def create_tenant(self, tenant_id: str, display_name: str, now_us: int) -> Tenant:
+        with self._transaction() as cur:
+            cur.execute(self._sql(
+                "INSERT INTO tenants (tenant_id, display_name, created_at_us) VALUES (%s, %s, %s) "
+                "ON CONFLICT (tenant_id) DO NOTHING"), (tenant_id, display_name, now_us))
+            cur.execute(self._sql(
+                "SELECT display_name, created_at_us FROM tenants WHERE tenant_id = %s"),
+                (tenant_id,))
+            name, created_at_us = cur.fetchone()
+        if name != display_name:
+            raise AlreadyExists(
+                "TENANT_EXISTS", "tenant exists with another display_name", "display_name"
+            )
+        return Tenant(tenant_id=tenant_id, display_name=name, created_at_us=created_at_us)
+
+    def tenant_exists(self, tenant_id: str) -> bool:
+        with self._transaction() as cur:
+            cur.execute(self._sql("SELECT 1 FROM tenants WHERE tenant_id = %s"), (tenant_id,))
+            return cur.fetchone() is not None
+
+    def create_accounts(
+        self, tenant_id: str, specs: list[AccountSpec], now_us: int
+    ) -> list[AccountState]:
+        keys = [account_key(tenant_id, s.account_id) for s in specs]
+        with self._transaction() as cur:
+            cur.execute(self._sql("SELECT 1 FROM tenants WHERE tenant_id = %s"), (tenant_id,))
+            if cur.fetchone() is None:
+                raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
+            existing = self._load_accounts(cur, sorted(set(keys)), lock=True)
+            created: dict[str, AccountState] = {}
+            result: list[AccountState] = []
+            for index, (key, spec) in enumerate(zip(keys, specs, strict=True)):
+                found = existing.get(key) or created.get(key)
+                if found is not None:
+                    _same_account(found, spec, f"accounts[{index}]")
+                    result.append(found)
+                    continue
+                account = AccountState(
+                    tenant_id=tenant_id, account_id=spec.account_id, currency=spec.currency,
+                    kind=spec.kind, constraint=spec.constraint,
+                    overdraft_limit_minor=spec.overdraft_limit_minor,
+                    metadata=dict(spec.metadata), created_at_us=now_us,
+                )
+                created[key] = account
+                result.append(account)
+            self._insert_many(cur, "accounts", f"account_key, {ACCOUNT_COLUMNS}", [
+                (a.key, a.tenant_id, a.account_id, a.currency, a.kind, a.constraint,
+                 a.overdraft_limit_minor, json.dumps(a.metadata, sort_keys=True),
+                 a.created_at_us, 0, 0, 0, 0)
+                for a in created.values()
+            ])
+            self._write_outbox(cur, [self._encode_account_event(a, now_us)
+                                     for a in created.values()], now_us)
+        return result
+
+    def get_account(self, tenant_id: str, account_id: str) -> AccountState | None:
+        with self._transaction() as cur:
+            return self._load_accounts(cur, [account_key(tenant_id, account_id)]).get(
+                account_key(tenant_id, account_id)
+            )
+
+    def _load_accounts(
+        self, cur: Any, keys: list[str], lock: bool = False
+    ) -> dict[str, AccountState]:
+        if not keys:
+            return {}
+        suffix = self.lock_suffix if lock else ""
+        cur.execute(
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_key IN ({self._marks(len(keys))})"
+            f" ORDER BY account_key{suffix}",
+            keys,
+        )
+        return {account_key(r[0], r[1]): _account_from_row(r) for r in cur.fetchall()}
+
+    def _load_bodies(
+        self, cur: Any, table: str, key_column: str, keys: list[str], cls: type[T], lock: bool
+    ) -> dict[str, T]:
+        if not keys:
+            return {}
+        suffix = self.lock_suffix if lock else ""
+        cur.execute(
+            f"SELECT {key_column}, body FROM {table} WHERE {key_column} IN "
+            f"({self._marks(len(keys))}) ORDER BY {key_column}{suffix}",
+            keys,
+        )
+        return {row[0]: codec_records.decode(bytes(row[1]), cls) for row in cur.fetchall()}
+
+    # ---- the group commit ----
+
+    def commit_jobs(self, jobs: list[Job], now_us: int) -> list[list[Outcome]]:
+        """Applies jobs in one transaction; retries on a lost race."""
+        for attempt in range(self._conflict_retries + 1):
+            try:
+                with self._transaction() as cur:
+                    return self._commit_in_transaction(cur, jobs, now_us)
+            except StoreConflict:
+                if attempt == self._conflict_retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _commit_in_transaction(
+        self, cur: Any, jobs: list[Job], now_us: int
+    ) -> list[list[Outcome]]:
+        commands = [c for job in jobs for c in job.commands]
+        view = View()
+        scopes = sorted({scoped_key(c.tenant_id, c.idempotency_key) for c in commands
+                         if c.kind not in (Kind.EXPIRE_HOLD, Kind.RESERVE_RELEASE)})
+        view.idempotency = self._load_bodies(
+            cur, "idempotency", "scope_key", scopes, IdempotencyRecord, lock=False
+        )
+        hold_keys = sorted({scoped_key(c.tenant_id, c.hold_id) for c in commands if c.hold_id})
+        view.holds = self._load_bodies(cur, "holds", "hold_key", hold_keys, Hold, lock=True)
+        # Reserves are read before entries to learn which entries they come
+        # from; the lock order (holds, reserves, entries, accounts) is the same
+        # for every transaction, so there is still no deadlock cycle.
+        reserve_keys = sorted({scoped_key(c.tenant_id, c.reserve_id) for c in commands
+                               if c.reserve_id})
+        view.reserves = self._load_bodies(
+            cur, "reserves", "reserve_key", reserve_keys, Reserve, lock=True
+        )
+        entry_keys = sorted({scoped_key(c.tenant_id, c.entry_id) for c in commands
+                             if c.kind == Kind.REFUND}
+                            | {scoped_key(r.tenant_id, r.entry_id) for r in view.reserves.values()})
+        view.entries = self._load_bodies(cur, "entries", "entry_key", entry_keys, Entry, lock=True)
+        view.accounts = self._load_accounts(cur, sorted(_account_keys(commands, view)), lock=True)
+        engine = Engine(view, now_us, self._default_hold_timeout_s)
+        outcomes = [engine.run_job(job) for job in jobs]
+        self._write_changes(cur, engine.changes, view, now_us)
+        return outcomes
+
+    def _write_changes(self, cur: Any, changes: Changes, view: View, now_us: int) -> None:
+        p = self.placeholder
+        self._update_accounts(cur, [
+            (*view.accounts[key].counters(), key) for key in sorted(changes.touched_accounts)
+        ])
+        new_keys = {scoped_key(e.tenant_id, e.entry_id) for e in changes.new_entries}
+        self._insert_many(cur, "entries", "entry_key, tenant_id, idempotency_key, posted_at_us, body",
+                          [(key, e.tenant_id, e.idempotency_key, e.posted_at_us,
+                            codec_records.encode(view.entries[key]))
+                           for e in changes.new_entries
+                           for key in [scoped_key(e.tenant_id, e.entry_id)]])
+        updated = [(codec_records.encode(e), key) for key, e in changes.updated_entries.items()
+                   if key not in new_keys]
+        if updated:
+            cur.executemany(f"UPDATE entries SET body = {p} WHERE entry_key = {p}", updated)
+        self._insert_many(
+            cur, "postings", "account_key, entry_id, side, amount_minor, currency, posted_at_us",
+            [(account_key(e.tenant_id, posting.account_id), e.entry_id, posting.side,
+              posting.amount_minor, posting.currency, e.posted_at_us)
+             for e in changes.new_entries for posting in e.postings],
+        )
+        fresh_holds = [(key, h.tenant_id, h.state, h.expires_at_us, codec_records.encode(h))
+                       for key, h in changes.holds.items() if key in changes.new_holds]
+        self._insert_many(cur, "holds", "hold_key, tenant_id, state, expires_at_us, body",
+                          fresh_holds)
+        changed_holds = [(h.state, codec_records.encode(h), key)
+                         for key, h in changes.holds.items() if key not in changes.new_holds]
+        if changed_holds:
+            cur.executemany(
+                f"UPDATE holds SET state = {p}, body = {p} WHERE hold_key = {p}", changed_holds
+            )
+        self._insert_many(cur, "reserves", "reserve_key, tenant_id, release_at_us, released, body",
+                          [(scoped_key(r.tenant_id, r.reserve_id), r.tenant_id, r.release_at_us,
+                            0, codec_records.encode(r)) for r in changes.new_reserves])
+        released = [(codec_records.encode(r), key) for key, r in changes.released_reserves.items()]
+        if released:
+            cur.executemany(
+                f"UPDATE reserves SET released = 1, body = {p} WHERE reserve_key = {p}", released
+            )
+        self._insert_many(cur, "idempotency", "scope_key, created_at_us, body",
+                          [(r.scope_key, r.created_at_us, codec_records.encode(r))
+                           for r in changes.new_idempotency])
+        self._write_outbox(cur, [self._encode_event(e, now_us) for e in changes.events], now_us)
+
+    def _write_outbox(self, cur: Any, events: list[OutgoingEvent], now_us: int) -> None:
+        self._insert_many(cur, "outbox", "event_id, subject, data, created_at_us",
+                          [(e.event_id, e.subject, e.data, now_us) for e in events])
+
+    # ---- reads ----
+
+    def get_hold(self, tenant_id: str, hold_id: str) -> Hold | None:
+        key = scoped_key(tenant_id, hold_id)
+        with self._transaction() as cur:
+            return self._load_bodies(cur, "holds", "hold_key", [key], Hold, lock=False).get(key)
+
+    def get_entry(self, tenant_id: str, entry_id: str) -> Entry | None:
+        key = scoped_key(tenant_id, entry_id)
+        with self._transaction() as cur:
+            return self._load_bodies(cur, "entries", "entry_key", [key], Entry, lock=False).get(key)
+
+    def get_entry_by_idempotency_key(self, tenant_id: str, key: str) -> Entry | None:
+        with self._transaction() as cur:
+            cur.execute(self._sql(
+                "SELECT body FROM entries WHERE tenant_id = %s AND idempotency_key = %s"),
+                (tenant_id, key))
+            row = cur.fetchone()
+        return codec_records.decode(bytes(row[0]), Entry) if row else None
+
+    def list_postings(
+        self, tenant_id: str, account_id: str, after_seq: int, limit: int
+    ) -> list[PostingRow]:
+        with self._transaction() as cur:
+            cur.execute(self._sql(
+                "SELECT seq, entry_id, side, amount_minor, currency, posted_at_us FROM postings "
+                "WHERE account_key = %s AND seq > %s ORDER BY seq LIMIT %s"),
+                (account_key(tenant_id, account_id), after_seq, limit))
+            return [PostingRow(sequence=r[0], account_id=account_id, entry_id=r[1], side=r[2],
+                               amount_minor=r[3], currency=r[4], posted_at_us=r[5])
+                    for r in cur.fetchall()]
+
+    def posted_as_of(self, tenant_id: str, account_id: str, as_of_us: int) -> tuple[int, int]:
+        """(debits, credits) posted at or before as_of_us."""
+        with self._transaction() as cur:
+            cur.execute(self._sql(
+                "SELECT side, COALESCE(SUM(amount_minor), 0) FROM postings "
+                "WHERE account_key = %s AND posted_at_us <= %s GROUP BY side"),
+                (account_key(tenant_id, account_id), as_of_us))
+            sums = {int(r[0]): int(r[1]) for r in cur.fetchall()}
+        return sums.get(Side.DEBIT, 0), sums.get(Side.CREDIT, 0)
+
+    def check_balanced(self, tenant_id: str) -> BalanceCheck:
+        """Checks, from the outside, the invariants the engine keeps."""
+        prefix = f"{tenant_id}/%"
+        with self._transaction() as cur:
+            cur.execute(self._sql(
+                "SELECT currency, side, COALESCE(SUM(amount_minor), 0), COUNT(*) FROM postings "
+                "WHERE account_key LIKE %s GROUP BY currency, side"), (prefix,))
+            sums: dict[str, list[int]] = {}
+            postings_checked = 0
+            for currency, side, total, count in cur.fetchall():
+                sums.setdefault(currency, [0, 0, 0, 0])[0 if side == Side.DEBIT else 1] += int(total)
+                postings_checked += int(count)
+            accounts = self._load_all_accounts(cur, tenant_id)
+            cur.execute(self._sql(
+                "SELECT account_key, side, COALESCE(SUM(amount_minor), 0) FROM postings "
+                "WHERE account_key LIKE %s GROUP BY account_key, side"), (prefix,))
+            by_account: dict[str, list[int]] = {}
+            for key, side, total in cur.fetchall():
+                by_account.setdefault(key, [0, 0])[0 if side == Side.DEBIT else 1] = int(total)
+            cur.execute(self._sql(
+                "SELECT body FROM holds WHERE tenant_id = %s AND state = %s"),
+                (tenant_id, int(HoldState.PENDING)))
+            holds = [codec_records.decode(bytes(r[0]), Hold) for r in cur.fetchall()]
+        pending: dict[str, list[int]] = {}
+        for hold in holds:
+            pending.setdefault(account_key(tenant_id, hold.debit_account_id), [0, 0])[0] += \
+                hold.amount_minor
+            pending.setdefault(account_key(tenant_id, hold.credit_account_id), [0, 0])[1] += \
+                hold.amount_minor
+        problems: list[str] = []
+        for account in accounts:
+            posted = by_account.get(account.key, [0, 0])
+            if [account.debits_posted, account.credits_posted] != posted:
+                problems.append(f"{account.account_id}: posted counters differ from postings")
+            held = pending.get(account.key, [0, 0])
+            if [account.debits_pending, account.credits_pending] != held:
+                problems.append(f"{account.account_id}: pending counters differ from open holds")
+            if account.violation():
+                problems.append(f"{account.account_id}: {account.violation()}")
+            totals = sums.setdefault(account.currency, [0, 0, 0, 0])
+            totals[2] += account.debits_pending
+            totals[3] += account.credits_pending
+        result = [CurrencyTotals(c, v[0], v[1], v[2], v[3]) for c, v in sorted(sums.items())]
+        for t in result:
+            if t.debits_minor != t.credits_minor:
+                problems.append(f"{t.currency}: debits {t.debits_minor} != credits {t.credits_minor}")
+            if t.pending_debits_minor != t.pending_credits_minor:
+                problems.append(f"{t.currency}: pending debits != pending credits")
+        return BalanceCheck(not problems, result, len(accounts), postings_checked, problems)
+
+    def _load_all_accounts(self, cur: Any, tenant_id: str) -> list[AccountState]:
+        cur.execute(self._sql(
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %s ORDER BY account_key"),
+            (tenant_id,))
+        return [_account_from_row(r) for r in cur.fetchall()]
+
+    # ---- jobs' work lists ----
+
+    def due_holds(self, now_us: int, limit: int) -> list[tuple[str, str]]:
+        with self._transaction() as cur:
+            cur.execute(self._sql(
+                "SELECT hold_key FROM holds WHERE state = 1 AND expires_at_us <= %s "
+                "ORDER BY expires_at_us LIMIT %s"), (now_us, limit))
+            return [tuple(r[0].split("/", 1)) for r in cur.fetchall()]  # type: ignore[misc]
+
+    def due_reserves(self, now_us: int, limit: int) -> list[tuple[str, str]]:
+        with self._transaction() as cur:
+            cur.execute(self._sql(
+                "SELECT reserve_key FROM reserves WHERE released = 0 AND release_at_us <= %s "
+                "ORDER BY release_at_us LIMIT %s"), (now_us, limit))
+            return [tuple(r[0].split("/", 1)) for r in cur.fetchall()]  # type: ignore[misc]
+
+    # ---- outbox ----
+
+    def outbox_unsent(self, limit: int) -> list[OutboxRow]:
+        with self._transaction() as cur:
+            cur.execute(self._sql(
+                "SELECT seq, event_id, subject, data FROM outbox WHERE sent_at_us IS NULL "
+                "ORDER BY seq LIMIT %s"), (limit,))
+            return [OutboxRow(r[0], r[1], r[2], bytes(r[3])) for r in cur.fetchall()]
+
+    def outbox_mark_sent(self, seqs: list[int], now_us: int) -> None:
+        if not seqs:
+            return
+        with self._transaction() as cur:
+            cur.execute(
+                f"UPDATE outbox SET sent_at_us = {self.placeholder} "
+                f"WHERE seq IN ({self._marks(len(seqs))})", [now_us, *seqs])
+
+    def outbox_pending_count(self) -> int:
+        with self._transaction() as cur:
+            cur.execute("SELECT COUNT(*) FROM outbox WHERE sent_at_us IS NULL")
+            return int(cur.fetchone()[0])
+
+
+def _account_keys(commands: Sequence[Any], view: View) -> set[str]:
+    keys: set[str] = set()
+    for c in commands:
+        for account_id in (c.debit_account_id, c.credit_account_id):
+            if account_id:
+                keys.add(account_key(c.tenant_id, account_id))
+        for leg in c.splits:
+            keys.add(account_key(c.tenant_id, leg.account_id))
+            if leg.release_account_id:
+                keys.add(account_key(c.tenant_id, leg.release_account_id))
+    for hold in view.holds.values():
+        keys.add(account_key(hold.tenant_id, hold.debit_account_id))
+        keys.add(account_key(hold.tenant_id, hold.credit_account_id))
+    for entry in view.entries.values():
+        for posting in entry.postings:
+            keys.add(account_key(entry.tenant_id, posting.account_id))
+    for reserve in view.reserves.values():
+        keys.add(account_key(reserve.tenant_id, reserve.account_id))
+        keys.add(account_key(reserve.tenant_id, reserve.release_account_id))
+    return keys
+
+
+def _same_account(found: AccountState, spec: AccountSpec, field: str) -> None:
+    pairs = [
+        ("currency", found.currency, spec.currency),
+        ("kind", found.kind, spec.kind),
+        ("constraint", found.constraint, spec.constraint),
+        ("overdraft_limit_minor", found.overdraft_limit_minor, spec.overdraft_limit_minor),
+        ("metadata", found.metadata, spec.metadata),
+    ]
+    for name, old, new in pairs:
+        if old != new:
+            raise AlreadyExists(
+                "ACCOUNT_EXISTS", f"account {found.account_id!r} exists with another {name}",
+                f"{field}.{name}",
+            )
