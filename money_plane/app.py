@@ -28,7 +28,10 @@ def build_store(config: Config) -> LedgerStore:
     timeout_s = config.money.holds.default_timeout_s
     if store.backend == "postgres":
         return PostgresLedgerStore(
-            store.postgres_dsn, codec.encode_event, codec.encode_account_event, timeout_s,
+            store.postgres_dsn,
+            codec.encode_event,
+            codec.encode_account_event,
+            timeout_s,
             store.conflict_retries,
         )
     path = Path(store.sqlite_path)
@@ -58,13 +61,24 @@ class MoneyPlane:
             load_public_keys(config.keys.policy_public_keys, config.state_path),
             config.money.tokens.clock_skew_s,
         )
-        self.ledger = Ledger(store, verifier, self.clock, config.money,
-                             single_writer=config.money.store.backend == "sqlite")
+        self.ledger = Ledger(
+            store,
+            verifier,
+            self.clock,
+            config.money,
+            single_writer=config.money.store.backend == "sqlite",
+        )
         await self.ledger.start(sweepers=sweepers)
         if config.nats.url:
             self._relay_executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
-            self.relay = OutboxRelay(store, config.nats, config.money.outbox,
-                                     self._relay_executor, self.clock, self.ledger.committed)
+            self.relay = OutboxRelay(
+                store,
+                config.nats,
+                config.money.outbox,
+                self._relay_executor,
+                self.clock,
+                self.ledger.committed,
+            )
             self._relay_task = asyncio.create_task(self.relay.run(), name="outbox-relay")
         else:
             log.warning("nats.url is empty: ledger events stay in the outbox until a relay runs")

@@ -34,8 +34,11 @@ def money(amount_minor: int, currency: str) -> types_pb2.Money:
 
 def account_spec(message: pb.NewAccount) -> AccountSpec:
     return AccountSpec(
-        account_id=message.account_id, currency=message.currency, kind=message.kind,
-        constraint=message.constraint, overdraft_limit_minor=message.overdraft_limit_minor,
+        account_id=message.account_id,
+        currency=message.currency,
+        kind=message.kind,
+        constraint=message.constraint,
+        overdraft_limit_minor=message.overdraft_limit_minor,
         metadata=dict(message.metadata),
     )
 
@@ -51,8 +54,11 @@ def command(tenant_id: str, message: pb.Transfer) -> Command:
         currency=message.amount.currency,
         splits=[
             Leg(
-                account_id=leg.account_id, kind=leg.kind, amount_minor=leg.amount_minor,
-                basis_points=leg.basis_points, label=leg.label,
+                account_id=leg.account_id,
+                kind=leg.kind,
+                amount_minor=leg.amount_minor,
+                basis_points=leg.basis_points,
+                label=leg.label,
                 release_at_us=leg.release_at.ToMicroseconds() if leg.HasField("release_at") else 0,
                 release_account_id=leg.release_account_id,
             )
@@ -82,42 +88,59 @@ def balance(account: AccountState, as_of_us: int) -> pb.Balance:
 
 def account(state: AccountState, now_us: int) -> pb.Account:
     return pb.Account(
-        tenant_id=state.tenant_id, account_id=state.account_id, currency=state.currency,
+        tenant_id=state.tenant_id,
+        account_id=state.account_id,
+        currency=state.currency,
         kind=state.kind,  # type: ignore[arg-type]
         constraint=state.constraint,  # type: ignore[arg-type]
-        overdraft_limit_minor=state.overdraft_limit_minor, metadata=state.metadata,
-        balance=balance(state, now_us), created_at=timestamp(state.created_at_us),
+        overdraft_limit_minor=state.overdraft_limit_minor,
+        metadata=state.metadata,
+        balance=balance(state, now_us),
+        created_at=timestamp(state.created_at_us),
     )
 
 
 def posting(value: Posting, entry: Entry) -> pb.Posting:
     return pb.Posting(
-        account_id=value.account_id, side=value.side,  # type: ignore[arg-type]
-        amount=money(value.amount_minor, value.currency), entry_id=entry.entry_id,
+        account_id=value.account_id,
+        side=value.side,  # type: ignore[arg-type]
+        amount=money(value.amount_minor, value.currency),
+        entry_id=entry.entry_id,
         posted_at=timestamp(entry.posted_at_us),
     )
 
 
 def entry(value: Entry) -> pb.Entry:
     return pb.Entry(
-        tenant_id=value.tenant_id, entry_id=value.entry_id,
-        idempotency_key=value.idempotency_key, kind=value.kind,  # type: ignore[arg-type]
+        tenant_id=value.tenant_id,
+        entry_id=value.entry_id,
+        idempotency_key=value.idempotency_key,
+        kind=value.kind,  # type: ignore[arg-type]
         postings=[posting(p, value) for p in value.postings],
-        posted_at=timestamp(value.posted_at_us), hold_id=value.hold_id,
+        posted_at=timestamp(value.posted_at_us),
+        hold_id=value.hold_id,
         refers_to_entry_id=value.refers_to_entry_id,
-        amount=money(value.amount_minor, value.currency), refunded_minor=value.refunded_minor,
-        decision_id=value.decision_id, description=value.description, metadata=value.metadata,
+        amount=money(value.amount_minor, value.currency),
+        refunded_minor=value.refunded_minor,
+        decision_id=value.decision_id,
+        description=value.description,
+        metadata=value.metadata,
     )
 
 
 def hold(value: Hold) -> pb.Hold:
     return pb.Hold(
-        tenant_id=value.tenant_id, hold_id=value.hold_id, idempotency_key=value.idempotency_key,
-        debit_account_id=value.debit_account_id, credit_account_id=value.credit_account_id,
-        amount=money(value.amount_minor, value.currency), captured_minor=value.captured_minor,
+        tenant_id=value.tenant_id,
+        hold_id=value.hold_id,
+        idempotency_key=value.idempotency_key,
+        debit_account_id=value.debit_account_id,
+        credit_account_id=value.credit_account_id,
+        amount=money(value.amount_minor, value.currency),
+        captured_minor=value.captured_minor,
         state=value.state,  # type: ignore[arg-type]
         created_at=timestamp(value.created_at_us),
-        expires_at=timestamp(value.expires_at_us), capture_entry_id=value.capture_entry_id,
+        expires_at=timestamp(value.expires_at_us),
+        capture_entry_id=value.capture_entry_id,
         decision_id=value.decision_id,
     )
 
@@ -147,24 +170,33 @@ def encode_event(spec: EventSpec, now_us: int) -> OutgoingEvent:
     else:
         payload = pb.HoldChangedEvent(hold=hold(spec.record))
     envelope = make_envelope(
-        event_type=spec.event_type, tenant_id=spec.tenant_id, payload=payload,
-        occurred_at_us=now_us, event_id=new_event_id(), account_id=spec.account_id,
-        idempotency_key=spec.idempotency_key, amount=money(spec.amount_minor, spec.currency),
+        event_type=spec.event_type,
+        tenant_id=spec.tenant_id,
+        payload=payload,
+        occurred_at_us=now_us,
+        event_id=new_event_id(),
+        account_id=spec.account_id,
+        idempotency_key=spec.idempotency_key,
+        amount=money(spec.amount_minor, spec.currency),
         policy_decision=spec.decision_id,
     )
     return OutgoingEvent(
-        event_id=envelope.event_id, subject=subject_for(spec.event_type, spec.tenant_id),
+        event_id=envelope.event_id,
+        subject=subject_for(spec.event_type, spec.tenant_id),
         data=envelope.SerializeToString(),
     )
 
 
 def encode_account_event(state: AccountState, now_us: int) -> OutgoingEvent:
     envelope = make_envelope(
-        event_type="money.account.opened", tenant_id=state.tenant_id,
-        payload=pb.AccountOpenedEvent(account=account(state, now_us)), occurred_at_us=now_us,
+        event_type="money.account.opened",
+        tenant_id=state.tenant_id,
+        payload=pb.AccountOpenedEvent(account=account(state, now_us)),
+        occurred_at_us=now_us,
         account_id=state.account_id,
     )
     return OutgoingEvent(
-        event_id=envelope.event_id, subject=subject_for("money.account.opened", state.tenant_id),
+        event_id=envelope.event_id,
+        subject=subject_for("money.account.opened", state.tenant_id),
         data=envelope.SerializeToString(),
     )

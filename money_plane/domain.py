@@ -73,13 +73,13 @@ class Struct(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """Immutable domain record, stored compactly (msgpack arrays)."""
 
 
-class Tenant(Struct):
+class Tenant(Struct, frozen=True):
     tenant_id: str
     display_name: str
     created_at_us: int
 
 
-class AccountSpec(Struct):
+class AccountSpec(Struct, frozen=True):
     account_id: str
     currency: str
     kind: int
@@ -120,7 +120,10 @@ class AccountState(msgspec.Struct, kw_only=True):
     def violation(self) -> str:
         """The reason this account breaks its constraint or bounds, or ""."""
         for value in (
-            self.debits_posted, self.credits_posted, self.debits_pending, self.credits_pending
+            self.debits_posted,
+            self.credits_posted,
+            self.debits_pending,
+            self.credits_pending,
         ):
             if value > currencies.INT64_MAX:
                 return "BALANCE_OVERFLOW"
@@ -129,9 +132,11 @@ class AccountState(msgspec.Struct, kw_only=True):
             limit = self.credits_posted + self.overdraft_limit_minor
             if self.debits_posted + self.debits_pending > limit:
                 return "INSUFFICIENT_FUNDS"
-        elif self.constraint == Constraint.CREDITS_MUST_NOT_EXCEED_DEBITS:
-            if self.credits_posted + self.credits_pending > self.debits_posted:
-                return "CREDIT_LIMIT_EXCEEDED"
+        if (
+            self.constraint == Constraint.CREDITS_MUST_NOT_EXCEED_DEBITS
+            and self.credits_posted + self.credits_pending > self.debits_posted
+        ):
+            return "CREDIT_LIMIT_EXCEEDED"
         return ""
 
     def counters(self) -> tuple[int, int, int, int]:
@@ -146,7 +151,7 @@ def scoped_key(tenant_id: str, key: str) -> str:
     return f"{tenant_id}/{key}"
 
 
-class Leg(Struct):
+class Leg(Struct, frozen=True):
     account_id: str
     kind: int
     amount_minor: int
@@ -156,7 +161,7 @@ class Leg(Struct):
     release_account_id: str
 
 
-class Posting(Struct):
+class Posting(Struct, frozen=True):
     account_id: str
     side: int
     amount_minor: int
@@ -164,7 +169,7 @@ class Posting(Struct):
     label: str = ""
 
 
-class Entry(Struct):
+class Entry(Struct, frozen=True):
     tenant_id: str
     entry_id: str
     idempotency_key: str
@@ -188,7 +193,7 @@ class Entry(Struct):
     metadata: dict[str, str] = {}
 
 
-class Hold(Struct):
+class Hold(Struct, frozen=True):
     tenant_id: str
     hold_id: str
     idempotency_key: str
@@ -204,7 +209,7 @@ class Hold(Struct):
     decision_id: str = ""
 
 
-class Reserve(Struct):
+class Reserve(Struct, frozen=True):
     tenant_id: str
     reserve_id: str
     entry_id: str
@@ -217,7 +222,7 @@ class Reserve(Struct):
     released_entry_id: str = ""
 
 
-class Command(Struct):
+class Command(Struct, frozen=True):
     """One validated transfer request (or an internal job step)."""
 
     tenant_id: str
@@ -259,14 +264,14 @@ class Command(Struct):
         ]
 
 
-class ItemError(Struct):
+class ItemError(Struct, frozen=True):
     code: int
     reason: str
     field: str
     message: str
 
 
-class Outcome(Struct):
+class Outcome(Struct, frozen=True):
     """What one command produced: an entry and/or a hold, or an error."""
 
     entry: Entry | None = None
@@ -279,7 +284,7 @@ class Outcome(Struct):
         return self.error is None
 
 
-class IdempotencyRecord(Struct):
+class IdempotencyRecord(Struct, frozen=True):
     scope_key: str
     fingerprint: list[tuple[str, object]]
     outcome: Outcome
@@ -358,7 +363,8 @@ def check_account_spec(spec: AccountSpec, field: str, limits: MoneyLimitsConfig)
         raise InvalidArgument("FIELD_REQUIRED", "constraint is required", f"{field}.constraint")
     if spec.overdraft_limit_minor < 0:
         raise InvalidArgument(
-            "NEGATIVE_OVERDRAFT_LIMIT", "overdraft limit must be >= 0",
+            "NEGATIVE_OVERDRAFT_LIMIT",
+            "overdraft limit must be >= 0",
             f"{field}.overdraft_limit_minor",
         )
     if spec.overdraft_limit_minor and spec.constraint != Constraint.DEBITS_MUST_NOT_EXCEED_CREDITS:
@@ -373,7 +379,8 @@ def check_account_spec(spec: AccountSpec, field: str, limits: MoneyLimitsConfig)
 def check_legs(cmd: Command, field: str, limits: MoneyLimitsConfig) -> None:
     if len(cmd.splits) > limits.max_splits_per_transfer:
         raise InvalidArgument(
-            "TOO_MANY_SPLITS", f"more than {limits.max_splits_per_transfer} split legs",
+            "TOO_MANY_SPLITS",
+            f"more than {limits.max_splits_per_transfer} split legs",
             f"{field}.splits",
         )
     for index, leg in enumerate(cmd.splits):
@@ -389,19 +396,22 @@ def check_legs(cmd: Command, field: str, limits: MoneyLimitsConfig) -> None:
         elif leg.kind == LegKind.BASIS_POINTS:
             if not 0 < leg.basis_points <= BASIS_POINTS_TOTAL:
                 raise InvalidArgument(
-                    "INVALID_BASIS_POINTS", "basis_points must be in 1..10000",
+                    "INVALID_BASIS_POINTS",
+                    "basis_points must be in 1..10000",
                     f"{where}.basis_points",
                 )
             if leg.amount_minor:
                 raise InvalidArgument(
-                    "CONFLICTING_FIELDS", "a BASIS_POINTS leg has no amount_minor",
+                    "CONFLICTING_FIELDS",
+                    "a BASIS_POINTS leg has no amount_minor",
                     f"{where}.amount_minor",
                 )
         else:
             raise InvalidArgument("FIELD_REQUIRED", "leg kind is required", f"{where}.kind")
         if bool(leg.release_at_us) != bool(leg.release_account_id):
             raise InvalidArgument(
-                "INCOMPLETE_RESERVE", "a reserve leg needs release_at and release_account_id",
+                "INCOMPLETE_RESERVE",
+                "a reserve leg needs release_at and release_account_id",
                 f"{where}.release_account_id",
             )
         if leg.release_account_id:
@@ -410,7 +420,8 @@ def check_legs(cmd: Command, field: str, limits: MoneyLimitsConfig) -> None:
         total = sum(split_amounts(cmd.amount_minor, cmd.splits))
         if total > cmd.amount_minor:
             raise InvalidArgument(
-                "SPLITS_EXCEED_AMOUNT", "split legs add up to more than the amount",
+                "SPLITS_EXCEED_AMOUNT",
+                "split legs add up to more than the amount",
                 f"{field}.splits",
             )
 
@@ -419,7 +430,8 @@ def split_amounts(total_minor: int, legs: list[Leg]) -> list[int]:
     """Each leg's amount. Basis points round down (floor); the residue of every
     leg's rounding stays with the remainder leg, so the parts always add up."""
     return [
-        leg.amount_minor if leg.kind == LegKind.FIXED
+        leg.amount_minor
+        if leg.kind == LegKind.FIXED
         else total_minor * leg.basis_points // BASIS_POINTS_TOTAL
         for leg in legs
     ]
@@ -431,15 +443,22 @@ def check_command(cmd: Command, field: str, limits: MoneyLimitsConfig, max_hold_
     check_text(cmd.description, f"{field}.description", limits)
     check_metadata(cmd.metadata, f"{field}.metadata", limits)
     kind = cmd.kind
-    if kind not in (Kind.TRANSFER, Kind.PAYOUT, Kind.AUTHORIZE, Kind.CAPTURE, Kind.VOID,
-                    Kind.REFUND):
+    if kind not in (
+        Kind.TRANSFER,
+        Kind.PAYOUT,
+        Kind.AUTHORIZE,
+        Kind.CAPTURE,
+        Kind.VOID,
+        Kind.REFUND,
+    ):
         raise InvalidArgument("FIELD_REQUIRED", "transfer kind is required", f"{field}.kind")
     if kind in NEEDS_TOKEN:
         check_id(cmd.debit_account_id, f"{field}.debit_account_id", limits)
         check_id(cmd.credit_account_id, f"{field}.credit_account_id", limits)
         if cmd.debit_account_id == cmd.credit_account_id:
             raise InvalidArgument(
-                "SAME_ACCOUNT", "debit and credit accounts must differ",
+                "SAME_ACCOUNT",
+                "debit and credit accounts must differ",
                 f"{field}.credit_account_id",
             )
         check_currency(cmd.currency, f"{field}.amount.currency")
@@ -452,12 +471,14 @@ def check_command(cmd: Command, field: str, limits: MoneyLimitsConfig, max_hold_
     if kind == Kind.AUTHORIZE:
         if cmd.splits:
             raise InvalidArgument(
-                "SPLITS_NOT_ALLOWED", "an authorization has no splits; split at capture",
+                "SPLITS_NOT_ALLOWED",
+                "an authorization has no splits; split at capture",
                 f"{field}.splits",
             )
         if not 0 <= cmd.hold_timeout_s <= max_hold_s:
             raise InvalidArgument(
-                "HOLD_TIMEOUT_OUT_OF_RANGE", f"hold_timeout_s must be in 0..{max_hold_s}",
+                "HOLD_TIMEOUT_OUT_OF_RANGE",
+                f"hold_timeout_s must be in 0..{max_hold_s}",
                 f"{field}.hold_timeout_s",
             )
     elif cmd.hold_timeout_s:

@@ -10,8 +10,9 @@ as a whole. Nothing here does I/O.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -52,19 +53,21 @@ from triplane.runtime.errors import (
 # TigerBeetle does: the key is spent, and a retry gets the same answer even if
 # the state has changed since. Failures about the request itself (malformed,
 # unknown account, bad token, key reused) write nothing and are not remembered.
-REMEMBERED_REASONS = frozenset({
-    "INSUFFICIENT_FUNDS",
-    "CREDIT_LIMIT_EXCEEDED",
-    "BALANCE_OVERFLOW",
-    "HOLD_ALREADY_CAPTURED",
-    "HOLD_ALREADY_VOIDED",
-    "HOLD_EXPIRED",
-    "CAPTURE_EXCEEDS_HOLD",
-    "REFUND_EXCEEDS_ENTRY",
-    "ENTRY_FULLY_REFUNDED",
-    "ENTRY_NOT_REFUNDABLE",
-    "LINKED_TRANSFER_FAILED",
-})
+REMEMBERED_REASONS = frozenset(
+    {
+        "INSUFFICIENT_FUNDS",
+        "CREDIT_LIMIT_EXCEEDED",
+        "BALANCE_OVERFLOW",
+        "HOLD_ALREADY_CAPTURED",
+        "HOLD_ALREADY_VOIDED",
+        "HOLD_EXPIRED",
+        "CAPTURE_EXCEEDS_HOLD",
+        "REFUND_EXCEEDS_ENTRY",
+        "ENTRY_FULLY_REFUNDED",
+        "ENTRY_NOT_REFUNDABLE",
+        "LINKED_TRANSFER_FAILED",
+    }
+)
 
 
 def normalized_fingerprint(cmd: Command) -> list[Any]:
@@ -101,35 +104,35 @@ class Job:
     commands: list[Command]
     atomic: bool = False
     # Field path prefix per command, for errors ("transfers[3]").
-    fields: list[str] = field(default_factory=list)
+    fields: list[str] = dataclasses.field(default_factory=list)
     # Errors decided before the engine (e.g. a bad token): index -> error.
-    preset_errors: dict[int, TriplaneError] = field(default_factory=dict)
+    preset_errors: dict[int, TriplaneError] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
 class View:
     """Rows loaded (and locked) for one group commit, keyed by scoped key."""
 
-    accounts: dict[str, AccountState] = field(default_factory=dict)
-    holds: dict[str, Hold] = field(default_factory=dict)
-    entries: dict[str, Entry] = field(default_factory=dict)
-    reserves: dict[str, Reserve] = field(default_factory=dict)
-    idempotency: dict[str, IdempotencyRecord] = field(default_factory=dict)
+    accounts: dict[str, AccountState] = dataclasses.field(default_factory=dict)
+    holds: dict[str, Hold] = dataclasses.field(default_factory=dict)
+    entries: dict[str, Entry] = dataclasses.field(default_factory=dict)
+    reserves: dict[str, Reserve] = dataclasses.field(default_factory=dict)
+    idempotency: dict[str, IdempotencyRecord] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
 class Changes:
     """What the store must write once every job of the group was applied."""
 
-    touched_accounts: set[str] = field(default_factory=set)
-    new_entries: list[Entry] = field(default_factory=list)
-    updated_entries: dict[str, Entry] = field(default_factory=dict)
-    holds: dict[str, Hold] = field(default_factory=dict)
-    new_holds: set[str] = field(default_factory=set)
-    new_reserves: list[Reserve] = field(default_factory=list)
-    released_reserves: dict[str, Reserve] = field(default_factory=dict)
-    new_idempotency: list[IdempotencyRecord] = field(default_factory=list)
-    events: list[EventSpec] = field(default_factory=list)
+    touched_accounts: set[str] = dataclasses.field(default_factory=set)
+    new_entries: list[Entry] = dataclasses.field(default_factory=list)
+    updated_entries: dict[str, Entry] = dataclasses.field(default_factory=dict)
+    holds: dict[str, Hold] = dataclasses.field(default_factory=dict)
+    new_holds: set[str] = dataclasses.field(default_factory=set)
+    new_reserves: list[Reserve] = dataclasses.field(default_factory=list)
+    released_reserves: dict[str, Reserve] = dataclasses.field(default_factory=dict)
+    new_idempotency: list[IdempotencyRecord] = dataclasses.field(default_factory=list)
+    events: list[EventSpec] = dataclasses.field(default_factory=list)
 
 
 _MISSING = object()
@@ -171,8 +174,12 @@ class UndoLog:
         saved = account.counters()
 
         def undo() -> None:
-            (account.debits_posted, account.credits_posted,
-             account.debits_pending, account.credits_pending) = saved
+            (
+                account.debits_posted,
+                account.credits_posted,
+                account.debits_pending,
+                account.credits_pending,
+            ) = saved
 
         self._steps.append(undo)
 
@@ -222,11 +229,14 @@ class Engine:
             if index == failed_at:
                 outcome = outcomes[failed_at]
             else:
-                outcome = Outcome(error=ItemError(
-                    code=int(Code.FAILED_PRECONDITION), reason="LINKED_TRANSFER_FAILED",
-                    field=job.fields[index] if job.fields else "",
-                    message=f"transfer {failed_at} of this atomic batch failed: {cause.reason}",
-                ))
+                outcome = Outcome(
+                    error=ItemError(
+                        code=int(Code.FAILED_PRECONDITION),
+                        reason="LINKED_TRANSFER_FAILED",
+                        field=job.fields[index] if job.fields else "",
+                        message=f"transfer {failed_at} of this atomic batch failed: {cause.reason}",
+                    )
+                )
             if remember and not outcome.replayed:
                 self._remember(cmd, outcome)
             results.append(outcome)
@@ -253,10 +263,10 @@ class Engine:
         if preset is not None:
             return Outcome(error=_item_error(preset))
         if cmd.token_expired:
-            err = PermissionDenied(
+            expired = PermissionDenied(
                 "DECISION_TOKEN_EXPIRED", "decision token has expired", f"{where}.decision_token"
             )
-            return Outcome(error=_item_error(err))
+            return Outcome(error=_item_error(expired))
         if cmd.kind in (Kind.CAPTURE, Kind.VOID):
             # Expiry found late still happens, even though the command fails.
             self._expire_if_due(self.view.holds.get(scoped_key(cmd.tenant_id, cmd.hold_id)))
@@ -281,7 +291,7 @@ class Engine:
             outcome=outcome,
             created_at_us=self.now_us,
         )
-        self._undo.put(self.view.idempotency, scope, record)  # type: ignore[arg-type]
+        self._undo.put(self.view.idempotency, scope, record)
         self._undo.append(self.changes.new_idempotency, record)
 
     def _dispatch(self, cmd: Command, where: str) -> Outcome:
@@ -325,12 +335,17 @@ class Engine:
                 raise OutOfRange(reason, f"balance of {account.account_id!r} would overflow", field)
             if reason:
                 raise FailedPrecondition(
-                    reason, f"account {account.account_id!r} would break its balance constraint",
+                    reason,
+                    f"account {account.account_id!r} would break its balance constraint",
                     field,
                 )
 
     def _credit_legs(
-        self, cmd: Command, where: str, total_minor: int, remainder_account: AccountState,
+        self,
+        cmd: Command,
+        where: str,
+        total_minor: int,
+        remainder_account: AccountState,
         currency: str,
     ) -> tuple[list[Posting], list[tuple[AccountState, str, int, str]], list[Leg]]:
         """Credit postings for a split (legs + remainder leg) of total_minor.
@@ -339,7 +354,8 @@ class Engine:
         parts = split_amounts(total_minor, cmd.splits)
         if sum(parts) > total_minor:
             raise InvalidArgument(
-                "SPLITS_EXCEED_AMOUNT", "split legs add up to more than the amount",
+                "SPLITS_EXCEED_AMOUNT",
+                "split legs add up to more than the amount",
                 f"{where}.splits",
             )
         postings: list[Posting] = []
@@ -350,26 +366,38 @@ class Engine:
             account = self._account(cmd.tenant_id, leg.account_id, leg_field, currency)
             if leg.release_account_id:
                 self._account(
-                    cmd.tenant_id, leg.release_account_id,
-                    f"{where}.splits[{index}].release_account_id", currency,
+                    cmd.tenant_id,
+                    leg.release_account_id,
+                    f"{where}.splits[{index}].release_account_id",
+                    currency,
                 )
             if part == 0:
                 continue
-            postings.append(Posting(
-                account_id=leg.account_id, side=Side.CREDIT, amount_minor=part,
-                currency=currency, label=leg.label,
-            ))
+            postings.append(
+                Posting(
+                    account_id=leg.account_id,
+                    side=Side.CREDIT,
+                    amount_minor=part,
+                    currency=currency,
+                    label=leg.label,
+                )
+            )
             deltas.append((account, "credits_posted", part, leg_field))
             if leg.release_account_id:
-                reserve_legs.append(msgspec.structs.replace(
-                    leg, amount_minor=part, basis_points=len(postings)
-                ))
+                reserve_legs.append(
+                    msgspec.structs.replace(leg, amount_minor=part, basis_points=len(postings))
+                )
         remainder = total_minor - sum(parts)
         if remainder:
-            postings.append(Posting(
-                account_id=remainder_account.account_id, side=Side.CREDIT,
-                amount_minor=remainder, currency=currency, label="remainder",
-            ))
+            postings.append(
+                Posting(
+                    account_id=remainder_account.account_id,
+                    side=Side.CREDIT,
+                    amount_minor=remainder,
+                    currency=currency,
+                    label="remainder",
+                )
+            )
             deltas.append((remainder_account, "credits_posted", remainder, where))
         return postings, deltas, reserve_legs
 
@@ -377,12 +405,19 @@ class Engine:
         self._undo.append(self.changes.new_entries, entry)
         self._undo.put(self.view.entries, scoped_key(entry.tenant_id, entry.entry_id), entry)
         debit = next(p for p in entry.postings if p.side == Side.DEBIT)
-        self._undo.append(self.changes.events, EventSpec(
-            event_type="money.entry.posted", tenant_id=entry.tenant_id,
-            account_id=debit.account_id, idempotency_key=entry.idempotency_key,
-            amount_minor=entry.amount_minor, currency=entry.currency,
-            decision_id=entry.decision_id, record=entry,
-        ))
+        self._undo.append(
+            self.changes.events,
+            EventSpec(
+                event_type="money.entry.posted",
+                tenant_id=entry.tenant_id,
+                account_id=debit.account_id,
+                idempotency_key=entry.idempotency_key,
+                amount_minor=entry.amount_minor,
+                currency=entry.currency,
+                decision_id=entry.decision_id,
+                record=entry,
+            ),
+        )
 
     def _save_hold(self, hold: Hold, event_type: str, new: bool = False) -> None:
         key = scoped_key(hold.tenant_id, hold.hold_id)
@@ -390,11 +425,19 @@ class Engine:
         self._undo.put(self.changes.holds, key, hold)
         if new:
             self._undo.add(self.changes.new_holds, key)
-        self._undo.append(self.changes.events, EventSpec(
-            event_type=event_type, tenant_id=hold.tenant_id, account_id=hold.debit_account_id,
-            idempotency_key=hold.idempotency_key, amount_minor=hold.amount_minor,
-            currency=hold.currency, decision_id=hold.decision_id, record=hold,
-        ))
+        self._undo.append(
+            self.changes.events,
+            EventSpec(
+                event_type=event_type,
+                tenant_id=hold.tenant_id,
+                account_id=hold.debit_account_id,
+                idempotency_key=hold.idempotency_key,
+                amount_minor=hold.amount_minor,
+                currency=hold.currency,
+                decision_id=hold.decision_id,
+                record=hold,
+            ),
+        )
 
     def _with_reserves(self, entry: Entry, legs: list[Leg]) -> Entry:
         if not legs:
@@ -403,17 +446,22 @@ class Engine:
         for leg in legs:
             release_to[leg.basis_points] = leg.release_account_id
         return msgspec.structs.replace(
-            entry, reserve_release_to=release_to,
+            entry,
+            reserve_release_to=release_to,
             reserve_released=[False] * len(entry.postings),
         )
 
     def _add_reserves(self, entry: Entry, legs: list[Leg]) -> None:
         for leg in legs:
             reserve = Reserve(
-                tenant_id=entry.tenant_id, reserve_id=new_id("rsv", self.now_us),
-                entry_id=entry.entry_id, account_id=leg.account_id,
-                release_account_id=leg.release_account_id, amount_minor=leg.amount_minor,
-                currency=entry.currency, release_at_us=leg.release_at_us,
+                tenant_id=entry.tenant_id,
+                reserve_id=new_id("rsv", self.now_us),
+                entry_id=entry.entry_id,
+                account_id=leg.account_id,
+                release_account_id=leg.release_account_id,
+                amount_minor=leg.amount_minor,
+                currency=entry.currency,
+                release_at_us=leg.release_at_us,
                 posting_index=leg.basis_points,
             )
             self._undo.append(self.changes.new_reserves, reserve)
@@ -433,12 +481,25 @@ class Engine:
         deltas.insert(0, (debit, "debits_posted", cmd.amount_minor, f"{where}.debit_account_id"))
         self._apply(deltas)
         entry = Entry(
-            tenant_id=cmd.tenant_id, entry_id=new_id("ent", self.now_us),
-            idempotency_key=cmd.idempotency_key, kind=cmd.kind,
-            postings=[Posting(account_id=debit.account_id, side=Side.DEBIT,
-                              amount_minor=cmd.amount_minor, currency=cmd.currency), *credits],
-            posted_at_us=self.now_us, amount_minor=cmd.amount_minor, currency=cmd.currency,
-            decision_id=cmd.decision_id, description=cmd.description, metadata=cmd.metadata,
+            tenant_id=cmd.tenant_id,
+            entry_id=new_id("ent", self.now_us),
+            idempotency_key=cmd.idempotency_key,
+            kind=cmd.kind,
+            postings=[
+                Posting(
+                    account_id=debit.account_id,
+                    side=Side.DEBIT,
+                    amount_minor=cmd.amount_minor,
+                    currency=cmd.currency,
+                ),
+                *credits,
+            ],
+            posted_at_us=self.now_us,
+            amount_minor=cmd.amount_minor,
+            currency=cmd.currency,
+            decision_id=cmd.decision_id,
+            description=cmd.description,
+            metadata=cmd.metadata,
             refunded_by_posting=[0] * (1 + len(credits)),
         )
         entry = self._with_reserves(entry, reserve_legs)
@@ -453,17 +514,25 @@ class Engine:
         credit = self._account(
             cmd.tenant_id, cmd.credit_account_id, f"{where}.credit_account_id", cmd.currency
         )
-        self._apply([
-            (debit, "debits_pending", cmd.amount_minor, f"{where}.debit_account_id"),
-            (credit, "credits_pending", cmd.amount_minor, f"{where}.credit_account_id"),
-        ])
+        self._apply(
+            [
+                (debit, "debits_pending", cmd.amount_minor, f"{where}.debit_account_id"),
+                (credit, "credits_pending", cmd.amount_minor, f"{where}.credit_account_id"),
+            ]
+        )
         timeout_s = cmd.hold_timeout_s or self.default_hold_timeout_s
         hold = Hold(
-            tenant_id=cmd.tenant_id, hold_id=new_id("hld", self.now_us),
-            idempotency_key=cmd.idempotency_key, debit_account_id=debit.account_id,
-            credit_account_id=credit.account_id, amount_minor=cmd.amount_minor,
-            currency=cmd.currency, state=HoldState.PENDING, created_at_us=self.now_us,
-            expires_at_us=self.now_us + timeout_s * 1_000_000, decision_id=cmd.decision_id,
+            tenant_id=cmd.tenant_id,
+            hold_id=new_id("hld", self.now_us),
+            idempotency_key=cmd.idempotency_key,
+            debit_account_id=debit.account_id,
+            credit_account_id=credit.account_id,
+            amount_minor=cmd.amount_minor,
+            currency=cmd.currency,
+            state=HoldState.PENDING,
+            created_at_us=self.now_us,
+            expires_at_us=self.now_us + timeout_s * 1_000_000,
+            decision_id=cmd.decision_id,
         )
         self._save_hold(hold, "money.hold.authorized", new=True)
         return Outcome(hold=hold)
@@ -508,20 +577,35 @@ class Engine:
             )
         debit = self.view.accounts[account_key(hold.tenant_id, hold.debit_account_id)]
         credit = self.view.accounts[account_key(hold.tenant_id, hold.credit_account_id)]
-        credits, deltas, reserve_legs = self._credit_legs(
-            cmd, where, amount, credit, hold.currency
-        )
-        deltas = [*self._release_pending(hold),
-                  (debit, "debits_posted", amount, f"{where}.hold_id"), *deltas]
+        credits, deltas, reserve_legs = self._credit_legs(cmd, where, amount, credit, hold.currency)
+        deltas = [
+            *self._release_pending(hold),
+            (debit, "debits_posted", amount, f"{where}.hold_id"),
+            *deltas,
+        ]
         self._apply(deltas)
         entry = Entry(
-            tenant_id=cmd.tenant_id, entry_id=new_id("ent", self.now_us),
-            idempotency_key=cmd.idempotency_key, kind=Kind.CAPTURE,
-            postings=[Posting(account_id=debit.account_id, side=Side.DEBIT,
-                              amount_minor=amount, currency=hold.currency), *credits],
-            posted_at_us=self.now_us, amount_minor=amount, currency=hold.currency,
-            hold_id=hold.hold_id, decision_id=hold.decision_id, description=cmd.description,
-            metadata=cmd.metadata, refunded_by_posting=[0] * (1 + len(credits)),
+            tenant_id=cmd.tenant_id,
+            entry_id=new_id("ent", self.now_us),
+            idempotency_key=cmd.idempotency_key,
+            kind=Kind.CAPTURE,
+            postings=[
+                Posting(
+                    account_id=debit.account_id,
+                    side=Side.DEBIT,
+                    amount_minor=amount,
+                    currency=hold.currency,
+                ),
+                *credits,
+            ],
+            posted_at_us=self.now_us,
+            amount_minor=amount,
+            currency=hold.currency,
+            hold_id=hold.hold_id,
+            decision_id=hold.decision_id,
+            description=cmd.description,
+            metadata=cmd.metadata,
+            refunded_by_posting=[0] * (1 + len(credits)),
         )
         entry = self._with_reserves(entry, reserve_legs)
         self._post_entry(entry)
@@ -545,24 +629,28 @@ class Engine:
             raise NotFound("ENTRY_NOT_FOUND", f"no entry {cmd.entry_id!r}", f"{where}.entry_id")
         if original.kind not in REFUNDABLE:
             raise FailedPrecondition(
-                "ENTRY_NOT_REFUNDABLE", "only transfers, payouts and captures are refundable",
+                "ENTRY_NOT_REFUNDABLE",
+                "only transfers, payouts and captures are refundable",
                 f"{where}.entry_id",
             )
         if cmd.currency and cmd.currency != original.currency:
             raise InvalidArgument(
-                "CURRENCY_MISMATCH", f"the entry is in {original.currency}",
+                "CURRENCY_MISMATCH",
+                f"the entry is in {original.currency}",
                 f"{where}.amount.currency",
             )
         remaining = original.amount_minor - original.refunded_minor
         if remaining == 0:
             raise FailedPrecondition(
-                "ENTRY_FULLY_REFUNDED", "the entry was already refunded in full",
+                "ENTRY_FULLY_REFUNDED",
+                "the entry was already refunded in full",
                 f"{where}.entry_id",
             )
         amount = cmd.amount_minor or remaining
         if amount > remaining:
             raise OutOfRange(
-                "REFUND_EXCEEDS_ENTRY", f"refund of {amount} exceeds the {remaining} left",
+                "REFUND_EXCEEDS_ENTRY",
+                f"refund of {amount} exceeds the {remaining} left",
                 f"{where}.amount.amount_minor",
             )
         shares = _refund_shares(original, amount)
@@ -578,23 +666,35 @@ class Engine:
             # A refund reverses: what was debited is credited back, and so on.
             side = Side.CREDIT if posting.side == Side.DEBIT else Side.DEBIT
             counter = "credits_posted" if side == Side.CREDIT else "debits_posted"
-            postings.append(Posting(account_id=account_id, side=side,
-                                    amount_minor=share, currency=original.currency,
-                                    label=posting.label))
+            postings.append(
+                Posting(
+                    account_id=account_id,
+                    side=side,
+                    amount_minor=share,
+                    currency=original.currency,
+                    label=posting.label,
+                )
+            )
             deltas.append((account, counter, share, f"{where}.entry_id"))
         self._apply(deltas)
         refund = Entry(
-            tenant_id=cmd.tenant_id, entry_id=new_id("ent", self.now_us),
-            idempotency_key=cmd.idempotency_key, kind=Kind.REFUND, postings=postings,
-            posted_at_us=self.now_us, amount_minor=amount, currency=original.currency,
-            refers_to_entry_id=original.entry_id, description=cmd.description,
+            tenant_id=cmd.tenant_id,
+            entry_id=new_id("ent", self.now_us),
+            idempotency_key=cmd.idempotency_key,
+            kind=Kind.REFUND,
+            postings=postings,
+            posted_at_us=self.now_us,
+            amount_minor=amount,
+            currency=original.currency,
+            refers_to_entry_id=original.entry_id,
+            description=cmd.description,
             metadata=cmd.metadata,
         )
         updated = msgspec.structs.replace(
-            original, refunded_minor=original.refunded_minor + amount,
+            original,
+            refunded_minor=original.refunded_minor + amount,
             refunded_by_posting=[
-                done + share for done, share in
-                zip(_refunded(original), shares, strict=True)
+                done + share for done, share in zip(_refunded(original), shares, strict=True)
             ],
         )
         key = scoped_key(original.tenant_id, original.entry_id)
@@ -609,8 +709,9 @@ class Engine:
         if hold is None or hold.state != HoldState.PENDING or self.now_us < hold.expires_at_us:
             return False
         self._apply(self._release_pending(hold))
-        self._save_hold(msgspec.structs.replace(hold, state=HoldState.EXPIRED),
-                        "money.hold.expired")
+        self._save_hold(
+            msgspec.structs.replace(hold, state=HoldState.EXPIRED), "money.hold.expired"
+        )
         return True
 
     def _internal(self, cmd: Command) -> Outcome:
@@ -646,23 +747,37 @@ class Engine:
             return Outcome()
         source = self.view.accounts[account_key(reserve.tenant_id, reserve.account_id)]
         target = self.view.accounts[account_key(reserve.tenant_id, reserve.release_account_id)]
-        self._apply([
-            (source, "debits_posted", amount, "reserve.account_id"),
-            (target, "credits_posted", amount, "reserve.release_account_id"),
-        ])
+        self._apply(
+            [
+                (source, "debits_posted", amount, "reserve.account_id"),
+                (target, "credits_posted", amount, "reserve.release_account_id"),
+            ]
+        )
         entry = Entry(
-            tenant_id=reserve.tenant_id, entry_id=new_id("ent", self.now_us),
-            idempotency_key=f"reserve-release:{reserve.reserve_id}", kind=Kind.RESERVE_RELEASE,
+            tenant_id=reserve.tenant_id,
+            entry_id=new_id("ent", self.now_us),
+            idempotency_key=f"reserve-release:{reserve.reserve_id}",
+            kind=Kind.RESERVE_RELEASE,
             postings=[
-                Posting(account_id=source.account_id, side=Side.DEBIT,
-                        amount_minor=amount, currency=reserve.currency,
-                        label="reserve_release"),
-                Posting(account_id=target.account_id, side=Side.CREDIT,
-                        amount_minor=amount, currency=reserve.currency,
-                        label="reserve_release"),
+                Posting(
+                    account_id=source.account_id,
+                    side=Side.DEBIT,
+                    amount_minor=amount,
+                    currency=reserve.currency,
+                    label="reserve_release",
+                ),
+                Posting(
+                    account_id=target.account_id,
+                    side=Side.CREDIT,
+                    amount_minor=amount,
+                    currency=reserve.currency,
+                    label="reserve_release",
+                ),
             ],
-            posted_at_us=self.now_us, amount_minor=amount,
-            currency=reserve.currency, refers_to_entry_id=reserve.entry_id,
+            posted_at_us=self.now_us,
+            amount_minor=amount,
+            currency=reserve.currency,
+            refers_to_entry_id=reserve.entry_id,
         )
         self._post_entry(entry)
         released = msgspec.structs.replace(reserve, released_entry_id=entry.entry_id)

@@ -63,7 +63,11 @@ class _Pending:
 
 class Ledger:
     def __init__(
-        self, store: LedgerStore, verifier: TokenVerifier, clock: Clock, config: MoneyConfig,
+        self,
+        store: LedgerStore,
+        verifier: TokenVerifier,
+        clock: Clock,
+        config: MoneyConfig,
         single_writer: bool = False,
     ) -> None:
         self.store = store
@@ -141,30 +145,36 @@ class Ledger:
     # ---- transfers ----
 
     async def submit(
-        self, tenant_id: str, commands: list[Command], *, atomic: bool = False,
-        deadline: Deadline | None = None, field_prefix: str = "transfers",
+        self,
+        tenant_id: str,
+        commands: list[Command],
+        *,
+        atomic: bool = False,
+        deadline: Deadline | None = None,
+        field_prefix: str = "transfers",
         indexed: bool = True,
     ) -> list[Outcome]:
         """Validates, verifies tokens, queues for group commit, waits."""
         check_tenant_id(tenant_id)
         limit = self.config.limits.max_transfers_per_request
         if not commands:
-            raise InvalidArgument("FIELD_REQUIRED", "at least one transfer is required",
-                                  field_prefix)
+            raise InvalidArgument(
+                "FIELD_REQUIRED", "at least one transfer is required", field_prefix
+            )
         if len(commands) > limit:
             raise InvalidArgument(
                 "BATCH_TOO_LARGE", f"at most {limit} transfers per request", field_prefix
             )
-        fields = [f"{field_prefix}[{i}]" if indexed else field_prefix
-                  for i in range(len(commands))]
+        fields = [f"{field_prefix}[{i}]" if indexed else field_prefix for i in range(len(commands))]
         for cmd, where in zip(commands, fields, strict=True):
             check_command(cmd, where, self.config.limits, self.config.holds.max_timeout_s)
         job = Job(tenant_id=tenant_id, commands=[], atomic=atomic, fields=fields)
         now_us = self._clock.now_us()
         for index, (cmd, where) in enumerate(zip(commands, fields, strict=True)):
             job.commands.append(self._authorize_command(job, index, cmd, where, now_us))
-        return await self._enqueue(job, deadline or Deadline.from_remaining(
-            None, self.config.budget_ms / 1000.0))
+        return await self._enqueue(
+            job, deadline or Deadline.from_remaining(None, self.config.budget_ms / 1000.0)
+        )
 
     def _authorize_command(
         self, job: Job, index: int, cmd: Command, where: str, now_us: int
@@ -174,9 +184,13 @@ class Ledger:
         try:
             claims = self._verifier.verify(
                 cmd.decision_token,
-                field=f"{where}.decision_token", tenant_id=cmd.tenant_id,
-                account_id=cmd.debit_account_id, amount_minor=cmd.amount_minor,
-                currency=cmd.currency, idempotency_key=cmd.idempotency_key, now_us=now_us,
+                field=f"{where}.decision_token",
+                tenant_id=cmd.tenant_id,
+                account_id=cmd.debit_account_id,
+                amount_minor=cmd.amount_minor,
+                currency=cmd.currency,
+                idempotency_key=cmd.idempotency_key,
+                now_us=now_us,
             )
         except PermissionDenied as err:
             if err.reason == "DECISION_TOKEN_EXPIRED":
@@ -228,9 +242,11 @@ class Ledger:
             if pending.future.done():
                 continue
             if pending.deadline.expired():
-                pending.future.set_exception(DeadlineExceeded(
-                    "DEADLINE_EXCEEDED", "deadline passed while queued; nothing was written", ""
-                ))
+                pending.future.set_exception(
+                    DeadlineExceeded(
+                        "DEADLINE_EXCEEDED", "deadline passed while queued; nothing was written", ""
+                    )
+                )
                 continue
             live.append(pending)
         if not live:
@@ -239,8 +255,11 @@ class Ledger:
         try:
             results = await self._write(self.store.commit_jobs, [p.job for p in live], now_us)
         except Exception:
-            log.warning("group commit of %d jobs failed; committing them one by one", len(live),
-                        exc_info=True)
+            log.warning(
+                "group commit of %d jobs failed; committing them one by one",
+                len(live),
+                exc_info=True,
+            )
             await self._commit_one_by_one(live, now_us)
             return
         self._record(live, results)
@@ -284,10 +303,12 @@ class Ledger:
         due = await self._read(
             self.store.due_holds, self._clock.now_us(), self.config.holds.expiry_sweep_batch
         )
-        await self._run_internal([
-            Command(tenant_id=t, idempotency_key="", kind=Kind.EXPIRE_HOLD, hold_id=h)
-            for t, h in due
-        ])
+        await self._run_internal(
+            [
+                Command(tenant_id=t, idempotency_key="", kind=Kind.EXPIRE_HOLD, hold_id=h)
+                for t, h in due
+            ]
+        )
         return len(due)
 
     async def _sweep_reserves(self) -> None:
@@ -303,10 +324,12 @@ class Ledger:
         due = await self._read(
             self.store.due_reserves, self._clock.now_us(), self.config.reserves.release_sweep_batch
         )
-        outcomes = await self._run_internal([
-            Command(tenant_id=t, idempotency_key="", kind=Kind.RESERVE_RELEASE, reserve_id=r)
-            for t, r in due
-        ])
+        outcomes = await self._run_internal(
+            [
+                Command(tenant_id=t, idempotency_key="", kind=Kind.RESERVE_RELEASE, reserve_id=r)
+                for t, r in due
+            ]
+        )
         for outcome in outcomes:
             if outcome.error is not None:
                 log.error("reserve release refused: %s", outcome.error.reason)
@@ -324,7 +347,10 @@ class Ledger:
         account = await self.get_account(tenant_id, account_id)
         debits, credits = await self._read(self.store.posted_as_of, tenant_id, account_id, as_of_us)
         return msgspec.structs.replace(
-            account, debits_posted=debits, credits_posted=credits, debits_pending=0,
+            account,
+            debits_posted=debits,
+            credits_posted=credits,
+            debits_pending=0,
             credits_pending=0,
         )
 
@@ -335,7 +361,8 @@ class Ledger:
         limits = self.config.limits
         if page_size < 0 or page_size > limits.max_page_size:
             raise InvalidArgument(
-                "PAGE_SIZE_OUT_OF_RANGE", f"page_size must be in 0..{limits.max_page_size}",
+                "PAGE_SIZE_OUT_OF_RANGE",
+                f"page_size must be in 0..{limits.max_page_size}",
                 "page_size",
             )
         size = page_size or limits.default_page_size
@@ -356,8 +383,9 @@ class Ledger:
                 self.store.get_entry_by_idempotency_key, tenant_id, idempotency_key
             )
         if entry is None:
-            raise NotFound("ENTRY_NOT_FOUND", "no such entry", "entry_id" if entry_id
-                           else "idempotency_key")
+            raise NotFound(
+                "ENTRY_NOT_FOUND", "no such entry", "entry_id" if entry_id else "idempotency_key"
+            )
         return entry
 
     async def get_hold(self, tenant_id: str, hold_id: str) -> Hold:

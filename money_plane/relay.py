@@ -11,6 +11,7 @@ window, `nats.dedupe_window_s`, is far longer than a restart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -30,8 +31,13 @@ T = TypeVar("T")
 
 class OutboxRelay:
     def __init__(
-        self, store: LedgerStore, nats: NatsConfig, outbox: OutboxConfig, executor: Executor,
-        clock: Clock, wakeup: asyncio.Event | None = None,
+        self,
+        store: LedgerStore,
+        nats: NatsConfig,
+        outbox: OutboxConfig,
+        executor: Executor,
+        clock: Clock,
+        wakeup: asyncio.Event | None = None,
     ) -> None:
         self._store = store
         self._nats = nats
@@ -69,12 +75,10 @@ class OutboxRelay:
             rows = await self._run_db(self._store.outbox_unsent, self._outbox.relay_batch_size)
             if not rows:
                 self._wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         self._wakeup.wait(), self._outbox.relay_idle_poll_ms / 1000.0
                     )
-                except TimeoutError:
-                    pass
                 continue
             events = [bus.OutgoingEvent(r.event_id, r.subject, r.data) for r in rows]
             try:

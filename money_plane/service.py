@@ -35,10 +35,11 @@ def decode_page_token(token: str) -> int:
         text = base64.urlsafe_b64decode(token.encode()).decode()
         if not text.startswith(PAGE_TOKEN_PREFIX):
             raise ValueError(text)
-        return int(text[len(PAGE_TOKEN_PREFIX):])
+        return int(text[len(PAGE_TOKEN_PREFIX) :])
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one we issued",
-                              "page_token") from exc
+        raise InvalidArgument(
+            "INVALID_PAGE_TOKEN", "page_token is not one we issued", "page_token"
+        ) from exc
 
 
 def _raise_for(outcome: Outcome) -> None:
@@ -56,10 +57,13 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTenantResponse:
         tenant = await self._ledger.create_tenant(request.tenant_id, request.display_name)
-        return pb.CreateTenantResponse(tenant=pb.Tenant(
-            tenant_id=tenant.tenant_id, display_name=tenant.display_name,
-            created_at=codec.timestamp(tenant.created_at_us),
-        ))
+        return pb.CreateTenantResponse(
+            tenant=pb.Tenant(
+                tenant_id=tenant.tenant_id,
+                display_name=tenant.display_name,
+                created_at=codec.timestamp(tenant.created_at_us),
+            )
+        )
 
     async def CreateAccounts(
         self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext
@@ -82,8 +86,11 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument("FIELD_REQUIRED", "transfer is required", "transfer")
         commands = [codec.command(request.tenant_id, request.transfer)]
         [outcome] = await self._ledger.submit(
-            request.tenant_id, commands, deadline=_deadline(context, self._ledger),
-            field_prefix="transfer", indexed=False,
+            request.tenant_id,
+            commands,
+            deadline=_deadline(context, self._ledger),
+            field_prefix="transfer",
+            indexed=False,
         )
         _raise_for(outcome)
         return pb.CreateTransferResponse(result=codec.result(0, outcome))
@@ -93,7 +100,9 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
     ) -> pb.CreateTransfersResponse:
         commands = [codec.command(request.tenant_id, t) for t in request.transfers]
         outcomes = await self._ledger.submit(
-            request.tenant_id, commands, atomic=request.atomic,
+            request.tenant_id,
+            commands,
+            atomic=request.atomic,
             deadline=_deadline(context, self._ledger),
         )
         return pb.CreateTransfersResponse(
@@ -120,14 +129,19 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
             request.tenant_id, request.account_id, request.page_size, after
         )
         size = request.page_size or self._ledger.config.limits.default_page_size
-        response = pb.ListAccountPostingsResponse(postings=[
-            pb.Posting(
-                account_id=r.account_id, side=r.side,  # type: ignore[arg-type]
-                amount=codec.money(r.amount_minor, r.currency), entry_id=r.entry_id,
-                sequence=r.sequence, posted_at=codec.timestamp(r.posted_at_us),
-            )
-            for r in rows
-        ])
+        response = pb.ListAccountPostingsResponse(
+            postings=[
+                pb.Posting(
+                    account_id=r.account_id,
+                    side=r.side,  # type: ignore[arg-type]
+                    amount=codec.money(r.amount_minor, r.currency),
+                    entry_id=r.entry_id,
+                    sequence=r.sequence,
+                    posted_at=codec.timestamp(r.posted_at_us),
+                )
+                for r in rows
+            ]
+        )
         if len(rows) == size:
             response.next_page_token = encode_page_token(rows[-1].sequence)
         return response
@@ -154,8 +168,10 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
             balanced=check.balanced,
             totals=[
                 pb.CurrencyTotal(
-                    currency=t.currency, debits_minor=t.debits_minor,
-                    credits_minor=t.credits_minor, pending_debits_minor=t.pending_debits_minor,
+                    currency=t.currency,
+                    debits_minor=t.debits_minor,
+                    credits_minor=t.credits_minor,
+                    pending_debits_minor=t.pending_debits_minor,
                     pending_credits_minor=t.pending_credits_minor,
                 )
                 for t in check.totals

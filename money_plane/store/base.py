@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from money_plane.domain import (
     HoldState,
     IdempotencyRecord,
     Kind,
+    Outcome,
     Reserve,
     Side,
     Tenant,
@@ -34,7 +35,6 @@ from money_plane.domain import (
     scoped_key,
 )
 from money_plane.engine import Changes, Engine, EventSpec, Job, View
-from money_plane.domain import Outcome
 from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.errors import AlreadyExists, NotFound
 
@@ -132,9 +132,17 @@ ACCOUNT_COLUMNS = (
 
 def _account_from_row(row: Sequence[Any]) -> AccountState:
     return AccountState(
-        tenant_id=row[0], account_id=row[1], currency=row[2], kind=row[3], constraint=row[4],
-        overdraft_limit_minor=row[5], metadata=json.loads(row[6]), created_at_us=row[7],
-        debits_posted=row[8], credits_posted=row[9], debits_pending=row[10],
+        tenant_id=row[0],
+        account_id=row[1],
+        currency=row[2],
+        kind=row[3],
+        constraint=row[4],
+        overdraft_limit_minor=row[5],
+        metadata=json.loads(row[6]),
+        created_at_us=row[7],
+        debits_posted=row[8],
+        credits_posted=row[9],
+        debits_pending=row[10],
         credits_pending=row[11],
     )
 
@@ -148,8 +156,11 @@ class LedgerStore:
     lock_suffix = ""
 
     def __init__(
-        self, encode_event: EventEncoder, encode_account_event: AccountEventEncoder,
-        default_hold_timeout_s: int, conflict_retries: int,
+        self,
+        encode_event: EventEncoder,
+        encode_account_event: AccountEventEncoder,
+        default_hold_timeout_s: int,
+        conflict_retries: int,
     ) -> None:
         self._encode_event = encode_event
         self._encode_account_event = encode_account_event
@@ -162,10 +173,8 @@ class LedgerStore:
     def _connect(self) -> Any:
         raise NotImplementedError
 
-    @contextmanager
-    def _transaction(self) -> Iterator[Any]:
+    def _transaction(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
-        yield
 
     def _insert_many(self, cur: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
         if rows:
@@ -210,12 +219,18 @@ class LedgerStore:
 
     def create_tenant(self, tenant_id: str, display_name: str, now_us: int) -> Tenant:
         with self._transaction() as cur:
-            cur.execute(self._sql(
-                "INSERT INTO tenants (tenant_id, display_name, created_at_us) VALUES (%s, %s, %s) "
-                "ON CONFLICT (tenant_id) DO NOTHING"), (tenant_id, display_name, now_us))
-            cur.execute(self._sql(
-                "SELECT display_name, created_at_us FROM tenants WHERE tenant_id = %s"),
-                (tenant_id,))
+            cur.execute(
+                self._sql(
+                    "INSERT INTO tenants (tenant_id, display_name, created_at_us) "
+                    "VALUES (%s, %s, %s) "
+                    "ON CONFLICT (tenant_id) DO NOTHING"
+                ),
+                (tenant_id, display_name, now_us),
+            )
+            cur.execute(
+                self._sql("SELECT display_name, created_at_us FROM tenants WHERE tenant_id = %s"),
+                (tenant_id,),
+            )
             name, created_at_us = cur.fetchone()
         if name != display_name:
             raise AlreadyExists(
@@ -246,21 +261,43 @@ class LedgerStore:
                     result.append(found)
                     continue
                 account = AccountState(
-                    tenant_id=tenant_id, account_id=spec.account_id, currency=spec.currency,
-                    kind=spec.kind, constraint=spec.constraint,
+                    tenant_id=tenant_id,
+                    account_id=spec.account_id,
+                    currency=spec.currency,
+                    kind=spec.kind,
+                    constraint=spec.constraint,
                     overdraft_limit_minor=spec.overdraft_limit_minor,
-                    metadata=dict(spec.metadata), created_at_us=now_us,
+                    metadata=dict(spec.metadata),
+                    created_at_us=now_us,
                 )
                 created[key] = account
                 result.append(account)
-            self._insert_many(cur, "accounts", f"account_key, {ACCOUNT_COLUMNS}", [
-                (a.key, a.tenant_id, a.account_id, a.currency, a.kind, a.constraint,
-                 a.overdraft_limit_minor, json.dumps(a.metadata, sort_keys=True),
-                 a.created_at_us, 0, 0, 0, 0)
-                for a in created.values()
-            ])
-            self._write_outbox(cur, [self._encode_account_event(a, now_us)
-                                     for a in created.values()], now_us)
+            self._insert_many(
+                cur,
+                "accounts",
+                f"account_key, {ACCOUNT_COLUMNS}",
+                [
+                    (
+                        a.key,
+                        a.tenant_id,
+                        a.account_id,
+                        a.currency,
+                        a.kind,
+                        a.constraint,
+                        a.overdraft_limit_minor,
+                        json.dumps(a.metadata, sort_keys=True),
+                        a.created_at_us,
+                        0,
+                        0,
+                        0,
+                        0,
+                    )
+                    for a in created.values()
+                ],
+            )
+            self._write_outbox(
+                cur, [self._encode_account_event(a, now_us) for a in created.values()], now_us
+            )
         return result
 
     def get_account(self, tenant_id: str, account_id: str) -> AccountState | None:
@@ -276,7 +313,8 @@ class LedgerStore:
             return {}
         suffix = self.lock_suffix if lock else ""
         cur.execute(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_key IN ({self._marks(len(keys))})"
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
+            f"WHERE account_key IN ({self._marks(len(keys))})"
             f" ORDER BY account_key{suffix}",
             keys,
         )
@@ -308,13 +346,16 @@ class LedgerStore:
                     raise
         raise AssertionError("unreachable")
 
-    def _commit_in_transaction(
-        self, cur: Any, jobs: list[Job], now_us: int
-    ) -> list[list[Outcome]]:
+    def _commit_in_transaction(self, cur: Any, jobs: list[Job], now_us: int) -> list[list[Outcome]]:
         commands = [c for job in jobs for c in job.commands]
         view = View()
-        scopes = sorted({scoped_key(c.tenant_id, c.idempotency_key) for c in commands
-                         if c.kind not in (Kind.EXPIRE_HOLD, Kind.RESERVE_RELEASE)})
+        scopes = sorted(
+            {
+                scoped_key(c.tenant_id, c.idempotency_key)
+                for c in commands
+                if c.kind not in (Kind.EXPIRE_HOLD, Kind.RESERVE_RELEASE)
+            }
+        )
         view.idempotency = self._load_bodies(
             cur, "idempotency", "scope_key", scopes, IdempotencyRecord, lock=False
         )
@@ -323,14 +364,16 @@ class LedgerStore:
         # Reserves are read before entries to learn which entries they come
         # from; the lock order (holds, reserves, entries, accounts) is the same
         # for every transaction, so there is still no deadlock cycle.
-        reserve_keys = sorted({scoped_key(c.tenant_id, c.reserve_id) for c in commands
-                               if c.reserve_id})
+        reserve_keys = sorted(
+            {scoped_key(c.tenant_id, c.reserve_id) for c in commands if c.reserve_id}
+        )
         view.reserves = self._load_bodies(
             cur, "reserves", "reserve_key", reserve_keys, Reserve, lock=True
         )
-        entry_keys = sorted({scoped_key(c.tenant_id, c.entry_id) for c in commands
-                             if c.kind == Kind.REFUND}
-                            | {scoped_key(r.tenant_id, r.entry_id) for r in view.reserves.values()})
+        entry_keys = sorted(
+            {scoped_key(c.tenant_id, c.entry_id) for c in commands if c.kind == Kind.REFUND}
+            | {scoped_key(r.tenant_id, r.entry_id) for r in view.reserves.values()}
+        )
         view.entries = self._load_bodies(cur, "entries", "entry_key", entry_keys, Entry, lock=True)
         view.accounts = self._load_accounts(cur, sorted(_account_keys(commands, view)), lock=True)
         engine = Engine(view, now_us, self._default_hold_timeout_s)
@@ -340,51 +383,105 @@ class LedgerStore:
 
     def _write_changes(self, cur: Any, changes: Changes, view: View, now_us: int) -> None:
         p = self.placeholder
-        self._update_accounts(cur, [
-            (*view.accounts[key].counters(), key) for key in sorted(changes.touched_accounts)
-        ])
+        self._update_accounts(
+            cur, [(*view.accounts[key].counters(), key) for key in sorted(changes.touched_accounts)]
+        )
         new_keys = {scoped_key(e.tenant_id, e.entry_id) for e in changes.new_entries}
-        self._insert_many(cur, "entries", "entry_key, tenant_id, idempotency_key, posted_at_us, body",
-                          [(key, e.tenant_id, e.idempotency_key, e.posted_at_us,
-                            codec_records.encode(view.entries[key]))
-                           for e in changes.new_entries
-                           for key in [scoped_key(e.tenant_id, e.entry_id)]])
-        updated = [(codec_records.encode(e), key) for key, e in changes.updated_entries.items()
-                   if key not in new_keys]
+        self._insert_many(
+            cur,
+            "entries",
+            "entry_key, tenant_id, idempotency_key, posted_at_us, body",
+            [
+                (
+                    key,
+                    e.tenant_id,
+                    e.idempotency_key,
+                    e.posted_at_us,
+                    codec_records.encode(view.entries[key]),
+                )
+                for e in changes.new_entries
+                for key in [scoped_key(e.tenant_id, e.entry_id)]
+            ],
+        )
+        updated = [
+            (codec_records.encode(e), key)
+            for key, e in changes.updated_entries.items()
+            if key not in new_keys
+        ]
         if updated:
             cur.executemany(f"UPDATE entries SET body = {p} WHERE entry_key = {p}", updated)
         self._insert_many(
-            cur, "postings", "account_key, entry_id, side, amount_minor, currency, posted_at_us",
-            [(account_key(e.tenant_id, posting.account_id), e.entry_id, posting.side,
-              posting.amount_minor, posting.currency, e.posted_at_us)
-             for e in changes.new_entries for posting in e.postings],
+            cur,
+            "postings",
+            "account_key, entry_id, side, amount_minor, currency, posted_at_us",
+            [
+                (
+                    account_key(e.tenant_id, posting.account_id),
+                    e.entry_id,
+                    posting.side,
+                    posting.amount_minor,
+                    posting.currency,
+                    e.posted_at_us,
+                )
+                for e in changes.new_entries
+                for posting in e.postings
+            ],
         )
-        fresh_holds = [(key, h.tenant_id, h.state, h.expires_at_us, codec_records.encode(h))
-                       for key, h in changes.holds.items() if key in changes.new_holds]
-        self._insert_many(cur, "holds", "hold_key, tenant_id, state, expires_at_us, body",
-                          fresh_holds)
-        changed_holds = [(h.state, codec_records.encode(h), key)
-                         for key, h in changes.holds.items() if key not in changes.new_holds]
+        fresh_holds = [
+            (key, h.tenant_id, h.state, h.expires_at_us, codec_records.encode(h))
+            for key, h in changes.holds.items()
+            if key in changes.new_holds
+        ]
+        self._insert_many(
+            cur, "holds", "hold_key, tenant_id, state, expires_at_us, body", fresh_holds
+        )
+        changed_holds = [
+            (h.state, codec_records.encode(h), key)
+            for key, h in changes.holds.items()
+            if key not in changes.new_holds
+        ]
         if changed_holds:
             cur.executemany(
                 f"UPDATE holds SET state = {p}, body = {p} WHERE hold_key = {p}", changed_holds
             )
-        self._insert_many(cur, "reserves", "reserve_key, tenant_id, release_at_us, released, body",
-                          [(scoped_key(r.tenant_id, r.reserve_id), r.tenant_id, r.release_at_us,
-                            0, codec_records.encode(r)) for r in changes.new_reserves])
+        self._insert_many(
+            cur,
+            "reserves",
+            "reserve_key, tenant_id, release_at_us, released, body",
+            [
+                (
+                    scoped_key(r.tenant_id, r.reserve_id),
+                    r.tenant_id,
+                    r.release_at_us,
+                    0,
+                    codec_records.encode(r),
+                )
+                for r in changes.new_reserves
+            ],
+        )
         released = [(codec_records.encode(r), key) for key, r in changes.released_reserves.items()]
         if released:
             cur.executemany(
                 f"UPDATE reserves SET released = 1, body = {p} WHERE reserve_key = {p}", released
             )
-        self._insert_many(cur, "idempotency", "scope_key, created_at_us, body",
-                          [(r.scope_key, r.created_at_us, codec_records.encode(r))
-                           for r in changes.new_idempotency])
+        self._insert_many(
+            cur,
+            "idempotency",
+            "scope_key, created_at_us, body",
+            [
+                (r.scope_key, r.created_at_us, codec_records.encode(r))
+                for r in changes.new_idempotency
+            ],
+        )
         self._write_outbox(cur, [self._encode_event(e, now_us) for e in changes.events], now_us)
 
     def _write_outbox(self, cur: Any, events: list[OutgoingEvent], now_us: int) -> None:
-        self._insert_many(cur, "outbox", "event_id, subject, data, created_at_us",
-                          [(e.event_id, e.subject, e.data, now_us) for e in events])
+        self._insert_many(
+            cur,
+            "outbox",
+            "event_id, subject, data, created_at_us",
+            [(e.event_id, e.subject, e.data, now_us) for e in events],
+        )
 
     # ---- reads ----
 
@@ -400,9 +497,10 @@ class LedgerStore:
 
     def get_entry_by_idempotency_key(self, tenant_id: str, key: str) -> Entry | None:
         with self._transaction() as cur:
-            cur.execute(self._sql(
-                "SELECT body FROM entries WHERE tenant_id = %s AND idempotency_key = %s"),
-                (tenant_id, key))
+            cur.execute(
+                self._sql("SELECT body FROM entries WHERE tenant_id = %s AND idempotency_key = %s"),
+                (tenant_id, key),
+            )
             row = cur.fetchone()
         return codec_records.decode(bytes(row[0]), Entry) if row else None
 
@@ -410,21 +508,37 @@ class LedgerStore:
         self, tenant_id: str, account_id: str, after_seq: int, limit: int
     ) -> list[PostingRow]:
         with self._transaction() as cur:
-            cur.execute(self._sql(
-                "SELECT seq, entry_id, side, amount_minor, currency, posted_at_us FROM postings "
-                "WHERE account_key = %s AND seq > %s ORDER BY seq LIMIT %s"),
-                (account_key(tenant_id, account_id), after_seq, limit))
-            return [PostingRow(sequence=r[0], account_id=account_id, entry_id=r[1], side=r[2],
-                               amount_minor=r[3], currency=r[4], posted_at_us=r[5])
-                    for r in cur.fetchall()]
+            cur.execute(
+                self._sql(
+                    "SELECT seq, entry_id, side, amount_minor, currency, posted_at_us "
+                    "FROM postings "
+                    "WHERE account_key = %s AND seq > %s ORDER BY seq LIMIT %s"
+                ),
+                (account_key(tenant_id, account_id), after_seq, limit),
+            )
+            return [
+                PostingRow(
+                    sequence=r[0],
+                    account_id=account_id,
+                    entry_id=r[1],
+                    side=r[2],
+                    amount_minor=r[3],
+                    currency=r[4],
+                    posted_at_us=r[5],
+                )
+                for r in cur.fetchall()
+            ]
 
     def posted_as_of(self, tenant_id: str, account_id: str, as_of_us: int) -> tuple[int, int]:
         """(debits, credits) posted at or before as_of_us."""
         with self._transaction() as cur:
-            cur.execute(self._sql(
-                "SELECT side, COALESCE(SUM(amount_minor), 0) FROM postings "
-                "WHERE account_key = %s AND posted_at_us <= %s GROUP BY side"),
-                (account_key(tenant_id, account_id), as_of_us))
+            cur.execute(
+                self._sql(
+                    "SELECT side, COALESCE(SUM(amount_minor), 0) FROM postings "
+                    "WHERE account_key = %s AND posted_at_us <= %s GROUP BY side"
+                ),
+                (account_key(tenant_id, account_id), as_of_us),
+            )
             sums = {int(r[0]): int(r[1]) for r in cur.fetchall()}
         return sums.get(Side.DEBIT, 0), sums.get(Side.CREDIT, 0)
 
@@ -432,31 +546,44 @@ class LedgerStore:
         """Checks, from the outside, the invariants the engine keeps."""
         prefix = f"{tenant_id}/%"
         with self._transaction() as cur:
-            cur.execute(self._sql(
-                "SELECT currency, side, COALESCE(SUM(amount_minor), 0), COUNT(*) FROM postings "
-                "WHERE account_key LIKE %s GROUP BY currency, side"), (prefix,))
+            cur.execute(
+                self._sql(
+                    "SELECT currency, side, COALESCE(SUM(amount_minor), 0), COUNT(*) FROM postings "
+                    "WHERE account_key LIKE %s GROUP BY currency, side"
+                ),
+                (prefix,),
+            )
             sums: dict[str, list[int]] = {}
             postings_checked = 0
             for currency, side, total, count in cur.fetchall():
-                sums.setdefault(currency, [0, 0, 0, 0])[0 if side == Side.DEBIT else 1] += int(total)
+                sums.setdefault(currency, [0, 0, 0, 0])[0 if side == Side.DEBIT else 1] += int(
+                    total
+                )
                 postings_checked += int(count)
             accounts = self._load_all_accounts(cur, tenant_id)
-            cur.execute(self._sql(
-                "SELECT account_key, side, COALESCE(SUM(amount_minor), 0) FROM postings "
-                "WHERE account_key LIKE %s GROUP BY account_key, side"), (prefix,))
+            cur.execute(
+                self._sql(
+                    "SELECT account_key, side, COALESCE(SUM(amount_minor), 0) FROM postings "
+                    "WHERE account_key LIKE %s GROUP BY account_key, side"
+                ),
+                (prefix,),
+            )
             by_account: dict[str, list[int]] = {}
             for key, side, total in cur.fetchall():
                 by_account.setdefault(key, [0, 0])[0 if side == Side.DEBIT else 1] = int(total)
-            cur.execute(self._sql(
-                "SELECT body FROM holds WHERE tenant_id = %s AND state = %s"),
-                (tenant_id, int(HoldState.PENDING)))
+            cur.execute(
+                self._sql("SELECT body FROM holds WHERE tenant_id = %s AND state = %s"),
+                (tenant_id, int(HoldState.PENDING)),
+            )
             holds = [codec_records.decode(bytes(r[0]), Hold) for r in cur.fetchall()]
         pending: dict[str, list[int]] = {}
         for hold in holds:
-            pending.setdefault(account_key(tenant_id, hold.debit_account_id), [0, 0])[0] += \
+            pending.setdefault(account_key(tenant_id, hold.debit_account_id), [0, 0])[0] += (
                 hold.amount_minor
-            pending.setdefault(account_key(tenant_id, hold.credit_account_id), [0, 0])[1] += \
+            )
+            pending.setdefault(account_key(tenant_id, hold.credit_account_id), [0, 0])[1] += (
                 hold.amount_minor
+            )
         problems: list[str] = []
         for account in accounts:
             posted = by_account.get(account.key, [0, 0])
@@ -473,40 +600,57 @@ class LedgerStore:
         result = [CurrencyTotals(c, v[0], v[1], v[2], v[3]) for c, v in sorted(sums.items())]
         for t in result:
             if t.debits_minor != t.credits_minor:
-                problems.append(f"{t.currency}: debits {t.debits_minor} != credits {t.credits_minor}")
+                problems.append(
+                    f"{t.currency}: debits {t.debits_minor} != credits {t.credits_minor}"
+                )
             if t.pending_debits_minor != t.pending_credits_minor:
                 problems.append(f"{t.currency}: pending debits != pending credits")
         return BalanceCheck(not problems, result, len(accounts), postings_checked, problems)
 
     def _load_all_accounts(self, cur: Any, tenant_id: str) -> list[AccountState]:
-        cur.execute(self._sql(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %s ORDER BY account_key"),
-            (tenant_id,))
+        cur.execute(
+            self._sql(
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %s ORDER BY account_key"
+            ),
+            (tenant_id,),
+        )
         return [_account_from_row(r) for r in cur.fetchall()]
 
     # ---- jobs' work lists ----
 
     def due_holds(self, now_us: int, limit: int) -> list[tuple[str, str]]:
         with self._transaction() as cur:
-            cur.execute(self._sql(
-                "SELECT hold_key FROM holds WHERE state = 1 AND expires_at_us <= %s "
-                "ORDER BY expires_at_us LIMIT %s"), (now_us, limit))
-            return [tuple(r[0].split("/", 1)) for r in cur.fetchall()]  # type: ignore[misc]
+            cur.execute(
+                self._sql(
+                    "SELECT hold_key FROM holds WHERE state = 1 AND expires_at_us <= %s "
+                    "ORDER BY expires_at_us LIMIT %s"
+                ),
+                (now_us, limit),
+            )
+            return [_split_key(r[0]) for r in cur.fetchall()]
 
     def due_reserves(self, now_us: int, limit: int) -> list[tuple[str, str]]:
         with self._transaction() as cur:
-            cur.execute(self._sql(
-                "SELECT reserve_key FROM reserves WHERE released = 0 AND release_at_us <= %s "
-                "ORDER BY release_at_us LIMIT %s"), (now_us, limit))
-            return [tuple(r[0].split("/", 1)) for r in cur.fetchall()]  # type: ignore[misc]
+            cur.execute(
+                self._sql(
+                    "SELECT reserve_key FROM reserves WHERE released = 0 AND release_at_us <= %s "
+                    "ORDER BY release_at_us LIMIT %s"
+                ),
+                (now_us, limit),
+            )
+            return [_split_key(r[0]) for r in cur.fetchall()]
 
     # ---- outbox ----
 
     def outbox_unsent(self, limit: int) -> list[OutboxRow]:
         with self._transaction() as cur:
-            cur.execute(self._sql(
-                "SELECT seq, event_id, subject, data FROM outbox WHERE sent_at_us IS NULL "
-                "ORDER BY seq LIMIT %s"), (limit,))
+            cur.execute(
+                self._sql(
+                    "SELECT seq, event_id, subject, data FROM outbox WHERE sent_at_us IS NULL "
+                    "ORDER BY seq LIMIT %s"
+                ),
+                (limit,),
+            )
             return [OutboxRow(r[0], r[1], r[2], bytes(r[3])) for r in cur.fetchall()]
 
     def outbox_mark_sent(self, seqs: list[int], now_us: int) -> None:
@@ -515,7 +659,9 @@ class LedgerStore:
         with self._transaction() as cur:
             cur.execute(
                 f"UPDATE outbox SET sent_at_us = {self.placeholder} "
-                f"WHERE seq IN ({self._marks(len(seqs))})", [now_us, *seqs])
+                f"WHERE seq IN ({self._marks(len(seqs))})",
+                [now_us, *seqs],
+            )
 
     def outbox_pending_count(self) -> int:
         with self._transaction() as cur:
@@ -556,6 +702,12 @@ def _same_account(found: AccountState, spec: AccountSpec, field: str) -> None:
     for name, old, new in pairs:
         if old != new:
             raise AlreadyExists(
-                "ACCOUNT_EXISTS", f"account {found.account_id!r} exists with another {name}",
+                "ACCOUNT_EXISTS",
+                f"account {found.account_id!r} exists with another {name}",
                 f"{field}.{name}",
             )
+
+
+def _split_key(scoped: str) -> tuple[str, str]:
+    tenant_id, _, key = scoped.partition("/")
+    return tenant_id, key

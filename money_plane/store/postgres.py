@@ -48,11 +48,16 @@ class PostgresLedgerStore(LedgerStore):
     lock_suffix = " FOR UPDATE"
 
     def __init__(
-        self, dsn: str, encode_event: EventEncoder, encode_account_event: AccountEventEncoder,
-        default_hold_timeout_s: int, conflict_retries: int = 3,
+        self,
+        dsn: str,
+        encode_event: EventEncoder,
+        encode_account_event: AccountEventEncoder,
+        default_hold_timeout_s: int,
+        conflict_retries: int = 3,
     ) -> None:
-        super().__init__(encode_event, encode_account_event, default_hold_timeout_s,
-                         conflict_retries)
+        super().__init__(
+            encode_event, encode_account_event, default_hold_timeout_s, conflict_retries
+        )
         self._dsn = dsn
 
     def _connect(self) -> psycopg.Connection[Any]:

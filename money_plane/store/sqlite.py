@@ -19,11 +19,17 @@ class SqliteLedgerStore(LedgerStore):
     lock_suffix = ""  # BEGIN IMMEDIATE takes the database write lock up front.
 
     def __init__(
-        self, path: Path, encode_event: EventEncoder, encode_account_event: AccountEventEncoder,
-        default_hold_timeout_s: int, conflict_retries: int = 3, busy_timeout_ms: int = 10_000,
+        self,
+        path: Path,
+        encode_event: EventEncoder,
+        encode_account_event: AccountEventEncoder,
+        default_hold_timeout_s: int,
+        conflict_retries: int = 3,
+        busy_timeout_ms: int = 10_000,
     ) -> None:
-        super().__init__(encode_event, encode_account_event, default_hold_timeout_s,
-                         conflict_retries)
+        super().__init__(
+            encode_event, encode_account_event, default_hold_timeout_s, conflict_retries
+        )
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
         path.parent.mkdir(parents=True, exist_ok=True)

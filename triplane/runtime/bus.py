@@ -36,7 +36,7 @@ STREAMS: dict[str, list[str]] = {
 
 
 def subject_for(event_type: str, tenant_id: str) -> str:
-    """"money.entry.posted" for tenant "acme" -> "triplane.money.acme.entry.posted"."""
+    """ "money.entry.posted" for tenant "acme" -> "triplane.money.acme.entry.posted"."""
     plane, _, rest = event_type.partition(".")
     assert plane and rest, f"event type {event_type!r} must be '<plane>.<kind>'"
     return f"triplane.{plane}.{tenant_id}.{rest}"

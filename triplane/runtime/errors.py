@@ -132,7 +132,9 @@ def error_for(code: int, reason: str, message: str, field: str = "") -> Triplane
 
 
 def to_status_proto(err: TriplaneError) -> status_pb2.Status:
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+    )
     if err.field:
         info.metadata["field"] = err.field
     details = [info]
@@ -161,7 +163,7 @@ def to_grpc_status(err: TriplaneError) -> grpc.Status:
 
 def parse_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, str]:
     """(reason, field) carried by an error from a Triplane server; ("", "") if none."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     if status is None:
         return "", ""
     reason, field = "", ""
@@ -197,7 +199,7 @@ def _wrap_unary(behavior: Handler) -> Handler:
     return wrapped
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Maps TriplaneError raised by unary-unary handlers to rich statuses."""
 
     async def intercept_service(

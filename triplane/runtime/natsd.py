@@ -51,8 +51,16 @@ class EmbeddedNats:
         log_path = self.store_dir / "nats-server.log"
         with log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
-                [find_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                 "-sd", str(self.store_dir)],
+                [
+                    find_binary(),
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-js",
+                    "-sd",
+                    str(self.store_dir),
+                ],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -52,7 +52,7 @@ class PlaneServer:
         provider = setup_tracing(self.name, self.otel_exporter)
         server = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(
+                aio_server_interceptor(  # type: ignore[no-untyped-call]
                     tracer_provider=provider, filter_=filters.negate(filters.health_check())
                 ),
                 ErrorMappingInterceptor(),
@@ -69,8 +69,11 @@ class PlaneServer:
         for service in self.services:
             service.register(server)
         reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         self.port = server.add_insecure_port(self.listen)

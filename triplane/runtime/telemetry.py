@@ -69,7 +69,7 @@ def setup_tracing(service: str, exporter: str = "none") -> TracerProvider:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif exporter == "otlp":
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
                 OTLPSpanExporter,
             )
         except ImportError as exc:  # pragma: no cover - depends on an optional package

@@ -117,14 +117,18 @@ class TokenVerifier:
             body, signature = _b64d(parts[1]), _b64d(parts[2])
             claims = _decoder.decode(body)
         except (ValueError, msgspec.DecodeError) as exc:
-            raise _deny("DECISION_TOKEN_MALFORMED", f"decision token unreadable: {exc}", field)
+            raise _deny(
+                "DECISION_TOKEN_MALFORMED", f"decision token unreadable: {exc}", field
+            ) from exc
         key = self._keys.get(claims.key_id)
         if key is None:
             raise _deny("DECISION_TOKEN_UNKNOWN_KEY", "decision token signed by unknown key", field)
         try:
             key.verify(body, signature)
-        except (BadSignatureError, ValueError):
-            raise _deny("DECISION_TOKEN_BAD_SIGNATURE", "decision token signature invalid", field)
+        except (BadSignatureError, ValueError) as exc:
+            raise _deny(
+                "DECISION_TOKEN_BAD_SIGNATURE", "decision token signature invalid", field
+            ) from exc
         return claims
 
     def verify(
