@@ -1287,6 +1287,7 @@ class LoadBundleRequest(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     SANCTIONS_LIST_CSV_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
+    SANCTIONS_ALIASES_CSV_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """The bundle YAML (at most policy.limits.max_bundle_bytes)."""
     label: _builtins.str
@@ -1294,6 +1295,8 @@ class LoadBundleRequest(_message.Message):
     sanctions_list_csv: _builtins.str
     """The sanctions list CSV the bundle names; empty: read it from the lists dir."""
     target: Global___BundleTarget.ValueType
+    sanctions_aliases_csv: _builtins.str
+    """The aliases CSV (OFAC ALT.CSV layout) the bundle names; empty: lists dir."""
     def __init__(
         self,
         *,
@@ -1301,10 +1304,11 @@ class LoadBundleRequest(_message.Message):
         label: _builtins.str = ...,
         sanctions_list_csv: _builtins.str = ...,
         target: Global___BundleTarget.ValueType = ...,
+        sanctions_aliases_csv: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "label", b"label", "sanctions_list_csv", b"sanctions_list_csv", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "label", b"label", "sanctions_aliases_csv", b"sanctions_aliases_csv", "sanctions_list_csv", b"sanctions_list_csv", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,179 @@
+"""Wiring: config -> store, keys, engine, gRPC server and background tasks
+(case-event relay to NATS, decision-log retention, NATS KV bundle watch)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nacl.signing import SigningKey
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from policy_plane import bundle_sync, convert
+from policy_plane.decision_log import LogKeys
+from policy_plane.engine import PolicyEngine
+from policy_plane.service import services
+from policy_plane.store import PolicyStore, open_store
+from triplane.runtime import bus
+from triplane.runtime.clock import Clock, SystemClock
+from triplane.runtime.config import Config
+from triplane.runtime.server import PlaneServer
+from triplane.runtime.tokens import (
+    TokenSigner,
+    ensure_dev_keypair,
+    private_key_from_b64,
+    public_key_from_b64,
+)
+
+log = logging.getLogger("policy_plane.app")
+
+
+def load_private_key(config: Config) -> SigningKey:
+    path = config.keys.policy_private_key_path
+    if not path:
+        path = str(ensure_dev_keypair(config.state_path)[0])
+    return private_key_from_b64(Path(path).read_text())
+
+
+def open_policy_store(config: Config) -> PolicyStore:
+    store_config = config.policy.store
+    sqlite_path = Path(store_config.sqlite_path)
+    if not sqlite_path.is_absolute():
+        sqlite_path = config.state_path / sqlite_path
+    return open_store(store_config.backend, str(sqlite_path), store_config.postgres_dsn)
+
+
+def build_engine(config: Config, clock: Clock | None = None) -> PolicyEngine:
+    key = load_private_key(config)
+    others = [public_key_from_b64(k) for k in config.keys.policy_public_keys]
+    return PolicyEngine(
+        config.policy,
+        open_policy_store(config),
+        TokenSigner(key),
+        LogKeys(key, others),
+        clock or SystemClock(),
+        convert.case_resolved_event,
+    )
+
+
+@dataclass
+class PolicyPlane:
+    config: Config
+    engine: PolicyEngine
+    server: PlaneServer
+    nats: NatsClient | None = None
+    js: JetStreamContext | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _relay_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> int:
+        await self.engine.start()
+        self.engine.case_event_hooks.append(self.kick_relay)
+        if self.config.nats.url:
+            self.nats = await bus.connect(self.config.nats, "policy_plane")
+            self.js = self.nats.jetstream()
+            await bus.ensure_streams(self.js, self.config.nats, ["TRIPLANE_POLICY"])
+            self._spawn("case-event-relay", self._relay_loop)
+            if self.config.policy.bundles.kv_watch:
+                self._spawn("bundle-kv-watch", self._watch_bundles)
+        else:
+            log.warning(
+                "nats.url is empty: case events stay in the outbox until NATS is configured"
+            )
+        self._spawn("decision-log-retention", self._retention_loop)
+        self.server.on_stop.append(self.stop_background)
+        return await self.server.start()
+
+    def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        async def guarded() -> None:
+            await factory()
+
+        self._tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def relay_once(self) -> int:
+        """Publishes pending case events; returns how many JetStream acknowledged."""
+        if self.js is None:
+            return 0
+        policy = self.config.policy
+        pending = await asyncio.to_thread(
+            self.engine.store.pending_events, policy.outbox.relay_batch_size
+        )
+        if not pending:
+            return 0
+        events = [bus.OutgoingEvent(p.event_id, p.subject, p.data) for p in pending]
+        acked = await bus.publish_batch(self.js, events, self.config.nats.publish_timeout_s)
+        done = [e.event_id for e, ok in zip(events, acked, strict=True) if ok]
+        await asyncio.to_thread(self.engine.store.mark_published, done)
+        return len(done)
+
+    def kick_relay(self) -> None:
+        self._relay_wakeup.set()
+
+    async def _relay_loop(self) -> None:
+        interval_s = self.config.policy.outbox.relay_interval_s
+        while True:
+            try:
+                await self.relay_once()
+            except Exception:
+                log.exception("case event relay failed; retrying")
+            self._relay_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._relay_wakeup.wait(), interval_s)
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                purged = await self.engine.purge_expired()
+                if purged:
+                    log.info("decision log retention purged %d records", purged)
+            except Exception:
+                log.exception("decision log retention failed")
+            await asyncio.sleep(self.config.policy.decision_log.retention_sweep_interval_s)
+
+    async def _watch_bundles(self) -> None:
+        assert self.js is not None
+        bundles = self.config.policy.bundles
+        await bundle_sync.watch(
+            self.js,
+            self.engine.bundles,
+            bundles.kv_bucket,
+            bundles.kv_key,
+            self.config.policy.limits.max_bundle_bytes,
+        )
+
+    async def stop_background(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.engine.stop()
+        if self.nats is not None:
+            with contextlib.suppress(Exception):
+                await self.nats.close()
+            self.nats = None
+        self.engine.store.db.close()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+def build_plane(
+    config: Config, clock: Clock | None = None, listen: str | None = None
+) -> PolicyPlane:
+    engine = build_engine(config, clock)
+    server = PlaneServer(
+        name="policy_plane",
+        listen=listen or config.policy.listen,
+        services=services(engine),
+        shutdown_grace_s=config.runtime.shutdown_grace_s,
+        max_message_bytes=config.runtime.max_message_bytes,
+        otel_exporter=config.runtime.otel_exporter,
+    )
+    return PolicyPlane(config=config, engine=engine, server=server)

@@ -1,0 +1,254 @@
+"""Policy bundles: versioned YAML files of CEL rules, compiled once at load.
+
+A bundle's version is `<label>@<content hash>`; the hash covers the normalised
+bundle and the sanctions lists it names, so a version pins every input of a
+decision but the request and its snapshot. A bundle that does not parse, names
+an unknown field, or has a condition that is not a boolean is refused with
+INVALID_ARGUMENT naming the rule; nothing is swapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import cel
+import msgspec
+import yaml
+
+from policy_plane import cel_check
+from policy_plane.model import canonical_encoder
+from policy_plane.sanctions import Screener, parse_alt_csv, parse_sdn_csv
+from triplane.runtime import currencies
+from triplane.runtime.errors import InvalidArgument
+
+SHIPPED_DIR = Path(__file__).parent / "bundles"
+SHIPPED_LISTS_DIR = Path(__file__).parent / "sanctions_lists"
+API_VERSION = "triplane.policy/v1"
+RULE_OUTCOMES = ("deny", "hold", "review", "obligation")
+PAYMENT_METHODS = ("card", "bank_transfer", "instant_payment", "wallet")
+_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_LIST_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ObligationSpec(_Spec, frozen=True, kw_only=True):
+    kind: str
+    params: dict[str, str] = {}
+
+
+class RuleSpec(_Spec, frozen=True, kw_only=True):
+    id: str
+    when: str
+    outcome: Literal["deny", "hold", "review", "obligation"]
+    reason_code: str
+    reason: str = ""
+    obligation: ObligationSpec | None = None
+
+
+class TierLimits(_Spec, frozen=True, kw_only=True):
+    single_minor: int
+    daily_minor: int
+    monthly_minor: int
+
+
+class KycTierSpec(_Spec, frozen=True, kw_only=True):
+    tier: int
+    # Currency code -> limits in that currency's minor units.
+    limits: dict[str, TierLimits]
+
+
+class SanctionsSpec(_Spec, frozen=True, kw_only=True):
+    # File names (OFAC SDN.CSV and ALT.CSV layout), looked up beside the bundle,
+    # then in policy.bundles.lists_dir, then among the shipped samples.
+    list_file: str = msgspec.field(default="", name="list")
+    aliases_file: str = msgspec.field(default="", name="aliases")
+    hit_threshold: float | None = None
+    possible_match_threshold: float | None = None
+    blocked_countries: list[str] = []
+
+
+class RouteSpec(_Spec, frozen=True, kw_only=True):
+    method: str
+    when: str = "true"
+    fixed_cost_minor: int = 0
+    cost_bps: int = 0
+
+
+class CasesSpec(_Spec, frozen=True, kw_only=True):
+    # A model score at or above this suggests "decline" to the reviewer.
+    decline_suggestion_score: float = 0.7
+
+
+class BundleSpec(_Spec, frozen=True, kw_only=True):
+    api_version: str = msgspec.field(name="apiVersion")
+    label: str
+    description: str = ""
+    parameters: dict[str, Any] = {}
+    kyc_tiers: list[KycTierSpec] = []
+    sanctions: SanctionsSpec = SanctionsSpec()
+    rules: list[RuleSpec]
+    routing: list[RouteSpec] = []
+    cases: CasesSpec = CasesSpec()
+
+
+class BundleSource(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a bundle is made of, as stored and as shipped over NATS KV."""
+
+    yaml_text: str
+    label_override: str = ""
+    sanctions_csv: str = ""
+    aliases_csv: str = ""
+
+
+class BundleLimits(msgspec.Struct, frozen=True, kw_only=True):
+    max_rules: int
+    max_bundle_bytes: int
+    max_sanctions_entries: int
+    default_hit_threshold: float
+    default_possible_match_threshold: float
+
+
+def _bad(reason: str, message: str, field: str = "content") -> InvalidArgument:
+    return InvalidArgument(reason, message, field)
+
+
+def parse_spec(source: BundleSource, limits: BundleLimits) -> BundleSpec:
+    size = len(source.yaml_text.encode()) + len(source.sanctions_csv.encode())
+    if size > limits.max_bundle_bytes:
+        raise _bad("BUNDLE_TOO_LARGE", f"bundle is {size} bytes, over {limits.max_bundle_bytes}")
+    try:
+        raw = yaml.safe_load(source.yaml_text)
+    except yaml.YAMLError as exc:
+        raise _bad("BUNDLE_SYNTAX_ERROR", f"bundle YAML does not parse: {exc}") from exc
+    try:
+        spec = msgspec.convert(raw, BundleSpec)
+    except msgspec.ValidationError as exc:
+        raise _bad("BUNDLE_SCHEMA_ERROR", f"bundle does not match the schema: {exc}") from exc
+    if source.label_override:
+        spec = msgspec.structs.replace(spec, label=source.label_override)
+    _check_spec(spec, limits)
+    return spec
+
+
+def _check_spec(spec: BundleSpec, limits: BundleLimits) -> None:
+    if spec.api_version != API_VERSION:
+        raise _bad("BUNDLE_SCHEMA_ERROR", f"apiVersion must be {API_VERSION!r}")
+    if not _LABEL.match(spec.label):
+        raise _bad("BUNDLE_LABEL_INVALID", "label must match [A-Za-z0-9_.:-]{1,64}", "label")
+    if not spec.rules or len(spec.rules) > limits.max_rules:
+        raise _bad("BUNDLE_RULE_COUNT", f"a bundle has 1 to {limits.max_rules} rules")
+    seen: set[str] = set()
+    for index, rule in enumerate(spec.rules):
+        where = f"rules[{index}]"
+        if rule.id in seen or not _CODE.match(rule.id.upper()):
+            raise _bad("RULE_ID_INVALID", f"{where}: rule id {rule.id!r} empty or repeated", where)
+        seen.add(rule.id)
+        if not _CODE.match(rule.reason_code):
+            raise _bad("RULE_REASON_CODE_INVALID", f"{where}: reason_code not UPPER_SNAKE", where)
+        if (rule.outcome == "obligation") != (rule.obligation is not None):
+            raise _bad(
+                "RULE_OBLIGATION_INVALID", f"{where}: obligation iff outcome is obligation", where
+            )
+    for index, route in enumerate(spec.routing):
+        if route.method not in PAYMENT_METHODS:
+            raise _bad("ROUTE_METHOD_INVALID", f"routing[{index}]: unknown method {route.method!r}")
+    for tier in spec.kyc_tiers:
+        for currency in tier.limits:
+            if not currencies.is_known(currency):
+                raise _bad("KYC_LIMIT_CURRENCY_UNKNOWN", f"kyc tier {tier.tier}: {currency!r}")
+
+
+def resolve_lists(
+    spec: BundleSpec, source: BundleSource, lists_dir: Path, bundle_dir: Path | None
+) -> BundleSource:
+    """Fills in the sanctions files the bundle names but the source lacks."""
+    sanctions, aliases = source.sanctions_csv, source.aliases_csv
+    if spec.sanctions.list_file and not sanctions:
+        sanctions = _read_list(spec.sanctions.list_file, lists_dir, bundle_dir)
+    if spec.sanctions.aliases_file and not aliases:
+        aliases = _read_list(spec.sanctions.aliases_file, lists_dir, bundle_dir)
+    return msgspec.structs.replace(source, sanctions_csv=sanctions, aliases_csv=aliases)
+
+
+def _read_list(name: str, lists_dir: Path, bundle_dir: Path | None) -> str:
+    if not _LIST_NAME.match(name):
+        raise _bad(
+            "SANCTIONS_LIST_NAME_INVALID", f"sanctions list name {name!r} is not a file name"
+        )
+    for folder in [d for d in (bundle_dir, lists_dir, SHIPPED_LISTS_DIR) if d is not None]:
+        path = folder / name
+        if path.is_file():
+            return path.read_text()
+    raise _bad("SANCTIONS_LIST_NOT_FOUND", f"sanctions list {name!r} not found")
+
+
+def content_hash(spec: BundleSpec, source: BundleSource, limits: BundleLimits) -> str:
+    """sha256 over the normalised bundle (defaults filled in) and its lists."""
+    normalised = msgspec.to_builtins(_effective_sanctions(spec, limits))
+    body = canonical_encoder.encode(
+        {"bundle": normalised, "sanctions": source.sanctions_csv, "aliases": source.aliases_csv}
+    )
+    return hashlib.sha256(body).hexdigest()
+
+
+def _effective_sanctions(spec: BundleSpec, limits: BundleLimits) -> BundleSpec:
+    sanctions = msgspec.structs.replace(
+        spec.sanctions,
+        hit_threshold=spec.sanctions.hit_threshold or limits.default_hit_threshold,
+        possible_match_threshold=spec.sanctions.possible_match_threshold
+        or limits.default_possible_match_threshold,
+    )
+    return msgspec.structs.replace(spec, sanctions=sanctions)
+
+
+def build_screener(spec: BundleSpec, source: BundleSource, limits: BundleLimits) -> Screener:
+    effective = _effective_sanctions(spec, limits).sanctions
+    assert effective.hit_threshold is not None
+    assert effective.possible_match_threshold is not None
+    if not 0 < effective.possible_match_threshold <= effective.hit_threshold <= 100:
+        raise _bad("SANCTIONS_THRESHOLD_INVALID", "need 0 < possible_match <= hit <= 100")
+    entries = parse_sdn_csv(source.sanctions_csv, limits.max_sanctions_entries)
+    aliases = parse_alt_csv(source.aliases_csv) if source.aliases_csv else []
+    return Screener(
+        entries,
+        aliases,
+        effective.hit_threshold,
+        effective.possible_match_threshold,
+        frozenset(c.upper() for c in effective.blocked_countries),
+    )
+
+
+def compile_condition(source: str, where: str, schema: dict[str, Any]) -> cel.Program:
+    """Parses one CEL condition and checks its names against the schema."""
+    try:
+        program = cel.compile(source)
+    except Exception as exc:  # the binding raises ValueError; be safe on others
+        raise _bad("RULE_SYNTAX_ERROR", f"{where}: CEL does not parse: {exc}", where) from exc
+    unknown = cel_check.unknown_roots(program.variables(), source, set(schema))
+    if unknown:
+        raise _bad("RULE_UNKNOWN_FIELD", f"{where}: unknown variable {unknown[0]!r}", where)
+    bad_paths = cel_check.unknown_field_paths(source, schema)
+    if bad_paths:
+        raise _bad("RULE_UNKNOWN_FIELD", f"{where}: unknown field {bad_paths[0]!r}", where)
+    return program
+
+
+def schema_for(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The activation schema with `params` narrowed to the bundle's own keys."""
+    params = {k: "map" if isinstance(v, dict) else "value" for k, v in parameters.items()}
+    return {**cel_check.SCHEMA, "params": params}
+
+
+def load_file(path: Path, label: str = "") -> BundleSource:
+    return BundleSource(yaml_text=path.read_text(), label_override=label)
+
+
+def shipped_default_path() -> Path:
+    return SHIPPED_DIR / "default.yaml"

@@ -1,0 +1,165 @@
+"""Which bundles exist, which one is live and which one is in shadow.
+
+Switching is one attribute assignment of an immutable compiled bundle, so a
+request in flight finishes on the bundle it started with and no request ever
+sees half a bundle. A bundle that fails to compile raises before anything is
+stored or swapped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleLimits, BundleSource, shipped_default_path
+from policy_plane.evaluation import CompiledBundle, compile_source
+from policy_plane.store import PolicyStore
+from triplane.runtime.clock import Clock
+from triplane.runtime.config import PolicyConfig
+from triplane.runtime.errors import InvalidArgument, NotFound
+
+TARGETS = ("store", "live", "shadow")
+
+
+@dataclass(frozen=True, slots=True)
+class BundleInfo:
+    version: str
+    label: str
+    content_hash: str
+    rule_count: int
+    sanctions_entry_count: int
+    loaded_at_us: int
+
+
+def bundle_limits(config: PolicyConfig) -> BundleLimits:
+    return BundleLimits(
+        max_rules=config.limits.max_rules_per_bundle,
+        max_bundle_bytes=config.limits.max_bundle_bytes,
+        max_sanctions_entries=config.limits.max_sanctions_entries,
+        default_hit_threshold=config.sanctions.hit_threshold,
+        default_possible_match_threshold=config.sanctions.possible_match_threshold,
+    )
+
+
+class BundleRegistry:
+    def __init__(self, store: PolicyStore, config: PolicyConfig, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+        self._limits = bundle_limits(config)
+        self._lists_dir = (
+            Path(config.bundles.lists_dir) if config.bundles.lists_dir else SHIPPED_LISTS_DIR
+        )
+        self._default_path = (
+            Path(config.bundles.default_path)
+            if config.bundles.default_path
+            else shipped_default_path()
+        )
+        self._cache_size = max(2, config.bundles.compiled_cache_size)
+        self._cache: OrderedDict[str, CompiledBundle] = OrderedDict()
+        self._lock = threading.Lock()
+        self.live: CompiledBundle | None = None
+        self.shadow: CompiledBundle | None = None
+
+    def start(self) -> None:
+        """Restores the live and shadow bundles, or loads the default one."""
+        live_version = self._store.get_slot("live")
+        if live_version:
+            self.live = self.resolve(live_version)
+        else:
+            source = BundleSource(yaml_text=self._default_path.read_text())
+            self.load(source, "live", bundle_dir=self._default_path.parent)
+        shadow_version = self._store.get_slot("shadow")
+        self.shadow = self.resolve(shadow_version) if shadow_version else None
+
+    def compile(self, source: BundleSource, bundle_dir: Path | None = None) -> CompiledBundle:
+        return compile_source(source, self._limits, self._lists_dir, bundle_dir)
+
+    def load(self, source: BundleSource, target: str, bundle_dir: Path | None = None) -> BundleInfo:
+        if target not in TARGETS:
+            raise InvalidArgument(
+                "BUNDLE_TARGET_INVALID", "target is store, live or shadow", "target"
+            )
+        compiled = self.compile(source, bundle_dir)
+        stored = msgspec.structs.replace(compiled.source, label_override=compiled.label)
+        self._store.put_bundle(
+            compiled.version,
+            compiled.label,
+            compiled.content_hash,
+            msgspec.json.encode(stored).decode(),
+            len(compiled.rules),
+            compiled.screener.entry_count,
+            self._clock.now_us(),
+        )
+        self._remember(compiled)
+        if target == "live":
+            self._store.set_slot("live", compiled.version)
+            self.live = compiled
+        elif target == "shadow":
+            self._store.set_slot("shadow", compiled.version)
+            self.shadow = compiled
+        return self.info(compiled.version)
+
+    def activate(self, version: str) -> BundleInfo:
+        compiled = self.resolve(version)
+        self._store.set_slot("live", version)
+        self.live = compiled
+        return self.info(version)
+
+    def set_shadow(self, version: str) -> BundleInfo | None:
+        if not version:
+            self._store.set_slot("shadow", "")
+            self.shadow = None
+            return None
+        compiled = self.resolve(version)
+        self._store.set_slot("shadow", version)
+        self.shadow = compiled
+        return self.info(version)
+
+    def resolve(self, version: str) -> CompiledBundle:
+        """A compiled bundle by version: from memory, else from the store."""
+        with self._lock:
+            cached = self._cache.get(version)
+            if cached is not None:
+                self._cache.move_to_end(version)
+                return cached
+        row = self._store.get_bundle(version)
+        if row is None:
+            raise NotFound("BUNDLE_VERSION_NOT_FOUND", f"no bundle {version!r}", "bundle_version")
+        source = msgspec.json.decode(str(row[3]), type=BundleSource)
+        compiled = self.compile(source)
+        # A stored bundle must compile to the version it was stored under, or
+        # the store (or the compiler) changed under us: stop, don't guess.
+        assert compiled.version == version, (compiled.version, version)
+        self._remember(compiled)
+        return compiled
+
+    def _remember(self, compiled: CompiledBundle) -> None:
+        with self._lock:
+            self._cache[compiled.version] = compiled
+            self._cache.move_to_end(compiled.version)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def info(self, version: str) -> BundleInfo:
+        row = self._store.get_bundle(version)
+        if row is None:
+            raise NotFound("BUNDLE_VERSION_NOT_FOUND", f"no bundle {version!r}", "version")
+        return _info(row)
+
+    def list_bundles(self, offset: int, limit: int) -> list[BundleInfo]:
+        return [_info(r) for r in self._store.list_bundles(limit, offset)]
+
+
+def _info(row: tuple[object, ...]) -> BundleInfo:
+    return BundleInfo(
+        version=str(row[0]),
+        label=str(row[1]),
+        content_hash=str(row[2]),
+        rule_count=int(str(row[4])),
+        sanctions_entry_count=int(str(row[5])),
+        loaded_at_us=int(str(row[6])),
+    )

@@ -1,0 +1,110 @@
+"""Load-time checks of CEL conditions against the decision schema.
+
+The CEL interpreter we use (cel-interpreter via `common-expression-language`)
+parses at compile time but checks names and types only while evaluating. A bad
+rule must be refused when its bundle loads, not fail on live traffic, so we add
+two checks: a static walk of every dotted field path against the schema below
+(unknown variables and fields), and a probe evaluation against sample inputs
+that must give a bool (type errors, non-boolean conditions).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# Field schema of the CEL activation (see evaluation.build_activation). A
+# string is a leaf type; "map" is an open map whose keys are data, not fields.
+_VELOCITY = {
+    "count_1h": "int",
+    "count_24h": "int",
+    "count_30d": "int",
+    "amount_minor_1h": "int",
+    "amount_minor_24h": "int",
+    "amount_minor_30d": "int",
+}
+_PARTY = {"name": "string", "country": "string"}
+SCHEMA: dict[str, Any] = {
+    "request": {
+        "tenant_id": "string",
+        "account_id": "string",
+        "kind": "string",
+        "amount_minor": "int",
+        "currency": "string",
+        "payment_method": "string",
+        "merchant_id": "string",
+        "merchant_category": "string",
+        "device_id": "string",
+        "customer": _PARTY,
+        "counterparty": _PARTY,
+    },
+    "snapshot": {
+        "kyc": {"tier": "int", "country": "string", "pep": "bool"},
+        "score": {
+            "model": "string",
+            "version": "string",
+            "source": "string",
+            "value": "double",
+            "present": "bool",
+            "fallback": "bool",
+        },
+        "velocity": {"account": _VELOCITY, "device": _VELOCITY, "merchant": _VELOCITY},
+        "account_age_days": "int",
+        "features": "map",
+        "decided_at_us": "int",
+    },
+    "limits": {
+        "known": "bool",
+        "tier": "int",
+        "single_minor": "int",
+        "daily_minor": "int",
+        "monthly_minor": "int",
+    },
+    "sanctions": {
+        "hit": "bool",
+        "possible_match": "bool",
+        "best_score": "double",
+        "country_blocked": "bool",
+    },
+    "params": "map",
+}
+
+_STRING_LITERAL = re.compile(
+    r"'''.*?'''|\"\"\".*?\"\"\"|'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"", re.S
+)
+_PATH = re.compile(r"(?<![\w.])([A-Za-z_]\w*)((?:\s*\.\s*[A-Za-z_]\w*)+)(\s*\()?")
+_MACRO_VAR = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+
+
+def macro_bound_names(source: str) -> set[str]:
+    return set(_MACRO_VAR.findall(_STRING_LITERAL.sub("''", source)))
+
+
+def unknown_roots(variables: list[str], source: str, roots: set[str]) -> list[str]:
+    """Top-level identifiers that are neither schema roots nor macro variables."""
+    bound = macro_bound_names(source)
+    return [name for name in variables if name not in roots and name not in bound]
+
+
+def unknown_field_paths(source: str, schema: dict[str, Any]) -> list[str]:
+    """Dotted paths that do not exist in `schema` (method calls are skipped)."""
+    text = _STRING_LITERAL.sub("''", source)
+    bad: list[str] = []
+    for match in _PATH.finditer(text):
+        root = match.group(1)
+        if root not in schema:
+            continue
+        segments = [s.strip() for s in match.group(2).split(".") if s.strip()]
+        if match.group(3):
+            segments = segments[:-1]  # the last segment is a method call
+        node: Any = schema[root]
+        walked = root
+        for segment in segments:
+            if node == "map":
+                break
+            walked = f"{walked}.{segment}"
+            if not isinstance(node, dict) or segment not in node:
+                bad.append(walked)
+                break
+            node = node[segment]
+    return bad

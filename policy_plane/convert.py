@@ -1,0 +1,485 @@
+"""Protobuf <-> domain translation (no grpc import: the messages only)."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from policy_plane.cases import CaseBody
+from policy_plane.consent import ConsentRecord, ContactProfile
+from policy_plane.decision_log import VerifyResult
+from policy_plane.model import (
+    Decision,
+    EvaluationInput,
+    Party,
+    PaymentInput,
+    ScoreInput,
+    SnapshotInput,
+    Velocity,
+)
+from policy_plane.offers import Eligible, Excluded, OfferEntry, OfferVariant
+from policy_plane.replay import Confusion, ReplayReport
+from policy_plane.store import OutboxRow
+from triplane.common.v1 import types_pb2
+from triplane.policy.v1 import policy_pb2 as pb
+from triplane.runtime.bus import make_envelope, subject_for
+
+OUTCOMES: dict[str, pb.Outcome.ValueType] = {
+    "allow": pb.OUTCOME_ALLOW,
+    "review": pb.OUTCOME_REVIEW,
+    "hold": pb.OUTCOME_HOLD,
+    "deny": pb.OUTCOME_DENY,
+}
+KINDS: dict[pb.PaymentKind.ValueType, str] = {
+    pb.PAYMENT_KIND_PURCHASE: "purchase",
+    pb.PAYMENT_KIND_PAYOUT: "payout",
+    pb.PAYMENT_KIND_TRANSFER: "transfer",
+    pb.PAYMENT_KIND_INVOICE: "invoice",
+}
+KIND_ENUMS: dict[str, pb.PaymentKind.ValueType] = {v: k for k, v in KINDS.items()}
+LABELS: dict[pb.OutcomeLabel.ValueType, str] = {
+    pb.OUTCOME_LABEL_LEGITIMATE: "legitimate",
+    pb.OUTCOME_LABEL_FRAUD: "fraud",
+    pb.OUTCOME_LABEL_CHARGEBACK: "chargeback",
+}
+LABEL_ENUMS: dict[str, pb.OutcomeLabel.ValueType] = {v: k for k, v in LABELS.items()}
+CHANNELS: dict[pb.Channel.ValueType, str] = {
+    pb.CHANNEL_PUSH: "push",
+    pb.CHANNEL_IN_APP: "in_app",
+    pb.CHANNEL_EMAIL: "email",
+    pb.CHANNEL_SMS: "sms",
+    pb.CHANNEL_WHATSAPP: "whatsapp",
+    pb.CHANNEL_PARTNER_WEBHOOK: "partner_webhook",
+}
+CHANNEL_ENUMS: dict[str, pb.Channel.ValueType] = {v: k for k, v in CHANNELS.items()}
+TOPICS: dict[pb.Topic.ValueType, str] = {
+    pb.TOPIC_MARKETING: "marketing",
+    pb.TOPIC_SERVICING: "servicing",
+    pb.TOPIC_CREDIT: "credit",
+    pb.TOPIC_INSURANCE: "insurance",
+}
+TOPIC_ENUMS: dict[str, pb.Topic.ValueType] = {v: k for k, v in TOPICS.items()}
+STATUSES: dict[pb.ConsentStatus.ValueType, str] = {
+    pb.CONSENT_STATUS_GRANTED: "granted",
+    pb.CONSENT_STATUS_WITHDRAWN: "withdrawn",
+}
+STATUS_ENUMS: dict[str, pb.ConsentStatus.ValueType] = {v: k for k, v in STATUSES.items()}
+BASES: dict[pb.LawfulBasis.ValueType, str] = {
+    pb.LAWFUL_BASIS_CONSENT: "consent",
+    pb.LAWFUL_BASIS_CONTRACT: "contract",
+    pb.LAWFUL_BASIS_LEGAL_OBLIGATION: "legal_obligation",
+    pb.LAWFUL_BASIS_VITAL_INTERESTS: "vital_interests",
+    pb.LAWFUL_BASIS_PUBLIC_TASK: "public_task",
+    pb.LAWFUL_BASIS_LEGITIMATE_INTERESTS: "legitimate_interests",
+}
+BASIS_ENUMS: dict[str, pb.LawfulBasis.ValueType] = {v: k for k, v in BASES.items()}
+PRODUCTS: dict[pb.Product.ValueType, str] = {
+    pb.PRODUCT_CASHBACK: "cashback",
+    pb.PRODUCT_BNPL: "bnpl",
+    pb.PRODUCT_CREDIT_LINE_INCREASE: "credit_line_increase",
+    pb.PRODUCT_INSURANCE_COVER: "insurance_cover",
+    pb.PRODUCT_SAVINGS: "savings",
+}
+PRODUCT_ENUMS: dict[str, pb.Product.ValueType] = {v: k for k, v in PRODUCTS.items()}
+BLOCKS: dict[str, pb.ContactBlock.ValueType] = {
+    "no_consent": pb.CONTACT_BLOCK_NO_CONSENT,
+    "quiet_hours": pb.CONTACT_BLOCK_QUIET_HOURS,
+    "capped": pb.CONTACT_BLOCK_CAPPED,
+    "vulnerable": pb.CONTACT_BLOCK_VULNERABLE,
+}
+EXCLUSIONS: dict[str, pb.ExclusionReason.ValueType] = {
+    "not_eligible": pb.EXCLUSION_REASON_NOT_ELIGIBLE,
+    "no_consent": pb.EXCLUSION_REASON_NO_CONSENT,
+    "quiet_hours": pb.EXCLUSION_REASON_QUIET_HOURS,
+    "capped": pb.EXCLUSION_REASON_CAPPED,
+    "suppressed": pb.EXCLUSION_REASON_SUPPRESSED,
+}
+CASE_STATUSES: dict[pb.CaseStatus.ValueType, str] = {
+    pb.CASE_STATUS_OPEN: "open",
+    pb.CASE_STATUS_CLAIMED: "claimed",
+    pb.CASE_STATUS_RESOLVED: "resolved",
+}
+CASE_STATUS_ENUMS: dict[str, pb.CaseStatus.ValueType] = {v: k for k, v in CASE_STATUSES.items()}
+RESOLUTIONS: dict[pb.Resolution.ValueType, str] = {
+    pb.RESOLUTION_APPROVE: "approve",
+    pb.RESOLUTION_DECLINE: "decline",
+}
+RESOLUTION_ENUMS: dict[str, pb.Resolution.ValueType] = {v: k for k, v in RESOLUTIONS.items()}
+
+
+def ts(us: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    if us:
+        stamp.FromMicroseconds(us)
+    return stamp
+
+
+def us_of(stamp: timestamp_pb2.Timestamp) -> int:
+    return int(stamp.ToMicroseconds()) if stamp.seconds or stamp.nanos else 0
+
+
+def _velocity(message: pb.VelocityCounters) -> Velocity:
+    return Velocity(
+        count_1h=message.count_1h,
+        count_24h=message.count_24h,
+        count_30d=message.count_30d,
+        amount_minor_1h=message.amount_minor_1h,
+        amount_minor_24h=message.amount_minor_24h,
+        amount_minor_30d=message.amount_minor_30d,
+    )
+
+
+def evaluation_input(request: pb.EvaluateRequest) -> EvaluationInput:
+    payment, snap = request.payment, request.snapshot
+    score = snap.model_score
+    return EvaluationInput(
+        tenant_id=request.tenant_id,
+        idempotency_key=request.idempotency_key,
+        payment=PaymentInput(
+            account_id=payment.account_id,
+            kind=KINDS.get(payment.kind, ""),
+            amount_minor=payment.amount.amount_minor,
+            currency=payment.amount.currency,
+            payment_method=payment.payment_method,
+            merchant_id=payment.merchant_id,
+            merchant_category=payment.merchant_category,
+            device_id=payment.device_id,
+            customer=Party(name=payment.customer.name, country=payment.customer.country),
+            counterparty=Party(
+                name=payment.counterparty.name, country=payment.counterparty.country
+            ),
+        ),
+        snapshot=SnapshotInput(
+            kyc_tier=snap.kyc.tier,
+            kyc_country=snap.kyc.country,
+            pep=snap.kyc.pep,
+            score=ScoreInput(
+                model=score.model,
+                version=score.version,
+                source=score.source,
+                score=score.score,
+                score_id=score.score_id,
+            ),
+            account_velocity=_velocity(snap.account_velocity),
+            device_velocity=_velocity(snap.device_velocity),
+            merchant_velocity=_velocity(snap.merchant_velocity),
+            account_age_days=snap.account_age_days,
+            features=dict(snap.features),
+            decided_at_us=us_of(snap.decided_at),
+        ),
+    )
+
+
+def _velocity_pb(v: Velocity) -> pb.VelocityCounters:
+    return pb.VelocityCounters(
+        count_1h=v.count_1h,
+        count_24h=v.count_24h,
+        count_30d=v.count_30d,
+        amount_minor_1h=v.amount_minor_1h,
+        amount_minor_24h=v.amount_minor_24h,
+        amount_minor_30d=v.amount_minor_30d,
+    )
+
+
+def evaluate_request_pb(inp: EvaluationInput) -> pb.EvaluateRequest:
+    p, s = inp.payment, inp.snapshot
+    return pb.EvaluateRequest(
+        tenant_id=inp.tenant_id,
+        idempotency_key=inp.idempotency_key,
+        payment=pb.Payment(
+            account_id=p.account_id,
+            kind=KIND_ENUMS.get(p.kind, pb.PAYMENT_KIND_UNSPECIFIED),
+            amount=types_pb2.Money(amount_minor=p.amount_minor, currency=p.currency),
+            payment_method=p.payment_method,
+            merchant_id=p.merchant_id,
+            merchant_category=p.merchant_category,
+            device_id=p.device_id,
+            customer=pb.Party(name=p.customer.name, country=p.customer.country),
+            counterparty=pb.Party(name=p.counterparty.name, country=p.counterparty.country),
+        ),
+        snapshot=pb.ContextSnapshot(
+            kyc=pb.KycInfo(tier=s.kyc_tier, country=s.kyc_country, pep=s.pep),
+            model_score=types_pb2.ModelScoreRef(
+                model=s.score.model,
+                version=s.score.version,
+                source=s.score.source,
+                score=s.score.score,
+                score_id=s.score.score_id,
+            ),
+            account_velocity=_velocity_pb(s.account_velocity),
+            device_velocity=_velocity_pb(s.device_velocity),
+            merchant_velocity=_velocity_pb(s.merchant_velocity),
+            account_age_days=s.account_age_days,
+            features=s.features,
+            decided_at=ts(s.decided_at_us),
+        ),
+    )
+
+
+def decision_pb(decision: Decision) -> pb.Decision:
+    record = decision.record
+    verdict = record.verdict
+    message = pb.Decision(
+        decision_id=record.decision_id,
+        tenant_id=record.input.tenant_id,
+        account_id=record.input.payment.account_id,
+        outcome=OUTCOMES[verdict.outcome],
+        fired_rules=[
+            pb.FiredRule(
+                rule_id=f.rule_id,
+                outcome=OUTCOMES.get(f.outcome, pb.OUTCOME_UNSPECIFIED),
+                reason_code=f.reason_code,
+                reason=f.reason,
+                obligation=f.obligation,
+            )
+            for f in verdict.fired
+        ],
+        obligations=[
+            pb.Obligation(kind=o.kind, rule_id=o.rule_id, params=o.params)
+            for o in verdict.obligations
+        ],
+        sanctions=pb.SanctionsScreening(
+            hit=verdict.screening.hit,
+            possible_match=verdict.screening.possible_match,
+            best_score=verdict.screening.best_score,
+            matched_entry_id=verdict.screening.matched_entry_id,
+            matched_name=verdict.screening.matched_name,
+            country_blocked=verdict.screening.country_blocked,
+        ),
+        bundle_version=record.bundle_version,
+        decision_token=record.token,
+        decided_at=ts(record.input.snapshot.decided_at_us),
+        case_id=record.case_id,
+        log_chain_id=decision.chain_id,
+        log_sequence=decision.sequence,
+    )
+    if record.token_expires_at_s:
+        message.token_expires_at.CopyFrom(ts(record.token_expires_at_s * 1_000_000))
+    if verdict.route is not None:
+        message.route.CopyFrom(
+            pb.Route(
+                method=verdict.route.method,
+                estimated_cost_minor=verdict.route.estimated_cost_minor,
+                reason=verdict.route.reason,
+            )
+        )
+    return message
+
+
+def confusion_pb(confusion: Confusion) -> pb.ConfusionMatrix:
+    return pb.ConfusionMatrix(
+        bundle_version=confusion.bundle_version,
+        true_positives=confusion.true_positives,
+        false_positives=confusion.false_positives,
+        true_negatives=confusion.true_negatives,
+        false_negatives=confusion.false_negatives,
+        precision=confusion.precision,
+        recall=confusion.recall,
+    )
+
+
+def replay_pb(report: ReplayReport) -> pb.ReplayDecisionsResponse:
+    return pb.ReplayDecisionsResponse(
+        decisions_replayed=report.replayed,
+        decisions_identical=report.identical,
+        determinism_score=report.determinism_score,
+        drift_rate=report.drift_rate,
+        changed_decisions=[
+            pb.ChangedDecision(
+                decision_id=c.decision_id,
+                logged_outcome=OUTCOMES[c.logged_outcome],
+                replayed_outcome=OUTCOMES[c.replayed_outcome],
+                logged_reason_codes=c.logged_reason_codes,
+                replayed_reason_codes=c.replayed_reason_codes,
+            )
+            for c in report.changed
+        ],
+        decisions_labelled=report.labelled,
+        logged_backtest=confusion_pb(report.logged_backtest),
+        replayed_backtest=confusion_pb(report.replayed_backtest),
+        elapsed_s=report.elapsed_s,
+    )
+
+
+def verify_pb(result: VerifyResult) -> pb.VerifyDecisionLogResponse:
+    return pb.VerifyDecisionLogResponse(
+        valid=result.valid,
+        records_checked=result.records_checked,
+        first_bad_sequence=result.first_bad_sequence,
+        problem=result.problem,
+        detail=result.detail,
+    )
+
+
+def profile_pb(profile: ContactProfile) -> pb.ContactProfile:
+    return pb.ContactProfile(
+        tenant_id=profile.tenant_id,
+        customer_id=profile.customer_id,
+        time_zone=profile.time_zone,
+        vulnerable=profile.vulnerable,
+        updated_at=ts(profile.updated_at_us),
+    )
+
+
+def consent_record(message: pb.Consent) -> ConsentRecord:
+    return ConsentRecord(
+        channel=CHANNELS.get(message.channel, ""),
+        topic=TOPICS.get(message.topic, ""),
+        status=STATUSES.get(message.status, ""),
+        lawful_basis=BASES.get(message.lawful_basis, ""),
+        source=message.source,
+        granted_at_us=us_of(message.granted_at),
+    )
+
+
+def consent_pb(record: ConsentRecord) -> pb.Consent:
+    return pb.Consent(
+        channel=CHANNEL_ENUMS[record.channel],
+        topic=TOPIC_ENUMS[record.topic],
+        status=STATUS_ENUMS[record.status],
+        lawful_basis=BASIS_ENUMS[record.lawful_basis],
+        source=record.source,
+        granted_at=ts(record.granted_at_us),
+        updated_at=ts(record.updated_at_us),
+    )
+
+
+def _money(minor: int, currency: str) -> types_pb2.Money:
+    return types_pb2.Money(amount_minor=minor, currency=currency)
+
+
+def offer_entry(message: pb.Offer) -> OfferEntry:
+    return OfferEntry(
+        tenant_id=message.tenant_id,
+        offer_id=message.offer_id,
+        product=PRODUCTS.get(message.product, ""),
+        title=message.title,
+        value_minor=message.value.amount_minor,
+        currency=message.value.currency,
+        eligibility=message.eligibility,
+        never_show=message.never_show,
+        topic=TOPICS.get(message.topic, "marketing") if message.topic else "marketing",
+        channels=[CHANNELS.get(c, f"unknown:{int(c)}") for c in message.channels],
+        regions=list(message.regions),
+        variants={
+            partner: OfferVariant(
+                variant_id=v.variant_id,
+                value_minor=v.value.amount_minor,
+                currency=v.value.currency,
+                creative_id=v.creative_id,
+            )
+            for partner, v in message.variants.items()
+        },
+        conversion_events=list(message.conversion_events),
+        max_contacts_per_week=message.max_contacts_per_week,
+        cooldown_s=message.cooldown_s,
+        starts_at_us=us_of(message.starts_at),
+        ends_at_us=us_of(message.ends_at),
+    )
+
+
+def _variant_pb(variant: OfferVariant) -> pb.OfferVariant:
+    return pb.OfferVariant(
+        variant_id=variant.variant_id,
+        value=_money(variant.value_minor, variant.currency),
+        creative_id=variant.creative_id,
+    )
+
+
+def offer_pb(entry: OfferEntry) -> pb.Offer:
+    return pb.Offer(
+        tenant_id=entry.tenant_id,
+        offer_id=entry.offer_id,
+        product=PRODUCT_ENUMS[entry.product],
+        title=entry.title,
+        value=_money(entry.value_minor, entry.currency),
+        eligibility=entry.eligibility,
+        never_show=entry.never_show,
+        topic=TOPIC_ENUMS[entry.topic],
+        channels=[CHANNEL_ENUMS[c] for c in entry.channels],
+        regions=entry.regions,
+        variants={k: _variant_pb(v) for k, v in entry.variants.items()},
+        conversion_events=entry.conversion_events,
+        max_contacts_per_week=entry.max_contacts_per_week,
+        cooldown_s=entry.cooldown_s,
+        starts_at=ts(entry.starts_at_us),
+        ends_at=ts(entry.ends_at_us),
+        status=pb.OFFER_STATUS_ACTIVE if entry.status == "active" else pb.OFFER_STATUS_STOPPED,
+        revision=entry.revision,
+        updated_at=ts(entry.updated_at_us),
+    )
+
+
+def eligible_pb(item: Eligible) -> pb.EligibleOffer:
+    entry = item.entry
+    message = pb.EligibleOffer(
+        offer_id=entry.offer_id,
+        product=PRODUCT_ENUMS[entry.product],
+        channel=CHANNEL_ENUMS[item.channel],
+        value=_money(entry.value_minor, entry.currency),
+        revision=entry.revision,
+    )
+    if item.variant is not None:
+        message.variant.CopyFrom(_variant_pb(item.variant))
+        if item.variant.value_minor:
+            message.value.CopyFrom(
+                _money(item.variant.value_minor, item.variant.currency or entry.currency)
+            )
+    return message
+
+
+def excluded_pb(item: Excluded) -> pb.ExcludedOffer:
+    return pb.ExcludedOffer(
+        offer_id=item.offer_id, reason=EXCLUSIONS[item.reason], detail=item.detail
+    )
+
+
+def case_pb(case: CaseBody) -> pb.Case:
+    return pb.Case(
+        case_id=case.case_id,
+        tenant_id=case.tenant_id,
+        decision_id=case.decision_id,
+        account_id=case.account_id,
+        outcome=OUTCOMES[case.outcome],
+        reason_codes=case.reason_codes,
+        status=CASE_STATUS_ENUMS[case.status],
+        amount=_money(case.amount_minor, case.currency),
+        model_score=types_pb2.ModelScoreRef(
+            model=case.score_model,
+            version=case.score_version,
+            source=case.score_source,
+            score=case.score_value,
+            score_id=case.score_id,
+        ),
+        model_suggestion=RESOLUTION_ENUMS.get(case.model_suggestion, pb.RESOLUTION_UNSPECIFIED),
+        assignee=case.assignee,
+        resolution=RESOLUTION_ENUMS.get(case.resolution, pb.RESOLUTION_UNSPECIFIED),
+        note=case.note,
+        overruled=case.overruled,
+        opened_at=ts(case.opened_at_us),
+        claimed_at=ts(case.claimed_at_us),
+        resolved_at=ts(case.resolved_at_us),
+        bundle_version=case.bundle_version,
+    )
+
+
+def case_resolved_event(case: CaseBody, now_us: int) -> OutboxRow:
+    """The `policy.case.resolved` envelope; its id is stable per case, so a
+    re-publish is dropped by JetStream's duplicate window."""
+    event_id = f"policy.case.resolved:{case.case_id}"
+    envelope = make_envelope(
+        event_type="policy.case.resolved",
+        tenant_id=case.tenant_id,
+        payload=pb.CaseResolved(case=case_pb(case)),
+        occurred_at_us=now_us,
+        event_id=event_id,
+        account_id=case.account_id,
+        amount=_money(case.amount_minor, case.currency),
+        policy_decision=case.decision_id,
+        policy_version=case.bundle_version,
+    )
+    return OutboxRow(
+        event_id=event_id,
+        subject=subject_for("policy.case.resolved", case.tenant_id),
+        data=envelope.SerializeToString(deterministic=True),
+        created_at_us=now_us,
+    )

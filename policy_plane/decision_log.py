@@ -1,0 +1,351 @@
+"""The hash-chained, signed decision log.
+
+Record n holds the hash of record n-1; its own hash covers the chain id, its
+sequence number, the previous hash, its time, the request fingerprint and the
+full canonical body (input, verdict, token). Each hash is signed with the
+policy plane's Ed25519 key, and a signed `head` mark (the last record) is kept
+in the same transaction as every append, so verification detects an altered
+record (hash), a removed or reordered one (sequence and link), a forged one
+(signature) and a cut-off tail (head). Retention purges a prefix of the chain
+and leaves a signed `anchor` where the rest of the chain now starts.
+
+Appends are group-committed: concurrent decisions queue, one writer task
+chains, signs and inserts them in one transaction, then answers each caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from policy_plane.db import is_unique_violation
+from policy_plane.model import DecisionRecord, canonical_encoder, record_decoder
+from policy_plane.store import CaseRow, ChainMark, LogRow, PolicyStore
+from triplane.runtime.errors import ResourceExhausted, Unavailable
+from triplane.runtime.tokens import key_id_of
+
+log = logging.getLogger("policy_plane.decision_log")
+GENESIS_HASH = "0" * 64
+_SIGNED_PREFIX = b"triplane.policy.log.v1|"
+_CONFLICT_RETRIES = 3
+
+
+class LogKeys:
+    """Signs with the plane's key; verifies with it and any other known keys."""
+
+    def __init__(
+        self, private_key: SigningKey, other_public_keys: Sequence[VerifyKey] = ()
+    ) -> None:
+        self._key = private_key
+        self.key_id = key_id_of(private_key.verify_key)
+        self._public = {key_id_of(k): k for k in [private_key.verify_key, *other_public_keys]}
+
+    def sign(self, text: str) -> str:
+        signature = self._key.sign(_SIGNED_PREFIX + text.encode()).signature
+        return base64.b64encode(signature).decode()
+
+    def verify(self, text: str, signature: str, key_id: str = "") -> bool:
+        keys = [self._public[key_id]] if key_id in self._public else list(self._public.values())
+        try:
+            raw = base64.b64decode(signature, validate=True)
+        except ValueError:
+            return False
+        for key in keys:
+            try:
+                key.verify(_SIGNED_PREFIX + text.encode(), raw)
+                return True
+            except (BadSignatureError, ValueError):
+                continue
+        return False
+
+
+def record_hash(
+    chain_id: str, seq: int, prev_hash: str, recorded_at_us: int, request_hash: str, body: str
+) -> str:
+    material = canonical_encoder.encode(
+        [chain_id, seq, prev_hash, recorded_at_us, request_hash, body]
+    )
+    return hashlib.sha256(material).hexdigest()
+
+
+def mark_text(chain_id: str, kind: str, seq: int, hash_hex: str) -> str:
+    return f"{kind}|{chain_id}|{seq}|{hash_hex}"
+
+
+@dataclass
+class _Pending:
+    record: DecisionRecord
+    request_hash: str
+    recorded_at_us: int
+    case: CaseRow | None
+    future: asyncio.Future[AppendResult] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    row: LogRow
+    # True when the idempotency key was already logged: `row` is the old one.
+    existing: bool
+
+
+class DecisionLog:
+    def __init__(
+        self,
+        store: PolicyStore,
+        keys: LogKeys,
+        chain_id: str,
+        max_batch_records: int,
+        max_wait_ms: float,
+        max_queue_records: int,
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self.chain_id = chain_id
+        self._max_batch = max_batch_records
+        self._max_wait_s = max_wait_ms / 1000.0
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_records)
+        self._task: asyncio.Task[None] | None = None
+        head = store.chain_mark(chain_id, "head")
+        self._seq = head.seq if head else 0
+        self._prev_hash = head.record_hash if head else GENESIS_HASH
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="decision-log-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def append(
+        self, record: DecisionRecord, request_hash: str, recorded_at_us: int, case: CaseRow | None
+    ) -> AppendResult:
+        if self._task is None:
+            raise Unavailable("DECISION_LOG_STOPPED", "the decision log is not running")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Pending(record, request_hash, recorded_at_us, case, future))
+        except asyncio.QueueFull:
+            raise ResourceExhausted(
+                "DECISION_LOG_QUEUE_FULL", "too many decisions waiting to be logged"
+            ) from None
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = asyncio.get_running_loop().time() + self._max_wait_s
+            while len(batch) < self._max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                timeout = deadline - asyncio.get_running_loop().time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except TimeoutError:
+                    break
+            try:
+                results = await asyncio.to_thread(self._write_with_retries, batch)
+            except Exception as exc:
+                log.exception("decision log append failed")
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(
+                            Unavailable("DECISION_LOG_UNAVAILABLE", f"decision log: {exc}")
+                        )
+                continue
+            for pending, result in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+
+    def _write_with_retries(self, batch: list[_Pending]) -> list[AppendResult]:
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                return self._write(batch)
+            except Exception as exc:
+                # Another writer (another chain) took an idempotency key between
+                # our check and our insert: the retry sees it and answers with it.
+                if not is_unique_violation(exc) or attempt == _CONFLICT_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _write(self, batch: list[_Pending]) -> list[AppendResult]:
+        seq, prev_hash = self._seq, self._prev_hash
+        results: list[AppendResult] = []
+        new_rows: list[LogRow] = []
+        cases: list[CaseRow] = []
+        in_batch: dict[tuple[str, str], LogRow] = {}
+        with self._store.db.tx() as tx:
+            for pending in batch:
+                inp = pending.record.input
+                key = (inp.tenant_id, inp.idempotency_key)
+                existing = in_batch.get(key) or self._store.find_by_idempotency(tx, *key)
+                if existing is not None:
+                    results.append(AppendResult(existing, existing=True))
+                    continue
+                seq += 1
+                row = self._row(pending, seq, prev_hash)
+                prev_hash = row.record_hash
+                new_rows.append(row)
+                in_batch[key] = row
+                if pending.case is not None:
+                    cases.append(pending.case)
+                results.append(AppendResult(row, existing=False))
+            if new_rows:
+                head = ChainMark(
+                    seq,
+                    prev_hash,
+                    self._keys.sign(mark_text(self.chain_id, "head", seq, prev_hash)),
+                )
+                self._store.insert_log_rows(tx, new_rows, head, cases)
+        self._seq, self._prev_hash = seq, prev_hash
+        return results
+
+    def _row(self, pending: _Pending, seq: int, prev_hash: str) -> LogRow:
+        record = pending.record
+        body = canonical_encoder.encode(record).decode()
+        digest = record_hash(
+            self.chain_id, seq, prev_hash, pending.recorded_at_us, pending.request_hash, body
+        )
+        return LogRow(
+            chain_id=self.chain_id,
+            seq=seq,
+            decision_id=record.decision_id,
+            tenant_id=record.input.tenant_id,
+            account_id=record.input.payment.account_id,
+            idempotency_key=record.input.idempotency_key,
+            request_hash=pending.request_hash,
+            recorded_at_us=pending.recorded_at_us,
+            bundle_version=record.bundle_version,
+            outcome=record.verdict.outcome,
+            body=body,
+            prev_hash=prev_hash,
+            record_hash=digest,
+            key_id=self._keys.key_id,
+            signature=self._keys.sign(digest),
+        )
+
+    def purge_expired(self, cutoff_us: int, page_records: int) -> int:
+        """Deletes the chain's prefix recorded before cutoff_us; leaves an anchor."""
+        anchor = self._store.chain_mark(self.chain_id, "anchor")
+        after = anchor.seq if anchor else 0
+        last: LogRow | None = None
+        while True:
+            page = self._store.chain_page(self.chain_id, after, page_records)
+            old = [r for r in page if r.recorded_at_us < cutoff_us]
+            prefix = old if len(old) == len(page) else _prefix_before(page, cutoff_us)
+            if prefix:
+                last = prefix[-1]
+            if len(prefix) < len(page) or not page:
+                break
+            after = page[-1].seq
+        if last is None:
+            return 0
+        text = mark_text(self.chain_id, "anchor", last.seq, last.record_hash)
+        mark = ChainMark(last.seq, last.record_hash, self._keys.sign(text))
+        return self._store.purge_until(self.chain_id, last.seq, mark)
+
+
+def _prefix_before(page: list[LogRow], cutoff_us: int) -> list[LogRow]:
+    prefix: list[LogRow] = []
+    for row in page:
+        if row.recorded_at_us >= cutoff_us:
+            break
+        prefix.append(row)
+    return prefix
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    valid: bool
+    records_checked: int
+    first_bad_sequence: int = 0
+    problem: str = ""
+    detail: str = ""
+
+
+def _check_row(row: LogRow, expected_seq: int, prev_hash: str, keys: LogKeys) -> tuple[str, str]:
+    """("", "") when the row is sound, else (problem, detail)."""
+    if row.seq != expected_seq:
+        return "RECORD_MISSING", f"expected sequence {expected_seq}, found {row.seq}"
+    if row.prev_hash != prev_hash:
+        return "CHAIN_BROKEN", "record does not link to the one before it"
+    digest = record_hash(
+        row.chain_id, row.seq, row.prev_hash, row.recorded_at_us, row.request_hash, row.body
+    )
+    if digest != row.record_hash:
+        return "RECORD_ALTERED", "record content does not match its hash"
+    try:
+        record = record_decoder.decode(row.body)
+    except Exception as exc:
+        return "RECORD_ALTERED", f"record body unreadable: {exc}"
+    columns = (row.decision_id, row.tenant_id, row.account_id, row.idempotency_key)
+    body = (
+        record.decision_id,
+        record.input.tenant_id,
+        record.input.payment.account_id,
+        record.input.idempotency_key,
+    )
+    if columns != body or (row.bundle_version, row.outcome) != (
+        record.bundle_version,
+        record.verdict.outcome,
+    ):
+        return "RECORD_ALTERED", "indexed columns differ from the signed body"
+    if not keys.verify(row.record_hash, row.signature, row.key_id):
+        return "BAD_SIGNATURE", "record signature does not verify"
+    return "", ""
+
+
+def verify_chain(
+    store: PolicyStore, keys: LogKeys, chain_id: str, page_records: int
+) -> VerifyResult:
+    anchor = store.chain_mark(chain_id, "anchor")
+    seq, prev_hash = 0, GENESIS_HASH
+    if anchor is not None:
+        if not keys.verify(
+            mark_text(chain_id, "anchor", anchor.seq, anchor.record_hash), anchor.signature
+        ):
+            return VerifyResult(False, 0, anchor.seq, "BAD_ANCHOR", "retention anchor not signed")
+        seq, prev_hash = anchor.seq, anchor.record_hash
+    checked = 0
+    while True:
+        page = store.chain_page(chain_id, seq, page_records)
+        for row in page:
+            problem, detail = _check_row(row, seq + 1, prev_hash, keys)
+            if problem:
+                return VerifyResult(False, checked, seq + 1, problem, detail)
+            seq, prev_hash = row.seq, row.record_hash
+            checked += 1
+        if len(page) < page_records:
+            break
+    return _check_head(store, keys, chain_id, checked, seq, prev_hash)
+
+
+def _check_head(
+    store: PolicyStore, keys: LogKeys, chain_id: str, checked: int, seq: int, prev_hash: str
+) -> VerifyResult:
+    head = store.chain_mark(chain_id, "head")
+    if head is None:
+        if checked == 0:
+            return VerifyResult(True, 0)
+        return VerifyResult(False, checked, seq, "HEAD_MISSING", "no signed head mark")
+    if not keys.verify(mark_text(chain_id, "head", head.seq, head.record_hash), head.signature):
+        return VerifyResult(False, checked, head.seq, "BAD_HEAD", "head mark not signed")
+    if (head.seq, head.record_hash) != (seq, prev_hash):
+        return VerifyResult(
+            False, checked, seq + 1, "RECORD_MISSING", f"chain ends at {seq}, head is {head.seq}"
+        )
+    return VerifyResult(True, checked)

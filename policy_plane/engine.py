@@ -1,0 +1,363 @@
+"""The policy plane's domain facade: decisions, bundles, log, replay, cases,
+consent and offers. It knows nothing of gRPC; the servicer maps protobuf to
+these calls and the error interceptor maps its exceptions to statuses.
+
+Blocking store calls run in worker threads so the event loop keeps serving;
+evaluation itself is pure CPU and runs inline (about 0.1-0.3 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from prometheus_client import Counter
+
+from policy_plane import cases as cases_mod
+from policy_plane import validate
+from policy_plane.bundles_registry import BundleRegistry
+from policy_plane.cases import CaseDesk, EventEncoder
+from policy_plane.consent import ConsentBook
+from policy_plane.decision_log import DecisionLog, LogKeys, VerifyResult, verify_chain
+from policy_plane.evaluation import CompiledBundle
+from policy_plane.model import (
+    Decision,
+    DecisionRecord,
+    EvaluationInput,
+    Outcome,
+    ShadowResult,
+    Verdict,
+    canonical_encoder,
+    record_decoder,
+)
+from policy_plane.offers import OfferCatalog
+from policy_plane.replay import ReplayReport, ReplayWindow, replay_window
+from policy_plane.store import LogRow, PolicyStore
+from triplane.runtime.clock import Clock
+from triplane.runtime.config import PolicyConfig
+from triplane.runtime.errors import AlreadyExists, InvalidArgument, NotFound
+from triplane.runtime.tokens import DecisionClaims, TokenSigner
+
+log = logging.getLogger("policy_plane.engine")
+LABELS = ("legitimate", "fraud", "chargeback")
+
+DECISIONS = Counter("policy_decisions_total", "Decisions made", ["outcome"])
+SHADOW_DECISIONS = Counter("policy_shadow_decisions_total", "Decisions also made in shadow")
+SHADOW_AGREEMENTS = Counter("policy_shadow_agreements_total", "Shadow decisions that agreed")
+
+
+@dataclass
+class ShadowStats:
+    bundle_version: str = ""
+    decisions: int = 0
+    agreements: int = 0
+
+    @property
+    def agreement_rate(self) -> float:
+        return self.agreements / self.decisions if self.decisions else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyMetrics:
+    decisions_total: int
+    live_bundle_version: str
+    shadow: ShadowStats
+    overrule: cases_mod.OverruleStats
+
+
+def request_hash(inp: EvaluationInput) -> str:
+    return hashlib.sha256(canonical_encoder.encode(inp)).hexdigest()
+
+
+def first_difference(old: object, new: object, path: str = "") -> str:
+    """Dotted path of the first field that differs between two structures."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return ""
+    return path if old != new else ""
+
+
+class PolicyEngine:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        store: PolicyStore,
+        signer: TokenSigner,
+        log_keys: LogKeys,
+        clock: Clock,
+        encode_event: EventEncoder,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self._signer = signer
+        self.log_keys = log_keys
+        self.bundles = BundleRegistry(store, config, clock)
+        self.log = DecisionLog(
+            store,
+            log_keys,
+            config.decision_log.chain_id,
+            config.decision_log.max_batch_records,
+            config.decision_log.max_wait_ms,
+            config.decision_log.max_queue_records,
+        )
+        self.consent = ConsentBook(
+            store, config.consent, config.limits.max_contact_history_per_customer, clock
+        )
+        self.offers = OfferCatalog(
+            store,
+            self.consent,
+            clock,
+            config.limits.max_offers_per_tenant,
+            config.limits.max_offer_channels,
+            config.consent.vulnerable_blocked_products,
+        )
+        self.cases = CaseDesk(store, clock, encode_event, config.limits.max_note_length)
+        self.shadow_stats = ShadowStats()
+        self._tenants: set[str] = set()
+        # Called after a case event was written to the outbox (wakes the relay).
+        self.case_event_hooks: list[Callable[[], None]] = []
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self.log.start()
+
+    def _load(self) -> None:
+        self._tenants = set(self.store.tenant_ids())
+        self.bundles.start()
+        self.consent.load()
+        self.offers.load()
+
+    async def stop(self) -> None:
+        await self.log.stop()
+
+    def case_event_written(self) -> None:
+        for hook in self.case_event_hooks:
+            hook()
+
+    # ------------------------------------------------------------ tenants
+    async def create_tenant(self, tenant_id: str, display_name: str) -> tuple[str, int]:
+        validate.check_id(tenant_id, "tenant_id", self.config.limits)
+        validate.check_text(display_name, "display_name", self.config.limits.max_string_length)
+        result = await asyncio.to_thread(
+            self.store.create_tenant, tenant_id, display_name, self.clock.now_us()
+        )
+        self._tenants.add(tenant_id)
+        return result
+
+    def require_tenant(self, tenant_id: str) -> None:
+        validate.check_id(tenant_id, "tenant_id", self.config.limits)
+        if tenant_id not in self._tenants:
+            raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
+
+    def check_customer(self, tenant_id: str, customer_id: str) -> None:
+        self.require_tenant(tenant_id)
+        validate.check_id(customer_id, "customer_id", self.config.limits)
+
+    # ------------------------------------------------------------ decisions
+    async def evaluate(self, inp: EvaluationInput) -> tuple[Decision, bool]:
+        """Decides, logs, and returns (decision, replayed)."""
+        validate.check_evaluation(inp, self.config.limits)
+        self.require_tenant(inp.tenant_id)
+        fingerprint = request_hash(inp)
+        now_us = self.clock.now_us()
+        decided_at_us = inp.snapshot.decided_at_us or now_us
+        stamped = msgspec.structs.replace(
+            inp, snapshot=msgspec.structs.replace(inp.snapshot, decided_at_us=decided_at_us)
+        )
+        live, shadow = self.bundles.live, self.bundles.shadow
+        assert live is not None, "the engine starts with a live bundle"
+        verdict = live.evaluate(stamped)
+        record = self._record(stamped, live, verdict, self._shadow(shadow, stamped, verdict))
+        case = None
+        if verdict.outcome_enum in (Outcome.REVIEW, Outcome.HOLD):
+            suggestion = cases_mod.model_suggestion(record, live.decline_suggestion_score)
+            case = cases_mod.new_case(record, suggestion, now_us)
+        result = await self.log.append(record, fingerprint, now_us, case)
+        if result.existing:
+            return self._previous(result.row, inp, fingerprint), True
+        self._count(record)
+        return Decision(record=record, chain_id=result.row.chain_id, sequence=result.row.seq), False
+
+    def _record(
+        self,
+        inp: EvaluationInput,
+        bundle: CompiledBundle,
+        verdict: Verdict,
+        shadow: ShadowResult | None,
+    ) -> DecisionRecord:
+        decision_id = uuid.uuid4().hex
+        token, expires_at_s = "", 0
+        if verdict.outcome_enum == Outcome.ALLOW:
+            expires_at_s = inp.snapshot.decided_at_us // 1_000_000 + self.config.token_ttl_s
+            token = self._signer.sign(
+                DecisionClaims(
+                    decision_id=decision_id,
+                    tenant_id=inp.tenant_id,
+                    account_id=inp.payment.account_id,
+                    amount_minor=inp.payment.amount_minor,
+                    currency=inp.payment.currency,
+                    idempotency_key=inp.idempotency_key,
+                    expires_at_s=expires_at_s,
+                    outcome="allow",
+                    policy_version=bundle.version,
+                )
+            )
+        case_id = ""
+        if verdict.outcome_enum in (Outcome.REVIEW, Outcome.HOLD):
+            case_id = cases_mod.case_id_for(decision_id)
+        return DecisionRecord(
+            decision_id=decision_id,
+            bundle_version=bundle.version,
+            input=inp,
+            verdict=verdict,
+            token=token,
+            token_expires_at_s=expires_at_s,
+            case_id=case_id,
+            shadow=shadow,
+        )
+
+    def _shadow(
+        self, shadow: CompiledBundle | None, inp: EvaluationInput, live: Verdict
+    ) -> ShadowResult | None:
+        """The candidate's verdict, logged beside the live one, never enforced."""
+        if shadow is None:
+            return None
+        try:
+            verdict = shadow.evaluate(inp)
+        except Exception:
+            log.exception("shadow bundle %s failed", shadow.version)
+            return None
+        agreed = (verdict.outcome, verdict.reason_codes) == (live.outcome, live.reason_codes)
+        return ShadowResult(
+            bundle_version=shadow.version,
+            outcome=verdict.outcome,
+            reason_codes=verdict.reason_codes,
+            agreed=agreed,
+        )
+
+    def _count(self, record: DecisionRecord) -> None:
+        DECISIONS.labels(record.verdict.outcome).inc()
+        shadow = record.shadow
+        if shadow is None:
+            return
+        if shadow.bundle_version != self.shadow_stats.bundle_version:
+            self.shadow_stats = ShadowStats(bundle_version=shadow.bundle_version)
+        self.shadow_stats.decisions += 1
+        self.shadow_stats.agreements += shadow.agreed
+        SHADOW_DECISIONS.inc()
+        SHADOW_AGREEMENTS.inc(shadow.agreed)
+
+    def _previous(self, row: LogRow, inp: EvaluationInput, fingerprint: str) -> Decision:
+        record = record_decoder.decode(row.body)
+        if row.request_hash != fingerprint:
+            old = msgspec.to_builtins(record.input)
+            new = msgspec.to_builtins(inp)
+            if not inp.snapshot.decided_at_us:
+                new["snapshot"]["decided_at_us"] = old["snapshot"]["decided_at_us"]
+            where = first_difference(old, new) or "idempotency_key"
+            raise AlreadyExists(
+                "IDEMPOTENCY_KEY_REUSED",
+                f"idempotency key already used for another request ({where} differs)",
+                _proto_path(where),
+            )
+        return Decision(record=record, chain_id=row.chain_id, sequence=row.seq)
+
+    async def get_decision(self, tenant_id: str, decision_id: str) -> Decision:
+        self.require_tenant(tenant_id)
+        validate.check_id(decision_id, "decision_id", self.config.limits)
+        row = await asyncio.to_thread(self.store.get_decision, decision_id)
+        if row is None or row.tenant_id != tenant_id:
+            raise NotFound("DECISION_NOT_FOUND", f"no decision {decision_id!r}", "decision_id")
+        return Decision(
+            record=record_decoder.decode(row.body), chain_id=row.chain_id, sequence=row.seq
+        )
+
+    async def label_decision(self, tenant_id: str, decision_id: str, label: str) -> None:
+        if label not in LABELS:
+            raise InvalidArgument("LABEL_INVALID", f"label is one of {', '.join(LABELS)}", "label")
+        await self.get_decision(tenant_id, decision_id)
+        await asyncio.to_thread(
+            self.store.put_label, tenant_id, decision_id, label, self.clock.now_us()
+        )
+
+    # ------------------------------------------------------------ log and replay
+    async def replay(self, window: ReplayWindow, bundle_version: str) -> ReplayReport:
+        self.require_tenant(window.tenant_id)
+        if window.account_id:
+            validate.check_id(window.account_id, "account_id", self.config.limits)
+        if window.end_us and window.start_us > window.end_us:
+            raise InvalidArgument("WINDOW_INVALID", "start_time is after end_time", "start_time")
+        cap = self.config.limits.max_replay_decisions
+        if window.max_decisions < 0 or window.max_decisions > cap:
+            raise InvalidArgument("REPLAY_TOO_LARGE", f"max_decisions is 0..{cap}", "max_decisions")
+        if bundle_version:
+            await asyncio.to_thread(self.bundles.resolve, bundle_version)
+        bounded = ReplayWindow(
+            window.tenant_id,
+            window.account_id,
+            window.start_us,
+            window.end_us or 2**62,
+            window.max_decisions or cap,
+        )
+        return await asyncio.to_thread(
+            replay_window,
+            self.store,
+            self.bundles.resolve,
+            bounded,
+            bundle_version,
+            self.config.decision_log.replay_page_records,
+            self.config.limits.max_changed_decisions_listed,
+        )
+
+    async def verify_log(self, chain_id: str = "") -> VerifyResult:
+        chain = chain_id or self.log.chain_id
+        validate.check_id(chain, "chain_id", self.config.limits)
+        return await asyncio.to_thread(
+            verify_chain,
+            self.store,
+            self.log_keys,
+            chain,
+            self.config.decision_log.replay_page_records,
+        )
+
+    async def purge_expired(self) -> int:
+        cutoff_us = self.clock.now_us() - self.config.decision_log.retention_days * 86_400_000_000
+        return await asyncio.to_thread(
+            self.log.purge_expired, cutoff_us, self.config.decision_log.replay_page_records
+        )
+
+    async def metrics(self, tenant_id: str) -> PolicyMetrics:
+        self.require_tenant(tenant_id)
+        total = await asyncio.to_thread(self.store.count_decisions, tenant_id)
+        overrule = await asyncio.to_thread(self.cases.overrule_stats, tenant_id)
+        live = self.bundles.live
+        shadow = self.bundles.shadow
+        stats = self.shadow_stats
+        if shadow is None or shadow.version != stats.bundle_version:
+            stats = ShadowStats(bundle_version=shadow.version if shadow else "")
+        return PolicyMetrics(total, live.version if live else "", stats, overrule)
+
+
+_PROTO_PATHS = {
+    "payment.amount_minor": "payment.amount.amount_minor",
+    "payment.currency": "payment.amount.currency",
+    "snapshot.kyc_tier": "snapshot.kyc.tier",
+    "snapshot.kyc_country": "snapshot.kyc.country",
+    "snapshot.pep": "snapshot.kyc.pep",
+    "snapshot.decided_at_us": "snapshot.decided_at",
+}
+
+
+def _proto_path(path: str) -> str:
+    if path.startswith("snapshot.score"):
+        return path.replace("snapshot.score", "snapshot.model_score", 1)
+    return _PROTO_PATHS.get(path, path)

@@ -1,0 +1,343 @@
+"""A compiled bundle and the pure function that evaluates it.
+
+`CompiledBundle.evaluate(input)` depends on nothing but the bundle and the
+input: no clock, no randomness, no I/O. That is what makes replay bit-for-bit.
+A rule whose condition fails at run time (say a feature the snapshot lacks)
+does not fail the request: it fires as `review` with RULE_EVALUATION_ERROR,
+which is deterministic and fails safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cel
+
+from policy_plane import bundle as bundle_mod
+from policy_plane.bundle import BundleLimits, BundleSource, BundleSpec, RuleSpec
+from policy_plane.model import (
+    EvaluationInput,
+    FiredRule,
+    Obligation,
+    Outcome,
+    PaymentInput,
+    Route,
+    Screening,
+    Verdict,
+    combine,
+)
+from policy_plane.sanctions import Screener
+from triplane.runtime.errors import InvalidArgument
+
+SCORE_PRESENT_SOURCES = frozenset({"triton", "in_process", "last_good"})
+SCORE_FALLBACK_SOURCES = frozenset({"in_process", "last_good"})
+_MAX_ERROR_TEXT = 160
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    spec: RuleSpec
+    program: cel.Program
+    fired: FiredRule
+    outcome: Outcome | None
+    obligation: Obligation | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    method: str
+    program: cel.Program
+    fixed_cost_minor: int
+    cost_bps: int
+
+
+def _velocity(v: Any) -> dict[str, int]:
+    return {
+        "count_1h": v.count_1h,
+        "count_24h": v.count_24h,
+        "count_30d": v.count_30d,
+        "amount_minor_1h": v.amount_minor_1h,
+        "amount_minor_24h": v.amount_minor_24h,
+        "amount_minor_30d": v.amount_minor_30d,
+    }
+
+
+def _request(payment: PaymentInput, tenant_id: str) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant_id,
+        "account_id": payment.account_id,
+        "kind": payment.kind,
+        "amount_minor": payment.amount_minor,
+        "currency": payment.currency,
+        "payment_method": payment.payment_method,
+        "merchant_id": payment.merchant_id,
+        "merchant_category": payment.merchant_category,
+        "device_id": payment.device_id,
+        "customer": {"name": payment.customer.name, "country": payment.customer.country},
+        "counterparty": {
+            "name": payment.counterparty.name,
+            "country": payment.counterparty.country,
+        },
+    }
+
+
+def _snapshot(inp: EvaluationInput) -> dict[str, Any]:
+    snap = inp.snapshot
+    score = snap.score
+    return {
+        "kyc": {"tier": snap.kyc_tier, "country": snap.kyc_country, "pep": snap.pep},
+        "score": {
+            "model": score.model,
+            "version": score.version,
+            "source": score.source,
+            "value": float(score.score),
+            "present": score.source in SCORE_PRESENT_SOURCES,
+            "fallback": score.source in SCORE_FALLBACK_SOURCES,
+        },
+        "velocity": {
+            "account": _velocity(snap.account_velocity),
+            "device": _velocity(snap.device_velocity),
+            "merchant": _velocity(snap.merchant_velocity),
+        },
+        "account_age_days": snap.account_age_days,
+        "features": {k: float(v) for k, v in snap.features.items()},
+        "decided_at_us": snap.decided_at_us,
+    }
+
+
+class CompiledBundle:
+    """A bundle ready to evaluate; immutable, shared by concurrent requests."""
+
+    def __init__(self, spec: BundleSpec, source: BundleSource, limits: BundleLimits) -> None:
+        self.spec = spec
+        self.source = source
+        self.label = spec.label
+        self.content_hash = bundle_mod.content_hash(spec, source, limits)
+        self.version = f"{spec.label}@{self.content_hash[:16]}"
+        self.screener: Screener = bundle_mod.build_screener(spec, source, limits)
+        self._schema = bundle_mod.schema_for(spec.parameters)
+        self._params = spec.parameters
+        self._limits = {
+            (tier.tier, currency): limits_spec
+            for tier in spec.kyc_tiers
+            for currency, limits_spec in tier.limits.items()
+        }
+        self.rules = [self._compile_rule(i, r) for i, r in enumerate(spec.rules)]
+        self.routes = [
+            CompiledRoute(
+                r.method,
+                bundle_mod.compile_condition(r.when, f"routing[{i}].when", self._schema),
+                r.fixed_cost_minor,
+                r.cost_bps,
+            )
+            for i, r in enumerate(spec.routing)
+        ]
+        self.decline_suggestion_score = spec.cases.decline_suggestion_score
+        self._probe()
+
+    def _compile_rule(self, index: int, spec: RuleSpec) -> CompiledRule:
+        where = f"rules[{index}].when"
+        program = bundle_mod.compile_condition(spec.when, where, self._schema)
+        obligation = None
+        outcome: Outcome | None = None
+        if spec.obligation is not None:
+            obligation = Obligation(
+                kind=spec.obligation.kind, rule_id=spec.id, params=dict(spec.obligation.params)
+            )
+        else:
+            outcome = Outcome.parse(spec.outcome)
+        fired = FiredRule(
+            rule_id=spec.id,
+            outcome=spec.outcome,
+            reason_code=spec.reason_code,
+            reason=spec.reason,
+            obligation=spec.obligation.kind if spec.obligation else "",
+        )
+        return CompiledRule(spec, program, fired, outcome, obligation)
+
+    def _probe(self) -> None:
+        """Evaluates every condition on sample inputs: each must give a bool."""
+        for sample in probe_inputs():
+            context = cel.Context(self.activation(sample, self.screener.screen(sample.payment, "")))
+            checks = [(f"rules[{i}].when", r.program) for i, r in enumerate(self.rules)]
+            checks += [(f"routing[{i}].when", r.program) for i, r in enumerate(self.routes)]
+            for where, program in checks:
+                try:
+                    result = program.execute(context)
+                except KeyError as exc:
+                    raise InvalidArgument(
+                        "RULE_UNKNOWN_FIELD",
+                        f"{where}: no such field or key {exc} (guard optional keys with has())",
+                        where,
+                    ) from exc
+                except Exception as exc:
+                    raise InvalidArgument(
+                        "RULE_TYPE_ERROR", f"{where}: {_error_text(exc)}", where
+                    ) from exc
+                if not isinstance(result, bool):
+                    raise InvalidArgument(
+                        "RULE_TYPE_ERROR",
+                        f"{where}: condition gives {type(result).__name__}, not bool",
+                        where,
+                    )
+
+    def activation(self, inp: EvaluationInput, screening: Screening) -> dict[str, Any]:
+        payment = inp.payment
+        tier_limits = self._limits.get((inp.snapshot.kyc_tier, payment.currency))
+        return {
+            "request": _request(payment, inp.tenant_id),
+            "snapshot": _snapshot(inp),
+            "limits": {
+                "known": tier_limits is not None,
+                "tier": inp.snapshot.kyc_tier,
+                "single_minor": tier_limits.single_minor if tier_limits else 0,
+                "daily_minor": tier_limits.daily_minor if tier_limits else 0,
+                "monthly_minor": tier_limits.monthly_minor if tier_limits else 0,
+            },
+            "sanctions": {
+                "hit": screening.hit,
+                "possible_match": screening.possible_match,
+                "best_score": screening.best_score,
+                "country_blocked": screening.country_blocked,
+            },
+            "params": self._params,
+        }
+
+    def evaluate(self, inp: EvaluationInput) -> Verdict:
+        screening = self.screener.screen(inp.payment, inp.snapshot.kyc_country)
+        context = cel.Context(self.activation(inp, screening))
+        fired: list[FiredRule] = []
+        outcomes: list[Outcome] = []
+        obligations: list[Obligation] = []
+        for rule in self.rules:
+            try:
+                result = rule.program.execute(context)
+            except Exception as exc:
+                result = exc
+            if result is False:
+                continue
+            if result is not True:
+                fired.append(_error_fired(rule, result))
+                outcomes.append(Outcome.REVIEW)
+                continue
+            fired.append(rule.fired)
+            if rule.outcome is not None:
+                outcomes.append(rule.outcome)
+            if rule.obligation is not None:
+                obligations.append(rule.obligation)
+        outcome = combine(outcomes)
+        route = None
+        if outcome != Outcome.DENY and self.routes:
+            route = self._route(context, inp.payment)
+            if route is None:
+                fired.append(_NO_ROUTE)
+                outcome = combine([outcome, Outcome.REVIEW])
+        return Verdict(
+            outcome=outcome.label,
+            fired=fired,
+            obligations=obligations,
+            route=route,
+            screening=screening,
+        )
+
+    def _route(self, context: cel.Context, payment: PaymentInput) -> Route | None:
+        """The requested method when eligible, else the cheapest eligible one
+        (ties: the bundle's order)."""
+        best: Route | None = None
+        for route in self.routes:
+            try:
+                eligible = route.program.execute(context) is True
+            except Exception:
+                eligible = False
+            if not eligible:
+                continue
+            cost = route.fixed_cost_minor + payment.amount_minor * route.cost_bps // 10_000
+            if route.method == payment.payment_method:
+                return Route(method=route.method, estimated_cost_minor=cost, reason="requested")
+            if best is None or cost < best.estimated_cost_minor:
+                best = Route(method=route.method, estimated_cost_minor=cost, reason="lowest_cost")
+        return best
+
+
+_NO_ROUTE = FiredRule(
+    rule_id="routing",
+    outcome="review",
+    reason_code="ROUTING_NO_METHOD",
+    reason="no payment method is eligible for this payment",
+)
+
+
+def _error_text(exc: BaseException | object) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text[:_MAX_ERROR_TEXT]
+
+
+def _error_fired(rule: CompiledRule, result: object) -> FiredRule:
+    detail = _error_text(result) if isinstance(result, BaseException) else "not a bool"
+    return FiredRule(
+        rule_id=rule.spec.id,
+        outcome="review",
+        reason_code="RULE_EVALUATION_ERROR",
+        reason=f"rule {rule.spec.id} could not be evaluated ({detail})",
+    )
+
+
+def probe_inputs() -> list[EvaluationInput]:
+    """Sample inputs for the load-time probe: a full one and an empty one."""
+    from policy_plane.model import Party, ScoreInput, SnapshotInput, Velocity
+
+    busy = Velocity(
+        count_1h=3,
+        count_24h=9,
+        count_30d=40,
+        amount_minor_1h=30_000,
+        amount_minor_24h=90_000,
+        amount_minor_30d=400_000,
+    )
+    full = EvaluationInput(
+        tenant_id="probe",
+        idempotency_key="probe",
+        payment=PaymentInput(
+            account_id="acct",
+            kind="purchase",
+            amount_minor=12_345,
+            currency="USD",
+            payment_method="card",
+            merchant_id="m",
+            merchant_category="5411",
+            device_id="d",
+            customer=Party(name="Probe Customer", country="US"),
+            counterparty=Party(name="Probe Merchant", country="US"),
+        ),
+        snapshot=SnapshotInput(
+            kyc_tier=1,
+            kyc_country="US",
+            score=ScoreInput(model="risk", version="1", source="triton", score=0.5),
+            account_velocity=busy,
+            device_velocity=busy,
+            merchant_velocity=busy,
+            account_age_days=30,
+            decided_at_us=1_790_000_000_000_000,
+        ),
+    )
+    empty = EvaluationInput(
+        tenant_id="probe",
+        idempotency_key="probe",
+        payment=PaymentInput(account_id="acct", kind="transfer", amount_minor=1, currency="EUR"),
+        snapshot=SnapshotInput(),
+    )
+    return [full, empty]
+
+
+def compile_source(
+    source: BundleSource,
+    limits: BundleLimits,
+    lists_dir: Path,
+    bundle_dir: Path | None = None,
+) -> CompiledBundle:
+    """Parses, resolves lists, compiles and probes; raises InvalidArgument."""
+    spec = bundle_mod.parse_spec(source, limits)
+    resolved = bundle_mod.resolve_lists(spec, source, lists_dir, bundle_dir)
+    return CompiledBundle(spec, resolved, limits)

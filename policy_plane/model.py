@@ -1,0 +1,173 @@
+"""Domain values of the policy plane: small immutable msgspec Structs.
+
+The decision input (`EvaluationInput`) is what the decision log stores: it is
+encoded canonically (sorted keys), so the same input always has the same bytes
+and the same hash, and replay decodes exactly what was decided on.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class Outcome(enum.IntEnum):
+    """Ordered by severity: combination takes the maximum (deny > hold > review > allow)."""
+
+    ALLOW = 1
+    REVIEW = 2
+    HOLD = 3
+    DENY = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @staticmethod
+    def parse(text: str) -> Outcome:
+        return Outcome[text.upper()]
+
+
+def combine(outcomes: list[Outcome]) -> Outcome:
+    """The decision's outcome: the most severe one fired, allow when none."""
+    return max(outcomes, default=Outcome.ALLOW)
+
+
+class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class Party(_Frozen, frozen=True):
+    name: str = ""
+    country: str = ""
+
+
+class PaymentInput(_Frozen, frozen=True):
+    account_id: str
+    kind: str
+    amount_minor: int
+    currency: str
+    payment_method: str = ""
+    merchant_id: str = ""
+    merchant_category: str = ""
+    device_id: str = ""
+    customer: Party = Party()
+    counterparty: Party = Party()
+
+
+class ScoreInput(_Frozen, frozen=True):
+    model: str = ""
+    version: str = ""
+    # triton, in_process, last_good, or none / "" for no score.
+    source: str = ""
+    score: float = 0.0
+    score_id: str = ""
+
+
+class Velocity(_Frozen, frozen=True):
+    count_1h: int = 0
+    count_24h: int = 0
+    count_30d: int = 0
+    amount_minor_1h: int = 0
+    amount_minor_24h: int = 0
+    amount_minor_30d: int = 0
+
+
+class SnapshotInput(_Frozen, frozen=True):
+    kyc_tier: int = 0
+    kyc_country: str = ""
+    pep: bool = False
+    score: ScoreInput = ScoreInput()
+    account_velocity: Velocity = Velocity()
+    device_velocity: Velocity = Velocity()
+    merchant_velocity: Velocity = Velocity()
+    account_age_days: int = 0
+    features: dict[str, float] = msgspec.field(default_factory=dict)
+    decided_at_us: int = 0
+
+
+class EvaluationInput(_Frozen, frozen=True):
+    tenant_id: str
+    idempotency_key: str
+    payment: PaymentInput
+    snapshot: SnapshotInput
+
+
+class FiredRule(_Frozen, frozen=True):
+    rule_id: str
+    outcome: str
+    reason_code: str
+    reason: str
+    obligation: str = ""
+
+
+class Obligation(_Frozen, frozen=True):
+    kind: str
+    rule_id: str
+    params: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Route(_Frozen, frozen=True):
+    method: str
+    estimated_cost_minor: int
+    reason: str
+
+
+class Screening(_Frozen, frozen=True):
+    hit: bool = False
+    possible_match: bool = False
+    best_score: float = 0.0
+    matched_entry_id: str = ""
+    matched_name: str = ""
+    country_blocked: bool = False
+
+
+class Verdict(_Frozen, frozen=True):
+    """What a bundle decides for an input: a pure function of both."""
+
+    outcome: str
+    fired: list[FiredRule]
+    obligations: list[Obligation]
+    route: Route | None
+    screening: Screening
+
+    @property
+    def outcome_enum(self) -> Outcome:
+        return Outcome.parse(self.outcome)
+
+    @property
+    def reason_codes(self) -> list[str]:
+        return [f.reason_code for f in self.fired]
+
+
+class ShadowResult(_Frozen, frozen=True):
+    bundle_version: str
+    outcome: str
+    reason_codes: list[str]
+    agreed: bool
+
+
+class DecisionRecord(_Frozen, frozen=True):
+    """The body of one decision-log record: input, verdict, token."""
+
+    decision_id: str
+    bundle_version: str
+    input: EvaluationInput
+    verdict: Verdict
+    token: str = ""
+    token_expires_at_s: int = 0
+    case_id: str = ""
+    shadow: ShadowResult | None = None
+
+
+class Decision(_Frozen, frozen=True):
+    """A logged decision as the API returns it."""
+
+    record: DecisionRecord
+    chain_id: str
+    sequence: int
+
+
+canonical_encoder = msgspec.json.Encoder(order="sorted")
+record_decoder = msgspec.json.Decoder(DecisionRecord)

@@ -1,0 +1,539 @@
+"""Persistent state of the policy plane: tenants, bundles, the decision log,
+labels, review cases with their outbox, consent, contacts and offers.
+
+Every method is one short transaction. The decision log's hashes and
+signatures are computed by `decision_log.py`; this module only stores rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from policy_plane.db import Database, Row, Tx
+
+SCHEMA_DDL = """
+CREATE TABLE IF NOT EXISTS policy_tenants (
+  tenant_id TEXT PRIMARY KEY,
+  display_name TEXT NOT NULL,
+  created_at_us BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policy_bundles (
+  version TEXT PRIMARY KEY,
+  label TEXT NOT NULL,
+  content_hash TEXT NOT NULL,
+  source_json TEXT NOT NULL,
+  rule_count BIGINT NOT NULL,
+  sanctions_entry_count BIGINT NOT NULL,
+  loaded_at_us BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policy_bundle_state (
+  slot TEXT PRIMARY KEY,
+  version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decision_log (
+  chain_id TEXT NOT NULL,
+  seq BIGINT NOT NULL,
+  decision_id TEXT NOT NULL,
+  tenant_id TEXT NOT NULL,
+  account_id TEXT NOT NULL,
+  idempotency_key TEXT NOT NULL,
+  request_hash TEXT NOT NULL,
+  recorded_at_us BIGINT NOT NULL,
+  bundle_version TEXT NOT NULL,
+  outcome TEXT NOT NULL,
+  body TEXT NOT NULL,
+  prev_hash TEXT NOT NULL,
+  record_hash TEXT NOT NULL,
+  key_id TEXT NOT NULL,
+  signature TEXT NOT NULL,
+  PRIMARY KEY (chain_id, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS decision_log_idem ON decision_log (tenant_id, idempotency_key);
+CREATE UNIQUE INDEX IF NOT EXISTS decision_log_id ON decision_log (decision_id);
+CREATE INDEX IF NOT EXISTS decision_log_tenant_time ON decision_log (tenant_id, recorded_at_us);
+CREATE TABLE IF NOT EXISTS decision_log_marks (
+  chain_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  seq BIGINT NOT NULL,
+  record_hash TEXT NOT NULL,
+  signature TEXT NOT NULL,
+  PRIMARY KEY (chain_id, kind)
+);
+CREATE TABLE IF NOT EXISTS decision_labels (
+  decision_id TEXT PRIMARY KEY,
+  tenant_id TEXT NOT NULL,
+  label TEXT NOT NULL,
+  labelled_at_us BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS review_cases (
+  case_id TEXT PRIMARY KEY,
+  tenant_id TEXT NOT NULL,
+  decision_id TEXT NOT NULL,
+  status TEXT NOT NULL,
+  body TEXT NOT NULL,
+  opened_at_us BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS review_cases_tenant ON review_cases (tenant_id, status, case_id);
+CREATE TABLE IF NOT EXISTS policy_outbox (
+  event_id TEXT PRIMARY KEY,
+  subject TEXT NOT NULL,
+  data_hex TEXT NOT NULL,
+  created_at_us BIGINT NOT NULL,
+  published BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS contact_profiles (
+  tenant_id TEXT NOT NULL,
+  customer_id TEXT NOT NULL,
+  body TEXT NOT NULL,
+  PRIMARY KEY (tenant_id, customer_id)
+);
+CREATE TABLE IF NOT EXISTS consents (
+  tenant_id TEXT NOT NULL,
+  customer_id TEXT NOT NULL,
+  channel TEXT NOT NULL,
+  topic TEXT NOT NULL,
+  body TEXT NOT NULL,
+  PRIMARY KEY (tenant_id, customer_id, channel, topic)
+);
+CREATE TABLE IF NOT EXISTS contacts (
+  tenant_id TEXT NOT NULL,
+  contact_id TEXT NOT NULL,
+  customer_id TEXT NOT NULL,
+  body TEXT NOT NULL,
+  contacted_at_us BIGINT NOT NULL,
+  PRIMARY KEY (tenant_id, contact_id)
+);
+CREATE INDEX IF NOT EXISTS contacts_time ON contacts (contacted_at_us);
+CREATE TABLE IF NOT EXISTS offers (
+  tenant_id TEXT NOT NULL,
+  offer_id TEXT NOT NULL,
+  body TEXT NOT NULL,
+  PRIMARY KEY (tenant_id, offer_id)
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    chain_id: str
+    seq: int
+    decision_id: str
+    tenant_id: str
+    account_id: str
+    idempotency_key: str
+    request_hash: str
+    recorded_at_us: int
+    bundle_version: str
+    outcome: str
+    body: str
+    prev_hash: str
+    record_hash: str
+    key_id: str
+    signature: str
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.chain_id,
+            self.seq,
+            self.decision_id,
+            self.tenant_id,
+            self.account_id,
+            self.idempotency_key,
+            self.request_hash,
+            self.recorded_at_us,
+            self.bundle_version,
+            self.outcome,
+            self.body,
+            self.prev_hash,
+            self.record_hash,
+            self.key_id,
+            self.signature,
+        )
+
+
+LOG_COLUMNS = (
+    "chain_id, seq, decision_id, tenant_id, account_id, idempotency_key, request_hash, "
+    "recorded_at_us, bundle_version, outcome, body, prev_hash, record_hash, key_id, signature"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainMark:
+    """A signed position in a chain: `head` (last record) or `anchor` (last purged)."""
+
+    seq: int
+    record_hash: str
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class CaseRow:
+    case_id: str
+    tenant_id: str
+    decision_id: str
+    status: str
+    body: str
+    opened_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    event_id: str
+    subject: str
+    data: bytes
+    created_at_us: int = 0
+
+
+def _log_row(row: Row) -> LogRow:
+    return LogRow(*row)
+
+
+class PolicyStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate(SCHEMA_DDL)
+
+    # ------------------------------------------------------------ tenants
+    def create_tenant(self, tenant_id: str, display_name: str, now_us: int) -> tuple[str, int]:
+        """(display_name, created_at_us) of the tenant, created if new."""
+        with self.db.tx() as tx:
+            row = tx.one(
+                "SELECT display_name, created_at_us FROM policy_tenants WHERE tenant_id = ?",
+                (tenant_id,),
+            )
+            if row is not None:
+                return str(row[0]), int(row[1])
+            tx.execute(
+                "INSERT INTO policy_tenants (tenant_id, display_name, created_at_us) "
+                "VALUES (?, ?, ?)",
+                (tenant_id, display_name, now_us),
+            )
+            return display_name, now_us
+
+    def tenant_ids(self) -> list[str]:
+        with self.db.tx() as tx:
+            return [str(r[0]) for r in tx.all("SELECT tenant_id FROM policy_tenants")]
+
+    # ------------------------------------------------------------ bundles
+    def put_bundle(
+        self,
+        version: str,
+        label: str,
+        content_hash: str,
+        source_json: str,
+        rule_count: int,
+        entry_count: int,
+        now_us: int,
+    ) -> int:
+        """Stores a bundle once; returns its (first) loaded_at_us."""
+        with self.db.tx() as tx:
+            row = tx.one("SELECT loaded_at_us FROM policy_bundles WHERE version = ?", (version,))
+            if row is not None:
+                return int(row[0])
+            tx.execute(
+                "INSERT INTO policy_bundles (version, label, content_hash, source_json, "
+                "rule_count, sanctions_entry_count, loaded_at_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (version, label, content_hash, source_json, rule_count, entry_count, now_us),
+            )
+            return now_us
+
+    def get_bundle(self, version: str) -> Row | None:
+        with self.db.tx() as tx:
+            return tx.one(
+                "SELECT version, label, content_hash, source_json, rule_count, "
+                "sanctions_entry_count, loaded_at_us FROM policy_bundles WHERE version = ?",
+                (version,),
+            )
+
+    def list_bundles(self, limit: int, offset: int) -> list[Row]:
+        with self.db.tx() as tx:
+            return tx.all(
+                "SELECT version, label, content_hash, source_json, rule_count, "
+                "sanctions_entry_count, loaded_at_us FROM policy_bundles "
+                "ORDER BY loaded_at_us DESC, version LIMIT ? OFFSET ?",
+                (limit, offset),
+            )
+
+    def set_slot(self, slot: str, version: str) -> None:
+        with self.db.tx() as tx:
+            tx.execute("DELETE FROM policy_bundle_state WHERE slot = ?", (slot,))
+            if version:
+                tx.execute(
+                    "INSERT INTO policy_bundle_state (slot, version) VALUES (?, ?)", (slot, version)
+                )
+
+    def get_slot(self, slot: str) -> str:
+        with self.db.tx() as tx:
+            row = tx.one("SELECT version FROM policy_bundle_state WHERE slot = ?", (slot,))
+            return str(row[0]) if row else ""
+
+    # ------------------------------------------------------------ decision log
+    def chain_mark(self, chain_id: str, kind: str) -> ChainMark | None:
+        with self.db.tx() as tx:
+            return _mark(tx, chain_id, kind)
+
+    def find_by_idempotency(self, tx: Tx, tenant_id: str, key: str) -> LogRow | None:
+        row = tx.one(
+            f"SELECT {LOG_COLUMNS} FROM decision_log WHERE tenant_id = ? AND idempotency_key = ?",
+            (tenant_id, key),
+        )
+        return _log_row(row) if row else None
+
+    def insert_log_rows(
+        self, tx: Tx, rows: Sequence[LogRow], head: ChainMark, cases: Sequence[CaseRow]
+    ) -> None:
+        marks = ", ".join("?" for _ in range(15))
+        for row in rows:
+            tx.execute(f"INSERT INTO decision_log ({LOG_COLUMNS}) VALUES ({marks})", row.values())
+        for case in cases:
+            _insert_case(tx, case)
+        _put_mark(tx, rows[0].chain_id, "head", head)
+
+    def get_decision(self, decision_id: str) -> LogRow | None:
+        with self.db.tx() as tx:
+            row = tx.one(
+                f"SELECT {LOG_COLUMNS} FROM decision_log WHERE decision_id = ?", (decision_id,)
+            )
+            return _log_row(row) if row else None
+
+    def chain_page(self, chain_id: str, after_seq: int, limit: int) -> list[LogRow]:
+        with self.db.tx() as tx:
+            rows = tx.all(
+                f"SELECT {LOG_COLUMNS} FROM decision_log WHERE chain_id = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (chain_id, after_seq, limit),
+            )
+        return [_log_row(r) for r in rows]
+
+    def window_page(
+        self,
+        tenant_id: str,
+        account_id: str,
+        start_us: int,
+        end_us: int,
+        after: tuple[int, str],
+        limit: int,
+    ) -> list[LogRow]:
+        """Decisions of a tenant in [start_us, end_us), ordered by time then id."""
+        sql = (
+            f"SELECT {LOG_COLUMNS} FROM decision_log WHERE tenant_id = ? "
+            "AND recorded_at_us >= ? AND recorded_at_us < ? "
+            "AND (recorded_at_us > ? OR (recorded_at_us = ? AND decision_id > ?))"
+        )
+        params: list[Any] = [tenant_id, start_us, end_us, after[0], after[0], after[1]]
+        if account_id:
+            sql += " AND account_id = ?"
+            params.append(account_id)
+        sql += " ORDER BY recorded_at_us, decision_id LIMIT ?"
+        params.append(limit)
+        with self.db.tx() as tx:
+            return [_log_row(r) for r in tx.all(sql, params)]
+
+    def purge_until(self, chain_id: str, last_seq: int, anchor: ChainMark) -> int:
+        with self.db.tx() as tx:
+            count = tx.execute(
+                "DELETE FROM decision_log WHERE chain_id = ? AND seq <= ?", (chain_id, last_seq)
+            )
+            _put_mark(tx, chain_id, "anchor", anchor)
+            return count
+
+    def count_decisions(self, tenant_id: str) -> int:
+        with self.db.tx() as tx:
+            row = tx.one("SELECT COUNT(*) FROM decision_log WHERE tenant_id = ?", (tenant_id,))
+            return int(row[0]) if row else 0
+
+    # ------------------------------------------------------------ labels
+    def put_label(self, tenant_id: str, decision_id: str, label: str, now_us: int) -> None:
+        with self.db.tx() as tx:
+            tx.execute("DELETE FROM decision_labels WHERE decision_id = ?", (decision_id,))
+            tx.execute(
+                "INSERT INTO decision_labels (decision_id, tenant_id, label, labelled_at_us) "
+                "VALUES (?, ?, ?, ?)",
+                (decision_id, tenant_id, label, now_us),
+            )
+
+    def labels_for(self, decision_ids: Sequence[str]) -> dict[str, str]:
+        if not decision_ids:
+            return {}
+        marks = ", ".join("?" for _ in decision_ids)
+        with self.db.tx() as tx:
+            rows = tx.all(
+                f"SELECT decision_id, label FROM decision_labels WHERE decision_id IN ({marks})",
+                decision_ids,
+            )
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    # ------------------------------------------------------------ cases
+    def get_case(self, case_id: str) -> CaseRow | None:
+        with self.db.tx() as tx:
+            row = tx.one(
+                "SELECT case_id, tenant_id, decision_id, status, body, opened_at_us "
+                "FROM review_cases WHERE case_id = ?",
+                (case_id,),
+            )
+            return CaseRow(*row) if row else None
+
+    def list_cases(
+        self, tenant_id: str, status: str, after_case_id: str, limit: int
+    ) -> list[CaseRow]:
+        sql = (
+            "SELECT case_id, tenant_id, decision_id, status, body, opened_at_us "
+            "FROM review_cases WHERE tenant_id = ? AND case_id > ?"
+        )
+        params: list[Any] = [tenant_id, after_case_id]
+        if status:
+            sql += " AND status = ?"
+            params.append(status)
+        sql += " ORDER BY case_id LIMIT ?"
+        params.append(limit)
+        with self.db.tx() as tx:
+            return [CaseRow(*r) for r in tx.all(sql, params)]
+
+    def update_case(self, case: CaseRow, expected_status: str, event: OutboxRow | None) -> bool:
+        """Compare-and-set on status; with the case's event in the same transaction."""
+        with self.db.tx() as tx:
+            changed = tx.execute(
+                "UPDATE review_cases SET status = ?, body = ? WHERE case_id = ? AND status = ?",
+                (case.status, case.body, case.case_id, expected_status),
+            )
+            if changed != 1:
+                return False
+            if event is not None:
+                tx.execute(
+                    "INSERT INTO policy_outbox (event_id, subject, data_hex, created_at_us, "
+                    "published) VALUES (?, ?, ?, ?, 0)",
+                    (event.event_id, event.subject, event.data.hex(), event.created_at_us),
+                )
+            return True
+
+    def resolved_case_bodies(self, tenant_id: str) -> list[str]:
+        with self.db.tx() as tx:
+            rows = tx.all(
+                "SELECT body FROM review_cases WHERE tenant_id = ? AND status = 'resolved'",
+                (tenant_id,),
+            )
+        return [str(r[0]) for r in rows]
+
+    # ------------------------------------------------------------ outbox
+    def pending_events(self, limit: int) -> list[OutboxRow]:
+        with self.db.tx() as tx:
+            rows = tx.all(
+                "SELECT event_id, subject, data_hex FROM policy_outbox WHERE published = 0 "
+                "ORDER BY created_at_us, event_id LIMIT ?",
+                (limit,),
+            )
+        return [OutboxRow(str(r[0]), str(r[1]), bytes.fromhex(str(r[2]))) for r in rows]
+
+    def mark_published(self, event_ids: Sequence[str]) -> None:
+        with self.db.tx() as tx:
+            for event_id in event_ids:
+                tx.execute("UPDATE policy_outbox SET published = 1 WHERE event_id = ?", (event_id,))
+
+    # ------------------------------------------------------------ consent
+    def put_profile(self, tenant_id: str, customer_id: str, body: str) -> None:
+        with self.db.tx() as tx:
+            tx.execute(
+                "DELETE FROM contact_profiles WHERE tenant_id = ? AND customer_id = ?",
+                (tenant_id, customer_id),
+            )
+            tx.execute(
+                "INSERT INTO contact_profiles (tenant_id, customer_id, body) VALUES (?, ?, ?)",
+                (tenant_id, customer_id, body),
+            )
+
+    def put_consent(
+        self, tenant_id: str, customer_id: str, channel: str, topic: str, body: str
+    ) -> None:
+        with self.db.tx() as tx:
+            tx.execute(
+                "DELETE FROM consents WHERE tenant_id = ? AND customer_id = ? AND channel = ? "
+                "AND topic = ?",
+                (tenant_id, customer_id, channel, topic),
+            )
+            tx.execute(
+                "INSERT INTO consents (tenant_id, customer_id, channel, topic, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (tenant_id, customer_id, channel, topic, body),
+            )
+
+    def all_profiles(self) -> list[Row]:
+        with self.db.tx() as tx:
+            return tx.all("SELECT tenant_id, customer_id, body FROM contact_profiles")
+
+    def all_consents(self) -> list[Row]:
+        with self.db.tx() as tx:
+            return tx.all("SELECT tenant_id, customer_id, body FROM consents")
+
+    def insert_contact(
+        self, tenant_id: str, contact_id: str, customer_id: str, body: str, at_us: int
+    ) -> str | None:
+        """None when inserted; the stored body when the contact id exists."""
+        with self.db.tx() as tx:
+            row = tx.one(
+                "SELECT body FROM contacts WHERE tenant_id = ? AND contact_id = ?",
+                (tenant_id, contact_id),
+            )
+            if row is not None:
+                return str(row[0])
+            tx.execute(
+                "INSERT INTO contacts (tenant_id, contact_id, customer_id, body, contacted_at_us) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (tenant_id, contact_id, customer_id, body, at_us),
+            )
+            return None
+
+    def contacts_since(self, since_us: int) -> list[Row]:
+        with self.db.tx() as tx:
+            return tx.all(
+                "SELECT tenant_id, customer_id, body FROM contacts WHERE contacted_at_us >= ? "
+                "ORDER BY contacted_at_us",
+                (since_us,),
+            )
+
+    # ------------------------------------------------------------ offers
+    def put_offer(self, tenant_id: str, offer_id: str, body: str) -> None:
+        with self.db.tx() as tx:
+            tx.execute(
+                "DELETE FROM offers WHERE tenant_id = ? AND offer_id = ?", (tenant_id, offer_id)
+            )
+            tx.execute(
+                "INSERT INTO offers (tenant_id, offer_id, body) VALUES (?, ?, ?)",
+                (tenant_id, offer_id, body),
+            )
+
+    def all_offers(self) -> list[Row]:
+        with self.db.tx() as tx:
+            return tx.all("SELECT tenant_id, offer_id, body FROM offers")
+
+
+def _insert_case(tx: Tx, case: CaseRow) -> None:
+    tx.execute(
+        "INSERT INTO review_cases (case_id, tenant_id, decision_id, status, body, opened_at_us) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (case.case_id, case.tenant_id, case.decision_id, case.status, case.body, case.opened_at_us),
+    )
+
+
+def _mark(tx: Tx, chain_id: str, kind: str) -> ChainMark | None:
+    row = tx.one(
+        "SELECT seq, record_hash, signature FROM decision_log_marks "
+        "WHERE chain_id = ? AND kind = ?",
+        (chain_id, kind),
+    )
+    return ChainMark(int(row[0]), str(row[1]), str(row[2])) if row else None
+
+
+def _put_mark(tx: Tx, chain_id: str, kind: str, mark: ChainMark) -> None:
+    tx.execute("DELETE FROM decision_log_marks WHERE chain_id = ? AND kind = ?", (chain_id, kind))
+    tx.execute(
+        "INSERT INTO decision_log_marks (chain_id, kind, seq, record_hash, signature) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (chain_id, kind, mark.seq, mark.record_hash, mark.signature),
+    )
+
+
+def open_store(backend: str, sqlite_path: str, postgres_dsn: str) -> PolicyStore:
+    target = sqlite_path if backend == "sqlite" else postgres_dsn
+    return PolicyStore(Database(backend, target))

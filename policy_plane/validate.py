@@ -1,0 +1,109 @@
+"""Input checks of the decision request. Field paths are those of the proto
+request, so a caller sees exactly which field to fix."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from policy_plane.bundle import PAYMENT_METHODS
+from policy_plane.model import EvaluationInput, Velocity
+from triplane.runtime import currencies
+from triplane.runtime.config import PolicyLimitsConfig
+from triplane.runtime.errors import InvalidArgument
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+PAYMENT_KINDS = ("purchase", "payout", "transfer", "invoice")
+SCORE_SOURCES = ("", "none", "triton", "in_process", "last_good")
+MAX_KYC_TIER = 3
+
+
+def check_id(value: str, field: str, limits: PolicyLimitsConfig) -> None:
+    if not value:
+        raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field)
+    if len(value) > limits.max_id_length or not ID_PATTERN.match(value):
+        raise InvalidArgument(
+            "ID_INVALID", f"{field} must match [A-Za-z0-9_.:-]{{1,{limits.max_id_length}}}", field
+        )
+
+
+def check_text(value: str, field: str, max_length: int) -> None:
+    if len(value) > max_length:
+        raise InvalidArgument("FIELD_TOO_LONG", f"{field} is over {max_length} characters", field)
+
+
+def check_country(value: str, field: str) -> None:
+    if value and not _COUNTRY.match(value):
+        raise InvalidArgument("COUNTRY_INVALID", f"{field} must be ISO 3166-1 alpha-2", field)
+
+
+def check_evaluation(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
+    check_id(inp.tenant_id, "tenant_id", limits)
+    check_id(inp.idempotency_key, "idempotency_key", limits)
+    _check_payment(inp, limits)
+    _check_snapshot(inp, limits)
+
+
+def _check_payment(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
+    payment = inp.payment
+    check_id(payment.account_id, "payment.account_id", limits)
+    if payment.kind not in PAYMENT_KINDS:
+        raise InvalidArgument("PAYMENT_KIND_INVALID", "payment.kind is required", "payment.kind")
+    if not 0 < payment.amount_minor <= currencies.INT64_MAX:
+        raise InvalidArgument("AMOUNT_INVALID", "amount must be > 0", "payment.amount.amount_minor")
+    if not currencies.is_known(payment.currency):
+        raise InvalidArgument(
+            "UNKNOWN_CURRENCY", "unknown ISO 4217 code", "payment.amount.currency"
+        )
+    if payment.payment_method and payment.payment_method not in PAYMENT_METHODS:
+        raise InvalidArgument(
+            "PAYMENT_METHOD_INVALID",
+            f"payment_method is one of {', '.join(PAYMENT_METHODS)}",
+            "payment.payment_method",
+        )
+    for name in ("merchant_id", "merchant_category", "device_id"):
+        check_text(getattr(payment, name), f"payment.{name}", limits.max_string_length)
+    for party_name in ("customer", "counterparty"):
+        party = getattr(payment, party_name)
+        check_text(party.name, f"payment.{party_name}.name", limits.max_name_length)
+        check_country(party.country, f"payment.{party_name}.country")
+
+
+def _check_snapshot(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
+    snap = inp.snapshot
+    if not 0 <= snap.kyc_tier <= MAX_KYC_TIER:
+        raise InvalidArgument("KYC_TIER_INVALID", f"tier is 0..{MAX_KYC_TIER}", "snapshot.kyc.tier")
+    check_country(snap.kyc_country, "snapshot.kyc.country")
+    score = snap.score
+    if score.source not in SCORE_SOURCES:
+        raise InvalidArgument(
+            "SCORE_SOURCE_INVALID",
+            f"source is one of {', '.join(s for s in SCORE_SOURCES if s)}",
+            "snapshot.model_score.source",
+        )
+    if not (math.isfinite(score.score) and 0.0 <= score.score <= 1.0):
+        raise InvalidArgument("SCORE_INVALID", "score is in [0, 1]", "snapshot.model_score.score")
+    for name in ("model", "version", "score_id"):
+        check_text(getattr(score, name), f"snapshot.model_score.{name}", limits.max_string_length)
+    for name in ("account_velocity", "device_velocity", "merchant_velocity"):
+        _check_velocity(getattr(snap, name), f"snapshot.{name}")
+    if snap.account_age_days < 0:
+        raise InvalidArgument("AGE_INVALID", "must be >= 0", "snapshot.account_age_days")
+    if len(snap.features) > limits.max_features:
+        raise InvalidArgument(
+            "TOO_MANY_FEATURES", f"over {limits.max_features} features", "snapshot.features"
+        )
+    for key, value in snap.features.items():
+        if not key or len(key) > limits.max_id_length or not math.isfinite(value):
+            raise InvalidArgument(
+                "FEATURE_INVALID", f"feature {key[:64]!r} invalid", f"snapshot.features[{key[:64]}]"
+            )
+    if snap.decided_at_us < 0:
+        raise InvalidArgument("TIME_INVALID", "decided_at before 1970", "snapshot.decided_at")
+
+
+def _check_velocity(velocity: Velocity, field: str) -> None:
+    for name in Velocity.__struct_fields__:
+        if getattr(velocity, name) < 0:
+            raise InvalidArgument("VELOCITY_INVALID", "counters are >= 0", f"{field}.{name}")
