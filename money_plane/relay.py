@@ -71,7 +71,15 @@ class OutboxRelay:
         self._client = await self._connect()
         js = self._client.jetstream()
         backoff_s = self._outbox.relay_backoff_initial_s
+        next_cleanup_s = 0.0
+        loop = asyncio.get_running_loop()
         while True:
+            if loop.time() >= next_cleanup_s:
+                retention_us = self._outbox.sent_retention_s * 1_000_000
+                await self._run_db(
+                    self._store.outbox_delete_sent_before, self._clock.now_us() - retention_us
+                )
+                next_cleanup_s = loop.time() + self._outbox.cleanup_interval_s
             rows = await self._run_db(self._store.outbox_unsent, self._outbox.relay_batch_size)
             if not rows:
                 self._wakeup.clear()

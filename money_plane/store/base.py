@@ -663,6 +663,14 @@ class LedgerStore:
                 [now_us, *seqs],
             )
 
+    def outbox_delete_sent_before(self, before_us: int) -> int:
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql("DELETE FROM outbox WHERE sent_at_us IS NOT NULL AND sent_at_us < %s"),
+                (before_us,),
+            )
+            return int(cur.rowcount or 0)
+
     def outbox_pending_count(self) -> int:
         with self._transaction() as cur:
             cur.execute("SELECT COUNT(*) FROM outbox WHERE sent_at_us IS NULL")

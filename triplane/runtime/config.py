@@ -26,7 +26,7 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
-class RuntimeConfig(_Strict):
+class RuntimeConfig(_Strict, frozen=True):
     state_dir: str
     log_level: str
     log_format: str
@@ -35,7 +35,7 @@ class RuntimeConfig(_Strict):
     max_message_bytes: int
 
 
-class NatsConfig(_Strict):
+class NatsConfig(_Strict, frozen=True):
     url: str
     connect_timeout_s: float
     publish_timeout_s: float
@@ -44,12 +44,12 @@ class NatsConfig(_Strict):
     stream_max_age_s: int
 
 
-class KeysConfig(_Strict):
+class KeysConfig(_Strict, frozen=True):
     policy_public_keys: list[str]
     policy_private_key_path: str
 
 
-class MoneyStoreConfig(_Strict):
+class MoneyStoreConfig(_Strict, frozen=True):
     backend: str
     sqlite_path: str
     postgres_dsn: str
@@ -57,14 +57,14 @@ class MoneyStoreConfig(_Strict):
     conflict_retries: int
 
 
-class GroupCommitConfig(_Strict):
+class GroupCommitConfig(_Strict, frozen=True):
     max_batch_transfers: int
     max_wait_ms: float
     workers: int
     max_queue_transfers: int
 
 
-class MoneyLimitsConfig(_Strict):
+class MoneyLimitsConfig(_Strict, frozen=True):
     max_transfers_per_request: int
     max_accounts_per_request: int
     max_splits_per_transfer: int
@@ -75,30 +75,32 @@ class MoneyLimitsConfig(_Strict):
     max_page_size: int
 
 
-class HoldsConfig(_Strict):
+class HoldsConfig(_Strict, frozen=True):
     default_timeout_s: int
     max_timeout_s: int
     expiry_sweep_interval_s: float
     expiry_sweep_batch: int
 
 
-class ReservesConfig(_Strict):
+class ReservesConfig(_Strict, frozen=True):
     release_sweep_interval_s: float
     release_sweep_batch: int
 
 
-class OutboxConfig(_Strict):
+class OutboxConfig(_Strict, frozen=True):
     relay_batch_size: int
     relay_idle_poll_ms: float
     relay_backoff_initial_s: float
     relay_backoff_max_s: float
+    sent_retention_s: int
+    cleanup_interval_s: float
 
 
-class TokensConfig(_Strict):
+class TokensConfig(_Strict, frozen=True):
     clock_skew_s: int
 
 
-class MoneyConfig(_Strict):
+class MoneyConfig(_Strict, frozen=True):
     listen: str
     budget_ms: float
     store: MoneyStoreConfig
@@ -110,13 +112,13 @@ class MoneyConfig(_Strict):
     tokens: TokensConfig
 
 
-class PolicyStoreConfig(_Strict):
+class PolicyStoreConfig(_Strict, frozen=True):
     backend: str
     sqlite_path: str
     postgres_dsn: str
 
 
-class PolicyLimitsConfig(_Strict):
+class PolicyLimitsConfig(_Strict, frozen=True):
     max_id_length: int
     max_string_length: int
     max_name_length: int
@@ -134,7 +136,7 @@ class PolicyLimitsConfig(_Strict):
     max_note_length: int
 
 
-class DecisionLogConfig(_Strict):
+class DecisionLogConfig(_Strict, frozen=True):
     chain_id: str
     max_batch_records: int
     max_wait_ms: float
@@ -144,7 +146,7 @@ class DecisionLogConfig(_Strict):
     replay_page_records: int
 
 
-class PolicyBundlesConfig(_Strict):
+class PolicyBundlesConfig(_Strict, frozen=True):
     default_path: str
     lists_dir: str
     kv_bucket: str
@@ -153,12 +155,12 @@ class PolicyBundlesConfig(_Strict):
     compiled_cache_size: int
 
 
-class SanctionsConfig(_Strict):
+class SanctionsConfig(_Strict, frozen=True):
     hit_threshold: float
     possible_match_threshold: float
 
 
-class ConsentConfig(_Strict):
+class ConsentConfig(_Strict, frozen=True):
     default_time_zone: str
     quiet_hours_start: str
     quiet_hours_end: str
@@ -170,12 +172,12 @@ class ConsentConfig(_Strict):
     vulnerable_blocked_products: list[str]
 
 
-class PolicyOutboxConfig(_Strict):
+class PolicyOutboxConfig(_Strict, frozen=True):
     relay_batch_size: int
     relay_interval_s: float
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(_Strict, frozen=True):
     listen: str
     budget_ms: float
     token_ttl_s: int
@@ -188,18 +190,134 @@ class PolicyConfig(_Strict):
     outbox: PolicyOutboxConfig
 
 
-class ListenConfig(_Strict):
+class AiTritonConfig(_Strict, frozen=True):
+    startup_timeout_s: float
+    stop_timeout_s: float
+    score_timeout_ms: float
+    queue_timeout_us: int
+    max_queue_delay_us: int
+    max_batch_size: int
+    max_queue_size: int
+    instance_count: int
+    load_timeout_s: float
+
+
+class AiBreakerConfig(_Strict, frozen=True):
+    failure_threshold: int
+    open_s: float
+
+
+class AiFallbackConfig(_Strict, frozen=True):
+    in_process: bool
+    last_good: bool
+    last_good_ttl_s: int
+    last_good_max_entries: int
+
+
+class AiFeaturesConfig(_Strict, frozen=True):
+    backend: str
+    namespace: str
+    redis_url: str
+    aerospike_hosts: str
+    aerospike_namespace: str
+    aerospike_set: str
+    dedupe_ttl_s: int
+    in_process_max_keys: int
+    read_timeout_ms: float
+
+
+class AiPipelineConfig(_Strict, frozen=True):
+    enabled: bool
+    durable_name: str
+    batch_size: int
+    fetch_timeout_s: float
+    ack_wait_s: float
+    max_deliver: int
+    backfill_batch_size: int
+    backfill_max_events: int
+
+
+class AiModelsConfig(_Strict, frozen=True):
+    dir: str
+    bootstrap_train: bool
+    seed: int
+    training_customers: int
+    training_days: int
+    num_boost_round: int
+    num_leaves: int
+
+
+class AiLimitsConfig(_Strict, frozen=True):
+    max_id_length: int
+    max_attributes: int
+    max_attribute_length: int
+    max_candidates: int
+    max_top_k: int
+    default_top_k: int
+    explain_cache_entries: int
+    default_page_size: int
+    max_page_size: int
+
+
+class AiBanditConfig(_Strict, frozen=True):
+    prior_variance: float
+    noise_variance: float
+    probability_samples: int
+    seed: int
+    max_pending_ranks: int
+    max_outcome_ids: int
+
+
+class AiDriftConfig(_Strict, frozen=True):
+    bins: int
+    window_scores: int
+    update_every_scores: int
+
+
+class AiConfig(_Strict, frozen=True):
+    listen: str
+    budget_ms: float
+    metrics_listen: str
+    triton_url: str
+    triton: AiTritonConfig
+    breaker: AiBreakerConfig
+    fallback: AiFallbackConfig
+    features: AiFeaturesConfig
+    pipeline: AiPipelineConfig
+    models: AiModelsConfig
+    limits: AiLimitsConfig
+    bandit: AiBanditConfig
+    drift: AiDriftConfig
+
+
+class ListenConfig(_Strict, frozen=True):
     listen: str
 
 
-class Config(_Strict):
+class StackPlaneConfig(_Strict, frozen=True):
+    # The config section whose `listen` address the plane serves on.
+    name: str
+    # Started as `python -m <module>` when the package has a __main__.py.
+    module: str
+
+
+class StackConfig(_Strict, frozen=True):
+    start_timeout_s: float
+    stop_timeout_s: float
+    health_poll_interval_s: float
+    logs_dir: str
+    planes: list[StackPlaneConfig]
+
+
+class Config(_Strict, frozen=True):
     runtime: RuntimeConfig
     nats: NatsConfig
     keys: KeysConfig
     money: MoneyConfig
     gateway: ListenConfig
     policy: PolicyConfig
-    ai: ListenConfig
+    ai: AiConfig
+    stack: StackConfig
 
     @property
     def state_path(self) -> Path:
@@ -248,6 +366,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         store = tree.setdefault("money", {}).setdefault("store", {})
         store["postgres_dsn"] = environ["TRIPLANE_MONEY_DSN"]
         store.setdefault("backend", "postgres")
+    if environ.get("TRITON_URL"):
+        tree.setdefault("ai", {})["triton_url"] = environ["TRITON_URL"]
     if environ.get("TRIPLANE_POLICY_DSN"):
         policy_store = tree.setdefault("policy", {}).setdefault("store", {})
         policy_store["postgres_dsn"] = environ["TRIPLANE_POLICY_DSN"]
@@ -282,6 +402,10 @@ def load_config(
 
 
 def _check(config: Config) -> None:
+    if config.ai.features.backend not in ("in_process", "redis", "aerospike"):
+        raise ConfigError("ai.features.backend must be 'in_process', 'redis' or 'aerospike'")
+    if config.ai.features.backend == "aerospike" and not config.ai.features.aerospike_hosts:
+        raise ConfigError("ai.features.aerospike_hosts is required with backend 'aerospike'")
     if config.money.store.backend not in ("sqlite", "postgres"):
         raise ConfigError("money.store.backend must be 'sqlite' or 'postgres'")
     if config.money.store.backend == "postgres" and not config.money.store.postgres_dsn:
