@@ -12,7 +12,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-RESULTS_PATH = Path(os.environ.get("TRIPLANE_BENCH_RESULTS", Path(__file__).parent / "results.json"))
+RESULTS_PATH = Path(
+    os.environ.get("TRIPLANE_BENCH_RESULTS", Path(__file__).parent / "results.json")
+)
 
 
 def percentile(samples: Sequence[float], q: float) -> float:

@@ -1,0 +1,106 @@
+# Triplane: the project's commands. Everything runs from the project's own
+# virtual environment (.venv), created on first use; `make demo` and `make test`
+# work from a fresh clone with nothing but Python 3.11+ installed.
+#
+#   make demo                 fresh stack, payments workload, summary, exit 0
+#   make test                 the test suite (PostgreSQL/Redis suites skip loudly
+#                             when their server is not running)
+#   make up                   the stack in the foreground until Ctrl-C
+#   make bench [ONLY=ledger]  benchmarks; figures merged into bench/results.json
+#   make proto                regenerate the committed Python stubs from proto/
+#   make proto-check          fail when regenerating the stubs changes the tree
+#   make proto-breaking       buf breaking (FILE) against the previous commit
+#   make lint                 ruff (lint + format check), mypy strict, buf lint
+#   make clean                remove state (.triplane/) and caches; keeps .venv
+#   make distclean            clean, and remove .venv
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# The first interpreter on PATH that is Python 3.11 or newer (override: PYTHON=...).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && \
+	{ echo $$p; break; }; done)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# Written once the project is installed. Re-installs when pyproject.toml changes
+# or a new top-level package appears (an editable install maps the packages that
+# existed when it ran, so a plane written later needs one more install).
+STAMP := $(VENV)/.triplane-installed
+PACKAGE_MARKERS := $(wildcard */__init__.py)
+
+# Our Python packages (the generated stubs under triplane/*/v1 are excluded by
+# pyproject's ruff and mypy settings). Planes still being written are picked up
+# as soon as their directory exists.
+PACKAGES := $(wildcard triplane money_plane policy_plane ai_plane gateway)
+MYPY_TARGETS := $(PACKAGES) $(wildcard bench)
+# Generated code: checked for drift by proto-check.
+GENERATED := triplane/*/v1
+
+ONLY ?=
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: help venv demo up test bench proto proto-check proto-breaking lint clean distclean
+
+help:
+	@sed -n '1,/^$$/p' Makefile | sed -n 's/^# \{0,1\}//p'
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(PACKAGE_MARKERS)
+	@if [ -z "$(PYTHON)" ]; then \
+		echo "make: Python 3.11 or newer is needed (none found on PATH; set PYTHON=...)" >&2; \
+		exit 1; fi
+	@[ -x "$(PY)" ] || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+demo: venv
+	$(BIN)/triplane demo $(DEMO_ARGS)
+
+up: venv
+	$(BIN)/triplane up
+
+# Exit status 5 (no tests collected) is a failure, said out loud.
+test: venv
+	@rc=0; $(BIN)/pytest -q -rfEs -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
+bench: venv
+	$(PY) -m bench $(if $(ONLY),--only $(ONLY),)
+
+# protoc finds its mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH.
+proto: venv
+	PATH="$(abspath $(BIN)):$$PATH" PY=$(PY) scripts/gen_proto.sh
+
+proto-check: proto
+	@git diff --exit-code --stat -- $(GENERATED) || { \
+		echo "proto-check: generated stubs differ from proto/; run 'make proto' and commit" >&2; \
+		exit 1; }
+	@untracked="$$(git status --porcelain --untracked-files=all -- $(GENERATED))"; \
+	if [ -n "$$untracked" ]; then \
+		echo "proto-check: generated files not committed:" >&2; echo "$$untracked" >&2; \
+		exit 1; fi
+	@echo "proto-check: generated stubs match proto/"
+
+proto-breaking: venv
+	BUF=$(BIN)/buf scripts/buf_breaking.sh
+
+lint: venv
+	@rc=0; \
+	echo "== ruff check"; $(BIN)/ruff check . || rc=1; \
+	echo "== ruff format --check"; $(BIN)/ruff format --check . || rc=1; \
+	echo "== mypy (strict) $(MYPY_TARGETS)"; $(BIN)/mypy $(MYPY_TARGETS) || rc=1; \
+	echo "== buf lint proto"; $(BIN)/buf lint proto || rc=1; \
+	exit $$rc
+
+clean:
+	rm -rf .triplane build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,242 @@
+"""The `triplane` command: the local stack, the demo, dev keys, ledger checks.
+
+Planes add their own subcommands: when `policy_plane.cli`, `ai_plane.cli` or
+`gateway.cli` exists, its `register(subparsers)` is called. A registered
+command is run by the `func` it sets (`parser.set_defaults(func=...)`), or else
+by the module's `run(args)`; either takes the parsed arguments and returns an
+exit code (or an awaitable of one). The global `--config` reaches them as
+`args.config` unless the command set its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from triplane.runtime.config import Config, ConfigError, load_config
+from triplane.runtime.stack import StackError
+
+PLUGIN_MODULES = ("policy_plane.cli", "ai_plane.cli", "gateway.cli")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.global_config)
+
+
+# ---- up ----
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from triplane.runtime.stack import run_foreground
+
+    planes = args.planes.split(",") if args.planes else None
+    return asyncio.run(run_foreground(_config(args), planes))
+
+
+# ---- demo ----
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from triplane import demo
+
+    options = demo.DemoOptions(
+        duration_s=args.duration_s,
+        workers=args.workers,
+        customers=args.customers,
+        merchants=args.merchants,
+        seed=args.seed,
+        all_planes=args.all_planes,
+        state_dir=args.state_dir,
+    )
+    return asyncio.run(demo.run_demo(options))
+
+
+# ---- keys ----
+
+
+def _cmd_keys_gen(args: argparse.Namespace) -> int:
+    from triplane.runtime import tokens
+
+    config = _config(args)
+    state_dir = config.state_path.resolve()
+    private_path, public_path = tokens.ensure_dev_keypair(state_dir)
+    print(f"private key  {private_path}")
+    print(f"public key   {public_path}")
+    print(f"public (b64) {public_path.read_text().strip()}")
+    return 0
+
+
+# ---- money ----
+
+
+async def _check_balanced(address: str, tenant_id: str, timeout_s: float) -> int:
+    import grpc
+
+    from triplane.money.v1 import money_pb2, money_pb2_grpc
+    from triplane.runtime.errors import parse_rpc_error
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = money_pb2_grpc.LedgerServiceStub(channel)
+        try:
+            response = await stub.CheckBalanced(
+                money_pb2.CheckBalancedRequest(tenant_id=tenant_id), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            reason, field = parse_rpc_error(err)
+            print(
+                f"CheckBalanced failed: {err.code().name} {reason} {field} {err.details()}",
+                file=sys.stderr,
+            )
+            return 2
+    verdict = "BALANCED" if response.balanced else "NOT BALANCED"
+    print(
+        f"tenant {tenant_id}: {verdict} ({response.accounts_checked} accounts, "
+        f"{response.postings_checked} postings)"
+    )
+    for total in response.totals:
+        print(
+            f"  {total.currency}: debits {total.debits_minor} credits {total.credits_minor} "
+            f"pending debits {total.pending_debits_minor} "
+            f"pending credits {total.pending_credits_minor}"
+        )
+    return 0 if response.balanced else 1
+
+
+def _cmd_money_check_balanced(args: argparse.Namespace) -> int:
+    from triplane.runtime.stack import dial_address
+
+    address = args.address or dial_address(_config(args).money.listen)
+    return asyncio.run(_check_balanced(address, args.tenant, args.timeout_s))
+
+
+# ---- parser ----
+
+
+def _add_stack_commands(sub: Any) -> None:
+    up = sub.add_parser("up", help="run the stack in the foreground until Ctrl-C / SIGTERM")
+    up.add_argument(
+        "--planes", default="", help="comma-separated plane names (default: all available)"
+    )
+    up.set_defaults(func=_cmd_up)
+
+    demo = sub.add_parser("demo", help="start a fresh stack, drive a workload, print a summary")
+    demo.add_argument("--duration-s", type=float, default=20.0, help="workload length")
+    demo.add_argument("--workers", type=int, default=16, help="concurrent clients")
+    demo.add_argument("--customers", type=int, default=200)
+    demo.add_argument("--merchants", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=7, help="seed of the workload's choices")
+    demo.add_argument(
+        "--all-planes", action="store_true", help="start every available plane, not only money"
+    )
+    demo.add_argument(
+        "--state-dir", default="", help="state dir (default: .triplane/demo-<timestamp>)"
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+
+def _add_keys_commands(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="dev key pair of the embedded stack")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    gen = keys_sub.add_parser("gen", help="create the dev Ed25519 key pair under state_dir/keys")
+    gen.set_defaults(func=_cmd_keys_gen)
+
+
+def _add_money_commands(sub: Any) -> None:
+    money = sub.add_parser("money", help="money plane operations")
+    money_sub = money.add_subparsers(dest="money_command", required=True)
+    check = money_sub.add_parser(
+        "check-balanced", help="CheckBalanced for a tenant (exit 1 when not balanced)"
+    )
+    check.add_argument("--tenant", required=True)
+    check.add_argument("--address", default="", help="host:port (default: money.listen)")
+    check.add_argument("--timeout-s", type=float, default=30.0)
+    check.set_defaults(func=_cmd_money_check_balanced)
+
+
+def _register_plugins(sub: Any) -> dict[str, Any]:
+    """Lets each plane that has a CLI module add its commands; returns the
+    module that added each command name."""
+    owners: dict[str, Any] = {}
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            # The plane (or its CLI) is not there yet: nothing to add. Any other
+            # missing module is a real error inside it, said out loud.
+            package = name.partition(".")[0]
+            if err.name not in (package, name):
+                print(f"triplane: {name} not loaded: {err}", file=sys.stderr)
+            continue
+        except ImportError as err:
+            print(f"triplane: {name} not loaded: {err}", file=sys.stderr)
+            continue
+        register = getattr(module, "register", None)
+        if callable(register):
+            before = set(sub.choices)
+            register(sub)
+            owners.update(dict.fromkeys(set(sub.choices) - before, module))
+    return owners
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triplane", description="Triplane: real-time decisioning mesh for embedded finance."
+    )
+    parser.add_argument(
+        "--config",
+        dest="global_config",
+        default=None,
+        help="YAML config file (default: $TRIPLANE_CONFIG)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_stack_commands(sub)
+    _add_keys_commands(sub)
+    _add_money_commands(sub)
+    parser.set_defaults(plugin_owners=_register_plugins(sub))
+    return parser
+
+
+def _handler(args: argparse.Namespace) -> Any:
+    func = getattr(args, "func", None)
+    if func is not None:
+        return func
+    owner = args.plugin_owners.get(args.command)
+    run = getattr(owner, "run", None)
+    if run is None:
+        raise SystemExit(f"triplane: command {args.command!r} has no handler")
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        args.config = args.global_config
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = _handler(args)(args)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+    except ConfigError as err:
+        print(f"triplane: config error: {err}", file=sys.stderr)
+        return 2
+    except StackError as err:
+        print(f"triplane: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+if __name__ == "__main__":
+    sys.exit(main())

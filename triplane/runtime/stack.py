@@ -1,0 +1,412 @@
+"""The one-command local stack: embedded NATS, the dev key pair, and every plane
+as a child process, each one waited on until its gRPC health check says SERVING.
+
+`make up` runs it in the foreground (`triplane up`); the demo and the end-to-end
+tests use it from Python:
+
+    async with Stack(config) as stack:
+        channel = grpc.aio.insecure_channel(stack.addresses["money"])
+
+Children get the stack's effective config as a YAML file (TRIPLANE_CONFIG), plus
+NATS_URL and TRIPLANE_STATE_DIR, so a config built in Python (other ports, another
+state dir) reaches them exactly. Each child runs in its own session: Ctrl-C in the
+terminal reaches only the supervisor, which then stops the planes in reverse
+start order (SIGTERM, stack.stop_timeout_s, then SIGKILL of the whole group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import grpc
+import msgspec
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from triplane.runtime import tokens
+from triplane.runtime.config import Config, StackPlaneConfig
+from triplane.runtime.natsd import EmbeddedNats, port_open
+
+log = logging.getLogger("triplane.stack")
+
+EFFECTIVE_CONFIG_FILE = "stack-config.yaml"
+HEALTH_CHECK_TIMEOUT_S = 1.0
+LOG_TAIL_LINES = 20
+# After a plane exits, how long processes it left in its group get to go.
+GROUP_REAP_TIMEOUT_S = 2.0
+
+
+class StackError(Exception):
+    """The stack could not start (or a plane died); the message says which and why."""
+
+
+# The source checkout this package runs from, when it does (an editable
+# install only maps the packages that existed when it was installed; a plane
+# written since is still found there).
+def _source_root() -> Path | None:
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+SOURCE_ROOT = _source_root()
+
+
+def plane_available(module: str) -> bool:
+    """True when `python -m module` can run: the package exists and has a
+    __main__.py. Looked up without importing the package, so a plane that is
+    half-written cannot break the supervisor."""
+    if SOURCE_ROOT is not None and (SOURCE_ROOT / module / "__main__.py").is_file():
+        return True
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(p) / "__main__.py").is_file() for p in spec.submodule_search_locations)
+
+
+def dial_address(listen: str) -> str:
+    """The address a local client dials for a listen address (0.0.0.0 -> 127.0.0.1)."""
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class PlaneProcess:
+    """One running plane."""
+
+    name: str
+    module: str
+    address: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+async def check_health(address: str, timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> int:
+    """The overall health status of the server at `address` (a
+    HealthCheckResponse.ServingStatus); UNKNOWN when it cannot be reached."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return int(health_pb2.HealthCheckResponse.UNKNOWN)
+        return int(response.status)
+
+
+@dataclass
+class Stack:
+    """Supervisor of a local stack. `planes` limits which configured planes run
+    (by name); by default every configured plane that has a __main__.py."""
+
+    config: Config
+    planes: list[str] | None = None
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    state_dir: Path = field(init=False)
+    nats_url: str = field(init=False, default="")
+    processes: list[PlaneProcess] = field(init=False, default_factory=list)
+    skipped: list[str] = field(init=False, default_factory=list)
+    _nats: EmbeddedNats | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.state_dir = self.config.state_path.resolve()
+        stack = self.config.stack
+        if stack.stop_timeout_s <= self.config.runtime.shutdown_grace_s:
+            raise StackError(
+                "stack.stop_timeout_s must exceed runtime.shutdown_grace_s, "
+                "or a graceful drain is cut short"
+            )
+        known = {plane.name for plane in stack.planes}
+        for name in self.planes or []:
+            if name not in known:
+                raise StackError(f"plane {name!r} is not in stack.planes ({sorted(known)})")
+
+    # ---- public surface ----
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """Dial address of every running plane, by name."""
+        return {p.name: p.address for p in self.processes}
+
+    @property
+    def logs_dir(self) -> Path:
+        path = Path(self.config.stack.logs_dir)
+        return path if path.is_absolute() else self.state_dir / path
+
+    @property
+    def nats_log_path(self) -> Path | None:
+        return self._nats.store_dir / "nats-server.log" if self._nats is not None else None
+
+    async def __aenter__(self) -> Stack:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Starts NATS (unless configured), the keys, then each plane in order,
+        waiting for each to serve. On any failure everything started is stopped."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stops the planes in reverse start order, then the embedded NATS."""
+        for plane in reversed(self.processes):
+            await asyncio.to_thread(self._stop_plane, plane)
+        if self._nats is not None:
+            await asyncio.to_thread(self._nats.stop)
+
+    async def wait_for_exit(self) -> PlaneProcess:
+        """Returns the first plane that exits (for the foreground supervisor)."""
+        while True:
+            for plane in self.processes:
+                if not plane.running():
+                    return plane
+            await asyncio.sleep(0.5)
+
+    # ---- start ----
+
+    async def _start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        if not self.config.keys.policy_public_keys:
+            tokens.ensure_dev_keypair(self.state_dir)
+        self.nats_url = self.config.nats.url
+        if not self.nats_url:
+            self._nats = EmbeddedNats(self.state_dir / "nats")
+            self.nats_url = await asyncio.to_thread(
+                self._nats.start, self.config.stack.start_timeout_s
+            )
+        env = self._child_env(self._write_effective_config())
+        for plane in self._selected_planes():
+            process = self._spawn(plane, env)
+            self.processes.append(process)
+            await self._wait_serving(process, time.monotonic() + self.config.stack.start_timeout_s)
+            log.info("%s serving on %s (pid %d)", plane.name, process.address, process.pid)
+
+    def _selected_planes(self) -> list[StackPlaneConfig]:
+        selected: list[StackPlaneConfig] = []
+        for plane in self.config.stack.planes:
+            if self.planes is not None and plane.name not in self.planes:
+                continue
+            if not plane_available(plane.module):
+                if self.planes is not None:
+                    raise StackError(f"plane {plane.name!r}: no module {plane.module}.__main__")
+                self.skipped.append(plane.name)
+                continue
+            selected.append(plane)
+        if not selected:
+            raise StackError("no plane to start")
+        return selected
+
+    def _listen_of(self, plane: StackPlaneConfig) -> str:
+        section = getattr(self.config, plane.name, None)
+        listen = getattr(section, "listen", None)
+        if not isinstance(listen, str):
+            raise StackError(f"plane {plane.name!r}: config has no '{plane.name}.listen'")
+        return listen
+
+    def _write_effective_config(self) -> Path:
+        data = msgspec.to_builtins(self.config)
+        data["runtime"]["state_dir"] = str(self.state_dir)
+        data["nats"]["url"] = self.nats_url
+        path = self.state_dir / EFFECTIVE_CONFIG_FILE
+        # It may carry database DSNs with passwords: readable by its owner only.
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text(
+            "# Written by the stack supervisor: the config every plane of this stack runs with.\n"
+            + yaml.safe_dump(data, sort_keys=False)
+        )
+        return path
+
+    def _child_env(self, config_path: Path) -> dict[str, str]:
+        env = dict(self.environ)
+        env.update(
+            TRIPLANE_CONFIG=str(config_path),
+            TRIPLANE_STATE_DIR=str(self.state_dir),
+            NATS_URL=self.nats_url,
+            PYTHONUNBUFFERED="1",
+        )
+        if SOURCE_ROOT is not None:
+            paths = [str(SOURCE_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+        return env
+
+    def _spawn(self, plane: StackPlaneConfig, env: dict[str, str]) -> PlaneProcess:
+        address = dial_address(self._listen_of(plane))
+        host, port = _host_port(address)
+        if port_open(host, port):
+            raise StackError(
+                f"plane {plane.name!r}: {address} is already in use (another stack running?); "
+                f"free it or set TRIPLANE__{plane.name.upper()}__LISTEN"
+            )
+        log_path = self.logs_dir / f"{plane.name}.log"
+        log_file: IO[bytes]
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", plane.module],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        return PlaneProcess(plane.name, plane.module, address, log_path, process)
+
+    async def _wait_serving(self, plane: PlaneProcess, deadline: float) -> None:
+        serving = int(health_pb2.HealthCheckResponse.SERVING)
+        while True:
+            if not plane.running():
+                raise StackError(
+                    f"plane {plane.name!r} exited with code {plane.process.returncode} "
+                    f"while starting; last lines of {plane.log_path}:\n{_tail(plane.log_path)}"
+                )
+            if await check_health(plane.address) == serving:
+                return
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"plane {plane.name!r} did not report SERVING on {plane.address} within "
+                    f"stack.start_timeout_s={self.config.stack.start_timeout_s}; "
+                    f"see {plane.log_path}"
+                )
+            await asyncio.sleep(self.config.stack.health_poll_interval_s)
+
+    # ---- stop ----
+
+    def _stop_plane(self, plane: PlaneProcess) -> None:
+        process = plane.process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.config.stack.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "%s did not stop within %ss: SIGKILL",
+                    plane.name,
+                    self.config.stack.stop_timeout_s,
+                )
+                _signal_group(plane.pid, signal.SIGKILL)
+                process.wait()
+        _reap_group(plane.pid)
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signals a process group (0: only checks it); False when it has no member left."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _reap_group(pgid: int) -> None:
+    """Processes a plane started (a model server, say) and left behind when it
+    exited are stopped too: SIGTERM, then SIGKILL."""
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + GROUP_REAP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not _signal_group(pgid, 0):
+            return
+        time.sleep(0.05)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def describe(stack: Stack) -> str:
+    """A few lines saying what runs where and where the logs are."""
+    lines = [f"state dir   {stack.state_dir}", f"nats        {stack.nats_url}"]
+    if stack.nats_log_path is not None:
+        lines.append(f"nats log    {stack.nats_log_path}")
+    for plane in stack.processes:
+        lines.append(f"{plane.name:<11} {plane.address}  pid {plane.pid}  log {plane.log_path}")
+    if stack.skipped:
+        lines.append(f"not started (no __main__.py yet): {', '.join(stack.skipped)}")
+    return "\n".join(lines)
+
+
+async def _first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
+    """Waits until the first of several tasks finishes; returns the done ones."""
+    tasks: set[asyncio.Future[Any]] = {asyncio.ensure_future(a) for a in awaitables}
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    return done
+
+
+async def run_foreground(config: Config, planes: list[str] | None = None) -> int:
+    """`triplane up`: the stack until SIGINT/SIGTERM (0) or until a plane dies (1)."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    stack = Stack(config, planes=planes)
+    stop_wait = asyncio.create_task(stop_requested.wait())
+    start = asyncio.create_task(stack.start())
+    if start not in await _first(start, stop_wait):
+        # Stopped while starting: start() stops what it started when cancelled.
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+        return 0
+    start.result()
+    print(f"triplane stack is up (Ctrl-C to stop)\n{describe(stack)}", flush=True)
+    exited = asyncio.create_task(stack.wait_for_exit())
+    code = 0
+    if exited in await _first(exited, stop_wait):
+        plane = exited.result()
+        print(
+            f"plane {plane.name!r} exited with code {plane.process.returncode}; "
+            f"last lines of {plane.log_path}:\n{_tail(plane.log_path)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        code = 1
+    exited.cancel()
+    stop_wait.cancel()
+    print("stopping the stack ...", flush=True)
+    await stack.stop()
+    print(f"stopped; logs are in {stack.logs_dir}", flush=True)
+    return code
