@@ -24,6 +24,12 @@ log = logging.getLogger("triplane.money")
 
 
 def build_store(config: Config) -> LedgerStore:
+    ledger_store = _build_store(config)
+    ledger_store.reserve_retry_s = config.money.reserves.refused_retry_s
+    return ledger_store
+
+
+def _build_store(config: Config) -> LedgerStore:
     store = config.money.store
     timeout_s = config.money.holds.default_timeout_s
     if store.backend == "postgres":

@@ -20,6 +20,7 @@ from money_plane.engine import EventSpec
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.runtime.bus import OutgoingEvent, make_envelope, new_event_id, subject_for
+from triplane.runtime.errors import InvalidArgument
 
 
 def timestamp(us: int) -> timestamp_pb2.Timestamp:
@@ -43,7 +44,15 @@ def account_spec(message: pb.NewAccount) -> AccountSpec:
     )
 
 
-def command(tenant_id: str, message: pb.Transfer) -> Command:
+def micros(value: timestamp_pb2.Timestamp, field: str) -> int:
+    """Microseconds of a Timestamp; INVALID_ARGUMENT when outside 0001-9999."""
+    try:
+        return int(value.ToMicroseconds())
+    except ValueError as exc:
+        raise InvalidArgument("INVALID_TIMESTAMP", f"{field} is not a valid time", field) from exc
+
+
+def command(tenant_id: str, message: pb.Transfer, where: str = "transfer") -> Command:
     return Command(
         tenant_id=tenant_id,
         idempotency_key=message.idempotency_key,
@@ -59,10 +68,14 @@ def command(tenant_id: str, message: pb.Transfer) -> Command:
                 amount_minor=leg.amount_minor,
                 basis_points=leg.basis_points,
                 label=leg.label,
-                release_at_us=leg.release_at.ToMicroseconds() if leg.HasField("release_at") else 0,
+                release_at_us=(
+                    micros(leg.release_at, f"{where}.splits[{index}].release_at")
+                    if leg.HasField("release_at")
+                    else 0
+                ),
                 release_account_id=leg.release_account_id,
             )
-            for leg in message.splits
+            for index, leg in enumerate(message.splits)
         ],
         hold_id=message.hold_id,
         entry_id=message.entry_id,

@@ -131,6 +131,7 @@ class Changes:
     new_holds: set[str] = dataclasses.field(default_factory=set)
     new_reserves: list[Reserve] = dataclasses.field(default_factory=list)
     released_reserves: dict[str, Reserve] = dataclasses.field(default_factory=dict)
+    deferred_reserves: dict[str, Reserve] = dataclasses.field(default_factory=dict)
     new_idempotency: list[IdempotencyRecord] = dataclasses.field(default_factory=list)
     events: list[EventSpec] = dataclasses.field(default_factory=list)
 
@@ -191,10 +192,13 @@ def _item_error(err: TriplaneError) -> ItemError:
 class Engine:
     """Applies jobs to a View, recording Changes. One Engine per group commit."""
 
-    def __init__(self, view: View, now_us: int, default_hold_timeout_s: int) -> None:
+    def __init__(
+        self, view: View, now_us: int, default_hold_timeout_s: int, reserve_retry_s: int = 3600
+    ) -> None:
         self.view = view
         self.now_us = now_us
         self.default_hold_timeout_s = default_hold_timeout_s
+        self.reserve_retry_s = reserve_retry_s
         self.changes = Changes()
         self._undo = UndoLog()
 
@@ -206,59 +210,73 @@ class Engine:
         return [self._run_one(job, index) for index in range(len(job.commands))]
 
     def _run_atomic(self, job: Job) -> list[Outcome]:
+        """All or nothing. Commands are remembered as they run (in the undo
+        log), so a key repeated inside the batch replays instead of running
+        twice; on failure everything, remembered keys included, is undone."""
         mark = self._undo.mark()
         outcomes: list[Outcome] = []
-        failed_at = -1
         for index in range(len(job.commands)):
-            outcome = self._run_one(job, index, remember=False)
+            outcome = self._run_one(job, index)
             outcomes.append(outcome)
             if not outcome.ok:
-                failed_at = index
                 break
-        if failed_at < 0:
-            for index, outcome in enumerate(outcomes):
-                if not outcome.replayed:
-                    self._remember(job.commands[index], outcome)
+        else:
             return outcomes
+        failed_at = len(outcomes) - 1
         self._undo.rollback(mark)
-        cause = outcomes[failed_at].error
+        failure = outcomes[failed_at]
+        cause = failure.error
         assert cause is not None
-        remember = cause.reason in REMEMBERED_REASONS
+        # A cause that is itself a replay was remembered by the original call,
+        # and so were the linked failures of that call's other transfers.
+        remember = cause.reason in REMEMBERED_REASONS and not failure.replayed
         results: list[Outcome] = []
         for index, cmd in enumerate(job.commands):
+            where = job.fields[index] if job.fields else "transfer"
+            known = self._replay_or_conflict(cmd, where)
+            if known is not None:
+                results.append(known)
+                continue
             if index == failed_at:
-                outcome = outcomes[failed_at]
+                outcome = failure
             else:
                 outcome = Outcome(
                     error=ItemError(
                         code=int(Code.FAILED_PRECONDITION),
                         reason="LINKED_TRANSFER_FAILED",
-                        field=job.fields[index] if job.fields else "",
+                        field=where,
                         message=f"transfer {failed_at} of this atomic batch failed: {cause.reason}",
                     )
                 )
-            if remember and not outcome.replayed:
+            if remember:
                 self._remember(cmd, outcome)
             results.append(outcome)
         return results
 
-    def _run_one(self, job: Job, index: int, remember: bool = True) -> Outcome:
+    def _replay_or_conflict(self, cmd: Command, where: str) -> Outcome | None:
+        """The remembered outcome for the command's key, a conflict if the key
+        was used for another request, or None for a new key."""
+        existing = self.view.idempotency.get(scoped_key(cmd.tenant_id, cmd.idempotency_key))
+        if existing is None:
+            return None
+        differs = first_difference(existing.fingerprint, normalized_fingerprint(cmd))
+        if differs:
+            err = AlreadyExists(
+                "IDEMPOTENCY_KEY_REUSED",
+                f"idempotency key was used for a different request ({differs} differs)",
+                f"{where}.{differs}",
+            )
+            return Outcome(error=_item_error(err))
+        return msgspec.structs.replace(existing.outcome, replayed=True)
+
+    def _run_one(self, job: Job, index: int) -> Outcome:
         cmd = job.commands[index]
         where = job.fields[index] if job.fields else "transfer"
         if cmd.kind in (Kind.EXPIRE_HOLD, Kind.RESERVE_RELEASE):
             return self._internal(cmd)
-        scope = scoped_key(cmd.tenant_id, cmd.idempotency_key)
-        existing = self.view.idempotency.get(scope)
-        if existing is not None:
-            differs = first_difference(existing.fingerprint, normalized_fingerprint(cmd))
-            if differs:
-                err = AlreadyExists(
-                    "IDEMPOTENCY_KEY_REUSED",
-                    f"idempotency key was used for a different request ({differs} differs)",
-                    f"{where}.{differs}",
-                )
-                return Outcome(error=_item_error(err))
-            return msgspec.structs.replace(existing.outcome, replayed=True)
+        known = self._replay_or_conflict(cmd, where)
+        if known is not None:
+            return known
         preset = job.preset_errors.get(index)
         if preset is not None:
             return Outcome(error=_item_error(preset))
@@ -276,15 +294,16 @@ class Engine:
         except TriplaneError as err:
             self._undo.rollback(mark)
             outcome = Outcome(error=_item_error(err))
-            if remember and err.reason in REMEMBERED_REASONS:
+            if err.reason in REMEMBERED_REASONS:
                 self._remember(cmd, outcome)
             return outcome
-        if remember:
-            self._remember(cmd, outcome)
+        self._remember(cmd, outcome)
         return outcome
 
     def _remember(self, cmd: Command, outcome: Outcome) -> None:
         scope = scoped_key(cmd.tenant_id, cmd.idempotency_key)
+        # A key is written once, ever: the unique index would refuse a second.
+        assert scope not in self.view.idempotency, f"{scope} remembered twice"
         record = IdempotencyRecord(
             scope_key=scope,
             fingerprint=normalized_fingerprint(cmd),
@@ -347,6 +366,7 @@ class Engine:
         total_minor: int,
         remainder_account: AccountState,
         currency: str,
+        remainder_field: str,
     ) -> tuple[list[Posting], list[tuple[AccountState, str, int, str]], list[Leg]]:
         """Credit postings for a split (legs + remainder leg) of total_minor.
         Reserve legs come back with `basis_points` replaced by the index of
@@ -398,7 +418,7 @@ class Engine:
                     label="remainder",
                 )
             )
-            deltas.append((remainder_account, "credits_posted", remainder, where))
+            deltas.append((remainder_account, "credits_posted", remainder, remainder_field))
         return postings, deltas, reserve_legs
 
     def _post_entry(self, entry: Entry) -> None:
@@ -476,7 +496,7 @@ class Engine:
             cmd.tenant_id, cmd.credit_account_id, f"{where}.credit_account_id", cmd.currency
         )
         credits, deltas, reserve_legs = self._credit_legs(
-            cmd, where, cmd.amount_minor, credit, cmd.currency
+            cmd, where, cmd.amount_minor, credit, cmd.currency, f"{where}.credit_account_id"
         )
         deltas.insert(0, (debit, "debits_posted", cmd.amount_minor, f"{where}.debit_account_id"))
         self._apply(deltas)
@@ -577,7 +597,9 @@ class Engine:
             )
         debit = self.view.accounts[account_key(hold.tenant_id, hold.debit_account_id)]
         credit = self.view.accounts[account_key(hold.tenant_id, hold.credit_account_id)]
-        credits, deltas, reserve_legs = self._credit_legs(cmd, where, amount, credit, hold.currency)
+        credits, deltas, reserve_legs = self._credit_legs(
+            cmd, where, amount, credit, hold.currency, f"{where}.hold_id"
+        )
         deltas = [
             *self._release_pending(hold),
             (debit, "debits_posted", amount, f"{where}.hold_id"),
@@ -727,6 +749,14 @@ class Engine:
             return self._release_reserve(reserve)
         except TriplaneError as err:
             self._undo.rollback(mark)
+            # Refused (the reserve account no longer holds the money): try
+            # again later, and meanwhile let the releases due after it go.
+            key = scoped_key(reserve.tenant_id, reserve.reserve_id)
+            deferred = msgspec.structs.replace(
+                reserve, release_at_us=self.now_us + self.reserve_retry_s * 1_000_000
+            )
+            self._undo.put(self.view.reserves, key, deferred)
+            self._undo.put(self.changes.deferred_reserves, key, deferred)
             return Outcome(error=_item_error(err))
 
     def _release_reserve(self, reserve: Reserve) -> Outcome:

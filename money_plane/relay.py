@@ -57,7 +57,9 @@ class OutboxRelay:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(Exception),
             wait=wait_exponential_jitter(
-                initial=self._outbox.relay_backoff_initial_s, max=self._outbox.relay_backoff_max_s
+                multiplier=self._outbox.relay_backoff_initial_s,
+                max=self._outbox.relay_backoff_max_s,
+                jitter=self._outbox.relay_backoff_initial_s,
             ),
             reraise=True,
         ):

@@ -13,6 +13,7 @@ from money_plane.ledger import Ledger
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime.clock import Clock
+from triplane.runtime.currencies import INT64_MAX
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument, error_for
 from triplane.runtime.server import Service
@@ -40,6 +41,12 @@ def decode_page_token(token: str) -> int:
         raise InvalidArgument(
             "INVALID_PAGE_TOKEN", "page_token is not one we issued", "page_token"
         ) from exc
+
+
+def _saturate(total_minor: int) -> int:
+    """A currency's total volume may exceed int64; the wire field saturates
+    (the `balanced` flag is computed on exact integers)."""
+    return min(total_minor, INT64_MAX)
 
 
 def _raise_for(outcome: Outcome) -> None:
@@ -98,7 +105,10 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
     async def CreateTransfers(
         self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTransfersResponse:
-        commands = [codec.command(request.tenant_id, t) for t in request.transfers]
+        commands = [
+            codec.command(request.tenant_id, t, f"transfers[{i}]")
+            for i, t in enumerate(request.transfers)
+        ]
         outcomes = await self._ledger.submit(
             request.tenant_id,
             commands,
@@ -113,7 +123,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         self, request: pb.GetBalanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetBalanceResponse:
         if request.HasField("as_of"):
-            as_of_us = request.as_of.ToMicroseconds()
+            as_of_us = codec.micros(request.as_of, "as_of")
             account = await self._ledger.balance_as_of(
                 request.tenant_id, request.account_id, as_of_us
             )
@@ -169,10 +179,10 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
             totals=[
                 pb.CurrencyTotal(
                     currency=t.currency,
-                    debits_minor=t.debits_minor,
-                    credits_minor=t.credits_minor,
-                    pending_debits_minor=t.pending_debits_minor,
-                    pending_credits_minor=t.pending_credits_minor,
+                    debits_minor=_saturate(t.debits_minor),
+                    credits_minor=_saturate(t.credits_minor),
+                    pending_debits_minor=_saturate(t.pending_debits_minor),
+                    pending_credits_minor=_saturate(t.pending_credits_minor),
                 )
                 for t in check.totals
             ],

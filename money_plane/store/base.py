@@ -165,6 +165,8 @@ class LedgerStore:
         self._encode_event = encode_event
         self._encode_account_event = encode_account_event
         self._default_hold_timeout_s = default_hold_timeout_s
+        # How long a refused reserve release waits before it is tried again.
+        self.reserve_retry_s = 3600
         self._conflict_retries = conflict_retries
         self._local = threading.local()
 
@@ -376,7 +378,7 @@ class LedgerStore:
         )
         view.entries = self._load_bodies(cur, "entries", "entry_key", entry_keys, Entry, lock=True)
         view.accounts = self._load_accounts(cur, sorted(_account_keys(commands, view)), lock=True)
-        engine = Engine(view, now_us, self._default_hold_timeout_s)
+        engine = Engine(view, now_us, self._default_hold_timeout_s, self.reserve_retry_s)
         outcomes = [engine.run_job(job) for job in jobs]
         self._write_changes(cur, engine.changes, view, now_us)
         return outcomes
@@ -459,6 +461,15 @@ class LedgerStore:
                 for r in changes.new_reserves
             ],
         )
+        deferred = [
+            (r.release_at_us, codec_records.encode(r), key)
+            for key, r in changes.deferred_reserves.items()
+        ]
+        if deferred:
+            cur.executemany(
+                f"UPDATE reserves SET release_at_us = {p}, body = {p} WHERE reserve_key = {p}",
+                deferred,
+            )
         released = [(codec_records.encode(r), key) for key, r in changes.released_reserves.items()]
         if released:
             cur.executemany(
@@ -544,33 +555,32 @@ class LedgerStore:
 
     def check_balanced(self, tenant_id: str) -> BalanceCheck:
         """Checks, from the outside, the invariants the engine keeps."""
-        prefix = f"{tenant_id}/%"
+        # Account keys are "<tenant>/<account>" and tenant ids are [a-z0-9_-],
+        # so the range ["t/", "t0") ('0' follows '/') holds exactly tenant t's
+        # keys and uses the primary-key index; LIKE 't/%' would also match
+        # tenant "tx" through its "_" wildcard.
+        low, high = f"{tenant_id}/", f"{tenant_id}0"
         with self._transaction() as cur:
+            # Summed per account in SQL (each sum equals a counter, so it fits
+            # in int64) and per currency here: a currency's total volume may
+            # exceed int64, which SQLite's SUM refuses.
             cur.execute(
                 self._sql(
-                    "SELECT currency, side, COALESCE(SUM(amount_minor), 0), COUNT(*) FROM postings "
-                    "WHERE account_key LIKE %s GROUP BY currency, side"
+                    "SELECT account_key, currency, side, COALESCE(SUM(amount_minor), 0), COUNT(*) "
+                    "FROM postings WHERE account_key >= %s AND account_key < %s "
+                    "GROUP BY account_key, currency, side"
                 ),
-                (prefix,),
+                (low, high),
             )
             sums: dict[str, list[int]] = {}
+            by_account: dict[str, list[int]] = {}
             postings_checked = 0
-            for currency, side, total, count in cur.fetchall():
-                sums.setdefault(currency, [0, 0, 0, 0])[0 if side == Side.DEBIT else 1] += int(
-                    total
-                )
+            for key, currency, side, total, count in cur.fetchall():
+                column = 0 if side == Side.DEBIT else 1
+                sums.setdefault(currency, [0, 0, 0, 0])[column] += int(total)
+                by_account.setdefault(key, [0, 0])[column] += int(total)
                 postings_checked += int(count)
             accounts = self._load_all_accounts(cur, tenant_id)
-            cur.execute(
-                self._sql(
-                    "SELECT account_key, side, COALESCE(SUM(amount_minor), 0) FROM postings "
-                    "WHERE account_key LIKE %s GROUP BY account_key, side"
-                ),
-                (prefix,),
-            )
-            by_account: dict[str, list[int]] = {}
-            for key, side, total in cur.fetchall():
-                by_account.setdefault(key, [0, 0])[0 if side == Side.DEBIT else 1] = int(total)
             cur.execute(
                 self._sql("SELECT body FROM holds WHERE tenant_id = %s AND state = %s"),
                 (tenant_id, int(HoldState.PENDING)),

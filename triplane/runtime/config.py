@@ -85,6 +85,7 @@ class HoldsConfig(_Strict, frozen=True):
 class ReservesConfig(_Strict, frozen=True):
     release_sweep_interval_s: float
     release_sweep_batch: int
+    refused_retry_s: int
 
 
 class OutboxConfig(_Strict, frozen=True):
@@ -290,8 +291,178 @@ class AiConfig(_Strict, frozen=True):
     drift: AiDriftConfig
 
 
-class ListenConfig(_Strict, frozen=True):
+class GatewayBudgetsConfig(_Strict, frozen=True):
+    # The gateway's own share of a caller's deadline (rule 7).
+    own_budget_ms: float
+    # Used when the caller sets no deadline.
+    default_deadline_ms: float
+    ai_score_budget_ms: float
+    ai_rank_budget_ms: float
+    ai_explain_budget_ms: float
+    ai_outcome_budget_ms: float
+    policy_budget_ms: float
+    money_budget_ms: float
+    nats_publish_budget_ms: float
+
+
+class GatewayLimitsConfig(_Strict, frozen=True):
+    max_id_length: int
+    max_string_length: int
+    max_attributes: int
+    max_events_per_request: int
+    max_alternatives: int
+    max_features: int
+    max_amount_minor: int
+
+
+class GatewayIdempotencyConfig(_Strict, frozen=True):
+    # Remembered answers of mutating RPCs (SQLite under runtime.state_dir).
+    sqlite_path: str
+    memory_entries: int
+    retention_s: int
+    flush_interval_ms: float
+    max_pending_writes: int
+
+
+class GatewayPiiConfig(_Strict, frozen=True):
+    # Base64 tokenization key (HMAC-SHA256, 32+ bytes); empty: a dev key under
+    # state_dir/keys, created on first use. Keyed per tenant from this secret.
+    tokenization_key_b64: str
+    token_prefix: str
+
+
+class OfferLeverConfig(_Strict, frozen=True):
+    offer_id: str
+    # Multiplies propensity x value for this offer (all surfaces).
+    weight: float
+    # Per-surface multipliers (surface name -> weight); absent: 1.0.
+    surfaces: dict[str, float]
+
+
+class SurfaceConfig(_Strict, frozen=True):
+    name: str
+    # Context weight of an offer shown on this surface.
+    context_weight: float
+    # Channel used when the policy plane names none (push, in_app, email, ...).
+    default_channel: str
+
+
+class GatewayArbitrationConfig(_Strict, frozen=True):
+    # Value used for an offer without one (minor units), so it still competes.
+    default_value_minor: int
+    # Share of decisions that follow the bandit's exploration distribution
+    # instead of the arbitration winner; the action's probability is logged.
+    exploration_share: float
+    levers: list[OfferLeverConfig]
+    surfaces: list[SurfaceConfig]
+
+
+class ExperimentArmConfig(_Strict, frozen=True):
+    name: str
+    # Relative share of the non-holdout population.
+    weight: float
+
+
+class ExperimentConfig(_Strict, frozen=True):
+    name: str
+    # Hash salt: changing it reshuffles customers into arms.
+    salt: str
+    arms: list[ExperimentArmConfig]
+
+
+# ---- gateway engagement: delivery, triggers, measurement (gateway/delivery,
+# gateway/triggers.py, gateway/measure.py) ----
+
+
+class GatewayStoreConfig(_Strict, frozen=True):
+    # Deliveries, trigger state, exposures and outcomes: sqlite or postgres.
+    backend: str
+    sqlite_path: str
+    postgres_dsn: str
+
+
+class ChannelEndpointConfig(_Strict, frozen=True):
+    # The provider endpoint a channel adapter POSTs to (empty: channel off).
+    url: str
+    # Standard Webhooks signing secret ("whsec_" + base64).
+    secret: str
+
+
+class DeliveryConfig(_Strict, frozen=True):
+    max_attempts: int
+    backoff_multiplier_s: float
+    backoff_max_s: float
+    backoff_jitter_s: float
+    request_timeout_s: float
+    lease_s: float
+    batch_size: int
+    max_in_flight: int
+    poll_interval_s: float
+    max_payload_bytes: int
+    max_pending: int
+    default_page_size: int
+    max_page_size: int
+    channels: dict[str, ChannelEndpointConfig]
+
+
+class TriggerStepConfig(_Strict, frozen=True):
+    event_type: str
+    # Attributes the event must carry with exactly these values.
+    match: dict[str, str]
+
+
+class TriggerRuleConfig(_Strict, frozen=True):
+    trigger_id: str
+    steps: list[TriggerStepConfig]
+    within_s: int
+    delay_s: int
+    send_within_s: int
+    dedupe_window_s: int
+    topic: str
+    offer_id: str
+    channels: list[str]
+    template: str
+
+
+class TriggersConfig(_Strict, frozen=True):
+    max_events_per_customer: int
+    event_retention_s: int
+    max_attributes: int
+    max_attribute_length: int
+    runner_batch_size: int
+    runner_poll_interval_s: float
+    max_reschedules: int
+    rules: list[TriggerRuleConfig]
+
+
+class MeasurementConfig(_Strict, frozen=True):
+    attribution_window_s: int
+    confidence_level: float
+    max_exposures_per_conversion: int
+    max_report_rows: int
+    min_group_customers: int
+
+
+class GatewayConfig(_Strict, frozen=True):
     listen: str
+    # host:port of the Prometheus metrics endpoint; empty: not served.
+    metrics_listen: str
+    budgets: GatewayBudgetsConfig
+    limits: GatewayLimitsConfig
+    idempotency: GatewayIdempotencyConfig
+    pii: GatewayPiiConfig
+    arbitration: GatewayArbitrationConfig
+    # Global holdout: this share of customers (deterministic hash) never gets
+    # an offer, so lift can be measured against it.
+    holdout_share: float
+    experiments: list[ExperimentConfig]
+    # Experiment DecideNextAction assigns customers to (a name in experiments).
+    decide_experiment: str
+    store: GatewayStoreConfig
+    delivery: DeliveryConfig
+    triggers: TriggersConfig
+    measurement: MeasurementConfig
+
 
 
 class StackPlaneConfig(_Strict, frozen=True):
@@ -314,7 +485,7 @@ class Config(_Strict, frozen=True):
     nats: NatsConfig
     keys: KeysConfig
     money: MoneyConfig
-    gateway: ListenConfig
+    gateway: GatewayConfig
     policy: PolicyConfig
     ai: AiConfig
     stack: StackConfig

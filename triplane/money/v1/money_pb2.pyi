@@ -1153,6 +1153,10 @@ Global___CheckBalancedRequest: _TypeAlias = CheckBalancedRequest  # noqa: Y015
 
 @_typing.final
 class CurrencyTotal(_message.Message):
+    """Totals of one currency. A total beyond int64 is reported as int64's maximum;
+    `balanced` is always computed on exact integers.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CURRENCY_FIELD_NUMBER: _builtins.int

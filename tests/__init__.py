@@ -1,0 +1,1 @@
+"""Triplane test suite; packages mirror the source layout."""

@@ -1,0 +1,547 @@
+"""Helpers for the money plane tests: a ledger on a real backend, token and
+command builders, and an independent reader of the store's tables.
+
+The reader (`DbProbe`) queries the database with its own connection and plain
+SQL, so invariants are recomputed from the raw postings, holds and counters
+rather than trusted from the ledger's own `check_balanced`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from money_plane import codec, codec_records
+from money_plane.domain import (
+    AccountSpec,
+    Command,
+    Constraint,
+    Hold,
+    HoldState,
+    Kind,
+    Leg,
+    LegKind,
+    Outcome,
+    Side,
+)
+from money_plane.ledger import Ledger
+from money_plane.store.base import LedgerStore
+from money_plane.store.postgres import PostgresLedgerStore
+from money_plane.store.sqlite import SqliteLedgerStore
+from triplane.runtime.clock import Clock, ManualClock
+from triplane.runtime.config import Config, load_config
+from triplane.runtime.tokens import (
+    DecisionClaims,
+    TokenSigner,
+    TokenVerifier,
+    generate_private_key,
+    public_key_to_b64,
+)
+
+BACKENDS = ("sqlite", "postgres")
+TOKEN_TTL_S = 24 * 3600
+NO_CONSTRAINT = int(Constraint.NONE)
+DEBITS_LIMITED = int(Constraint.DEBITS_MUST_NOT_EXCEED_CREDITS)
+CREDITS_LIMITED = int(Constraint.CREDITS_MUST_NOT_EXCEED_DEBITS)
+
+
+# The standard book of a tenant: a funding source without constraint, two
+# customers that may not go below zero (one with an overdraft), a merchant,
+# fee, tax and reserve accounts, a credit-limited loan account, and a JPY pair.
+STANDARD_ACCOUNTS: list[tuple[str, str, int, int]] = [
+    ("bank", "USD", NO_CONSTRAINT, 0),
+    ("alice", "USD", DEBITS_LIMITED, 0),
+    ("bob", "USD", DEBITS_LIMITED, 500),
+    ("merchant", "USD", DEBITS_LIMITED, 0),
+    ("fee", "USD", NO_CONSTRAINT, 0),
+    ("tax", "USD", NO_CONSTRAINT, 0),
+    ("reserve", "USD", DEBITS_LIMITED, 0),
+    ("loan", "USD", CREDITS_LIMITED, 0),
+    ("jbank", "JPY", NO_CONSTRAINT, 0),
+    ("jcust", "JPY", DEBITS_LIMITED, 0),
+]
+
+
+def unique_tenant(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:16]}"
+
+
+def ledger_config(state_dir: Path, signer: TokenSigner, **money: Any) -> Config:
+    """Defaults, no environment, the test key trusted, a generous budget (the
+    shared 2-core machine is slow; deadlines are not what these tests test)."""
+    overrides: dict[str, Any] = {
+        "runtime": {"state_dir": str(state_dir), "log_format": "text"},
+        "keys": {"policy_public_keys": [public_key_to_b64(signer.public_key)]},
+        "money": {"budget_ms": 120_000, **money},
+    }
+    return load_config(environ={}, overrides=overrides)
+
+
+def make_store(backend: str, where: Path | str, config: Config) -> LedgerStore:
+    timeout_s = config.money.holds.default_timeout_s
+    retries = config.money.store.conflict_retries
+    if backend == "sqlite":
+        return SqliteLedgerStore(
+            Path(where), codec.encode_event, codec.encode_account_event, timeout_s, retries
+        )
+    return PostgresLedgerStore(
+        str(where), codec.encode_event, codec.encode_account_event, timeout_s, retries
+    )
+
+
+def make_ledger(
+    backend: str, where: Path | str, config: Config, signer: TokenSigner, clock: Clock
+) -> Ledger:
+    store = make_store(backend, where, config)
+    verifier = TokenVerifier([signer.public_key], config.money.tokens.clock_skew_s)
+    return Ledger(store, verifier, clock, config.money, single_writer=backend == "sqlite")
+
+
+@dataclass
+class BackendPlace:
+    """Where a backend keeps its data: a SQLite file or a PostgreSQL DSN."""
+
+    backend: str
+    where: Path | str
+    state_dir: Path
+
+
+# ---- the raw reader ----
+
+
+class DbProbe:
+    """Plain SQL against the ledger's tables, on a connection of its own."""
+
+    def __init__(self, backend: str, where: Path | str) -> None:
+        self.backend = backend
+        self.where = where
+        self._conn: Any = None
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            if self.backend == "sqlite":
+                self._conn = sqlite3.connect(str(self.where), isolation_level=None)
+                self._conn.execute("PRAGMA busy_timeout=10000")
+            else:
+                self._conn = psycopg.connect(str(self.where), autocommit=True)
+        return self._conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self.backend == "sqlite":
+            sql = sql.replace("%s", "?")
+        cur = self._connection().execute(sql, tuple(params))
+        return [tuple(r) for r in cur.fetchall()]
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.rows(sql, params)[0][0]
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ---- what the tests count ----
+
+    def counters(self, tenant_id: str) -> dict[str, tuple[int, int, int, int]]:
+        """Every account of the tenant: (debits_posted, credits_posted,
+        debits_pending, credits_pending)."""
+        return {
+            r[0]: (int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+            for r in self.rows(
+                "SELECT account_id, debits_posted, credits_posted, debits_pending, "
+                "credits_pending FROM accounts WHERE tenant_id = %s ORDER BY account_id",
+                (tenant_id,),
+            )
+        }
+
+    def accounts(self, tenant_id: str) -> dict[str, tuple[str, int, int]]:
+        """account_id -> (currency, constraint, overdraft_limit_minor)."""
+        return {
+            r[0]: (r[1], int(r[2]), int(r[3]))
+            for r in self.rows(
+                "SELECT account_id, currency, constraint_kind, overdraft_limit_minor "
+                "FROM accounts WHERE tenant_id = %s",
+                (tenant_id,),
+            )
+        }
+
+    def postings(self, tenant_id: str) -> list[tuple[str, int, int, str]]:
+        """(account_id, side, amount_minor, currency) of every posting of the
+        tenant. Selected by exact key prefix, not LIKE, so no wildcard leaks."""
+        prefix = f"{tenant_id}/"
+        return [
+            (r[0][len(prefix) :], int(r[1]), int(r[2]), r[3])
+            for r in self.rows(
+                "SELECT account_key, side, amount_minor, currency FROM postings "
+                "WHERE substr(account_key, 1, %s) = %s",
+                (len(prefix), prefix),
+            )
+        ]
+
+    def open_holds(self, tenant_id: str) -> list[Hold]:
+        return [
+            codec_records.decode(bytes(r[0]), Hold)
+            for r in self.rows(
+                "SELECT body FROM holds WHERE tenant_id = %s AND state = %s",
+                (tenant_id, int(HoldState.PENDING)),
+            )
+        ]
+
+    def entries_by_key(self, tenant_id: str) -> dict[str, int]:
+        return {
+            r[0]: int(r[1])
+            for r in self.rows(
+                "SELECT idempotency_key, COUNT(*) FROM entries WHERE tenant_id = %s "
+                "GROUP BY idempotency_key",
+                (tenant_id,),
+            )
+        }
+
+    def entry_count(self, tenant_id: str) -> int:
+        return int(self.scalar("SELECT COUNT(*) FROM entries WHERE tenant_id = %s", (tenant_id,)))
+
+    def hold_count(self, tenant_id: str) -> int:
+        return int(self.scalar("SELECT COUNT(*) FROM holds WHERE tenant_id = %s", (tenant_id,)))
+
+    def outbox_count(self) -> int:
+        return int(self.scalar("SELECT COUNT(*) FROM outbox"))
+
+    def idempotency_count(self, tenant_id: str) -> int:
+        prefix = f"{tenant_id}/"
+        return int(
+            self.scalar(
+                "SELECT COUNT(*) FROM idempotency WHERE substr(scope_key, 1, %s) = %s",
+                (len(prefix), prefix),
+            )
+        )
+
+    def invariant_problems(self, tenant_id: str) -> list[str]:
+        """Recomputes the ledger's invariants from the raw tables."""
+        problems: list[str] = []
+        counters = self.counters(tenant_id)
+        specs = self.accounts(tenant_id)
+        per_currency: dict[str, list[int]] = {}
+        per_account: dict[str, list[int]] = {a: [0, 0] for a in counters}
+        for account_id, side, amount, currency in self.postings(tenant_id):
+            if amount <= 0:
+                problems.append(f"posting of {amount} on {account_id}")
+            if specs[account_id][0] != currency:
+                problems.append(f"posting in {currency} on a {specs[account_id][0]} account")
+            per_currency.setdefault(currency, [0, 0])[0 if side == Side.DEBIT else 1] += amount
+            per_account[account_id][0 if side == Side.DEBIT else 1] += amount
+        for currency, (debits, credits) in per_currency.items():
+            if debits != credits:
+                problems.append(f"{currency}: postings debit {debits} != credit {credits}")
+        pending: dict[str, list[int]] = {a: [0, 0] for a in counters}
+        for hold in self.open_holds(tenant_id):
+            pending[hold.debit_account_id][0] += hold.amount_minor
+            pending[hold.credit_account_id][1] += hold.amount_minor
+        for account_id, (dp, cp, dpe, cpe) in counters.items():
+            if [dp, cp] != per_account[account_id]:
+                problems.append(f"{account_id}: posted {dp, cp} != {per_account[account_id]}")
+            if [dpe, cpe] != pending[account_id]:
+                problems.append(f"{account_id}: pending {dpe, cpe} != holds {pending[account_id]}")
+            _, constraint, overdraft = specs[account_id]
+            if constraint == DEBITS_LIMITED and dp + dpe > cp + overdraft:
+                problems.append(f"{account_id}: below its limit")
+            if constraint == CREDITS_LIMITED and cp + cpe > dp:
+                problems.append(f"{account_id}: credits above debits")
+        return problems
+
+
+# ---- building requests ----
+
+
+@dataclass
+class Kit:
+    """A ledger with a tenant, a clock, a signer and request builders."""
+
+    ledger: Ledger
+    clock: ManualClock
+    signer: TokenSigner
+    backend: str
+    where: Path | str
+    tenant: str
+    probe: DbProbe = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.probe = DbProbe(self.backend, self.where)
+
+    def token(
+        self,
+        key: str,
+        account_id: str,
+        amount_minor: int,
+        currency: str = "USD",
+        *,
+        tenant: str | None = None,
+        ttl_s: int = TOKEN_TTL_S,
+        outcome: str = "allow",
+        signer: TokenSigner | None = None,
+    ) -> str:
+        return sign_token(
+            signer or self.signer,
+            tenant or self.tenant,
+            key,
+            account_id,
+            amount_minor,
+            currency,
+            expires_at_s=self.clock.now_us() // 1_000_000 + ttl_s,
+            outcome=outcome,
+        )
+
+    def move(
+        self,
+        key: str,
+        debit: str,
+        credit: str,
+        amount_minor: int,
+        currency: str = "USD",
+        *,
+        kind: Kind = Kind.TRANSFER,
+        splits: Iterable[Leg] = (),
+        token: str | None = None,
+        tenant: str | None = None,
+        hold_timeout_s: int = 0,
+        description: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> Command:
+        """A TRANSFER (or PAYOUT / AUTHORIZE) with a valid token unless given."""
+        tenant_id = tenant or self.tenant
+        if token is None:
+            token = self.token(key, debit, amount_minor, currency, tenant=tenant_id)
+        return Command(
+            tenant_id=tenant_id,
+            idempotency_key=key,
+            kind=kind,
+            debit_account_id=debit,
+            credit_account_id=credit,
+            amount_minor=amount_minor,
+            currency=currency,
+            splits=list(splits),
+            decision_token=token,
+            hold_timeout_s=hold_timeout_s,
+            description=description,
+            metadata=metadata or {},
+        )
+
+    def authorize(
+        self,
+        key: str,
+        debit: str,
+        credit: str,
+        amount_minor: int,
+        currency: str = "USD",
+        hold_timeout_s: int = 0,
+    ) -> Command:
+        return self.move(
+            key,
+            debit,
+            credit,
+            amount_minor,
+            currency,
+            kind=Kind.AUTHORIZE,
+            hold_timeout_s=hold_timeout_s,
+        )
+
+    def capture(
+        self,
+        key: str,
+        hold_id: str,
+        amount_minor: int = 0,
+        currency: str = "",
+        splits: Iterable[Leg] = (),
+    ) -> Command:
+        return Command(
+            tenant_id=self.tenant,
+            idempotency_key=key,
+            kind=Kind.CAPTURE,
+            hold_id=hold_id,
+            amount_minor=amount_minor,
+            currency=currency or ("USD" if amount_minor else ""),
+            splits=list(splits),
+        )
+
+    def void(self, key: str, hold_id: str) -> Command:
+        return Command(tenant_id=self.tenant, idempotency_key=key, kind=Kind.VOID, hold_id=hold_id)
+
+    def refund(self, key: str, entry_id: str, amount_minor: int = 0, currency: str = "") -> Command:
+        return Command(
+            tenant_id=self.tenant,
+            idempotency_key=key,
+            kind=Kind.REFUND,
+            entry_id=entry_id,
+            amount_minor=amount_minor,
+            currency=currency or ("USD" if amount_minor else ""),
+        )
+
+    async def submit(self, *commands: Command, atomic: bool = False) -> list[Outcome]:
+        return await self.ledger.submit(self.tenant, list(commands), atomic=atomic)
+
+    async def one(self, command: Command) -> Outcome:
+        [outcome] = await self.ledger.submit(command.tenant_id, [command])
+        return outcome
+
+    async def ok(self, command: Command) -> Outcome:
+        outcome = await self.one(command)
+        assert outcome.error is None, outcome.error
+        return outcome
+
+    async def open(self, *accounts: tuple[str, str, int, int], tenant: str | None = None) -> None:
+        """Opens accounts given as (account_id, currency, constraint, overdraft)."""
+        await self.ledger.create_accounts(
+            tenant or self.tenant,
+            [
+                spec(account_id, currency, constraint, overdraft)
+                for account_id, currency, constraint, overdraft in accounts
+            ],
+        )
+
+    async def fund(
+        self, account_id: str, amount_minor: int, currency: str = "USD", source: str = "bank"
+    ) -> Outcome:
+        return await self.ok(
+            self.move(f"fund-{uuid.uuid4().hex[:12]}", source, account_id, amount_minor, currency)
+        )
+
+    async def balance(self, account_id: str) -> tuple[int, int, int]:
+        """(posted, pending debits, available) as the ledger reports them."""
+        account = await self.ledger.get_account(self.tenant, account_id)
+        return account.posted, account.debits_pending, account.available
+
+    def snapshot(self) -> dict[str, tuple[int, int, int, int]]:
+        return self.probe.counters(self.tenant)
+
+    async def assert_balanced(self) -> None:
+        check = await self.ledger.check_balanced(self.tenant)
+        assert check.balanced, check.problems
+        assert self.probe.invariant_problems(self.tenant) == []
+
+
+def sign_token(
+    signer: TokenSigner,
+    tenant_id: str,
+    key: str,
+    account_id: str,
+    amount_minor: int,
+    currency: str,
+    *,
+    expires_at_s: int,
+    outcome: str = "allow",
+) -> str:
+    return signer.sign(
+        DecisionClaims(
+            decision_id=f"dec-{key}",
+            tenant_id=tenant_id,
+            account_id=account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            idempotency_key=key,
+            expires_at_s=expires_at_s,
+            outcome=outcome,
+        )
+    )
+
+
+def spec(
+    account_id: str,
+    currency: str = "USD",
+    constraint: int = NO_CONSTRAINT,
+    overdraft_limit_minor: int = 0,
+    kind: int = 2,
+) -> AccountSpec:
+    return AccountSpec(
+        account_id=account_id,
+        currency=currency,
+        kind=kind,
+        constraint=constraint,
+        overdraft_limit_minor=overdraft_limit_minor,
+        metadata={},
+    )
+
+
+def bps_leg(
+    account_id: str,
+    basis_points: int,
+    label: str = "",
+    release_at_us: int = 0,
+    release_account_id: str = "",
+) -> Leg:
+    return Leg(
+        account_id=account_id,
+        kind=int(LegKind.BASIS_POINTS),
+        amount_minor=0,
+        basis_points=basis_points,
+        label=label,
+        release_at_us=release_at_us,
+        release_account_id=release_account_id,
+    )
+
+
+def fixed_leg(account_id: str, amount_minor: int, label: str = "") -> Leg:
+    return Leg(
+        account_id=account_id,
+        kind=int(LegKind.FIXED),
+        amount_minor=amount_minor,
+        basis_points=0,
+        label=label,
+        release_at_us=0,
+        release_account_id="",
+    )
+
+
+def new_signer() -> TokenSigner:
+    return TokenSigner(generate_private_key())
+
+
+# ---- JetStream ----
+
+
+async def stream_messages(
+    nats_url: str, subject: str, expected: int, wait_s: float = 20.0
+) -> list[tuple[str, str]]:
+    """(Nats-Msg-Id, event_type subject) of every message on `subject` in the
+    TRIPLANE_MONEY stream, read with an ordered consumer. Reads `expected`
+    messages (or until `wait_s` passes), then waits a little for any extra."""
+    import nats
+
+    client = await nats.connect(nats_url)
+    try:
+        js = client.jetstream()
+        sub = await js.subscribe(subject, ordered_consumer=True)
+        found: list[tuple[str, str]] = []
+        deadline = time.monotonic() + wait_s
+        while len(found) < expected and time.monotonic() < deadline:
+            try:
+                msg = await sub.next_msg(timeout=max(0.1, deadline - time.monotonic()))
+            except nats.errors.TimeoutError:
+                break
+            found.append(((msg.headers or {}).get("Nats-Msg-Id", ""), msg.subject))
+        while True:  # anything beyond what is expected is a duplicate
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                break
+            found.append(((msg.headers or {}).get("Nats-Msg-Id", ""), msg.subject))
+        await sub.unsubscribe()
+        return found
+    finally:
+        await client.close()
+
+
+async def stream_count(nats_url: str, subject: str) -> int:
+    import nats
+
+    client = await nats.connect(nats_url)
+    try:
+        info = await client.jetstream().stream_info("TRIPLANE_MONEY", subjects_filter=subject)
+        return sum((info.state.subjects or {}).values())
+    finally:
+        await client.close()
