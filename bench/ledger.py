@@ -68,6 +68,8 @@ DURATION_S = float(os.environ.get("TRIPLANE_BENCH_SECONDS", "15"))
 WARMUP_S = float(os.environ.get("TRIPLANE_BENCH_WARMUP_SECONDS", "3"))
 PG_CONNINFO = os.environ.get("TRIPLANE_BENCH_PG", "host=127.0.0.1 port=5432 user=postgres")
 PYSPY_OUTPUT = os.environ.get("TRIPLANE_BENCH_PYSPY", "")
+# Client connections the callers are spread over (see LedgerClient).
+LOAD_CONNECTIONS = int(os.environ.get("TRIPLANE_BENCH_CONNECTIONS", "8"))
 
 ACCOUNTS = 10_000
 CUSTOMERS = 7_999
@@ -365,8 +367,14 @@ class CpuSample:
     machine_total_s: float
 
 
+def _parent_pid(pid: int | str) -> int:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rindex(")") + 2 :].split()[1])
+
+
 def cpu_sample(plane_pid: int) -> CpuSample | None:
-    """CPU seconds so far: this process, the plane, PostgreSQL, the machine."""
+    """CPU seconds so far: this process, the plane (with its serving worker
+    processes), PostgreSQL, the machine."""
     try:
         _, plane_s = _proc_cpu_s(plane_pid)
         postgres_s = 0.0
@@ -376,6 +384,8 @@ def cpu_sample(plane_pid: int) -> CpuSample | None:
                     comm, used = _proc_cpu_s(entry.name)
                     if comm == "postgres":
                         postgres_s += used
+                    elif _parent_pid(entry.name) == plane_pid:
+                        plane_s += used
         ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
         idle = ticks[3] + ticks[4]
         return CpuSample(
@@ -484,10 +494,32 @@ async def drive(
 
 
 class LedgerClient:
-    def __init__(self, channel: grpc.aio.Channel, tenant_id: str, plane_pid: int) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, tenant_id: str, plane_pid: int, port: int
+    ) -> None:
         self.stub = money_pb2_grpc.LedgerServiceStub(channel)
+        # Callers spread over several connections, as many clients would: a
+        # plane serving one port from several processes (SO_REUSEPORT)
+        # balances connections, not calls. Distinct subchannel pools make
+        # each channel its own TCP connection.
+        self._channels = [
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(LOAD_CONNECTIONS)
+        ]
+        self._stubs = [money_pb2_grpc.LedgerServiceStub(c) for c in self._channels]
+        self._next = 0
         self.tenant_id = tenant_id
         self.plane_pid = plane_pid
+
+    def pick(self) -> money_pb2_grpc.LedgerServiceStub:
+        self._next = (self._next + 1) % len(self._stubs)
+        return self._stubs[self._next]
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
 
     async def setup(self, workload: Workload) -> int:
         """Tenant, 10,000 accounts, every customer funded; returns entries made."""
@@ -547,7 +579,7 @@ class LedgerClient:
         return await drive(
             name,
             requests,
-            lambda r: self.stub.CreateTransfer(r, timeout=CALL_TIMEOUT_S),
+            lambda r: self.pick().CreateTransfer(r, timeout=CALL_TIMEOUT_S),
             count_ok,
             lambda r: [r.transfer.idempotency_key],
             CLIENTS,
@@ -569,7 +601,7 @@ class LedgerClient:
         return await drive(
             name,
             requests,
-            lambda r: self.stub.CreateTransfers(r, timeout=CALL_TIMEOUT_S),
+            lambda r: self.pick().CreateTransfers(r, timeout=CALL_TIMEOUT_S),
             count_ok,
             lambda r: [t.idempotency_key for t in r.transfers],
             CLIENTS,
@@ -831,8 +863,9 @@ async def run_plane_phases(
 ) -> None:
     plane.start()
     channel = await plane.wait_ready()
+    client: LedgerClient | None = None
     try:
-        client = LedgerClient(channel, tenant_id, plane.pid)
+        client = LedgerClient(channel, tenant_id, plane.pid, plane.port)
         started = time.perf_counter()
         funded = await client.setup(workload)
         log(
@@ -856,6 +889,8 @@ async def run_plane_phases(
             figures.sqlite_unary = phases[-1]
         figures.verifications.append(await verify(backend, client, phases, funded, probe))
     finally:
+        if client is not None:
+            await client.close()
         await channel.close()
         plane.stop()
 
@@ -907,7 +942,14 @@ async def run() -> Figures:
         dsn = psycopg.conninfo.make_conninfo(PG_CONNINFO, dbname=ledger_db)
         pg_plane = PlaneProcess(
             "money_plane (postgres)",
-            {**base_env, "TRIPLANE_MONEY_DSN": dsn},
+            {
+                **base_env,
+                "TRIPLANE_MONEY_DSN": dsn,
+                # One serving process per core, as deployed (SO_REUSEPORT).
+                "TRIPLANE__MONEY__SERVER_PROCESSES": os.environ.get(
+                    "TRIPLANE__MONEY__SERVER_PROCESSES", str(os.cpu_count() or 1)
+                ),
+            },
             state_dir / "plane-postgres.log",
         )
         planes.append(pg_plane)

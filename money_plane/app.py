@@ -59,8 +59,10 @@ class MoneyPlane:
     _relay_task: asyncio.Task[None] | None = None
     _relay_executor: ThreadPoolExecutor | None = None
 
-    async def start(self, sweepers: bool = True) -> int:
-        """Starts everything; returns the bound gRPC port."""
+    async def start(self, sweepers: bool = True, relay: bool = True) -> int:
+        """Starts everything; returns the bound gRPC port. Extra serving
+        processes (money.server_processes) run neither sweepers nor relay:
+        the primary does that for all of them."""
         config = self.config
         store = build_store(config)
         verifier = TokenVerifier(
@@ -75,7 +77,7 @@ class MoneyPlane:
             single_writer=config.money.store.backend == "sqlite",
         )
         await self.ledger.start(sweepers=sweepers)
-        if config.nats.url:
+        if config.nats.url and relay:
             self._relay_executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
             self.relay = OutboxRelay(
                 store,
@@ -86,7 +88,7 @@ class MoneyPlane:
                 self.ledger.committed,
             )
             self._relay_task = asyncio.create_task(self.relay.run(), name="outbox-relay")
-        else:
+        elif relay:
             log.warning("nats.url is empty: ledger events stay in the outbox until a relay runs")
         self.server = PlaneServer(
             name="money_plane",
@@ -95,6 +97,7 @@ class MoneyPlane:
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
             otel_exporter=config.runtime.otel_exporter,
+            reuse_port=config.money.server_processes > 1,
             on_stop=[self._stop_internals],
         )
         return await self.server.start()

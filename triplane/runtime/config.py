@@ -103,6 +103,7 @@ class TokensConfig(_Strict, frozen=True):
 
 class MoneyConfig(_Strict, frozen=True):
     listen: str
+    server_processes: int
     budget_ms: float
     store: MoneyStoreConfig
     group_commit: GroupCommitConfig
@@ -431,6 +432,7 @@ class TriggersConfig(_Strict, frozen=True):
     max_attribute_length: int
     runner_batch_size: int
     runner_poll_interval_s: float
+    runner_lease_s: float
     max_reschedules: int
     rules: list[TriggerRuleConfig]
 
@@ -439,12 +441,23 @@ class MeasurementConfig(_Strict, frozen=True):
     attribution_window_s: int
     confidence_level: float
     max_exposures_per_conversion: int
+    max_batch_records: int
     max_report_rows: int
     min_group_customers: int
 
 
+class PartnerWebhookConfig(_Strict, frozen=True):
+    # Where a tenant's partner webhooks go, and their Standard Webhooks secret.
+    tenant_id: str
+    url: str
+    secret: str
+
+
 class GatewayConfig(_Strict, frozen=True):
     listen: str
+    # Per tenant: the partner's webhook endpoint (triggered sends on the
+    # partner_webhook channel). A tenant without one is not reached there.
+    partner_webhooks: list[PartnerWebhookConfig]
     # host:port of the Prometheus metrics endpoint; empty: not served.
     metrics_listen: str
     budgets: GatewayBudgetsConfig

@@ -42,6 +42,9 @@ class PlaneServer:
     shutdown_grace_s: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024
     otel_exporter: str = "none"
+    # Several processes may serve one port (SO_REUSEPORT): Python's gRPC
+    # server uses one core per process, so this is how a plane uses a node.
+    reuse_port: bool = False
     on_stop: list[Hook] = field(default_factory=list)
     port: int = 0
     _server: grpc.aio.Server | None = None
@@ -60,7 +63,7 @@ class PlaneServer:
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             ],
         )
         health = HealthServicer()
