@@ -10,13 +10,13 @@ from pathlib import Path
 
 from money_plane import codec
 from money_plane.ledger import Ledger
-from money_plane.relay import OutboxRelay
 from money_plane.service import ledger_service
 from money_plane.store.base import LedgerStore
 from money_plane.store.postgres import PostgresLedgerStore
 from money_plane.store.sqlite import SqliteLedgerStore
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
+from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer
 from triplane.runtime.tokens import TokenVerifier, load_public_keys
 
@@ -78,14 +78,27 @@ class MoneyPlane:
         )
         await self.ledger.start(sweepers=sweepers)
         if config.nats.url and relay:
-            self._relay_executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
+            executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
+            self._relay_executor = executor
+            loop = asyncio.get_running_loop()
+            outbox = config.money.outbox
             self.relay = OutboxRelay(
                 store,
                 config.nats,
-                config.money.outbox,
-                self._relay_executor,
+                RelaySettings(
+                    streams=["TRIPLANE_MONEY"],
+                    batch_size=outbox.relay_batch_size,
+                    idle_poll_s=outbox.relay_idle_poll_ms / 1000.0,
+                    backoff_initial_s=outbox.relay_backoff_initial_s,
+                    backoff_max_s=outbox.relay_backoff_max_s,
+                    sent_retention_s=outbox.sent_retention_s,
+                    cleanup_interval_s=outbox.cleanup_interval_s,
+                ),
                 self.clock,
-                self.ledger.committed,
+                client_name="money-plane-relay",
+                # The store keeps one connection per thread: the relay's own.
+                run_blocking=lambda fn: loop.run_in_executor(executor, fn),
+                wakeup=self.ledger.committed,
             )
             self._relay_task = asyncio.create_task(self.relay.run(), name="outbox-relay")
         elif relay:

@@ -55,4 +55,3 @@ def main() -> None:
             worker.join(timeout=config.runtime.shutdown_grace_s + 5)
             if worker.is_alive():
                 worker.kill()
-

@@ -22,6 +22,7 @@ from policy_plane.store import PolicyStore, open_store
 from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
+from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer
 from triplane.runtime.tokens import (
     TokenSigner,
@@ -69,7 +70,23 @@ class PolicyPlane:
     nats: NatsClient | None = None
     js: JetStreamContext | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _relay_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    relay: OutboxRelay = field(init=False)
+
+    def __post_init__(self) -> None:
+        outbox = self.config.policy.outbox
+        self.relay = OutboxRelay(
+            self.engine.store,
+            self.config.nats,
+            RelaySettings(
+                streams=["TRIPLANE_POLICY"],
+                batch_size=outbox.relay_batch_size,
+                idle_poll_s=outbox.relay_interval_s,
+                backoff_initial_s=self.config.money.outbox.relay_backoff_initial_s,
+                backoff_max_s=self.config.money.outbox.relay_backoff_max_s,
+            ),
+            self.engine.clock,
+            client_name="policy-plane-relay",
+        )
 
     async def start(self) -> int:
         await self.engine.start()
@@ -99,31 +116,15 @@ class PolicyPlane:
         """Publishes pending case events; returns how many JetStream acknowledged."""
         if self.js is None:
             return 0
-        policy = self.config.policy
-        pending = await asyncio.to_thread(
-            self.engine.store.pending_events, policy.outbox.relay_batch_size
-        )
-        if not pending:
-            return 0
-        events = [bus.OutgoingEvent(p.event_id, p.subject, p.data) for p in pending]
-        acked = await bus.publish_batch(self.js, events, self.config.nats.publish_timeout_s)
-        done = [e.event_id for e, ok in zip(events, acked, strict=True) if ok]
-        await asyncio.to_thread(self.engine.store.mark_published, done)
-        return len(done)
+        sent, _ = await self.relay.relay_once(self.js)
+        return sent
 
     def kick_relay(self) -> None:
-        self._relay_wakeup.set()
+        self.relay.kick()
 
     async def _relay_loop(self) -> None:
-        interval_s = self.config.policy.outbox.relay_interval_s
-        while True:
-            try:
-                await self.relay_once()
-            except Exception:
-                log.exception("case event relay failed; retrying")
-            self._relay_wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._relay_wakeup.wait(), interval_s)
+        assert self.js is not None
+        await self.relay.run_with(self.js)
 
     async def _retention_loop(self) -> None:
         while True:

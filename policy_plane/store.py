@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policy_plane.db import Database, Row, Tx
+from triplane.runtime.bus import OutgoingEvent
 
 SCHEMA_DDL = """
 CREATE TABLE IF NOT EXISTS policy_tenants (
@@ -417,19 +418,32 @@ class PolicyStore:
         return [str(r[0]) for r in rows]
 
     # ------------------------------------------------------------ outbox
-    def pending_events(self, limit: int) -> list[OutboxRow]:
+    # Read by the runtime's OutboxRelay (triplane/runtime/outbox.py).
+    def unsent(self, limit: int) -> list[OutgoingEvent]:
         with self.db.tx() as tx:
             rows = tx.all(
                 "SELECT event_id, subject, data_hex FROM policy_outbox WHERE published = 0 "
                 "ORDER BY created_at_us, event_id LIMIT ?",
                 (limit,),
             )
-        return [OutboxRow(str(r[0]), str(r[1]), bytes.fromhex(str(r[2]))) for r in rows]
+        return [OutgoingEvent(str(r[0]), str(r[1]), bytes.fromhex(str(r[2]))) for r in rows]
 
-    def mark_published(self, event_ids: Sequence[str]) -> None:
+    def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
         with self.db.tx() as tx:
             for event_id in event_ids:
                 tx.execute("UPDATE policy_outbox SET published = 1 WHERE event_id = ?", (event_id,))
+
+    def delete_sent_before(self, before_us: int) -> int:
+        """Published events created before `before_us` (JetStream keeps them)."""
+        with self.db.tx() as tx:
+            before = tx.all(
+                "SELECT COUNT(*) FROM policy_outbox WHERE published = 1 AND created_at_us < ?",
+                (before_us,),
+            )
+            tx.execute(
+                "DELETE FROM policy_outbox WHERE published = 1 AND created_at_us < ?", (before_us,)
+            )
+        return int(before[0][0])
 
     # ------------------------------------------------------------ consent
     def put_profile(self, tenant_id: str, customer_id: str, body: str) -> None:

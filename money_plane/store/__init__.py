@@ -1,5 +1,5 @@
 """Ledger storage behind one interface: SQLite (embedded) and PostgreSQL."""
 
-from money_plane.store.base import LedgerStore, OutboxRow, PostingRow, StoreConflict
+from money_plane.store.base import LedgerStore, PostingRow, StoreConflict
 
-__all__ = ["LedgerStore", "OutboxRow", "PostingRow", "StoreConflict"]
+__all__ = ["LedgerStore", "PostingRow", "StoreConflict"]

@@ -60,14 +60,6 @@ class PostingRow:
 
 
 @dataclass(frozen=True, slots=True)
-class OutboxRow:
-    seq: int
-    event_id: str
-    subject: str
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class CurrencyTotals:
     currency: str
     debits_minor: int
@@ -652,28 +644,30 @@ class LedgerStore:
 
     # ---- outbox ----
 
-    def outbox_unsent(self, limit: int) -> list[OutboxRow]:
+    # The outbox, as the runtime's OutboxRelay reads it (triplane/runtime/outbox.py).
+
+    def unsent(self, limit: int) -> list[OutgoingEvent]:
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
-                    "SELECT seq, event_id, subject, data FROM outbox WHERE sent_at_us IS NULL "
+                    "SELECT event_id, subject, data FROM outbox WHERE sent_at_us IS NULL "
                     "ORDER BY seq LIMIT %s"
                 ),
                 (limit,),
             )
-            return [OutboxRow(r[0], r[1], r[2], bytes(r[3])) for r in cur.fetchall()]
+            return [OutgoingEvent(r[0], r[1], bytes(r[2])) for r in cur.fetchall()]
 
-    def outbox_mark_sent(self, seqs: list[int], now_us: int) -> None:
-        if not seqs:
+    def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
+        if not event_ids:
             return
         with self._transaction() as cur:
             cur.execute(
                 f"UPDATE outbox SET sent_at_us = {self.placeholder} "
-                f"WHERE seq IN ({self._marks(len(seqs))})",
-                [now_us, *seqs],
+                f"WHERE event_id IN ({self._marks(len(event_ids))})",
+                [now_us, *event_ids],
             )
 
-    def outbox_delete_sent_before(self, before_us: int) -> int:
+    def delete_sent_before(self, before_us: int) -> int:
         with self._transaction() as cur:
             cur.execute(
                 self._sql("DELETE FROM outbox WHERE sent_at_us IS NOT NULL AND sent_at_us < %s"),

@@ -1,0 +1,157 @@
+"""The one transactional-outbox relay: events written in a plane's database
+transaction are published to JetStream, exactly once.
+
+Each plane writes its events into an outbox table in the same transaction as
+the facts they describe, and gives this relay an `OutboxSource`. The relay
+publishes unsent events with `Nats-Msg-Id` = event_id and marks them sent only
+after JetStream acknowledged them. NATS being down only delays events; a relay
+that dies between the ack and the mark re-publishes events JetStream already
+has, and JetStream drops them as duplicates (its duplicate window,
+`nats.dedupe_window_s`, is far longer than a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from triplane.runtime import bus
+from triplane.runtime.clock import Clock
+from triplane.runtime.config import NatsConfig
+
+log = logging.getLogger("triplane.outbox")
+T = TypeVar("T")
+
+
+class OutboxSource(Protocol):
+    """A plane's outbox table. Methods are blocking; the relay runs them off
+    the event loop."""
+
+    def unsent(self, limit: int) -> list[bus.OutgoingEvent]: ...
+
+    def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None: ...
+
+    def delete_sent_before(self, before_us: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    streams: list[str]
+    batch_size: int
+    idle_poll_s: float
+    backoff_initial_s: float
+    backoff_max_s: float
+    # Sent events older than this are deleted from the outbox (0: kept).
+    sent_retention_s: int = 0
+    cleanup_interval_s: float = 60.0
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        source: OutboxSource,
+        nats: NatsConfig,
+        settings: RelaySettings,
+        clock: Clock,
+        client_name: str,
+        run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+        wakeup: asyncio.Event | None = None,
+    ) -> None:
+        self._source = source
+        self._nats = nats
+        self._settings = settings
+        self._clock = clock
+        self._client_name = client_name
+        self._run_blocking = run_blocking
+        self._wakeup = wakeup or asyncio.Event()
+        self._client: NatsClient | None = None
+        self.published = 0
+
+    def kick(self) -> None:
+        """Wakes the relay now instead of at its next poll."""
+        self._wakeup.set()
+
+    async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
+        if self._run_blocking is not None:
+            result: T = await self._run_blocking(lambda: fn(*args))
+            return result
+        return await asyncio.to_thread(fn, *args)
+
+    async def _connect(self) -> NatsClient:
+        # One retry policy for the whole project: tenacity, exponential with
+        # jitter, capped; the relay never gives up while its plane runs.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential_jitter(
+                multiplier=self._settings.backoff_initial_s,
+                max=self._settings.backoff_max_s,
+                jitter=self._settings.backoff_initial_s,
+            ),
+            reraise=True,
+        ):
+            with attempt:
+                client = await bus.connect(self._nats, self._client_name)
+                await bus.ensure_streams(client.jetstream(), self._nats, self._settings.streams)
+                return client
+        raise AssertionError("unreachable")
+
+    async def run(self) -> None:
+        """Connects (retrying until it can) and relays until cancelled."""
+        self._client = await self._connect()
+        await self.run_with(self._client.jetstream())
+
+    async def relay_once(self, js: JetStreamContext) -> tuple[int, int]:
+        """Publishes one batch; returns (acknowledged, attempted)."""
+        events = await self._blocking(self._source.unsent, self._settings.batch_size)
+        if not events:
+            return 0, 0
+        try:
+            acked = await bus.publish_batch(js, events, self._nats.publish_timeout_s)
+        except Exception:
+            log.warning("publishing to JetStream failed; will retry", exc_info=True)
+            acked = [False] * len(events)
+        sent = [e.event_id for e, ok in zip(events, acked, strict=True) if ok]
+        if sent:
+            await self._blocking(self._source.mark_sent, sent, self._clock.now_us())
+        self.published += len(sent)
+        return len(sent), len(events)
+
+    async def run_with(self, js: JetStreamContext) -> None:
+        """Relays over an existing JetStream context until cancelled."""
+        settings = self._settings
+        backoff_s = settings.backoff_initial_s
+        loop = asyncio.get_running_loop()
+        next_cleanup_s = 0.0
+        while True:
+            if settings.sent_retention_s and loop.time() >= next_cleanup_s:
+                retention_us = settings.sent_retention_s * 1_000_000
+                await self._blocking(
+                    self._source.delete_sent_before, self._clock.now_us() - retention_us
+                )
+                next_cleanup_s = loop.time() + settings.cleanup_interval_s
+            try:
+                sent, attempted = await self.relay_once(js)
+            except Exception:
+                log.exception("outbox relay failed; retrying")
+                sent, attempted = 0, 1
+            if attempted == 0:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), settings.idle_poll_s)
+            elif sent < attempted:
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, settings.backoff_max_s)
+            else:
+                backoff_s = settings.backoff_initial_s
+
+    async def close(self) -> None:
+        if self._client is not None and not self._client.is_closed:
+            await self._client.drain()
