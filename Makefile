@@ -39,6 +39,7 @@ MYPY_TARGETS := $(PACKAGES) $(wildcard bench)
 # Generated code: checked for drift by proto-check.
 GENERATED := triplane/*/v1
 
+PYTRITON_VERSION := 0.7.0
 ONLY ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
@@ -56,6 +57,10 @@ $(STAMP): pyproject.toml $(PACKAGE_MARKERS)
 		exit 1; fi
 	@[ -x "$(PY)" ] || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# tritonserver comes inside the nvidia-pytriton wheel, whose declared
+	@# tritonclient[grpc] pins protobuf<7; only the binary is used, so the
+	@# wheel goes in without its dependencies (see ai_plane/README.md).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'nvidia-pytriton==$(PYTRITON_VERSION)'
 	@touch $@
 
 demo: venv

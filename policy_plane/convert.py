@@ -417,6 +417,7 @@ def eligible_pb(item: Eligible) -> pb.EligibleOffer:
         channel=CHANNEL_ENUMS[item.channel],
         value=_money(entry.value_minor, entry.currency),
         revision=entry.revision,
+        conversion_events=list(entry.conversion_events),
     )
     if item.variant is not None:
         message.variant.CopyFrom(_variant_pb(item.variant))

@@ -53,6 +53,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         all_planes=args.all_planes,
         state_dir=args.state_dir,
+        money_only=args.money_only,
     )
     return asyncio.run(demo.run_demo(options))
 
@@ -126,7 +127,7 @@ def _add_stack_commands(sub: Any) -> None:
     up.set_defaults(func=_cmd_up)
 
     demo = sub.add_parser("demo", help="start a fresh stack, drive a workload, print a summary")
-    demo.add_argument("--duration-s", type=float, default=20.0, help="workload length")
+    demo.add_argument("--duration-s", type=float, default=60.0, help="workload length")
     demo.add_argument("--workers", type=int, default=16, help="concurrent clients")
     demo.add_argument("--customers", type=int, default=200)
     demo.add_argument("--merchants", type=int, default=20)
@@ -136,6 +137,11 @@ def _add_stack_commands(sub: Any) -> None:
     )
     demo.add_argument(
         "--state-dir", default="", help="state dir (default: .triplane/demo-<timestamp>)"
+    )
+    demo.add_argument(
+        "--money-only",
+        action="store_true",
+        help="the money plane's own workload (no gateway), as before the product flows",
     )
     demo.set_defaults(func=_cmd_demo)
 

@@ -87,6 +87,8 @@ class DemoOptions:
     seed: int = 7
     all_planes: bool = False
     state_dir: str = ""
+    # The money-plane-only workload (the demo before the gateway existed).
+    money_only: bool = False
 
 
 @dataclass
@@ -742,6 +744,10 @@ def print_checks(
 async def run_demo(options: DemoOptions) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config = demo_config(options, stamp)
+    if not options.money_only:
+        from triplane.demo_product import run_product_demo
+
+        return await run_product_demo(config, clean_environ(), options)
     planes = None if options.all_planes else ["money"]
     print("starting the stack (embedded NATS, SQLite, dev keys) ...", flush=True)
     stack = Stack(config, planes=planes, environ=clean_environ())

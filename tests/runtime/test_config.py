@@ -102,3 +102,13 @@ def test_with_overrides_keeps_the_rest() -> None:
     assert changed.stack == config.stack
     with pytest.raises(ConfigError, match="no_such"):
         with_overrides(config, {"stack": {"no_such": 1}})
+
+
+def test_an_empty_default_mapping_takes_the_users_keys(tmp_path: Path) -> None:
+    from triplane.runtime import config as config_module
+
+    base = {"levers": {}, "money": {"listen": "x"}}
+    merged = config_module._merge(base, {"levers": {"offer_a": 1.5}})
+    assert merged["levers"] == {"offer_a": 1.5}
+    with pytest.raises(config_module.ConfigError, match=r"unknown config key 'money\.bogus'"):
+        config_module._merge(base, {"money": {"bogus": 1}})

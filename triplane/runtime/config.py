@@ -477,7 +477,6 @@ class GatewayConfig(_Strict, frozen=True):
     measurement: MeasurementConfig
 
 
-
 class StackPlaneConfig(_Strict, frozen=True):
     # The config section whose `listen` address the plane serves on.
     name: str
@@ -524,7 +523,10 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], path: str = "") ->
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{where}' must be a mapping")
-            merged[key] = _merge(base[key], value, f"{where}.")
+            # A mapping that is empty in the defaults is free-form (a map such
+            # as per-offer levers): its keys are the user's; the typed Struct
+            # still checks its values.
+            merged[key] = dict(value) if not base[key] else _merge(base[key], value, f"{where}.")
         else:
             merged[key] = value
     return merged

@@ -2149,6 +2149,7 @@ class EligibleOffer(_message.Message):
     VARIANT_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    CONVERSION_EVENTS_FIELD_NUMBER: _builtins.int
     offer_id: _builtins.str
     product: Global___Product.ValueType
     channel: Global___Channel.ValueType
@@ -2158,6 +2159,12 @@ class EligibleOffer(_message.Message):
     def variant(self) -> Global___OfferVariant: ...
     @_builtins.property
     def value(self) -> _types_pb2.Money: ...
+    @_builtins.property
+    def conversion_events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Event types that count as a conversion of this offer (from the catalog),
+        so the gateway can attribute conversions to the exposure.
+        """
+
     def __init__(
         self,
         *,
@@ -2167,10 +2174,11 @@ class EligibleOffer(_message.Message):
         variant: Global___OfferVariant | None = ...,
         value: _types_pb2.Money | None = ...,
         revision: _builtins.int = ...,
+        conversion_events: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value", "variant", b"variant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "offer_id", b"offer_id", "product", b"product", "revision", b"revision", "value", b"value", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "conversion_events", b"conversion_events", "offer_id", b"offer_id", "product", b"product", "revision", b"revision", "value", b"value", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,175 @@
+"""Assembles the AI plane from config: registry (bootstrapped with trained
+models), Triton (our own tritonserver, or ai.triton_url), scorer with its
+breaker and fallbacks, feature store, NATS pipeline, bandit, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import start_http_server
+
+from ai_plane.bandit import LinearThompsonBandit
+from ai_plane.breaker import CircuitBreaker
+from ai_plane.engine import AiEngine
+from ai_plane.manager import ModelManager, bootstrap_registry, write_live_repository
+from ai_plane.pipeline import Applier, FeaturePipeline
+from ai_plane.registry import Registry
+from ai_plane.scorer import Scorer, TritonClient
+from ai_plane.service import ai_services
+from ai_plane.store.base import FeatureStore, build_store
+from ai_plane.training import MODEL_FEATURES
+from ai_plane.triton import ModelRepository, TritonProcess, TritonUnavailable
+from triplane.ai.v1 import ai_pb2
+from triplane.common.v1 import envelope_pb2
+from triplane.runtime import bus
+from triplane.runtime.clock import Clock, SystemClock
+from triplane.runtime.config import Config
+from triplane.runtime.errors import TriplaneError, Unavailable
+from triplane.runtime.server import PlaneServer
+
+log = logging.getLogger("triplane.ai")
+
+
+def models_root(config: Config) -> Path:
+    path = Path(config.ai.models.dir)
+    return path if path.is_absolute() else config.state_path / path
+
+
+@dataclass
+class AiPlane:
+    config: Config
+    clock: Clock = field(default_factory=SystemClock)
+    listen: str | None = None
+    # Tests and the benchmark may hand in a running Triton: either our own
+    # process (sharing its model repository; the caller stops it), or the
+    # address of one that gets the model files in its load requests.
+    shared_triton: TritonProcess | None = None
+    triton_url: str | None = None
+    store: FeatureStore | None = None
+    triton_process: TritonProcess | None = None
+    engine: AiEngine | None = None
+    manager: ModelManager | None = None
+    pipeline: FeaturePipeline | None = None
+    server: PlaneServer | None = None
+    _nats: object | None = None
+
+    async def _start_triton(self, registry: Registry) -> tuple[str, ModelRepository | None]:
+        ai = self.config.ai
+        if self.shared_triton is not None:
+            write_live_repository(registry, self.shared_triton.repository, ai)
+            return self.shared_triton.url, self.shared_triton.repository
+        url = self.triton_url if self.triton_url is not None else ai.triton_url
+        if url:
+            return url, None
+        repository = ModelRepository(models_root(self.config) / "triton_repository")
+        write_live_repository(registry, repository, ai)
+        process = TritonProcess(repository, models_root(self.config) / "triton", ai.triton)
+        self.triton_process = process
+        try:
+            # Spawned from the event loop's thread (it lives as long as the
+            # plane); only the wait for readiness runs in a worker thread.
+            process.spawn()
+            await asyncio.to_thread(process.wait_ready)
+            return process.url, repository
+        except TritonUnavailable:
+            # A fault, not a mode: every score is answered in-process and says so.
+            log.exception("tritonserver could not start; serving with the in-process fallback")
+            self.triton_process = None
+            return "", None
+
+    async def start(self) -> int:
+        """Starts everything; returns the bound gRPC port."""
+        config, ai = self.config, self.config.ai
+        registry = Registry(models_root(self.config) / "registry", self.clock)
+        if ai.models.bootstrap_train:
+            await asyncio.to_thread(bootstrap_registry, registry, ai)
+        url, repository = await self._start_triton(registry)
+        triton = TritonClient(url) if url else None
+        if triton is not None:
+            await triton.warm_up(ai.triton.startup_timeout_s)
+        breaker = CircuitBreaker(ai.breaker.failure_threshold, ai.breaker.open_s)
+        scorer = Scorer(ai, triton, breaker, self.clock)
+        store = self.store or build_store(ai.features, self.clock)
+        self.store = store
+        bandit = LinearThompsonBandit(
+            ai.bandit.prior_variance,
+            ai.bandit.noise_variance,
+            ai.bandit.probability_samples,
+            ai.bandit.seed,
+        )
+        self.engine = AiEngine(ai, store, scorer, bandit, self.clock)
+        self.manager = ModelManager(ai, registry, self.engine, triton, repository)
+        for model in MODEL_FEATURES:
+            live = registry.live(model)
+            if live is None:
+                continue
+            if triton is not None and self.triton_process is None:
+                # Not started by us with these files: Triton must load them now.
+                await self.manager.activate(live)
+                continue
+            if triton is not None:
+                try:
+                    await self.manager.warm_up(live)
+                except Unavailable:
+                    log.exception("warm-up failed; scores fall back until Triton answers")
+            self.manager.activate_in_process(live)
+        if config.nats.url and ai.pipeline.enabled:
+            await self._start_pipeline()
+        if ai.metrics_listen:
+            host, _, port = ai.metrics_listen.rpartition(":")
+            start_http_server(int(port), addr=host or "0.0.0.0")
+        self.server = PlaneServer(
+            name="ai_plane",
+            listen=self.listen or ai.listen,
+            services=ai_services(self.engine, self.manager, ai.limits),
+            shutdown_grace_s=config.runtime.shutdown_grace_s,
+            max_message_bytes=config.runtime.max_message_bytes,
+            otel_exporter=config.runtime.otel_exporter,
+            on_stop=[self._stop_internals],
+        )
+        return await self.server.start()
+
+    async def _start_pipeline(self) -> None:
+        assert self.engine is not None and self.store is not None
+        nc = await bus.connect(self.config.nats, "ai_plane")
+        self._nats = nc
+        js = nc.jetstream()
+        await bus.ensure_streams(js, self.config.nats, ["TRIPLANE_MONEY", "TRIPLANE_GATEWAY"])
+        applier = Applier(
+            self.store, self.config.ai.features.namespace, on_outcome=self._on_outcome
+        )
+        self.pipeline = FeaturePipeline(js, self.config.ai.pipeline, applier)
+        await self.pipeline.start()
+
+    def _on_outcome(
+        self, envelope: envelope_pb2.EventEnvelope, event: ai_pb2.OfferOutcomeEvent
+    ) -> None:
+        assert self.engine is not None
+        try:
+            self.engine.report_outcome(
+                envelope.tenant_id, event.rank_id, event.offer_id, event.reward, envelope.event_id
+            )
+        except TriplaneError as error:
+            # An outcome for a ranking this instance no longer remembers: drop it.
+            log.info("offer outcome not applied: %s", error.reason)
+
+    async def _stop_internals(self) -> None:
+        if self.pipeline is not None:
+            await self.pipeline.stop()
+        if self._nats is not None:
+            await self._nats.close()  # type: ignore[attr-defined]
+        if self.engine is not None:
+            await self.engine.scorer.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.triton_process is not None:
+            await asyncio.to_thread(self.triton_process.stop)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        else:
+            await self._stop_internals()

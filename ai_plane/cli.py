@@ -1,0 +1,168 @@
+"""`triplane ai ...`: train, promote, rollback, backfill.
+
+train writes a draft into the registry directly (no running plane needed);
+promote and rollback go through the running plane's ModelRegistryService, so
+Triton switches versions without a restart; backfill rebuilds one tenant (or
+an account cohort) from the JetStream history into the configured store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+
+import grpc
+
+from ai_plane.app import models_root
+from ai_plane.manager import train_into
+from ai_plane.pipeline import Applier, backfill
+from ai_plane.registry import Registry
+from ai_plane.store.base import build_store
+from triplane.ai.v1 import ai_pb2 as pb
+from triplane.ai.v1 import ai_pb2_grpc
+from triplane.runtime import bus
+from triplane.runtime.clock import SystemClock
+from triplane.runtime.config import Config, load_config
+from triplane.runtime.errors import TriplaneError, parse_rpc_error
+
+Handler = Callable[[Config, argparse.Namespace], int]
+_STATES = {
+    "approved": pb.MODEL_STATE_APPROVED,
+    "live": pb.MODEL_STATE_LIVE,
+    "retired": pb.MODEL_STATE_RETIRED,
+}
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds `ai` and its subcommands to the `triplane` CLI."""
+    ai = subparsers.add_parser("ai", help="AI plane: model registry, backfill")
+    commands = ai.add_subparsers(dest="ai_command", required=True)
+
+    train = commands.add_parser("train", help="train a model on the synthetic data (a draft)")
+    train.add_argument("model", choices=["payment_risk", "offer_propensity"])
+    train.add_argument("--seed", type=int, default=0, help="default: ai.models.seed")
+    train.set_defaults(func=lambda args: run(args, _train))
+
+    promote = commands.add_parser("promote", help="move a version to approved, live or retired")
+    promote.add_argument("model")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--to", choices=sorted(_STATES), default="live")
+    promote.add_argument("--address", default="", help="host:port (default: ai.listen)")
+    promote.set_defaults(func=lambda args: run(args, _promote))
+
+    rollback = commands.add_parser("rollback", help="make the previous live version live again")
+    rollback.add_argument("model")
+    rollback.add_argument("--address", default="", help="host:port (default: ai.listen)")
+    rollback.set_defaults(func=lambda args: run(args, _rollback))
+
+    fill = commands.add_parser("backfill", help="rebuild features of a tenant from JetStream")
+    fill.add_argument("tenant")
+    fill.add_argument("--accounts", default="", help="comma-separated cohort (default: all)")
+    fill.set_defaults(func=lambda args: run(args, _backfill))
+
+
+def run(args: argparse.Namespace, handler: Handler) -> int:
+    config = load_config(getattr(args, "config", None))
+    try:
+        return handler(config, args)
+    except TriplaneError as err:
+        print(f"error: {err.reason}: {err.message}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        reason, field = parse_rpc_error(err)
+        print(f"error: {err.code().name}: {reason or err.details()} {field}", file=sys.stderr)
+        return 2
+
+
+def _print(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _train(config: Config, args: argparse.Namespace) -> int:
+    registry = Registry(models_root(config) / "registry", SystemClock())
+    record, created = train_into(registry, config.ai, args.model, args.seed)
+    _print(
+        {
+            "model": record.model,
+            "version": record.version,
+            "created": created,
+            "state": str(record.state),
+            "metrics": record.metrics,
+            "artifact_sha256": record.artifact_sha256,
+        }
+    )
+    return 0
+
+
+def _stub(config: Config, address: str) -> ai_pb2_grpc.ModelRegistryServiceStub:
+    channel = grpc.insecure_channel(address or config.ai.listen)
+    return ai_pb2_grpc.ModelRegistryServiceStub(channel)
+
+
+def _promote(config: Config, args: argparse.Namespace) -> int:
+    request = pb.PromoteModelRequest(
+        model=args.model, version=args.version, target_state=_STATES[args.to]
+    )
+    response = _stub(config, args.address).PromoteModel(
+        request, timeout=config.ai.triton.load_timeout_s + 5
+    )
+    _print(
+        {
+            "model": response.version.model,
+            "version": response.version.version,
+            "state": pb.ModelState.Name(response.version.state),
+        }
+    )
+    return 0
+
+
+def _rollback(config: Config, args: argparse.Namespace) -> int:
+    response = _stub(config, args.address).RollbackModel(
+        pb.RollbackModelRequest(model=args.model), timeout=config.ai.triton.load_timeout_s + 5
+    )
+    _print(
+        {
+            "model": response.live.model,
+            "live_version": response.live.version,
+            "rollback_s": round(response.rollback_s, 3),
+        }
+    )
+    return 0
+
+
+async def _backfill_async(config: Config, args: argparse.Namespace) -> int:
+    if config.ai.features.backend == "in_process":
+        print(
+            "error: the in-process store lives inside the running plane; "
+            "backfill targets redis or aerospike (ai.features.backend)",
+            file=sys.stderr,
+        )
+        return 2
+    if not config.nats.url:
+        print("error: nats.url (NATS_URL) is required", file=sys.stderr)
+        return 2
+    store = build_store(config.ai.features)
+    cohort = {a for a in args.accounts.split(",") if a} or None
+    applier = Applier(store, config.ai.features.namespace, cohort)
+    nc = await bus.connect(config.nats, "ai-backfill")
+    try:
+        read = await backfill(nc.jetstream(), applier, args.tenant, config.ai.pipeline)
+    finally:
+        await nc.close()
+        await store.close()
+    _print(
+        {
+            "tenant": args.tenant,
+            "messages_read": read,
+            "applied": applier.applied,
+            "already_applied": applier.duplicates,
+        }
+    )
+    return 0
+
+
+def _backfill(config: Config, args: argparse.Namespace) -> int:
+    return asyncio.run(_backfill_async(config, args))

@@ -1,0 +1,422 @@
+"""The AI plane's domain: Score, Rank, Explain and outcomes, without gRPC.
+
+The servicer (service.py) translates protobuf to these calls; benchmarks and
+tests call them directly too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from ai_plane import pii
+from ai_plane.bandit import LinearThompsonBandit, arm_features
+from ai_plane.drift import PsiMonitor
+from ai_plane.features import (
+    FEATURE_SET_VERSION,
+    PROPENSITY_FEATURES,
+    RISK_FEATURES,
+    EntityRef,
+    PaymentInput,
+    hour_of_day,
+    keys_for,
+    propensity_context,
+    risk_vector,
+    stored_features,
+)
+from ai_plane.scorer import FloatArray, Scorer, ScoreResult
+from ai_plane.store.base import FeatureStore
+from ai_plane.synth import OFFERS
+from ai_plane.training import PROPENSITY_MODEL, RISK_MODEL
+from triplane.runtime.clock import Clock
+from triplane.runtime.config import AiConfig
+from triplane.runtime.deadline import Deadline
+from triplane.runtime.errors import InvalidArgument, NotFound
+
+log = logging.getLogger("triplane.ai.engine")
+
+BANDIT_POLICY = "linear_thompson_sampling"
+MODELS = (RISK_MODEL, PROPENSITY_MODEL)
+
+
+@dataclass(frozen=True)
+class ScoreQuery:
+    tenant_id: str
+    account_id: str
+    amount_minor: int
+    currency: str = ""
+    device_id: str = ""
+    merchant_id: str = ""
+    merchant_category: str = ""
+    channel: int = 0
+    occurred_at_us: int = 0
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    model: str = ""
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class Attribution:
+    feature: str
+    value: float
+    contribution: float
+
+
+@dataclass(frozen=True)
+class ScoreAnswer:
+    score_id: str
+    tenant_id: str
+    model: str
+    version: int
+    source: str
+    score: float
+    attributions: list[Attribution]
+    features: list[tuple[str, float]]
+    feature_set_version: str
+    fallback_reason: str
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    tenant_id: str
+    account_id: str
+    offer_ids: Sequence[str]
+    channel: int = 0
+    hour_of_day: int = -1
+    occurred_at_us: int = 0
+
+
+@dataclass(frozen=True)
+class RankedOffer:
+    offer_id: str
+    propensity: float
+    exploration_probability: float
+
+
+@dataclass(frozen=True)
+class RankAnswer:
+    rank_id: str
+    offers: list[RankedOffer]
+    chosen_offer_id: str
+    chosen_probability: float
+    model: str
+    version: int
+    source: str
+    score: float
+
+
+@dataclass(slots=True)
+class _Explained:
+    """A remembered score, kept compact (arrays, not lists of objects): the
+    cache holds up to explain_cache_entries of them, and the collector's
+    pauses grow with every object it must walk."""
+
+    tenant_id: str
+    model: str
+    version: int
+    source: str
+    score: float
+    fallback_reason: str
+    vector: npt.NDArray[np.float64]
+    contributions: npt.NDArray[np.float64] | None
+
+
+@dataclass
+class _PendingRank:
+    tenant_id: str
+    features: dict[str, FloatArray]
+
+
+def top_attributions(
+    names: Sequence[str], values: Sequence[float], contributions: Sequence[float], k: int
+) -> list[Attribution]:
+    """The k features with the largest absolute contribution (bias excluded)."""
+    order = sorted(range(len(names)), key=lambda i: -abs(contributions[i]))[:k]
+    return [Attribution(names[i], values[i], contributions[i]) for i in order]
+
+
+class AiEngine:
+    def __init__(
+        self,
+        config: AiConfig,
+        store: FeatureStore,
+        scorer: Scorer,
+        bandit: LinearThompsonBandit,
+        clock: Clock,
+    ) -> None:
+        self._config = config
+        self._limits = config.limits
+        self.store = store
+        self.scorer = scorer
+        self.bandit = bandit
+        self._clock = clock
+        self._namespace = config.features.namespace
+        self._explained: OrderedDict[str, _Explained] = OrderedDict()
+        self._pending: OrderedDict[str, _PendingRank] = OrderedDict()
+        self._outcomes: OrderedDict[str, None] = OrderedDict()
+        self.drift: dict[str, dict[str, PsiMonitor]] = {}
+
+    def set_drift_baselines(
+        self, model: str, version: int, baselines: Mapping[str, list[list[float]]]
+    ) -> None:
+        drift = self._config.drift
+        self.drift[model] = {
+            series: PsiMonitor(
+                model,
+                version,
+                series,
+                edges,
+                expected,
+                drift.window_scores,
+                drift.update_every_scores,
+            )
+            for series, (edges, expected) in baselines.items()
+        }
+
+    # ---- validation ----
+
+    def _check_id(self, name: str, value: str, required: bool = True) -> None:
+        if required and not value:
+            raise InvalidArgument("FIELD_REQUIRED", f"{name} is required", name)
+        if len(value) > self._limits.max_id_length:
+            raise InvalidArgument(
+                "FIELD_TOO_LONG", f"{name} is longer than {self._limits.max_id_length}", name
+            )
+
+    def _check_score_query(self, q: ScoreQuery) -> None:
+        prefix = "payment"
+        self._check_id(f"{prefix}.tenant_id", q.tenant_id)
+        self._check_id(f"{prefix}.account_id", q.account_id)
+        self._check_id(f"{prefix}.device_id", q.device_id, required=False)
+        self._check_id(f"{prefix}.merchant_id", q.merchant_id, required=False)
+        self._check_id(f"{prefix}.merchant_category", q.merchant_category, required=False)
+        if q.amount_minor < 0:
+            raise InvalidArgument("AMOUNT_NEGATIVE", "amount must be >= 0", f"{prefix}.amount")
+        if len(q.attributes) > self._limits.max_attributes:
+            raise InvalidArgument(
+                "TOO_MANY_ATTRIBUTES",
+                f"at most {self._limits.max_attributes} attributes",
+                f"{prefix}.attributes",
+            )
+        fields = {
+            f"{prefix}.tenant_id": q.tenant_id,
+            f"{prefix}.account_id": q.account_id,
+            f"{prefix}.device_id": q.device_id,
+            f"{prefix}.merchant_id": q.merchant_id,
+        }
+        for key, value in q.attributes.items():
+            where = f"{prefix}.attributes[{key}]"
+            if (
+                len(key) > self._limits.max_id_length
+                or len(value) > self._limits.max_attribute_length
+            ):
+                raise InvalidArgument("FIELD_TOO_LONG", f"{where} is too long", where)
+            fields[f"{where}.key"] = key
+            fields[where] = value
+        pii.refuse_pii(fields)
+        if q.model and q.model not in MODELS:
+            raise InvalidArgument("UNKNOWN_MODEL", f"unknown model {q.model!r}", "model")
+        if q.top_k > self._limits.max_top_k:
+            raise InvalidArgument("TOP_K_TOO_LARGE", f"top_k > {self._limits.max_top_k}", "top_k")
+
+    # ---- features ----
+
+    async def stored_features(self, ref: EntityRef, now_us: int) -> tuple[dict[str, float], str]:
+        """The store-backed features; on a slow or failed store, zeros and a
+        reason (the score goes on rather than waiting past its budget)."""
+        keys = keys_for(ref, self._namespace, now_us)
+        try:
+            if self.store.name == "in_process":
+                records = await self.store.read(keys)
+            else:
+                timeout_s = self._config.features.read_timeout_ms / 1000.0
+                records = await asyncio.wait_for(self.store.read(keys), timeout_s)
+        except (TimeoutError, OSError, ConnectionError) as error:
+            log.warning("feature read failed: %r", error)
+            return stored_features([{}] * len(keys)), "FEATURES_UNAVAILABLE"
+        return stored_features(records), ""
+
+    # ---- Score ----
+
+    async def score(self, q: ScoreQuery, deadline: Deadline) -> ScoreAnswer:
+        self._check_score_query(q)
+        now_us = q.occurred_at_us or self._clock.now_us()
+        ref = EntityRef(q.tenant_id, q.account_id, q.device_id, q.merchant_id)
+        stored, feature_issue = await self.stored_features(ref, now_us)
+        payment = PaymentInput(q.amount_minor, q.merchant_category, q.channel, hour_of_day(now_us))
+        vector = risk_vector(payment, stored)
+        model = q.model or RISK_MODEL
+        rows = np.asarray([vector], dtype=np.float64)
+        result = await self.scorer.score(model, rows, [f"{q.tenant_id}|{q.account_id}"], deadline)
+        answer = self._score_answer(q, model, vector, result, feature_issue)
+        self._observe_drift(model, answer.score, vector)
+        return answer
+
+    def _score_answer(
+        self, q: ScoreQuery, model: str, vector: list[float], result: ScoreResult, issue: str
+    ) -> ScoreAnswer:
+        names = RISK_FEATURES
+        contributions = result.contributions[0].tolist() if result.contributions is not None else []
+        k = q.top_k or self._limits.default_top_k
+        attributions = top_attributions(names, vector, contributions, k) if contributions else []
+        answer = ScoreAnswer(
+            score_id=uuid.uuid4().hex,
+            tenant_id=q.tenant_id,
+            model=model,
+            version=result.version,
+            source=result.source,
+            score=float(result.scores[0]),
+            attributions=attributions,
+            features=list(zip(names, vector, strict=True)),
+            feature_set_version=FEATURE_SET_VERSION,
+            fallback_reason=",".join(r for r in (result.fallback_reason, issue) if r),
+        )
+        if attributions:
+            log.debug(
+                "score attributions",
+                extra={"score_id": answer.score_id, "top": [a.feature for a in attributions]},
+            )
+        self._explained[answer.score_id] = _Explained(
+            q.tenant_id,
+            model,
+            result.version,
+            result.source,
+            answer.score,
+            answer.fallback_reason,
+            np.asarray(vector, dtype=np.float64),
+            None if result.contributions is None else result.contributions[0],
+        )
+        while len(self._explained) > self._limits.explain_cache_entries:
+            self._explained.popitem(last=False)
+        return answer
+
+    def _observe_drift(self, model: str, score: float, vector: list[float]) -> None:
+        monitors = self.drift.get(model)
+        if not monitors or math.isnan(score):
+            return
+        for series, monitor in monitors.items():
+            if series == "score":
+                monitor.observe(score)
+            else:
+                monitor.observe(vector[RISK_FEATURES.index(series)])
+
+    # ---- Explain ----
+
+    def explain(self, tenant_id: str, score_id: str, top_k: int) -> ScoreAnswer:
+        self._check_id("tenant_id", tenant_id)
+        found = self._explained.get(score_id)
+        # Another tenant's score is NOT_FOUND, never its data (rule 8).
+        if found is None or found.tenant_id != tenant_id:
+            raise NotFound("SCORE_NOT_FOUND", f"no recent score {score_id!r}", "score_id")
+        if top_k > self._limits.max_top_k:
+            raise InvalidArgument("TOP_K_TOO_LARGE", f"top_k > {self._limits.max_top_k}", "top_k")
+        values = found.vector.tolist()
+        attributions: list[Attribution] = []
+        if found.contributions is not None:
+            k = top_k or self._limits.default_top_k
+            contributions = found.contributions.tolist()
+            attributions = top_attributions(RISK_FEATURES, values, contributions, k)
+        return ScoreAnswer(
+            score_id=score_id,
+            tenant_id=tenant_id,
+            model=found.model,
+            version=found.version,
+            source=found.source,
+            score=found.score,
+            attributions=attributions,
+            features=list(zip(RISK_FEATURES, values, strict=True)),
+            feature_set_version=FEATURE_SET_VERSION,
+            fallback_reason=found.fallback_reason,
+        )
+
+    # ---- Rank ----
+
+    def _check_rank_query(self, q: RankQuery) -> None:
+        self._check_id("tenant_id", q.tenant_id)
+        self._check_id("account_id", q.account_id)
+        if not q.offer_ids:
+            raise InvalidArgument("NO_CANDIDATES", "at least one candidate is needed", "candidates")
+        if len(q.offer_ids) > self._limits.max_candidates:
+            raise InvalidArgument(
+                "TOO_MANY_CANDIDATES", f"at most {self._limits.max_candidates}", "candidates"
+            )
+        if len(set(q.offer_ids)) != len(q.offer_ids):
+            raise InvalidArgument("DUPLICATE_CANDIDATE", "offer ids must differ", "candidates")
+        for i, offer_id in enumerate(q.offer_ids):
+            self._check_id(f"candidates[{i}].offer_id", offer_id)
+        pii.refuse_pii({"tenant_id": q.tenant_id, "account_id": q.account_id})
+
+    async def rank(self, q: RankQuery, deadline: Deadline) -> RankAnswer:
+        self._check_rank_query(q)
+        now_us = q.occurred_at_us or self._clock.now_us()
+        hour = q.hour_of_day if 0 <= q.hour_of_day <= 23 else hour_of_day(now_us)
+        stored, _ = await self.stored_features(EntityRef(q.tenant_id, q.account_id), now_us)
+        context = propensity_context(q.channel, hour, stored)
+        rows = np.asarray(
+            [[OFFERS.index(o) if o in OFFERS else -1, *context] for o in q.offer_ids],
+            dtype=np.float64,
+        )
+        assert rows.shape[1] == len(PROPENSITY_FEATURES)
+        keys = [f"{q.tenant_id}|{q.account_id}|{o}" for o in q.offer_ids]
+        result = await self.scorer.score(PROPENSITY_MODEL, rows, keys, deadline)
+        propensities = [0.0 if math.isnan(p) else p for p in result.scores.tolist()]
+        arms = [f"{q.tenant_id}|{o}" for o in q.offer_ids]
+        features = [arm_features(context, p) for p in propensities]
+        choice = self.bandit.choose(arms, features)
+        rank_id = uuid.uuid4().hex
+        self._pending[rank_id] = _PendingRank(
+            q.tenant_id, dict(zip(q.offer_ids, features, strict=True))
+        )
+        while len(self._pending) > self._config.bandit.max_pending_ranks:
+            self._pending.popitem(last=False)
+        probabilities = choice.probabilities.tolist()
+        ranked = sorted(
+            (
+                RankedOffer(o, p, pr)
+                for o, p, pr in zip(q.offer_ids, propensities, probabilities, strict=True)
+            ),
+            key=lambda r: -r.propensity,
+        )
+        chosen = q.offer_ids[choice.chosen_index]
+        return RankAnswer(
+            rank_id=rank_id,
+            offers=ranked,
+            chosen_offer_id=chosen,
+            chosen_probability=probabilities[choice.chosen_index],
+            model=PROPENSITY_MODEL,
+            version=result.version,
+            source=result.source,
+            score=propensities[choice.chosen_index],
+        )
+
+    # ---- outcomes ----
+
+    def report_outcome(
+        self, tenant_id: str, rank_id: str, offer_id: str, reward: float, outcome_id: str
+    ) -> bool:
+        """Updates the bandit once per outcome_id; False for a repeat."""
+        self._check_id("tenant_id", tenant_id)
+        self._check_id("outcome_id", outcome_id)
+        if not math.isfinite(reward):
+            raise InvalidArgument("REWARD_NOT_FINITE", "reward must be a finite number", "reward")
+        if outcome_id in self._outcomes:
+            return False
+        pending = self._pending.get(rank_id)
+        if pending is None or pending.tenant_id != tenant_id:
+            raise NotFound("RANK_NOT_FOUND", f"no recent ranking {rank_id!r}", "rank_id")
+        x = pending.features.get(offer_id)
+        if x is None:
+            raise InvalidArgument("OFFER_NOT_RANKED", f"{offer_id!r} was not ranked", "offer_id")
+        self.bandit.update(f"{tenant_id}|{offer_id}", x, reward)
+        self._outcomes[outcome_id] = None
+        while len(self._outcomes) > self._config.bandit.max_outcome_ids:
+            self._outcomes.popitem(last=False)
+        return True

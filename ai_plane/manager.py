@@ -1,0 +1,195 @@
+"""Model lifecycle: train into the registry, promote, roll back, and make
+serving follow (Triton loads the version without a restart, the in-process
+copy is swapped, drift baselines are reset).
+
+Serving switches first and the registry records the change only after Triton
+confirmed the new version ready, so the registry never says "live" about a
+version that is not being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import lightgbm as lgb
+import numpy as np
+
+from ai_plane import training
+from ai_plane.engine import AiEngine
+from ai_plane.registry import ModelRecord, ModelState, Registry
+from ai_plane.scorer import LiveModel, TritonClient
+from ai_plane.triton import MODEL_PY, ModelRepository, model_config_json
+from triplane.runtime.config import AiConfig
+from triplane.runtime.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger("triplane.ai.models")
+
+
+def train_into(
+    registry: Registry, config: AiConfig, model: str, seed: int = 0
+) -> tuple[ModelRecord, bool]:
+    """Trains `model` (deterministic for a seed) and registers a draft."""
+    if model not in training.MODEL_FEATURES:
+        raise InvalidArgument("UNKNOWN_MODEL", f"unknown model {model!r}", "model")
+    models = config.models
+    seed = seed or models.seed
+    trained = training.train(
+        model,
+        seed,
+        models.training_customers,
+        models.training_days,
+        models.num_boost_round,
+        models.num_leaves,
+    )
+    metrics = {
+        "roc_auc": trained.roc_auc,
+        "pr_auc": trained.pr_auc,
+        "positive_rate": trained.positive_rate,
+    }
+    lineage: dict[str, str | int] = {
+        k: v for k, v in training.lineage(trained, seed).items() if isinstance(v, str | int)
+    }
+    return registry.register(
+        model,
+        trained.booster_text,
+        lineage,
+        metrics,
+        list(trained.feature_names),
+        trained.baselines,
+    )
+
+
+def bootstrap_registry(registry: Registry, config: AiConfig) -> None:
+    """Trains and promotes every model that has no live version yet (the
+    embedded stack starts with working models; nothing is downloaded)."""
+    for model in training.MODEL_FEATURES:
+        if registry.live(model) is not None:
+            continue
+        record, _ = train_into(registry, config, model)
+        if record.state is ModelState.DRAFT:
+            registry.transition(model, record.version, ModelState.APPROVED)
+        if record.state is not ModelState.LIVE:
+            registry.transition(model, record.version, ModelState.LIVE)
+        log.info("bootstrapped %s v%d", model, record.version)
+
+
+def write_live_repository(
+    registry: Registry, repository: ModelRepository, config: AiConfig
+) -> None:
+    """The model repository our own Triton starts from: every live version."""
+    for model in training.MODEL_FEATURES:
+        live = registry.live(model)
+        if live is None:
+            continue
+        repository.write_version(model, live.version, registry.artifact_text(model, live.version))
+        repository.write_config(model, [live.version], len(live.feature_names), config.triton)
+
+
+@dataclass
+class ModelManager:
+    config: AiConfig
+    registry: Registry
+    engine: AiEngine
+    triton: TritonClient | None
+    repository: ModelRepository | None
+    _lock: asyncio.Lock | None = None
+
+    def _serialize(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def activate_in_process(self, record: ModelRecord) -> None:
+        text = self.registry.artifact_text(record.model, record.version)
+        booster = lgb.Booster(model_str=text)
+        self.engine.scorer.set_live(
+            LiveModel(record.model, record.version, booster, tuple(record.feature_names))
+        )
+        self.engine.set_drift_baselines(record.model, record.version, record.baselines)
+
+    async def _load_in_triton(self, record: ModelRecord) -> None:
+        if self.triton is None:
+            return
+        triton = self.config.triton
+        text = self.registry.artifact_text(record.model, record.version)
+        n_features = len(record.feature_names)
+        try:
+            if self.repository is not None:
+                self.repository.write_version(record.model, record.version, text)
+                self.repository.write_config(record.model, [record.version], n_features, triton)
+                await self.triton.load(record.model, triton.load_timeout_s)
+            else:
+                await self._load_remote(record, text)
+            ready = await self.triton.ready(record.model, record.version, triton.load_timeout_s)
+        except Exception as error:
+            raise Unavailable(
+                "TRITON_LOAD_FAILED",
+                f"Triton could not load {record.model} v{record.version}: {error}",
+            ) from error
+        if not ready:
+            raise Unavailable(
+                "TRITON_LOAD_FAILED", f"{record.model} v{record.version} is not ready"
+            )
+
+    async def _load_remote(self, record: ModelRecord, text: str) -> None:
+        """An external Triton gets the files in the load request itself."""
+        assert self.triton is not None
+        config_json = model_config_json(
+            record.model, [record.version], len(record.feature_names), self.config.triton
+        )
+        files = {
+            f"file:{record.version}/model.txt": text.encode(),
+            f"file:{record.version}/model.py": MODEL_PY.read_bytes(),
+        }
+        await self.triton.load(record.model, self.config.triton.load_timeout_s, config_json, files)
+
+    async def warm_up(self, record: ModelRecord) -> None:
+        """One real inference before traffic: a Python-backend model's first
+        request pays for lazy initialisation, which must not hit a caller's
+        budget (nor count against the circuit breaker)."""
+        if self.triton is None:
+            return
+        rows = np.zeros((1, len(record.feature_names)), dtype=np.float64)
+        try:
+            timeout_s = self.config.triton.load_timeout_s
+            # Its own queue timeout too: the first request may wait on lazy init.
+            await self.triton.infer(
+                record.model, record.version, rows, timeout_s, int(timeout_s * 1e6)
+            )
+        except Exception as error:
+            raise Unavailable(
+                "TRITON_LOAD_FAILED",
+                f"{record.model} v{record.version} failed its warm-up: {error}",
+            ) from error
+
+    async def activate(self, record: ModelRecord) -> None:
+        await self._load_in_triton(record)
+        await self.warm_up(record)
+        self.activate_in_process(record)
+
+    async def train(self, model: str, seed: int) -> tuple[ModelRecord, bool]:
+        async with self._serialize():
+            self.registry.reload()
+            return await asyncio.to_thread(train_into, self.registry, self.config, model, seed)
+
+    async def promote(self, model: str, version: int, target: ModelState) -> ModelRecord:
+        async with self._serialize():
+            self.registry.reload()
+            record = self.registry.check_transition(model, version, target)
+            if target is ModelState.LIVE:
+                await self.activate(record)
+            return self.registry.transition(model, version, target)
+
+    async def rollback(self, model: str) -> tuple[ModelRecord, float]:
+        """Makes the rollback pointer live; returns it and the seconds taken
+        until Triton served it."""
+        async with self._serialize():
+            started = time.monotonic()
+            self.registry.reload()
+            _, target = self.registry.rollback_target(model)
+            await self.activate(target)
+            record = self.registry.rollback(model)
+            return record, time.monotonic() - started

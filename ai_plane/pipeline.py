@@ -1,0 +1,337 @@
+"""The feature pipeline: NATS JetStream events in, online store updates out.
+
+Sources: ledger events from the money plane's outbox
+(`triplane.money.<tenant>.entry.posted`) and behavioural events from the
+gateway (`triplane.gateway.<tenant>.behaviour.<kind>`, payload
+`triplane.ai.v1.BehaviourEvent`); offer outcomes
+(`triplane.gateway.<tenant>.offer.outcome`) go to the bandit.
+
+Durable pull consumers resume where they left off after a restart. Delivery is
+at least once, so every update is idempotent: each activity carries a dedupe
+id derived from the envelope's event_id, and the store applies an id once.
+
+`backfill` rebuilds one tenant (or an account cohort) from the streams'
+history into any store with an ephemeral consumer; because increments are
+sums and every event is applied once, the rebuilt store equals the live one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from ai_plane.features import Activity, ActivityKind, updates_for
+from ai_plane.store.base import FeatureStore
+from ai_plane.synth import LabeledActivity
+from triplane.ai.v1 import ai_pb2
+from triplane.common.v1 import envelope_pb2, types_pb2
+from triplane.money.v1 import money_pb2
+from triplane.runtime.bus import OutgoingEvent, make_envelope, subject_for
+from triplane.runtime.config import AiPipelineConfig
+
+log = logging.getLogger("triplane.ai.pipeline")
+
+MONEY_STREAM, GATEWAY_STREAM = "TRIPLANE_MONEY", "TRIPLANE_GATEWAY"
+ENTRY_POSTED = "money.entry.posted"
+OUTCOME = "gateway.offer.outcome"
+_PAYMENT_KINDS = {
+    money_pb2.TRANSFER_KIND_TRANSFER,
+    money_pb2.TRANSFER_KIND_AUTHORIZE,
+    money_pb2.TRANSFER_KIND_PAYOUT,
+}
+_BEHAVIOUR_KIND: dict[int, ActivityKind] = {
+    ai_pb2.BEHAVIOUR_KIND_PAYMENT_DECLINED: ActivityKind.DECLINED,
+    ai_pb2.BEHAVIOUR_KIND_PAYMENT_RETRIED: ActivityKind.RETRIED,
+    ai_pb2.BEHAVIOUR_KIND_KYC_FAILED: ActivityKind.KYC_FAILED,
+    ai_pb2.BEHAVIOUR_KIND_REPAYMENT_MADE: ActivityKind.REPAYMENT_MADE,
+    ai_pb2.BEHAVIOUR_KIND_REPAYMENT_MISSED: ActivityKind.REPAYMENT_MISSED,
+}
+_KIND_TO_BEHAVIOUR: dict[ActivityKind, ai_pb2.BehaviourKind.ValueType] = {
+    ActivityKind.DECLINED: ai_pb2.BEHAVIOUR_KIND_PAYMENT_DECLINED,
+    ActivityKind.RETRIED: ai_pb2.BEHAVIOUR_KIND_PAYMENT_RETRIED,
+    ActivityKind.KYC_FAILED: ai_pb2.BEHAVIOUR_KIND_KYC_FAILED,
+    ActivityKind.REPAYMENT_MADE: ai_pb2.BEHAVIOUR_KIND_REPAYMENT_MADE,
+    ActivityKind.REPAYMENT_MISSED: ai_pb2.BEHAVIOUR_KIND_REPAYMENT_MISSED,
+}
+
+
+def _occurred_us(envelope: envelope_pb2.EventEnvelope) -> int:
+    ts = envelope.occurred_at
+    return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def _entry_activities(envelope: envelope_pb2.EventEnvelope) -> list[Activity]:
+    event = money_pb2.EntryPostedEvent.FromString(envelope.payload)
+    entry = event.entry
+    if entry.kind not in _PAYMENT_KINDS:
+        return []
+    at_us = _occurred_us(envelope)
+    credits = [p.account_id for p in entry.postings if p.side == money_pb2.POSTING_SIDE_CREDIT]
+    merchant = entry.metadata.get("merchant_id") or (credits[0] if credits else "")
+    out: list[Activity] = []
+    for i, posting in enumerate(entry.postings):
+        debit = posting.side == money_pb2.POSTING_SIDE_DEBIT
+        out.append(
+            Activity(
+                event_id=f"{envelope.event_id}:{i}",
+                tenant_id=envelope.tenant_id,
+                kind=ActivityKind.PAYMENT if debit else ActivityKind.INFLOW,
+                account_id=posting.account_id,
+                occurred_at_us=at_us,
+                amount_minor=posting.amount.amount_minor,
+                device_id=entry.metadata.get("device_id", "") if debit else "",
+                merchant_id=merchant if debit else "",
+            )
+        )
+    return out
+
+
+def _behaviour_activities(envelope: envelope_pb2.EventEnvelope) -> list[Activity]:
+    event = ai_pb2.BehaviourEvent.FromString(envelope.payload)
+    kind = _BEHAVIOUR_KIND.get(event.kind, ActivityKind.OTHER)
+    if kind is ActivityKind.OTHER:
+        return []
+    return [
+        Activity(
+            event_id=envelope.event_id,
+            tenant_id=envelope.tenant_id,
+            kind=kind,
+            account_id=event.account_id or envelope.account_id,
+            occurred_at_us=_occurred_us(envelope),
+            amount_minor=event.amount.amount_minor,
+            device_id=event.device_id,
+            merchant_id=event.merchant_id,
+        )
+    ]
+
+
+def activities_of(envelope: envelope_pb2.EventEnvelope) -> list[Activity]:
+    """The feature-relevant facts in one envelope (none for other events)."""
+    if envelope.payload_type == "triplane.money.v1.EntryPostedEvent":
+        return _entry_activities(envelope)
+    if envelope.payload_type == "triplane.ai.v1.BehaviourEvent":
+        return _behaviour_activities(envelope)
+    return []
+
+
+OutcomeHandler = Callable[[envelope_pb2.EventEnvelope, ai_pb2.OfferOutcomeEvent], None]
+
+
+@dataclass
+class Applier:
+    """Applies envelopes to a store, optionally only for an account cohort."""
+
+    store: FeatureStore
+    namespace: str
+    cohort: Collection[str] | None = None
+    on_outcome: OutcomeHandler | None = None
+    applied: int = 0
+    duplicates: int = 0
+
+    async def apply(self, data: bytes) -> None:
+        envelope = envelope_pb2.EventEnvelope.FromString(data)
+        if envelope.payload_type == "triplane.ai.v1.OfferOutcomeEvent":
+            if self.on_outcome is not None:
+                self.on_outcome(envelope, ai_pb2.OfferOutcomeEvent.FromString(envelope.payload))
+            return
+        for activity in activities_of(envelope):
+            if self.cohort is not None and activity.account_id not in self.cohort:
+                continue
+            if await self.store.apply(activity.event_id, updates_for(activity, self.namespace)):
+                self.applied += 1
+            else:
+                self.duplicates += 1
+
+
+class FeaturePipeline:
+    """Durable pull consumers on the money and gateway streams."""
+
+    def __init__(
+        self, js: JetStreamContext, config: AiPipelineConfig, applier: Applier, tenant_id: str = ""
+    ) -> None:
+        self._js = js
+        self._config = config
+        self.applier = applier
+        # Empty: every tenant (the plane); one tenant: tests and per-tenant workers.
+        self._tenant = tenant_id or "*"
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _consumer(self, suffix: str) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=f"{self._config.durable_name}-{suffix}",
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self._config.ack_wait_s,
+            max_deliver=self._config.max_deliver,
+            max_ack_pending=self._config.batch_size * 4,
+        )
+
+    async def start(self) -> None:
+        sources = (
+            (MONEY_STREAM, f"triplane.money.{self._tenant}.>", "money"),
+            (GATEWAY_STREAM, f"triplane.gateway.{self._tenant}.>", "gateway"),
+        )
+        for stream, subject, suffix in sources:
+            sub = await self._js.pull_subscribe(
+                subject,
+                durable=f"{self._config.durable_name}-{suffix}",
+                stream=stream,
+                config=self._consumer(suffix),
+            )
+            self._tasks.append(asyncio.create_task(self._run(sub), name=f"ai-pipeline-{suffix}"))
+
+    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                messages = await sub.fetch(
+                    self._config.batch_size, timeout=self._config.fetch_timeout_s
+                )
+            except TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("feature pipeline fetch failed: %r", error)
+                await asyncio.sleep(self._config.fetch_timeout_s)
+                continue
+            for message in messages:
+                try:
+                    await self.applier.apply(message.data)
+                except Exception:
+                    # Not acked: JetStream redelivers (up to max_deliver times).
+                    log.exception("feature update failed; leaving it for redelivery")
+                    continue
+                await message.ack()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+
+async def backfill(
+    js: JetStreamContext,
+    applier: Applier,
+    tenant_id: str,
+    config: AiPipelineConfig,
+) -> int:
+    """Replays one tenant's history from both streams into `applier`'s store
+    with ephemeral consumers; returns the number of messages read."""
+    read = 0
+    for stream, plane in ((MONEY_STREAM, "money"), (GATEWAY_STREAM, "gateway")):
+        subject = f"triplane.{plane}.{tenant_id}.>"
+        try:
+            info = await js.stream_info(stream)
+        except Exception:
+            continue
+        if info.state.messages == 0:
+            continue
+        sub = await js.pull_subscribe(
+            subject,
+            stream=stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                inactive_threshold=60.0,
+            ),
+        )
+        try:
+            read += await _drain(sub, applier, config, config.backfill_max_events - read)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+    return read
+
+
+async def _drain(
+    sub: JetStreamContext.PullSubscription, applier: Applier, config: AiPipelineConfig, limit: int
+) -> int:
+    read = 0
+    while read < limit:
+        info = await sub.consumer_info()
+        pending = int(info.num_pending or 0)
+        if pending == 0:
+            break
+        batch = min(config.backfill_batch_size, limit - read, pending)
+        try:
+            messages = await sub.fetch(batch, timeout=config.fetch_timeout_s)
+        except TimeoutError:
+            continue
+        for message in messages:
+            await applier.apply(message.data)
+        read += len(messages)
+    return read
+
+
+# ---- encoding synthetic activity as spine events (demo, tests, benchmark) ----
+
+
+def synthetic_envelope(event: LabeledActivity) -> OutgoingEvent | None:
+    """The envelope the real planes would publish for a synthetic activity:
+    payments and inflows as ledger entries, the rest as behavioural events."""
+    a = event.activity
+    money = types_pb2.Money(amount_minor=a.amount_minor, currency="USD")
+    if a.kind in (ActivityKind.PAYMENT, ActivityKind.INFLOW):
+        payment = a.kind is ActivityKind.PAYMENT
+        counterpart = a.merchant_id if payment else "funding"
+        debit, credit = (a.account_id, counterpart) if payment else (counterpart, a.account_id)
+        metadata = {"merchant_id": a.merchant_id, "device_id": a.device_id} if payment else {}
+        if payment:
+            metadata["merchant_category"] = event.merchant_category
+        entry = money_pb2.Entry(
+            tenant_id=a.tenant_id,
+            entry_id=a.event_id,
+            kind=money_pb2.TRANSFER_KIND_TRANSFER,
+            amount=money,
+            metadata=metadata,
+            postings=[
+                money_pb2.Posting(
+                    account_id=debit, side=money_pb2.POSTING_SIDE_DEBIT, amount=money
+                ),
+                money_pb2.Posting(
+                    account_id=credit, side=money_pb2.POSTING_SIDE_CREDIT, amount=money
+                ),
+            ],
+        )
+        envelope = make_envelope(
+            event_type=ENTRY_POSTED,
+            tenant_id=a.tenant_id,
+            payload=money_pb2.EntryPostedEvent(entry=entry),
+            occurred_at_us=a.occurred_at_us,
+            event_id=a.event_id,
+            account_id=a.account_id,
+            amount=money,
+        )
+        return OutgoingEvent(
+            envelope.event_id, subject_for(ENTRY_POSTED, a.tenant_id), envelope.SerializeToString()
+        )
+    behaviour = _KIND_TO_BEHAVIOUR.get(a.kind)
+    if behaviour is None:
+        return None
+    kind_name = ai_pb2.BehaviourKind.Name(behaviour).removeprefix("BEHAVIOUR_KIND_").lower()
+    event_type = f"gateway.behaviour.{kind_name}"
+    envelope = make_envelope(
+        event_type=event_type,
+        tenant_id=a.tenant_id,
+        payload=ai_pb2.BehaviourEvent(
+            kind=behaviour,
+            account_id=a.account_id,
+            device_id=a.device_id,
+            merchant_id=a.merchant_id,
+        ),
+        occurred_at_us=a.occurred_at_us,
+        event_id=a.event_id,
+        account_id=a.account_id,
+    )
+    return OutgoingEvent(
+        envelope.event_id, subject_for(event_type, a.tenant_id), envelope.SerializeToString()
+    )

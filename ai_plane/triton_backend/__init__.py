@@ -1,0 +1,1 @@
+"""The Triton Python-backend model file (copied into the model repository)."""

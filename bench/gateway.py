@@ -1,0 +1,224 @@
+"""`make bench ONLY=gateway`: the gateway's two product flows through its
+public gRPC API, every plane in its own process (money, policy, AI with a real
+Triton, the gateway), against the Python gRPC ceiling measured in the same run
+(a trivial grpc.aio echo server, also in its own process).
+
+Throughput: closed loop, CONCURRENCY callers for RUN_S seconds. Latency: open
+loop at half the measured maximum rate (requests start on a fixed schedule, so
+queueing shows), nearest-rank percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.common import merge_results, percentile, print_table
+from gateway.demo_world import World, seed
+from triplane.common.v1 import types_pb2
+from triplane.gateway.v1 import gateway_pb2 as gw
+from triplane.gateway.v1 import gateway_pb2_grpc
+from triplane.runtime.config import load_config
+from triplane.runtime.natsd import free_port
+from triplane.runtime.stack import Stack
+
+TENANT = "bench"
+CONCURRENCY = 32
+RUN_S = float(os.environ.get("TRIPLANE_BENCH_GATEWAY_RUN_S", "10"))
+LATENCY_S = float(os.environ.get("TRIPLANE_BENCH_GATEWAY_LATENCY_S", "8"))
+CUSTOMERS, MERCHANTS = 400, 40
+ECHO_METHOD = "/bench.Echo/Echo"
+RPC_TIMEOUT_S = 2.0
+
+ECHO_SERVER = """
+import asyncio, sys, grpc
+async def main():
+    async def echo(request, context):
+        return request
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(sys.argv[1])
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+Call = Callable[[int], Awaitable[Any]]
+
+
+async def closed_loop(call: Call, run_s: float, concurrency: int) -> float:
+    """Requests per second with `concurrency` callers back to back."""
+    done = 0
+    stop_at = time.monotonic() + run_s
+
+    async def worker(worker_id: int) -> None:
+        nonlocal done
+        index = worker_id
+        while time.monotonic() < stop_at:
+            await call(index)
+            index += concurrency
+            done += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return done / (time.monotonic() - started)
+
+
+async def open_loop(call: Call, rate_per_s: float, run_s: float) -> list[float]:
+    """Latencies (ms) of requests started at `rate_per_s` on a fixed schedule."""
+    latencies: list[float] = []
+    interval_s = 1.0 / rate_per_s
+    count = int(run_s * rate_per_s)
+    started = time.monotonic()
+
+    async def one(index: int) -> None:
+        begin = time.monotonic()
+        await call(1_000_000 + index)
+        latencies.append((time.monotonic() - begin) * 1000.0)
+
+    tasks = []
+    for index in range(count):
+        delay = started + index * interval_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(index)))
+    await asyncio.gather(*tasks)
+    return latencies
+
+
+async def bench_echo() -> float:
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, address])  # noqa: ASYNC220
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+            echo = channel.unary_unary(ECHO_METHOD)
+            payload = b"x" * 64
+
+            async def call(_: int) -> Any:
+                return await echo(payload, timeout=RPC_TIMEOUT_S)
+
+            await closed_loop(call, 1.0, CONCURRENCY)
+            return await closed_loop(call, RUN_S, CONCURRENCY)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def authorize_call(stub: Any, world: World, rng: random.Random) -> Call:
+    async def call(index: int) -> Any:
+        customer = world.customers[index % len(world.customers)]
+        merchant = world.merchants[index % len(world.merchants)]
+        return await stub.AuthorizePayment(
+            gw.AuthorizePaymentRequest(
+                tenant_id=TENANT,
+                idempotency_key=uuid.uuid4().hex,
+                account_id=customer.account_id,
+                credit_account_id=merchant.merchant_id,
+                amount=types_pb2.Money(amount_minor=500 + index % 2000, currency="USD"),
+                kind=gw.PAYMENT_KIND_PURCHASE,
+                device_id=customer.devices[0],
+                merchant_id=merchant.merchant_id,
+                merchant_category=merchant.category,
+                channel=gw.PAYMENT_CHANNEL_ECOMMERCE,
+                customer=gw.Customer(
+                    customer_id=world.customer_id(customer), kyc_tier=2, account_age_days=365
+                ),
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+
+    return call
+
+
+def decide_call(stub: Any, world: World) -> Call:
+    async def call(index: int) -> Any:
+        customer = world.customers[index % len(world.customers)]
+        return await stub.DecideNextAction(
+            gw.DecideNextActionRequest(
+                tenant_id=TENANT,
+                idempotency_key=uuid.uuid4().hex,
+                customer_id=world.customer_id(customer),
+                account_id=customer.account_id,
+                surface="checkout",
+                region="US",
+                kyc_tier=2,
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+
+    return call
+
+
+async def bench_flows(state_dir: Path) -> dict[str, float]:
+    config = load_config(
+        environ={},
+        overrides={
+            "runtime": {"state_dir": str(state_dir), "log_level": "WARNING"},
+            "money": {"listen": f"127.0.0.1:{free_port()}"},
+            "policy": {"listen": f"127.0.0.1:{free_port()}"},
+            "ai": {"listen": f"127.0.0.1:{free_port()}"},
+            "gateway": {"listen": f"127.0.0.1:{free_port()}"},
+            "stack": {"start_timeout_s": 150.0},
+        },
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
+    async with Stack(config, environ=env) as stack:
+        world = await seed(
+            stack.addresses["money"], stack.addresses["policy"], TENANT, CUSTOMERS, MERCHANTS
+        )
+        async with grpc.aio.insecure_channel(stack.addresses["gateway"]) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            results: dict[str, float] = {}
+            for name, call in (
+                ("authorize", authorize_call(stub, world, random.Random(1))),
+                ("decide", decide_call(stub, world)),
+            ):
+                await closed_loop(call, 1.0, CONCURRENCY)  # warm-up
+                rate = await closed_loop(call, RUN_S, CONCURRENCY)
+                latencies = await open_loop(call, rate / 2, LATENCY_S)
+                results[f"{name}_per_s"] = rate
+                results[f"{name}_latency_ms_p50"] = percentile(latencies, 50)
+                results[f"{name}_latency_ms_p99"] = percentile(latencies, 99)
+            return results
+
+
+def main() -> None:
+    echo_per_s = asyncio.run(bench_echo())
+    with tempfile.TemporaryDirectory(prefix="triplane-bench-gw-") as tmp:
+        flows = asyncio.run(bench_flows(Path(tmp)))
+    figures: dict[str, float] = {"grpc_echo_per_s": echo_per_s, **flows}
+    merge_results(figures)
+    print_table(
+        "gateway",
+        [
+            ("grpc_echo_per_s", echo_per_s, "the Python gRPC ceiling, same run"),
+            (
+                "authorize_per_s",
+                flows["authorize_per_s"],
+                f">= 0.25 x echo = {0.25 * echo_per_s:,.0f}",
+            ),
+            ("authorize_latency_ms_p50", flows["authorize_latency_ms_p50"], "at half max rate"),
+            ("authorize_latency_ms_p99", flows["authorize_latency_ms_p99"], "<= 15 ms"),
+            ("decide_per_s", flows["decide_per_s"], f">= 0.3 x echo = {0.3 * echo_per_s:,.0f}"),
+            ("decide_latency_ms_p50", flows["decide_latency_ms_p50"], "at half max rate"),
+            ("decide_latency_ms_p99", flows["decide_latency_ms_p99"], "<= 10 ms"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The gateway: the public API that orchestrates the three planes."""

@@ -1,0 +1,281 @@
+"""DeliveryService: enqueue, the worker that sends due deliveries, the
+dead-letter queue and redelivery.
+
+Retries use tenacity's exponential backoff with jitter to pick each next
+attempt time, and the schedule is kept in the database rather than in a
+sleeping coroutine, so a restart loses neither the message nor its place in
+the backoff. A delivery counts as delivered only on a 2xx answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Mapping
+
+import msgspec
+import tenacity
+from prometheus_client import Counter
+
+from gateway.delivery.adapters import ChannelAdapter
+from gateway.delivery.model import (
+    Delivery,
+    DeliveryRecord,
+    SendOutcome,
+    delivery_id_for,
+    encode_body,
+    validate,
+)
+from gateway.delivery.store import DeliveryStore
+from triplane.runtime.clock import Clock
+from triplane.runtime.config import DeliveryConfig
+from triplane.runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+
+log = logging.getLogger("gateway.delivery")
+
+DELIVERY_ATTEMPTS = Counter(
+    "triplane_gateway_delivery_attempts",
+    "Delivery attempts by channel and result (delivered, retry, dead).",
+    ["channel", "result"],
+)
+
+
+class DeliveryService:
+    def __init__(
+        self,
+        store: DeliveryStore,
+        config: DeliveryConfig,
+        clock: Clock,
+        adapters: Mapping[str, ChannelAdapter],
+    ) -> None:
+        assert config.max_attempts >= 1 and config.batch_size >= 1 and config.max_in_flight >= 1
+        assert config.lease_s > config.request_timeout_s, "a live send must never lose its lease"
+        self.store = store
+        self._config = config
+        self._clock = clock
+        self._adapters = dict(adapters)
+        self._channels = tuple(sorted(self._adapters))
+        self._wait = tenacity.wait_exponential_jitter(
+            multiplier=config.backoff_multiplier_s,
+            max=config.backoff_max_s,
+            jitter=config.backoff_jitter_s,
+        )
+        self._retrying = tenacity.AsyncRetrying()
+        self._in_flight = asyncio.Semaphore(config.max_in_flight)
+        self._wakeup = asyncio.Event()
+
+    # ---- the API ----
+
+    async def enqueue(self, delivery: Delivery) -> DeliveryRecord:
+        """Queues `delivery` once per (tenant, dedupe_key); a retry returns the
+        stored record, a different message under the same key is refused."""
+        validate(delivery, self._channels, self._config.max_payload_bytes)
+        now_us = self._clock.now_us()
+        record = DeliveryRecord(
+            delivery_id=delivery_id_for(delivery.tenant_id, delivery.dedupe_key),
+            tenant_id=delivery.tenant_id,
+            dedupe_key=delivery.dedupe_key,
+            channel=delivery.channel,
+            endpoint=delivery.endpoint,
+            event_type=delivery.event_type,
+            body=encode_body(delivery, delivery.send_at_us or now_us),
+            status="pending",
+            attempts=0,
+            next_attempt_at_us=max(now_us, delivery.send_at_us),
+            created_at_us=now_us,
+            send_at_us=delivery.send_at_us,
+        )
+        full = await asyncio.to_thread(self.store.in_queue) >= self._config.max_pending
+        if full:
+            # A retry of a message already queued still gets its answer.
+            known = await asyncio.to_thread(self.store.get, record.tenant_id, record.delivery_id)
+            full = known is None
+        if full:
+            raise ResourceExhausted(
+                "DELIVERY_QUEUE_FULL",
+                f"{self._config.max_pending} deliveries already queued",
+                "gateway.delivery.max_pending",
+            )
+        stored, existing = await asyncio.to_thread(self.store.insert, record)
+        if existing:
+            _same_or_refuse(record, stored)
+        else:
+            self._wakeup.set()
+        return stored
+
+    async def get(self, tenant_id: str, delivery_id: str) -> DeliveryRecord:
+        record = await asyncio.to_thread(self.store.get, tenant_id, delivery_id)
+        if record is None:
+            raise NotFound("DELIVERY_NOT_FOUND", f"no delivery {delivery_id!r}", "delivery_id")
+        return record
+
+    async def list_dead_letters(
+        self, tenant_id: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[DeliveryRecord], str]:
+        """One page of the tenant's dead letters, oldest first, and the next token."""
+        if page_size < 0:
+            raise InvalidArgument(
+                "PAGE_SIZE_INVALID", "page_size must not be negative", "page_size"
+            )
+        size = min(page_size or self._config.default_page_size, self._config.max_page_size)
+        after_us, after_id = _parse_token(page_token)
+        rows = await asyncio.to_thread(
+            self.store.dead_letters, tenant_id, after_us, after_id, size + 1
+        )
+        page = rows[:size]
+        next_token = _token(page[-1]) if len(rows) > size else ""
+        return page, next_token
+
+    async def redeliver(self, tenant_id: str, delivery_id: str) -> DeliveryRecord:
+        """Puts a dead letter back in the queue, due now, with a fresh attempt budget
+        (a retry while it is still queued changes nothing)."""
+        revived = await asyncio.to_thread(
+            self.store.revive, tenant_id, delivery_id, self._clock.now_us()
+        )
+        record = await self.get(tenant_id, delivery_id)
+        if not revived and record.status != "pending":
+            raise FailedPrecondition(
+                "DELIVERY_NOT_DEAD",
+                f"delivery {delivery_id!r} is {record.status}, not dead",
+                "delivery_id",
+            )
+        self._wakeup.set()
+        return record
+
+    async def counts(self, tenant_id: str = "") -> dict[str, int]:
+        return await asyncio.to_thread(self.store.counts, tenant_id)
+
+    # ---- the worker ----
+
+    async def run_once(self) -> int:
+        """Claims one batch of due deliveries and attempts each; returns how many."""
+        lease_us = int(self._config.lease_s * 1_000_000)
+        claimed = await asyncio.to_thread(
+            self.store.claim_due, self._clock.now_us(), lease_us, self._config.batch_size
+        )
+        if claimed:
+            await asyncio.gather(*(self._attempt(record) for record in claimed))
+        return len(claimed)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Sends due deliveries until `stop` is set (or the task is cancelled)."""
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            try:
+                handled = await self.run_once()
+            except Exception:
+                log.exception("delivery pass failed; retrying")
+                handled = 0
+            if handled >= self._config.batch_size:
+                continue
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(self._wakeup, stop), self._config.poll_interval_s)
+
+    async def aclose(self) -> None:
+        for adapter in self._adapters.values():
+            await adapter.aclose()
+
+    async def _attempt(self, record: DeliveryRecord) -> None:
+        async with self._in_flight:
+            outcome = await self._send(record)
+        now_us = self._clock.now_us()
+        if outcome.delivered:
+            await asyncio.to_thread(
+                self.store.mark_delivered, record.delivery_id, now_us, outcome.status_code
+            )
+            DELIVERY_ATTEMPTS.labels(record.channel, "delivered").inc()
+            return
+        dead = record.attempts >= self._config.max_attempts
+        next_at_us = now_us + int(self.backoff_s(record.attempts) * 1_000_000)
+        await asyncio.to_thread(
+            self.store.mark_failed,
+            record.delivery_id,
+            record.attempts,
+            outcome.status_code,
+            outcome.error,
+            0 if dead else next_at_us,
+            now_us if dead else 0,
+        )
+        DELIVERY_ATTEMPTS.labels(record.channel, "dead" if dead else "retry").inc()
+        if dead:
+            log.warning(
+                "delivery %s dead after %d attempts: %s",
+                record.delivery_id,
+                record.attempts,
+                outcome.error,
+            )
+
+    async def _send(self, record: DeliveryRecord) -> SendOutcome:
+        adapter = self._adapters.get(record.channel)
+        if adapter is None:
+            return SendOutcome(False, 0, f"no adapter for channel {record.channel}")
+        try:
+            return await adapter.send(record, self._clock.now_us())
+        except Exception as exc:
+            log.exception("adapter %s failed", record.channel)
+            return SendOutcome(False, 0, f"{type(exc).__name__}: {exc}")
+
+    def backoff_s(self, attempts_made: int) -> float:
+        """Wait after the `attempts_made`-th failed attempt (tenacity's
+        exponential backoff with jitter)."""
+        state = tenacity.RetryCallState(self._retrying, None, (), {})
+        state.attempt_number = attempts_made
+        return float(self._wait(state))
+
+
+async def _first(wakeup: asyncio.Event, stop: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
+
+
+def _same_or_refuse(new: DeliveryRecord, stored: DeliveryRecord) -> None:
+    for name in ("channel", "endpoint", "event_type", "send_at_us"):
+        if getattr(new, name) != getattr(stored, name):
+            raise AlreadyExists(
+                "IDEMPOTENCY_KEY_REUSED",
+                f"dedupe_key {new.dedupe_key!r} was used with another {name}",
+                name,
+            )
+    # The body carries the enqueue time; compare the payload the caller sent.
+    if _data(new.body) != _data(stored.body):
+        raise AlreadyExists(
+            "IDEMPOTENCY_KEY_REUSED",
+            f"dedupe_key {new.dedupe_key!r} was used with another payload",
+            "payload",
+        )
+
+
+def _data(body: str) -> object:
+    decoded = msgspec.json.decode(body)
+    return decoded.get("data") if isinstance(decoded, dict) else decoded
+
+
+def _token(record: DeliveryRecord) -> str:
+    raw = f"{record.dead_at_us}:{record.delivery_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_token(token: str) -> tuple[int, str]:
+    if not token:
+        return -1, ""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        at_us, delivery_id = raw.split(":", 1)
+        return int(at_us), delivery_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(
+            "PAGE_TOKEN_INVALID", "page_token is not one we issued", "page_token"
+        ) from exc

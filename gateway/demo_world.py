@@ -1,0 +1,124 @@
+"""A synthetic tenant for the demo and the benchmark, set up through the
+planes' admin APIs: ledger accounts for the synthetic customers and merchants
+(ai_plane.synth), the offer catalog of the synthetic offers, contact profiles
+and consents."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ai_plane import synth
+from triplane.common.v1 import types_pb2
+from triplane.money.v1 import money_pb2
+from triplane.policy.v1 import policy_pb2
+from triplane_client import LedgerAdminClient, PolicyAdminClient
+
+_PRODUCTS = {
+    "cashback_grocery": (policy_pb2.PRODUCT_CASHBACK, 300),
+    "bnpl_electronics": (policy_pb2.PRODUCT_BNPL, 1500),
+    "savings_roundup": (policy_pb2.PRODUCT_SAVINGS, 500),
+    "credit_line_increase": (policy_pb2.PRODUCT_CREDIT_LINE_INCREASE, 5000),
+    "travel_insurance": (policy_pb2.PRODUCT_INSURANCE_COVER, 1200),
+    "loyalty_boost": (policy_pb2.PRODUCT_CASHBACK, 200),
+}
+ACCOUNTS_PER_CALL = 500
+
+
+def daytime_zone(now_s: float | None = None) -> str:
+    """An IANA zone where it is about noon now, so marketing quiet hours
+    (21:00-08:00 local by default) never empty a demo run at night."""
+    hour = int(((time.time() if now_s is None else now_s) // 3600) % 24)
+    offset = (12 - hour + 11) % 24 - 11  # in -11..12
+    if offset == 0:
+        return "UTC"
+    # Etc/GMT zones have the POSIX sign: Etc/GMT-2 is UTC+2.
+    return f"Etc/GMT{'-' if offset > 0 else '+'}{abs(offset)}"
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    tenant_id: str
+    customers: list[synth.Customer]
+    merchants: list[synth.Merchant]
+    currency: str = "USD"
+
+    def customer_id(self, customer: synth.Customer) -> str:
+        return f"c_{customer.account_id}"
+
+
+async def seed(
+    money_address: str,
+    policy_address: str,
+    tenant_id: str,
+    customers: int,
+    merchants: int,
+    seed_value: int = 7,
+) -> World:
+    data = synth.generate(
+        synth.SynthConfig(
+            seed=seed_value, tenant_id=tenant_id, customers=customers, merchants=merchants, days=2
+        )
+    )
+    ledger = LedgerAdminClient(money_address, timeout_s=30)
+    policy = PolicyAdminClient(policy_address, timeout_s=30)
+    try:
+        await ledger.create_tenant(tenant_id, "synthetic")
+        ids = [c.account_id for c in data.customers] + [m.merchant_id for m in data.merchants]
+        for start in range(0, len(ids), ACCOUNTS_PER_CALL):
+            await ledger.create_accounts(
+                tenant_id,
+                [
+                    money_pb2.NewAccount(
+                        account_id=account_id,
+                        currency="USD",
+                        kind=money_pb2.ACCOUNT_KIND_LIABILITY,
+                        constraint=money_pb2.BALANCE_CONSTRAINT_NONE,
+                    )
+                    for account_id in ids[start : start + ACCOUNTS_PER_CALL]
+                ],
+            )
+        await policy.create_tenant(tenant_id, "synthetic")
+        for offer_id in synth.OFFERS:
+            product, value_minor = _PRODUCTS[offer_id]
+            await policy.put_offer(
+                policy_pb2.Offer(
+                    tenant_id=tenant_id,
+                    offer_id=offer_id,
+                    product=product,
+                    title=offer_id.replace("_", " "),
+                    value=types_pb2.Money(amount_minor=value_minor, currency="USD"),
+                    eligibility="customer.kyc_tier >= 2"
+                    if offer_id == "credit_line_increase"
+                    else "",
+                    topic=policy_pb2.TOPIC_MARKETING,
+                    channels=[policy_pb2.CHANNEL_IN_APP, policy_pb2.CHANNEL_PUSH],
+                    cooldown_s=1,
+                )
+            )
+        world = World(tenant_id, data.customers, data.merchants)
+        zone = daytime_zone()
+        for index, customer in enumerate(data.customers):
+            customer_id = world.customer_id(customer)
+            await policy.put_contact_profile(
+                policy_pb2.ContactProfile(
+                    tenant_id=tenant_id, customer_id=customer_id, time_zone=zone
+                )
+            )
+            if index % 10 == 9:
+                continue  # one customer in ten never consented to marketing
+            for channel in (policy_pb2.CHANNEL_IN_APP, policy_pb2.CHANNEL_PUSH):
+                await policy.set_consent(
+                    tenant_id,
+                    customer_id,
+                    policy_pb2.Consent(
+                        channel=channel,
+                        topic=policy_pb2.TOPIC_MARKETING,
+                        status=policy_pb2.CONSENT_STATUS_GRANTED,
+                        lawful_basis=policy_pb2.LAWFUL_BASIS_CONSENT,
+                    ),
+                )
+        return world
+    finally:
+        await ledger.close()
+        await policy.close()

@@ -1,0 +1,507 @@
+"""Authorize a payment, then capture, void or refund it; and "why?".
+
+AuthorizePayment: validate -> tokenize -> ai Score (on its budget; any failure
+degrades to an explicit "no score", never an error) -> policy Evaluate with the
+context snapshot -> on allow, a money AUTHORIZE hold carrying the signed token;
+on hold or review the policy plane has opened a case; on deny the reasons.
+Every downstream key is derived from the caller's, and the policy request is
+journaled before it is sent, so a retry after any plane restarted replays the
+same decision and the same hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+from gateway import validate
+from gateway.core import CallContext, Core
+from gateway.pii import looks_like_pan
+from triplane.ai.v1 import ai_pb2
+from triplane.common.v1 import types_pb2
+from triplane.gateway.v1 import gateway_pb2 as gw
+from triplane.money.v1 import money_pb2
+from triplane.policy.v1 import policy_pb2
+from triplane.runtime.errors import (
+    Aborted,
+    Code,
+    InvalidArgument,
+    TriplaneError,
+    error_for,
+)
+
+log = logging.getLogger("gateway.payments")
+
+AUTHORIZE = "AuthorizePayment"
+NO_SCORE_MODEL = "payment_risk"
+SOURCE_NONE = "none"
+
+_KIND_TO_POLICY = {
+    gw.PAYMENT_KIND_PURCHASE: policy_pb2.PAYMENT_KIND_PURCHASE,
+    gw.PAYMENT_KIND_PAYOUT: policy_pb2.PAYMENT_KIND_PAYOUT,
+    gw.PAYMENT_KIND_TRANSFER: policy_pb2.PAYMENT_KIND_TRANSFER,
+    gw.PAYMENT_KIND_INVOICE: policy_pb2.PAYMENT_KIND_INVOICE,
+}
+_KIND_FROM_POLICY = {v: k for k, v in _KIND_TO_POLICY.items()}
+_OUTCOME_FROM_POLICY = {
+    policy_pb2.OUTCOME_ALLOW: gw.OUTCOME_ALLOW,
+    policy_pb2.OUTCOME_REVIEW: gw.OUTCOME_REVIEW,
+    policy_pb2.OUTCOME_HOLD: gw.OUTCOME_HOLD,
+    policy_pb2.OUTCOME_DENY: gw.OUTCOME_DENY,
+}
+_HOLD_STATE = {
+    money_pb2.HOLD_STATE_PENDING: gw.HOLD_STATE_PENDING,
+    money_pb2.HOLD_STATE_CAPTURED: gw.HOLD_STATE_CAPTURED,
+    money_pb2.HOLD_STATE_VOIDED: gw.HOLD_STATE_VOIDED,
+    money_pb2.HOLD_STATE_EXPIRED: gw.HOLD_STATE_EXPIRED,
+}
+# Money plane transfer fields -> the gateway request's field names.
+_MONEY_FIELDS = {
+    "debit_account_id": "account_id",
+    "credit_account_id": "credit_account_id",
+    "amount": "amount",
+    "hold_id": "hold_id",
+    "entry_id": "entry_id",
+    "hold_timeout_s": "hold_timeout_s",
+}
+
+
+def money_error(item: types_pb2.ItemError) -> TriplaneError:
+    field = item.field
+    for prefix in ("transfer.", "transfers[0]."):
+        field = field.removeprefix(prefix)
+    head, dot, rest = field.partition(".")
+    mapped = _MONEY_FIELDS.get(head, "")
+    field = f"{mapped}{dot}{rest}" if mapped else ""
+    return error_for(item.code, item.reason, item.message, field)
+
+
+def _expm1(log_value: float) -> int:
+    return max(0, round(math.expm1(log_value)))
+
+
+def velocity(features: Mapping[str, float], entity: str) -> policy_pb2.VelocityCounters:
+    """Counters for the policy snapshot from the AI plane's windowed features.
+    The feature store keeps up to 24 hours per window; 30-day figures get the
+    24-hour ones (a lower bound) until a longer window exists."""
+    count_1h = int(features.get(f"{entity}_txn_count_1h", 0.0))
+    count_24h = int(features.get(f"{entity}_txn_count_24h", 0.0))
+    amount_1h = _expm1(features.get(f"{entity}_txn_amount_log_1h", 0.0))
+    amount_24h = _expm1(features.get(f"{entity}_txn_amount_log_24h", 0.0))
+    amount_24h = max(amount_24h, amount_1h)
+    return policy_pb2.VelocityCounters(
+        count_1h=count_1h,
+        count_24h=count_24h,
+        count_30d=count_24h,
+        amount_minor_1h=amount_1h,
+        amount_minor_24h=amount_24h,
+        amount_minor_30d=amount_24h,
+    )
+
+
+def reasons_of(decision: policy_pb2.Decision) -> list[gw.Reason]:
+    return [
+        gw.Reason(code=r.reason_code, text=r.reason, rule_id=r.rule_id)
+        for r in decision.fired_rules
+    ]
+
+
+def obligations_of(decision: policy_pb2.Decision) -> list[gw.Obligation]:
+    return [gw.Obligation(kind=o.kind, params=dict(o.params)) for o in decision.obligations]
+
+
+class Payments:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.limits = core.config.limits
+
+    # ---------------------------------------------------------------- authorize
+
+    def _validate_authorize(self, req: gw.AuthorizePaymentRequest) -> None:
+        limits = self.limits
+        validate.require_id(req.tenant_id, "tenant_id", limits)
+        validate.require_id(req.idempotency_key, "idempotency_key", limits)
+        validate.require_id(req.account_id, "account_id", limits)
+        validate.require_id(req.credit_account_id, "credit_account_id", limits)
+        validate.check_money(req.amount, "amount", limits, required=True)
+        if req.kind not in _KIND_TO_POLICY:
+            raise InvalidArgument("PAYMENT_KIND_REQUIRED", "kind is required", "kind")
+        if req.card_number and not _pan_ok(req.card_number):
+            raise InvalidArgument(
+                "CARD_NUMBER_INVALID", "card_number is not a valid PAN (Luhn)", "card_number"
+            )
+        validate.check_string(req.payment_method, "payment_method", limits)
+        validate.check_id(req.device_id, "device_id", limits)
+        validate.check_id(req.merchant_id, "merchant_id", limits)
+        validate.check_mcc(req.merchant_category, "merchant_category")
+        self._validate_customer(req.customer, "customer")
+        validate.check_string(req.counterparty.name, "counterparty.name", limits)
+        validate.check_country(req.counterparty.country, "counterparty.country")
+        validate.check_attributes(req.attributes, "attributes", limits)
+        if req.hold_timeout_s < 0:
+            raise InvalidArgument(
+                "HOLD_TIMEOUT_NEGATIVE", "hold_timeout_s must be >= 0", "hold_timeout_s"
+            )
+
+    def _validate_customer(self, customer: gw.Customer, field: str) -> None:
+        limits = self.limits
+        validate.check_id(customer.customer_id, f"{field}.customer_id", limits)
+        for name in ("name", "email", "phone", "time_zone"):
+            validate.check_string(getattr(customer, name), f"{field}.{name}", limits)
+        validate.check_country(customer.country, f"{field}.country")
+        if not 0 <= customer.kyc_tier <= 3:
+            raise InvalidArgument("KYC_TIER_INVALID", "kyc_tier is 0..3", f"{field}.kyc_tier")
+        if customer.account_age_days < 0:
+            raise InvalidArgument(
+                "ACCOUNT_AGE_NEGATIVE", "account_age_days must be >= 0", f"{field}.account_age_days"
+            )
+
+    async def authorize(
+        self, req: gw.AuthorizePaymentRequest, call: CallContext
+    ) -> gw.AuthorizePaymentResponse:
+        self._validate_authorize(req)
+        core, tenant, key = self.core, req.tenant_id, req.idempotency_key
+        fields, found = await core.remembered(tenant, AUTHORIZE, key, req)
+        if found is not None:
+            answer = gw.AuthorizePaymentResponse.FromString(found.body)
+            answer.replayed = True
+            return answer
+        downstream_key = core.derive(tenant, AUTHORIZE, key, "authorize")
+        evaluate, fallback_reason = await self._policy_request(req, downstream_key, call)
+        try:
+            evaluated = await core.policy.evaluate(
+                evaluate, core.timeout_s(call, core.config.budgets.policy_budget_ms)
+            )
+        except TriplaneError as error:
+            if error.code == Code.ALREADY_EXISTS and error.field.startswith("snapshot"):
+                # Only possible when the journal of an earlier attempt was lost
+                # in a gateway crash; nothing moved, the caller may use a new key.
+                raise Aborted(
+                    "GATEWAY_JOURNAL_LOST",
+                    "an earlier attempt under this key was decided on another context; "
+                    "retry with a new idempotency key",
+                ) from None
+            raise
+        decision = evaluated.decision
+        answer = gw.AuthorizePaymentResponse(
+            outcome=_OUTCOME_FROM_POLICY.get(decision.outcome, gw.OUTCOME_UNSPECIFIED),
+            reasons=reasons_of(decision),
+            decision_id=decision.decision_id,
+            policy_version=decision.bundle_version,
+            model_score_ref=evaluate.snapshot.model_score,
+            trace_id=call.trace_id,
+            case_id=decision.case_id,
+            obligations=obligations_of(decision),
+            route_method=decision.route.method,
+            score_fallback_reason=fallback_reason,
+            idempotency_key=key,
+        )
+        if decision.outcome == policy_pb2.OUTCOME_ALLOW:
+            hold = await self._place_hold(req, decision, downstream_key, evaluate, call)
+            answer.hold_id = hold.hold_id
+            answer.hold_expires_at.CopyFrom(hold.expires_at)
+        core.remember(tenant, AUTHORIZE, key, fields, answer)
+        return answer
+
+    async def _policy_request(
+        self, req: gw.AuthorizePaymentRequest, downstream_key: str, call: CallContext
+    ) -> tuple[policy_pb2.EvaluateRequest, str]:
+        """The policy request (journaled: a retry reuses it as it was sent)."""
+        core, scope = self.core, f"{req.tenant_id}\x1f{AUTHORIZE}.input"
+        journal = await core.store.get(scope, req.idempotency_key)
+        if journal is not None:
+            return (
+                policy_pb2.EvaluateRequest.FromString(journal.body),
+                journal.fields.get("fallback_reason", ""),
+            )
+        scored, fallback_reason = await self._score(req, call)
+        evaluate = self._build_evaluate(req, downstream_key, scored)
+        core.store.put(
+            scope,
+            req.idempotency_key,
+            {"fallback_reason": fallback_reason},
+            evaluate.SerializeToString(deterministic=True),
+        )
+        return evaluate, fallback_reason
+
+    async def _score(
+        self, req: gw.AuthorizePaymentRequest, call: CallContext
+    ) -> tuple[ai_pb2.ScoreResponse | None, str]:
+        core, tenant = self.core, req.tenant_id
+        attributes = core.tokenizer.scrub(tenant, req.attributes)
+        if req.card_number:
+            attributes["pan_token"] = core.tokenizer.token(tenant, "pan", req.card_number)
+        request = ai_pb2.ScoreRequest(
+            payment=ai_pb2.PaymentContext(
+                tenant_id=tenant,
+                account_id=req.account_id,
+                device_id=core.tokenizer.token(tenant, "device", req.device_id),
+                merchant_id=req.merchant_id,
+                amount=req.amount,
+                merchant_category=req.merchant_category,
+                channel=int(req.channel),  # type: ignore[arg-type]
+                attributes=attributes,
+            )
+        )
+        try:
+            timeout_s = core.timeout_s(call, core.config.budgets.ai_score_budget_ms)
+            scored = await core.ai.score(request, timeout_s)
+        except TriplaneError as error:
+            # Rule 3: the AI plane only enriches. No score is a case the policy
+            # names (fraud_score_missing), never a failed authorization.
+            log.info("no risk score: %s", error.reason)
+            return None, error.reason or "AI_FAILED"
+        return scored, scored.fallback_reason
+
+    def _build_evaluate(
+        self,
+        req: gw.AuthorizePaymentRequest,
+        downstream_key: str,
+        scored: ai_pb2.ScoreResponse | None,
+    ) -> policy_pb2.EvaluateRequest:
+        core, tenant = self.core, req.tenant_id
+        features = {f.name: f.value for f in scored.features} if scored is not None else {}
+        if scored is not None:
+            score_ref = scored.score_ref
+        else:
+            score_ref = types_pb2.ModelScoreRef(model=NO_SCORE_MODEL, source=SOURCE_NONE)
+        customer = req.customer
+        snapshot = policy_pb2.ContextSnapshot(
+            kyc=policy_pb2.KycInfo(
+                tier=customer.kyc_tier, country=customer.country, pep=customer.pep
+            ),
+            model_score=score_ref,
+            account_velocity=velocity(features, "acct"),
+            device_velocity=velocity(features, "dev"),
+            merchant_velocity=velocity(features, "merch"),
+            account_age_days=customer.account_age_days,
+            features=features,
+        )
+        payment = policy_pb2.Payment(
+            account_id=req.account_id,
+            kind=_KIND_TO_POLICY[req.kind],
+            amount=req.amount,
+            payment_method=req.payment_method,
+            merchant_id=req.merchant_id,
+            merchant_category=req.merchant_category,
+            device_id=core.tokenizer.token(tenant, "device", req.device_id),
+            # Names go to the policy plane in clear for sanctions screening
+            # (inside the trust boundary); never to the AI plane or NATS.
+            customer=policy_pb2.Party(name=customer.name, country=customer.country),
+            counterparty=policy_pb2.Party(
+                name=req.counterparty.name, country=req.counterparty.country
+            ),
+        )
+        return policy_pb2.EvaluateRequest(
+            tenant_id=tenant, idempotency_key=downstream_key, payment=payment, snapshot=snapshot
+        )
+
+    async def _place_hold(
+        self,
+        req: gw.AuthorizePaymentRequest,
+        decision: policy_pb2.Decision,
+        downstream_key: str,
+        evaluate: policy_pb2.EvaluateRequest,
+        call: CallContext,
+    ) -> money_pb2.Hold:
+        metadata = {"decision_id": decision.decision_id, "trace_id": call.trace_id}
+        if req.merchant_id:
+            metadata["merchant_id"] = req.merchant_id
+        if evaluate.payment.device_id:
+            # The AI plane's feature pipeline reads the device from the entry.
+            metadata["device_id"] = evaluate.payment.device_id
+        transfer = money_pb2.Transfer(
+            idempotency_key=downstream_key,
+            kind=money_pb2.TRANSFER_KIND_AUTHORIZE,
+            debit_account_id=req.account_id,
+            credit_account_id=req.credit_account_id,
+            amount=req.amount,
+            decision_token=decision.decision_token,
+            hold_timeout_s=req.hold_timeout_s,
+            metadata=metadata,
+        )
+        result = await self._transfer(req.tenant_id, transfer, call)
+        return result.hold
+
+    async def _transfer(
+        self, tenant_id: str, transfer: money_pb2.Transfer, call: CallContext
+    ) -> money_pb2.TransferResult:
+        core = self.core
+        response = await core.money.create_transfer(
+            money_pb2.CreateTransferRequest(tenant_id=tenant_id, transfer=transfer),
+            core.timeout_s(call, core.config.budgets.money_budget_ms),
+        )
+        result = response.result
+        if result.HasField("error") and result.error.code != 0:
+            raise money_error(result.error)
+        return result
+
+    # ---------------------------------------------------------------- capture, void, refund
+
+    def _validate_common(self, tenant_id: str, key: str) -> None:
+        validate.require_id(tenant_id, "tenant_id", self.limits)
+        validate.require_id(key, "idempotency_key", self.limits)
+
+    async def capture(
+        self, req: gw.CapturePaymentRequest, call: CallContext
+    ) -> gw.CapturePaymentResponse:
+        self._validate_common(req.tenant_id, req.idempotency_key)
+        validate.require_id(req.hold_id, "hold_id", self.limits)
+        validate.check_money(req.amount, "amount", self.limits, required=False)
+
+        async def run() -> gw.CapturePaymentResponse:
+            transfer = money_pb2.Transfer(
+                idempotency_key=self.core.derive(
+                    req.tenant_id, "CapturePayment", req.idempotency_key, "capture"
+                ),
+                kind=money_pb2.TRANSFER_KIND_CAPTURE,
+                hold_id=req.hold_id,
+            )
+            if req.HasField("amount"):
+                transfer.amount.CopyFrom(req.amount)
+            result = await self._transfer(req.tenant_id, transfer, call)
+            return gw.CapturePaymentResponse(
+                hold_id=req.hold_id,
+                entry_id=result.entry.entry_id,
+                captured=result.entry.amount,
+                hold_state=_HOLD_STATE.get(result.hold.state, gw.HOLD_STATE_CAPTURED),
+                idempotency_key=req.idempotency_key,
+            )
+
+        return await self.core.idempotent(
+            req.tenant_id,
+            "CapturePayment",
+            req.idempotency_key,
+            req,
+            gw.CapturePaymentResponse,
+            run,
+        )
+
+    async def void(self, req: gw.VoidPaymentRequest, call: CallContext) -> gw.VoidPaymentResponse:
+        self._validate_common(req.tenant_id, req.idempotency_key)
+        validate.require_id(req.hold_id, "hold_id", self.limits)
+
+        async def run() -> gw.VoidPaymentResponse:
+            transfer = money_pb2.Transfer(
+                idempotency_key=self.core.derive(
+                    req.tenant_id, "VoidPayment", req.idempotency_key, "void"
+                ),
+                kind=money_pb2.TRANSFER_KIND_VOID,
+                hold_id=req.hold_id,
+            )
+            result = await self._transfer(req.tenant_id, transfer, call)
+            return gw.VoidPaymentResponse(
+                hold_id=req.hold_id,
+                hold_state=_HOLD_STATE.get(result.hold.state, gw.HOLD_STATE_VOIDED),
+                idempotency_key=req.idempotency_key,
+            )
+
+        return await self.core.idempotent(
+            req.tenant_id, "VoidPayment", req.idempotency_key, req, gw.VoidPaymentResponse, run
+        )
+
+    async def refund(
+        self, req: gw.RefundPaymentRequest, call: CallContext
+    ) -> gw.RefundPaymentResponse:
+        self._validate_common(req.tenant_id, req.idempotency_key)
+        validate.require_id(req.entry_id, "entry_id", self.limits)
+        validate.check_money(req.amount, "amount", self.limits, required=False)
+
+        async def run() -> gw.RefundPaymentResponse:
+            transfer = money_pb2.Transfer(
+                idempotency_key=self.core.derive(
+                    req.tenant_id, "RefundPayment", req.idempotency_key, "refund"
+                ),
+                kind=money_pb2.TRANSFER_KIND_REFUND,
+                entry_id=req.entry_id,
+            )
+            if req.HasField("amount"):
+                transfer.amount.CopyFrom(req.amount)
+            result = await self._transfer(req.tenant_id, transfer, call)
+            return gw.RefundPaymentResponse(
+                refund_entry_id=result.entry.entry_id,
+                entry_id=req.entry_id,
+                refunded=result.entry.amount,
+                idempotency_key=req.idempotency_key,
+            )
+
+        return await self.core.idempotent(
+            req.tenant_id,
+            "RefundPayment",
+            req.idempotency_key,
+            req,
+            gw.RefundPaymentResponse,
+            run,
+        )
+
+    # ---------------------------------------------------------------- why
+
+    async def get_decision(
+        self, req: gw.GetDecisionRequest, call: CallContext
+    ) -> gw.GetDecisionResponse:
+        core = self.core
+        validate.require_id(req.tenant_id, "tenant_id", self.limits)
+        validate.require_id(req.decision_id, "decision_id", self.limits)
+        found = await core.policy.get_decision(
+            policy_pb2.GetDecisionRequest(tenant_id=req.tenant_id, decision_id=req.decision_id),
+            core.timeout_s(call, core.config.budgets.policy_budget_ms),
+        )
+        decision, logged = found.decision, found.input
+        score_ref = logged.snapshot.model_score
+        answer = gw.GetDecisionResponse(
+            decision_id=decision.decision_id,
+            outcome=_OUTCOME_FROM_POLICY.get(decision.outcome, gw.OUTCOME_UNSPECIFIED),
+            reasons=reasons_of(decision),
+            obligations=obligations_of(decision),
+            policy_version=decision.bundle_version,
+            model_score_ref=score_ref,
+            input=self._tokenized_input(req.tenant_id, logged),
+            decided_at=decision.decided_at,
+            case_id=decision.case_id,
+            route_method=decision.route.method,
+            log_sequence=decision.log_sequence,
+        )
+        if score_ref.source in ("", SOURCE_NONE) or not score_ref.score_id:
+            answer.attributions_unavailable_reason = "NO_MODEL_SCORE"
+            return answer
+        try:
+            explained = await core.ai.explain(
+                ai_pb2.ExplainRequest(tenant_id=req.tenant_id, score_id=score_ref.score_id),
+                core.timeout_s(call, core.config.budgets.ai_explain_budget_ms),
+            )
+        except TriplaneError as error:
+            answer.attributions_unavailable_reason = error.reason or "AI_FAILED"
+            return answer
+        answer.attributions.extend(
+            gw.Attribution(feature=a.feature, value=a.value, contribution=a.contribution)
+            for a in explained.attributions
+        )
+        answer.features.extend(
+            gw.FeatureValue(name=f.name, value=f.value) for f in explained.features
+        )
+        return answer
+
+    def _tokenized_input(
+        self, tenant_id: str, logged: policy_pb2.EvaluateRequest
+    ) -> gw.DecisionInput:
+        tokens, payment, snapshot = self.core.tokenizer, logged.payment, logged.snapshot
+        return gw.DecisionInput(
+            account_id=payment.account_id,
+            kind=_KIND_FROM_POLICY.get(payment.kind, gw.PAYMENT_KIND_UNSPECIFIED),
+            amount=payment.amount,
+            payment_method=payment.payment_method,
+            merchant_id=payment.merchant_id,
+            merchant_category=payment.merchant_category,
+            device_id=payment.device_id,
+            customer_name_token=tokens.token(tenant_id, "name", payment.customer.name),
+            customer_country=payment.customer.country,
+            counterparty_name_token=tokens.token(tenant_id, "name", payment.counterparty.name),
+            counterparty_country=payment.counterparty.country,
+            kyc_tier=snapshot.kyc.tier,
+            features=dict(snapshot.features),
+        )
+
+
+def _pan_ok(value: str) -> bool:
+    return looks_like_pan(value)

@@ -1,0 +1,222 @@
+"""gRPC adapters of the ports: channels to the planes, calls with a timeout,
+every failure turned into a TriplaneError carrying the plane's reason and field."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+from nats.js import JetStreamContext
+
+from triplane.ai.v1 import ai_pb2, ai_pb2_grpc
+from triplane.money.v1 import money_pb2, money_pb2_grpc
+from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
+from triplane.runtime import bus
+from triplane.runtime.bus import OutgoingEvent
+from triplane.runtime.errors import Code, TriplaneError, error_for, parse_rpc_error
+
+log = logging.getLogger("gateway.planes")
+
+T = TypeVar("T")
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+def translate(plane: str, error: grpc.aio.AioRpcError) -> TriplaneError:
+    """A plane's gRPC error as a domain error, keeping its code, reason and field."""
+    code = error.code()
+    reason, field_path = parse_rpc_error(error)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return error_for(
+            Code.DEADLINE_EXCEEDED,
+            reason or f"{plane}_DEADLINE_EXCEEDED",
+            f"{plane} plane: timeout",
+        )
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not reason:
+        return error_for(
+            Code.UNAVAILABLE, f"{plane}_UNAVAILABLE", f"{plane} plane unavailable; retry"
+        )
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED):
+        return error_for(
+            Code.UNAVAILABLE, f"{plane}_FAILED", f"{plane} plane failed: {error.details()}"
+        )
+    number = code.value[0]
+    return error_for(number, reason or f"{plane}_ERROR", error.details() or "", field_path)
+
+
+async def _call(plane: str, call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except grpc.aio.AioRpcError as error:
+        raise translate(plane, error) from None
+
+
+@dataclass
+class PlaneChannels:
+    """One channel per plane (gRPC multiplexes every call over it)."""
+
+    money_address: str
+    policy_address: str
+    ai_address: str
+    money: grpc.aio.Channel = field(init=False)
+    policy: grpc.aio.Channel = field(init=False)
+    ai: grpc.aio.Channel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.money = grpc.aio.insecure_channel(self.money_address, options=CHANNEL_OPTIONS)
+        self.policy = grpc.aio.insecure_channel(self.policy_address, options=CHANNEL_OPTIONS)
+        self.ai = grpc.aio.insecure_channel(self.ai_address, options=CHANNEL_OPTIONS)
+
+    async def close(self) -> None:
+        for channel in (self.money, self.policy, self.ai):
+            await channel.close()
+
+
+class GrpcAi:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._scoring = ai_pb2_grpc.ScoringServiceStub(channel)
+
+    async def score(self, request: ai_pb2.ScoreRequest, timeout_s: float) -> ai_pb2.ScoreResponse:
+        return await _call("AI", lambda: self._scoring.Score(request, timeout=timeout_s))
+
+    async def rank(self, request: ai_pb2.RankRequest, timeout_s: float) -> ai_pb2.RankResponse:
+        return await _call("AI", lambda: self._scoring.Rank(request, timeout=timeout_s))
+
+    async def explain(
+        self, request: ai_pb2.ExplainRequest, timeout_s: float
+    ) -> ai_pb2.ExplainResponse:
+        return await _call("AI", lambda: self._scoring.Explain(request, timeout=timeout_s))
+
+    async def report_outcome(
+        self, request: ai_pb2.ReportOutcomeRequest, timeout_s: float
+    ) -> ai_pb2.ReportOutcomeResponse:
+        return await _call("AI", lambda: self._scoring.ReportOutcome(request, timeout=timeout_s))
+
+
+class GrpcPolicy:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._policy = policy_pb2_grpc.PolicyServiceStub(channel)
+        self._offers = policy_pb2_grpc.OfferServiceStub(channel)
+        self._consent = policy_pb2_grpc.ConsentServiceStub(channel)
+
+    async def evaluate(
+        self, request: policy_pb2.EvaluateRequest, timeout_s: float
+    ) -> policy_pb2.EvaluateResponse:
+        return await _call("POLICY", lambda: self._policy.Evaluate(request, timeout=timeout_s))
+
+    async def get_decision(
+        self, request: policy_pb2.GetDecisionRequest, timeout_s: float
+    ) -> policy_pb2.GetDecisionResponse:
+        return await _call("POLICY", lambda: self._policy.GetDecision(request, timeout=timeout_s))
+
+    async def eligible_offers(
+        self, request: policy_pb2.GetEligibleOffersRequest, timeout_s: float
+    ) -> policy_pb2.GetEligibleOffersResponse:
+        return await _call(
+            "POLICY", lambda: self._offers.GetEligibleOffers(request, timeout=timeout_s)
+        )
+
+    async def check_contact(
+        self, request: policy_pb2.CheckContactRequest, timeout_s: float
+    ) -> policy_pb2.CheckContactResponse:
+        return await _call("POLICY", lambda: self._consent.CheckContact(request, timeout=timeout_s))
+
+    async def record_contact(
+        self, request: policy_pb2.RecordContactRequest, timeout_s: float
+    ) -> policy_pb2.RecordContactResponse:
+        return await _call(
+            "POLICY", lambda: self._consent.RecordContact(request, timeout=timeout_s)
+        )
+
+
+class GrpcMoney:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._ledger = money_pb2_grpc.LedgerServiceStub(channel)
+
+    async def create_transfer(
+        self, request: money_pb2.CreateTransferRequest, timeout_s: float
+    ) -> money_pb2.CreateTransferResponse:
+        return await _call("MONEY", lambda: self._ledger.CreateTransfer(request, timeout=timeout_s))
+
+
+class NatsEventSink:
+    """Events to JetStream: `publish` waits for acks; `enqueue` hands them to a
+    bounded background outbox that publishes in batches and retries with
+    backoff, so a slow or absent NATS never delays a decision."""
+
+    def __init__(
+        self,
+        js: JetStreamContext | None,
+        publish_timeout_s: float,
+        max_queued: int,
+        batch_size: int = 256,
+    ) -> None:
+        self._js = js
+        self._timeout_s = publish_timeout_s
+        self._queue: asyncio.Queue[OutgoingEvent] = asyncio.Queue(maxsize=max_queued)
+        self._batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.published = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._drain(), name="gateway-event-outbox")
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), drain_timeout_s)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def publish(self, events: Sequence[OutgoingEvent], timeout_s: float) -> list[bool]:
+        if self._js is None:
+            return [False] * len(events)
+        return await bus.publish_batch(self._js, events, min(timeout_s, self._timeout_s))
+
+    def enqueue(self, events: Sequence[OutgoingEvent]) -> None:
+        for event in events:
+            try:
+                self._queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # Bounded on purpose; counted so it shows, never blocking a decision.
+                self.dropped += 1
+                log.warning("event outbox full: dropped %s", event.subject)
+
+    async def _drain(self) -> None:
+        backoff_s = 0.05
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            acked = await self._publish_quietly(batch)
+            failed = [e for e, ok in zip(batch, acked, strict=True) if not ok]
+            self.published += len(batch) - len(failed)
+            for _ in batch:
+                self._queue.task_done()
+            if failed:
+                self.enqueue(failed)
+                await asyncio.sleep(backoff_s * (1 + random.random()))
+                backoff_s = min(backoff_s * 2, 5.0)
+            else:
+                backoff_s = 0.05
+
+    async def _publish_quietly(self, batch: list[OutgoingEvent]) -> list[bool]:
+        if self._js is None:
+            await asyncio.sleep(1.0)
+            return [False] * len(batch)
+        try:
+            return await bus.publish_batch(self._js, batch, self._timeout_s)
+        except Exception:
+            log.exception("publishing %d events failed; will retry", len(batch))
+            return [False] * len(batch)

@@ -1,0 +1,188 @@
+"""The thin GatewayService servicer: the caller's deadline and trace id in,
+the domain flows called, protobuf out. Errors are mapped in one place (the
+ErrorMappingInterceptor that PlaneServer installs)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+
+from gateway.core import CallContext, new_trace_id
+from gateway.ingest import Ingest
+from gateway.nba import NextBestAction
+from gateway.payments import Payments
+from triplane.gateway.v1 import gateway_pb2 as gw
+from triplane.gateway.v1 import gateway_pb2_grpc
+from triplane.runtime import errors
+from triplane.runtime.deadline import Deadline
+from triplane.runtime.server import Service
+
+
+class DeadLetterRecord(Protocol):
+    @property
+    def delivery_id(self) -> str: ...
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def last_error(self) -> str: ...
+    @property
+    def created_at_us(self) -> int: ...
+    @property
+    def dead_at_us(self) -> int: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+
+
+class DeadLetters(Protocol):
+    async def list_dead_letters(
+        self, tenant_id: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[DeadLetterRecord], str]: ...
+
+    async def redeliver(self, tenant_id: str, delivery_id: str) -> DeadLetterRecord: ...
+
+
+def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(micros)
+    return ts
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(
+        self,
+        payments: Payments,
+        nba: NextBestAction,
+        ingest: Ingest,
+        dead_letters: DeadLetters | None,
+        default_deadline_ms: float,
+    ) -> None:
+        self._payments = payments
+        self._nba = nba
+        self._ingest = ingest
+        self._dead_letters = dead_letters
+        self._default_deadline_s = default_deadline_ms / 1000.0
+
+    def _call(self, context: grpc.aio.ServicerContext) -> CallContext:
+        span = trace.get_current_span().get_span_context()
+        trace_id = f"{span.trace_id:032x}" if span.trace_id else new_trace_id()
+        remaining = context.time_remaining()
+        deadline = Deadline.from_remaining(remaining, self._default_deadline_s)
+        return CallContext(deadline=deadline, trace_id=trace_id)
+
+    async def AuthorizePayment(
+        self, request: gw.AuthorizePaymentRequest, context: grpc.aio.ServicerContext
+    ) -> gw.AuthorizePaymentResponse:
+        return await self._payments.authorize(request, self._call(context))
+
+    async def CapturePayment(
+        self, request: gw.CapturePaymentRequest, context: grpc.aio.ServicerContext
+    ) -> gw.CapturePaymentResponse:
+        return await self._payments.capture(request, self._call(context))
+
+    async def VoidPayment(
+        self, request: gw.VoidPaymentRequest, context: grpc.aio.ServicerContext
+    ) -> gw.VoidPaymentResponse:
+        return await self._payments.void(request, self._call(context))
+
+    async def RefundPayment(
+        self, request: gw.RefundPaymentRequest, context: grpc.aio.ServicerContext
+    ) -> gw.RefundPaymentResponse:
+        return await self._payments.refund(request, self._call(context))
+
+    async def GetDecision(
+        self, request: gw.GetDecisionRequest, context: grpc.aio.ServicerContext
+    ) -> gw.GetDecisionResponse:
+        return await self._payments.get_decision(request, self._call(context))
+
+    async def DecideNextAction(
+        self, request: gw.DecideNextActionRequest, context: grpc.aio.ServicerContext
+    ) -> gw.DecideNextActionResponse:
+        return await self._nba.decide(request, self._call(context))
+
+    async def RecordOutcome(
+        self, request: gw.RecordOutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> gw.RecordOutcomeResponse:
+        return await self._nba.record_outcome(request, self._call(context))
+
+    async def IngestEvents(
+        self, request: gw.IngestEventsRequest, context: grpc.aio.ServicerContext
+    ) -> gw.IngestEventsResponse:
+        return await self._ingest.ingest(request, self._call(context))
+
+    def _delivery(self) -> DeadLetters:
+        if self._dead_letters is None:
+            raise errors.FailedPrecondition(
+                "DELIVERY_NOT_CONFIGURED", "channel delivery is not running in this gateway"
+            )
+        return self._dead_letters
+
+    async def ListDeadLetters(
+        self, request: gw.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> gw.ListDeadLettersResponse:
+        if not request.tenant_id:
+            raise errors.InvalidArgument("FIELD_REQUIRED", "tenant_id is required", "tenant_id")
+        records, token = await self._delivery().list_dead_letters(
+            request.tenant_id, request.page_size, request.page_token
+        )
+        return gw.ListDeadLettersResponse(
+            dead_letters=[
+                gw.DeadLetter(
+                    delivery_id=r.delivery_id,
+                    tenant_id=r.tenant_id,
+                    channel=r.channel,
+                    endpoint=r.endpoint,
+                    attempts=r.attempts,
+                    last_error=r.last_error,
+                    first_attempt_at=_timestamp(r.created_at_us),
+                    dead_at=_timestamp(r.dead_at_us),
+                    event_type=r.event_type,
+                )
+                for r in records
+            ],
+            next_page_token=token,
+        )
+
+    async def RedeliverDeadLetter(
+        self, request: gw.RedeliverDeadLetterRequest, context: grpc.aio.ServicerContext
+    ) -> gw.RedeliverDeadLetterResponse:
+        for name in ("tenant_id", "idempotency_key", "delivery_id"):
+            if not getattr(request, name):
+                raise errors.InvalidArgument("FIELD_REQUIRED", f"{name} is required", name)
+        delivery = self._delivery()
+
+        async def run() -> gw.RedeliverDeadLetterResponse:
+            record = await delivery.redeliver(request.tenant_id, request.delivery_id)
+            return gw.RedeliverDeadLetterResponse(
+                delivery_id=record.delivery_id,
+                requeued=record.status == "pending",
+                idempotency_key=request.idempotency_key,
+            )
+
+        return await self._payments.core.idempotent(
+            request.tenant_id,
+            "RedeliverDeadLetter",
+            request.idempotency_key,
+            request,
+            gw.RedeliverDeadLetterResponse,
+            run,
+        )
+
+
+def gateway_services(servicer: GatewayServicer) -> list[Service]:
+    return [
+        Service(
+            gw.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+            lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server),
+        )
+    ]

@@ -1,0 +1,105 @@
+"""Input checks of the public API: the right status, a reason, the field named,
+and nothing changed (every check runs before the first downstream call)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from triplane.common.v1 import types_pb2
+from triplane.runtime import currencies
+from triplane.runtime.config import GatewayLimitsConfig
+from triplane.runtime.errors import InvalidArgument, OutOfRange
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]+$")
+COUNTRY_PATTERN = re.compile(r"^[A-Z]{2}$")
+MCC_PATTERN = re.compile(r"^[0-9]{4}$")
+PARTNER_KIND_PATTERN = re.compile(r"^[a-z0-9_]{1,64}$")
+
+
+def require_id(value: str, field: str, limits: GatewayLimitsConfig) -> None:
+    if not value:
+        raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field)
+    check_id(value, field, limits)
+
+
+def check_id(value: str, field: str, limits: GatewayLimitsConfig) -> None:
+    if not value:
+        return
+    if len(value) > limits.max_id_length:
+        raise InvalidArgument(
+            "FIELD_TOO_LONG", f"{field} is longer than {limits.max_id_length} characters", field
+        )
+    if not ID_PATTERN.match(value):
+        raise InvalidArgument(
+            "ID_INVALID", f"{field} may only hold letters, digits and _ . : -", field
+        )
+
+
+def check_string(value: str, field: str, limits: GatewayLimitsConfig) -> None:
+    if len(value) > limits.max_string_length:
+        raise InvalidArgument(
+            "FIELD_TOO_LONG",
+            f"{field} is longer than {limits.max_string_length} characters",
+            field,
+        )
+
+
+def check_country(value: str, field: str) -> None:
+    if value and not COUNTRY_PATTERN.match(value):
+        raise InvalidArgument("COUNTRY_INVALID", f"{field} must be ISO 3166-1 alpha-2", field)
+
+
+def check_mcc(value: str, field: str) -> None:
+    if value and not MCC_PATTERN.match(value):
+        raise InvalidArgument("MERCHANT_CATEGORY_INVALID", f"{field} must be 4 digits", field)
+
+
+def check_money(
+    money: types_pb2.Money, field: str, limits: GatewayLimitsConfig, required: bool
+) -> None:
+    if not money.currency and money.amount_minor == 0:
+        if required:
+            raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field)
+        return
+    if not currencies.is_known(money.currency):
+        raise InvalidArgument(
+            "CURRENCY_UNKNOWN",
+            f"{field}.currency {money.currency!r} is not an ISO 4217 code",
+            f"{field}.currency",
+        )
+    if money.amount_minor <= 0:
+        raise InvalidArgument(
+            "AMOUNT_NOT_POSITIVE", f"{field}.amount_minor must be > 0", f"{field}.amount_minor"
+        )
+    if money.amount_minor > limits.max_amount_minor:
+        raise OutOfRange(
+            "AMOUNT_TOO_LARGE",
+            f"{field}.amount_minor is above {limits.max_amount_minor}",
+            f"{field}.amount_minor",
+        )
+
+
+def check_attributes(
+    attributes: Mapping[str, str], field: str, limits: GatewayLimitsConfig
+) -> None:
+    if len(attributes) > limits.max_attributes:
+        raise InvalidArgument(
+            "TOO_MANY_ATTRIBUTES", f"{field} holds more than {limits.max_attributes}", field
+        )
+    for name, value in attributes.items():
+        check_id(name, f"{field}[{name}]", limits)
+        check_string(value, f"{field}[{name}]", limits)
+
+
+def check_features(features: Mapping[str, float], field: str, limits: GatewayLimitsConfig) -> None:
+    if len(features) > limits.max_features:
+        raise InvalidArgument(
+            "TOO_MANY_FEATURES", f"{field} holds more than {limits.max_features}", field
+        )
+    for name, value in features.items():
+        check_id(name, f"{field}[{name}]", limits)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidArgument(
+                "FEATURE_NOT_FINITE", f"{field}[{name}] must be finite", f"{field}[{name}]"
+            )

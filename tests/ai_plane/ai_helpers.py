@@ -1,0 +1,84 @@
+"""Helpers of the AI plane tests (importable, unlike conftest)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ai_plane.manager import bootstrap_registry, write_live_repository
+from ai_plane.registry import Registry
+from ai_plane.triton import ModelRepository, TritonProcess, TritonUnavailable, find_dist
+from triplane.ai.v1 import ai_pb2 as pb
+from triplane.common.v1 import types_pb2
+from triplane.runtime.clock import SystemClock
+from triplane.runtime.config import Config, load_config
+
+# Small synthetic world: training takes about a second. A roomy Triton budget:
+# the 2-core machine is shared, and tests that want timeouts set their own.
+TEST_AI: dict[str, Any] = {
+    "triton": {"score_timeout_ms": 250},
+    "models": {"training_customers": 300, "training_days": 7, "num_boost_round": 40},
+    "pipeline": {"enabled": False},
+    "drift": {"update_every_scores": 50},
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = deep_merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def ai_config(state_dir: Path, ai: dict[str, Any] | None = None) -> Config:
+    overrides = {"runtime": {"state_dir": str(state_dir)}, "nats": {"url": ""}}
+    merged_ai = deep_merge(TEST_AI, ai or {})
+    return load_config(environ={}, overrides={**overrides, "ai": merged_ai})
+
+
+def require_triton() -> None:
+    """Skips loudly when the tritonserver binary (nvidia-pytriton) is missing."""
+    try:
+        find_dist()
+    except TritonUnavailable as exc:
+        message = f"\n\n*** SKIPPING Triton tests: {exc} ***\n"
+        sys.stderr.write(message)
+        warnings.warn(message, stacklevel=2)
+        pytest.skip(message)
+
+
+def start_triton(root: Path, config: Config) -> TritonProcess:
+    """A tritonserver over a repository holding freshly trained live models."""
+    require_triton()
+    registry = Registry(root / "registry", SystemClock())
+    bootstrap_registry(registry, config.ai)
+    repository = ModelRepository(root / "repository")
+    write_live_repository(registry, repository, config.ai)
+    process = TritonProcess(repository, root / "work", config.ai.triton)
+    process.start()
+    return process
+
+
+def payment(
+    tenant_id: str = "t1",
+    account_id: str = "acct_000001",
+    amount_minor: int = 12_000,
+    **extra: Any,
+) -> pb.PaymentContext:
+    return pb.PaymentContext(
+        tenant_id=tenant_id,
+        account_id=account_id,
+        device_id=extra.pop("device_id", "dev_1"),
+        merchant_id=extra.pop("merchant_id", "mer_1"),
+        amount=types_pb2.Money(amount_minor=amount_minor, currency="USD"),
+        merchant_category=extra.pop("merchant_category", "5816"),
+        channel=pb.CHANNEL_ECOMMERCE,
+        **extra,
+    )

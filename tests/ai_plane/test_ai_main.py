@@ -1,0 +1,80 @@
+"""`python -m ai_plane`: trains its models, starts its own tritonserver,
+serves until SIGTERM, and leaves no tritonserver behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from ai_helpers import payment, require_triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ai_plane.triton import free_port
+from triplane.ai.v1 import ai_pb2 as pb
+from triplane.ai.v1 import ai_pb2_grpc
+
+
+def _tritonservers_under(path: Path) -> list[int]:
+    found = subprocess.run(
+        ["pgrep", "-f", f"bin/tritonserver --model-repository={path}"],
+        capture_output=True,
+        text=True,
+    )
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def _wait_serving(address: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "python -m ai_plane exited early"
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError("ai_plane did not become SERVING in time")
+
+
+def test_module_serves_with_its_own_triton_and_stops_it(tmp_path: Path) -> None:
+    require_triton()
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "TRIPLANE_STATE_DIR": str(tmp_path),
+        "TRIPLANE__AI__LISTEN": address,
+        "TRIPLANE__AI__PIPELINE__ENABLED": "false",
+        "TRIPLANE__AI__MODELS__TRAINING_CUSTOMERS": "300",
+        "TRIPLANE__AI__MODELS__NUM_BOOST_ROUND": "40",
+        "TRIPLANE__AI__TRITON__SCORE_TIMEOUT_MS": "250",
+        "TRIPLANE__RUNTIME__LOG_FORMAT": "text",
+        "NATS_URL": "",
+        "TRITON_URL": "",
+    }
+    log = (tmp_path / "ai_plane.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ai_plane"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        _wait_serving(address, process, timeout_s=90)
+        assert len(_tritonservers_under(tmp_path)) == 1
+        with grpc.insecure_channel(address) as channel:
+            scoring = ai_pb2_grpc.ScoringServiceStub(channel)
+            response = scoring.Score(pb.ScoreRequest(payment=payment()), timeout=5)
+        assert response.score_ref.source == "triton"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    assert _tritonservers_under(tmp_path) == []

@@ -1,0 +1,213 @@
+"""Pure pieces: PII refusal, circuit breaker, drift, bandit, registry, synth."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ai_plane import pii, synth
+from ai_plane.bandit import DIMENSION, LinearThompsonBandit
+from ai_plane.breaker import BreakerState, CircuitBreaker
+from ai_plane.drift import PsiMonitor, baseline, psi
+from ai_plane.registry import ModelState, Registry
+from triplane.runtime.clock import ManualClock
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument
+
+
+# ---- PII ----
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("4111 1111 1111 1111", "card_number"),
+        ("card=4111-1111-1111-1111;", "card_number"),
+        ("5500005555555559", "card_number"),
+        ("jane.doe@example.com", "email"),
+        ("+44 20 7946 0958", "phone"),
+        ("(415) 555-2671", "phone"),
+        ("415-555-2671", "phone"),
+        ("0044 20 7946 0958", "phone"),
+    ],
+)
+def test_pii_is_detected(value: str, kind: str) -> None:
+    assert pii.pii_kind(value) == kind
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "acct_000123",
+        "tok_9f8e7d6c5b4a",
+        "4111111111111112",
+        "1767225600",
+        "5411",
+        "dev_000017_1",
+        "",
+    ],
+)
+def test_tokens_and_ids_are_not_pii(value: str) -> None:
+    assert pii.pii_kind(value) == ""
+
+
+def test_refusal_names_the_field_and_not_the_value() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        pii.refuse_pii({"payment.account_id": "acct_1", "payment.attributes[note]": "a@b.io"})
+    assert caught.value.reason == "RAW_PII_REFUSED"
+    assert caught.value.field == "payment.attributes[note]"
+    assert "a@b.io" not in caught.value.message
+
+
+@given(st.text(alphabet="0123456789", min_size=13, max_size=19))
+def test_luhn_matches_reference(digits: str) -> None:
+    checksum = sum(
+        sum(divmod(int(d) * (2 if i % 2 else 1), 10)) for i, d in enumerate(reversed(digits))
+    )
+    assert pii.luhn_valid(digits) == (checksum % 10 == 0)
+
+
+# ---- circuit breaker ----
+def test_breaker_opens_after_threshold_and_closes_after_probe() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=3, open_s=1.0, monotonic_s=lambda: now[0])
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.allow()
+    now[0] = 1.5
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow()  # the one probe
+    assert not breaker.allow()  # nobody else while it is out
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED and breaker.allow()
+
+
+def test_failed_probe_reopens_for_a_full_period() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, open_s=2.0, monotonic_s=lambda: now[0])
+    breaker.record_failure()
+    now[0] = 2.0
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    now[0] = 3.9
+    assert not breaker.allow()
+    now[0] = 4.0
+    assert breaker.allow()
+
+
+def test_success_resets_the_failure_count() -> None:
+    breaker = CircuitBreaker(failure_threshold=2, open_s=1.0, monotonic_s=lambda: 0.0)
+    breaker.record_failure()
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+
+
+# ---- drift ----
+def test_psi_is_small_for_the_same_distribution_and_large_for_a_shift() -> None:
+    rng = random.Random(1)
+    training = [rng.gauss(0, 1) for _ in range(5000)]
+    edges, expected = baseline(training, 10)
+    same = PsiMonitor("m", 1, "score", edges, expected, window=5000, every=5000)
+    shifted = PsiMonitor("m", 1, "shifted", edges, expected, window=5000, every=5000)
+    for _ in range(5000):
+        same.observe(rng.gauss(0, 1))
+        shifted.observe(rng.gauss(1.0, 1))
+    assert same.value < 0.02
+    assert shifted.value > 0.25
+    assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
+
+
+# ---- bandit ----
+def test_bandit_probabilities_are_a_distribution_and_the_choice_is_logged() -> None:
+    bandit = LinearThompsonBandit(0.05, 0.1, 64, seed=3)
+    xs = [np.ones(DIMENSION) * v for v in (0.1, 0.2, 0.3)]
+    choice = bandit.choose(["a", "b", "c"], xs)
+    assert math.isclose(float(choice.probabilities.sum()), 1.0)
+    assert choice.probabilities[choice.chosen_index] > 0
+
+
+def test_bandit_learns_from_outcomes() -> None:
+    bandit = LinearThompsonBandit(0.05, 0.1, 64, seed=3)
+    x = np.zeros(DIMENSION)
+    x[0] = 1.0
+    for _ in range(200):
+        bandit.update("good", x, 1.0)
+        bandit.update("bad", x, 0.0)
+    assert bandit.expected_reward("good", x) > 0.8 > 0.2 > bandit.expected_reward("bad", x)
+    choice = bandit.choose(["good", "bad"], [x, x])
+    assert choice.probabilities[0] > 0.95
+
+
+# ---- synthetic data ----
+def test_synthetic_world_is_reproducible_and_has_every_fraud_pattern() -> None:
+    config = synth.SynthConfig(seed=5, customers=200, days=5)
+    first, second = synth.generate(config), synth.generate(config)
+    assert [e.activity for e in first.events] == [e.activity for e in second.events]
+    patterns = {e.pattern for e in first.events if e.is_fraud}
+    assert patterns == {"card_testing", "account_takeover", "velocity", "mule"}
+    times = [e.activity.occurred_at_us for e in first.events]
+    assert times == sorted(times)
+    other = synth.generate(synth.SynthConfig(seed=6, customers=200, days=5))
+    assert [e.activity for e in other.events] != [e.activity for e in first.events]
+
+
+def test_true_propensities_are_probabilities() -> None:
+    context = [2.0, 14.0, 3.0, 8.0, 7.0, 0.0, 10.0, 0.7, 2.0]
+    for offer in synth.OFFERS:
+        assert 0.0 < synth.true_propensity(offer, context) < 1.0
+
+
+# ---- registry ----
+def _register(registry: Registry, text: str) -> int:
+    record, _ = registry.register("m", text, {"generator_seed": 1}, {"roc_auc": 0.9}, ["f"], {})
+    return record.version
+
+
+def test_registry_states_and_rollback_pointer(tmp_path: Path) -> None:
+    registry = Registry(tmp_path, ManualClock())
+    v1, v2 = _register(registry, "model one"), _register(registry, "model two")
+    assert (v1, v2) == (1, 2)
+    assert _register(registry, "model one") == 1  # same artifact: same version
+    with pytest.raises(FailedPrecondition) as refused:
+        registry.transition("m", v1, ModelState.LIVE)
+    assert refused.value.reason == "MODEL_STATE_TRANSITION_REFUSED"
+    registry.transition("m", v1, ModelState.APPROVED)
+    registry.transition("m", v1, ModelState.LIVE)
+    registry.transition("m", v2, ModelState.APPROVED)
+    live = registry.transition("m", v2, ModelState.LIVE)
+    assert live.rollback_version == v1
+    assert registry.get("m", v1).state is ModelState.RETIRED
+    restored = Registry(tmp_path, ManualClock()).rollback("m")
+    assert restored.version == v1
+    reloaded = Registry(tmp_path, ManualClock())
+    assert reloaded.get("m").version == v1
+    assert reloaded.get("m", v2).state is ModelState.RETIRED
+
+
+def test_registry_refuses_a_corrupt_artifact(tmp_path: Path) -> None:
+    registry = Registry(tmp_path, ManualClock())
+    version = _register(registry, "model text")
+    registry.artifact_path("m", version).write_text("tampered")
+    with pytest.raises(FailedPrecondition) as caught:
+        registry.artifact_text("m", version)
+    assert caught.value.reason == "MODEL_ARTIFACT_CORRUPT"
+
+
+def test_rollback_without_a_previous_version_is_refused(tmp_path: Path) -> None:
+    registry = Registry(tmp_path, ManualClock())
+    version = _register(registry, "only")
+    registry.transition("m", version, ModelState.APPROVED)
+    registry.transition("m", version, ModelState.LIVE)
+    with pytest.raises(FailedPrecondition) as caught:
+        registry.rollback("m")
+    assert caught.value.reason == "NO_ROLLBACK_TARGET"

@@ -1,0 +1,112 @@
+"""Helpers of the engagement tests (delivery, triggers, measurement): a real
+HTTP receiver on 127.0.0.1, config builders and databases on each backend."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from policy_plane.db import Database
+from triplane.runtime.config import Config, DeliveryConfig, load_config
+
+SECRET = "whsec_" + base64.b64encode(b"triplane-test-secret-0123456789ab").decode()
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: str
+
+
+@dataclass
+class Receiver:
+    """An HTTP endpoint whose answers a test scripts: each request takes the
+    next planned (status, delay_s) and falls back to `default` when none is left."""
+
+    url: str = ""
+    default: tuple[int, float] = (200, 0.0)
+    plan: list[tuple[int, float]] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+    answered: list[int] = field(default_factory=list)
+    decide: Callable[[Received], int] | None = None
+
+    def ids(self) -> list[str]:
+        return [r.headers["webhook-id"] for r in self.received]
+
+    def acknowledged_ids(self) -> set[str]:
+        return {
+            r.headers["webhook-id"]
+            for r, status in zip(self.received, self.answered, strict=False)
+            if 200 <= status < 300
+        }
+
+    async def handle(self, request: web.Request) -> web.Response:
+        item = Received(
+            request.path, {k.lower(): v for k, v in request.headers.items()}, await request.text()
+        )
+        self.received.append(item)
+        status, delay_s = self.plan.pop(0) if self.plan else self.default
+        if self.decide is not None:
+            status = self.decide(item)
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        self.answered.append(status)
+        return web.Response(status=status, text="ok" if status < 300 else "no")
+
+
+@asynccontextmanager
+async def receiver() -> AsyncIterator[Receiver]:
+    """Starts a receiver on a free port and always stops it."""
+    state = Receiver()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", state.handle)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    state.url = f"http://127.0.0.1:{port}"
+    try:
+        yield state
+    finally:
+        await runner.cleanup()
+
+
+def base_config(state_dir: Path, gateway: dict[str, Any] | None = None) -> Config:
+    return load_config(
+        environ={},
+        overrides={
+            "runtime": {"state_dir": str(state_dir)},
+            "nats": {"url": ""},
+            "gateway": gateway or {},
+        },
+    )
+
+
+def delivery_config(**changes: Any) -> DeliveryConfig:
+    defaults: dict[str, Any] = {
+        "max_attempts": 4,
+        "backoff_multiplier_s": 1.0,
+        "backoff_max_s": 30.0,
+        "backoff_jitter_s": 0.5,
+        "request_timeout_s": 0.5,
+        "lease_s": 5.0,
+        "poll_interval_s": 0.05,
+    }
+    config = load_config(environ={}).gateway.delivery
+    return msgspec.structs.replace(config, **{**defaults, **changes})
+
+
+def open_db(backend: str, state_dir: Path, pg_dsn: str = "") -> Database:
+    if backend == "postgres":
+        return Database("postgres", pg_dsn)
+    return Database("sqlite", str(state_dir / "engagement.db"))

@@ -1,0 +1,297 @@
+"""Clients: one object per service, typed methods, deadlines, retries on
+UNAVAILABLE through the gRPC service config, generated idempotency keys."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from triplane.gateway.v1 import gateway_pb2 as gw
+from triplane.gateway.v1 import gateway_pb2_grpc
+from triplane.money.v1 import money_pb2, money_pb2_grpc
+from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
+from triplane_client.errors import TriplaneApiError, from_rpc_error
+
+R = TypeVar("R", bound=Message)
+
+DEFAULT_TIMEOUT_S = 5.0
+MAX_ATTEMPTS = 4
+
+
+def service_config(service: str) -> str:
+    """Transparent retries for a service whose every method is idempotent."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": service}],
+                    "retryPolicy": {
+                        "maxAttempts": MAX_ATTEMPTS,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def new_idempotency_key() -> str:
+    return uuid.uuid4().hex
+
+
+class _Client:
+    SERVICE = ""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: bool = True):
+        options: list[tuple[str, Any]] = [("grpc.enable_retries", 1 if retry else 0)]
+        if retry and self.SERVICE:
+            options.append(("grpc.service_config", service_config(self.SERVICE)))
+        self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._timeout_s = timeout_s
+
+    async def _call(
+        self, method: Callable[..., Awaitable[R]], request: Message, timeout_s: float | None
+    ) -> R:
+        try:
+            return await method(request, timeout=timeout_s or self._timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> _Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class GatewayClient(_Client):
+    """triplane.gateway.v1.GatewayService."""
+
+    SERVICE = "triplane.gateway.v1.GatewayService"
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: bool = True):
+        super().__init__(address, timeout_s, retry)
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def authorize_payment(
+        self, *, idempotency_key: str = "", timeout_s: float | None = None, **fields: Any
+    ) -> gw.AuthorizePaymentResponse:
+        request = gw.AuthorizePaymentRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), **fields
+        )
+        return await self._call(self._stub.AuthorizePayment, request, timeout_s)
+
+    async def capture_payment(
+        self,
+        *,
+        tenant_id: str,
+        hold_id: str,
+        amount: Any = None,
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.CapturePaymentResponse:
+        request = gw.CapturePaymentRequest(
+            tenant_id=tenant_id,
+            hold_id=hold_id,
+            amount=amount,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return await self._call(self._stub.CapturePayment, request, timeout_s)
+
+    async def void_payment(
+        self,
+        *,
+        tenant_id: str,
+        hold_id: str,
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.VoidPaymentResponse:
+        request = gw.VoidPaymentRequest(
+            tenant_id=tenant_id,
+            hold_id=hold_id,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return await self._call(self._stub.VoidPayment, request, timeout_s)
+
+    async def refund_payment(
+        self,
+        *,
+        tenant_id: str,
+        entry_id: str,
+        amount: Any = None,
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.RefundPaymentResponse:
+        request = gw.RefundPaymentRequest(
+            tenant_id=tenant_id,
+            entry_id=entry_id,
+            amount=amount,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return await self._call(self._stub.RefundPayment, request, timeout_s)
+
+    async def get_decision(
+        self, *, tenant_id: str, decision_id: str, timeout_s: float | None = None
+    ) -> gw.GetDecisionResponse:
+        request = gw.GetDecisionRequest(tenant_id=tenant_id, decision_id=decision_id)
+        return await self._call(self._stub.GetDecision, request, timeout_s)
+
+    async def decide_next_action(
+        self, *, idempotency_key: str = "", timeout_s: float | None = None, **fields: Any
+    ) -> gw.DecideNextActionResponse:
+        request = gw.DecideNextActionRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), **fields
+        )
+        return await self._call(self._stub.DecideNextAction, request, timeout_s)
+
+    async def record_outcome(
+        self,
+        *,
+        tenant_id: str,
+        decision_id: str,
+        kind: gw.OutcomeKind.ValueType,
+        value: Any = None,
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.RecordOutcomeResponse:
+        request = gw.RecordOutcomeRequest(
+            tenant_id=tenant_id,
+            decision_id=decision_id,
+            kind=kind,
+            value=value,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return await self._call(self._stub.RecordOutcome, request, timeout_s)
+
+    async def ingest_events(
+        self, *, tenant_id: str, events: list[gw.BehaviourEvent], timeout_s: float | None = None
+    ) -> gw.IngestEventsResponse:
+        for event in events:
+            if not event.idempotency_key:
+                event.idempotency_key = new_idempotency_key()
+        request = gw.IngestEventsRequest(tenant_id=tenant_id, events=events)
+        return await self._call(self._stub.IngestEvents, request, timeout_s)
+
+    async def list_dead_letters(
+        self,
+        *,
+        tenant_id: str,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.ListDeadLettersResponse:
+        request = gw.ListDeadLettersRequest(
+            tenant_id=tenant_id, page_size=page_size, page_token=page_token
+        )
+        return await self._call(self._stub.ListDeadLetters, request, timeout_s)
+
+    async def redeliver_dead_letter(
+        self,
+        *,
+        tenant_id: str,
+        delivery_id: str,
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.RedeliverDeadLetterResponse:
+        request = gw.RedeliverDeadLetterRequest(
+            tenant_id=tenant_id,
+            delivery_id=delivery_id,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return await self._call(self._stub.RedeliverDeadLetter, request, timeout_s)
+
+
+class LedgerAdminClient(_Client):
+    """The money plane's admin reads (tenants, accounts, balances, checks).
+    Not retried automatically: CreateAccounts is not keyed."""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        super().__init__(address, timeout_s, retry=False)
+        self._stub = money_pb2_grpc.LedgerServiceStub(self._channel)
+
+    async def create_tenant(self, tenant_id: str, display_name: str = "") -> money_pb2.Tenant:
+        request = money_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=display_name)
+        answer: money_pb2.CreateTenantResponse = await self._call(
+            self._stub.CreateTenant, request, None
+        )
+        return answer.tenant
+
+    async def create_accounts(
+        self, tenant_id: str, accounts: list[money_pb2.NewAccount]
+    ) -> list[money_pb2.Account]:
+        request = money_pb2.CreateAccountsRequest(tenant_id=tenant_id, accounts=accounts)
+        return list((await self._call(self._stub.CreateAccounts, request, None)).accounts)
+
+    async def get_balance(self, tenant_id: str, account_id: str) -> money_pb2.Balance:
+        request = money_pb2.GetBalanceRequest(tenant_id=tenant_id, account_id=account_id)
+        answer: money_pb2.GetBalanceResponse = await self._call(
+            self._stub.GetBalance, request, None
+        )
+        return answer.balance
+
+    async def check_balanced(self, tenant_id: str) -> money_pb2.CheckBalancedResponse:
+        request = money_pb2.CheckBalancedRequest(tenant_id=tenant_id)
+        return await self._call(self._stub.CheckBalanced, request, None)
+
+
+class PolicyAdminClient(_Client):
+    """The policy plane's catalog, consent and case admin calls."""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        super().__init__(address, timeout_s, retry=False)
+        self._policy = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        self._offers = policy_pb2_grpc.OfferServiceStub(self._channel)
+        self._consent = policy_pb2_grpc.ConsentServiceStub(self._channel)
+        self._cases = policy_pb2_grpc.CaseServiceStub(self._channel)
+
+    async def create_tenant(self, tenant_id: str, display_name: str = "") -> None:
+        request = policy_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=display_name)
+        await self._call(self._policy.CreateTenant, request, None)
+
+    async def put_offer(self, offer: policy_pb2.Offer) -> policy_pb2.Offer:
+        request = policy_pb2.PutOfferRequest(offer=offer)
+        answer: policy_pb2.PutOfferResponse = await self._call(self._offers.PutOffer, request, None)
+        return answer.offer
+
+    async def put_contact_profile(self, profile: policy_pb2.ContactProfile) -> None:
+        request = policy_pb2.PutContactProfileRequest(profile=profile)
+        await self._call(self._consent.PutContactProfile, request, None)
+
+    async def set_consent(
+        self, tenant_id: str, customer_id: str, consent: policy_pb2.Consent
+    ) -> None:
+        request = policy_pb2.SetConsentRequest(
+            tenant_id=tenant_id, customer_id=customer_id, consent=consent
+        )
+        await self._call(self._consent.SetConsent, request, None)
+
+    async def list_cases(
+        self, tenant_id: str, page_size: int = 0, page_token: str = ""
+    ) -> policy_pb2.ListCasesResponse:
+        request = policy_pb2.ListCasesRequest(
+            tenant_id=tenant_id, page_size=page_size, page_token=page_token
+        )
+        return await self._call(self._cases.ListCases, request, None)
+
+
+__all__ = ["GatewayClient", "LedgerAdminClient", "PolicyAdminClient", "TriplaneApiError"]
