@@ -75,7 +75,18 @@ test: venv
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
 
-bench: venv
+# The benchmarks' own baselines: Vowpal Wabbit (the bench extra) and Feast,
+# which pins protobuf<7 and so lives in its own environment (.venv-feast).
+BENCH_STAMP := $(VENV)/.triplane-bench-installed
+FEAST_VENV := .venv-feast
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	@[ -x "$(FEAST_VENV)/bin/python" ] || $(PYTHON) -m venv $(FEAST_VENV)
+	$(FEAST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check feast
+	@touch $@
+
+bench: venv $(BENCH_STAMP)
 	$(PY) -m bench $(if $(ONLY),--only $(ONLY),)
 
 # protoc finds its mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH.

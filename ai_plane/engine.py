@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ai_plane import pii
 from ai_plane.bandit import LinearThompsonBandit, arm_features
 from ai_plane.drift import PsiMonitor
 from ai_plane.features import (
@@ -40,6 +39,7 @@ from triplane.runtime.clock import Clock
 from triplane.runtime.config import AiConfig
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument, NotFound
+from triplane.runtime.pii import refuse_pii
 
 log = logging.getLogger("triplane.ai.engine")
 
@@ -221,7 +221,7 @@ class AiEngine:
                 raise InvalidArgument("FIELD_TOO_LONG", f"{where} is too long", where)
             fields[f"{where}.key"] = key
             fields[where] = value
-        pii.refuse_pii(fields)
+        refuse_pii(fields)
         if q.model and q.model not in MODELS:
             raise InvalidArgument("UNKNOWN_MODEL", f"unknown model {q.model!r}", "model")
         if q.top_k > self._limits.max_top_k:
@@ -352,7 +352,7 @@ class AiEngine:
             raise InvalidArgument("DUPLICATE_CANDIDATE", "offer ids must differ", "candidates")
         for i, offer_id in enumerate(q.offer_ids):
             self._check_id(f"candidates[{i}].offer_id", offer_id)
-        pii.refuse_pii({"tenant_id": q.tenant_id, "account_id": q.account_id})
+        refuse_pii({"tenant_id": q.tenant_id, "account_id": q.account_id})
 
     async def rank(self, q: RankQuery, deadline: Deadline) -> RankAnswer:
         self._check_rank_query(q)

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 VENV_BIN="$(pwd)/.venv/bin"
 export PATH="$VENV_BIN:$PATH"
 PY=${PY:-$VENV_BIN/python}
+# protoc runs from proto/, so a relative interpreter path is made absolute.
+case "$PY" in /*) ;; */*) PY="$(pwd)/$PY" ;; esac
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 mapfile -t files < <(cd proto && find triplane -name '*.proto' | sort)
