@@ -108,3 +108,65 @@ def unknown_field_paths(source: str, schema: dict[str, Any]) -> list[str]:
                 break
             node = node[segment]
     return bad
+
+
+# ----------------------------------------------------------------- flattening
+# The interpreter pays for every `.field` step on a nested map (a member
+# access copies the map it reads from), and for every nested map it converts
+# into a context. Conditions are therefore rewritten once, at load, to read
+# flat variables: `snapshot.velocity.device.count_24h` becomes the variable
+# `__tp_snapshot__velocity__device__count_24h`, bound to the same value. A path
+# whose end is an intermediate map (`snapshot.kyc` used whole) or the argument
+# of has() keeps its nested form, and the evaluator then also binds the nested
+# root. The bundle's load-time probe checks every rewritten condition against
+# the one as written (evaluation.CompiledBundle).
+FLAT_PREFIX = "__tp_"
+_HAS_OPEN = re.compile(r"(?<![\w.])has\s*\(\s*$")
+
+
+def flat_name(path: tuple[str, ...]) -> str:
+    return FLAT_PREFIX + "__".join(path)
+
+
+def _mask_literals(source: str) -> str:
+    """The source with string literals blanked, same length and positions."""
+
+    def blank(match: re.Match[str]) -> str:
+        text = match.group(0)
+        return text[0] + " " * (len(text) - 2) + text[-1]
+
+    return _STRING_LITERAL.sub(blank, source)
+
+
+def flatten_paths(source: str, schema: dict[str, Any]) -> tuple[str, frozenset[tuple[str, ...]]]:
+    """`source` with schema paths read from flat variables, and those paths."""
+    text = _mask_literals(source)
+    bound = macro_bound_names(source)
+    if any(name.startswith(FLAT_PREFIX) for name in bound):
+        return source, frozenset()
+    pieces: list[str] = []
+    paths: set[tuple[str, ...]] = set()
+    last = 0
+    for match in _PATH.finditer(text):
+        root = match.group(1)
+        if root not in schema or root in bound:
+            continue
+        segments = [s.strip() for s in match.group(2).split(".") if s.strip()]
+        walk = segments[:-1] if match.group(3) else segments
+        node: Any = schema[root]
+        path = [root]
+        while len(path) - 1 < len(walk) and isinstance(node, dict) and walk[len(path) - 1] in node:
+            node = node[walk[len(path) - 1]]
+            path.append(walk[len(path) - 1])
+        consumed = len(path) - 1
+        if isinstance(node, dict) or consumed == 0:
+            continue  # an intermediate map, or nothing known: stays nested
+        if consumed == len(segments) and _HAS_OPEN.search(text, 0, match.start()):
+            continue  # has() needs a field selection
+        flat = flat_name(tuple(path))
+        pieces.append(source[last : match.start(1)])
+        pieces.append(flat + "".join(f".{s}" for s in segments[consumed:]))
+        last = match.end(2)
+        paths.add(tuple(path))
+    pieces.append(source[last:])
+    return "".join(pieces), frozenset(paths)

@@ -9,6 +9,8 @@ which is deterministic and fails safe.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import cel
 
 from policy_plane import bundle as bundle_mod
+from policy_plane import cel_check
 from policy_plane.bundle import BundleLimits, BundleSource, BundleSpec, RuleSpec
 from policy_plane.model import (
     EvaluationInput,
@@ -37,20 +40,54 @@ _MAX_ERROR_TEXT = 160
 
 
 @dataclass(frozen=True, slots=True)
+class Condition:
+    """A condition as written (`written`, over the nested activation) and as
+    run (`program`: the flattened rewrite, or the written one where the
+    rewrite does not decide the same on the load-time probe)."""
+
+    written: cel.Program
+    program: cel.Program
+    flat_paths: frozenset[tuple[str, ...]]
+
+    def as_written(self) -> Condition:
+        return Condition(self.written, self.written, frozenset())
+
+
+def _condition(source: str, where: str, schema: dict[str, Any], flatten: bool) -> Condition:
+    written = bundle_mod.compile_condition(source, where, schema)
+    flat_source, paths = cel_check.flatten_paths(source, schema)
+    if not paths or not flatten:
+        return Condition(written, written, frozenset())
+    try:
+        program = cel.compile(flat_source)
+    except Exception:  # never expected: the rewrite keeps the syntax
+        return Condition(written, written, frozenset())
+    return Condition(written, program, paths)
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledRule:
     spec: RuleSpec
-    program: cel.Program
+    condition: Condition
     fired: FiredRule
     outcome: Outcome | None
     obligation: Obligation | None
+
+    @property
+    def program(self) -> cel.Program:
+        return self.condition.program
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
     method: str
-    program: cel.Program
+    condition: Condition
     fixed_cost_minor: int
     cost_bps: int
+
+    @property
+    def program(self) -> cel.Program:
+        return self.condition.program
 
 
 def _velocity(v: Any) -> dict[str, int]:
@@ -110,7 +147,11 @@ def _snapshot(inp: EvaluationInput) -> dict[str, Any]:
 class CompiledBundle:
     """A bundle ready to evaluate; immutable, shared by concurrent requests."""
 
-    def __init__(self, spec: BundleSpec, source: BundleSource, limits: BundleLimits) -> None:
+    def __init__(
+        self, spec: BundleSpec, source: BundleSource, limits: BundleLimits, flatten: bool = True
+    ) -> None:
+        """`flatten=False` runs every condition as written (the reference the
+        tests compare the flattened evaluation with)."""
         self.spec = spec
         self.source = source
         self.label = spec.label
@@ -124,22 +165,87 @@ class CompiledBundle:
             for tier in spec.kyc_tiers
             for currency, limits_spec in tier.limits.items()
         }
+        self._flatten = flatten
         self.rules = [self._compile_rule(i, r) for i, r in enumerate(spec.rules)]
         self.routes = [
             CompiledRoute(
                 r.method,
-                bundle_mod.compile_condition(r.when, f"routing[{i}].when", self._schema),
+                _condition(r.when, f"routing[{i}].when", self._schema, flatten),
                 r.fixed_cost_minor,
                 r.cost_bps,
             )
             for i, r in enumerate(spec.routing)
         ]
         self.decline_suggestion_score = spec.cases.decline_suggestion_score
+        # Per-thread evaluation contexts, the bundle's constants bound once.
+        self._local = threading.local()
+        self._bind()
+        self._check_flattening()
         self._probe()
+
+    def _bind(self) -> None:
+        """What each evaluation binds: the flat variables its conditions read
+        and the nested roots some still read whole."""
+        conditions = [r.condition for r in self.rules] + [r.condition for r in self.routes]
+        paths = sorted(set().union(*(c.flat_paths for c in conditions)))
+        roots = sorted(
+            {name for c in conditions for name in c.program.variables() if name in self._schema}
+        )
+        constants: dict[str, Any] = {}
+        for path in paths:
+            if path[0] == "params":
+                constants[cel_check.flat_name(path)] = _lookup(self._params, path[1:])
+        if "params" in roots:
+            constants["params"] = self._params
+        self._constants = constants
+        self._flat = [(cel_check.flat_name(p), p) for p in paths if p[0] != "params"]
+        self._roots = [r for r in roots if r != "params"]
+        self._local = threading.local()
+
+    def _check_flattening(self) -> None:
+        """Every rewritten condition must decide exactly as written on the
+        probe inputs; one that does not runs as written."""
+        changed = False
+        for sample in probe_inputs():
+            screening = self.screener.screen(sample.payment, "")
+            nested = cel.Context(self.activation(sample, screening))
+            flat = self.context(sample, screening)
+            for index, rule in enumerate(self.rules):
+                condition = rule.condition
+                if condition.program is not condition.written and _run(
+                    condition.program, flat
+                ) != _run(condition.written, nested):
+                    self.rules[index] = dataclasses.replace(rule, condition=condition.as_written())
+                    changed = True
+            for index, route in enumerate(self.routes):
+                condition = route.condition
+                if condition.program is not condition.written and _run(
+                    condition.program, flat
+                ) != _run(condition.written, nested):
+                    self.routes[index] = dataclasses.replace(
+                        route, condition=condition.as_written()
+                    )
+                    changed = True
+        if changed:
+            self._bind()
+
+    def context(self, inp: EvaluationInput, screening: Screening) -> cel.Context:
+        """This thread's evaluation context, bound to `inp` (valid until this
+        thread's next call)."""
+        local = self._local
+        context: cel.Context | None = getattr(local, "context", None)
+        if context is None:
+            context = local.context = cel.Context(dict(self._constants))
+        nested = self.activation(inp, screening)
+        values = {name: _lookup(nested, path) for name, path in self._flat}
+        for root in self._roots:
+            values[root] = nested[root]
+        context.update(values)
+        return context
 
     def _compile_rule(self, index: int, spec: RuleSpec) -> CompiledRule:
         where = f"rules[{index}].when"
-        program = bundle_mod.compile_condition(spec.when, where, self._schema)
+        condition = _condition(spec.when, where, self._schema, self._flatten)
         obligation = None
         outcome: Outcome | None = None
         if spec.obligation is not None:
@@ -155,12 +261,12 @@ class CompiledBundle:
             reason=spec.reason,
             obligation=spec.obligation.kind if spec.obligation else "",
         )
-        return CompiledRule(spec, program, fired, outcome, obligation)
+        return CompiledRule(spec, condition, fired, outcome, obligation)
 
     def _probe(self) -> None:
         """Evaluates every condition on sample inputs: each must give a bool."""
         for sample in probe_inputs():
-            context = cel.Context(self.activation(sample, self.screener.screen(sample.payment, "")))
+            context = self.context(sample, self.screener.screen(sample.payment, ""))
             checks = [(f"rules[{i}].when", r.program) for i, r in enumerate(self.rules)]
             checks += [(f"routing[{i}].when", r.program) for i, r in enumerate(self.routes)]
             for where, program in checks:
@@ -207,7 +313,7 @@ class CompiledBundle:
 
     def evaluate(self, inp: EvaluationInput) -> Verdict:
         screening = self.screener.screen(inp.payment, inp.snapshot.kyc_country)
-        context = cel.Context(self.activation(inp, screening))
+        context = self.context(inp, screening)
         fired: list[FiredRule] = []
         outcomes: list[Outcome] = []
         obligations: list[Obligation] = []
@@ -267,6 +373,21 @@ _NO_ROUTE = FiredRule(
     reason_code="ROUTING_NO_METHOD",
     reason="no payment method is eligible for this payment",
 )
+
+
+def _lookup(value: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        value = value[key]
+    return value
+
+
+def _run(program: cel.Program, context: cel.Context) -> tuple[str, object]:
+    """What a condition gives, comparable: (type name, value or error text)."""
+    try:
+        result = program.execute(context)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    return type(result).__name__, result
 
 
 def _error_text(exc: BaseException | object) -> str:
@@ -336,8 +457,9 @@ def compile_source(
     limits: BundleLimits,
     lists_dir: Path,
     bundle_dir: Path | None = None,
+    flatten: bool = True,
 ) -> CompiledBundle:
     """Parses, resolves lists, compiles and probes; raises InvalidArgument."""
     spec = bundle_mod.parse_spec(source, limits)
     resolved = bundle_mod.resolve_lists(spec, source, lists_dir, bundle_dir)
-    return CompiledBundle(spec, resolved, limits)
+    return CompiledBundle(spec, resolved, limits, flatten)
