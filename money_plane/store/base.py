@@ -15,7 +15,7 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from money_plane import codec_records
@@ -75,6 +75,23 @@ class BalanceCheck:
     accounts_checked: int
     postings_checked: int
     problems: list[str]
+
+
+@dataclass(slots=True)
+class GroupWrites:
+    """The rows one group commit writes, as statement parameters."""
+
+    accounts: list[tuple[int, int, int, int, str]] = field(default_factory=list)
+    new_entries: list[tuple[str, str, str, int, bytes]] = field(default_factory=list)
+    updated_entries: list[tuple[bytes, str]] = field(default_factory=list)
+    postings: list[tuple[str, str, int, int, str, int]] = field(default_factory=list)
+    new_holds: list[tuple[str, str, int, int, bytes]] = field(default_factory=list)
+    changed_holds: list[tuple[int, bytes, str]] = field(default_factory=list)
+    new_reserves: list[tuple[str, str, int, int, bytes]] = field(default_factory=list)
+    deferred_reserves: list[tuple[int, bytes, str]] = field(default_factory=list)
+    released_reserves: list[tuple[bytes, str]] = field(default_factory=list)
+    idempotency: list[tuple[str, int, bytes]] = field(default_factory=list)
+    outbox: list[tuple[str, str, bytes, int]] = field(default_factory=list)
 
 
 SCHEMA = [
@@ -169,6 +186,10 @@ class LedgerStore:
 
     def _transaction(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
+
+    def _group_transaction(self) -> AbstractContextManager[Any]:
+        """The transaction of a group commit (a backend may batch its round trips)."""
+        return self._transaction()
 
     def _insert_many(self, cur: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
         if rows:
@@ -314,6 +335,15 @@ class LedgerStore:
         )
         return {account_key(r[0], r[1]): _account_from_row(r) for r in cur.fetchall()}
 
+    def _load_idempotency_and_accounts(
+        self, cur: Any, scopes: list[str], account_keys: list[str]
+    ) -> tuple[dict[str, IdempotencyRecord], dict[str, AccountState]]:
+        """Idempotency records (unlocked) and accounts (locked, in key order)."""
+        records = self._load_bodies(
+            cur, "idempotency", "scope_key", scopes, IdempotencyRecord, lock=False
+        )
+        return records, self._load_accounts(cur, account_keys, lock=True)
+
     def _load_bodies(
         self, cur: Any, table: str, key_column: str, keys: list[str], cls: type[T], lock: bool
     ) -> dict[str, T]:
@@ -333,7 +363,7 @@ class LedgerStore:
         """Applies jobs in one transaction; retries on a lost race."""
         for attempt in range(self._conflict_retries + 1):
             try:
-                with self._transaction() as cur:
+                with self._group_transaction() as cur:
                     return self._commit_in_transaction(cur, jobs, now_us)
             except StoreConflict:
                 if attempt == self._conflict_retries:
@@ -350,133 +380,160 @@ class LedgerStore:
                 if c.kind not in (Kind.EXPIRE_HOLD, Kind.RESERVE_RELEASE)
             }
         )
-        view.idempotency = self._load_bodies(
-            cur, "idempotency", "scope_key", scopes, IdempotencyRecord, lock=False
-        )
         hold_keys = sorted({scoped_key(c.tenant_id, c.hold_id) for c in commands if c.hold_id})
-        view.holds = self._load_bodies(cur, "holds", "hold_key", hold_keys, Hold, lock=True)
-        # Reserves are read before entries to learn which entries they come
-        # from; the lock order (holds, reserves, entries, accounts) is the same
-        # for every transaction, so there is still no deadlock cycle.
         reserve_keys = sorted(
             {scoped_key(c.tenant_id, c.reserve_id) for c in commands if c.reserve_id}
         )
-        view.reserves = self._load_bodies(
-            cur, "reserves", "reserve_key", reserve_keys, Reserve, lock=True
-        )
-        entry_keys = sorted(
-            {scoped_key(c.tenant_id, c.entry_id) for c in commands if c.kind == Kind.REFUND}
-            | {scoped_key(r.tenant_id, r.entry_id) for r in view.reserves.values()}
-        )
-        view.entries = self._load_bodies(cur, "entries", "entry_key", entry_keys, Entry, lock=True)
-        view.accounts = self._load_accounts(cur, sorted(_account_keys(commands, view)), lock=True)
+        refund_keys = {
+            scoped_key(c.tenant_id, c.entry_id) for c in commands if c.kind == Kind.REFUND
+        }
+        if not hold_keys and not reserve_keys and not refund_keys:
+            # Plain transfers: every account is known from the commands alone,
+            # so the idempotency records and the accounts load together.
+            view.idempotency, view.accounts = self._load_idempotency_and_accounts(
+                cur, scopes, sorted(_account_keys(commands, view))
+            )
+        else:
+            view.idempotency = self._load_bodies(
+                cur, "idempotency", "scope_key", scopes, IdempotencyRecord, lock=False
+            )
+            view.holds = self._load_bodies(cur, "holds", "hold_key", hold_keys, Hold, lock=True)
+            # Reserves are read before entries to learn which entries they
+            # come from; the lock order (holds, reserves, entries, accounts) is
+            # the same for every transaction, so there is still no deadlock cycle.
+            view.reserves = self._load_bodies(
+                cur, "reserves", "reserve_key", reserve_keys, Reserve, lock=True
+            )
+            entry_keys = sorted(
+                refund_keys | {scoped_key(r.tenant_id, r.entry_id) for r in view.reserves.values()}
+            )
+            view.entries = self._load_bodies(
+                cur, "entries", "entry_key", entry_keys, Entry, lock=True
+            )
+            view.accounts = self._load_accounts(
+                cur, sorted(_account_keys(commands, view)), lock=True
+            )
         engine = Engine(view, now_us, self._default_hold_timeout_s, self.reserve_retry_s)
         outcomes = [engine.run_job(job) for job in jobs]
         self._write_changes(cur, engine.changes, view, now_us)
         return outcomes
 
     def _write_changes(self, cur: Any, changes: Changes, view: View, now_us: int) -> None:
-        p = self.placeholder
-        self._update_accounts(
-            cur, [(*view.accounts[key].counters(), key) for key in sorted(changes.touched_accounts)]
-        )
-        new_keys = {scoped_key(e.tenant_id, e.entry_id) for e in changes.new_entries}
+        self._apply_writes(cur, self._collect_writes(changes, view, now_us))
+
+    def _collect_writes(self, changes: Changes, view: View, now_us: int) -> GroupWrites:
+        """Every row a group commit writes, per table and statement."""
+        writes = GroupWrites()
+        accounts = view.accounts
+        writes.accounts = [
+            (*accounts[key].counters(), key) for key in sorted(changes.touched_accounts)
+        ]
+        encode = codec_records.encode
+        entries = view.entries
+        new_keys: set[str] = set()
+        new_entries = writes.new_entries
+        postings = writes.postings
+        for e in changes.new_entries:
+            tenant_id = e.tenant_id
+            key = f"{tenant_id}/{e.entry_id}"
+            new_keys.add(key)
+            new_entries.append(
+                (key, tenant_id, e.idempotency_key, e.posted_at_us, encode(entries[key]))
+            )
+            for posting in e.postings:
+                postings.append(
+                    (
+                        f"{tenant_id}/{posting.account_id}",
+                        e.entry_id,
+                        posting.side,
+                        posting.amount_minor,
+                        posting.currency,
+                        e.posted_at_us,
+                    )
+                )
+        writes.updated_entries = [
+            (encode(e), key) for key, e in changes.updated_entries.items() if key not in new_keys
+        ]
+        writes.new_holds = [
+            (key, h.tenant_id, h.state, h.expires_at_us, encode(h))
+            for key, h in changes.holds.items()
+            if key in changes.new_holds
+        ]
+        writes.changed_holds = [
+            (h.state, encode(h), key)
+            for key, h in changes.holds.items()
+            if key not in changes.new_holds
+        ]
+        writes.new_reserves = [
+            (scoped_key(r.tenant_id, r.reserve_id), r.tenant_id, r.release_at_us, 0, encode(r))
+            for r in changes.new_reserves
+        ]
+        writes.deferred_reserves = [
+            (r.release_at_us, encode(r), key) for key, r in changes.deferred_reserves.items()
+        ]
+        writes.released_reserves = [
+            (encode(r), key) for key, r in changes.released_reserves.items()
+        ]
+        writes.idempotency = [
+            (r.scope_key, r.created_at_us, encode(r)) for r in changes.new_idempotency
+        ]
+        encode_event = self._encode_event
+        writes.outbox = []
+        for spec in changes.events:
+            event = encode_event(spec, now_us)
+            writes.outbox.append((event.event_id, event.subject, event.data, now_us))
+        return writes
+
+    def _apply_writes(self, cur: Any, writes: GroupWrites) -> None:
+        """One statement per table (and kind of change) with rows."""
+        self._update_accounts(cur, writes.accounts)
         self._insert_many(
             cur,
             "entries",
             "entry_key, tenant_id, idempotency_key, posted_at_us, body",
-            [
-                (
-                    key,
-                    e.tenant_id,
-                    e.idempotency_key,
-                    e.posted_at_us,
-                    codec_records.encode(view.entries[key]),
-                )
-                for e in changes.new_entries
-                for key in [scoped_key(e.tenant_id, e.entry_id)]
-            ],
+            writes.new_entries,
         )
-        updated = [
-            (codec_records.encode(e), key)
-            for key, e in changes.updated_entries.items()
-            if key not in new_keys
-        ]
-        if updated:
-            cur.executemany(f"UPDATE entries SET body = {p} WHERE entry_key = {p}", updated)
         self._insert_many(
             cur,
             "postings",
             "account_key, entry_id, side, amount_minor, currency, posted_at_us",
-            [
-                (
-                    account_key(e.tenant_id, posting.account_id),
-                    e.entry_id,
-                    posting.side,
-                    posting.amount_minor,
-                    posting.currency,
-                    e.posted_at_us,
-                )
-                for e in changes.new_entries
-                for posting in e.postings
-            ],
+            writes.postings,
         )
-        fresh_holds = [
-            (key, h.tenant_id, h.state, h.expires_at_us, codec_records.encode(h))
-            for key, h in changes.holds.items()
-            if key in changes.new_holds
-        ]
-        self._insert_many(
-            cur, "holds", "hold_key, tenant_id, state, expires_at_us, body", fresh_holds
-        )
-        changed_holds = [
-            (h.state, codec_records.encode(h), key)
-            for key, h in changes.holds.items()
-            if key not in changes.new_holds
-        ]
-        if changed_holds:
+        self._apply_rare_writes(cur, writes)
+        self._insert_many(cur, "idempotency", "scope_key, created_at_us, body", writes.idempotency)
+        self._insert_many(cur, "outbox", "event_id, subject, data, created_at_us", writes.outbox)
+
+    def _apply_rare_writes(self, cur: Any, writes: GroupWrites) -> None:
+        """Changes to existing entries, holds and reserves (not plain transfers)."""
+        p = self.placeholder
+        if writes.updated_entries:
             cur.executemany(
-                f"UPDATE holds SET state = {p}, body = {p} WHERE hold_key = {p}", changed_holds
+                f"UPDATE entries SET body = {p} WHERE entry_key = {p}", writes.updated_entries
+            )
+        self._insert_many(
+            cur, "holds", "hold_key, tenant_id, state, expires_at_us, body", writes.new_holds
+        )
+        if writes.changed_holds:
+            cur.executemany(
+                f"UPDATE holds SET state = {p}, body = {p} WHERE hold_key = {p}",
+                writes.changed_holds,
             )
         self._insert_many(
             cur,
             "reserves",
             "reserve_key, tenant_id, release_at_us, released, body",
-            [
-                (
-                    scoped_key(r.tenant_id, r.reserve_id),
-                    r.tenant_id,
-                    r.release_at_us,
-                    0,
-                    codec_records.encode(r),
-                )
-                for r in changes.new_reserves
-            ],
+            writes.new_reserves,
         )
-        deferred = [
-            (r.release_at_us, codec_records.encode(r), key)
-            for key, r in changes.deferred_reserves.items()
-        ]
-        if deferred:
+        if writes.deferred_reserves:
             cur.executemany(
                 f"UPDATE reserves SET release_at_us = {p}, body = {p} WHERE reserve_key = {p}",
-                deferred,
+                writes.deferred_reserves,
             )
-        released = [(codec_records.encode(r), key) for key, r in changes.released_reserves.items()]
-        if released:
+        if writes.released_reserves:
             cur.executemany(
-                f"UPDATE reserves SET released = 1, body = {p} WHERE reserve_key = {p}", released
+                f"UPDATE reserves SET released = 1, body = {p} WHERE reserve_key = {p}",
+                writes.released_reserves,
             )
-        self._insert_many(
-            cur,
-            "idempotency",
-            "scope_key, created_at_us, body",
-            [
-                (r.scope_key, r.created_at_us, codec_records.encode(r))
-                for r in changes.new_idempotency
-            ],
-        )
-        self._write_outbox(cur, [self._encode_event(e, now_us) for e in changes.events], now_us)
 
     def _write_outbox(self, cur: Any, events: list[OutgoingEvent], now_us: int) -> None:
         self._insert_many(
