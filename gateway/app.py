@@ -29,12 +29,12 @@ from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.errors import NotFound, TriplaneError
+from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer
 from triplane.runtime.stack import dial_address
 
 log = logging.getLogger("gateway.app")
 
-EVENT_OUTBOX_MAX = 100_000
 STOP_DRAIN_S = 2.0
 _CHANNEL_TO_POLICY = {
     "push": policy_pb2.CHANNEL_PUSH,
@@ -168,6 +168,8 @@ class Gateway:
     core: Core | None = None
     channels: PlaneChannels | None = None
     events: NatsEventSink | None = None
+    relay: OutboxRelay | None = None
+    _relay_task: asyncio.Task[None] | None = None
     nats: NatsClient | None = None
     store: IdempotencyStore | None = None
     engagement: Any = None
@@ -189,13 +191,33 @@ class Gateway:
             await bus.ensure_streams(js, config.nats, ["TRIPLANE_GATEWAY"])
         else:
             log.warning("nats.url is empty: events are not published")
-        self.events = NatsEventSink(js, config.nats.publish_timeout_s, EVENT_OUTBOX_MAX)
-        self.events.start()
         path = Path(gateway.idempotency.sqlite_path)
         if not path.is_absolute():
             path = config.state_path / path
         self.store = IdempotencyStore(gateway.idempotency, path, self.clock)
         await self.store.start()
+        self.events = NatsEventSink(js, config.nats.publish_timeout_s, self.store)
+        if js is not None:
+            outbox = gateway.outbox
+            self.relay = OutboxRelay(
+                self.store,
+                config.nats,
+                RelaySettings(
+                    streams=["TRIPLANE_GATEWAY"],
+                    batch_size=outbox.relay_batch_size,
+                    idle_poll_s=outbox.relay_idle_poll_ms / 1000.0,
+                    backoff_initial_s=outbox.relay_backoff_initial_s,
+                    backoff_max_s=outbox.relay_backoff_max_s,
+                    sent_retention_s=outbox.sent_retention_s,
+                    cleanup_interval_s=outbox.cleanup_interval_s,
+                ),
+                self.clock,
+                client_name="gateway-relay",
+            )
+            self.store.on_events_committed = self.relay.kick
+            self._relay_task = asyncio.create_task(
+                self.relay.run_with(js), name="gateway-outbox-relay"
+            )
         tokenizer = Tokenizer(
             load_secret(gateway.pii.tokenization_key_b64, config.state_path),
             gateway.pii.token_prefix,
@@ -338,6 +360,28 @@ class Gateway:
 
         return _Triggers(), delivery
 
+    async def _drain_outbox(self) -> None:
+        """Commits what is queued and publishes what JetStream will take within
+        STOP_DRAIN_S; the rest stays in the outbox for the next start."""
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.flush()
+        task, self._relay_task = self._relay_task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if self.relay is not None and self.nats is not None:
+            relay, js = self.relay, self.nats.jetstream()
+
+            async def drain() -> None:
+                while (await relay.relay_once(js))[1]:
+                    pass
+
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(drain(), STOP_DRAIN_S)
+
     async def _stop_background(self) -> None:
         self._stop.set()
         for task in self._tasks:
@@ -347,8 +391,7 @@ class Gateway:
         if self.engagement is not None:
             with contextlib.suppress(Exception):
                 await self.engagement["delivery"].aclose()
-        if self.events is not None:
-            await self.events.stop(STOP_DRAIN_S)
+        await self._drain_outbox()
         if self.store is not None:
             await self.store.stop()
         if self.nats is not None:

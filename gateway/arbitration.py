@@ -14,6 +14,7 @@ deterministic hash of the decision id, so a retry shows the same action.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -76,7 +77,9 @@ def unit_draw(seed: str) -> float:
 
 
 def bandit_distribution(candidates: Sequence[Candidate]) -> Mapping[str, float]:
-    total = sum(max(0.0, c.bandit_probability) for c in candidates)
+    # fsum is exact, so the logged probability never depends on the order
+    # in which the candidates arrived.
+    total = math.fsum(max(0.0, c.bandit_probability) for c in candidates)
     if total <= 0:
         return {c.offer_id: 1.0 / len(candidates) for c in candidates}
     return {c.offer_id: max(0.0, c.bandit_probability) / total for c in candidates}
@@ -105,8 +108,11 @@ def choose(
     # Exploration: draw from the bandit's distribution with the rest of u.
     target = u / share if share > 0 else 0.0
     cumulative = 0.0
-    chosen = ranked[-1]
-    for item in sorted(ranked, key=lambda s: s.candidate.offer_id):
+    in_order = sorted(ranked, key=lambda s: s.candidate.offer_id)
+    # Rounding can leave the cumulative sum a hair under 1: then the last
+    # action the bandit gives any probability, never one it gives none.
+    chosen = next(s for s in reversed(in_order) if bandit[s.candidate.offer_id] > 0)
+    for item in in_order:
         cumulative += bandit[item.candidate.offer_id]
         if target < cumulative:
             chosen = item

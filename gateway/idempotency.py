@@ -4,10 +4,21 @@ A record is keyed by (tenant, RPC, idempotency key) and holds the request's
 flattened fields (so a reuse with another payload is refused naming the first
 field that differs) and the serialized answer. Records live in memory (bounded,
 oldest dropped first) and in SQLite, written in batches by one background task
-(group commit), so remembering costs the hot path no disk wait. The planes keep
+(group commit), so remembering costs the hot path no disk wait; a lookup that
+misses memory reads SQLite on the event loop through its own connection (WAL
+readers never wait for the writer, and a primary-key read costs microseconds,
+less than handing it to a thread). The planes keep
 their own keys for good and the gateway derives theirs from the caller's, so a
 record lost in a crash only means the flow runs again and every plane returns
 what it already did: no money moves twice, no decision is made twice.
+
+Events that belong to an answer (an exposure, an outcome, a bandit reward) go
+into the outbox table of the same database, committed in the same transaction
+as the answers queued with them; the shared outbox relay
+(triplane/runtime/outbox.py) publishes them to JetStream with their event ids,
+so NATS being down delays them and loses none. A crash inside one flush
+interval loses an answer and its events together, and the retry that follows
+recreates both under the same stable ids.
 
 A flow also journals its intermediate input (the policy request with its
 context snapshot) under the step "input", so a retry sends the policy plane the
@@ -23,12 +34,13 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import Message
 
+from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import GatewayIdempotencyConfig
 from triplane.runtime.errors import AlreadyExists, ResourceExhausted
@@ -45,6 +57,15 @@ CREATE TABLE IF NOT EXISTS remembered (
   PRIMARY KEY (scope, key)
 );
 CREATE INDEX IF NOT EXISTS remembered_age ON remembered (stored_at_us);
+CREATE TABLE IF NOT EXISTS outbox (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  event_id TEXT NOT NULL UNIQUE,
+  subject TEXT NOT NULL,
+  payload BLOB NOT NULL,
+  created_at_us INTEGER NOT NULL,
+  sent_at_us INTEGER
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at_us IS NULL;
 """
 
 
@@ -118,8 +139,16 @@ class IdempotencyStore:
             collections.OrderedDict()
         )
         self._pending: list[tuple[str, str, str, bytes, int]] = []
+        self._pending_events: list[tuple[str, str, bytes, int]] = []
+        # Called after a flush committed events (the relay's kick).
+        self.on_events_committed: Callable[[], None] | None = None
+        # Written but not yet committed: found by get() even once evicted
+        # from the bounded memory map.
+        self._unflushed: dict[tuple[str, str], Remembered] = {}
         self._wakeup = asyncio.Event()
         self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._relay_db: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -131,6 +160,13 @@ class IdempotencyStore:
         self._db.executescript(_SCHEMA)
         cutoff = self._clock.now_us() - self._config.retention_s * 1_000_000
         self._db.execute("DELETE FROM remembered WHERE stored_at_us < ?", (cutoff,))
+        self._reader = sqlite3.connect(str(self._path), isolation_level=None)
+        self._reader.execute("PRAGMA query_only=ON")
+        # The relay's own connection (it calls from a worker thread).
+        self._relay_db = sqlite3.connect(
+            str(self._path), check_same_thread=False, isolation_level=None
+        )
+        self._relay_db.execute("PRAGMA synchronous=NORMAL")
         self._task = asyncio.create_task(self._flush_loop(), name="gateway-idempotency-flush")
 
     async def stop(self) -> None:
@@ -140,15 +176,20 @@ class IdempotencyStore:
                 await self._task
             self._task = None
         await self.flush()
+        for name in ("_reader", "_relay_db"):
+            connection = getattr(self, name)
+            if connection is not None:
+                connection.close()
+                setattr(self, name, None)
         if self._db is not None:
             self._db.close()
             self._db = None
 
     async def get(self, scope: str, key: str) -> Remembered | None:
-        found = self._memory.get((scope, key))
+        found = self._memory.get((scope, key)) or self._unflushed.get((scope, key))
         if found is not None:
             return found
-        row = await asyncio.to_thread(self._read, scope, key)
+        row = self._read(scope, key)
         if row is None:
             return None
         remembered = Remembered(json.loads(row[0]), bytes(row[1]))
@@ -156,25 +197,72 @@ class IdempotencyStore:
         return remembered
 
     def _read(self, scope: str, key: str) -> tuple[str, bytes] | None:
-        assert self._db is not None, "store not started"
-        cursor = self._db.execute(
+        assert self._reader is not None, "store not started"
+        cursor = self._reader.execute(
             "SELECT fields, body FROM remembered WHERE scope = ? AND key = ?", (scope, key)
         )
         row = cursor.fetchone()
         return None if row is None else (row[0], row[1])
 
     def put(self, scope: str, key: str, fields: Mapping[str, str], body: bytes) -> None:
-        if len(self._pending) >= self._config.max_pending_writes:
-            raise ResourceExhausted(
-                "IDEMPOTENCY_QUEUE_FULL",
-                "too many answers waiting to be remembered; retry later",
-            )
+        self._check_room()
         remembered = Remembered(dict(fields), body)
         self._remember_in_memory(scope, key, remembered)
+        self._unflushed[(scope, key)] = remembered
         self._pending.append(
             (scope, key, json.dumps(remembered.fields), body, self._clock.now_us())
         )
         self._wakeup.set()
+
+    def _check_room(self) -> None:
+        if len(self._pending) + len(self._pending_events) >= self._config.max_pending_writes:
+            raise ResourceExhausted(
+                "IDEMPOTENCY_QUEUE_FULL",
+                "too many answers waiting to be remembered; retry later",
+            )
+
+    def add_events(self, events: Sequence[OutgoingEvent]) -> None:
+        """Queues events for the outbox; they commit with the next flush,
+        together with the answers queued before them."""
+        self._check_room()
+        now_us = self._clock.now_us()
+        self._pending_events.extend((e.event_id, e.subject, e.data, now_us) for e in events)
+        self._wakeup.set()
+
+    # The OutboxSource of the relay (blocking; called from a worker thread).
+
+    def unsent(self, limit: int) -> list[OutgoingEvent]:
+        assert self._relay_db is not None, "store not started"
+        rows = self._relay_db.execute(
+            "SELECT event_id, subject, payload FROM outbox WHERE sent_at_us IS NULL "
+            "ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [OutgoingEvent(row[0], row[1], bytes(row[2])) for row in rows]
+
+    def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
+        assert self._relay_db is not None, "store not started"
+        with contextlib.closing(self._relay_db.cursor()) as cursor:
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.executemany(
+                "UPDATE outbox SET sent_at_us = ? WHERE event_id = ?",
+                [(now_us, event_id) for event_id in event_ids],
+            )
+            cursor.execute("COMMIT")
+
+    def delete_sent_before(self, before_us: int) -> int:
+        assert self._relay_db is not None, "store not started"
+        cursor = self._relay_db.execute(
+            "DELETE FROM outbox WHERE sent_at_us IS NOT NULL AND sent_at_us < ?", (before_us,)
+        )
+        return cursor.rowcount
+
+    def unsent_count(self) -> int:
+        assert self._reader is not None, "store not started"
+        row = self._reader.execute(
+            "SELECT COUNT(*) FROM outbox WHERE sent_at_us IS NULL"
+        ).fetchone()
+        return int(row[0])
 
     def _remember_in_memory(self, scope: str, key: str, remembered: Remembered) -> None:
         self._memory[(scope, key)] = remembered
@@ -185,26 +273,49 @@ class IdempotencyStore:
     async def flush(self) -> None:
         async with self._lock:
             batch, self._pending = self._pending, []
-            if not batch or self._db is None:
+            events, self._pending_events = self._pending_events, []
+            if (not batch and not events) or self._db is None:
+                self._pending[:0], self._pending_events[:0] = batch, events
                 return
             try:
-                await asyncio.to_thread(self._write, batch)
+                await asyncio.to_thread(self._write, batch, events)
             except Exception:
-                # Kept for the next flush: an answer is never silently forgotten.
+                # Kept for the next flush: nothing is silently forgotten.
                 self._pending[:0] = batch
+                self._pending_events[:0] = events
                 raise
+            for scope, key, _, body, _ in batch:
+                written = self._unflushed.get((scope, key))
+                if written is not None and written.body is body:
+                    del self._unflushed[(scope, key)]
+        if events and self.on_events_committed is not None:
+            self.on_events_committed()
 
-    def _write(self, batch: list[tuple[str, str, str, bytes, int]]) -> None:
+    def _write(
+        self,
+        batch: list[tuple[str, str, str, bytes, int]],
+        events: list[tuple[str, str, bytes, int]],
+    ) -> None:
         assert self._db is not None
         with contextlib.closing(self._db.cursor()) as cursor:
-            cursor.execute("BEGIN")
-            cursor.executemany(
-                "INSERT INTO remembered (scope, key, fields, body, stored_at_us) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
-                "fields = excluded.fields, body = excluded.body, "
-                "stored_at_us = excluded.stored_at_us",
-                batch,
-            )
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                cursor.executemany(
+                    "INSERT INTO remembered (scope, key, fields, body, stored_at_us) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
+                    "fields = excluded.fields, body = excluded.body, "
+                    "stored_at_us = excluded.stored_at_us",
+                    batch,
+                )
+                # A retried flow re-adds its events under the same ids: kept once.
+                cursor.executemany(
+                    "INSERT INTO outbox (event_id, subject, payload, created_at_us) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                    events,
+                )
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
             cursor.execute("COMMIT")
 
     async def _flush_loop(self) -> None:

@@ -3,13 +3,10 @@ every failure turned into a TriplaneError carrying the plane's reason and field.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from nats.js import JetStreamContext
@@ -147,37 +144,22 @@ class GrpcMoney:
         return await _call("MONEY", lambda: self._ledger.CreateTransfer(request, timeout=timeout_s))
 
 
+class EventOutbox(Protocol):
+    def add_events(self, events: Sequence[OutgoingEvent]) -> None: ...
+
+
 class NatsEventSink:
-    """Events to JetStream: `publish` waits for acks; `enqueue` hands them to a
-    bounded background outbox that publishes in batches and retries with
-    backoff, so a slow or absent NATS never delays a decision."""
+    """Events to JetStream: `publish` waits for acks; `enqueue` commits them to
+    the gateway's outbox (with the answers they belong to), from which the
+    shared outbox relay publishes them, so a slow or absent NATS never delays
+    a decision and never loses its events."""
 
     def __init__(
-        self,
-        js: JetStreamContext | None,
-        publish_timeout_s: float,
-        max_queued: int,
-        batch_size: int = 256,
+        self, js: JetStreamContext | None, publish_timeout_s: float, outbox: EventOutbox
     ) -> None:
         self._js = js
         self._timeout_s = publish_timeout_s
-        self._queue: asyncio.Queue[OutgoingEvent] = asyncio.Queue(maxsize=max_queued)
-        self._batch_size = batch_size
-        self._task: asyncio.Task[None] | None = None
-        self.dropped = 0
-        self.published = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._drain(), name="gateway-event-outbox")
-
-    async def stop(self, drain_timeout_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), drain_timeout_s)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._outbox = outbox
 
     async def publish(self, events: Sequence[OutgoingEvent], timeout_s: float) -> list[bool]:
         if self._js is None:
@@ -185,38 +167,4 @@ class NatsEventSink:
         return await bus.publish_batch(self._js, events, min(timeout_s, self._timeout_s))
 
     def enqueue(self, events: Sequence[OutgoingEvent]) -> None:
-        for event in events:
-            try:
-                self._queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # Bounded on purpose; counted so it shows, never blocking a decision.
-                self.dropped += 1
-                log.warning("event outbox full: dropped %s", event.subject)
-
-    async def _drain(self) -> None:
-        backoff_s = 0.05
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            acked = await self._publish_quietly(batch)
-            failed = [e for e, ok in zip(batch, acked, strict=True) if not ok]
-            self.published += len(batch) - len(failed)
-            for _ in batch:
-                self._queue.task_done()
-            if failed:
-                self.enqueue(failed)
-                await asyncio.sleep(backoff_s * (1 + random.random()))
-                backoff_s = min(backoff_s * 2, 5.0)
-            else:
-                backoff_s = 0.05
-
-    async def _publish_quietly(self, batch: list[OutgoingEvent]) -> list[bool]:
-        if self._js is None:
-            await asyncio.sleep(1.0)
-            return [False] * len(batch)
-        try:
-            return await bus.publish_batch(self._js, batch, self._timeout_s)
-        except Exception:
-            log.exception("publishing %d events failed; will retry", len(batch))
-            return [False] * len(batch)
+        self._outbox.add_events(events)

@@ -463,6 +463,9 @@ class GatewayConfig(_Strict, frozen=True):
     budgets: GatewayBudgetsConfig
     limits: GatewayLimitsConfig
     idempotency: GatewayIdempotencyConfig
+    # Exposure, outcome and bandit events, written with the answers they
+    # belong to and relayed to JetStream (the same relay as the planes').
+    outbox: OutboxConfig
     pii: GatewayPiiConfig
     arbitration: GatewayArbitrationConfig
     # Global holdout: this share of customers (deterministic hash) never gets
