@@ -5,7 +5,13 @@ Triton, the gateway), against the Python gRPC ceiling measured in the same run
 
 Throughput: closed loop, CONCURRENCY callers for RUN_S seconds. Latency: open
 loop at half the measured maximum rate (requests start on a fixed schedule, so
-queueing shows), nearest-rank percentiles.
+queueing shows), nearest-rank percentiles. A failed call is counted
+(`<flow>_errors`), never retried, and left out of the latencies.
+
+What limits the rate: the CPU each process spends per request during the
+closed loop (`<flow>_cpu_ms_per_request_<process>`, from /proc: each plane's
+process and its descendants, so Triton counts with the AI plane). Their sum against the
+machine's cores bounds the throughput whatever the concurrency.
 """
 
 from __future__ import annotations
@@ -59,6 +65,49 @@ asyncio.run(main())
 Call = Callable[[int], Awaitable[Any]]
 
 
+class Errors:
+    """Failed calls by status, so a run with errors says so instead of dying."""
+
+    def __init__(self) -> None:
+        self.by_code: dict[str, int] = {}
+
+    def wrap(self, call: Call) -> Call:
+        async def counted(index: int) -> Any:
+            try:
+                return await call(index)
+            except grpc.aio.AioRpcError as error:
+                name = error.code().name
+                self.by_code[name] = self.by_code.get(name, 0) + 1
+                return None
+
+        return counted
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_code.values())
+
+
+def tree_cpu_s(root_pid: int) -> float:
+    """User + system CPU seconds of a live process and all its descendants
+    (the AI plane's tritonserver and its Python-backend stubs included)."""
+    stats: dict[int, tuple[int, int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        ticks += stats.get(pid, (0, 0))[1]
+        todo.extend(children.get(pid, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 async def closed_loop(call: Call, run_s: float, concurrency: int) -> float:
     """Requests per second with `concurrency` callers back to back."""
     done = 0
@@ -86,8 +135,8 @@ async def open_loop(call: Call, rate_per_s: float, run_s: float) -> list[float]:
 
     async def one(index: int) -> None:
         begin = time.monotonic()
-        await call(1_000_000 + index)
-        latencies.append((time.monotonic() - begin) * 1000.0)
+        if await call(1_000_000 + index) is not None:
+            latencies.append((time.monotonic() - begin) * 1000.0)
 
     tasks = []
     for index in range(count):
@@ -183,16 +232,28 @@ async def bench_flows(state_dir: Path) -> dict[str, float]:
         async with grpc.aio.insecure_channel(stack.addresses["gateway"]) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             results: dict[str, float] = {}
-            for name, call in (
+            for name, flow in (
                 ("authorize", authorize_call(stub, world, random.Random(1))),
                 ("decide", decide_call(stub, world)),
             ):
+                errors = Errors()
+                call = errors.wrap(flow)
                 await closed_loop(call, 1.0, CONCURRENCY)  # warm-up
+                cpu_before = {p.name: tree_cpu_s(p.pid) for p in stack.processes}
+                started = time.monotonic()
                 rate = await closed_loop(call, RUN_S, CONCURRENCY)
+                requests = rate * (time.monotonic() - started)
+                for process in stack.processes:
+                    spent_s = tree_cpu_s(process.pid) - cpu_before[process.name]
+                    key = f"{name}_cpu_ms_per_request_{process.name}"
+                    results[key] = spent_s * 1000.0 / max(1.0, requests)
                 latencies = await open_loop(call, rate / 2, LATENCY_S)
                 results[f"{name}_per_s"] = rate
                 results[f"{name}_latency_ms_p50"] = percentile(latencies, 50)
                 results[f"{name}_latency_ms_p99"] = percentile(latencies, 99)
+                results[f"{name}_errors"] = float(errors.total)
+                if errors.total:
+                    print(f"{name}: {errors.total} failed calls {errors.by_code}", flush=True)
             return results
 
 
@@ -216,6 +277,13 @@ def main() -> None:
             ("decide_per_s", flows["decide_per_s"], f">= 0.3 x echo = {0.3 * echo_per_s:,.0f}"),
             ("decide_latency_ms_p50", flows["decide_latency_ms_p50"], "at half max rate"),
             ("decide_latency_ms_p99", flows["decide_latency_ms_p99"], "<= 10 ms"),
+            *(
+                (key, value, "CPU per request (closed loop)")
+                for key, value in flows.items()
+                if "_cpu_ms_per_request_" in key
+            ),
+            ("authorize_errors", flows["authorize_errors"], "failed calls"),
+            ("decide_errors", flows["decide_errors"], "failed calls"),
         ],
     )
 

@@ -15,7 +15,7 @@ async def _serve() -> None:
     gateway = Gateway(config)
     await gateway.start()
     assert gateway.server is not None
-    await gateway.server.serve_until_signalled()
+    await gateway.server.serve_until_signalled(config.runtime.gc_gen0_threshold)
 
 
 def main() -> None:

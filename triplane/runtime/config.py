@@ -33,6 +33,7 @@ class RuntimeConfig(_Strict, frozen=True):
     shutdown_grace_s: float
     otel_exporter: str
     max_message_bytes: int
+    gc_gen0_threshold: int
 
 
 class NatsConfig(_Strict, frozen=True):
