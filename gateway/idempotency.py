@@ -135,7 +135,10 @@ class IdempotencyStore:
         self._config = config
         self._path = path
         self._clock = clock
-        self._memory: collections.OrderedDict[tuple[str, str], Remembered] = (
+        # Entries are (fields as JSON, body): strings and bytes only, so the
+        # garbage collector never scans the hundreds of thousands it may hold
+        # (a map of dicts made full collections pause the loop for 100s of ms).
+        self._memory: collections.OrderedDict[tuple[str, str], tuple[str, bytes]] = (
             collections.OrderedDict()
         )
         self._pending: list[tuple[str, str, str, bytes, int]] = []
@@ -144,7 +147,7 @@ class IdempotencyStore:
         self.on_events_committed: Callable[[], None] | None = None
         # Written but not yet committed: found by get() even once evicted
         # from the bounded memory map.
-        self._unflushed: dict[tuple[str, str], Remembered] = {}
+        self._unflushed: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._wakeup = asyncio.Event()
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -187,14 +190,13 @@ class IdempotencyStore:
 
     async def get(self, scope: str, key: str) -> Remembered | None:
         found = self._memory.get((scope, key)) or self._unflushed.get((scope, key))
-        if found is not None:
-            return found
-        row = self._read(scope, key)
-        if row is None:
-            return None
-        remembered = Remembered(json.loads(row[0]), bytes(row[1]))
-        self._remember_in_memory(scope, key, remembered)
-        return remembered
+        if found is None:
+            row = self._read(scope, key)
+            if row is None:
+                return None
+            found = (row[0], bytes(row[1]))
+            self._remember_in_memory(scope, key, found)
+        return Remembered(json.loads(found[0]), found[1])
 
     def _read(self, scope: str, key: str) -> tuple[str, bytes] | None:
         assert self._reader is not None, "store not started"
@@ -206,12 +208,10 @@ class IdempotencyStore:
 
     def put(self, scope: str, key: str, fields: Mapping[str, str], body: bytes) -> None:
         self._check_room()
-        remembered = Remembered(dict(fields), body)
-        self._remember_in_memory(scope, key, remembered)
-        self._unflushed[(scope, key)] = remembered
-        self._pending.append(
-            (scope, key, json.dumps(remembered.fields), body, self._clock.now_us())
-        )
+        entry = (json.dumps(dict(fields)), body)
+        self._remember_in_memory(scope, key, entry)
+        self._unflushed[(scope, key)] = entry
+        self._pending.append((scope, key, entry[0], body, self._clock.now_us()))
         self._wakeup.set()
 
     def _check_room(self) -> None:
@@ -264,8 +264,8 @@ class IdempotencyStore:
         ).fetchone()
         return int(row[0])
 
-    def _remember_in_memory(self, scope: str, key: str, remembered: Remembered) -> None:
-        self._memory[(scope, key)] = remembered
+    def _remember_in_memory(self, scope: str, key: str, entry: tuple[str, bytes]) -> None:
+        self._memory[(scope, key)] = entry
         self._memory.move_to_end((scope, key))
         while len(self._memory) > self._config.memory_entries:
             self._memory.popitem(last=False)
@@ -286,7 +286,7 @@ class IdempotencyStore:
                 raise
             for scope, key, _, body, _ in batch:
                 written = self._unflushed.get((scope, key))
-                if written is not None and written.body is body:
+                if written is not None and written[1] is body:
                     del self._unflushed[(scope, key)]
         if events and self.on_events_committed is not None:
             self.on_events_committed()
