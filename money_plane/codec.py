@@ -123,22 +123,49 @@ def posting(value: Posting, entry: Entry) -> pb.Posting:
     )
 
 
+def fill_entry(message: pb.Entry, value: Entry) -> pb.Entry:
+    """Writes an entry into an (empty) message in place.
+
+    On the hot path (every transfer's response and event): building the
+    message field by field, sub-messages included, is about twice as fast as
+    keyword construction, which copies every nested message. The result is
+    the same message as `pb.Entry(...)` with `posting`, `money` and
+    `timestamp` (the codec tests compare the two).
+    """
+    message.tenant_id = value.tenant_id
+    message.entry_id = value.entry_id
+    message.idempotency_key = value.idempotency_key
+    message.kind = value.kind  # type: ignore[assignment]
+    seconds, micros = divmod(value.posted_at_us, 1_000_000)
+    nanos = micros * 1000
+    entry_id = value.entry_id
+    add = message.postings.add
+    for p in value.postings:
+        item = add(account_id=p.account_id, side=p.side, entry_id=entry_id)
+        amount = item.amount
+        amount.amount_minor = p.amount_minor
+        amount.currency = p.currency
+        stamp = item.posted_at
+        stamp.seconds = seconds
+        stamp.nanos = nanos
+    stamp = message.posted_at
+    stamp.seconds = seconds
+    stamp.nanos = nanos
+    message.hold_id = value.hold_id
+    message.refers_to_entry_id = value.refers_to_entry_id
+    amount = message.amount
+    amount.amount_minor = value.amount_minor
+    amount.currency = value.currency
+    message.refunded_minor = value.refunded_minor
+    message.decision_id = value.decision_id
+    message.description = value.description
+    if value.metadata:
+        message.metadata.update(value.metadata)
+    return message
+
+
 def entry(value: Entry) -> pb.Entry:
-    return pb.Entry(
-        tenant_id=value.tenant_id,
-        entry_id=value.entry_id,
-        idempotency_key=value.idempotency_key,
-        kind=value.kind,  # type: ignore[arg-type]
-        postings=[posting(p, value) for p in value.postings],
-        posted_at=timestamp(value.posted_at_us),
-        hold_id=value.hold_id,
-        refers_to_entry_id=value.refers_to_entry_id,
-        amount=money(value.amount_minor, value.currency),
-        refunded_minor=value.refunded_minor,
-        decision_id=value.decision_id,
-        description=value.description,
-        metadata=value.metadata,
-    )
+    return fill_entry(pb.Entry(), value)
 
 
 def hold(value: Hold) -> pb.Hold:
@@ -167,7 +194,7 @@ def item_error(value: ItemError) -> types_pb2.ItemError:
 def result(index: int, outcome: Outcome) -> pb.TransferResult:
     message = pb.TransferResult(index=index, replayed=outcome.replayed)
     if outcome.entry is not None:
-        message.entry.CopyFrom(entry(outcome.entry))
+        fill_entry(message.entry, outcome.entry)
     if outcome.hold is not None:
         message.hold.CopyFrom(hold(outcome.hold))
     if outcome.error is not None:
@@ -179,7 +206,8 @@ def encode_event(spec: EventSpec, now_us: int) -> OutgoingEvent:
     """An outbox row: the envelope, with event_id fixed now and kept for good."""
     payload: pb.EntryPostedEvent | pb.HoldChangedEvent
     if isinstance(spec.record, Entry):
-        payload = pb.EntryPostedEvent(entry=entry(spec.record))
+        payload = pb.EntryPostedEvent()
+        fill_entry(payload.entry, spec.record)
     else:
         payload = pb.HoldChangedEvent(hold=hold(spec.record))
     envelope = make_envelope(
