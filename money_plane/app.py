@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from money_plane import codec
 from money_plane.ledger import Ledger
@@ -78,9 +80,17 @@ class MoneyPlane:
         )
         await self.ledger.start(sweepers=sweepers)
         if config.nats.url and relay:
-            executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
-            self._relay_executor = executor
             loop = asyncio.get_running_loop()
+            ledger = self.ledger
+            if config.money.store.backend == "sqlite":
+                run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]] = ledger.run_on_writer
+            else:
+                executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
+                self._relay_executor = executor
+
+                def run_blocking(fn: Callable[[], Any]) -> Awaitable[Any]:
+                    return loop.run_in_executor(executor, fn)
+
             outbox = config.money.outbox
             self.relay = OutboxRelay(
                 store,
@@ -96,8 +106,9 @@ class MoneyPlane:
                 ),
                 self.clock,
                 client_name="money-plane-relay",
-                # The store keeps one connection per thread: the relay's own.
-                run_blocking=lambda fn: loop.run_in_executor(executor, fn),
+                # SQLite: the writer's thread (one writer, no lock races);
+                # PostgreSQL: a thread and connection of the relay's own.
+                run_blocking=run_blocking,
                 wakeup=self.ledger.committed,
             )
             self._relay_task = asyncio.create_task(self.relay.run(), name="outbox-relay")

@@ -109,6 +109,13 @@ class Ledger:
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
+    async def run_on_writer(self, fn: Callable[[], T]) -> T:
+        """Runs blocking store work on the writer's thread and connection. On
+        SQLite the outbox relay does, so its marks queue behind group commits
+        instead of racing them for the write lock (SQLite's busy handler sleeps
+        in steps of milliseconds, which showed up as the plane's p99)."""
+        return await self._write(fn)
+
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
