@@ -5,9 +5,11 @@ Measures, on this machine:
   (the shipped default plus generated rules), sanctions screening included;
 - policy_rpc_latency_ms_p99 / policy_rpc_per_s: Evaluate through gRPC against a
   real server (SQLite decision log, group commit), client in the same process;
-- policy_replay_decisions_per_s: re-evaluating logged decisions from the store
-  under their own version (determinism check), and the time 1,000,000 would take
-  extrapolated from that rate (labelled as such);
+- policy_replay_serial_decisions_per_s / policy_replay_decisions_per_s:
+  re-evaluating logged decisions from the store under their own version
+  (determinism check), in process and over policy.decision_log.replay_workers
+  processes, and the time 1,000,000 would take extrapolated from those rates
+  the way the plane splits a window (labelled as such);
 - consent_lookup_latency_ms_p99: one contact check among 10,000 customers.
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from bench.common import merge_results, percentile, print_table
-from policy_plane.app import build_plane
+from policy_plane.app import build_plane, settle_heap
 from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleSource, shipped_default_path
 from policy_plane.bundles_registry import bundle_limits
 from policy_plane.consent import ConsentRecord, ContactProfile
@@ -36,7 +38,12 @@ from policy_plane.model import (
     SnapshotInput,
     Velocity,
 )
-from policy_plane.replay import ReplayWindow, replay_window
+from policy_plane.replay import (
+    ReplayParallelism,
+    ReplayWindow,
+    default_workers,
+    replay_window,
+)
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime.config import load_config
@@ -47,7 +54,7 @@ EVAL_SAMPLES = int(os.environ.get("POLICY_BENCH_EVAL_SAMPLES", "5000"))
 RPC_LATENCY_SAMPLES = int(os.environ.get("POLICY_BENCH_RPC_SAMPLES", "1000"))
 RPC_THROUGHPUT_S = float(os.environ.get("POLICY_BENCH_RPC_SECONDS", "5"))
 RPC_CONCURRENCY = 32
-REPLAY_DECISIONS = int(os.environ.get("POLICY_BENCH_REPLAY_DECISIONS", "20000"))
+REPLAY_DECISIONS = int(os.environ.get("POLICY_BENCH_REPLAY_DECISIONS", "100000"))
 CONSENT_CUSTOMERS = 10_000
 CONSENT_SAMPLES = 20_000
 
@@ -148,6 +155,7 @@ async def bench_rpc_and_replay(state_dir: Path) -> dict[str, float]:
     plane = build_plane(config, listen="127.0.0.1:0")
     await plane.start()
     await plane.engine.create_tenant(TENANT, "Bench")
+    settle_heap(config)  # as `python -m policy_plane` does once started
     rng = random.Random(11)
     results: dict[str, float] = {}
     try:
@@ -178,22 +186,39 @@ async def bench_rpc_and_replay(state_dir: Path) -> dict[str, float]:
             await asyncio.gather(*(worker(w) for w in range(RPC_CONCURRENCY)))
             results["policy_rpc_per_s"] = done / (time.perf_counter() - started)
         await fill_log(plane, rng)
-        # Replay is CPU-bound: run it alone on this thread (no gRPC traffic),
-        # as `triplane policy replay` does.
+        # Replay is CPU-bound: run it alone (no gRPC traffic), as `triplane
+        # policy replay` does: once in this process, once spread over the
+        # configured workers (pool start included in the time).
         engine = plane.engine
-        report = replay_window(
-            engine.store,
-            engine.bundles.resolve,
-            ReplayWindow(TENANT, "", 0, 2**62, REPLAY_DECISIONS),
-            "",
-            config.policy.decision_log.replay_page_records,
-            config.policy.limits.max_changed_decisions_listed,
-        )
-        assert report.determinism_score == 1.0, report.changed[:3]
-        results["policy_replay_decisions_per_s"] = report.replayed / report.elapsed_s
-        results["policy_replay_window_decisions"] = report.replayed
+        log_config = config.policy.decision_log
+        window = ReplayWindow(TENANT, "", 0, 2**62, REPLAY_DECISIONS)
+        workers = default_workers(log_config.replay_workers)
+        rates = {}
+        for name, parallelism in [
+            ("serial", ReplayParallelism(1, 0)),
+            ("parallel", ReplayParallelism(workers, 0)),
+        ]:
+            report = replay_window(
+                engine.store,
+                engine.bundles.resolve,
+                window,
+                "",
+                log_config.replay_page_records,
+                config.policy.limits.max_changed_decisions_listed,
+                parallelism,
+            )
+            assert report.determinism_score == 1.0, report.changed[:3]
+            assert report.replayed == REPLAY_DECISIONS, report.replayed
+            rates[name] = report.replayed / report.elapsed_s
+        results["policy_replay_serial_decisions_per_s"] = rates["serial"]
+        results["policy_replay_decisions_per_s"] = rates["parallel"]
+        results["policy_replay_workers"] = workers
+        results["policy_replay_window_decisions"] = REPLAY_DECISIONS
+        # A 1,000,000-decision window as the plane replays it: the first
+        # replay_parallel_min_decisions in process, the rest on the workers.
+        serial_part = min(log_config.replay_parallel_min_decisions, 1_000_000)
         results["policy_replay_1m_extrapolated_s"] = (
-            1_000_000 / results["policy_replay_decisions_per_s"]
+            serial_part / rates["serial"] + (1_000_000 - serial_part) / rates["parallel"]
         )
     finally:
         await plane.stop()
@@ -241,11 +266,13 @@ def bench_consent(state_dir: Path) -> float:
 
 
 def main() -> None:
-    limits = bundle_limits(load_config(environ={}).policy)
+    config = load_config(environ={})
+    limits = bundle_limits(config.policy)
     bundle = compile_source(
         BundleSource(yaml_text=big_bundle_yaml(RULES_TARGET)), limits, SHIPPED_LISTS_DIR
     )
     assert len(bundle.rules) == RULES_TARGET, len(bundle.rules)
+    settle_heap(config)  # the server's setting once its bundle is loaded
     eval_p50, eval_p99 = bench_eval(bundle)
     results: dict[str, float] = {
         "policy_eval_latency_ms_p50": eval_p50,
@@ -279,14 +306,19 @@ def main() -> None:
                 f"gRPC, {RPC_CONCURRENCY} in flight, client in-process",
             ),
             (
+                "policy_replay_serial_decisions_per_s",
+                results["policy_replay_serial_decisions_per_s"],
+                f"replay of {int(results['policy_replay_window_decisions']):,} logged, in process",
+            ),
+            (
                 "policy_replay_decisions_per_s",
                 results["policy_replay_decisions_per_s"],
-                f"replay of {int(results['policy_replay_window_decisions']):,} logged",
+                f"the same, {int(results['policy_replay_workers'])} worker processes",
             ),
             (
                 "policy_replay_1m_extrapolated_s",
                 results["policy_replay_1m_extrapolated_s"],
-                "<= 300 s (extrapolated from the rate above)",
+                "<= 300 s (extrapolated from the two rates above)",
             ),
             (
                 "consent_lookup_latency_ms_p99",

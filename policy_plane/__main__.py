@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from policy_plane.app import build_plane
+from policy_plane.app import build_plane, settle_heap
 from triplane.runtime.config import load_config
 from triplane.runtime.telemetry import setup_logging
 
@@ -14,6 +14,7 @@ async def _serve() -> None:
     setup_logging("policy_plane", config.runtime.log_level, config.runtime.log_format)
     plane = build_plane(config)
     await plane.start()
+    settle_heap(config)
     await plane.server.serve_until_signalled()
 
 

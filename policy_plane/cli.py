@@ -22,7 +22,13 @@ from policy_plane.app import build_engine, open_policy_store
 from policy_plane.bundle import BundleSource
 from policy_plane.bundles_registry import BundleRegistry
 from policy_plane.decision_log import verify_chain
-from policy_plane.replay import Confusion, ReplayWindow, replay_window
+from policy_plane.replay import (
+    Confusion,
+    ReplayParallelism,
+    ReplayWindow,
+    default_workers,
+    replay_window,
+)
 from triplane.runtime import bus
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
@@ -67,6 +73,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replay.add_argument("--until", default="", help="ISO 8601 end (exclusive)")
     replay.add_argument("--bundle-version", default="", help="default: each decision's own version")
     replay.add_argument("--max-decisions", type=int, default=0)
+    replay.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        help="worker processes (0: one per core, 1: none; default: "
+        "policy.decision_log.replay_workers)",
+    )
     replay.set_defaults(func=lambda args: run(args, _replay))
 
 
@@ -182,6 +195,8 @@ def _parse_time(text: str, name: str) -> int:
 
 
 def _replay(config: Config, args: argparse.Namespace) -> int:
+    log_config = config.policy.decision_log
+    workers = args.workers if args.workers >= 0 else log_config.replay_workers
     store = open_policy_store(config)
     registry = BundleRegistry(store, config.policy, SystemClock())
     window = ReplayWindow(
@@ -199,6 +214,7 @@ def _replay(config: Config, args: argparse.Namespace) -> int:
             args.bundle_version,
             config.policy.decision_log.replay_page_records,
             config.policy.limits.max_changed_decisions_listed,
+            ReplayParallelism(default_workers(workers), log_config.replay_parallel_min_decisions),
         )
     finally:
         store.db.close()

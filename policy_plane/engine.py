@@ -36,7 +36,13 @@ from policy_plane.model import (
     record_decoder,
 )
 from policy_plane.offers import OfferCatalog
-from policy_plane.replay import ReplayReport, ReplayWindow, replay_window
+from policy_plane.replay import (
+    ReplayParallelism,
+    ReplayReport,
+    ReplayWindow,
+    default_workers,
+    replay_window,
+)
 from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import PolicyConfig
@@ -308,14 +314,19 @@ class PolicyEngine:
             window.end_us or 2**62,
             window.max_decisions or cap,
         )
+        log_config = self.config.decision_log
         return await asyncio.to_thread(
             replay_window,
             self.store,
             self.bundles.resolve,
             bounded,
             bundle_version,
-            self.config.decision_log.replay_page_records,
+            log_config.replay_page_records,
             self.config.limits.max_changed_decisions_listed,
+            ReplayParallelism(
+                default_workers(log_config.replay_workers),
+                log_config.replay_parallel_min_decisions,
+            ),
         )
 
     async def verify_log(self, chain_id: str = "") -> VerifyResult:

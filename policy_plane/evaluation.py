@@ -154,6 +154,7 @@ class CompiledBundle:
         tests compare the flattened evaluation with)."""
         self.spec = spec
         self.source = source
+        self.limits = limits
         self.label = spec.label
         self.content_hash = bundle_mod.content_hash(spec, source, limits)
         self.version = f"{spec.label}@{self.content_hash[:16]}"

@@ -11,17 +11,25 @@ logged and the replayed decisions get a confusion matrix: a backtest.
 from __future__ import annotations
 
 import base64
+import logging
+import multiprocessing
+import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import msgspec
 
-from policy_plane.evaluation import CompiledBundle
+from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleLimits, BundleSource
+from policy_plane.evaluation import CompiledBundle, compile_source
 from policy_plane.model import DecisionRecord, Outcome, Verdict, record_decoder
-from policy_plane.store import PolicyStore
+from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.tokens import DecisionClaims
 
+log = logging.getLogger("policy_plane.replay")
 POSITIVE_LABELS = frozenset({"fraud", "chargeback"})
 _claims_decoder = msgspec.json.Decoder(DecisionClaims)
 
@@ -127,6 +135,25 @@ def _same_claims(logged: DecisionClaims | None, replayed: DecisionClaims | None)
     return msgspec.structs.replace(logged, key_id="") == replayed
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayParallelism:
+    """How a long window is spread over worker processes.
+
+    `workers` <= 1 replays in this process. Otherwise the first
+    `min_decisions` decisions are replayed here (a short window never pays for
+    starting processes) and the rest, page by page, by `workers` processes
+    (spawned, so a server's threads are never forked); pages are merged back
+    in window order, so the report is the one a serial replay gives."""
+
+    workers: int = 1
+    min_decisions: int = 0
+
+
+def default_workers(configured: int) -> int:
+    """`configured`, or the machine's cores when it is 0."""
+    return configured if configured > 0 else (os.cpu_count() or 1)
+
+
 def replay_window(
     store: PolicyStore,
     resolve: Callable[[str], CompiledBundle],
@@ -134,33 +161,235 @@ def replay_window(
     bundle_version: str,
     page_records: int,
     max_changed_listed: int,
+    parallelism: ReplayParallelism = ReplayParallelism(),
 ) -> ReplayReport:
     started = time.perf_counter()
+    report = _empty_report(bundle_version)
+    pool: _Pool | None = None
+    try:
+        for page, labels in _pages(store, window, page_records):
+            if (
+                pool is None
+                and parallelism.workers > 1
+                and report.replayed >= max(parallelism.min_decisions, 1)
+            ):
+                pool = _Pool(store, resolve, window, bundle_version, parallelism.workers)
+            if pool is None:
+                bodies = [row.body for row in page]
+                _merge(
+                    report,
+                    replay_bodies(bodies, labels, resolve, bundle_version, max_changed_listed),
+                    max_changed_listed,
+                )
+                continue
+            for done in pool.submit(page, labels, max_changed_listed):
+                _merge(report, done, max_changed_listed)
+        if pool is not None:
+            for done in pool.drain():
+                _merge(report, done, max_changed_listed)
+    finally:
+        if pool is not None:
+            pool.close()
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+def _empty_report(bundle_version: str) -> ReplayReport:
     report = ReplayReport(bundle_version)
     report.logged_backtest = Confusion("logged")
     report.replayed_backtest = Confusion(bundle_version or "logged")
+    return report
+
+
+def _pages(
+    store: PolicyStore, window: ReplayWindow, page_records: int
+) -> Iterator[tuple[list[LogRow], list[str | None]]]:
+    """The window's decisions in (time, id) order, a page at a time, with
+    each decision's outcome label (None when unlabelled)."""
     after: tuple[int, str] = (-1, "")
-    while report.replayed < window.max_decisions:
-        limit = min(page_records, window.max_decisions - report.replayed)
+    remaining = window.max_decisions
+    while remaining > 0:
+        limit = min(page_records, remaining)
         page = store.window_page(
             window.tenant_id, window.account_id, window.start_us, window.end_us, after, limit
         )
         if not page:
-            break
-        labels = store.labels_for([r.decision_id for r in page])
-        for row in page:
-            record = record_decoder.decode(row.body)
-            bundle = resolve(bundle_version or record.bundle_version)
-            same_version = not bundle_version or bundle_version == record.bundle_version
-            verdict = _replay_one(report, record, bundle, same_version, max_changed_listed)
-            label = labels.get(record.decision_id)
-            if label is not None:
-                _backtest(report, record, verdict, label)
+            return
+        found = store.labels_for([r.decision_id for r in page])
+        yield page, [found.get(r.decision_id) for r in page]
+        remaining -= len(page)
         after = (page[-1].recorded_at_us, page[-1].decision_id)
         if len(page) < limit:
-            break
-    report.elapsed_s = time.perf_counter() - started
+            return
+
+
+def replay_bodies(
+    bodies: Sequence[str],
+    labels: Sequence[str | None],
+    resolve: Callable[[str], CompiledBundle],
+    bundle_version: str,
+    max_changed_listed: int,
+) -> ReplayReport:
+    """The report of a run of logged records (what a page contributes)."""
+    report = _empty_report(bundle_version)
+    for body, label in zip(bodies, labels, strict=True):
+        record = record_decoder.decode(body)
+        bundle = resolve(bundle_version or record.bundle_version)
+        same_version = not bundle_version or bundle_version == record.bundle_version
+        verdict = _replay_one(report, record, bundle, same_version, max_changed_listed)
+        if label is not None:
+            _backtest(report, record, verdict, label)
     return report
+
+
+def _merge(report: ReplayReport, part: ReplayReport, max_changed_listed: int) -> None:
+    report.replayed += part.replayed
+    report.identical += part.identical
+    report.changed_count += part.changed_count
+    room = max_changed_listed - len(report.changed)
+    if room > 0:
+        report.changed.extend(part.changed[:room])
+    report.labelled += part.labelled
+    for mine, theirs in (
+        (report.logged_backtest, part.logged_backtest),
+        (report.replayed_backtest, part.replayed_backtest),
+    ):
+        mine.true_positives += theirs.true_positives
+        mine.false_positives += theirs.false_positives
+        mine.true_negatives += theirs.true_negatives
+        mine.false_negatives += theirs.false_negatives
+
+
+# ------------------------------------------------------------ worker processes
+# Each worker compiles the window's bundles once (from their sources, checking
+# that each compiles to its version) and then replays the pages it is sent.
+_WORKER_BUNDLES: dict[str, CompiledBundle] = {}
+
+
+def _worker_start(sources: list[tuple[str, BundleSource, BundleLimits]]) -> None:
+    for version, source, limits in sources:
+        compiled = compile_source(source, limits, SHIPPED_LISTS_DIR)
+        assert compiled.version == version, (compiled.version, version)
+        _WORKER_BUNDLES[version] = compiled
+
+
+def _worker_resolve(version: str) -> CompiledBundle:
+    return _WORKER_BUNDLES[version]
+
+
+def _worker_replay(
+    bodies: list[str], labels: list[str | None], bundle_version: str, max_changed_listed: int
+) -> ReplayReport:
+    return replay_bodies(bodies, labels, _worker_resolve, bundle_version, max_changed_listed)
+
+
+@dataclass
+class _Page:
+    bodies: list[str]
+    labels: list[str | None]
+    max_changed: int
+    future: Future[ReplayReport] | None = None
+    report: ReplayReport | None = None
+
+
+class _Pool:
+    """Worker processes replaying pages, answered in the order submitted.
+
+    While every worker has its share of pages (two each: they never wait for
+    the reader), the next page is replayed here instead of waiting: the
+    calling process works too, notably while the workers are starting."""
+
+    def __init__(
+        self,
+        store: PolicyStore,
+        resolve: Callable[[str], CompiledBundle],
+        window: ReplayWindow,
+        bundle_version: str,
+        workers: int,
+    ) -> None:
+        self._resolve = resolve
+        self._bundle_version = bundle_version
+        versions = (
+            [bundle_version]
+            if bundle_version
+            else store.window_versions(
+                window.tenant_id, window.account_id, window.start_us, window.end_us
+            )
+        )
+        self._versions = set(versions)
+        sources = []
+        for version in versions:
+            compiled = resolve(version)
+            sources.append((version, compiled.source, compiled.limits))
+        self._executor = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_start,
+            initargs=(sources,),
+        )
+        self._max_pending = 2 * workers
+        self._pending = 0
+        self._broken = False
+        self._in_order: deque[_Page] = deque()
+
+    def submit(
+        self, page: list[LogRow], labels: list[str | None], max_changed_listed: int
+    ) -> list[ReplayReport]:
+        """Takes a page; returns the reports of the oldest pages that are done
+        (in window order)."""
+        bodies = [row.body for row in page]
+        # A page logged under a version activated after the replay started
+        # (the workers lack it) is replayed here too, in its place.
+        unknown = not self._bundle_version and any(
+            row.bundle_version not in self._versions for row in page
+        )
+        entry = _Page(bodies, labels, max_changed_listed)
+        if unknown or self._broken or self._pending >= self._max_pending:
+            entry.report = self._here(entry)
+        else:
+            entry.future = self._executor.submit(
+                _worker_replay, bodies, labels, self._bundle_version, max_changed_listed
+            )
+            self._pending += 1
+        self._in_order.append(entry)
+        return self._collect(wait=False)
+
+    def _here(self, entry: _Page) -> ReplayReport:
+        return replay_bodies(
+            entry.bodies, entry.labels, self._resolve, self._bundle_version, entry.max_changed
+        )
+
+    def _collect(self, wait: bool) -> list[ReplayReport]:
+        finished = []
+        while self._in_order:
+            entry = self._in_order[0]
+            if entry.future is not None:
+                if not (wait or entry.future.done()):
+                    break
+                try:
+                    entry.report = entry.future.result()
+                except BrokenProcessPool:
+                    # A worker could not start or died (say the main module
+                    # of a script without a `__main__` guard): same report,
+                    # replayed here.
+                    if not self._broken:
+                        log.warning("replay workers failed; replaying in process", exc_info=True)
+                    self._broken = True
+                    entry.report = self._here(entry)
+                self._pending -= 1
+            self._in_order.popleft()
+            assert entry.report is not None
+            finished.append(entry.report)
+        return finished
+
+    def drain(self) -> list[ReplayReport]:
+        return self._collect(wait=True)
+
+    def close(self) -> None:
+        for entry in self._in_order:
+            if entry.future is not None:
+                entry.future.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _replay_one(

@@ -332,6 +332,21 @@ class PolicyStore:
         with self.db.tx() as tx:
             return [_log_row(r) for r in tx.all(sql, params)]
 
+    def window_versions(
+        self, tenant_id: str, account_id: str, start_us: int, end_us: int
+    ) -> list[str]:
+        """The bundle versions the decisions of a window were made under."""
+        sql = (
+            "SELECT DISTINCT bundle_version FROM decision_log WHERE tenant_id = ? "
+            "AND recorded_at_us >= ? AND recorded_at_us < ?"
+        )
+        params: list[Any] = [tenant_id, start_us, end_us]
+        if account_id:
+            sql += " AND account_id = ?"
+            params.append(account_id)
+        with self.db.tx() as tx:
+            return sorted(str(r[0]) for r in tx.all(sql, params))
+
     def purge_until(self, chain_id: str, last_seq: int, anchor: ChainMark) -> int:
         with self.db.tx() as tx:
             count = tx.execute(

@@ -147,6 +147,10 @@ class DecisionLogConfig(_Strict, frozen=True):
     retention_days: int
     retention_sweep_interval_s: float
     replay_page_records: int
+    # Replay across processes (0: one per core; 1: in process), beyond the
+    # first replay_parallel_min_decisions decisions of a window.
+    replay_workers: int = 0
+    replay_parallel_min_decisions: int = 20000
 
 
 class PolicyBundlesConfig(_Strict, frozen=True):
@@ -191,6 +195,9 @@ class PolicyConfig(_Strict, frozen=True):
     sanctions: SanctionsConfig
     consent: ConsentConfig
     outbox: PolicyOutboxConfig
+    # After start-up, move every object alive into the GC's permanent
+    # generation (gc.freeze): full collections then skip them.
+    gc_freeze: bool = True
 
 
 class AiTritonConfig(_Strict, frozen=True):
@@ -404,6 +411,8 @@ class DeliveryConfig(_Strict, frozen=True):
     max_pending: int
     default_page_size: int
     max_page_size: int
+    circuit_failures: int
+    circuit_open_s: float
     channels: dict[str, ChannelEndpointConfig]
 
 
