@@ -5,6 +5,14 @@ Retries use tenacity's exponential backoff with jitter to pick each next
 attempt time, and the schedule is kept in the database rather than in a
 sleeping coroutine, so a restart loses neither the message nor its place in
 the backoff. A delivery counts as delivered only on a 2xx answer.
+
+Each endpoint has a circuit breaker: after `circuit_failures` consecutive
+endpoint failures (no answer, a timeout, 5xx or 429) it opens for
+`circuit_open_s`, and deliveries due for it meanwhile are put back without
+spending an attempt, so an endpoint that is down for an hour is not hammered
+and its messages do not burn their attempt budget into the dead-letter queue.
+Then one delivery probes it (half-open): success closes the circuit, failure
+opens it again.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import base64
 import contextlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import msgspec
 import tenacity
@@ -43,9 +52,24 @@ log = logging.getLogger("gateway.delivery")
 
 DELIVERY_ATTEMPTS = Counter(
     "triplane_gateway_delivery_attempts",
-    "Delivery attempts by channel and result (delivered, retry, dead).",
+    "Delivery attempts by channel and result (delivered, retry, dead; deferred: not sent, "
+    "the endpoint's circuit is open).",
     ["channel", "result"],
 )
+
+
+@dataclass
+class _Circuit:
+    failures: int = 0
+    open_until_us: int = 0
+    # When the half-open probe was sent (0: none in flight). A probe older
+    # than the lease is forgotten, so a cancelled one cannot wedge the circuit.
+    probe_at_us: int = 0
+
+
+def _endpoint_failed(outcome: SendOutcome) -> bool:
+    """Failures that say the endpoint is unwell, not that one message is bad."""
+    return outcome.status_code == 0 or outcome.status_code >= 500 or outcome.status_code == 429
 
 
 class DeliveryService:
@@ -71,6 +95,7 @@ class DeliveryService:
         self._retrying = tenacity.AsyncRetrying()
         self._in_flight = asyncio.Semaphore(config.max_in_flight)
         self._wakeup = asyncio.Event()
+        self._circuits: dict[str, _Circuit] = {}
 
     # ---- the API ----
 
@@ -184,10 +209,55 @@ class DeliveryService:
         for adapter in self._adapters.values():
             await adapter.aclose()
 
+    def circuit_open(self, endpoint: str) -> bool:
+        circuit = self._circuits.get(endpoint)
+        threshold = self._config.circuit_failures
+        return bool(circuit and threshold and circuit.failures >= threshold)
+
+    def _admit(self, endpoint: str, now_us: int) -> int:
+        """0 when a delivery to `endpoint` may be sent now; else when to try again."""
+        circuit = self._circuits.get(endpoint)
+        if circuit is None or not self.circuit_open(endpoint):
+            return 0
+        if now_us < circuit.open_until_us:
+            return circuit.open_until_us
+        lease_us = int(self._config.lease_s * 1_000_000)
+        if circuit.probe_at_us and now_us - circuit.probe_at_us < lease_us:
+            return now_us + int(self._config.poll_interval_s * 1_000_000) + 1
+        circuit.probe_at_us = now_us
+        return 0
+
+    def _observe(self, endpoint: str, outcome: SendOutcome, now_us: int) -> None:
+        circuit = self._circuits.setdefault(endpoint, _Circuit())
+        circuit.probe_at_us = 0
+        if outcome.delivered or not _endpoint_failed(outcome):
+            if circuit.failures or circuit.open_until_us:
+                self._circuits.pop(endpoint, None)
+            return
+        circuit.failures += 1
+        threshold = self._config.circuit_failures
+        if threshold and circuit.failures >= threshold:
+            circuit.open_until_us = now_us + int(self._config.circuit_open_s * 1_000_000)
+            if circuit.failures == threshold:
+                log.warning(
+                    "endpoint %s failed %d times in a row: circuit open for %.0f s",
+                    endpoint,
+                    circuit.failures,
+                    self._config.circuit_open_s,
+                )
+
     async def _attempt(self, record: DeliveryRecord) -> None:
+        retry_at_us = self._admit(record.endpoint, self._clock.now_us())
+        if retry_at_us:
+            await asyncio.to_thread(
+                self.store.defer, record.delivery_id, record.attempts, retry_at_us
+            )
+            DELIVERY_ATTEMPTS.labels(record.channel, "deferred").inc()
+            return
         async with self._in_flight:
             outcome = await self._send(record)
         now_us = self._clock.now_us()
+        self._observe(record.endpoint, outcome, now_us)
         if outcome.delivered:
             await asyncio.to_thread(
                 self.store.mark_delivered, record.delivery_id, now_us, outcome.status_code

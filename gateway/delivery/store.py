@@ -207,6 +207,18 @@ class DeliveryStore:
             )
         return [_record(r) for r in rows]
 
+    def defer(self, delivery_id: str, attempt: int, next_attempt_at_us: int) -> bool:
+        """Gives back a claimed delivery that was not sent (its endpoint's
+        circuit is open): pending again, and the claim's attempt uncounted."""
+        with self.db.tx() as tx:
+            changed = tx.execute(
+                "UPDATE gw_deliveries SET status = 'pending', attempts = attempts - 1, "
+                "next_attempt_at_us = ? "
+                "WHERE delivery_id = ? AND status = 'sending' AND attempts = ?",
+                (next_attempt_at_us, delivery_id, attempt),
+            )
+        return changed == 1
+
     def revive(self, tenant_id: str, delivery_id: str, now_us: int) -> bool:
         """Moves a dead delivery back to the queue with a fresh attempt budget."""
         with self.db.tx() as tx:

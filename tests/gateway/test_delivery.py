@@ -192,6 +192,65 @@ async def test_dead_letter_after_n_attempts_then_redeliver(db: Database, http: R
         await svc.aclose()
 
 
+async def test_circuit_opens_on_a_down_endpoint_and_spends_no_attempts(
+    db: Database, http: Receiver
+) -> None:
+    """An endpoint down for longer than the whole retry budget: once its circuit
+    opens, its deliveries wait without spending attempts, a single probe tests
+    it, and when it is back every message is delivered; none is dead-lettered."""
+    clock = now_clock()
+    config = delivery_config(
+        max_attempts=3, circuit_failures=2, circuit_open_s=60.0, backoff_max_s=5.0
+    )
+    svc = service(db, config, clock)
+    http.decide = lambda got: 503 if got.path == "/hooks" else 200
+    try:
+        ids = [
+            (await svc.enqueue(webhook(http.url, key=f"down-{i}"))).delivery_id for i in range(6)
+        ]
+        assert await svc.run_once() == 6
+        assert len(http.received) == 6  # all in flight together before any answer
+        assert svc.circuit_open(f"{http.url}/hooks")
+        # While open: due deliveries go back to the queue untried and uncounted.
+        clock.advance(10)
+        assert await svc.run_once() == 6
+        assert len(http.received) == 6
+        for delivery_id in ids:
+            record = await svc.get(TENANT, delivery_id)
+            assert record.status == "pending" and record.attempts == 1
+        # Another endpoint is not affected by this one's circuit.
+        fine = await svc.enqueue(
+            Delivery(
+                tenant_id=TENANT,
+                channel="partner_webhook",
+                endpoint=f"{http.url}/other",  # another endpoint (same server)
+                event_type="trigger.sent",
+                payload={"text": "hi"},
+                dedupe_key="other-1",
+            )
+        )
+        await svc.run_once()
+        assert (await svc.get(TENANT, fine.delivery_id)).status == "delivered"
+        # Half-open, still down: exactly one probe, then open again.
+        clock.advance(60)
+        await svc.run_once()
+        assert len(http.received) == 8  # 6 + the other endpoint + one probe
+        assert svc.circuit_open(f"{http.url}/hooks")
+        # The endpoint recovers; after the open period a probe closes the circuit.
+        http.decide = None
+        for _ in range(6):
+            clock.advance(61)
+            await svc.run_once()
+        for delivery_id in ids:
+            record = await svc.get(TENANT, delivery_id)
+            assert record.status == "delivered", record
+            assert record.attempts <= 3
+        assert not svc.circuit_open(f"{http.url}/hooks")
+        assert (await svc.counts(TENANT))["dead"] == 0
+    finally:
+        await svc.aclose()
+
+
 async def test_crash_mid_send_resends_same_id_after_restart(
     state_dir: Path, http: Receiver
 ) -> None:
