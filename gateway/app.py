@@ -202,15 +202,7 @@ class Gateway:
             self.relay = OutboxRelay(
                 self.store,
                 config.nats,
-                RelaySettings(
-                    streams=["TRIPLANE_GATEWAY"],
-                    batch_size=outbox.relay_batch_size,
-                    idle_poll_s=outbox.relay_idle_poll_ms / 1000.0,
-                    backoff_initial_s=outbox.relay_backoff_initial_s,
-                    backoff_max_s=outbox.relay_backoff_max_s,
-                    sent_retention_s=outbox.sent_retention_s,
-                    cleanup_interval_s=outbox.cleanup_interval_s,
-                ),
+                RelaySettings.from_config(outbox, ["TRIPLANE_GATEWAY"]),
                 self.clock,
                 client_name="gateway-relay",
             )

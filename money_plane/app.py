@@ -95,15 +95,7 @@ class MoneyPlane:
             self.relay = OutboxRelay(
                 store,
                 config.nats,
-                RelaySettings(
-                    streams=["TRIPLANE_MONEY"],
-                    batch_size=outbox.relay_batch_size,
-                    idle_poll_s=outbox.relay_idle_poll_ms / 1000.0,
-                    backoff_initial_s=outbox.relay_backoff_initial_s,
-                    backoff_max_s=outbox.relay_backoff_max_s,
-                    sent_retention_s=outbox.sent_retention_s,
-                    cleanup_interval_s=outbox.cleanup_interval_s,
-                ),
+                RelaySettings.from_config(outbox, ["TRIPLANE_MONEY"]),
                 self.clock,
                 client_name="money-plane-relay",
                 # SQLite: the writer's thread (one writer, no lock races);

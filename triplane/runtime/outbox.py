@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from triplane.runtime import bus
 from triplane.runtime.clock import Clock
-from triplane.runtime.config import NatsConfig
+from triplane.runtime.config import NatsConfig, OutboxConfig
 
 log = logging.getLogger("triplane.outbox")
 T = TypeVar("T")
@@ -52,6 +52,19 @@ class RelaySettings:
     # Sent events older than this are deleted from the outbox (0: kept).
     sent_retention_s: int = 0
     cleanup_interval_s: float = 60.0
+
+    @classmethod
+    def from_config(cls, outbox: OutboxConfig, streams: list[str]) -> RelaySettings:
+        """The settings of a plane's `outbox:` config section."""
+        return cls(
+            streams=streams,
+            batch_size=outbox.relay_batch_size,
+            idle_poll_s=outbox.relay_idle_poll_ms / 1000.0,
+            backoff_initial_s=outbox.relay_backoff_initial_s,
+            backoff_max_s=outbox.relay_backoff_max_s,
+            sent_retention_s=outbox.sent_retention_s,
+            cleanup_interval_s=outbox.cleanup_interval_s,
+        )
 
 
 class OutboxRelay:
