@@ -29,7 +29,8 @@ from nacl.signing import SigningKey, VerifyKey
 from policy_plane.db import is_unique_violation
 from policy_plane.model import DecisionRecord, canonical_encoder, record_decoder
 from policy_plane.store import CaseRow, ChainMark, LogRow, PolicyStore
-from triplane.runtime.errors import ResourceExhausted, Unavailable
+from triplane.runtime.deadline import Deadline
+from triplane.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from triplane.runtime.tokens import key_id_of
 
 log = logging.getLogger("policy_plane.decision_log")
@@ -87,6 +88,7 @@ class _Pending:
     recorded_at_us: int
     case: CaseRow | None
     future: asyncio.Future[AppendResult] = field(repr=False)
+    deadline: Deadline | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,18 +131,31 @@ class DecisionLog:
             self._task = None
 
     async def append(
-        self, record: DecisionRecord, request_hash: str, recorded_at_us: int, case: CaseRow | None
+        self,
+        record: DecisionRecord,
+        request_hash: str,
+        recorded_at_us: int,
+        case: CaseRow | None,
+        deadline: Deadline | None = None,
     ) -> AppendResult:
+        """Logs a record. A record still queued when `deadline` passes, or
+        whose caller went away (cancelled), is never written."""
         if self._task is None:
             raise Unavailable("DECISION_LOG_STOPPED", "the decision log is not running")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Pending(record, request_hash, recorded_at_us, case, future))
+            self._queue.put_nowait(
+                _Pending(record, request_hash, recorded_at_us, case, future, deadline)
+            )
         except asyncio.QueueFull:
             raise ResourceExhausted(
                 "DECISION_LOG_QUEUE_FULL", "too many decisions waiting to be logged"
             ) from None
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            future.cancel()  # still queued: the writer skips it
+            raise
 
     async def _run(self) -> None:
         while True:
@@ -157,6 +172,9 @@ class DecisionLog:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except TimeoutError:
                     break
+            batch = self._still_wanted(batch)
+            if not batch:
+                continue
             try:
                 results = await asyncio.to_thread(self._write_with_retries, batch)
             except Exception as exc:
@@ -170,6 +188,25 @@ class DecisionLog:
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(result)
+
+    @staticmethod
+    def _still_wanted(batch: list[_Pending]) -> list[_Pending]:
+        """The batch less what nobody waits for: callers gone, deadlines past
+        (answered DEADLINE_EXCEEDED here, before anything is written)."""
+        wanted = []
+        for pending in batch:
+            if pending.future.done():
+                continue
+            if pending.deadline is not None and pending.deadline.expired():
+                pending.future.set_exception(
+                    DeadlineExceeded(
+                        "DEADLINE_EXCEEDED",
+                        "deadline passed while the decision waited for the log; nothing was logged",
+                    )
+                )
+                continue
+            wanted.append(pending)
+        return wanted
 
     def _write_with_retries(self, batch: list[_Pending]) -> list[AppendResult]:
         for attempt in range(_CONFLICT_RETRIES + 1):

@@ -46,6 +46,7 @@ from policy_plane.replay import (
 from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import PolicyConfig
+from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from triplane.runtime.tokens import DecisionClaims, TokenSigner
 
@@ -169,10 +170,19 @@ class PolicyEngine:
         validate.check_id(customer_id, "customer_id", self.config.limits)
 
     # ------------------------------------------------------------ decisions
-    async def evaluate(self, inp: EvaluationInput) -> tuple[Decision, bool]:
-        """Decides, logs, and returns (decision, replayed)."""
+    async def evaluate(
+        self, inp: EvaluationInput, deadline: Deadline | None = None
+    ) -> tuple[Decision, bool]:
+        """Decides, logs, and returns (decision, replayed).
+
+        `deadline` (rule 7: the caller's, capped by policy.budget_ms) is
+        checked before deciding, before queueing for the log and when the log
+        writer takes the decision; past it the answer is DEADLINE_EXCEEDED
+        and nothing is logged (a retry with the same key decides afresh)."""
         validate.check_evaluation(inp, self.config.limits)
         self.require_tenant(inp.tenant_id)
+        if deadline is not None:
+            deadline.check("deciding; nothing was logged")
         fingerprint = request_hash(inp)
         now_us = self.clock.now_us()
         decided_at_us = inp.snapshot.decided_at_us or now_us
@@ -187,7 +197,9 @@ class PolicyEngine:
         if verdict.outcome_enum in (Outcome.REVIEW, Outcome.HOLD):
             suggestion = cases_mod.model_suggestion(record, live.decline_suggestion_score)
             case = cases_mod.new_case(record, suggestion, now_us)
-        result = await self.log.append(record, fingerprint, now_us, case)
+        if deadline is not None:
+            deadline.check("logging the decision; nothing was logged")
+        result = await self.log.append(record, fingerprint, now_us, case, deadline)
         if result.existing:
             return self._previous(result.row, inp, fingerprint), True
         self._count(record)

@@ -19,6 +19,7 @@ from policy_plane.offers import CustomerContext
 from policy_plane.replay import ReplayWindow
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
+from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.server import Service
 
@@ -83,7 +84,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         )
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: Ctx) -> pb.EvaluateResponse:
-        decision, replayed = await self._engine.evaluate(convert.evaluation_input(request))
+        # Rule 7: the caller's remaining deadline, capped by this plane's budget.
+        deadline = Deadline.from_remaining(
+            context.time_remaining(), self._engine.config.budget_ms / 1000.0
+        )
+        decision, replayed = await self._engine.evaluate(
+            convert.evaluation_input(request), deadline
+        )
         return pb.EvaluateResponse(decision=convert.decision_pb(decision), replayed=replayed)
 
     async def GetDecision(
