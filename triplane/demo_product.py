@@ -52,6 +52,8 @@ class Tally:
     flows: dict[str, Flow] = field(default_factory=lambda: collections.defaultdict(Flow))
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     actions: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Why offers were left out of decisions that showed nothing (policy's reasons).
+    exclusions: collections.Counter[str] = field(default_factory=collections.Counter)
     cases: int = 0
     scheduled_sends: int = 0
     conversions: int = 0
@@ -127,6 +129,8 @@ async def _offer(client: GatewayClient, world: World, rng: random.Random, tally:
         return
     tally.actions[answer.reasons[0] if answer.reasons else "NONE"] += 1
     if answer.action != gw.ACTION_SHOW_OFFER:
+        if list(answer.reasons[:1]) == ["NOTHING_ELIGIBLE"]:
+            tally.exclusions.update({e.reason for e in answer.excluded})
         return
     # The hidden truth of the synthetic world, for an average customer.
     context = list(synth._CONTEXT_CENTER)
@@ -205,6 +209,10 @@ def _print_summary(tally: Tally, elapsed_s: float) -> None:
     print(f"\noutcome mix       {dict(tally.outcomes)}")
     print(f"cases opened      {tally.cases}")
     print(f"offer decisions   {dict(tally.actions)}; conversions {tally.conversions}")
+    if tally.exclusions:
+        # Each customer comes back many times a minute here, so the contact
+        # policy (frequency caps, per-offer cooldowns) soon leaves nothing to show.
+        print(f"  nothing eligible: decisions with offers {dict(tally.exclusions.most_common())}")
     print(f"follow-ups scheduled by trigger rules: {tally.scheduled_sends}")
 
 
