@@ -277,16 +277,20 @@ class PolicyEngine:
     def _previous(self, row: LogRow, inp: EvaluationInput, fingerprint: str) -> Decision:
         record = record_decoder.decode(row.body)
         if row.request_hash != fingerprint:
+            # The fingerprint covers the request as sent; a retry may omit the
+            # decision time the plane stamped, or send the one it stamped.
+            # Either is the same request: only a field that differs refuses.
             old = msgspec.to_builtins(record.input)
             new = msgspec.to_builtins(inp)
             if not inp.snapshot.decided_at_us:
                 new["snapshot"]["decided_at_us"] = old["snapshot"]["decided_at_us"]
-            where = first_difference(old, new) or "idempotency_key"
-            raise AlreadyExists(
-                "IDEMPOTENCY_KEY_REUSED",
-                f"idempotency key already used for another request ({where} differs)",
-                _proto_path(where),
-            )
+            where = first_difference(old, new)
+            if where:
+                raise AlreadyExists(
+                    "IDEMPOTENCY_KEY_REUSED",
+                    f"idempotency key already used for another request ({where} differs)",
+                    _proto_path(where),
+                )
         return Decision(record=record, chain_id=row.chain_id, sequence=row.seq)
 
     async def get_decision(self, tenant_id: str, decision_id: str) -> Decision:

@@ -65,6 +65,34 @@ async def test_idempotent_retry_and_reuse_with_another_payload(any_engine: Polic
     assert (await any_engine.verify_log()).records_checked == 2
 
 
+async def test_a_retry_with_or_without_the_stamped_time_is_the_same_request(
+    any_engine: PolicyEngine, clock: ManualClock
+) -> None:
+    first, _ = await any_engine.evaluate(payment_input("stamped"))
+    stamped = first.record.input.snapshot.decided_at_us
+    assert stamped == clock.now_us()
+    clock.advance(5)
+    # The retry carries the time the plane stamped: the original decision.
+    explicit = payment_input("stamped", decided_at_us=stamped)
+    again, replayed = await any_engine.evaluate(explicit)
+    assert replayed and again.record == first.record
+    # Sent with its own time first, retried without one: the original too.
+    fixed, _ = await any_engine.evaluate(payment_input("fixed", decided_at_us=stamped - 7))
+    again, replayed = await any_engine.evaluate(payment_input("fixed"))
+    assert replayed and again.record == fixed.record
+    # Another time, or any other field, is another request.
+    for changed, field in [
+        (payment_input("stamped", decided_at_us=stamped + 1), "snapshot.decided_at"),
+        (payment_input("stamped", tier=3), "snapshot.kyc.tier"),
+        (payment_input("stamped", score=0.2), "snapshot.model_score.score"),
+        (payment_input("stamped", account_age_days=3), "snapshot.account_age_days"),
+    ]:
+        with pytest.raises(AlreadyExists) as caught:
+            await any_engine.evaluate(changed)
+        assert caught.value.field == field
+    assert (await any_engine.verify_log()).records_checked == 2
+
+
 async def test_bad_requests_change_nothing(any_engine: PolicyEngine) -> None:
     with pytest.raises(NotFound) as not_found:
         await any_engine.evaluate(payment_input("x", tenant_id="nobody"))
