@@ -18,6 +18,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgspec
+
 from money_plane import codec_records
 from money_plane.domain import (
     AccountSpec,
@@ -139,6 +141,10 @@ ACCOUNT_COLUMNS = (
 )
 
 
+# Account metadata is stored as a JSON object of strings (json.dumps, sorted).
+_decode_metadata = msgspec.json.Decoder(dict[str, str]).decode
+
+
 def _account_from_row(row: Sequence[Any]) -> AccountState:
     return AccountState(
         tenant_id=row[0],
@@ -147,7 +153,7 @@ def _account_from_row(row: Sequence[Any]) -> AccountState:
         kind=row[3],
         constraint=row[4],
         overdraft_limit_minor=row[5],
-        metadata=json.loads(row[6]),
+        metadata=_decode_metadata(row[6]),
         created_at_us=row[7],
         debits_posted=row[8],
         credits_posted=row[9],
