@@ -24,6 +24,7 @@ Row = tuple[Any, ...]
 
 class Cursor(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+    def executemany(self, sql: str, params_seq: Sequence[Sequence[Any]]) -> Any: ...
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[Any]: ...
 
@@ -41,6 +42,12 @@ class Tx:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         result = self._cursor.execute(self._sql(sql), tuple(params))
         return int(getattr(result, "rowcount", -1) if result is not None else -1)
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement over many parameter rows (PostgreSQL pipelines them:
+        one round trip rather than one per row)."""
+        if rows:
+            self._cursor.executemany(self._sql(sql), [tuple(r) for r in rows])
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         self._cursor.execute(self._sql(sql), tuple(params))

@@ -226,10 +226,13 @@ class DecisionLog:
         cases: list[CaseRow] = []
         in_batch: dict[tuple[str, str], LogRow] = {}
         with self._store.db.tx() as tx:
+            logged = self._store.find_many_by_idempotency(
+                tx, [(p.record.input.tenant_id, p.record.input.idempotency_key) for p in batch]
+            )
             for pending in batch:
                 inp = pending.record.input
                 key = (inp.tenant_id, inp.idempotency_key)
-                existing = in_batch.get(key) or self._store.find_by_idempotency(tx, *key)
+                existing = in_batch.get(key) or logged.get(key)
                 if existing is not None:
                     results.append(AppendResult(existing, existing=True))
                     continue

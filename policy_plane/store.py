@@ -154,6 +154,7 @@ class LogRow:
         )
 
 
+_KEYS_PER_QUERY = 500
 LOG_COLUMNS = (
     "chain_id, seq, decision_id, tenant_id, account_id, idempotency_key, request_hash, "
     "recorded_at_us, bundle_version, outcome, body, prev_hash, record_hash, key_id, signature"
@@ -275,21 +276,46 @@ class PolicyStore:
         with self.db.tx() as tx:
             return _mark(tx, chain_id, kind)
 
-    def find_by_idempotency(self, tx: Tx, tenant_id: str, key: str) -> LogRow | None:
-        row = tx.one(
-            f"SELECT {LOG_COLUMNS} FROM decision_log WHERE tenant_id = ? AND idempotency_key = ?",
-            (tenant_id, key),
-        )
-        return _log_row(row) if row else None
+    def find_many_by_idempotency(
+        self, tx: Tx, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], LogRow]:
+        """The logged rows of (tenant, idempotency key) pairs, in a few queries
+        (one per tenant and 500 keys) rather than one per decision."""
+        by_tenant: dict[str, list[str]] = {}
+        for tenant_id, key in keys:
+            by_tenant.setdefault(tenant_id, []).append(key)
+        found: dict[tuple[str, str], LogRow] = {}
+        for tenant_id, tenant_keys in by_tenant.items():
+            unique = sorted(set(tenant_keys))
+            for start in range(0, len(unique), _KEYS_PER_QUERY):
+                chunk = unique[start : start + _KEYS_PER_QUERY]
+                marks = ", ".join("?" for _ in chunk)
+                rows = tx.all(
+                    f"SELECT {LOG_COLUMNS} FROM decision_log "
+                    f"WHERE tenant_id = ? AND idempotency_key IN ({marks})",
+                    [tenant_id, *chunk],
+                )
+                for raw in rows:
+                    row = _log_row(raw)
+                    found[(row.tenant_id, row.idempotency_key)] = row
+        return found
 
     def insert_log_rows(
         self, tx: Tx, rows: Sequence[LogRow], head: ChainMark, cases: Sequence[CaseRow]
     ) -> None:
         marks = ", ".join("?" for _ in range(15))
-        for row in rows:
-            tx.execute(f"INSERT INTO decision_log ({LOG_COLUMNS}) VALUES ({marks})", row.values())
-        for case in cases:
-            _insert_case(tx, case)
+        tx.execute_many(
+            f"INSERT INTO decision_log ({LOG_COLUMNS}) VALUES ({marks})",
+            [row.values() for row in rows],
+        )
+        tx.execute_many(
+            "INSERT INTO review_cases (case_id, tenant_id, decision_id, status, body, "
+            "opened_at_us) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (c.case_id, c.tenant_id, c.decision_id, c.status, c.body, c.opened_at_us)
+                for c in cases
+            ],
+        )
         _put_mark(tx, rows[0].chain_id, "head", head)
 
     def get_decision(self, decision_id: str) -> LogRow | None:
@@ -535,14 +561,6 @@ class PolicyStore:
     def all_offers(self) -> list[Row]:
         with self.db.tx() as tx:
             return tx.all("SELECT tenant_id, offer_id, body FROM offers")
-
-
-def _insert_case(tx: Tx, case: CaseRow) -> None:
-    tx.execute(
-        "INSERT INTO review_cases (case_id, tenant_id, decision_id, status, body, opened_at_us) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (case.case_id, case.tenant_id, case.decision_id, case.status, case.body, case.opened_at_us),
-    )
 
 
 def _mark(tx: Tx, chain_id: str, kind: str) -> ChainMark | None:
