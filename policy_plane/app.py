@@ -47,7 +47,12 @@ def open_policy_store(config: Config) -> PolicyStore:
     sqlite_path = Path(store_config.sqlite_path)
     if not sqlite_path.is_absolute():
         sqlite_path = config.state_path / sqlite_path
-    return open_store(store_config.backend, str(sqlite_path), store_config.postgres_dsn)
+    return open_store(
+        store_config.backend,
+        str(sqlite_path),
+        store_config.postgres_dsn,
+        store_config.read_connections,
+    )
 
 
 def build_engine(config: Config, clock: Clock | None = None) -> PolicyEngine:

@@ -9,6 +9,7 @@ consent and offers are served from memory.
 
 from __future__ import annotations
 
+import queue
 import re
 import sqlite3
 import threading
@@ -60,14 +61,24 @@ class Tx:
 
 
 class Database:
-    """A connection to one of the two backends."""
+    """A connection to one of the two backends, plus `readers` connections
+    for reads (`read()`), so a long read (a replay page, a log verification)
+    never waits for the writer's transaction nor holds it up."""
 
-    def __init__(self, backend: str, target: str) -> None:
+    def __init__(self, backend: str, target: str, readers: int = 2) -> None:
         assert backend in ("sqlite", "postgres"), backend
         self.dialect = backend
+        self._target = target
         self._lock = threading.Lock()
         self._sqlite: sqlite3.Connection | None = None
         self._pg: psycopg.Connection[Any] | None = None
+        self._readers: queue.LifoQueue[sqlite3.Connection | psycopg.Connection[Any]] = (
+            queue.LifoQueue()
+        )
+        self._reader_count = max(0, readers)
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._opened: list[sqlite3.Connection | psycopg.Connection[Any]] = []
         if backend == "sqlite":
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
@@ -77,6 +88,53 @@ class Database:
             self._sqlite = conn
         else:
             self._pg = psycopg.connect(target, autocommit=True)
+
+    def _reader(self) -> sqlite3.Connection | psycopg.Connection[Any] | None:
+        """A free reader connection (opened on first need), waiting for one
+        when all are busy; None when the store has none (reads use the writer's)."""
+        try:
+            return self._readers.get_nowait()
+        except queue.Empty:
+            pass
+        with self._readers_lock:  # not the writer's lock: it is held for a whole tx
+            if self._closed:
+                raise RuntimeError("database closed")
+            if len(self._opened) < self._reader_count:
+                conn: sqlite3.Connection | psycopg.Connection[Any]
+                if self.dialect == "sqlite":
+                    conn = sqlite3.connect(
+                        self._target, isolation_level=None, check_same_thread=False
+                    )
+                    conn.execute("PRAGMA busy_timeout=5000")
+                else:
+                    conn = psycopg.connect(self._target, autocommit=True)
+                self._opened.append(conn)
+                return conn
+        if not self._reader_count:
+            return None
+        return self._readers.get()
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A read-only transaction (one consistent snapshot) on a reader."""
+        conn = self._reader()
+        if conn is None:
+            with self.tx() as tx:
+                yield tx
+            return
+        try:
+            if isinstance(conn, sqlite3.Connection):
+                cursor = conn.cursor()
+                cursor.execute("BEGIN")
+                try:
+                    yield Tx(cursor, "sqlite")
+                finally:
+                    cursor.execute("COMMIT")
+            else:
+                with conn.transaction(), conn.cursor() as pg_cursor:
+                    yield Tx(pg_cursor, "postgres")
+        finally:
+            self._readers.put(conn)
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
@@ -102,6 +160,12 @@ class Database:
                 tx.execute(statement)
 
     def close(self) -> None:
+        with self._readers_lock:
+            self._closed = True
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
+            self._readers = queue.LifoQueue()
         with self._lock:
             if self._sqlite is not None:
                 self._sqlite.close()

@@ -319,14 +319,14 @@ class PolicyStore:
         _put_mark(tx, rows[0].chain_id, "head", head)
 
     def get_decision(self, decision_id: str) -> LogRow | None:
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             row = tx.one(
                 f"SELECT {LOG_COLUMNS} FROM decision_log WHERE decision_id = ?", (decision_id,)
             )
             return _log_row(row) if row else None
 
     def chain_page(self, chain_id: str, after_seq: int, limit: int) -> list[LogRow]:
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             rows = tx.all(
                 f"SELECT {LOG_COLUMNS} FROM decision_log WHERE chain_id = ? AND seq > ? "
                 "ORDER BY seq LIMIT ?",
@@ -355,7 +355,7 @@ class PolicyStore:
             params.append(account_id)
         sql += " ORDER BY recorded_at_us, decision_id LIMIT ?"
         params.append(limit)
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             return [_log_row(r) for r in tx.all(sql, params)]
 
     def window_versions(
@@ -370,7 +370,7 @@ class PolicyStore:
         if account_id:
             sql += " AND account_id = ?"
             params.append(account_id)
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             return sorted(str(r[0]) for r in tx.all(sql, params))
 
     def purge_until(self, chain_id: str, last_seq: int, anchor: ChainMark) -> int:
@@ -382,7 +382,7 @@ class PolicyStore:
             return count
 
     def count_decisions(self, tenant_id: str) -> int:
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             row = tx.one("SELECT COUNT(*) FROM decision_log WHERE tenant_id = ?", (tenant_id,))
             return int(row[0]) if row else 0
 
@@ -400,7 +400,7 @@ class PolicyStore:
         if not decision_ids:
             return {}
         marks = ", ".join("?" for _ in decision_ids)
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             rows = tx.all(
                 f"SELECT decision_id, label FROM decision_labels WHERE decision_id IN ({marks})",
                 decision_ids,
@@ -409,7 +409,7 @@ class PolicyStore:
 
     # ------------------------------------------------------------ cases
     def get_case(self, case_id: str) -> CaseRow | None:
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             row = tx.one(
                 "SELECT case_id, tenant_id, decision_id, status, body, opened_at_us "
                 "FROM review_cases WHERE case_id = ?",
@@ -430,7 +430,7 @@ class PolicyStore:
             params.append(status)
         sql += " ORDER BY case_id LIMIT ?"
         params.append(limit)
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             return [CaseRow(*r) for r in tx.all(sql, params)]
 
     def update_case(self, case: CaseRow, expected_status: str, event: OutboxRow | None) -> bool:
@@ -451,7 +451,7 @@ class PolicyStore:
             return True
 
     def resolved_case_bodies(self, tenant_id: str) -> list[str]:
-        with self.db.tx() as tx:
+        with self.db.read() as tx:
             rows = tx.all(
                 "SELECT body FROM review_cases WHERE tenant_id = ? AND status = 'resolved'",
                 (tenant_id,),
@@ -581,6 +581,8 @@ def _put_mark(tx: Tx, chain_id: str, kind: str, mark: ChainMark) -> None:
     )
 
 
-def open_store(backend: str, sqlite_path: str, postgres_dsn: str) -> PolicyStore:
+def open_store(
+    backend: str, sqlite_path: str, postgres_dsn: str, read_connections: int = 2
+) -> PolicyStore:
     target = sqlite_path if backend == "sqlite" else postgres_dsn
-    return PolicyStore(Database(backend, target))
+    return PolicyStore(Database(backend, target, read_connections))

@@ -4,6 +4,8 @@ verify-log catches altered, removed, reordered and cut-off records."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import msgspec
 import pytest
@@ -196,3 +198,42 @@ async def test_retention_purges_a_prefix_and_the_rest_still_verifies(
     assert result.valid and result.records_checked == 3
     await log_some(any_engine, 2, "newer")
     assert (await any_engine.verify_log()).records_checked == 5
+
+
+async def test_reads_do_not_wait_for_the_writers_transaction(any_engine: PolicyEngine) -> None:
+    ids = await log_some(any_engine, 3, prefix="r")
+    store = any_engine.store
+    inside, release = threading.Event(), threading.Event()
+
+    class RolledBack(Exception):
+        pass
+
+    def long_write() -> None:
+        # A write transaction held open (then rolled back): what a slow group
+        # commit looks like to a reader.
+        with contextlib.suppress(RolledBack), store.db.tx() as tx:
+            tx.execute("DELETE FROM decision_log WHERE decision_id = ?", (ids[1],))
+            inside.set()
+            release.wait(30)
+            raise RolledBack
+
+    writer = threading.Thread(target=long_write)
+    writer.start()
+    try:
+        assert inside.wait(30)
+        read: list[object] = []
+        reader = threading.Thread(
+            target=lambda: read.extend([store.get_decision(ids[0]), store.count_decisions(TENANT)])
+        )
+        reader.start()
+        reader.join(30)
+        # Answered while the writer still holds its transaction open.
+        assert not reader.is_alive() and writer.is_alive()
+        # ...and saw the committed state only.
+        row, count = read
+        assert row is not None and row.decision_id == ids[0]  # type: ignore[attr-defined]
+        assert count == 3
+    finally:
+        release.set()
+        writer.join(30)
+    assert (await any_engine.verify_log()).records_checked == 3

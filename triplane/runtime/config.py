@@ -119,6 +119,8 @@ class PolicyStoreConfig(_Strict, frozen=True):
     backend: str
     sqlite_path: str
     postgres_dsn: str
+    # Connections for reads beside the writer's (0: reads share the writer's).
+    read_connections: int = 2
 
 
 class PolicyLimitsConfig(_Strict, frozen=True):
