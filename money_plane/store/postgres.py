@@ -36,6 +36,7 @@ from money_plane.store.base import (
     StoreConflict,
     _account_from_row,
 )
+from triplane.runtime.bus import OutgoingEvent
 
 T = TypeVar("T")
 # bytes become base64 strings, which decode(..., 'base64') reads back.
@@ -147,6 +148,29 @@ class PostgresLedgerStore(LedgerStore):
             conn.close()
             raise
 
+    @contextmanager
+    def _statement(self) -> Iterator[Any]:
+        """A cursor on this thread's autocommit connection, for work that is
+        one statement: it is its own transaction, so one round trip instead
+        of three (BEGIN, the statement, COMMIT), and just as durable."""
+        conn = getattr(self._local, "autocommit_conn", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self._dsn, autocommit=True)
+            self._local.autocommit_conn = conn
+        try:
+            with conn.cursor() as cur:
+                yield cur
+        except psycopg.OperationalError:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        super().close()
+        conn = getattr(self._local, "autocommit_conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.autocommit_conn = None
+
     def create_schema(self) -> None:
         # Concurrent start-ups of several replicas must not race on DDL: the
         # advisory lock is held until this transaction commits.
@@ -245,11 +269,30 @@ class PostgresLedgerStore(LedgerStore):
         )
         self._apply_rare_writes(cur, writes)
 
+    # ---- the outbox relay: one statement, one round trip each ----
+
+    def unsent(self, limit: int) -> list[OutgoingEvent]:
+        with self._statement() as cur:
+            cur.execute(
+                "SELECT event_id, subject, data FROM outbox WHERE sent_at_us IS NULL "
+                "ORDER BY seq LIMIT %s",
+                (limit,),
+            )
+            return [OutgoingEvent(r[0], r[1], r[2]) for r in cur.fetchall()]
+
     def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
         if not event_ids:
             return
-        with self._transaction() as cur:
+        with self._statement() as cur:
             cur.execute(
                 f"UPDATE outbox SET sent_at_us = %s WHERE event_id = {_KEYS}",
                 (now_us, _keys_json(event_ids)),
             )
+
+    def delete_sent_before(self, before_us: int) -> int:
+        with self._statement() as cur:
+            cur.execute(
+                "DELETE FROM outbox WHERE sent_at_us IS NOT NULL AND sent_at_us < %s",
+                (before_us,),
+            )
+            return int(cur.rowcount or 0)
