@@ -39,7 +39,10 @@ def cli_env(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 async def test_verify_log_and_replay_commands(
-    cli_env: Path, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+    cli_env: Path,
+    clock: ManualClock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = await started_engine(make_config(cli_env), clock)
     for index in range(5):
@@ -50,7 +53,15 @@ async def test_verify_log_and_replay_commands(
     assert await asyncio.to_thread(run_cli, ["policy", "verify-log"]) == 0
     assert json.loads(capsys.readouterr().out)["records_checked"] == 5
     assert await asyncio.to_thread(run_cli, ["policy", "replay", "--tenant", "acme"]) == 0
-    assert json.loads(capsys.readouterr().out)["determinism_score"] == 1.0
+    serial = json.loads(capsys.readouterr().out)
+    assert serial["determinism_score"] == 1.0 and serial["decisions_replayed"] == 5
+    # Pages of 2, workers from the second page on: the same report.
+    monkeypatch.setenv("TRIPLANE__POLICY__DECISION_LOG__REPLAY_PAGE_RECORDS", "2")
+    monkeypatch.setenv("TRIPLANE__POLICY__DECISION_LOG__REPLAY_PARALLEL_MIN_DECISIONS", "1")
+    command = ["policy", "replay", "--tenant", "acme", "--workers", "2"]
+    assert await asyncio.to_thread(run_cli, command) == 0
+    parallel = json.loads(capsys.readouterr().out)
+    assert {**parallel, "elapsed_s": 0} == {**serial, "elapsed_s": 0}
 
     with engine.store.db.__class__("sqlite", str(cli_env / "policy.db")).tx() as tx:
         tx.execute("DELETE FROM decision_log WHERE seq = 3")
