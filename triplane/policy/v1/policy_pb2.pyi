@@ -872,17 +872,24 @@ class GetDecisionRequest(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     DECISION_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     decision_id: _builtins.str
+    """Exactly one of decision_id and idempotency_key."""
+    idempotency_key: _builtins.str
+    """The key of the Evaluate call that made the decision (a caller that lost
+    track of an earlier attempt finds what was decided under its key).
+    """
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         decision_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "idempotency_key", b"idempotency_key", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

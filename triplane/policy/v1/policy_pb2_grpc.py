@@ -98,7 +98,7 @@ class PolicyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetDecision(self, request, context):
-        """One logged decision.
+        """One logged decision, by its id or by the idempotency key it was made under.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

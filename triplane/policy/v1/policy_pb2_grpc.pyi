@@ -44,7 +44,7 @@ class PolicyServiceStub:
     a retry returns the original decision, another payload is ALREADY_EXISTS.
     """
     GetDecision: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetDecisionRequest, _policy_pb2.GetDecisionResponse]
-    """One logged decision."""
+    """One logged decision, by its id or by the idempotency key it was made under."""
     ReplayDecisions: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ReplayDecisionsRequest, _policy_pb2.ReplayDecisionsResponse]
     """Re-evaluates a window of logged decisions under a bundle version."""
     VerifyDecisionLog: _grpc.UnaryUnaryMultiCallable[_policy_pb2.VerifyDecisionLogRequest, _policy_pb2.VerifyDecisionLogResponse]
@@ -72,7 +72,7 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     a retry returns the original decision, another payload is ALREADY_EXISTS.
     """
     GetDecision: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetDecisionRequest, _policy_pb2.GetDecisionResponse]  # type: ignore[assignment]
-    """One logged decision."""
+    """One logged decision, by its id or by the idempotency key it was made under."""
     ReplayDecisions: _aio.UnaryUnaryMultiCallable[_policy_pb2.ReplayDecisionsRequest, _policy_pb2.ReplayDecisionsResponse]  # type: ignore[assignment]
     """Re-evaluates a window of logged decisions under a bundle version."""
     VerifyDecisionLog: _aio.UnaryUnaryMultiCallable[_policy_pb2.VerifyDecisionLogRequest, _policy_pb2.VerifyDecisionLogResponse]  # type: ignore[assignment]
@@ -115,7 +115,7 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _policy_pb2.GetDecisionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.GetDecisionResponse, _abc.Awaitable[_policy_pb2.GetDecisionResponse]]:
-        """One logged decision."""
+        """One logged decision, by its id or by the idempotency key it was made under."""
 
     @_abc_1.abstractmethod
     def ReplayDecisions(
