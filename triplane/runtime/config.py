@@ -152,7 +152,7 @@ class DecisionLogConfig(_Strict, frozen=True):
     # Replay across processes (0: one per core; 1: in process), beyond the
     # first replay_parallel_min_decisions decisions of a window.
     replay_workers: int = 0
-    replay_parallel_min_decisions: int = 20000
+    replay_parallel_min_decisions: int = 100000
 
 
 class PolicyBundlesConfig(_Strict, frozen=True):
