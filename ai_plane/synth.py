@@ -206,9 +206,15 @@ def _poisson(rng: random.Random, mean: float) -> int:
         k += 1
 
 
+def _pattern_day(rng: random.Random, days: int) -> int:
+    """The day a fraud pattern strikes: after the first day (so that the
+    entity has some normal history first), or day 0 of a one-day world."""
+    return rng.randrange(1, days) if days > 1 else 0
+
+
 def _card_testing(b: _Builder, customer: Customer, risky: list[Merchant]) -> None:
     rng = b.rng
-    start = EPOCH_US + rng.randrange(1, b.config.days) * DAY_US + rng.randrange(DAY_US)
+    start = EPOCH_US + _pattern_day(rng, b.config.days) * DAY_US + rng.randrange(DAY_US)
     device = f"dev_fraud_ct_{customer.account_id}"
     merchant = rng.choice([m for m in risky if m.category == "5816"])
     at = start
@@ -233,7 +239,8 @@ def _card_testing(b: _Builder, customer: Customer, risky: list[Merchant]) -> Non
 
 def _takeover(b: _Builder, customer: Customer, risky: list[Merchant]) -> None:
     rng = b.rng
-    night = EPOCH_US + rng.randrange(1, b.config.days) * DAY_US + rng.randrange(0, 5 * 3600_000_000)
+    day = _pattern_day(rng, b.config.days)
+    night = EPOCH_US + day * DAY_US + rng.randrange(0, 5 * 3600_000_000)
     device = f"dev_fraud_ato_{customer.account_id}"
     b.add(ActivityKind.OTHER, customer, night, device_id=device)
     at = night
@@ -260,7 +267,7 @@ def _takeover(b: _Builder, customer: Customer, risky: list[Merchant]) -> None:
 
 def _velocity(b: _Builder, customer: Customer, merchants: list[Merchant]) -> None:
     rng = b.rng
-    at = _daytime_us(rng, rng.randrange(1, b.config.days))
+    at = _daytime_us(rng, _pattern_day(rng, b.config.days))
     device = rng.choice(customer.devices)
     for _ in range(rng.randint(6, 12)):
         at += rng.randrange(MINUTE_US // 2, 4 * MINUTE_US)
@@ -280,7 +287,7 @@ def _velocity(b: _Builder, customer: Customer, merchants: list[Merchant]) -> Non
 
 def _mule(b: _Builder, customer: Customer, risky: list[Merchant], ring_device: str) -> None:
     rng = b.rng
-    day = rng.randrange(1, b.config.days)
+    day = _pattern_day(rng, b.config.days)
     at = EPOCH_US + day * DAY_US + rng.randrange(DAY_US // 2)
     b.add(ActivityKind.KYC_FAILED, customer, at - 3600_000_000)
     for _ in range(rng.randint(3, 6)):
@@ -305,6 +312,8 @@ def _mule(b: _Builder, customer: Customer, risky: list[Merchant], ring_device: s
 def generate(config: SynthConfig | None = None) -> SynthData:
     """The whole synthetic world, its events sorted by time (then event id)."""
     config = config or SynthConfig()
+    if config.days < 1:
+        raise ValueError(f"days must be >= 1, not {config.days}")
     rng = random.Random(config.seed)
     merchants = _merchants(config, rng)
     customers = _customers(config, rng, merchants)

@@ -119,6 +119,20 @@ def test_synthetic_world_is_reproducible_and_has_every_fraud_pattern() -> None:
     assert [e.activity for e in other.events] != [e.activity for e in first.events]
 
 
+def test_a_one_day_world_generates_with_its_fraud_on_that_day() -> None:
+    # Fraud patterns strike after the first day when there is one; a one-day
+    # world used to fail on random.randrange(1, 1).
+    data = synth.generate(synth.SynthConfig(seed=5, customers=200, days=1))
+    assert data.events
+    patterns = {e.pattern for e in data.events if e.is_fraud}
+    assert patterns == {"card_testing", "account_takeover", "velocity", "mule"}
+    starts = [e.activity.occurred_at_us for e in data.events if e.is_fraud]
+    assert min(starts) >= synth.EPOCH_US - synth.DAY_US  # a mule's KYC failure is 1 h before
+    assert min(starts) < synth.EPOCH_US + synth.DAY_US
+    with pytest.raises(ValueError, match="days"):
+        synth.generate(synth.SynthConfig(days=0))
+
+
 def test_true_propensities_are_probabilities() -> None:
     context = [2.0, 14.0, 3.0, 8.0, 7.0, 0.0, 10.0, 0.7, 2.0]
     for offer in synth.OFFERS:
