@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,7 @@ class CompiledBundle:
         self._constants = constants
         self._flat = [(cel_check.flat_name(p), p) for p in paths if p[0] != "params"]
         self._roots = [r for r in roots if r != "params"]
+        self._executes = [rule.program.execute for rule in self.rules]
         self._local = threading.local()
 
     def _check_flattening(self) -> None:
@@ -315,16 +317,18 @@ class CompiledBundle:
     def evaluate(self, inp: EvaluationInput) -> Verdict:
         screening = self.screener.screen(inp.payment, inp.snapshot.kyc_country)
         context = self.context(inp, screening)
+        executes = self._executes
+        try:
+            results: list[object] = [execute(context) for execute in executes]
+        except Exception:
+            # Some rule failed: run them one by one (they are pure) to know which.
+            results = [_outcome_or_error(execute, context) for execute in executes]
         fired: list[FiredRule] = []
         outcomes: list[Outcome] = []
         obligations: list[Obligation] = []
-        for rule in self.rules:
-            try:
-                result = rule.program.execute(context)
-            except Exception as exc:
-                result = exc
-            if result is False:
-                continue
+        rules = self.rules
+        for index in [i for i, result in enumerate(results) if result is not False]:
+            rule, result = rules[index], results[index]
             if result is not True:
                 fired.append(_error_fired(rule, result))
                 outcomes.append(Outcome.REVIEW)
@@ -380,6 +384,13 @@ def _lookup(value: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         value = value[key]
     return value
+
+
+def _outcome_or_error(execute: Callable[[cel.Context], object], context: cel.Context) -> object:
+    try:
+        return execute(context)
+    except Exception as exc:
+        return exc
 
 
 def _run(program: cel.Program, context: cel.Context) -> tuple[str, object]:
