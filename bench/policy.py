@@ -269,7 +269,7 @@ async def fill_log(plane: object, rng: random.Random) -> None:
     """Logs decisions (in process, group-committed) up to REPLAY_DECISIONS."""
     engine = plane.engine  # type: ignore[attr-defined]
     logged = await asyncio.to_thread(engine.store.count_decisions, TENANT)
-    index = 900_000_000  # beyond the keys the RPC workers used
+    index = 900_000_000 + logged  # beyond the keys the RPC workers (and earlier fills) used
     while logged < REPLAY_DECISIONS:
         batch = min(500, REPLAY_DECISIONS - logged)
         await asyncio.gather(*(engine.evaluate(sample_input(rng, index + i)) for i in range(batch)))
