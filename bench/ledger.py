@@ -365,6 +365,9 @@ class CpuSample:
     postgres_s: float
     machine_busy_s: float
     machine_total_s: float
+    # CPU seconds of each plane process (the primary first): SO_REUSEPORT
+    # balances connections, so one serving process may carry more of them.
+    plane_by_pid: dict[int, float] = field(default_factory=dict)
 
 
 def _parent_pid(pid: int | str) -> int:
@@ -377,6 +380,7 @@ def cpu_sample(plane_pid: int) -> CpuSample | None:
     processes), PostgreSQL, the machine."""
     try:
         _, plane_s = _proc_cpu_s(plane_pid)
+        by_pid = {plane_pid: plane_s}
         postgres_s = 0.0
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
@@ -386,6 +390,7 @@ def cpu_sample(plane_pid: int) -> CpuSample | None:
                         postgres_s += used
                     elif _parent_pid(entry.name) == plane_pid:
                         plane_s += used
+                        by_pid[int(entry.name)] = used
         ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
         idle = ticks[3] + ticks[4]
         return CpuSample(
@@ -395,6 +400,7 @@ def cpu_sample(plane_pid: int) -> CpuSample | None:
             postgres_s,
             (sum(ticks) - idle) * _TICK_S,
             sum(ticks) * _TICK_S,
+            by_pid,
         )
     except (OSError, ValueError, IndexError):
         return None
@@ -408,9 +414,16 @@ def cpu_usage(before: CpuSample | None, after: CpuSample | None) -> str:
     busy = (after.machine_busy_s - before.machine_busy_s) / total if total > 0 else math.nan
     # Backends that disconnect mid-phase take their CPU time with them.
     postgres = max(0.0, after.postgres_s - before.postgres_s)
+    # Per process, the busy ones (not multiprocessing's resource tracker).
+    shares = [
+        (after.plane_by_pid[pid] - used) / wall
+        for pid, used in before.plane_by_pid.items()
+        if pid in after.plane_by_pid
+    ]
+    split = " + ".join(f"{share:.2f}" for share in shares if share >= 0.02)
     return (
         f"cores used: load generator {(after.client_s - before.client_s) / wall:.2f}, "
-        f"plane {(after.plane_s - before.plane_s) / wall:.2f}, "
+        f"plane {(after.plane_s - before.plane_s) / wall:.2f} ({split}), "
         f"postgres {postgres / wall:.2f}; "
         f"machine {busy:.0%} busy ({os.cpu_count()} cores)"
     )
