@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from bench.common import merge_results, percentile, print_table
-from policy_plane.app import build_plane, settle_heap
+from policy_plane.app import build_plane
 from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleSource, shipped_default_path
 from policy_plane.bundles_registry import bundle_limits
 from policy_plane.consent import ConsentRecord, ContactProfile
@@ -50,6 +50,7 @@ from policy_plane.replay import (
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime.config import load_config
+from triplane.runtime.server import tune_gc
 
 TENANT = "bench"
 RULES_TARGET = 200
@@ -184,7 +185,8 @@ async def bench_rpc_and_replay(state_dir: Path) -> dict[str, float]:
     plane = build_plane(config, listen="127.0.0.1:0")
     await plane.start()
     await plane.engine.create_tenant(TENANT, "Bench")
-    settle_heap(config)  # as `python -m policy_plane` does once started
+    # As `python -m policy_plane` does once started (serve_until_signalled).
+    tune_gc(config.runtime.gc_gen0_threshold)
     rng = random.Random(11)
     results: dict[str, float] = {}
     try:
@@ -312,7 +314,7 @@ def main() -> None:
         BundleSource(yaml_text=big_bundle_yaml(RULES_TARGET)), limits, SHIPPED_LISTS_DIR
     )
     assert len(bundle.rules) == RULES_TARGET, len(bundle.rules)
-    settle_heap(config)  # the server's setting once its bundle is loaded
+    tune_gc(config.runtime.gc_gen0_threshold)  # the server's, once its bundle is loaded
     results: dict[str, float] = bench_eval(bundle)
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as folder:
         results.update(asyncio.run(bench_rpc_and_replay(Path(folder) / "rpc")))

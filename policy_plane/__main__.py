@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from policy_plane.app import build_plane, settle_heap
+from policy_plane.app import build_plane
 from triplane.runtime.config import load_config
 from triplane.runtime.telemetry import setup_logging
 
@@ -14,8 +14,9 @@ async def _serve() -> None:
     setup_logging("policy_plane", config.runtime.log_level, config.runtime.log_format)
     plane = build_plane(config)
     await plane.start()
-    settle_heap(config)
-    await plane.server.serve_until_signalled()
+    # Freezes the settled heap (bundle compiled, state loaded) out of the
+    # collector's generations and sets runtime.gc_gen0_threshold.
+    await plane.server.serve_until_signalled(config.runtime.gc_gen0_threshold)
 
 
 def main() -> None:

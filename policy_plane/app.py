@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -169,14 +168,6 @@ class PolicyPlane:
 
     async def stop(self) -> None:
         await self.server.stop()
-
-
-def settle_heap(config: Config) -> None:
-    """What the server does once started (policy.gc_freeze): collect, then
-    freeze the survivors, so later full collections skip the long-lived heap."""
-    if config.policy.gc_freeze:
-        gc.collect()
-        gc.freeze()
 
 
 def build_plane(

@@ -197,9 +197,6 @@ class PolicyConfig(_Strict, frozen=True):
     sanctions: SanctionsConfig
     consent: ConsentConfig
     outbox: PolicyOutboxConfig
-    # After start-up, move every object alive into the GC's permanent
-    # generation (gc.freeze): full collections then skip them.
-    gc_freeze: bool = True
 
 
 class AiTritonConfig(_Strict, frozen=True):
