@@ -33,6 +33,10 @@ class Service:
 Hook = Callable[[], Awaitable[None]]
 
 
+REUSE_PORT_CONNECTION_AGE_MS = 20_000
+REUSE_PORT_CONNECTION_GRACE_MS = 10_000
+
+
 def tune_gc(gen0_threshold: int) -> None:
     gc.collect()
     gc.freeze()
@@ -73,6 +77,17 @@ class PlaneServer:
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                # Several processes on one port: the kernel spreads connections,
+                # not calls, so clients are asked to reconnect now and then
+                # (GOAWAY; calls in flight finish) and the load evens out.
+                *(
+                    [
+                        ("grpc.max_connection_age_ms", REUSE_PORT_CONNECTION_AGE_MS),
+                        ("grpc.max_connection_age_grace_ms", REUSE_PORT_CONNECTION_GRACE_MS),
+                    ]
+                    if self.reuse_port
+                    else []
+                ),
             ],
         )
         health = HealthServicer()
