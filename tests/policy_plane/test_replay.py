@@ -230,3 +230,30 @@ async def test_parallel_replay_gives_the_serial_report(
     # Pages beyond the first 10 decisions (two pages of 7) went to the workers
     # (or were replayed here while the workers were busy).
     assert 0 < sum(sent_to_workers) <= 2 * (60 - 14)
+
+
+def failing_worker_start(*args: object) -> None:
+    """A worker initializer that fails (as a worker whose start breaks does)."""
+    raise RuntimeError("worker cannot start")
+
+
+async def test_parallel_replay_falls_back_in_process_when_workers_fail(
+    engine: PolicyEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for index in range(12):
+        await engine.evaluate(payment_input(f"fb{index}", amount_minor=1_000 + 9_000 * index))
+    window = ReplayWindow(TENANT, "", 0, 2**62, 1_000)
+    serial = replay_mod.replay_window(engine.store, engine.bundles.resolve, window, "", 3, 5)
+    monkeypatch.setattr(replay_mod, "_worker_start", failing_worker_start)
+    parallel = replay_mod.replay_window(
+        engine.store,
+        engine.bundles.resolve,
+        window,
+        "",
+        3,
+        5,
+        replay_mod.ReplayParallelism(workers=2, min_decisions=1),
+    )
+    serial.elapsed_s = parallel.elapsed_s = 0.0
+    assert parallel == serial and serial.replayed == 12
+    assert "replay workers failed" in caplog.text
