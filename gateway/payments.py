@@ -24,7 +24,7 @@ from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.money.v1 import money_pb2
 from triplane.policy.v1 import policy_pb2
 from triplane.runtime.errors import (
-    Aborted,
+    AlreadyExists,
     Code,
     InvalidArgument,
     TriplaneError,
@@ -173,17 +173,15 @@ class Payments:
             evaluated = await core.policy.evaluate(
                 evaluate, core.timeout_s(call, core.config.budgets.policy_budget_ms)
             )
+            decision = evaluated.decision
         except TriplaneError as error:
-            if error.code == Code.ALREADY_EXISTS and error.field.startswith("snapshot"):
-                # Only possible when the journal of an earlier attempt was lost
-                # in a gateway crash; nothing moved, the caller may use a new key.
-                raise Aborted(
-                    "GATEWAY_JOURNAL_LOST",
-                    "an earlier attempt under this key was decided on another context; "
-                    "retry with a new idempotency key",
-                ) from None
-            raise
-        decision = evaluated.decision
+            if not (error.code == Code.ALREADY_EXISTS and error.field.startswith("snapshot")):
+                raise
+            # An earlier attempt under this key was decided on another context
+            # and its journal was lost (a gateway crash inside one flush): the
+            # decision already made is the one that stands, with its input.
+            evaluate, decision = await self._decided_earlier(req, downstream_key, call)
+            fallback_reason = ""
         answer = gw.AuthorizePaymentResponse(
             outcome=_OUTCOME_FROM_POLICY.get(decision.outcome, gw.OUTCOME_UNSPECIFIED),
             reasons=reasons_of(decision),
@@ -203,6 +201,38 @@ class Payments:
             answer.hold_expires_at.CopyFrom(hold.expires_at)
         core.remember(tenant, AUTHORIZE, key, fields, answer)
         return answer
+
+    async def _decided_earlier(
+        self, req: gw.AuthorizePaymentRequest, downstream_key: str, call: CallContext
+    ) -> tuple[policy_pb2.EvaluateRequest, policy_pb2.Decision]:
+        core = self.core
+        found = await core.policy.get_decision(
+            policy_pb2.GetDecisionRequest(tenant_id=req.tenant_id, idempotency_key=downstream_key),
+            core.timeout_s(call, core.config.budgets.policy_budget_ms),
+        )
+        if found.input.payment.amount != req.amount or (
+            found.input.payment.account_id != req.account_id
+        ):
+            # The derived key is the caller's; another payment under it means
+            # the caller reused its key (the remembered answer was lost too).
+            field = "amount" if found.input.payment.amount != req.amount else "account_id"
+            raise AlreadyExists(
+                "IDEMPOTENCY_KEY_REUSED",
+                f"idempotency key already used for another request ({field} differs)",
+                field,
+            )
+        log.warning(
+            "journal of %s lost; resuming with decision %s",
+            req.idempotency_key,
+            found.decision.decision_id,
+        )
+        core.store.put(
+            f"{req.tenant_id}\x1f{AUTHORIZE}.input",
+            req.idempotency_key,
+            {"fallback_reason": ""},
+            found.input.SerializeToString(deterministic=True),
+        )
+        return found.input, found.decision
 
     async def _policy_request(
         self, req: gw.AuthorizePaymentRequest, downstream_key: str, call: CallContext

@@ -293,10 +293,32 @@ class PolicyEngine:
                 )
         return Decision(record=record, chain_id=row.chain_id, sequence=row.seq)
 
-    async def get_decision(self, tenant_id: str, decision_id: str) -> Decision:
+    async def get_decision(
+        self, tenant_id: str, decision_id: str, idempotency_key: str = ""
+    ) -> Decision:
+        """A logged decision by its id, or by the idempotency key of the
+        Evaluate call that made it (exactly one of the two)."""
         self.require_tenant(tenant_id)
-        validate.check_id(decision_id, "decision_id", self.config.limits)
-        row = await asyncio.to_thread(self.store.get_decision, decision_id)
+        if decision_id and idempotency_key:
+            raise InvalidArgument(
+                "DECISION_SELECTOR_AMBIGUOUS",
+                "give decision_id or idempotency_key, not both",
+                "idempotency_key",
+            )
+        if idempotency_key:
+            validate.check_id(idempotency_key, "idempotency_key", self.config.limits)
+            row = await asyncio.to_thread(
+                self.store.get_decision_by_key, tenant_id, idempotency_key
+            )
+            if row is None:
+                raise NotFound(
+                    "DECISION_NOT_FOUND",
+                    f"no decision under idempotency key {idempotency_key!r}",
+                    "idempotency_key",
+                )
+        else:
+            validate.check_id(decision_id, "decision_id", self.config.limits)
+            row = await asyncio.to_thread(self.store.get_decision, decision_id)
         if row is None or row.tenant_id != tenant_id:
             raise NotFound("DECISION_NOT_FOUND", f"no decision {decision_id!r}", "decision_id")
         return Decision(

@@ -96,7 +96,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def GetDecision(
         self, request: pb.GetDecisionRequest, context: Ctx
     ) -> pb.GetDecisionResponse:
-        decision = await self._engine.get_decision(request.tenant_id, request.decision_id)
+        decision = await self._engine.get_decision(
+            request.tenant_id, request.decision_id, request.idempotency_key
+        )
         return pb.GetDecisionResponse(
             decision=convert.decision_pb(decision),
             input=convert.evaluate_request_pb(decision.record.input),

@@ -325,6 +325,15 @@ class PolicyStore:
             )
             return _log_row(row) if row else None
 
+    def get_decision_by_key(self, tenant_id: str, idempotency_key: str) -> LogRow | None:
+        with self.db.read() as tx:
+            row = tx.one(
+                f"SELECT {LOG_COLUMNS} FROM decision_log "
+                "WHERE tenant_id = ? AND idempotency_key = ?",
+                (tenant_id, idempotency_key),
+            )
+            return _log_row(row) if row else None
+
     def chain_page(self, chain_id: str, after_seq: int, limit: int) -> list[LogRow]:
         with self.db.read() as tx:
             rows = tx.all(

@@ -438,6 +438,54 @@ async def test_money_plane_restart_mid_flow_loses_nothing(world: World) -> None:
     assert balance.balance.debits_pending_minor == 1234
 
 
+async def test_lost_journal_resumes_the_decision_already_made(world: World) -> None:
+    """A gateway that crashed inside one flush lost its journal of an attempt the
+    policy plane had already decided: the retry, built on a fresh context the
+    policy plane refuses, resumes with the decision made earlier, not a new one."""
+    from gateway.idempotency import derive_key
+    from gateway.payments import Payments
+
+    request = _authorize(account_id="cust_15", amount=_usd(1500), idempotency_key="lost-journal")
+    downstream_key = derive_key(TENANT, "AuthorizePayment", request.idempotency_key, "authorize")
+    # What the lost attempt sent: the same payment, decided without a score.
+    assert world.gateway.core is not None
+    earlier = Payments(world.gateway.core)._build_evaluate(request, downstream_key, None)
+    policy = policy_pb2_grpc.PolicyServiceStub(world.policy_channel)
+    decided = await policy.Evaluate(earlier, timeout=RPC_TIMEOUT_S)
+    answer = await world.stub.AuthorizePayment(request, timeout=RPC_TIMEOUT_S)
+    assert answer.decision_id == decided.decision.decision_id
+    assert answer.policy_version == decided.decision.bundle_version
+    assert answer.model_score_ref.source == "none"  # the earlier attempt's input
+    by_key = await policy.GetDecision(
+        policy_pb2.GetDecisionRequest(tenant_id=TENANT, idempotency_key=downstream_key),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert by_key.decision.decision_id == answer.decision_id
+    again = await world.stub.AuthorizePayment(request, timeout=RPC_TIMEOUT_S)
+    assert again.replayed and again.decision_id == answer.decision_id
+    assert again.hold_id == answer.hold_id
+    if answer.outcome == gw.OUTCOME_ALLOW:
+        balance = await world.money.GetBalance(
+            money_pb2.GetBalanceRequest(tenant_id=TENANT, account_id="cust_15")
+        )
+        assert balance.balance.debits_pending_minor == 1500
+    # Not both selectors, and an unknown key is NOT_FOUND naming it.
+    for selector, code, field in (
+        (
+            {"decision_id": answer.decision_id, "idempotency_key": downstream_key},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "idempotency_key",
+        ),
+        ({"idempotency_key": "no-such-key"}, grpc.StatusCode.NOT_FOUND, "idempotency_key"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await policy.GetDecision(
+                policy_pb2.GetDecisionRequest(tenant_id=TENANT, **selector), timeout=RPC_TIMEOUT_S
+            )
+        assert caught.value.code() == code
+        assert parse_rpc_error(caught.value)[1] == field
+
+
 # ---------------------------------------------------------------- next best action
 
 
