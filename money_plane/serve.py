@@ -28,7 +28,7 @@ async def _serve(primary: bool) -> None:
     plane = MoneyPlane(config)
     await plane.start(sweepers=primary, relay=primary)
     assert plane.server is not None
-    await plane.server.serve_until_signalled()
+    await plane.server.serve_until_signalled(config.runtime.gc_gen0_threshold)
 
 
 def run_worker() -> None:
