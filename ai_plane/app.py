@@ -56,14 +56,16 @@ class AiPlane:
     server: PlaneServer | None = None
     _nats: object | None = None
 
-    async def _start_triton(self, registry: Registry) -> tuple[str, ModelRepository | None]:
+    async def _start_triton(self, registry: Registry) -> tuple[str, str, ModelRepository | None]:
+        """(gRPC address, HTTP address or "", our repository or None)."""
         ai = self.config.ai
         if self.shared_triton is not None:
             write_live_repository(registry, self.shared_triton.repository, ai)
-            return self.shared_triton.url, self.shared_triton.repository
+            shared = self.shared_triton
+            return shared.url, shared.http_url, shared.repository
         url = self.triton_url if self.triton_url is not None else ai.triton_url
         if url:
-            return url, None
+            return url, ai.triton_http_url, None
         repository = ModelRepository(models_root(self.config) / "triton_repository")
         write_live_repository(registry, repository, ai)
         process = TritonProcess(repository, models_root(self.config) / "triton", ai.triton)
@@ -73,12 +75,12 @@ class AiPlane:
             # plane); only the wait for readiness runs in a worker thread.
             process.spawn()
             await asyncio.to_thread(process.wait_ready)
-            return process.url, repository
+            return process.url, process.http_url, repository
         except TritonUnavailable:
             # A fault, not a mode: every score is answered in-process and says so.
             log.exception("tritonserver could not start; serving with the in-process fallback")
             self.triton_process = None
-            return "", None
+            return "", "", None
 
     async def start(self) -> int:
         """Starts everything; returns the bound gRPC port."""
@@ -86,8 +88,8 @@ class AiPlane:
         registry = Registry(models_root(self.config) / "registry", self.clock)
         if ai.models.bootstrap_train:
             await asyncio.to_thread(bootstrap_registry, registry, ai)
-        url, repository = await self._start_triton(registry)
-        triton = TritonClient(url) if url else None
+        url, http_url, repository = await self._start_triton(registry)
+        triton = TritonClient(url, http_url) if url else None
         if triton is not None:
             await triton.warm_up(ai.triton.startup_timeout_s)
         breaker = CircuitBreaker(ai.breaker.failure_threshold, ai.breaker.open_s)

@@ -279,7 +279,7 @@ class AiEngine:
             feature_set_version=FEATURE_SET_VERSION,
             fallback_reason=",".join(r for r in (result.fallback_reason, issue) if r),
         )
-        if attributions:
+        if attributions and log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "score attributions",
                 extra={"score_id": answer.score_id, "top": [a.feature for a in attributions]},

@@ -210,12 +210,18 @@ class TritonProcess:
         self.work_dir = work_dir
         self.config = config
         self.grpc_port = 0
+        self.http_port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = work_dir / "tritonserver.log"
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Its HTTP endpoint (inference; see triton_http.py)."""
+        return f"127.0.0.1:{self.http_port}"
 
     def start(self) -> str:
         """Starts the server with every model in the repository; returns its
@@ -232,6 +238,7 @@ class TritonProcess:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         backends = _prepare_backends(dist, self.work_dir)
         self.grpc_port = free_port()
+        self.http_port = free_port()
         shm_prefix = f"triplane_{os.getpid()}_{secrets.token_hex(3)}_"
         args = [
             str(dist.binary),
@@ -241,7 +248,11 @@ class TritonProcess:
             *[f"--load-model={name}" for name in self.repository.models()],
             f"--grpc-port={self.grpc_port}",
             "--grpc-address=127.0.0.1",
-            "--allow-http=false",
+            # HTTP serves inference (cheaper per call than gRPC from Python);
+            # gRPC serves model control and the benchmark's raw calls.
+            "--allow-http=true",
+            f"--http-port={self.http_port}",
+            "--http-address=127.0.0.1",
             "--allow-metrics=false",
             "--allow-gpu-metrics=false",
             "--exit-timeout-secs=2",

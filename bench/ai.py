@@ -23,6 +23,7 @@ What runs, in one go (about 2 minutes on the 2-core development machine):
 * PyTriton's proxy path against the plain repository, same model, same calls.
 
 Knobs (environment): TRIPLANE_BENCH_AI_RATE (500), TRIPLANE_BENCH_AI_SECONDS (6),
+TRIPLANE_BENCH_AI_TRITON_HTTP (1; 0: the plane calls Triton over gRPC only),
 TRIPLANE_BENCH_AI_CLIENTS (16), TRIPLANE_BENCH_AI_ROUNDS (20000),
 TRIPLANE_FEAST_PYTHON (default .venv-feast/bin/python), TRIPLANE_BENCH_AI_PHASES
 (comma-separated subset of: scoring, feature reads, bandits, pytriton).
@@ -162,12 +163,17 @@ async def closed_loop(call: Callable[[int], Awaitable[str]], clients: int, secon
 
 
 def start_plane(
-    state: Path, triton_url: str, nats_url: str, listen: str
+    state: Path, triton: TritonProcess, nats_url: str, listen: str
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "TRIPLANE_STATE_DIR": str(state),
-        "TRITON_URL": triton_url,
+        "TRITON_URL": triton.url,
+        # Inference over Triton's HTTP endpoint, as the plane does with its
+        # own tritonserver (TRIPLANE_BENCH_AI_TRITON_HTTP=0: gRPC only).
+        "TRIPLANE__AI__TRITON_HTTP_URL": (
+            triton.http_url if os.environ.get("TRIPLANE_BENCH_AI_TRITON_HTTP", "1") != "0" else ""
+        ),
         "NATS_URL": nats_url,
         "TRIPLANE__AI__LISTEN": listen,
         "TRIPLANE__AI__TRITON__SCORE_TIMEOUT_MS": str(SCORE_TIMEOUT_MS),
@@ -248,7 +254,7 @@ async def scoring_phases(results: dict[str, float], notes: dict[str, str]) -> No
         triton.start()
         address = f"127.0.0.1:{free_port()}"
         (work / "state").mkdir()
-        plane = start_plane(work / "state", triton.url, nats_url, address)
+        plane = start_plane(work / "state", triton, nats_url, address)
         cleanup.callback(stop_process, plane)
         nc = await bus.connect(config.nats, "bench-ai")
         try:
@@ -300,11 +306,20 @@ async def measure_scores(
     results["ai_score_triton_share"] = sources.count("triton") / len(sources)
     notes["sources"] = ", ".join(f"{s}: {sources.count(s)}" for s in sorted(set(sources)))
 
-    client = TritonClient(triton_url)
-    await client.warm_up(5.0)
+    # The baseline: tritonclient's own aio client, straight to Triton.
+    import tritonclient.grpc.aio as triton_aio
+
+    client = triton_aio.InferenceServerClient(triton_url)
+    await client.is_server_live(client_timeout=5.0)
 
     async def raw(i: int) -> str:
-        await client.infer("payment_risk", 1, vectors[i % len(vectors)], 1.0, 0)
+        data = vectors[i % len(vectors)].astype(np.float32)
+        features = triton_aio.InferInput("FEATURES", list(data.shape), "FP32")
+        features.set_data_from_numpy(data)
+        result = await client.infer(
+            "payment_risk", [features], model_version="1", client_timeout=1.0
+        )
+        result.as_numpy("SCORE"), result.as_numpy("CONTRIB")
         return "triton"
 
     raw_latencies, _ = await open_loop(raw, RATE, SECONDS)

@@ -69,7 +69,7 @@ def test_module_serves_with_its_own_triton_and_stops_it(tmp_path: Path) -> None:
         with grpc.insecure_channel(address) as channel:
             scoring = ai_pb2_grpc.ScoringServiceStub(channel)
             response = scoring.Score(pb.ScoreRequest(payment=payment()), timeout=5)
-        assert response.score_ref.source == "triton"
+        assert response.score_ref.source == "triton", response.fallback_reason
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

@@ -183,3 +183,33 @@ async def test_without_the_in_process_copy_last_good_then_none(
     unknown = await scorer.score("payment_risk", rows, ["acct_b"], Deadline(None))
     assert unknown.source == "none" and np.isnan(unknown.scores[0])
     await scorer.close()
+
+
+async def test_http_and_grpc_inference_agree_and_a_dead_http_endpoint_is_unavailable(
+    shared_triton: TritonProcess,
+) -> None:
+    from ai_plane.scorer import failure_reason
+
+    rows = np.random.default_rng(3).random((3, 27))
+    grpc_client = TritonClient(shared_triton.url)
+    http_client = TritonClient(shared_triton.url, shared_triton.http_url)
+    try:
+        scores, contributions = await grpc_client.infer("payment_risk", 1, rows, 10.0, 0)
+        for _ in range(2):  # the second call reuses the kept connection
+            http_scores, http_contributions = await http_client.infer(
+                "payment_risk", 1, rows, 10.0, 5_000_000
+            )
+            assert np.array_equal(http_scores, scores)
+            assert np.array_equal(http_contributions, contributions)
+        assert contributions.shape == (3, 28)
+    finally:
+        await grpc_client.close()
+        await http_client.close()
+    dead = TritonClient(shared_triton.url, f"127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(Exception) as caught:
+            await dead.infer("payment_risk", 1, rows, 1.0, 0)
+        assert failure_reason(caught.value) == "TRITON_UNAVAILABLE"
+    finally:
+        await dead.close()
+    assert failure_reason(TimeoutError()) == "TRITON_TIMEOUT"

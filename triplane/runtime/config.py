@@ -297,6 +297,9 @@ class AiConfig(_Strict, frozen=True):
     limits: AiLimitsConfig
     bandit: AiBanditConfig
     drift: AiDriftConfig
+    # The same Triton's HTTP endpoint (host:port): inference requests go there
+    # when set. Our own tritonserver sets it itself.
+    triton_http_url: str = ""
 
 
 class GatewayBudgetsConfig(_Strict, frozen=True):
