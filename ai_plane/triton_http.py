@@ -96,33 +96,53 @@ class TritonHttpInfer:
             return await self._exchange(request, data.shape[0])
 
     async def _exchange(self, request: bytes, n_rows: int) -> tuple[FloatArray, FloatArray]:
-        reader, writer = await self._connection()
-        done = False
+        reader, writer, reused = await self._connection()
         try:
-            writer.write(request)
-            status, headers, body = await _read_response(reader)
-            done = headers.get("connection", "").lower() != "close"
-        except (OSError, asyncio.IncompleteReadError, ValueError) as error:
-            raise TritonHttpUnavailable(f"triton http: {error!r}") from error
-        finally:
-            # Cancelled (timeout) or broken: the connection may still carry
-            # this call's answer, so it is never reused.
-            if done and len(self._idle) < _MAX_IDLE:
-                self._idle.append((reader, writer))
-            else:
-                writer.close()
+            status, headers, body = await self._round_trip(reader, writer, request)
+        except (OSError, asyncio.IncompleteReadError) as error:
+            if not reused:
+                raise TritonHttpUnavailable(f"triton http: {error!r}") from error
+            # A kept connection the server had closed meanwhile: once more on
+            # a new one (inference is idempotent).
+            reader, writer = await self._connect()
+            try:
+                status, headers, body = await self._round_trip(reader, writer, request)
+            except (OSError, asyncio.IncompleteReadError) as again:
+                raise TritonHttpUnavailable(f"triton http: {again!r}") from again
         header_length = int(headers.get("inference-header-content-length", len(body)))
         meta = json.loads(body[:header_length])
         if status != 200:
             raise TritonHttpError(status, str(meta.get("error", meta)))
         return _outputs(meta, body[header_length:], n_rows)
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _round_trip(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        keep = False
+        try:
+            writer.write(request)
+            status, headers, body = await _read_response(reader)
+            keep = headers.get("connection", "").lower() != "close"
+            return status, headers, body
+        finally:
+            # Cancelled (timeout) or broken: the connection may still carry
+            # this call's answer, so it is never reused.
+            if keep and len(self._idle) < _MAX_IDLE:
+                self._idle.append((reader, writer))
+            else:
+                writer.close()
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A kept connection (reused: True) or a new one."""
         while self._idle:
             reader, writer = self._idle.pop()
             if not writer.is_closing() and not reader.at_eof():
-                return reader, writer
+                return reader, writer, True
             writer.close()
+        reader, writer = await self._connect()
+        return reader, writer, False
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
             return await asyncio.open_connection(self._host, self._port)
         except OSError as error:
@@ -144,7 +164,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
     if "content-length" not in headers:
-        raise ValueError("answer without Content-Length")
+        raise TritonHttpError(status, "answer without Content-Length (not supported)")
     body = await reader.readexactly(int(headers["content-length"]))
     return status, headers, body
 

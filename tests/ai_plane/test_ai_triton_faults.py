@@ -213,3 +213,27 @@ async def test_http_and_grpc_inference_agree_and_a_dead_http_endpoint_is_unavail
     finally:
         await dead.close()
     assert failure_reason(TimeoutError()) == "TRITON_TIMEOUT"
+
+
+async def test_http_retries_once_when_a_kept_connection_was_closed_by_the_server(
+    shared_triton: TritonProcess,
+) -> None:
+    from ai_plane.triton_http import TritonHttpInfer
+
+    async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    server = await asyncio.start_server(read_then_hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = TritonHttpInfer(shared_triton.http_url)
+    try:
+        # A kept connection that the far end closes on its next request.
+        client._idle.append(await asyncio.open_connection("127.0.0.1", port))
+        scores, _ = await client.infer("payment_risk", 1, np.zeros((1, 27)), 10.0, 0)
+        assert scores.shape == (1,)
+        assert len(client._idle) == 1  # the new connection is kept
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
