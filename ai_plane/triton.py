@@ -203,7 +203,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 class TritonProcess:
-    """One tritonserver child process, gRPC only, explicit model control."""
+    """One tritonserver child process: gRPC (model control) and HTTP (inference)
+    on loopback, explicit model control."""
 
     def __init__(self, repository: ModelRepository, work_dir: Path, config: AiTritonConfig) -> None:
         self.repository = repository
