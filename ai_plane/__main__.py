@@ -4,7 +4,6 @@ tritonserver unless ai.triton_url is set, and stopping it on exit)."""
 from __future__ import annotations
 
 import asyncio
-import gc
 
 from ai_plane.app import AiPlane
 from triplane.runtime.config import load_config
@@ -17,11 +16,11 @@ async def _serve() -> None:
     plane = AiPlane(config)
     try:
         await plane.start()
-        # Everything built at start (models, caches) lives for good: keep it
-        # out of the collector's generations, so its pauses stay short.
-        gc.freeze()
         assert plane.server is not None
-        await plane.server.serve_until_signalled()
+        # Everything built at start (models, caches) lives for good: the
+        # runtime's GC tuning (collect, freeze, runtime.gc_gen0_threshold)
+        # keeps it out of the collector's generations, as every plane does.
+        await plane.server.serve_until_signalled(config.runtime.gc_gen0_threshold)
     finally:
         # Whatever happened, never leave a tritonserver behind.
         await plane.stop()
