@@ -59,13 +59,14 @@ class AiPlane:
     async def _start_triton(self, registry: Registry) -> tuple[str, str, ModelRepository | None]:
         """(gRPC address, HTTP address or "", our repository or None)."""
         ai = self.config.ai
+        http = ai.triton_protocol == "http"
         if self.shared_triton is not None:
             write_live_repository(registry, self.shared_triton.repository, ai)
             shared = self.shared_triton
-            return shared.url, shared.http_url, shared.repository
+            return shared.url, shared.http_url if http else "", shared.repository
         url = self.triton_url if self.triton_url is not None else ai.triton_url
         if url:
-            return url, ai.triton_http_url, None
+            return url, ai.triton_http_url if http else "", None
         repository = ModelRepository(models_root(self.config) / "triton_repository")
         write_live_repository(registry, repository, ai)
         process = TritonProcess(repository, models_root(self.config) / "triton", ai.triton)
@@ -75,7 +76,7 @@ class AiPlane:
             # plane); only the wait for readiness runs in a worker thread.
             process.spawn()
             await asyncio.to_thread(process.wait_ready)
-            return process.url, process.http_url, repository
+            return process.url, process.http_url if http else "", repository
         except TritonUnavailable:
             # A fault, not a mode: every score is answered in-process and says so.
             log.exception("tritonserver could not start; serving with the in-process fallback")

@@ -29,18 +29,24 @@ OPEN_S = 0.5
 SLACK_MS = 150.0
 
 
-@pytest.fixture(scope="module")
-async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AiPlane]:
+@pytest.fixture(scope="module", params=["grpc", "http"])
+async def plane(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AiPlane]:
+    """The plane with its own Triton, over each inference transport."""
     require_triton()
     config = ai_config(
         tmp_path_factory.mktemp("ai_faults"),
         {
+            "triton_protocol": request.param,
             "triton": {"score_timeout_ms": SCORE_TIMEOUT_MS},
             "breaker": {"failure_threshold": 3, "open_s": OPEN_S},
         },
     )
     plane = AiPlane(config, listen="127.0.0.1:0")
     await plane.start()
+    assert plane.engine is not None and plane.engine.scorer.triton is not None
+    assert (plane.engine.scorer.triton.http is not None) == (request.param == "http")
     try:
         yield plane
     finally:

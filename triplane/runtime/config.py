@@ -297,8 +297,11 @@ class AiConfig(_Strict, frozen=True):
     limits: AiLimitsConfig
     bandit: AiBanditConfig
     drift: AiDriftConfig
-    # The same Triton's HTTP endpoint (host:port): inference requests go there
-    # when set. Our own tritonserver sets it itself.
+    # Inference transport: "grpc" (tritonclient's aio client, the default) or
+    # "http" (KServe v2 binary tensors over Triton's HTTP endpoint).
+    triton_protocol: str = "grpc"
+    # The same Triton's HTTP endpoint (host:port), for triton_protocol "http".
+    # Our own tritonserver serves both and sets this itself.
     triton_http_url: str = ""
 
 
@@ -607,6 +610,14 @@ def _check(config: Config) -> None:
         raise ConfigError("ai.features.backend must be 'in_process', 'redis' or 'aerospike'")
     if config.ai.features.backend == "aerospike" and not config.ai.features.aerospike_hosts:
         raise ConfigError("ai.features.aerospike_hosts is required with backend 'aerospike'")
+    if config.ai.triton_protocol not in ("grpc", "http"):
+        raise ConfigError("ai.triton_protocol must be 'grpc' or 'http'")
+    if (
+        config.ai.triton_protocol == "http"
+        and config.ai.triton_url
+        and not (config.ai.triton_http_url)
+    ):
+        raise ConfigError("ai.triton_http_url is required with an external Triton over 'http'")
     if config.money.store.backend not in ("sqlite", "postgres"):
         raise ConfigError("money.store.backend must be 'sqlite' or 'postgres'")
     if config.money.store.backend == "postgres" and not config.money.store.postgres_dsn:
