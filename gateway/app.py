@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
+from prometheus_client import start_http_server
 
 from gateway.core import Core
 from gateway.idempotency import IdempotencyStore
 from gateway.ingest import Ingest
+from gateway.measure import LiftMetrics
 from gateway.nba import NextBestAction
 from gateway.payments import Payments
 from gateway.pii import Tokenizer, load_secret
@@ -58,6 +60,16 @@ _BLOCK = {
 }
 
 
+_LIFT_METRICS: list[LiftMetrics] = []
+
+
+def _lift_metrics() -> LiftMetrics:
+    """The process's lift gauges (registered once in the default registry)."""
+    if not _LIFT_METRICS:
+        _LIFT_METRICS.append(LiftMetrics())
+    return _LIFT_METRICS[0]
+
+
 def _optional(module: str) -> Any:
     """A module helper B is still writing; None until it exists."""
     try:
@@ -88,6 +100,9 @@ class _MeasurementAdapter:
         self._measurement = module.Measurement(
             module.MeasurementStore(db), config.gateway.measurement, clock
         )
+
+    async def publish_lift(self, metrics: Any) -> int:
+        return int(await self._measurement.publish_lift(metrics))
 
     async def exposure(self, tenant_id: str, at_us: int, exposure: gw.ExposureLogged) -> None:
         if not exposure.offer_id:
@@ -253,7 +268,31 @@ class Gateway:
             otel_exporter=config.runtime.otel_exporter,
         )
         self.server.on_stop.append(self._stop_background)
+        if gateway.metrics_listen:
+            self._serve_metrics(gateway.metrics_listen)
         return await self.server.start()
+
+    def _serve_metrics(self, listen: str) -> None:
+        """Prometheus on `listen`: delivery attempts, and the lift report's
+        figures recomputed every measurement.metrics_interval_s."""
+        host, _, port = listen.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0")
+        publish = getattr(self.measurement, "publish_lift", None)
+        if publish is None:
+            return
+        metrics = _lift_metrics()
+        interval_s = self.config.gateway.measurement.metrics_interval_s
+
+        async def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    await publish(metrics)
+                except Exception:
+                    log.exception("publishing lift metrics failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), interval_s)
+
+        self._tasks.append(asyncio.create_task(loop(), name="gateway-lift-metrics"))
 
     async def _engagement(
         self, policy: GrpcPolicy

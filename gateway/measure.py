@@ -238,6 +238,11 @@ class MeasurementStore:
             )
         return True
 
+    def tenants(self) -> list[str]:
+        with self.db.tx() as tx:
+            rows = tx.all("SELECT DISTINCT tenant_id FROM gw_exposures ORDER BY tenant_id")
+        return [str(r[0]) for r in rows]
+
     def group_counts(
         self, tenant_id: str, since_us: int, until_us: int, dims: Sequence[str]
     ) -> list[tuple[tuple[str, ...], bool, int, int]]:
@@ -352,6 +357,15 @@ class Measurement:
             at_us or self._clock.now_us(),
             event_id,
         )
+
+    async def publish_lift(self, metrics: LiftMetrics) -> int:
+        """Publishes every tenant's lift report over the attribution window
+        (offer x surface x segment) as gauges; returns the tenants published."""
+        since_us = max(0, self._clock.now_us() - self._config.attribution_window_s * 1_000_000)
+        tenants = await asyncio.to_thread(self.store.tenants)
+        for tenant_id in tenants:
+            metrics.publish(await self.lift_report(tenant_id, since_us))
+        return len(tenants)
 
     async def lift_report(
         self,

@@ -17,6 +17,7 @@ from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime import bus
 from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.errors import Code, TriplaneError, error_for, parse_rpc_error
+from triplane.runtime.telemetry import trace_metadata
 
 log = logging.getLogger("gateway.planes")
 
@@ -49,9 +50,12 @@ def translate(plane: str, error: grpc.aio.AioRpcError) -> TriplaneError:
     return error_for(number, reason or f"{plane}_ERROR", error.details() or "", field_path)
 
 
-async def _call(plane: str, call: Callable[[], Awaitable[T]]) -> T:
+async def _call(
+    plane: str, method: Callable[..., Awaitable[T]], request: object, timeout_s: float
+) -> T:
+    """One call to a plane on its budget, carrying the trace context."""
     try:
-        return await call()
+        return await method(request, timeout=timeout_s, metadata=trace_metadata())
     except grpc.aio.AioRpcError as error:
         raise translate(plane, error) from None
 
@@ -82,20 +86,20 @@ class GrpcAi:
         self._scoring = ai_pb2_grpc.ScoringServiceStub(channel)
 
     async def score(self, request: ai_pb2.ScoreRequest, timeout_s: float) -> ai_pb2.ScoreResponse:
-        return await _call("AI", lambda: self._scoring.Score(request, timeout=timeout_s))
+        return await _call("AI", self._scoring.Score, request, timeout_s)
 
     async def rank(self, request: ai_pb2.RankRequest, timeout_s: float) -> ai_pb2.RankResponse:
-        return await _call("AI", lambda: self._scoring.Rank(request, timeout=timeout_s))
+        return await _call("AI", self._scoring.Rank, request, timeout_s)
 
     async def explain(
         self, request: ai_pb2.ExplainRequest, timeout_s: float
     ) -> ai_pb2.ExplainResponse:
-        return await _call("AI", lambda: self._scoring.Explain(request, timeout=timeout_s))
+        return await _call("AI", self._scoring.Explain, request, timeout_s)
 
     async def report_outcome(
         self, request: ai_pb2.ReportOutcomeRequest, timeout_s: float
     ) -> ai_pb2.ReportOutcomeResponse:
-        return await _call("AI", lambda: self._scoring.ReportOutcome(request, timeout=timeout_s))
+        return await _call("AI", self._scoring.ReportOutcome, request, timeout_s)
 
 
 class GrpcPolicy:
@@ -107,31 +111,27 @@ class GrpcPolicy:
     async def evaluate(
         self, request: policy_pb2.EvaluateRequest, timeout_s: float
     ) -> policy_pb2.EvaluateResponse:
-        return await _call("POLICY", lambda: self._policy.Evaluate(request, timeout=timeout_s))
+        return await _call("POLICY", self._policy.Evaluate, request, timeout_s)
 
     async def get_decision(
         self, request: policy_pb2.GetDecisionRequest, timeout_s: float
     ) -> policy_pb2.GetDecisionResponse:
-        return await _call("POLICY", lambda: self._policy.GetDecision(request, timeout=timeout_s))
+        return await _call("POLICY", self._policy.GetDecision, request, timeout_s)
 
     async def eligible_offers(
         self, request: policy_pb2.GetEligibleOffersRequest, timeout_s: float
     ) -> policy_pb2.GetEligibleOffersResponse:
-        return await _call(
-            "POLICY", lambda: self._offers.GetEligibleOffers(request, timeout=timeout_s)
-        )
+        return await _call("POLICY", self._offers.GetEligibleOffers, request, timeout_s)
 
     async def check_contact(
         self, request: policy_pb2.CheckContactRequest, timeout_s: float
     ) -> policy_pb2.CheckContactResponse:
-        return await _call("POLICY", lambda: self._consent.CheckContact(request, timeout=timeout_s))
+        return await _call("POLICY", self._consent.CheckContact, request, timeout_s)
 
     async def record_contact(
         self, request: policy_pb2.RecordContactRequest, timeout_s: float
     ) -> policy_pb2.RecordContactResponse:
-        return await _call(
-            "POLICY", lambda: self._consent.RecordContact(request, timeout=timeout_s)
-        )
+        return await _call("POLICY", self._consent.RecordContact, request, timeout_s)
 
 
 class GrpcMoney:
@@ -141,7 +141,7 @@ class GrpcMoney:
     async def create_transfer(
         self, request: money_pb2.CreateTransferRequest, timeout_s: float
     ) -> money_pb2.CreateTransferResponse:
-        return await _call("MONEY", lambda: self._ledger.CreateTransfer(request, timeout=timeout_s))
+        return await _call("MONEY", self._ledger.CreateTransfer, request, timeout_s)
 
 
 class EventOutbox(Protocol):

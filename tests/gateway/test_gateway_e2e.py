@@ -67,7 +67,12 @@ def _config(state_dir: Path, nats_url: str) -> Config:
         "money": {"listen": f"127.0.0.1:{free_port()}"},
         "policy": {"listen": f"127.0.0.1:{free_port()}"},
         "ai": {"listen": f"127.0.0.1:{free_port()}"},
-        "gateway": {"listen": f"127.0.0.1:{free_port()}", "holdout_share": 0.0},
+        "gateway": {
+            "listen": f"127.0.0.1:{free_port()}",
+            "holdout_share": 0.0,
+            "metrics_listen": f"127.0.0.1:{free_port()}",
+            "measurement": {"metrics_interval_s": 0.2},
+        },
         "stack": {
             "start_timeout_s": 150.0,
             "planes": [
@@ -673,3 +678,39 @@ async def test_typed_client(world: World) -> None:
         await world.client.capture_payment(tenant_id=TENANT, hold_id="")
     assert caught.value.reason == "FIELD_REQUIRED" and caught.value.field == "hold_id"
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_metrics_endpoint_serves_the_lift_figures(world: World) -> None:
+    """The lift report's figures as Prometheus gauges on gateway.metrics_listen,
+    refreshed on their interval, after a decision that showed an offer."""
+    import aiohttp
+
+    for customer in ("c13", "c14", "c15", "c16", "c17"):  # consented, see _seed
+        answer = await world.stub.DecideNextAction(
+            gw.DecideNextActionRequest(
+                tenant_id=TENANT,
+                idempotency_key=uuid.uuid4().hex,
+                customer_id=customer,
+                account_id="cust_11",
+                surface="checkout",
+                region="US",
+                kyc_tier=2,
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        if answer.action == gw.ACTION_SHOW_OFFER:
+            break
+    assert answer.action == gw.ACTION_SHOW_OFFER
+    url = f"http://{world.config.gateway.metrics_listen}/metrics"
+    wanted = f'triplane_lift_customers{{group="treatment",offer="{answer.offer.offer_id}"'
+    text = ""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(50):
+            async with session.get(url) as response:
+                assert response.status == 200
+                text = await response.text()
+            if wanted in text and f'tenant="{TENANT}"' in text:
+                break
+            await asyncio.sleep(0.2)
+    assert wanted in text, text[-2000:]
+    assert "triplane_lift_incremental" in text

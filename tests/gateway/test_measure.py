@@ -333,3 +333,34 @@ def test_intervals_hold_their_invariants(
     # A higher confidence level never gives a narrower interval.
     wider = newcombe(wilson(treated[1], treated[0], z + 0.5), wilson(held[1], held[0], z + 0.5))
     assert wider[1] <= low + 1e-12 and wider[2] >= high - 1e-12
+
+
+async def test_lift_gauges_for_every_tenant_over_the_attribution_window(db: Database) -> None:
+    clock = ManualClock(T0 + DAY_US)
+    m = Measurement(MeasurementStore(db), measurement_config(), clock)
+    await m.record_exposures(
+        [
+            exposure("e1", "c1", "cashback", T0),
+            exposure("e2", "c2", "cashback", T0, holdout=True),
+            exposure("e3", "c3", "savings", T0, tenant_id="globex"),
+            # Older than the attribution window: not in the gauges.
+            exposure("e4", "c4", "travel", T0 - 30 * DAY_US),
+        ]
+    )
+    await m.record_conversion_events([event("v1", "c1", T0 + 1_000_000)])
+    registry = CollectorRegistry()
+    assert await m.publish_lift(LiftMetrics(registry)) == 2
+    labels = {"tenant": TENANT, "offer": "cashback", "surface": "*", "segment": "*"}
+    treated = registry.get_sample_value(
+        "triplane_lift_conversion_rate", {**labels, "group": "treatment"}
+    )
+    assert treated == pytest.approx(1.0)
+    assert registry.get_sample_value(
+        "triplane_lift_customers", {**labels, "group": "holdout"}
+    ) == pytest.approx(1.0)
+    globex = {"tenant": "globex", "offer": "savings", "surface": "*", "segment": "*"}
+    assert registry.get_sample_value(
+        "triplane_lift_customers", {**globex, "group": "treatment"}
+    ) == pytest.approx(1.0)
+    travel = {**labels, "offer": "travel", "group": "treatment"}
+    assert registry.get_sample_value("triplane_lift_customers", travel) is None

@@ -454,6 +454,8 @@ class TriggersConfig(_Strict, frozen=True):
 
 class MeasurementConfig(_Strict, frozen=True):
     attribution_window_s: int
+    # How often the lift figures are recomputed for gateway.metrics_listen.
+    metrics_interval_s: float
     confidence_level: float
     max_exposures_per_conversion: int
     max_batch_records: int

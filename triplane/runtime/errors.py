@@ -200,7 +200,12 @@ def _wrap_unary(behavior: Handler) -> Handler:
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps TriplaneError raised by unary-unary handlers to rich statuses."""
+    """Maps TriplaneError raised by unary-unary handlers to rich statuses.
+    Each method's wrapper is built once (and rebuilt only if the registered
+    handler changes), so interceptors outside it see a stable handler."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -210,8 +215,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        method = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
             _wrap_unary(handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._handlers[method] = (handler, wrapped)
+        return wrapped

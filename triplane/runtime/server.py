@@ -14,10 +14,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from triplane.runtime.errors import ErrorMappingInterceptor
-from triplane.runtime.telemetry import setup_tracing
+from triplane.runtime.telemetry import TracingInterceptor, setup_tracing
 
 log = logging.getLogger("triplane.server")
 
@@ -68,9 +67,7 @@ class PlaneServer:
         provider = setup_tracing(self.name, self.otel_exporter)
         server = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(  # type: ignore[no-untyped-call]
-                    tracer_provider=provider, filter_=filters.negate(filters.health_check())
-                ),
+                TracingInterceptor(provider),
                 ErrorMappingInterceptor(),
             ],
             options=[

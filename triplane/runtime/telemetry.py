@@ -1,5 +1,14 @@
-"""Telemetry wired once at bootstrap: JSON logs carrying trace ids, and an
-OpenTelemetry tracer provider whose gRPC interceptors the server installs."""
+"""Telemetry wired once at bootstrap: JSON logs carrying trace ids, an
+OpenTelemetry tracer provider, the gRPC server interceptor that opens a span
+per call (continuing the caller's W3C trace context), and the metadata a
+client sends so the next hop continues the trace.
+
+The interceptor is ours rather than opentelemetry-instrumentation-grpc's aio
+one: that one measured about 160 us of CPU per call here (a proxy object
+around every servicer context, peer-address parsing, filters), 60% on top of
+a bare grpc.aio call; this one does what the semantic conventions ask of an
+RPC server span (rpc.system, rpc.service, rpc.method, rpc.grpc.status_code,
+error status, exceptions) and builds each method's wrapper once."""
 
 from __future__ import annotations
 
@@ -7,12 +16,16 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opentelemetry import trace
+import grpc
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -60,11 +73,17 @@ _provider: TracerProvider | None = None
 
 
 def setup_tracing(service: str, exporter: str = "none") -> TracerProvider:
-    """Installs the global tracer provider once per process."""
+    """Installs the global tracer provider once per process. With no exporter
+    nothing would ever read a recorded span, so spans are not recorded
+    (sampler ALWAYS_OFF): calls still get trace and span ids, which the logs
+    carry and the next hop continues, at a fraction of the CPU."""
     global _provider
     if _provider is not None:
         return _provider
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service}),
+        sampler=ALWAYS_OFF if exporter == "none" else ParentBased(ALWAYS_ON),
+    )
     if exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif exporter == "otlp":
@@ -85,3 +104,93 @@ def setup_tracing(service: str, exporter: str = "none") -> TracerProvider:
 def current_trace_id() -> str:
     context = trace.get_current_span().get_span_context()
     return f"{context.trace_id:032x}" if context.is_valid else ""
+
+
+# Server span codes that are errors by the semantic conventions for RPC.
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _traced(tracer: trace.Tracer, method: str, behavior: Unary) -> Unary:
+    service, _, name = method.lstrip("/").rpartition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    span_name = method.lstrip("/")
+
+    async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        parent = propagate.extract(dict(context.invocation_metadata() or ()))
+        with tracer.start_as_current_span(
+            span_name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                span.record_exception(error)
+                raise
+            finally:
+                code = context.code() or grpc.StatusCode.OK
+                if isinstance(code, int):  # grpc.aio reports a bare number
+                    code = _CODE_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code in _SERVER_ERRORS:
+                    span.set_status(Status(StatusCode.ERROR, str(context.details() or "")))
+
+    return traced
+
+
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """One SERVER span per unary call (health and reflection excepted)."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._tracer = provider.get_tracer("triplane.grpc")
+        # method -> (the handler wrapped, its wrapper): rebuilt if the
+        # continuation ever hands back another handler for the method.
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or method.startswith(_UNTRACED):
+            return handler
+        cached = self._handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            _traced(self._tracer, method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._handlers[method] = (handler, wrapped)
+        return wrapped
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The current trace context as gRPC metadata (W3C traceparent), for a
+    call to the next hop; empty outside a span."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
