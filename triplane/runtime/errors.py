@@ -18,6 +18,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from triplane.runtime.interceptors import UnaryWrappingInterceptor
+
 ERROR_DOMAIN = "triplane.dev"
 log = logging.getLogger("triplane.errors")
 
@@ -199,30 +201,8 @@ def _wrap_unary(behavior: Handler) -> Handler:
     return wrapped
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps TriplaneError raised by unary-unary handlers to rich statuses.
-    Each method's wrapper is built once (and rebuilt only if the registered
-    handler changes), so interceptors outside it see a stable handler."""
+class ErrorMappingInterceptor(UnaryWrappingInterceptor):
+    """Maps TriplaneError raised by unary-unary handlers to rich statuses."""
 
-    def __init__(self) -> None:
-        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._handlers.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        self._handlers[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, method: str, behavior: Handler) -> Handler:
+        return _wrap_unary(behavior)

@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -26,6 +25,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from triplane.runtime.interceptors import Unary, UnaryWrappingInterceptor
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -119,8 +120,6 @@ _SERVER_ERRORS = frozenset(
 )
 _UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
 
 def _traced(tracer: trace.Tracer, method: str, behavior: Unary) -> Unary:
     service, _, name = method.lstrip("/").rpartition("/")
@@ -158,34 +157,18 @@ def _traced(tracer: trace.Tracer, method: str, behavior: Unary) -> Unary:
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TracingInterceptor(UnaryWrappingInterceptor):
     """One SERVER span per unary call (health and reflection excepted)."""
 
     def __init__(self, provider: TracerProvider) -> None:
+        super().__init__()
         self._tracer = provider.get_tracer("triplane.grpc")
-        # method -> (the handler wrapped, its wrapper): rebuilt if the
-        # continuation ever hands back another handler for the method.
-        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or method.startswith(_UNTRACED):
-            return handler
-        cached = self._handlers.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            _traced(self._tracer, method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        self._handlers[method] = (handler, wrapped)
-        return wrapped
+    def wraps(self, method: str) -> bool:
+        return not method.startswith(_UNTRACED)
+
+    def wrap(self, method: str, behavior: Unary) -> Unary:
+        return _traced(self._tracer, method, behavior)
 
 
 def trace_metadata() -> tuple[tuple[str, str], ...]:
