@@ -3,10 +3,9 @@ tritonserver unless ai.triton_url is set, and stopping it on exit)."""
 
 from __future__ import annotations
 
-import asyncio
-
 from ai_plane.app import AiPlane
 from triplane.runtime.config import load_config
+from triplane.runtime.server import run
 from triplane.runtime.telemetry import setup_logging
 
 
@@ -27,7 +26,7 @@ async def _serve() -> None:
 
 
 def main() -> None:
-    asyncio.run(_serve())
+    run(_serve, load_config().runtime.event_loop)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from gateway.app import Gateway
 from triplane.runtime.config import load_config
+from triplane.runtime.server import run
 from triplane.runtime.telemetry import setup_logging
 
 
@@ -19,7 +18,7 @@ async def _serve() -> None:
 
 
 def main() -> None:
-    asyncio.run(_serve())
+    run(_serve, load_config().runtime.event_loop)
 
 
 if __name__ == "__main__":

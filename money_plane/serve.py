@@ -8,7 +8,6 @@ primary drains the workers too.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
@@ -16,6 +15,7 @@ import signal
 
 from money_plane.app import MoneyPlane
 from triplane.runtime.config import load_config
+from triplane.runtime.server import run
 from triplane.runtime.telemetry import setup_logging
 
 log = logging.getLogger("triplane.money")
@@ -32,7 +32,7 @@ async def _serve(primary: bool) -> None:
 
 
 def run_worker() -> None:
-    asyncio.run(_serve(primary=False))
+    run(lambda: _serve(primary=False), load_config().runtime.event_loop)
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     for worker in workers:
         worker.start()
     try:
-        asyncio.run(_serve(primary=True))
+        run(lambda: _serve(primary=True), config.runtime.event_loop)
     finally:
         for worker in workers:
             if worker.is_alive() and worker.pid is not None:

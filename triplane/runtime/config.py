@@ -34,6 +34,7 @@ class RuntimeConfig(_Strict, frozen=True):
     otel_exporter: str
     max_message_bytes: int
     gc_gen0_threshold: int
+    event_loop: str
 
 
 class NatsConfig(_Strict, frozen=True):
@@ -626,6 +627,8 @@ def _check(config: Config) -> None:
         raise ConfigError("money.store.postgres_dsn is required with backend 'postgres'")
     if config.money.group_commit.workers < 1:
         raise ConfigError("money.group_commit.workers must be >= 1")
+    if config.runtime.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError("runtime.event_loop must be 'uvloop' or 'asyncio'")
     if config.runtime.log_format not in ("json", "text"):
         raise ConfigError("runtime.log_format must be 'json' or 'text'")
     if config.policy.store.backend not in ("sqlite", "postgres"):
