@@ -68,8 +68,17 @@ def test_module_serves_with_its_own_triton_and_stops_it(tmp_path: Path) -> None:
         assert len(_tritonservers_under(tmp_path)) == 1
         with grpc.insecure_channel(address) as channel:
             scoring = ai_pb2_grpc.ScoringServiceStub(channel)
-            response = scoring.Score(pb.ScoreRequest(payment=payment()), timeout=5)
-        assert response.score_ref.source == "triton", response.fallback_reason
+            # Triton 2.51's batcher now and then holds a lone request for ~500 ms
+            # (past the 250 ms budget: that answer falls back, as it must); one
+            # answer from Triton among a few shows the plane serves with it.
+            reasons = []
+            for _ in range(5):
+                response = scoring.Score(pb.ScoreRequest(payment=payment()), timeout=5)
+                if response.score_ref.source == "triton":
+                    break
+                reasons.append(response.fallback_reason)
+        assert response.score_ref.source == "triton", reasons
+        assert set(reasons) <= {"TRITON_TIMEOUT"}, reasons
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

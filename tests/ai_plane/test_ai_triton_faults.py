@@ -179,7 +179,10 @@ async def test_without_the_in_process_copy_last_good_then_none(
     scorer = Scorer(config.ai, triton, breaker, SystemClock())
     scorer.set_live(LiveModel("payment_risk", live.version, booster, tuple(live.feature_names)))
     rows = np.zeros((1, len(live.feature_names)))
-    first = await scorer.score("payment_risk", rows, ["acct_a"], Deadline.from_remaining(1.0))
+    for _ in range(5):  # see test_ai_main: a rare ~500 ms hold in Triton's batcher
+        first = await scorer.score("payment_risk", rows, ["acct_a"], Deadline.from_remaining(1.0))
+        if first.source == "triton":
+            break
     assert first.source == "triton", first.fallback_reason
     await scorer.close()
     scorer.triton = TritonClient(f"127.0.0.1:{free_port()}")  # nothing listens: dead
