@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,8 +143,6 @@ class IdempotencyStore:
         )
         self._pending: list[tuple[str, str, str, bytes, int]] = []
         self._pending_events: list[tuple[str, str, bytes, int]] = []
-        # Called after a flush committed events (the relay's kick).
-        self.on_events_committed: Callable[[], None] | None = None
         # Written but not yet committed: found by get() even once evicted
         # from the bounded memory map.
         self._unflushed: dict[tuple[str, str], tuple[str, bytes]] = {}
@@ -288,8 +286,6 @@ class IdempotencyStore:
                 written = self._unflushed.get((scope, key))
                 if written is not None and written[1] is body:
                     del self._unflushed[(scope, key)]
-        if events and self.on_events_committed is not None:
-            self.on_events_committed()
 
     def _write(
         self,
