@@ -34,6 +34,7 @@ from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.money.v1 import money_pb2
 from triplane.runtime.bus import OutgoingEvent, make_envelope, subject_for
 from triplane.runtime.config import AiPipelineConfig
+from triplane.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("triplane.ai.pipeline")
 
@@ -210,11 +211,7 @@ class FeaturePipeline:
                 await message.ack()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
 
 

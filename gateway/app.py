@@ -34,6 +34,7 @@ from triplane.runtime.errors import NotFound, TriplaneError
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer
 from triplane.runtime.stack import dial_address
+from triplane.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.app")
 
@@ -402,9 +403,7 @@ class Gateway:
         task, self._relay_task = self._relay_task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await cancel_and_wait([task])
         if self.relay is not None and self.nats is not None:
             relay, js = self.relay, self.nats.jetstream()
 

@@ -44,6 +44,7 @@ from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import GatewayIdempotencyConfig
 from triplane.runtime.errors import AlreadyExists, ResourceExhausted
+from triplane.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.idempotency")
 
@@ -171,11 +172,8 @@ class IdempotencyStore:
         self._task = asyncio.create_task(self._flush_loop(), name="gateway-idempotency-flush")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         await self.flush()
         for name in ("_reader", "_relay_db"):
             connection = getattr(self, name)

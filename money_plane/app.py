@@ -20,6 +20,7 @@ from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer
+from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tokens import TokenVerifier, load_public_keys
 
 log = logging.getLogger("triplane.money")
@@ -119,9 +120,7 @@ class MoneyPlane:
         return await self.server.start()
 
     async def _stop_internals(self) -> None:
-        if self._relay_task is not None:
-            self._relay_task.cancel()
-            await asyncio.gather(self._relay_task, return_exceptions=True)
+        await cancel_and_wait([self._relay_task])
         if self.relay is not None:
             await self.relay.close()
         if self.ledger is not None:

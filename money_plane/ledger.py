@@ -48,6 +48,7 @@ from triplane.runtime.errors import (
     TriplaneError,
     Unavailable,
 )
+from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tokens import TokenVerifier
 
 log = logging.getLogger("triplane.money.ledger")
@@ -97,9 +98,7 @@ class Ledger:
         """Lets queued requests commit, then stops the workers."""
         if self._queue.qsize():
             await asyncio.wait_for(self._queue.join(), timeout=10)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for executor in (self._writer, self._reader):
             executor.submit(self.store.close)

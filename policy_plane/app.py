@@ -24,6 +24,7 @@ from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer
+from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tokens import (
     TokenSigner,
     ensure_dev_keypair,
@@ -153,11 +154,7 @@ class PolicyPlane:
         )
 
     async def stop_background(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         await self.engine.stop()
         if self.nats is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from policy_plane.model import DecisionRecord, canonical_encoder, record_decoder
 from policy_plane.store import CaseRow, ChainMark, LogRow, PolicyStore
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tokens import key_id_of
 
 log = logging.getLogger("policy_plane.decision_log")
@@ -124,11 +124,8 @@ class DecisionLog:
             self._task = asyncio.create_task(self._run(), name="decision-log-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     async def append(
         self,
