@@ -10,7 +10,49 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    ppid: int
+    comm: str
+    cpu_s: float  # user + system
+
+
+def proc_stats() -> dict[int, ProcStat]:
+    """Every live process: its parent, command name and CPU seconds so far."""
+    stats: dict[int, ProcStat] = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = path.read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            stats[int(path.parent.name)] = ProcStat(
+                int(fields[1]), comm, (int(fields[11]) + int(fields[12])) * TICK_S
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+    return stats
+
+
+def tree_cpu_s(root_pid: int, stats: Mapping[int, ProcStat] | None = None) -> float:
+    """CPU seconds of a live process and all its descendants."""
+    stats = stats if stats is not None else proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, stat in stats.items():
+        children.setdefault(stat.ppid, []).append(pid)
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        found = stats.get(pid)
+        total += found.cpu_s if found is not None else 0.0
+        todo.extend(children.get(pid, ()))
+    return total
+
 
 RESULTS_PATH = Path(
     os.environ.get("TRIPLANE_BENCH_RESULTS", Path(__file__).parent / "results.json")

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import merge_results, percentile, print_table
+from bench.common import merge_results, percentile, print_table, tree_cpu_s
 from gateway.demo_world import World, seed
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
@@ -85,27 +85,6 @@ class Errors:
     @property
     def total(self) -> int:
         return sum(self.by_code.values())
-
-
-def tree_cpu_s(root_pid: int) -> float:
-    """User + system CPU seconds of a live process and all its descendants
-    (the AI plane's tritonserver and its Python-backend stubs included)."""
-    stats: dict[int, tuple[int, int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    ticks, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        ticks += stats.get(pid, (0, 0))[1]
-        todo.extend(children.get(pid, ()))
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def closed_loop(call: Call, run_s: float, concurrency: int) -> float:

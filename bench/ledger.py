@@ -56,7 +56,7 @@ from typing import Any
 import grpc
 import psycopg
 
-from bench.common import merge_results, percentile, print_table
+from bench.common import TICK_S, merge_results, percentile, print_table, proc_stats
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
@@ -349,15 +349,6 @@ class Workload:
 # ---------------------------------------------------------------- CPU accounting
 # Two shared cores: who burnt the CPU during a phase says what limits it.
 
-_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
-
-
-def _proc_cpu_s(pid: int | str) -> tuple[str, float]:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    comm = text[text.index("(") + 1 : text.rindex(")")]
-    fields = text[text.rindex(")") + 2 :].split()
-    return comm, (int(fields[11]) + int(fields[12])) * _TICK_S
-
 
 @dataclass
 class CpuSample:
@@ -372,27 +363,20 @@ class CpuSample:
     plane_by_pid: dict[int, float] = field(default_factory=dict)
 
 
-def _parent_pid(pid: int | str) -> int:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return int(text[text.rindex(")") + 2 :].split()[1])
-
-
 def cpu_sample(plane_pid: int) -> CpuSample | None:
     """CPU seconds so far: this process, the plane (with its serving worker
     processes), PostgreSQL, the machine."""
     try:
-        _, plane_s = _proc_cpu_s(plane_pid)
+        stats = proc_stats()
+        plane_s = stats[plane_pid].cpu_s
         by_pid = {plane_pid: plane_s}
         postgres_s = 0.0
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    comm, used = _proc_cpu_s(entry.name)
-                    if comm == "postgres":
-                        postgres_s += used
-                    elif _parent_pid(entry.name) == plane_pid:
-                        plane_s += used
-                        by_pid[int(entry.name)] = used
+        for pid, stat in stats.items():
+            if stat.comm == "postgres":
+                postgres_s += stat.cpu_s
+            elif stat.ppid == plane_pid:
+                plane_s += stat.cpu_s
+                by_pid[pid] = stat.cpu_s
         ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
         idle = ticks[3] + ticks[4]
         return CpuSample(
@@ -400,11 +384,11 @@ def cpu_sample(plane_pid: int) -> CpuSample | None:
             time.process_time(),
             plane_s,
             postgres_s,
-            (sum(ticks) - idle) * _TICK_S,
-            sum(ticks) * _TICK_S,
+            (sum(ticks) - idle) * TICK_S,
+            sum(ticks) * TICK_S,
             by_pid,
         )
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, KeyError):
         return None
 
 
