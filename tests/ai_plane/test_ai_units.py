@@ -183,3 +183,18 @@ def test_rollback_without_a_previous_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition) as caught:
         registry.rollback("m")
     assert caught.value.reason == "NO_ROLLBACK_TARGET"
+
+
+# ---- Triton model configuration ----
+def test_default_model_config_batches_rejects_late_requests_and_runs_two_instances() -> None:
+    from ai_plane.triton import model_config
+    from triplane.runtime.config import load_config
+
+    text = model_config("payment_risk", [3, 1], 27, load_config(environ={}).ai.triton)
+    assert "versions: [ 3, 1 ]" in text
+    assert "max_queue_delay_microseconds: 200" in text
+    assert "timeout_action: REJECT" in text
+    assert "allow_timeout_override: true" in text
+    # One instance lets Triton 2.51's batcher miss a wake-up and hold a request
+    # for its 500 ms idle wait (see defaults.yaml, ai.triton.instance_count).
+    assert "count: 2 kind: KIND_CPU" in text
