@@ -313,7 +313,10 @@ def build_machine(env: Env) -> type[RuleBasedStateMachine]:
             )
 
         def pick_hold(self, pick: int) -> tuple[str, ModelHold]:
-            hold_id = sorted(self.holds)[pick % len(self.holds)]
+            # In the order they were opened: hold ids end in random hex, so two
+            # opened at the same clock reading would sort differently on each
+            # replay, and Hypothesis would see a different run for the same draws.
+            hold_id = list(self.holds)[pick % len(self.holds)]
             return hold_id, self.holds[hold_id]
 
         @precondition(lambda self: bool(self.holds))
