@@ -93,7 +93,12 @@ class AiPlane:
         triton = TritonClient(url, http_url) if url else None
         if triton is not None:
             await triton.warm_up(ai.triton.startup_timeout_s)
-        breaker = CircuitBreaker(ai.breaker.failure_threshold, ai.breaker.open_s)
+        breaker = CircuitBreaker(
+            ai.breaker.failure_threshold,
+            ai.breaker.open_s,
+            failure_rate=ai.breaker.failure_rate,
+            window_s=ai.breaker.window_s,
+        )
         scorer = Scorer(ai, triton, breaker, self.clock)
         store = self.store or build_store(ai.features, self.clock)
         self.store = store

@@ -62,11 +62,54 @@ def test_failed_probe_reopens_for_a_full_period() -> None:
     assert breaker.allow()
 
 
-def test_success_resets_the_failure_count() -> None:
-    breaker = CircuitBreaker(failure_threshold=2, open_s=1.0, monotonic_s=lambda: 0.0)
+def test_a_burst_of_failures_among_many_successes_keeps_the_circuit_closed() -> None:
+    # A stall of the plane itself: every call in flight misses its budget at
+    # once, while Triton answers everything else.
+    now = [0.0]
+    breaker = CircuitBreaker(5, 1.0, failure_rate=0.5, window_s=1.0, monotonic_s=lambda: now[0])
+    for _ in range(100):
+        now[0] += 0.002
+        breaker.record_success()
+    for _ in range(20):
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    # The same failures once the successes have left the window: open.
+    now[0] += 1.0
+    for _ in range(4):
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED  # below the volume floor
     breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_failure_rate_over_the_window_opens_the_circuit() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(5, 1.0, failure_rate=0.5, window_s=1.0, monotonic_s=lambda: now[0])
+    for _ in range(10):
+        now[0] += 0.01
+        breaker.record_success()
+        breaker.record_failure()  # one in two fails: at the rate, past the floor
+        if breaker.state is BreakerState.OPEN:
+            break
+    assert breaker.state is BreakerState.OPEN
+    # Calls that were in flight when it opened fail too, without extending it.
+    opened_at = now[0]
+    now[0] = opened_at + 0.9
+    breaker.record_failure()
+    now[0] = opened_at + 1.0
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_a_good_probe_forgets_the_failures_before_it() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(2, 1.0, failure_rate=0.5, window_s=10.0, monotonic_s=lambda: now[0])
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    now[0] = 1.0
+    assert breaker.allow()
     breaker.record_success()
-    breaker.record_failure()
+    breaker.record_failure()  # alone again: the two before the probe are gone
     assert breaker.state is BreakerState.CLOSED
 
 

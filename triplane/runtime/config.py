@@ -214,6 +214,8 @@ class AiTritonConfig(_Strict, frozen=True):
 
 class AiBreakerConfig(_Strict, frozen=True):
     failure_threshold: int
+    failure_rate: float
+    window_s: float
     open_s: float
 
 
@@ -621,6 +623,11 @@ def _check(config: Config) -> None:
         and not (config.ai.triton_http_url)
     ):
         raise ConfigError("ai.triton_http_url is required with an external Triton over 'http'")
+    breaker = config.ai.breaker
+    if breaker.failure_threshold < 1 or breaker.open_s <= 0 or breaker.window_s <= 0:
+        raise ConfigError("ai.breaker: failure_threshold >= 1, open_s > 0 and window_s > 0")
+    if not 0 < breaker.failure_rate <= 1:
+        raise ConfigError("ai.breaker.failure_rate must be in (0, 1]")
     if config.money.store.backend not in ("sqlite", "postgres"):
         raise ConfigError("money.store.backend must be 'sqlite' or 'postgres'")
     if config.money.store.backend == "postgres" and not config.money.store.postgres_dsn:
