@@ -9,7 +9,10 @@ What runs, in one go (about 2 minutes on the 2-core development machine):
 * Score through gRPC: closed loop with CLIENTS callers (`ai_score_per_s`), then
   open loop at RATE requests/s (`ai_score_latency_ms_p99`,
   `ai_score_triton_share`); the same feature vectors sent straight to Triton
-  with tritonclient at the same rate (`triton_raw_latency_ms_p99`).
+  with tritonclient at the same rate (`triton_raw_latency_ms_p99`), and through
+  a do-nothing grpc.aio hop in front of Triton (`triton_relay_latency_ms_p99`:
+  the floor under any Python sidecar). The three take turns (SLICES rounds), so
+  a slow spell of the shared machine falls on all of them alike.
 * Train, promote and roll back a model through the registry API
   (`model_rollback_s`: until the rolled-back version answers from Triton).
 * Triton killed: the same open loop (`ai_score_dead_triton_latency_ms_p99`,
@@ -22,7 +25,8 @@ What runs, in one go (about 2 minutes on the 2-core development machine):
   stream (`bandit_reward_total`, `vw_reward_total`).
 * PyTriton's proxy path against the plain repository, same model, same calls.
 
-Knobs (environment): TRIPLANE_BENCH_AI_RATE (500), TRIPLANE_BENCH_AI_SECONDS (6),
+Knobs (environment): TRIPLANE_BENCH_AI_RATE (500), TRIPLANE_BENCH_AI_SECONDS (9,
+per path, split into TRIPLANE_BENCH_AI_SLICES (3) turns),
 TRIPLANE_BENCH_AI_TRITON_PROTOCOL (grpc, the plane's default; http: its
 KServe v2 HTTP transport),
 TRIPLANE_BENCH_AI_CLIENTS (16), TRIPLANE_BENCH_AI_ROUNDS (20000),
@@ -72,7 +76,8 @@ from triplane.runtime.natsd import EmbeddedNats, port_open
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = int(os.environ.get("TRIPLANE_BENCH_AI_RATE", "500"))
-SECONDS = float(os.environ.get("TRIPLANE_BENCH_AI_SECONDS", "6"))
+SECONDS = float(os.environ.get("TRIPLANE_BENCH_AI_SECONDS", "9"))
+SLICES = int(os.environ.get("TRIPLANE_BENCH_AI_SLICES", "3"))
 CLIENTS = int(os.environ.get("TRIPLANE_BENCH_AI_CLIENTS", "16"))
 PROTOCOL = os.environ.get("TRIPLANE_BENCH_AI_TRITON_PROTOCOL", "grpc")
 ROUNDS = int(os.environ.get("TRIPLANE_BENCH_AI_ROUNDS", "20000"))
@@ -284,34 +289,27 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-async def measure_scores(
-    scoring: ai_pb2_grpc.ScoringServiceStub,
-    triton_url: str,
-    requests: Sequence[pb.ScoreRequest],
-    results: dict[str, float],
-    notes: dict[str, str],
-) -> None:
-    vectors: list[np.ndarray[Any, Any]] = []
+def start_relay(triton_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/grpc_relay.py in front of `triton_url`, once it serves; and its address."""
+    address = f"127.0.0.1:{free_port()}"
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "bench.grpc_relay", address, triton_url], stdout=subprocess.PIPE
+    )
+    assert relay.stdout is not None
+    if relay.stdout.readline().strip() != b"relay ready":
+        stop_process(relay)
+        raise RuntimeError("bench.grpc_relay did not start")
+    return relay, address
 
-    async def score(i: int) -> str:
-        response = await scoring.Score(requests[i % len(requests)], timeout=1.0)
-        return str(response.score_ref.source)
 
-    for i in range(300):  # warm-up, and the feature vectors for the raw calls
-        response = await scoring.Score(requests[i % len(requests)], timeout=1.0)
-        vectors.append(np.asarray([[f.value for f in response.features]], dtype=np.float64))
-    results["ai_score_per_s"] = await closed_loop(score, CLIENTS, SECONDS)
-    latencies, sources = await open_loop(score, RATE, SECONDS)
-    results["ai_score_latency_ms_p50"] = percentile(latencies, 50)
-    results["ai_score_latency_ms_p99"] = percentile(latencies, 99)
-    results["ai_score_triton_share"] = sources.count("triton") / len(sources)
-    notes["sources"] = ", ".join(f"{s}: {sources.count(s)}" for s in sorted(set(sources)))
-
-    # The baseline: tritonclient's own aio client, straight to Triton.
+def raw_caller(
+    address: str, vectors: Sequence[np.ndarray[Any, Any]]
+) -> tuple[Callable[[int], Awaitable[str]], Callable[[], Awaitable[None]]]:
+    """tritonclient's own aio client calling payment_risk at `address` (Triton,
+    or the relay in front of it): the call, and how to close the client."""
     import tritonclient.grpc.aio as triton_aio
 
-    client = triton_aio.InferenceServerClient(triton_url)
-    await client.is_server_live(client_timeout=5.0)
+    client = triton_aio.InferenceServerClient(address)
 
     async def raw(i: int) -> str:
         data = vectors[i % len(vectors)].astype(np.float32)
@@ -323,10 +321,62 @@ async def measure_scores(
         result.as_numpy("SCORE"), result.as_numpy("CONTRIB")
         return "triton"
 
-    raw_latencies, _ = await open_loop(raw, RATE, SECONDS)
-    results["triton_raw_latency_ms_p50"] = percentile(raw_latencies, 50)
-    results["triton_raw_latency_ms_p99"] = percentile(raw_latencies, 99)
-    await client.close()
+    return raw, client.close
+
+
+async def measure_scores(
+    scoring: ai_pb2_grpc.ScoringServiceStub,
+    triton_url: str,
+    requests: Sequence[pb.ScoreRequest],
+    results: dict[str, float],
+    notes: dict[str, str],
+) -> None:
+    """The plane, Triton called directly (the baseline) and the same direct
+    calls through a do-nothing grpc.aio hop (bench/grpc_relay.py: the floor
+    under any Python sidecar), each at RATE. The three run in turns of
+    SECONDS / SLICES, SLICES times over, so a slow spell of this shared
+    machine falls on all three alike rather than on whichever ran then."""
+    vectors: list[np.ndarray[Any, Any]] = []
+
+    async def score(i: int) -> str:
+        response = await scoring.Score(requests[i % len(requests)], timeout=1.0)
+        reason = response.fallback_reason
+        return f"{response.score_ref.source} ({reason})" if reason else response.score_ref.source
+
+    for i in range(300):  # warm-up, and the feature vectors for the raw calls
+        response = await scoring.Score(requests[i % len(requests)], timeout=1.0)
+        vectors.append(np.asarray([[f.value for f in response.features]], dtype=np.float64))
+    results["ai_score_per_s"] = await closed_loop(score, CLIENTS, SECONDS)
+
+    relay, relay_address = start_relay(triton_url)
+    raw, close_raw = raw_caller(triton_url, vectors)
+    relayed, close_relayed = raw_caller(relay_address, vectors)
+    paths = {"ai_score": score, "triton_raw": raw, "triton_relay": relayed}
+    latencies: dict[str, list[float]] = {name: [] for name in paths}
+    answers: dict[str, list[str]] = {name: [] for name in paths}
+    try:
+        for name in ("triton_raw", "triton_relay"):  # warm-up, as the plane had
+            for i in range(300):
+                await paths[name](i)
+        for _ in range(SLICES):
+            for name, call in paths.items():
+                slice_latencies, slice_answers = await open_loop(call, RATE, SECONDS / SLICES)
+                latencies[name] += slice_latencies
+                answers[name] += slice_answers
+    finally:
+        await close_raw()
+        await close_relayed()
+        stop_process(relay)
+    for name in paths:
+        results[f"{name}_latency_ms_p50"] = percentile(latencies[name], 50)
+        results[f"{name}_latency_ms_p99"] = percentile(latencies[name], 99)
+    sources = answers["ai_score"]
+    results["ai_score_triton_share"] = sources.count("triton") / len(sources)
+    notes["sources"] = ", ".join(f"{s}: {sources.count(s)}" for s in sorted(set(sources)))
+    for name in ("triton_raw", "triton_relay"):
+        failed = [a for a in answers[name] if a.startswith("error")]
+        if failed:
+            notes[name] = f"{len(failed)} calls failed: {failed[0]}"
 
 
 async def measure_rollback(
@@ -620,6 +670,11 @@ def main() -> None:
         print(f"[bench.ai] {name}: {time.monotonic() - started:.1f} s", flush=True)
     merge_results(results)
     timeout_ms = SCORE_TIMEOUT_MS
+
+    def ratio(key: str) -> float | None:
+        value, raw = results.get(key), results.get("triton_raw_latency_ms_p99")
+        return round(value / raw, 2) if value is not None and raw else None
+
     rows = [
         (
             "ai_score_latency_ms_p99",
@@ -636,8 +691,17 @@ def main() -> None:
         (
             "triton_raw_latency_ms_p99",
             results.get("triton_raw_latency_ms_p99"),
-            "sidecar p99 <= 1.5x this",
+            "sidecar p99 <= 1.5x this"
+            + (f"; {notes['triton_raw']}" if "triton_raw" in notes else ""),
         ),
+        (
+            "triton_relay_latency_ms_p99",
+            results.get("triton_relay_latency_ms_p99"),
+            "the same calls through a do-nothing grpc.aio hop (bench/grpc_relay.py)"
+            + (f"; {notes['triton_relay']}" if "triton_relay" in notes else ""),
+        ),
+        ("ai_score_over_raw_p99", ratio("ai_score_latency_ms_p99"), "target <= 1.5"),
+        ("relay_over_raw_p99", ratio("triton_relay_latency_ms_p99"), "the hop alone"),
         (
             "ai_score_dead_triton_latency_ms_p99",
             results.get("ai_score_dead_triton_latency_ms_p99"),
