@@ -14,10 +14,13 @@ _EMPTY: Mapping[str, float] = MappingProxyType({})
 class InProcessStore:
     """Records and applied event ids in memory, both bounded by `max_keys`.
 
-    Beyond the bound, expired records go first (expiry is judged by the
-    injected clock, which a training replay moves with event time), then the
-    oldest written. Dropping a dedupe marker early could let a very late
-    redelivery count twice, so the bound should sit well above the working set.
+    Expiry is judged by the injected clock (a training replay moves it with
+    event time), as Redis and Aerospike judge their TTLs: an expired record
+    reads as empty and an increment to it starts afresh; an increment that is
+    already expired when it arrives (history older than its window) writes
+    nothing. Beyond the bound, expired records go first, then the oldest
+    written. Dropping a dedupe marker early could let a very late redelivery
+    count twice, so the bound should sit well above the working set.
     """
 
     name = "in_process"
@@ -32,8 +35,8 @@ class InProcessStore:
         self._applied: dict[str, int] = {}
 
     def apply_sync(self, event_id: str, increments: Sequence[Increment]) -> bool:
+        now_us = self._clock.now_us()
         if event_id:
-            now_us = self._clock.now_us()
             seen_until = self._applied.get(event_id)
             if seen_until is not None and seen_until > now_us:
                 return False
@@ -42,8 +45,10 @@ class InProcessStore:
                 self._prune_applied(now_us)
         records, expiry = self._records, self._expiry_us
         for inc in increments:
+            if 0 < inc.expire_at_us <= now_us:
+                continue
             record = records.get(inc.key)
-            if record is None:
+            if record is None or 0 < expiry[inc.key] <= now_us:
                 record = records[inc.key] = {}
                 expiry[inc.key] = inc.expire_at_us
             record[inc.field] = record.get(inc.field, 0.0) + inc.delta
@@ -52,8 +57,13 @@ class InProcessStore:
         return True
 
     def read_sync(self, keys: Sequence[str]) -> list[Mapping[str, float]]:
-        records = self._records
-        return [records.get(key, _EMPTY) for key in keys]
+        records, expiry, now_us = self._records, self._expiry_us, self._clock.now_us()
+        return [
+            record
+            if (record := records.get(key)) is not None and not 0 < expiry[key] <= now_us
+            else _EMPTY
+            for key in keys
+        ]
 
     async def apply(self, event_id: str, increments: Sequence[Increment]) -> bool:
         return self.apply_sync(event_id, increments)

@@ -20,7 +20,7 @@ from ai_plane.pipeline import Applier, FeaturePipeline, activities_of, backfill,
 from ai_plane.store.memory import InProcessStore
 from triplane.common.v1 import envelope_pb2
 from triplane.runtime import bus
-from triplane.runtime.clock import SystemClock
+from triplane.runtime.clock import Clock, ManualClock, SystemClock
 from triplane.runtime.config import Config, load_config
 
 pytestmark = pytest.mark.nats
@@ -53,8 +53,8 @@ class FlakyStore(InProcessStore):
     """Applies, then fails once for some events: the worst moment to crash
     (after the write, before the ack), so JetStream redelivers them."""
 
-    def __init__(self) -> None:
-        super().__init__(max_keys=1_000_000, dedupe_ttl_s=3600, clock=SystemClock())
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(max_keys=1_000_000, dedupe_ttl_s=3600, clock=clock)
         self.failed: set[str] = set()
 
     async def apply(self, event_id: str, increments: Sequence[Increment]) -> bool:
@@ -65,9 +65,10 @@ class FlakyStore(InProcessStore):
         return applied
 
 
-def _world(tenant: str) -> list[bus.OutgoingEvent]:
+def _world(tenant: str, now_us: int) -> list[bus.OutgoingEvent]:
+    """A synthetic world moved so that its last event happens at `now_us`."""
     data = synth.generate(synth.SynthConfig(seed=21, tenant_id=tenant, customers=15, days=2))
-    shift_us = SystemClock().now_us() - data.events[-1].activity.occurred_at_us
+    shift_us = now_us - data.events[-1].activity.occurred_at_us
     events = []
     for event in data.events:
         moved = dataclasses.replace(
@@ -82,8 +83,8 @@ def _world(tenant: str) -> list[bus.OutgoingEvent]:
     return events
 
 
-def _reference(events: Sequence[bus.OutgoingEvent]) -> InProcessStore:
-    store = InProcessStore(max_keys=1_000_000, dedupe_ttl_s=3600, clock=SystemClock())
+def _reference(events: Sequence[bus.OutgoingEvent], clock: Clock) -> InProcessStore:
+    store = InProcessStore(max_keys=1_000_000, dedupe_ttl_s=3600, clock=clock)
     for event in events:
         for activity in activities_of(envelope_pb2.EventEnvelope.FromString(event.data)):
             store.apply_sync(activity.event_id, updates_for(activity, NAMESPACE))
@@ -116,11 +117,15 @@ async def test_redelivery_never_double_counts_and_backfill_equals_live(
     js: JetStreamContext, nats_url: str
 ) -> None:
     tenant = f"ai{uuid.uuid4().hex[:8]}"
-    events = _world(tenant)
+    # Every store judges expiry at the same fixed moment, so no record can
+    # expire between filling one store and the next (a 10-minute bucket ends
+    # every 2 minutes of wall time).
+    clock = ManualClock(SystemClock().now_us())
+    events = _world(tenant, clock.now_us())
     assert all(await bus.publish_batch(js, events, timeout_s=10))
     config = _config(nats_url, f"ai-test-{tenant}")
-    store = FlakyStore()
-    expected = _reference(events)
+    store = FlakyStore(clock)
+    expected = _reference(events, clock)
     applier = Applier(store, NAMESPACE)
     pipeline = FeaturePipeline(js, config.ai.pipeline, applier, tenant_id=tenant)
     await pipeline.start()
@@ -138,13 +143,13 @@ async def test_redelivery_never_double_counts_and_backfill_equals_live(
     assert (await js.stream_info("TRIPLANE_MONEY")).state.messages == before
 
     # Rebuild from history into an empty store: identical to the live one.
-    rebuilt = InProcessStore(max_keys=1_000_000, dedupe_ttl_s=3600, clock=SystemClock())
+    rebuilt = InProcessStore(max_keys=1_000_000, dedupe_ttl_s=3600, clock=clock)
     read = await backfill(js, Applier(rebuilt, NAMESPACE), tenant, config.ai.pipeline)
     assert read == len(events)
     assert _records(rebuilt) == _records(store)
 
     # A cohort backfill touches only the cohort's accounts.
-    cohort = InProcessStore(max_keys=1_000_000, dedupe_ttl_s=3600, clock=SystemClock())
+    cohort = InProcessStore(max_keys=1_000_000, dedupe_ttl_s=3600, clock=clock)
     await backfill(
         js, Applier(cohort, NAMESPACE, cohort={"acct_000003"}), tenant, config.ai.pipeline
     )

@@ -88,11 +88,23 @@ async def test_never_expiring_records_stay(store: FeatureStore) -> None:
 
 
 async def test_expired_records_are_not_read(store: FeatureStore) -> None:
-    if store.name == "in_process":
-        pytest.skip("in-process expiry is judged at pruning time (test below)")
     key = _key()
     await store.apply("", [Increment(key, "txn_count", 1.0, 1_000_000)])  # long past
     assert await store.read([key]) == [{}]
+
+
+def test_in_process_records_expire_on_the_clock_and_restart_afresh() -> None:
+    clock = ManualClock(1_000)
+    store = InProcessStore(max_keys=100, dedupe_ttl_s=10, clock=clock)
+    store.apply_sync("", [Increment("k", "x", 1.0, 2_000), Increment("k", "y", 5.0, 2_000)])
+    clock.set_us(1_999)
+    assert store.read_sync(["k"]) == [{"x": 1.0, "y": 5.0}]
+    clock.set_us(2_000)
+    assert store.read_sync(["k"]) == [{}]
+    # The next window's increment starts a new record, as a Redis key past
+    # its TTL would: nothing of the expired one is added to it.
+    store.apply_sync("", [Increment("k", "x", 2.0, 3_000)])
+    assert store.read_sync(["k"]) == [{"x": 2.0}]
 
 
 def test_in_process_store_stays_bounded_and_prunes_expired_first() -> None:
