@@ -68,7 +68,9 @@ def _config(state_dir: Path, nats_url: str) -> Config:
         "policy": {"listen": f"127.0.0.1:{free_port()}"},
         "ai": {"listen": f"127.0.0.1:{free_port()}"},
         "gateway": {
-            "listen": f"127.0.0.1:{free_port()}",
+            # Bound by the test itself after the stack is up, so port 0: a port
+            # picked now could be an outgoing connection's by then (seen once).
+            "listen": "127.0.0.1:0",
             "holdout_share": 0.0,
             "metrics_listen": f"127.0.0.1:{free_port()}",
             "measurement": {"metrics_interval_s": 0.2},

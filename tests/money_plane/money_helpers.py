@@ -116,6 +116,9 @@ class BackendPlace:
 # ---- the raw reader ----
 
 
+PROBE_STATEMENT_TIMEOUT_MS = 60_000
+
+
 class DbProbe:
     """Plain SQL against the ledger's tables, on a connection of its own."""
 
@@ -130,14 +133,35 @@ class DbProbe:
                 self._conn = sqlite3.connect(str(self.where), isolation_level=None)
                 self._conn.execute("PRAGMA busy_timeout=10000")
             else:
-                self._conn = psycopg.connect(str(self.where), autocommit=True)
+                # A read that waits this long is stuck behind a lock: fail with
+                # what every session of the database is doing (one such wait
+                # hung a full run until pytest-timeout, with nothing to show).
+                self._conn = psycopg.connect(
+                    str(self.where),
+                    autocommit=True,
+                    options=f"-c statement_timeout={PROBE_STATEMENT_TIMEOUT_MS}",
+                )
         return self._conn
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         if self.backend == "sqlite":
             sql = sql.replace("%s", "?")
-        cur = self._connection().execute(sql, tuple(params))
+        try:
+            cur = self._connection().execute(sql, tuple(params))
+        except psycopg.errors.QueryCanceled as error:
+            sessions = self._sessions()
+            raise AssertionError(f"probe read stuck: {error}; sessions: {sessions}") from None
         return [tuple(r) for r in cur.fetchall()]
+
+    def _sessions(self) -> list[tuple[Any, ...]]:
+        with psycopg.connect(str(self.where), autocommit=True) as conn:
+            return [
+                tuple(r)
+                for r in conn.execute(
+                    "SELECT pid, state, wait_event_type, wait_event, xact_start, "
+                    "left(query, 200) FROM pg_stat_activity WHERE datname = current_database()"
+                ).fetchall()
+            ]
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.rows(sql, params)[0][0]
