@@ -744,7 +744,7 @@ def main() -> None:
         (
             "pytriton_raw_latency_ms_p50",
             results.get("pytriton_raw_latency_ms_p50"),
-            "PyTriton proxy path",
+            "PyTriton proxy path" + (f" ({notes['pytriton']})" if "pytriton" in notes else ""),
         ),
         (
             "triton_plain_raw_latency_ms_p50",
