@@ -93,6 +93,10 @@ def test_unknown_key_in_file_is_refused_naming_it(tmp_path: Path) -> None:
 def test_invalid_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="postgres_dsn"):
         load_config(environ={"TRIPLANE__MONEY__STORE__BACKEND": "postgres"})
+    with pytest.raises(ConfigError, match=r"ai\.breaker\.failure_rate"):
+        load_config(environ={"TRIPLANE__AI__BREAKER__FAILURE_RATE": "1.5"})
+    with pytest.raises(ConfigError, match=r"ai\.breaker"):
+        load_config(environ={"TRIPLANE__AI__BREAKER__WINDOW_S": "0"})
 
 
 def test_with_overrides_keeps_the_rest() -> None:
