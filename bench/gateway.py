@@ -10,8 +10,12 @@ queueing shows), nearest-rank percentiles. A failed call is counted
 
 What limits the rate: the CPU each process spends per request during the
 closed loop (`<flow>_cpu_ms_per_request_<process>`, from /proc: each plane's
-process and its descendants, so Triton counts with the AI plane). Their sum against the
-machine's cores bounds the throughput whatever the concurrency.
+process and its descendants, so Triton counts with the AI plane; `client` is
+this process, the load generator). Their sum against the machine's cores bounds
+the throughput whatever the concurrency. The echo server's call is measured the
+same way (`grpc_echo_cpu_ms_per_call`, server and client), so when both are
+CPU-bound on the same cores, echo CPU / flow CPU is the most a flow's rate can
+be as a share of the echo rate: the table prints it as the flow's ceiling.
 """
 
 from __future__ import annotations
@@ -127,7 +131,9 @@ async def open_loop(call: Call, rate_per_s: float, run_s: float) -> list[float]:
     return latencies
 
 
-async def bench_echo() -> float:
+async def bench_echo() -> dict[str, float]:
+    """The echo ceiling, and the CPU one bare call costs its server and its
+    client (this process): the unit every flow's CPU is compared with."""
     address = f"127.0.0.1:{free_port()}"
     process = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, address])  # noqa: ASYNC220
     try:
@@ -140,7 +146,19 @@ async def bench_echo() -> float:
                 return await echo(payload, timeout=RPC_TIMEOUT_S)
 
             await closed_loop(call, 1.0, CONCURRENCY)
-            return await closed_loop(call, RUN_S, CONCURRENCY)
+            server_before, client_before = tree_cpu_s(process.pid), time.process_time()
+            started = time.monotonic()
+            rate = await closed_loop(call, RUN_S, CONCURRENCY)
+            calls = max(1.0, rate * (time.monotonic() - started))
+            return {
+                "grpc_echo_per_s": rate,
+                "grpc_echo_cpu_ms_per_call_server": (tree_cpu_s(process.pid) - server_before)
+                * 1000.0
+                / calls,
+                "grpc_echo_cpu_ms_per_call_client": (time.process_time() - client_before)
+                * 1000.0
+                / calls,
+            }
     finally:
         process.terminate()
         process.wait(10)
@@ -219,13 +237,18 @@ async def bench_flows(state_dir: Path) -> dict[str, float]:
                 call = errors.wrap(flow)
                 await closed_loop(call, 1.0, CONCURRENCY)  # warm-up
                 cpu_before = {p.name: tree_cpu_s(p.pid) for p in stack.processes}
+                client_before = time.process_time()
                 started = time.monotonic()
                 rate = await closed_loop(call, RUN_S, CONCURRENCY)
-                requests = rate * (time.monotonic() - started)
+                requests = max(1.0, rate * (time.monotonic() - started))
+                spent = {"client": time.process_time() - client_before}
                 for process in stack.processes:
-                    spent_s = tree_cpu_s(process.pid) - cpu_before[process.name]
-                    key = f"{name}_cpu_ms_per_request_{process.name}"
-                    results[key] = spent_s * 1000.0 / max(1.0, requests)
+                    spent[process.name] = tree_cpu_s(process.pid) - cpu_before[process.name]
+                for process_name, spent_s in spent.items():
+                    key = f"{name}_cpu_ms_per_request_{process_name}"
+                    results[key] = spent_s * 1000.0 / requests
+                total_ms = sum(spent.values()) * 1000.0 / requests
+                results[f"{name}_cpu_ms_per_request_total"] = total_ms
                 latencies = await open_loop(call, rate / 2, LATENCY_S)
                 results[f"{name}_per_s"] = rate
                 results[f"{name}_latency_ms_p50"] = percentile(latencies, 50)
@@ -237,10 +260,14 @@ async def bench_flows(state_dir: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    echo_per_s = asyncio.run(bench_echo())
+    echo = asyncio.run(bench_echo())
+    echo_per_s = echo["grpc_echo_per_s"]
+    echo_cpu_ms = (
+        echo["grpc_echo_cpu_ms_per_call_server"] + echo["grpc_echo_cpu_ms_per_call_client"]
+    )
     with tempfile.TemporaryDirectory(prefix="triplane-bench-gw-") as tmp:
         flows = asyncio.run(bench_flows(Path(tmp)))
-    figures: dict[str, float] = {"grpc_echo_per_s": echo_per_s, **flows}
+    figures: dict[str, float] = {**echo, **flows}
     merge_results(figures)
     print_table(
         "gateway",
@@ -259,7 +286,23 @@ def main() -> None:
             *(
                 (key, value, "CPU per request (closed loop)")
                 for key, value in flows.items()
-                if "_cpu_ms_per_request_" in key
+                if "_cpu_ms_per_request_" in key and not key.endswith("_total")
+            ),
+            (
+                "grpc_echo_cpu_ms_per_call",
+                echo_cpu_ms,
+                f"server {echo['grpc_echo_cpu_ms_per_call_server']:.2f} + client "
+                f"{echo['grpc_echo_cpu_ms_per_call_client']:.2f}: one bare call",
+            ),
+            *(
+                (
+                    f"{flow}_cpu_ms_per_request_total",
+                    flows[f"{flow}_cpu_ms_per_request_total"],
+                    f"every process; CPU-bound ceiling {echo_cpu_ms / total:.2f}x echo"
+                    if (total := flows[f"{flow}_cpu_ms_per_request_total"])
+                    else "",
+                )
+                for flow in ("authorize", "decide")
             ),
             ("authorize_errors", flows["authorize_errors"], "failed calls"),
             ("decide_errors", flows["decide_errors"], "failed calls"),
