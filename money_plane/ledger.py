@@ -336,9 +336,16 @@ class Ledger:
                 for t, r in due
             ]
         )
-        for outcome in outcomes:
+        for (tenant_id, reserve_id), outcome in zip(due, outcomes, strict=True):
             if outcome.error is not None:
-                log.error("reserve release refused: %s", outcome.error.reason)
+                log.error(
+                    "reserve release refused (%s): reserve %s of tenant %s is tried again "
+                    "in %d s (money.reserves.refused_retry_s)",
+                    outcome.error.reason,
+                    reserve_id,
+                    tenant_id,
+                    self.config.reserves.refused_retry_s,
+                )
         return sum(1 for o in outcomes if o.entry is not None)
 
     async def _run_internal(self, commands: list[Command]) -> list[Outcome]:

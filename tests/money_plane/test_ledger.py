@@ -5,6 +5,7 @@ idempotency, batches, tenant walls, decision tokens and reads."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -323,6 +324,26 @@ async def test_rolling_reserve_is_released_exactly_once(kit: Kit) -> None:
     keys = kit.probe.entries_by_key(kit.tenant)
     releases = {k: n for k, n in keys.items() if k.startswith("reserve-release:")}
     assert list(releases.values()) == [1]
+    await kit.assert_balanced()
+
+
+async def test_a_refused_release_is_reported_by_id_and_tried_again_later(
+    kit: Kit, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _reserve_payment(kit)
+    await kit.ok(kit.move(key(), "reserve", "bank", 1_000))  # the reserve is spent
+    kit.clock.advance(DAY_S)
+    with caplog.at_level(logging.ERROR, logger="triplane.money.ledger"):
+        assert await kit.ledger.release_due_reserves() == 0
+        assert await kit.ledger.release_due_reserves() == 0  # deferred: not due again yet
+    reports = [r.getMessage() for r in caplog.records if "reserve release refused" in r.message]
+    assert len(reports) == 1, reports
+    assert "INSUFFICIENT_FUNDS" in reports[0] and kit.tenant in reports[0] and "rsv_" in reports[0]
+    # With the money back and the retry delay past, the release goes through, once.
+    await kit.ok(kit.move(key(), "bank", "reserve", 1_000))
+    kit.clock.advance(kit.ledger.config.reserves.refused_retry_s)
+    assert await kit.ledger.release_due_reserves() == 1
+    assert await kit.ledger.release_due_reserves() == 0
     await kit.assert_balanced()
 
 
