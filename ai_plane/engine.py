@@ -33,13 +33,13 @@ from ai_plane.features import (
 )
 from ai_plane.scorer import FloatArray, Scorer, ScoreResult
 from ai_plane.store.base import FeatureStore
-from ai_plane.synth import OFFERS
 from ai_plane.training import PROPENSITY_MODEL, RISK_MODEL
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import AiConfig
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument, NotFound
 from triplane.runtime.pii import refuse_pii
+from triplane_sim.synth import OFFERS
 
 log = logging.getLogger("triplane.ai.engine")
 

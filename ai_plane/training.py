@@ -17,7 +17,7 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
-from ai_plane import drift, synth
+from ai_plane import drift
 from ai_plane.features import (
     FEATURE_SET_VERSION,
     PROPENSITY_FEATURES,
@@ -34,6 +34,7 @@ from ai_plane.features import (
 )
 from ai_plane.store.memory import InProcessStore
 from triplane.runtime.clock import ManualClock
+from triplane_sim import synth
 
 CODE_VERSION = "ai-train-1"
 RISK_MODEL = "payment_risk"

@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triplane.runtime.config import AiTritonConfig
+from triplane.runtime.net import free_port
 
 log = logging.getLogger("triplane.ai.triton")
 
@@ -73,13 +73,6 @@ def find_dist() -> TritonDist:
         if not path.exists():
             raise TritonUnavailable(f"missing {path}")
     return dist
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def model_config(name: str, versions: list[int], n_features: int, config: AiTritonConfig) -> str:

@@ -57,14 +57,13 @@ import lightgbm as lgb
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ai_plane import bandit_eval, synth, training
+from ai_plane import training
 from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.features import EntityRef, keys_for, stored_features, updates_for
-from ai_plane.pipeline import synthetic_envelope
 from ai_plane.scorer import TritonClient
 from ai_plane.store.base import FeatureStore, read_stored_features
 from ai_plane.store.memory import InProcessStore
-from ai_plane.triton import ModelRepository, TritonProcess, free_port
+from ai_plane.triton import ModelRepository, TritonProcess
 from bench.common import merge_results, percentile, print_table
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
@@ -72,7 +71,10 @@ from triplane.common.v1 import types_pb2
 from triplane.runtime import bus
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import load_config
-from triplane.runtime.natsd import EmbeddedNats, port_open
+from triplane.runtime.net import free_port, port_open
+from triplane_sim import bandit_eval, synth
+from triplane_sim.spine import synthetic_envelope
+from triplane_tools.natsd import EmbeddedNats
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = int(os.environ.get("TRIPLANE_BENCH_AI_RATE", "500"))

@@ -35,13 +35,13 @@ from typing import Any
 import grpc
 
 from bench.common import merge_results, percentile, print_table, tree_cpu_s
-from gateway.demo_world import World, seed
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.runtime.config import load_config
-from triplane.runtime.natsd import free_port
-from triplane.runtime.stack import Stack
+from triplane.runtime.net import free_port
+from triplane_sim.demo_world import World, seed
+from triplane_tools.stack import Stack
 
 TENANT = "bench"
 CONCURRENCY = 32

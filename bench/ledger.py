@@ -60,8 +60,9 @@ from bench.common import TICK_S, merge_results, percentile, print_table, proc_st
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
-from triplane.runtime.natsd import EmbeddedNats, free_port, port_open
+from triplane.runtime.net import free_port, port_open
 from triplane.runtime.tokens import DecisionClaims, TokenSigner, load_signer
+from triplane_tools.natsd import EmbeddedNats
 
 CLIENTS = int(os.environ.get("TRIPLANE_BENCH_CLIENTS", "32"))
 DURATION_S = float(os.environ.get("TRIPLANE_BENCH_SECONDS", "15"))

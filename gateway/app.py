@@ -31,9 +31,9 @@ from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.errors import NotFound, TriplaneError
+from triplane.runtime.net import dial_address
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer
-from triplane.runtime.stack import dial_address
 from triplane.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.app")

@@ -29,9 +29,9 @@ import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
 from gateway.experiments import HOLDOUT_ARM
-from policy_plane.db import Database, Tx
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import MeasurementConfig
+from triplane.runtime.db import Database, Tx
 from triplane.runtime.errors import InvalidArgument, NotFound
 
 ALL = "*"

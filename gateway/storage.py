@@ -1,6 +1,6 @@
 """The engagement database (deliveries, trigger state, exposures, outcomes).
 
-It reuses the one portable database layer (`policy_plane.db`: SQLite embedded,
+It reuses the one portable database layer (`triplane.runtime.db`: SQLite embedded,
 PostgreSQL at scale, the same SQL on both) rather than a second one.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from policy_plane.db import Database
 from triplane.runtime.config import Config, GatewayStoreConfig
+from triplane.runtime.db import Database
 from triplane.runtime.errors import InvalidArgument
 
 __all__ = ["Database", "open_engagement_db"]

@@ -27,10 +27,10 @@ from typing import Any, Protocol
 import msgspec
 
 from gateway.delivery.model import Delivery, DeliveryRecord
-from policy_plane.db import Database, Tx
 from triplane.runtime import currencies
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import TriggerRuleConfig, TriggersConfig
+from triplane.runtime.db import Database, Tx
 from triplane.runtime.errors import InvalidArgument, TriplaneError
 
 log = logging.getLogger("gateway.triggers")

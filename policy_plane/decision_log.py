@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from policy_plane.db import is_unique_violation
 from policy_plane.model import DecisionRecord, canonical_encoder, record_decoder
 from policy_plane.store import CaseRow, ChainMark, LogRow, PolicyStore
+from triplane.runtime.db import is_unique_violation
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from triplane.runtime.tasks import cancel_and_wait

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from policy_plane.db import Database, Row, Tx
 from triplane.runtime.bus import OutgoingEvent
+from triplane.runtime.db import Database, Row, Tx
 
 SCHEMA_DDL = """
 CREATE TABLE IF NOT EXISTS policy_tenants (

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from triplane.runtime.natsd import EmbeddedNats, port_open
+from triplane.runtime.net import port_open
+from triplane_tools.natsd import EmbeddedNats
 
 PG_HOST = os.environ.get("TRIPLANE_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TRIPLANE_TEST_PG_PORT", "5432"))

@@ -17,9 +17,9 @@ from gateway.delivery.adapters import (
 from gateway.delivery.model import CHANNELS, Delivery, DeliveryRecord, SendOutcome
 from gateway.delivery.service import DeliveryService
 from gateway.delivery.store import DeliveryStore
-from policy_plane.db import Database
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import DeliveryConfig
+from triplane.runtime.db import Database
 
 __all__ = [
     "CHANNELS",

@@ -16,7 +16,7 @@ import hashlib
 import msgspec
 
 from gateway.delivery.model import DeliveryRecord
-from policy_plane.db import Database, Row
+from triplane.runtime.db import Database, Row
 
 DDL = """
 CREATE TABLE IF NOT EXISTS gw_deliveries (

@@ -14,9 +14,9 @@ import grpc
 from ai_helpers import payment, require_triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ai_plane.triton import free_port
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
+from triplane.runtime.net import free_port
 
 
 def _tritonservers_under(path: Path) -> list[int]:

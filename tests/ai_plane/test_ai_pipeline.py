@@ -14,14 +14,15 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from ai_plane import synth
 from ai_plane.features import Increment, updates_for
-from ai_plane.pipeline import Applier, FeaturePipeline, activities_of, backfill, synthetic_envelope
+from ai_plane.pipeline import Applier, FeaturePipeline, activities_of, backfill
 from ai_plane.store.memory import InProcessStore
 from triplane.common.v1 import envelope_pb2
 from triplane.runtime import bus
 from triplane.runtime.clock import Clock, ManualClock, SystemClock
 from triplane.runtime.config import Config, load_config
+from triplane_sim import synth
+from triplane_sim.spine import synthetic_envelope
 
 pytestmark = pytest.mark.nats
 NAMESPACE = "live"

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ai_plane import synth
 from ai_plane.features import EntityRef, Increment, keys_for, stored_features, updates_for
 from ai_plane.store.base import FeatureStore, read_stored_features
 from ai_plane.store.memory import InProcessStore
 from triplane.runtime.clock import ManualClock, SystemClock
+from triplane_sim import synth
 
 BACKENDS = ["in_process", "redis", "aerospike"]
 FAR_FUTURE_US = 4_000_000_000_000_000

@@ -17,11 +17,12 @@ from ai_helpers import ai_config, payment, require_triton
 from ai_plane.app import AiPlane
 from ai_plane.breaker import BreakerState, CircuitBreaker
 from ai_plane.scorer import Scorer, TritonClient
-from ai_plane.triton import TritonProcess, free_port
+from ai_plane.triton import TritonProcess
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.deadline import Deadline
+from triplane.runtime.net import free_port
 
 SCORE_TIMEOUT_MS = 40.0
 OPEN_S = 0.5

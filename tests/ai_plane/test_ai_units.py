@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ai_plane import synth
 from ai_plane.bandit import DIMENSION, LinearThompsonBandit
 from ai_plane.breaker import BreakerState, CircuitBreaker
 from ai_plane.drift import PsiMonitor, baseline, psi
@@ -17,6 +16,7 @@ from ai_plane.registry import ModelState, Registry
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.errors import FailedPrecondition, InvalidArgument
 from triplane.runtime.pii import refuse_pii
+from triplane_sim import synth
 
 
 # ---- PII (the recogniser itself is tested in tests/runtime/test_pii.py) ----

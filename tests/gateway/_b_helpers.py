@@ -14,8 +14,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from policy_plane.db import Database
 from triplane.runtime.config import Config, DeliveryConfig, load_config
+from triplane.runtime.db import Database
 
 SECRET = "whsec_" + base64.b64encode(b"triplane-test-secret-0123456789ab").decode()
 

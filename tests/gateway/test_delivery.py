@@ -20,9 +20,9 @@ from gateway.delivery import (
     DeliveryStore,
     build_adapters,
 )
-from policy_plane.db import Database
 from triplane.runtime.clock import ManualClock, SystemClock
 from triplane.runtime.config import ChannelEndpointConfig, DeliveryConfig
+from triplane.runtime.db import Database
 from triplane.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 from ._b_helpers import SECRET, Receiver, delivery_config, open_db, receiver

@@ -19,7 +19,6 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from gateway.app import Gateway
-from gateway.demo_world import daytime_zone
 from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
@@ -27,9 +26,10 @@ from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.errors import parse_rpc_error
-from triplane.runtime.natsd import free_port, port_open
-from triplane.runtime.stack import Stack
+from triplane.runtime.net import free_port, port_open
 from triplane_client import GatewayClient, TriplaneApiError
+from triplane_sim.demo_world import daytime_zone
+from triplane_tools.stack import Stack
 
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(240)]
 

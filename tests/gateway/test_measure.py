@@ -32,7 +32,6 @@ from gateway.measure import (
     z_for,
 )
 from gateway.report import parse_since, register_report
-from policy_plane.db import Database
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import (
     ExperimentArmConfig,
@@ -40,6 +39,7 @@ from triplane.runtime.config import (
     MeasurementConfig,
     load_config,
 )
+from triplane.runtime.db import Database
 from triplane.runtime.errors import InvalidArgument, NotFound
 
 from ._b_helpers import open_db

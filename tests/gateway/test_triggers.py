@@ -27,10 +27,10 @@ from gateway.triggers import (
 )
 from policy_plane.app import build_engine
 from policy_plane.consent import ConsentRecord, ContactProfile, ContactRecord
-from policy_plane.db import Database
 from policy_plane.engine import PolicyEngine
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import ChannelEndpointConfig, TriggersConfig, load_config
+from triplane.runtime.db import Database
 from triplane.runtime.errors import InvalidArgument
 
 from ._b_helpers import SECRET, Receiver, delivery_config, open_db, receiver

@@ -22,7 +22,7 @@ from money_helpers import DbProbe, stream_count, stream_messages, unique_tenant
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
-from triplane.runtime.natsd import free_port
+from triplane.runtime.net import free_port
 from triplane.runtime.tokens import DecisionClaims, TokenSigner, load_signer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ from money_helpers import (
 from money_plane.app import MoneyPlane
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import with_overrides
-from triplane.runtime.natsd import EmbeddedNats
+from triplane_tools.natsd import EmbeddedNats
 
 pytestmark = [pytest.mark.slow, pytest.mark.nats]
 

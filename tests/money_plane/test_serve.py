@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from triplane.money.v1 import money_pb2, money_pb2_grpc
-from triplane.runtime.natsd import free_port
-from triplane.runtime.stack import check_health
+from triplane.runtime.net import free_port
+from triplane_tools.stack import check_health
 
 pytestmark = pytest.mark.postgres
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from policy_plane import cli
 from policy_plane.bundle import shipped_default_path
 from triplane.runtime.clock import ManualClock
-from triplane.runtime.natsd import free_port
+from triplane.runtime.net import free_port
 
 from .conftest import make_config, payment_input, started_engine
 

@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2
 
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.runtime.config import Config, load_config
-from triplane.runtime.natsd import free_port, port_open
-from triplane.runtime.stack import EFFECTIVE_CONFIG_FILE, Stack, StackError, check_health
+from triplane.runtime.net import free_port, port_open
+from triplane_tools.stack import EFFECTIVE_CONFIG_FILE, Stack, StackError, check_health
 
 SERVING = int(health_pb2.HealthCheckResponse.SERVING)
 MONEY_ONLY = [{"name": "money", "module": "money_plane"}]
@@ -205,7 +205,7 @@ def test_triplane_up_stops_everything_on_sigterm(state_dir: Path) -> None:
         TRIPLANE__STACK__PLANES="[{name: money, module: money_plane}]",
     )
     up = subprocess.Popen(
-        [sys.executable, "-m", "triplane.cli", "up"],
+        [sys.executable, "-m", "triplane_tools.cli", "up"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

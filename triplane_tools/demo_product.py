@@ -1,7 +1,7 @@
 """`triplane demo` (`make demo`): the whole product through the public gateway API.
 
 A fresh stack (embedded NATS, SQLite, every plane, the gateway), a synthetic
-tenant (ai_plane.synth customers, merchants and offers), then for the run's
+tenant (triplane_sim.synth customers, merchants and offers), then for the run's
 duration concurrent customers check out (authorize, then capture or void),
 receive next-best-action offers and sometimes convert (with the hidden true
 propensity of the synthetic world), simulate loans and abandon flows (the
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import importlib
 import os
 import random
 import time
@@ -28,13 +27,16 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from ai_plane import synth
-from gateway.demo_world import World, seed
+from gateway import measure, storage
+from gateway.delivery.store import DeliveryStore
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
+from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, with_overrides
-from triplane.runtime.stack import Stack, describe
 from triplane_client import GatewayClient, LedgerAdminClient, TriplaneApiError
+from triplane_sim import synth
+from triplane_sim.demo_world import World, seed
+from triplane_tools.stack import Stack, describe
 
 TENANT = "demo"
 RPC_TIMEOUT_S = 5.0
@@ -218,23 +220,18 @@ def _print_summary(tally: Tally, elapsed_s: float) -> None:
 
 def _engagement_report(config: Config) -> None:
     """Webhooks delivered and the lift table, read from the gateway's
-    engagement database once the stack has stopped (B's libraries)."""
+    engagement database once the stack has stopped."""
+    db = storage.open_from_config(config)
     try:
-        storage = importlib.import_module("gateway.storage")
-        measure = importlib.import_module("gateway.measure")
-        delivery_store = importlib.import_module("gateway.delivery.store")
-        from triplane.runtime.clock import SystemClock
-
-        db = storage.open_from_config(config)
-        counts = delivery_store.DeliveryStore(db).counts(TENANT)
+        counts = DeliveryStore(db).counts(TENANT)
         print(f"deliveries        {counts} (delivered = acknowledged by the endpoint)")
         measurement = measure.Measurement(
             measure.MeasurementStore(db), config.gateway.measurement, SystemClock()
         )
         report = asyncio.run(measurement.lift_report(TENANT))
         print("\n" + measure.format_table(report))
-    except Exception as error:  # the engagement libraries are optional here
-        print(f"engagement report unavailable: {error!r}")
+    finally:
+        db.close()
 
 
 class Receiver:

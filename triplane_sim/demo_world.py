@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ai_plane import synth
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2
 from triplane.policy.v1 import policy_pb2
 from triplane_client import LedgerAdminClient, PolicyAdminClient
+from triplane_sim import synth
 
 _PRODUCTS = {
     "cashback_grocery": (policy_pb2.PRODUCT_CASHBACK, 300),

@@ -38,8 +38,8 @@ from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import bus, tokens
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.errors import parse_rpc_error
-from triplane.runtime.natsd import free_port
-from triplane.runtime.stack import Stack, describe
+from triplane.runtime.net import free_port
+from triplane_tools.stack import Stack, describe
 
 T = TypeVar("T")
 
@@ -745,7 +745,7 @@ async def run_demo(options: DemoOptions) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config = demo_config(options, stamp)
     if not options.money_only:
-        from triplane.demo_product import run_product_demo
+        from triplane_tools.demo_product import run_product_demo
 
         return await run_product_demo(config, clean_environ(), options)
     planes = None if options.all_planes else ["money"]

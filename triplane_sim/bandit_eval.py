@@ -18,7 +18,7 @@ import numpy as np
 
 from ai_plane.bandit import LinearThompsonBandit, arm_features
 from ai_plane.scorer import FloatArray
-from ai_plane.synth import OFFERS, true_propensity
+from triplane_sim.synth import OFFERS, true_propensity
 
 
 @dataclass(frozen=True)
