@@ -10,7 +10,8 @@
 #   make proto                regenerate the committed Python stubs from proto/
 #   make proto-check          fail when regenerating the stubs changes the tree
 #   make proto-breaking       buf breaking (FILE) against the previous commit
-#   make lint                 ruff (lint + format check), mypy strict, buf lint
+#   make lint                 ruff (lint + format check), mypy strict, buf lint,
+#                             import-linter (the layer contracts)
 #   make clean                remove state (.triplane/) and caches; keeps .venv
 #   make distclean            clean, and remove .venv
 
@@ -111,7 +112,8 @@ lint: venv
 	echo "== ruff check"; $(BIN)/ruff check . || rc=1; \
 	echo "== ruff format --check"; $(BIN)/ruff format --check . || rc=1; \
 	echo "== mypy (strict) $(MYPY_TARGETS)"; $(BIN)/mypy $(MYPY_TARGETS) || rc=1; \
-	echo "== buf lint proto"; $(BIN)/buf lint proto || rc=1; \
+	echo "== buf lint (workspace buf.yaml at the root)"; $(BIN)/buf lint || rc=1; \
+	echo "== import-linter (the layers)"; $(BIN)/lint-imports || rc=1; \
 	exit $$rc
 
 clean:
