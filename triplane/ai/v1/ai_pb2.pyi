@@ -132,6 +132,7 @@ class PaymentContext(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    LOCAL_HOUR_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     account_id: _builtins.str
     """Token of the paying account (never a PAN)."""
@@ -141,6 +142,12 @@ class PaymentContext(_message.Message):
     merchant_category: _builtins.str
     """ISO 18245 merchant category code, e.g. "5411"."""
     channel: Global___Channel.ValueType
+    local_hour: _builtins.int
+    """The customer's local hour of day (0..23) when the payment was attempted,
+    from their time zone (the gateway knows it). Unset: the UTC hour of
+    occurred_at. The risk model learned local hours: a payment at 02:00 in the
+    customer's own night is judged as such, not as 02:00 UTC.
+    """
     @_builtins.property
     def amount(self) -> _types_pb2.Money: ...
     @_builtins.property
@@ -163,12 +170,15 @@ class PaymentContext(_message.Message):
         channel: Global___Channel.ValueType = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        local_hour: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "occurred_at", b"occurred_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_local_hour", b"_local_hour", "amount", b"amount", "local_hour", b"local_hour", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "attributes", b"attributes", "channel", b"channel", "device_id", b"device_id", "merchant_category", b"merchant_category", "merchant_id", b"merchant_id", "occurred_at", b"occurred_at", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_local_hour", b"_local_hour", "account_id", b"account_id", "amount", b"amount", "attributes", b"attributes", "channel", b"channel", "device_id", b"device_id", "local_hour", b"local_hour", "merchant_category", b"merchant_category", "merchant_id", b"merchant_id", "occurred_at", b"occurred_at", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__local_hour: _TypeAlias = _typing.Literal["local_hour"]  # noqa: Y015
+    _WhichOneofArgType__local_hour: _TypeAlias = _typing.Literal["_local_hour", b"_local_hour"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__local_hour) -> _WhichOneofReturnType__local_hour | None: ...
 
 Global___PaymentContext: _TypeAlias = PaymentContext  # noqa: Y015
 
@@ -289,24 +299,67 @@ Global___ScoreResponse: _TypeAlias = ScoreResponse  # noqa: Y015
 
 @_typing.final
 class OfferCandidate(_message.Message):
+    """OfferCandidate is an eligible offer as the partner's catalog describes it.
+    The propensity model sees the catalog entry (product, value, attributes),
+    never the offer id: a tenant's own offers are ranked on what they are.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     OFFER_ID_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
     offer_id: _builtins.str
+    """Identifies the offer in the answer and the bandit's arm; not a model input."""
+    product: _builtins.str
+    """The catalog product, e.g. "cashback", "bnpl" (the policy plane's product
+    name in lower case); hashed into the model's offer features.
+    """
     @_builtins.property
     def value(self) -> _types_pb2.Money:
-        """Value of the offer to the platform if taken (for arbitration by the gateway)."""
+        """Value of the offer to the platform if taken (for arbitration by the gateway;
+        its log is a model input).
+        """
+
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The partner's attributes of the offer from its catalog entry, e.g.
+        {"category": "grocery"}; each pair is hashed into the model's offer
+        features. Bounded like PaymentContext.attributes and checked for PII.
+        """
 
     def __init__(
         self,
         *,
         offer_id: _builtins.str = ...,
         value: _types_pb2.Money | None = ...,
+        product: _builtins.str = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_id", b"offer_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "offer_id", b"offer_id", "product", b"product", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -739,7 +792,9 @@ class TrainModelRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     seed: _builtins.int
-    """Generator seed; 0: the configured default."""
+    """Seed of the dataset to train on (the file seed-<seed>.npz, see TrainModel),
+    also LightGBM's seed; 0: ai.models.seed.
+    """
     def __init__(
         self,
         *,

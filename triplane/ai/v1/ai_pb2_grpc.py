@@ -305,8 +305,13 @@ class ModelRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TrainModel(self, request, context):
-        """Trains a new draft version on the seeded synthetic data. Training is
-        deterministic: the same seed gives the same artifact hash and version.
+        """Trains a new draft version on a dataset file the plane reads from
+        <ai.models.dir>/datasets/<model>/seed-<seed>.npz under the state dir
+        (written by `triplane ai datasets` or `triplane ai bootstrap`, which replay
+        the synthetic world; the plane itself generates no data). No such file:
+        FAILED_PRECONDITION with reason NO_TRAINING_DATA (DATASET_STALE when it
+        was made for other features). Training is deterministic: the same dataset
+        and seed give the same artifact hash and version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

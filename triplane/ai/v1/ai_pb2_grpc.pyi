@@ -129,8 +129,13 @@ class ModelRegistryServiceStub:
     ListModelVersions: _grpc.UnaryUnaryMultiCallable[_ai_pb2.ListModelVersionsRequest, _ai_pb2.ListModelVersionsResponse]
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_ai_pb2.GetModelVersionRequest, _ai_pb2.GetModelVersionResponse]
     TrainModel: _grpc.UnaryUnaryMultiCallable[_ai_pb2.TrainModelRequest, _ai_pb2.TrainModelResponse]
-    """Trains a new draft version on the seeded synthetic data. Training is
-    deterministic: the same seed gives the same artifact hash and version.
+    """Trains a new draft version on a dataset file the plane reads from
+    <ai.models.dir>/datasets/<model>/seed-<seed>.npz under the state dir
+    (written by `triplane ai datasets` or `triplane ai bootstrap`, which replay
+    the synthetic world; the plane itself generates no data). No such file:
+    FAILED_PRECONDITION with reason NO_TRAINING_DATA (DATASET_STALE when it
+    was made for other features). Training is deterministic: the same dataset
+    and seed give the same artifact hash and version.
     """
     PromoteModel: _grpc.UnaryUnaryMultiCallable[_ai_pb2.PromoteModelRequest, _ai_pb2.PromoteModelResponse]
     """Moves a version along draft -> approved -> live -> retired."""
@@ -147,8 +152,13 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     ListModelVersions: _aio.UnaryUnaryMultiCallable[_ai_pb2.ListModelVersionsRequest, _ai_pb2.ListModelVersionsResponse]  # type: ignore[assignment]
     GetModelVersion: _aio.UnaryUnaryMultiCallable[_ai_pb2.GetModelVersionRequest, _ai_pb2.GetModelVersionResponse]  # type: ignore[assignment]
     TrainModel: _aio.UnaryUnaryMultiCallable[_ai_pb2.TrainModelRequest, _ai_pb2.TrainModelResponse]  # type: ignore[assignment]
-    """Trains a new draft version on the seeded synthetic data. Training is
-    deterministic: the same seed gives the same artifact hash and version.
+    """Trains a new draft version on a dataset file the plane reads from
+    <ai.models.dir>/datasets/<model>/seed-<seed>.npz under the state dir
+    (written by `triplane ai datasets` or `triplane ai bootstrap`, which replay
+    the synthetic world; the plane itself generates no data). No such file:
+    FAILED_PRECONDITION with reason NO_TRAINING_DATA (DATASET_STALE when it
+    was made for other features). Training is deterministic: the same dataset
+    and seed give the same artifact hash and version.
     """
     PromoteModel: _aio.UnaryUnaryMultiCallable[_ai_pb2.PromoteModelRequest, _ai_pb2.PromoteModelResponse]  # type: ignore[assignment]
     """Moves a version along draft -> approved -> live -> retired."""
@@ -180,8 +190,13 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ai_pb2.TrainModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ai_pb2.TrainModelResponse, _abc.Awaitable[_ai_pb2.TrainModelResponse]]:
-        """Trains a new draft version on the seeded synthetic data. Training is
-        deterministic: the same seed gives the same artifact hash and version.
+        """Trains a new draft version on a dataset file the plane reads from
+        <ai.models.dir>/datasets/<model>/seed-<seed>.npz under the state dir
+        (written by `triplane ai datasets` or `triplane ai bootstrap`, which replay
+        the synthetic world; the plane itself generates no data). No such file:
+        FAILED_PRECONDITION with reason NO_TRAINING_DATA (DATASET_STALE when it
+        was made for other features). Training is deterministic: the same dataset
+        and seed give the same artifact hash and version.
         """
 
     @_abc_1.abstractmethod

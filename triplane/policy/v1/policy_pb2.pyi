@@ -1887,6 +1887,26 @@ class Offer(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TENANT_ID_FIELD_NUMBER: _builtins.int
     OFFER_ID_FIELD_NUMBER: _builtins.int
     PRODUCT_FIELD_NUMBER: _builtins.int
@@ -1906,6 +1926,7 @@ class Offer(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     offer_id: _builtins.str
     product: Global___Product.ValueType
@@ -1943,6 +1964,15 @@ class Offer(_message.Message):
     def ends_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The partner's description of the offer, e.g. {"category": "grocery",
+        "benefit": "cashback"}: what the AI plane's propensity model sees of it
+        besides product and value (never the offer id). Keys match
+        [A-Za-z0-9_.:-]{1,64}; at most policy.limits.max_offer_attributes pairs,
+        each value at most policy.limits.max_offer_attribute_length characters.
+        """
+
     def __init__(
         self,
         *,
@@ -1965,10 +1995,11 @@ class Offer(_message.Message):
         status: Global___OfferStatus.ValueType = ...,
         revision: _builtins.int = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "starts_at", b"starts_at", "updated_at", b"updated_at", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "conversion_events", b"conversion_events", "cooldown_s", b"cooldown_s", "eligibility", b"eligibility", "ends_at", b"ends_at", "max_contacts_per_week", b"max_contacts_per_week", "never_show", b"never_show", "offer_id", b"offer_id", "product", b"product", "regions", b"regions", "revision", b"revision", "starts_at", b"starts_at", "status", b"status", "tenant_id", b"tenant_id", "title", b"title", "topic", b"topic", "updated_at", b"updated_at", "value", b"value", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "channels", b"channels", "conversion_events", b"conversion_events", "cooldown_s", b"cooldown_s", "eligibility", b"eligibility", "ends_at", b"ends_at", "max_contacts_per_week", b"max_contacts_per_week", "never_show", b"never_show", "offer_id", b"offer_id", "product", b"product", "regions", b"regions", "revision", b"revision", "starts_at", b"starts_at", "status", b"status", "tenant_id", b"tenant_id", "title", b"title", "topic", b"topic", "updated_at", b"updated_at", "value", b"value", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2150,6 +2181,26 @@ Global___ListOffersResponse: _TypeAlias = ListOffersResponse  # noqa: Y015
 class EligibleOffer(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     OFFER_ID_FIELD_NUMBER: _builtins.int
     PRODUCT_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
@@ -2157,6 +2208,7 @@ class EligibleOffer(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     CONVERSION_EVENTS_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
     offer_id: _builtins.str
     product: Global___Product.ValueType
     channel: Global___Channel.ValueType
@@ -2172,6 +2224,10 @@ class EligibleOffer(_message.Message):
         so the gateway can attribute conversions to the exposure.
         """
 
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The offer's catalog attributes (Offer.attributes), passed to ranking."""
+
     def __init__(
         self,
         *,
@@ -2182,10 +2238,11 @@ class EligibleOffer(_message.Message):
         value: _types_pb2.Money | None = ...,
         revision: _builtins.int = ...,
         conversion_events: _abc.Iterable[_builtins.str] | None = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value", "variant", b"variant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "conversion_events", b"conversion_events", "offer_id", b"offer_id", "product", b"product", "revision", b"revision", "value", b"value", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "channel", b"channel", "conversion_events", b"conversion_events", "offer_id", b"offer_id", "product", b"product", "revision", b"revision", "value", b"value", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
