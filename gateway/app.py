@@ -9,7 +9,6 @@ import contextlib
 import importlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -25,11 +24,13 @@ from gateway.pii import Tokenizer, load_secret
 from gateway.planes import GrpcAi, GrpcMoney, GrpcPolicy, NatsEventSink, PlaneChannels
 from gateway.ports import Assigned, ExperimentsPort, IngestedEvent, MeasurementPort, TriggersPort
 from gateway.service import DeadLetters, GatewayServicer, gateway_services
+from gateway.storage import open_idempotency_db
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.policy.v1 import policy_pb2
 from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
+from triplane.runtime.db import Database
 from triplane.runtime.errors import NotFound, TriplaneError
 from triplane.runtime.net import dial_address
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
@@ -187,6 +188,7 @@ class Gateway:
     relay: OutboxRelay | None = None
     _relay_task: asyncio.Task[None] | None = None
     nats: NatsClient | None = None
+    store_db: Database | None = None
     store: IdempotencyStore | None = None
     engagement: Any = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -207,10 +209,8 @@ class Gateway:
             await bus.ensure_streams(js, config.nats, ["TRIPLANE_GATEWAY"])
         else:
             log.warning("nats.url is empty: events are not published")
-        path = Path(gateway.idempotency.sqlite_path)
-        if not path.is_absolute():
-            path = config.state_path / path
-        self.store = IdempotencyStore(gateway.idempotency, path, self.clock)
+        self.store_db = open_idempotency_db(gateway.idempotency, config.state_path)
+        self.store = IdempotencyStore(gateway.idempotency, self.store_db, self.clock)
         await self.store.start()
         self.events = NatsEventSink(js, config.nats.publish_timeout_s, self.store)
         if js is not None:
@@ -426,6 +426,8 @@ class Gateway:
         await self._drain_outbox()
         if self.store is not None:
             await self.store.stop()
+        if self.store_db is not None:
+            self.store_db.close()
         if self.nats is not None:
             with contextlib.suppress(Exception):
                 await self.nats.close()

@@ -3,11 +3,13 @@
 A record is keyed by (tenant, RPC, idempotency key) and holds the request's
 flattened fields (so a reuse with another payload is refused naming the first
 field that differs) and the serialized answer. Records live in memory (bounded,
-oldest dropped first) and in SQLite, written in batches by one background task
-(group commit), so remembering costs the hot path no disk wait; a lookup that
-misses memory reads SQLite on the event loop through its own connection (WAL
-readers never wait for the writer, and a primary-key read costs microseconds,
-less than handing it to a thread). The planes keep
+oldest dropped first) and in the runtime's storage layer
+(`triplane.runtime.db`: SQLite embedded, PostgreSQL at scale, the same SQL),
+written in batches by one background task (group commit), so remembering costs
+the hot path no disk wait. A lookup that misses memory reads by primary key:
+on SQLite on the event loop (WAL readers never wait for the writer, and the
+read costs microseconds, less than handing it to a thread), on PostgreSQL in a
+worker thread (a network round trip must not stall the loop). The planes keep
 their own keys for good and the gateway derives theirs from the caller's, so a
 record lost in a crash only means the flow runs again and every plane returns
 what it already did: no money moves twice, no decision is made twice.
@@ -29,45 +31,61 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import json
 import logging
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from google.protobuf.message import Message
 
 from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import GatewayIdempotencyConfig
+from triplane.runtime.db import Database
 from triplane.runtime.errors import AlreadyExists, ResourceExhausted
 from triplane.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.idempotency")
 
+# Reader connections the store needs at once: the event loop's lookups and the
+# outbox relay's reads (one at a time each), plus one so neither ever waits.
+READ_CONNECTIONS = 3
+
+# {blob} and {serial_key} are the backend's spellings (Database.blob_type,
+# Database.serial_key); on SQLite this is the schema the store always had, so
+# an existing state directory opens as it is.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS remembered (
   scope TEXT NOT NULL,
   key TEXT NOT NULL,
   fields TEXT NOT NULL,
-  body BLOB NOT NULL,
-  stored_at_us INTEGER NOT NULL,
+  body {blob} NOT NULL,
+  stored_at_us BIGINT NOT NULL,
   PRIMARY KEY (scope, key)
 );
 CREATE INDEX IF NOT EXISTS remembered_age ON remembered (stored_at_us);
 CREATE TABLE IF NOT EXISTS outbox (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  seq {serial_key},
   event_id TEXT NOT NULL UNIQUE,
   subject TEXT NOT NULL,
-  payload BLOB NOT NULL,
-  created_at_us INTEGER NOT NULL,
-  sent_at_us INTEGER
+  payload {blob} NOT NULL,
+  created_at_us BIGINT NOT NULL,
+  sent_at_us BIGINT
 );
-CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at_us IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at_us IS NULL
 """
+_SELECT_REMEMBERED = "SELECT fields, body FROM remembered WHERE scope = ? AND key = ?"
+_UPSERT_REMEMBERED = (
+    "INSERT INTO remembered (scope, key, fields, body, stored_at_us) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
+    "fields = excluded.fields, body = excluded.body, stored_at_us = excluded.stored_at_us"
+)
+# A retried flow re-adds its events under the same ids: kept once.
+_INSERT_EVENT = (
+    "INSERT INTO outbox (event_id, subject, payload, created_at_us) "
+    "VALUES (?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +150,12 @@ def derive_key(tenant_id: str, rpc: str, key: str, step: str) -> str:
 
 
 class IdempotencyStore:
-    def __init__(self, config: GatewayIdempotencyConfig, path: Path, clock: Clock) -> None:
+    """Remembered answers and the gateway's outbox on `db`. The store opens
+    nothing and closes nothing: whoever opened `db` closes it after `stop()`."""
+
+    def __init__(self, config: GatewayIdempotencyConfig, db: Database, clock: Clock) -> None:
         self._config = config
-        self._path = path
+        self._db = db
         self._clock = clock
         # Entries are (fields as JSON, body): strings and bytes only, so the
         # garbage collector never scans the hundreds of thousands it may hold
@@ -148,59 +169,42 @@ class IdempotencyStore:
         # from the bounded memory map.
         self._unflushed: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._wakeup = asyncio.Event()
-        self._db: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
-        self._relay_db: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self._path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        cutoff = self._clock.now_us() - self._config.retention_s * 1_000_000
-        self._db.execute("DELETE FROM remembered WHERE stored_at_us < ?", (cutoff,))
-        self._reader = sqlite3.connect(str(self._path), isolation_level=None)
-        self._reader.execute("PRAGMA query_only=ON")
-        # The relay's own connection (it calls from a worker thread).
-        self._relay_db = sqlite3.connect(
-            str(self._path), check_same_thread=False, isolation_level=None
-        )
-        self._relay_db.execute("PRAGMA synchronous=NORMAL")
+        """Creates the tables, forgets answers past retention, starts the flusher."""
+        cutoff_us = self._clock.now_us() - self._config.retention_s * 1_000_000
+        await asyncio.to_thread(self._prepare, cutoff_us)
         self._task = asyncio.create_task(self._flush_loop(), name="gateway-idempotency-flush")
 
+    def _prepare(self, cutoff_us: int) -> None:
+        db = self._db
+        db.migrate(_SCHEMA.format(blob=db.blob_type, serial_key=db.serial_key))
+        with db.tx() as tx:
+            tx.execute("DELETE FROM remembered WHERE stored_at_us < ?", (cutoff_us,))
+
     async def stop(self) -> None:
+        """Stops the flusher and commits what is queued."""
         await cancel_and_wait([self._task])
         self._task = None
         await self.flush()
-        for name in ("_reader", "_relay_db"):
-            connection = getattr(self, name)
-            if connection is not None:
-                connection.close()
-                setattr(self, name, None)
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     async def get(self, scope: str, key: str) -> Remembered | None:
         found = self._memory.get((scope, key)) or self._unflushed.get((scope, key))
         if found is None:
-            row = self._read(scope, key)
-            if row is None:
-                return None
-            found = (row[0], bytes(row[1]))
-            self._remember_in_memory(scope, key, found)
+            if self._db.reads_are_local:
+                row = self._db.read_one(_SELECT_REMEMBERED, (scope, key))
+            else:
+                row = await asyncio.to_thread(self._db.read_one, _SELECT_REMEMBERED, (scope, key))
+                # A put while the read was away is newer than what it read.
+                found = self._memory.get((scope, key)) or self._unflushed.get((scope, key))
+            if found is None:
+                if row is None:
+                    return None
+                found = (str(row[0]), bytes(row[1]))
+                self._remember_in_memory(scope, key, found)
         return Remembered(json.loads(found[0]), found[1])
-
-    def _read(self, scope: str, key: str) -> tuple[str, bytes] | None:
-        assert self._reader is not None, "store not started"
-        cursor = self._reader.execute(
-            "SELECT fields, body FROM remembered WHERE scope = ? AND key = ?", (scope, key)
-        )
-        row = cursor.fetchone()
-        return None if row is None else (row[0], row[1])
 
     def put(self, scope: str, key: str, fields: Mapping[str, str], body: bytes) -> None:
         self._check_room()
@@ -228,36 +232,31 @@ class IdempotencyStore:
     # The OutboxSource of the relay (blocking; called from a worker thread).
 
     def unsent(self, limit: int) -> list[OutgoingEvent]:
-        assert self._relay_db is not None, "store not started"
-        rows = self._relay_db.execute(
-            "SELECT event_id, subject, payload FROM outbox WHERE sent_at_us IS NULL "
-            "ORDER BY seq LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [OutgoingEvent(row[0], row[1], bytes(row[2])) for row in rows]
+        with self._db.read() as tx:
+            rows = tx.all(
+                "SELECT event_id, subject, payload FROM outbox WHERE sent_at_us IS NULL "
+                "ORDER BY seq LIMIT ?",
+                (limit,),
+            )
+        return [OutgoingEvent(str(row[0]), str(row[1]), bytes(row[2])) for row in rows]
 
     def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
-        assert self._relay_db is not None, "store not started"
-        with contextlib.closing(self._relay_db.cursor()) as cursor:
-            cursor.execute("BEGIN IMMEDIATE")
-            cursor.executemany(
+        with self._db.tx() as tx:
+            tx.execute_many(
                 "UPDATE outbox SET sent_at_us = ? WHERE event_id = ?",
                 [(now_us, event_id) for event_id in event_ids],
             )
-            cursor.execute("COMMIT")
 
     def delete_sent_before(self, before_us: int) -> int:
-        assert self._relay_db is not None, "store not started"
-        cursor = self._relay_db.execute(
-            "DELETE FROM outbox WHERE sent_at_us IS NOT NULL AND sent_at_us < ?", (before_us,)
-        )
-        return cursor.rowcount
+        with self._db.tx() as tx:
+            return tx.execute(
+                "DELETE FROM outbox WHERE sent_at_us IS NOT NULL AND sent_at_us < ?",
+                (before_us,),
+            )
 
     def unsent_count(self) -> int:
-        assert self._reader is not None, "store not started"
-        row = self._reader.execute(
-            "SELECT COUNT(*) FROM outbox WHERE sent_at_us IS NULL"
-        ).fetchone()
+        row = self._db.read_one("SELECT COUNT(*) FROM outbox WHERE sent_at_us IS NULL")
+        assert row is not None, "COUNT(*) always answers one row"
         return int(row[0])
 
     def _remember_in_memory(self, scope: str, key: str, entry: tuple[str, bytes]) -> None:
@@ -270,8 +269,7 @@ class IdempotencyStore:
         async with self._lock:
             batch, self._pending = self._pending, []
             events, self._pending_events = self._pending_events, []
-            if (not batch and not events) or self._db is None:
-                self._pending[:0], self._pending_events[:0] = batch, events
+            if not batch and not events:
                 return
             try:
                 await asyncio.to_thread(self._write, batch, events)
@@ -290,27 +288,10 @@ class IdempotencyStore:
         batch: list[tuple[str, str, str, bytes, int]],
         events: list[tuple[str, str, bytes, int]],
     ) -> None:
-        assert self._db is not None
-        with contextlib.closing(self._db.cursor()) as cursor:
-            cursor.execute("BEGIN IMMEDIATE")
-            try:
-                cursor.executemany(
-                    "INSERT INTO remembered (scope, key, fields, body, stored_at_us) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
-                    "fields = excluded.fields, body = excluded.body, "
-                    "stored_at_us = excluded.stored_at_us",
-                    batch,
-                )
-                # A retried flow re-adds its events under the same ids: kept once.
-                cursor.executemany(
-                    "INSERT INTO outbox (event_id, subject, payload, created_at_us) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-                    events,
-                )
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
-            cursor.execute("COMMIT")
+        """One transaction: the answers and their events commit together."""
+        with self._db.tx() as tx:
+            tx.execute_many(_UPSERT_REMEMBERED, batch)
+            tx.execute_many(_INSERT_EVENT, events)
 
     async def _flush_loop(self) -> None:
         interval_s = self._config.flush_interval_ms / 1000.0

@@ -1,11 +1,10 @@
 """Unit and property tests of the gateway's pure parts: arbitration, PII
-tokenization and the remembered answers of mutating RPCs (no planes needed)."""
+tokenization and the request comparison behind remembered answers (no planes
+needed; the store itself is tested in test_idempotency.py)."""
 
 from __future__ import annotations
 
 import collections
-import uuid
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,23 +12,11 @@ from hypothesis import strategies as st
 
 from gateway import arbitration
 from gateway.arbitration import Candidate
-from gateway.idempotency import IdempotencyStore, check_same, first_difference, flatten
-from gateway.nba import EXPOSURE_EVENT
+from gateway.idempotency import first_difference, flatten
 from gateway.pii import Tokenizer, normalize
-from tests.money_plane.money_helpers import stream_messages
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
-from triplane.runtime import bus
-from triplane.runtime.bus import OutgoingEvent, subject_for
-from triplane.runtime.clock import ManualClock
-from triplane.runtime.config import (
-    GatewayArbitrationConfig,
-    GatewayIdempotencyConfig,
-    OfferLeverConfig,
-    load_config,
-)
-from triplane.runtime.errors import AlreadyExists, ResourceExhausted
-from triplane.runtime.outbox import OutboxRelay, RelaySettings
+from triplane.runtime.config import GatewayArbitrationConfig, OfferLeverConfig
 
 # ---------------------------------------------------------------- arbitration
 
@@ -194,147 +181,3 @@ def test_flatten_names_the_first_differing_field() -> None:
         "attributes[basket]"
     )
     assert first_difference(base, flatten(_authorize(500), skip)) == "attributes[basket]"
-
-
-def _store(tmp_path: Path, memory_entries: int = 1000, max_pending: int = 1000) -> IdempotencyStore:
-    config = GatewayIdempotencyConfig(
-        sqlite_path="gateway.sqlite",
-        memory_entries=memory_entries,
-        retention_s=3600,
-        flush_interval_ms=1.0,
-        max_pending_writes=max_pending,
-    )
-    return IdempotencyStore(config, tmp_path / "gateway.sqlite", ManualClock())
-
-
-async def test_answers_survive_a_restart_and_eviction(tmp_path: Path) -> None:
-    store = _store(tmp_path, memory_entries=2)
-    await store.start()
-    try:
-        for index in range(5):
-            store.put("t1\x1fAuthorizePayment", f"k{index}", {"amount": str(index)}, b"%d" % index)
-        # Evicted from the bounded memory map before any flush: still found.
-        found = await store.get("t1\x1fAuthorizePayment", "k0")
-        assert found is not None and found.body == b"0"
-        await store.flush()
-        found = await store.get("t1\x1fAuthorizePayment", "k1")
-        assert found is not None and found.fields == {"amount": "1"}
-    finally:
-        await store.stop()
-    reopened = _store(tmp_path)
-    await reopened.start()
-    try:
-        for index in range(5):
-            found = await reopened.get("t1\x1fAuthorizePayment", f"k{index}")
-            assert found is not None and found.body == b"%d" % index
-        assert await reopened.get("t2\x1fAuthorizePayment", "k0") is None
-        with pytest.raises(AlreadyExists) as raised:
-            remembered = await reopened.get("t1\x1fAuthorizePayment", "k3")
-            assert remembered is not None
-            check_same(remembered, {"amount": "4"})
-        assert raised.value.field == "amount"
-    finally:
-        await reopened.stop()
-
-
-async def test_a_full_write_queue_refuses_instead_of_forgetting(tmp_path: Path) -> None:
-    store = _store(tmp_path, max_pending=2)
-    await store.start()
-    try:
-        # No await between puts: the flusher cannot run, so the queue fills.
-        store.put("s", "a", {}, b"a")
-        store.put("s", "b", {}, b"b")
-        with pytest.raises(ResourceExhausted):
-            store.put("s", "c", {}, b"c")
-        assert await store.get("s", "c") is None
-        await store.flush()
-        store.put("s", "c", {}, b"c")
-        assert (await store.get("s", "c")) is not None
-    finally:
-        await store.stop()
-
-
-# ---------------------------------------------------------------- the gateway's outbox
-
-
-def _events(tenant: str, count: int, start: int = 0) -> list[OutgoingEvent]:
-    return [
-        OutgoingEvent(f"{tenant}-ev-{i}", subject_for(EXPOSURE_EVENT, tenant), b"payload-%d" % i)
-        for i in range(start, start + count)
-    ]
-
-
-async def test_events_commit_with_answers_and_survive_a_restart(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    await store.start()
-    try:
-        store.put("t1\x1fDecideNextAction", "k1", {}, b"answer")
-        store.add_events(_events("t1", 3))
-        assert store.unsent(10) == []  # nothing before the commit
-        await store.flush()
-        # A retried flow adds the same events again: each is kept once.
-        store.add_events(_events("t1", 4))
-        await store.flush()
-    finally:
-        await store.stop()
-    reopened = _store(tmp_path)
-    await reopened.start()
-    try:
-        unsent = reopened.unsent(10)
-        assert [e.event_id for e in unsent] == [f"t1-ev-{i}" for i in range(4)]
-        assert unsent[2].data == b"payload-2"
-        reopened.mark_sent(["t1-ev-0", "t1-ev-1"], now_us=1)
-        assert [e.event_id for e in reopened.unsent(10)] == ["t1-ev-2", "t1-ev-3"]
-        assert reopened.unsent_count() == 2
-        assert reopened.delete_sent_before(2) == 2
-        assert reopened.unsent_count() == 2
-    finally:
-        await reopened.stop()
-
-
-@pytest.mark.nats
-async def test_events_queued_while_nats_is_away_are_published_once(
-    tmp_path: Path, nats_url: str
-) -> None:
-    """Events committed while no relay runs (NATS away) reach JetStream once the
-    relay runs; a relay that re-publishes (marks lost) stores nothing twice."""
-    tenant = f"gwout{uuid.uuid4().hex[:8]}"
-    store = _store(tmp_path)
-    await store.start()
-    config = load_config(environ={}, overrides={"nats": {"url": nats_url}})
-    client = await bus.connect(config.nats, "test-gateway-outbox")
-    try:
-        js = client.jetstream()
-        store.add_events(_events(tenant, 30))
-        await store.flush()
-        relay = OutboxRelay(
-            store,
-            config.nats,
-            RelaySettings(
-                streams=["TRIPLANE_GATEWAY"],
-                batch_size=8,
-                idle_poll_s=0.02,
-                backoff_initial_s=0.05,
-                backoff_max_s=0.5,
-            ),
-            ManualClock(),
-            client_name="test-gateway-relay",
-        )
-        await bus.ensure_streams(js, config.nats, ["TRIPLANE_GATEWAY"])
-        while (await relay.relay_once(js))[1]:
-            pass
-        assert store.unsent_count() == 0 and relay.published == 30
-        # As if the relay died between JetStream's ack and the marks.
-        assert store._relay_db is not None
-        store._relay_db.execute("UPDATE outbox SET sent_at_us = NULL")
-        store.add_events(_events(tenant, 10, start=30))
-        await store.flush()
-        while (await relay.relay_once(js))[1]:
-            pass
-        messages = await stream_messages(nats_url, f"triplane.gateway.{tenant}.>", 40)
-        assert sorted(msg_id for msg_id, _ in messages) == sorted(
-            f"{tenant}-ev-{i}" for i in range(40)
-        )
-    finally:
-        await client.close()
-        await store.stop()

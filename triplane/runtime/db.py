@@ -30,6 +30,11 @@ class Cursor(Protocol):
     def fetchall(self) -> list[Any]: ...
 
 
+def _placeholders(sql: str, dialect: str) -> str:
+    """`?` placeholders as the backend's driver spells them."""
+    return sql.replace("?", "%s") if dialect == "postgres" else sql
+
+
 class Tx:
     """A transaction: `execute`, `one`, `all` with `?` placeholders."""
 
@@ -38,7 +43,7 @@ class Tx:
         self._dialect = dialect
 
     def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self._dialect == "postgres" else sql
+        return _placeholders(sql, self._dialect)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         result = self._cursor.execute(self._sql(sql), tuple(params))
@@ -60,14 +65,23 @@ class Tx:
         return [tuple(r) for r in self._cursor.fetchall()]
 
 
+# Column types whose spelling differs between the backends, for the few
+# tables that need them (a DDL formats them in).
+_BLOB_TYPE = {"sqlite": "BLOB", "postgres": "BYTEA"}
+_SERIAL_KEY = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "postgres": "BIGSERIAL PRIMARY KEY"}
+
+
 class Database:
     """A connection to one of the two backends, plus `readers` connections
-    for reads (`read()`), so a long read (a replay page, a log verification)
-    never waits for the writer's transaction nor holds it up."""
+    for reads (`read()`, `read_one()`), so a long read (a replay page, a log
+    verification) never waits for the writer's transaction nor holds it up."""
 
     def __init__(self, backend: str, target: str, readers: int = 2) -> None:
         assert backend in ("sqlite", "postgres"), backend
         self.dialect = backend
+        # Raw bytes, and an increasing integer key (insertion order).
+        self.blob_type = _BLOB_TYPE[backend]
+        self.serial_key = _SERIAL_KEY[backend]
         self._target = target
         self._lock = threading.Lock()
         self._sqlite: sqlite3.Connection | None = None
@@ -113,6 +127,31 @@ class Database:
         if not self._reader_count:
             return None
         return self._readers.get()
+
+    @property
+    def reads_are_local(self) -> bool:
+        """True when a primary-key read costs microseconds (a local SQLite
+        file in WAL mode, whose readers never wait for the writer), so a hot
+        path may run it on the event loop rather than pay a thread hop; False
+        for PostgreSQL, where every read is a network round trip."""
+        return self.dialect == "sqlite"
+
+    def read_one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        """One row of one statement on a reader, with no transaction around it
+        (a single statement is its own consistent snapshot on both backends):
+        the cheapest read there is, for lookups by key."""
+        conn = self._reader()
+        if conn is None:
+            with self.tx() as tx:
+                return tx.one(sql, params)
+        try:
+            if isinstance(conn, sqlite3.Connection):
+                row = conn.execute(sql, tuple(params)).fetchone()
+            else:
+                row = conn.execute(_placeholders(sql, "postgres"), tuple(params)).fetchone()
+            return tuple(row) if row is not None else None
+        finally:
+            self._readers.put(conn)
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
