@@ -116,7 +116,9 @@ class NextBestAction:
         now_us = core.clock.now_us()
         customer_token = core.tokenizer.token(tenant, "customer", req.customer_id)
         decision_id = stable_id("nba_", tenant, req.idempotency_key)
-        assigned = self.experiments.assign(tenant, customer_token, core.config.decide_experiment)
+        assigned = self.experiments.assign(
+            tenant, experiment=core.config.decide_experiment, customer_token=customer_token
+        )
         assignment = gw.ExperimentAssignment(
             experiment=core.config.decide_experiment, arm=assigned.arm, holdout=assigned.holdout
         )

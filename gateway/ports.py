@@ -98,7 +98,7 @@ class Assigned(Protocol):
 
 
 class ExperimentsPort(Protocol):
-    def assign(self, tenant_id: str, customer_token: str, experiment: str) -> Assigned:
+    def assign(self, tenant_id: str, experiment: str, customer_token: str) -> Assigned:
         """Deterministic arm (and global holdout) of a customer."""
         ...
 

@@ -4,6 +4,7 @@ ErrorMappingInterceptor that PlaneServer installs)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import grpc
@@ -47,7 +48,7 @@ class DeadLetterRecord(Protocol):
 class DeadLetters(Protocol):
     async def list_dead_letters(
         self, tenant_id: str, page_size: int = 0, page_token: str = ""
-    ) -> tuple[list[DeadLetterRecord], str]: ...
+    ) -> tuple[Sequence[DeadLetterRecord], str]: ...
 
     async def redeliver(self, tenant_id: str, delivery_id: str) -> DeadLetterRecord: ...
 
@@ -64,7 +65,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         payments: Payments,
         nba: NextBestAction,
         ingest: Ingest,
-        dead_letters: DeadLetters | None,
+        dead_letters: DeadLetters,
         default_deadline_ms: float,
     ) -> None:
         self._payments = payments
@@ -120,19 +121,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> gw.IngestEventsResponse:
         return await self._ingest.ingest(request, self._call(context))
 
-    def _delivery(self) -> DeadLetters:
-        if self._dead_letters is None:
-            raise errors.FailedPrecondition(
-                "DELIVERY_NOT_CONFIGURED", "channel delivery is not running in this gateway"
-            )
-        return self._dead_letters
-
     async def ListDeadLetters(
         self, request: gw.ListDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> gw.ListDeadLettersResponse:
         if not request.tenant_id:
             raise errors.InvalidArgument("FIELD_REQUIRED", "tenant_id is required", "tenant_id")
-        records, token = await self._delivery().list_dead_letters(
+        records, token = await self._dead_letters.list_dead_letters(
             request.tenant_id, request.page_size, request.page_token
         )
         return gw.ListDeadLettersResponse(
@@ -159,7 +153,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         for name in ("tenant_id", "idempotency_key", "delivery_id"):
             if not getattr(request, name):
                 raise errors.InvalidArgument("FIELD_REQUIRED", f"{name} is required", name)
-        delivery = self._delivery()
+        delivery = self._dead_letters
 
         async def run() -> gw.RedeliverDeadLetterResponse:
             record = await delivery.redeliver(request.tenant_id, request.delivery_id)

@@ -15,8 +15,8 @@ from gateway.delivery.adapters import (
     webhook_key,
 )
 from gateway.delivery.model import CHANNELS, Delivery, DeliveryRecord, SendOutcome
-from gateway.delivery.service import DeliveryService
 from gateway.delivery.store import DeliveryStore
+from gateway.delivery.worker import DeliveryWorker
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import DeliveryConfig
 from triplane.runtime.db import Database
@@ -26,25 +26,25 @@ __all__ = [
     "ChannelAdapter",
     "Delivery",
     "DeliveryRecord",
-    "DeliveryService",
     "DeliveryStore",
+    "DeliveryWorker",
     "HttpChannelAdapter",
     "HttpTransport",
     "SendOutcome",
     "Signer",
     "Target",
     "build_adapters",
-    "build_delivery_service",
+    "build_delivery_worker",
     "webhook_key",
 ]
 
 
-def build_delivery_service(
+def build_delivery_worker(
     db: Database,
     config: DeliveryConfig,
     clock: Clock,
     partner_secret: Callable[[str], str],
-) -> DeliveryService:
-    """The service on `db` with the HTTP adapters from `config`;
+) -> DeliveryWorker:
+    """The worker on `db` with the HTTP adapters from `config`;
     `partner_secret(tenant_id)` gives a tenant's `whsec_` webhook secret."""
-    return DeliveryService(DeliveryStore(db), config, clock, build_adapters(config, partner_secret))
+    return DeliveryWorker(DeliveryStore(db), config, clock, build_adapters(config, partner_secret))

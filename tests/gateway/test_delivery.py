@@ -16,8 +16,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.delivery import (
     Delivery,
-    DeliveryService,
     DeliveryStore,
+    DeliveryWorker,
     build_adapters,
 )
 from triplane.runtime.clock import ManualClock, SystemClock
@@ -35,9 +35,9 @@ def now_clock() -> ManualClock:
     return ManualClock(SystemClock().now_us())
 
 
-def service(db: Database, config: DeliveryConfig, clock: ManualClock) -> DeliveryService:
+def delivery_worker(db: Database, config: DeliveryConfig, clock: ManualClock) -> DeliveryWorker:
     adapters = build_adapters(config, lambda _tenant: SECRET)
-    return DeliveryService(DeliveryStore(db), config, clock, adapters)
+    return DeliveryWorker(DeliveryStore(db), config, clock, adapters)
 
 
 def webhook(url: str, key: str = "order-1", **data: object) -> Delivery:
@@ -65,26 +65,26 @@ async def http() -> AsyncIterator[Receiver]:
         yield state
 
 
-async def drain(svc: DeliveryService, clock: ManualClock, passes: int, step_s: float) -> None:
+async def drain(worker: DeliveryWorker, clock: ManualClock, passes: int, step_s: float) -> None:
     for _ in range(passes):
-        await svc.run_once()
+        await worker.run_once()
         clock.advance(step_s)
 
 
 async def test_signed_webhook_verifies_and_is_delivered(db: Database, http: Receiver) -> None:
     clock = now_clock()
-    svc = service(db, delivery_config(), clock)
+    worker = delivery_worker(db, delivery_config(), clock)
     try:
-        record = await svc.enqueue(webhook(http.url, amount="5,000"))
+        record = await worker.enqueue(webhook(http.url, amount="5,000"))
         assert record.status == "pending" and record.delivery_id.startswith("msg_")
-        assert await svc.run_once() == 1
+        assert await worker.run_once() == 1
         got = http.received[0]
         assert got.path == "/hooks"
         assert got.headers["webhook-id"] == record.delivery_id
         assert got.headers["webhook-signature"].startswith("v1,")
         data = Webhook(SECRET).verify(got.body, got.headers)
         assert data["type"] == "trigger.sent" and data["data"]["amount"] == "5,000"
-        stored = await svc.get(TENANT, record.delivery_id)
+        stored = await worker.get(TENANT, record.delivery_id)
         assert stored.status == "delivered" and stored.last_status_code == 200
         assert stored.attempts == 1
         # A tampered body or another secret is refused by the receiver.
@@ -94,7 +94,7 @@ async def test_signed_webhook_verifies_and_is_delivered(db: Database, http: Rece
         with pytest.raises(WebhookVerificationError):
             Webhook(other).verify(got.body, got.headers)
     finally:
-        await svc.aclose()
+        await worker.aclose()
 
 
 async def test_replayed_old_timestamp_is_rejected(state_dir: Path, http: Receiver) -> None:
@@ -102,32 +102,32 @@ async def test_replayed_old_timestamp_is_rejected(state_dir: Path, http: Receive
     # request looks like to the receiver (its tolerance is five minutes).
     clock = ManualClock(SystemClock().now_us() - 600_000_000)
     db = open_db("sqlite", state_dir)
-    svc = service(db, delivery_config(), clock)
+    worker = delivery_worker(db, delivery_config(), clock)
     try:
-        await svc.enqueue(webhook(http.url))
-        await svc.run_once()
+        await worker.enqueue(webhook(http.url))
+        await worker.run_once()
         got = http.received[0]
         with pytest.raises(WebhookVerificationError, match="too old"):
             Webhook(SECRET).verify(got.body, got.headers)
     finally:
-        await svc.aclose()
+        await worker.aclose()
         db.close()
 
 
 async def test_endpoint_fails_then_recovers(db: Database, http: Receiver) -> None:
     clock = now_clock()
-    svc = service(db, delivery_config(max_attempts=5), clock)
+    worker = delivery_worker(db, delivery_config(max_attempts=5), clock)
     http.plan = [(503, 0.0), (500, 0.0)]
     try:
-        record = await svc.enqueue(webhook(http.url))
-        await svc.run_once()
-        first = await svc.get(TENANT, record.delivery_id)
+        record = await worker.enqueue(webhook(http.url))
+        await worker.run_once()
+        first = await worker.get(TENANT, record.delivery_id)
         assert first.status == "pending" and first.attempts == 1 and first.last_status_code == 503
         # Backoff: not due again before multiplier x 2^0 seconds.
         assert first.next_attempt_at_us >= clock.now_us() + 1_000_000
-        assert await svc.run_once() == 0
-        await drain(svc, clock, passes=4, step_s=31)
-        final = await svc.get(TENANT, record.delivery_id)
+        assert await worker.run_once() == 0
+        await drain(worker, clock, passes=4, step_s=31)
+        final = await worker.get(TENANT, record.delivery_id)
         assert final.status == "delivered" and final.attempts == 3
         assert http.answered == [503, 500, 200]
         # Every attempt carried the same webhook-id, so the receiver can dedupe.
@@ -135,61 +135,61 @@ async def test_endpoint_fails_then_recovers(db: Database, http: Receiver) -> Non
         for got in http.received:
             Webhook(SECRET).verify(got.body, got.headers)
     finally:
-        await svc.aclose()
+        await worker.aclose()
 
 
 async def test_slow_endpoint_times_out_and_is_retried(state_dir: Path, http: Receiver) -> None:
     clock = now_clock()
     db = open_db("sqlite", state_dir)
-    svc = service(db, delivery_config(request_timeout_s=0.2), clock)
+    worker = delivery_worker(db, delivery_config(request_timeout_s=0.2), clock)
     http.plan = [(200, 1.0)]
     try:
-        record = await svc.enqueue(webhook(http.url))
-        await svc.run_once()
-        slow = await svc.get(TENANT, record.delivery_id)
+        record = await worker.enqueue(webhook(http.url))
+        await worker.run_once()
+        slow = await worker.get(TENANT, record.delivery_id)
         # The endpoint did not answer in time: not delivered, whatever it did later.
         assert slow.status == "pending" and slow.last_error == "timeout"
-        await drain(svc, clock, passes=2, step_s=31)
-        assert (await svc.get(TENANT, record.delivery_id)).status == "delivered"
+        await drain(worker, clock, passes=2, step_s=31)
+        assert (await worker.get(TENANT, record.delivery_id)).status == "delivered"
     finally:
-        await svc.aclose()
+        await worker.aclose()
         db.close()
 
 
 async def test_dead_letter_after_n_attempts_then_redeliver(db: Database, http: Receiver) -> None:
     clock = now_clock()
-    svc = service(db, delivery_config(max_attempts=3, default_page_size=2), clock)
+    worker = delivery_worker(db, delivery_config(max_attempts=3, default_page_size=2), clock)
     http.default = (500, 0.0)
     try:
-        ids = [(await svc.enqueue(webhook(http.url, key=f"k{i}"))).delivery_id for i in range(3)]
-        await drain(svc, clock, passes=6, step_s=31)
+        ids = [(await worker.enqueue(webhook(http.url, key=f"k{i}"))).delivery_id for i in range(3)]
+        await drain(worker, clock, passes=6, step_s=31)
         assert len(http.received) == 9, "exactly max_attempts attempts per delivery"
-        page, token = await svc.list_dead_letters(TENANT)
+        page, token = await worker.list_dead_letters(TENANT)
         assert len(page) == 2 and token
-        rest, last = await svc.list_dead_letters(TENANT, page_token=token)
+        rest, last = await worker.list_dead_letters(TENANT, page_token=token)
         assert len(rest) == 1 and last == ""
         dead = {r.delivery_id for r in page + rest}
         assert dead == set(ids)
         assert all(r.status == "dead" and r.attempts == 3 and r.dead_at_us for r in page + rest)
-        assert (await svc.list_dead_letters("globex"))[0] == []
+        assert (await worker.list_dead_letters("globex"))[0] == []
         # Redelivery through the API, once the endpoint is back.
         http.default = (200, 0.0)
-        revived = await svc.redeliver(TENANT, ids[0])
+        revived = await worker.redeliver(TENANT, ids[0])
         assert revived.status == "pending" and revived.attempts == 0
         # A retried redeliver is harmless; one of a delivered message is refused.
-        assert (await svc.redeliver(TENANT, ids[0])).status == "pending"
-        await svc.run_once()
-        assert (await svc.get(TENANT, ids[0])).status == "delivered"
+        assert (await worker.redeliver(TENANT, ids[0])).status == "pending"
+        await worker.run_once()
+        assert (await worker.get(TENANT, ids[0])).status == "delivered"
         with pytest.raises(FailedPrecondition):
-            await svc.redeliver(TENANT, ids[0])
-        counts = await svc.counts(TENANT)
+            await worker.redeliver(TENANT, ids[0])
+        counts = await worker.counts(TENANT)
         assert counts["delivered"] == 1 and counts["dead"] == 2
         with pytest.raises(NotFound):
-            await svc.redeliver("globex", ids[1])
+            await worker.redeliver("globex", ids[1])
         with pytest.raises(NotFound):
-            await svc.get("globex", ids[1])
+            await worker.get("globex", ids[1])
     finally:
-        await svc.aclose()
+        await worker.aclose()
 
 
 async def test_circuit_opens_on_a_down_endpoint_and_spends_no_attempts(
@@ -202,24 +202,24 @@ async def test_circuit_opens_on_a_down_endpoint_and_spends_no_attempts(
     config = delivery_config(
         max_attempts=3, circuit_failures=2, circuit_open_s=60.0, backoff_max_s=5.0
     )
-    svc = service(db, config, clock)
+    worker = delivery_worker(db, config, clock)
     http.decide = lambda got: 503 if got.path == "/hooks" else 200
     try:
         ids = [
-            (await svc.enqueue(webhook(http.url, key=f"down-{i}"))).delivery_id for i in range(6)
+            (await worker.enqueue(webhook(http.url, key=f"down-{i}"))).delivery_id for i in range(6)
         ]
-        assert await svc.run_once() == 6
+        assert await worker.run_once() == 6
         assert len(http.received) == 6  # all in flight together before any answer
-        assert svc.circuit_open(f"{http.url}/hooks")
+        assert worker.circuit_open(f"{http.url}/hooks")
         # While open: due deliveries go back to the queue untried and uncounted.
         clock.advance(10)
-        assert await svc.run_once() == 6
+        assert await worker.run_once() == 6
         assert len(http.received) == 6
         for delivery_id in ids:
-            record = await svc.get(TENANT, delivery_id)
+            record = await worker.get(TENANT, delivery_id)
             assert record.status == "pending" and record.attempts == 1
         # Another endpoint is not affected by this one's circuit.
-        fine = await svc.enqueue(
+        fine = await worker.enqueue(
             Delivery(
                 tenant_id=TENANT,
                 channel="partner_webhook",
@@ -229,26 +229,26 @@ async def test_circuit_opens_on_a_down_endpoint_and_spends_no_attempts(
                 dedupe_key="other-1",
             )
         )
-        await svc.run_once()
-        assert (await svc.get(TENANT, fine.delivery_id)).status == "delivered"
+        await worker.run_once()
+        assert (await worker.get(TENANT, fine.delivery_id)).status == "delivered"
         # Half-open, still down: exactly one probe, then open again.
         clock.advance(60)
-        await svc.run_once()
+        await worker.run_once()
         assert len(http.received) == 8  # 6 + the other endpoint + one probe
-        assert svc.circuit_open(f"{http.url}/hooks")
+        assert worker.circuit_open(f"{http.url}/hooks")
         # The endpoint recovers; after the open period a probe closes the circuit.
         http.decide = None
         for _ in range(6):
             clock.advance(61)
-            await svc.run_once()
+            await worker.run_once()
         for delivery_id in ids:
-            record = await svc.get(TENANT, delivery_id)
+            record = await worker.get(TENANT, delivery_id)
             assert record.status == "delivered", record
             assert record.attempts <= 3
-        assert not svc.circuit_open(f"{http.url}/hooks")
-        assert (await svc.counts(TENANT))["dead"] == 0
+        assert not worker.circuit_open(f"{http.url}/hooks")
+        assert (await worker.counts(TENANT))["dead"] == 0
     finally:
-        await svc.aclose()
+        await worker.aclose()
 
 
 async def test_crash_mid_send_resends_same_id_after_restart(
@@ -257,53 +257,55 @@ async def test_crash_mid_send_resends_same_id_after_restart(
     clock = now_clock()
     config = delivery_config(request_timeout_s=2.0, lease_s=5.0)
     db = open_db("sqlite", state_dir)
-    svc = service(db, config, clock)
+    worker = delivery_worker(db, config, clock)
     http.plan = [(200, 1.0)]
-    record = await svc.enqueue(webhook(http.url))
-    worker = asyncio.create_task(svc.run_once())
+    record = await worker.enqueue(webhook(http.url))
+    attempt = asyncio.create_task(worker.run_once())
     for _ in range(100):
         if http.received:
             break
         await asyncio.sleep(0.01)
     assert http.received, "the request reached the receiver"
-    worker.cancel()  # the process dies before it hears the answer
+    attempt.cancel()  # the process dies before it hears the answer
     with pytest.raises(asyncio.CancelledError):
-        await worker
-    await svc.aclose()
+        await attempt
+    await worker.aclose()
     db.close()
     # Restart: a new process on the same database.
     db = open_db("sqlite", state_dir)
-    svc = service(db, config, clock)
+    worker = delivery_worker(db, config, clock)
     try:
-        stuck = await svc.get(TENANT, record.delivery_id)
+        stuck = await worker.get(TENANT, record.delivery_id)
         assert stuck.status == "sending"
-        assert await svc.run_once() == 0, "the lease still holds"
+        assert await worker.run_once() == 0, "the lease still holds"
         clock.advance(config.lease_s)
-        assert await svc.run_once() == 1
-        assert (await svc.get(TENANT, record.delivery_id)).status == "delivered"
+        assert await worker.run_once() == 1
+        assert (await worker.get(TENANT, record.delivery_id)).status == "delivered"
         assert http.ids() == [record.delivery_id, record.delivery_id]
         assert len(set(http.ids())) == 1, "the receiver sees one message, sent twice"
     finally:
-        await svc.aclose()
+        await worker.aclose()
         db.close()
 
 
 async def test_no_message_lost_with_a_flaky_endpoint(db: Database, http: Receiver) -> None:
     clock = now_clock()
-    svc = service(db, delivery_config(max_attempts=20, batch_size=16), clock)
+    worker = delivery_worker(db, delivery_config(max_attempts=20, batch_size=16), clock)
     rng = random.Random(5)
     http.decide = lambda _r: 200 if rng.random() < 0.5 else 503
     try:
-        ids = {(await svc.enqueue(webhook(http.url, key=f"m{i}"))).delivery_id for i in range(40)}
+        ids = {
+            (await worker.enqueue(webhook(http.url, key=f"m{i}"))).delivery_id for i in range(40)
+        }
         for _ in range(40):
-            await svc.run_once()
+            await worker.run_once()
             clock.advance(31)
-            if (await svc.counts(TENANT))["delivered"] == len(ids):
+            if (await worker.counts(TENANT))["delivered"] == len(ids):
                 break
-        assert (await svc.counts(TENANT))["delivered"] == len(ids)
+        assert (await worker.counts(TENANT))["delivered"] == len(ids)
         assert http.acknowledged_ids() == ids
     finally:
-        await svc.aclose()
+        await worker.aclose()
 
 
 async def test_provider_channels_post_signed_to_their_endpoints(
@@ -316,34 +318,34 @@ async def test_provider_channels_post_signed_to_their_endpoints(
     config = delivery_config(channels=channels)
     clock = now_clock()
     db = open_db("sqlite", state_dir)
-    svc = service(db, config, clock)
+    worker = delivery_worker(db, config, clock)
     try:
         for name in channels:
-            await svc.enqueue(
+            await worker.enqueue(
                 msgspec.structs.replace(
                     webhook(http.url, key=name), channel=name, endpoint=f"tok_{name}"
                 )
             )
-        await svc.run_once()
+        await worker.run_once()
         assert sorted(r.path for r in http.received) == ["/email", "/push", "/sms", "/whatsapp"]
         for got in http.received:
             body = Webhook(SECRET).verify(got.body, got.headers)
             assert body["channel"] == got.path[1:] and body["to"] == f"tok_{got.path[1:]}"
-        assert (await svc.counts())["delivered"] == 4
+        assert (await worker.counts())["delivered"] == 4
     finally:
-        await svc.aclose()
+        await worker.aclose()
         db.close()
 
 
 async def test_enqueue_is_idempotent_and_validates(state_dir: Path, http: Receiver) -> None:
     db = open_db("sqlite", state_dir)
-    svc = service(db, delivery_config(max_payload_bytes=256), now_clock())
+    worker = delivery_worker(db, delivery_config(max_payload_bytes=256), now_clock())
     try:
-        first = await svc.enqueue(webhook(http.url))
-        again = await svc.enqueue(webhook(http.url))
+        first = await worker.enqueue(webhook(http.url))
+        again = await worker.enqueue(webhook(http.url))
         assert again.delivery_id == first.delivery_id and again.body == first.body
         with pytest.raises(AlreadyExists) as reused:
-            await svc.enqueue(webhook(http.url, text="other"))
+            await worker.enqueue(webhook(http.url, text="other"))
         assert reused.value.field == "payload"
         bad: dict[str, dict[str, Any]] = {
             "channel": {"channel": "fax"},
@@ -355,16 +357,16 @@ async def test_enqueue_is_idempotent_and_validates(state_dir: Path, http: Receiv
         }
         for field_name, change in bad.items():
             with pytest.raises(InvalidArgument) as err:
-                await svc.enqueue(msgspec.structs.replace(webhook(http.url, key="z"), **change))
+                await worker.enqueue(msgspec.structs.replace(webhook(http.url, key="z"), **change))
             assert err.value.field == field_name
         with pytest.raises(InvalidArgument) as token:
-            await svc.list_dead_letters(TENANT, page_token="!!")
+            await worker.list_dead_letters(TENANT, page_token="!!")
         assert token.value.field == "page_token"
         with pytest.raises(InvalidArgument):
-            await svc.list_dead_letters(TENANT, page_size=-1)
+            await worker.list_dead_letters(TENANT, page_size=-1)
         assert http.received == [], "bad input sends nothing"
     finally:
-        await svc.aclose()
+        await worker.aclose()
         db.close()
 
 
@@ -373,21 +375,21 @@ async def test_queue_bound_and_future_send_at(state_dir: Path, http: Receiver) -
 
     clock = now_clock()
     db = open_db("sqlite", state_dir)
-    svc = service(db, delivery_config(max_pending=2), clock)
+    worker = delivery_worker(db, delivery_config(max_pending=2), clock)
     try:
         later = clock.now_us() + 60_000_000
-        await svc.enqueue(msgspec.structs.replace(webhook(http.url, key="a"), send_at_us=later))
-        await svc.enqueue(webhook(http.url, key="b"))
+        await worker.enqueue(msgspec.structs.replace(webhook(http.url, key="a"), send_at_us=later))
+        await worker.enqueue(webhook(http.url, key="b"))
         with pytest.raises(ResourceExhausted):
-            await svc.enqueue(webhook(http.url, key="c"))
+            await worker.enqueue(webhook(http.url, key="c"))
         # A retry of a queued message is answered even when the queue is full.
-        assert (await svc.enqueue(webhook(http.url, key="b"))).dedupe_key == "b"
-        assert await svc.run_once() == 1, "only the one that is due"
+        assert (await worker.enqueue(webhook(http.url, key="b"))).dedupe_key == "b"
+        assert await worker.run_once() == 1, "only the one that is due"
         clock.advance(60)
-        assert await svc.run_once() == 1
+        assert await worker.run_once() == 1
         assert len(http.received) == 2
     finally:
-        await svc.aclose()
+        await worker.aclose()
         db.close()
 
 
@@ -395,18 +397,18 @@ async def test_background_worker_delivers_as_soon_as_enqueued(
     state_dir: Path, http: Receiver
 ) -> None:
     db = open_db("sqlite", state_dir)
-    svc = service(db, delivery_config(poll_interval_s=5.0), SystemClock())  # type: ignore[arg-type]
+    worker = delivery_worker(db, delivery_config(poll_interval_s=5.0), SystemClock())  # type: ignore[arg-type]
     stop = asyncio.Event()
-    worker = asyncio.create_task(svc.run(stop))
+    running = asyncio.create_task(worker.run(stop))
     try:
-        record = await svc.enqueue(webhook(http.url))
+        record = await worker.enqueue(webhook(http.url))
         for _ in range(200):
-            if (await svc.get(TENANT, record.delivery_id)).status == "delivered":
+            if (await worker.get(TENANT, record.delivery_id)).status == "delivered":
                 break
             await asyncio.sleep(0.01)
-        assert (await svc.get(TENANT, record.delivery_id)).status == "delivered"
+        assert (await worker.get(TENANT, record.delivery_id)).status == "delivered"
     finally:
         stop.set()
-        await asyncio.wait_for(worker, 2.0)
-        await svc.aclose()
+        await asyncio.wait_for(running, 2.0)
+        await worker.aclose()
         db.close()

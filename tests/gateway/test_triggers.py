@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from gateway.delivery import DeliveryService, DeliveryStore, build_adapters
+from gateway.delivery import DeliveryStore, DeliveryWorker, build_adapters
 from gateway.triggers import (
     ContactQuery,
     ContactVerdict,
@@ -155,23 +155,23 @@ def address(url: str) -> Any:
     return resolve
 
 
-def delivery_service(db: Database, clock: ManualClock, url: str) -> DeliveryService:
+def delivery_worker(db: Database, clock: ManualClock, url: str) -> DeliveryWorker:
     channels = {
         name: ChannelEndpointConfig(url=f"{url}/{name}", secret=SECRET)
         for name in ("push", "sms", "email", "whatsapp")
     }
     config = delivery_config(channels=channels)
-    return DeliveryService(
+    return DeliveryWorker(
         DeliveryStore(db), config, clock, build_adapters(config, lambda _t: SECRET)
     )
 
 
 def runner(
-    db: Database, clock: ManualClock, engine: PolicyEngine, svc: DeliveryService, url: str
+    db: Database, clock: ManualClock, engine: PolicyEngine, worker: DeliveryWorker, url: str
 ) -> TriggerRunner:
     check, record = policy_check(engine)
     return TriggerRunner(
-        TriggerStore(db), triggers_config(), clock, check, svc, address(url), record
+        TriggerStore(db), triggers_config(), clock, check, worker, address(url), record
     )
 
 
@@ -193,21 +193,21 @@ async def test_abandoned_loan_across_quiet_hours(
     if trigger_db_restart:
         db.close()
         db = open_db("sqlite", state_dir)
-    svc = delivery_service(db, clock, http.url)
-    run = runner(db, clock, policy, svc, http.url)
+    worker = delivery_worker(db, clock, http.url)
+    run = runner(db, clock, policy, worker, http.url)
     try:
         clock.set_us(at(2, 1, 5))  # 21:05 local: quiet hours
         [postponed] = await run.run_once()
         assert postponed.status == "scheduled" and postponed.reason == "quiet_hours"
         assert postponed.due_at_us == at(2, 12), "08:00 in New York"
         assert "push: no_consent" in postponed.detail
-        assert await svc.run_once() == 0 and http.received == []
+        assert await worker.run_once() == 0 and http.received == []
         clock.set_us(at(2, 6))  # 02:00 local: still quiet, nothing due
         assert await run.run_once() == []
         clock.set_us(at(2, 12))
         [sent] = await run.run_once()
         assert sent.status == "sent" and sent.channel == "whatsapp" and sent.delivery_id
-        assert await svc.run_once() == 1
+        assert await worker.run_once() == 1
         [got] = http.received
         assert got.path == "/whatsapp"
         body = msgspec.json.decode(got.body)
@@ -215,7 +215,7 @@ async def test_abandoned_loan_across_quiet_hours(
         moment = dt.datetime.fromtimestamp(int(got.headers["webhook-timestamp"]), dt.UTC)
         expected = Webhook(SECRET).sign(got.headers["webhook-id"], moment, got.body)
         assert got.headers["webhook-signature"] == expected
-        assert (await svc.get(TENANT, sent.delivery_id)).status == "delivered"
+        assert (await worker.get(TENANT, sent.delivery_id)).status == "delivered"
         # The contact was recorded with the policy plane (a second record is a duplicate).
         again = ContactRecord(
             contact_id=sent.send_id, channel="whatsapp", topic="marketing", at_us=at(2, 12)
@@ -232,7 +232,7 @@ async def test_abandoned_loan_across_quiet_hours(
         await engine.on_event(loan("cust_1", "ev5", at(3, 13)))
         assert len(await engine.on_event(abandoned("cust_1", "ev6", at(3, 13)))) == 1
     finally:
-        await svc.aclose()
+        await worker.aclose()
         if trigger_db_restart:
             db.close()
 
@@ -245,16 +245,16 @@ async def test_no_consent_drops_with_reason(
     engine = TriggerEngine(TriggerStore(db), triggers_config(), clock)
     await engine.on_event(loan("cust_2", "e1", at(2, 15)))
     [send] = await engine.on_event(abandoned("cust_2", "e2", at(2, 15)))
-    svc = delivery_service(db, clock, http.url)
+    worker = delivery_worker(db, clock, http.url)
     try:
         clock.advance(900)
-        [dropped] = await runner(db, clock, policy, svc, http.url).run_once()
+        [dropped] = await runner(db, clock, policy, worker, http.url).run_once()
         assert dropped.status == "dropped" and dropped.reason == "no_consent"
         stored = TriggerStore(db).get(TENANT, send.send_id)
         assert stored is not None and stored.status == "dropped"
-        assert (await svc.counts(TENANT))["pending"] == 0
+        assert (await worker.counts(TENANT))["pending"] == 0
     finally:
-        await svc.aclose()
+        await worker.aclose()
 
 
 async def test_rules_need_the_whole_sequence_in_time(state_dir: Path, clock: ManualClock) -> None:

@@ -1,4 +1,4 @@
-"""DeliveryService: enqueue, the worker that sends due deliveries, the
+"""DeliveryWorker: enqueue, the loop that sends due deliveries, the
 dead-letter queue and redelivery.
 
 Retries use tenacity's exponential backoff with jitter to pick each next
@@ -72,7 +72,7 @@ def _endpoint_failed(outcome: SendOutcome) -> bool:
     return outcome.status_code == 0 or outcome.status_code >= 500 or outcome.status_code == 429
 
 
-class DeliveryService:
+class DeliveryWorker:
     def __init__(
         self,
         store: DeliveryStore,
