@@ -235,8 +235,16 @@ class NextBestAction:
         request = ai_pb2.RankRequest(
             tenant_id=req.tenant_id,
             account_id=req.account_id,
+            # Each offer's catalog entry: the propensity model ranks a
+            # partner's own offers on what they are, not on their ids.
             candidates=[
-                ai_pb2.OfferCandidate(offer_id=o.offer_id, value=o.value) for o in eligible.eligible
+                ai_pb2.OfferCandidate(
+                    offer_id=o.offer_id,
+                    value=o.value,
+                    product=product_name(o.product),
+                    attributes=o.attributes,
+                )
+                for o in eligible.eligible
             ],
             channel=ai_pb2.CHANNEL_IN_APP,
             hour_of_day=int(hour),

@@ -374,6 +374,7 @@ def offer_entry(message: pb.Offer) -> OfferEntry:
         cooldown_s=message.cooldown_s,
         starts_at_us=us_of(message.starts_at),
         ends_at_us=us_of(message.ends_at),
+        attributes=dict(message.attributes),
     )
 
 
@@ -406,6 +407,7 @@ def offer_pb(entry: OfferEntry) -> pb.Offer:
         status=pb.OFFER_STATUS_ACTIVE if entry.status == "active" else pb.OFFER_STATUS_STOPPED,
         revision=entry.revision,
         updated_at=ts(entry.updated_at_us),
+        attributes=entry.attributes,
     )
 
 
@@ -418,6 +420,7 @@ def eligible_pb(item: Eligible) -> pb.EligibleOffer:
         value=_money(entry.value_minor, entry.currency),
         revision=entry.revision,
         conversion_events=list(entry.conversion_events),
+        attributes=entry.attributes,
     )
     if item.variant is not None:
         message.variant.CopyFrom(_variant_pb(item.variant))

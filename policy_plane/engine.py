@@ -126,6 +126,8 @@ class PolicyEngine:
             config.limits.max_offers_per_tenant,
             config.limits.max_offer_channels,
             config.consent.vulnerable_blocked_products,
+            config.limits.max_offer_attributes,
+            config.limits.max_offer_attribute_length,
         )
         self.cases = CaseDesk(store, clock, encode_event, config.limits.max_note_length)
         self.shadow_stats = ShadowStats()

@@ -69,6 +69,9 @@ class OfferEntry(msgspec.Struct, frozen=True, kw_only=True):
     status: str = "active"
     revision: int = 0
     updated_at_us: int = 0
+    # The partner's description of the offer (what ranking sees besides
+    # product and value); bounded by policy.limits.max_offer_attributes.
+    attributes: dict[str, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +115,16 @@ class OfferCatalog:
         max_offers_per_tenant: int,
         max_channels: int,
         vulnerable_blocked_products: list[str],
+        max_attributes: int,
+        max_attribute_length: int,
     ) -> None:
         self._store = store
         self._consent = consent
         self._clock = clock
         self._max_offers = max_offers_per_tenant
         self._max_channels = max_channels
+        self._max_attributes = max_attributes
+        self._max_attribute_length = max_attribute_length
         self._vulnerable_blocked = frozenset(vulnerable_blocked_products)
         self._offers: dict[str, dict[str, _Compiled]] = {}
 
@@ -128,6 +135,7 @@ class OfferCatalog:
 
     def put(self, entry: OfferEntry) -> OfferEntry:
         _validate(entry, self._max_channels)
+        _validate_attributes(entry.attributes, self._max_attributes, self._max_attribute_length)
         compiled = _compile(entry)
         tenant = self._offers.get(entry.tenant_id, {})
         previous = tenant.get(entry.offer_id)
@@ -301,6 +309,26 @@ def _compile(entry: OfferEntry) -> _Compiled:
         _compile_expr(entry.eligibility, "offer.eligibility"),
         _compile_expr(entry.never_show, "offer.never_show"),
     )
+
+
+def _validate_attributes(attributes: dict[str, str], max_count: int, max_length: int) -> None:
+    if len(attributes) > max_count:
+        raise InvalidArgument(
+            "OFFER_ATTRIBUTES_TOO_MANY", f"at most {max_count} attributes", "offer.attributes"
+        )
+    for key, value in attributes.items():
+        if not _ID.match(key):
+            raise InvalidArgument(
+                "OFFER_ATTRIBUTE_KEY_INVALID",
+                "attribute keys must match [A-Za-z0-9_.:-]{1,64}",
+                f"offer.attributes[{key[:64]}]",
+            )
+        if len(value) > max_length:
+            raise InvalidArgument(
+                "FIELD_TOO_LONG",
+                f"attribute values are at most {max_length} characters",
+                f"offer.attributes[{key}]",
+            )
 
 
 def _validate(entry: OfferEntry, max_channels: int) -> None:

@@ -138,6 +138,8 @@ class PolicyLimitsConfig(_Strict, frozen=True):
     max_changed_decisions_listed: int
     max_offers_per_tenant: int
     max_offer_channels: int
+    max_offer_attributes: int
+    max_offer_attribute_length: int
     max_contact_history_per_customer: int
     max_note_length: int
 
