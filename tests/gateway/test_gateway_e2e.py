@@ -43,17 +43,26 @@ def _usd(minor: int) -> types_pb2.Money:
 
 
 def _pg_dsns() -> dict[str, Any]:
-    """Money and policy on PostgreSQL when a server runs here."""
-    if not port_open("127.0.0.1", 5432) or os.environ.get("TRIPLANE_TEST_NO_PG"):
-        return {}
-    from tests.conftest import create_pg_database
+    """Money and policy on PostgreSQL; on SQLite only when asked to
+    (TRIPLANE_TEST_NO_PG) or, said loudly, when no server runs here (under
+    CI=true the helper fails the run instead)."""
+    from tests.conftest import PG_HOST, PG_PORT, PG_USER, _loud_skip, create_pg_database
 
-    admin = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-    try:
-        money = create_pg_database(admin, "triplane_gw_money")
-        policy = create_pg_database(admin, "triplane_gw_policy")
-    except Exception:
+    if os.environ.get("TRIPLANE_TEST_NO_PG"):
         return {}
+    if not port_open(PG_HOST, PG_PORT):
+        try:
+            _loud_skip(
+                f"PostgreSQL in the gateway end-to-end suite (no server at {PG_HOST}:{PG_PORT}; "
+                "money and policy run on SQLite instead)"
+            )
+        except pytest.skip.Exception:
+            return {}
+    # A server that answers but will not create a database is a broken setup,
+    # not a reason to run elsewhere: the error fails the suite.
+    admin = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname=postgres"
+    money = create_pg_database(admin, "triplane_gw_money")
+    policy = create_pg_database(admin, "triplane_gw_policy")
     return {
         "money": {"store": {"backend": "postgres", "postgres_dsn": money}},
         "policy": {"store": {"backend": "postgres", "postgres_dsn": policy}},
@@ -327,20 +336,20 @@ async def test_ai_slow_degrades_to_no_score_within_deadline(world: World) -> Non
     ai = world.plane("ai")
     os.kill(ai.pid, signal.SIGSTOP)
     try:
-        started = time.monotonic()
+        # An answer at all (not DEADLINE_EXCEEDED) is the "within deadline":
+        # the gateway stopped waiting for the AI plane at its budget and
+        # decided without a score inside the caller's 2 s.
         answer = await world.stub.AuthorizePayment(
             _authorize(account_id="cust_5", amount=_usd(60000)), timeout=2.0
         )
-        elapsed_s = time.monotonic() - started
     finally:
         os.kill(ai.pid, signal.SIGCONT)
+    # The AI call ran out of its budget (not refused, not failed): no score.
+    assert answer.score_fallback_reason == "AI_DEADLINE_EXCEEDED"
     assert answer.model_score_ref.source == "none"
-    assert answer.score_fallback_reason
     # No score on a large payment: the bundle's explicit no-score branch.
     assert answer.outcome == gw.OUTCOME_REVIEW
     assert "FRAUD_SCORE_MISSING" in [r.code for r in answer.reasons]
-    budget_s = world.config.gateway.budgets.ai_score_budget_ms / 1000
-    assert elapsed_s < budget_s + 1.0
 
 
 # ---------------------------------------------------------------- bad input, idempotency
