@@ -1,6 +1,12 @@
-"""Assembles the AI plane from config: registry (bootstrapped with trained
-models), Triton (our own tritonserver, or ai.triton_url), scorer with its
-breaker and fallbacks, feature store, NATS pipeline, bandit, gRPC server."""
+"""Assembles the AI plane from config: registry, Triton (our own tritonserver,
+or ai.triton_url), scorer with its breaker and fallbacks, feature store, NATS
+pipeline, bandit, gRPC server.
+
+The plane serves what the registry says is live and trains nothing at start:
+models are bootstrapped from above it (`triplane ai bootstrap`, which the dev
+supervisor runs before it starts the plane, or a Kubernetes init container).
+Started on an empty registry it still serves, answering "no model" with the
+reason NO_LIVE_MODEL, and says loudly how to bootstrap."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from prometheus_client import start_http_server
 from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.breaker import CircuitBreaker
 from ai_plane.engine import AiEngine
-from ai_plane.manager import ModelManager, bootstrap_registry, write_live_repository
+from ai_plane.manager import ModelManager, write_live_repository
 from ai_plane.pipeline import Applier, FeaturePipeline
 from ai_plane.registry import Registry
 from ai_plane.scorer import Scorer, TritonClient
@@ -36,6 +42,15 @@ log = logging.getLogger("triplane.ai")
 def models_root(config: Config) -> Path:
     path = Path(config.ai.models.dir)
     return path if path.is_absolute() else config.state_path / path
+
+
+def registry_dir(config: Config) -> Path:
+    return models_root(config) / "registry"
+
+
+def datasets_dir(config: Config) -> Path:
+    """Where training datasets live (TrainModel reads them; the tools write them)."""
+    return models_root(config) / "datasets"
 
 
 @dataclass
@@ -86,9 +101,17 @@ class AiPlane:
     async def start(self) -> int:
         """Starts everything; returns the bound gRPC port."""
         config, ai = self.config, self.config.ai
-        registry = Registry(models_root(self.config) / "registry", self.clock)
-        if ai.models.bootstrap_train:
-            await asyncio.to_thread(bootstrap_registry, registry, ai)
+        registry = Registry(registry_dir(self.config), self.clock)
+        missing = [model for model in MODEL_FEATURES if registry.live(model) is None]
+        if missing:
+            log.error(
+                "NO LIVE MODEL for %s in %s: every score of it answers source 'none' "
+                "(NO_LIVE_MODEL) until one is promoted. Bootstrap with "
+                "`triplane ai bootstrap` (same config and state dir), or train and promote "
+                "with `triplane ai train` / `triplane ai promote`.",
+                ", ".join(missing),
+                registry.root,
+            )
         url, http_url, repository = await self._start_triton(registry)
         triton = TritonClient(url, http_url) if url else None
         if triton is not None:
@@ -109,7 +132,9 @@ class AiPlane:
             ai.bandit.seed,
         )
         self.engine = AiEngine(ai, store, scorer, bandit, self.clock)
-        self.manager = ModelManager(ai, registry, self.engine, triton, repository)
+        self.manager = ModelManager(
+            ai, registry, self.engine, triton, repository, datasets_dir(self.config)
+        )
         for model in MODEL_FEATURES:
             live = registry.live(model)
             if live is None:

@@ -1,6 +1,9 @@
 """`triplane ai ...`: train, promote, rollback, backfill.
 
-train writes a draft into the registry directly (no running plane needed);
+train writes a draft into the registry directly (no running plane needed),
+trained on a dataset file under the state dir (`triplane ai datasets` and
+`triplane ai bootstrap` write them: those commands need the synthetic world,
+so the tools above the plane add them to this group);
 promote and rollback go through the running plane's ModelRegistryService, so
 Triton switches versions without a restart; backfill rebuilds one tenant (or
 an account cohort) from the JetStream history into the configured store.
@@ -13,10 +16,11 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from typing import TypeAlias
 
 import grpc
 
-from ai_plane.app import models_root
+from ai_plane.app import datasets_dir, registry_dir
 from ai_plane.manager import train_into
 from ai_plane.pipeline import Applier, backfill
 from ai_plane.registry import Registry
@@ -36,14 +40,22 @@ _STATES = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds `ai` and its subcommands to the `triplane` CLI."""
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def register(subparsers: SubParsers) -> SubParsers:
+    """Adds `ai` and its subcommands to the `triplane` CLI; returns the `ai`
+    command group, so the tools above the plane can add theirs to it."""
     ai = subparsers.add_parser("ai", help="AI plane: model registry, backfill")
     commands = ai.add_subparsers(dest="ai_command", required=True)
 
-    train = commands.add_parser("train", help="train a model on the synthetic data (a draft)")
+    train = commands.add_parser(
+        "train", help="train a model on its dataset under the state dir (a draft)"
+    )
     train.add_argument("model", choices=["payment_risk", "offer_propensity"])
-    train.add_argument("--seed", type=int, default=0, help="default: ai.models.seed")
+    train.add_argument(
+        "--seed", type=int, default=0, help="dataset (and LightGBM) seed; default: ai.models.seed"
+    )
     train.set_defaults(func=lambda args: run(args, _train))
 
     promote = commands.add_parser("promote", help="move a version to approved, live or retired")
@@ -62,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     fill.add_argument("tenant")
     fill.add_argument("--accounts", default="", help="comma-separated cohort (default: all)")
     fill.set_defaults(func=lambda args: run(args, _backfill))
+    return commands
 
 
 def run(args: argparse.Namespace, handler: Handler) -> int:
@@ -82,8 +95,8 @@ def _print(value: object) -> None:
 
 
 def _train(config: Config, args: argparse.Namespace) -> int:
-    registry = Registry(models_root(config) / "registry", SystemClock())
-    record, created = train_into(registry, config.ai, args.model, args.seed)
+    registry = Registry(registry_dir(config), SystemClock())
+    record, created = train_into(registry, config.ai, datasets_dir(config), args.model, args.seed)
     _print(
         {
             "model": record.model,

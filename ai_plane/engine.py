@@ -24,9 +24,11 @@ from ai_plane.features import (
     PROPENSITY_FEATURES,
     RISK_FEATURES,
     EntityRef,
+    OfferEntry,
     PaymentInput,
     hour_of_day,
     keys_for,
+    offer_vector,
     propensity_context,
     risk_vector,
     stored_features,
@@ -39,7 +41,6 @@ from triplane.runtime.config import AiConfig
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument, NotFound
 from triplane.runtime.pii import refuse_pii
-from triplane_sim.synth import OFFERS
 
 log = logging.getLogger("triplane.ai.engine")
 
@@ -61,6 +62,9 @@ class ScoreQuery:
     attributes: Mapping[str, str] = field(default_factory=dict)
     model: str = ""
     top_k: int = 0
+    # The customer's local hour of day (0..23) when known; None: the UTC hour
+    # of occurred_at (the models learned local hours).
+    local_hour: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,19 @@ class ScoreAnswer:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """An eligible offer: its id (for the answer and the bandit's arm) and its
+    catalog entry (what the propensity model sees)."""
+
+    offer_id: str
+    entry: OfferEntry
+
+
+@dataclass(frozen=True)
 class RankQuery:
     tenant_id: str
     account_id: str
-    offer_ids: Sequence[str]
+    candidates: Sequence[Candidate]
     channel: int = 0
     hour_of_day: int = -1
     occurred_at_us: int = 0
@@ -200,11 +213,9 @@ class AiEngine:
         self._check_id(f"{prefix}.merchant_category", q.merchant_category, required=False)
         if q.amount_minor < 0:
             raise InvalidArgument("AMOUNT_NEGATIVE", "amount must be >= 0", f"{prefix}.amount")
-        if len(q.attributes) > self._limits.max_attributes:
+        if q.local_hour is not None and not 0 <= q.local_hour <= 23:
             raise InvalidArgument(
-                "TOO_MANY_ATTRIBUTES",
-                f"at most {self._limits.max_attributes} attributes",
-                f"{prefix}.attributes",
+                "LOCAL_HOUR_INVALID", "local_hour is 0..23", f"{prefix}.local_hour"
             )
         fields = {
             f"{prefix}.tenant_id": q.tenant_id,
@@ -212,20 +223,30 @@ class AiEngine:
             f"{prefix}.device_id": q.device_id,
             f"{prefix}.merchant_id": q.merchant_id,
         }
-        for key, value in q.attributes.items():
-            where = f"{prefix}.attributes[{key}]"
-            if (
-                len(key) > self._limits.max_id_length
-                or len(value) > self._limits.max_attribute_length
-            ):
-                raise InvalidArgument("FIELD_TOO_LONG", f"{where} is too long", where)
-            fields[f"{where}.key"] = key
-            fields[where] = value
+        fields.update(self._check_attributes(q.attributes, f"{prefix}.attributes"))
         refuse_pii(fields)
         if q.model and q.model not in MODELS:
             raise InvalidArgument("UNKNOWN_MODEL", f"unknown model {q.model!r}", "model")
         if q.top_k > self._limits.max_top_k:
             raise InvalidArgument("TOP_K_TOO_LARGE", f"top_k > {self._limits.max_top_k}", "top_k")
+
+    def _check_attributes(self, attributes: Mapping[str, str], where: str) -> dict[str, str]:
+        """Bounds free-form attributes; returns them by field name for the PII check."""
+        if len(attributes) > self._limits.max_attributes:
+            raise InvalidArgument(
+                "TOO_MANY_ATTRIBUTES", f"at most {self._limits.max_attributes} attributes", where
+            )
+        fields: dict[str, str] = {}
+        for key, value in attributes.items():
+            named = f"{where}[{key}]"
+            if (
+                len(key) > self._limits.max_id_length
+                or len(value) > self._limits.max_attribute_length
+            ):
+                raise InvalidArgument("FIELD_TOO_LONG", f"{named} is too long", named)
+            fields[f"{named}.key"] = key
+            fields[named] = value
+        return fields
 
     # ---- features ----
 
@@ -251,7 +272,8 @@ class AiEngine:
         now_us = q.occurred_at_us or self._clock.now_us()
         ref = EntityRef(q.tenant_id, q.account_id, q.device_id, q.merchant_id)
         stored, feature_issue = await self.stored_features(ref, now_us)
-        payment = PaymentInput(q.amount_minor, q.merchant_category, q.channel, hour_of_day(now_us))
+        hour = q.local_hour if q.local_hour is not None else hour_of_day(now_us)
+        payment = PaymentInput(q.amount_minor, q.merchant_category, q.channel, hour)
         vector = risk_vector(payment, stored)
         model = q.model or RISK_MODEL
         rows = np.asarray([vector], dtype=np.float64)
@@ -342,17 +364,25 @@ class AiEngine:
     def _check_rank_query(self, q: RankQuery) -> None:
         self._check_id("tenant_id", q.tenant_id)
         self._check_id("account_id", q.account_id)
-        if not q.offer_ids:
+        if not q.candidates:
             raise InvalidArgument("NO_CANDIDATES", "at least one candidate is needed", "candidates")
-        if len(q.offer_ids) > self._limits.max_candidates:
+        if len(q.candidates) > self._limits.max_candidates:
             raise InvalidArgument(
                 "TOO_MANY_CANDIDATES", f"at most {self._limits.max_candidates}", "candidates"
             )
-        if len(set(q.offer_ids)) != len(q.offer_ids):
+        if len({c.offer_id for c in q.candidates}) != len(q.candidates):
             raise InvalidArgument("DUPLICATE_CANDIDATE", "offer ids must differ", "candidates")
-        for i, offer_id in enumerate(q.offer_ids):
-            self._check_id(f"candidates[{i}].offer_id", offer_id)
-        refuse_pii({"tenant_id": q.tenant_id, "account_id": q.account_id})
+        fields = {"tenant_id": q.tenant_id, "account_id": q.account_id}
+        for i, candidate in enumerate(q.candidates):
+            self._check_id(f"candidates[{i}].offer_id", candidate.offer_id)
+            self._check_id(f"candidates[{i}].product", candidate.entry.product, required=False)
+            if candidate.entry.value_minor < 0:
+                raise InvalidArgument(
+                    "AMOUNT_NEGATIVE", "value must be >= 0", f"candidates[{i}].value"
+                )
+            attributes = candidate.entry.attributes
+            fields.update(self._check_attributes(attributes, f"candidates[{i}].attributes"))
+        refuse_pii(fields)
 
     async def rank(self, q: RankQuery, deadline: Deadline) -> RankAnswer:
         self._check_rank_query(q)
@@ -360,20 +390,22 @@ class AiEngine:
         hour = q.hour_of_day if 0 <= q.hour_of_day <= 23 else hour_of_day(now_us)
         stored, _ = await self.stored_features(EntityRef(q.tenant_id, q.account_id), now_us)
         context = propensity_context(q.channel, hour, stored)
+        # Each offer by its catalog entry, never its id: a partner's own offer
+        # is judged on what it is (see features.OFFER_FEATURES).
         rows = np.asarray(
-            [[OFFERS.index(o) if o in OFFERS else -1, *context] for o in q.offer_ids],
-            dtype=np.float64,
+            [[*offer_vector(c.entry), *context] for c in q.candidates], dtype=np.float64
         )
         assert rows.shape[1] == len(PROPENSITY_FEATURES)
-        keys = [f"{q.tenant_id}|{q.account_id}|{o}" for o in q.offer_ids]
+        offer_ids = [c.offer_id for c in q.candidates]
+        keys = [f"{q.tenant_id}|{q.account_id}|{o}" for o in offer_ids]
         result = await self.scorer.score(PROPENSITY_MODEL, rows, keys, deadline)
         propensities = [0.0 if math.isnan(p) else p for p in result.scores.tolist()]
-        arms = [f"{q.tenant_id}|{o}" for o in q.offer_ids]
+        arms = [f"{q.tenant_id}|{o}" for o in offer_ids]
         features = [arm_features(context, p) for p in propensities]
         choice = self.bandit.choose(arms, features)
         rank_id = uuid.uuid4().hex
         self._pending[rank_id] = _PendingRank(
-            q.tenant_id, dict(zip(q.offer_ids, features, strict=True))
+            q.tenant_id, dict(zip(offer_ids, features, strict=True))
         )
         while len(self._pending) > self._config.bandit.max_pending_ranks:
             self._pending.popitem(last=False)
@@ -381,11 +413,11 @@ class AiEngine:
         ranked = sorted(
             (
                 RankedOffer(o, p, pr)
-                for o, p, pr in zip(q.offer_ids, propensities, probabilities, strict=True)
+                for o, p, pr in zip(offer_ids, propensities, probabilities, strict=True)
             ),
             key=lambda r: -r.propensity,
         )
-        chosen = q.offer_ids[choice.chosen_index]
+        chosen = offer_ids[choice.chosen_index]
         return RankAnswer(
             rank_id=rank_id,
             offers=ranked,

@@ -18,12 +18,15 @@ it in every model's lineage, and a model is only served with its own version.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
-FEATURE_SET_VERSION = "fs-1"
+# fs-2: offers are described by their catalog entry (hashed product and
+# attributes, log value) instead of their position in the simulator's tuple.
+FEATURE_SET_VERSION = "fs-2"
 
 MICROS_PER_S = 1_000_000
 
@@ -341,7 +344,19 @@ PROPENSITY_CONTEXT: tuple[str, ...] = (
     "acct_repayment_consistency",
     "acct_segment",
 )
-PROPENSITY_FEATURES: tuple[str, ...] = ("offer_index", *PROPENSITY_CONTEXT)
+# An offer is described to the propensity model by its catalog entry, never by
+# its id or its position in any list: the log of its value, then its product and
+# the partner's attributes hashed into OFFER_HASH_BUCKETS counters (feature
+# hashing, as Vowpal Wabbit does). A partner's own offer whose entry equals a
+# known one is that offer to the model, and a similar entry scores similarly.
+# The bucket count is part of the feature set (a model's input width), so it is
+# a named constant tied to FEATURE_SET_VERSION, not a config key.
+OFFER_HASH_BUCKETS = 64
+OFFER_FEATURES: tuple[str, ...] = (
+    "offer_value_log",
+    *(f"offer_hash_{i:02d}" for i in range(OFFER_HASH_BUCKETS)),
+)
+PROPENSITY_FEATURES: tuple[str, ...] = (*OFFER_FEATURES, *PROPENSITY_CONTEXT)
 
 
 def risk_vector(payment: PaymentInput, stored: Mapping[str, float]) -> list[float]:
@@ -354,6 +369,38 @@ def risk_vector(payment: PaymentInput, stored: Mapping[str, float]) -> list[floa
     values["merchant_category"] = float(CATEGORY_INDEX.get(payment.merchant_category, 0))
     values["amount_to_mean_24h"] = amount_log - stored["acct_mean_amount_log_24h"]
     return [values[name] for name in RISK_FEATURES]
+
+
+@dataclass(frozen=True, slots=True)
+class OfferEntry:
+    """What the propensity model knows of an offer: its catalog entry."""
+
+    product: str
+    value_minor: int
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=4096)
+def _bucket(token: str) -> int:
+    """A stable bucket (not Python's salted hash: training and serving run in
+    different processes and must agree)."""
+    digest = hashlib.blake2b(token.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % OFFER_HASH_BUCKETS
+
+
+def offer_tokens(offer: OfferEntry) -> list[str]:
+    """The hashed tokens of an entry: its product and each attribute pair."""
+    tokens = [f"product={offer.product}"]
+    tokens += [f"attr:{key}={value}" for key, value in sorted(offer.attributes.items())]
+    return tokens
+
+
+def offer_vector(offer: OfferEntry) -> list[float]:
+    """The offer part of the propensity model's input, in OFFER_FEATURES order."""
+    buckets = [0.0] * OFFER_HASH_BUCKETS
+    for token in offer_tokens(offer):
+        buckets[_bucket(token)] += 1.0
+    return [math.log1p(max(0, offer.value_minor)), *buckets]
 
 
 def propensity_context(channel: int, hour_of_day: int, stored: Mapping[str, float]) -> list[float]:

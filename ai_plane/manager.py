@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
@@ -29,51 +30,40 @@ log = logging.getLogger("triplane.ai.models")
 
 
 def train_into(
-    registry: Registry, config: AiConfig, model: str, seed: int = 0
+    registry: Registry, config: AiConfig, datasets_dir: Path, model: str, seed: int = 0
 ) -> tuple[ModelRecord, bool]:
-    """Trains `model` (deterministic for a seed) and registers a draft."""
+    """Trains `model` on its dataset for generator seed `seed` (0: the
+    configured one) under `datasets_dir`, and registers a draft. Deterministic:
+    the same dataset and seed give the same artifact, so the same version."""
     if model not in training.MODEL_FEATURES:
         raise InvalidArgument("UNKNOWN_MODEL", f"unknown model {model!r}", "model")
     models = config.models
     seed = seed or models.seed
-    trained = training.train(
-        model,
-        seed,
-        models.training_customers,
-        models.training_days,
-        models.num_boost_round,
-        models.num_leaves,
-    )
+    dataset = training.load_dataset(datasets_dir, model, seed)
+    trained = training.fit(dataset, seed, models.num_boost_round, models.num_leaves)
     metrics = {
         "roc_auc": trained.roc_auc,
         "pr_auc": trained.pr_auc,
         "positive_rate": trained.positive_rate,
     }
-    lineage: dict[str, str | int] = {
-        k: v for k, v in training.lineage(trained, seed).items() if isinstance(v, str | int)
-    }
     return registry.register(
         model,
         trained.booster_text,
-        lineage,
+        training.lineage(trained, dataset),
         metrics,
         list(trained.feature_names),
         trained.baselines,
     )
 
 
-def bootstrap_registry(registry: Registry, config: AiConfig) -> None:
-    """Trains and promotes every model that has no live version yet (the
-    embedded stack starts with working models; nothing is downloaded)."""
-    for model in training.MODEL_FEATURES:
-        if registry.live(model) is not None:
-            continue
-        record, _ = train_into(registry, config, model)
-        if record.state is ModelState.DRAFT:
-            registry.transition(model, record.version, ModelState.APPROVED)
-        if record.state is not ModelState.LIVE:
-            registry.transition(model, record.version, ModelState.LIVE)
-        log.info("bootstrapped %s v%d", model, record.version)
+def make_live(registry: Registry, record: ModelRecord) -> ModelRecord:
+    """Moves a draft or approved version to live (for bootstrap: the plane
+    that serves it loads it when it starts)."""
+    if record.state is ModelState.DRAFT:
+        record = registry.transition(record.model, record.version, ModelState.APPROVED)
+    if record.state is not ModelState.LIVE:
+        record = registry.transition(record.model, record.version, ModelState.LIVE)
+    return record
 
 
 def write_live_repository(
@@ -95,6 +85,8 @@ class ModelManager:
     engine: AiEngine
     triton: TritonClient | None
     repository: ModelRepository | None
+    # Where TrainModel finds its datasets (written by `triplane ai datasets`).
+    datasets_dir: Path
     _lock: asyncio.Lock | None = None
 
     def _serialize(self) -> asyncio.Lock:
@@ -173,7 +165,9 @@ class ModelManager:
     async def train(self, model: str, seed: int) -> tuple[ModelRecord, bool]:
         async with self._serialize():
             self.registry.reload()
-            return await asyncio.to_thread(train_into, self.registry, self.config, model, seed)
+            return await asyncio.to_thread(
+                train_into, self.registry, self.config, self.datasets_dir, model, seed
+            )
 
     async def promote(self, model: str, version: int, target: ModelState) -> ModelRecord:
         async with self._serialize():

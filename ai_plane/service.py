@@ -9,7 +9,15 @@ import math
 import grpc
 from google.protobuf import timestamp_pb2
 
-from ai_plane.engine import AiEngine, RankAnswer, RankQuery, ScoreAnswer, ScoreQuery
+from ai_plane.engine import (
+    AiEngine,
+    Candidate,
+    RankAnswer,
+    RankQuery,
+    ScoreAnswer,
+    ScoreQuery,
+)
+from ai_plane.features import OfferEntry
 from ai_plane.manager import ModelManager
 from ai_plane.registry import ModelRecord, ModelState
 from ai_plane.scorer import SOURCE_NONE
@@ -83,6 +91,7 @@ class ScoringServicer(ai_pb2_grpc.ScoringServiceServicer):
             attributes=dict(p.attributes),
             model=request.model,
             top_k=request.top_k,
+            local_hour=p.local_hour if p.HasField("local_hour") else None,
         )
         answer = await self._engine.score(query, _deadline(context))
         return score_response(answer)
@@ -93,7 +102,13 @@ class ScoringServicer(ai_pb2_grpc.ScoringServiceServicer):
         query = RankQuery(
             tenant_id=request.tenant_id,
             account_id=request.account_id,
-            offer_ids=[c.offer_id for c in request.candidates],
+            candidates=[
+                Candidate(
+                    c.offer_id,
+                    OfferEntry(c.product, c.value.amount_minor, dict(c.attributes)),
+                )
+                for c in request.candidates
+            ],
             channel=int(request.channel),
             hour_of_day=request.hour_of_day if request.hour_of_day <= 23 else -1,
             occurred_at_us=_micros(request.occurred_at) if request.HasField("occurred_at") else 0,

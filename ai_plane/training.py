@@ -1,65 +1,69 @@
-"""Training: replay the synthetic stream through the real feature definitions,
-then fit LightGBM deterministically (fixed seed, one thread, row-wise).
+"""Training: fit LightGBM deterministically (fixed seed, one thread, row-wise)
+on a dataset handed to it; metrics on held-out rows; lineage that says where
+the rows came from.
 
-Rows are split by time (the last quarter is held out), as a model is always
+The plane makes no data of its own. A dataset is rows, labels, the feature
+names and a lineage dict, written to a file by the tools above the plane
+(`triplane ai datasets` and `triplane ai bootstrap` replay the synthetic world
+of triplane_sim through these same feature definitions) and read here, so
+`TrainModel` trains on exactly what an operator put under the state dir.
+
+Rows are in time order and the last quarter is held out, as a model is always
 used on traffic newer than what it learned from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-import random
+import os
 from dataclasses import dataclass
-from functools import lru_cache
+from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
 from ai_plane import drift
-from ai_plane.features import (
-    FEATURE_SET_VERSION,
-    PROPENSITY_FEATURES,
-    RISK_FEATURES,
-    ActivityKind,
-    EntityRef,
-    PaymentInput,
-    hour_of_day,
-    keys_for,
-    propensity_context,
-    risk_vector,
-    stored_features,
-    updates_for,
-)
-from ai_plane.store.memory import InProcessStore
-from triplane.runtime.clock import ManualClock
-from triplane_sim import synth
+from ai_plane.features import FEATURE_SET_VERSION, PROPENSITY_FEATURES, RISK_FEATURES
+from triplane.runtime.errors import FailedPrecondition
 
-CODE_VERSION = "ai-train-1"
+CODE_VERSION = "ai-train-2"
 RISK_MODEL = "payment_risk"
 PROPENSITY_MODEL = "offer_propensity"
 MODEL_FEATURES: dict[str, tuple[str, ...]] = {
     RISK_MODEL: RISK_FEATURES,
     PROPENSITY_MODEL: PROPENSITY_FEATURES,
 }
-TRAIN_NAMESPACE = "train"
 # Key features whose live distribution is watched for drift, besides the score.
 DRIFT_FEATURES: dict[str, tuple[str, ...]] = {
     RISK_MODEL: ("amount_log", "acct_txn_count_1h", "dev_txn_count_24h", "merch_txn_count_1h"),
     PROPENSITY_MODEL: ("acct_lifetime_spend_log", "acct_cashflow_7d_slog"),
 }
 DRIFT_BINS = 10
+# Share of rows (the oldest) a model is fitted on; the rest measure it.
+TRAIN_SHARE = 0.75
 
 FloatArray = npt.NDArray[np.float64]
+Lineage = dict[str, str | int]
 
 
 @dataclass(frozen=True)
 class Dataset:
+    """Rows of one model's features (in MODEL_FEATURES order), their labels,
+    and where they came from (recorded in every model trained on them)."""
+
+    model: str
     x: FloatArray
     y: FloatArray
-    # Propensity contexts seen at payment time (for offer data and the bandit).
-    contexts: FloatArray
+    feature_names: tuple[str, ...]
+    lineage: Lineage
+
+    def __post_init__(self) -> None:
+        # A dataset that does not fit its model is corrupt, not a case to handle.
+        assert self.model in MODEL_FEATURES, self.model
+        assert self.x.ndim == 2 and self.x.shape == (len(self.y), len(self.feature_names))
 
 
 @dataclass(frozen=True)
@@ -78,55 +82,78 @@ class TrainedModel:
     baselines: dict[str, list[list[float]]]
 
 
-@lru_cache(maxsize=4)
-def risk_dataset(seed: int, customers: int, days: int) -> Dataset:
-    """Feature rows and fraud labels of every synthetic payment, computed
-    from the store state just before the payment (what serving would see)."""
-    data = synth.generate(synth.SynthConfig(seed=seed, customers=customers, days=days))
-    clock = ManualClock(synth.EPOCH_US)
-    store = InProcessStore(max_keys=10_000_000, dedupe_ttl_s=1, clock=clock)
-    rows: list[list[float]] = []
-    labels: list[float] = []
-    contexts: list[list[float]] = []
-    for event in data.events:
-        activity = event.activity
-        clock.set_us(activity.occurred_at_us)
-        if activity.kind is ActivityKind.PAYMENT:
-            ref = EntityRef(
-                activity.tenant_id, activity.account_id, activity.device_id, activity.merchant_id
-            )
-            keys = keys_for(ref, TRAIN_NAMESPACE, activity.occurred_at_us)
-            stored = stored_features(store.read_sync(keys))
-            hour = hour_of_day(activity.occurred_at_us)
-            payment = PaymentInput(
-                activity.amount_minor, event.merchant_category, event.channel, hour
-            )
-            rows.append(risk_vector(payment, stored))
-            labels.append(1.0 if event.is_fraud else 0.0)
-            if not event.is_fraud:
-                contexts.append(propensity_context(event.channel, hour, stored))
-        store.apply_sync("", updates_for(activity, TRAIN_NAMESPACE))
-    return Dataset(
-        np.asarray(rows, dtype=np.float64),
-        np.asarray(labels, dtype=np.float64),
-        np.asarray(contexts, dtype=np.float64),
-    )
+# ---- dataset files ----
 
 
-def propensity_dataset(contexts: FloatArray, seed: int, rows: int) -> tuple[FloatArray, FloatArray]:
-    """Logged exposures: a uniformly random offer per context, taken with the
-    hidden true propensity."""
-    rng = random.Random(seed * 7919 + 1)
-    x = np.empty((rows, len(PROPENSITY_FEATURES)), dtype=np.float64)
-    y = np.empty(rows, dtype=np.float64)
-    for i in range(rows):
-        context = contexts[rng.randrange(len(contexts))]
-        offer_index = rng.randrange(len(synth.OFFERS))
-        p = synth.true_propensity(synth.OFFERS[offer_index], context.tolist())
-        x[i, 0] = offer_index
-        x[i, 1:] = context
-        y[i] = 1.0 if rng.random() < p else 0.0
-    return x, y
+def dataset_path(datasets_dir: Path, model: str, seed: int) -> Path:
+    """Where the dataset of `model` made with generator seed `seed` lives."""
+    return datasets_dir / model / f"seed-{seed}.npz"
+
+
+def write_dataset(path: Path, dataset: Dataset) -> None:
+    """Writes atomically (temp file + rename): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as out:
+        np.savez_compressed(
+            out,
+            x=dataset.x,
+            y=dataset.y,
+            feature_names=np.asarray(dataset.feature_names, dtype=np.str_),
+            meta=np.asarray(
+                json.dumps({"model": dataset.model, "lineage": dataset.lineage}, sort_keys=True)
+            ),
+        )
+    os.replace(tmp, path)
+
+
+def read_dataset(path: Path) -> Dataset:
+    """The dataset in `path`; refused when it was made for other features."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"].item()))
+        dataset = Dataset(
+            model=str(meta["model"]),
+            x=np.asarray(data["x"], dtype=np.float64),
+            y=np.asarray(data["y"], dtype=np.float64),
+            feature_names=tuple(str(n) for n in data["feature_names"]),
+            lineage=dict(meta["lineage"]),
+        )
+    if dataset.feature_names != MODEL_FEATURES[dataset.model]:
+        raise FailedPrecondition(
+            "DATASET_STALE",
+            f"{path} holds other features than {dataset.model} uses now "
+            f"(feature set {dataset.lineage.get('feature_set_version', '?')}, "
+            f"this plane {FEATURE_SET_VERSION}): write it again",
+            "seed",
+        )
+    return dataset
+
+
+def dataset_lineage(path: Path) -> Lineage | None:
+    """The lineage of the dataset in `path` (reads nothing else); None when
+    there is no readable dataset there."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"].item()))
+    except (OSError, KeyError, ValueError):
+        return None
+    return dict(meta["lineage"])
+
+
+def load_dataset(datasets_dir: Path, model: str, seed: int) -> Dataset:
+    """The dataset `TrainModel` trains on; FAILED_PRECONDITION when none is there."""
+    path = dataset_path(datasets_dir, model, seed)
+    if not path.exists():
+        raise FailedPrecondition(
+            "NO_TRAINING_DATA",
+            f"no dataset for {model} with seed {seed} at {path}; write one with "
+            f"`triplane ai datasets --seed {seed}` (or `triplane ai bootstrap`)",
+            "seed",
+        )
+    return read_dataset(path)
+
+
+# ---- metrics ----
 
 
 def roc_auc(y: FloatArray, scores: FloatArray) -> float:
@@ -159,6 +186,9 @@ def pr_auc(y: FloatArray, scores: FloatArray) -> float:
     return float((precision * hits).sum() / positives)
 
 
+# ---- fitting ----
+
+
 def _params(seed: int, num_leaves: int) -> dict[str, object]:
     return {
         "objective": "binary",
@@ -173,17 +203,12 @@ def _params(seed: int, num_leaves: int) -> dict[str, object]:
     }
 
 
-def fit(
-    model: str,
-    x: FloatArray,
-    y: FloatArray,
-    seed: int,
-    num_boost_round: int,
-    num_leaves: int,
-) -> TrainedModel:
-    """Fits on the first 75% of rows (time order), evaluates on the rest."""
-    split = int(len(y) * 0.75)
-    names = list(MODEL_FEATURES[model])
+def fit(dataset: Dataset, seed: int, num_boost_round: int, num_leaves: int) -> TrainedModel:
+    """Fits on the first TRAIN_SHARE of rows (time order), evaluates on the
+    rest. Deterministic: the same dataset and seed give the same artifact."""
+    x, y, model = dataset.x, dataset.y, dataset.model
+    split = int(len(y) * TRAIN_SHARE)
+    names = list(dataset.feature_names)
     train = lgb.Dataset(x[:split], y[:split], feature_name=names, free_raw_data=False)
     booster = lgb.train(_params(seed, num_leaves), train, num_boost_round=num_boost_round)
     test_scores = np.asarray(booster.predict(x[split:], num_threads=1), dtype=np.float64)
@@ -208,25 +233,11 @@ def fit(
     )
 
 
-def train(
-    model: str, seed: int, customers: int, days: int, num_boost_round: int, num_leaves: int
-) -> TrainedModel:
-    """Trains `model` on the synthetic world of `seed` (deterministic)."""
-    dataset = risk_dataset(seed, customers, days)
-    if model == RISK_MODEL:
-        return fit(model, dataset.x, dataset.y, seed, num_boost_round, num_leaves)
-    if model == PROPENSITY_MODEL:
-        x, y = propensity_dataset(
-            dataset.contexts, seed, rows=min(60_000, 6 * len(dataset.contexts))
-        )
-        return fit(model, x, y, seed, num_boost_round, num_leaves)
-    raise KeyError(model)
-
-
-def lineage(trained: TrainedModel, seed: int) -> dict[str, object]:
+def lineage(trained: TrainedModel, dataset: Dataset) -> Lineage:
+    """Where the rows came from (the dataset's own lineage) and how the model
+    was made from them."""
     return {
-        "generator_seed": seed,
-        "generator_version": synth.GENERATOR_VERSION,
+        **dataset.lineage,
         "feature_set_version": FEATURE_SET_VERSION,
         "code_version": CODE_VERSION,
         "train_rows": trained.train_rows,

@@ -72,8 +72,9 @@ from triplane.runtime import bus
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import load_config
 from triplane.runtime.net import free_port, port_open
-from triplane_sim import bandit_eval, synth
+from triplane_sim import bandit_eval, datasets, synth
 from triplane_sim.spine import synthetic_envelope
+from triplane_tools.models import ensure_bootstrap_models, write_datasets
 from triplane_tools.natsd import EmbeddedNats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +87,8 @@ ROUNDS = int(os.environ.get("TRIPLANE_BENCH_AI_ROUNDS", "20000"))
 TENANT = "bench"
 NAMESPACE = "triplane"
 SCORE_TIMEOUT_MS = 20.0
+# Dataset seed of the version trained, promoted and rolled back.
+ROLLBACK_SEED = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +265,13 @@ async def scoring_phases(results: dict[str, float], notes: dict[str, str]) -> No
         triton.start()
         address = f"127.0.0.1:{free_port()}"
         (work / "state").mkdir()
+        # What the dev supervisor does before it starts the plane: live models
+        # in its registry; and the dataset measure_rollback trains on.
+        state_config = load_config(
+            environ={}, overrides={"runtime": {"state_dir": str(work / "state")}}
+        )
+        ensure_bootstrap_models(state_config)
+        write_datasets(state_config, ROLLBACK_SEED)
         plane = start_plane(work / "state", triton, nats_url, address)
         cleanup.callback(stop_process, plane)
         nc = await bus.connect(config.nats, "bench-ai")
@@ -388,7 +398,7 @@ async def measure_rollback(
     results: dict[str, float],
 ) -> None:
     trained = await registry.TrainModel(
-        pb.TrainModelRequest(model="payment_risk", seed=8), timeout=120
+        pb.TrainModelRequest(model="payment_risk", seed=ROLLBACK_SEED), timeout=120
     )
     version = trained.version.version
     for target in (pb.MODEL_STATE_APPROVED, pb.MODEL_STATE_LIVE):
@@ -504,15 +514,11 @@ def feast_reads(
 def bandits(results: dict[str, float], notes: dict[str, str]) -> None:
     config = load_config(environ={})
     models = config.ai.models
-    trained = training.train(
-        training.PROPENSITY_MODEL,
-        models.seed,
-        models.training_customers,
-        models.training_days,
-        models.num_boost_round,
-        models.num_leaves,
+    dataset = datasets.build(
+        training.PROPENSITY_MODEL, models.seed, models.training_customers, models.training_days
     )
-    contexts = training.risk_dataset(models.seed + 1, 400, 5).contexts  # customers it never saw
+    trained = training.fit(dataset, models.seed, models.num_boost_round, models.num_leaves)
+    contexts = datasets.replay(models.seed + 1, 400, 5).contexts  # customers it never saw
     stream = bandit_eval.make_stream(
         contexts, lgb.Booster(model_str=trained.booster_text), ROUNDS, 99
     )
@@ -567,9 +573,9 @@ def pytriton_vs_plain(results: dict[str, float], notes: dict[str, str]) -> None:
         notes["pytriton"] = f"PyTriton's Python side not importable: {error}"
         return
     config = load_config(environ={})
-    trained = training.train(training.RISK_MODEL, 7, 300, 7, 40, 15)
+    trained = training.fit(datasets.risk_dataset(7, 300, 7), 7, 40, 15)
     booster = lgb.Booster(model_str=trained.booster_text)
-    rows = training.risk_dataset(7, 300, 7).x[:200]
+    rows = datasets.replay(7, 300, 7).risk_x[:200]
 
     @batch  # type: ignore[untyped-decorator]
     def infer(FEATURES: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:

@@ -2,7 +2,8 @@
 
 Every policy sees the same rounds: a customer context (taken from synthetic
 payments), an eligible subset of the offer catalog, the propensity model's
-prediction per eligible offer, and pre-drawn rewards (offer taken with its
+prediction per eligible offer (from its catalog entry, as Rank computes it),
+and pre-drawn rewards (offer taken with its
 hidden true propensity). Identical draws make cumulative rewards comparable
 between policies in the same run.
 """
@@ -17,8 +18,9 @@ import lightgbm as lgb
 import numpy as np
 
 from ai_plane.bandit import LinearThompsonBandit, arm_features
+from ai_plane.features import offer_vector
 from ai_plane.scorer import FloatArray
-from triplane_sim.synth import OFFERS, true_propensity
+from triplane_sim.synth import CATALOG, OFFERS, true_propensity
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ def make_stream(
 ) -> list[Round]:
     rng = random.Random(seed)
     picked = [contexts[rng.randrange(len(contexts))].tolist() for _ in range(rounds)]
-    rows = np.asarray([[i, *c] for c in picked for i in range(len(OFFERS))], dtype=np.float64)
+    offers = [offer_vector(CATALOG[o]) for o in OFFERS]
+    rows = np.asarray([[*offer, *c] for c in picked for offer in offers], dtype=np.float64)
     predictions = np.asarray(propensity_model.predict(rows, num_threads=1)).reshape(
         rounds, len(OFFERS)
     )

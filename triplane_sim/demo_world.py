@@ -1,7 +1,8 @@
 """A synthetic tenant for the demo and the benchmark, set up through the
 planes' admin APIs: ledger accounts for the synthetic customers and merchants
-(ai_plane.synth), the offer catalog of the synthetic offers, contact profiles
-and consents."""
+(triplane_sim.synth), the offer catalog of the synthetic offers with their
+catalog entries (product, value, attributes: what ranking sees), contact
+profiles and consents."""
 
 from __future__ import annotations
 
@@ -14,15 +15,12 @@ from triplane.policy.v1 import policy_pb2
 from triplane_client import LedgerAdminClient, PolicyAdminClient
 from triplane_sim import synth
 
-_PRODUCTS = {
-    "cashback_grocery": (policy_pb2.PRODUCT_CASHBACK, 300),
-    "bnpl_electronics": (policy_pb2.PRODUCT_BNPL, 1500),
-    "savings_roundup": (policy_pb2.PRODUCT_SAVINGS, 500),
-    "credit_line_increase": (policy_pb2.PRODUCT_CREDIT_LINE_INCREASE, 5000),
-    "travel_insurance": (policy_pb2.PRODUCT_INSURANCE_COVER, 1200),
-    "loyalty_boost": (policy_pb2.PRODUCT_CASHBACK, 200),
-}
 ACCOUNTS_PER_CALL = 500
+
+
+def product_enum(product: str) -> policy_pb2.Product.ValueType:
+    """The policy plane's Product for a catalog product name ("bnpl")."""
+    return policy_pb2.Product.Value(f"PRODUCT_{product.upper()}")
 
 
 def daytime_zone(now_s: float | None = None) -> str:
@@ -79,15 +77,15 @@ async def seed(
                 ],
             )
         await policy.create_tenant(tenant_id, "synthetic")
-        for offer_id in synth.OFFERS:
-            product, value_minor = _PRODUCTS[offer_id]
+        for offer_id, entry in synth.CATALOG.items():
             await policy.put_offer(
                 policy_pb2.Offer(
                     tenant_id=tenant_id,
                     offer_id=offer_id,
-                    product=product,
+                    product=product_enum(entry.product),
                     title=offer_id.replace("_", " "),
-                    value=types_pb2.Money(amount_minor=value_minor, currency="USD"),
+                    value=types_pb2.Money(amount_minor=entry.value_minor, currency="USD"),
+                    attributes=dict(entry.attributes),
                     eligibility="customer.kyc_tier >= 2"
                     if offer_id == "credit_line_increase"
                     else "",

@@ -14,8 +14,16 @@ Fraud is injected with the patterns seen in embedded finance:
 * mule accounts: failed KYC, a shared device, inflows then fast outflows to
   quasi-cash merchants.
 
-Offers carry hidden true propensities (a logistic function of the customer's
-context) that only the simulator knows: models and bandits must learn them.
+Activity follows a daily curve over all 24 hours of the customer's local day
+(quiet at night, never empty), and no fraud pattern is defined by the hour
+alone: a customer paying at night is ordinary, and models trained here must
+see it so.
+
+Offers are catalog entries (product, value, the partner's attributes) with
+hidden true propensities: a logistic function of the customer's context whose
+weights come from the entry's product and attributes, so an offer the world has
+never seen behaves like the known offers it resembles. Only the simulator knows
+them: models and bandits must learn them.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ai_plane.features import Activity, ActivityKind
+from ai_plane.features import Activity, ActivityKind, OfferEntry, offer_tokens
 
-GENERATOR_VERSION = "synth-1"
+# synth-2: activity over all 24 hours, takeovers and mules at any hour, offers
+# as catalog entries whose attributes set their hidden propensity.
+GENERATOR_VERSION = "synth-2"
 # 2026-01-01T00:00:00Z: synthetic time starts here.
 EPOCH_US = 1_767_225_600_000_000
 DAY_US = 86_400_000_000
@@ -37,6 +47,15 @@ CHANNEL_CARD_PRESENT, CHANNEL_ECOMMERCE, CHANNEL_IN_APP, CHANNEL_TRANSFER = 1, 2
 
 NORMAL_CATEGORIES = ("5411", "5812", "4111", "4900", "5732", "5816")
 CATEGORY_WEIGHTS = (30, 25, 15, 8, 5, 7)
+
+# Relative activity by local hour of day (00 to 23): a daily curve, quiet in
+# the small hours but never zero (night shifts, insomniacs, other time zones'
+# merchants), peaking in the evening. About 6% of payments fall in 00-05.
+HOURLY_ACTIVITY: tuple[float, ...] = (
+    1.5, 1.0, 0.8, 0.7, 0.7, 1.0, 1.8, 3.0, 4.2, 5.0, 5.5, 6.0,
+    6.5, 6.2, 6.0, 6.0, 6.2, 6.8, 7.0, 6.5, 5.5, 4.2, 3.0, 2.2,
+)  # fmt: skip
+assert len(HOURLY_ACTIVITY) == 24 and min(HOURLY_ACTIVITY) > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,16 +182,17 @@ def _customers(
     return out
 
 
-def _daytime_us(rng: random.Random, day: int) -> int:
-    hour = min(23.9, max(7.0, rng.gauss(14.5, 3.5)))
-    return EPOCH_US + day * DAY_US + int(hour * 3600e6) + rng.randrange(3600_000_000) // 60
+def _activity_us(rng: random.Random, day: int) -> int:
+    """A moment of `day` drawn from the daily activity curve."""
+    hour = rng.choices(range(24), HOURLY_ACTIVITY)[0]
+    return EPOCH_US + day * DAY_US + hour * 3600_000_000 + rng.randrange(3600_000_000)
 
 
 def _normal_life(b: _Builder, customer: Customer, by_id: dict[str, Merchant]) -> None:
     rng, config = b.rng, b.config
     for day in range(config.days):
         for _ in range(_poisson(rng, config.payments_per_day)):
-            at = _daytime_us(rng, day)
+            at = _activity_us(rng, day)
             merchant = by_id[rng.choice(customer.favourite_merchants)]
             amount = max(100, int(rng.lognormvariate(math.log(customer.mean_amount_minor), 0.5)))
             channel = rng.choice(
@@ -240,10 +260,12 @@ def _card_testing(b: _Builder, customer: Customer, risky: list[Merchant]) -> Non
 def _takeover(b: _Builder, customer: Customer, risky: list[Merchant]) -> None:
     rng = b.rng
     day = _pattern_day(rng, b.config.days)
-    night = EPOCH_US + day * DAY_US + rng.randrange(0, 5 * 3600_000_000)
+    # Any hour: what marks a takeover is the new device, the merchants and the
+    # amounts, not the time of day.
+    login = EPOCH_US + day * DAY_US + rng.randrange(DAY_US)
     device = f"dev_fraud_ato_{customer.account_id}"
-    b.add(ActivityKind.OTHER, customer, night, device_id=device)
-    at = night
+    b.add(ActivityKind.OTHER, customer, login, device_id=device)
+    at = login
     targets = [m for m in risky if m.category in ("5732", "5947")]
     for _ in range(rng.randint(2, 5)):
         at += rng.randrange(2 * MINUTE_US, 15 * MINUTE_US)
@@ -267,7 +289,7 @@ def _takeover(b: _Builder, customer: Customer, risky: list[Merchant]) -> None:
 
 def _velocity(b: _Builder, customer: Customer, merchants: list[Merchant]) -> None:
     rng = b.rng
-    at = _daytime_us(rng, _pattern_day(rng, b.config.days))
+    at = _activity_us(rng, _pattern_day(rng, b.config.days))
     device = rng.choice(customer.devices)
     for _ in range(rng.randint(6, 12)):
         at += rng.randrange(MINUTE_US // 2, 4 * MINUTE_US)
@@ -288,7 +310,7 @@ def _velocity(b: _Builder, customer: Customer, merchants: list[Merchant]) -> Non
 def _mule(b: _Builder, customer: Customer, risky: list[Merchant], ring_device: str) -> None:
     rng = b.rng
     day = _pattern_day(rng, b.config.days)
-    at = EPOCH_US + day * DAY_US + rng.randrange(DAY_US // 2)
+    at = EPOCH_US + day * DAY_US + rng.randrange(DAY_US)
     b.add(ActivityKind.KYC_FAILED, customer, at - 3600_000_000)
     for _ in range(rng.randint(3, 6)):
         at += rng.randrange(5 * MINUTE_US, 30 * MINUTE_US)
@@ -335,38 +357,99 @@ def generate(config: SynthConfig | None = None) -> SynthData:
     return SynthData(config, customers, merchants, b.events)
 
 
-# ---- offers with hidden propensities ----
+# ---- offers: catalog entries with hidden propensities ----
 
-OFFERS: tuple[str, ...] = (
-    "cashback_grocery",
-    "bnpl_electronics",
-    "savings_roundup",
+# The synthetic catalog: what a partner registers (product, value, attributes).
+# Products are the policy plane's product names.
+CATALOG: dict[str, OfferEntry] = {
+    "cashback_grocery": OfferEntry(
+        "cashback", 300, {"category": "grocery", "benefit": "cashback", "commitment": "none"}
+    ),
+    "bnpl_electronics": OfferEntry(
+        "bnpl", 1500, {"category": "electronics", "benefit": "deferral", "commitment": "low"}
+    ),
+    "savings_roundup": OfferEntry(
+        "savings", 500, {"category": "everyday", "benefit": "interest", "commitment": "low"}
+    ),
+    "credit_line_increase": OfferEntry(
+        "credit_line_increase",
+        5000,
+        {"category": "everyday", "benefit": "credit", "commitment": "high"},
+    ),
+    "travel_insurance": OfferEntry(
+        "insurance_cover", 1200, {"category": "travel", "benefit": "cover", "commitment": "low"}
+    ),
+    "loyalty_boost": OfferEntry(
+        "cashback", 200, {"category": "everyday", "benefit": "points", "commitment": "none"}
+    ),
+}
+OFFERS: tuple[str, ...] = tuple(CATALOG)
+
+# What entries are made of: every product and attribute value the world knows.
+PRODUCTS: tuple[str, ...] = (
+    "cashback",
+    "bnpl",
+    "savings",
     "credit_line_increase",
-    "travel_insurance",
-    "loyalty_boost",
+    "insurance_cover",
 )
-
-# Hidden truth: intercept and weights over the standardized context (see
-# features.PROPENSITY_CONTEXT: channel, hour, txn count 24h, amount 24h, daily
-# spend, cash flow 7d, lifetime spend, repayment consistency, segment).
-_CONTEXT_CENTER = (2.0, 14.0, 3.0, 8.0, 7.0, 0.0, 10.0, 0.7, 2.0)
-_CONTEXT_SCALE = (1.0, 5.0, 2.0, 3.0, 4.0, 10.0, 3.0, 0.2, 1.0)
-_TRUE_WEIGHTS: dict[str, tuple[float, tuple[float, ...]]] = {
-    "cashback_grocery": (-2.2, (0.0, 0.0, 0.9, 0.4, 0.3, 0.0, 0.0, 0.0, -0.2)),
-    "bnpl_electronics": (-2.6, (0.5, 0.2, 0.0, 0.3, 0.4, -0.8, 0.0, -0.3, 0.0)),
-    "savings_roundup": (-2.4, (0.0, -0.2, 0.0, 0.0, -0.3, 0.9, 0.2, 0.5, 0.0)),
-    "credit_line_increase": (-3.0, (0.0, 0.0, 0.2, 0.3, 0.0, 0.0, 0.6, 1.2, 0.5)),
-    "travel_insurance": (-2.8, (0.0, 0.6, 0.0, 0.5, 0.0, 0.2, 0.7, 0.0, 0.4)),
-    "loyalty_boost": (-1.9, (0.0, 0.0, 0.3, 0.0, 0.0, 0.0, -0.2, 0.0, -0.4)),
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "category": ("grocery", "electronics", "travel", "everyday", "dining"),
+    "benefit": ("cashback", "deferral", "interest", "credit", "cover", "points"),
+    "commitment": ("none", "low", "high"),
 }
 
+# Hidden truth. Each token of an entry (its product, each attribute pair) adds
+# an intercept and weights over the standardized context (see
+# features.PROPENSITY_CONTEXT: channel, hour, txn count 24h, amount 24h, daily
+# spend, cash flow 7d, lifetime spend, repayment consistency, segment); the
+# value adds VALUE_WEIGHT per e-fold over 1,000 minor units.
+_CONTEXT_CENTER = (2.0, 14.0, 3.0, 8.0, 7.0, 0.0, 10.0, 0.7, 2.0)
+_CONTEXT_SCALE = (1.0, 5.0, 2.0, 3.0, 4.0, 10.0, 3.0, 0.2, 1.0)
+_Z = (0.0,) * 9
+_TOKEN_EFFECTS: dict[str, tuple[float, tuple[float, ...]]] = {
+    "product=cashback": (-1.2, (0.0, 0.0, 0.5, 0.2, 0.2, 0.0, 0.0, 0.0, -0.2)),
+    "product=bnpl": (-1.5, (0.4, 0.1, 0.0, 0.2, 0.3, -0.6, 0.0, -0.3, 0.0)),
+    "product=savings": (-1.4, (0.0, -0.1, 0.0, 0.0, -0.2, 0.7, 0.2, 0.4, 0.0)),
+    "product=credit_line_increase": (-1.7, (0.0, 0.0, 0.2, 0.2, 0.0, 0.0, 0.5, 1.0, 0.4)),
+    "product=insurance_cover": (-1.6, (0.0, 0.3, 0.0, 0.3, 0.0, 0.2, 0.4, 0.0, 0.3)),
+    "attr:category=grocery": (-0.4, (0.0, 0.0, 0.4, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0)),
+    "attr:category=electronics": (-0.5, (0.2, 0.1, 0.0, 0.2, 0.1, -0.2, 0.0, 0.0, 0.0)),
+    "attr:category=travel": (-0.6, (0.0, 0.3, 0.0, 0.2, 0.0, 0.0, 0.3, 0.0, 0.1)),
+    "attr:category=everyday": (-0.3, _Z),
+    "attr:category=dining": (-0.4, (0.0, 0.2, 0.2, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0)),
+    "attr:benefit=cashback": (-0.3, (0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)),
+    "attr:benefit=deferral": (-0.4, (0.0, 0.0, 0.0, 0.0, 0.0, -0.2, 0.0, 0.0, 0.0)),
+    "attr:benefit=interest": (-0.4, (0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0.1, 0.0)),
+    "attr:benefit=credit": (-0.5, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.1)),
+    "attr:benefit=cover": (-0.4, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0)),
+    "attr:benefit=points": (-0.2, (0.0, 0.0, 0.2, 0.0, 0.0, 0.0, -0.2, 0.0, -0.3)),
+    "attr:commitment=none": (0.3, _Z),
+    "attr:commitment=low": (0.0, _Z),
+    "attr:commitment=high": (-0.4, _Z),
+}
+VALUE_WEIGHT = 0.15
 
-def true_propensity(offer_id: str, context: Sequence[float]) -> float:
-    """The hidden probability that a customer in `context` takes `offer_id`."""
-    intercept, weights = _TRUE_WEIGHTS[offer_id]
-    z = intercept
-    for value, center, scale, weight in zip(
-        context, _CONTEXT_CENTER, _CONTEXT_SCALE, weights, strict=True
-    ):
-        z += weight * (value - center) / scale
+
+def true_propensity(offer: str | OfferEntry, context: Sequence[float]) -> float:
+    """The hidden probability that a customer in `context` takes `offer` (a
+    catalog entry, or the id of one of CATALOG's). Tokens the world does not
+    know add nothing."""
+    entry = CATALOG[offer] if isinstance(offer, str) else offer
+    z = VALUE_WEIGHT * math.log(max(1, entry.value_minor) / 1000.0)
+    standardized = [
+        (value - center) / scale
+        for value, center, scale in zip(context, _CONTEXT_CENTER, _CONTEXT_SCALE, strict=True)
+    ]
+    for token in offer_tokens(entry):
+        intercept, weights = _TOKEN_EFFECTS.get(token, (0.0, _Z))
+        z += intercept + sum(w * v for w, v in zip(weights, standardized, strict=True))
     return 1.0 / (1.0 + math.exp(-z))
+
+
+def random_offer(rng: random.Random) -> OfferEntry:
+    """An entry no partner registered (yet): a random product, attributes and
+    value, so models learn what each part of an entry is worth."""
+    attributes = {key: rng.choice(values) for key, values in ATTRIBUTE_VALUES.items()}
+    value_minor = int(math.exp(rng.uniform(math.log(100), math.log(10_000))))
+    return OfferEntry(rng.choice(PRODUCTS), value_minor, attributes)

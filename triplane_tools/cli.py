@@ -22,6 +22,7 @@ from ai_plane import cli as ai_cli
 from gateway import cli as gateway_cli
 from policy_plane import cli as policy_cli
 from triplane.runtime.config import Config, ConfigError, load_config
+from triplane_tools import models
 from triplane_tools.stack import StackError
 
 PLANE_COMMANDS = (policy_cli, ai_cli, gateway_cli)
@@ -173,7 +174,11 @@ def _register_plugins(sub: Any) -> dict[str, Any]:
     owners: dict[str, Any] = {}
     for module in PLANE_COMMANDS:
         before = set(sub.choices)
-        module.register(sub)
+        group = module.register(sub)
+        if module is ai_cli:
+            # `ai bootstrap` and `ai datasets` need the synthetic world, which
+            # the plane never imports: the tools add them to its group.
+            models.register(group)
         owners.update(dict.fromkeys(set(sub.choices) - before, module))
     return owners
 

@@ -39,6 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from triplane.runtime import tokens
 from triplane.runtime.config import Config, StackPlaneConfig
 from triplane.runtime.net import dial_address, host_port, port_open
+from triplane_tools.models import ensure_bootstrap_models
 from triplane_tools.natsd import EmbeddedNats
 
 log = logging.getLogger("triplane.stack")
@@ -211,10 +212,19 @@ class Stack:
             )
         env = self._child_env(self._write_effective_config())
         for plane in self._selected_planes():
+            if plane.module == "ai_plane" and self.config.ai.models.bootstrap_train:
+                # The AI plane trains nothing itself: its models are made live
+                # first, from the synthetic world (seconds; nothing downloaded).
+                await asyncio.to_thread(ensure_bootstrap_models, self._resolved_config())
             process = self._spawn(plane, env)
             self.processes.append(process)
             await self._wait_serving(process, time.monotonic() + self.config.stack.start_timeout_s)
             log.info("%s serving on %s (pid %d)", plane.name, process.address, process.pid)
+
+    def _resolved_config(self) -> Config:
+        """The config with the state dir the children get (absolute)."""
+        runtime = msgspec.structs.replace(self.config.runtime, state_dir=str(self.state_dir))
+        return msgspec.structs.replace(self.config, runtime=runtime)
 
     def _selected_planes(self) -> list[StackPlaneConfig]:
         selected: list[StackPlaneConfig] = []

@@ -9,13 +9,15 @@ from typing import Any
 
 import pytest
 
-from ai_plane.manager import bootstrap_registry, write_live_repository
+from ai_plane.app import registry_dir
+from ai_plane.manager import write_live_repository
 from ai_plane.registry import Registry
 from ai_plane.triton import ModelRepository, TritonProcess, TritonUnavailable, find_dist
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.common.v1 import types_pb2
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
+from triplane_tools.models import ensure_bootstrap_models
 
 # Small synthetic world: training takes about a second. A roomy Triton budget:
 # the 2-core machine is shared, and tests that want timeouts set their own.
@@ -54,11 +56,18 @@ def require_triton() -> None:
         pytest.skip(message)
 
 
+def bootstrapped(config: Config) -> Config:
+    """`config` once its state dir holds live models, trained and promoted by
+    the same bootstrap the dev supervisor runs before it starts the plane."""
+    ensure_bootstrap_models(config)
+    return config
+
+
 def start_triton(root: Path, config: Config) -> TritonProcess:
-    """A tritonserver over a repository holding freshly trained live models."""
+    """A tritonserver over a repository holding freshly trained live models
+    (bootstrapped into `config`'s state dir)."""
     require_triton()
-    registry = Registry(root / "registry", SystemClock())
-    bootstrap_registry(registry, config.ai)
+    registry = Registry(registry_dir(bootstrapped(config)), SystemClock())
     repository = ModelRepository(root / "repository")
     write_live_repository(registry, repository, config.ai)
     process = TritonProcess(repository, root / "work", config.ai.triton)

@@ -1,5 +1,7 @@
 """AI plane fixtures: small training sizes, one shared tritonserver and one
-running plane per test session (starting Triton costs seconds on 2 cores)."""
+running plane per test session (starting Triton costs seconds on 2 cores).
+Every plane starts on a state dir bootstrapped as the dev supervisor does it
+(`bootstrapped`, i.e. triplane_tools.models.ensure_bootstrap_models)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from ai_helpers import ai_config, start_triton
+from ai_helpers import ai_config, bootstrapped, start_triton
 
 from ai_plane.app import AiPlane
 from ai_plane.triton import TritonProcess
@@ -29,7 +31,9 @@ async def running_plane(
     shared_triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[AiPlane]:
     state = tmp_path_factory.mktemp("ai_state")
-    plane = AiPlane(ai_config(state), listen="127.0.0.1:0", shared_triton=shared_triton)
+    plane = AiPlane(
+        bootstrapped(ai_config(state)), listen="127.0.0.1:0", shared_triton=shared_triton
+    )
     await plane.start()
     try:
         yield plane

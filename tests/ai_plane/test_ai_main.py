@@ -1,5 +1,5 @@
-"""`python -m ai_plane`: trains its models, starts its own tritonserver,
-serves until SIGTERM, and leaves no tritonserver behind."""
+"""`python -m ai_plane` on a bootstrapped state dir: serves its live models
+from its own tritonserver until SIGTERM, and leaves no tritonserver behind."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
-from ai_helpers import payment, require_triton
+from ai_helpers import ai_config, bootstrapped, payment, require_triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from triplane.ai.v1 import ai_pb2 as pb
@@ -46,14 +46,13 @@ def _wait_serving(address: str, process: subprocess.Popen[bytes], timeout_s: flo
 
 def test_module_serves_with_its_own_triton_and_stops_it(tmp_path: Path) -> None:
     require_triton()
+    bootstrapped(ai_config(tmp_path))  # what the dev supervisor does first
     address = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
         "TRIPLANE_STATE_DIR": str(tmp_path),
         "TRIPLANE__AI__LISTEN": address,
         "TRIPLANE__AI__PIPELINE__ENABLED": "false",
-        "TRIPLANE__AI__MODELS__TRAINING_CUSTOMERS": "300",
-        "TRIPLANE__AI__MODELS__NUM_BOOST_ROUND": "40",
         "TRIPLANE__AI__TRITON__SCORE_TIMEOUT_MS": "250",
         "TRIPLANE__RUNTIME__LOG_FORMAT": "text",
         "NATS_URL": "",

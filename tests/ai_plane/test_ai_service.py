@@ -5,16 +5,34 @@ from __future__ import annotations
 import math
 
 import grpc
+import numpy as np
 import pytest
 from ai_helpers import payment
 
 from ai_plane.app import AiPlane
-from ai_plane.features import RISK_FEATURES
+from ai_plane.engine import ScoreQuery
+from ai_plane.features import FEATURE_SET_VERSION, RISK_FEATURES
+from ai_plane.scorer import predict_in_process
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
+from triplane.common.v1 import types_pb2
+from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import parse_rpc_error
+from triplane_sim import synth
 
 OFFERS = ["cashback_grocery", "savings_roundup", "loyalty_boost", "partner_offer_x"]
+
+
+def candidate(offer_id: str) -> pb.OfferCandidate:
+    """A candidate as the gateway passes it: with its catalog entry (a
+    partner's own offer borrows a synthetic one's)."""
+    entry = synth.CATALOG.get(offer_id, synth.CATALOG["travel_insurance"])
+    return pb.OfferCandidate(
+        offer_id=offer_id,
+        value=types_pb2.Money(amount_minor=entry.value_minor, currency="USD"),
+        product=entry.product,
+        attributes=dict(entry.attributes),
+    )
 
 
 async def test_score_comes_from_triton_with_attributions_and_features(
@@ -28,17 +46,13 @@ async def test_score_comes_from_triton_with_attributions_and_features(
     contributions = [abs(a.contribution) for a in response.attributions]
     assert contributions == sorted(contributions, reverse=True)
     assert [f.name for f in response.features] == list(RISK_FEATURES)
-    assert response.feature_set_version == "fs-1"
+    assert response.feature_set_version == FEATURE_SET_VERSION
     assert response.fallback_reason == ""
 
 
 async def test_triton_and_in_process_give_the_same_score(
     scoring: ai_pb2_grpc.ScoringServiceStub, running_plane: AiPlane
 ) -> None:
-    import numpy as np
-
-    from ai_plane.scorer import predict_in_process
-
     response = await scoring.Score(pb.ScoreRequest(payment=payment()), timeout=2)
     assert running_plane.engine is not None
     model = running_plane.engine.scorer.models["payment_risk"]
@@ -107,7 +121,7 @@ async def test_rank_logs_exploration_probabilities_and_outcomes_update_once(
     request = pb.RankRequest(
         tenant_id="t-rank",
         account_id="acct_000002",
-        candidates=[pb.OfferCandidate(offer_id=o) for o in OFFERS],
+        candidates=[candidate(o) for o in OFFERS],
         hour_of_day=19,
     )
     # Triton 2.51's batcher now and then holds a lone request past the budget
@@ -141,17 +155,23 @@ async def test_rank_logs_exploration_probabilities_and_outcomes_update_once(
     assert caught.value.code() is grpc.StatusCode.NOT_FOUND
 
 
-async def test_a_caller_deadline_shorter_than_the_budget_is_still_answered_in_time(
-    scoring: ai_pb2_grpc.ScoringServiceStub,
+async def test_a_deadline_shorter_than_the_planes_own_budget_is_answered_without_triton(
+    running_plane: AiPlane,
 ) -> None:
-    # 1 ms of deadline leaves nothing for Triton after our own budget: the
-    # plane answers from the in-process model rather than overrunning.
-    try:
-        response = await scoring.Score(pb.ScoreRequest(payment=payment()), timeout=0.004)
-    except grpc.aio.AioRpcError as error:  # a loaded machine may miss even that
-        assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        return
-    assert response.score_ref.source in ("in_process", "triton")
+    # 1 ms of deadline is less than the plane's own budget (ai.budget_ms, 2):
+    # nothing is left for Triton, so the plane does not call it and answers
+    # at once from the in-process copy of the live model, saying why.
+    assert running_plane.engine is not None
+    assert running_plane.config.ai.budget_ms > 1
+    query = ScoreQuery(
+        tenant_id="t-deadline", account_id="acct_1", amount_minor=12_000, merchant_category="5816"
+    )
+    answer = await running_plane.engine.score(query, Deadline.from_remaining(0.001))
+    assert (answer.source, answer.fallback_reason) == ("in_process", "DEADLINE_TOO_SHORT")
+    assert answer.version == 1
+    model = running_plane.engine.scorer.models["payment_risk"]
+    rows = np.asarray([[value for _, value in answer.features]])
+    assert answer.score == float(predict_in_process(model.booster, rows)[0][0])
 
 
 async def test_registry_lists_and_gets_versions(
@@ -167,7 +187,7 @@ async def test_registry_lists_and_gets_versions(
     version = live.version
     assert version.state == pb.MODEL_STATE_LIVE
     assert version.metrics.roc_auc > 0.9 and len(version.artifact_sha256) == 64
-    assert version.lineage.generator_version == "synth-1"
+    assert version.lineage.generator_version == synth.GENERATOR_VERSION
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await registry_stub.PromoteModel(
             pb.PromoteModelRequest(

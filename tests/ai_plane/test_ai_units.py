@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,14 @@ import pytest
 from ai_plane.bandit import DIMENSION, LinearThompsonBandit
 from ai_plane.breaker import BreakerState, CircuitBreaker
 from ai_plane.drift import PsiMonitor, baseline, psi
+from ai_plane.features import (
+    OFFER_FEATURES,
+    ActivityKind,
+    OfferEntry,
+    hour_of_day,
+    offer_tokens,
+    offer_vector,
+)
 from ai_plane.registry import ModelState, Registry
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.errors import FailedPrecondition, InvalidArgument
@@ -176,10 +185,59 @@ def test_a_one_day_world_generates_with_its_fraud_on_that_day() -> None:
         synth.generate(synth.SynthConfig(days=0))
 
 
-def test_true_propensities_are_probabilities() -> None:
+def test_the_synthetic_day_has_every_hour_and_no_pattern_is_the_hour_alone() -> None:
+    data = synth.generate(synth.SynthConfig(seed=5, customers=300, days=7))
+    payments = [e for e in data.events if e.activity.kind is ActivityKind.PAYMENT]
+    ordinary = Counter(hour_of_day(e.activity.occurred_at_us) for e in payments if not e.is_fraud)
+    # Ordinary payments at every local hour, quiet at night but never absent.
+    assert set(ordinary) == set(range(24))
+    night = sum(ordinary[h] for h in range(6))
+    assert 0.03 < night / sum(ordinary.values()) < 0.2
+    assert min(ordinary.values()) >= 0.05 * max(ordinary.values())  # a curve, not a cliff
+    # Takeovers strike by day too: what marks them is device, merchant, amount.
+    takeovers = {
+        hour_of_day(e.activity.occurred_at_us) for e in payments if e.pattern == "account_takeover"
+    }
+    assert takeovers & set(range(6)) and takeovers & set(range(9, 21))
+
+
+def test_true_propensities_are_probabilities_and_follow_the_entry() -> None:
     context = [2.0, 14.0, 3.0, 8.0, 7.0, 0.0, 10.0, 0.7, 2.0]
     for offer in synth.OFFERS:
         assert 0.0 < synth.true_propensity(offer, context) < 1.0
+        # The truth belongs to the entry, not the id.
+        same = OfferEntry(**vars_of(synth.CATALOG[offer]))
+        assert synth.true_propensity(same, context) == synth.true_propensity(offer, context)
+    grocery = synth.CATALOG["cashback_grocery"]
+    similar = OfferEntry(grocery.product, 350, {**grocery.attributes, "category": "dining"})
+    far = synth.CATALOG["credit_line_increase"]
+    near_gap = abs(
+        synth.true_propensity(similar, context) - synth.true_propensity(grocery, context)
+    )
+    far_gap = abs(synth.true_propensity(far, context) - synth.true_propensity(grocery, context))
+    assert near_gap < far_gap
+
+
+def vars_of(entry: OfferEntry) -> dict[str, object]:
+    return {
+        "product": entry.product,
+        "value_minor": entry.value_minor,
+        "attributes": dict(entry.attributes),
+    }
+
+
+# ---- offer features ----
+def test_an_offer_is_described_by_its_entry_in_a_fixed_width() -> None:
+    entry = OfferEntry("cashback", 300, {"category": "grocery", "benefit": "cashback"})
+    vector = offer_vector(entry)
+    assert len(vector) == len(OFFER_FEATURES)
+    assert vector[0] == math.log1p(300)
+    # One count per token (product, each attribute pair), whatever the map order.
+    assert sum(vector[1:]) == len(offer_tokens(entry)) == 3
+    reordered = OfferEntry("cashback", 300, {"benefit": "cashback", "category": "grocery"})
+    assert offer_vector(reordered) == vector
+    assert offer_vector(OfferEntry("bnpl", 300, dict(entry.attributes))) != vector
+    assert offer_vector(OfferEntry("cashback", 300, {})) != vector
 
 
 # ---- registry ----
