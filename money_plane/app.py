@@ -41,13 +41,13 @@ def _build_store(config: Config) -> LedgerStore:
             codec.encode_event,
             codec.encode_account_event,
             timeout_s,
-            store.conflict_retries,
+            store.conflict_retry,
         )
     path = Path(store.sqlite_path)
     if not path.is_absolute():
         path = config.state_path / path
     return SqliteLedgerStore(
-        path, codec.encode_event, codec.encode_account_event, timeout_s, store.conflict_retries
+        path, codec.encode_event, codec.encode_account_event, timeout_s, store.conflict_retry
     )
 
 

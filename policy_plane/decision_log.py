@@ -11,6 +11,8 @@ and leaves a signed `anchor` where the rest of the chain now starts.
 
 Appends are group-committed: concurrent decisions queue, one writer task
 chains, signs and inserts them in one transaction, then answers each caller.
+A group that lost a race for an idempotency key is written again per
+`policy.decision_log.write_retry`.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from policy_plane.store import CaseRow, ChainMark, LogRow, PolicyStore
 from triplane.runtime.db import is_unique_violation
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from triplane.runtime.retry import RetryPolicy
 from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tokens import key_id_of
 
 log = logging.getLogger("policy_plane.decision_log")
 GENESIS_HASH = "0" * 64
 _SIGNED_PREFIX = b"triplane.policy.log.v1|"
-_CONFLICT_RETRIES = 3
 
 
 class LogKeys:
@@ -107,7 +109,10 @@ class DecisionLog:
         max_batch_records: int,
         max_wait_ms: float,
         max_queue_records: int,
+        write_retry: RetryPolicy,
     ) -> None:
+        if write_retry.until_cancelled:
+            raise ValueError("policy.decision_log.write_retry.maximum_attempts must be >= 1")
         self._store = store
         self._keys = keys
         self.chain_id = chain_id
@@ -115,6 +120,14 @@ class DecisionLog:
         self._max_wait_s = max_wait_ms / 1000.0
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_records)
         self._task: asyncio.Task[None] | None = None
+        # Another writer (another chain) may take an idempotency key between
+        # our check and our insert: the retry sees it and answers with it.
+        self._write_retrying = write_retry.retrying(
+            is_unique_violation,
+            "decision log append (an idempotency key was logged meanwhile)",
+            log,
+            logging.INFO,
+        )
         head = store.chain_mark(chain_id, "head")
         self._seq = head.seq if head else 0
         self._prev_hash = head.record_hash if head else GENESIS_HASH
@@ -206,15 +219,8 @@ class DecisionLog:
         return wanted
 
     def _write_with_retries(self, batch: list[_Pending]) -> list[AppendResult]:
-        for attempt in range(_CONFLICT_RETRIES + 1):
-            try:
-                return self._write(batch)
-            except Exception as exc:
-                # Another writer (another chain) took an idempotency key between
-                # our check and our insert: the retry sees it and answers with it.
-                if not is_unique_violation(exc) or attempt == _CONFLICT_RETRIES:
-                    raise
-        raise AssertionError("unreachable")
+        results: list[AppendResult] = self._write_retrying(self._write, batch)
+        return results
 
     def _write(self, batch: list[_Pending]) -> list[AppendResult]:
         seq, prev_hash = self._seq, self._prev_hash

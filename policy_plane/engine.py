@@ -115,6 +115,7 @@ class PolicyEngine:
             config.decision_log.max_batch_records,
             config.decision_log.max_wait_ms,
             config.decision_log.max_queue_records,
+            config.decision_log.write_retry,
         )
         self.consent = ConsentBook(
             store, config.consent, config.limits.max_contact_history_per_customer, clock

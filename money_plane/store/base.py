@@ -12,6 +12,7 @@ transfer.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -39,7 +40,9 @@ from money_plane.domain import (
 from money_plane.engine import Changes, Engine, EventSpec, Job, View
 from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.errors import AlreadyExists, NotFound
+from triplane.runtime.retry import RetryPolicy
 
+log = logging.getLogger("triplane.money.store")
 T = TypeVar("T")
 
 EventEncoder = Callable[[EventSpec, int], OutgoingEvent]
@@ -175,14 +178,20 @@ class LedgerStore:
         encode_event: EventEncoder,
         encode_account_event: AccountEventEncoder,
         default_hold_timeout_s: int,
-        conflict_retries: int,
+        conflict_retry: RetryPolicy,
     ) -> None:
         self._encode_event = encode_event
         self._encode_account_event = encode_account_event
         self._default_hold_timeout_s = default_hold_timeout_s
         # How long a refused reserve release waits before it is tried again.
         self.reserve_retry_s = 3600
-        self._conflict_retries = conflict_retries
+        if conflict_retry.until_cancelled:
+            raise ValueError("money.store.conflict_retry.maximum_attempts must be >= 1")
+        # Built once: tenacity keeps each thread's attempt state apart, and a
+        # fresh Retrying per commit would cost more than the retry ever does.
+        self._conflict_retrying = conflict_retry.retrying(
+            StoreConflict, "group commit (lost a race with another writer)", log, logging.INFO
+        )
         self._local = threading.local()
 
     # ---- dialect hooks ----
@@ -366,15 +375,13 @@ class LedgerStore:
     # ---- the group commit ----
 
     def commit_jobs(self, jobs: list[Job], now_us: int) -> list[list[Outcome]]:
-        """Applies jobs in one transaction; retries on a lost race."""
-        for attempt in range(self._conflict_retries + 1):
-            try:
-                with self._group_transaction() as cur:
-                    return self._commit_in_transaction(cur, jobs, now_us)
-            except StoreConflict:
-                if attempt == self._conflict_retries:
-                    raise
-        raise AssertionError("unreachable")
+        """Applies jobs in one transaction; a transaction that lost a race is
+        tried again per money.store.conflict_retry, then its last conflict is
+        raised."""
+        for attempt in self._conflict_retrying:
+            with attempt, self._group_transaction() as cur:
+                return self._commit_in_transaction(cur, jobs, now_us)
+        raise AssertionError("unreachable: the retrying re-raises the last conflict")
 
     def _commit_in_transaction(self, cur: Any, jobs: list[Job], now_us: int) -> list[list[Outcome]]:
         commands = [c for job in jobs for c in job.commands]

@@ -37,6 +37,7 @@ from money_plane.store.base import (
     _account_from_row,
 )
 from triplane.runtime.bus import OutgoingEvent
+from triplane.runtime.retry import RetryPolicy
 
 T = TypeVar("T")
 # bytes become base64 strings, which decode(..., 'base64') reads back.
@@ -118,11 +119,9 @@ class PostgresLedgerStore(LedgerStore):
         encode_event: EventEncoder,
         encode_account_event: AccountEventEncoder,
         default_hold_timeout_s: int,
-        conflict_retries: int = 3,
+        conflict_retry: RetryPolicy,
     ) -> None:
-        super().__init__(
-            encode_event, encode_account_event, default_hold_timeout_s, conflict_retries
-        )
+        super().__init__(encode_event, encode_account_event, default_hold_timeout_s, conflict_retry)
         self._dsn = dsn
 
     def _connect(self) -> psycopg.Connection[Any]:

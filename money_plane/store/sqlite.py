@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from money_plane.store.base import AccountEventEncoder, EventEncoder, LedgerStore, StoreConflict
+from triplane.runtime.retry import RetryPolicy
 
 
 class SqliteLedgerStore(LedgerStore):
@@ -24,12 +25,10 @@ class SqliteLedgerStore(LedgerStore):
         encode_event: EventEncoder,
         encode_account_event: AccountEventEncoder,
         default_hold_timeout_s: int,
-        conflict_retries: int = 3,
+        conflict_retry: RetryPolicy,
         busy_timeout_ms: int = 10_000,
     ) -> None:
-        super().__init__(
-            encode_event, encode_account_event, default_hold_timeout_s, conflict_retries
-        )
+        super().__init__(encode_event, encode_account_event, default_hold_timeout_s, conflict_retry)
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,11 @@ async def test_nats_down_delays_events_and_loses_none(tmp_path: Path) -> None:
         ledger_config(tmp_path / "state", signer),
         {
             "nats": {"url": url, "publish_timeout_s": 0.5, "connect_timeout_s": 0.5},
-            "money": {"outbox": {"relay_backoff_initial_s": 0.05, "relay_backoff_max_s": 0.5}},
+            "money": {
+                "outbox": {
+                    "relay_retry": {"initial_interval_s": 0.05, "maximum_interval_s": 0.5}
+                }
+            },
         },
     )
     (tmp_path / "state").mkdir()

@@ -92,16 +92,34 @@ class OutgoingEvent:
     data: bytes
 
 
-async def connect(config: NatsConfig, name: str) -> NatsClient:
-    """Connects with bounded reconnects; the caller owns the connection."""
-    return await nats.connect(
+# Once connected, a client reconnects by itself, forever, this often.
+_RECONNECT = {"allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}
+
+
+async def connect(config: NatsConfig, name: str, *, fail_fast: bool = False) -> NatsClient:
+    """Connects; once connected, the client reconnects by itself. The caller
+    owns the connection. nats-py retries a first connection forever (every
+    0.5 s): with `fail_fast`, a server that cannot be reached fails the call
+    at once instead, for callers that pace their own attempts with a
+    RetryPolicy (the outbox relays)."""
+    if not fail_fast:
+        return await nats.connect(
+            config.url, name=name, connect_timeout=config.connect_timeout_s, **_RECONNECT
+        )
+    # nats-py's fewest tries per server before it gives up are two; with no
+    # wait between them that is still one quick attempt.
+    client = await nats.connect(
         config.url,
         name=name,
         connect_timeout=config.connect_timeout_s,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
+        allow_reconnect=False,
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0,
     )
+    # nats-py reads these options whenever a connection drops, so from now on
+    # this client reconnects by itself, as every other client does.
+    client.options.update(_RECONNECT)
+    return client
 
 
 async def ensure_streams(

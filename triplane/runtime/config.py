@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 import yaml
 
+from triplane.runtime.retry import RetryPolicy
+
 ENV_PREFIX = "TRIPLANE__"
 
 
@@ -56,7 +58,8 @@ class MoneyStoreConfig(_Strict, frozen=True):
     sqlite_path: str
     postgres_dsn: str
     postgres_pool_size: int
-    conflict_retries: int
+    # A group commit that lost a race with another writer (bounded: a request waits).
+    conflict_retry: RetryPolicy
 
 
 class GroupCommitConfig(_Strict, frozen=True):
@@ -93,8 +96,8 @@ class ReservesConfig(_Strict, frozen=True):
 class OutboxConfig(_Strict, frozen=True):
     relay_batch_size: int
     relay_idle_poll_ms: float
-    relay_backoff_initial_s: float
-    relay_backoff_max_s: float
+    # Connecting to and publishing on JetStream (until cancelled: a relay never gives up).
+    relay_retry: RetryPolicy
     sent_retention_s: int
     cleanup_interval_s: float
 
@@ -152,6 +155,8 @@ class DecisionLogConfig(_Strict, frozen=True):
     retention_days: int
     retention_sweep_interval_s: float
     replay_page_records: int
+    # An append that lost a race for an idempotency key (bounded: a decision waits).
+    write_retry: RetryPolicy
     # Replay across processes (0: one per core; 1: in process), beyond the
     # first replay_parallel_min_decisions decisions of a window.
     replay_workers: int = 0
@@ -187,6 +192,7 @@ class ConsentConfig(_Strict, frozen=True):
 class PolicyOutboxConfig(_Strict, frozen=True):
     relay_batch_size: int
     relay_interval_s: float
+    relay_retry: RetryPolicy
 
 
 class PolicyConfig(_Strict, frozen=True):
@@ -612,7 +618,30 @@ def load_config(
     return config
 
 
+def _check_retries(config: Config) -> None:
+    """Which retry policies may run until cancelled: the relays must (they
+    never give up while their plane runs); work a caller waits for must not."""
+    forever = {
+        "money.outbox.relay_retry": config.money.outbox.relay_retry,
+        "gateway.outbox.relay_retry": config.gateway.outbox.relay_retry,
+        "policy.outbox.relay_retry": config.policy.outbox.relay_retry,
+    }
+    for key, policy in forever.items():
+        if not policy.until_cancelled:
+            raise ConfigError(f"{key}.maximum_attempts must be 0: a relay retries until cancelled")
+    bounded = {
+        "money.store.conflict_retry": config.money.store.conflict_retry,
+        "policy.decision_log.write_retry": config.policy.decision_log.write_retry,
+    }
+    for key, policy in bounded.items():
+        if policy.until_cancelled:
+            raise ConfigError(
+                f"{key}.maximum_attempts must be >= 1: a caller waits for these attempts"
+            )
+
+
 def _check(config: Config) -> None:
+    _check_retries(config)
     if config.ai.features.backend not in ("in_process", "redis", "aerospike"):
         raise ConfigError("ai.features.backend must be 'in_process', 'redis' or 'aerospike'")
     if config.ai.features.backend == "aerospike" and not config.ai.features.aerospike_hosts:

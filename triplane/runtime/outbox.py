@@ -8,6 +8,9 @@ after JetStream acknowledged them. NATS being down only delays events; a relay
 that dies between the ack and the mark re-publishes events JetStream already
 has, and JetStream drops them as duplicates (its duplicate window,
 `nats.dedupe_window_s`, is far longer than a restart).
+
+Connecting and publishing are retried by the plane's `RetryPolicy`
+(`<plane>.outbox.relay_retry`) until the relay is cancelled.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from typing import Any, Protocol, TypeVar
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from triplane.runtime import bus
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import NatsConfig, OutboxConfig
+from triplane.runtime.retry import RetryPolicy
 
 log = logging.getLogger("triplane.outbox")
 T = TypeVar("T")
@@ -47,8 +50,8 @@ class RelaySettings:
     streams: list[str]
     batch_size: int
     idle_poll_s: float
-    backoff_initial_s: float
-    backoff_max_s: float
+    # Connecting, and publishing a batch JetStream did not fully acknowledge.
+    retry: RetryPolicy
     # Sent events older than this are deleted from the outbox (0: kept).
     sent_retention_s: int = 0
     cleanup_interval_s: float = 60.0
@@ -60,11 +63,14 @@ class RelaySettings:
             streams=streams,
             batch_size=outbox.relay_batch_size,
             idle_poll_s=outbox.relay_idle_poll_ms / 1000.0,
-            backoff_initial_s=outbox.relay_backoff_initial_s,
-            backoff_max_s=outbox.relay_backoff_max_s,
+            retry=outbox.relay_retry,
             sent_retention_s=outbox.sent_retention_s,
             cleanup_interval_s=outbox.cleanup_interval_s,
         )
+
+
+class PublishIncomplete(Exception):
+    """JetStream acknowledged only part of a batch; the rest is tried again."""
 
 
 class OutboxRelay:
@@ -87,6 +93,9 @@ class OutboxRelay:
         self._wakeup = wakeup or asyncio.Event()
         self._client: NatsClient | None = None
         self.published = 0
+        # Failed attempts so far (observable, e.g. by tests and metrics).
+        self.connect_failures = 0
+        self.publish_failures = 0
 
     def kick(self) -> None:
         """Wakes the relay now instead of at its next poll."""
@@ -98,23 +107,26 @@ class OutboxRelay:
             return result
         return await asyncio.to_thread(fn, *args)
 
+    async def _connect_once(self) -> NatsClient:
+        try:
+            # fail_fast: an unreachable server fails this attempt at once, so
+            # the relay's policy (not nats-py's fixed wait) paces the attempts.
+            client = await bus.connect(self._nats, self._client_name, fail_fast=True)
+        except Exception:
+            self.connect_failures += 1
+            raise
+        try:
+            await bus.ensure_streams(client.jetstream(), self._nats, self._settings.streams)
+        except Exception:
+            self.connect_failures += 1
+            await client.close()
+            raise
+        return client
+
     async def _connect(self) -> NatsClient:
-        # One retry policy for the whole project: tenacity, exponential with
-        # jitter, capped; the relay never gives up while its plane runs.
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(Exception),
-            wait=wait_exponential_jitter(
-                multiplier=self._settings.backoff_initial_s,
-                max=self._settings.backoff_max_s,
-                jitter=self._settings.backoff_initial_s,
-            ),
-            reraise=True,
-        ):
-            with attempt:
-                client = await bus.connect(self._nats, self._client_name)
-                await bus.ensure_streams(client.jetstream(), self._nats, self._settings.streams)
-                return client
-        raise AssertionError("unreachable")
+        return await self._settings.retry.retry(
+            self._connect_once, Exception, "connecting the outbox relay to NATS", log
+        )
 
     async def run(self) -> None:
         """Connects (retrying until it can) and relays until cancelled."""
@@ -137,10 +149,24 @@ class OutboxRelay:
         self.published += len(sent)
         return len(sent), len(events)
 
+    async def _relay_batch(self, js: JetStreamContext) -> int:
+        """One batch, fully acknowledged; returns how many events it held."""
+        try:
+            sent, attempted = await self.relay_once(js)
+        except Exception:
+            self.publish_failures += 1
+            raise
+        if sent < attempted:
+            self.publish_failures += 1
+            raise PublishIncomplete(f"JetStream acknowledged {sent} of {attempted} events")
+        return attempted
+
     async def run_with(self, js: JetStreamContext) -> None:
-        """Relays over an existing JetStream context until cancelled."""
+        """Relays over an existing JetStream context until cancelled. A batch
+        that fails (NATS down, the outbox unreadable) is retried per the
+        relay's policy; each retry reads the outbox afresh, so it carries only
+        what is still unsent."""
         settings = self._settings
-        backoff_s = settings.backoff_initial_s
         loop = asyncio.get_running_loop()
         next_cleanup_s = 0.0
         while True:
@@ -150,20 +176,13 @@ class OutboxRelay:
                     self._source.delete_sent_before, self._clock.now_us() - retention_us
                 )
                 next_cleanup_s = loop.time() + settings.cleanup_interval_s
-            try:
-                sent, attempted = await self.relay_once(js)
-            except Exception:
-                log.exception("outbox relay failed; retrying")
-                sent, attempted = 0, 1
+            attempted = await settings.retry.retry(
+                lambda: self._relay_batch(js), Exception, "relaying the outbox", log
+            )
             if attempted == 0:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), settings.idle_poll_s)
-            elif sent < attempted:
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, settings.backoff_max_s)
-            else:
-                backoff_s = settings.backoff_initial_s
 
     async def close(self) -> None:
         if self._client is not None and not self._client.is_closed:
