@@ -86,7 +86,7 @@ def ledger_config(state_dir: Path, signer: TokenSigner, **money: Any) -> Config:
 
 def make_store(backend: str, where: Path | str, config: Config) -> LedgerStore:
     timeout_s = config.money.holds.default_timeout_s
-    retries = config.money.store.conflict_retries
+    retries = config.money.store.conflict_retry
     if backend == "sqlite":
         return SqliteLedgerStore(
             Path(where), codec.encode_event, codec.encode_account_event, timeout_s, retries
