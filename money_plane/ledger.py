@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from money_plane import invariants
 from money_plane.domain import (
     NEEDS_TOKEN,
     AccountSpec,
@@ -277,6 +278,19 @@ class Ledger:
                 results = await self._write(self.store.commit_jobs, [pending.job], now_us)
             except TriplaneError as err:
                 pending.future.set_exception(err)
+            except AssertionError as exc:
+                # An assert in the engine is a broken invariant, not an outage:
+                # INTERNAL and logged as loudly as the ledger's own checks.
+                keys = ",".join(c.idempotency_key for c in pending.job.commands)
+                pending.future.set_exception(
+                    invariants.violation(
+                        str(exc) or "an assertion failed",
+                        kind="request",
+                        record_id=keys[:200],
+                        tenant_id=pending.job.tenant_id,
+                        when="while committing",
+                    )
+                )
             except Exception as exc:
                 log.error("commit failed", exc_info=True)
                 pending.future.set_exception(

@@ -7,6 +7,11 @@ writers never deadlock; the engine decides every command in memory; the
 changes, the idempotency records and the outbox events are written before the
 one commit. A hot account is therefore locked once per group, not once per
 transfer.
+
+The ledger's invariants (money_plane/invariants.py) are asserted here, where
+it writes: every entry, hold and account a commit writes is checked before
+the first statement, and every entry and hold read back is checked as it is
+decoded.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from money_plane import codec_records
+from money_plane import codec_records, invariants
 from money_plane.domain import (
     AccountSpec,
     AccountState,
@@ -172,6 +177,9 @@ class LedgerStore:
     blob_type = "BYTEA"
     serial_type = "BIGSERIAL PRIMARY KEY"
     lock_suffix = ""
+    # The engine a group commit runs (a test may put a faulty one in its place
+    # to show that the invariants stop what it writes).
+    engine_type: type[Engine] = Engine
 
     def __init__(
         self,
@@ -386,6 +394,7 @@ class LedgerStore:
     def _commit_in_transaction(self, cur: Any, jobs: list[Job], now_us: int) -> list[list[Outcome]]:
         commands = [c for job in jobs for c in job.commands]
         view = View()
+        loaded_holds: dict[str, Hold] = {}
         scopes = sorted(
             {
                 scoped_key(c.tenant_id, c.idempotency_key)
@@ -411,6 +420,10 @@ class LedgerStore:
                 cur, "idempotency", "scope_key", scopes, IdempotencyRecord, lock=False
             )
             view.holds = self._load_bodies(cur, "holds", "hold_key", hold_keys, Hold, lock=True)
+            # As loaded: what each hold a commit writes is checked against.
+            loaded_holds = dict(view.holds)
+            for hold in loaded_holds.values():
+                invariants.check_hold(hold, "on read")
             # Reserves are read before entries to learn which entries they
             # come from; the lock order (holds, reserves, entries, accounts) is
             # the same for every transaction, so there is still no deadlock cycle.
@@ -423,36 +436,50 @@ class LedgerStore:
             view.entries = self._load_bodies(
                 cur, "entries", "entry_key", entry_keys, Entry, lock=True
             )
+            for entry in view.entries.values():
+                invariants.check_entry(entry, "on read")
             view.accounts = self._load_accounts(
                 cur, sorted(_account_keys(commands, view)), lock=True
             )
-        engine = Engine(view, now_us, self._default_hold_timeout_s, self.reserve_retry_s)
+        engine = self.engine_type(view, now_us, self._default_hold_timeout_s, self.reserve_retry_s)
         outcomes = [engine.run_job(job) for job in jobs]
-        self._write_changes(cur, engine.changes, view, now_us)
+        self._write_changes(cur, engine.changes, view, now_us, loaded_holds)
         return outcomes
 
-    def _write_changes(self, cur: Any, changes: Changes, view: View, now_us: int) -> None:
-        self._apply_writes(cur, self._collect_writes(changes, view, now_us))
+    def _write_changes(
+        self, cur: Any, changes: Changes, view: View, now_us: int, loaded_holds: dict[str, Hold]
+    ) -> None:
+        # Collected (and asserted) in full before the first statement: a
+        # violation leaves nothing written.
+        self._apply_writes(cur, self._collect_writes(changes, view, now_us, loaded_holds))
 
-    def _collect_writes(self, changes: Changes, view: View, now_us: int) -> GroupWrites:
-        """Every row a group commit writes, per table and statement."""
+    def _collect_writes(
+        self, changes: Changes, view: View, now_us: int, loaded_holds: dict[str, Hold]
+    ) -> GroupWrites:
+        """Every row a group commit writes, per table and statement, each
+        checked against the ledger's invariants."""
         writes = GroupWrites()
         accounts = view.accounts
-        writes.accounts = [
-            (*accounts[key].counters(), key) for key in sorted(changes.touched_accounts)
-        ]
+        check_account = invariants.check_account
+        for key in sorted(changes.touched_accounts):
+            account = accounts[key]
+            check_account(account, "before writing")
+            writes.accounts.append((*account.counters(), key))
         encode = codec_records.encode
+        check_entry = invariants.check_entry
         entries = view.entries
         new_keys: set[str] = set()
+        new_entry_ids: set[str] = set()
         new_entries = writes.new_entries
         postings = writes.postings
         for e in changes.new_entries:
             tenant_id = e.tenant_id
             key = f"{tenant_id}/{e.entry_id}"
             new_keys.add(key)
-            new_entries.append(
-                (key, tenant_id, e.idempotency_key, e.posted_at_us, encode(entries[key]))
-            )
+            new_entry_ids.add(e.entry_id)
+            written = entries[key]
+            check_entry(written, "before writing")
+            new_entries.append((key, tenant_id, e.idempotency_key, e.posted_at_us, encode(written)))
             for posting in e.postings:
                 postings.append(
                     (
@@ -464,9 +491,14 @@ class LedgerStore:
                         e.posted_at_us,
                     )
                 )
-        writes.updated_entries = [
-            (encode(e), key) for key, e in changes.updated_entries.items() if key not in new_keys
-        ]
+        for key, e in changes.updated_entries.items():
+            if key not in new_keys:
+                check_entry(e, "before writing")
+                writes.updated_entries.append((encode(e), key))
+        if changes.holds:
+            invariants.check_hold_changes(
+                loaded_holds, changes.holds, changes.new_holds, new_entry_ids
+            )
         writes.new_holds = [
             (key, h.tenant_id, h.state, h.expires_at_us, encode(h))
             for key, h in changes.holds.items()
@@ -561,12 +593,20 @@ class LedgerStore:
     def get_hold(self, tenant_id: str, hold_id: str) -> Hold | None:
         key = scoped_key(tenant_id, hold_id)
         with self._transaction() as cur:
-            return self._load_bodies(cur, "holds", "hold_key", [key], Hold, lock=False).get(key)
+            hold = self._load_bodies(cur, "holds", "hold_key", [key], Hold, lock=False).get(key)
+        if hold is not None:
+            invariants.check_hold(hold, "on read")
+        return hold
 
     def get_entry(self, tenant_id: str, entry_id: str) -> Entry | None:
         key = scoped_key(tenant_id, entry_id)
         with self._transaction() as cur:
-            return self._load_bodies(cur, "entries", "entry_key", [key], Entry, lock=False).get(key)
+            entry = self._load_bodies(cur, "entries", "entry_key", [key], Entry, lock=False).get(
+                key
+            )
+        if entry is not None:
+            invariants.check_entry(entry, "on read")
+        return entry
 
     def get_entry_by_idempotency_key(self, tenant_id: str, key: str) -> Entry | None:
         with self._transaction() as cur:
@@ -575,7 +615,11 @@ class LedgerStore:
                 (tenant_id, key),
             )
             row = cur.fetchone()
-        return codec_records.decode(bytes(row[0]), Entry) if row else None
+        if not row:
+            return None
+        entry = codec_records.decode(bytes(row[0]), Entry)
+        invariants.check_entry(entry, "on read")
+        return entry
 
     def list_postings(
         self, tenant_id: str, account_id: str, after_seq: int, limit: int
