@@ -1,7 +1,8 @@
 """DeliveryWorker: enqueue, the loop that sends due deliveries, the
 dead-letter queue and redelivery.
 
-Retries use tenacity's exponential backoff with jitter to pick each next
+Retries follow the runtime's one retry policy (`gateway.delivery.retry`:
+exponential backoff with jitter, then the dead-letter queue) to pick each next
 attempt time, and the schedule is kept in the database rather than in a
 sleeping coroutine, so a restart loses neither the message nor its place in
 the backoff. A delivery counts as delivered only on a 2xx answer.
@@ -25,7 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
-import tenacity
 from prometheus_client import Counter
 
 from gateway.delivery.adapters import ChannelAdapter
@@ -80,19 +80,15 @@ class DeliveryWorker:
         clock: Clock,
         adapters: Mapping[str, ChannelAdapter],
     ) -> None:
-        assert config.max_attempts >= 1 and config.batch_size >= 1 and config.max_in_flight >= 1
+        assert not config.retry.until_cancelled, "a failing delivery must reach the dead letters"
+        assert config.batch_size >= 1 and config.max_in_flight >= 1
         assert config.lease_s > config.request_timeout_s, "a live send must never lose its lease"
         self.store = store
         self._config = config
         self._clock = clock
         self._adapters = dict(adapters)
         self._channels = tuple(sorted(self._adapters))
-        self._wait = tenacity.wait_exponential_jitter(
-            multiplier=config.backoff_multiplier_s,
-            max=config.backoff_max_s,
-            jitter=config.backoff_jitter_s,
-        )
-        self._retrying = tenacity.AsyncRetrying()
+        self._retry = config.retry
         self._in_flight = asyncio.Semaphore(config.max_in_flight)
         self._wakeup = asyncio.Event()
         self._circuits: dict[str, _Circuit] = {}
@@ -264,8 +260,8 @@ class DeliveryWorker:
             )
             DELIVERY_ATTEMPTS.labels(record.channel, "delivered").inc()
             return
-        dead = record.attempts >= self._config.max_attempts
-        next_at_us = now_us + int(self.backoff_s(record.attempts) * 1_000_000)
+        dead = self._retry.exhausted(record.attempts)
+        next_at_us = now_us + int(self._retry.backoff_s(record.attempts) * 1_000_000)
         await asyncio.to_thread(
             self.store.mark_failed,
             record.delivery_id,
@@ -293,13 +289,6 @@ class DeliveryWorker:
         except Exception as exc:
             log.exception("adapter %s failed", record.channel)
             return SendOutcome(False, 0, f"{type(exc).__name__}: {exc}")
-
-    def backoff_s(self, attempts_made: int) -> float:
-        """Wait after the `attempts_made`-th failed attempt (tenacity's
-        exponential backoff with jitter)."""
-        state = tenacity.RetryCallState(self._retrying, None, (), {})
-        state.attempt_number = attempts_made
-        return float(self._wait(state))
 
 
 async def _first(wakeup: asyncio.Event, stop: asyncio.Event) -> None:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from triplane.runtime.config import Config, DeliveryConfig, load_config
 from triplane.runtime.db import Database
+from triplane.runtime.retry import RetryPolicy
 
 SECRET = "whsec_" + base64.b64encode(b"triplane-test-secret-0123456789ab").decode()
 
@@ -92,12 +93,19 @@ def base_config(state_dir: Path, gateway: dict[str, Any] | None = None) -> Confi
     )
 
 
-def delivery_config(**changes: Any) -> DeliveryConfig:
+def delivery_config(retry: dict[str, Any] | None = None, **changes: Any) -> DeliveryConfig:
+    """The shipped delivery config with test-sized bounds; `retry` changes keys
+    of its retry policy (gateway.delivery.retry)."""
+    policy: dict[str, Any] = {
+        "initial_interval_s": 1.0,
+        "backoff_coefficient": 2.0,
+        "maximum_interval_s": 30.0,
+        "maximum_attempts": 4,
+        "jitter_s": 0.5,
+        **(retry or {}),
+    }
     defaults: dict[str, Any] = {
-        "max_attempts": 4,
-        "backoff_multiplier_s": 1.0,
-        "backoff_max_s": 30.0,
-        "backoff_jitter_s": 0.5,
+        "retry": RetryPolicy(**policy),
         "request_timeout_s": 0.5,
         "lease_s": 5.0,
         "poll_interval_s": 0.05,

@@ -116,14 +116,14 @@ async def test_replayed_old_timestamp_is_rejected(state_dir: Path, http: Receive
 
 async def test_endpoint_fails_then_recovers(db: Database, http: Receiver) -> None:
     clock = now_clock()
-    worker = delivery_worker(db, delivery_config(max_attempts=5), clock)
+    worker = delivery_worker(db, delivery_config(retry={"maximum_attempts": 5}), clock)
     http.plan = [(503, 0.0), (500, 0.0)]
     try:
         record = await worker.enqueue(webhook(http.url))
         await worker.run_once()
         first = await worker.get(TENANT, record.delivery_id)
         assert first.status == "pending" and first.attempts == 1 and first.last_status_code == 503
-        # Backoff: not due again before multiplier x 2^0 seconds.
+        # Backoff: not due again before initial_interval_s (1 s).
         assert first.next_attempt_at_us >= clock.now_us() + 1_000_000
         assert await worker.run_once() == 0
         await drain(worker, clock, passes=4, step_s=31)
@@ -158,12 +158,14 @@ async def test_slow_endpoint_times_out_and_is_retried(state_dir: Path, http: Rec
 
 async def test_dead_letter_after_n_attempts_then_redeliver(db: Database, http: Receiver) -> None:
     clock = now_clock()
-    worker = delivery_worker(db, delivery_config(max_attempts=3, default_page_size=2), clock)
+    worker = delivery_worker(
+        db, delivery_config(retry={"maximum_attempts": 3}, default_page_size=2), clock
+    )
     http.default = (500, 0.0)
     try:
         ids = [(await worker.enqueue(webhook(http.url, key=f"k{i}"))).delivery_id for i in range(3)]
         await drain(worker, clock, passes=6, step_s=31)
-        assert len(http.received) == 9, "exactly max_attempts attempts per delivery"
+        assert len(http.received) == 9, "exactly maximum_attempts attempts per delivery"
         page, token = await worker.list_dead_letters(TENANT)
         assert len(page) == 2 and token
         rest, last = await worker.list_dead_letters(TENANT, page_token=token)
@@ -200,7 +202,9 @@ async def test_circuit_opens_on_a_down_endpoint_and_spends_no_attempts(
     it, and when it is back every message is delivered; none is dead-lettered."""
     clock = now_clock()
     config = delivery_config(
-        max_attempts=3, circuit_failures=2, circuit_open_s=60.0, backoff_max_s=5.0
+        retry={"maximum_attempts": 3, "maximum_interval_s": 5.0},
+        circuit_failures=2,
+        circuit_open_s=60.0,
     )
     worker = delivery_worker(db, config, clock)
     http.decide = lambda got: 503 if got.path == "/hooks" else 200
@@ -290,7 +294,9 @@ async def test_crash_mid_send_resends_same_id_after_restart(
 
 async def test_no_message_lost_with_a_flaky_endpoint(db: Database, http: Receiver) -> None:
     clock = now_clock()
-    worker = delivery_worker(db, delivery_config(max_attempts=20, batch_size=16), clock)
+    worker = delivery_worker(
+        db, delivery_config(retry={"maximum_attempts": 20}, batch_size=16), clock
+    )
     rng = random.Random(5)
     http.decide = lambda _r: 200 if rng.random() < 0.5 else 503
     try:

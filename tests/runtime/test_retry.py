@@ -105,8 +105,11 @@ def test_a_relay_must_retry_until_cancelled(key: str) -> None:
         load_config(environ={}, overrides=overrides)
 
 
-@pytest.mark.parametrize("key", ["money.store.conflict_retry", "policy.decision_log.write_retry"])
-def test_work_a_caller_waits_for_is_never_retried_until_cancelled(key: str) -> None:
+@pytest.mark.parametrize(
+    "key",
+    ["money.store.conflict_retry", "policy.decision_log.write_retry", "gateway.delivery.retry"],
+)
+def test_work_that_must_end_is_never_retried_until_cancelled(key: str) -> None:
     plane, part, section = key.split(".")
     overrides = {plane: {part: {section: {"maximum_attempts": 0}}}}
     with pytest.raises(ConfigError, match=rf"{key}\.maximum_attempts must be >= 1"):

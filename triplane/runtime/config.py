@@ -414,10 +414,8 @@ class ChannelEndpointConfig(_Strict, frozen=True):
 
 
 class DeliveryConfig(_Strict, frozen=True):
-    max_attempts: int
-    backoff_multiplier_s: float
-    backoff_max_s: float
-    backoff_jitter_s: float
+    # Attempts and backoff of each delivery; then the dead-letter queue.
+    retry: RetryPolicy
     request_timeout_s: float
     lease_s: float
     batch_size: int
@@ -620,7 +618,8 @@ def load_config(
 
 def _check_retries(config: Config) -> None:
     """Which retry policies may run until cancelled: the relays must (they
-    never give up while their plane runs); work a caller waits for must not."""
+    never give up while their plane runs); work a caller waits for, or that
+    must end in the dead-letter queue, must not."""
     forever = {
         "money.outbox.relay_retry": config.money.outbox.relay_retry,
         "gateway.outbox.relay_retry": config.gateway.outbox.relay_retry,
@@ -632,11 +631,13 @@ def _check_retries(config: Config) -> None:
     bounded = {
         "money.store.conflict_retry": config.money.store.conflict_retry,
         "policy.decision_log.write_retry": config.policy.decision_log.write_retry,
+        # Bounded so a delivery that cannot succeed reaches the dead-letter queue.
+        "gateway.delivery.retry": config.gateway.delivery.retry,
     }
     for key, policy in bounded.items():
         if policy.until_cancelled:
             raise ConfigError(
-                f"{key}.maximum_attempts must be >= 1: a caller waits for these attempts"
+                f"{key}.maximum_attempts must be >= 1 (0, until cancelled, is for relays only)"
             )
 
 
