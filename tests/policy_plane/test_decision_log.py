@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -13,8 +14,8 @@ import pytest
 from policy_plane.engine import PolicyEngine
 from policy_plane.model import record_decoder
 from triplane.runtime.clock import ManualClock
-from triplane.runtime.errors import AlreadyExists, InvalidArgument, NotFound
-from triplane.runtime.tokens import TokenVerifier
+from triplane.runtime.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from triplane.runtime.tokens import TokenVerifier, load_public_keys
 
 from .conftest import OTHER_TENANT, TENANT, payment_input, replace_payment
 
@@ -30,15 +31,16 @@ async def log_some(engine: PolicyEngine, count: int, prefix: str = "k") -> list[
 
 
 async def test_chain_verifies_and_tokens_are_what_money_plane_accepts(
-    any_engine: PolicyEngine, clock: ManualClock
+    any_engine: PolicyEngine, clock: ManualClock, state_dir: Path
 ) -> None:
     await log_some(any_engine, 12)
     result = await any_engine.verify_log()
     assert result.valid and result.records_checked == 12
     decision, _ = await any_engine.evaluate(payment_input("tok", amount_minor=4_321))
     record = decision.record
-    assert record.verdict.outcome == "allow" and record.token
-    verifier = TokenVerifier([any_engine.log_keys._key.verify_key])  # the same key pair
+    assert record.verdict.outcome == "allow"
+    # The keys the money plane loads for this state dir (no keys configured).
+    verifier = TokenVerifier(load_public_keys([], state_dir))
     claims = verifier.verify(
         record.token,
         field="decision_token",
@@ -49,7 +51,36 @@ async def test_chain_verifies_and_tokens_are_what_money_plane_accepts(
         idempotency_key="tok",
         now_us=clock.now_us(),
     )
-    assert claims.policy_version == any_engine.bundles.live.version  # type: ignore[union-attr]
+    live = any_engine.bundles.live
+    assert live is not None
+    assert (claims.decision_id, claims.policy_version) == (record.decision_id, live.version)
+    assert (
+        claims.expires_at_s
+        == record.token_expires_at_s
+        == (clock.now_us() // 1_000_000 + any_engine.config.token_ttl_s)
+    )
+    # The token authorizes this payment only: not another account or key.
+    for tenant_id, account_id, idempotency_key, field in [
+        (OTHER_TENANT, "acct-1", "tok", "decision_token.tenant_id"),
+        (TENANT, "acct-2", "tok", "decision_token.account_id"),
+        (TENANT, "acct-1", "tok2", "decision_token.idempotency_key"),
+    ]:
+        with pytest.raises(PermissionDenied) as caught:
+            verifier.verify(
+                record.token,
+                field="decision_token",
+                tenant_id=tenant_id,
+                account_id=account_id,
+                amount_minor=4_321,
+                currency="USD",
+                idempotency_key=idempotency_key,
+                now_us=clock.now_us(),
+            )
+        assert (caught.value.reason, caught.value.field) == ("DECISION_TOKEN_MISMATCH", field)
+    # A decision that does not allow the payment carries no token at all.
+    reviewed, _ = await any_engine.evaluate(payment_input("tok-review", score=0.8))
+    assert reviewed.record.verdict.outcome == "review"
+    assert (reviewed.record.token, reviewed.record.token_expires_at_s) == ("", 0)
 
 
 async def test_idempotent_retry_and_reuse_with_another_payload(any_engine: PolicyEngine) -> None:
@@ -166,7 +197,8 @@ async def test_reordered_records_are_detected(any_engine: PolicyEngine) -> None:
     _tamper(any_engine, "UPDATE decision_log SET seq = 2 WHERE seq = 5")
     _tamper(any_engine, "UPDATE decision_log SET seq = 5 WHERE seq = -2")
     result = await any_engine.verify_log()
-    assert not result.valid and result.problem in ("CHAIN_BROKEN", "RECORD_ALTERED")
+    # Seq 2 now holds record 5, which links to record 4, not to record 1.
+    assert not result.valid and result.problem == "CHAIN_BROKEN"
     assert result.first_bad_sequence == 2
 
 

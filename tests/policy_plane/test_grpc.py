@@ -5,7 +5,7 @@ and offers, replay and verification."""
 from __future__ import annotations
 
 import asyncio
-import base64
+import logging
 
 import grpc
 import nats
@@ -17,8 +17,8 @@ from policy_plane.bundle import BundleSource, shipped_default_path
 from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.runtime.clock import ManualClock
-from triplane.runtime.errors import parse_rpc_error
-from triplane.runtime.tokens import TokenVerifier, public_key_from_b64
+from triplane.runtime.errors import PermissionDenied, parse_rpc_error
+from triplane.runtime.tokens import TokenVerifier, load_public_keys
 
 from .conftest import OTHER_TENANT, TENANT, Stubs
 
@@ -50,6 +50,13 @@ def request(
     )
 
 
+def money_plane_verifier(plane: PolicyPlane) -> TokenVerifier:
+    """A verifier with the public keys the money plane loads from this config."""
+    return TokenVerifier(
+        load_public_keys(plane.config.keys.policy_public_keys, plane.config.state_path)
+    )
+
+
 async def expect_error(call: object, code: grpc.StatusCode, reason: str, field: str = "") -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call  # type: ignore[misc]
@@ -69,8 +76,7 @@ async def test_evaluate_signs_a_token_the_money_plane_accepts(
     assert decision.route.method == "wallet" and decision.bundle_version.startswith(
         "default-2026.1@"
     )
-    public = (plane.config.state_path / "keys" / "policy_ed25519.pub").read_text()
-    claims = TokenVerifier([public_key_from_b64(public)]).verify(
+    claims = money_plane_verifier(plane).verify(
         decision.decision_token,
         field="decision_token",
         tenant_id=TENANT,
@@ -80,7 +86,27 @@ async def test_evaluate_signs_a_token_the_money_plane_accepts(
         idempotency_key="pay-1",
         now_us=clock.now_us(),
     )
-    assert claims.decision_id == decision.decision_id
+    assert (claims.decision_id, claims.policy_version) == (
+        decision.decision_id,
+        decision.bundle_version,
+    )
+    assert claims.expires_at_s == (clock.now_us() // 1_000_000 + plane.config.policy.token_ttl_s)
+    # The claims bind the payment: the same token for another amount is refused.
+    with pytest.raises(PermissionDenied) as caught:
+        money_plane_verifier(plane).verify(
+            decision.decision_token,
+            field="decision_token",
+            tenant_id=TENANT,
+            account_id="acct-1",
+            amount_minor=2_501,
+            currency="USD",
+            idempotency_key="pay-1",
+            now_us=clock.now_us(),
+        )
+    assert (caught.value.reason, caught.value.field) == (
+        "DECISION_TOKEN_MISMATCH",
+        "decision_token.amount_minor",
+    )
     again = await stubs.policy.Evaluate(request("pay-1"))
     assert again.replayed and again.decision == decision
     fetched = await stubs.policy.GetDecision(
@@ -164,26 +190,35 @@ async def test_hot_reload_under_concurrent_evaluate_never_fails_a_request(stubs:
         await stubs.bundles.LoadBundle(pb.LoadBundleRequest(content=strict_yaml, label="strict"))
     ).bundle
     default = (await stubs.bundles.GetActiveBundle(pb.GetActiveBundleRequest())).live
-    stop = asyncio.Event()
+    flood_done = asyncio.Event()
 
-    async def swap() -> int:
-        swaps = 0
-        while not stop.is_set():
-            version = strict.version if swaps % 2 == 0 else default.version
+    async def swap() -> list[pb.EvaluateResponse]:
+        """Swaps the live bundle until the flood is answered (twice at least).
+        After each swap a probe decides: an Evaluate that starts once
+        ActivateBundle has returned must be decided by the bundle just made live."""
+        probes: list[pb.EvaluateResponse] = []
+        while not flood_done.is_set() or len(probes) < 2:
+            version = strict.version if len(probes) % 2 == 0 else default.version
             await stubs.bundles.ActivateBundle(pb.ActivateBundleRequest(version=version))
-            swaps += 1
-            await asyncio.sleep(0.005)
-        return swaps
+            probe = await stubs.policy.Evaluate(request(f"hot-probe-{len(probes)}"))
+            assert probe.decision.bundle_version == version, len(probes)
+            probes.append(probe)
+        return probes
 
-    swapper = asyncio.create_task(swap())
-    results = await asyncio.gather(
-        *(stubs.policy.Evaluate(request(f"hot-{i}")) for i in range(150))
-    )
-    stop.set()
-    assert await swapper >= 2
-    versions = {r.decision.bundle_version for r in results}
-    assert versions <= {strict.version, default.version}
-    for result in results:
+    async def flood() -> list[pb.EvaluateResponse]:
+        try:
+            answers: list[pb.EvaluateResponse] = await asyncio.gather(
+                *(stubs.policy.Evaluate(request(f"hot-{i}")) for i in range(150))
+            )
+            return answers
+        finally:
+            flood_done.set()
+
+    probes, results = await asyncio.gather(swap(), flood())
+    answered = [*results, *probes]
+    # Both versions decided requests, and each decision is its bundle's.
+    assert {r.decision.bundle_version for r in answered} == {strict.version, default.version}
+    for result in answered:
         expected = (
             pb.OUTCOME_REVIEW
             if result.decision.bundle_version == strict.version
@@ -192,7 +227,7 @@ async def test_hot_reload_under_concurrent_evaluate_never_fails_a_request(stubs:
         assert result.decision.outcome == expected
     assert (
         await stubs.policy.VerifyDecisionLog(pb.VerifyDecisionLogRequest())
-    ).records_checked == 150
+    ).records_checked == len(answered)
 
 
 async def test_shadow_mode_is_logged_never_enforced(stubs: Stubs) -> None:
@@ -297,29 +332,47 @@ async def test_review_cases_claim_resolve_event_and_overrule_rate(
         await client.close()
 
 
-async def test_bundle_rollout_through_nats_kv(plane: PolicyPlane, stubs: Stubs) -> None:
+async def _until_live(plane: PolicyPlane, label: str) -> None:
+    for _ in range(200):
+        live = plane.engine.bundles.live
+        if live is not None and live.label == label:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"bundle {label!r} never went live")
+
+
+async def test_bundle_rollout_through_nats_kv(
+    plane: PolicyPlane, stubs: Stubs, caplog: pytest.LogCaptureFixture
+) -> None:
     assert plane.js is not None
     bundles = plane.config.policy.bundles
-    before = plane.engine.bundles.live
-    assert before is not None
-    rolled = BundleSource(yaml_text=DEFAULT_YAML, label_override="fleet-rollout")
-    await bundle_sync.publish_bundle(plane.js, bundles.kv_bucket, bundles.kv_key, rolled, 1_000_000)
-    for _ in range(100):
-        live = plane.engine.bundles.live
-        if live is not None and live.label == "fleet-rollout":
-            break
-        await asyncio.sleep(0.05)
-    assert (
-        plane.engine.bundles.live is not None and plane.engine.bundles.live.label == "fleet-rollout"
-    )
+
+    async def publish(source: BundleSource) -> None:
+        assert plane.js is not None
+        await bundle_sync.publish_bundle(
+            plane.js, bundles.kv_bucket, bundles.kv_key, source, 1_000_000
+        )
+
+    await publish(BundleSource(yaml_text=DEFAULT_YAML, label_override="fleet-rollout"))
+    await _until_live(plane, "fleet-rollout")
     bad = BundleSource(
         yaml_text=DEFAULT_YAML.replace("outcome: deny", "outcome: nope", 1), label_override="bad"
     )
-    await bundle_sync.publish_bundle(plane.js, bundles.kv_bucket, bundles.kv_key, bad, 1_000_000)
-    await asyncio.sleep(0.5)
-    assert plane.engine.bundles.live.label == "fleet-rollout"
+    with caplog.at_level(logging.ERROR, logger=bundle_sync.log.name):
+        await publish(bad)
+        # The watcher applies the key's values in order: once a good bundle
+        # published after the bad one is live, the bad one was seen.
+        await publish(BundleSource(yaml_text=DEFAULT_YAML, label_override="fleet-rollout-2"))
+        await _until_live(plane, "fleet-rollout-2")
+    refusals = [
+        r.getMessage() for r in caplog.records if "bundle from NATS KV refused" in r.message
+    ]
+    assert len(refusals) == 1, refusals
+    assert "nope" in refusals[0], refusals[0]
+    listed = await stubs.bundles.ListBundles(pb.ListBundlesRequest(page_size=10))
+    assert not [b.version for b in listed.bundles if b.version.startswith("bad@")]
     assert (await stubs.policy.Evaluate(request("after-kv"))).decision.bundle_version.startswith(
-        "fleet-rollout@"
+        "fleet-rollout-2@"
     )
 
 
@@ -425,7 +478,9 @@ async def test_consent_and_offers_over_grpc(stubs: Stubs, clock: ManualClock) ->
     )
 
 
-async def test_replay_and_label_over_grpc(stubs: Stubs) -> None:
+async def test_replay_and_label_over_grpc(
+    plane: PolicyPlane, stubs: Stubs, clock: ManualClock
+) -> None:
     decisions = [
         (await stubs.policy.Evaluate(request(f"rp-{i}", score=0.1 + i * 0.2))).decision
         for i in range(4)
@@ -445,5 +500,23 @@ async def test_replay_and_label_over_grpc(stubs: Stubs) -> None:
         grpc.StatusCode.NOT_FOUND,
         "BUNDLE_VERSION_NOT_FOUND",
     )
-    token = decisions[0].decision_token
-    assert base64.urlsafe_b64decode(token.split(".")[1] + "==")
+    # What was replayed is what was signed: each allow carries a token the
+    # money plane accepts for exactly that payment; the review carries none.
+    assert [d.outcome for d in decisions] == [pb.OUTCOME_ALLOW] * 3 + [pb.OUTCOME_REVIEW]
+    verifier = money_plane_verifier(plane)
+    for index, decision in enumerate(decisions[:3]):
+        claims = verifier.verify(
+            decision.decision_token,
+            field="decision_token",
+            tenant_id=TENANT,
+            account_id="acct-1",
+            amount_minor=2_500,
+            currency="USD",
+            idempotency_key=f"rp-{index}",
+            now_us=clock.now_us(),
+        )
+        assert (claims.decision_id, claims.policy_version) == (
+            decision.decision_id,
+            decision.bundle_version,
+        )
+    assert decisions[3].decision_token == ""
