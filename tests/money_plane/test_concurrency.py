@@ -116,7 +116,12 @@ async def test_tasks_racing_on_a_scarce_balance_agree_on_each_answer(kit: Kit) -
     successes = [k for k, v in answers[0].items() if v.startswith("ent_")]
     assert len(successes) == 3
     assert (await kit.balance("alice"))[0] == 10
-    assert set(kit.probe.entries_by_key(kit.tenant)) >= set(successes)
+    by_key = kit.probe.entries_by_key(kit.tenant)
+    assert {k: n for k, n in by_key.items() if k.startswith("scarce-")} == {k: 1 for k in successes}
+    # The other five were refused for the balance, and remembered as such.
+    assert [v for v in answers[0].values() if not v.startswith("ent_")] == [
+        "INSUFFICIENT_FUNDS"
+    ] * 5
     await kit.assert_balanced()
 
 

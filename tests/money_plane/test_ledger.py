@@ -339,11 +339,16 @@ async def test_a_refused_release_is_reported_by_id_and_tried_again_later(
     reports = [r.getMessage() for r in caplog.records if "reserve release refused" in r.message]
     assert len(reports) == 1, reports
     assert "INSUFFICIENT_FUNDS" in reports[0] and kit.tenant in reports[0] and "rsv_" in reports[0]
-    # With the money back and the retry delay past, the release goes through, once.
+    # With the money back the release still waits out the retry delay, then
+    # goes through, once.
     await kit.ok(kit.move(key(), "bank", "reserve", 1_000))
-    kit.clock.advance(kit.ledger.config.reserves.refused_retry_s)
+    kit.clock.advance(kit.ledger.config.reserves.refused_retry_s - 1)
+    assert await kit.ledger.release_due_reserves() == 0
+    kit.clock.advance(1)
     assert await kit.ledger.release_due_reserves() == 1
     assert await kit.ledger.release_due_reserves() == 0
+    assert (await kit.balance("reserve"))[0] == 0
+    assert (await kit.balance("merchant"))[0] == 8_700 + 1_000
     await kit.assert_balanced()
 
 
@@ -718,14 +723,38 @@ async def test_atomic_batch_with_a_replayed_transfer_and_a_failure(kit: Kit) -> 
 
 
 async def test_atomic_batch_with_the_same_key_twice(kit: Kit) -> None:
-    """Two transfers of one atomic batch under one key: one entry at most, and
-    an answer per transfer (never a store error)."""
+    """Two transfers of one atomic batch under one key: the first commits, the
+    second replays it (the batch remembers keys as it runs), and the batch
+    commits with one entry; the same key for another request in the batch is
+    refused as reused, and then nothing of that batch is written."""
     k = key()
     command = kit.move(k, "bank", "alice", 100)
-    outcomes = await kit.submit(command, command, atomic=True)
-    assert len(outcomes) == 2
-    assert kit.probe.entries_by_key(kit.tenant).get(k, 0) <= 1
-    assert (await kit.balance("alice"))[0] in (0, 100)
+    first, second = await kit.submit(command, command, atomic=True)
+    assert first.error is None and second.error is None, (first, second)
+    assert first.entry is not None and second.entry is not None
+    assert (first.replayed, second.replayed) == (False, True)
+    assert second.entry.entry_id == first.entry.entry_id
+    assert kit.probe.entries_by_key(kit.tenant)[k] == 1
+    assert (await kit.balance("alice"))[0] == 100
+    # Retried alone afterwards: the same entry again.
+    again = await kit.ok(command)
+    assert again.replayed and again.entry is not None
+    assert again.entry.entry_id == first.entry.entry_id
+
+    before = kit.snapshot()
+    k2 = key()
+    outcomes = await kit.submit(
+        kit.move(k2, "bank", "alice", 100), kit.move(k2, "bank", "alice", 101), atomic=True
+    )
+    assert [(o.error.reason, o.error.field) if o.error else "" for o in outcomes] == [
+        ("LINKED_TRANSFER_FAILED", "transfers[0]"),
+        ("IDEMPOTENCY_KEY_REUSED", "transfers[1].amount.amount_minor"),
+    ]
+    assert kit.snapshot() == before
+    assert k2 not in kit.probe.entries_by_key(kit.tenant)
+    # A request error is not remembered: the key is still free.
+    fresh = await kit.ok(kit.move(k2, "bank", "alice", 101))
+    assert not fresh.replayed
     await kit.assert_balanced()
 
 
@@ -1050,9 +1079,15 @@ async def test_a_refused_reserve_release_does_not_block_later_ones(
         )
         clock.advance(2 * DAY_S)
         released = [await ledger.release_due_reserves() for _ in range(3)]
-        # The two refused releases stay due; the third, payable, is released.
-        assert sum(released) == 1, released
+        # The first sweep (a batch of two) refuses the two unpayable releases
+        # and defers them; the second releases the third, payable one.
+        assert released == [0, 1, 0]
         assert (await kit.balance("reserve2"))[0] == 0
+        # The money back, the deferred two go once their retry time comes.
+        await kit.ok(kit.move(key(), "elsewhere", "reserve", 2_000))
+        clock.advance(config.money.reserves.refused_retry_s)
+        assert [await ledger.release_due_reserves() for _ in range(2)] == [2, 0]
+        assert (await kit.balance("reserve"))[0] == 0
         await kit.assert_balanced()
     finally:
         kit.probe.close()

@@ -1137,12 +1137,27 @@ async def test_every_rpc_refuses_bad_input(
 
 
 async def test_page_token_is_opaque_but_ours(world: World) -> None:
-    page = await world.stub.ListAccountPostings(
-        pb.ListAccountPostingsRequest(
-            tenant_id=world.tenant, account_id="cust", page_token=encode_page_token(0)
+    """A token of our own format resumes after the sequence it names: from 0,
+    the first page; from a posting's sequence, the postings after it."""
+
+    async def listed(page_token: str) -> list[int]:
+        page = await world.stub.ListAccountPostings(
+            pb.ListAccountPostingsRequest(
+                tenant_id=world.tenant, account_id="mine", page_token=page_token
+            )
+        )
+        return [p.sequence for p in page.postings]
+
+    await world.stub.CreateTransfers(
+        pb.CreateTransfersRequest(
+            tenant_id=world.tenant,
+            transfers=[world.transfer(credit="mine", amount=i + 1) for i in range(3)],
         )
     )
-    assert len(page.postings) >= 1
+    first = await listed("")  # "mine" is this test's alone
+    assert len(first) == 3 and first == sorted(first)
+    assert await listed(encode_page_token(0)) == first
+    assert await listed(encode_page_token(first[0])) == first[1:]
 
 
 async def test_remembered_refusal_comes_back_as_the_same_status(world: World) -> None:
