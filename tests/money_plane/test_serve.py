@@ -1,6 +1,7 @@
 """`python -m money_plane` with money.server_processes = 2 on PostgreSQL: both
-processes serve the one port, calls succeed over many connections, and SIGTERM
-to the primary stops every process."""
+processes serve the one port, each answers calls (seen from the owner of the
+server's end of each connection), and SIGTERM to the primary stops every
+process."""
 
 from __future__ import annotations
 
@@ -22,24 +23,53 @@ from triplane_tools.stack import check_health
 pytestmark = pytest.mark.postgres
 
 
-def _listeners(port: int) -> set[int]:
-    """Pids of the processes holding a listening socket on `port`."""
+def _sockets(port: int, state: str) -> set[str]:
+    """Inodes of the sockets whose local port is `port`, in a TCP state
+    ("0A" listening, "01" established: a server's end of a connection)."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
                 inodes.add(fields[9])
-    pids: set[int] = set()
+    return inodes
+
+
+def _owners(inodes: set[str]) -> dict[str, int]:
+    """Socket inode -> pid of the process holding it."""
+    owners: dict[str, int] = {}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
             for fd in fd_dir.iterdir():
                 target = os.readlink(fd)
                 if target.startswith("socket:[") and target[8:-1] in inodes:
-                    pids.add(int(fd_dir.parent.name))
+                    owners[target[8:-1]] = int(fd_dir.parent.name)
         except OSError:
             continue
-    return pids
+    return owners
+
+
+def _listeners(port: int) -> set[int]:
+    """Pids of the processes holding a listening socket on `port`."""
+    return set(_owners(_sockets(port, "0A")).values())
+
+
+async def _served_by(address: str, port: int, index: int) -> int:
+    """Makes one call on a connection of its own; the pid that answered it
+    (the owner of the server's end of that connection)."""
+    before = _sockets(port, "01")
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as channel:
+        stub = money_pb2_grpc.LedgerServiceStub(channel)
+        answer = await stub.CreateTenant(
+            money_pb2.CreateTenantRequest(tenant_id=f"serve{index}", display_name="serve"),
+            timeout=10,
+        )
+        assert answer.tenant.tenant_id == f"serve{index}"
+        owners = set(_owners(_sockets(port, "01") - before).values())
+    assert len(owners) == 1, owners
+    return owners.pop()
 
 
 async def test_two_processes_serve_one_port_and_stop_together(pg_dsn: str, tmp_path: Path) -> None:
@@ -69,17 +99,23 @@ async def test_two_processes_serve_one_port_and_stop_together(pg_dsn: str, tmp_p
         pids = _listeners(port)
         assert primary.pid in pids and len(pids) == 2
         assert await check_health(address) == 1  # SERVING
-        # Calls over many connections (the kernel spreads connections).
-        for index in range(8):
-            async with grpc.aio.insecure_channel(
-                address, options=[("grpc.use_local_subchannel_pool", 1)]
-            ) as channel:
-                stub = money_pb2_grpc.LedgerServiceStub(channel)
-                answer = await stub.CreateTenant(
-                    money_pb2.CreateTenantRequest(tenant_id=f"serve{index}", display_name="serve"),
-                    timeout=10,
+        # Calls over connections of their own until each process has answered
+        # one: the kernel spreads connections over the two listeners at random
+        # (SO_REUSEPORT), so 64 leave a chance of 2**-63 that one never does.
+        served: list[int] = []
+        for index in range(64):
+            served.append(await _served_by(address, port, index))
+            if set(served) == pids:
+                break
+        assert set(served) == pids, served
+        # Both wrote to the one database: every tenant is known on any connection.
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = money_pb2_grpc.LedgerServiceStub(channel)
+            for index in range(len(served)):
+                check = await stub.CheckBalanced(
+                    money_pb2.CheckBalancedRequest(tenant_id=f"serve{index}"), timeout=10
                 )
-                assert answer.tenant.tenant_id == f"serve{index}"
+                assert check.balanced
         primary.send_signal(signal.SIGTERM)
         assert primary.wait(timeout=30) == 0
         deadline = time.monotonic() + 20
