@@ -54,9 +54,7 @@ async def test_nats_down_delays_events_and_loses_none(tmp_path: Path) -> None:
         {
             "nats": {"url": url, "publish_timeout_s": 0.5, "connect_timeout_s": 0.5},
             "money": {
-                "outbox": {
-                    "relay_retry": {"initial_interval_s": 0.05, "maximum_interval_s": 0.5}
-                }
+                "outbox": {"relay_retry": {"initial_interval_s": 0.05, "maximum_interval_s": 0.5}}
             },
         },
     )
@@ -81,19 +79,27 @@ async def test_nats_down_delays_events_and_loses_none(tmp_path: Path) -> None:
         await _until("the first events to be published", lambda: unsent() == 0)
         assert await stream_count(url, subject) == 7
 
+        relay = plane.relay
+        assert relay is not None
         server.stop()
         for i in range(20):
             await kit.ok(kit.move(f"during-{i}", "bank", "cust", 100 + i))
         # An authorization too: hold events travel the same way.
         await kit.ok(kit.authorize("during-hold", "cust", "bank", 5))
-        await asyncio.sleep(1.5)
-        assert unsent() > 0, "events were marked sent while NATS was down"
+        # The relay keeps trying and JetStream, being down, acknowledges
+        # nothing. Each attempt reads the outbox afresh, so the second failure
+        # from now was an attempt at every event written above.
+        failures = relay.publish_failures
+        await _until("the relay to fail twice more", lambda: relay.publish_failures >= failures + 2)
+        assert relay.published == 7
+        assert unsent() == 21, "events were marked sent while NATS was down"
 
         server = EmbeddedNats(nats_dir, port=server.port)
         server.start()
         await _until("the relay to catch up", lambda: unsent() == 0)
         total = int(probe.scalar("SELECT COUNT(*) FROM outbox"))
         assert total == 2 + 5 + 20 + 1
+        assert relay.published == total
         await _until(
             "JetStream to hold every event", lambda: _at_least(url, subject, total), timeout_s=20
         )
