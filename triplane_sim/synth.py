@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 from ai_plane.features import Activity, ActivityKind, OfferEntry, offer_tokens
 
-# synth-2: activity over all 24 hours, takeovers and mules at any hour, offers
-# as catalog entries whose attributes set their hidden propensity.
+# synth-2: activity over all 24 hours, takeovers and mules at any hour, ordinary
+# merchants in the categories fraud favours, offers as catalog entries whose
+# attributes set their hidden propensity.
 GENERATOR_VERSION = "synth-2"
 # 2026-01-01T00:00:00Z: synthetic time starts here.
 EPOCH_US = 1_767_225_600_000_000
@@ -45,8 +46,11 @@ MINUTE_US = 60_000_000
 
 CHANNEL_CARD_PRESENT, CHANNEL_ECOMMERCE, CHANNEL_IN_APP, CHANNEL_TRANSFER = 1, 2, 3, 4
 
-NORMAL_CATEGORIES = ("5411", "5812", "4111", "4900", "5732", "5816")
-CATEGORY_WEIGHTS = (30, 25, 15, 8, 5, 7)
+# Everyday merchants include a few in every category fraud favours (digital
+# goods, gift cards, quasi-cash): ordinary customers shop there too, so no
+# merchant category marks fraud by itself, any more than the hour does.
+NORMAL_CATEGORIES = ("5411", "5812", "4111", "4900", "5732", "5816", "5947", "6051")
+CATEGORY_WEIGHTS = (30, 25, 15, 8, 5, 7, 3, 3)
 
 # Relative activity by local hour of day (00 to 23): a daily curve, quiet in
 # the small hours but never zero (night shifts, insomniacs, other time zones'
