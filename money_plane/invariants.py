@@ -66,8 +66,34 @@ def _in_range(amount_minor: int) -> bool:
     return 0 < amount_minor <= INT64_MAX
 
 
+_DEBIT, _CREDIT = int(Side.DEBIT), int(Side.CREDIT)
+
+
 def entry_problem(entry: Entry) -> str:
     """Why `entry` breaks the ledger's invariants, or ""."""
+    # The common case first, in one pass with plain ints: every posting in the
+    # entry's currency and in range, debits = credits = the entry's amount.
+    # Anything else takes the careful path, which names the problem.
+    currency = entry.currency
+    debits = credits = 0
+    for posting in entry.postings:
+        amount = posting.amount_minor
+        if amount <= 0 or amount > INT64_MAX or posting.currency != currency:
+            return _entry_problem_in_detail(entry)
+        if posting.side == _DEBIT:
+            debits += amount
+        elif posting.side == _CREDIT:
+            credits += amount
+        else:
+            return _entry_problem_in_detail(entry)
+    if debits != credits or debits != entry.amount_minor or not 0 < debits <= INT64_MAX:
+        return _entry_problem_in_detail(entry)
+    if entry.refunded_minor == 0 and not any(entry.refunded_by_posting):
+        return ""
+    return _refund_problem(entry)
+
+
+def _entry_problem_in_detail(entry: Entry) -> str:
     if not entry.postings:
         return "it has no postings"
     if not _in_range(entry.amount_minor):

@@ -86,6 +86,12 @@ def test_a_balanced_entry_passes() -> None:
         ([(D, INT64_MAX + 1, "USD"), (C, INT64_MAX + 1, "USD")], 100, "posting 0: amount"),
         ([(D, 100, "USD"), (C, 100, "USD")], 90, "its postings move 100"),
         ([(D, 100, "USD"), (C, 100, "USD")], 0, "amount 0 is not in"),
+        # Each posting fits in int64, their sum (the entry's amount) does not.
+        (
+            [(D, INT64_MAX, "USD"), (D, 1, "USD"), (C, INT64_MAX, "USD"), (C, 1, "USD")],
+            INT64_MAX + 1,
+            f"amount {INT64_MAX + 1} is not in",
+        ),
         ([], 100, "no postings"),
         ([(D, 100, "USD"), (3, 100, "USD")], 100, "posting 1: side 3"),
     ],
