@@ -16,7 +16,6 @@ into the repository, the model's config names the versions to serve, and a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import json
 import logging
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triplane.runtime.config import AiTritonConfig
+from triplane.runtime.lifetime import die_with_parent
 from triplane.runtime.net import free_port
 
 log = logging.getLogger("triplane.ai.triton")
@@ -185,16 +185,6 @@ def _prepare_backends(dist: TritonDist, work_dir: Path) -> Path:
     return backends
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the parent goes (Linux prctl)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
 class TritonProcess:
     """One tritonserver child process: gRPC (model control) and HTTP (inference)
     on loopback, explicit model control."""
@@ -263,7 +253,7 @@ class TritonProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent(),
             )
 
     def wait_ready(self) -> None:

