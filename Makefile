@@ -4,7 +4,8 @@
 #
 #   make demo                 fresh stack, payments workload, summary, exit 0
 #   make test                 the test suite (PostgreSQL/Redis suites skip loudly
-#                             when their server is not running)
+#                             when their server is not running; under CI=true
+#                             they fail); a run that leaves a process running fails
 #   make up                   the stack in the foreground until Ctrl-C
 #   make bench [ONLY=ledger]  benchmarks; figures merged into bench/results.json
 #   make proto                regenerate the committed Python stubs from proto/
@@ -70,7 +71,9 @@ demo: venv
 up: venv
 	$(BIN)/triplane up
 
-# Exit status 5 (no tests collected) is a failure, said out loud.
+# Exit status 5 (no tests collected) is a failure, said out loud. Processes the
+# run leaves behind (planes, nats-server, tritonserver) are killed and fail it,
+# named (tests/conftest.py).
 test: venv
 	@rc=0; $(BIN)/pytest -q -rfEs -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \

