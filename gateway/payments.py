@@ -11,9 +11,11 @@ same decision and the same hold.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 from collections.abc import Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway import validate
 from gateway.core import CallContext, Core
@@ -23,6 +25,7 @@ from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.money.v1 import money_pb2
 from triplane.policy.v1 import policy_pb2
+from triplane.runtime.config import ConfigError
 from triplane.runtime.errors import (
     AlreadyExists,
     Code,
@@ -111,10 +114,31 @@ def obligations_of(decision: policy_pb2.Decision) -> list[gw.Obligation]:
     return [gw.Obligation(kind=o.kind, params=dict(o.params)) for o in decision.obligations]
 
 
+def _zone(name: str) -> ZoneInfo | None:
+    """The IANA zone `name`, or None when there is no such zone."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
 class Payments:
     def __init__(self, core: Core) -> None:
         self.core = core
         self.limits = core.config.limits
+        default_zone = _zone(core.config.default_time_zone)
+        if default_zone is None:
+            raise ConfigError(
+                f"gateway.default_time_zone: unknown IANA time zone "
+                f"{core.config.default_time_zone!r}"
+            )
+        self.default_zone = default_zone
+
+    def local_hour(self, customer: gw.Customer, now_us: int) -> int:
+        """The customer's local hour of day now (their zone, else the
+        configured default): what the risk model reads as hour_of_day."""
+        zone = _zone(customer.time_zone) if customer.time_zone else self.default_zone
+        return dt.datetime.fromtimestamp(now_us / 1_000_000, zone or self.default_zone).hour
 
     # ---------------------------------------------------------------- authorize
 
@@ -149,6 +173,12 @@ class Payments:
         validate.check_id(customer.customer_id, f"{field}.customer_id", limits)
         for name in ("name", "email", "phone", "time_zone"):
             validate.check_string(getattr(customer, name), f"{field}.{name}", limits)
+        if customer.time_zone and _zone(customer.time_zone) is None:
+            raise InvalidArgument(
+                "TIME_ZONE_UNKNOWN",
+                f"{customer.time_zone!r} is not an IANA time zone (e.g. Europe/Paris)",
+                f"{field}.time_zone",
+            )
         validate.check_country(customer.country, f"{field}.country")
         if not 0 <= customer.kyc_tier <= 3:
             raise InvalidArgument("KYC_TIER_INVALID", "kyc_tier is 0..3", f"{field}.kyc_tier")
@@ -272,6 +302,9 @@ class Payments:
                 merchant_category=req.merchant_category,
                 channel=int(req.channel),  # type: ignore[arg-type]
                 attributes=attributes,
+                # The customer's own hour: a payment in their night is not
+                # judged as whatever hour it is in UTC.
+                local_hour=self.local_hour(req.customer, core.clock.now_us()),
             )
         )
         try:

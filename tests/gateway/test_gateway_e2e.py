@@ -24,6 +24,7 @@ from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
+from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.errors import parse_rpc_error
 from triplane.runtime.net import free_port, port_open
@@ -36,10 +37,33 @@ pytestmark = [pytest.mark.nats, pytest.mark.timeout(240)]
 TENANT = "gwtest"
 MERCHANT = "merchant_1"
 RPC_TIMEOUT_S = 5.0
+# The customer's local hour is pinned whatever the wall clock says: 02:00 (the
+# night that once declined every ordinary payment) unless a test names another;
+# the ordinary-payment flows run at both LOCAL_HOURS.
+NIGHT_HOUR = 2
+LOCAL_HOURS = (NIGHT_HOUR, 14)
+# The gateway's clock, injected; the zones that pin an hour are computed from it.
+CLOCK = SystemClock()
+# A zone is not computed this close to the top of an hour (the request that
+# follows takes far less), so the hour cannot turn between the two.
+HOUR_TURN_MARGIN_S = 2.0
 
 
 def _usd(minor: int) -> types_pb2.Money:
     return types_pb2.Money(amount_minor=minor, currency="USD")
+
+
+def zone_at(local_hour: int) -> str:
+    """An IANA zone where it is `local_hour` o'clock now by the gateway's clock."""
+    to_next_hour_s = 3600 - (CLOCK.now_us() / 1_000_000) % 3600
+    if to_next_hour_s < HOUR_TURN_MARGIN_S:
+        time.sleep(to_next_hour_s + 0.01)
+    utc_hour = CLOCK.now_us() // 3_600_000_000 % 24
+    offset = (local_hour - utc_hour + 11) % 24 - 11  # -11..12 hours
+    if offset == 0:
+        return "UTC"
+    # Etc/GMT zones have the POSIX sign: Etc/GMT-2 is UTC+2.
+    return f"Etc/GMT{'-' if offset > 0 else '+'}{abs(offset)}"
 
 
 def _pg_dsns() -> dict[str, Any]:
@@ -209,6 +233,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Asyn
     await stack.start()
     gateway = Gateway(
         config,
+        clock=CLOCK,
         money_address=stack.addresses["money"],
         policy_address=stack.addresses["policy"],
         ai_address=stack.addresses["ai"],
@@ -224,7 +249,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Asyn
         await stack.stop()
 
 
-def _authorize(**kw: Any) -> gw.AuthorizePaymentRequest:
+def _authorize(local_hour: int = NIGHT_HOUR, **kw: Any) -> gw.AuthorizePaymentRequest:
     customer = kw.pop("customer", None) or gw.Customer(
         customer_id="c1",
         name="Jane Doe",
@@ -232,6 +257,7 @@ def _authorize(**kw: Any) -> gw.AuthorizePaymentRequest:
         country="US",
         kyc_tier=2,
         account_age_days=400,
+        time_zone=zone_at(local_hour),
     )
     base: dict[str, Any] = dict(
         tenant_id=TENANT,
@@ -261,8 +287,9 @@ async def _hold(world: World, hold_id: str) -> money_pb2.Hold:
 # ---------------------------------------------------------------- authorization outcomes
 
 
-async def test_allow_places_a_hold_and_capture_refund(world: World) -> None:
-    answer = await world.stub.AuthorizePayment(_authorize(), timeout=RPC_TIMEOUT_S)
+@pytest.mark.parametrize("local_hour", LOCAL_HOURS)
+async def test_allow_places_a_hold_and_capture_refund(world: World, local_hour: int) -> None:
+    answer = await world.stub.AuthorizePayment(_authorize(local_hour), timeout=RPC_TIMEOUT_S)
     assert answer.outcome == gw.OUTCOME_ALLOW, answer
     assert answer.hold_id and answer.decision_id and answer.policy_version
     assert answer.trace_id and answer.model_score_ref.model
@@ -299,13 +326,19 @@ async def test_allow_places_a_hold_and_capture_refund(world: World) -> None:
     assert "Jane" not in str(why)
     if answer.model_score_ref.source != "none":
         assert why.attributions or why.attributions_unavailable_reason
+        # The risk model read the customer's own hour, not the UTC one.
+        assert why.input.features["hour_of_day"] == local_hour
 
 
-async def test_void_releases_the_hold(world: World) -> None:
-    answer = await world.stub.AuthorizePayment(_authorize(account_id="cust_2"), timeout=5)
+@pytest.mark.parametrize("local_hour", LOCAL_HOURS)
+async def test_void_releases_the_hold(world: World, local_hour: int) -> None:
+    request = _authorize(local_hour, account_id="cust_2")
+    answer = await world.stub.AuthorizePayment(request, timeout=5)
     assert answer.outcome == gw.OUTCOME_ALLOW
     voided = await world.stub.VoidPayment(
-        gw.VoidPaymentRequest(tenant_id=TENANT, idempotency_key="v-1", hold_id=answer.hold_id),
+        gw.VoidPaymentRequest(
+            tenant_id=TENANT, idempotency_key=f"v-{local_hour}", hold_id=answer.hold_id
+        ),
         timeout=RPC_TIMEOUT_S,
     )
     assert voided.hold_state == gw.HOLD_STATE_VOIDED
@@ -313,7 +346,13 @@ async def test_void_releases_the_hold(world: World) -> None:
 
 
 async def test_deny_comes_back_with_reasons_and_no_hold(world: World) -> None:
-    customer = gw.Customer(customer_id="c3", name="Low Tier", country="US", kyc_tier=0)
+    customer = gw.Customer(
+        customer_id="c3",
+        name="Low Tier",
+        country="US",
+        kyc_tier=0,
+        time_zone=zone_at(NIGHT_HOUR),
+    )
     answer = await world.stub.AuthorizePayment(
         _authorize(account_id="cust_3", amount=_usd(9000), customer=customer), timeout=5
     )
@@ -322,8 +361,15 @@ async def test_deny_comes_back_with_reasons_and_no_hold(world: World) -> None:
     assert not answer.hold_id
 
 
-async def test_review_opens_a_case(world: World) -> None:
-    customer = gw.Customer(customer_id="c4", name="Pat Lee", country="US", kyc_tier=1)
+@pytest.mark.parametrize("local_hour", LOCAL_HOURS)
+async def test_review_opens_a_case(world: World, local_hour: int) -> None:
+    customer = gw.Customer(
+        customer_id="c4",
+        name="Pat Lee",
+        country="US",
+        kyc_tier=1,
+        time_zone=zone_at(local_hour),
+    )
     answer = await world.stub.AuthorizePayment(
         _authorize(account_id="cust_4", merchant_category="6051", customer=customer), timeout=5
     )
@@ -675,14 +721,17 @@ async def test_an_ingested_event_converts_the_offer_it_was_shown_for(world: Worl
     assert await conversions_of(answer.offer.offer_id) == before + 1
 
 
-async def test_typed_client(world: World) -> None:
+@pytest.mark.parametrize("local_hour", LOCAL_HOURS)
+async def test_typed_client(world: World, local_hour: int) -> None:
     answer = await world.client.authorize_payment(
         tenant_id=TENANT,
         account_id="cust_10",
         credit_account_id=MERCHANT,
         amount=_usd(999),
         kind=gw.PAYMENT_KIND_PURCHASE,
-        customer=gw.Customer(customer_id="c10", kyc_tier=2, account_age_days=100),
+        customer=gw.Customer(
+            customer_id="c10", kyc_tier=2, account_age_days=100, time_zone=zone_at(local_hour)
+        ),
     )
     assert answer.outcome == gw.OUTCOME_ALLOW and answer.idempotency_key
     with pytest.raises(TriplaneApiError) as caught:

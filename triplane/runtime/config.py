@@ -481,6 +481,8 @@ class PartnerWebhookConfig(_Strict, frozen=True):
 
 class GatewayConfig(_Strict, frozen=True):
     listen: str
+    # IANA zone of a customer whose requests name none (their local hour).
+    default_time_zone: str
     # Per tenant: the partner's webhook endpoint (triggered sends on the
     # partner_webhook channel). A tenant without one is not reached there.
     partner_webhooks: list[PartnerWebhookConfig]
