@@ -746,11 +746,14 @@ class LedgerStore:
             return [_split_key(r[0]) for r in cur.fetchall()]
 
     def due_reserves(self, now_us: int, limit: int) -> list[tuple[str, str]]:
+        # A total order: when a reserve account cannot pay every release due
+        # at once, which ones it pays must not depend on the backend's order
+        # of equal keys (releases deferred by one sweep share a release time).
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
                     "SELECT reserve_key FROM reserves WHERE released = 0 AND release_at_us <= %s "
-                    "ORDER BY release_at_us LIMIT %s"
+                    "ORDER BY release_at_us, reserve_key LIMIT %s"
                 ),
                 (now_us, limit),
             )

@@ -18,7 +18,8 @@ from typing import Any
 
 import psycopg
 
-from money_plane import codec, codec_records
+from money_plane import codec_records
+from money_plane.app import build_store
 from money_plane.domain import (
     AccountSpec,
     Command,
@@ -33,10 +34,8 @@ from money_plane.domain import (
 )
 from money_plane.ledger import Ledger
 from money_plane.store.base import LedgerStore
-from money_plane.store.postgres import PostgresLedgerStore
-from money_plane.store.sqlite import SqliteLedgerStore
 from triplane.runtime.clock import Clock, ManualClock
-from triplane.runtime.config import Config, load_config
+from triplane.runtime.config import Config, load_config, with_overrides
 from triplane.runtime.tokens import (
     DecisionClaims,
     TokenSigner,
@@ -85,15 +84,14 @@ def ledger_config(state_dir: Path, signer: TokenSigner, **money: Any) -> Config:
 
 
 def make_store(backend: str, where: Path | str, config: Config) -> LedgerStore:
-    timeout_s = config.money.holds.default_timeout_s
-    retries = config.money.store.conflict_retry
+    """The store the plane itself would build (`money_plane.app.build_store`)
+    for this backend and place, every setting of `config` honoured."""
+    store: dict[str, Any] = {"backend": backend}
     if backend == "sqlite":
-        return SqliteLedgerStore(
-            Path(where), codec.encode_event, codec.encode_account_event, timeout_s, retries
-        )
-    return PostgresLedgerStore(
-        str(where), codec.encode_event, codec.encode_account_event, timeout_s, retries
-    )
+        store["sqlite_path"] = str(Path(where).resolve())
+    else:
+        store["postgres_dsn"] = str(where)
+    return build_store(with_overrides(config, {"money": {"store": store}}))
 
 
 def make_ledger(
@@ -217,6 +215,16 @@ class DbProbe:
                 (tenant_id, int(HoldState.PENDING)),
             )
         ]
+
+    def reserves(self, tenant_id: str) -> dict[str, tuple[int, bool]]:
+        """reserve_id -> (release_at_us, released) of every reserve of the tenant."""
+        return {
+            r[0].split("/", 1)[1]: (int(r[1]), bool(r[2]))
+            for r in self.rows(
+                "SELECT reserve_key, release_at_us, released FROM reserves WHERE tenant_id = %s",
+                (tenant_id,),
+            )
+        }
 
     def entries_by_key(self, tenant_id: str) -> dict[str, int]:
         return {

@@ -5,7 +5,14 @@ The model predicts every counter of every account (and so which operations
 must be refused and why) from the operations alone; refunds, whose proration
 the model does not re-derive, are checked for their totals and bounds instead.
 After each step: the ledger's own check, the invariants recomputed from the raw
-postings/holds/counters, and model == database for every counter.
+postings/holds/counters, and model == database for every counter and for
+every reserve (when it is due, whether it was released).
+
+Rolling reserves follow the ledger's sweep: due reserves are released in the
+order (release time, reserve id); one the reserve account can no longer pay is
+refused and deferred by `money.reserves.refused_retry_s` (a short 300 s here,
+so that ticks cross it), then released by a later sweep once it is due again
+and the money is back.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, settings
@@ -49,6 +55,8 @@ T = TypeVar("T")
 ACCOUNT_IDS = [a[0] for a in STANDARD_ACCOUNTS]
 SPECS = {a[0]: (a[1], a[2], a[3]) for a in STANDARD_ACCOUNTS}
 EXAMPLES = {"sqlite": 40, "postgres": 15}
+# money.reserves.refused_retry_s of this suite: between the ticks 31 and 301.
+REFUSED_RETRY_S = 300
 
 accounts = st.sampled_from(ACCOUNT_IDS)
 amounts = st.one_of(st.integers(1, 3_000), st.sampled_from([1, 499, 500, 501, 10_000]))
@@ -89,10 +97,14 @@ class ModelEntry:
 
 @dataclass
 class ModelReserve:
+    reserve_id: str
     entry_id: str
     amount: int
+    # When the next sweep may release it: its release time, then, after each
+    # refusal, the sweep's time plus money.reserves.refused_retry_s.
     release_at_us: int
     released: bool = False
+    refusals: int = 0
 
 
 def _violation(counters: list[int], account_id: str) -> str:
@@ -253,7 +265,9 @@ def build_machine(env: Env) -> type[RuleBasedStateMachine]:
             reserve_bps: int,
             release_in_s: int,
         ) -> None:
-            release_at_us = env.clock.now_us() + release_in_s * 1_000_000
+            # Plus the step's serial in microseconds: no two reserves of a
+            # tenant fall due at the same instant unless a sweep deferred both.
+            release_at_us = env.clock.now_us() + release_in_s * 1_000_000 + self.serial
             legs = []
             shape: list[tuple[str, int, int]] = []
             if fee_bps:
@@ -278,9 +292,23 @@ def build_machine(env: Env) -> type[RuleBasedStateMachine]:
             self.record_entry(outcome)
             if reserve_part:
                 assert outcome.entry is not None
+                known = {r.reserve_id for r in self.reserves}
+                [reserve_id] = set(self.kit.probe.reserves(self.tenant)) - known
                 self.reserves.append(
-                    ModelReserve(outcome.entry.entry_id, reserve_part, release_at_us)
+                    ModelReserve(reserve_id, outcome.entry.entry_id, reserve_part, release_at_us)
                 )
+
+        def available(self, account: str) -> int:
+            dp, cp, dpe, _ = self.model[account]
+            return cp - dp - dpe
+
+        @precondition(lambda self: self.available("reserve") > 0)
+        @rule(fraction=st.sampled_from([0.5, 1.0]))
+        def drain_reserve(self, fraction: float) -> None:
+            """Moves reserve money out, so that releases falling due later are
+            refused (and deferred) as well as paid."""
+            amount = max(1, int(self.available("reserve") * fraction))
+            self.transfer("reserve", "bank", amount, payout=False)
 
         @rule(
             debit=accounts, credit=accounts, amount=amounts, timeout_s=st.sampled_from([0, 30, 300])
@@ -450,14 +478,17 @@ def build_machine(env: Env) -> type[RuleBasedStateMachine]:
             releases_before = self.releases()
             env.run(env.ledger.release_due_reserves())
             expected = 0
-            for reserve in self.reserves:
-                if reserve.released or reserve.release_at_us > now:
-                    continue
+            due = [r for r in self.reserves if not r.released and r.release_at_us <= now]
+            # The sweep's order: a reserve account that cannot pay every due
+            # release pays the earlier ones.
+            for reserve in sorted(due, key=lambda r: (r.release_at_us, r.reserve_id)):
                 entry = next(e for e in self.entries if e.entry_id == reserve.entry_id)
                 amount = reserve.amount - entry.reversed.get(("reserve", Side.CREDIT), 0)
                 if amount and self.predict([("reserve", 0, amount), ("merchant", 1, amount)]):
                     # The reserve account was spent: the release is refused and
-                    # stays due (tried again by later sweeps).
+                    # deferred, not tried again before the retry time.
+                    reserve.release_at_us = now + REFUSED_RETRY_S * 1_000_000
+                    reserve.refusals += 1
                     continue
                 reserve.released = True
                 entry.reserve_released = True
@@ -565,6 +596,9 @@ def build_machine(env: Env) -> type[RuleBasedStateMachine]:
             assert self.kit.probe.invariant_problems(self.tenant) == []
             counters = self.kit.snapshot()
             assert {a: list(v) for a, v in counters.items()} == self.model
+            assert self.kit.probe.reserves(self.tenant) == {
+                r.reserve_id: (r.release_at_us, r.released) for r in self.reserves
+            }
             open_holds = {h.hold_id for h in self.kit.probe.open_holds(self.tenant)}
             assert open_holds == {
                 hold_id for hold_id, h in self.holds.items() if h.state == HoldState.PENDING
@@ -573,15 +607,20 @@ def build_machine(env: Env) -> type[RuleBasedStateMachine]:
     return LedgerMachine
 
 
-def test_random_operation_sequences_keep_the_ledger_sound(
-    backend_place: BackendPlace, signer: TokenSigner, tmp_path: Path
-) -> None:
+def start_env(place: BackendPlace, signer: TokenSigner) -> Env:
     loop = asyncio.new_event_loop()
     clock = ManualClock()
-    config = ledger_config(backend_place.state_dir, signer)
-    ledger = make_ledger(backend_place.backend, backend_place.where, config, signer, clock)
-    env = Env(loop, ledger, clock, signer, backend_place)
+    config = ledger_config(place.state_dir, signer, reserves={"refused_retry_s": REFUSED_RETRY_S})
+    ledger = make_ledger(place.backend, place.where, config, signer, clock)
+    env = Env(loop, ledger, clock, signer, place)
     env.run(ledger.start(sweepers=False))
+    return env
+
+
+def test_random_operation_sequences_keep_the_ledger_sound(
+    backend_place: BackendPlace, signer: TokenSigner
+) -> None:
+    env = start_env(backend_place, signer)
     try:
         run_state_machine_as_test(
             build_machine(env),
@@ -594,10 +633,99 @@ def test_random_operation_sequences_keep_the_ledger_sound(
             ),
         )
     finally:
-        env.run(ledger.stop())
-        loop.close()
+        env.run(env.ledger.stop())
+        env.loop.close()
     # The whole run, across every example's tenant, left no raw invariant broken.
     probe = DbProbe(backend_place.backend, backend_place.where)
     tenants = [r[0] for r in probe.rows("SELECT tenant_id FROM tenants")]
     assert all(probe.invariant_problems(t) == [] for t in tenants)
     probe.close()
+
+
+def test_the_model_follows_a_refused_deferred_then_released_reserve(
+    backend_place: BackendPlace, signer: TokenSigner
+) -> None:
+    """One sequence, run step by step through the same model, that random runs
+    reach only now and then: a reserve falls due after its account was spent,
+    is refused and deferred, is not retried before the retry time even with
+    the money back, and is then released once. The model is checked against
+    the database after every step."""
+    env = start_env(backend_place, signer)
+    machine: Any = build_machine(env)()  # its rules, called one by one
+    try:
+
+        def step(rule: str, **arguments: Any) -> None:
+            getattr(machine, rule)(**arguments)
+            machine.ledger_agrees_with_the_model_and_itself()
+
+        step(
+            "split_payment",
+            debit="bank",
+            amount=10_000,
+            fee_bps=0,
+            tax=0,
+            reserve_bps=1_000,
+            release_in_s=10,
+        )
+        [reserve] = machine.reserves
+        assert reserve.amount == 1_000
+        step("transfer", debit="reserve", credit="bank", amount=1_000, payout=False)
+        step("tick", seconds=31)  # due: refused, deferred
+        assert (reserve.released, reserve.refusals) == (False, 1)
+        refused_at_us = env.clock.now_us()
+        assert reserve.release_at_us == refused_at_us + REFUSED_RETRY_S * 1_000_000
+        step("fund", account="reserve", amount=1_000)  # the money is back
+        step("tick", seconds=29)  # ...but the retry time is not
+        step("tick", seconds=31)
+        assert (reserve.released, reserve.refusals) == (False, 1)
+        step("tick", seconds=301)  # due again, and payable
+        assert (reserve.released, reserve.refusals) == (True, 1)
+        assert machine.releases() == 1
+        step("tick", seconds=301)
+        assert machine.releases() == 1
+    finally:
+        machine.teardown()
+        env.run(env.ledger.stop())
+        env.loop.close()
+
+
+def test_the_model_follows_two_deferred_reserves_falling_due_together(
+    backend_place: BackendPlace, signer: TokenSigner
+) -> None:
+    """Two releases refused by one sweep are deferred to the same instant; when
+    the reserve account can then pay one of them only, the sweep pays them in
+    reserve id order, and the model predicts which one that is."""
+    env = start_env(backend_place, signer)
+    machine: Any = build_machine(env)()
+    try:
+
+        def step(rule: str, **arguments: Any) -> None:
+            getattr(machine, rule)(**arguments)
+            machine.ledger_agrees_with_the_model_and_itself()
+
+        for amount in (10_000, 20_000):
+            step(
+                "split_payment",
+                debit="bank",
+                amount=amount,
+                fee_bps=0,
+                tax=0,
+                reserve_bps=1_000,
+                release_in_s=10,
+            )
+        step("drain_reserve", fraction=1.0)
+        step("tick", seconds=31)
+        first, second = machine.reserves
+        assert (first.refusals, second.refusals) == (1, 1)
+        assert first.release_at_us == second.release_at_us
+        step("fund", account="reserve", amount=2_000)  # enough for either, not both
+        step("tick", seconds=301)
+        # The first in reserve id order is paid (whichever of the two that is:
+        # both were made at one clock reading); the other is refused again.
+        paid, unpaid = sorted(machine.reserves, key=lambda r: r.reserve_id)
+        assert (paid.released, unpaid.released, unpaid.refusals) == (True, False, 2)
+        assert machine.releases() == 1
+    finally:
+        machine.teardown()
+        env.run(env.ledger.stop())
+        env.loop.close()
