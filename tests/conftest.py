@@ -8,7 +8,9 @@ The session also makes sure it leaves no process behind: it puts a marker in
 its environment, which every process it starts inherits (planes, nats-server,
 tritonserver and their children), and at the end it looks for processes still
 carrying the marker. Survivors are killed and the run fails, naming each one
-and the test that started it."""
+and the test that started it. A session killed outright never gets to look:
+the planes it started die with it all the same (the parent-death signal of
+triplane.runtime.lifetime)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from triplane.runtime.lifetime import SUPERVISOR_PID_ENV
 from triplane.runtime.net import port_open
 from triplane_tools.natsd import EmbeddedNats
 from triplane_tools.ports import command_line
@@ -201,6 +204,10 @@ def reap_left_behind(marker: str, grace_s: float = LEFT_BEHIND_GRACE_S) -> list[
 def pytest_configure(config: pytest.Config) -> None:
     # A nested session (a test running pytest) gets a marker of its own.
     os.environ[SESSION_MARKER_ENV] = uuid.uuid4().hex
+    # A plane a test starts itself (`python -m money_plane`) is supervised by
+    # this session: it dies with it even when the session itself is killed and
+    # never reaches the check above (runtime.server.run, lifetime.py).
+    os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
