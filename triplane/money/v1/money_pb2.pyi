@@ -234,7 +234,9 @@ class Account(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     account_id: _builtins.str
-    """Client-chosen id, unique within the tenant: [A-Za-z0-9_.:-]{1,64}."""
+    """Client-chosen id, unique within the tenant: [A-Za-z0-9_.:-], at most
+    `money.limits.max_id_length` characters.
+    """
     currency: _builtins.str
     kind: Global___AccountKind.ValueType
     constraint: Global___BalanceConstraint.ValueType
@@ -407,8 +409,11 @@ class Transfer(_message.Message):
     decision_token: _builtins.str
     """TRANSFER, PAYOUT, AUTHORIZE: decision token signed by the policy plane."""
     hold_timeout_s: _builtins.int
-    """AUTHORIZE: seconds until the hold expires (0 = the configured default)."""
+    """AUTHORIZE: seconds until the hold expires; 0: `money.holds.default_timeout_s`,
+    at most `money.holds.max_timeout_s`.
+    """
     description: _builtins.str
+    """At most `money.limits.max_string_length` characters."""
     @_builtins.property
     def amount(self) -> _types_pb2.Money:
         """Required for TRANSFER, PAYOUT, AUTHORIZE. CAPTURE and REFUND: absent
@@ -417,10 +422,14 @@ class Transfer(_message.Message):
 
     @_builtins.property
     def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitLeg]:
-        """TRANSFER, PAYOUT, CAPTURE: other parties paid from the amount."""
+        """TRANSFER, PAYOUT, CAPTURE: other parties paid from the amount (at most
+        `money.limits.max_splits_per_transfer` legs).
+        """
 
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most `money.limits.max_metadata_entries` entries."""
+
     def __init__(
         self,
         *,
@@ -648,7 +657,10 @@ class TransferResult(_message.Message):
 
     @_builtins.property
     def error(self) -> _types_pb2.ItemError:
-        """Set on failure. A remembered failure is returned again on retry."""
+        """Set on failure. A remembered failure is returned again on retry; a
+        failure about the request itself (malformed, unknown account, bad token,
+        key reused) and LINKED_TRANSFER_FAILED are not remembered.
+        """
 
     def __init__(
         self,
@@ -674,6 +686,9 @@ class CreateTenantRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """[a-z0-9][a-z0-9_-]{0,62}: the rule every plane applies (a tenant id is a
+    token of NATS subjects); otherwise INVALID_TENANT_ID.
+    """
     display_name: _builtins.str
     def __init__(
         self,
@@ -772,7 +787,9 @@ class CreateAccountsRequest(_message.Message):
     ACCOUNTS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     @_builtins.property
-    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___NewAccount]: ...
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___NewAccount]:
+        """At most `money.limits.max_accounts_per_request`."""
+
     def __init__(
         self,
         *,
@@ -902,7 +919,9 @@ class CreateTransfersRequest(_message.Message):
     tenant_id: _builtins.str
     atomic: _builtins.bool
     """All or nothing: when one transfer fails, every other one fails with
-    reason LINKED_TRANSFER_FAILED and nothing is written but the results.
+    reason LINKED_TRANSFER_FAILED and nothing is written but the failed
+    transfer's own remembered failure. A LINKED_TRANSFER_FAILED is not
+    remembered: the failure was its neighbour's, so its key may be used again.
     """
     @_builtins.property
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]: ...
@@ -1002,7 +1021,7 @@ class ListAccountPostingsRequest(_message.Message):
     tenant_id: _builtins.str
     account_id: _builtins.str
     page_size: _builtins.int
-    """At most `money.limits.max_page_size`; 0 means the default page size."""
+    """At most `money.limits.max_page_size`; 0: `money.limits.default_page_size`."""
     page_token: _builtins.str
     def __init__(
         self,

@@ -28,7 +28,8 @@ if _version_not_supported:
 class LedgerServiceStub:
     """LedgerService is the double-entry ledger. It is the only writer of balances
     in Triplane (ARCHITECTURE.md rule 1). It is batch-first: CreateTransfers takes
-    up to `money.limits.max_batch_size` transfers, each with its own result.
+    up to `money.limits.max_transfers_per_request` transfers, each with its own
+    result.
     """
 
     def __init__(self, channel):
@@ -92,7 +93,8 @@ class LedgerServiceStub:
 class LedgerServiceServicer:
     """LedgerService is the double-entry ledger. It is the only writer of balances
     in Triplane (ARCHITECTURE.md rule 1). It is batch-first: CreateTransfers takes
-    up to `money.limits.max_batch_size` transfers, each with its own result.
+    up to `money.limits.max_transfers_per_request` transfers, each with its own
+    result.
     """
 
     def CreateTenant(self, request, context):
@@ -231,7 +233,8 @@ def add_LedgerServiceServicer_to_server(servicer, server):
 class LedgerService:
     """LedgerService is the double-entry ledger. It is the only writer of balances
     in Triplane (ARCHITECTURE.md rule 1). It is batch-first: CreateTransfers takes
-    up to `money.limits.max_batch_size` transfers, each with its own result.
+    up to `money.limits.max_transfers_per_request` transfers, each with its own
+    result.
     """
 
     @staticmethod

@@ -29,7 +29,8 @@ GRPC_VERSION: str
 class LedgerServiceStub:
     """LedgerService is the double-entry ledger. It is the only writer of balances
     in Triplane (ARCHITECTURE.md rule 1). It is batch-first: CreateTransfers takes
-    up to `money.limits.max_batch_size` transfers, each with its own result.
+    up to `money.limits.max_transfers_per_request` transfers, each with its own
+    result.
     """
 
     @_typing.overload
@@ -65,7 +66,8 @@ class LedgerServiceStub:
 class LedgerServiceAsyncStub(LedgerServiceStub):
     """LedgerService is the double-entry ledger. It is the only writer of balances
     in Triplane (ARCHITECTURE.md rule 1). It is batch-first: CreateTransfers takes
-    up to `money.limits.max_batch_size` transfers, each with its own result.
+    up to `money.limits.max_transfers_per_request` transfers, each with its own
+    result.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -97,7 +99,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService is the double-entry ledger. It is the only writer of balances
     in Triplane (ARCHITECTURE.md rule 1). It is batch-first: CreateTransfers takes
-    up to `money.limits.max_batch_size` transfers, each with its own result.
+    up to `money.limits.max_transfers_per_request` transfers, each with its own
+    result.
     """
 
     @_abc_1.abstractmethod

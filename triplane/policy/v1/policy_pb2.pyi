@@ -336,7 +336,9 @@ class CreateTenantRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
-    """[A-Za-z0-9_.:-]{1,64}"""
+    """[a-z0-9][a-z0-9_-]{0,62}: the rule every plane applies (a tenant id is a
+    token of NATS subjects); otherwise INVALID_TENANT_ID.
+    """
     display_name: _builtins.str
     def __init__(
         self,
@@ -387,7 +389,9 @@ class Party(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     COUNTRY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Full name as held by the platform (screened, never sent to analytics)."""
+    """Full name as held by the platform (screened, never sent to analytics);
+    at most `policy.limits.max_name_length` characters.
+    """
     country: _builtins.str
     """ISO 3166-1 alpha-2 country code."""
     def __init__(
@@ -749,7 +753,11 @@ class SanctionsScreening(_message.Message):
     hit: _builtins.bool
     possible_match: _builtins.bool
     best_score: _builtins.float
-    """Best fuzzy score (0-100) of any screened name."""
+    """Best fuzzy score (0-100) of any screened name against the list, also
+    when it is below the possible-match threshold (a near miss): 0 only when
+    nothing on the list resembles a name. The matched entry is set only for a
+    hit or a possible match.
+    """
     matched_entry_id: _builtins.str
     matched_name: _builtins.str
     country_blocked: _builtins.bool
@@ -1059,7 +1067,9 @@ class ReplayDecisionsResponse(_message.Message):
     decisions_labelled: _builtins.int
     elapsed_s: _builtins.float
     @_builtins.property
-    def changed_decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChangedDecision]: ...
+    def changed_decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChangedDecision]:
+        """At most `policy.limits.max_changed_decisions_listed` (the counts are exact)."""
+
     @_builtins.property
     def logged_backtest(self) -> Global___ConfusionMatrix:
         """Logged decisions and replayed decisions, when labels exist."""
@@ -1093,7 +1103,7 @@ class VerifyDecisionLogRequest(_message.Message):
 
     CHAIN_ID_FIELD_NUMBER: _builtins.int
     chain_id: _builtins.str
-    """Empty: the configured chain."""
+    """Empty: this plane's own chain, `policy.decision_log.chain_id`."""
     def __init__(
         self,
         *,
@@ -1300,10 +1310,14 @@ class LoadBundleRequest(_message.Message):
     label: _builtins.str
     """Overrides the label the YAML declares."""
     sanctions_list_csv: _builtins.str
-    """The sanctions list CSV the bundle names; empty: read it from the lists dir."""
+    """The sanctions list CSV the bundle names; empty: read it from
+    `policy.bundles.lists_dir` (or the shipped samples).
+    """
     target: Global___BundleTarget.ValueType
     sanctions_aliases_csv: _builtins.str
-    """The aliases CSV (OFAC ALT.CSV layout) the bundle names; empty: lists dir."""
+    """The aliases CSV (OFAC ALT.CSV layout) the bundle names; empty: read it
+    from `policy.bundles.lists_dir` (or the shipped samples).
+    """
     def __init__(
         self,
         *,
@@ -1465,6 +1479,7 @@ class ListBundlesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """At most `policy.limits.max_page_size`; 0: `policy.limits.default_page_size`."""
     page_token: _builtins.str
     def __init__(
         self,
@@ -1515,7 +1530,7 @@ class ContactProfile(_message.Message):
     tenant_id: _builtins.str
     customer_id: _builtins.str
     time_zone: _builtins.str
-    """IANA time zone, e.g. "Europe/Paris"; empty: the configured default."""
+    """IANA time zone, e.g. "Europe/Paris"; empty: `policy.consent.default_time_zone`."""
     vulnerable: _builtins.bool
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -1554,7 +1569,12 @@ class Consent(_message.Message):
     source: _builtins.str
     """Where it was captured, e.g. "app_settings"."""
     @_builtins.property
-    def granted_at(self) -> _timestamp_pb2.Timestamp: ...
+    def granted_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was granted. Unset on a grant: now (or, renewing a standing grant,
+        the time of that grant). Kept on a withdrawal, so the record still says
+        when the consent that was withdrawn had been given.
+        """
+
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1717,12 +1737,21 @@ class CheckContactRequest(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     TOPIC_FIELD_NUMBER: _builtins.int
     OFFER_ID_FIELD_NUMBER: _builtins.int
+    CONTACT_AT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     customer_id: _builtins.str
     channel: Global___Channel.ValueType
     topic: Global___Topic.ValueType
     offer_id: _builtins.str
     """Optional: also applies the offer's cooldown."""
+    @_builtins.property
+    def contact_at(self) -> _timestamp_pb2.Timestamp:
+        """The moment the contact would be made: quiet hours are judged at this
+        instant in the customer's time zone, caps and cooldowns over the windows
+        ending at it. Unset: now. A sender checking a scheduled send passes the
+        time it sends at.
+        """
+
     def __init__(
         self,
         *,
@@ -1731,10 +1760,11 @@ class CheckContactRequest(_message.Message):
         channel: Global___Channel.ValueType = ...,
         topic: Global___Topic.ValueType = ...,
         offer_id: _builtins.str = ...,
+        contact_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contact_at", b"contact_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "customer_id", b"customer_id", "offer_id", b"offer_id", "tenant_id", b"tenant_id", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "contact_at", b"contact_at", "customer_id", b"customer_id", "offer_id", b"offer_id", "tenant_id", b"tenant_id", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1945,7 +1975,9 @@ class Offer(_message.Message):
     @_builtins.property
     def value(self) -> _types_pb2.Money: ...
     @_builtins.property
-    def channels(self) -> _containers.RepeatedScalarFieldContainer[Global___Channel.ValueType]: ...
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[Global___Channel.ValueType]:
+        """In order of preference; at most `policy.limits.max_offer_channels`."""
+
     @_builtins.property
     def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ISO 3166-1 alpha-2; empty: everywhere."""
@@ -2138,6 +2170,7 @@ class ListOffersRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     page_size: _builtins.int
+    """At most `policy.limits.max_page_size`; 0: `policy.limits.default_page_size`."""
     page_token: _builtins.str
     def __init__(
         self,
@@ -2445,6 +2478,7 @@ class ListCasesRequest(_message.Message):
     status: Global___CaseStatus.ValueType
     """Unspecified: all."""
     page_size: _builtins.int
+    """At most `policy.limits.max_page_size`; 0: `policy.limits.default_page_size`."""
     page_token: _builtins.str
     def __init__(
         self,
@@ -2586,6 +2620,7 @@ class ResolveCaseRequest(_message.Message):
     reviewer: _builtins.str
     resolution: Global___Resolution.ValueType
     note: _builtins.str
+    """At most `policy.limits.max_note_length` characters."""
     def __init__(
         self,
         *,
