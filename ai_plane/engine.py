@@ -40,6 +40,7 @@ from triplane.runtime.clock import Clock
 from triplane.runtime.config import AiConfig
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument, NotFound
+from triplane.runtime.ids import check_tenant_id
 from triplane.runtime.pii import refuse_pii
 
 log = logging.getLogger("triplane.ai.engine")
@@ -206,7 +207,7 @@ class AiEngine:
 
     def _check_score_query(self, q: ScoreQuery) -> None:
         prefix = "payment"
-        self._check_id(f"{prefix}.tenant_id", q.tenant_id)
+        check_tenant_id(q.tenant_id, f"{prefix}.tenant_id")
         self._check_id(f"{prefix}.account_id", q.account_id)
         self._check_id(f"{prefix}.device_id", q.device_id, required=False)
         self._check_id(f"{prefix}.merchant_id", q.merchant_id, required=False)
@@ -333,7 +334,7 @@ class AiEngine:
     # ---- Explain ----
 
     def explain(self, tenant_id: str, score_id: str, top_k: int) -> ScoreAnswer:
-        self._check_id("tenant_id", tenant_id)
+        check_tenant_id(tenant_id)
         found = self._explained.get(score_id)
         # Another tenant's score is NOT_FOUND, never its data (rule 8).
         if found is None or found.tenant_id != tenant_id:
@@ -362,7 +363,7 @@ class AiEngine:
     # ---- Rank ----
 
     def _check_rank_query(self, q: RankQuery) -> None:
-        self._check_id("tenant_id", q.tenant_id)
+        check_tenant_id(q.tenant_id)
         self._check_id("account_id", q.account_id)
         if not q.candidates:
             raise InvalidArgument("NO_CANDIDATES", "at least one candidate is needed", "candidates")
@@ -435,7 +436,7 @@ class AiEngine:
         self, tenant_id: str, rank_id: str, offer_id: str, reward: float, outcome_id: str
     ) -> bool:
         """Updates the bandit once per outcome_id; False for a repeat."""
-        self._check_id("tenant_id", tenant_id)
+        check_tenant_id(tenant_id)
         self._check_id("outcome_id", outcome_id)
         if not math.isfinite(reward):
             raise InvalidArgument("REWARD_NOT_FINITE", "reward must be a finite number", "reward")

@@ -32,6 +32,7 @@ from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import envelope_pb2
 from triplane.money.v1 import money_pb2
 from triplane.runtime.config import AiPipelineConfig
+from triplane.runtime.ids import check_tenant_id
 from triplane.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("triplane.ai.pipeline")
@@ -214,6 +215,9 @@ async def backfill(
 ) -> int:
     """Replays one tenant's history from both streams into `applier`'s store
     with ephemeral consumers; returns the number of messages read."""
+    # The tenant is a token of the subject filter: `a.b` or `*` would read
+    # other tenants' history into this one's features.
+    check_tenant_id(tenant_id, "tenant")
     read = 0
     for stream, plane in ((MONEY_STREAM, "money"), (GATEWAY_STREAM, "gateway")):
         subject = f"triplane.{plane}.{tenant_id}.>"

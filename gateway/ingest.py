@@ -184,7 +184,7 @@ class Ingest:
         self, req: gw.IngestEventsRequest, call: CallContext
     ) -> gw.IngestEventsResponse:
         core, limits = self.core, self.limits
-        validate.require_id(req.tenant_id, "tenant_id", limits)
+        validate.require_tenant_id(req.tenant_id)
         if not req.events:
             raise InvalidArgument("EVENTS_REQUIRED", "events is empty", "events")
         if len(req.events) > limits.max_events_per_request:

@@ -76,7 +76,7 @@ class NextBestAction:
 
     def _validate(self, req: gw.DecideNextActionRequest) -> SurfaceConfig:
         limits = self.limits
-        validate.require_id(req.tenant_id, "tenant_id", limits)
+        validate.require_tenant_id(req.tenant_id)
         validate.require_id(req.idempotency_key, "idempotency_key", limits)
         validate.require_id(req.customer_id, "customer_id", limits)
         validate.require_id(req.account_id, "account_id", limits)
@@ -376,7 +376,7 @@ class NextBestAction:
     async def record_outcome(
         self, req: gw.RecordOutcomeRequest, call: CallContext
     ) -> gw.RecordOutcomeResponse:
-        validate.require_id(req.tenant_id, "tenant_id", self.limits)
+        validate.require_tenant_id(req.tenant_id)
         validate.require_id(req.idempotency_key, "idempotency_key", self.limits)
         validate.require_id(req.decision_id, "decision_id", self.limits)
         if req.kind == gw.OUTCOME_KIND_UNSPECIFIED:

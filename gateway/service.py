@@ -11,6 +11,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
+from gateway import validate
 from gateway.core import CallContext, new_trace_id
 from gateway.ingest import Ingest
 from gateway.nba import NextBestAction
@@ -124,8 +125,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def ListDeadLetters(
         self, request: gw.ListDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> gw.ListDeadLettersResponse:
-        if not request.tenant_id:
-            raise errors.InvalidArgument("FIELD_REQUIRED", "tenant_id is required", "tenant_id")
+        validate.require_tenant_id(request.tenant_id)
         records, token = await self._dead_letters.list_dead_letters(
             request.tenant_id, request.page_size, request.page_token
         )
@@ -150,7 +150,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def RedeliverDeadLetter(
         self, request: gw.RedeliverDeadLetterRequest, context: grpc.aio.ServicerContext
     ) -> gw.RedeliverDeadLetterResponse:
-        for name in ("tenant_id", "idempotency_key", "delivery_id"):
+        validate.require_tenant_id(request.tenant_id)
+        for name in ("idempotency_key", "delivery_id"):
             if not getattr(request, name):
                 raise errors.InvalidArgument("FIELD_REQUIRED", f"{name} is required", name)
         delivery = self._dead_letters

@@ -10,11 +10,18 @@ from triplane.common.v1 import types_pb2
 from triplane.runtime import currencies
 from triplane.runtime.config import GatewayLimitsConfig
 from triplane.runtime.errors import InvalidArgument, OutOfRange
+from triplane.runtime.ids import check_tenant_id
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]+$")
 COUNTRY_PATTERN = re.compile(r"^[A-Z]{2}$")
 MCC_PATTERN = re.compile(r"^[0-9]{4}$")
 PARTNER_KIND_PATTERN = re.compile(r"^[a-z0-9_]{1,64}$")
+
+
+def require_tenant_id(value: str, field: str = "tenant_id") -> None:
+    """The runtime's one tenant-id rule (the planes apply the same), so a
+    tenant the gateway accepts is never refused by the plane it calls."""
+    check_tenant_id(value, field)
 
 
 def require_id(value: str, field: str, limits: GatewayLimitsConfig) -> None:

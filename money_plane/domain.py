@@ -16,6 +16,9 @@ from triplane.runtime import currencies
 from triplane.runtime.config import MoneyLimitsConfig
 from triplane.runtime.errors import InvalidArgument, OutOfRange
 
+# One tenant-id rule for every plane (the one this plane always applied).
+from triplane.runtime.ids import check_tenant_id as check_tenant_id
+
 
 class AccountKind(enum.IntEnum):
     ASSET = 1
@@ -64,7 +67,6 @@ class LegKind(enum.IntEnum):
     BASIS_POINTS = 2
 
 
-TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ACCOUNT_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 BASIS_POINTS_TOTAL = 10_000
 
@@ -297,15 +299,6 @@ def new_id(prefix: str, now_us: int) -> str:
 
 
 # ---- validation of client input (stateless: nothing is read or written) ----
-
-
-def check_tenant_id(tenant_id: str, field: str = "tenant_id") -> None:
-    if not tenant_id:
-        raise InvalidArgument("FIELD_REQUIRED", "tenant_id is required", field)
-    if not TENANT_ID_RE.match(tenant_id):
-        raise InvalidArgument(
-            "INVALID_TENANT_ID", "tenant_id must match [a-z0-9][a-z0-9_-]{0,62}", field
-        )
 
 
 def check_id(value: str, field: str, limits: MoneyLimitsConfig, required: bool = True) -> None:

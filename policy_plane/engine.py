@@ -155,7 +155,7 @@ class PolicyEngine:
 
     # ------------------------------------------------------------ tenants
     async def create_tenant(self, tenant_id: str, display_name: str) -> tuple[str, int]:
-        validate.check_id(tenant_id, "tenant_id", self.config.limits)
+        validate.check_tenant_id(tenant_id)
         validate.check_text(display_name, "display_name", self.config.limits.max_string_length)
         result = await asyncio.to_thread(
             self.store.create_tenant, tenant_id, display_name, self.clock.now_us()
@@ -164,7 +164,7 @@ class PolicyEngine:
         return result
 
     def require_tenant(self, tenant_id: str) -> None:
-        validate.check_id(tenant_id, "tenant_id", self.config.limits)
+        validate.check_tenant_id(tenant_id)
         if tenant_id not in self._tenants:
             raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
 

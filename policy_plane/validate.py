@@ -11,6 +11,7 @@ from policy_plane.model import EvaluationInput, Velocity
 from triplane.runtime import currencies
 from triplane.runtime.config import PolicyLimitsConfig
 from triplane.runtime.errors import InvalidArgument
+from triplane.runtime.ids import check_tenant_id as check_tenant_id
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
@@ -39,7 +40,7 @@ def check_country(value: str, field: str) -> None:
 
 
 def check_evaluation(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
-    check_id(inp.tenant_id, "tenant_id", limits)
+    check_tenant_id(inp.tenant_id)
     check_id(inp.idempotency_key, "idempotency_key", limits)
     _check_payment(inp, limits)
     _check_snapshot(inp, limits)

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from triplane.runtime.errors import InvalidArgument
+from triplane.runtime.ids import check_tenant_id
 
 # The channels of the policy plane's consent model (policy_plane.consent.CHANNELS)
 # that leave the platform; in_app is answered inline by DecideNextAction.
@@ -90,10 +91,7 @@ def encode_body(delivery: Delivery, created_at_us: int) -> str:
 
 def validate(delivery: Delivery, channels: tuple[str, ...] | list[str], max_bytes: int) -> None:
     """Raises InvalidArgument naming the first bad field."""
-    if not _ID.match(delivery.tenant_id):
-        raise InvalidArgument(
-            "TENANT_ID_INVALID", "tenant_id must match [A-Za-z0-9_.:-]{1,64}", "tenant_id"
-        )
+    check_tenant_id(delivery.tenant_id)
     if delivery.channel not in channels:
         raise InvalidArgument(
             "CHANNEL_UNSUPPORTED",
