@@ -4,7 +4,10 @@ A bundle's version is `<label>@<content hash>`; the hash covers the normalised
 bundle and the sanctions lists it names, so a version pins every input of a
 decision but the request and its snapshot. A bundle that does not parse, names
 an unknown field, or has a condition that is not a boolean is refused with
-INVALID_ARGUMENT naming the rule; nothing is swapped.
+INVALID_ARGUMENT naming the rule by its id (`rules[kyc_daily_limit].when`, the
+field and the start of the message), since ids, not positions, are what a
+bundle's author and the fired rules of a decision call a rule; nothing is
+swapped.
 """
 
 from __future__ import annotations
@@ -119,6 +122,11 @@ def _bad(reason: str, message: str, field: str = "content") -> InvalidArgument:
     return InvalidArgument(reason, message, field)
 
 
+def rule_field(rule_id: str, part: str = "") -> str:
+    """The path an error names for a rule (or a part of it): `rules[<id>]`."""
+    return f"rules[{rule_id}].{part}" if part else f"rules[{rule_id}]"
+
+
 def parse_spec(source: BundleSource, limits: BundleLimits) -> BundleSpec:
     size = len(source.yaml_text.encode()) + len(source.sanctions_csv.encode())
     if size > limits.max_bundle_bytes:
@@ -146,15 +154,28 @@ def _check_spec(spec: BundleSpec, limits: BundleLimits) -> None:
         raise _bad("BUNDLE_RULE_COUNT", f"a bundle has 1 to {limits.max_rules} rules")
     seen: set[str] = set()
     for index, rule in enumerate(spec.rules):
-        where = f"rules[{index}]"
         if rule.id in seen or not _CODE.match(rule.id.upper()):
-            raise _bad("RULE_ID_INVALID", f"{where}: rule id {rule.id!r} empty or repeated", where)
+            # No usable id to name it by: its position, and the id as written.
+            where = f"rules[{index}]"
+            raise _bad(
+                "RULE_ID_INVALID",
+                f"{where}: rule id {rule.id[:64]!r} is invalid or repeated "
+                "(ids are [A-Za-z][A-Za-z0-9_]{0,63}, unique in the bundle)",
+                where,
+            )
         seen.add(rule.id)
+        where = rule_field(rule.id)
         if not _CODE.match(rule.reason_code):
-            raise _bad("RULE_REASON_CODE_INVALID", f"{where}: reason_code not UPPER_SNAKE", where)
+            raise _bad(
+                "RULE_REASON_CODE_INVALID",
+                f"{where}: reason_code not UPPER_SNAKE",
+                rule_field(rule.id, "reason_code"),
+            )
         if (rule.outcome == "obligation") != (rule.obligation is not None):
             raise _bad(
-                "RULE_OBLIGATION_INVALID", f"{where}: obligation iff outcome is obligation", where
+                "RULE_OBLIGATION_INVALID",
+                f"{where}: obligation iff outcome is obligation",
+                rule_field(rule.id, "obligation"),
             )
     for index, route in enumerate(spec.routing):
         if route.method not in PAYMENT_METHODS:

@@ -184,6 +184,10 @@ class ConsentBook:
             granted_at = (
                 previous.granted_at_us if previous and previous.status == "granted" else now_us
             )
+        elif record.status == "withdrawn" and not granted_at and previous is not None:
+            # A withdrawal ends a grant; the record keeps when it was given
+            # (what an audit of the consent asks first).
+            granted_at = previous.granted_at_us
         stamped = msgspec.structs.replace(record, granted_at_us=granted_at, updated_at_us=now_us)
         body = msgspec.json.encode(stamped).decode()
         self._store.put_consent(tenant_id, customer_id, record.channel, record.topic, body)
@@ -210,9 +214,12 @@ class ConsentBook:
         offer_id: str = "",
         offer_cooldown_s: int = 0,
         offer_max_per_week: int = 0,
+        at_us: int = 0,
     ) -> ContactCheck:
-        """The hot path: only memory. Order: consent, vulnerability, caps, quiet hours."""
-        now_us = self._clock.now_us()
+        """The hot path: only memory. Order: consent, vulnerability, caps, quiet hours.
+        `at_us`: the moment the contact would be made (0: now), so a send
+        scheduled for later is judged by the hour it goes out at."""
+        now_us = at_us or self._clock.now_us()
         customer = self._customers.get((tenant_id, customer_id))
         profile = (
             customer.profile

@@ -168,7 +168,7 @@ class CompiledBundle:
             for currency, limits_spec in tier.limits.items()
         }
         self._flatten = flatten
-        self.rules = [self._compile_rule(i, r) for i, r in enumerate(spec.rules)]
+        self.rules = [self._compile_rule(r) for r in spec.rules]
         self.routes = [
             CompiledRoute(
                 r.method,
@@ -246,8 +246,8 @@ class CompiledBundle:
         context.update(values)
         return context
 
-    def _compile_rule(self, index: int, spec: RuleSpec) -> CompiledRule:
-        where = f"rules[{index}].when"
+    def _compile_rule(self, spec: RuleSpec) -> CompiledRule:
+        where = bundle_mod.rule_field(spec.id, "when")
         condition = _condition(spec.when, where, self._schema, self._flatten)
         obligation = None
         outcome: Outcome | None = None
@@ -270,7 +270,7 @@ class CompiledBundle:
         """Evaluates every condition on sample inputs: each must give a bool."""
         for sample in probe_inputs():
             context = self.context(sample, self.screener.screen(sample.payment, ""))
-            checks = [(f"rules[{i}].when", r.program) for i, r in enumerate(self.rules)]
+            checks = [(bundle_mod.rule_field(r.spec.id, "when"), r.program) for r in self.rules]
             checks += [(f"routing[{i}].when", r.program) for i, r in enumerate(self.routes)]
             for where, program in checks:
                 try:

@@ -8,6 +8,7 @@ published files load unchanged. Names are normalised (case, accents,
 punctuation) and compared with rapidfuzz's token_sort_ratio, which ignores word
 order ("DOE, John" and "John Doe" score 100). A score at or above the hit
 threshold is a hit; at or above the possible-match threshold, a possible match.
+Below that the best score is still reported (a near miss), naming no entry.
 """
 
 from __future__ import annotations
@@ -131,33 +132,32 @@ class Screener:
         return found
 
     def _match(self, name: str) -> tuple[float, SanctionsEntry | None]:
+        # No cutoff: the best score is reported even below the possible-match
+        # threshold (a near miss at 75 tells a reviewer or a rule more than 0).
         query = normalise_name(name)
         if not query or not self._names:
             return 0.0, None
-        best = process.extractOne(
-            query,
-            self._names,
-            scorer=fuzz.token_sort_ratio,
-            processor=None,
-            score_cutoff=self.possible_match_threshold,
+        _, score, index = process.extractOne(
+            query, self._names, scorer=fuzz.token_sort_ratio, processor=None
         )
-        if best is None:
-            return 0.0, None
-        _, score, index = best
         return float(score), self._owners[index]
 
     def screen(self, payment: PaymentInput, kyc_country: str) -> Screening:
-        best_score, best_entry, best_name = 0.0, None, ""
+        best_score, best_entry = 0.0, None
         for party in (payment.customer, payment.counterparty):
             score, entry = self.match(party.name)
             if entry is not None and score > best_score:
-                best_score, best_entry, best_name = score, entry, entry.name
+                best_score, best_entry = score, entry
+        # The entry is named only when it matched: a near miss is a score, not
+        # an accusation.
+        if best_score < self.possible_match_threshold:
+            best_entry = None
         countries = {payment.customer.country, payment.counterparty.country, kyc_country}
         return Screening(
             hit=best_score >= self.hit_threshold,
             possible_match=self.possible_match_threshold <= best_score < self.hit_threshold,
             best_score=round(best_score, 4),
             matched_entry_id=best_entry.entry_id if best_entry else "",
-            matched_name=best_name,
+            matched_name=best_entry.name if best_entry else "",
             country_blocked=bool(countries & self.blocked_countries),
         )

@@ -260,6 +260,11 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         if request.offer_id:
             offer = self._engine.offers.get(request.tenant_id, request.offer_id)
             cooldown_s, max_week = offer.cooldown_s, offer.max_contacts_per_week
+        contact_at_us = 0
+        if request.HasField("contact_at"):
+            contact_at_us = convert.us_of(request.contact_at)
+            if contact_at_us <= 0:
+                raise InvalidArgument("TIME_INVALID", "contact_at before 1970", "contact_at")
         check = self._engine.consent.check(
             request.tenant_id,
             request.customer_id,
@@ -268,6 +273,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             request.offer_id,
             cooldown_s,
             max_week,
+            at_us=contact_at_us,
         )
         response = pb.CheckContactResponse(
             allowed=check.allowed,

@@ -88,7 +88,9 @@ def test_bad_rules_are_refused_naming_the_rule(rule: str, reason: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         compile_yaml(text)
     assert caught.value.reason == reason
-    assert caught.value.field == "rules[0].when"
+    # Named by its id, as the README says, not by its position.
+    assert caught.value.field == "rules[r1].when"
+    assert caught.value.message.startswith("rules[r1].when: ")
 
 
 @pytest.mark.parametrize(

@@ -171,7 +171,7 @@ async def test_bad_bundle_is_refused_and_the_live_one_stays(stubs: Stubs) -> Non
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "RULE_UNKNOWN_FIELD",
-        "rules[0].when",
+        "rules[sanctions_hit].when",
     )
     await expect_error(
         stubs.bundles.ActivateBundle(pb.ActivateBundleRequest(version="nope@0")),
