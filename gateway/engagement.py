@@ -78,16 +78,16 @@ class PolicyContacts:
         self._budget_s = budget_s
 
     async def check(self, query: ContactQuery) -> ContactVerdict:
-        answer = await self._policy.check_contact(
-            policy_pb2.CheckContactRequest(
-                tenant_id=query.tenant_id,
-                customer_id=query.customer_id,
-                channel=_CHANNEL_TO_POLICY.get(query.channel, policy_pb2.CHANNEL_UNSPECIFIED),
-                topic=_TOPIC_TO_POLICY.get(query.topic, policy_pb2.TOPIC_UNSPECIFIED),
-                offer_id=query.offer_id,
-            ),
-            self._budget_s,
+        request = policy_pb2.CheckContactRequest(
+            tenant_id=query.tenant_id,
+            customer_id=query.customer_id,
+            channel=_CHANNEL_TO_POLICY.get(query.channel, policy_pb2.CHANNEL_UNSPECIFIED),
+            topic=_TOPIC_TO_POLICY.get(query.topic, policy_pb2.TOPIC_UNSPECIFIED),
+            offer_id=query.offer_id,
         )
+        # The moment the runner sends at, not whenever the plane reads it.
+        request.contact_at.FromMicroseconds(query.at_us)
+        answer = await self._policy.check_contact(request, self._budget_s)
         next_us = (
             answer.next_allowed_at.ToMicroseconds() if answer.HasField("next_allowed_at") else 0
         )

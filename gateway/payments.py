@@ -17,8 +17,9 @@ import math
 from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway import validate
+from gateway import fields, validate
 from gateway.core import CallContext, Core
+from gateway.fields import public_error
 from gateway.pii import looks_like_pan
 from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import types_pb2
@@ -59,25 +60,12 @@ _HOLD_STATE = {
     money_pb2.HOLD_STATE_VOIDED: gw.HOLD_STATE_VOIDED,
     money_pb2.HOLD_STATE_EXPIRED: gw.HOLD_STATE_EXPIRED,
 }
-# Money plane transfer fields -> the gateway request's field names.
-_MONEY_FIELDS = {
-    "debit_account_id": "account_id",
-    "credit_account_id": "credit_account_id",
-    "amount": "amount",
-    "hold_id": "hold_id",
-    "entry_id": "entry_id",
-    "hold_timeout_s": "hold_timeout_s",
-}
 
 
 def money_error(item: types_pb2.ItemError) -> TriplaneError:
-    field = item.field
-    for prefix in ("transfer.", "transfers[0]."):
-        field = field.removeprefix(prefix)
-    head, dot, rest = field.partition(".")
-    mapped = _MONEY_FIELDS.get(head, "")
-    field = f"{mapped}{dot}{rest}" if mapped else ""
-    return error_for(item.code, item.reason, item.message, field)
+    """A failed transfer result as the error of the gateway's request."""
+    found = error_for(item.code, item.reason, item.message, item.field)
+    return public_error(found, fields.TRANSFER)
 
 
 def _expm1(log_value: float) -> int:
@@ -144,7 +132,7 @@ class Payments:
 
     def _validate_authorize(self, req: gw.AuthorizePaymentRequest) -> None:
         limits = self.limits
-        validate.require_id(req.tenant_id, "tenant_id", limits)
+        validate.require_tenant_id(req.tenant_id)
         validate.require_id(req.idempotency_key, "idempotency_key", limits)
         validate.require_id(req.account_id, "account_id", limits)
         validate.require_id(req.credit_account_id, "credit_account_id", limits)
@@ -205,7 +193,9 @@ class Payments:
             )
             decision = evaluated.decision
         except TriplaneError as error:
-            if not (error.code == Code.ALREADY_EXISTS and error.field.startswith("snapshot")):
+            # The field named is the caller's; none when what differs is what
+            # the gateway added to the snapshot (score, velocities, features).
+            if not (error.code == Code.ALREADY_EXISTS and not error.field):
                 raise
             # An earlier attempt under this key was decided on another context
             # and its journal was lost (a gateway crash inside one flush): the
@@ -403,7 +393,7 @@ class Payments:
     # ---------------------------------------------------------------- capture, void, refund
 
     def _validate_common(self, tenant_id: str, key: str) -> None:
-        validate.require_id(tenant_id, "tenant_id", self.limits)
+        validate.require_tenant_id(tenant_id)
         validate.require_id(key, "idempotency_key", self.limits)
 
     async def capture(
@@ -504,7 +494,7 @@ class Payments:
         self, req: gw.GetDecisionRequest, call: CallContext
     ) -> gw.GetDecisionResponse:
         core = self.core
-        validate.require_id(req.tenant_id, "tenant_id", self.limits)
+        validate.require_tenant_id(req.tenant_id)
         validate.require_id(req.decision_id, "decision_id", self.limits)
         found = await core.policy.get_decision(
             policy_pb2.GetDecisionRequest(tenant_id=req.tenant_id, decision_id=req.decision_id),

@@ -1,5 +1,6 @@
 """gRPC adapters of the ports: channels to the planes, calls with a timeout,
-every failure turned into a TriplaneError carrying the plane's reason and field."""
+every failure turned into a TriplaneError carrying the plane's reason and the
+field of the gateway's request it is about (gateway.fields)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Protocol, TypeVar
 import grpc
 from nats.js import JetStreamContext
 
+from gateway import fields
+from gateway.fields import FieldMap, public_error
 from triplane.ai.v1 import ai_pb2, ai_pb2_grpc
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
@@ -28,8 +31,10 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def translate(plane: str, error: grpc.aio.AioRpcError) -> TriplaneError:
-    """A plane's gRPC error as a domain error, keeping its code, reason and field."""
+def translate(plane: str, error: grpc.aio.AioRpcError, field_map: FieldMap) -> TriplaneError:
+    """A plane's gRPC error as a domain error, keeping its code and reason and
+    naming the field of the gateway's request (`field_map`: that plane request's
+    table) instead of the plane's own."""
     code = error.code()
     reason, field_path = parse_rpc_error(error)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -47,17 +52,22 @@ def translate(plane: str, error: grpc.aio.AioRpcError) -> TriplaneError:
             Code.UNAVAILABLE, f"{plane}_FAILED", f"{plane} plane failed: {error.details()}"
         )
     number = code.value[0]
-    return error_for(number, reason or f"{plane}_ERROR", error.details() or "", field_path)
+    found = error_for(number, reason or f"{plane}_ERROR", error.details() or "", field_path)
+    return public_error(found, field_map)
 
 
 async def _call(
-    plane: str, method: Callable[..., Awaitable[T]], request: object, timeout_s: float
+    plane: str,
+    method: Callable[..., Awaitable[T]],
+    request: object,
+    timeout_s: float,
+    field_map: FieldMap,
 ) -> T:
     """One call to a plane on its budget, carrying the trace context."""
     try:
         return await method(request, timeout=timeout_s, metadata=trace_metadata())
     except grpc.aio.AioRpcError as error:
-        raise translate(plane, error) from None
+        raise translate(plane, error, field_map) from None
 
 
 @dataclass
@@ -86,20 +96,20 @@ class GrpcAi:
         self._scoring = ai_pb2_grpc.ScoringServiceStub(channel)
 
     async def score(self, request: ai_pb2.ScoreRequest, timeout_s: float) -> ai_pb2.ScoreResponse:
-        return await _call("AI", self._scoring.Score, request, timeout_s)
+        return await _call("AI", self._scoring.Score, request, timeout_s, fields.AI)
 
     async def rank(self, request: ai_pb2.RankRequest, timeout_s: float) -> ai_pb2.RankResponse:
-        return await _call("AI", self._scoring.Rank, request, timeout_s)
+        return await _call("AI", self._scoring.Rank, request, timeout_s, fields.AI)
 
     async def explain(
         self, request: ai_pb2.ExplainRequest, timeout_s: float
     ) -> ai_pb2.ExplainResponse:
-        return await _call("AI", self._scoring.Explain, request, timeout_s)
+        return await _call("AI", self._scoring.Explain, request, timeout_s, fields.AI)
 
     async def report_outcome(
         self, request: ai_pb2.ReportOutcomeRequest, timeout_s: float
     ) -> ai_pb2.ReportOutcomeResponse:
-        return await _call("AI", self._scoring.ReportOutcome, request, timeout_s)
+        return await _call("AI", self._scoring.ReportOutcome, request, timeout_s, fields.AI)
 
 
 class GrpcPolicy:
@@ -111,27 +121,33 @@ class GrpcPolicy:
     async def evaluate(
         self, request: policy_pb2.EvaluateRequest, timeout_s: float
     ) -> policy_pb2.EvaluateResponse:
-        return await _call("POLICY", self._policy.Evaluate, request, timeout_s)
+        return await _call("POLICY", self._policy.Evaluate, request, timeout_s, fields.EVALUATE)
 
     async def get_decision(
         self, request: policy_pb2.GetDecisionRequest, timeout_s: float
     ) -> policy_pb2.GetDecisionResponse:
-        return await _call("POLICY", self._policy.GetDecision, request, timeout_s)
+        return await _call(
+            "POLICY", self._policy.GetDecision, request, timeout_s, fields.GET_DECISION
+        )
 
     async def eligible_offers(
         self, request: policy_pb2.GetEligibleOffersRequest, timeout_s: float
     ) -> policy_pb2.GetEligibleOffersResponse:
-        return await _call("POLICY", self._offers.GetEligibleOffers, request, timeout_s)
+        return await _call(
+            "POLICY", self._offers.GetEligibleOffers, request, timeout_s, fields.ELIGIBLE_OFFERS
+        )
 
     async def check_contact(
         self, request: policy_pb2.CheckContactRequest, timeout_s: float
     ) -> policy_pb2.CheckContactResponse:
-        return await _call("POLICY", self._consent.CheckContact, request, timeout_s)
+        return await _call("POLICY", self._consent.CheckContact, request, timeout_s, fields.CONTACT)
 
     async def record_contact(
         self, request: policy_pb2.RecordContactRequest, timeout_s: float
     ) -> policy_pb2.RecordContactResponse:
-        return await _call("POLICY", self._consent.RecordContact, request, timeout_s)
+        return await _call(
+            "POLICY", self._consent.RecordContact, request, timeout_s, fields.CONTACT
+        )
 
 
 class GrpcMoney:
@@ -141,7 +157,9 @@ class GrpcMoney:
     async def create_transfer(
         self, request: money_pb2.CreateTransferRequest, timeout_s: float
     ) -> money_pb2.CreateTransferResponse:
-        return await _call("MONEY", self._ledger.CreateTransfer, request, timeout_s)
+        return await _call(
+            "MONEY", self._ledger.CreateTransfer, request, timeout_s, fields.TRANSFER
+        )
 
 
 class EventOutbox(Protocol):

@@ -32,6 +32,7 @@ from triplane.runtime.clock import Clock
 from triplane.runtime.config import TriggerRuleConfig, TriggersConfig
 from triplane.runtime.db import Database, Tx
 from triplane.runtime.errors import InvalidArgument, TriplaneError
+from triplane.runtime.ids import check_tenant_id
 
 log = logging.getLogger("gateway.triggers")
 
@@ -112,6 +113,9 @@ class ContactQuery:
     channel: str
     topic: str
     offer_id: str
+    # The moment the send would go out: the policy plane judges quiet hours,
+    # caps and cooldowns at it (CheckContactRequest.contact_at).
+    at_us: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +412,8 @@ class TriggerEngine:
         )
 
     def _validate(self, event: TriggerEvent) -> None:
-        for name in ("event_id", "tenant_id", "customer_id"):
+        check_tenant_id(event.tenant_id)
+        for name in ("event_id", "customer_id"):
             if not _ID.match(getattr(event, name)):
                 raise InvalidArgument(
                     f"{name.upper()}_INVALID", f"{name} must match [A-Za-z0-9_.:-]{{1,64}}", name
@@ -506,7 +511,7 @@ class TriggerRunner:
                 verdicts.append((channel, ContactVerdict(False, "no_address", f"no {channel}")))
                 continue
             query = ContactQuery(
-                send.tenant_id, send.customer_id, channel, send.topic, send.offer_id
+                send.tenant_id, send.customer_id, channel, send.topic, send.offer_id, now_us
             )
             verdict = await self._check(query)
             if verdict.allowed:

@@ -126,7 +126,12 @@ def policy_check(engine: PolicyEngine) -> Any:
 
     async def check(query: ContactQuery) -> ContactVerdict:
         answer = engine.consent.check(
-            query.tenant_id, query.customer_id, query.channel, query.topic, query.offer_id
+            query.tenant_id,
+            query.customer_id,
+            query.channel,
+            query.topic,
+            query.offer_id,
+            at_us=query.at_us,
         )
         return ContactVerdict(
             answer.allowed, answer.block, answer.detail, answer.next_allowed_at_us
