@@ -53,6 +53,9 @@ from triplane.runtime.errors import (
 # TigerBeetle does: the key is spent, and a retry gets the same answer even if
 # the state has changed since. Failures about the request itself (malformed,
 # unknown account, bad token, key reused) write nothing and are not remembered.
+# Nor is LINKED_TRANSFER_FAILED: a transfer refused only because its atomic
+# batch failed was not judged itself (the failure was its neighbour's), so its
+# key stays free to be used again, alone or in another batch.
 REMEMBERED_REASONS = frozenset(
     {
         "INSUFFICIENT_FUNDS",
@@ -65,7 +68,6 @@ REMEMBERED_REASONS = frozenset(
         "REFUND_EXCEEDS_ENTRY",
         "ENTRY_FULLY_REFUNDED",
         "ENTRY_NOT_REFUNDABLE",
-        "LINKED_TRANSFER_FAILED",
     }
 )
 
@@ -227,8 +229,8 @@ class Engine:
         failure = outcomes[failed_at]
         cause = failure.error
         assert cause is not None
-        # A cause that is itself a replay was remembered by the original call,
-        # and so were the linked failures of that call's other transfers.
+        # Only the cause is remembered (a cause that is itself a replay was
+        # remembered by the original call); its neighbours' keys stay free.
         remember = cause.reason in REMEMBERED_REASONS and not failure.replayed
         results: list[Outcome] = []
         for index, cmd in enumerate(job.commands):
@@ -238,9 +240,12 @@ class Engine:
                 results.append(known)
                 continue
             if index == failed_at:
-                outcome = failure
-            else:
-                outcome = Outcome(
+                if remember:
+                    self._remember(cmd, failure)
+                results.append(failure)
+                continue
+            results.append(
+                Outcome(
                     error=ItemError(
                         code=int(Code.FAILED_PRECONDITION),
                         reason="LINKED_TRANSFER_FAILED",
@@ -248,9 +253,7 @@ class Engine:
                         message=f"transfer {failed_at} of this atomic batch failed: {cause.reason}",
                     )
                 )
-            if remember:
-                self._remember(cmd, outcome)
-            results.append(outcome)
+            )
         return results
 
     def _replay_or_conflict(self, cmd: Command, where: str) -> Outcome | None:
