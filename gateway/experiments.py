@@ -97,7 +97,7 @@ class Experiments:
 
 
 def _compile(experiment: ExperimentConfig, where: str) -> _Experiment:
-    if not _NAME.match(experiment.name):
+    if not _NAME.fullmatch(experiment.name):
         raise InvalidArgument(
             "EXPERIMENT_NAME_INVALID", "name must match [A-Za-z0-9_.:-]{1,64}", f"{where}.name"
         )

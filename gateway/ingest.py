@@ -73,7 +73,7 @@ class Ingest:
         limits = self.limits
         validate.require_id(event.idempotency_key, "idempotency_key", limits)
         if event.kind == gw.EVENT_KIND_PARTNER:
-            if not validate.PARTNER_KIND_PATTERN.match(event.partner_kind):
+            if not validate.PARTNER_KIND_PATTERN.fullmatch(event.partner_kind):
                 raise InvalidArgument(
                     "PARTNER_KIND_INVALID",
                     "partner_kind must match [a-z0-9_]{1,64}",

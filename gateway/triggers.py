@@ -271,7 +271,7 @@ class _Rule:
 
 def _compile(rule: TriggerRuleConfig, index: int) -> _Rule:
     where = f"gateway.triggers.rules[{index}]"
-    if not _ID.match(rule.trigger_id):
+    if not _ID.fullmatch(rule.trigger_id):
         raise InvalidArgument("TRIGGER_ID_INVALID", "trigger_id: [A-Za-z0-9_.:-]{1,64}", where)
     if not rule.steps:
         raise InvalidArgument("TRIGGER_STEPS_EMPTY", "a rule needs at least one step", where)
@@ -414,11 +414,11 @@ class TriggerEngine:
     def _validate(self, event: TriggerEvent) -> None:
         check_tenant_id(event.tenant_id)
         for name in ("event_id", "customer_id"):
-            if not _ID.match(getattr(event, name)):
+            if not _ID.fullmatch(getattr(event, name)):
                 raise InvalidArgument(
                     f"{name.upper()}_INVALID", f"{name} must match [A-Za-z0-9_.:-]{{1,64}}", name
                 )
-        if not _EVENT_TYPE.match(event.event_type):
+        if not _EVENT_TYPE.fullmatch(event.event_type):
             raise InvalidArgument(
                 "EVENT_TYPE_INVALID", "event_type: [A-Za-z0-9_.-]{1,64}", "event_type"
             )

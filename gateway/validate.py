@@ -37,7 +37,7 @@ def check_id(value: str, field: str, limits: GatewayLimitsConfig) -> None:
         raise InvalidArgument(
             "FIELD_TOO_LONG", f"{field} is longer than {limits.max_id_length} characters", field
         )
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise InvalidArgument(
             "ID_INVALID", f"{field} may only hold letters, digits and _ . : -", field
         )
@@ -53,12 +53,12 @@ def check_string(value: str, field: str, limits: GatewayLimitsConfig) -> None:
 
 
 def check_country(value: str, field: str) -> None:
-    if value and not COUNTRY_PATTERN.match(value):
+    if value and not COUNTRY_PATTERN.fullmatch(value):
         raise InvalidArgument("COUNTRY_INVALID", f"{field} must be ISO 3166-1 alpha-2", field)
 
 
 def check_mcc(value: str, field: str) -> None:
-    if value and not MCC_PATTERN.match(value):
+    if value and not MCC_PATTERN.fullmatch(value):
         raise InvalidArgument("MERCHANT_CATEGORY_INVALID", f"{field} must be 4 digits", field)
 
 

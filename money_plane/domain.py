@@ -310,7 +310,7 @@ def check_id(value: str, field: str, limits: MoneyLimitsConfig, required: bool =
         raise InvalidArgument(
             "STRING_TOO_LONG", f"{field} is longer than {limits.max_id_length}", field
         )
-    if not ACCOUNT_ID_RE.match(value):
+    if not ACCOUNT_ID_RE.fullmatch(value):
         raise InvalidArgument("INVALID_ID", f"{field} must match [A-Za-z0-9_.:-]+", field)
 
 

@@ -148,13 +148,13 @@ def parse_spec(source: BundleSource, limits: BundleLimits) -> BundleSpec:
 def _check_spec(spec: BundleSpec, limits: BundleLimits) -> None:
     if spec.api_version != API_VERSION:
         raise _bad("BUNDLE_SCHEMA_ERROR", f"apiVersion must be {API_VERSION!r}")
-    if not _LABEL.match(spec.label):
+    if not _LABEL.fullmatch(spec.label):
         raise _bad("BUNDLE_LABEL_INVALID", "label must match [A-Za-z0-9_.:-]{1,64}", "label")
     if not spec.rules or len(spec.rules) > limits.max_rules:
         raise _bad("BUNDLE_RULE_COUNT", f"a bundle has 1 to {limits.max_rules} rules")
     seen: set[str] = set()
     for index, rule in enumerate(spec.rules):
-        if rule.id in seen or not _CODE.match(rule.id.upper()):
+        if rule.id in seen or not _CODE.fullmatch(rule.id.upper()):
             # No usable id to name it by: its position, and the id as written.
             where = f"rules[{index}]"
             raise _bad(
@@ -165,7 +165,7 @@ def _check_spec(spec: BundleSpec, limits: BundleLimits) -> None:
             )
         seen.add(rule.id)
         where = rule_field(rule.id)
-        if not _CODE.match(rule.reason_code):
+        if not _CODE.fullmatch(rule.reason_code):
             raise _bad(
                 "RULE_REASON_CODE_INVALID",
                 f"{where}: reason_code not UPPER_SNAKE",
@@ -199,7 +199,7 @@ def resolve_lists(
 
 
 def _read_list(name: str, lists_dir: Path, bundle_dir: Path | None) -> str:
-    if not _LIST_NAME.match(name):
+    if not _LIST_NAME.fullmatch(name):
         raise _bad(
             "SANCTIONS_LIST_NAME_INVALID", f"sanctions list name {name!r} is not a file name"
         )

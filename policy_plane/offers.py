@@ -317,7 +317,7 @@ def _validate_attributes(attributes: dict[str, str], max_count: int, max_length:
             "OFFER_ATTRIBUTES_TOO_MANY", f"at most {max_count} attributes", "offer.attributes"
         )
     for key, value in attributes.items():
-        if not _ID.match(key):
+        if not _ID.fullmatch(key):
             raise InvalidArgument(
                 "OFFER_ATTRIBUTE_KEY_INVALID",
                 "attribute keys must match [A-Za-z0-9_.:-]{1,64}",
@@ -332,7 +332,7 @@ def _validate_attributes(attributes: dict[str, str], max_count: int, max_length:
 
 
 def _validate(entry: OfferEntry, max_channels: int) -> None:
-    if not _ID.match(entry.offer_id):
+    if not _ID.fullmatch(entry.offer_id):
         raise InvalidArgument(
             "OFFER_ID_INVALID", "offer_id must match [A-Za-z0-9_.:-]{1,64}", "offer.offer_id"
         )
@@ -350,7 +350,7 @@ def _validate(entry: OfferEntry, max_channels: int) -> None:
                 "CHANNEL_INVALID", f"unknown channel {channel!r}", f"offer.channels[{index}]"
             )
     for index, region in enumerate(entry.regions):
-        if not _COUNTRY.match(region):
+        if not _COUNTRY.fullmatch(region):
             raise InvalidArgument(
                 "REGION_INVALID", "regions are ISO 3166-1 alpha-2", f"offer.regions[{index}]"
             )

@@ -23,7 +23,7 @@ MAX_KYC_TIER = 3
 def check_id(value: str, field: str, limits: PolicyLimitsConfig) -> None:
     if not value:
         raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field)
-    if len(value) > limits.max_id_length or not ID_PATTERN.match(value):
+    if len(value) > limits.max_id_length or not ID_PATTERN.fullmatch(value):
         raise InvalidArgument(
             "ID_INVALID", f"{field} must match [A-Za-z0-9_.:-]{{1,{limits.max_id_length}}}", field
         )
@@ -35,7 +35,7 @@ def check_text(value: str, field: str, max_length: int) -> None:
 
 
 def check_country(value: str, field: str) -> None:
-    if value and not _COUNTRY.match(value):
+    if value and not _COUNTRY.fullmatch(value):
         raise InvalidArgument("COUNTRY_INVALID", f"{field} must be ISO 3166-1 alpha-2", field)
 
 

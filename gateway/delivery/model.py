@@ -99,7 +99,7 @@ def validate(delivery: Delivery, channels: tuple[str, ...] | list[str], max_byte
             "channel",
         )
     _check_endpoint(delivery)
-    if not _EVENT_TYPE.match(delivery.event_type):
+    if not _EVENT_TYPE.fullmatch(delivery.event_type):
         raise InvalidArgument(
             "EVENT_TYPE_INVALID", "event_type must match [A-Za-z0-9_.-]{1,64}", "event_type"
         )
