@@ -241,7 +241,7 @@ class ScoreRequest(_message.Message):
     model: _builtins.str
     """Model to use; empty: "payment_risk"."""
     top_k: _builtins.int
-    """Attributions returned (largest absolute contribution first); 0: the configured default."""
+    """Attributions returned (largest absolute contribution first); 0: ai.limits.default_top_k."""
     @_builtins.property
     def payment(self) -> Global___PaymentContext: ...
     def __init__(

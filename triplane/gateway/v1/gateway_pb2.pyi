@@ -246,7 +246,7 @@ class Customer(_message.Message):
     """Politically exposed person."""
     account_age_days: _builtins.int
     time_zone: _builtins.str
-    """IANA time zone, e.g. "Europe/Paris"; empty: the configured default."""
+    """IANA time zone, e.g. "Europe/Paris"; empty: gateway.default_time_zone."""
     def __init__(
         self,
         *,
@@ -348,7 +348,7 @@ class AuthorizePaymentRequest(_message.Message):
     """ISO 18245 merchant category code, e.g. "5411"."""
     channel: Global___PaymentChannel.ValueType
     hold_timeout_s: _builtins.int
-    """Seconds until the hold expires; 0: the money plane's default."""
+    """Seconds until the hold expires; 0: money.holds.default_timeout_s."""
     @_builtins.property
     def amount(self) -> _types_pb2.Money: ...
     @_builtins.property
