@@ -13,6 +13,7 @@ from policy_plane.consent import ConsentRecord, ContactProfile, ContactRecord
 from policy_plane.engine import PolicyEngine
 from policy_plane.offers import CustomerContext, OfferEntry
 from triplane.runtime.clock import ManualClock
+from triplane.runtime.db import DatabaseClosed
 from triplane.runtime.errors import InvalidArgument
 
 from .conftest import TENANT, make_config, started_engine
@@ -208,10 +209,10 @@ async def test_contact_checks_are_answered_from_memory_and_writes_go_to_the_stor
     clock.set_us(at(2026, 6, 1, 20))  # 22:00 in Paris
     assert block("bulk7") == "quiet_hours"
     clock.set_us(at(2026, 6, 1, 12))
-    # A closed Database has no writer connection left: every write asserts.
-    with pytest.raises(AssertionError):
+    # A closed Database has no writer connection left: every write is refused.
+    with pytest.raises(DatabaseClosed):
         grant(engine, "bulk10", "push")
-    with pytest.raises(AssertionError):
+    with pytest.raises(DatabaseClosed):
         profile(engine, "bulk9", "Europe/Paris", vulnerable=False)
     assert [block(c) for c in ("bulk9", "bulk10")] == ["vulnerable", "no_consent"]
 

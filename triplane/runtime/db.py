@@ -35,6 +35,10 @@ def _placeholders(sql: str, dialect: str) -> str:
     return sql.replace("?", "%s") if dialect == "postgres" else sql
 
 
+class DatabaseClosed(RuntimeError):
+    """A read or write on a database after `close()`."""
+
+
 class Tx:
     """A transaction: `execute`, `one`, `all` with `?` placeholders."""
 
@@ -112,7 +116,7 @@ class Database:
             pass
         with self._readers_lock:  # not the writer's lock: it is held for a whole tx
             if self._closed:
-                raise RuntimeError("database closed")
+                raise DatabaseClosed("database closed")
             if len(self._opened) < self._reader_count:
                 conn: sqlite3.Connection | psycopg.Connection[Any]
                 if self.dialect == "sqlite":
@@ -178,6 +182,9 @@ class Database:
     @contextmanager
     def tx(self) -> Iterator[Tx]:
         with self._lock:
+            if self._sqlite is None and self._pg is None:
+                # Closed: a clear error, not an assertion deep in a writer.
+                raise DatabaseClosed("database closed")
             if self._sqlite is not None:
                 cursor = self._sqlite.cursor()
                 cursor.execute("BEGIN IMMEDIATE")
