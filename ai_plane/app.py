@@ -23,11 +23,12 @@ from ai_plane.engine import AiEngine
 from ai_plane.manager import ModelManager, write_live_repository
 from ai_plane.pipeline import Applier, FeaturePipeline
 from ai_plane.registry import Registry
-from ai_plane.scorer import Scorer, TritonClient
+from ai_plane.scorer import Scorer
 from ai_plane.service import ai_services
 from ai_plane.store.base import FeatureStore, build_store
 from ai_plane.training import MODEL_FEATURES
 from ai_plane.triton import ModelRepository, TritonProcess, TritonUnavailable
+from ai_plane.triton_grpc import TritonClient
 from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import envelope_pb2
 from triplane.runtime import bus

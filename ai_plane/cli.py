@@ -30,7 +30,8 @@ from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime import bus
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
-from triplane.runtime.errors import TriplaneError, parse_rpc_error
+from triplane.runtime.errors import TriplaneError
+from triplane.runtime.status import parse_rpc_error
 
 Handler = Callable[[Config, argparse.Namespace], int]
 _STATES = {

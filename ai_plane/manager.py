@@ -21,8 +21,9 @@ import numpy as np
 from ai_plane import training
 from ai_plane.engine import AiEngine
 from ai_plane.registry import ModelRecord, ModelState, Registry
-from ai_plane.scorer import LiveModel, TritonClient
+from ai_plane.scorer import LiveModel
 from ai_plane.triton import MODEL_PY, ModelRepository, model_config_json
+from ai_plane.triton_grpc import TritonClient
 from triplane.runtime.config import AiConfig
 from triplane.runtime.errors import InvalidArgument, Unavailable
 

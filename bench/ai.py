@@ -60,10 +60,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ai_plane import training
 from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.features import EntityRef, keys_for, stored_features, updates_for
-from ai_plane.scorer import TritonClient
 from ai_plane.store.base import FeatureStore, read_stored_features
 from ai_plane.store.memory import InProcessStore
 from ai_plane.triton import ModelRepository, TritonProcess
+from ai_plane.triton_grpc import TritonClient
 from bench.common import merge_results, percentile, print_table
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc

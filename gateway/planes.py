@@ -19,7 +19,8 @@ from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime import bus
 from triplane.runtime.bus import OutgoingEvent
-from triplane.runtime.errors import Code, TriplaneError, error_for, parse_rpc_error
+from triplane.runtime.errors import Code, TriplaneError, error_for
+from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.telemetry import trace_metadata
 
 log = logging.getLogger("gateway.planes")

@@ -1,6 +1,6 @@
 """The thin GatewayService servicer: the caller's deadline and trace id in,
 the domain flows called, protobuf out. Errors are mapped in one place (the
-ErrorMappingInterceptor that PlaneServer installs)."""
+ErrorMappingInterceptor (triplane.runtime.status) that PlaneServer installs)."""
 
 from __future__ import annotations
 

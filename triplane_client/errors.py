@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from triplane.runtime.errors import parse_rpc_error
+from triplane.runtime.status import parse_rpc_error
 
 
 class TriplaneApiError(Exception):

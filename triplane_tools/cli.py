@@ -83,7 +83,7 @@ async def _check_balanced(address: str, tenant_id: str, timeout_s: float) -> int
     import grpc
 
     from triplane.money.v1 import money_pb2, money_pb2_grpc
-    from triplane.runtime.errors import parse_rpc_error
+    from triplane.runtime.status import parse_rpc_error
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = money_pb2_grpc.LedgerServiceStub(channel)

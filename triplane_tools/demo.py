@@ -37,8 +37,8 @@ from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import bus, tokens
 from triplane.runtime.config import Config, load_config
-from triplane.runtime.errors import parse_rpc_error
 from triplane.runtime.net import free_port
+from triplane.runtime.status import parse_rpc_error
 from triplane_tools.stack import Stack, describe
 
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from ai_plane.triton import TritonProcess
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime.clock import SystemClock
-from triplane.runtime.errors import parse_rpc_error
+from triplane.runtime.status import parse_rpc_error
 from triplane_tools import cli
 from triplane_tools.models import write_datasets
 

@@ -27,7 +27,7 @@ from triplane.common.v1 import types_pb2
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import load_config
-from triplane.runtime.errors import parse_rpc_error
+from triplane.runtime.status import parse_rpc_error
 from triplane_sim import synth
 from triplane_sim.demo_world import product_enum
 

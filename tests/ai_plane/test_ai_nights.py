@@ -22,7 +22,7 @@ from policy_plane.model import (
 )
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
-from triplane.runtime.errors import parse_rpc_error
+from triplane.runtime.status import parse_rpc_error
 
 # A shop payment of 25.00 by a customer the plane knows nothing about yet (as
 # in the gateway's end-to-end flows): the case that was denied at 01:55 UTC.

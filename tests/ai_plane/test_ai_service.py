@@ -17,7 +17,7 @@ from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.common.v1 import types_pb2
 from triplane.runtime.deadline import Deadline
-from triplane.runtime.errors import parse_rpc_error
+from triplane.runtime.status import parse_rpc_error
 from triplane_sim import synth
 
 OFFERS = ["cashback_grocery", "savings_roundup", "loyalty_boost", "partner_offer_x"]

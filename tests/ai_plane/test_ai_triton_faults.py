@@ -18,8 +18,9 @@ from ai_helpers import ai_config, bootstrapped, payment, require_triton
 
 from ai_plane.app import AiPlane, registry_dir
 from ai_plane.breaker import BreakerState, CircuitBreaker
-from ai_plane.scorer import Scorer, TritonClient
+from ai_plane.scorer import Scorer
 from ai_plane.triton import TritonProcess
+from ai_plane.triton_grpc import TritonClient
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime.clock import SystemClock

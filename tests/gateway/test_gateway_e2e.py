@@ -26,8 +26,8 @@ from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
-from triplane.runtime.errors import parse_rpc_error
 from triplane.runtime.net import free_port, port_open
+from triplane.runtime.status import parse_rpc_error
 from triplane_client import GatewayClient, TriplaneApiError
 from triplane_sim.demo_world import daytime_zone
 from triplane_tools.stack import Stack

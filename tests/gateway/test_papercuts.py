@@ -38,8 +38,9 @@ from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
-from triplane.runtime.errors import NotFound, parse_rpc_error
+from triplane.runtime.errors import NotFound
 from triplane.runtime.net import free_port
+from triplane.runtime.status import parse_rpc_error
 
 from ._b_helpers import SECRET, delivery_config, open_db
 

@@ -43,7 +43,8 @@ from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.currencies import INT64_MAX
-from triplane.runtime.errors import Code, NotFound, parse_rpc_error
+from triplane.runtime.errors import Code, NotFound
+from triplane.runtime.status import parse_rpc_error
 
 INVARIANTS_LOG = "triplane.money.invariants"
 

@@ -25,7 +25,7 @@ from money_plane.service import encode_page_token
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
-from triplane.runtime.errors import parse_rpc_error
+from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tokens import TokenSigner
 
 SERVICE = "triplane.money.v1.LedgerService"

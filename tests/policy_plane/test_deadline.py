@@ -18,7 +18,8 @@ from policy_plane.engine import PolicyEngine
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.deadline import Deadline
-from triplane.runtime.errors import DeadlineExceeded, parse_rpc_error
+from triplane.runtime.errors import DeadlineExceeded
+from triplane.runtime.status import parse_rpc_error
 
 from .conftest import TENANT, make_config, payment_input
 from .test_grpc import request

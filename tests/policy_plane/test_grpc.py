@@ -17,7 +17,8 @@ from policy_plane.bundle import BundleSource, shipped_default_path
 from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.runtime.clock import ManualClock
-from triplane.runtime.errors import PermissionDenied, parse_rpc_error
+from triplane.runtime.errors import PermissionDenied
+from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tokens import TokenVerifier, load_public_keys
 
 from .conftest import OTHER_TENANT, TENANT, Stubs

@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
-from triplane.runtime.errors import ErrorMappingInterceptor, InvalidArgument, parse_rpc_error
+from triplane.runtime.errors import InvalidArgument
+from triplane.runtime.status import ErrorMappingInterceptor, parse_rpc_error
 from triplane.runtime.telemetry import TracingInterceptor, current_trace_id, trace_metadata
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -1,27 +1,19 @@
-"""Domain errors and the one place that maps them to gRPC statuses.
+"""Domain errors: a canonical code, a machine-readable reason and the field at
+fault.
 
-Domain code raises `TriplaneError` subclasses and never imports grpc. The
-server's `ErrorMappingInterceptor` turns them into a `google.rpc.Status` with an
-`ErrorInfo` (machine-readable reason) and a `BadRequest` field violation (the
-offending field), so no client error ever reaches a caller as UNKNOWN/INTERNAL.
+Domain code raises `TriplaneError` subclasses and never imports grpc (neither
+does this module). `triplane.runtime.status` is the one place that turns them
+into gRPC statuses (`ErrorMappingInterceptor`) and reads them back from a
+failed call (`parse_rpc_error`).
 """
 
 from __future__ import annotations
 
 import enum
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
-
-from triplane.runtime.interceptors import UnaryWrappingInterceptor
+from google.rpc import code_pb2
 
 ERROR_DOMAIN = "triplane.dev"
-log = logging.getLogger("triplane.errors")
 
 
 class Code(enum.IntEnum):
@@ -131,78 +123,3 @@ def error_for(code: int, reason: str, message: str, field: str = "") -> Triplane
     err = cls(reason, message, field)
     err.code = Code(code)
     return err
-
-
-def to_status_proto(err: TriplaneError) -> status_pb2.Status:
-    info = error_details_pb2.ErrorInfo(
-        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
-    )
-    if err.field:
-        info.metadata["field"] = err.field
-    details = [info]
-    packed: list[any_pb2.Any] = []
-    for detail in details:
-        item = any_pb2.Any()
-        item.Pack(detail)
-        packed.append(item)
-    if err.field:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=err.field, description=err.message, reason=err.reason
-                )
-            ]
-        )
-        item = any_pb2.Any()
-        item.Pack(bad)
-        packed.append(item)
-    return status_pb2.Status(code=int(err.code), message=err.message, details=packed)
-
-
-def to_grpc_status(err: TriplaneError) -> grpc.Status:
-    return rpc_status.to_status(to_status_proto(err))
-
-
-def parse_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, str]:
-    """(reason, field) carried by an error from a Triplane server; ("", "") if none."""
-    status = rpc_status.from_call(error)
-    if status is None:
-        return "", ""
-    reason, field = "", ""
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-            field = field or info.metadata.get("field", "")
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            if bad.field_violations:
-                field = bad.field_violations[0].field
-    return reason, field
-
-
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def _wrap_unary(behavior: Handler) -> Handler:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behavior(request, context)
-        except TriplaneError as err:
-            await context.abort_with_status(to_grpc_status(err))
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unhandled error in %s", getattr(behavior, "__qualname__", behavior))
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-
-    return wrapped
-
-
-class ErrorMappingInterceptor(UnaryWrappingInterceptor):
-    """Maps TriplaneError raised by unary-unary handlers to rich statuses."""
-
-    def wrap(self, method: str, behavior: Handler) -> Handler:
-        return _wrap_unary(behavior)

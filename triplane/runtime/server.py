@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from triplane.runtime.errors import ErrorMappingInterceptor
 from triplane.runtime.lifetime import exit_with_supervisor
+from triplane.runtime.status import ErrorMappingInterceptor
 from triplane.runtime.telemetry import TracingInterceptor, setup_tracing
 
 log = logging.getLogger("triplane.server")
