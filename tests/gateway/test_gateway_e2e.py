@@ -47,6 +47,8 @@ CLOCK = SystemClock()
 # A zone is not computed this close to the top of an hour (the request that
 # follows takes far less), so the hour cannot turn between the two.
 HOUR_TURN_MARGIN_S = 2.0
+# PostgreSQL databases this module created, dropped when its stack stops.
+CREATED_DATABASES: list[str] = []
 
 
 def _usd(minor: int) -> types_pb2.Money:
@@ -87,6 +89,7 @@ def _pg_dsns() -> dict[str, Any]:
     admin = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname=postgres"
     money = create_pg_database(admin, "triplane_gw_money")
     policy = create_pg_database(admin, "triplane_gw_policy")
+    CREATED_DATABASES.extend([money, policy])
     return {
         "money": {"store": {"backend": "postgres", "postgres_dsn": money}},
         "policy": {"store": {"backend": "postgres", "postgres_dsn": policy}},
@@ -247,6 +250,15 @@ async def world(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Asyn
     finally:
         await gateway.stop()
         await stack.stop()
+        _drop_created_databases()
+
+
+def _drop_created_databases() -> None:
+    from tests.conftest import PG_HOST, PG_PORT, PG_USER, drop_pg_database
+
+    admin = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname=postgres"
+    while CREATED_DATABASES:
+        drop_pg_database(admin, CREATED_DATABASES.pop())
 
 
 def _authorize(local_hour: int = NIGHT_HOUR, **kw: Any) -> gw.AuthorizePaymentRequest:
