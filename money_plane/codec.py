@@ -1,9 +1,8 @@
 """Translation between triplane.money.v1 protobuf messages and domain values,
-and the encoding of ledger events into the one envelope."""
+and the encoding of ledger events into the one envelope. Times, money and
+pages are read and written by the runtime's one vocabulary (`wire`)."""
 
 from __future__ import annotations
-
-from google.protobuf import timestamp_pb2
 
 from money_plane.domain import (
     AccountSpec,
@@ -17,20 +16,14 @@ from money_plane.domain import (
     Posting,
 )
 from money_plane.engine import EventSpec
+from money_plane.store.base import PostingRow
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
+from triplane.runtime import codec as wire
 from triplane.runtime.bus import OutgoingEvent, make_envelope, new_event_id, subject_for
-from triplane.runtime.errors import InvalidArgument
 
-
-def timestamp(us: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMicroseconds(us)
-    return ts
-
-
-def money(amount_minor: int, currency: str) -> types_pb2.Money:
-    return types_pb2.Money(amount_minor=amount_minor, currency=currency)
+# The one list this plane pages (ListAccountPostings), resumed after a sequence.
+POSTINGS_PAGE = "money.postings"
 
 
 def account_spec(message: pb.NewAccount) -> AccountSpec:
@@ -42,14 +35,6 @@ def account_spec(message: pb.NewAccount) -> AccountSpec:
         overdraft_limit_minor=message.overdraft_limit_minor,
         metadata=dict(message.metadata),
     )
-
-
-def micros(value: timestamp_pb2.Timestamp, field: str) -> int:
-    """Microseconds of a Timestamp; INVALID_ARGUMENT when outside 0001-9999."""
-    try:
-        return int(value.ToMicroseconds())
-    except ValueError as exc:
-        raise InvalidArgument("INVALID_TIMESTAMP", f"{field} is not a valid time", field) from exc
 
 
 def command(tenant_id: str, message: pb.Transfer, where: str = "transfer") -> Command:
@@ -68,11 +53,7 @@ def command(tenant_id: str, message: pb.Transfer, where: str = "transfer") -> Co
                 amount_minor=leg.amount_minor,
                 basis_points=leg.basis_points,
                 label=leg.label,
-                release_at_us=(
-                    micros(leg.release_at, f"{where}.splits[{index}].release_at")
-                    if leg.HasField("release_at")
-                    else 0
-                ),
+                release_at_us=wire.micros(leg.release_at, f"{where}.splits[{index}].release_at"),
                 release_account_id=leg.release_account_id,
             )
             for index, leg in enumerate(message.splits)
@@ -95,7 +76,7 @@ def balance(account: AccountState, as_of_us: int) -> pb.Balance:
         credits_pending_minor=account.credits_pending,
         posted_minor=account.posted,
         available_minor=account.available,
-        as_of=timestamp(as_of_us),
+        as_of=wire.timestamp(as_of_us),
     )
 
 
@@ -109,7 +90,7 @@ def account(state: AccountState, now_us: int) -> pb.Account:
         overdraft_limit_minor=state.overdraft_limit_minor,
         metadata=state.metadata,
         balance=balance(state, now_us),
-        created_at=timestamp(state.created_at_us),
+        created_at=wire.timestamp(state.created_at_us),
     )
 
 
@@ -117,9 +98,21 @@ def posting(value: Posting, entry: Entry) -> pb.Posting:
     return pb.Posting(
         account_id=value.account_id,
         side=value.side,  # type: ignore[arg-type]
-        amount=money(value.amount_minor, value.currency),
+        amount=wire.money(value.amount_minor, value.currency),
         entry_id=entry.entry_id,
-        posted_at=timestamp(entry.posted_at_us),
+        posted_at=wire.timestamp(entry.posted_at_us),
+    )
+
+
+def account_posting(row: PostingRow) -> pb.Posting:
+    """A posting as ListAccountPostings lists it, with its sequence."""
+    return pb.Posting(
+        account_id=row.account_id,
+        side=row.side,  # type: ignore[arg-type]
+        amount=wire.money(row.amount_minor, row.currency),
+        entry_id=row.entry_id,
+        sequence=row.sequence,
+        posted_at=wire.timestamp(row.posted_at_us),
     )
 
 
@@ -129,15 +122,16 @@ def fill_entry(message: pb.Entry, value: Entry) -> pb.Entry:
     On the hot path (every transfer's response and event): building the
     message field by field, sub-messages included, is about twice as fast as
     keyword construction, which copies every nested message. The result is
-    the same message as `pb.Entry(...)` with `posting`, `money` and
-    `timestamp` (the codec tests compare the two).
+    the same message as `pb.Entry(...)` with `posting`, `wire.money` and
+    `wire.timestamp` (the codec tests compare the two).
     """
     message.tenant_id = value.tenant_id
     message.entry_id = value.entry_id
     message.idempotency_key = value.idempotency_key
     message.kind = value.kind  # type: ignore[assignment]
-    seconds, micros = divmod(value.posted_at_us, 1_000_000)
-    nanos = micros * 1000
+    posted_at = message.posted_at
+    wire.fill_timestamp(posted_at, value.posted_at_us)
+    seconds, nanos = posted_at.seconds, posted_at.nanos
     entry_id = value.entry_id
     add = message.postings.add
     for p in value.postings:
@@ -148,9 +142,6 @@ def fill_entry(message: pb.Entry, value: Entry) -> pb.Entry:
         stamp = item.posted_at
         stamp.seconds = seconds
         stamp.nanos = nanos
-    stamp = message.posted_at
-    stamp.seconds = seconds
-    stamp.nanos = nanos
     message.hold_id = value.hold_id
     message.refers_to_entry_id = value.refers_to_entry_id
     amount = message.amount
@@ -175,11 +166,11 @@ def hold(value: Hold) -> pb.Hold:
         idempotency_key=value.idempotency_key,
         debit_account_id=value.debit_account_id,
         credit_account_id=value.credit_account_id,
-        amount=money(value.amount_minor, value.currency),
+        amount=wire.money(value.amount_minor, value.currency),
         captured_minor=value.captured_minor,
         state=value.state,  # type: ignore[arg-type]
-        created_at=timestamp(value.created_at_us),
-        expires_at=timestamp(value.expires_at_us),
+        created_at=wire.timestamp(value.created_at_us),
+        expires_at=wire.timestamp(value.expires_at_us),
         capture_entry_id=value.capture_entry_id,
         decision_id=value.decision_id,
     )
@@ -218,7 +209,7 @@ def encode_event(spec: EventSpec, now_us: int) -> OutgoingEvent:
         event_id=new_event_id(),
         account_id=spec.account_id,
         idempotency_key=spec.idempotency_key,
-        amount=money(spec.amount_minor, spec.currency),
+        amount=wire.money(spec.amount_minor, spec.currency),
         policy_decision=spec.decision_id,
     )
     return OutgoingEvent(

@@ -37,6 +37,7 @@ from money_plane.domain import (
 )
 from money_plane.engine import Job
 from money_plane.store.base import BalanceCheck, LedgerStore, PostingRow
+from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import MoneyConfig
 from triplane.runtime.deadline import Deadline
@@ -386,13 +387,7 @@ class Ledger:
     ) -> list[PostingRow]:
         await self.get_account(tenant_id, account_id)
         limits = self.config.limits
-        if page_size < 0 or page_size > limits.max_page_size:
-            raise InvalidArgument(
-                "PAGE_SIZE_OUT_OF_RANGE",
-                f"page_size must be in 0..{limits.max_page_size}",
-                "page_size",
-            )
-        size = page_size or limits.default_page_size
+        size = wire.page_size(page_size, limits.default_page_size, limits.max_page_size)
         return await self._read(self.store.list_postings, tenant_id, account_id, after_seq, size)
 
     async def get_entry(self, tenant_id: str, entry_id: str, idempotency_key: str) -> Entry:

@@ -3,8 +3,6 @@ validation lives in the ledger, error mapping in the server's interceptor."""
 
 from __future__ import annotations
 
-import base64
-
 import grpc
 
 from money_plane import codec
@@ -12,35 +10,16 @@ from money_plane.domain import Outcome
 from money_plane.ledger import Ledger
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
+from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
 from triplane.runtime.currencies import INT64_MAX
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument, error_for
 from triplane.runtime.server import Service
 
-PAGE_TOKEN_PREFIX = "p1:"
-
 
 def _deadline(context: grpc.aio.ServicerContext, ledger: Ledger) -> Deadline:
     return Deadline.from_remaining(context.time_remaining(), ledger.config.budget_ms / 1000.0)
-
-
-def encode_page_token(sequence: int) -> str:
-    return base64.urlsafe_b64encode(f"{PAGE_TOKEN_PREFIX}{sequence}".encode()).decode()
-
-
-def decode_page_token(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-        if not text.startswith(PAGE_TOKEN_PREFIX):
-            raise ValueError(text)
-        return int(text[len(PAGE_TOKEN_PREFIX) :])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(
-            "INVALID_PAGE_TOKEN", "page_token is not one we issued", "page_token"
-        ) from exc
 
 
 def _saturate(total_minor: int) -> int:
@@ -68,7 +47,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
             tenant=pb.Tenant(
                 tenant_id=tenant.tenant_id,
                 display_name=tenant.display_name,
-                created_at=codec.timestamp(tenant.created_at_us),
+                created_at=wire.timestamp(tenant.created_at_us),
             )
         )
 
@@ -123,7 +102,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         self, request: pb.GetBalanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetBalanceResponse:
         if request.HasField("as_of"):
-            as_of_us = codec.micros(request.as_of, "as_of")
+            as_of_us = wire.micros(request.as_of, "as_of")
             account = await self._ledger.balance_as_of(
                 request.tenant_id, request.account_id, as_of_us
             )
@@ -134,26 +113,16 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
     async def ListAccountPostings(
         self, request: pb.ListAccountPostingsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAccountPostingsResponse:
-        after = decode_page_token(request.page_token)
-        rows = await self._ledger.list_postings(
-            request.tenant_id, request.account_id, request.page_size, after
-        )
-        size = request.page_size or self._ledger.config.limits.default_page_size
-        response = pb.ListAccountPostingsResponse(
-            postings=[
-                pb.Posting(
-                    account_id=r.account_id,
-                    side=r.side,  # type: ignore[arg-type]
-                    amount=codec.money(r.amount_minor, r.currency),
-                    entry_id=r.entry_id,
-                    sequence=r.sequence,
-                    posted_at=codec.timestamp(r.posted_at_us),
-                )
-                for r in rows
-            ]
-        )
+        limits = self._ledger.config.limits
+        size = wire.page_size(request.page_size, limits.default_page_size, limits.max_page_size)
+        position = wire.decode_page_token(request.page_token, codec.POSTINGS_PAGE, (int,))
+        after = int(position[0]) if position is not None else 0
+        rows = await self._ledger.list_postings(request.tenant_id, request.account_id, size, after)
+        response = pb.ListAccountPostingsResponse(postings=[codec.account_posting(r) for r in rows])
         if len(rows) == size:
-            response.next_page_token = encode_page_token(rows[-1].sequence)
+            response.next_page_token = wire.encode_page_token(
+                codec.POSTINGS_PAGE, (rows[-1].sequence,)
+            )
         return response
 
     async def GetEntry(

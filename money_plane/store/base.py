@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from money_plane import codec_records, invariants
+from money_plane import invariants
 from money_plane.domain import (
     AccountSpec,
     AccountState,
@@ -43,6 +43,7 @@ from money_plane.domain import (
     scoped_key,
 )
 from money_plane.engine import Changes, Engine, EventSpec, Job, View
+from money_plane.store import records as msgpack_records
 from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.errors import AlreadyExists, NotFound
 from triplane.runtime.retry import RetryPolicy
@@ -378,7 +379,7 @@ class LedgerStore:
             f"({self._marks(len(keys))}) ORDER BY {key_column}{suffix}",
             keys,
         )
-        return {row[0]: codec_records.decode(bytes(row[1]), cls) for row in cur.fetchall()}
+        return {row[0]: msgpack_records.decode(bytes(row[1]), cls) for row in cur.fetchall()}
 
     # ---- the group commit ----
 
@@ -465,7 +466,7 @@ class LedgerStore:
             account = accounts[key]
             check_account(account, "before writing")
             writes.accounts.append((*account.counters(), key))
-        encode = codec_records.encode
+        encode = msgpack_records.encode
         check_entry = invariants.check_entry
         entries = view.entries
         new_keys: set[str] = set()
@@ -617,7 +618,7 @@ class LedgerStore:
             row = cur.fetchone()
         if not row:
             return None
-        entry = codec_records.decode(bytes(row[0]), Entry)
+        entry = msgpack_records.decode(bytes(row[0]), Entry)
         invariants.check_entry(entry, "on read")
         return entry
 
@@ -691,7 +692,7 @@ class LedgerStore:
                 self._sql("SELECT body FROM holds WHERE tenant_id = %s AND state = %s"),
                 (tenant_id, int(HoldState.PENDING)),
             )
-            holds = [codec_records.decode(bytes(r[0]), Hold) for r in cur.fetchall()]
+            holds = [msgpack_records.decode(bytes(r[0]), Hold) for r in cur.fetchall()]
         pending: dict[str, list[int]] = {}
         for hold in holds:
             pending.setdefault(account_key(tenant_id, hold.debit_account_id), [0, 0])[0] += (

@@ -24,8 +24,8 @@ import msgspec
 import psycopg
 from psycopg import errors as pg_errors
 
-from money_plane import codec_records
 from money_plane.domain import AccountState, IdempotencyRecord
+from money_plane.store import records as msgpack_records
 from money_plane.store.base import (
     ACCOUNT_COLUMNS,
     SCHEMA,
@@ -220,7 +220,7 @@ class PostgresLedgerStore(LedgerStore):
                     f"{_SELECT_ACCOUNTS} ORDER BY account_key FOR UPDATE",
                     (_keys_json(account_keys),),
                 )
-            decode = codec_records.decode
+            decode = msgpack_records.decode
             records = (
                 {row[0]: decode(row[1], IdempotencyRecord) for row in cur.fetchall()}
                 if scopes
@@ -252,7 +252,7 @@ class PostgresLedgerStore(LedgerStore):
             f"SELECT {key_column}, body FROM {table} WHERE {key_column} = {_KEYS}{suffix}",
             (_keys_json(keys),),
         )
-        return {row[0]: codec_records.decode(row[1], cls) for row in cur.fetchall()}
+        return {row[0]: msgpack_records.decode(row[1], cls) for row in cur.fetchall()}
 
     def _apply_writes(self, cur: Any, writes: GroupWrites) -> None:
         encode = _json.encode

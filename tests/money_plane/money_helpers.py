@@ -18,7 +18,6 @@ from typing import Any
 
 import psycopg
 
-from money_plane import codec_records
 from money_plane.app import build_store
 from money_plane.domain import (
     AccountSpec,
@@ -33,6 +32,7 @@ from money_plane.domain import (
     Side,
 )
 from money_plane.ledger import Ledger
+from money_plane.store import records as msgpack_records
 from money_plane.store.base import LedgerStore
 from triplane.runtime.clock import Clock, ManualClock
 from triplane.runtime.config import Config, load_config, with_overrides
@@ -209,7 +209,7 @@ class DbProbe:
 
     def open_holds(self, tenant_id: str) -> list[Hold]:
         return [
-            codec_records.decode(bytes(r[0]), Hold)
+            msgpack_records.decode(bytes(r[0]), Hold)
             for r in self.rows(
                 "SELECT body FROM holds WHERE tenant_id = %s AND state = %s",
                 (tenant_id, int(HoldState.PENDING)),

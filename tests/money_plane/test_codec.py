@@ -7,6 +7,7 @@ import pytest
 from money_plane import codec
 from money_plane.domain import Entry, Outcome, Posting
 from triplane.money.v1 import money_pb2 as pb
+from triplane.runtime import codec as wire
 
 
 def _by_keywords(value: Entry) -> pb.Entry:
@@ -16,10 +17,10 @@ def _by_keywords(value: Entry) -> pb.Entry:
         idempotency_key=value.idempotency_key,
         kind=value.kind,  # type: ignore[arg-type]
         postings=[codec.posting(p, value) for p in value.postings],
-        posted_at=codec.timestamp(value.posted_at_us),
+        posted_at=wire.timestamp(value.posted_at_us),
         hold_id=value.hold_id,
         refers_to_entry_id=value.refers_to_entry_id,
-        amount=codec.money(value.amount_minor, value.currency),
+        amount=wire.money(value.amount_minor, value.currency),
         refunded_minor=value.refunded_minor,
         decision_id=value.decision_id,
         description=value.description,

@@ -18,7 +18,6 @@ import psycopg
 import pytest
 from money_helpers import Kit, ledger_config, new_signer, unique_tenant
 
-from money_plane import codec_records
 from money_plane.app import MoneyPlane
 from money_plane.domain import (
     Command,
@@ -39,6 +38,7 @@ from money_plane.invariants import (
     hold_change_problem,
     hold_problem,
 )
+from money_plane.store import records as msgpack_records
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime.clock import ManualClock
@@ -206,7 +206,7 @@ async def test_a_corrupt_entry_is_detected_when_read_back(
         "entries",
         "entry_key",
         scoped_key(kit.tenant, original.entry_id),
-        codec_records.encode(tampered),
+        msgpack_records.encode(tampered),
     )
     with caplog.at_level(logging.CRITICAL, logger=INVARIANTS_LOG):
         with pytest.raises(LedgerInvariantViolated) as by_id:
@@ -238,7 +238,7 @@ async def test_a_refund_of_a_corrupt_entry_writes_nothing(
         "entries",
         "entry_key",
         scoped_key(kit.tenant, original.entry_id),
-        codec_records.encode(tampered),
+        msgpack_records.encode(tampered),
     )
     before = (kit.snapshot(), kit.probe.entry_count(kit.tenant), kit.probe.outbox_count())
     remembered = kit.probe.idempotency_count(kit.tenant)
@@ -257,7 +257,7 @@ async def test_a_refund_of_a_corrupt_entry_writes_nothing(
         "entries",
         "entry_key",
         scoped_key(kit.tenant, original.entry_id),
-        codec_records.encode(original),
+        msgpack_records.encode(original),
     )
     refund = await kit.ok(kit.refund("refund-1", original.entry_id))
     assert refund.entry is not None and refund.entry.amount_minor == 2_500
@@ -274,7 +274,7 @@ async def test_a_corrupt_hold_is_detected_when_read_back(kit: Kit) -> None:
         "holds",
         "hold_key",
         scoped_key(kit.tenant, forged.hold_id),
-        codec_records.encode(forged),
+        msgpack_records.encode(forged),
     )
     with pytest.raises(LedgerInvariantViolated, match="carries a capture"):
         await kit.ledger.get_hold(kit.tenant, forged.hold_id)
@@ -308,7 +308,7 @@ async def test_grpc_answers_a_corrupt_entry_with_internal_and_the_reason(tmp_pat
             "entries",
             "entry_key",
             scoped_key(kit.tenant, posted.entry.entry_id),
-            codec_records.encode(tampered),
+            msgpack_records.encode(tampered),
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = money_pb2_grpc.LedgerServiceStub(channel)

@@ -1,4 +1,7 @@
-"""Compact binary encoding of domain records for storage (msgpack arrays)."""
+"""Compact binary encoding of domain records for storage (msgpack arrays).
+
+The stores' own format, not the wire's: it lives beside the stores that read
+and write it, while `money_plane.codec` translates the protobuf contract."""
 
 from __future__ import annotations
 
