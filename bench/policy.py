@@ -169,7 +169,7 @@ def bench_eval(bundle: CompiledBundle) -> dict[str, float]:
 
 
 def rpc_request(inp: EvaluationInput) -> pb.EvaluateRequest:
-    from policy_plane.convert import evaluate_request_pb
+    from policy_plane.codec import evaluate_request_pb
 
     return evaluate_request_pb(inp)
 

@@ -14,7 +14,7 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from policy_plane import bundle_sync, convert
+from policy_plane import bundle_sync, codec
 from policy_plane.decision_log import LogKeys
 from policy_plane.engine import PolicyEngine
 from policy_plane.service import services
@@ -64,7 +64,7 @@ def build_engine(config: Config, clock: Clock | None = None) -> PolicyEngine:
         TokenSigner(key),
         LogKeys(key, others),
         clock or SystemClock(),
-        convert.case_resolved_event,
+        codec.case_resolved_event,
     )
 
 

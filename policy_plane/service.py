@@ -4,69 +4,29 @@ Domain errors raised below become rich statuses in the server's interceptor."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from typing import TypeAlias
 
 import grpc
 
-from policy_plane import convert, validate
+from policy_plane import codec, validate
 from policy_plane.bundle import BundleSource
-from policy_plane.bundles_registry import BundleInfo
 from policy_plane.consent import ContactProfile, ContactRecord
 from policy_plane.engine import PolicyEngine
 from policy_plane.offers import CustomerContext
 from policy_plane.replay import ReplayWindow
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
+from triplane.runtime import codec as wire
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.server import Service
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
-TARGETS = {
-    pb.BUNDLE_TARGET_UNSPECIFIED: "store",
-    pb.BUNDLE_TARGET_STORE: "store",
-    pb.BUNDLE_TARGET_LIVE: "live",
-    pb.BUNDLE_TARGET_SHADOW: "shadow",
-}
 
 
 def page_size(requested: int, engine: PolicyEngine) -> int:
     limits = engine.config.limits
-    if requested < 0:
-        raise InvalidArgument("PAGE_SIZE_INVALID", "page_size must be >= 0", "page_size")
-    return min(requested or limits.default_page_size, limits.max_page_size)
-
-
-def encode_token(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
-
-
-def decode_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidArgument(
-            "PAGE_TOKEN_INVALID", "page_token is not one we issued", "page_token"
-        ) from exc
-
-
-def maybe_bundle_info_pb(info: BundleInfo | None) -> pb.BundleInfo | None:
-    return bundle_info_pb(info) if info is not None else None
-
-
-def bundle_info_pb(info: BundleInfo) -> pb.BundleInfo:
-    return pb.BundleInfo(
-        version=info.version,
-        label=info.label,
-        content_hash=info.content_hash,
-        rule_count=info.rule_count,
-        sanctions_entry_count=info.sanctions_entry_count,
-        loaded_at=convert.ts(info.loaded_at_us),
-    )
+    return wire.page_size(requested, limits.default_page_size, limits.max_page_size)
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
@@ -80,7 +40,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             request.tenant_id, request.display_name
         )
         return pb.CreateTenantResponse(
-            tenant_id=request.tenant_id, display_name=name, created_at=convert.ts(created_at_us)
+            tenant_id=request.tenant_id, display_name=name, created_at=wire.timestamp(created_at_us)
         )
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: Ctx) -> pb.EvaluateResponse:
@@ -88,10 +48,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         deadline = Deadline.from_remaining(
             context.time_remaining(), self._engine.config.budget_ms / 1000.0
         )
-        decision, replayed = await self._engine.evaluate(
-            convert.evaluation_input(request), deadline
-        )
-        return pb.EvaluateResponse(decision=convert.decision_pb(decision), replayed=replayed)
+        decision, replayed = await self._engine.evaluate(codec.evaluation_input(request), deadline)
+        return pb.EvaluateResponse(decision=codec.decision_pb(decision), replayed=replayed)
 
     async def GetDecision(
         self, request: pb.GetDecisionRequest, context: Ctx
@@ -100,8 +58,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             request.tenant_id, request.decision_id, request.idempotency_key
         )
         return pb.GetDecisionResponse(
-            decision=convert.decision_pb(decision),
-            input=convert.evaluate_request_pb(decision.record.input),
+            decision=codec.decision_pb(decision),
+            input=codec.evaluate_request_pb(decision.record.input),
         )
 
     async def ReplayDecisions(
@@ -110,22 +68,22 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         window = ReplayWindow(
             tenant_id=request.tenant_id,
             account_id=request.account_id,
-            start_us=convert.us_of(request.start_time),
-            end_us=convert.us_of(request.end_time),
+            start_us=wire.micros(request.start_time, "start_time"),
+            end_us=wire.micros(request.end_time, "end_time"),
             max_decisions=request.max_decisions,
         )
         report = await self._engine.replay(window, request.bundle_version)
-        return convert.replay_pb(report)
+        return codec.replay_pb(report)
 
     async def VerifyDecisionLog(
         self, request: pb.VerifyDecisionLogRequest, context: Ctx
     ) -> pb.VerifyDecisionLogResponse:
-        return convert.verify_pb(await self._engine.verify_log(request.chain_id))
+        return codec.verify_pb(await self._engine.verify_log(request.chain_id))
 
     async def LabelDecision(
         self, request: pb.LabelDecisionRequest, context: Ctx
     ) -> pb.LabelDecisionResponse:
-        label = convert.LABELS.get(request.label, "")
+        label = codec.LABELS.get(request.label, "")
         await self._engine.label_decision(request.tenant_id, request.decision_id, label)
         return pb.LabelDecisionResponse(decision_id=request.decision_id, label=request.label)
 
@@ -161,20 +119,22 @@ class BundleServicer(pb_grpc.BundleServiceServicer):
             sanctions_csv=request.sanctions_list_csv,
             aliases_csv=request.sanctions_aliases_csv,
         )
-        info = await asyncio.to_thread(self._engine.bundles.load, source, TARGETS[request.target])
-        return pb.LoadBundleResponse(bundle=bundle_info_pb(info))
+        info = await asyncio.to_thread(
+            self._engine.bundles.load, source, codec.TARGETS[request.target]
+        )
+        return pb.LoadBundleResponse(bundle=codec.bundle_info_pb(info))
 
     async def ActivateBundle(
         self, request: pb.ActivateBundleRequest, context: Ctx
     ) -> pb.ActivateBundleResponse:
         info = await asyncio.to_thread(self._engine.bundles.activate, request.version)
-        return pb.ActivateBundleResponse(bundle=bundle_info_pb(info))
+        return pb.ActivateBundleResponse(bundle=codec.bundle_info_pb(info))
 
     async def SetShadowBundle(
         self, request: pb.SetShadowBundleRequest, context: Ctx
     ) -> pb.SetShadowBundleResponse:
         info = await asyncio.to_thread(self._engine.bundles.set_shadow, request.version)
-        return pb.SetShadowBundleResponse(shadow=maybe_bundle_info_pb(info))
+        return pb.SetShadowBundleResponse(shadow=codec.maybe_bundle_info_pb(info))
 
     async def GetActiveBundle(
         self, request: pb.GetActiveBundleRequest, context: Ctx
@@ -189,23 +149,27 @@ class BundleServicer(pb_grpc.BundleServiceServicer):
             else None
         )
         return pb.GetActiveBundleResponse(
-            live=maybe_bundle_info_pb(live), shadow=maybe_bundle_info_pb(shadow)
+            live=codec.maybe_bundle_info_pb(live), shadow=codec.maybe_bundle_info_pb(shadow)
         )
 
     async def ListBundles(
         self, request: pb.ListBundlesRequest, context: Ctx
     ) -> pb.ListBundlesResponse:
         size = page_size(request.page_size, self._engine)
-        raw = decode_token(request.page_token)
-        if raw and not raw.isdigit():
+        position = wire.decode_page_token(request.page_token, codec.BUNDLES_PAGE, (int,))
+        offset = int(position[0]) if position is not None else 0
+        if offset < 0:
             raise InvalidArgument(
-                "PAGE_TOKEN_INVALID", "page_token is not one we issued", "page_token"
+                wire.PAGE_TOKEN_INVALID, "page_token is not one this list issued", "page_token"
             )
-        offset = int(raw or 0)
         infos = await asyncio.to_thread(self._engine.bundles.list_bundles, offset, size + 1)
-        next_token = encode_token(str(offset + size)) if len(infos) > size else ""
+        next_token = (
+            wire.encode_page_token(codec.BUNDLES_PAGE, (offset + size,))
+            if len(infos) > size
+            else ""
+        )
         return pb.ListBundlesResponse(
-            bundles=[bundle_info_pb(i) for i in infos[:size]], next_page_token=next_token
+            bundles=[codec.bundle_info_pb(i) for i in infos[:size]], next_page_token=next_token
         )
 
 
@@ -227,7 +191,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
                 vulnerable=profile.vulnerable,
             ),
         )
-        return pb.PutContactProfileResponse(profile=convert.profile_pb(stored))
+        return pb.PutContactProfileResponse(profile=codec.profile_pb(stored))
 
     async def SetConsent(
         self, request: pb.SetConsentRequest, context: Ctx
@@ -237,9 +201,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             self._engine.consent.set_consent,
             request.tenant_id,
             request.customer_id,
-            convert.consent_record(request.consent),
+            codec.consent_record(request.consent),
         )
-        return pb.SetConsentResponse(consent=convert.consent_pb(stored))
+        return pb.SetConsentResponse(consent=codec.consent_pb(stored))
 
     async def GetConsent(
         self, request: pb.GetConsentRequest, context: Ctx
@@ -247,22 +211,22 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         self._engine.check_customer(request.tenant_id, request.customer_id)
         profile, consents = self._engine.consent.get(request.tenant_id, request.customer_id)
         return pb.GetConsentResponse(
-            profile=convert.profile_pb(profile), consents=[convert.consent_pb(c) for c in consents]
+            profile=codec.profile_pb(profile), consents=[codec.consent_pb(c) for c in consents]
         )
 
     async def CheckContact(
         self, request: pb.CheckContactRequest, context: Ctx
     ) -> pb.CheckContactResponse:
         self._engine.check_customer(request.tenant_id, request.customer_id)
-        channel = _channel(request.channel)
-        topic = _topic(request.topic)
+        channel = codec.channel(request.channel)
+        topic = codec.topic(request.topic)
         cooldown_s, max_week = 0, 0
         if request.offer_id:
             offer = self._engine.offers.get(request.tenant_id, request.offer_id)
             cooldown_s, max_week = offer.cooldown_s, offer.max_contacts_per_week
         contact_at_us = 0
         if request.HasField("contact_at"):
-            contact_at_us = convert.us_of(request.contact_at)
+            contact_at_us = wire.micros(request.contact_at, "contact_at")
             if contact_at_us <= 0:
                 raise InvalidArgument("TIME_INVALID", "contact_at before 1970", "contact_at")
         check = self._engine.consent.check(
@@ -277,11 +241,11 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         )
         response = pb.CheckContactResponse(
             allowed=check.allowed,
-            block=convert.BLOCKS.get(check.block, pb.CONTACT_BLOCK_UNSPECIFIED),
+            block=codec.BLOCKS.get(check.block, pb.CONTACT_BLOCK_UNSPECIFIED),
             detail=check.detail,
         )
         if check.next_allowed_at_us:
-            response.next_allowed_at.CopyFrom(convert.ts(check.next_allowed_at_us))
+            wire.fill_timestamp(response.next_allowed_at, check.next_allowed_at_us)
         return response
 
     async def RecordContact(
@@ -294,29 +258,15 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             validate.check_id(request.offer_id, "offer_id", engine.config.limits)
         contact = ContactRecord(
             contact_id=request.contact_id,
-            channel=_channel(request.channel),
-            topic=_topic(request.topic),
+            channel=codec.channel(request.channel),
+            topic=codec.topic(request.topic),
             offer_id=request.offer_id,
-            at_us=convert.us_of(request.contacted_at) or engine.clock.now_us(),
+            at_us=wire.micros(request.contacted_at, "contacted_at") or engine.clock.now_us(),
         )
         replayed = await asyncio.to_thread(
             engine.consent.record_contact, request.tenant_id, request.customer_id, contact
         )
         return pb.RecordContactResponse(contact_id=request.contact_id, replayed=replayed)
-
-
-def _channel(value: pb.Channel.ValueType) -> str:
-    channel = convert.CHANNELS.get(value)
-    if channel is None:
-        raise InvalidArgument("CHANNEL_INVALID", "channel is required", "channel")
-    return channel
-
-
-def _topic(value: pb.Topic.ValueType) -> str:
-    topic = convert.TOPICS.get(value)
-    if topic is None:
-        raise InvalidArgument("TOPIC_INVALID", "topic is required", "topic")
-    return topic
 
 
 class OfferServicer(pb_grpc.OfferServiceServicer):
@@ -325,22 +275,20 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
 
     async def PutOffer(self, request: pb.PutOfferRequest, context: Ctx) -> pb.PutOfferResponse:
         self._engine.require_tenant(request.offer.tenant_id)
-        stored = await asyncio.to_thread(
-            self._engine.offers.put, convert.offer_entry(request.offer)
-        )
-        return pb.PutOfferResponse(offer=convert.offer_pb(stored))
+        stored = await asyncio.to_thread(self._engine.offers.put, codec.offer_entry(request.offer))
+        return pb.PutOfferResponse(offer=codec.offer_pb(stored))
 
     async def StopOffer(self, request: pb.StopOfferRequest, context: Ctx) -> pb.StopOfferResponse:
         self._engine.require_tenant(request.tenant_id)
         stored = await asyncio.to_thread(
             self._engine.offers.stop, request.tenant_id, request.offer_id
         )
-        return pb.StopOfferResponse(offer=convert.offer_pb(stored))
+        return pb.StopOfferResponse(offer=codec.offer_pb(stored))
 
     async def GetOffer(self, request: pb.GetOfferRequest, context: Ctx) -> pb.GetOfferResponse:
         self._engine.require_tenant(request.tenant_id)
         return pb.GetOfferResponse(
-            offer=convert.offer_pb(self._engine.offers.get(request.tenant_id, request.offer_id))
+            offer=codec.offer_pb(self._engine.offers.get(request.tenant_id, request.offer_id))
         )
 
     async def ListOffers(
@@ -348,11 +296,16 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
     ) -> pb.ListOffersResponse:
         self._engine.require_tenant(request.tenant_id)
         size = page_size(request.page_size, self._engine)
-        after = decode_token(request.page_token)
+        position = wire.decode_page_token(request.page_token, codec.OFFERS_PAGE, (str,))
+        after = str(position[0]) if position is not None else ""
         offers = self._engine.offers.list_offers(request.tenant_id, after, size + 1)
-        next_token = encode_token(offers[size - 1].offer_id) if len(offers) > size else ""
+        next_token = (
+            wire.encode_page_token(codec.OFFERS_PAGE, (offers[size - 1].offer_id,))
+            if len(offers) > size
+            else ""
+        )
         return pb.ListOffersResponse(
-            offers=[convert.offer_pb(o) for o in offers[:size]], next_page_token=next_token
+            offers=[codec.offer_pb(o) for o in offers[:size]], next_page_token=next_token
         )
 
     async def GetEligibleOffers(
@@ -373,8 +326,8 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
             )
         )
         return pb.GetEligibleOffersResponse(
-            eligible=[convert.eligible_pb(e) for e in eligible],
-            excluded=[convert.excluded_pb(x) for x in excluded],
+            eligible=[codec.eligible_pb(e) for e in eligible],
+            excluded=[codec.excluded_pb(x) for x in excluded],
         )
 
 
@@ -385,27 +338,32 @@ class CaseServicer(pb_grpc.CaseServiceServicer):
     async def ListCases(self, request: pb.ListCasesRequest, context: Ctx) -> pb.ListCasesResponse:
         self._engine.require_tenant(request.tenant_id)
         size = page_size(request.page_size, self._engine)
-        status = convert.CASE_STATUSES.get(request.status, "")
-        after = decode_token(request.page_token)
+        status = codec.CASE_STATUSES.get(request.status, "")
+        position = wire.decode_page_token(request.page_token, codec.CASES_PAGE, (str,))
+        after = str(position[0]) if position is not None else ""
         cases = await asyncio.to_thread(
             self._engine.cases.list_cases, request.tenant_id, status, after, size + 1
         )
-        next_token = encode_token(cases[size - 1].case_id) if len(cases) > size else ""
+        next_token = (
+            wire.encode_page_token(codec.CASES_PAGE, (cases[size - 1].case_id,))
+            if len(cases) > size
+            else ""
+        )
         return pb.ListCasesResponse(
-            cases=[convert.case_pb(c) for c in cases[:size]], next_page_token=next_token
+            cases=[codec.case_pb(c) for c in cases[:size]], next_page_token=next_token
         )
 
     async def GetCase(self, request: pb.GetCaseRequest, context: Ctx) -> pb.GetCaseResponse:
         self._engine.require_tenant(request.tenant_id)
         case = await asyncio.to_thread(self._engine.cases.get, request.tenant_id, request.case_id)
-        return pb.GetCaseResponse(case=convert.case_pb(case))
+        return pb.GetCaseResponse(case=codec.case_pb(case))
 
     async def ClaimCase(self, request: pb.ClaimCaseRequest, context: Ctx) -> pb.ClaimCaseResponse:
         self._engine.require_tenant(request.tenant_id)
         case = await asyncio.to_thread(
             self._engine.cases.claim, request.tenant_id, request.case_id, request.reviewer
         )
-        return pb.ClaimCaseResponse(case=convert.case_pb(case))
+        return pb.ClaimCaseResponse(case=codec.case_pb(case))
 
     async def ResolveCase(
         self, request: pb.ResolveCaseRequest, context: Ctx
@@ -416,11 +374,11 @@ class CaseServicer(pb_grpc.CaseServiceServicer):
             request.tenant_id,
             request.case_id,
             request.reviewer,
-            convert.RESOLUTIONS.get(request.resolution, ""),
+            codec.RESOLUTIONS.get(request.resolution, ""),
             request.note,
         )
         self._engine.case_event_written()
-        return pb.ResolveCaseResponse(case=convert.case_pb(case))
+        return pb.ResolveCaseResponse(case=codec.case_pb(case))
 
 
 def services(engine: PolicyEngine) -> list[Service]:

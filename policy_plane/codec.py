@@ -1,9 +1,9 @@
-"""Protobuf <-> domain translation (no grpc import: the messages only)."""
+"""Protobuf <-> domain translation (no grpc import: the messages only). Times,
+money and pages are read and written by the runtime's one vocabulary (`wire`)."""
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
-
+from policy_plane.bundles_registry import BundleInfo
 from policy_plane.cases import CaseBody
 from policy_plane.consent import ConsentRecord, ContactProfile
 from policy_plane.decision_log import VerifyResult
@@ -21,7 +21,15 @@ from policy_plane.replay import Confusion, ReplayReport
 from policy_plane.store import OutboxRow
 from triplane.common.v1 import types_pb2
 from triplane.policy.v1 import policy_pb2 as pb
+from triplane.runtime import codec as wire
 from triplane.runtime.bus import make_envelope, subject_for
+from triplane.runtime.errors import InvalidArgument
+
+# The lists this plane pages, each resumed after its own sort key: bundles
+# after an offset, offers after an offer id, cases after a case id.
+BUNDLES_PAGE = "policy.bundles"
+OFFERS_PAGE = "policy.offers"
+CASES_PAGE = "policy.cases"
 
 OUTCOMES: dict[str, pb.Outcome.ValueType] = {
     "allow": pb.OUTCOME_ALLOW,
@@ -104,17 +112,43 @@ RESOLUTIONS: dict[pb.Resolution.ValueType, str] = {
     pb.RESOLUTION_DECLINE: "decline",
 }
 RESOLUTION_ENUMS: dict[str, pb.Resolution.ValueType] = {v: k for k, v in RESOLUTIONS.items()}
+TARGETS: dict[pb.BundleTarget.ValueType, str] = {
+    pb.BUNDLE_TARGET_UNSPECIFIED: "store",
+    pb.BUNDLE_TARGET_STORE: "store",
+    pb.BUNDLE_TARGET_LIVE: "live",
+    pb.BUNDLE_TARGET_SHADOW: "shadow",
+}
 
 
-def ts(us: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    if us:
-        stamp.FromMicroseconds(us)
-    return stamp
+def channel(value: pb.Channel.ValueType) -> str:
+    """The channel a request names; unspecified or unknown is CHANNEL_INVALID."""
+    name = CHANNELS.get(value)
+    if name is None:
+        raise InvalidArgument("CHANNEL_INVALID", "channel is required", "channel")
+    return name
 
 
-def us_of(stamp: timestamp_pb2.Timestamp) -> int:
-    return int(stamp.ToMicroseconds()) if stamp.seconds or stamp.nanos else 0
+def topic(value: pb.Topic.ValueType) -> str:
+    """The topic a request names; unspecified or unknown is TOPIC_INVALID."""
+    name = TOPICS.get(value)
+    if name is None:
+        raise InvalidArgument("TOPIC_INVALID", "topic is required", "topic")
+    return name
+
+
+def bundle_info_pb(info: BundleInfo) -> pb.BundleInfo:
+    return pb.BundleInfo(
+        version=info.version,
+        label=info.label,
+        content_hash=info.content_hash,
+        rule_count=info.rule_count,
+        sanctions_entry_count=info.sanctions_entry_count,
+        loaded_at=wire.timestamp(info.loaded_at_us),
+    )
+
+
+def maybe_bundle_info_pb(info: BundleInfo | None) -> pb.BundleInfo | None:
+    return bundle_info_pb(info) if info is not None else None
 
 
 def _velocity(message: pb.VelocityCounters) -> Velocity:
@@ -164,7 +198,7 @@ def evaluation_input(request: pb.EvaluateRequest) -> EvaluationInput:
             merchant_velocity=_velocity(snap.merchant_velocity),
             account_age_days=snap.account_age_days,
             features=dict(snap.features),
-            decided_at_us=us_of(snap.decided_at),
+            decided_at_us=wire.micros(snap.decided_at, "snapshot.decided_at"),
         ),
     )
 
@@ -188,7 +222,7 @@ def evaluate_request_pb(inp: EvaluationInput) -> pb.EvaluateRequest:
         payment=pb.Payment(
             account_id=p.account_id,
             kind=KIND_ENUMS.get(p.kind, pb.PAYMENT_KIND_UNSPECIFIED),
-            amount=types_pb2.Money(amount_minor=p.amount_minor, currency=p.currency),
+            amount=wire.money(p.amount_minor, p.currency),
             payment_method=p.payment_method,
             merchant_id=p.merchant_id,
             merchant_category=p.merchant_category,
@@ -210,7 +244,7 @@ def evaluate_request_pb(inp: EvaluationInput) -> pb.EvaluateRequest:
             merchant_velocity=_velocity_pb(s.merchant_velocity),
             account_age_days=s.account_age_days,
             features=s.features,
-            decided_at=ts(s.decided_at_us),
+            decided_at=wire.timestamp(s.decided_at_us),
         ),
     )
 
@@ -247,13 +281,13 @@ def decision_pb(decision: Decision) -> pb.Decision:
         ),
         bundle_version=record.bundle_version,
         decision_token=record.token,
-        decided_at=ts(record.input.snapshot.decided_at_us),
+        decided_at=wire.timestamp(record.input.snapshot.decided_at_us),
         case_id=record.case_id,
         log_chain_id=decision.chain_id,
         log_sequence=decision.sequence,
     )
     if record.token_expires_at_s:
-        message.token_expires_at.CopyFrom(ts(record.token_expires_at_s * 1_000_000))
+        wire.fill_timestamp(message.token_expires_at, record.token_expires_at_s * 1_000_000)
     if verdict.route is not None:
         message.route.CopyFrom(
             pb.Route(
@@ -316,7 +350,7 @@ def profile_pb(profile: ContactProfile) -> pb.ContactProfile:
         customer_id=profile.customer_id,
         time_zone=profile.time_zone,
         vulnerable=profile.vulnerable,
-        updated_at=ts(profile.updated_at_us),
+        updated_at=wire.timestamp(profile.updated_at_us),
     )
 
 
@@ -327,7 +361,7 @@ def consent_record(message: pb.Consent) -> ConsentRecord:
         status=STATUSES.get(message.status, ""),
         lawful_basis=BASES.get(message.lawful_basis, ""),
         source=message.source,
-        granted_at_us=us_of(message.granted_at),
+        granted_at_us=wire.micros(message.granted_at, "consent.granted_at"),
     )
 
 
@@ -338,13 +372,9 @@ def consent_pb(record: ConsentRecord) -> pb.Consent:
         status=STATUS_ENUMS[record.status],
         lawful_basis=BASIS_ENUMS[record.lawful_basis],
         source=record.source,
-        granted_at=ts(record.granted_at_us),
-        updated_at=ts(record.updated_at_us),
+        granted_at=wire.timestamp(record.granted_at_us),
+        updated_at=wire.timestamp(record.updated_at_us),
     )
-
-
-def _money(minor: int, currency: str) -> types_pb2.Money:
-    return types_pb2.Money(amount_minor=minor, currency=currency)
 
 
 def offer_entry(message: pb.Offer) -> OfferEntry:
@@ -372,8 +402,8 @@ def offer_entry(message: pb.Offer) -> OfferEntry:
         conversion_events=list(message.conversion_events),
         max_contacts_per_week=message.max_contacts_per_week,
         cooldown_s=message.cooldown_s,
-        starts_at_us=us_of(message.starts_at),
-        ends_at_us=us_of(message.ends_at),
+        starts_at_us=wire.micros(message.starts_at, "offer.starts_at"),
+        ends_at_us=wire.micros(message.ends_at, "offer.ends_at"),
         attributes=dict(message.attributes),
     )
 
@@ -381,7 +411,7 @@ def offer_entry(message: pb.Offer) -> OfferEntry:
 def _variant_pb(variant: OfferVariant) -> pb.OfferVariant:
     return pb.OfferVariant(
         variant_id=variant.variant_id,
-        value=_money(variant.value_minor, variant.currency),
+        value=wire.money(variant.value_minor, variant.currency),
         creative_id=variant.creative_id,
     )
 
@@ -392,7 +422,7 @@ def offer_pb(entry: OfferEntry) -> pb.Offer:
         offer_id=entry.offer_id,
         product=PRODUCT_ENUMS[entry.product],
         title=entry.title,
-        value=_money(entry.value_minor, entry.currency),
+        value=wire.money(entry.value_minor, entry.currency),
         eligibility=entry.eligibility,
         never_show=entry.never_show,
         topic=TOPIC_ENUMS[entry.topic],
@@ -402,11 +432,11 @@ def offer_pb(entry: OfferEntry) -> pb.Offer:
         conversion_events=entry.conversion_events,
         max_contacts_per_week=entry.max_contacts_per_week,
         cooldown_s=entry.cooldown_s,
-        starts_at=ts(entry.starts_at_us),
-        ends_at=ts(entry.ends_at_us),
+        starts_at=wire.timestamp(entry.starts_at_us),
+        ends_at=wire.timestamp(entry.ends_at_us),
         status=pb.OFFER_STATUS_ACTIVE if entry.status == "active" else pb.OFFER_STATUS_STOPPED,
         revision=entry.revision,
-        updated_at=ts(entry.updated_at_us),
+        updated_at=wire.timestamp(entry.updated_at_us),
         attributes=entry.attributes,
     )
 
@@ -417,7 +447,7 @@ def eligible_pb(item: Eligible) -> pb.EligibleOffer:
         offer_id=entry.offer_id,
         product=PRODUCT_ENUMS[entry.product],
         channel=CHANNEL_ENUMS[item.channel],
-        value=_money(entry.value_minor, entry.currency),
+        value=wire.money(entry.value_minor, entry.currency),
         revision=entry.revision,
         conversion_events=list(entry.conversion_events),
         attributes=entry.attributes,
@@ -426,7 +456,7 @@ def eligible_pb(item: Eligible) -> pb.EligibleOffer:
         message.variant.CopyFrom(_variant_pb(item.variant))
         if item.variant.value_minor:
             message.value.CopyFrom(
-                _money(item.variant.value_minor, item.variant.currency or entry.currency)
+                wire.money(item.variant.value_minor, item.variant.currency or entry.currency)
             )
     return message
 
@@ -446,7 +476,7 @@ def case_pb(case: CaseBody) -> pb.Case:
         outcome=OUTCOMES[case.outcome],
         reason_codes=case.reason_codes,
         status=CASE_STATUS_ENUMS[case.status],
-        amount=_money(case.amount_minor, case.currency),
+        amount=wire.money(case.amount_minor, case.currency),
         model_score=types_pb2.ModelScoreRef(
             model=case.score_model,
             version=case.score_version,
@@ -459,9 +489,9 @@ def case_pb(case: CaseBody) -> pb.Case:
         resolution=RESOLUTION_ENUMS.get(case.resolution, pb.RESOLUTION_UNSPECIFIED),
         note=case.note,
         overruled=case.overruled,
-        opened_at=ts(case.opened_at_us),
-        claimed_at=ts(case.claimed_at_us),
-        resolved_at=ts(case.resolved_at_us),
+        opened_at=wire.timestamp(case.opened_at_us),
+        claimed_at=wire.timestamp(case.claimed_at_us),
+        resolved_at=wire.timestamp(case.resolved_at_us),
         bundle_version=case.bundle_version,
     )
 
@@ -477,7 +507,7 @@ def case_resolved_event(case: CaseBody, now_us: int) -> OutboxRow:
         occurred_at_us=now_us,
         event_id=event_id,
         account_id=case.account_id,
-        amount=_money(case.amount_minor, case.currency),
+        amount=wire.money(case.amount_minor, case.currency),
         policy_decision=case.decision_id,
         policy_version=case.bundle_version,
     )
