@@ -156,12 +156,7 @@ class BundleServicer(pb_grpc.BundleServiceServicer):
         self, request: pb.ListBundlesRequest, context: Ctx
     ) -> pb.ListBundlesResponse:
         size = page_size(request.page_size, self._engine)
-        position = wire.decode_page_token(request.page_token, codec.BUNDLES_PAGE, (int,))
-        offset = int(position[0]) if position is not None else 0
-        if offset < 0:
-            raise InvalidArgument(
-                wire.PAGE_TOKEN_INVALID, "page_token is not one this list issued", "page_token"
-            )
+        offset = wire.decode_page_offset(request.page_token, codec.BUNDLES_PAGE)
         infos = await asyncio.to_thread(self._engine.bundles.list_bundles, offset, size + 1)
         next_token = (
             wire.encode_page_token(codec.BUNDLES_PAGE, (offset + size,))

@@ -256,3 +256,14 @@ def test_padding_is_optional() -> None:
     token = codec.encode_page_token("money.postings", [7])
     padded = token + "=" * (-len(token) % 4)
     assert codec.decode_page_token(padded, "money.postings", [int]) == (7,)
+
+
+def test_an_offset_token_never_names_a_negative_offset() -> None:
+    assert codec.decode_page_offset("", "policy.bundles") == 0
+    assert (
+        codec.decode_page_offset(codec.encode_page_token("policy.bundles", (50,)), "policy.bundles")
+        == 50
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        codec.decode_page_offset(codec.encode_page_token("policy.bundles", (-1,)), "policy.bundles")
+    assert refusal(caught) == (Code.INVALID_ARGUMENT, "PAGE_TOKEN_INVALID", "page_token")

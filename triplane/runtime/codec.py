@@ -205,3 +205,16 @@ def decode_page_token(
         if type(value) is not expected:
             raise refused
     return tuple(decoded.p)
+
+
+def decode_page_offset(token: str, kind: str, field: str = "page_token") -> int:
+    """For a list paged by position (`encode_page_token(kind, (offset,))`):
+    0 for the first page, else the offset its token names; a negative one
+    was never issued and is PAGE_TOKEN_INVALID."""
+    position = decode_page_token(token, kind, (int,), field)
+    if position is None:
+        return 0
+    offset = int(position[0])
+    if offset < 0:
+        raise InvalidArgument(PAGE_TOKEN_INVALID, f"{field} is not one this list issued", field)
+    return offset
