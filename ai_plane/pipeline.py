@@ -31,6 +31,7 @@ from ai_plane.store.base import FeatureStore
 from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import envelope_pb2
 from triplane.money.v1 import money_pb2
+from triplane.runtime import codec as wire
 from triplane.runtime.config import AiPipelineConfig
 from triplane.runtime.ids import check_tenant_id
 from triplane.runtime.tasks import cancel_and_wait
@@ -55,8 +56,7 @@ _BEHAVIOUR_KIND: dict[int, ActivityKind] = {
 
 
 def _occurred_us(envelope: envelope_pb2.EventEnvelope) -> int:
-    ts = envelope.occurred_at
-    return ts.seconds * 1_000_000 + ts.nanos // 1000
+    return wire.micros(envelope.occurred_at, "occurred_at")
 
 
 def _entry_activities(envelope: envelope_pb2.EventEnvelope) -> list[Activity]:

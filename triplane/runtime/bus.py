@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nats
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from triplane.common.v1 import envelope_pb2, types_pb2
+from triplane.runtime import codec
 from triplane.runtime.config import NatsConfig
 
 log = logging.getLogger("triplane.bus")
@@ -61,12 +61,10 @@ def make_envelope(
     model_score_ref: types_pb2.ModelScoreRef | None = None,
     trace_id: str = "",
 ) -> envelope_pb2.EventEnvelope:
-    occurred_at = timestamp_pb2.Timestamp()
-    occurred_at.FromMicroseconds(occurred_at_us)
     envelope = envelope_pb2.EventEnvelope(
         event_id=event_id or new_event_id(),
         event_type=event_type,
-        occurred_at=occurred_at,
+        occurred_at=codec.timestamp(occurred_at_us),
         tenant_id=tenant_id,
         account_id=account_id,
         idempotency_key=idempotency_key,
