@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway import codec
 from gateway.delivery import DeliveryWorker, build_delivery_worker
 from gateway.experiments import Experiments
 from gateway.measure import (
@@ -39,33 +40,13 @@ from gateway.triggers import (
 )
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.policy.v1 import policy_pb2
+from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import Config, PartnerWebhookConfig
 from triplane.runtime.db import Database
 from triplane.runtime.errors import NotFound
 
 log = logging.getLogger("gateway.engagement")
-
-_CHANNEL_TO_POLICY: dict[str, policy_pb2.Channel.ValueType] = {
-    "push": policy_pb2.CHANNEL_PUSH,
-    "in_app": policy_pb2.CHANNEL_IN_APP,
-    "email": policy_pb2.CHANNEL_EMAIL,
-    "sms": policy_pb2.CHANNEL_SMS,
-    "whatsapp": policy_pb2.CHANNEL_WHATSAPP,
-    "partner_webhook": policy_pb2.CHANNEL_PARTNER_WEBHOOK,
-}
-_TOPIC_TO_POLICY: dict[str, policy_pb2.Topic.ValueType] = {
-    "marketing": policy_pb2.TOPIC_MARKETING,
-    "servicing": policy_pb2.TOPIC_SERVICING,
-    "credit": policy_pb2.TOPIC_CREDIT,
-    "insurance": policy_pb2.TOPIC_INSURANCE,
-}
-_BLOCK: dict[policy_pb2.ContactBlock.ValueType, str] = {
-    policy_pb2.CONTACT_BLOCK_NO_CONSENT: "no_consent",
-    policy_pb2.CONTACT_BLOCK_QUIET_HOURS: "quiet_hours",
-    policy_pb2.CONTACT_BLOCK_CAPPED: "capped",
-    policy_pb2.CONTACT_BLOCK_VULNERABLE: "vulnerable",
-}
 
 
 class PolicyContacts:
@@ -81,19 +62,17 @@ class PolicyContacts:
         request = policy_pb2.CheckContactRequest(
             tenant_id=query.tenant_id,
             customer_id=query.customer_id,
-            channel=_CHANNEL_TO_POLICY.get(query.channel, policy_pb2.CHANNEL_UNSPECIFIED),
-            topic=_TOPIC_TO_POLICY.get(query.topic, policy_pb2.TOPIC_UNSPECIFIED),
+            channel=codec.CHANNEL_TO_POLICY.get(query.channel, policy_pb2.CHANNEL_UNSPECIFIED),
+            topic=codec.TOPIC_TO_POLICY.get(query.topic, policy_pb2.TOPIC_UNSPECIFIED),
             offer_id=query.offer_id,
         )
         # The moment the runner sends at, not whenever the plane reads it.
-        request.contact_at.FromMicroseconds(query.at_us)
+        wire.fill_timestamp(request.contact_at, query.at_us)
         answer = await self._policy.check_contact(request, self._budget_s)
-        next_us = (
-            answer.next_allowed_at.ToMicroseconds() if answer.HasField("next_allowed_at") else 0
-        )
+        next_us = wire.micros(answer.next_allowed_at, "next_allowed_at")
         return ContactVerdict(
             allowed=answer.allowed,
-            block=_BLOCK.get(answer.block, ""),
+            block=codec.CONTACT_BLOCKS.get(answer.block, ""),
             detail=answer.detail,
             next_allowed_at_us=next_us,
         )
@@ -103,11 +82,11 @@ class PolicyContacts:
             tenant_id=query.tenant_id,
             customer_id=query.customer_id,
             contact_id=contact_id,
-            channel=_CHANNEL_TO_POLICY.get(query.channel, policy_pb2.CHANNEL_UNSPECIFIED),
-            topic=_TOPIC_TO_POLICY.get(query.topic, policy_pb2.TOPIC_UNSPECIFIED),
+            channel=codec.CHANNEL_TO_POLICY.get(query.channel, policy_pb2.CHANNEL_UNSPECIFIED),
+            topic=codec.TOPIC_TO_POLICY.get(query.topic, policy_pb2.TOPIC_UNSPECIFIED),
             offer_id=query.offer_id,
         )
-        request.contacted_at.FromMicroseconds(at_us)
+        wire.fill_timestamp(request.contacted_at, at_us)
         await self._policy.record_contact(request, self._budget_s)
 
 

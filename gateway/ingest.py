@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway import validate
+from gateway import codec, validate
 from gateway.core import CallContext, Core, stable_id
 from gateway.idempotency import check_same, flatten
 from gateway.ports import IngestedEvent, MeasurementPort, TriggersPort
@@ -23,23 +23,12 @@ from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.runtime import bus
+from triplane.runtime import codec as wire
 from triplane.runtime.errors import Code, InvalidArgument, TriplaneError
 
 log = logging.getLogger("gateway.ingest")
 
 INGEST_SCOPE = "IngestEvents"
-# Event kind -> (normalized event type, the AI plane's behaviour kind).
-KINDS: dict[int, tuple[str, ai_pb2.BehaviourKind.ValueType]] = {
-    gw.EVENT_KIND_APP_OPENED: ("app.opened", ai_pb2.BEHAVIOUR_KIND_APP_OPENED),
-    gw.EVENT_KIND_LOGIN: ("app.login", ai_pb2.BEHAVIOUR_KIND_LOGIN),
-    gw.EVENT_KIND_LOAN_SIMULATED: ("loan.simulated", ai_pb2.BEHAVIOUR_KIND_LOAN_SIMULATED),
-    gw.EVENT_KIND_FLOW_ABANDONED: ("flow.abandoned", ai_pb2.BEHAVIOUR_KIND_FLOW_ABANDONED),
-    gw.EVENT_KIND_PAYMENT_FAILED: ("payment.failed", ai_pb2.BEHAVIOUR_KIND_PAYMENT_DECLINED),
-    gw.EVENT_KIND_KYC_FAILED: ("kyc.failed", ai_pb2.BEHAVIOUR_KIND_KYC_FAILED),
-    gw.EVENT_KIND_PAYMENT_RETRIED: ("payment.retried", ai_pb2.BEHAVIOUR_KIND_PAYMENT_RETRIED),
-    gw.EVENT_KIND_REPAYMENT_MADE: ("repayment.made", ai_pb2.BEHAVIOUR_KIND_REPAYMENT_MADE),
-    gw.EVENT_KIND_REPAYMENT_MISSED: ("repayment.missed", ai_pb2.BEHAVIOUR_KIND_REPAYMENT_MISSED),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +38,6 @@ class Prepared:
     fields: dict[str, str]
     event: IngestedEvent
     outgoing: bus.OutgoingEvent
-
-
-def item_error(error: TriplaneError) -> types_pb2.ItemError:
-    return types_pb2.ItemError(
-        code=int(error.code), reason=error.reason, field=error.field, message=error.message
-    )
 
 
 class Ingest:
@@ -79,7 +62,7 @@ class Ingest:
                     "partner_kind must match [a-z0-9_]{1,64}",
                     "partner_kind",
                 )
-        elif event.kind not in KINDS:
+        elif event.kind not in codec.EVENT_KINDS:
             raise InvalidArgument("EVENT_KIND_REQUIRED", "kind is required", "kind")
         customer = event.customer
         validate.check_id(customer.customer_id, "customer.customer_id", limits)
@@ -124,15 +107,12 @@ class Ingest:
             )
             subject_kind = f"partner.{event.partner_kind}"
         else:
-            event_type, behaviour = KINDS[event.kind]
+            event_type, behaviour = codec.EVENT_KINDS[event.kind]
             subject_kind = (
                 ai_pb2.BehaviourKind.Name(behaviour).removeprefix("BEHAVIOUR_KIND_").lower()
             )
-        occurred_at_us = (
-            event.occurred_at.ToMicroseconds()
-            if event.HasField("occurred_at")
-            else core.clock.now_us()
-        )
+        # Unset: the event happened now, as the gateway received it.
+        occurred_at_us = wire.micros(event.occurred_at, "occurred_at") or core.clock.now_us()
         customer_token = self._customer_token(tenant_id, event)
         attributes = tokens.scrub(tenant_id, event.attributes)
         attributes["customer_token"] = customer_token
@@ -210,7 +190,7 @@ class Ingest:
                 fresh.append(prepared)
             except TriplaneError as error:
                 results[index].error.CopyFrom(
-                    item_error(error.with_field_prefix(f"events[{index}]"))
+                    codec.item_error(error.with_field_prefix(f"events[{index}]"))
                 )
         await self._publish_and_trigger(scope, fresh, results, call)
         return gw.IngestEventsResponse(results=results)
@@ -244,7 +224,7 @@ class Ingest:
                 scheduled = await self.triggers.on_event(prepared.event) if self.triggers else 0
             except TriplaneError as error:
                 result.error.CopyFrom(
-                    item_error(error.with_field_prefix(f"events[{prepared.index}]"))
+                    codec.item_error(error.with_field_prefix(f"events[{prepared.index}]"))
                 )
                 continue
             result.scheduled_sends = scheduled

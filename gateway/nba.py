@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from google.protobuf import timestamp_pb2
-
-from gateway import arbitration, validate
+from gateway import arbitration, codec, validate
 from gateway.core import CallContext, Core, stable_id
 from gateway.ports import ExperimentsPort, MeasurementPort
 from triplane.ai.v1 import ai_pb2
@@ -25,6 +23,7 @@ from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.policy.v1 import policy_pb2
 from triplane.runtime import bus
+from triplane.runtime import codec as wire
 from triplane.runtime.config import SurfaceConfig
 from triplane.runtime.errors import InvalidArgument, NotFound, TriplaneError
 
@@ -36,27 +35,6 @@ EXPOSURE_EVENT, OUTCOME_EVENT = "gateway.exposure.logged", "gateway.outcome.reco
 BANDIT_EVENT = "gateway.offer.outcome"
 HOLDOUT, NOTHING_ELIGIBLE = "HOLDOUT", "NOTHING_ELIGIBLE"
 MAX_BACKGROUND_TASKS = 10_000
-
-_CHANNELS = {
-    "push": gw.CONTACT_CHANNEL_PUSH,
-    "in_app": gw.CONTACT_CHANNEL_IN_APP,
-    "email": gw.CONTACT_CHANNEL_EMAIL,
-    "sms": gw.CONTACT_CHANNEL_SMS,
-    "whatsapp": gw.CONTACT_CHANNEL_WHATSAPP,
-    "partner_webhook": gw.CONTACT_CHANNEL_PARTNER_WEBHOOK,
-}
-_EXCLUSION = {
-    policy_pb2.EXCLUSION_REASON_NOT_ELIGIBLE: "NOT_ELIGIBLE",
-    policy_pb2.EXCLUSION_REASON_NO_CONSENT: "NO_CONSENT",
-    policy_pb2.EXCLUSION_REASON_QUIET_HOURS: "QUIET_HOURS",
-    policy_pb2.EXCLUSION_REASON_CAPPED: "CAPPED",
-    policy_pb2.EXCLUSION_REASON_SUPPRESSED: "SUPPRESSED",
-}
-
-
-def product_name(product: int) -> str:
-    name: str = policy_pb2.Product.Name(product)  # type: ignore[arg-type]
-    return name.removeprefix("PRODUCT_").lower()
 
 
 class NextBestAction:
@@ -139,16 +117,9 @@ class NextBestAction:
             assignment=assignment,
             surface=req.surface,
             idempotency_key=req.idempotency_key,
-            excluded=[
-                gw.ExcludedOffer(
-                    offer_id=e.offer_id,
-                    reason=_EXCLUSION.get(e.reason, "EXCLUDED"),
-                    detail=e.detail,
-                )
-                for e in eligible.excluded
-            ],
+            excluded=[codec.excluded_offer(e) for e in eligible.excluded],
         )
-        answer.send_at.FromMicroseconds(now_us)
+        wire.fill_timestamp(answer.send_at, now_us)
         shown: gw.OfferChoice | None = None
         if not eligible.eligible:
             answer.reasons.append(NOTHING_ELIGIBLE)
@@ -230,25 +201,13 @@ class NextBestAction:
     ) -> tuple[ai_pb2.RankResponse | None, str]:
         core = self.core
         hour = req.local_hour if req.HasField("local_hour") else (now_us // 3_600_000_000) % 24
-        occurred_at = timestamp_pb2.Timestamp()
-        occurred_at.FromMicroseconds(now_us)
         request = ai_pb2.RankRequest(
             tenant_id=req.tenant_id,
             account_id=req.account_id,
-            # Each offer's catalog entry: the propensity model ranks a
-            # partner's own offers on what they are, not on their ids.
-            candidates=[
-                ai_pb2.OfferCandidate(
-                    offer_id=o.offer_id,
-                    value=o.value,
-                    product=product_name(o.product),
-                    attributes=o.attributes,
-                )
-                for o in eligible.eligible
-            ],
+            candidates=[codec.offer_candidate(o) for o in eligible.eligible],
             channel=ai_pb2.CHANNEL_IN_APP,
             hour_of_day=int(hour),
-            occurred_at=occurred_at,
+            occurred_at=wire.timestamp(now_us),
         )
         try:
             ranked = await core.ai.rank(
@@ -266,10 +225,10 @@ class NextBestAction:
         surface: SurfaceConfig,
     ) -> gw.OfferChoice:
         offer = offers[scored.candidate.offer_id]
-        channel = int(offer.channel) or _CHANNELS.get(surface.default_channel, 0)
+        channel = int(offer.channel) or codec.CONTACT_CHANNELS.get(surface.default_channel, 0)
         return gw.OfferChoice(
             offer_id=offer.offer_id,
-            product=product_name(offer.product),
+            product=codec.product_name(offer.product),
             value=offer.value,
             variant_id=offer.variant.variant_id,
             creative_id=offer.variant.creative_id,

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
-from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway import fields, validate
+from gateway import codec, fields, validate
 from gateway.core import CallContext, Core
 from gateway.fields import public_error
 from gateway.pii import looks_like_pan
@@ -41,65 +39,11 @@ AUTHORIZE = "AuthorizePayment"
 NO_SCORE_MODEL = "payment_risk"
 SOURCE_NONE = "none"
 
-_KIND_TO_POLICY = {
-    gw.PAYMENT_KIND_PURCHASE: policy_pb2.PAYMENT_KIND_PURCHASE,
-    gw.PAYMENT_KIND_PAYOUT: policy_pb2.PAYMENT_KIND_PAYOUT,
-    gw.PAYMENT_KIND_TRANSFER: policy_pb2.PAYMENT_KIND_TRANSFER,
-    gw.PAYMENT_KIND_INVOICE: policy_pb2.PAYMENT_KIND_INVOICE,
-}
-_KIND_FROM_POLICY = {v: k for k, v in _KIND_TO_POLICY.items()}
-_OUTCOME_FROM_POLICY = {
-    policy_pb2.OUTCOME_ALLOW: gw.OUTCOME_ALLOW,
-    policy_pb2.OUTCOME_REVIEW: gw.OUTCOME_REVIEW,
-    policy_pb2.OUTCOME_HOLD: gw.OUTCOME_HOLD,
-    policy_pb2.OUTCOME_DENY: gw.OUTCOME_DENY,
-}
-_HOLD_STATE = {
-    money_pb2.HOLD_STATE_PENDING: gw.HOLD_STATE_PENDING,
-    money_pb2.HOLD_STATE_CAPTURED: gw.HOLD_STATE_CAPTURED,
-    money_pb2.HOLD_STATE_VOIDED: gw.HOLD_STATE_VOIDED,
-    money_pb2.HOLD_STATE_EXPIRED: gw.HOLD_STATE_EXPIRED,
-}
-
 
 def money_error(item: types_pb2.ItemError) -> TriplaneError:
     """A failed transfer result as the error of the gateway's request."""
     found = error_for(item.code, item.reason, item.message, item.field)
     return public_error(found, fields.TRANSFER)
-
-
-def _expm1(log_value: float) -> int:
-    return max(0, round(math.expm1(log_value)))
-
-
-def velocity(features: Mapping[str, float], entity: str) -> policy_pb2.VelocityCounters:
-    """Counters for the policy snapshot from the AI plane's windowed features.
-    The feature store keeps up to 24 hours per window; 30-day figures get the
-    24-hour ones (a lower bound) until a longer window exists."""
-    count_1h = int(features.get(f"{entity}_txn_count_1h", 0.0))
-    count_24h = int(features.get(f"{entity}_txn_count_24h", 0.0))
-    amount_1h = _expm1(features.get(f"{entity}_txn_amount_log_1h", 0.0))
-    amount_24h = _expm1(features.get(f"{entity}_txn_amount_log_24h", 0.0))
-    amount_24h = max(amount_24h, amount_1h)
-    return policy_pb2.VelocityCounters(
-        count_1h=count_1h,
-        count_24h=count_24h,
-        count_30d=count_24h,
-        amount_minor_1h=amount_1h,
-        amount_minor_24h=amount_24h,
-        amount_minor_30d=amount_24h,
-    )
-
-
-def reasons_of(decision: policy_pb2.Decision) -> list[gw.Reason]:
-    return [
-        gw.Reason(code=r.reason_code, text=r.reason, rule_id=r.rule_id)
-        for r in decision.fired_rules
-    ]
-
-
-def obligations_of(decision: policy_pb2.Decision) -> list[gw.Obligation]:
-    return [gw.Obligation(kind=o.kind, params=dict(o.params)) for o in decision.obligations]
 
 
 def _zone(name: str) -> ZoneInfo | None:
@@ -137,7 +81,7 @@ class Payments:
         validate.require_id(req.account_id, "account_id", limits)
         validate.require_id(req.credit_account_id, "credit_account_id", limits)
         validate.check_money(req.amount, "amount", limits, required=True)
-        if req.kind not in _KIND_TO_POLICY:
+        if req.kind not in codec.KIND_TO_POLICY:
             raise InvalidArgument("PAYMENT_KIND_REQUIRED", "kind is required", "kind")
         if req.card_number and not _pan_ok(req.card_number):
             raise InvalidArgument(
@@ -203,14 +147,14 @@ class Payments:
             evaluate, decision = await self._decided_earlier(req, downstream_key, call)
             fallback_reason = ""
         answer = gw.AuthorizePaymentResponse(
-            outcome=_OUTCOME_FROM_POLICY.get(decision.outcome, gw.OUTCOME_UNSPECIFIED),
-            reasons=reasons_of(decision),
+            outcome=codec.outcome(decision),
+            reasons=codec.reasons_of(decision),
             decision_id=decision.decision_id,
             policy_version=decision.bundle_version,
             model_score_ref=evaluate.snapshot.model_score,
             trace_id=call.trace_id,
             case_id=decision.case_id,
-            obligations=obligations_of(decision),
+            obligations=codec.obligations_of(decision),
             route_method=decision.route.method,
             score_fallback_reason=fallback_reason,
             idempotency_key=key,
@@ -325,15 +269,15 @@ class Payments:
                 tier=customer.kyc_tier, country=customer.country, pep=customer.pep
             ),
             model_score=score_ref,
-            account_velocity=velocity(features, "acct"),
-            device_velocity=velocity(features, "dev"),
-            merchant_velocity=velocity(features, "merch"),
+            account_velocity=codec.velocity(features, "acct"),
+            device_velocity=codec.velocity(features, "dev"),
+            merchant_velocity=codec.velocity(features, "merch"),
             account_age_days=customer.account_age_days,
             features=features,
         )
         payment = policy_pb2.Payment(
             account_id=req.account_id,
-            kind=_KIND_TO_POLICY[req.kind],
+            kind=codec.KIND_TO_POLICY[req.kind],
             amount=req.amount,
             payment_method=req.payment_method,
             merchant_id=req.merchant_id,
@@ -418,7 +362,9 @@ class Payments:
                 hold_id=req.hold_id,
                 entry_id=result.entry.entry_id,
                 captured=result.entry.amount,
-                hold_state=_HOLD_STATE.get(result.hold.state, gw.HOLD_STATE_CAPTURED),
+                hold_state=codec.HOLD_STATE_FROM_MONEY.get(
+                    result.hold.state, gw.HOLD_STATE_CAPTURED
+                ),
                 idempotency_key=req.idempotency_key,
             )
 
@@ -446,7 +392,7 @@ class Payments:
             result = await self._transfer(req.tenant_id, transfer, call)
             return gw.VoidPaymentResponse(
                 hold_id=req.hold_id,
-                hold_state=_HOLD_STATE.get(result.hold.state, gw.HOLD_STATE_VOIDED),
+                hold_state=codec.HOLD_STATE_FROM_MONEY.get(result.hold.state, gw.HOLD_STATE_VOIDED),
                 idempotency_key=req.idempotency_key,
             )
 
@@ -504,9 +450,9 @@ class Payments:
         score_ref = logged.snapshot.model_score
         answer = gw.GetDecisionResponse(
             decision_id=decision.decision_id,
-            outcome=_OUTCOME_FROM_POLICY.get(decision.outcome, gw.OUTCOME_UNSPECIFIED),
-            reasons=reasons_of(decision),
-            obligations=obligations_of(decision),
+            outcome=codec.outcome(decision),
+            reasons=codec.reasons_of(decision),
+            obligations=codec.obligations_of(decision),
             policy_version=decision.bundle_version,
             model_score_ref=score_ref,
             input=self._tokenized_input(req.tenant_id, logged),
@@ -541,7 +487,7 @@ class Payments:
         tokens, payment, snapshot = self.core.tokenizer, logged.payment, logged.snapshot
         return gw.DecisionInput(
             account_id=payment.account_id,
-            kind=_KIND_FROM_POLICY.get(payment.kind, gw.PAYMENT_KIND_UNSPECIFIED),
+            kind=codec.KIND_FROM_POLICY.get(payment.kind, gw.PAYMENT_KIND_UNSPECIFIED),
             amount=payment.amount,
             payment_method=payment.payment_method,
             merchant_id=payment.merchant_id,

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import grpc
-from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from gateway import validate
+from gateway import codec, validate
+from gateway.codec import DeadLetterRecord
 from gateway.core import CallContext, new_trace_id
 from gateway.ingest import Ingest
 from gateway.nba import NextBestAction
@@ -23,41 +23,12 @@ from triplane.runtime.deadline import Deadline
 from triplane.runtime.server import Service
 
 
-class DeadLetterRecord(Protocol):
-    @property
-    def delivery_id(self) -> str: ...
-    @property
-    def tenant_id(self) -> str: ...
-    @property
-    def channel(self) -> str: ...
-    @property
-    def endpoint(self) -> str: ...
-    @property
-    def attempts(self) -> int: ...
-    @property
-    def last_error(self) -> str: ...
-    @property
-    def created_at_us(self) -> int: ...
-    @property
-    def dead_at_us(self) -> int: ...
-    @property
-    def event_type(self) -> str: ...
-    @property
-    def status(self) -> str: ...
-
-
 class DeadLetters(Protocol):
     async def list_dead_letters(
         self, tenant_id: str, page_size: int = 0, page_token: str = ""
     ) -> tuple[Sequence[DeadLetterRecord], str]: ...
 
     async def redeliver(self, tenant_id: str, delivery_id: str) -> DeadLetterRecord: ...
-
-
-def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMicroseconds(micros)
-    return ts
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -130,21 +101,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             request.tenant_id, request.page_size, request.page_token
         )
         return gw.ListDeadLettersResponse(
-            dead_letters=[
-                gw.DeadLetter(
-                    delivery_id=r.delivery_id,
-                    tenant_id=r.tenant_id,
-                    channel=r.channel,
-                    endpoint=r.endpoint,
-                    attempts=r.attempts,
-                    last_error=r.last_error,
-                    first_attempt_at=_timestamp(r.created_at_us),
-                    dead_at=_timestamp(r.dead_at_us),
-                    event_type=r.event_type,
-                )
-                for r in records
-            ],
-            next_page_token=token,
+            dead_letters=[codec.dead_letter(r) for r in records], next_page_token=token
         )
 
     async def RedeliverDeadLetter(

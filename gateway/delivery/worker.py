@@ -19,7 +19,6 @@ opens it again.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import msgspec
 from prometheus_client import Counter
 
+from gateway.codec import DEAD_LETTERS_PAGE
 from gateway.delivery.adapters import ChannelAdapter
 from gateway.delivery.model import (
     Delivery,
@@ -38,12 +38,12 @@ from gateway.delivery.model import (
     validate,
 )
 from gateway.delivery.store import DeliveryStore
+from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import DeliveryConfig
 from triplane.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
@@ -142,17 +142,20 @@ class DeliveryWorker:
         self, tenant_id: str, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[DeliveryRecord], str]:
         """One page of the tenant's dead letters, oldest first, and the next token."""
-        if page_size < 0:
-            raise InvalidArgument(
-                "PAGE_SIZE_INVALID", "page_size must not be negative", "page_size"
-            )
-        size = min(page_size or self._config.default_page_size, self._config.max_page_size)
-        after_us, after_id = _parse_token(page_token)
+        config = self._config
+        size = wire.page_size(page_size, config.default_page_size, config.max_page_size)
+        position = wire.decode_page_token(page_token, DEAD_LETTERS_PAGE, (int, str))
+        after_us, after_id = (int(position[0]), str(position[1])) if position else (-1, "")
         rows = await asyncio.to_thread(
             self.store.dead_letters, tenant_id, after_us, after_id, size + 1
         )
         page = rows[:size]
-        next_token = _token(page[-1]) if len(rows) > size else ""
+        next_token = ""
+        if len(rows) > size:
+            last = page[-1]
+            next_token = wire.encode_page_token(
+                DEAD_LETTERS_PAGE, (last.dead_at_us, last.delivery_id)
+            )
         return page, next_token
 
     async def redeliver(self, tenant_id: str, delivery_id: str) -> DeliveryRecord:
@@ -320,21 +323,3 @@ def _same_or_refuse(new: DeliveryRecord, stored: DeliveryRecord) -> None:
 def _data(body: str) -> object:
     decoded = msgspec.json.decode(body)
     return decoded.get("data") if isinstance(decoded, dict) else decoded
-
-
-def _token(record: DeliveryRecord) -> str:
-    raw = f"{record.dead_at_us}:{record.delivery_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _parse_token(token: str) -> tuple[int, str]:
-    if not token:
-        return -1, ""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        at_us, delivery_id = raw.split(":", 1)
-        return int(at_us), delivery_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(
-            "PAGE_TOKEN_INVALID", "page_token is not one we issued", "page_token"
-        ) from exc

@@ -19,7 +19,7 @@ from ai_plane.features import (
     propensity_context,
     stored_features,
 )
-from gateway.nba import product_name
+from gateway.codec import product_name
 from policy_plane.app import PolicyPlane, build_plane
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc

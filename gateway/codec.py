@@ -1,0 +1,214 @@
+"""Translation between the gateway's contract (triplane.gateway.v1), the
+planes' contracts it calls, and its own records (no grpc import: the messages
+only). Times, money and pages are read and written by the runtime's one
+vocabulary (`wire`); the flows (payments, nba, ingest, engagement) and the
+servicer call these instead of keeping their own maps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Protocol
+
+from triplane.ai.v1 import ai_pb2
+from triplane.common.v1 import types_pb2
+from triplane.gateway.v1 import gateway_pb2 as gw
+from triplane.money.v1 import money_pb2
+from triplane.policy.v1 import policy_pb2
+from triplane.runtime import codec as wire
+from triplane.runtime.errors import TriplaneError
+
+# The one list the gateway pages (ListDeadLetters), resumed after a
+# (dead_at_us, delivery_id) pair.
+DEAD_LETTERS_PAGE = "gateway.dead_letters"
+
+# ---------------------------------------------------------------- payments
+
+KIND_TO_POLICY: dict[gw.PaymentKind.ValueType, policy_pb2.PaymentKind.ValueType] = {
+    gw.PAYMENT_KIND_PURCHASE: policy_pb2.PAYMENT_KIND_PURCHASE,
+    gw.PAYMENT_KIND_PAYOUT: policy_pb2.PAYMENT_KIND_PAYOUT,
+    gw.PAYMENT_KIND_TRANSFER: policy_pb2.PAYMENT_KIND_TRANSFER,
+    gw.PAYMENT_KIND_INVOICE: policy_pb2.PAYMENT_KIND_INVOICE,
+}
+KIND_FROM_POLICY: dict[policy_pb2.PaymentKind.ValueType, gw.PaymentKind.ValueType] = {
+    v: k for k, v in KIND_TO_POLICY.items()
+}
+OUTCOME_FROM_POLICY: dict[policy_pb2.Outcome.ValueType, gw.Outcome.ValueType] = {
+    policy_pb2.OUTCOME_ALLOW: gw.OUTCOME_ALLOW,
+    policy_pb2.OUTCOME_REVIEW: gw.OUTCOME_REVIEW,
+    policy_pb2.OUTCOME_HOLD: gw.OUTCOME_HOLD,
+    policy_pb2.OUTCOME_DENY: gw.OUTCOME_DENY,
+}
+HOLD_STATE_FROM_MONEY: dict[money_pb2.HoldState.ValueType, gw.HoldState.ValueType] = {
+    money_pb2.HOLD_STATE_PENDING: gw.HOLD_STATE_PENDING,
+    money_pb2.HOLD_STATE_CAPTURED: gw.HOLD_STATE_CAPTURED,
+    money_pb2.HOLD_STATE_VOIDED: gw.HOLD_STATE_VOIDED,
+    money_pb2.HOLD_STATE_EXPIRED: gw.HOLD_STATE_EXPIRED,
+}
+
+
+def outcome(decision: policy_pb2.Decision) -> gw.Outcome.ValueType:
+    return OUTCOME_FROM_POLICY.get(decision.outcome, gw.OUTCOME_UNSPECIFIED)
+
+
+def reasons_of(decision: policy_pb2.Decision) -> list[gw.Reason]:
+    return [
+        gw.Reason(code=r.reason_code, text=r.reason, rule_id=r.rule_id)
+        for r in decision.fired_rules
+    ]
+
+
+def obligations_of(decision: policy_pb2.Decision) -> list[gw.Obligation]:
+    return [gw.Obligation(kind=o.kind, params=dict(o.params)) for o in decision.obligations]
+
+
+def _expm1(log_value: float) -> int:
+    return max(0, round(math.expm1(log_value)))
+
+
+def velocity(features: Mapping[str, float], entity: str) -> policy_pb2.VelocityCounters:
+    """Counters for the policy snapshot from the AI plane's windowed features.
+    The feature store keeps up to 24 hours per window; 30-day figures get the
+    24-hour ones (a lower bound) until a longer window exists."""
+    count_1h = int(features.get(f"{entity}_txn_count_1h", 0.0))
+    count_24h = int(features.get(f"{entity}_txn_count_24h", 0.0))
+    amount_1h = _expm1(features.get(f"{entity}_txn_amount_log_1h", 0.0))
+    amount_24h = _expm1(features.get(f"{entity}_txn_amount_log_24h", 0.0))
+    amount_24h = max(amount_24h, amount_1h)
+    return policy_pb2.VelocityCounters(
+        count_1h=count_1h,
+        count_24h=count_24h,
+        count_30d=count_24h,
+        amount_minor_1h=amount_1h,
+        amount_minor_24h=amount_24h,
+        amount_minor_30d=amount_24h,
+    )
+
+
+# ---------------------------------------------------------------- next best action
+
+CONTACT_CHANNELS: dict[str, gw.ContactChannel.ValueType] = {
+    "push": gw.CONTACT_CHANNEL_PUSH,
+    "in_app": gw.CONTACT_CHANNEL_IN_APP,
+    "email": gw.CONTACT_CHANNEL_EMAIL,
+    "sms": gw.CONTACT_CHANNEL_SMS,
+    "whatsapp": gw.CONTACT_CHANNEL_WHATSAPP,
+    "partner_webhook": gw.CONTACT_CHANNEL_PARTNER_WEBHOOK,
+}
+EXCLUSION_REASONS: dict[policy_pb2.ExclusionReason.ValueType, str] = {
+    policy_pb2.EXCLUSION_REASON_NOT_ELIGIBLE: "NOT_ELIGIBLE",
+    policy_pb2.EXCLUSION_REASON_NO_CONSENT: "NO_CONSENT",
+    policy_pb2.EXCLUSION_REASON_QUIET_HOURS: "QUIET_HOURS",
+    policy_pb2.EXCLUSION_REASON_CAPPED: "CAPPED",
+    policy_pb2.EXCLUSION_REASON_SUPPRESSED: "SUPPRESSED",
+}
+
+
+def product_name(product: int) -> str:
+    name: str = policy_pb2.Product.Name(product)  # type: ignore[arg-type]
+    return name.removeprefix("PRODUCT_").lower()
+
+
+def excluded_offer(excluded: policy_pb2.ExcludedOffer) -> gw.ExcludedOffer:
+    return gw.ExcludedOffer(
+        offer_id=excluded.offer_id,
+        reason=EXCLUSION_REASONS.get(excluded.reason, "EXCLUDED"),
+        detail=excluded.detail,
+    )
+
+
+def offer_candidate(offer: policy_pb2.EligibleOffer) -> ai_pb2.OfferCandidate:
+    """An eligible offer as ranking sees it: its catalog entry, so the
+    propensity model ranks a partner's own offers on what they are, not on
+    their ids."""
+    return ai_pb2.OfferCandidate(
+        offer_id=offer.offer_id,
+        value=offer.value,
+        product=product_name(offer.product),
+        attributes=offer.attributes,
+    )
+
+
+# ---------------------------------------------------------------- engagement
+
+CHANNEL_TO_POLICY: dict[str, policy_pb2.Channel.ValueType] = {
+    "push": policy_pb2.CHANNEL_PUSH,
+    "in_app": policy_pb2.CHANNEL_IN_APP,
+    "email": policy_pb2.CHANNEL_EMAIL,
+    "sms": policy_pb2.CHANNEL_SMS,
+    "whatsapp": policy_pb2.CHANNEL_WHATSAPP,
+    "partner_webhook": policy_pb2.CHANNEL_PARTNER_WEBHOOK,
+}
+TOPIC_TO_POLICY: dict[str, policy_pb2.Topic.ValueType] = {
+    "marketing": policy_pb2.TOPIC_MARKETING,
+    "servicing": policy_pb2.TOPIC_SERVICING,
+    "credit": policy_pb2.TOPIC_CREDIT,
+    "insurance": policy_pb2.TOPIC_INSURANCE,
+}
+CONTACT_BLOCKS: dict[policy_pb2.ContactBlock.ValueType, str] = {
+    policy_pb2.CONTACT_BLOCK_NO_CONSENT: "no_consent",
+    policy_pb2.CONTACT_BLOCK_QUIET_HOURS: "quiet_hours",
+    policy_pb2.CONTACT_BLOCK_CAPPED: "capped",
+    policy_pb2.CONTACT_BLOCK_VULNERABLE: "vulnerable",
+}
+
+# ---------------------------------------------------------------- ingest
+
+# Event kind -> (normalized event type, the AI plane's behaviour kind).
+EVENT_KINDS: dict[int, tuple[str, ai_pb2.BehaviourKind.ValueType]] = {
+    gw.EVENT_KIND_APP_OPENED: ("app.opened", ai_pb2.BEHAVIOUR_KIND_APP_OPENED),
+    gw.EVENT_KIND_LOGIN: ("app.login", ai_pb2.BEHAVIOUR_KIND_LOGIN),
+    gw.EVENT_KIND_LOAN_SIMULATED: ("loan.simulated", ai_pb2.BEHAVIOUR_KIND_LOAN_SIMULATED),
+    gw.EVENT_KIND_FLOW_ABANDONED: ("flow.abandoned", ai_pb2.BEHAVIOUR_KIND_FLOW_ABANDONED),
+    gw.EVENT_KIND_PAYMENT_FAILED: ("payment.failed", ai_pb2.BEHAVIOUR_KIND_PAYMENT_DECLINED),
+    gw.EVENT_KIND_KYC_FAILED: ("kyc.failed", ai_pb2.BEHAVIOUR_KIND_KYC_FAILED),
+    gw.EVENT_KIND_PAYMENT_RETRIED: ("payment.retried", ai_pb2.BEHAVIOUR_KIND_PAYMENT_RETRIED),
+    gw.EVENT_KIND_REPAYMENT_MADE: ("repayment.made", ai_pb2.BEHAVIOUR_KIND_REPAYMENT_MADE),
+    gw.EVENT_KIND_REPAYMENT_MISSED: ("repayment.missed", ai_pb2.BEHAVIOUR_KIND_REPAYMENT_MISSED),
+}
+
+
+def item_error(error: TriplaneError) -> types_pb2.ItemError:
+    return types_pb2.ItemError(
+        code=int(error.code), reason=error.reason, field=error.field, message=error.message
+    )
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+class DeadLetterRecord(Protocol):
+    @property
+    def delivery_id(self) -> str: ...
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def last_error(self) -> str: ...
+    @property
+    def created_at_us(self) -> int: ...
+    @property
+    def dead_at_us(self) -> int: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+
+
+def dead_letter(record: DeadLetterRecord) -> gw.DeadLetter:
+    return gw.DeadLetter(
+        delivery_id=record.delivery_id,
+        tenant_id=record.tenant_id,
+        channel=record.channel,
+        endpoint=record.endpoint,
+        attempts=record.attempts,
+        last_error=record.last_error,
+        first_attempt_at=wire.timestamp(record.created_at_us),
+        dead_at=wire.timestamp(record.dead_at_us),
+        event_type=record.event_type,
+    )
