@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import msgspec
 
 from gateway.delivery.model import Delivery, DeliveryRecord
+from triplane.runtime import codec as wire
 from triplane.runtime import currencies
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import TriggerRuleConfig, TriggersConfig
@@ -426,10 +427,8 @@ class TriggerEngine:
             raise InvalidArgument(
                 "OCCURRED_AT_INVALID", "occurred_at must be set", "occurred_at_us"
             )
-        if event.currency and event.currency not in currencies.EXPONENTS:
-            raise InvalidArgument(
-                "UNKNOWN_CURRENCY", f"{event.currency!r} is not ISO 4217", "currency"
-            )
+        if event.currency:
+            wire.check_currency(event.currency, "currency")
         if len(event.attributes) > self._config.max_attributes:
             raise InvalidArgument(
                 "TOO_MANY_ATTRIBUTES", f"at most {self._config.max_attributes}", "attributes"

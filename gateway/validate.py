@@ -7,9 +7,9 @@ import re
 from collections.abc import Mapping
 
 from triplane.common.v1 import types_pb2
-from triplane.runtime import currencies
+from triplane.runtime import codec as wire
 from triplane.runtime.config import GatewayLimitsConfig
-from triplane.runtime.errors import InvalidArgument, OutOfRange
+from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.ids import check_tenant_id
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]+$")
@@ -65,26 +65,9 @@ def check_mcc(value: str, field: str) -> None:
 def check_money(
     money: types_pb2.Money, field: str, limits: GatewayLimitsConfig, required: bool
 ) -> None:
-    if not money.currency and money.amount_minor == 0:
-        if required:
-            raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field)
-        return
-    if not currencies.is_known(money.currency):
-        raise InvalidArgument(
-            "CURRENCY_UNKNOWN",
-            f"{field}.currency {money.currency!r} is not an ISO 4217 code",
-            f"{field}.currency",
-        )
-    if money.amount_minor <= 0:
-        raise InvalidArgument(
-            "AMOUNT_NOT_POSITIVE", f"{field}.amount_minor must be > 0", f"{field}.amount_minor"
-        )
-    if money.amount_minor > limits.max_amount_minor:
-        raise OutOfRange(
-            "AMOUNT_TOO_LARGE",
-            f"{field}.amount_minor is above {limits.max_amount_minor}",
-            f"{field}.amount_minor",
-        )
+    """The runtime's one money rule (known currency, positive amount), with
+    the gateway's own bound on the amount (gateway.limits.max_amount_minor)."""
+    wire.amount(money, field, required=required, max_minor=limits.max_amount_minor)
 
 
 def check_attributes(

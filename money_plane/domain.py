@@ -12,9 +12,10 @@ import re
 
 import msgspec
 
+from triplane.runtime import codec as wire
 from triplane.runtime import currencies
 from triplane.runtime.config import MoneyLimitsConfig
-from triplane.runtime.errors import InvalidArgument, OutOfRange
+from triplane.runtime.errors import InvalidArgument
 
 # One tenant-id rule for every plane (the one this plane always applied).
 from triplane.runtime.ids import check_tenant_id as check_tenant_id
@@ -333,23 +334,9 @@ def check_metadata(metadata: dict[str, str], field: str, limits: MoneyLimitsConf
         check_text(value, f"{field}[{key[:32]}]", limits)
 
 
-def check_currency(currency: str, field: str) -> None:
-    if not currency:
-        raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field)
-    if not currencies.is_known(currency):
-        raise InvalidArgument("UNKNOWN_CURRENCY", f"{currency[:8]!r} is not ISO 4217", field)
-
-
-def check_amount(amount_minor: int, field: str) -> None:
-    if amount_minor <= 0:
-        raise InvalidArgument("AMOUNT_NOT_POSITIVE", "amounts must be > 0", field)
-    if amount_minor > currencies.INT64_MAX:
-        raise OutOfRange("AMOUNT_TOO_LARGE", "amount does not fit in int64", field)
-
-
 def check_account_spec(spec: AccountSpec, field: str, limits: MoneyLimitsConfig) -> None:
     check_id(spec.account_id, f"{field}.account_id", limits)
-    check_currency(spec.currency, f"{field}.currency")
+    wire.check_currency(spec.currency, f"{field}.currency")
     if spec.kind not in AccountKind.__members__.values():
         raise InvalidArgument("FIELD_REQUIRED", "kind is required", f"{field}.kind")
     if spec.constraint not in Constraint.__members__.values():
@@ -381,7 +368,7 @@ def check_legs(cmd: Command, field: str, limits: MoneyLimitsConfig) -> None:
         check_id(leg.account_id, f"{where}.account_id", limits)
         check_text(leg.label, f"{where}.label", limits)
         if leg.kind == LegKind.FIXED:
-            check_amount(leg.amount_minor, f"{where}.amount_minor")
+            wire.check_amount(leg.amount_minor, f"{where}.amount_minor")
             if leg.basis_points:
                 raise InvalidArgument(
                     "CONFLICTING_FIELDS", "a FIXED leg has no basis_points", f"{where}.basis_points"
@@ -454,8 +441,8 @@ def check_command(cmd: Command, field: str, limits: MoneyLimitsConfig, max_hold_
                 "debit and credit accounts must differ",
                 f"{field}.credit_account_id",
             )
-        check_currency(cmd.currency, f"{field}.amount.currency")
-        check_amount(cmd.amount_minor, f"{field}.amount.amount_minor")
+        wire.check_currency(cmd.currency, f"{field}.amount.currency")
+        wire.check_amount(cmd.amount_minor, f"{field}.amount.amount_minor")
         _forbid(cmd.hold_id, f"{field}.hold_id")
         _forbid(cmd.entry_id, f"{field}.entry_id")
     else:
@@ -485,8 +472,8 @@ def check_command(cmd: Command, field: str, limits: MoneyLimitsConfig, max_hold_
         check_id(cmd.entry_id, f"{field}.entry_id", limits)
         _forbid(cmd.hold_id, f"{field}.hold_id")
     if kind in (Kind.CAPTURE, Kind.REFUND) and (cmd.amount_minor or cmd.currency):
-        check_currency(cmd.currency, f"{field}.amount.currency")
-        check_amount(cmd.amount_minor, f"{field}.amount.amount_minor")
+        wire.check_currency(cmd.currency, f"{field}.amount.currency")
+        wire.check_amount(cmd.amount_minor, f"{field}.amount.amount_minor")
     if kind == Kind.VOID and (cmd.amount_minor or cmd.currency):
         raise InvalidArgument("FIELD_NOT_ALLOWED", "a void has no amount", f"{field}.amount")
     if kind in (Kind.VOID, Kind.REFUND) and cmd.splits:

@@ -17,7 +17,7 @@ import msgspec
 from policy_plane import cel_check
 from policy_plane.consent import CHANNELS, TOPICS, ConsentBook, ContactCheck
 from policy_plane.store import PolicyStore
-from triplane.runtime import currencies
+from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
 from triplane.runtime.errors import InvalidArgument, NotFound, ResourceExhausted
 
@@ -354,10 +354,12 @@ def _validate(entry: OfferEntry, max_channels: int) -> None:
             raise InvalidArgument(
                 "REGION_INVALID", "regions are ISO 3166-1 alpha-2", f"offer.regions[{index}]"
             )
-    if entry.value_minor < 0 or (entry.currency and not currencies.is_known(entry.currency)):
-        raise InvalidArgument(
-            "OFFER_VALUE_INVALID", "value must be >= 0 in a known currency", "offer.value"
-        )
+    # An offer may be worth nothing (a servicing nudge), so its value is not
+    # the positive amount of a payment; its currency is checked as any is.
+    if entry.currency:
+        wire.check_currency(entry.currency, "offer.value.currency")
+    if entry.value_minor < 0:
+        raise InvalidArgument("OFFER_VALUE_INVALID", "value must be >= 0", "offer.value")
     if entry.ends_at_us and entry.ends_at_us <= entry.starts_at_us:
         raise InvalidArgument(
             "OFFER_DATES_INVALID", "ends_at must be after starts_at", "offer.ends_at"

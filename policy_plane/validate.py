@@ -8,7 +8,7 @@ import re
 
 from policy_plane.bundle import PAYMENT_METHODS
 from policy_plane.model import EvaluationInput, Velocity
-from triplane.runtime import currencies
+from triplane.runtime import codec as wire
 from triplane.runtime.config import PolicyLimitsConfig
 from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.ids import check_tenant_id as check_tenant_id
@@ -51,12 +51,8 @@ def _check_payment(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
     check_id(payment.account_id, "payment.account_id", limits)
     if payment.kind not in PAYMENT_KINDS:
         raise InvalidArgument("PAYMENT_KIND_INVALID", "payment.kind is required", "payment.kind")
-    if not 0 < payment.amount_minor <= currencies.INT64_MAX:
-        raise InvalidArgument("AMOUNT_INVALID", "amount must be > 0", "payment.amount.amount_minor")
-    if not currencies.is_known(payment.currency):
-        raise InvalidArgument(
-            "UNKNOWN_CURRENCY", "unknown ISO 4217 code", "payment.amount.currency"
-        )
+    wire.check_amount(payment.amount_minor, "payment.amount.amount_minor")
+    wire.check_currency(payment.currency, "payment.amount.currency")
     if payment.payment_method and payment.payment_method not in PAYMENT_METHODS:
         raise InvalidArgument(
             "PAYMENT_METHOD_INVALID",

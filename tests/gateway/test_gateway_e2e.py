@@ -425,7 +425,7 @@ async def test_ai_slow_degrades_to_no_score_within_deadline(world: World) -> Non
         (
             {"amount": types_pb2.Money(amount_minor=5, currency="XXY")},
             grpc.StatusCode.INVALID_ARGUMENT,
-            "CURRENCY_UNKNOWN",
+            "UNKNOWN_CURRENCY",
             "amount.currency",
         ),
         ({"account_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, "FIELD_REQUIRED", "account_id"),

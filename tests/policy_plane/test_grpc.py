@@ -127,7 +127,7 @@ async def test_bad_requests_get_the_right_status(stubs: Stubs) -> None:
     await expect_error(
         stubs.policy.Evaluate(request("x", amount_minor=-5)),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "AMOUNT_INVALID",
+        "AMOUNT_NOT_POSITIVE",
         "payment.amount.amount_minor",
     )
     bad_kind = request("x")
