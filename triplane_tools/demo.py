@@ -36,6 +36,7 @@ from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import bus, tokens
+from triplane.runtime import codec as wire
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
@@ -127,13 +128,11 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def _money(amount_minor: int) -> types_pb2.Money:
-    return types_pb2.Money(amount_minor=amount_minor, currency=CURRENCY)
+    return wire.money(amount_minor, CURRENCY)
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMicroseconds(int(seconds * 1_000_000))
-    return ts
+    return wire.timestamp(int(seconds * 1_000_000))
 
 
 class DemoClient:
