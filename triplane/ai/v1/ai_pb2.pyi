@@ -702,7 +702,16 @@ class ListModelVersionsRequest(_message.Message):
     model: _builtins.str
     """Empty: every model."""
     page_size: _builtins.int
+    """Versions per page: 0 is `ai.limits.default_page_size`; above
+    `ai.limits.max_page_size` the page holds that maximum (a larger size
+    is served, not refused); negative is INVALID_ARGUMENT PAGE_SIZE_INVALID.
+    """
     page_token: _builtins.str
+    """The previous page's `next_page_token`, as it came (empty: the first
+    page). Opaque, and good for this list only: another list's token, a
+    token of an earlier release or a garbled one is INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID naming page_token.
+    """
     def __init__(
         self,
         *,
@@ -725,6 +734,7 @@ class ListModelVersionsResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]: ...
     def __init__(

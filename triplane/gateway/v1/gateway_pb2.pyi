@@ -1483,7 +1483,16 @@ class ListDeadLettersRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     page_size: _builtins.int
+    """Dead letters per page: 0 is `gateway.delivery.default_page_size`; above
+    `gateway.delivery.max_page_size` the page holds that maximum (a larger size
+    is served, not refused); negative is INVALID_ARGUMENT PAGE_SIZE_INVALID.
+    """
     page_token: _builtins.str
+    """The previous page's `next_page_token`, as it came (empty: the first
+    page). Opaque, and good for this list only: another list's token, a
+    token of an earlier release or a garbled one is INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID naming page_token.
+    """
     def __init__(
         self,
         *,
@@ -1506,6 +1515,7 @@ class ListDeadLettersResponse(_message.Message):
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]: ...
     def __init__(

@@ -1021,8 +1021,16 @@ class ListAccountPostingsRequest(_message.Message):
     tenant_id: _builtins.str
     account_id: _builtins.str
     page_size: _builtins.int
-    """At most `money.limits.max_page_size`; 0: `money.limits.default_page_size`."""
+    """Postings per page: 0 is `money.limits.default_page_size`; above
+    `money.limits.max_page_size` the page holds that maximum (a larger size
+    is served, not refused); negative is INVALID_ARGUMENT PAGE_SIZE_INVALID.
+    """
     page_token: _builtins.str
+    """The previous page's `next_page_token`, as it came (empty: the first
+    page). Opaque, and good for this list only: another list's token, a
+    token of an earlier release or a garbled one is INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID naming page_token.
+    """
     def __init__(
         self,
         *,

@@ -1479,8 +1479,16 @@ class ListBundlesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """At most `policy.limits.max_page_size`; 0: `policy.limits.default_page_size`."""
+    """Bundles per page: 0 is `policy.limits.default_page_size`; above
+    `policy.limits.max_page_size` the page holds that maximum (a larger size
+    is served, not refused); negative is INVALID_ARGUMENT PAGE_SIZE_INVALID.
+    """
     page_token: _builtins.str
+    """The previous page's `next_page_token`, as it came (empty: the first
+    page). Opaque, and good for this list only: another list's token, a
+    token of an earlier release or a garbled one is INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID naming page_token.
+    """
     def __init__(
         self,
         *,
@@ -1502,6 +1510,7 @@ class ListBundlesResponse(_message.Message):
     BUNDLES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def bundles(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundleInfo]: ...
     def __init__(
@@ -2170,8 +2179,16 @@ class ListOffersRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     page_size: _builtins.int
-    """At most `policy.limits.max_page_size`; 0: `policy.limits.default_page_size`."""
+    """Offers per page: 0 is `policy.limits.default_page_size`; above
+    `policy.limits.max_page_size` the page holds that maximum (a larger size
+    is served, not refused); negative is INVALID_ARGUMENT PAGE_SIZE_INVALID.
+    """
     page_token: _builtins.str
+    """The previous page's `next_page_token`, as it came (empty: the first
+    page). Opaque, and good for this list only: another list's token, a
+    token of an earlier release or a garbled one is INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID naming page_token.
+    """
     def __init__(
         self,
         *,
@@ -2194,6 +2211,7 @@ class ListOffersResponse(_message.Message):
     OFFERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Offer]: ...
     def __init__(
@@ -2478,8 +2496,16 @@ class ListCasesRequest(_message.Message):
     status: Global___CaseStatus.ValueType
     """Unspecified: all."""
     page_size: _builtins.int
-    """At most `policy.limits.max_page_size`; 0: `policy.limits.default_page_size`."""
+    """Cases per page: 0 is `policy.limits.default_page_size`; above
+    `policy.limits.max_page_size` the page holds that maximum (a larger size
+    is served, not refused); negative is INVALID_ARGUMENT PAGE_SIZE_INVALID.
+    """
     page_token: _builtins.str
+    """The previous page's `next_page_token`, as it came (empty: the first
+    page). Opaque, and good for this list only: another list's token, a
+    token of an earlier release or a garbled one is INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID naming page_token.
+    """
     def __init__(
         self,
         *,
@@ -2503,6 +2529,7 @@ class ListCasesResponse(_message.Message):
     CASES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Case]: ...
     def __init__(
