@@ -18,7 +18,13 @@ import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from ai_plane.codec import MODEL_VERSIONS_PAGE
 from gateway.app import Gateway
+from gateway.codec import DEAD_LETTERS_PAGE
+from money_plane.codec import POSTINGS_PAGE
+from policy_plane.codec import BUNDLES_PAGE, CASES_PAGE, OFFERS_PAGE
+from tests.page_tokens import refused_tokens
+from triplane.ai.v1 import ai_pb2, ai_pb2_grpc
 from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
@@ -786,3 +792,67 @@ async def test_metrics_endpoint_serves_the_lift_figures(world: World) -> None:
             await asyncio.sleep(0.2)
     assert wanted in text, text[-2000:]
     assert "triplane_lift_incremental" in text
+
+
+# ---------------------------------------------------------------- paging
+
+
+async def test_every_list_refuses_another_lists_token_and_a_garbled_one(world: World) -> None:
+    """One page-token format (triplane.runtime.codec) behind every list RPC of
+    every plane, each through its real server: a token one list issued is
+    refused by every other, and so is a garbled one or an earlier release's,
+    always INVALID_ARGUMENT PAGE_TOKEN_INVALID naming page_token."""
+    ai_channel = grpc.aio.insecure_channel(world.stack.addresses["ai"])
+    registry = ai_pb2_grpc.ModelRegistryServiceStub(ai_channel)
+    bundles = policy_pb2_grpc.BundleServiceStub(world.policy_channel)
+    offers = policy_pb2_grpc.OfferServiceStub(world.policy_channel)
+    cases = policy_pb2_grpc.CaseServiceStub(world.policy_channel)
+    lists: dict[str, Any] = {
+        POSTINGS_PAGE: lambda token: world.money.ListAccountPostings(
+            money_pb2.ListAccountPostingsRequest(
+                tenant_id=TENANT, account_id=MERCHANT, page_token=token
+            )
+        ),
+        BUNDLES_PAGE: lambda token: bundles.ListBundles(
+            policy_pb2.ListBundlesRequest(page_token=token)
+        ),
+        OFFERS_PAGE: lambda token: offers.ListOffers(
+            policy_pb2.ListOffersRequest(tenant_id=TENANT, page_token=token)
+        ),
+        CASES_PAGE: lambda token: cases.ListCases(
+            policy_pb2.ListCasesRequest(tenant_id=TENANT, page_token=token)
+        ),
+        MODEL_VERSIONS_PAGE: lambda token: registry.ListModelVersions(
+            ai_pb2.ListModelVersionsRequest(page_token=token)
+        ),
+        DEAD_LETTERS_PAGE: lambda token: world.stub.ListDeadLetters(
+            gw.ListDeadLettersRequest(tenant_id=TENANT, page_token=token)
+        ),
+    }
+    try:
+        # Tokens the lists really issued (four offers and two models were
+        # seeded, so a page of one has a next page), each good for its own list.
+        issued = {
+            OFFERS_PAGE: (
+                await offers.ListOffers(policy_pb2.ListOffersRequest(tenant_id=TENANT, page_size=1))
+            ).next_page_token,
+            MODEL_VERSIONS_PAGE: (
+                await registry.ListModelVersions(ai_pb2.ListModelVersionsRequest(page_size=1))
+            ).next_page_token,
+        }
+        for kind, token in issued.items():
+            assert token
+            await lists[kind](token)
+        refusals: dict[tuple[str, str], tuple[grpc.StatusCode, str, str]] = {}
+        for kind, call in lists.items():
+            tokens = refused_tokens(kind)
+            tokens.update({f"issued by {k}": t for k, t in issued.items() if k != kind})
+            for label, token in tokens.items():
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(token)
+                refusals[(kind, label)] = (caught.value.code(), *parse_rpc_error(caught.value))
+        expected = (grpc.StatusCode.INVALID_ARGUMENT, "PAGE_TOKEN_INVALID", "page_token")
+        assert {key: got for key, got in refusals.items() if got != expected} == {}
+        assert {kind for kind, _ in refusals} == set(lists)
+    finally:
+        await ai_channel.close()
