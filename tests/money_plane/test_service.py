@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from money_helpers import DbProbe, ledger_config, new_signer, sign_token, unique_tenant
 
-from money_plane.app import MoneyPlane
 from money_plane import codec
+from money_plane.app import MoneyPlane
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
