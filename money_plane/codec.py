@@ -14,16 +14,26 @@ from money_plane.domain import (
     Leg,
     Outcome,
     Posting,
+    Tenant,
 )
 from money_plane.engine import EventSpec
-from money_plane.store.base import PostingRow
+from money_plane.store.base import BalanceCheck, PostingRow
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.runtime import codec as wire
 from triplane.runtime.bus import OutgoingEvent, make_envelope, new_event_id, subject_for
+from triplane.runtime.currencies import INT64_MAX
 
 # The one list this plane pages (ListAccountPostings), resumed after a sequence.
 POSTINGS_PAGE = "money.postings"
+
+
+def tenant(value: Tenant) -> pb.Tenant:
+    return pb.Tenant(
+        tenant_id=value.tenant_id,
+        display_name=value.display_name,
+        created_at=wire.timestamp(value.created_at_us),
+    )
 
 
 def account_spec(message: pb.NewAccount) -> AccountSpec:
@@ -231,4 +241,28 @@ def encode_account_event(state: AccountState, now_us: int) -> OutgoingEvent:
         event_id=envelope.event_id,
         subject=subject_for("money.account.opened", state.tenant_id),
         data=envelope.SerializeToString(),
+    )
+
+
+def _saturate(total_minor: int) -> int:
+    """A currency's total volume may exceed int64; the wire field saturates
+    (the `balanced` flag is computed on exact integers)."""
+    return min(total_minor, INT64_MAX)
+
+
+def check_balanced_response(check: BalanceCheck) -> pb.CheckBalancedResponse:
+    return pb.CheckBalancedResponse(
+        balanced=check.balanced,
+        totals=[
+            pb.CurrencyTotal(
+                currency=t.currency,
+                debits_minor=_saturate(t.debits_minor),
+                credits_minor=_saturate(t.credits_minor),
+                pending_debits_minor=_saturate(t.pending_debits_minor),
+                pending_credits_minor=_saturate(t.pending_credits_minor),
+            )
+            for t in check.totals
+        ],
+        accounts_checked=check.accounts_checked,
+        postings_checked=check.postings_checked,
     )

@@ -12,7 +12,6 @@ from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
-from triplane.runtime.currencies import INT64_MAX
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument, error_for
 from triplane.runtime.server import Service
@@ -20,12 +19,6 @@ from triplane.runtime.server import Service
 
 def _deadline(context: grpc.aio.ServicerContext, ledger: Ledger) -> Deadline:
     return Deadline.from_remaining(context.time_remaining(), ledger.config.budget_ms / 1000.0)
-
-
-def _saturate(total_minor: int) -> int:
-    """A currency's total volume may exceed int64; the wire field saturates
-    (the `balanced` flag is computed on exact integers)."""
-    return min(total_minor, INT64_MAX)
 
 
 def _raise_for(outcome: Outcome) -> None:
@@ -43,13 +36,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTenantResponse:
         tenant = await self._ledger.create_tenant(request.tenant_id, request.display_name)
-        return pb.CreateTenantResponse(
-            tenant=pb.Tenant(
-                tenant_id=tenant.tenant_id,
-                display_name=tenant.display_name,
-                created_at=wire.timestamp(tenant.created_at_us),
-            )
-        )
+        return pb.CreateTenantResponse(tenant=codec.tenant(tenant))
 
     async def CreateAccounts(
         self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext
@@ -143,21 +130,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         self, request: pb.CheckBalancedRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckBalancedResponse:
         check = await self._ledger.check_balanced(request.tenant_id)
-        return pb.CheckBalancedResponse(
-            balanced=check.balanced,
-            totals=[
-                pb.CurrencyTotal(
-                    currency=t.currency,
-                    debits_minor=_saturate(t.debits_minor),
-                    credits_minor=_saturate(t.credits_minor),
-                    pending_debits_minor=_saturate(t.pending_debits_minor),
-                    pending_credits_minor=_saturate(t.pending_credits_minor),
-                )
-                for t in check.totals
-            ],
-            accounts_checked=check.accounts_checked,
-            postings_checked=check.postings_checked,
-        )
+        return codec.check_balanced_response(check)
 
 
 def ledger_service(ledger: Ledger, clock: Clock) -> Service:
