@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from policy_plane.bundles_registry import BundleInfo
 from policy_plane.cases import CaseBody
-from policy_plane.consent import ConsentRecord, ContactProfile
+from policy_plane.consent import ConsentRecord, ContactCheck, ContactProfile
 from policy_plane.decision_log import VerifyResult
+from policy_plane.engine import PolicyMetrics
 from policy_plane.model import (
     Decision,
     EvaluationInput,
@@ -17,7 +18,7 @@ from policy_plane.model import (
     Velocity,
 )
 from policy_plane.offers import Eligible, Excluded, OfferEntry, OfferVariant
-from policy_plane.replay import Confusion, ReplayReport
+from policy_plane.replay import Confusion, ReplayReport, ReplayWindow
 from policy_plane.store import OutboxRow
 from triplane.common.v1 import types_pb2
 from triplane.policy.v1 import policy_pb2 as pb
@@ -334,6 +335,30 @@ def replay_pb(report: ReplayReport) -> pb.ReplayDecisionsResponse:
     )
 
 
+def replay_window(request: pb.ReplayDecisionsRequest) -> ReplayWindow:
+    return ReplayWindow(
+        tenant_id=request.tenant_id,
+        account_id=request.account_id,
+        start_us=wire.micros(request.start_time, "start_time"),
+        end_us=wire.micros(request.end_time, "end_time"),
+        max_decisions=request.max_decisions,
+    )
+
+
+def metrics_pb(metrics: PolicyMetrics) -> pb.GetPolicyMetricsResponse:
+    return pb.GetPolicyMetricsResponse(
+        decisions_total=metrics.decisions_total,
+        live_bundle_version=metrics.live_bundle_version,
+        shadow_bundle_version=metrics.shadow.bundle_version,
+        shadow_decisions=metrics.shadow.decisions,
+        shadow_agreements=metrics.shadow.agreements,
+        shadow_agreement_rate=metrics.shadow.agreement_rate,
+        cases_resolved_with_suggestion=metrics.overrule.resolved_with_suggestion,
+        cases_overruled=metrics.overrule.overruled,
+        human_overrule_rate=metrics.overrule.rate,
+    )
+
+
 def verify_pb(result: VerifyResult) -> pb.VerifyDecisionLogResponse:
     return pb.VerifyDecisionLogResponse(
         valid=result.valid,
@@ -352,6 +377,18 @@ def profile_pb(profile: ContactProfile) -> pb.ContactProfile:
         vulnerable=profile.vulnerable,
         updated_at=wire.timestamp(profile.updated_at_us),
     )
+
+
+def check_contact_pb(check: ContactCheck) -> pb.CheckContactResponse:
+    response = pb.CheckContactResponse(
+        allowed=check.allowed,
+        block=BLOCKS.get(check.block, pb.CONTACT_BLOCK_UNSPECIFIED),
+        detail=check.detail,
+    )
+    # Unset when the check names no later moment to try again.
+    if check.next_allowed_at_us:
+        wire.fill_timestamp(response.next_allowed_at, check.next_allowed_at_us)
+    return response
 
 
 def consent_record(message: pb.Consent) -> ConsentRecord:

@@ -13,7 +13,6 @@ from policy_plane.bundle import BundleSource
 from policy_plane.consent import ContactProfile, ContactRecord
 from policy_plane.engine import PolicyEngine
 from policy_plane.offers import CustomerContext
-from policy_plane.replay import ReplayWindow
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime import codec as wire
@@ -65,14 +64,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def ReplayDecisions(
         self, request: pb.ReplayDecisionsRequest, context: Ctx
     ) -> pb.ReplayDecisionsResponse:
-        window = ReplayWindow(
-            tenant_id=request.tenant_id,
-            account_id=request.account_id,
-            start_us=wire.micros(request.start_time, "start_time"),
-            end_us=wire.micros(request.end_time, "end_time"),
-            max_decisions=request.max_decisions,
-        )
-        report = await self._engine.replay(window, request.bundle_version)
+        report = await self._engine.replay(codec.replay_window(request), request.bundle_version)
         return codec.replay_pb(report)
 
     async def VerifyDecisionLog(
@@ -90,18 +82,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def GetPolicyMetrics(
         self, request: pb.GetPolicyMetricsRequest, context: Ctx
     ) -> pb.GetPolicyMetricsResponse:
-        metrics = await self._engine.metrics(request.tenant_id)
-        return pb.GetPolicyMetricsResponse(
-            decisions_total=metrics.decisions_total,
-            live_bundle_version=metrics.live_bundle_version,
-            shadow_bundle_version=metrics.shadow.bundle_version,
-            shadow_decisions=metrics.shadow.decisions,
-            shadow_agreements=metrics.shadow.agreements,
-            shadow_agreement_rate=metrics.shadow.agreement_rate,
-            cases_resolved_with_suggestion=metrics.overrule.resolved_with_suggestion,
-            cases_overruled=metrics.overrule.overruled,
-            human_overrule_rate=metrics.overrule.rate,
-        )
+        return codec.metrics_pb(await self._engine.metrics(request.tenant_id))
 
 
 class BundleServicer(pb_grpc.BundleServiceServicer):
@@ -234,14 +215,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             max_week,
             at_us=contact_at_us,
         )
-        response = pb.CheckContactResponse(
-            allowed=check.allowed,
-            block=codec.BLOCKS.get(check.block, pb.CONTACT_BLOCK_UNSPECIFIED),
-            detail=check.detail,
-        )
-        if check.next_allowed_at_us:
-            wire.fill_timestamp(response.next_allowed_at, check.next_allowed_at_us)
-        return response
+        return codec.check_contact_pb(check)
 
     async def RecordContact(
         self, request: pb.RecordContactRequest, context: Ctx
