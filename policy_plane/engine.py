@@ -163,14 +163,18 @@ class PolicyEngine:
         self._tenants.add(tenant_id)
         return result
 
-    def require_tenant(self, tenant_id: str) -> None:
-        validate.check_tenant_id(tenant_id)
+    def require_tenant(self, tenant_id: str, prefix: str = "") -> None:
+        """A known tenant; `prefix` names the message holding the field
+        (`offer` for `offer.tenant_id`), so the error names the caller's field."""
+        field = f"{prefix}.tenant_id" if prefix else "tenant_id"
+        validate.check_tenant_id(tenant_id, field)
         if tenant_id not in self._tenants:
-            raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
+            raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", field)
 
-    def check_customer(self, tenant_id: str, customer_id: str) -> None:
-        self.require_tenant(tenant_id)
-        validate.check_id(customer_id, "customer_id", self.config.limits)
+    def check_customer(self, tenant_id: str, customer_id: str, prefix: str = "") -> None:
+        self.require_tenant(tenant_id, prefix)
+        field = f"{prefix}.customer_id" if prefix else "customer_id"
+        validate.check_id(customer_id, field, self.config.limits)
 
     # ------------------------------------------------------------ decisions
     async def evaluate(

@@ -157,7 +157,7 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         self, request: pb.PutContactProfileRequest, context: Ctx
     ) -> pb.PutContactProfileResponse:
         profile = request.profile
-        self._engine.check_customer(profile.tenant_id, profile.customer_id)
+        self._engine.check_customer(profile.tenant_id, profile.customer_id, "profile")
         stored = await asyncio.to_thread(
             self._engine.consent.put_profile,
             ContactProfile(
@@ -243,7 +243,7 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
         self._engine = engine
 
     async def PutOffer(self, request: pb.PutOfferRequest, context: Ctx) -> pb.PutOfferResponse:
-        self._engine.require_tenant(request.offer.tenant_id)
+        self._engine.require_tenant(request.offer.tenant_id, "offer")
         stored = await asyncio.to_thread(self._engine.offers.put, codec.offer_entry(request.offer))
         return pb.PutOfferResponse(offer=codec.offer_pb(stored))
 

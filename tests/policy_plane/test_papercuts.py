@@ -62,6 +62,37 @@ async def test_a_tenant_id_the_money_plane_accepts_is_accepted(stubs: Stubs) -> 
     assert created.tenant_id == "t-1_x"
 
 
+async def test_a_nested_tenant_id_is_named_by_its_path(stubs: Stubs) -> None:
+    """PutOffer and PutContactProfile carry the tenant inside a message: the
+    error names `offer.tenant_id` / `profile.tenant_id`, the caller's field."""
+    await expect_error(
+        stubs.offers.PutOffer(
+            pb.PutOfferRequest(offer=pb.Offer(tenant_id="Bad.Tenant", offer_id="o1"))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_TENANT_ID",
+        "offer.tenant_id",
+    )
+    await expect_error(
+        stubs.offers.PutOffer(
+            pb.PutOfferRequest(offer=pb.Offer(tenant_id="nobody", offer_id="o1"))
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "TENANT_NOT_FOUND",
+        "offer.tenant_id",
+    )
+    await expect_error(
+        stubs.consent.PutContactProfile(
+            pb.PutContactProfileRequest(
+                profile=pb.ContactProfile(tenant_id=TENANT, customer_id="bad id")
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ID_INVALID",
+        "profile.customer_id",
+    )
+
+
 # ---------------------------------------------------------------- bundle errors
 
 
