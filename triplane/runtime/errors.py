@@ -32,27 +32,42 @@ class Code(enum.IntEnum):
     OUT_OF_RANGE = code_pb2.OUT_OF_RANGE
     UNAVAILABLE = code_pb2.UNAVAILABLE
     INTERNAL = code_pb2.INTERNAL
+    UNAUTHENTICATED = code_pb2.UNAUTHENTICATED
 
 
 class TriplaneError(Exception):
-    """A domain error with a canonical code, a reason and the field at fault."""
+    """A domain error with a canonical code, a reason and the field at fault.
+
+    `retry_delay_s`, when above 0, tells the caller how long to wait before
+    trying again (a rate limit): the status carries it as a
+    `google.rpc.RetryInfo`."""
 
     code: Code = Code.INTERNAL
 
     def __init__(
-        self, reason: str, message: str, field: str = "", metadata: dict[str, str] | None = None
+        self,
+        reason: str,
+        message: str,
+        field: str = "",
+        metadata: dict[str, str] | None = None,
+        *,
+        retry_delay_s: float = 0.0,
     ) -> None:
         super().__init__(message)
         assert reason.isupper() or "_" in reason, reason
+        assert retry_delay_s >= 0, retry_delay_s
         self.reason = reason
         self.message = message
         self.field = field
         self.metadata = dict(metadata or {})
+        self.retry_delay_s = retry_delay_s
 
     def with_field_prefix(self, prefix: str) -> TriplaneError:
         """The same error with `prefix` put before its field path."""
         field = f"{prefix}.{self.field}" if self.field else prefix
-        clone = type(self)(self.reason, self.message, field, self.metadata)
+        clone = type(self)(
+            self.reason, self.message, field, self.metadata, retry_delay_s=self.retry_delay_s
+        )
         clone.code = self.code
         return clone
 
@@ -100,6 +115,13 @@ class Aborted(TriplaneError):
     code = Code.ABORTED
 
 
+class Unauthenticated(TriplaneError):
+    """No credential, or one that is not valid (malformed, unknown, expired,
+    revoked): the caller is not known, so nothing about the request is."""
+
+    code = Code.UNAUTHENTICATED
+
+
 _BY_CODE: dict[Code, type[TriplaneError]] = {
     cls.code: cls
     for cls in (
@@ -113,6 +135,7 @@ _BY_CODE: dict[Code, type[TriplaneError]] = {
         DeadlineExceeded,
         Unavailable,
         Aborted,
+        Unauthenticated,
     )
 }
 

@@ -2,19 +2,21 @@
 
 `ErrorMappingInterceptor` turns a `TriplaneError` raised by a handler into a
 `google.rpc.Status` with an `ErrorInfo` (machine-readable reason) and a
-`BadRequest` field violation (the offending field), so no client error ever
-reaches a caller as UNKNOWN/INTERNAL; `parse_rpc_error` reads them back from a
-failed call.
+`BadRequest` field violation (the offending field), and a `RetryInfo` when
+the error says how long to wait (a rate limit), so no client error ever
+reaches a caller as UNKNOWN/INTERNAL; `parse_rpc_error` and `error_details`
+read them back from a failed call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -30,7 +32,11 @@ def to_status_proto(err: TriplaneError) -> status_pb2.Status:
     )
     if err.field:
         info.metadata["field"] = err.field
-    details = [info]
+    details: list[Any] = [info]
+    if err.retry_delay_s > 0:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_delay_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed: list[any_pb2.Any] = []
     for detail in details:
         item = any_pb2.Any()
@@ -72,6 +78,43 @@ def parse_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, s
             if bad.field_violations:
                 field = bad.field_violations[0].field
     return reason, field
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorDetails:
+    """What a Triplane status carries besides its code and message."""
+
+    reason: str = ""
+    field: str = ""
+    # ErrorInfo.metadata (e.g. "scope" of a PERMISSION_DENIED SCOPE_MISSING).
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    # RetryInfo.retry_delay; 0.0 when the status has none.
+    retry_delay_s: float = 0.0
+
+
+def error_details(error: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
+    """Everything `to_status_proto` packed into a failed call's status."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return ErrorDetails()
+    reason, field_path, retry_delay_s = "", "", 0.0
+    metadata: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+            field_path = field_path or info.metadata.get("field", "")
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                field_path = bad.field_violations[0].field
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay_s = retry.retry_delay.ToNanoseconds() / 1e9
+    return ErrorDetails(reason, field_path, metadata, retry_delay_s)
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
