@@ -332,6 +332,9 @@ class AuthorizePaymentRequest(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     HOLD_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     idempotency_key: _builtins.str
     account_id: _builtins.str
     """Ledger account debited (the customer's)."""
@@ -536,6 +539,9 @@ class CapturePaymentRequest(_message.Message):
     HOLD_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     idempotency_key: _builtins.str
     hold_id: _builtins.str
     @_builtins.property
@@ -602,6 +608,9 @@ class VoidPaymentRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     HOLD_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     idempotency_key: _builtins.str
     hold_id: _builtins.str
     def __init__(
@@ -656,6 +665,9 @@ class RefundPaymentRequest(_message.Message):
     ENTRY_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     idempotency_key: _builtins.str
     entry_id: _builtins.str
     """The capture entry refunded."""
@@ -721,6 +733,9 @@ class GetDecisionRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     DECISION_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     decision_id: _builtins.str
     def __init__(
         self,
@@ -969,6 +984,9 @@ class DecideNextActionRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     LOCAL_HOUR_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     idempotency_key: _builtins.str
     customer_id: _builtins.str
     account_id: _builtins.str
@@ -1194,6 +1212,9 @@ class RecordOutcomeRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     idempotency_key: _builtins.str
     decision_id: _builtins.str
     """The DecideNextAction decision this outcome belongs to."""
@@ -1353,6 +1374,9 @@ class IngestEventsRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___BehaviourEvent]:
         """At most gateway.limits.max_events_per_request."""
@@ -1482,6 +1506,9 @@ class ListDeadLettersRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     page_size: _builtins.int
     """Dead letters per page: 0 is `gateway.delivery.default_page_size`; above
     `gateway.delivery.max_page_size` the page holds that maximum (a larger size
@@ -1540,6 +1567,9 @@ class RedeliverDeadLetterRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Empty: the credential's tenant. Another tenant: PERMISSION_DENIED
+    TENANT_MISMATCH.
+    """
     idempotency_key: _builtins.str
     delivery_id: _builtins.str
     def __init__(
@@ -1585,6 +1615,358 @@ class RedeliverDeadLetterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedeliverDeadLetterResponse: _TypeAlias = RedeliverDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class ApiKey(_message.Message):
+    """An API key as listed: everything but its secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    REDACTED_KEY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    RETIRES_AT_FIELD_NUMBER: _builtins.int
+    ROTATED_FROM_KEY_ID_FIELD_NUMBER: _builtins.int
+    ROTATED_TO_KEY_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    tenant_id: _builtins.str
+    display_name: _builtins.str
+    """The caller's label for the key (e.g. "checkout service, eu-west")."""
+    environment: _builtins.str
+    """"live" or "test": the key's prefix is tpk_<environment>_."""
+    redacted_key: _builtins.str
+    """What a log or a dashboard may show of the key: tpk_<environment>_<key_id>_."""
+    rotated_from_key_id: _builtins.str
+    """The key this one replaced (RotateApiKey), if any."""
+    rotated_to_key_id: _builtins.str
+    """The key that replaced this one, if any."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the key may do: payments:write, payments:read, decisions:read,
+        actions:write, events:write, deliveries:admin, pii:read, keys:admin.
+        """
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: the key does not expire."""
+
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """Set once the key is revoked."""
+
+    @_builtins.property
+    def retires_at(self) -> _timestamp_pb2.Timestamp:
+        """Set once the key is rotated: the end of its overlap, after which it is
+        refused (UNAUTHENTICATED CREDENTIAL_ROTATED).
+        """
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        display_name: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        redacted_key: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        retires_at: _timestamp_pb2.Timestamp | None = ...,
+        rotated_from_key_id: _builtins.str = ...,
+        rotated_to_key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "retires_at", b"retires_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "display_name", b"display_name", "environment", b"environment", "expires_at", b"expires_at", "key_id", b"key_id", "redacted_key", b"redacted_key", "retires_at", b"retires_at", "revoked_at", b"revoked_at", "rotated_from_key_id", b"rotated_from_key_id", "rotated_to_key_id", b"rotated_to_key_id", "scopes", b"scopes", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+
+@_typing.final
+class CreateApiKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty: the caller's tenant (a tenant key with keys:admin); an admin
+    caller must name it.
+    """
+    idempotency_key: _builtins.str
+    """A retry with the same key answers with the key made the first time,
+    without its secret (replayed set); another payload under the same key is
+    ALREADY_EXISTS naming the field that differs.
+    """
+    display_name: _builtins.str
+    """At most gateway.limits.max_string_length characters."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At least one; each one of the scopes ApiKey.scopes lists (an unknown one
+        is INVALID_ARGUMENT SCOPE_UNKNOWN naming scopes[i]). A tenant's own key
+        grants only scopes it has itself (else PERMISSION_DENIED SCOPE_MISSING).
+        """
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: the key does not expire. In the past: INVALID_ARGUMENT
+        EXPIRY_IN_PAST.
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        display_name: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "scopes", b"scopes", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateApiKeyRequest: _TypeAlias = CreateApiKeyRequest  # noqa: Y015
+
+@_typing.final
+class CreateApiKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The whole key, to send as `authorization: Bearer <secret>`. Only in the
+    first answer: empty when replayed.
+    """
+    replayed: _builtins.bool
+    idempotency_key: _builtins.str
+    @_builtins.property
+    def api_key(self) -> Global___ApiKey: ...
+    def __init__(
+        self,
+        *,
+        api_key: Global___ApiKey | None = ...,
+        secret: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "idempotency_key", b"idempotency_key", "replayed", b"replayed", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateApiKeyResponse: _TypeAlias = CreateApiKeyResponse  # noqa: Y015
+
+@_typing.final
+class ListApiKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_REVOKED_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty: the caller's tenant (a tenant key with keys:admin); an admin
+    caller must name it.
+    """
+    page_size: _builtins.int
+    """Keys per page: 0 is `gateway.auth.default_page_size`; above
+    `gateway.auth.max_page_size` the page holds that maximum; negative is
+    INVALID_ARGUMENT PAGE_SIZE_INVALID.
+    """
+    page_token: _builtins.str
+    """The previous page's `next_page_token`, as it came (empty: the first
+    page). Opaque, and good for this list only: another list's token, a
+    token of an earlier release or a garbled one is INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID naming page_token.
+    """
+    include_revoked: _builtins.bool
+    """False: revoked keys are left out."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked", "page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApiKeysRequest: _TypeAlias = ListApiKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListApiKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]: ...
+    def __init__(
+        self,
+        *,
+        api_keys: _abc.Iterable[Global___ApiKey] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApiKeysResponse: _TypeAlias = ListApiKeysResponse  # noqa: Y015
+
+@_typing.final
+class RotateApiKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    OVERLAP_S_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty: the caller's tenant (a tenant key with keys:admin); an admin
+    caller must name it.
+    """
+    idempotency_key: _builtins.str
+    """As CreateApiKeyRequest.idempotency_key."""
+    key_id: _builtins.str
+    """The key replaced. A revoked, expired or already rotated key is
+    FAILED_PRECONDITION (KEY_REVOKED, KEY_EXPIRED, KEY_ALREADY_ROTATED).
+    """
+    overlap_s: _builtins.int
+    """How long the old key keeps working: 0 is
+    gateway.auth.rotation_overlap_s; above gateway.auth.max_rotation_overlap_s
+    is INVALID_ARGUMENT OVERLAP_TOO_LONG; negative OVERLAP_INVALID.
+    """
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Expiry of the new key; unset: it does not expire."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        overlap_s: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "key_id", b"key_id", "overlap_s", b"overlap_s", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateApiKeyRequest: _TypeAlias = RotateApiKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateApiKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    ROTATED_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The new key's whole key; empty when replayed."""
+    replayed: _builtins.bool
+    idempotency_key: _builtins.str
+    @_builtins.property
+    def api_key(self) -> Global___ApiKey:
+        """The new key."""
+
+    @_builtins.property
+    def rotated(self) -> Global___ApiKey:
+        """The old key, with its retires_at."""
+
+    def __init__(
+        self,
+        *,
+        api_key: Global___ApiKey | None = ...,
+        secret: _builtins.str = ...,
+        rotated: Global___ApiKey | None = ...,
+        replayed: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "rotated", b"rotated"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "idempotency_key", b"idempotency_key", "replayed", b"replayed", "rotated", b"rotated", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateApiKeyResponse: _TypeAlias = RotateApiKeyResponse  # noqa: Y015
+
+@_typing.final
+class RevokeApiKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty: the caller's tenant (a tenant key with keys:admin); an admin
+    caller must name it.
+    """
+    key_id: _builtins.str
+    """Revoking a revoked key changes nothing and answers the same."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeApiKeyRequest: _TypeAlias = RevokeApiKeyRequest  # noqa: Y015
+
+@_typing.final
+class RevokeApiKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def api_key(self) -> Global___ApiKey: ...
+    def __init__(
+        self,
+        *,
+        api_key: Global___ApiKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeApiKeyResponse: _TypeAlias = RevokeApiKeyResponse  # noqa: Y015
 
 @_typing.final
 class ExposureLogged(_message.Message):

@@ -37,6 +37,20 @@ class GatewayServiceStub:
     the caller's, so a retry after any plane restarted moves no money twice and
     loses no decision. Errors carry google.rpc.ErrorInfo (reason) and BadRequest
     (field).
+
+    Every call needs a credential, sent as gRPC metadata
+    `authorization: Bearer <credential>`: a partner API key (`tpk_live_...` or
+    `tpk_test_...`, made by ApiKeyService) or an OAuth2 client-credentials JWT
+    from the platform's identity provider (gateway.auth.jwt). The credential
+    names the tenant: a request's `tenant_id` may be left empty (the
+    credential's tenant is used), and one naming another tenant is
+    PERMISSION_DENIED TENANT_MISMATCH naming tenant_id. No credential, or one
+    that is malformed, fails its checksum, is unknown, expired, revoked or
+    rotated out, is UNAUTHENTICATED (the reason says which). Each method needs
+    one scope (below); a credential without it is PERMISSION_DENIED
+    SCOPE_MISSING with ErrorInfo.metadata["scope"] naming it. A credential over
+    its rate limit is RESOURCE_EXHAUSTED RATE_LIMITED with a google.rpc.RetryInfo
+    saying when to try again.
     """
 
     def __init__(self, channel):
@@ -109,6 +123,20 @@ class GatewayServiceServicer:
     the caller's, so a retry after any plane restarted moves no money twice and
     loses no decision. Errors carry google.rpc.ErrorInfo (reason) and BadRequest
     (field).
+
+    Every call needs a credential, sent as gRPC metadata
+    `authorization: Bearer <credential>`: a partner API key (`tpk_live_...` or
+    `tpk_test_...`, made by ApiKeyService) or an OAuth2 client-credentials JWT
+    from the platform's identity provider (gateway.auth.jwt). The credential
+    names the tenant: a request's `tenant_id` may be left empty (the
+    credential's tenant is used), and one naming another tenant is
+    PERMISSION_DENIED TENANT_MISMATCH naming tenant_id. No credential, or one
+    that is malformed, fails its checksum, is unknown, expired, revoked or
+    rotated out, is UNAUTHENTICATED (the reason says which). Each method needs
+    one scope (below); a credential without it is PERMISSION_DENIED
+    SCOPE_MISSING with ErrorInfo.metadata["scope"] naming it. A credential over
+    its rate limit is RESOURCE_EXHAUSTED RATE_LIMITED with a google.rpc.RetryInfo
+    saying when to try again.
     """
 
     def AuthorizePayment(self, request, context):
@@ -116,6 +144,7 @@ class GatewayServiceServicer:
         degrades to the policy's no-score branch), decides (policy_plane) and, on
         allow, places a hold (money_plane) with the signed decision token. On hold
         or review a case is opened and the answer says so.
+        Scope: payments:write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +152,7 @@ class GatewayServiceServicer:
 
     def CapturePayment(self, request, context):
         """Captures a hold, fully or partly (the remainder is released).
+        Scope: payments:write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +160,7 @@ class GatewayServiceServicer:
 
     def VoidPayment(self, request, context):
         """Releases a hold.
+        Scope: payments:write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +168,7 @@ class GatewayServiceServicer:
 
     def RefundPayment(self, request, context):
         """Refunds a captured entry, fully or partly.
+        Scope: payments:write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +176,7 @@ class GatewayServiceServicer:
 
     def GetDecision(self, request, context):
         """Why was this decided? Inputs (tokenized), fired rules, attributions, versions.
+        Scope: decisions:read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +184,7 @@ class GatewayServiceServicer:
 
     def DecideNextAction(self, request, context):
         """The next best action for a customer on an embedded surface.
+        Scope: actions:write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -158,6 +192,7 @@ class GatewayServiceServicer:
 
     def RecordOutcome(self, request, context):
         """The outcome of a decided action: updates the bandit, feeds measurement.
+        Scope: actions:write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +200,7 @@ class GatewayServiceServicer:
 
     def IngestEvents(self, request, context):
         """Behavioural events, batched; each one has its own result.
+        Scope: events:write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +208,7 @@ class GatewayServiceServicer:
 
     def ListDeadLetters(self, request, context):
         """Deliveries that ran out of attempts, oldest first, paged.
+        Scope: deliveries:admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +216,7 @@ class GatewayServiceServicer:
 
     def RedeliverDeadLetter(self, request, context):
         """Puts a dead letter back on its channel's delivery queue.
+        Scope: deliveries:admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,6 +295,20 @@ class GatewayService:
     the caller's, so a retry after any plane restarted moves no money twice and
     loses no decision. Errors carry google.rpc.ErrorInfo (reason) and BadRequest
     (field).
+
+    Every call needs a credential, sent as gRPC metadata
+    `authorization: Bearer <credential>`: a partner API key (`tpk_live_...` or
+    `tpk_test_...`, made by ApiKeyService) or an OAuth2 client-credentials JWT
+    from the platform's identity provider (gateway.auth.jwt). The credential
+    names the tenant: a request's `tenant_id` may be left empty (the
+    credential's tenant is used), and one naming another tenant is
+    PERMISSION_DENIED TENANT_MISMATCH naming tenant_id. No credential, or one
+    that is malformed, fails its checksum, is unknown, expired, revoked or
+    rotated out, is UNAUTHENTICATED (the reason says which). Each method needs
+    one scope (below); a credential without it is PERMISSION_DENIED
+    SCOPE_MISSING with ErrorInfo.metadata["scope"] naming it. A credential over
+    its rate limit is RESOURCE_EXHAUSTED RATE_LIMITED with a google.rpc.RetryInfo
+    saying when to try again.
     """
 
     @staticmethod
@@ -519,6 +571,270 @@ class GatewayService:
             '/triplane.gateway.v1.GatewayService/RedeliverDeadLetter',
             triplane_dot_gateway_dot_v1_dot_gateway__pb2.RedeliverDeadLetterRequest.SerializeToString,
             triplane_dot_gateway_dot_v1_dot_gateway__pb2.RedeliverDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ApiKeyServiceStub:
+    """---------------------------------------------------------------- API keys
+
+    ApiKeyService makes, lists, rotates and revokes the partner API keys that
+    GatewayService accepts. It is served on the gateway's port.
+
+    Who may call it: the admin identity (the admin tool's client certificate,
+    gateway.auth.admin_identities), the bootstrap admin key
+    (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
+    tenant's own key with the scope `keys:admin` (for that tenant only).
+    Anyone else is PERMISSION_DENIED.
+
+    A key is `tpk_<environment>_<key_id>_<secret><checksum>`: environment
+    `live` or `test` (gateway.auth.environment), a 12-character key id, a
+    32-character secret (base62, about 190 bits) and a 6-character base62
+    CRC32 of everything before it, so a secret scanner can find a leaked key
+    (regex `tpk_(live|test)_[0-9A-Za-z]{12}_[0-9A-Za-z]{38}`) and check it
+    without asking us. The gateway stores only an HMAC-SHA256 of the key under
+    a pepper that is not in its database: the whole key is in the answer of
+    CreateApiKey or RotateApiKey that made it, and never again.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateApiKey = channel.unary_unary(
+                '/triplane.gateway.v1.ApiKeyService/CreateApiKey',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/triplane.gateway.v1.ApiKeyService/ListApiKeys',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RotateApiKey = channel.unary_unary(
+                '/triplane.gateway.v1.ApiKeyService/RotateApiKey',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RotateApiKeyRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RotateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/triplane.gateway.v1.ApiKeyService/RevokeApiKey',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+
+
+class ApiKeyServiceServicer:
+    """---------------------------------------------------------------- API keys
+
+    ApiKeyService makes, lists, rotates and revokes the partner API keys that
+    GatewayService accepts. It is served on the gateway's port.
+
+    Who may call it: the admin identity (the admin tool's client certificate,
+    gateway.auth.admin_identities), the bootstrap admin key
+    (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
+    tenant's own key with the scope `keys:admin` (for that tenant only).
+    Anyone else is PERMISSION_DENIED.
+
+    A key is `tpk_<environment>_<key_id>_<secret><checksum>`: environment
+    `live` or `test` (gateway.auth.environment), a 12-character key id, a
+    32-character secret (base62, about 190 bits) and a 6-character base62
+    CRC32 of everything before it, so a secret scanner can find a leaked key
+    (regex `tpk_(live|test)_[0-9A-Za-z]{12}_[0-9A-Za-z]{38}`) and check it
+    without asking us. The gateway stores only an HMAC-SHA256 of the key under
+    a pepper that is not in its database: the whole key is in the answer of
+    CreateApiKey or RotateApiKey that made it, and never again.
+    """
+
+    def CreateApiKey(self, request, context):
+        """A new key for a tenant, with its scopes and an optional expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """A tenant's keys, oldest first, paged (no secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateApiKey(self, request, context):
+        """A new key with the same tenant and scopes; the old one keeps working for
+        an overlap (so a platform can roll it out), then stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Stops a key: every gateway replica refuses it within
+        gateway.auth.cache_ttl_s (the one that revoked it at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ApiKeyServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RotateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateApiKey,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RotateApiKeyRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RotateApiKeyResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'triplane.gateway.v1.ApiKeyService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('triplane.gateway.v1.ApiKeyService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ApiKeyService:
+    """---------------------------------------------------------------- API keys
+
+    ApiKeyService makes, lists, rotates and revokes the partner API keys that
+    GatewayService accepts. It is served on the gateway's port.
+
+    Who may call it: the admin identity (the admin tool's client certificate,
+    gateway.auth.admin_identities), the bootstrap admin key
+    (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
+    tenant's own key with the scope `keys:admin` (for that tenant only).
+    Anyone else is PERMISSION_DENIED.
+
+    A key is `tpk_<environment>_<key_id>_<secret><checksum>`: environment
+    `live` or `test` (gateway.auth.environment), a 12-character key id, a
+    32-character secret (base62, about 190 bits) and a 6-character base62
+    CRC32 of everything before it, so a secret scanner can find a leaked key
+    (regex `tpk_(live|test)_[0-9A-Za-z]{12}_[0-9A-Za-z]{38}`) and check it
+    without asking us. The gateway stores only an HMAC-SHA256 of the key under
+    a pepper that is not in its database: the whole key is in the answer of
+    CreateApiKey or RotateApiKey that made it, and never again.
+    """
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.ApiKeyService/CreateApiKey',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.ApiKeyService/ListApiKeys',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.ApiKeyService/RotateApiKey',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.RotateApiKeyRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.RotateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.ApiKeyService/RevokeApiKey',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

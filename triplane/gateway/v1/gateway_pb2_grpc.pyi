@@ -38,6 +38,20 @@ class GatewayServiceStub:
     the caller's, so a retry after any plane restarted moves no money twice and
     loses no decision. Errors carry google.rpc.ErrorInfo (reason) and BadRequest
     (field).
+
+    Every call needs a credential, sent as gRPC metadata
+    `authorization: Bearer <credential>`: a partner API key (`tpk_live_...` or
+    `tpk_test_...`, made by ApiKeyService) or an OAuth2 client-credentials JWT
+    from the platform's identity provider (gateway.auth.jwt). The credential
+    names the tenant: a request's `tenant_id` may be left empty (the
+    credential's tenant is used), and one naming another tenant is
+    PERMISSION_DENIED TENANT_MISMATCH naming tenant_id. No credential, or one
+    that is malformed, fails its checksum, is unknown, expired, revoked or
+    rotated out, is UNAUTHENTICATED (the reason says which). Each method needs
+    one scope (below); a credential without it is PERMISSION_DENIED
+    SCOPE_MISSING with ErrorInfo.metadata["scope"] naming it. A credential over
+    its rate limit is RESOURCE_EXHAUSTED RATE_LIMITED with a google.rpc.RetryInfo
+    saying when to try again.
     """
 
     @_typing.overload
@@ -49,25 +63,44 @@ class GatewayServiceStub:
     degrades to the policy's no-score branch), decides (policy_plane) and, on
     allow, places a hold (money_plane) with the signed decision token. On hold
     or review a case is opened and the answer says so.
+    Scope: payments:write.
     """
     CapturePayment: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CapturePaymentRequest, _gateway_pb2.CapturePaymentResponse]
-    """Captures a hold, fully or partly (the remainder is released)."""
+    """Captures a hold, fully or partly (the remainder is released).
+    Scope: payments:write.
+    """
     VoidPayment: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.VoidPaymentRequest, _gateway_pb2.VoidPaymentResponse]
-    """Releases a hold."""
+    """Releases a hold.
+    Scope: payments:write.
+    """
     RefundPayment: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RefundPaymentRequest, _gateway_pb2.RefundPaymentResponse]
-    """Refunds a captured entry, fully or partly."""
+    """Refunds a captured entry, fully or partly.
+    Scope: payments:write.
+    """
     GetDecision: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetDecisionRequest, _gateway_pb2.GetDecisionResponse]
-    """Why was this decided? Inputs (tokenized), fired rules, attributions, versions."""
+    """Why was this decided? Inputs (tokenized), fired rules, attributions, versions.
+    Scope: decisions:read.
+    """
     DecideNextAction: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DecideNextActionRequest, _gateway_pb2.DecideNextActionResponse]
-    """The next best action for a customer on an embedded surface."""
+    """The next best action for a customer on an embedded surface.
+    Scope: actions:write.
+    """
     RecordOutcome: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RecordOutcomeRequest, _gateway_pb2.RecordOutcomeResponse]
-    """The outcome of a decided action: updates the bandit, feeds measurement."""
+    """The outcome of a decided action: updates the bandit, feeds measurement.
+    Scope: actions:write.
+    """
     IngestEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.IngestEventsRequest, _gateway_pb2.IngestEventsResponse]
-    """Behavioural events, batched; each one has its own result."""
+    """Behavioural events, batched; each one has its own result.
+    Scope: events:write.
+    """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListDeadLettersRequest, _gateway_pb2.ListDeadLettersResponse]
-    """Deliveries that ran out of attempts, oldest first, paged."""
+    """Deliveries that ran out of attempts, oldest first, paged.
+    Scope: deliveries:admin.
+    """
     RedeliverDeadLetter: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RedeliverDeadLetterRequest, _gateway_pb2.RedeliverDeadLetterResponse]
-    """Puts a dead letter back on its channel's delivery queue."""
+    """Puts a dead letter back on its channel's delivery queue.
+    Scope: deliveries:admin.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -82,6 +115,20 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     the caller's, so a retry after any plane restarted moves no money twice and
     loses no decision. Errors carry google.rpc.ErrorInfo (reason) and BadRequest
     (field).
+
+    Every call needs a credential, sent as gRPC metadata
+    `authorization: Bearer <credential>`: a partner API key (`tpk_live_...` or
+    `tpk_test_...`, made by ApiKeyService) or an OAuth2 client-credentials JWT
+    from the platform's identity provider (gateway.auth.jwt). The credential
+    names the tenant: a request's `tenant_id` may be left empty (the
+    credential's tenant is used), and one naming another tenant is
+    PERMISSION_DENIED TENANT_MISMATCH naming tenant_id. No credential, or one
+    that is malformed, fails its checksum, is unknown, expired, revoked or
+    rotated out, is UNAUTHENTICATED (the reason says which). Each method needs
+    one scope (below); a credential without it is PERMISSION_DENIED
+    SCOPE_MISSING with ErrorInfo.metadata["scope"] naming it. A credential over
+    its rate limit is RESOURCE_EXHAUSTED RATE_LIMITED with a google.rpc.RetryInfo
+    saying when to try again.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -90,25 +137,44 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     degrades to the policy's no-score branch), decides (policy_plane) and, on
     allow, places a hold (money_plane) with the signed decision token. On hold
     or review a case is opened and the answer says so.
+    Scope: payments:write.
     """
     CapturePayment: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CapturePaymentRequest, _gateway_pb2.CapturePaymentResponse]  # type: ignore[assignment]
-    """Captures a hold, fully or partly (the remainder is released)."""
+    """Captures a hold, fully or partly (the remainder is released).
+    Scope: payments:write.
+    """
     VoidPayment: _aio.UnaryUnaryMultiCallable[_gateway_pb2.VoidPaymentRequest, _gateway_pb2.VoidPaymentResponse]  # type: ignore[assignment]
-    """Releases a hold."""
+    """Releases a hold.
+    Scope: payments:write.
+    """
     RefundPayment: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RefundPaymentRequest, _gateway_pb2.RefundPaymentResponse]  # type: ignore[assignment]
-    """Refunds a captured entry, fully or partly."""
+    """Refunds a captured entry, fully or partly.
+    Scope: payments:write.
+    """
     GetDecision: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetDecisionRequest, _gateway_pb2.GetDecisionResponse]  # type: ignore[assignment]
-    """Why was this decided? Inputs (tokenized), fired rules, attributions, versions."""
+    """Why was this decided? Inputs (tokenized), fired rules, attributions, versions.
+    Scope: decisions:read.
+    """
     DecideNextAction: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DecideNextActionRequest, _gateway_pb2.DecideNextActionResponse]  # type: ignore[assignment]
-    """The next best action for a customer on an embedded surface."""
+    """The next best action for a customer on an embedded surface.
+    Scope: actions:write.
+    """
     RecordOutcome: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RecordOutcomeRequest, _gateway_pb2.RecordOutcomeResponse]  # type: ignore[assignment]
-    """The outcome of a decided action: updates the bandit, feeds measurement."""
+    """The outcome of a decided action: updates the bandit, feeds measurement.
+    Scope: actions:write.
+    """
     IngestEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.IngestEventsRequest, _gateway_pb2.IngestEventsResponse]  # type: ignore[assignment]
-    """Behavioural events, batched; each one has its own result."""
+    """Behavioural events, batched; each one has its own result.
+    Scope: events:write.
+    """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListDeadLettersRequest, _gateway_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
-    """Deliveries that ran out of attempts, oldest first, paged."""
+    """Deliveries that ran out of attempts, oldest first, paged.
+    Scope: deliveries:admin.
+    """
     RedeliverDeadLetter: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RedeliverDeadLetterRequest, _gateway_pb2.RedeliverDeadLetterResponse]  # type: ignore[assignment]
-    """Puts a dead letter back on its channel's delivery queue."""
+    """Puts a dead letter back on its channel's delivery queue.
+    Scope: deliveries:admin.
+    """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """GatewayService is Triplane's only public surface. It orchestrates
@@ -122,6 +188,20 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     the caller's, so a retry after any plane restarted moves no money twice and
     loses no decision. Errors carry google.rpc.ErrorInfo (reason) and BadRequest
     (field).
+
+    Every call needs a credential, sent as gRPC metadata
+    `authorization: Bearer <credential>`: a partner API key (`tpk_live_...` or
+    `tpk_test_...`, made by ApiKeyService) or an OAuth2 client-credentials JWT
+    from the platform's identity provider (gateway.auth.jwt). The credential
+    names the tenant: a request's `tenant_id` may be left empty (the
+    credential's tenant is used), and one naming another tenant is
+    PERMISSION_DENIED TENANT_MISMATCH naming tenant_id. No credential, or one
+    that is malformed, fails its checksum, is unknown, expired, revoked or
+    rotated out, is UNAUTHENTICATED (the reason says which). Each method needs
+    one scope (below); a credential without it is PERMISSION_DENIED
+    SCOPE_MISSING with ErrorInfo.metadata["scope"] naming it. A credential over
+    its rate limit is RESOURCE_EXHAUSTED RATE_LIMITED with a google.rpc.RetryInfo
+    saying when to try again.
     """
 
     @_abc_1.abstractmethod
@@ -134,6 +214,7 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         degrades to the policy's no-score branch), decides (policy_plane) and, on
         allow, places a hold (money_plane) with the signed decision token. On hold
         or review a case is opened and the answer says so.
+        Scope: payments:write.
         """
 
     @_abc_1.abstractmethod
@@ -142,7 +223,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.CapturePaymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.CapturePaymentResponse, _abc.Awaitable[_gateway_pb2.CapturePaymentResponse]]:
-        """Captures a hold, fully or partly (the remainder is released)."""
+        """Captures a hold, fully or partly (the remainder is released).
+        Scope: payments:write.
+        """
 
     @_abc_1.abstractmethod
     def VoidPayment(
@@ -150,7 +233,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.VoidPaymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.VoidPaymentResponse, _abc.Awaitable[_gateway_pb2.VoidPaymentResponse]]:
-        """Releases a hold."""
+        """Releases a hold.
+        Scope: payments:write.
+        """
 
     @_abc_1.abstractmethod
     def RefundPayment(
@@ -158,7 +243,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.RefundPaymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.RefundPaymentResponse, _abc.Awaitable[_gateway_pb2.RefundPaymentResponse]]:
-        """Refunds a captured entry, fully or partly."""
+        """Refunds a captured entry, fully or partly.
+        Scope: payments:write.
+        """
 
     @_abc_1.abstractmethod
     def GetDecision(
@@ -166,7 +253,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.GetDecisionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GetDecisionResponse, _abc.Awaitable[_gateway_pb2.GetDecisionResponse]]:
-        """Why was this decided? Inputs (tokenized), fired rules, attributions, versions."""
+        """Why was this decided? Inputs (tokenized), fired rules, attributions, versions.
+        Scope: decisions:read.
+        """
 
     @_abc_1.abstractmethod
     def DecideNextAction(
@@ -174,7 +263,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.DecideNextActionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.DecideNextActionResponse, _abc.Awaitable[_gateway_pb2.DecideNextActionResponse]]:
-        """The next best action for a customer on an embedded surface."""
+        """The next best action for a customer on an embedded surface.
+        Scope: actions:write.
+        """
 
     @_abc_1.abstractmethod
     def RecordOutcome(
@@ -182,7 +273,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.RecordOutcomeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.RecordOutcomeResponse, _abc.Awaitable[_gateway_pb2.RecordOutcomeResponse]]:
-        """The outcome of a decided action: updates the bandit, feeds measurement."""
+        """The outcome of a decided action: updates the bandit, feeds measurement.
+        Scope: actions:write.
+        """
 
     @_abc_1.abstractmethod
     def IngestEvents(
@@ -190,7 +283,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.IngestEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.IngestEventsResponse, _abc.Awaitable[_gateway_pb2.IngestEventsResponse]]:
-        """Behavioural events, batched; each one has its own result."""
+        """Behavioural events, batched; each one has its own result.
+        Scope: events:write.
+        """
 
     @_abc_1.abstractmethod
     def ListDeadLetters(
@@ -198,7 +293,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.ListDeadLettersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.ListDeadLettersResponse, _abc.Awaitable[_gateway_pb2.ListDeadLettersResponse]]:
-        """Deliveries that ran out of attempts, oldest first, paged."""
+        """Deliveries that ran out of attempts, oldest first, paged.
+        Scope: deliveries:admin.
+        """
 
     @_abc_1.abstractmethod
     def RedeliverDeadLetter(
@@ -206,6 +303,144 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.RedeliverDeadLetterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.RedeliverDeadLetterResponse, _abc.Awaitable[_gateway_pb2.RedeliverDeadLetterResponse]]:
-        """Puts a dead letter back on its channel's delivery queue."""
+        """Puts a dead letter back on its channel's delivery queue.
+        Scope: deliveries:admin.
+        """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ApiKeyServiceStub:
+    """---------------------------------------------------------------- API keys
+
+    ApiKeyService makes, lists, rotates and revokes the partner API keys that
+    GatewayService accepts. It is served on the gateway's port.
+
+    Who may call it: the admin identity (the admin tool's client certificate,
+    gateway.auth.admin_identities), the bootstrap admin key
+    (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
+    tenant's own key with the scope `keys:admin` (for that tenant only).
+    Anyone else is PERMISSION_DENIED.
+
+    A key is `tpk_<environment>_<key_id>_<secret><checksum>`: environment
+    `live` or `test` (gateway.auth.environment), a 12-character key id, a
+    32-character secret (base62, about 190 bits) and a 6-character base62
+    CRC32 of everything before it, so a secret scanner can find a leaked key
+    (regex `tpk_(live|test)_[0-9A-Za-z]{12}_[0-9A-Za-z]{38}`) and check it
+    without asking us. The gateway stores only an HMAC-SHA256 of the key under
+    a pepper that is not in its database: the whole key is in the answer of
+    CreateApiKey or RotateApiKey that made it, and never again.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ApiKeyServiceAsyncStub: ...
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CreateApiKeyRequest, _gateway_pb2.CreateApiKeyResponse]
+    """A new key for a tenant, with its scopes and an optional expiry."""
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListApiKeysRequest, _gateway_pb2.ListApiKeysResponse]
+    """A tenant's keys, oldest first, paged (no secrets)."""
+    RotateApiKey: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RotateApiKeyRequest, _gateway_pb2.RotateApiKeyResponse]
+    """A new key with the same tenant and scopes; the old one keeps working for
+    an overlap (so a platform can roll it out), then stops.
+    """
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RevokeApiKeyRequest, _gateway_pb2.RevokeApiKeyResponse]
+    """Stops a key: every gateway replica refuses it within
+    gateway.auth.cache_ttl_s (the one that revoked it at once).
+    """
+
+@_typing.type_check_only
+class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
+    """---------------------------------------------------------------- API keys
+
+    ApiKeyService makes, lists, rotates and revokes the partner API keys that
+    GatewayService accepts. It is served on the gateway's port.
+
+    Who may call it: the admin identity (the admin tool's client certificate,
+    gateway.auth.admin_identities), the bootstrap admin key
+    (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
+    tenant's own key with the scope `keys:admin` (for that tenant only).
+    Anyone else is PERMISSION_DENIED.
+
+    A key is `tpk_<environment>_<key_id>_<secret><checksum>`: environment
+    `live` or `test` (gateway.auth.environment), a 12-character key id, a
+    32-character secret (base62, about 190 bits) and a 6-character base62
+    CRC32 of everything before it, so a secret scanner can find a leaked key
+    (regex `tpk_(live|test)_[0-9A-Za-z]{12}_[0-9A-Za-z]{38}`) and check it
+    without asking us. The gateway stores only an HMAC-SHA256 of the key under
+    a pepper that is not in its database: the whole key is in the answer of
+    CreateApiKey or RotateApiKey that made it, and never again.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CreateApiKeyRequest, _gateway_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """A new key for a tenant, with its scopes and an optional expiry."""
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListApiKeysRequest, _gateway_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """A tenant's keys, oldest first, paged (no secrets)."""
+    RotateApiKey: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RotateApiKeyRequest, _gateway_pb2.RotateApiKeyResponse]  # type: ignore[assignment]
+    """A new key with the same tenant and scopes; the old one keeps working for
+    an overlap (so a platform can roll it out), then stops.
+    """
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RevokeApiKeyRequest, _gateway_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    """Stops a key: every gateway replica refuses it within
+    gateway.auth.cache_ttl_s (the one that revoked it at once).
+    """
+
+class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------- API keys
+
+    ApiKeyService makes, lists, rotates and revokes the partner API keys that
+    GatewayService accepts. It is served on the gateway's port.
+
+    Who may call it: the admin identity (the admin tool's client certificate,
+    gateway.auth.admin_identities), the bootstrap admin key
+    (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
+    tenant's own key with the scope `keys:admin` (for that tenant only).
+    Anyone else is PERMISSION_DENIED.
+
+    A key is `tpk_<environment>_<key_id>_<secret><checksum>`: environment
+    `live` or `test` (gateway.auth.environment), a 12-character key id, a
+    32-character secret (base62, about 190 bits) and a 6-character base62
+    CRC32 of everything before it, so a secret scanner can find a leaked key
+    (regex `tpk_(live|test)_[0-9A-Za-z]{12}_[0-9A-Za-z]{38}`) and check it
+    without asking us. The gateway stores only an HMAC-SHA256 of the key under
+    a pepper that is not in its database: the whole key is in the answer of
+    CreateApiKey or RotateApiKey that made it, and never again.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _gateway_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.CreateApiKeyResponse, _abc.Awaitable[_gateway_pb2.CreateApiKeyResponse]]:
+        """A new key for a tenant, with its scopes and an optional expiry."""
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _gateway_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListApiKeysResponse, _abc.Awaitable[_gateway_pb2.ListApiKeysResponse]]:
+        """A tenant's keys, oldest first, paged (no secrets)."""
+
+    @_abc_1.abstractmethod
+    def RotateApiKey(
+        self,
+        request: _gateway_pb2.RotateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.RotateApiKeyResponse, _abc.Awaitable[_gateway_pb2.RotateApiKeyResponse]]:
+        """A new key with the same tenant and scopes; the old one keeps working for
+        an overlap (so a platform can roll it out), then stops.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _gateway_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.RevokeApiKeyResponse, _abc.Awaitable[_gateway_pb2.RevokeApiKeyResponse]]:
+        """Stops a key: every gateway replica refuses it within
+        gateway.auth.cache_ttl_s (the one that revoked it at once).
+        """
+
+def add_ApiKeyServiceServicer_to_server(servicer: ApiKeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
