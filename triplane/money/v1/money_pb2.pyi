@@ -407,7 +407,20 @@ class Transfer(_message.Message):
     entry_id: _builtins.str
     """REFUND: the entry reversed."""
     decision_token: _builtins.str
-    """TRANSFER, PAYOUT, AUTHORIZE: decision token signed by the policy plane."""
+    """The policy plane's decision token (a JWS, alg Ed25519): required for
+    TRANSFER, PAYOUT, AUTHORIZE and REFUND, and for a CAPTURE with splits (a
+    CAPTURE without splits acts under its hold's decision). Its claims must name
+    exactly this movement: tenant, kind, debit and credit accounts (for CAPTURE
+    the hold's, for REFUND the refunded entry's credit account debited and its
+    debit account credited), amount (for CAPTURE and REFUND the amount moved,
+    also when `amount` is absent), currency, a digest of the splits, the
+    idempotency key, hold_id or entry_id; otherwise PERMISSION_DENIED
+    DECISION_TOKEN_MISMATCH naming the claim (`decision_token.credit_account_id`).
+    Also refused: another audience, an expired token (beyond
+    `money.tokens.clock_skew_s`), an unknown key, and a token id already used
+    for another transfer (DECISION_TOKEN_REUSED). A retry of the same transfer
+    with the same token is idempotent.
+    """
     hold_timeout_s: _builtins.int
     """AUTHORIZE: seconds until the hold expires; 0: `money.holds.default_timeout_s`,
     at most `money.holds.max_timeout_s`.
@@ -530,6 +543,8 @@ class Entry(_message.Message):
     DECISION_ID_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REFUND_COUNT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     entry_id: _builtins.str
     idempotency_key: _builtins.str
@@ -542,6 +557,13 @@ class Entry(_message.Message):
     """Sum of the refunds made against this entry so far."""
     decision_id: _builtins.str
     description: _builtins.str
+    credit_account_id: _builtins.str
+    """TRANSFER, PAYOUT: the transfer's credit account; CAPTURE: the hold's (the
+    remainder leg, paid what the splits leave). A refund debits it. Empty on
+    other kinds.
+    """
+    refund_count: _builtins.int
+    """Refunds posted against this entry so far."""
     @_builtins.property
     def postings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Posting]: ...
     @_builtins.property
@@ -568,10 +590,12 @@ class Entry(_message.Message):
         decision_id: _builtins.str = ...,
         description: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        credit_account_id: _builtins.str = ...,
+        refund_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "posted_at", b"posted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "decision_id", b"decision_id", "description", b"description", "entry_id", b"entry_id", "hold_id", b"hold_id", "idempotency_key", b"idempotency_key", "kind", b"kind", "metadata", b"metadata", "posted_at", b"posted_at", "postings", b"postings", "refers_to_entry_id", b"refers_to_entry_id", "refunded_minor", b"refunded_minor", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "credit_account_id", b"credit_account_id", "decision_id", b"decision_id", "description", b"description", "entry_id", b"entry_id", "hold_id", b"hold_id", "idempotency_key", b"idempotency_key", "kind", b"kind", "metadata", b"metadata", "posted_at", b"posted_at", "postings", b"postings", "refers_to_entry_id", b"refers_to_entry_id", "refund_count", b"refund_count", "refunded_minor", b"refunded_minor", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,6 +58,8 @@ class _PaymentKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PaymentKi
     """Between two accounts of the platform."""
     PAYMENT_KIND_INVOICE: _PaymentKind.ValueType  # 4
     """Paying an invoice."""
+    PAYMENT_KIND_REFUND: _PaymentKind.ValueType  # 5
+    """Giving back (part of) an earlier payment; its movement is REFUND."""
 
 class PaymentKind(_PaymentKind, metaclass=_PaymentKindEnumTypeWrapper): ...
 
@@ -70,7 +72,50 @@ PAYMENT_KIND_TRANSFER: PaymentKind.ValueType  # 3
 """Between two accounts of the platform."""
 PAYMENT_KIND_INVOICE: PaymentKind.ValueType  # 4
 """Paying an invoice."""
+PAYMENT_KIND_REFUND: PaymentKind.ValueType  # 5
+"""Giving back (part of) an earlier payment; its movement is REFUND."""
 Global___PaymentKind: _TypeAlias = PaymentKind  # noqa: Y015
+
+class _MoneyMovement:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MoneyMovementEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MoneyMovement.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MONEY_MOVEMENT_UNSPECIFIED: _MoneyMovement.ValueType  # 0
+    MONEY_MOVEMENT_AUTHORIZE: _MoneyMovement.ValueType  # 1
+    """A hold, captured later (what the gateway's AuthorizePayment places)."""
+    MONEY_MOVEMENT_TRANSFER: _MoneyMovement.ValueType  # 2
+    """Posted at once between two accounts of the platform."""
+    MONEY_MOVEMENT_PAYOUT: _MoneyMovement.ValueType  # 3
+    """Money out to an external account; only for PAYMENT_KIND_PAYOUT."""
+    MONEY_MOVEMENT_CAPTURE: _MoneyMovement.ValueType  # 4
+    """Capturing a hold with split legs (a capture without splits acts under
+    the hold's own decision and needs none).
+    """
+    MONEY_MOVEMENT_REFUND: _MoneyMovement.ValueType  # 5
+    """Reversing (part of) an earlier entry; only for PAYMENT_KIND_REFUND."""
+
+class MoneyMovement(_MoneyMovement, metaclass=_MoneyMovementEnumTypeWrapper):
+    """What the money plane will do with an allow, bound by the decision token as
+    its `kind` claim: a token for one movement is refused for another (a
+    purchase's AUTHORIZE token cannot pay out).
+    """
+
+MONEY_MOVEMENT_UNSPECIFIED: MoneyMovement.ValueType  # 0
+MONEY_MOVEMENT_AUTHORIZE: MoneyMovement.ValueType  # 1
+"""A hold, captured later (what the gateway's AuthorizePayment places)."""
+MONEY_MOVEMENT_TRANSFER: MoneyMovement.ValueType  # 2
+"""Posted at once between two accounts of the platform."""
+MONEY_MOVEMENT_PAYOUT: MoneyMovement.ValueType  # 3
+"""Money out to an external account; only for PAYMENT_KIND_PAYOUT."""
+MONEY_MOVEMENT_CAPTURE: MoneyMovement.ValueType  # 4
+"""Capturing a hold with split legs (a capture without splits acts under
+the hold's own decision and needs none).
+"""
+MONEY_MOVEMENT_REFUND: MoneyMovement.ValueType  # 5
+"""Reversing (part of) an earlier entry; only for PAYMENT_KIND_REFUND."""
+Global___MoneyMovement: _TypeAlias = MoneyMovement  # noqa: Y015
 
 class _OutcomeLabel:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -330,6 +375,95 @@ RESOLUTION_DECLINE: Resolution.ValueType  # 2
 Global___Resolution: _TypeAlias = Resolution  # noqa: Y015
 
 @_typing.final
+class SplitLeg(_message.Message):
+    """Another party paid from the amount: the money plane's split leg, as the
+    decision token binds it (a digest of every leg's fields, in any order).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    RELEASE_AT_FIELD_NUMBER: _builtins.int
+    RELEASE_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    amount_minor: _builtins.int
+    """A fixed part in minor units; 0 for a basis-points leg."""
+    basis_points: _builtins.int
+    """A share of the amount in basis points (1..10000); 0 for a fixed leg."""
+    label: _builtins.str
+    """"platform_fee", "tax", "reserve", ..."""
+    release_account_id: _builtins.str
+    @_builtins.property
+    def release_at(self) -> _timestamp_pb2.Timestamp:
+        """Rolling reserve: when the leg's money moves on to release_account_id."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        basis_points: _builtins.int = ...,
+        label: _builtins.str = ...,
+        release_at: _timestamp_pb2.Timestamp | None = ...,
+        release_account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["release_at", b"release_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_minor", b"amount_minor", "basis_points", b"basis_points", "label", b"label", "release_account_id", b"release_account_id", "release_at", b"release_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitLeg: _TypeAlias = SplitLeg  # noqa: Y015
+
+@_typing.final
+class RefundContext(_message.Message):
+    """REFUND: the payment refunded, as the ledger holds it (the gateway reads it
+    from the money plane), so the bundle can refuse a refund to another
+    instrument, above what was captured, or one too many.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    ORIGINAL_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CAPTURED_MINOR_FIELD_NUMBER: _builtins.int
+    REFUNDED_MINOR_FIELD_NUMBER: _builtins.int
+    REFUND_COUNT_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """The entry refunded (the token's entry_id)."""
+    original_account_id: _builtins.str
+    """The account the refunded payment debited: the original instrument, the
+    only account a refund may credit.
+    """
+    captured_minor: _builtins.int
+    """The refunded payment's amount (what was captured or transferred), in the
+    payment's currency.
+    """
+    refunded_minor: _builtins.int
+    """How much of it earlier refunds gave back."""
+    refund_count: _builtins.int
+    """How many refunds were posted against it before this one."""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        original_account_id: _builtins.str = ...,
+        captured_minor: _builtins.int = ...,
+        refunded_minor: _builtins.int = ...,
+        refund_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_minor", b"captured_minor", "entry_id", b"entry_id", "original_account_id", b"original_account_id", "refund_count", b"refund_count", "refunded_minor", b"refunded_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundContext: _TypeAlias = RefundContext  # noqa: Y015
+
+@_typing.final
 class CreateTenantRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -423,6 +557,11 @@ class Payment(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     CUSTOMER_FIELD_NUMBER: _builtins.int
     COUNTERPARTY_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MOVEMENT_FIELD_NUMBER: _builtins.int
+    SPLITS_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    REFUND_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account to be debited (the token's account_id)."""
     kind: Global___PaymentKind.ValueType
@@ -434,12 +573,33 @@ class Payment(_message.Message):
     merchant_category: _builtins.str
     """ISO 18245 merchant category code, e.g. "5411"."""
     device_id: _builtins.str
+    credit_account_id: _builtins.str
+    """The account credited: the payee (after splits, the remainder). Bound by
+    the decision token; for a REFUND the refunded entry's debit account.
+    """
+    movement: Global___MoneyMovement.ValueType
+    """What the money plane will do on allow. Unset: AUTHORIZE, or REFUND for
+    PAYMENT_KIND_REFUND. A movement the kind cannot have is INVALID_ARGUMENT
+    MOVEMENT_NOT_FOR_KIND.
+    """
+    hold_id: _builtins.str
+    """CAPTURE: the hold captured (required); bound by the token."""
     @_builtins.property
     def amount(self) -> _types_pb2.Money: ...
     @_builtins.property
     def customer(self) -> Global___Party: ...
     @_builtins.property
     def counterparty(self) -> Global___Party: ...
+    @_builtins.property
+    def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitLeg]:
+        """TRANSFER, PAYOUT, CAPTURE: the split legs (at most
+        `policy.limits.max_splits`), bound by the token as a digest.
+        """
+
+    @_builtins.property
+    def refund(self) -> Global___RefundContext:
+        """REFUND: the payment refunded (required); its entry_id is bound by the token."""
+
     def __init__(
         self,
         *,
@@ -452,10 +612,15 @@ class Payment(_message.Message):
         device_id: _builtins.str = ...,
         customer: Global___Party | None = ...,
         counterparty: Global___Party | None = ...,
+        credit_account_id: _builtins.str = ...,
+        movement: Global___MoneyMovement.ValueType = ...,
+        splits: _abc.Iterable[Global___SplitLeg] | None = ...,
+        hold_id: _builtins.str = ...,
+        refund: Global___RefundContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "counterparty", b"counterparty", "customer", b"customer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "counterparty", b"counterparty", "customer", b"customer", "refund", b"refund"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "counterparty", b"counterparty", "customer", b"customer", "device_id", b"device_id", "kind", b"kind", "merchant_category", b"merchant_category", "merchant_id", b"merchant_id", "payment_method", b"payment_method"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "counterparty", b"counterparty", "credit_account_id", b"credit_account_id", "customer", b"customer", "device_id", b"device_id", "hold_id", b"hold_id", "kind", b"kind", "merchant_category", b"merchant_category", "merchant_id", b"merchant_id", "movement", b"movement", "payment_method", b"payment_method", "refund", b"refund", "splits", b"splits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -798,6 +963,8 @@ class Decision(_message.Message):
     CASE_ID_FIELD_NUMBER: _builtins.int
     LOG_CHAIN_ID_FIELD_NUMBER: _builtins.int
     LOG_SEQUENCE_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_KEY_ID_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     tenant_id: _builtins.str
     account_id: _builtins.str
@@ -805,12 +972,22 @@ class Decision(_message.Message):
     bundle_version: _builtins.str
     """"<label>@<content hash>" """
     decision_token: _builtins.str
-    """Ed25519-signed decision token, only for OUTCOME_ALLOW."""
+    """Only for OUTCOME_ALLOW: a JWS (compact, alg Ed25519, typ
+    "triplane-decision+jwt") for audience "triplane.money", binding the
+    tenant, movement, accounts, amount, splits, idempotency key, hold or
+    entry; issued at the plane's own clock (never the caller's decided_at),
+    valid `policy.token_ttl_s`.
+    """
     case_id: _builtins.str
     """Review case opened for OUTCOME_REVIEW and OUTCOME_HOLD."""
     log_chain_id: _builtins.str
     """Position in the decision log."""
     log_sequence: _builtins.int
+    token_id: _builtins.str
+    """OUTCOME_ALLOW: the token's unique id (its `jti`; the money plane accepts
+    it for one transfer only) and the id of the key that signed it.
+    """
+    token_key_id: _builtins.str
     @_builtins.property
     def fired_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___FiredRule]: ...
     @_builtins.property
@@ -841,10 +1018,12 @@ class Decision(_message.Message):
         case_id: _builtins.str = ...,
         log_chain_id: _builtins.str = ...,
         log_sequence: _builtins.int = ...,
+        token_id: _builtins.str = ...,
+        token_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "route", b"route", "sanctions", b"sanctions", "token_expires_at", b"token_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bundle_version", b"bundle_version", "case_id", b"case_id", "decided_at", b"decided_at", "decision_id", b"decision_id", "decision_token", b"decision_token", "fired_rules", b"fired_rules", "log_chain_id", b"log_chain_id", "log_sequence", b"log_sequence", "obligations", b"obligations", "outcome", b"outcome", "route", b"route", "sanctions", b"sanctions", "tenant_id", b"tenant_id", "token_expires_at", b"token_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "bundle_version", b"bundle_version", "case_id", b"case_id", "decided_at", b"decided_at", "decision_id", b"decision_id", "decision_token", b"decision_token", "fired_rules", b"fired_rules", "log_chain_id", b"log_chain_id", "log_sequence", b"log_sequence", "obligations", b"obligations", "outcome", b"outcome", "route", b"route", "sanctions", b"sanctions", "tenant_id", b"tenant_id", "token_expires_at", b"token_expires_at", "token_id", b"token_id", "token_key_id", b"token_key_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
