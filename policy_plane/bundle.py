@@ -111,11 +111,23 @@ class BundleSource(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BundleLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Every bound a bundle is held to (policy.limits in the config)."""
+
     max_rules: int
+    # The YAML and the sanctions lists together: what LoadBundle carries and
+    # what the NATS KV value holds.
     max_bundle_bytes: int
+    # Names and aliases, each.
     max_sanctions_entries: int
+    max_sanctions_name_length: int
     default_hit_threshold: float
     default_possible_match_threshold: float
+    # Nesting of the YAML document (mappings and sequences).
+    max_bundle_depth: int
+    # Items of one list or map in `parameters`, and the length of one string there.
+    max_parameter_items: int
+    max_parameter_string_length: int
+    condition: cel_check.ConditionBounds
 
 
 def _bad(reason: str, message: str, field: str = "content") -> InvalidArgument:
@@ -127,14 +139,81 @@ def rule_field(rule_id: str, part: str = "") -> str:
     return f"rules[{rule_id}].{part}" if part else f"rules[{rule_id}]"
 
 
-def parse_spec(source: BundleSource, limits: BundleLimits) -> BundleSpec:
-    size = len(source.yaml_text.encode()) + len(source.sanctions_csv.encode())
+def check_size(source: BundleSource, limits: BundleLimits) -> None:
+    """The bundle with its lists is within max_bundle_bytes (checked before
+    parsing, and again once the lists it names are read from files)."""
+    size = sum(
+        len(text.encode()) for text in (source.yaml_text, source.sanctions_csv, source.aliases_csv)
+    )
     if size > limits.max_bundle_bytes:
-        raise _bad("BUNDLE_TOO_LARGE", f"bundle is {size} bytes, over {limits.max_bundle_bytes}")
+        raise _bad(
+            "BUNDLE_TOO_LARGE",
+            f"the bundle and its sanctions lists are {size} bytes, over {limits.max_bundle_bytes}",
+        )
+
+
+class _BundleLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases and bounding the
+    nesting while it composes, before a single value is built.
+
+    Aliases are refused, not bounded: an alias repeats a node by reference,
+    and a few hundred bytes of aliases to aliases stand for a million nodes
+    (the "billion laughs"), which the schema check would walk one by one. A
+    bundle is a short document an author writes and a reviewer reads, where
+    writing a value twice costs a line; no bound on expansion is as simple to
+    state or as cheap to check as "none". Anchors go with them (an anchor is
+    only there to be aliased), so a bomb is refused at its first anchor. The
+    nesting bound keeps PyYAML's recursive composer from a RecursionError."""
+
+    def __init__(self, text: str, max_depth: int) -> None:
+        super().__init__(text)
+        self._max_depth = max_depth
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        line = event.start_mark.line + 1 if event.start_mark else 0
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _bad(
+                "BUNDLE_YAML_ALIAS",
+                f"line {line}: YAML anchors and aliases are not allowed in a bundle "
+                "(write the value out where it is used)",
+            )
+        self._depth += 1
+        try:
+            if self._depth > self._max_depth:
+                raise _bad(
+                    "BUNDLE_TOO_DEEP",
+                    f"line {line}: the bundle nests deeper than {self._max_depth} levels",
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str, max_depth: int) -> object:
+    """The bundle document as plain values; InvalidArgument when it does not
+    parse, uses anchors or aliases, or nests deeper than `max_depth`."""
+    loader: _BundleLoader | None = None
     try:
-        raw = yaml.safe_load(source.yaml_text)
+        # The reader checks the characters as it is built: inside the try.
+        loader = _BundleLoader(text, max_depth)
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise _bad("BUNDLE_SYNTAX_ERROR", f"bundle YAML does not parse: {exc}") from exc
+    except (ValueError, OverflowError) as exc:
+        # A scalar PyYAML cannot build: an integer over Python's digit limit,
+        # a date that does not exist.
+        text_of = str(exc)[:160]
+        raise _bad("BUNDLE_SYNTAX_ERROR", f"bundle YAML has a bad value: {text_of}") from exc
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def parse_spec(source: BundleSource, limits: BundleLimits) -> BundleSpec:
+    check_size(source, limits)
+    raw = load_yaml(source.yaml_text, limits.max_bundle_depth)
     try:
         spec = msgspec.convert(raw, BundleSpec)
     except msgspec.ValidationError as exc:
@@ -184,21 +263,76 @@ def _check_spec(spec: BundleSpec, limits: BundleLimits) -> None:
         for currency in tier.limits:
             if not currencies.is_known(currency):
                 raise _bad("KYC_LIMIT_CURRENCY_UNKNOWN", f"kyc tier {tier.tier}: {currency!r}")
+    for key, value in spec.parameters.items():
+        _check_parameter(value, f"parameters.{key}", limits)
+
+
+# What a parameter may hold: the values CEL reads as int, double, string,
+# bool, null, list and map. Anything else YAML can build (dates, sets,
+# bytes) would only fail later, inside the interpreter.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_parameter(value: object, where: str, limits: BundleLimits) -> None:
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise _bad("PARAMETER_INVALID", f"{where}: integer out of the 64-bit range", where)
+        return
+    if isinstance(value, str):
+        if len(value) > limits.max_parameter_string_length:
+            raise _bad(
+                "PARAMETER_TOO_LARGE",
+                f"{where}: string of {len(value)} characters, "
+                f"over {limits.max_parameter_string_length}",
+                where,
+            )
+        return
+    if isinstance(value, list | dict):
+        if len(value) > limits.max_parameter_items:
+            raise _bad(
+                "PARAMETER_TOO_LARGE",
+                f"{where}: {len(value)} items, over {limits.max_parameter_items}",
+                where,
+            )
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                _check_parameter(item, f"{where}[{index}]", limits)
+            return
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _bad("PARAMETER_INVALID", f"{where}: map keys must be strings", where)
+            _check_parameter(key, f"{where}.{key}", limits)
+            _check_parameter(item, f"{where}.{key}", limits)
+        return
+    raise _bad(
+        "PARAMETER_INVALID",
+        f"{where}: a {type(value).__name__} is not a parameter "
+        "(int, double, string, bool, null, list or map)",
+        where,
+    )
 
 
 def resolve_lists(
-    spec: BundleSpec, source: BundleSource, lists_dir: Path, bundle_dir: Path | None
+    spec: BundleSpec,
+    source: BundleSource,
+    lists_dir: Path,
+    bundle_dir: Path | None,
+    limits: BundleLimits,
 ) -> BundleSource:
     """Fills in the sanctions files the bundle names but the source lacks."""
     sanctions, aliases = source.sanctions_csv, source.aliases_csv
     if spec.sanctions.list_file and not sanctions:
-        sanctions = _read_list(spec.sanctions.list_file, lists_dir, bundle_dir)
+        sanctions = _read_list(spec.sanctions.list_file, lists_dir, bundle_dir, limits)
     if spec.sanctions.aliases_file and not aliases:
-        aliases = _read_list(spec.sanctions.aliases_file, lists_dir, bundle_dir)
-    return msgspec.structs.replace(source, sanctions_csv=sanctions, aliases_csv=aliases)
+        aliases = _read_list(spec.sanctions.aliases_file, lists_dir, bundle_dir, limits)
+    resolved = msgspec.structs.replace(source, sanctions_csv=sanctions, aliases_csv=aliases)
+    check_size(resolved, limits)
+    return resolved
 
 
-def _read_list(name: str, lists_dir: Path, bundle_dir: Path | None) -> str:
+def _read_list(name: str, lists_dir: Path, bundle_dir: Path | None, limits: BundleLimits) -> str:
     if not _LIST_NAME.fullmatch(name):
         raise _bad(
             "SANCTIONS_LIST_NAME_INVALID", f"sanctions list name {name!r} is not a file name"
@@ -206,6 +340,14 @@ def _read_list(name: str, lists_dir: Path, bundle_dir: Path | None) -> str:
     for folder in [d for d in (bundle_dir, lists_dir, SHIPPED_LISTS_DIR) if d is not None]:
         path = folder / name
         if path.is_file():
+            # Measured before it is read: a list file is not read whole only
+            # to be refused.
+            size = path.stat().st_size
+            if size > limits.max_bundle_bytes:
+                raise _bad(
+                    "BUNDLE_TOO_LARGE",
+                    f"sanctions list {name!r} is {size} bytes, over {limits.max_bundle_bytes}",
+                )
             return path.read_text()
     raise _bad("SANCTIONS_LIST_NOT_FOUND", f"sanctions list {name!r} not found")
 
@@ -235,8 +377,16 @@ def build_screener(spec: BundleSpec, source: BundleSource, limits: BundleLimits)
     assert effective.possible_match_threshold is not None
     if not 0 < effective.possible_match_threshold <= effective.hit_threshold <= 100:
         raise _bad("SANCTIONS_THRESHOLD_INVALID", "need 0 < possible_match <= hit <= 100")
-    entries = parse_sdn_csv(source.sanctions_csv, limits.max_sanctions_entries)
-    aliases = parse_alt_csv(source.aliases_csv) if source.aliases_csv else []
+    entries = parse_sdn_csv(
+        source.sanctions_csv, limits.max_sanctions_entries, limits.max_sanctions_name_length
+    )
+    aliases = (
+        parse_alt_csv(
+            source.aliases_csv, limits.max_sanctions_entries, limits.max_sanctions_name_length
+        )
+        if source.aliases_csv
+        else []
+    )
     return Screener(
         entries,
         aliases,
@@ -246,8 +396,15 @@ def build_screener(spec: BundleSpec, source: BundleSource, limits: BundleLimits)
     )
 
 
-def compile_condition(source: str, where: str, schema: dict[str, Any]) -> cel.Program:
-    """Parses one CEL condition and checks its names against the schema."""
+def compile_condition(
+    source: str, where: str, schema: dict[str, Any], bounds: cel_check.ConditionBounds
+) -> cel.Program:
+    """Measures one CEL condition against its bounds, then parses it and
+    checks its names against the schema."""
+    over = cel_check.check_bounds(source, bounds)
+    if over is not None:
+        reason, message = over
+        raise _bad(reason, f"{where}: {message}", where)
     try:
         program = cel.compile(source)
     except Exception as exc:  # the binding raises ValueError; be safe on others

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleLimits, BundleSource, shipped_default_path
+from policy_plane.cel_check import ConditionBounds
 from policy_plane.evaluation import CompiledBundle, compile_source
 from policy_plane.store import PolicyStore
 from triplane.runtime.clock import Clock
@@ -36,12 +37,23 @@ class BundleInfo:
 
 
 def bundle_limits(config: PolicyConfig) -> BundleLimits:
+    limits = config.limits
     return BundleLimits(
-        max_rules=config.limits.max_rules_per_bundle,
-        max_bundle_bytes=config.limits.max_bundle_bytes,
-        max_sanctions_entries=config.limits.max_sanctions_entries,
+        max_rules=limits.max_rules_per_bundle,
+        max_bundle_bytes=limits.max_bundle_bytes,
+        max_sanctions_entries=limits.max_sanctions_entries,
+        max_sanctions_name_length=limits.max_sanctions_name_length,
         default_hit_threshold=config.sanctions.hit_threshold,
         default_possible_match_threshold=config.sanctions.possible_match_threshold,
+        max_bundle_depth=limits.max_bundle_depth,
+        max_parameter_items=limits.max_parameter_items,
+        max_parameter_string_length=limits.max_parameter_string_length,
+        condition=ConditionBounds(
+            max_chars=limits.max_condition_chars,
+            max_nodes=limits.max_condition_nodes,
+            max_nesting=limits.max_condition_nesting,
+            max_comprehension_nesting=limits.max_comprehension_nesting,
+        ),
     )
 
 

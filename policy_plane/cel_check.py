@@ -11,6 +11,7 @@ that must give a bool (type errors, non-boolean conditions).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 # Field schema of the CEL activation (see evaluation.build_activation). A
@@ -170,3 +171,99 @@ def flatten_paths(source: str, schema: dict[str, Any]) -> tuple[str, frozenset[t
         paths.add(tuple(path))
     pieces.append(source[last:])
     return "".join(pieces), frozenset(paths)
+
+
+# ----------------------------------------------------------------- size bounds
+# The interpreter offers no cost limit, and it is not safe with input of any
+# size: its evaluator recurses once per level of the syntax tree, and a chain
+# of about 15,000 `+` (well inside a 1 MB bundle) overflows the native stack
+# and kills the process (measured: a segmentation fault, not an exception).
+# Its parser stops nested parentheses at about 100 levels, with a message
+# that is a line of dots. So a condition is measured before it is compiled:
+# its length, its tokens (an upper bound on the syntax tree's nodes, and so on
+# its depth), how deeply its brackets nest, and how deeply its comprehension
+# macros nest. Nested comprehensions multiply their ranges (two over a
+# thousand-item list are a million steps, and hold a million intermediate
+# values), so by default none may sit inside another: with every list and map
+# a condition can reach bounded (the bundle's parameters at load, the
+# request's fields by the plane's limits), one evaluation then costs at most
+# about tokens x items.
+COMPREHENSION_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+_TOKEN = re.compile(
+    r"\s+|//[^\n]*"  # white space and comments: skipped
+    r"|(?:[rRbB]{1,2})?(?:'''.*?'''|\"\"\".*?\"\"\"|'(?:\\.|[^'\\\n])*'|\"(?:\\.|[^\"\\\n])*\")"
+    r"|0[xX][0-9a-fA-F]+[uU]?|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?[uU]?|\.\d+(?:[eE][+-]?\d+)?"
+    r"|[A-Za-z_]\w*"
+    r"|&&|\|\||==|!=|<=|>=|\?\.|.",
+    re.S,
+)
+_OPENERS = {"(": ")", "[": "]", "{": "}"}
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionBounds:
+    """What one CEL condition may measure (policy.limits.max_condition_*)."""
+
+    max_chars: int
+    max_nodes: int
+    max_nesting: int
+    max_comprehension_nesting: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionShape:
+    nodes: int
+    nesting: int
+    comprehension_nesting: int
+
+
+def measure(source: str) -> ConditionShape:
+    """Tokens, bracket nesting and comprehension nesting of a condition,
+    without parsing it (so a hostile one costs one linear scan)."""
+    nodes = nesting = comprehension_nesting = 0
+    # One entry per open bracket: whether it opened a comprehension macro.
+    stack: list[bool] = []
+    open_macros = 0
+    previous: list[str] = ["", ""]
+    for match in _TOKEN.finditer(source):
+        token = match.group(0)
+        if token.isspace() or token.startswith("//"):
+            continue
+        nodes += 1
+        if token in _OPENERS:
+            is_macro = token == "(" and previous[1] in COMPREHENSION_MACROS and previous[0] == "."
+            stack.append(is_macro)
+            open_macros += is_macro
+            nesting = max(nesting, len(stack))
+            comprehension_nesting = max(comprehension_nesting, open_macros)
+        elif token in (")", "]", "}") and stack:
+            open_macros -= stack.pop()
+        previous = [previous[1], token]
+    return ConditionShape(nodes, nesting, comprehension_nesting)
+
+
+def check_bounds(source: str, bounds: ConditionBounds) -> tuple[str, str] | None:
+    """(reason, message) when the condition is over a bound, else None."""
+    if len(source) > bounds.max_chars:
+        return (
+            "RULE_CONDITION_TOO_LONG",
+            f"the condition has {len(source)} characters, over {bounds.max_chars}",
+        )
+    shape = measure(source)
+    if shape.nodes > bounds.max_nodes:
+        return (
+            "RULE_CONDITION_TOO_COMPLEX",
+            f"the condition has {shape.nodes} tokens, over {bounds.max_nodes}",
+        )
+    if shape.nesting > bounds.max_nesting:
+        return (
+            "RULE_CONDITION_TOO_DEEP",
+            f"the condition nests brackets {shape.nesting} deep, over {bounds.max_nesting}",
+        )
+    if shape.comprehension_nesting > bounds.max_comprehension_nesting:
+        return (
+            "RULE_CONDITION_TOO_COSTLY",
+            f"the condition nests comprehensions (all, exists, exists_one, map, filter) "
+            f"{shape.comprehension_nesting} deep, over {bounds.max_comprehension_nesting}",
+        )
+    return None

@@ -54,8 +54,14 @@ class Condition:
         return Condition(self.written, self.written, frozenset())
 
 
-def _condition(source: str, where: str, schema: dict[str, Any], flatten: bool) -> Condition:
-    written = bundle_mod.compile_condition(source, where, schema)
+def _condition(
+    source: str,
+    where: str,
+    schema: dict[str, Any],
+    flatten: bool,
+    bounds: cel_check.ConditionBounds,
+) -> Condition:
+    written = bundle_mod.compile_condition(source, where, schema, bounds)
     flat_source, paths = cel_check.flatten_paths(source, schema)
     if not paths or not flatten:
         return Condition(written, written, frozenset())
@@ -172,7 +178,7 @@ class CompiledBundle:
         self.routes = [
             CompiledRoute(
                 r.method,
-                _condition(r.when, f"routing[{i}].when", self._schema, flatten),
+                _condition(r.when, f"routing[{i}].when", self._schema, flatten, limits.condition),
                 r.fixed_cost_minor,
                 r.cost_bps,
             )
@@ -248,7 +254,7 @@ class CompiledBundle:
 
     def _compile_rule(self, spec: RuleSpec) -> CompiledRule:
         where = bundle_mod.rule_field(spec.id, "when")
-        condition = _condition(spec.when, where, self._schema, self._flatten)
+        condition = _condition(spec.when, where, self._schema, self._flatten, self.limits.condition)
         obligation = None
         outcome: Outcome | None = None
         if spec.obligation is not None:
@@ -473,5 +479,5 @@ def compile_source(
 ) -> CompiledBundle:
     """Parses, resolves lists, compiles and probes; raises InvalidArgument."""
     spec = bundle_mod.parse_spec(source, limits)
-    resolved = bundle_mod.resolve_lists(spec, source, lists_dir, bundle_dir)
+    resolved = bundle_mod.resolve_lists(spec, source, lists_dir, bundle_dir, limits)
     return CompiledBundle(spec, resolved, limits, flatten)

@@ -52,8 +52,27 @@ def _rows(text: str, field: str) -> list[list[str]]:
         raise InvalidArgument("SANCTIONS_LIST_UNREADABLE", f"sanctions list: {exc}", field) from exc
 
 
+def _check_list_bounds(
+    count: int, name: str, number: int, max_entries: int, max_name_length: int, field: str
+) -> None:
+    """A list's entries (names or aliases) and each name's length are bounded:
+    every name is compared with every screened party, at a cost that grows
+    with both lengths."""
+    if count > max_entries:
+        raise InvalidArgument(
+            "SANCTIONS_LIST_TOO_LARGE", f"more than {max_entries} sanctions entries", field
+        )
+    if len(name) > max_name_length:
+        raise InvalidArgument(
+            "SANCTIONS_NAME_TOO_LONG",
+            f"sanctions list line {number}: a name of {len(name)} characters, "
+            f"over {max_name_length}",
+            field,
+        )
+
+
 def parse_sdn_csv(
-    text: str, max_entries: int, field: str = "sanctions_list_csv"
+    text: str, max_entries: int, max_name_length: int, field: str = "sanctions_list_csv"
 ) -> list[SanctionsEntry]:
     entries: list[SanctionsEntry] = []
     for number, row in enumerate(_rows(text, field), start=1):
@@ -66,14 +85,13 @@ def parse_sdn_csv(
             )
         clean = ["" if c.strip() == _EMPTY else c.strip() for c in row]
         entries.append(SanctionsEntry(clean[0], clean[1], clean[2], clean[3]))
-        if len(entries) > max_entries:
-            raise InvalidArgument(
-                "SANCTIONS_LIST_TOO_LARGE", f"more than {max_entries} sanctions entries", field
-            )
+        _check_list_bounds(len(entries), clean[1], number, max_entries, max_name_length, field)
     return entries
 
 
-def parse_alt_csv(text: str, field: str = "sanctions_aliases_csv") -> list[tuple[str, str]]:
+def parse_alt_csv(
+    text: str, max_entries: int, max_name_length: int, field: str = "sanctions_aliases_csv"
+) -> list[tuple[str, str]]:
     """(ent_num, alias name) pairs."""
     aliases: list[tuple[str, str]] = []
     for number, row in enumerate(_rows(text, field), start=1):
@@ -85,6 +103,9 @@ def parse_alt_csv(text: str, field: str = "sanctions_aliases_csv") -> list[tuple
                 field,
             )
         aliases.append((row[0].strip(), row[3].strip()))
+        _check_list_bounds(
+            len(aliases), aliases[-1][1], number, max_entries, max_name_length, field
+        )
     return aliases
 
 

@@ -9,16 +9,19 @@ import textwrap
 import msgspec
 import pytest
 
-from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleLimits, BundleSource, shipped_default_path
+from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleSource, shipped_default_path
+from policy_plane.bundles_registry import bundle_limits
 from policy_plane.evaluation import CompiledBundle, compile_source
 from policy_plane.model import Outcome, Velocity, combine
+from triplane.runtime.config import load_config
 from triplane.runtime.errors import InvalidArgument
 
 from .conftest import payment_input, replace_payment
 
-LIMITS = BundleLimits(
+# The shipped bounds, with a smaller rule and list allowance.
+LIMITS = msgspec.structs.replace(
+    bundle_limits(load_config(environ={}).policy),
     max_rules=500,
-    max_bundle_bytes=1_000_000,
     max_sanctions_entries=1000,
     default_hit_threshold=92,
     default_possible_match_threshold=80,

@@ -134,7 +134,15 @@ class PolicyLimitsConfig(_Strict, frozen=True):
     max_features: int
     max_rules_per_bundle: int
     max_bundle_bytes: int
+    max_bundle_depth: int
+    max_parameter_items: int
+    max_parameter_string_length: int
+    max_condition_chars: int
+    max_condition_nodes: int
+    max_condition_nesting: int
+    max_comprehension_nesting: int
     max_sanctions_entries: int
+    max_sanctions_name_length: int
     default_page_size: int
     max_page_size: int
     max_replay_decisions: int
