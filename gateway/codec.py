@@ -1,8 +1,9 @@
 """Translation between the gateway's contract (triplane.gateway.v1), the
 planes' contracts it calls, and its own records (no grpc import: the messages
 only). Times, money and pages are read and written by the runtime's one
-vocabulary (`wire`); the flows (payments, nba, ingest, engagement) and the
-servicer call these instead of keeping their own maps."""
+vocabulary (`wire`); the flows (payments, nba, ingest, engagement), the
+servicer and the API-key servicer call these instead of keeping their own
+maps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import math
 from collections.abc import Mapping
 from typing import Protocol
 
+from gateway.auth.apikey import redacted
+from gateway.auth.store import ApiKeyRecord
 from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
@@ -211,4 +214,25 @@ def dead_letter(record: DeadLetterRecord) -> gw.DeadLetter:
         first_attempt_at=wire.timestamp(record.created_at_us),
         dead_at=wire.timestamp(record.dead_at_us),
         event_type=record.event_type,
+    )
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def api_key(record: ApiKeyRecord) -> gw.ApiKey:
+    """A key as ApiKeyService shows it: never its hash, never its secret."""
+    return gw.ApiKey(
+        key_id=record.key_id,
+        tenant_id=record.tenant_id,
+        scopes=list(record.scopes),
+        display_name=record.display_name,
+        environment=record.environment,
+        redacted_key=redacted(record.environment, record.key_id),
+        created_at=wire.timestamp(record.created_at_us),
+        expires_at=wire.timestamp(record.expires_at_us),
+        revoked_at=wire.timestamp(record.revoked_at_us),
+        retires_at=wire.timestamp(record.retires_at_us),
+        rotated_from_key_id=record.rotated_from,
+        rotated_to_key_id=record.rotated_to,
     )

@@ -487,6 +487,76 @@ class PartnerWebhookConfig(_Strict, frozen=True):
     secret: str
 
 
+class GatewayJwtConfig(_Strict, frozen=True):
+    # OAuth2 client-credentials JWTs (gateway/auth/jwt.py). The identity
+    # provider's JWKS: a file path or an https:// URL; empty: JWTs refused.
+    jwks: str
+    issuer: str
+    audience: str
+    algorithms: list[str]
+    # Claim naming the tenant, and claim with the scopes (space-separated
+    # string or list).
+    tenant_claim: str
+    scope_claim: str
+    # Allowed clock difference with the identity provider (exp, nbf).
+    leeway_s: int
+    # The JWKS is read again this often, and on an unknown kid at most every
+    # jwks_min_refresh_s.
+    jwks_refresh_s: float
+    jwks_min_refresh_s: float
+    jwks_timeout_s: float
+    max_token_bytes: int
+
+
+class GatewayAuthConfig(_Strict, frozen=True):
+    # Partner credentials on GatewayService (gateway/auth/). False: no
+    # credential asked, the tenant is whatever a request names (local
+    # debugging and the benchmark's baseline only; a WARNING at start).
+    enabled: bool
+    # "live" or "test": the prefix of the keys this gateway makes and accepts.
+    environment: str
+    # File holding the pepper of the keys' HMAC (32+ random bytes, base64): a
+    # Kubernetes Secret, never the config map. Empty: the dev file
+    # <state_dir>/keys/gateway-api-key-pepper, created on first use.
+    pepper_file: str
+    # File holding the bootstrap admin key (ApiKeyService for any tenant).
+    # Empty: <state_dir>/keys/gateway-admin.key when it exists (the dev stack
+    # makes it).
+    admin_key_file: str
+    # A verified key is trusted this long without reading its row again: the
+    # bound on how long a revoked key still works on another replica.
+    cache_ttl_s: float
+    cache_max_entries: int
+    rotation_overlap_s: int
+    max_rotation_overlap_s: int
+    max_keys_per_tenant: int
+    default_page_size: int
+    max_page_size: int
+    jwt: GatewayJwtConfig
+
+
+class RateClassConfig(_Strict, frozen=True):
+    rate_per_s: float
+    burst: float
+
+
+class GatewayRateLimitConfig(_Strict, frozen=True):
+    # A token bucket per credential (gateway/auth/ratelimit.py).
+    enabled: bool
+    rate_per_s: float
+    burst: float
+    # Per scope (the method's, e.g. events:write): its own bucket and limits.
+    per_scope: dict[str, RateClassConfig]
+    # Buckets kept in memory (least recently used dropped first).
+    max_buckets: int
+    # Set: the buckets live in Redis (GCRA), shared by every gateway replica.
+    redis_url: str
+    redis_key_prefix: str
+    # A Redis that does not answer in this time: this replica's own bucket
+    # decides (logged), so the limit holds per replica rather than not at all.
+    redis_timeout_ms: float
+
+
 class GatewayConfig(_Strict, frozen=True):
     listen: str
     # IANA zone of a customer whose requests name none (their local hour).
@@ -503,6 +573,8 @@ class GatewayConfig(_Strict, frozen=True):
     # belong to and relayed to JetStream (the same relay as the planes').
     outbox: OutboxConfig
     pii: GatewayPiiConfig
+    auth: GatewayAuthConfig
+    rate_limit: GatewayRateLimitConfig
     arbitration: GatewayArbitrationConfig
     # Global holdout: this share of customers (deterministic hash) never gets
     # an offer, so lift can be measured against it.
@@ -684,6 +756,34 @@ def _check(config: Config) -> None:
         raise ConfigError("policy.store.backend must be 'sqlite' or 'postgres'")
     if config.policy.store.backend == "postgres" and not config.policy.store.postgres_dsn:
         raise ConfigError("policy.store.postgres_dsn is required with backend 'postgres'")
+    _check_gateway_auth(config)
+
+
+def _check_gateway_auth(config: Config) -> None:
+    auth, limit = config.gateway.auth, config.gateway.rate_limit
+    if auth.environment not in ("live", "test"):
+        raise ConfigError("gateway.auth.environment must be 'live' or 'test'")
+    if auth.cache_ttl_s < 0 or auth.cache_max_entries < 1 or auth.max_keys_per_tenant < 1:
+        raise ConfigError(
+            "gateway.auth: cache_ttl_s >= 0, cache_max_entries >= 1, max_keys_per_tenant >= 1"
+        )
+    if not 0 <= auth.rotation_overlap_s <= auth.max_rotation_overlap_s:
+        raise ConfigError("gateway.auth: 0 <= rotation_overlap_s <= max_rotation_overlap_s")
+    if not 1 <= auth.default_page_size <= auth.max_page_size:
+        raise ConfigError("gateway.auth: 1 <= default_page_size <= max_page_size")
+    jwt = auth.jwt
+    if jwt.jwks and not (jwt.issuer and jwt.audience):
+        raise ConfigError("gateway.auth.jwt: issuer and audience are required with a jwks")
+    if not set(jwt.algorithms) <= {"EdDSA", "Ed25519", "ES256"} or not jwt.algorithms:
+        raise ConfigError("gateway.auth.jwt.algorithms: EdDSA, Ed25519 or ES256 (asymmetric)")
+    classes = [("", limit.rate_per_s, limit.burst)] + [
+        (f".per_scope.{name}", c.rate_per_s, c.burst) for name, c in limit.per_scope.items()
+    ]
+    for where, rate_per_s, burst in classes:
+        if rate_per_s <= 0 or burst < 1:
+            raise ConfigError(f"gateway.rate_limit{where}: rate_per_s > 0 and burst >= 1")
+    if limit.max_buckets < 1 or limit.redis_timeout_ms <= 0:
+        raise ConfigError("gateway.rate_limit: max_buckets >= 1 and redis_timeout_ms > 0")
 
 
 def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:

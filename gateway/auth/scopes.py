@@ -1,0 +1,92 @@
+"""What each credential may do: the scopes, and the one table that names the
+scope every method of the gateway's port needs.
+
+The table is the whole policy. A method that is not in it is refused
+(PERMISSION_DENIED METHOD_NOT_ALLOWED), so an RPC added to the contract stays
+closed until someone decides who may call it; a test checks that every method
+of every service the gateway serves is listed. Health checks and reflection
+carry no tenant's data and stay open (probes and grpcurl need them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAYMENTS_WRITE = "payments:write"
+# Reads of payments; no GatewayService RPC reads a payment yet (GetDecision
+# is decisions:read), so this is granted for the reads to come.
+PAYMENTS_READ = "payments:read"
+DECISIONS_READ = "decisions:read"
+ACTIONS_WRITE = "actions:write"
+EVENTS_WRITE = "events:write"
+DELIVERIES_ADMIN = "deliveries:admin"
+# The clear value of the PII a decision saw (GetDecision), instead of tokens.
+PII_READ = "pii:read"
+# ApiKeyService for the key's own tenant.
+KEYS_ADMIN = "keys:admin"
+
+ALL_SCOPES = frozenset(
+    {
+        PAYMENTS_WRITE,
+        PAYMENTS_READ,
+        DECISIONS_READ,
+        ACTIONS_WRITE,
+        EVENTS_WRITE,
+        DELIVERIES_ADMIN,
+        PII_READ,
+        KEYS_ADMIN,
+    }
+)
+
+GATEWAY_SERVICE = "triplane.gateway.v1.GatewayService"
+API_KEY_SERVICE = "triplane.gateway.v1.ApiKeyService"
+
+
+@dataclass(frozen=True, slots=True)
+class MethodRule:
+    """Who may call one method: a credential with `scope`; for key
+    management (`admin`) also the platform's admin identities."""
+
+    scope: str
+    admin: bool = False
+
+
+def _gateway(method: str, scope: str) -> tuple[str, MethodRule]:
+    return f"/{GATEWAY_SERVICE}/{method}", MethodRule(scope)
+
+
+def _keys(method: str) -> tuple[str, MethodRule]:
+    return f"/{API_KEY_SERVICE}/{method}", MethodRule(KEYS_ADMIN, admin=True)
+
+
+METHOD_RULES: dict[str, MethodRule] = dict(
+    [
+        _gateway("AuthorizePayment", PAYMENTS_WRITE),
+        _gateway("CapturePayment", PAYMENTS_WRITE),
+        _gateway("VoidPayment", PAYMENTS_WRITE),
+        _gateway("RefundPayment", PAYMENTS_WRITE),
+        _gateway("GetDecision", DECISIONS_READ),
+        _gateway("DecideNextAction", ACTIONS_WRITE),
+        _gateway("RecordOutcome", ACTIONS_WRITE),
+        _gateway("IngestEvents", EVENTS_WRITE),
+        _gateway("ListDeadLetters", DELIVERIES_ADMIN),
+        _gateway("RedeliverDeadLetter", DELIVERIES_ADMIN),
+        _keys("CreateApiKey"),
+        _keys("ListApiKeys"),
+        _keys("RotateApiKey"),
+        _keys("RevokeApiKey"),
+    ]
+)
+
+# Open to anyone who can reach the port: no tenant's data behind them.
+OPEN_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+
+def is_open(method: str) -> bool:
+    """`method` (/package.Service/Method) belongs to an open service."""
+    return method.split("/")[1] in OPEN_SERVICES if method.count("/") == 2 else False
