@@ -18,11 +18,11 @@ import nats
 from google.protobuf.message import Message
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.runtime import codec
-from triplane.runtime.config import NatsConfig
+from triplane.runtime.config import NatsConfig, StreamLimitsConfig
 
 log = logging.getLogger("triplane.bus")
 
@@ -120,23 +120,59 @@ async def connect(config: NatsConfig, name: str, *, fail_fast: bool = False) -> 
     return client
 
 
+class StreamLimitsError(RuntimeError):
+    """A stream could not be given its configured bounds (the message names
+    the config keys to change)."""
+
+
+def limits_key(name: str) -> str:
+    """The config section of a stream: TRIPLANE_MONEY -> nats.streams.money."""
+    return name.removeprefix("TRIPLANE_").lower()
+
+
+def stream_config(name: str, config: NatsConfig) -> StreamConfig:
+    """What a stream of the spine is made with: its subjects, the dedupe
+    window and its bounds from nats.streams.<plane>."""
+    limits: StreamLimitsConfig = getattr(config.streams, limits_key(name))
+    return StreamConfig(
+        name=name,
+        subjects=STREAMS[name],
+        storage=StorageType.FILE,
+        num_replicas=config.stream_replicas,
+        duplicate_window=float(config.dedupe_window_s),
+        max_bytes=limits.max_bytes,
+        max_age=float(limits.max_age_s),
+        max_msg_size=limits.max_msg_bytes,
+        max_msgs_per_subject=limits.max_msgs_per_subject,
+        discard=DiscardPolicy(limits.discard),
+    )
+
+
 async def ensure_streams(
     js: JetStreamContext, config: NatsConfig, names: Sequence[str] | None = None
 ) -> None:
-    """Creates (or updates) the spine's streams with the configured dedupe window."""
+    """Creates the spine's streams with their configured bounds, or updates a
+    stream that exists with other settings (an earlier release's, or before
+    an operator changed nats.streams), so the bounds in config are the ones
+    in force."""
     for name in names or STREAMS:
-        stream = StreamConfig(
-            name=name,
-            subjects=STREAMS[name],
-            storage=StorageType.FILE,
-            num_replicas=config.stream_replicas,
-            duplicate_window=float(config.dedupe_window_s),
-            max_age=float(config.stream_max_age_s),
-        )
+        stream = stream_config(name, config)
         try:
-            await js.add_stream(stream)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(stream)
+            try:
+                await js.add_stream(stream)
+            except nats.js.errors.BadRequestError:
+                await js.update_stream(stream)
+        except nats.js.errors.ServerError as error:
+            # JetStream reserves max_bytes on disk: a server that cannot hold
+            # it refuses the stream (err_code 10047).
+            key = f"nats.streams.{limits_key(name)}.max_bytes"
+            message = (
+                f"stream {name} cannot get its bounds ({key} = {stream.max_bytes}): "
+                f"{error.description}; lower {key} or give the NATS server more "
+                "storage (its max_file_store)"
+            )
+            log.error(message)
+            raise StreamLimitsError(message) from error
 
 
 async def publish_batch(

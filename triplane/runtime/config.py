@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import yaml
@@ -39,13 +39,36 @@ class RuntimeConfig(_Strict, frozen=True):
     event_loop: str
 
 
+class StreamLimitsConfig(_Strict, frozen=True):
+    # Size of the stream on disk (JetStream reserves it when the stream is made).
+    max_bytes: int
+    # How long an event is kept for replay and backfill.
+    max_age_s: int
+    # Largest event the stream takes.
+    max_msg_bytes: int
+    # Events kept per subject (one tenant's one event kind), oldest dropped
+    # first; -1: no bound.
+    max_msgs_per_subject: int
+    # When the stream is full: "new" refuses the publish, "old" drops the
+    # oldest events.
+    discard: Literal["new", "old"]
+
+
+class NatsStreamsConfig(_Strict, frozen=True):
+    money: StreamLimitsConfig
+    policy: StreamLimitsConfig
+    ai: StreamLimitsConfig
+    gateway: StreamLimitsConfig
+
+
 class NatsConfig(_Strict, frozen=True):
     url: str
     connect_timeout_s: float
     publish_timeout_s: float
     dedupe_window_s: int
     stream_replicas: int
-    stream_max_age_s: int
+    # Bounds of each stream of the spine (triplane/runtime/bus.py).
+    streams: NatsStreamsConfig
 
 
 class KeysConfig(_Strict, frozen=True):
@@ -698,6 +721,17 @@ def load_config(
     return config
 
 
+def _check_streams(config: Config) -> None:
+    """Every stream of the spine is bounded in size, age and event size."""
+    for name in NatsStreamsConfig.__struct_fields__:
+        limits: StreamLimitsConfig = getattr(config.nats.streams, name)
+        key = f"nats.streams.{name}"
+        if limits.max_bytes <= 0 or limits.max_age_s <= 0 or limits.max_msg_bytes <= 0:
+            raise ConfigError(f"{key}: max_bytes, max_age_s and max_msg_bytes must be > 0")
+        if limits.max_msgs_per_subject == 0 or limits.max_msgs_per_subject < -1:
+            raise ConfigError(f"{key}.max_msgs_per_subject must be > 0, or -1 for no bound")
+
+
 def _check_retries(config: Config) -> None:
     """Which retry policies may run until cancelled: the relays must (they
     never give up while their plane runs); work a caller waits for, or that
@@ -725,6 +759,7 @@ def _check_retries(config: Config) -> None:
 
 def _check(config: Config) -> None:
     _check_retries(config)
+    _check_streams(config)
     if config.ai.features.backend not in ("in_process", "redis", "aerospike"):
         raise ConfigError("ai.features.backend must be 'in_process', 'redis' or 'aerospike'")
     if config.ai.features.backend == "aerospike" and not config.ai.features.aerospike_hosts:
