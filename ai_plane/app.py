@@ -21,6 +21,7 @@ from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.breaker import CircuitBreaker
 from ai_plane.engine import AiEngine
 from ai_plane.manager import ModelManager, write_live_repository
+from ai_plane.permissions import PERMISSIONS
 from ai_plane.pipeline import Applier, FeaturePipeline
 from ai_plane.registry import Registry
 from ai_plane.scorer import Scorer
@@ -35,7 +36,8 @@ from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.errors import TriplaneError, Unavailable
-from triplane.runtime.server import PlaneServer
+from triplane.runtime.server import PlaneServer, ServerSecurity
+from triplane.runtime.tls import AI_PLANE
 
 log = logging.getLogger("triplane.ai")
 
@@ -159,6 +161,7 @@ class AiPlane:
             name="ai_plane",
             listen=self.listen or ai.listen,
             services=ai_services(self.engine, self.manager, ai.limits),
+            security=ServerSecurity.from_config(config, AI_PLANE, PERMISSIONS),
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
             otel_exporter=config.runtime.otel_exporter,

@@ -19,6 +19,7 @@ from gateway.ingest import Ingest
 from gateway.measure import LiftMetrics
 from gateway.nba import NextBestAction
 from gateway.payments import Payments
+from gateway.permissions import PERMISSIONS
 from gateway.pii import Tokenizer, load_secret
 from gateway.planes import GrpcAi, GrpcMoney, GrpcPolicy, NatsEventSink, PlaneChannels
 from gateway.service import GatewayServicer, gateway_services
@@ -29,8 +30,9 @@ from triplane.runtime.config import Config
 from triplane.runtime.db import Database
 from triplane.runtime.net import dial_address
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
-from triplane.runtime.server import PlaneServer
+from triplane.runtime.server import PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
+from triplane.runtime.tls import GATEWAY
 
 log = logging.getLogger("gateway.app")
 
@@ -77,7 +79,8 @@ class Gateway:
     async def start(self) -> int:
         config = self.config
         gateway = config.gateway
-        self.channels = PlaneChannels(
+        self.channels = PlaneChannels.from_config(
+            config,
             self.money_address or dial_address(config.money.listen),
             self.policy_address or dial_address(config.policy.listen),
             self.ai_address or dial_address(config.ai.listen),
@@ -134,6 +137,15 @@ class Gateway:
             name="gateway",
             listen=self.listen or gateway.listen,
             services=gateway_services(servicer),
+            # The public port: partners come with API keys, not certificates
+            # (one presented is verified); reflection has its own switch.
+            security=ServerSecurity.from_config(
+                config,
+                GATEWAY,
+                PERMISSIONS,
+                require_client_cert=False,
+                reflection=gateway.reflection,
+            ),
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
             otel_exporter=config.runtime.otel_exporter,

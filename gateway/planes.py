@@ -1,13 +1,18 @@
 """gRPC adapters of the ports: channels to the planes, calls with a timeout,
 every failure turned into a TriplaneError carrying the plane's reason and the
-field of the gateway's request it is about (gateway.fields)."""
+field of the gateway's request it is about (gateway.fields).
+
+The gateway dials every plane with mutual TLS as `spiffe://triplane/gateway`
+(its own certificate, runtime.tls), and follows a rotation of its files: the
+channels are replaced and the stubs rebuilt on the next call (plaintext with
+`runtime.tls: off`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from nats.js import JetStreamContext
@@ -19,9 +24,11 @@ from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime import bus
 from triplane.runtime.bus import OutgoingEvent
+from triplane.runtime.config import Config
 from triplane.runtime.errors import Code, TriplaneError, error_for
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.telemetry import trace_metadata
+from triplane.runtime.tls import GATEWAY, RotatingChannel, TlsFiles, files_for
 
 log = logging.getLogger("gateway.planes")
 
@@ -73,94 +80,160 @@ async def _call(
 
 @dataclass
 class PlaneChannels:
-    """One channel per plane (gRPC multiplexes every call over it)."""
+    """One channel per plane (gRPC multiplexes every call over it), with the
+    gateway's certificate (`tls`; None: plaintext), each replaced when the
+    files rotate."""
 
     money_address: str
     policy_address: str
     ai_address: str
-    money: grpc.aio.Channel = field(init=False)
-    policy: grpc.aio.Channel = field(init=False)
-    ai: grpc.aio.Channel = field(init=False)
+    tls: TlsFiles | None = None
+    check_interval_s: float = 5.0
+    close_grace_s: float = 30.0
+    money: RotatingChannel = field(init=False)
+    policy: RotatingChannel = field(init=False)
+    ai: RotatingChannel = field(init=False)
 
     def __post_init__(self) -> None:
-        self.money = grpc.aio.insecure_channel(self.money_address, options=CHANNEL_OPTIONS)
-        self.policy = grpc.aio.insecure_channel(self.policy_address, options=CHANNEL_OPTIONS)
-        self.ai = grpc.aio.insecure_channel(self.ai_address, options=CHANNEL_OPTIONS)
+        self.money = self._dial("money plane", self.money_address)
+        self.policy = self._dial("policy plane", self.policy_address)
+        self.ai = self._dial("AI plane", self.ai_address)
+
+    @classmethod
+    def from_config(
+        cls, config: Config, money_address: str, policy_address: str, ai_address: str
+    ) -> PlaneChannels:
+        tls = config.runtime.tls
+        return cls(
+            money_address,
+            policy_address,
+            ai_address,
+            tls=files_for(config, GATEWAY),
+            check_interval_s=tls.reload_check_interval_s,
+            close_grace_s=tls.rotation_close_grace_s,
+        )
+
+    def _dial(self, plane: str, address: str) -> RotatingChannel:
+        return RotatingChannel(
+            address,
+            self.tls,
+            CHANNEL_OPTIONS,
+            check_interval_s=self.check_interval_s,
+            close_grace_s=self.close_grace_s,
+            who=f"gateway -> {plane}",
+        )
 
     async def close(self) -> None:
         for channel in (self.money, self.policy, self.ai):
             await channel.close()
 
 
+S = TypeVar("S")
+
+
+class _Stubs(Generic[S]):
+    """A plane's stubs on its current channel: rebuilt when a certificate
+    rotation replaced the channel (one identity comparison a call)."""
+
+    def __init__(
+        self, source: grpc.aio.Channel | RotatingChannel, make: Callable[[grpc.aio.Channel], S]
+    ) -> None:
+        self._source = source
+        self._make = make
+        self._channel = self._current()
+        self._stubs = make(self._channel)
+
+    def _current(self) -> grpc.aio.Channel:
+        source = self._source
+        return source.channel if isinstance(source, RotatingChannel) else source
+
+    def get(self) -> S:
+        channel = self._current()
+        if channel is not self._channel:
+            self._channel, self._stubs = channel, self._make(channel)
+        return self._stubs
+
+
 class GrpcAi:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._scoring = ai_pb2_grpc.ScoringServiceStub(channel)
+    def __init__(self, channel: grpc.aio.Channel | RotatingChannel) -> None:
+        self._scoring = _Stubs(channel, ai_pb2_grpc.ScoringServiceStub)
 
     async def score(self, request: ai_pb2.ScoreRequest, timeout_s: float) -> ai_pb2.ScoreResponse:
-        return await _call("AI", self._scoring.Score, request, timeout_s, fields.AI)
+        return await _call("AI", self._scoring.get().Score, request, timeout_s, fields.AI)
 
     async def rank(self, request: ai_pb2.RankRequest, timeout_s: float) -> ai_pb2.RankResponse:
-        return await _call("AI", self._scoring.Rank, request, timeout_s, fields.AI)
+        return await _call("AI", self._scoring.get().Rank, request, timeout_s, fields.AI)
 
     async def explain(
         self, request: ai_pb2.ExplainRequest, timeout_s: float
     ) -> ai_pb2.ExplainResponse:
-        return await _call("AI", self._scoring.Explain, request, timeout_s, fields.AI)
+        return await _call("AI", self._scoring.get().Explain, request, timeout_s, fields.AI)
 
     async def report_outcome(
         self, request: ai_pb2.ReportOutcomeRequest, timeout_s: float
     ) -> ai_pb2.ReportOutcomeResponse:
-        return await _call("AI", self._scoring.ReportOutcome, request, timeout_s, fields.AI)
+        return await _call("AI", self._scoring.get().ReportOutcome, request, timeout_s, fields.AI)
+
+
+@dataclass(frozen=True)
+class _PolicyStubs:
+    policy: policy_pb2_grpc.PolicyServiceStub
+    offers: policy_pb2_grpc.OfferServiceStub
+    consent: policy_pb2_grpc.ConsentServiceStub
+
+    @classmethod
+    def on(cls, channel: grpc.aio.Channel) -> _PolicyStubs:
+        return cls(
+            policy_pb2_grpc.PolicyServiceStub(channel),
+            policy_pb2_grpc.OfferServiceStub(channel),
+            policy_pb2_grpc.ConsentServiceStub(channel),
+        )
 
 
 class GrpcPolicy:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._policy = policy_pb2_grpc.PolicyServiceStub(channel)
-        self._offers = policy_pb2_grpc.OfferServiceStub(channel)
-        self._consent = policy_pb2_grpc.ConsentServiceStub(channel)
+    def __init__(self, channel: grpc.aio.Channel | RotatingChannel) -> None:
+        self._stubs = _Stubs(channel, _PolicyStubs.on)
 
     async def evaluate(
         self, request: policy_pb2.EvaluateRequest, timeout_s: float
     ) -> policy_pb2.EvaluateResponse:
-        return await _call("POLICY", self._policy.Evaluate, request, timeout_s, fields.EVALUATE)
+        method = self._stubs.get().policy.Evaluate
+        return await _call("POLICY", method, request, timeout_s, fields.EVALUATE)
 
     async def get_decision(
         self, request: policy_pb2.GetDecisionRequest, timeout_s: float
     ) -> policy_pb2.GetDecisionResponse:
-        return await _call(
-            "POLICY", self._policy.GetDecision, request, timeout_s, fields.GET_DECISION
-        )
+        method = self._stubs.get().policy.GetDecision
+        return await _call("POLICY", method, request, timeout_s, fields.GET_DECISION)
 
     async def eligible_offers(
         self, request: policy_pb2.GetEligibleOffersRequest, timeout_s: float
     ) -> policy_pb2.GetEligibleOffersResponse:
-        return await _call(
-            "POLICY", self._offers.GetEligibleOffers, request, timeout_s, fields.ELIGIBLE_OFFERS
-        )
+        method = self._stubs.get().offers.GetEligibleOffers
+        return await _call("POLICY", method, request, timeout_s, fields.ELIGIBLE_OFFERS)
 
     async def check_contact(
         self, request: policy_pb2.CheckContactRequest, timeout_s: float
     ) -> policy_pb2.CheckContactResponse:
-        return await _call("POLICY", self._consent.CheckContact, request, timeout_s, fields.CONTACT)
+        method = self._stubs.get().consent.CheckContact
+        return await _call("POLICY", method, request, timeout_s, fields.CONTACT)
 
     async def record_contact(
         self, request: policy_pb2.RecordContactRequest, timeout_s: float
     ) -> policy_pb2.RecordContactResponse:
-        return await _call(
-            "POLICY", self._consent.RecordContact, request, timeout_s, fields.CONTACT
-        )
+        method = self._stubs.get().consent.RecordContact
+        return await _call("POLICY", method, request, timeout_s, fields.CONTACT)
 
 
 class GrpcMoney:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._ledger = money_pb2_grpc.LedgerServiceStub(channel)
+    def __init__(self, channel: grpc.aio.Channel | RotatingChannel) -> None:
+        self._ledger = _Stubs(channel, money_pb2_grpc.LedgerServiceStub)
 
     async def create_transfer(
         self, request: money_pb2.CreateTransferRequest, timeout_s: float
     ) -> money_pb2.CreateTransferResponse:
-        return await _call(
-            "MONEY", self._ledger.CreateTransfer, request, timeout_s, fields.TRANSFER
-        )
+        method = self._ledger.get().CreateTransfer
+        return await _call("MONEY", method, request, timeout_s, fields.TRANSFER)
 
 
 class EventOutbox(Protocol):

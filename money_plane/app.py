@@ -12,6 +12,7 @@ from typing import Any
 
 from money_plane import codec
 from money_plane.ledger import Ledger
+from money_plane.permissions import PERMISSIONS
 from money_plane.service import ledger_service
 from money_plane.store.base import LedgerStore
 from money_plane.store.postgres import PostgresLedgerStore
@@ -19,8 +20,9 @@ from money_plane.store.sqlite import SqliteLedgerStore
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
-from triplane.runtime.server import PlaneServer
+from triplane.runtime.server import PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
+from triplane.runtime.tls import MONEY_PLANE
 from triplane.runtime.tokens import TokenVerifier, load_public_keys
 
 log = logging.getLogger("triplane.money")
@@ -111,6 +113,7 @@ class MoneyPlane:
             name="money_plane",
             listen=self.listen or config.money.listen,
             services=[ledger_service(self.ledger, self.clock)],
+            security=ServerSecurity.from_config(config, MONEY_PLANE, PERMISSIONS),
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
             otel_exporter=config.runtime.otel_exporter,

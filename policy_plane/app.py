@@ -17,14 +17,16 @@ from nats.js import JetStreamContext
 from policy_plane import bundle_sync, codec
 from policy_plane.decision_log import LogKeys
 from policy_plane.engine import PolicyEngine
+from policy_plane.permissions import PERMISSIONS
 from policy_plane.service import services
 from policy_plane.store import PolicyStore, open_store
 from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
-from triplane.runtime.server import PlaneServer
+from triplane.runtime.server import PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
+from triplane.runtime.tls import POLICY_PLANE
 from triplane.runtime.tokens import (
     TokenSigner,
     ensure_dev_keypair,
@@ -174,6 +176,7 @@ def build_plane(
         name="policy_plane",
         listen=listen or config.policy.listen,
         services=services(engine),
+        security=ServerSecurity.from_config(config, POLICY_PLANE, PERMISSIONS),
         shutdown_grace_s=config.runtime.shutdown_grace_s,
         max_message_bytes=config.runtime.max_message_bytes,
         otel_exporter=config.runtime.otel_exporter,

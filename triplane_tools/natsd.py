@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from triplane.runtime.lifetime import die_with_parent
@@ -31,10 +32,12 @@ class EmbeddedNats:
     """A nats-server child process. `url` is valid once `start()` (or
     `spawn()` then `wait_listening()`) returned."""
 
-    def __init__(self, store_dir: Path, port: int = 0) -> None:
+    def __init__(self, store_dir: Path, port: int = 0, extra_args: Sequence[str] = ()) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
+        # More nats-server flags (TLS, --user/--pass: a test of NATS security).
+        self.extra_args = list(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,6 +64,7 @@ class EmbeddedNats:
                     "-js",
                     "-sd",
                     str(self.store_dir),
+                    *self.extra_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,

@@ -23,6 +23,7 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.runtime import codec
 from triplane.runtime.config import NatsConfig, StreamLimitsConfig
+from triplane.runtime.nats_security import nats_options
 
 log = logging.getLogger("triplane.bus")
 
@@ -99,10 +100,16 @@ async def connect(config: NatsConfig, name: str, *, fail_fast: bool = False) -> 
     owns the connection. nats-py retries a first connection forever (every
     0.5 s): with `fail_fast`, a server that cannot be reached fails the call
     at once instead, for callers that pace their own attempts with a
-    RetryPolicy (the outbox relays)."""
+    RetryPolicy (the outbox relays). TLS and credentials come from the
+    config (nats.tls_*, nats.creds_file, nats.user/password_file)."""
+    security = nats_options(config)
     if not fail_fast:
         return await nats.connect(
-            config.url, name=name, connect_timeout=config.connect_timeout_s, **_RECONNECT
+            config.url,
+            name=name,
+            connect_timeout=config.connect_timeout_s,
+            **_RECONNECT,
+            **security,
         )
     # nats-py's fewest tries per server before it gives up are two; with no
     # wait between them that is still one quick attempt.
@@ -113,6 +120,7 @@ async def connect(config: NatsConfig, name: str, *, fail_fast: bool = False) -> 
         allow_reconnect=False,
         max_reconnect_attempts=1,
         reconnect_time_wait=0,
+        **security,
     )
     # nats-py reads these options whenever a connection drops, so from now on
     # this client reconnects by itself, as every other client does.

@@ -28,6 +28,29 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
+class TlsConfig(_Strict, frozen=True):
+    # Mutual TLS on every gRPC server and channel (triplane/runtime/tls.py);
+    # `runtime.tls: off` is short for `runtime.tls.enabled: false`.
+    enabled: bool
+    # PEM files; empty: under <state_dir>/tls/ (ca.crt, <identity>.crt/.key).
+    ca_path: str
+    cert_path: str
+    key_path: str
+    # How often a client looks for rotated files (servers look at every handshake).
+    reload_check_interval_s: float
+    # How long calls in flight on a channel replaced after a rotation get.
+    rotation_close_grace_s: float
+    # Peer certificates whose identity is remembered (parsed once each).
+    peer_cache_entries: int
+    # SPIFFE trust domain of the certificates the dev CA issues.
+    trust_domain: str
+    # Lifetime of the certificates the dev CA issues (`triplane certs dev`).
+    dev_cert_days: int
+    # Role named in the planes' permission tables -> the certificate
+    # identities (URI SANs) that play it.
+    roles: dict[str, list[str]]
+
+
 class RuntimeConfig(_Strict, frozen=True):
     state_dir: str
     log_level: str
@@ -37,6 +60,12 @@ class RuntimeConfig(_Strict, frozen=True):
     max_message_bytes: int
     gc_gen0_threshold: int
     event_loop: str
+    tls: TlsConfig
+    # Server reflection on the planes' ports (the gateway's: gateway.reflection).
+    reflection: bool
+    # host:port of a plaintext port serving only grpc.health.v1 (Kubernetes
+    # gRPC probes cannot present a client certificate); empty: none.
+    health_listen: str
 
 
 class StreamLimitsConfig(_Strict, frozen=True):
@@ -69,6 +98,16 @@ class NatsConfig(_Strict, frozen=True):
     stream_replicas: int
     # Bounds of each stream of the spine (triplane/runtime/bus.py).
     streams: NatsStreamsConfig
+    # TLS to NATS (all empty: plaintext unless the url says tls://): the CA
+    # bundle, and a client certificate when the server verifies clients.
+    tls_ca_path: str
+    tls_cert_path: str
+    tls_key_path: str
+    # Credentials: a NATS .creds file (JWT + nkey seed), or a user and a file
+    # holding the password (a Kubernetes Secret), never the password itself.
+    creds_file: str
+    user: str
+    password_file: str
 
 
 class KeysConfig(_Strict, frozen=True):
@@ -582,6 +621,8 @@ class GatewayRateLimitConfig(_Strict, frozen=True):
 
 class GatewayConfig(_Strict, frozen=True):
     listen: str
+    # Server reflection on the public port (off in the production overlay).
+    reflection: bool
     # IANA zone of a customer whose requests name none (their local hour).
     default_time_zone: str
     # Per tenant: the partner's webhook endpoint (triggered sends on the
@@ -654,6 +695,10 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], path: str = "") ->
         where = f"{path}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key '{where}'")
+        if isinstance(base[key], dict) and isinstance(value, bool) and "enabled" in base[key]:
+            # A section that can be switched off may be given as on/off
+            # (`runtime.tls: off`), short for its `enabled` key.
+            value = {"enabled": value}
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{where}' must be a mapping")
@@ -791,7 +836,33 @@ def _check(config: Config) -> None:
         raise ConfigError("policy.store.backend must be 'sqlite' or 'postgres'")
     if config.policy.store.backend == "postgres" and not config.policy.store.postgres_dsn:
         raise ConfigError("policy.store.postgres_dsn is required with backend 'postgres'")
+    _check_tls(config)
     _check_gateway_auth(config)
+
+
+def _check_tls(config: Config) -> None:
+    tls = config.runtime.tls
+    if tls.reload_check_interval_s <= 0 or tls.rotation_close_grace_s < 0:
+        raise ConfigError(
+            "runtime.tls: reload_check_interval_s > 0 and rotation_close_grace_s >= 0"
+        )
+    if tls.peer_cache_entries < 1 or tls.dev_cert_days < 1:
+        raise ConfigError("runtime.tls: peer_cache_entries >= 1 and dev_cert_days >= 1")
+    for role, identities in tls.roles.items():
+        for identity in identities:
+            if not identity.startswith("spiffe://"):
+                raise ConfigError(
+                    f"runtime.tls.roles.{role}: {identity!r} is not a SPIFFE ID (spiffe://...)"
+                )
+    if bool(tls.cert_path) != bool(tls.key_path):
+        raise ConfigError("runtime.tls: cert_path and key_path are set together")
+    nats = config.nats
+    if bool(nats.tls_cert_path) != bool(nats.tls_key_path):
+        raise ConfigError("nats: tls_cert_path and tls_key_path are set together")
+    if nats.password_file and not nats.user:
+        raise ConfigError("nats.password_file needs nats.user")
+    if nats.creds_file and nats.user:
+        raise ConfigError("nats: creds_file and user/password_file are exclusive")
 
 
 def _check_gateway_auth(config: Config) -> None:

@@ -1,5 +1,6 @@
 """Server bootstrap shared by every plane: grpc.aio with standard health and
-reflection, OpenTelemetry instrumentation, error mapping, graceful SIGTERM."""
+reflection, mutual TLS and the plane's permission table, OpenTelemetry
+instrumentation, error mapping, graceful SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from triplane.runtime.authz import AuthzInterceptor, PeerIdentityCache, Permissions
+from triplane.runtime.config import Config
 from triplane.runtime.lifetime import exit_with_supervisor
 from triplane.runtime.status import ErrorMappingInterceptor
 from triplane.runtime.telemetry import TracingInterceptor, setup_tracing
+from triplane.runtime.tls import ServerCertificates, TlsFiles, TlsSetupError, files_for
 
 log = logging.getLogger("triplane.server")
 
@@ -34,6 +38,46 @@ class Service:
 Hook = Callable[[], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class ServerSecurity:
+    """Who may reach a server and how: its TLS files (None: plaintext, with
+    `runtime.tls: off`), the plane's permission table (method -> roles,
+    triplane.runtime.authz) and which identities play each role."""
+
+    permissions: Permissions
+    roles: Mapping[str, Sequence[str]]
+    tls: TlsFiles | None
+    # False: a client without a certificate may connect (one it presents is
+    # still verified): the gateway's public port, where partners use keys.
+    require_client_cert: bool = True
+    reflection: bool = True
+    # host:port of a plaintext port serving only grpc.health.v1 ("": none).
+    health_listen: str = ""
+    peer_cache_entries: int = 4096
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        identity: str,
+        permissions: Permissions,
+        *,
+        require_client_cert: bool = True,
+        reflection: bool | None = None,
+    ) -> ServerSecurity:
+        """The security of the plane whose certificate is `identity`'s."""
+        tls = config.runtime.tls
+        return cls(
+            permissions=permissions,
+            roles=tls.roles,
+            tls=files_for(config, identity),
+            require_client_cert=require_client_cert,
+            reflection=config.runtime.reflection if reflection is None else reflection,
+            health_listen=config.runtime.health_listen,
+            peer_cache_entries=tls.peer_cache_entries,
+        )
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]], event_loop: str = "uvloop") -> None:
     """Runs a serving process's main coroutine on the configured event loop
     (runtime.event_loop): uvloop (about 10% less CPU per gRPC call than
@@ -41,14 +85,21 @@ def run(main: Callable[[], Coroutine[Any, Any, None]], event_loop: str = "uvloop
 
     Started by the dev stack (or by a plane's own process, as the money plane
     starts its workers), the process dies with whatever started it, so a
-    supervisor killed with SIGKILL leaves no plane holding its port."""
-    exit_with_supervisor()
-    if event_loop == "uvloop":
-        import uvloop
+    supervisor killed with SIGKILL leaves no plane holding its port.
 
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+    A plane whose TLS files are missing exits with the message saying how to
+    get them, not a traceback."""
+    exit_with_supervisor()
+    try:
+        if event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+    except TlsSetupError as error:
+        log.critical("%s", error)
+        raise SystemExit(f"refusing to start: {error}") from None
 
 
 REUSE_PORT_CONNECTION_AGE_MS = 20_000
@@ -70,64 +121,118 @@ class PlaneServer:
     name: str
     listen: str
     services: Sequence[Service]
+    security: ServerSecurity
     shutdown_grace_s: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024
     otel_exporter: str = "none"
     # Several processes may serve one port (SO_REUSEPORT): Python's gRPC
     # server uses one core per process, so this is how a plane uses a node.
     reuse_port: bool = False
+    # Interceptors of the plane's own (the gateway's credentials), inside the
+    # permission table and the error mapping: they see the peer identity
+    # (authz.peer_identity) and may raise TriplaneError.
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     on_stop: list[Hook] = field(default_factory=list)
     port: int = 0
+    health_port: int = 0
+    certificates: ServerCertificates | None = None
     _server: grpc.aio.Server | None = None
+    _health_server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def _options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+            # Several processes on one port: the kernel spreads connections,
+            # not calls, so clients are asked to reconnect now and then
+            # (GOAWAY; calls in flight finish) and the load evens out.
+            *(
+                [
+                    ("grpc.max_connection_age_ms", REUSE_PORT_CONNECTION_AGE_MS),
+                    ("grpc.max_connection_age_grace_ms", REUSE_PORT_CONNECTION_GRACE_MS),
+                ]
+                if self.reuse_port
+                else []
+            ),
+        ]
+
     async def start(self) -> int:
+        security = self.security
+        if security.tls is None:
+            log.warning(
+                "%s: runtime.tls is off: plaintext, and no caller can be identified, so the "
+                "permission table lets every caller through as every role. For local debugging "
+                "only",
+                self.name,
+            )
+        else:
+            # Before anything binds: no certificate, no start (the message says how).
+            self.certificates = ServerCertificates(security.tls, self.name)
         provider = setup_tracing(self.name, self.otel_exporter)
+        authz = AuthzInterceptor(
+            self.name,
+            security.permissions,
+            security.roles,
+            identify=security.tls is not None,
+            cache=PeerIdentityCache(security.peer_cache_entries),
+        )
         server = grpc.aio.server(
             interceptors=[
                 TracingInterceptor(provider),
+                authz,
                 ErrorMappingInterceptor(),
+                *self.interceptors,
             ],
-            options=[
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-                # Several processes on one port: the kernel spreads connections,
-                # not calls, so clients are asked to reconnect now and then
-                # (GOAWAY; calls in flight finish) and the load evens out.
-                *(
-                    [
-                        ("grpc.max_connection_age_ms", REUSE_PORT_CONNECTION_AGE_MS),
-                        ("grpc.max_connection_age_grace_ms", REUSE_PORT_CONNECTION_GRACE_MS),
-                    ]
-                    if self.reuse_port
-                    else []
-                ),
-            ],
+            options=self._options(),
         )
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         names = [s.full_name for s in self.services]
         for service in self.services:
             service.register(server)
-        reflection.enable_server_reflection(
-            [
-                *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-        self.port = server.add_insecure_port(self.listen)
+        if security.reflection:
+            reflection.enable_server_reflection(
+                [
+                    *names,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
+            )
+        if self.certificates is not None:
+            credentials = self.certificates.credentials(security.require_client_cert)
+            self.port = server.add_secure_port(self.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(self.listen)
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {self.listen}")
         await server.start()
+        self._server, self._health = server, health
+        if security.health_listen:
+            await self._start_health_port(health, security.health_listen)
         for name in ["", *names]:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._server, self._health = server, health
-        log.info("%s listening", self.name, extra={"listen": self.listen, "port": self.port})
+        log.info(
+            "%s listening",
+            self.name,
+            extra={"listen": self.listen, "port": self.port, "tls": security.tls is not None},
+        )
         return self.port
+
+    async def _start_health_port(self, health: HealthServicer, listen: str) -> None:
+        """Kubernetes' gRPC probes cannot present a client certificate, so
+        they get a plaintext port with grpc.health.v1 alone: it tells whether
+        the plane serves, nothing else."""
+        server = grpc.aio.server(options=self._options())
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        self.health_port = server.add_insecure_port(listen)
+        if self.health_port == 0:
+            raise OSError(f"{self.name}: cannot listen on {listen} (runtime.health_listen)")
+        await server.start()
+        self._health_server = server
 
     async def stop(self) -> None:
         """Graceful: NOT_SERVING first (so probes drain traffic), then stop."""
@@ -137,6 +242,8 @@ class PlaneServer:
         assert self._health is not None
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.shutdown_grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         for hook in self.on_stop:
             await hook()
         log.info("%s stopped", self.name)

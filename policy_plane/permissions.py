@@ -1,0 +1,64 @@
+"""Who may call the policy plane (triplane.runtime.authz; default deny): the
+gateway asks for decisions, eligible offers and contact checks and reads
+decisions; bundles, tenants, replay, the log's verification, labels,
+catalog and consent writes and cases are admin only."""
+
+from __future__ import annotations
+
+from triplane.runtime.authz import ADMIN_ONLY, GATEWAY_AND_ADMIN, Permissions, permissions
+
+_PACKAGE = "triplane.policy.v1"
+
+PERMISSIONS: Permissions = {
+    **permissions(
+        f"{_PACKAGE}.PolicyService",
+        {
+            "CreateTenant": ADMIN_ONLY,
+            "Evaluate": GATEWAY_AND_ADMIN,
+            "GetDecision": GATEWAY_AND_ADMIN,
+            "ReplayDecisions": ADMIN_ONLY,
+            "VerifyDecisionLog": ADMIN_ONLY,
+            "LabelDecision": ADMIN_ONLY,
+            "GetPolicyMetrics": ADMIN_ONLY,
+        },
+    ),
+    **permissions(
+        f"{_PACKAGE}.BundleService",
+        {
+            "LoadBundle": ADMIN_ONLY,
+            "ActivateBundle": ADMIN_ONLY,
+            "SetShadowBundle": ADMIN_ONLY,
+            "GetActiveBundle": ADMIN_ONLY,
+            "ListBundles": ADMIN_ONLY,
+        },
+    ),
+    **permissions(
+        f"{_PACKAGE}.ConsentService",
+        {
+            "PutContactProfile": ADMIN_ONLY,
+            "SetConsent": ADMIN_ONLY,
+            "GetConsent": GATEWAY_AND_ADMIN,
+            "CheckContact": GATEWAY_AND_ADMIN,
+            "RecordContact": GATEWAY_AND_ADMIN,
+        },
+    ),
+    **permissions(
+        f"{_PACKAGE}.OfferService",
+        {
+            "PutOffer": ADMIN_ONLY,
+            "StopOffer": ADMIN_ONLY,
+            "GetOffer": GATEWAY_AND_ADMIN,
+            "ListOffers": ADMIN_ONLY,
+            "GetEligibleOffers": GATEWAY_AND_ADMIN,
+        },
+    ),
+    **permissions(
+        f"{_PACKAGE}.CaseService",
+        {
+            "ListCases": ADMIN_ONLY,
+            "GetCase": ADMIN_ONLY,
+            "ClaimCase": ADMIN_ONLY,
+            "ResolveCase": ADMIN_ONLY,
+        },
+    ),
+}

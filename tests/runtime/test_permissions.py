@@ -1,0 +1,79 @@
+"""Every method of every service of every plane is in that plane's
+permission table, and the table names nothing else: a new RPC cannot slip
+in unlisted (it would be refused, METHOD_NOT_ALLOWED, and this test says
+which table to add it to)."""
+
+from __future__ import annotations
+
+from google.protobuf.descriptor import FileDescriptor
+
+import ai_plane.permissions
+import gateway.permissions
+import money_plane.permissions
+import policy_plane.permissions
+from triplane.ai.v1 import ai_pb2
+from triplane.gateway.v1 import gateway_pb2
+from triplane.money.v1 import money_pb2
+from triplane.policy.v1 import policy_pb2
+from triplane.runtime import authz
+from triplane.runtime.config import load_config
+
+PLANES = {
+    "money": (money_pb2.DESCRIPTOR, money_plane.permissions.PERMISSIONS),
+    "policy": (policy_pb2.DESCRIPTOR, policy_plane.permissions.PERMISSIONS),
+    "ai": (ai_pb2.DESCRIPTOR, ai_plane.permissions.PERMISSIONS),
+    "gateway": (gateway_pb2.DESCRIPTOR, gateway.permissions.PERMISSIONS),
+}
+
+
+def methods_of(descriptor: FileDescriptor) -> set[str]:
+    return {
+        f"/{service.full_name}/{method.name}"
+        for service in descriptor.services_by_name.values()
+        for method in service.methods
+    }
+
+
+def test_every_method_of_every_plane_is_in_its_table() -> None:
+    for plane, (descriptor, table) in PLANES.items():
+        methods = methods_of(descriptor)
+        assert methods, plane
+        missing = sorted(methods - set(table))
+        assert not missing, f"{plane}: add these to {plane}'s permissions.py: {missing}"
+        stale = sorted(set(table) - methods)
+        assert not stale, f"{plane}: its table names methods that do not exist: {stale}"
+
+
+def test_every_role_a_table_names_is_configured() -> None:
+    roles = set(load_config(environ={}).runtime.tls.roles) | {authz.PUBLIC}
+    for plane, (_, table) in PLANES.items():
+        named = {role for allowed in table.values() for role in allowed}
+        assert named <= roles, f"{plane}: unknown roles {sorted(named - roles)}"
+        assert all(allowed for allowed in table.values()), plane
+
+
+def test_admin_rpcs_need_the_admin_identity() -> None:
+    """The planes' admin RPCs are the admin's alone."""
+    admin_only = {
+        "/triplane.money.v1.LedgerService/CreateTenant",
+        "/triplane.money.v1.LedgerService/CreateAccounts",
+        "/triplane.policy.v1.PolicyService/CreateTenant",
+        "/triplane.policy.v1.BundleService/LoadBundle",
+        "/triplane.policy.v1.BundleService/ActivateBundle",
+        "/triplane.policy.v1.BundleService/SetShadowBundle",
+        "/triplane.policy.v1.OfferService/PutOffer",
+        "/triplane.policy.v1.OfferService/StopOffer",
+        "/triplane.ai.v1.ModelRegistryService/PromoteModel",
+        "/triplane.ai.v1.ModelRegistryService/RollbackModel",
+        "/triplane.ai.v1.ModelRegistryService/TrainModel",
+        "/triplane.policy.v1.CaseService/ResolveCase",
+        "/triplane.policy.v1.CaseService/ClaimCase",
+        "/triplane.policy.v1.PolicyService/LabelDecision",
+        "/triplane.policy.v1.PolicyService/ReplayDecisions",
+        "/triplane.policy.v1.PolicyService/VerifyDecisionLog",
+    }
+    tables = {m: roles for _, table in PLANES.values() for m, roles in table.items()}
+    for method in admin_only:
+        assert tables[method] == authz.ADMIN_ONLY, method
+    # The gateway's public port leaves every method to its credential layer.
+    assert all(roles == authz.ANY_CALLER for roles in gateway.permissions.PERMISSIONS.values())
