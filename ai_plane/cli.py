@@ -31,7 +31,9 @@ from triplane.runtime import bus
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.errors import TriplaneError
+from triplane.runtime.net import dial_address
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tls import ADMIN, files_for, open_sync_channel
 
 Handler = Callable[[Config, argparse.Namespace], int]
 _STATES = {
@@ -112,7 +114,9 @@ def _train(config: Config, args: argparse.Namespace) -> int:
 
 
 def _stub(config: Config, address: str) -> ai_pb2_grpc.ModelRegistryServiceStub:
-    channel = grpc.insecure_channel(address or config.ai.listen)
+    """The registry as the admin identity (mutual TLS unless runtime.tls is off)."""
+    target = address or dial_address(config.ai.listen)
+    channel = open_sync_channel(target, files_for(config, ADMIN), who="triplane ai (admin)")
     return ai_pb2_grpc.ModelRegistryServiceStub(channel)
 
 

@@ -33,6 +33,8 @@ from triplane.runtime import bus
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.errors import TriplaneError
+from triplane.runtime.net import dial_address
+from triplane.runtime.tls import channel_for
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -133,7 +135,8 @@ def _load_bundle(config: Config, args: argparse.Namespace) -> int:
     if args.via == "kv":
         asyncio.run(_put_kv(config, resolved))
     else:
-        asyncio.run(_load_grpc(args.address or config.policy.listen, resolved, args.target))
+        address = args.address or dial_address(config.policy.listen)
+        asyncio.run(_load_grpc(config, address, resolved, args.target))
     print(json.dumps({"version": compiled.version, "via": args.via, "target": args.target}))
     return 0
 
@@ -153,9 +156,7 @@ async def _put_kv(config: Config, source: BundleSource) -> None:
         await client.close()
 
 
-async def _load_grpc(address: str, source: BundleSource, target: str) -> None:
-    import grpc
-
+async def _load_grpc(config: Config, address: str, source: BundleSource, target: str) -> None:
     from triplane.policy.v1 import policy_pb2 as pb
     from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 
@@ -164,7 +165,8 @@ async def _load_grpc(address: str, source: BundleSource, target: str) -> None:
         "shadow": pb.BUNDLE_TARGET_SHADOW,
         "store": pb.BUNDLE_TARGET_STORE,
     }
-    async with grpc.aio.insecure_channel(address) as channel:
+    # As the admin identity: loading a bundle is an admin RPC.
+    async with channel_for(config, address) as channel:
         stub = pb_grpc.BundleServiceStub(channel)
         await stub.LoadBundle(
             pb.LoadBundleRequest(

@@ -1,5 +1,12 @@
 """Clients: one object per service, typed methods, deadlines, retries on
-UNAVAILABLE through the gRPC service config, generated idempotency keys."""
+UNAVAILABLE through the gRPC service config, generated idempotency keys.
+
+TLS: `tls=TlsFiles(ca_path, cert_path, key_path)` (triplane.runtime.tls)
+dials with TLS, verifying the server against `ca_path` (None: the system's
+roots) and presenting the certificate when one is given: the admin clients
+need the admin identity's (`<state_dir>/tls/admin.crt` in the dev stack), a
+partner at the gateway needs none. `tls=None` is plaintext, for a stack run
+with `runtime.tls: off`."""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
+from triplane.runtime.tls import TlsFiles, open_channel
 from triplane_client.errors import TriplaneApiError, from_rpc_error
 
 R = TypeVar("R", bound=Message)
@@ -51,11 +59,18 @@ def new_idempotency_key() -> str:
 class _Client:
     SERVICE = ""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: bool = True):
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: bool = True,
+        *,
+        tls: TlsFiles | None = None,
+    ):
         options: list[tuple[str, Any]] = [("grpc.enable_retries", 1 if retry else 0)]
         if retry and self.SERVICE:
             options.append(("grpc.service_config", service_config(self.SERVICE)))
-        self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._channel = open_channel(address, tls, options, who=type(self).__name__)
         self._timeout_s = timeout_s
 
     async def _call(
@@ -86,8 +101,15 @@ class GatewayClient(_Client):
 
     SERVICE = "triplane.gateway.v1.GatewayService"
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: bool = True):
-        super().__init__(address, timeout_s, retry)
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: bool = True,
+        *,
+        tls: TlsFiles | None = None,
+    ):
+        super().__init__(address, timeout_s, retry, tls=tls)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
 
     async def __aenter__(self) -> GatewayClient:
@@ -225,8 +247,10 @@ class LedgerAdminClient(_Client):
     """The money plane's admin reads (tenants, accounts, balances, checks).
     Not retried automatically: CreateAccounts is not keyed."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S):
-        super().__init__(address, timeout_s, retry=False)
+    def __init__(
+        self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, tls: TlsFiles | None = None
+    ):
+        super().__init__(address, timeout_s, retry=False, tls=tls)
         self._stub = money_pb2_grpc.LedgerServiceStub(self._channel)
 
     async def create_tenant(self, tenant_id: str, display_name: str = "") -> money_pb2.Tenant:
@@ -257,8 +281,10 @@ class LedgerAdminClient(_Client):
 class PolicyAdminClient(_Client):
     """The policy plane's catalog, consent and case admin calls."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S):
-        super().__init__(address, timeout_s, retry=False)
+    def __init__(
+        self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, tls: TlsFiles | None = None
+    ):
+        super().__init__(address, timeout_s, retry=False, tls=tls)
         self._policy = policy_pb2_grpc.PolicyServiceStub(self._channel)
         self._offers = policy_pb2_grpc.OfferServiceStub(self._channel)
         self._consent = policy_pb2_grpc.ConsentServiceStub(self._channel)
@@ -294,4 +320,10 @@ class PolicyAdminClient(_Client):
         return await self._call(self._cases.ListCases, request, None)
 
 
-__all__ = ["GatewayClient", "LedgerAdminClient", "PolicyAdminClient", "TriplaneApiError"]
+__all__ = [
+    "GatewayClient",
+    "LedgerAdminClient",
+    "PolicyAdminClient",
+    "TlsFiles",
+    "TriplaneApiError",
+]

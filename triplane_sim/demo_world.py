@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2
 from triplane.policy.v1 import policy_pb2
-from triplane_client import LedgerAdminClient, PolicyAdminClient
+from triplane_client import LedgerAdminClient, PolicyAdminClient, TlsFiles
 from triplane_sim import synth
 
 ACCOUNTS_PER_CALL = 500
@@ -52,14 +52,18 @@ async def seed(
     customers: int,
     merchants: int,
     seed_value: int = 7,
+    *,
+    tls: TlsFiles | None = None,
 ) -> World:
+    """Creates the tenant, its accounts, offers and profiles through the admin
+    clients; `tls`: the admin identity's files (None: plaintext)."""
     data = synth.generate(
         synth.SynthConfig(
             seed=seed_value, tenant_id=tenant_id, customers=customers, merchants=merchants, days=2
         )
     )
-    ledger = LedgerAdminClient(money_address, timeout_s=30)
-    policy = PolicyAdminClient(policy_address, timeout_s=30)
+    ledger = LedgerAdminClient(money_address, timeout_s=30, tls=tls)
+    policy = PolicyAdminClient(policy_address, timeout_s=30, tls=tls)
     try:
         await ledger.create_tenant(tenant_id, "synthetic")
         ids = [c.account_id for c in data.customers] + [m.merchant_id for m in data.merchants]

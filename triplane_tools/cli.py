@@ -1,4 +1,5 @@
-"""The `triplane` command: the local stack, the demo, dev keys, ledger checks.
+"""The `triplane` command: the local stack, the demo, dev keys and certificates,
+ledger checks.
 
 Each plane adds its own subcommands through its `cli` module's
 `register(subparsers)`. A registered command is run by the `func` it sets
@@ -22,6 +23,7 @@ from ai_plane import cli as ai_cli
 from gateway import cli as gateway_cli
 from policy_plane import cli as policy_cli
 from triplane.runtime.config import Config, ConfigError, load_config
+from triplane.runtime.tls import IDENTITIES, TlsSetupError
 from triplane_tools import models
 from triplane_tools.stack import StackError
 
@@ -76,16 +78,39 @@ def _cmd_keys_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- certs ----
+
+
+def _cmd_certs_dev(args: argparse.Namespace) -> int:
+    from triplane_tools.certs import ensure_dev_certificates
+
+    config = _config(args)
+    issued = ensure_dev_certificates(
+        config.state_path.resolve(),
+        config.runtime.tls,
+        args.identity or IDENTITIES,
+        renew=args.renew,
+    )
+    for item in issued:
+        state = "issued" if item.created else "kept  "
+        print(
+            f"{state} {item.identity:<13} {item.spiffe_id:<32} "
+            f"until {item.not_after:%Y-%m-%d %H:%M}Z  {item.cert_path}"
+        )
+    return 0
+
+
 # ---- money ----
 
 
-async def _check_balanced(address: str, tenant_id: str, timeout_s: float) -> int:
+async def _check_balanced(config: Config, address: str, tenant_id: str, timeout_s: float) -> int:
     import grpc
 
     from triplane.money.v1 import money_pb2, money_pb2_grpc
     from triplane.runtime.status import parse_rpc_error
+    from triplane.runtime.tls import channel_for
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channel_for(config, address) as channel:
         stub = money_pb2_grpc.LedgerServiceStub(channel)
         try:
             response = await stub.CheckBalanced(
@@ -115,8 +140,9 @@ async def _check_balanced(address: str, tenant_id: str, timeout_s: float) -> int
 def _cmd_money_check_balanced(args: argparse.Namespace) -> int:
     from triplane.runtime.net import dial_address
 
-    address = args.address or dial_address(_config(args).money.listen)
-    return asyncio.run(_check_balanced(address, args.tenant, args.timeout_s))
+    config = _config(args)
+    address = args.address or dial_address(config.money.listen)
+    return asyncio.run(_check_balanced(config, address, args.tenant, args.timeout_s))
 
 
 # ---- parser ----
@@ -154,6 +180,29 @@ def _add_keys_commands(sub: Any) -> None:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     gen = keys_sub.add_parser("gen", help="create the dev Ed25519 key pair under state_dir/keys")
     gen.set_defaults(func=_cmd_keys_gen)
+
+
+def _add_certs_commands(sub: Any) -> None:
+    certs = sub.add_parser("certs", help="certificates of the mesh's mutual TLS")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    dev = certs_sub.add_parser(
+        "dev",
+        help="create the dev CA and a certificate per identity under state_dir/tls "
+        "(missing or due ones; the stack does it at start)",
+    )
+    dev.add_argument(
+        "--renew",
+        action="store_true",
+        help="re-issue the certificates now (a rotation: running planes pick it up)",
+    )
+    dev.add_argument(
+        "--identity",
+        action="append",
+        default=[],
+        choices=IDENTITIES,
+        help="only this identity (repeatable; default: every one)",
+    )
+    dev.set_defaults(func=_cmd_certs_dev)
 
 
 def _add_money_commands(sub: Any) -> None:
@@ -196,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_stack_commands(sub)
     _add_keys_commands(sub)
+    _add_certs_commands(sub)
     _add_money_commands(sub)
     parser.set_defaults(plugin_owners=_register_plugins(sub))
     return parser
@@ -225,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"triplane: config error: {err}", file=sys.stderr)
         return 2
-    except StackError as err:
+    except (StackError, TlsSetupError) as err:
         print(f"triplane: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

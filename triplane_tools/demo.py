@@ -38,6 +38,7 @@ from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import bus, tokens
 from triplane.runtime import codec as wire
 from triplane.runtime.config import Config, load_config
+from triplane.runtime.nats_security import nats_options
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
 from triplane_tools.stack import Stack, describe
@@ -536,7 +537,9 @@ async def count_events(nats_url: str, config: Config, tenant_id: str, expected: 
     (the count reaches what is expected or stops moving)."""
     import nats
 
-    client = await nats.connect(nats_url, connect_timeout=config.nats.connect_timeout_s)
+    client = await nats.connect(
+        nats_url, connect_timeout=config.nats.connect_timeout_s, **nats_options(config.nats)
+    )
     try:
         js = client.jetstream()
         subject = f"triplane.money.{tenant_id}.>"
@@ -674,7 +677,8 @@ async def drive(client: DemoClient, accounts: Accounts, options: DemoOptions) ->
 async def _exercise(stack: Stack, config: Config, options: DemoOptions, stamp: str) -> int:
     tenant_id = f"demo-{stamp}"
     signer = tokens.load_signer(config.keys.policy_private_key_path, stack.state_dir)
-    async with grpc.aio.insecure_channel(stack.addresses["money"]) as channel:
+    # As the admin identity: the money-only demo opens tenants and accounts.
+    async with stack.channel("money") as channel:
         client = DemoClient(money_pb2_grpc.LedgerServiceStub(channel), tenant_id, signer)
         accounts = await set_up(client, options)
         print(

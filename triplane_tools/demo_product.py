@@ -320,10 +320,13 @@ async def _run_product_demo(
             options.customers,
             options.merchants,
             options.seed,
+            tls=stack.tls_files(),
         )
         print(f"seeded {len(world.customers)} customers, {len(world.merchants)} merchants")
         tally = Tally()
-        client = GatewayClient(addresses["gateway"], timeout_s=RPC_TIMEOUT_S)
+        client = GatewayClient(
+            addresses["gateway"], timeout_s=RPC_TIMEOUT_S, tls=stack.partner_tls()
+        )
         started = time.monotonic()
         until = started + options.duration_s
         await asyncio.gather(
@@ -338,7 +341,7 @@ async def _run_product_demo(
             DEMO_TRIGGER_DELAY_S + 2 * config.gateway.triggers.runner_poll_interval_s
         )
         await client.close()
-        ledger = LedgerAdminClient(addresses["money"], timeout_s=30)
+        ledger = LedgerAdminClient(addresses["money"], timeout_s=30, tls=stack.tls_files())
         balanced = await ledger.check_balanced(TENANT)
         await ledger.close()
         _print_summary(tally, elapsed_s)

@@ -1,11 +1,17 @@
-"""The one-command local stack: embedded NATS, the dev key pair, and every plane
-as a child process, each one waited on until its gRPC health check says SERVING.
+"""The one-command local stack: embedded NATS, the dev key pair, the dev CA and
+certificates, and every plane as a child process, each one waited on until its
+gRPC health check says SERVING.
 
 `make up` runs it in the foreground (`triplane up`); the demo and the end-to-end
 tests use it from Python:
 
     async with Stack(config) as stack:
-        channel = grpc.aio.insecure_channel(stack.addresses["money"])
+        channel = stack.channel("money")  # mutual TLS as the admin identity
+
+With runtime.tls on (the default) and no files of its own configured, the
+stack creates the dev CA and one certificate per identity under
+<state_dir>/tls/ before it starts anything (triplane_tools.certs), and checks
+health over mutual TLS as the admin identity.
 
 Children get the stack's effective config as a YAML file (TRIPLANE_CONFIG), plus
 NATS_URL and TRIPLANE_STATE_DIR, so a config built in Python (other ports, another
@@ -51,6 +57,8 @@ from triplane.runtime import tokens
 from triplane.runtime.config import Config, StackPlaneConfig
 from triplane.runtime.lifetime import SUPERVISOR_PID_ENV, die_with_parent
 from triplane.runtime.net import dial_address, host_port, port_open
+from triplane.runtime.tls import ADMIN, TlsFiles, files_for, open_channel
+from triplane_tools.certs import ensure_dev_certificates
 from triplane_tools.models import ensure_bootstrap_models
 from triplane_tools.natsd import EmbeddedNats
 from triplane_tools.ports import describe_holders, listening_inodes
@@ -117,10 +125,13 @@ class PlaneProcess:
         return self.process.poll() is None
 
 
-async def check_health(address: str, timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> int:
+async def check_health(
+    address: str, timeout_s: float = HEALTH_CHECK_TIMEOUT_S, tls: TlsFiles | None = None
+) -> int:
     """The overall health status of the server at `address` (a
-    HealthCheckResponse.ServingStatus); UNKNOWN when it cannot be reached."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    HealthCheckResponse.ServingStatus), over mutual TLS with `tls`; UNKNOWN
+    when it cannot be reached."""
+    async with open_channel(address, tls, who="health check") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = await stub.Check(
@@ -164,6 +175,20 @@ class Stack:
     def addresses(self) -> dict[str, str]:
         """Dial address of every running plane, by name."""
         return {p.name: p.address for p in self.processes}
+
+    def tls_files(self, identity: str = ADMIN) -> TlsFiles | None:
+        """The TLS files of `identity` in this stack (None: runtime.tls off)."""
+        return files_for(self._resolved_config(), identity)
+
+    def partner_tls(self) -> TlsFiles | None:
+        """What a partner dials the gateway with: the CA that signed its
+        certificate, and no certificate of its own (it uses an API key)."""
+        files = self.tls_files()
+        return TlsFiles(ca_path=files.ca_path) if files is not None else None
+
+    def channel(self, plane: str, identity: str = ADMIN) -> grpc.aio.Channel:
+        """A channel to a running plane as `identity` (the admin tools' by default)."""
+        return open_channel(self.addresses[plane], self.tls_files(identity), who=identity)
 
     @property
     def logs_dir(self) -> Path:
@@ -217,6 +242,9 @@ class Stack:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         if not self.config.keys.policy_public_keys:
             tokens.ensure_dev_keypair(self.state_dir)
+        tls = self.config.runtime.tls
+        if tls.enabled and not (tls.ca_path or tls.cert_path):
+            ensure_dev_certificates(self.state_dir, tls)
         planes = self._selected_planes()
         self._refuse_busy_ports(planes)
         self.nats_url = self.config.nats.url
@@ -336,7 +364,7 @@ class Stack:
                     f"plane {plane.name!r} exited with code {plane.process.returncode} "
                     f"while starting; last lines of {plane.log_path}:\n{_tail(plane.log_path)}"
                 )
-            if await check_health(plane.address) == serving:
+            if await check_health(plane.address, tls=self.tls_files()) == serving:
                 return
             if time.monotonic() > deadline:
                 raise StackError(

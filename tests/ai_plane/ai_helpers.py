@@ -13,6 +13,7 @@ from ai_plane.app import registry_dir
 from ai_plane.manager import write_live_repository
 from ai_plane.registry import Registry
 from ai_plane.triton import ModelRepository, TritonProcess, TritonUnavailable, find_dist
+from tests.tls_helpers import dev_certificates
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.common.v1 import types_pb2
 from triplane.runtime.clock import SystemClock
@@ -40,6 +41,9 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def ai_config(state_dir: Path, ai: dict[str, Any] | None = None) -> Config:
+    """The test config of a plane on `state_dir`, whose dev CA and
+    certificates it creates (mutual TLS is on, as in the dev stack)."""
+    dev_certificates(state_dir)
     overrides = {"runtime": {"state_dir": str(state_dir)}, "nats": {"url": ""}}
     merged_ai = deep_merge(TEST_AI, ai or {})
     return load_config(environ={}, overrides={**overrides, "ai": merged_ai})

@@ -14,6 +14,7 @@ from ai_helpers import ai_config, bootstrapped, start_triton
 from ai_plane.app import AiPlane
 from ai_plane.triton import TritonProcess
 from triplane.ai.v1 import ai_pb2_grpc
+from triplane.runtime.tls import channel_for
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +45,8 @@ async def running_plane(
 @pytest.fixture(scope="session")
 async def channel(running_plane: AiPlane) -> AsyncIterator[grpc.aio.Channel]:
     assert running_plane.server is not None
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running_plane.server.port}") as ch:
+    address = f"127.0.0.1:{running_plane.server.port}"
+    async with channel_for(running_plane.config, address) as ch:
         yield ch
 
 

@@ -22,6 +22,7 @@ from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tls import channel_for
 from triplane_tools import cli
 from triplane_tools.models import write_datasets
 
@@ -38,7 +39,7 @@ async def test_an_empty_plane_serves_no_model_and_trains_once_given_datasets(
         for r in caplog.records
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with channel_for(config, f"127.0.0.1:{port}") as channel:
             scoring = ai_pb2_grpc.ScoringServiceStub(channel)
             registry = ai_pb2_grpc.ModelRegistryServiceStub(channel)
             empty = await scoring.Score(pb.ScoreRequest(payment=payment()), timeout=5)

@@ -21,6 +21,7 @@ from ai_plane.features import (
 )
 from gateway.codec import product_name
 from policy_plane.app import PolicyPlane, build_plane
+from tests.tls_helpers import dev_certificates
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.common.v1 import types_pb2
@@ -28,6 +29,7 @@ from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import load_config
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tls import channel_for
 from triplane_sim import synth
 from triplane_sim.demo_world import product_enum
 
@@ -63,6 +65,7 @@ def _offer(offer_id: str, entry: synth.OfferEntry, **changes: object) -> policy_
 async def offers(tmp_path: Path) -> AsyncIterator[policy_pb2_grpc.OfferServiceStub]:
     """A real policy plane (SQLite, no NATS) holding the tenant's catalog:
     its own offers and one the simulator knows, a customer who consented."""
+    dev_certificates(tmp_path)
     config = load_config(
         environ={},
         overrides={"runtime": {"state_dir": str(tmp_path)}, "nats": {"url": ""}},
@@ -70,7 +73,7 @@ async def offers(tmp_path: Path) -> AsyncIterator[policy_pb2_grpc.OfferServiceSt
     plane: PolicyPlane = build_plane(config, ManualClock(MIDDAY_US), listen="127.0.0.1:0")
     port = await plane.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with channel_for(config, f"127.0.0.1:{port}") as channel:
             policy = policy_pb2_grpc.PolicyServiceStub(channel)
             await policy.CreateTenant(policy_pb2.CreateTenantRequest(tenant_id=TENANT))
             await policy_pb2_grpc.ConsentServiceStub(channel).SetConsent(

@@ -14,9 +14,11 @@ import grpc
 from ai_helpers import ai_config, bootstrapped, payment, require_triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.tls_helpers import identity_files
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime.net import free_port
+from triplane.runtime.tls import open_sync_channel
 
 
 def _tritonservers_under(path: Path) -> list[int]:
@@ -28,9 +30,15 @@ def _tritonservers_under(path: Path) -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
-def _wait_serving(address: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _admin_channel(state_dir: Path, address: str) -> grpc.Channel:
+    return open_sync_channel(address, identity_files(state_dir))
+
+
+def _wait_serving(
+    address: str, process: subprocess.Popen[bytes], timeout_s: float, state_dir: Path
+) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with _admin_channel(state_dir, address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             assert process.poll() is None, "python -m ai_plane exited early"
@@ -63,9 +71,9 @@ def test_module_serves_with_its_own_triton_and_stops_it(tmp_path: Path) -> None:
         [sys.executable, "-m", "ai_plane"], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        _wait_serving(address, process, timeout_s=90)
+        _wait_serving(address, process, timeout_s=90, state_dir=tmp_path)
         assert len(_tritonservers_under(tmp_path)) == 1
-        with grpc.insecure_channel(address) as channel:
+        with _admin_channel(tmp_path, address) as channel:
             scoring = ai_pb2_grpc.ScoringServiceStub(channel)
             # Triton 2.51's batcher now and then holds a lone request for ~500 ms
             # (past the 250 ms budget: that answer falls back, as it must); one

@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from ai_helpers import ai_config, bootstrapped, payment, require_triton
@@ -26,6 +25,7 @@ from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.net import free_port
+from triplane.runtime.tls import channel_for
 from triplane_tools.models import write_datasets
 
 SCORE_TIMEOUT_MS = 40.0
@@ -65,7 +65,7 @@ async def stubs(
     plane: AiPlane,
 ) -> AsyncIterator[tuple[ai_pb2_grpc.ScoringServiceStub, ai_pb2_grpc.ModelRegistryServiceStub]]:
     assert plane.server is not None
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.server.port}") as channel:
+    async with channel_for(plane.config, f"127.0.0.1:{plane.server.port}") as channel:
         yield ai_pb2_grpc.ScoringServiceStub(channel), ai_pb2_grpc.ModelRegistryServiceStub(channel)
 
 

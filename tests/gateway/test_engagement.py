@@ -28,7 +28,9 @@ from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.errors import InvalidArgument
+from triplane.runtime.tls import GATEWAY
 
+from ..tls_helpers import channel_as, dev_certificates
 from ._b_helpers import SECRET, Receiver, receiver
 
 TENANT = "acme"
@@ -50,7 +52,9 @@ class Policy:
 
 @pytest.fixture
 async def policy(state_dir: Path, clock: ManualClock) -> AsyncIterator[Policy]:
-    """The real policy plane, in process, serving gRPC on a free port."""
+    """The real policy plane, in process, serving gRPC on a free port (mutual
+    TLS, the dev certificates under its state dir)."""
+    dev_certificates(state_dir / "policy")
     config = load_config(
         environ={},
         overrides={"runtime": {"state_dir": str(state_dir / "policy")}, "nats": {"url": ""}},
@@ -88,7 +92,8 @@ def gateway_config(state_dir: Path, webhook_url: str, **gateway: object) -> Conf
 async def engagement(
     state_dir: Path, clock: ManualClock, policy: Policy, http: Receiver
 ) -> AsyncIterator[Engagement]:
-    channel = grpc.aio.insecure_channel(policy.address)
+    # As the gateway dials it: its own certificate, from the policy plane's CA.
+    channel = channel_as(state_dir / "policy", policy.address, GATEWAY)
     built = Engagement.open(
         gateway_config(state_dir, f"{http.url}/partner"), clock, GrpcPolicy(channel)
     )

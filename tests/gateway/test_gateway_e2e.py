@@ -34,6 +34,7 @@ from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port, port_open
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tls import open_channel
 from triplane_client import GatewayClient, TriplaneApiError
 from triplane_sim.demo_world import daytime_zone
 from triplane_tools.stack import Stack
@@ -134,12 +135,14 @@ def _config(state_dir: Path, nats_url: str) -> Config:
 class World:
     def __init__(self, stack: Stack, gateway: Gateway, address: str, config: Config) -> None:
         self.stack, self.gateway, self.config = stack, gateway, config
-        self.channel = grpc.aio.insecure_channel(address)
+        # The gateway as a partner dials it (TLS, the dev CA, no certificate);
+        # the planes as the admin tools do (mutual TLS, the admin identity).
+        self.channel = open_channel(address, stack.partner_tls())
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
-        self.client = GatewayClient(address, timeout_s=RPC_TIMEOUT_S)
-        self.money_channel = grpc.aio.insecure_channel(stack.addresses["money"])
+        self.client = GatewayClient(address, timeout_s=RPC_TIMEOUT_S, tls=stack.partner_tls())
+        self.money_channel = stack.channel("money")
         self.money = money_pb2_grpc.LedgerServiceStub(self.money_channel)
-        self.policy_channel = grpc.aio.insecure_channel(stack.addresses["policy"])
+        self.policy_channel = stack.channel("policy")
 
     def plane(self, name: str) -> Any:
         return next(p for p in self.stack.processes if p.name == name)
@@ -802,7 +805,7 @@ async def test_every_list_refuses_another_lists_token_and_a_garbled_one(world: W
     every plane, each through its real server: a token one list issued is
     refused by every other, and so is a garbled one or an earlier release's,
     always INVALID_ARGUMENT PAGE_TOKEN_INVALID naming page_token."""
-    ai_channel = grpc.aio.insecure_channel(world.stack.addresses["ai"])
+    ai_channel = world.stack.channel("ai")
     registry = ai_pb2_grpc.ModelRegistryServiceStub(ai_channel)
     bundles = policy_pb2_grpc.BundleServiceStub(world.policy_channel)
     offers = policy_pb2_grpc.OfferServiceStub(world.policy_channel)

@@ -41,7 +41,9 @@ from triplane.runtime.config import Config, load_config
 from triplane.runtime.errors import NotFound
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tls import channel_for, open_channel
 
+from ..tls_helpers import dev_certificates, partner_files
 from ._b_helpers import SECRET, delivery_config, open_db
 
 TENANT = "papercuts"
@@ -68,6 +70,7 @@ POLICY_NOW_US = utc_us(2026, 6, 1, 12)
 
 
 def _config(state_dir: Path) -> Config:
+    dev_certificates(state_dir)  # as the dev stack makes them: mutual TLS is on
     return load_config(
         environ={},
         overrides={
@@ -92,9 +95,10 @@ class Planes:
         return gateway_pb2_grpc.GatewayServiceStub(self.channel)
 
 
-async def _seed(money_address: str, policy_address: str) -> None:
-    """The tenant in both planes, its accounts, and the allow-all bundle."""
-    async with grpc.aio.insecure_channel(money_address) as money_channel:
+async def _seed(config: Config, money_address: str, policy_address: str) -> None:
+    """The tenant in both planes, its accounts, and the allow-all bundle (as
+    the admin identity)."""
+    async with channel_for(config, money_address) as money_channel:
         ledger = money_pb2_grpc.LedgerServiceStub(money_channel)
         await ledger.CreateTenant(money_pb2.CreateTenantRequest(tenant_id=TENANT))
         await ledger.CreateAccounts(
@@ -112,7 +116,7 @@ async def _seed(money_address: str, policy_address: str) -> None:
                 ],
             )
         )
-    async with grpc.aio.insecure_channel(policy_address) as policy_channel:
+    async with channel_for(config, policy_address) as policy_channel:
         await policy_pb2_grpc.PolicyServiceStub(policy_channel).CreateTenant(
             policy_pb2.CreateTenantRequest(tenant_id=TENANT, display_name="Papercuts")
         )
@@ -143,8 +147,8 @@ async def planes(state_dir: Path) -> AsyncIterator[Planes]:
         )
         stack.push_async_callback(gateway.stop)
         gateway_port = await gateway.start()
-        await _seed(money_address, policy_address)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port}")
+        await _seed(config, money_address, policy_address)
+        channel = open_channel(f"127.0.0.1:{gateway_port}", partner_files(state_dir))
         stack.push_async_callback(channel.close)
         yield Planes(config, money, policy, gateway, policy_address, channel)
 
@@ -269,7 +273,7 @@ async def test_trigger_runner_asks_about_the_moment_it_sends_at(
 ) -> None:
     """The policy plane's clock says 09:00 in São Paulo; the gateway sends at
     21:30 there. Quiet hours are judged at 21:30: the send is postponed."""
-    async with grpc.aio.insecure_channel(planes.policy_address) as channel:
+    async with channel_for(planes.config, planes.policy_address) as channel:
         consent = policy_pb2_grpc.ConsentServiceStub(channel)
         await consent.PutContactProfile(
             policy_pb2.PutContactProfileRequest(

@@ -34,6 +34,7 @@ from money_plane.domain import (
 from money_plane.ledger import Ledger
 from money_plane.store import records as msgpack_records
 from money_plane.store.base import LedgerStore
+from tests.tls_helpers import dev_certificates
 from triplane.runtime.clock import Clock, ManualClock
 from triplane.runtime.config import Config, load_config, with_overrides
 from triplane.runtime.tokens import (
@@ -74,7 +75,9 @@ def unique_tenant(prefix: str = "t") -> str:
 
 def ledger_config(state_dir: Path, signer: TokenSigner, **money: Any) -> Config:
     """Defaults, no environment, the test key trusted, a generous budget (the
-    shared 2-core machine is slow; deadlines are not what these tests test)."""
+    shared 2-core machine is slow; deadlines are not what these tests test),
+    and the dev CA and certificates under the state dir (mutual TLS is on)."""
+    dev_certificates(state_dir)
     overrides: dict[str, Any] = {
         "runtime": {"state_dir": str(state_dir), "log_format": "text"},
         "keys": {"policy_public_keys": [public_key_to_b64(signer.public_key)]},

@@ -45,6 +45,7 @@ from triplane.runtime.clock import ManualClock
 from triplane.runtime.currencies import INT64_MAX
 from triplane.runtime.errors import Code, NotFound
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tls import channel_for
 
 INVARIANTS_LOG = "triplane.money.invariants"
 
@@ -310,7 +311,7 @@ async def test_grpc_answers_a_corrupt_entry_with_internal_and_the_reason(tmp_pat
             scoped_key(kit.tenant, posted.entry.entry_id),
             msgpack_records.encode(tampered),
         )
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with channel_for(plane.config, f"127.0.0.1:{port}") as channel:
             stub = money_pb2_grpc.LedgerServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.GetEntry(

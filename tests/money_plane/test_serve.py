@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
+from tests.tls_helpers import channel_as, dev_certificates, identity_files
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.runtime.net import free_port
+from triplane.runtime.tls import open_channel
 from triplane_tools.stack import check_health
 
 pytestmark = pytest.mark.postgres
@@ -54,12 +55,12 @@ def _listeners(port: int) -> set[int]:
     return set(_owners(_sockets(port, "0A")).values())
 
 
-async def _served_by(address: str, port: int, index: int) -> int:
+async def _served_by(state_dir: Path, address: str, port: int, index: int) -> int:
     """Makes one call on a connection of its own; the pid that answered it
     (the owner of the server's end of that connection)."""
     before = _sockets(port, "01")
-    async with grpc.aio.insecure_channel(
-        address, options=[("grpc.use_local_subchannel_pool", 1)]
+    async with open_channel(
+        address, identity_files(state_dir), options=[("grpc.use_local_subchannel_pool", 1)]
     ) as channel:
         stub = money_pb2_grpc.LedgerServiceStub(channel)
         answer = await stub.CreateTenant(
@@ -75,6 +76,7 @@ async def _served_by(address: str, port: int, index: int) -> int:
 async def test_two_processes_serve_one_port_and_stop_together(pg_dsn: str, tmp_path: Path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
+    dev_certificates(tmp_path)  # as the dev stack makes them: mutual TLS is on
     env = {
         key: value
         for key, value in os.environ.items()
@@ -98,18 +100,18 @@ async def test_two_processes_serve_one_port_and_stop_together(pg_dsn: str, tmp_p
             await asyncio.sleep(0.2)
         pids = _listeners(port)
         assert primary.pid in pids and len(pids) == 2
-        assert await check_health(address) == 1  # SERVING
+        assert await check_health(address, tls=identity_files(tmp_path)) == 1  # SERVING
         # Calls over connections of their own until each process has answered
         # one: the kernel spreads connections over the two listeners at random
         # (SO_REUSEPORT), so 64 leave a chance of 2**-63 that one never does.
         served: list[int] = []
         for index in range(64):
-            served.append(await _served_by(address, port, index))
+            served.append(await _served_by(tmp_path, address, port, index))
             if set(served) == pids:
                 break
         assert set(served) == pids, served
         # Both wrote to the one database: every tenant is known on any connection.
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with channel_as(tmp_path, address) as channel:
             stub = money_pb2_grpc.LedgerServiceStub(channel)
             for index in range(len(served)):
                 check = await stub.CheckBalanced(

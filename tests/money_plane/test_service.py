@@ -27,6 +27,7 @@ from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import codec as wire
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tls import channel_for
 from triplane.runtime.tokens import TokenSigner
 
 SERVICE = "triplane.money.v1.LedgerService"
@@ -156,7 +157,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     signer = new_signer()
     plane = MoneyPlane(ledger_config(state_dir, signer), listen="127.0.0.1:0")
     port = await plane.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = channel_for(plane.config, f"127.0.0.1:{port}")
     stub = money_pb2_grpc.LedgerServiceStub(channel)
     tenant, other = unique_tenant("g"), unique_tenant("o")
     await _accounts(stub, tenant, "mine")

@@ -18,6 +18,9 @@ from policy_plane.model import EvaluationInput, Party, PaymentInput, ScoreInput,
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
+from triplane.runtime.tls import channel_for
+
+from ..tls_helpers import dev_certificates
 
 TENANT = "acme"
 OTHER_TENANT = "globex"
@@ -26,6 +29,9 @@ START_US = 1_780_315_200_000_000
 
 
 def make_config(state_dir: Path, pg_dsn: str = "", **policy: Any) -> Config:
+    """A config on `state_dir`, whose dev CA and certificates it creates
+    (mutual TLS is on, as in the dev stack)."""
+    dev_certificates(state_dir)
     overrides: dict[str, Any] = {"runtime": {"state_dir": str(state_dir)}, "nats": {"url": ""}}
     store: dict[str, Any] = {}
     if pg_dsn:
@@ -69,7 +75,8 @@ async def any_engine(
 
 @pytest.fixture
 async def plane(state_dir: Path, nats_url: str, clock: ManualClock) -> AsyncIterator[PolicyPlane]:
-    """A real policy plane: gRPC on a free port, NATS, SQLite state."""
+    """A real policy plane: gRPC on a free port, NATS, SQLite state, mutual TLS."""
+    dev_certificates(state_dir)
     config = load_config(
         environ={},
         overrides={
@@ -100,7 +107,7 @@ class Stubs:
 
 @pytest.fixture
 async def stubs(plane: PolicyPlane) -> AsyncIterator[Stubs]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.server.port}") as channel:
+    async with channel_for(plane.config, f"127.0.0.1:{plane.server.port}") as channel:
         yield Stubs(channel)
 
 

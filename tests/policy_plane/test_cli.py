@@ -20,6 +20,7 @@ from policy_plane.bundle import shipped_default_path
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.net import free_port
 
+from ..tls_helpers import channel_as, dev_certificates
 from .conftest import make_config, payment_input, started_engine
 
 
@@ -35,6 +36,7 @@ def run_cli(argv: list[str]) -> int:
 def cli_env(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TRIPLANE_STATE_DIR", str(state_dir))
     monkeypatch.delenv("TRIPLANE_CONFIG", raising=False)
+    dev_certificates(state_dir)  # as the dev stack makes them: mutual TLS is on
     return state_dir
 
 
@@ -101,7 +103,7 @@ async def test_python_m_policy_plane_serves_until_sigterm(cli_env: Path, tmp_pat
         cwd=Path(__file__).parents[2],
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with channel_as(cli_env, f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             status = None
             for _ in range(100):

@@ -20,6 +20,7 @@ from triplane.runtime.clock import ManualClock
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import DeadlineExceeded
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tls import channel_for
 
 from .conftest import TENANT, make_config, payment_input
 from .test_grpc import request
@@ -101,7 +102,7 @@ async def test_grpc_caps_the_callers_deadline_with_the_budget(
     await plane.start()
     try:
         await plane.engine.create_tenant(TENANT, "Acme")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.server.port}") as channel:
+        async with channel_for(config, f"127.0.0.1:{plane.server.port}") as channel:
             stub = pb_grpc.PolicyServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Evaluate(request("k1"), timeout=10)

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2
@@ -111,13 +110,18 @@ async def test_stack_serves_the_money_plane_and_stops_cleanly(state_dir: Path) -
     stack = Stack(config, environ=clean_env())
     async with stack:
         address = stack.addresses["money"]
-        assert await check_health(address) == SERVING
+        # The stack made the dev CA and the certificates, and the plane
+        # speaks mutual TLS only: a plaintext health check gets no answer.
+        assert (state_dir / "tls" / "ca.crt").is_file()
+        assert (state_dir / "tls" / "money_plane.key").stat().st_mode & 0o777 == 0o600
+        assert await check_health(address, tls=stack.tls_files()) == SERVING
+        assert await check_health(address) != SERVING
         assert stack.nats_url.startswith("nats://127.0.0.1:")
         assert port_open(*_host_port(stack.nats_url.removeprefix("nats://")))
         assert (state_dir / "keys" / "policy_ed25519.pub").is_file()
         effective = (state_dir / EFFECTIVE_CONFIG_FILE).read_text()
         assert stack.nats_url in effective
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with stack.channel("money") as channel:
             stub = money_pb2_grpc.LedgerServiceStub(channel)
             await stub.CreateTenant(money_pb2.CreateTenantRequest(tenant_id="acme"), timeout=10)
             balanced = await stub.CheckBalanced(
