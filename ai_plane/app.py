@@ -37,6 +37,7 @@ from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.errors import TriplaneError, Unavailable
 from triplane.runtime.server import PlaneServer, ServerSecurity
+from triplane.runtime.tenants import TENANTS_STREAM, TenantDirectory
 from triplane.runtime.tls import AI_PLANE
 
 log = logging.getLogger("triplane.ai")
@@ -174,9 +175,14 @@ class AiPlane:
         nc = await bus.connect(self.config.nats, "ai_plane")
         self._nats = nc
         js = nc.jetstream()
-        await bus.ensure_streams(js, self.config.nats, ["TRIPLANE_MONEY", "TRIPLANE_GATEWAY"])
+        await bus.ensure_streams(
+            js, self.config.nats, ["TRIPLANE_MONEY", "TRIPLANE_GATEWAY", TENANTS_STREAM]
+        )
         applier = Applier(
-            self.store, self.config.ai.features.namespace, on_outcome=self._on_outcome
+            self.store,
+            self.config.ai.features.namespace,
+            on_outcome=self._on_outcome,
+            tenants=TenantDirectory(js, self.config.nats.tenant_directory, self.clock),
         )
         self.pipeline = FeaturePipeline(js, self.config.ai.pipeline, applier)
         await self.pipeline.start()

@@ -25,16 +25,19 @@ from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter
 
 from ai_plane.features import Activity, ActivityKind, updates_for
 from ai_plane.store.base import FeatureStore
 from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import envelope_pb2
 from triplane.money.v1 import money_pb2
+from triplane.runtime import bus
 from triplane.runtime import codec as wire
 from triplane.runtime.config import AiPipelineConfig
 from triplane.runtime.ids import check_tenant_id
 from triplane.runtime.tasks import cancel_and_wait
+from triplane.runtime.tenants import TenantDirectory
 
 log = logging.getLogger("triplane.ai.pipeline")
 
@@ -116,19 +119,39 @@ def activities_of(envelope: envelope_pb2.EventEnvelope) -> list[Activity]:
 OutcomeHandler = Callable[[envelope_pb2.EventEnvelope, ai_pb2.OfferOutcomeEvent], None]
 
 
+# Events dropped because their tenant is not registered (an invented or a
+# misrouted tenant): counted, never applied.
+UNKNOWN_TENANT_EVENTS = Counter(
+    "triplane_ai_events_unknown_tenant_total",
+    "Events the feature pipeline dropped because their tenant does not exist",
+)
+
+
 @dataclass
 class Applier:
-    """Applies envelopes to a store, optionally only for an account cohort."""
+    """Applies envelopes to a store, optionally only for an account cohort.
+
+    With a tenant directory, an event whose tenant the money plane never
+    registered is dropped and counted (`unknown_tenant`) before it can make
+    any state (features, dedupe ids, bandit updates): publishing on the spine
+    for a made-up tenant costs the plane nothing but the lookup."""
 
     store: FeatureStore
     namespace: str
     cohort: Collection[str] | None = None
     on_outcome: OutcomeHandler | None = None
+    tenants: TenantDirectory | None = None
     applied: int = 0
     duplicates: int = 0
+    unknown_tenant: int = 0
 
     async def apply(self, data: bytes) -> None:
         envelope = envelope_pb2.EventEnvelope.FromString(data)
+        if self.tenants is not None and not await self.tenants.exists(envelope.tenant_id):
+            self.unknown_tenant += 1
+            UNKNOWN_TENANT_EVENTS.inc()
+            log.debug("event %s of unknown tenant dropped", envelope.event_id)
+            return
         if envelope.payload_type == "triplane.ai.v1.OfferOutcomeEvent":
             if self.on_outcome is not None:
                 self.on_outcome(envelope, ai_pb2.OfferOutcomeEvent.FromString(envelope.payload))
@@ -151,8 +174,13 @@ class FeaturePipeline:
         self._js = js
         self._config = config
         self.applier = applier
-        # Empty: every tenant (the plane); one tenant: tests and per-tenant workers.
-        self._tenant = tenant_id or "*"
+        # Empty: every tenant (the plane); one tenant: tests and per-tenant
+        # workers (a token of the subject filter, so checked: `a.b` or `*`
+        # would read other tenants' events).
+        self._subjects = (
+            bus.tenant_filter("money", tenant_id),
+            bus.tenant_filter("gateway", tenant_id),
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     def _consumer(self, suffix: str) -> ConsumerConfig:
@@ -167,8 +195,8 @@ class FeaturePipeline:
 
     async def start(self) -> None:
         sources = (
-            (MONEY_STREAM, f"triplane.money.{self._tenant}.>", "money"),
-            (GATEWAY_STREAM, f"triplane.gateway.{self._tenant}.>", "gateway"),
+            (MONEY_STREAM, self._subjects[0], "money"),
+            (GATEWAY_STREAM, self._subjects[1], "gateway"),
         )
         for stream, subject, suffix in sources:
             sub = await self._js.pull_subscribe(
@@ -220,7 +248,7 @@ async def backfill(
     check_tenant_id(tenant_id, "tenant")
     read = 0
     for stream, plane in ((MONEY_STREAM, "money"), (GATEWAY_STREAM, "gateway")):
-        subject = f"triplane.{plane}.{tenant_id}.>"
+        subject = bus.tenant_filter(plane, tenant_id)
         try:
             info = await js.stream_info(stream)
         except Exception:

@@ -68,7 +68,7 @@ from bench.common import merge_results, percentile, print_table
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.common.v1 import types_pb2
-from triplane.runtime import bus
+from triplane.runtime import bus, tenants
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import load_config
 from triplane.runtime.net import free_port, port_open
@@ -277,8 +277,14 @@ async def scoring_phases(results: dict[str, float], notes: dict[str, str]) -> No
         nc = await bus.connect(config.nats, "bench-ai")
         try:
             js = nc.jetstream()
-            await bus.ensure_streams(js, config.nats, ["TRIPLANE_MONEY", "TRIPLANE_GATEWAY"])
+            await bus.ensure_streams(
+                js, config.nats, ["TRIPLANE_MONEY", "TRIPLANE_GATEWAY", tenants.TENANTS_STREAM]
+            )
             await wait_serving(address, plane, timeout_s=120)
+            # The tenant exists, as the money plane would have registered it:
+            # the AI plane's pipeline drops events of tenants that do not.
+            registration = tenants.registration(TENANT, "bench", SystemClock().now_us())
+            assert await bus.publish_batch(js, [registration], timeout_s=30) == [True]
             assert all(await bus.publish_batch(js, events, timeout_s=30))
             await wait_pipeline(js, config.ai.pipeline.durable_name, timeout_s=60)
             async with grpc.aio.insecure_channel(address) as channel:

@@ -32,6 +32,7 @@ from triplane.runtime.net import dial_address
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
+from triplane.runtime.tenants import TENANTS_STREAM, TenantDirectory
 from triplane.runtime.tls import GATEWAY
 
 log = logging.getLogger("gateway.app")
@@ -89,7 +90,7 @@ class Gateway:
         if config.nats.url:
             self.nats = await bus.connect(config.nats, "gateway")
             js = self.nats.jetstream()
-            await bus.ensure_streams(js, config.nats, ["TRIPLANE_GATEWAY"])
+            await bus.ensure_streams(js, config.nats, ["TRIPLANE_GATEWAY", TENANTS_STREAM])
         else:
             log.warning("nats.url is empty: events are not published")
         self.store_db = open_idempotency_db(gateway.idempotency, config.state_path)
@@ -129,7 +130,12 @@ class Gateway:
         servicer = GatewayServicer(
             Payments(self.core),
             NextBestAction(self.core, engagement.experiments, engagement.measurement),
-            Ingest(self.core, engagement.triggers, engagement.measurement),
+            Ingest(
+                self.core,
+                engagement.triggers,
+                engagement.measurement,
+                TenantDirectory(js, config.nats.tenant_directory, self.clock) if js else None,
+            ),
             engagement.delivery,
             gateway.budgets.default_deadline_ms,
         )

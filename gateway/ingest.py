@@ -24,7 +24,14 @@ from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.runtime import bus
 from triplane.runtime import codec as wire
-from triplane.runtime.errors import Code, InvalidArgument, TriplaneError
+from triplane.runtime.errors import (
+    Code,
+    InvalidArgument,
+    NotFound,
+    TriplaneError,
+    Unavailable,
+)
+from triplane.runtime.tenants import TenantDirectory
 
 log = logging.getLogger("gateway.ingest")
 
@@ -46,11 +53,33 @@ class Ingest:
         core: Core,
         triggers: TriggersPort | None,
         measurement: MeasurementPort | None = None,
+        tenants: TenantDirectory | None = None,
     ) -> None:
         self.core = core
         self.limits = core.config.limits
         self.triggers = triggers
         self.measurement = measurement
+        # The tenant registry (None: no NATS, so no event is published anyway).
+        self.tenants = tenants
+
+    async def _require_known_tenant(self, tenant_id: str, call: CallContext) -> None:
+        """Events are accepted only for a tenant the money plane registered:
+        one that does not exist is NOT_FOUND before anything is published or
+        remembered, so no plane ever makes state for an invented tenant. A
+        registry that cannot be read fails closed (UNAVAILABLE)."""
+        if self.tenants is None:
+            return
+        timeout_s = self.core.timeout_s(call, self.core.config.budgets.nats_publish_budget_ms)
+        try:
+            known = await self.tenants.exists(tenant_id, timeout_s)
+        except Exception as error:
+            raise Unavailable(
+                "TENANT_REGISTRY_UNAVAILABLE",
+                "the tenant registry on the event spine cannot be read; retry",
+                "tenant_id",
+            ) from error
+        if not known:
+            raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
 
     def _validate(self, event: gw.BehaviourEvent) -> None:
         limits = self.limits
@@ -173,6 +202,7 @@ class Ingest:
                 f"at most {limits.max_events_per_request} events per request",
                 "events",
             )
+        await self._require_known_tenant(req.tenant_id, call)
         scope = f"{req.tenant_id}\x1f{INGEST_SCOPE}"
         results = [gw.IngestResult(index=i) for i in range(len(req.events))]
         fresh: list[Prepared] = []

@@ -98,7 +98,7 @@ class MoneyPlane:
             self.relay = OutboxRelay(
                 store,
                 config.nats,
-                RelaySettings.from_config(outbox, ["TRIPLANE_MONEY"]),
+                RelaySettings.from_config(outbox, ["TRIPLANE_MONEY", "TRIPLANE_TENANTS"]),
                 self.clock,
                 client_name="money-plane-relay",
                 # SQLite: the writer's thread (one writer, no lock races);

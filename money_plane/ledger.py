@@ -38,6 +38,7 @@ from money_plane.domain import (
 from money_plane.engine import Job
 from money_plane.store.base import BalanceCheck, LedgerStore, PostingRow
 from triplane.runtime import codec as wire
+from triplane.runtime import tenants
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import MoneyConfig
 from triplane.runtime.deadline import Deadline
@@ -125,8 +126,13 @@ class Ledger:
     async def create_tenant(self, tenant_id: str, display_name: str) -> Tenant:
         check_tenant_id(tenant_id)
         check_text(display_name, "display_name", self.config.limits)
+        now_us = self._clock.now_us()
+        # Registered on the spine through the outbox, in the tenant's own
+        # transaction: the gateway and the AI plane accept events only for
+        # registered tenants (triplane.runtime.tenants).
+        registration = tenants.registration(tenant_id, display_name, now_us)
         return await self._write(
-            self.store.create_tenant, tenant_id, display_name, self._clock.now_us()
+            self.store.create_tenant, tenant_id, display_name, now_us, registration
         )
 
     async def create_accounts(self, tenant_id: str, specs: list[AccountSpec]) -> list[AccountState]:

@@ -256,7 +256,17 @@ class LedgerStore:
 
     # ---- tenants and accounts ----
 
-    def create_tenant(self, tenant_id: str, display_name: str, now_us: int) -> Tenant:
+    def create_tenant(
+        self,
+        tenant_id: str,
+        display_name: str,
+        now_us: int,
+        registration: OutgoingEvent | None = None,
+    ) -> Tenant:
+        """Creates the tenant (or finds it, with the same display name) and
+        writes `registration` (the tenant registry's message) to the outbox in
+        the same transaction: every successful call registers, so calling it
+        again registers a tenant made before the registry existed."""
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
@@ -271,6 +281,8 @@ class LedgerStore:
                 (tenant_id,),
             )
             name, created_at_us = cur.fetchone()
+            if registration is not None and name == display_name:
+                self._write_outbox(cur, [registration], now_us)
         if name != display_name:
             raise AlreadyExists(
                 "TENANT_EXISTS", "tenant exists with another display_name", "display_name"

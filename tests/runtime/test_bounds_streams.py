@@ -58,7 +58,7 @@ async def test_every_stream_gets_its_configured_bounds(client: NatsClient) -> No
         limits = getattr(config.nats.streams, bus.limits_key(name))
         got = (await js.stream_info(name)).config
         assert got.max_bytes == limits.max_bytes > 0
-        assert got.max_age == limits.max_age_s > 0
+        assert got.max_age == limits.max_age_s
         assert got.max_msg_size == limits.max_msg_bytes > 0
         assert got.max_msgs_per_subject == limits.max_msgs_per_subject
         assert got.discard == DiscardPolicy.NEW
@@ -67,6 +67,14 @@ async def test_every_stream_gets_its_configured_bounds(client: NatsClient) -> No
     # the gateway's stream; the ledger's are all kept (within size and age).
     assert config.nats.streams.gateway.max_msgs_per_subject > 0
     assert config.nats.streams.money.max_msgs_per_subject == -1
+    # Events age out; the tenant registry keeps one message per tenant for good.
+    assert all(
+        getattr(config.nats.streams, bus.limits_key(name)).max_age_s > 0
+        for name in bus.STREAMS
+        if name != "TRIPLANE_TENANTS"
+    )
+    assert config.nats.streams.tenants.max_age_s == 0
+    assert config.nats.streams.tenants.max_msgs_per_subject == 1
 
 
 async def test_an_existing_unbounded_stream_is_updated_to_the_bounds(client: NatsClient) -> None:
@@ -141,7 +149,7 @@ async def test_a_bound_the_server_cannot_reserve_names_the_key(client: NatsClien
     ("streams", "key"),
     [
         ({"money": {"max_bytes": 0}}, r"nats\.streams\.money"),
-        ({"policy": {"max_age_s": -1}}, r"nats\.streams\.policy"),
+        ({"policy": {"max_age_s": -1}}, r"nats\.streams\.policy\.max_age_s"),
         ({"ai": {"max_msg_bytes": 0}}, r"nats\.streams\.ai"),
         ({"gateway": {"max_msgs_per_subject": 0}}, r"nats\.streams\.gateway\.max_msgs_per_subject"),
         ({"gateway": {"discard": "sometimes"}}, r"nats\.streams\.gateway\.discard"),

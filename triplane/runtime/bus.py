@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.runtime import codec
 from triplane.runtime.config import NatsConfig, StreamLimitsConfig
+from triplane.runtime.errors import InvalidArgument
+from triplane.runtime.ids import check_tenant_id
 from triplane.runtime.nats_security import nats_options
 
 log = logging.getLogger("triplane.bus")
@@ -33,14 +36,60 @@ STREAMS: dict[str, list[str]] = {
     "TRIPLANE_POLICY": ["triplane.policy.>"],
     "TRIPLANE_AI": ["triplane.ai.>"],
     "TRIPLANE_GATEWAY": ["triplane.gateway.>"],
+    # The tenant registry (triplane/runtime/tenants.py), written by the money plane.
+    "TRIPLANE_TENANTS": ["triplane.tenants.>"],
 }
 
 
+# The planes a subject may name: the `<plane>` of each stream's `triplane.<plane>.>`.
+SUBJECT_PLANES = frozenset(
+    subject.split(".")[1] for subjects in STREAMS.values() for subject in subjects
+)
+# One token of an event type. A subject token must hold no `.` (it separates
+# tokens), `*` or `>` (wildcards: a subscriber's, never a publisher's), white
+# space (it ends a subject) and must not be empty, or an event lands under
+# another tenant's or kind's subject, or a filter reads more than it should.
+# Event types are lower snake case (`gateway.behaviour.partner.<kind>`), which
+# is narrower still. The tenant id has its own rule (triplane.runtime.ids).
+EVENT_TYPE_TOKEN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+MAX_EVENT_TYPE_TOKENS = 8
+
+
+def check_event_type(event_type: str, field: str = "event_type") -> None:
+    """Raises InvalidArgument EVENT_TYPE_INVALID unless `event_type` is
+    `<plane>.<kind>[.<kind>...]` with a spine plane and NATS-safe tokens."""
+    tokens = event_type.split(".")
+    if (
+        not 2 <= len(tokens) <= MAX_EVENT_TYPE_TOKENS
+        or tokens[0] not in SUBJECT_PLANES
+        or not all(EVENT_TYPE_TOKEN.fullmatch(token) for token in tokens)
+    ):
+        raise InvalidArgument(
+            "EVENT_TYPE_INVALID",
+            f"{field} must be <plane>.<kind> with a plane of {sorted(SUBJECT_PLANES)} and "
+            f"at most {MAX_EVENT_TYPE_TOKENS} tokens of {EVENT_TYPE_TOKEN.pattern}",
+            field,
+        )
+
+
 def subject_for(event_type: str, tenant_id: str) -> str:
-    """ "money.entry.posted" for tenant "acme" -> "triplane.money.acme.entry.posted"."""
+    """ "money.entry.posted" for tenant "acme" -> "triplane.money.acme.entry.posted".
+
+    Both parts are checked: whatever a caller put in them (a partner's event
+    kind, a tenant id) can only ever name its own subject."""
+    check_event_type(event_type)
+    check_tenant_id(tenant_id)
     plane, _, rest = event_type.partition(".")
-    assert plane and rest, f"event type {event_type!r} must be '<plane>.<kind>'"
     return f"triplane.{plane}.{tenant_id}.{rest}"
+
+
+def tenant_filter(plane: str, tenant_id: str = "") -> str:
+    """The subject filter of one tenant's events of a plane (`tenant_id`
+    checked), or of every tenant's (`tenant_id` empty)."""
+    if tenant_id:
+        check_tenant_id(tenant_id, "tenant")
+    assert plane in SUBJECT_PLANES, plane
+    return f"triplane.{plane}.{tenant_id or '*'}.>"
 
 
 def new_event_id() -> str:

@@ -88,6 +88,16 @@ class NatsStreamsConfig(_Strict, frozen=True):
     policy: StreamLimitsConfig
     ai: StreamLimitsConfig
     gateway: StreamLimitsConfig
+    # The tenant registry (triplane/runtime/tenants.py).
+    tenants: StreamLimitsConfig
+
+
+class TenantDirectoryConfig(_Strict, frozen=True):
+    # Tenants known to exist, remembered (least recently used dropped).
+    known_entries: int
+    # Tenants found not to exist, remembered this long, at most this many.
+    unknown_ttl_s: float
+    unknown_entries: int
 
 
 class NatsConfig(_Strict, frozen=True):
@@ -98,6 +108,8 @@ class NatsConfig(_Strict, frozen=True):
     stream_replicas: int
     # Bounds of each stream of the spine (triplane/runtime/bus.py).
     streams: NatsStreamsConfig
+    # Who reads the tenant registry: the gateway and the AI plane.
+    tenant_directory: TenantDirectoryConfig
     # TLS to NATS (all empty: plaintext unless the url says tls://): the CA
     # bundle, and a client certificate when the server verifies clients.
     tls_ca_path: str
@@ -771,10 +783,17 @@ def _check_streams(config: Config) -> None:
     for name in NatsStreamsConfig.__struct_fields__:
         limits: StreamLimitsConfig = getattr(config.nats.streams, name)
         key = f"nats.streams.{name}"
-        if limits.max_bytes <= 0 or limits.max_age_s <= 0 or limits.max_msg_bytes <= 0:
-            raise ConfigError(f"{key}: max_bytes, max_age_s and max_msg_bytes must be > 0")
+        if limits.max_bytes <= 0 or limits.max_msg_bytes <= 0:
+            raise ConfigError(f"{key}: max_bytes and max_msg_bytes must be > 0")
+        if limits.max_age_s < 0:
+            raise ConfigError(f"{key}.max_age_s must be >= 0 (0: bounded by max_bytes alone)")
         if limits.max_msgs_per_subject == 0 or limits.max_msgs_per_subject < -1:
             raise ConfigError(f"{key}.max_msgs_per_subject must be > 0, or -1 for no bound")
+    directory = config.nats.tenant_directory
+    if directory.known_entries < 1 or directory.unknown_entries < 1:
+        raise ConfigError("nats.tenant_directory: known_entries and unknown_entries must be >= 1")
+    if directory.unknown_ttl_s < 0:
+        raise ConfigError("nats.tenant_directory.unknown_ttl_s must be >= 0")
 
 
 def _check_retries(config: Config) -> None:
