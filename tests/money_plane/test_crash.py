@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from money_helpers import DbProbe, stream_count, stream_messages, unique_tenant
 
+from tests.tls_helpers import channel_as, dev_certificates
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
@@ -56,7 +57,7 @@ class PlaneProcess:
         while time.monotonic() < deadline:
             assert self.process is not None and self.process.poll() is None, self.log()
             try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+                async with self.channel() as channel:
                     reply = await health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(service=""), timeout=1.0
                     )
@@ -66,6 +67,11 @@ class PlaneProcess:
                 pass
             await asyncio.sleep(0.2)
         raise AssertionError(f"money plane did not serve in time:\n{self.log()}")
+
+    def channel(self) -> grpc.aio.Channel:
+        """A channel as the admin identity, with the state dir's dev certificates."""
+        state_dir = Path(self.env["TRIPLANE_STATE_DIR"])
+        return channel_as(state_dir, f"127.0.0.1:{self.port}")
 
     def kill(self) -> None:
         assert self.process is not None
@@ -89,6 +95,7 @@ class PlaneProcess:
 def plane_process(pg_dsn: str, nats_url: str, tmp_path: Path) -> Iterator[PlaneProcess]:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
+    dev_certificates(state_dir)  # as the dev stack makes them: mutual TLS is on
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
     env.update(
@@ -131,8 +138,7 @@ async def test_kill_9_under_load_loses_and_duplicates_nothing(
     plane_process.start()
     await plane_process.wait_serving()
     tenant = unique_tenant("crash")
-    target = f"127.0.0.1:{plane_process.port}"
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with plane_process.channel() as channel:
         stub = money_pb2_grpc.LedgerServiceStub(channel)
         await stub.CreateTenant(pb.CreateTenantRequest(tenant_id=tenant, display_name="crash"))
         await stub.CreateAccounts(
@@ -210,14 +216,14 @@ async def test_kill_9_under_load_loses_and_duplicates_nothing(
                 killed.set()
                 plane_process.kill()
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with plane_process.channel() as channel:
         await asyncio.gather(*[client(channel, requests[c::CLIENTS]) for c in range(CLIENTS)])
     assert killed.is_set(), "the load finished before the kill"
     assert KILL_AFTER_ANSWERS <= len(answers) < TRANSFERS
 
     plane_process.start()
     await plane_process.wait_serving()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with plane_process.channel() as channel:
         stub = money_pb2_grpc.LedgerServiceStub(channel)
         # Retry everything: unanswered requests commit (or replay, if they had
         # committed unseen); answered ones replay their original entry.

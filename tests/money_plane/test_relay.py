@@ -62,7 +62,7 @@ async def test_nats_down_delays_events_and_loses_none(tmp_path: Path) -> None:
             },
         },
     )
-    (tmp_path / "state").mkdir()
+    (tmp_path / "state").mkdir(exist_ok=True)
     clock = ManualClock(int(time.time() * 1_000_000))
     plane = MoneyPlane(config, clock=clock, listen="127.0.0.1:0")
     await plane.start(sweepers=False)
@@ -129,7 +129,7 @@ async def test_relay_restart_duplicates_nothing(tmp_path: Path, nats_url: str) -
     """Two planes in turn on the same store: events the first relay published
     but the second sees again (unsent marks lost) are not stored twice."""
     signer = new_signer()
-    (tmp_path / "state").mkdir()
+    (tmp_path / "state").mkdir(exist_ok=True)
     config = with_overrides(
         ledger_config(tmp_path / "state", signer),
         {
