@@ -40,7 +40,9 @@ from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.runtime.config import load_config
 from triplane.runtime.net import free_port
+from triplane.runtime.tls import open_channel
 from triplane_sim.demo_world import World, seed
+from triplane_tools.partner_keys import create_partner_key
 from triplane_tools.stack import Stack
 
 TENANT = "bench"
@@ -164,7 +166,11 @@ async def bench_echo() -> dict[str, float]:
         process.wait(10)
 
 
-def authorize_call(stub: Any, world: World, rng: random.Random) -> Call:
+# `authorization: Bearer <the tenant's API key>`, sent with every call.
+Metadata = tuple[tuple[str, str], ...]
+
+
+def authorize_call(stub: Any, world: World, rng: random.Random, metadata: Metadata = ()) -> Call:
     async def call(index: int) -> Any:
         customer = world.customers[index % len(world.customers)]
         merchant = world.merchants[index % len(world.merchants)]
@@ -185,12 +191,13 @@ def authorize_call(stub: Any, world: World, rng: random.Random) -> Call:
                 ),
             ),
             timeout=RPC_TIMEOUT_S,
+            metadata=metadata,
         )
 
     return call
 
 
-def decide_call(stub: Any, world: World) -> Call:
+def decide_call(stub: Any, world: World, metadata: Metadata = ()) -> Call:
     async def call(index: int) -> Any:
         customer = world.customers[index % len(world.customers)]
         return await stub.DecideNextAction(
@@ -204,6 +211,7 @@ def decide_call(stub: Any, world: World) -> Call:
                 kyc_tier=2,
             ),
             timeout=RPC_TIMEOUT_S,
+            metadata=metadata,
         )
 
     return call
@@ -217,21 +225,36 @@ async def bench_flows(state_dir: Path) -> dict[str, float]:
             "money": {"listen": f"127.0.0.1:{free_port()}"},
             "policy": {"listen": f"127.0.0.1:{free_port()}"},
             "ai": {"listen": f"127.0.0.1:{free_port()}"},
-            "gateway": {"listen": f"127.0.0.1:{free_port()}"},
+            "gateway": {
+                "listen": f"127.0.0.1:{free_port()}",
+                # Checked on every call as in production, never reached: the
+                # benchmark measures the gateway, not the partner's limit.
+                "rate_limit": {"rate_per_s": 1_000_000, "burst": 1_000_000},
+            },
             "stack": {"start_timeout_s": 150.0},
         },
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
     async with Stack(config, environ=env) as stack:
         world = await seed(
-            stack.addresses["money"], stack.addresses["policy"], TENANT, CUSTOMERS, MERCHANTS
+            stack.addresses["money"],
+            stack.addresses["policy"],
+            TENANT,
+            CUSTOMERS,
+            MERCHANTS,
+            tls=stack.tls_files(),
         )
-        async with grpc.aio.insecure_channel(stack.addresses["gateway"]) as channel:
+        api_key = await create_partner_key(
+            config, stack.addresses["gateway"], TENANT, state_dir=stack.state_dir
+        )
+        metadata = (("authorization", f"Bearer {api_key}"),)
+        # As a partner: TLS to the gateway (the dev CA), no client certificate.
+        async with open_channel(stack.addresses["gateway"], stack.partner_tls()) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             results: dict[str, float] = {}
             for name, flow in (
-                ("authorize", authorize_call(stub, world, random.Random(1))),
-                ("decide", decide_call(stub, world)),
+                ("authorize", authorize_call(stub, world, random.Random(1), metadata)),
+                ("decide", decide_call(stub, world, metadata)),
             ):
                 errors = Errors()
                 call = errors.wrap(flow)

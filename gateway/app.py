@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NatsClient
 from prometheus_client import start_http_server
 
+from gateway.auth.setup import Auth, open_auth
 from gateway.core import Core
 from gateway.engagement import Engagement, ExposureMeasurement
 from gateway.idempotency import IdempotencyStore
@@ -69,6 +70,8 @@ class Gateway:
     store_db: Database | None = None
     store: IdempotencyStore | None = None
     engagement: Engagement | None = None
+    # Partner credentials (None with gateway.auth off).
+    auth: Auth | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -139,10 +142,11 @@ class Gateway:
             engagement.delivery,
             gateway.budgets.default_deadline_ms,
         )
+        auth = self.auth = await open_auth(config, self.clock)
         self.server = PlaneServer(
             name="gateway",
             listen=self.listen or gateway.listen,
-            services=gateway_services(servicer),
+            services=[*gateway_services(servicer), *(auth.services if auth else [])],
             # The public port: partners come with API keys, not certificates
             # (one presented is verified); reflection has its own switch.
             security=ServerSecurity.from_config(
@@ -155,6 +159,8 @@ class Gateway:
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
             otel_exporter=config.runtime.otel_exporter,
+            # Every call's credential, scope, tenant and rate limit.
+            interceptors=[auth.interceptor] if auth else [],
         )
         self.server.on_stop.append(self._stop_background)
         lift_metrics = None
@@ -200,6 +206,8 @@ class Gateway:
             await self.store.stop()
         if self.store_db is not None:
             self.store_db.close()
+        if self.auth is not None:
+            await self.auth.close()
         if self.nats is not None:
             with contextlib.suppress(Exception):
                 await self.nats.close()

@@ -58,6 +58,8 @@ def new_idempotency_key() -> str:
 
 class _Client:
     SERVICE = ""
+    # Sent with every call (the gateway's `authorization: Bearer <API key>`).
+    _metadata: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
@@ -77,7 +79,9 @@ class _Client:
         self, method: Callable[..., Awaitable[R]], request: Message, timeout_s: float | None
     ) -> R:
         try:
-            return await method(request, timeout=timeout_s or self._timeout_s)
+            return await method(
+                request, timeout=timeout_s or self._timeout_s, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
 
@@ -96,8 +100,20 @@ class _Client:
         await self.close()
 
 
+def _bearer(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 class GatewayClient(_Client):
-    """triplane.gateway.v1.GatewayService."""
+    """triplane.gateway.v1.GatewayService, as one tenant.
+
+    `api_key` (a `tpk_live_...`/`tpk_test_...` key, or an OAuth2 access
+    token from the platform's identity provider) is sent with every call; it
+    names the tenant, so the methods' `tenant_id` may be left out. A request
+    naming another tenant raises `PermissionDeniedError` (reason
+    TENANT_MISMATCH), a key without the method's scope `PermissionDeniedError`
+    (SCOPE_MISSING, `.scope`), no key or a bad one `UnauthenticatedError`, a
+    rate limit `ResourceExhaustedError` with `.retry_delay_s`."""
 
     SERVICE = "triplane.gateway.v1.GatewayService"
 
@@ -107,9 +123,11 @@ class GatewayClient(_Client):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: bool = True,
         *,
+        api_key: str = "",
         tls: TlsFiles | None = None,
     ):
         super().__init__(address, timeout_s, retry, tls=tls)
+        self._metadata = _bearer(api_key)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
 
     async def __aenter__(self) -> GatewayClient:
@@ -126,7 +144,7 @@ class GatewayClient(_Client):
     async def capture_payment(
         self,
         *,
-        tenant_id: str,
+        tenant_id: str = "",
         hold_id: str,
         amount: Any = None,
         idempotency_key: str = "",
@@ -143,7 +161,7 @@ class GatewayClient(_Client):
     async def void_payment(
         self,
         *,
-        tenant_id: str,
+        tenant_id: str = "",
         hold_id: str,
         idempotency_key: str = "",
         timeout_s: float | None = None,
@@ -158,7 +176,7 @@ class GatewayClient(_Client):
     async def refund_payment(
         self,
         *,
-        tenant_id: str,
+        tenant_id: str = "",
         entry_id: str,
         amount: Any = None,
         idempotency_key: str = "",
@@ -173,7 +191,7 @@ class GatewayClient(_Client):
         return await self._call(self._stub.RefundPayment, request, timeout_s)
 
     async def get_decision(
-        self, *, tenant_id: str, decision_id: str, timeout_s: float | None = None
+        self, *, decision_id: str, tenant_id: str = "", timeout_s: float | None = None
     ) -> gw.GetDecisionResponse:
         request = gw.GetDecisionRequest(tenant_id=tenant_id, decision_id=decision_id)
         return await self._call(self._stub.GetDecision, request, timeout_s)
@@ -189,7 +207,7 @@ class GatewayClient(_Client):
     async def record_outcome(
         self,
         *,
-        tenant_id: str,
+        tenant_id: str = "",
         decision_id: str,
         kind: gw.OutcomeKind.ValueType,
         value: Any = None,
@@ -206,7 +224,11 @@ class GatewayClient(_Client):
         return await self._call(self._stub.RecordOutcome, request, timeout_s)
 
     async def ingest_events(
-        self, *, tenant_id: str, events: list[gw.BehaviourEvent], timeout_s: float | None = None
+        self,
+        *,
+        events: list[gw.BehaviourEvent],
+        tenant_id: str = "",
+        timeout_s: float | None = None,
     ) -> gw.IngestEventsResponse:
         for event in events:
             if not event.idempotency_key:
@@ -217,7 +239,7 @@ class GatewayClient(_Client):
     async def list_dead_letters(
         self,
         *,
-        tenant_id: str,
+        tenant_id: str = "",
         page_size: int = 0,
         page_token: str = "",
         timeout_s: float | None = None,
@@ -230,7 +252,7 @@ class GatewayClient(_Client):
     async def redeliver_dead_letter(
         self,
         *,
-        tenant_id: str,
+        tenant_id: str = "",
         delivery_id: str,
         idempotency_key: str = "",
         timeout_s: float | None = None,
@@ -241,6 +263,89 @@ class GatewayClient(_Client):
             idempotency_key=idempotency_key or new_idempotency_key(),
         )
         return await self._call(self._stub.RedeliverDeadLetter, request, timeout_s)
+
+
+class ApiKeysClient(_Client):
+    """triplane.gateway.v1.ApiKeyService: a platform's keys. Called with the
+    admin identity (`tls` with the admin certificate), the bootstrap admin
+    key, or a tenant's own key holding `keys:admin` (`api_key`). Not retried
+    automatically; Create and Rotate are keyed, so a retry with the same
+    idempotency key is safe (and answers without the secret)."""
+
+    SERVICE = "triplane.gateway.v1.ApiKeyService"
+
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        api_key: str = "",
+        tls: TlsFiles | None = None,
+    ):
+        super().__init__(address, timeout_s, retry=False, tls=tls)
+        self._metadata = _bearer(api_key)
+        self._stub = gateway_pb2_grpc.ApiKeyServiceStub(self._channel)
+
+    async def create(
+        self,
+        *,
+        scopes: list[str],
+        tenant_id: str = "",
+        display_name: str = "",
+        expires_at: Any = None,
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.CreateApiKeyResponse:
+        request = gw.CreateApiKeyRequest(
+            tenant_id=tenant_id,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+            scopes=scopes,
+            display_name=display_name,
+            expires_at=expires_at,
+        )
+        return await self._call(self._stub.CreateApiKey, request, timeout_s)
+
+    async def list(
+        self,
+        *,
+        tenant_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        include_revoked: bool = False,
+        timeout_s: float | None = None,
+    ) -> gw.ListApiKeysResponse:
+        request = gw.ListApiKeysRequest(
+            tenant_id=tenant_id,
+            page_size=page_size,
+            page_token=page_token,
+            include_revoked=include_revoked,
+        )
+        return await self._call(self._stub.ListApiKeys, request, timeout_s)
+
+    async def rotate(
+        self,
+        *,
+        key_id: str,
+        tenant_id: str = "",
+        overlap_s: int = 0,
+        expires_at: Any = None,
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.RotateApiKeyResponse:
+        request = gw.RotateApiKeyRequest(
+            tenant_id=tenant_id,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+            key_id=key_id,
+            overlap_s=overlap_s,
+            expires_at=expires_at,
+        )
+        return await self._call(self._stub.RotateApiKey, request, timeout_s)
+
+    async def revoke(
+        self, *, key_id: str, tenant_id: str = "", timeout_s: float | None = None
+    ) -> gw.RevokeApiKeyResponse:
+        request = gw.RevokeApiKeyRequest(tenant_id=tenant_id, key_id=key_id)
+        return await self._call(self._stub.RevokeApiKey, request, timeout_s)
 
 
 class LedgerAdminClient(_Client):
@@ -321,6 +426,7 @@ class PolicyAdminClient(_Client):
 
 
 __all__ = [
+    "ApiKeysClient",
     "GatewayClient",
     "LedgerAdminClient",
     "PolicyAdminClient",

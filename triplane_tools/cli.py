@@ -176,8 +176,10 @@ def _add_stack_commands(sub: Any) -> None:
 
 
 def _add_keys_commands(sub: Any) -> None:
-    keys = sub.add_parser("keys", help="dev key pair of the embedded stack")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    # `signing-keys`: the policy plane's decision-signing keys. `keys` is the
+    # gateway's (partners' API keys: gateway/auth/cli.py).
+    keys = sub.add_parser("signing-keys", help="dev signing key pair of the embedded stack")
+    keys_sub = keys.add_subparsers(dest="signing_keys_command", required=True)
     gen = keys_sub.add_parser("gen", help="create the dev Ed25519 key pair under state_dir/keys")
     gen.set_defaults(func=_cmd_keys_gen)
 

@@ -34,6 +34,7 @@ from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, with_overrides
 from triplane_client import GatewayClient, LedgerAdminClient, TriplaneApiError
+from triplane_tools.partner_keys import create_partner_key
 from triplane_sim import synth
 from triplane_sim.demo_world import World, seed
 from triplane_tools.stack import Stack, describe
@@ -323,9 +324,17 @@ async def _run_product_demo(
             tls=stack.tls_files(),
         )
         print(f"seeded {len(world.customers)} customers, {len(world.merchants)} merchants")
+        # The demo platform's key, made as its operator would (`triplane keys
+        # create`); it names the tenant on every call.
+        api_key = await create_partner_key(
+            config, addresses["gateway"], TENANT, display_name="demo", state_dir=stack.state_dir
+        )
         tally = Tally()
         client = GatewayClient(
-            addresses["gateway"], timeout_s=RPC_TIMEOUT_S, tls=stack.partner_tls()
+            addresses["gateway"],
+            timeout_s=RPC_TIMEOUT_S,
+            api_key=api_key,
+            tls=stack.partner_tls(),
         )
         started = time.monotonic()
         until = started + options.duration_s

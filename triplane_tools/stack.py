@@ -53,6 +53,7 @@ import msgspec
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.auth.secrets import ensure_dev_files as ensure_dev_auth_files
 from triplane.runtime import tokens
 from triplane.runtime.config import Config, StackPlaneConfig
 from triplane.runtime.lifetime import SUPERVISOR_PID_ENV, die_with_parent
@@ -245,6 +246,11 @@ class Stack:
         tls = self.config.runtime.tls
         if tls.enabled and not (tls.ca_path or tls.cert_path):
             ensure_dev_certificates(self.state_dir, tls)
+        auth = self.config.gateway.auth
+        if auth.enabled and not (auth.pepper_file or auth.admin_key_file):
+            # The API keys' pepper and the bootstrap admin key (which the demo
+            # and `triplane keys` use to make the tenants' keys).
+            ensure_dev_auth_files(self.state_dir, auth.environment)
         planes = self._selected_planes()
         self._refuse_busy_ports(planes)
         self.nats_url = self.config.nats.url

@@ -11,8 +11,9 @@ other unary method is refused METHOD_NOT_ALLOWED before its handler runs):
    ErrorInfo.metadata["scope"] and the message); an admin credential names no
    tenant and manages keys only (TENANT_CREDENTIAL_REQUIRED elsewhere);
 3. which tenant: the credential's. A request's empty tenant_id is set to it;
-   another one is PERMISSION_DENIED TENANT_MISMATCH naming tenant_id, so no
-   flow below ever serves a tenant the caller does not hold;
+   another one is PERMISSION_DENIED TENANT_MISMATCH naming tenant_id (a
+   malformed one INVALID_ARGUMENT INVALID_TENANT_ID, as every plane says),
+   so no flow below ever serves a tenant the caller does not hold;
 4. how often: the credential's rate limit (RESOURCE_EXHAUSTED RATE_LIMITED
    with a RetryInfo);
 
@@ -33,6 +34,7 @@ from gateway.auth.principal import KIND_ADMIN, Principal, reset_principal, set_p
 from gateway.auth.ratelimit import RateLimiter, rate_class
 from gateway.auth.scopes import KEYS_ADMIN, METHOD_RULES, MethodRule, is_open
 from triplane.runtime.errors import PermissionDenied
+from triplane.runtime.ids import check_tenant_id
 from triplane.runtime.interceptors import Unary, UnaryWrappingInterceptor
 
 TENANT_MISMATCH = "TENANT_MISMATCH"
@@ -57,6 +59,9 @@ def bind_tenant(principal: Principal, request: Any) -> None:
     if not requested:
         request.tenant_id = principal.tenant_id
     elif requested != principal.tenant_id:
+        # A malformed id is refused as every plane refuses it, before it is
+        # compared.
+        check_tenant_id(requested)
         raise PermissionDenied(
             TENANT_MISMATCH,
             "tenant_id names another tenant than the credential's",

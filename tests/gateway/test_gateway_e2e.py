@@ -39,6 +39,8 @@ from triplane_client import GatewayClient, TriplaneApiError
 from triplane_sim.demo_world import daytime_zone
 from triplane_tools.stack import Stack
 
+from .auth_helpers import KeyedStub, partner_key
+
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(240)]
 
 TENANT = "gwtest"
@@ -133,13 +135,18 @@ def _config(state_dir: Path, nats_url: str) -> Config:
 
 
 class World:
-    def __init__(self, stack: Stack, gateway: Gateway, address: str, config: Config) -> None:
+    def __init__(
+        self, stack: Stack, gateway: Gateway, address: str, config: Config, api_key: str
+    ) -> None:
         self.stack, self.gateway, self.config = stack, gateway, config
+        self.api_key = api_key  # the tenant's partner key, on every gateway call
         # The gateway as a partner dials it (TLS, the dev CA, no certificate);
         # the planes as the admin tools do (mutual TLS, the admin identity).
         self.channel = open_channel(address, stack.partner_tls())
-        self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
-        self.client = GatewayClient(address, timeout_s=RPC_TIMEOUT_S, tls=stack.partner_tls())
+        self.stub = KeyedStub(gateway_pb2_grpc.GatewayServiceStub(self.channel), api_key)
+        self.client = GatewayClient(
+            address, timeout_s=RPC_TIMEOUT_S, api_key=api_key, tls=stack.partner_tls()
+        )
         self.money_channel = stack.channel("money")
         self.money = money_pb2_grpc.LedgerServiceStub(self.money_channel)
         self.policy_channel = stack.channel("policy")
@@ -252,7 +259,8 @@ async def world(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Asyn
     )
     try:
         port = await gateway.start()
-        w = World(stack, gateway, f"127.0.0.1:{port}", config)
+        api_key = await partner_key(gateway, TENANT)
+        w = World(stack, gateway, f"127.0.0.1:{port}", config, api_key)
         await _seed(w)
         yield w
         await w.close()

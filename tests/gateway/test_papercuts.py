@@ -45,6 +45,7 @@ from triplane.runtime.tls import channel_for, open_channel
 
 from ..tls_helpers import dev_certificates, partner_files
 from ._b_helpers import SECRET, delivery_config, open_db
+from .auth_helpers import KeyedStub, partner_key
 
 TENANT = "papercuts"
 MERCHANT = "merchant_1"
@@ -89,10 +90,12 @@ class Planes:
     gateway: Gateway
     policy_address: str
     channel: grpc.aio.Channel
+    # The tenant's partner key, sent with every call of `stub`.
+    api_key: str
 
     @property
-    def stub(self) -> gateway_pb2_grpc.GatewayServiceStub:
-        return gateway_pb2_grpc.GatewayServiceStub(self.channel)
+    def stub(self) -> Any:
+        return KeyedStub(gateway_pb2_grpc.GatewayServiceStub(self.channel), self.api_key)
 
 
 async def _seed(config: Config, money_address: str, policy_address: str) -> None:
@@ -150,7 +153,8 @@ async def planes(state_dir: Path) -> AsyncIterator[Planes]:
         await _seed(config, money_address, policy_address)
         channel = open_channel(f"127.0.0.1:{gateway_port}", partner_files(state_dir))
         stack.push_async_callback(channel.close)
-        yield Planes(config, money, policy, gateway, policy_address, channel)
+        api_key = await partner_key(gateway, TENANT)
+        yield Planes(config, money, policy, gateway, policy_address, channel, api_key)
 
 
 def _usd(minor: int) -> types_pb2.Money:
