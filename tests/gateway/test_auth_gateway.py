@@ -8,9 +8,14 @@ through the real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
+import os
+import re
+import subprocess
+import sys
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable
@@ -823,3 +828,41 @@ async def test_with_auth_off_the_gateway_warns_and_believes_the_request(
         keys = gateway_pb2_grpc.ApiKeyServiceStub(channel)
         code = (await _refused(keys.ListApiKeys(gw.ListApiKeysRequest(tenant_id=ALPHA))))[0]
         assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+# ---------------------------------------------------------------- the command
+
+
+async def _triplane(mesh: Mesh, *args: str) -> str:
+    config_path = mesh.state_dir / "cli-config.yaml"
+    config_path.write_text(f"runtime: {{state_dir: {mesh.state_dir}}}\n")
+    command = [sys.executable, "-m", "triplane_tools.cli", "--config", str(config_path), *args]
+    done = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=120, env=_cli_env()
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _cli_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE")}
+
+
+async def test_triplane_keys_creates_lists_rotates_and_revokes(mesh: Mesh) -> None:
+    at = ("--tenant", BETA, "--address", mesh.address)
+    made = await _triplane(
+        mesh, "keys", "create", *at, "--scope", "payments:write", "--scope", "events:write"
+    )
+    secret = re.search(r"secret \(shown once, store it now\): (\S+)", made)
+    assert secret and apikey.KEY_PATTERN.fullmatch(secret.group(1))
+    key_id = apikey.parse(secret.group(1)).key_id
+    listed = await _triplane(mesh, "keys", "list", *at)
+    assert key_id in listed and secret.group(1) not in listed
+    await mesh.stub(secret.group(1)).AuthorizePayment(_authorize())
+    rotated = await _triplane(mesh, "keys", "rotate", key_id, *at, "--overlap-s", "30")
+    new_secret = re.search(r"secret \(shown once, store it now\): (\S+)", rotated)
+    assert new_secret and f"rotated to {apikey.parse(new_secret.group(1)).key_id}" in rotated
+    revoked = await _triplane(mesh, "keys", "revoke", apikey.parse(new_secret.group(1)).key_id, *at)
+    assert "revoked" in revoked
+    refused = await _refused(mesh.stub(new_secret.group(1)).AuthorizePayment(_authorize()))
+    assert refused[1] == "CREDENTIAL_REVOKED"
