@@ -316,7 +316,7 @@ class ApiKeyServiceStub:
     GatewayService accepts. It is served on the gateway's port.
 
     Who may call it: the admin identity (the admin tool's client certificate,
-    gateway.auth.admin_identities), the bootstrap admin key
+    runtime.tls.roles.admin), the bootstrap admin key
     (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
     tenant's own key with the scope `keys:admin` (for that tenant only).
     Anyone else is PERMISSION_DENIED.
@@ -356,7 +356,7 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     GatewayService accepts. It is served on the gateway's port.
 
     Who may call it: the admin identity (the admin tool's client certificate,
-    gateway.auth.admin_identities), the bootstrap admin key
+    runtime.tls.roles.admin), the bootstrap admin key
     (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
     tenant's own key with the scope `keys:admin` (for that tenant only).
     Anyone else is PERMISSION_DENIED.
@@ -392,7 +392,7 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
     GatewayService accepts. It is served on the gateway's port.
 
     Who may call it: the admin identity (the admin tool's client certificate,
-    gateway.auth.admin_identities), the bootstrap admin key
+    runtime.tls.roles.admin), the bootstrap admin key
     (gateway.auth.admin_key_file; for any tenant, naming it in tenant_id), or a
     tenant's own key with the scope `keys:admin` (for that tenant only).
     Anyone else is PERMISSION_DENIED.
