@@ -134,6 +134,7 @@ class AiPlane:
             ai.bandit.noise_variance,
             ai.bandit.probability_samples,
             ai.bandit.seed,
+            max_arms=ai.bandit.max_arms,
         )
         self.engine = AiEngine(ai, store, scorer, bandit, self.clock)
         self.manager = ModelManager(

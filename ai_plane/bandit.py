@@ -14,6 +14,7 @@ That is what off-policy evaluation (inverse propensity scoring) needs.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ def arm_features(context: Sequence[float], propensity: float) -> FloatArray:
 
 
 DIMENSION = 2 + len(CONTEXT_CENTER)
+# The shipped ai.bandit.max_arms, for callers that build a bandit by hand.
+DEFAULT_MAX_ARMS = 100_000
 
 
 @dataclass
@@ -60,24 +63,50 @@ class Choice:
 
 class LinearThompsonBandit:
     def __init__(
-        self, prior_variance: float, noise_variance: float, samples: int, seed: int
+        self,
+        prior_variance: float,
+        noise_variance: float,
+        samples: int,
+        seed: int,
+        max_arms: int = DEFAULT_MAX_ARMS,
     ) -> None:
-        assert prior_variance > 0 and noise_variance > 0 and samples > 0
+        assert prior_variance > 0 and noise_variance > 0 and samples > 0 and max_arms > 0
         self._prior_precision = np.eye(DIMENSION) / prior_variance
         self._prior_mean = np.zeros(DIMENSION)
         self._prior_mean[-1] = 1.0
         self._noise_variance = noise_variance
         self._samples = samples
         self._rng = np.random.default_rng(seed)
-        self._arms: dict[str, _Arm] = {}
+        # Arms an outcome has taught, at most max_arms (ai.bandit.max_arms),
+        # the least recently used dropped first (back to the prior). Ranking
+        # an offer stores nothing: an arm no outcome has reached is the prior,
+        # shared, so candidates a caller makes up cost no memory.
+        self._max_arms = max_arms
+        self._arms: OrderedDict[str, _Arm] = OrderedDict()
+        self._prior_arm = _Arm(
+            self._prior_precision.copy(), self._prior_precision @ self._prior_mean
+        )
 
     def _arm(self, arm_id: str) -> _Arm:
         arm = self._arms.get(arm_id)
         if arm is None:
-            precision = self._prior_precision.copy()
-            arm = _Arm(precision, precision @ self._prior_mean)
-            self._arms[arm_id] = arm
+            return self._prior_arm
+        self._arms.move_to_end(arm_id)
         return arm
+
+    def _learning_arm(self, arm_id: str) -> _Arm:
+        arm = self._arms.get(arm_id)
+        if arm is not None:
+            self._arms.move_to_end(arm_id)
+            return arm
+        precision = self._prior_precision.copy()
+        arm = self._arms[arm_id] = _Arm(precision, precision @ self._prior_mean)
+        while len(self._arms) > self._max_arms:
+            self._arms.popitem(last=False)
+        return arm
+
+    def arm_count(self) -> int:
+        return len(self._arms)
 
     def choose(self, arm_ids: Sequence[str], features: Sequence[FloatArray]) -> Choice:
         """Probabilities of each arm under the policy, and the arm picked."""
@@ -94,7 +123,7 @@ class LinearThompsonBandit:
         return Choice(chosen, probabilities)
 
     def update(self, arm_id: str, x: FloatArray, reward: float) -> None:
-        arm = self._arm(arm_id)
+        arm = self._learning_arm(arm_id)
         arm.precision += np.outer(x, x) / self._noise_variance
         arm.weighted += x * reward / self._noise_variance
         arm.updates += 1

@@ -61,6 +61,10 @@ def load_secret(configured_b64: str, state_dir: Path) -> bytes:
     return secret
 
 
+# Per-tenant tokenization keys kept derived (each is one HMAC to derive again).
+MAX_TENANT_KEYS = 10_000
+
+
 class Tokenizer:
     """Deterministic keyed tokens, one key per tenant."""
 
@@ -74,6 +78,10 @@ class Tokenizer:
         key = self._tenant_keys.get(tenant_id)
         if key is None:
             key = hmac.new(self._secret, b"tenant:" + tenant_id.encode(), hashlib.sha256).digest()
+            # Bounded: tenants come from credentials, so this never fills in
+            # use; made-up tenant ids (auth off) cost a re-derivation, not memory.
+            if len(self._tenant_keys) >= MAX_TENANT_KEYS:
+                self._tenant_keys.clear()
             self._tenant_keys[tenant_id] = key
         return key
 

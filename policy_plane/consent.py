@@ -21,7 +21,7 @@ import msgspec
 from policy_plane.store import PolicyStore
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import ConsentConfig
-from triplane.runtime.errors import InvalidArgument
+from triplane.runtime.errors import InvalidArgument, ResourceExhausted
 
 CHANNELS = ("push", "in_app", "email", "sms", "whatsapp", "partner_webhook")
 TOPICS = ("marketing", "servicing", "credit", "insurance")
@@ -120,11 +120,20 @@ def quiet_hours_end_us(now_us: int, tz: ZoneInfo, start: dt.time, end: dt.time) 
 
 class ConsentBook:
     def __init__(
-        self, store: PolicyStore, config: ConsentConfig, max_history: int, clock: Clock
+        self,
+        store: PolicyStore,
+        config: ConsentConfig,
+        max_history: int,
+        clock: Clock,
+        max_customers: int,
     ) -> None:
         self._store = store
         self._config = config
         self._max_history = max_history
+        # Customers held in memory (policy.limits.max_consent_customers): a
+        # write for one more is refused before it is stored, and a store
+        # holding more stops the plane at start, naming the key.
+        self._max_customers = max_customers
         self._clock = clock
         self._default_zone = zone(config.default_time_zone, "policy.consent.default_time_zone")
         self._quiet_start = parse_hhmm(config.quiet_hours_start, "policy.consent.quiet_hours_start")
@@ -147,10 +156,23 @@ class ConsentBook:
                 msgspec.json.decode(body, type=ContactRecord),
             )
 
+    def _make_room(self, tenant_id: str, customer_id: str) -> None:
+        """Refuses a write that would hold one customer more than the bound."""
+        if (tenant_id, customer_id) in self._customers:
+            return
+        if len(self._customers) >= self._max_customers:
+            raise ResourceExhausted(
+                "CONSENT_CUSTOMERS_FULL",
+                f"consent is held for at most {self._max_customers} customers "
+                "(policy.limits.max_consent_customers)",
+                "customer_id",
+            )
+
     def _customer(self, tenant_id: str, customer_id: str) -> _Customer:
         key = (tenant_id, customer_id)
         customer = self._customers.get(key)
         if customer is None:
+            self._make_room(tenant_id, customer_id)
             customer = _Customer(ContactProfile(tenant_id=tenant_id, customer_id=customer_id))
             self._customers[key] = customer
         return customer
@@ -163,6 +185,7 @@ class ConsentBook:
     def put_profile(self, profile: ContactProfile) -> ContactProfile:
         if profile.time_zone:
             zone(profile.time_zone, "profile.time_zone")
+        self._make_room(profile.tenant_id, profile.customer_id)
         stamped = msgspec.structs.replace(profile, updated_at_us=self._clock.now_us())
         self._store.put_profile(
             stamped.tenant_id, stamped.customer_id, msgspec.json.encode(stamped).decode()
@@ -175,6 +198,7 @@ class ConsentBook:
         _check_choice(record.topic, TOPICS, "consent.topic")
         _check_choice(record.status, ("granted", "withdrawn"), "consent.status")
         _check_choice(record.lawful_basis, LAWFUL_BASES, "consent.lawful_basis")
+        self._make_room(tenant_id, customer_id)
         now_us = self._clock.now_us()
         previous = self._customer(tenant_id, customer_id).consents.get(
             (record.channel, record.topic)
@@ -285,6 +309,7 @@ class ConsentBook:
         """Stores a contact; True when its contact_id was already recorded."""
         _check_choice(contact.channel, CHANNELS, "channel")
         _check_choice(contact.topic, TOPICS, "topic")
+        self._make_room(tenant_id, customer_id)
         body = msgspec.json.encode(contact).decode()
         existing = self._store.insert_contact(
             tenant_id, contact.contact_id, customer_id, body, contact.at_us

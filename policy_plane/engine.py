@@ -118,7 +118,11 @@ class PolicyEngine:
             config.decision_log.write_retry,
         )
         self.consent = ConsentBook(
-            store, config.consent, config.limits.max_contact_history_per_customer, clock
+            store,
+            config.consent,
+            config.limits.max_contact_history_per_customer,
+            clock,
+            config.limits.max_consent_customers,
         )
         self.offers = OfferCatalog(
             store,

@@ -226,6 +226,8 @@ class PolicyLimitsConfig(_Strict, frozen=True):
     max_offer_attributes: int
     max_offer_attribute_length: int
     max_contact_history_per_customer: int
+    # Customers whose consent, profile and recent contacts are held in memory.
+    max_consent_customers: int
     max_note_length: int
 
 
@@ -368,6 +370,9 @@ class AiBanditConfig(_Strict, frozen=True):
     seed: int
     max_pending_ranks: int
     max_outcome_ids: int
+    # Offers (per tenant) whose learned posterior is kept; beyond, the least
+    # recently used falls back to the prior.
+    max_arms: int
 
 
 class AiDriftConfig(_Strict, frozen=True):
