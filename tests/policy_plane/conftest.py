@@ -3,6 +3,7 @@ gRPC server on a free port, stubs, and input builders."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import grpc
 import msgspec
+import nats
+import nats.js.errors
 import pytest
 
 from policy_plane.app import PolicyPlane, build_engine, build_plane
@@ -77,23 +80,38 @@ async def any_engine(
 async def plane(state_dir: Path, nats_url: str, clock: ManualClock) -> AsyncIterator[PolicyPlane]:
     """A real policy plane: gRPC on a free port, NATS, SQLite state, mutual TLS."""
     dev_certificates(state_dir)
+    bucket = f"policy_test_{uuid.uuid4().hex[:10]}"
     config = load_config(
         environ={},
         overrides={
             "runtime": {"state_dir": str(state_dir)},
             "nats": {"url": nats_url},
             "policy": {
-                "bundles": {"kv_watch": True, "kv_bucket": f"policy_test_{uuid.uuid4().hex[:10]}"},
+                "bundles": {"kv_watch": True, "kv_bucket": bucket},
                 "outbox": {"relay_interval_s": 0.05},
             },
         },
     )
     plane = build_plane(config, clock, listen="127.0.0.1:0")
     await plane.start()
-    await plane.engine.create_tenant(TENANT, "Acme")
-    await plane.engine.create_tenant(OTHER_TENANT, "Globex")
-    yield plane
-    await plane.stop()
+    try:
+        await plane.engine.create_tenant(TENANT, "Acme")
+        await plane.engine.create_tenant(OTHER_TENANT, "Globex")
+        yield plane
+    finally:
+        await plane.stop()
+        await _delete_bucket(nats_url, bucket)
+
+
+async def _delete_bucket(nats_url: str, bucket: str) -> None:
+    """Each test's KV bucket reserves space on the shared NATS server: it goes
+    with the test, or they pile up run after run."""
+    client = await nats.connect(nats_url)
+    try:
+        with contextlib.suppress(nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError):
+            await client.jetstream().delete_key_value(bucket)
+    finally:
+        await client.close()
 
 
 class Stubs:
@@ -123,6 +141,7 @@ def payment_input(
     source: str = "triton",
     customer: str = "Jane Example",
     counterparty: str = "Corner Shop",
+    movement: str = "",
     **snapshot: Any,
 ) -> EvaluationInput:
     return EvaluationInput(
@@ -130,6 +149,9 @@ def payment_input(
         idempotency_key=key,
         payment=PaymentInput(
             account_id="acct-1",
+            credit_account_id="merchant-1",
+            # As the wire's default: a hold (a refund for a refund).
+            movement=movement or ("refund" if kind == "refund" else "authorize"),
             kind=kind,
             amount_minor=amount_minor,
             currency=currency,
