@@ -72,8 +72,10 @@ from triplane.runtime import bus, tenants
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import load_config
 from triplane.runtime.net import free_port, port_open
+from triplane.runtime.tls import ADMIN, TlsFiles, files_for, open_channel
 from triplane_sim import bandit_eval, datasets, synth
 from triplane_sim.spine import synthetic_envelope
+from triplane_tools.certs import ensure_dev_certificates
 from triplane_tools.models import ensure_bootstrap_models, write_datasets
 from triplane_tools.natsd import EmbeddedNats
 
@@ -197,9 +199,11 @@ def start_plane(
     )
 
 
-async def wait_serving(address: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+async def wait_serving(
+    address: str, process: subprocess.Popen[bytes], timeout_s: float, tls: TlsFiles | None
+) -> None:
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -272,6 +276,10 @@ async def scoring_phases(results: dict[str, float], notes: dict[str, str]) -> No
         )
         ensure_bootstrap_models(state_config)
         write_datasets(state_config, ROLLBACK_SEED)
+        # Mutual TLS, as deployed: the plane's certificate, and the admin
+        # identity's for the benchmark's calls.
+        ensure_dev_certificates(work / "state", state_config.runtime.tls)
+        admin = files_for(state_config, ADMIN)
         plane = start_plane(work / "state", triton, nats_url, address)
         cleanup.callback(stop_process, plane)
         nc = await bus.connect(config.nats, "bench-ai")
@@ -280,14 +288,14 @@ async def scoring_phases(results: dict[str, float], notes: dict[str, str]) -> No
             await bus.ensure_streams(
                 js, config.nats, ["TRIPLANE_MONEY", "TRIPLANE_GATEWAY", tenants.TENANTS_STREAM]
             )
-            await wait_serving(address, plane, timeout_s=120)
+            await wait_serving(address, plane, timeout_s=120, tls=admin)
             # The tenant exists, as the money plane would have registered it:
             # the AI plane's pipeline drops events of tenants that do not.
             registration = tenants.registration(TENANT, "bench", SystemClock().now_us())
             assert await bus.publish_batch(js, [registration], timeout_s=30) == [True]
             assert all(await bus.publish_batch(js, events, timeout_s=30))
             await wait_pipeline(js, config.ai.pipeline.durable_name, timeout_s=60)
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with open_channel(address, admin) as channel:
                 scoring = ai_pb2_grpc.ScoringServiceStub(channel)
                 registry = ai_pb2_grpc.ModelRegistryServiceStub(channel)
                 await measure_scores(scoring, triton.url, requests, results, notes)

@@ -60,8 +60,11 @@ from bench.common import TICK_S, merge_results, percentile, print_table, proc_st
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
+from triplane.runtime.config import load_config
 from triplane.runtime.net import free_port, port_open
+from triplane.runtime.tls import ADMIN, CA_CERT_FILE, TlsFiles, open_channel, tls_dir
 from triplane.runtime.tokens import DecisionClaims, TokenSigner, load_signer
+from triplane_tools.certs import ensure_dev_certificates
 from triplane_tools.natsd import EmbeddedNats
 
 CLIENTS = int(os.environ.get("TRIPLANE_BENCH_CLIENTS", "32"))
@@ -109,6 +112,13 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------- processes
 
 
+def bench_admin_files(state_dir: Path) -> TlsFiles:
+    directory = tls_dir(state_dir)
+    return TlsFiles(
+        directory / CA_CERT_FILE, directory / f"{ADMIN}.crt", directory / f"{ADMIN}.key"
+    )
+
+
 class PlaneProcess:
     """`python -m money_plane` in its own session, its log in a file."""
 
@@ -141,8 +151,9 @@ class PlaneProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
             if port_open("127.0.0.1", self.port):
-                channel = grpc.aio.insecure_channel(
+                channel = open_channel(
                     f"127.0.0.1:{self.port}",
+                    self.admin_files,
                     options=[
                         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                         ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -152,6 +163,12 @@ class PlaneProcess:
                 return channel
             await asyncio.sleep(0.1)
         raise TimeoutError(f"{self.name} did not listen in {timeout_s}s:\n{self.log_tail()}")
+
+    @property
+    def admin_files(self) -> TlsFiles:
+        """The admin identity's dev certificate of the plane's state dir: the
+        benchmark calls as the admin tools do, over mutual TLS."""
+        return bench_admin_files(Path(self._env["TRIPLANE_STATE_DIR"]))
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -495,7 +512,12 @@ async def drive(
 
 class LedgerClient:
     def __init__(
-        self, channel: grpc.aio.Channel, tenant_id: str, plane_pid: int, port: int
+        self,
+        channel: grpc.aio.Channel,
+        tenant_id: str,
+        plane_pid: int,
+        port: int,
+        tls: TlsFiles | None,
     ) -> None:
         self.stub = money_pb2_grpc.LedgerServiceStub(channel)
         # Callers spread over several connections, as many clients would: a
@@ -503,9 +525,7 @@ class LedgerClient:
         # balances connections, not calls. Distinct subchannel pools make
         # each channel its own TCP connection.
         self._channels = [
-            grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
-            )
+            open_channel(f"127.0.0.1:{port}", tls, options=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(LOAD_CONNECTIONS)
         ]
         self._stubs = [money_pb2_grpc.LedgerServiceStub(c) for c in self._channels]
@@ -865,7 +885,7 @@ async def run_plane_phases(
     channel = await plane.wait_ready()
     client: LedgerClient | None = None
     try:
-        client = LedgerClient(channel, tenant_id, plane.pid, plane.port)
+        client = LedgerClient(channel, tenant_id, plane.pid, plane.port, plane.admin_files)
         started = time.perf_counter()
         funded = await client.setup(workload)
         log(
@@ -926,6 +946,8 @@ async def run() -> Figures:
         created.remove(pgbench_db)
 
         signer = load_signer("", state_dir)  # the dev key pair the planes trust
+        # The dev CA and certificates the planes serve mutual TLS with.
+        ensure_dev_certificates(state_dir, load_config(environ={}).runtime.tls)
         base_env = {k: v for k, v in os.environ.items() if k != "TRIPLANE_MONEY_DSN"}
         base_env.update(
             {

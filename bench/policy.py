@@ -51,6 +51,8 @@ from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime.config import load_config
 from triplane.runtime.server import tune_gc
+from triplane.runtime.tls import channel_for
+from triplane_tools.certs import ensure_dev_certificates
 
 TENANT = "bench"
 RULES_TARGET = 200
@@ -182,6 +184,9 @@ async def bench_rpc_and_replay(state_dir: Path) -> dict[str, float]:
             "nats": {"url": ""},
         },
     )
+    # Mutual TLS, as deployed: the dev certificates under the state dir, and
+    # the benchmark calls as the admin tools do.
+    ensure_dev_certificates(state_dir, config.runtime.tls)
     plane = build_plane(config, listen="127.0.0.1:0")
     await plane.start()
     await plane.engine.create_tenant(TENANT, "Bench")
@@ -190,7 +195,7 @@ async def bench_rpc_and_replay(state_dir: Path) -> dict[str, float]:
     rng = random.Random(11)
     results: dict[str, float] = {}
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.server.port}") as channel:
+        async with channel_for(config, f"127.0.0.1:{plane.server.port}") as channel:
             stub = pb_grpc.PolicyServiceStub(channel)
             latencies = []
             for counter in range(1, RPC_LATENCY_SAMPLES + 1):

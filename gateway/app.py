@@ -29,7 +29,6 @@ from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.db import Database
-from triplane.runtime.net import dial_address
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
@@ -84,10 +83,7 @@ class Gateway:
         config = self.config
         gateway = config.gateway
         self.channels = PlaneChannels.from_config(
-            config,
-            self.money_address or dial_address(config.money.listen),
-            self.policy_address or dial_address(config.policy.listen),
-            self.ai_address or dial_address(config.ai.listen),
+            config, self.money_address, self.policy_address, self.ai_address
         )
         js = None
         if config.nats.url:
@@ -147,14 +143,16 @@ class Gateway:
             name="gateway",
             listen=self.listen or gateway.listen,
             services=[*gateway_services(servicer), *(auth.services if auth else [])],
-            # The public port: partners come with API keys, not certificates
-            # (one presented is verified); reflection has its own switch.
+            # The public port: partners come with API keys, not certificates;
+            # admins may use the port that requires one (gateway.admin_listen).
+            # Reflection has its own switch.
             security=ServerSecurity.from_config(
                 config,
                 GATEWAY,
                 PERMISSIONS,
                 require_client_cert=False,
                 reflection=gateway.reflection,
+                mtls_listen=gateway.admin_listen,
             ),
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,

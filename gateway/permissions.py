@@ -1,10 +1,11 @@
 """Who may call the gateway at the mutual-TLS layer (triplane.runtime.authz;
-default deny). The public port does not require a client certificate:
+default deny). The public port does not ask for a client certificate:
 partners authenticate every call with an API key or an OAuth2 token, which
 the gateway's own credential layer (gateway.auth) checks per method and
 scope, so each method here is PUBLIC to that layer. ApiKeyService is also
 PUBLIC here because that layer admits either the admin certificate
-identity (authz.peer_identity) or an admin-scoped credential."""
+identity (authz.peer_identity, known on gateway.admin_listen, the port that
+requires certificates) or an admin-scoped credential."""
 
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from triplane.runtime import bus
 from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.config import Config
 from triplane.runtime.errors import Code, TriplaneError, error_for
+from triplane.runtime.net import dial_address
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.telemetry import trace_metadata
 from triplane.runtime.tls import GATEWAY, RotatingChannel, TlsFiles, files_for
@@ -101,13 +102,20 @@ class PlaneChannels:
 
     @classmethod
     def from_config(
-        cls, config: Config, money_address: str, policy_address: str, ai_address: str
+        cls,
+        config: Config,
+        money_address: str | None = None,
+        policy_address: str | None = None,
+        ai_address: str | None = None,
     ) -> PlaneChannels:
+        """Each plane at the address given, else gateway.plane_addresses, else
+        its own listen address on this machine."""
         tls = config.runtime.tls
+        dial = config.gateway.plane_addresses
         return cls(
-            money_address,
-            policy_address,
-            ai_address,
+            money_address or dial.money or dial_address(config.money.listen),
+            policy_address or dial.policy or dial_address(config.policy.listen),
+            ai_address or dial.ai or dial_address(config.ai.listen),
             tls=files_for(config, GATEWAY),
             check_interval_s=tls.reload_check_interval_s,
             close_grace_s=tls.rotation_close_grace_s,

@@ -302,11 +302,13 @@ class Stack:
 
     def _ports_of(self, plane: StackPlaneConfig) -> list[tuple[str, str]]:
         """(config key, listen address) of every port the plane will bind: its
-        gRPC address and, when configured, its metrics endpoint."""
+        gRPC address and, when configured, its metrics endpoint and admin port."""
         ports = [(f"{plane.name}.listen", self._listen_of(plane))]
-        metrics = getattr(getattr(self.config, plane.name, None), "metrics_listen", "")
-        if isinstance(metrics, str) and metrics:
-            ports.append((f"{plane.name}.metrics_listen", metrics))
+        section = getattr(self.config, plane.name, None)
+        for key in ("metrics_listen", "admin_listen"):
+            extra = getattr(section, key, "")
+            if isinstance(extra, str) and extra:
+                ports.append((f"{plane.name}.{key}", extra))
         return ports
 
     def _refuse_busy_ports(self, planes: list[StackPlaneConfig]) -> None:

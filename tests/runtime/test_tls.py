@@ -441,3 +441,72 @@ async def test_a_stalled_old_channel_is_closed_after_rotation(
         await asyncio.sleep(0.05)
     assert first.get_state() == grpc.ChannelConnectivity.SHUTDOWN
     await channel.close()
+
+
+# ---- a public port beside a port that requires certificates ----
+
+
+async def test_a_public_port_identifies_no_one_and_its_mtls_port_does(
+    money: MoneyPlane, state_dir: Path
+) -> None:
+    """As the gateway serves: the public port lets a client in without a
+    certificate, and gRPC does not ask for one there, so an admin RPC is
+    refused for want of an identity even to the admin's certificate; the
+    second port requires a certificate and knows the admin by it."""
+    import money_plane.app
+    from money_plane.service import ledger_service
+    from triplane.runtime.server import PlaneServer, ServerSecurity
+
+    assert money.ledger is not None
+    config = plane_config(state_dir)
+    server = PlaneServer(
+        name="public",
+        listen="127.0.0.1:0",
+        services=[ledger_service(money.ledger, money.clock)],
+        security=ServerSecurity.from_config(
+            config,
+            MONEY_PLANE,
+            money_plane.app.PERMISSIONS,
+            require_client_cert=False,
+            mtls_listen="127.0.0.1:0",
+        ),
+    )
+    public = f"127.0.0.1:{await server.start()}"
+    admin_port = f"127.0.0.1:{server.mtls_port}"
+    try:
+        admin = identity_files(state_dir)
+        for files in (partner_files(state_dir), admin):
+            outcome = await create_tenant_as(public, files, "public-port")
+            assert isinstance(outcome, grpc.aio.AioRpcError)
+            assert parse_rpc_error(outcome)[0] == "IDENTITY_NOT_ALLOWED"
+        tenant = await create_tenant_as(admin_port, admin, "admin-port")
+        assert isinstance(tenant, money_pb2.Tenant)
+        assert refused_at_handshake(
+            await create_tenant_as(admin_port, partner_files(state_dir), "admin-port-2")
+        )
+    finally:
+        await server.stop()
+
+
+async def test_the_gateway_dials_the_configured_plane_addresses(state_dir: Path) -> None:
+    from gateway.planes import PlaneChannels
+
+    ensure_dev_certificates(state_dir, plane_config(state_dir).runtime.tls)
+    config = load_config(
+        environ={},
+        overrides={
+            "runtime": {"state_dir": str(state_dir)},
+            "gateway": {"plane_addresses": {"money": "money-plane:50061"}},
+            "policy": {"listen": "0.0.0.0:50062"},
+        },
+    )
+    channels = PlaneChannels.from_config(config, ai_address="10.0.0.3:50063")
+    try:
+        assert channels.money.address == "money-plane:50061"
+        assert channels.policy.address == "127.0.0.1:50062"
+        assert channels.ai.address == "10.0.0.3:50063"
+        assert channels.tls is not None and channels.tls.cert_path == tls_dir(state_dir) / (
+            "gateway.crt"
+        )
+    finally:
+        await channels.close()

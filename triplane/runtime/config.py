@@ -636,10 +636,22 @@ class GatewayRateLimitConfig(_Strict, frozen=True):
     redis_timeout_ms: float
 
 
+class GatewayPlaneAddressesConfig(_Strict, frozen=True):
+    # host:port the gateway dials each plane at (and the name their
+    # certificates must carry); empty: that plane's listen address, locally.
+    money: str
+    policy: str
+    ai: str
+
+
 class GatewayConfig(_Strict, frozen=True):
     listen: str
+    # A second port of the same API that requires client certificates, so the
+    # admin identity is known there (the public port asks none); "": none.
+    admin_listen: str
     # Server reflection on the public port (off in the production overlay).
     reflection: bool
+    plane_addresses: GatewayPlaneAddressesConfig
     # IANA zone of a customer whose requests name none (their local hour).
     default_time_zone: str
     # Per tenant: the partner's webhook endpoint (triggered sends on the

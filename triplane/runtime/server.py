@@ -47,9 +47,14 @@ class ServerSecurity:
     permissions: Permissions
     roles: Mapping[str, Sequence[str]]
     tls: TlsFiles | None
-    # False: a client without a certificate may connect (one it presents is
-    # still verified): the gateway's public port, where partners use keys.
+    # False: a client connects without a certificate (the gateway's public
+    # port, where partners use keys). gRPC's Python server then does not ask
+    # for one at all, so no caller is identified there: `mtls_listen` adds a
+    # port of the same server that requires one (the gateway's admin port).
     require_client_cert: bool = True
+    # host:port of a second port serving the same services with client
+    # certificates required ("": none). Only with require_client_cert False.
+    mtls_listen: str = ""
     reflection: bool = True
     # host:port of a plaintext port serving only grpc.health.v1 ("": none).
     health_listen: str = ""
@@ -64,6 +69,7 @@ class ServerSecurity:
         *,
         require_client_cert: bool = True,
         reflection: bool | None = None,
+        mtls_listen: str = "",
     ) -> ServerSecurity:
         """The security of the plane whose certificate is `identity`'s."""
         tls = config.runtime.tls
@@ -72,6 +78,7 @@ class ServerSecurity:
             roles=tls.roles,
             tls=files_for(config, identity),
             require_client_cert=require_client_cert,
+            mtls_listen=mtls_listen,
             reflection=config.runtime.reflection if reflection is None else reflection,
             health_listen=config.runtime.health_listen,
             peer_cache_entries=tls.peer_cache_entries,
@@ -135,6 +142,8 @@ class PlaneServer:
     on_stop: list[Hook] = field(default_factory=list)
     port: int = 0
     health_port: int = 0
+    # The port that requires client certificates (ServerSecurity.mtls_listen).
+    mtls_port: int = 0
     certificates: ServerCertificates | None = None
     _server: grpc.aio.Server | None = None
     _health_server: grpc.aio.Server | None = None
@@ -209,6 +218,11 @@ class PlaneServer:
             self.port = server.add_insecure_port(self.listen)
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {self.listen}")
+        if security.mtls_listen and self.certificates is not None:
+            required = self.certificates.credentials(require_client_cert=True)
+            self.mtls_port = server.add_secure_port(security.mtls_listen, required)
+            if self.mtls_port == 0:
+                raise OSError(f"{self.name}: cannot listen on {security.mtls_listen}")
         await server.start()
         self._server, self._health = server, health
         if security.health_listen:

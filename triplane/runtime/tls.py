@@ -162,7 +162,7 @@ def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
 class ServerCertificates:
     """A server's certificate, key and client CA, re-read by gRPC at the first
     handshake after the files change (one stat of each file per handshake,
-    not per call)."""
+    not per call). Each port's credentials follow the files on their own."""
 
     def __init__(self, files: TlsFiles, who: str) -> None:
         self._files = files
@@ -180,29 +180,31 @@ class ServerCertificates:
         )
 
     def credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
-        """Asks every client for its certificate; `require_client_cert` False
-        lets a client without one connect (the gateway's public port, where
-        partners authenticate with keys), while one presented is verified."""
-        return grpc.dynamic_ssl_server_credentials(
-            self._initial, self._fetch, require_client_authentication=require_client_cert
-        )
+        """With `require_client_cert`, a client must present a certificate of
+        the CA bundle; without, gRPC's Python server does not ask for one (a
+        port where callers authenticate otherwise: the gateway's public one)."""
+        stamp = [self._stamp]
 
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by gRPC before each handshake: None keeps what it has."""
-        try:
-            stamp = self._files.stamp()
-            if stamp == self._stamp:
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            """Called by gRPC before each handshake: None keeps what it has."""
+            try:
+                now = self._files.stamp()
+                if now == stamp[0]:
+                    return None
+                configuration = self._configuration(load_material(self._files, self._who))
+            except (OSError, TlsSetupError) as error:
+                # Mid-rotation (a file missing, or a new certificate beside the
+                # old key): keep serving with the old pair and look again next time.
+                log.warning("%s: TLS files changed but are not usable yet: %s", self._who, error)
                 return None
-            configuration = self._configuration(load_material(self._files, self._who))
-        except (OSError, TlsSetupError) as error:
-            # Mid-rotation (a file missing, or a new certificate beside the
-            # old key): keep serving with the old pair and look again next time.
-            log.warning("%s: TLS files changed but are not usable yet: %s", self._who, error)
-            return None
-        self._stamp = stamp
-        self.reloads += 1
-        log.info("%s: TLS certificate reloaded", self._who, extra={"tls_reloads": self.reloads})
-        return configuration
+            stamp[0] = now
+            self.reloads += 1
+            log.info("%s: TLS certificate reloaded", self._who, extra={"tls_reloads": self.reloads})
+            return configuration
+
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, fetch, require_client_authentication=require_client_cert
+        )
 
 
 # ---- clients ----
