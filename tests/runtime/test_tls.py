@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from money_plane import permissions as money_permissions
 from money_plane.app import MoneyPlane
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.runtime import authz
@@ -82,7 +83,7 @@ def address_of(plane: MoneyPlane) -> str:
 
 async def create_tenant(channel: grpc.aio.Channel, tenant_id: str) -> money_pb2.Tenant:
     stub = money_pb2_grpc.LedgerServiceStub(channel)
-    answer = await stub.CreateTenant(
+    answer: money_pb2.CreateTenantResponse = await stub.CreateTenant(
         money_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name="tls"),
         timeout=CALL_TIMEOUT_S,
     )
@@ -231,7 +232,7 @@ async def test_a_method_missing_from_the_table_is_refused(
 ) -> None:
     import money_plane.app
 
-    table = dict(money_plane.app.PERMISSIONS)
+    table = dict(money_permissions.PERMISSIONS)
     del table["/triplane.money.v1.LedgerService/CreateTenant"]
     monkeypatch.setattr(money_plane.app, "PERMISSIONS", table)
     ensure_dev_certificates(state_dir, plane_config(state_dir).runtime.tls)
@@ -453,7 +454,6 @@ async def test_a_public_port_identifies_no_one_and_its_mtls_port_does(
     certificate, and gRPC does not ask for one there, so an admin RPC is
     refused for want of an identity even to the admin's certificate; the
     second port requires a certificate and knows the admin by it."""
-    import money_plane.app
     from money_plane.service import ledger_service
     from triplane.runtime.server import PlaneServer, ServerSecurity
 
@@ -466,7 +466,7 @@ async def test_a_public_port_identifies_no_one_and_its_mtls_port_does(
         security=ServerSecurity.from_config(
             config,
             MONEY_PLANE,
-            money_plane.app.PERMISSIONS,
+            money_permissions.PERMISSIONS,
             require_client_cert=False,
             mtls_listen="127.0.0.1:0",
         ),
