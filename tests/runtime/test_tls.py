@@ -510,3 +510,20 @@ async def test_the_gateway_dials_the_configured_plane_addresses(state_dir: Path)
         )
     finally:
         await channels.close()
+
+
+def test_triplane_certs_dev_creates_and_renews(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from triplane_tools import cli
+
+    monkeypatch.setenv("TRIPLANE_STATE_DIR", str(state_dir))
+    monkeypatch.delenv("TRIPLANE_CONFIG", raising=False)
+    assert cli.main(["certs", "dev"]) == 0
+    directory = tls_dir(state_dir)
+    before = {name: (directory / f"{name}.crt").read_bytes() for name in ("admin", "gateway")}
+    assert "spiffe://triplane/money_plane" in capsys.readouterr().out
+    assert cli.main(["certs", "dev", "--renew", "--identity", "admin"]) == 0
+    assert (directory / "admin.crt").read_bytes() != before["admin"]
+    assert (directory / "gateway.crt").read_bytes() == before["gateway"]
+    assert "issued admin" in capsys.readouterr().out
