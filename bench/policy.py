@@ -253,6 +253,7 @@ async def bench_rpc_and_replay(state_dir: Path) -> dict[str, float]:
                 log_config.replay_page_records,
                 config.policy.limits.max_changed_decisions_listed,
                 parallelism,
+                sealer=engine.sealer,
             )
             assert report.determinism_score == 1.0, report.changed[:3]
             assert report.replayed == REPLAY_DECISIONS, report.replayed

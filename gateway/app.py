@@ -21,7 +21,7 @@ from gateway.measure import LiftMetrics
 from gateway.nba import NextBestAction
 from gateway.payments import Payments
 from gateway.permissions import PERMISSIONS
-from gateway.pii import Tokenizer, load_secret
+from gateway.pii import Tokenizer
 from gateway.planes import GrpcAi, GrpcMoney, GrpcPolicy, NatsEventSink, PlaneChannels
 from gateway.service import GatewayServicer, gateway_services
 from gateway.storage import open_idempotency_db
@@ -92,8 +92,13 @@ class Gateway:
             await bus.ensure_streams(js, config.nats, ["TRIPLANE_GATEWAY", TENANTS_STREAM])
         else:
             log.warning("nats.url is empty: events are not published")
+        # The tokenization key from its file (never from config): every replica
+        # reading the same file tokenizes alike.
+        tokenizer = Tokenizer.from_config(gateway.pii, config.state_path)
         self.store_db = open_idempotency_db(gateway.idempotency, config.state_path)
-        self.store = IdempotencyStore(gateway.idempotency, self.store_db, self.clock)
+        self.store = IdempotencyStore(
+            gateway.idempotency, self.store_db, self.clock, rehash=tokenizer.digest_fields
+        )
         await self.store.start()
         self.events = NatsEventSink(js, config.nats.publish_timeout_s, self.store)
         if js is not None:
@@ -110,10 +115,6 @@ class Gateway:
             self._relay_task = asyncio.create_task(
                 self.relay.run_with(js), name="gateway-outbox-relay"
             )
-        tokenizer = Tokenizer(
-            load_secret(gateway.pii.tokenization_key_b64, config.state_path),
-            gateway.pii.token_prefix,
-        )
         policy = GrpcPolicy(self.channels.policy)
         self.core = Core(
             gateway,

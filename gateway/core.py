@@ -59,12 +59,18 @@ class Core:
     def derive(self, tenant_id: str, rpc: str, key: str, step: str) -> str:
         return derive_key(tenant_id, rpc, key, step)
 
+    def fingerprint(self, tenant_id: str, request: Message) -> dict[str, str]:
+        """What is remembered of a request: each field's keyed hash (never the
+        value: a card number, a name or a phone must not rest in the store),
+        enough to name the first field a reuse of the key changed."""
+        return self.tokenizer.digest_fields(tenant_id, flatten(request, SKIP_KEY))
+
     async def remembered(
         self, tenant_id: str, rpc: str, key: str, request: Message
     ) -> tuple[dict[str, str], Remembered | None]:
-        """The request's fields, and the answer remembered for its key (checked
-        to be for the same payload: another one is ALREADY_EXISTS)."""
-        fields = flatten(request, SKIP_KEY)
+        """The request's field hashes, and the answer remembered for its key
+        (checked to be for the same payload: another one is ALREADY_EXISTS)."""
+        fields = self.fingerprint(tenant_id, request)
         found = await self.store.get(f"{tenant_id}\x1f{rpc}", key)
         if found is not None:
             check_same(found, fields)

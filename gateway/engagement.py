@@ -45,6 +45,7 @@ from triplane.runtime.clock import Clock
 from triplane.runtime.config import Config, PartnerWebhookConfig
 from triplane.runtime.db import Database
 from triplane.runtime.errors import NotFound
+from triplane.runtime.secret_files import read_secret
 
 log = logging.getLogger("gateway.engagement")
 
@@ -96,10 +97,14 @@ class PartnerWebhooks:
 
     def __init__(self, hooks: Sequence[PartnerWebhookConfig]) -> None:
         self._hooks = {hook.tenant_id: hook for hook in hooks}
+        # Each secret from its file (a mounted Secret), read once at start.
+        self._secrets = {
+            hook.tenant_id: read_secret(hook.secret_path) if hook.secret_path else ""
+            for hook in hooks
+        }
 
     def secret(self, tenant_id: str) -> str:
-        hook = self._hooks.get(tenant_id)
-        return hook.secret if hook else ""
+        return self._secrets.get(tenant_id, "")
 
     def endpoint(self, tenant_id: str, customer_id: str, channel: str) -> str:
         """Where a send to the customer on `channel` goes; "" for nowhere."""

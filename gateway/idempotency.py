@@ -1,8 +1,9 @@
 """Remembered answers of the gateway's mutating RPCs (ARCHITECTURE.md rule 6).
 
-A record is keyed by (tenant, RPC, idempotency key) and holds the request's
-flattened fields (so a reuse with another payload is refused naming the first
-field that differs) and the serialized answer. Records live in memory (bounded,
+A record is keyed by (tenant, RPC, idempotency key) and holds a keyed hash of
+each of the request's flattened fields (so a reuse with another payload is
+refused naming the first field that differs, and no card number, name, e-mail
+or phone rests here: gateway/pii.py) and the serialized answer. Records live in memory (bounded,
 oldest dropped first) and in the runtime's storage layer
 (`triplane.runtime.db`: SQLite embedded, PostgreSQL at scale, the same SQL),
 written in batches by one background task (group commit), so remembering costs
@@ -23,8 +24,14 @@ interval loses an answer and its events together, and the retry that follows
 recreates both under the same stable ids.
 
 A flow also journals its intermediate input (the policy request with its
-context snapshot) under the step "input", so a retry sends the policy plane the
-exact request it already decided instead of a fresh snapshot it would refuse.
+context snapshot, less the names the retry carries again) under the step
+"input", so a retry sends the policy plane the exact request it already
+decided instead of a fresh snapshot it would refuse.
+
+A store written before fields were hashed is brought in line once, when it
+first opens with a `rehash`: each record's fields are replaced by their
+hashes and the journals (which held names) are dropped; a retry whose journal
+is gone finds its decision in the policy plane by its key instead.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import collections
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -73,8 +80,19 @@ CREATE TABLE IF NOT EXISTS outbox (
   created_at_us BIGINT NOT NULL,
   sent_at_us BIGINT
 );
-CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at_us IS NULL
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at_us IS NULL;
+CREATE TABLE IF NOT EXISTS store_migrations (
+  name TEXT PRIMARY KEY,
+  applied_at_us BIGINT NOT NULL
+)
 """
+# What the remembered fields are once hashed (gateway.pii.Tokenizer.digest).
+HASHED_PREFIX = "h:"
+MIGRATION_HASHED_FIELDS = "hashed_fields"
+JOURNAL_SUFFIX = ".input"
+MIGRATION_PAGE_ROWS = 1000
+# tenant, fields -> the same fields hashed.
+Rehash = Callable[[str, Mapping[str, str]], dict[str, str]]
 _SELECT_REMEMBERED = "SELECT fields, body FROM remembered WHERE scope = ? AND key = ?"
 _UPSERT_REMEMBERED = (
     "INSERT INTO remembered (scope, key, fields, body, stored_at_us) "
@@ -143,6 +161,25 @@ def check_same(remembered: Remembered, fields: Mapping[str, str]) -> None:
         )
 
 
+def _legacy_changes(
+    rows: Sequence[Sequence[object]], rehash: Rehash
+) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """(journals to drop, records to rewrite) among remembered rows."""
+    dropped: list[tuple[str, str]] = []
+    rewritten: list[tuple[str, str, str]] = []
+    for scope, key, text in rows:
+        scope, key = str(scope), str(key)
+        if scope.endswith(JOURNAL_SUFFIX):
+            dropped.append((scope, key))
+            continue
+        fields = json.loads(str(text))
+        if all(str(v).startswith(HASHED_PREFIX) for v in fields.values()):
+            continue
+        tenant_id = scope.partition("\x1f")[0]
+        rewritten.append((json.dumps(rehash(tenant_id, fields)), scope, key))
+    return dropped, rewritten
+
+
 def derive_key(tenant_id: str, rpc: str, key: str, step: str) -> str:
     """A downstream idempotency key, stable across retries of the caller's key."""
     digest = hashlib.sha256(f"{tenant_id}\x1f{rpc}\x1f{key}\x1f{step}".encode()).hexdigest()
@@ -153,10 +190,17 @@ class IdempotencyStore:
     """Remembered answers and the gateway's outbox on `db`. The store opens
     nothing and closes nothing: whoever opened `db` closes it after `stop()`."""
 
-    def __init__(self, config: GatewayIdempotencyConfig, db: Database, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: GatewayIdempotencyConfig,
+        db: Database,
+        clock: Clock,
+        rehash: Rehash | None = None,
+    ) -> None:
         self._config = config
         self._db = db
         self._clock = clock
+        self._rehash = rehash
         # Entries are (fields as JSON, body): strings and bytes only, so the
         # garbage collector never scans the hundreds of thousands it may hold
         # (a map of dicts made full collections pause the loop for 100s of ms).
@@ -183,6 +227,40 @@ class IdempotencyStore:
         db.migrate(_SCHEMA.format(blob=db.blob_type, serial_key=db.serial_key))
         with db.tx() as tx:
             tx.execute("DELETE FROM remembered WHERE stored_at_us < ?", (cutoff_us,))
+        if self._rehash is not None:
+            self._hash_legacy_fields(self._rehash)
+
+    def _hash_legacy_fields(self, rehash: Rehash) -> None:
+        """Once per store: fields kept in clear by an earlier release are
+        replaced by their hashes, journals (which held names) dropped."""
+        db = self._db
+        if db.read_one(
+            "SELECT name FROM store_migrations WHERE name = ?", (MIGRATION_HASHED_FIELDS,)
+        ):
+            return
+        after: tuple[str, str] = ("", "")
+        while True:
+            with db.read() as tx:
+                rows = tx.all(
+                    "SELECT scope, key, fields FROM remembered WHERE (scope, key) > (?, ?) "
+                    "ORDER BY scope, key LIMIT ?",
+                    (*after, MIGRATION_PAGE_ROWS),
+                )
+            if not rows:
+                break
+            after = (str(rows[-1][0]), str(rows[-1][1]))
+            dropped, rewritten = _legacy_changes(rows, rehash)
+            with db.tx() as tx:
+                tx.execute_many("DELETE FROM remembered WHERE scope = ? AND key = ?", dropped)
+                tx.execute_many(
+                    "UPDATE remembered SET fields = ? WHERE scope = ? AND key = ?", rewritten
+                )
+        with db.tx() as tx:
+            tx.execute(
+                "INSERT INTO store_migrations (name, applied_at_us) VALUES (?, ?) "
+                "ON CONFLICT (name) DO NOTHING",
+                (MIGRATION_HASHED_FIELDS, self._clock.now_us()),
+            )
 
     async def stop(self) -> None:
         """Stops the flusher and commits what is queued."""

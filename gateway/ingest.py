@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from gateway import codec, validate
 from gateway.core import CallContext, Core, stable_id
-from gateway.idempotency import check_same, flatten
+from gateway.idempotency import check_same
+from gateway.pii import NameSet
 from gateway.ports import IngestedEvent, MeasurementPort, TriggersPort
 from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import types_pb2
@@ -85,6 +86,8 @@ class Ingest:
         limits = self.limits
         validate.require_id(event.idempotency_key, "idempotency_key", limits)
         if event.kind == gw.EVENT_KIND_PARTNER:
+            # The partner's kind names a NATS subject: an identifier.
+            validate.check_no_pii(event.partner_kind, "partner_kind")
             if not validate.PARTNER_KIND_PATTERN.fullmatch(event.partner_kind):
                 raise InvalidArgument(
                     "PARTNER_KIND_INVALID",
@@ -143,11 +146,14 @@ class Ingest:
         # Unset: the event happened now, as the gateway received it.
         occurred_at_us = wire.micros(event.occurred_at, "occurred_at") or core.clock.now_us()
         customer_token = self._customer_token(tenant_id, event)
-        attributes = tokens.scrub(tenant_id, event.attributes)
+        # Every free text is scanned (PII inside is replaced by its token), and
+        # the customer's name, wherever else the event carries it.
+        names = NameSet([event.customer.name])
+        attributes = tokens.scrub(tenant_id, event.attributes, names)
         attributes["customer_token"] = customer_token
         for name in ("flow", "step"):
             if getattr(event, name):
-                attributes[name] = getattr(event, name)
+                attributes[name] = tokens.scrub_text(tenant_id, getattr(event, name), names)
         event_id = stable_id("evt_", tenant_id, event.idempotency_key)
         payload = ai_pb2.BehaviourEvent(
             kind=behaviour,
@@ -186,7 +192,7 @@ class Ingest:
         outgoing = bus.OutgoingEvent(
             event_id, bus.subject_for(full_type, tenant_id), envelope.SerializeToString()
         )
-        fields = flatten(event, frozenset({"idempotency_key"}))
+        fields = core.fingerprint(tenant_id, event)
         return Prepared(index, event.idempotency_key, fields, ingested, outgoing)
 
     async def ingest(

@@ -16,9 +16,11 @@ import logging
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway import codec, fields, validate
+from gateway.auth.principal import current_principal
+from gateway.auth.scopes import PII_READ
 from gateway.core import CallContext, Core
 from gateway.fields import public_error
-from gateway.pii import looks_like_pan
+from gateway.pii import NameSet, looks_like_pan
 from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
@@ -194,7 +196,7 @@ class Payments:
             f"{req.tenant_id}\x1f{AUTHORIZE}.input",
             req.idempotency_key,
             {"fallback_reason": ""},
-            found.input.SerializeToString(deterministic=True),
+            _journal_body(found.input),
         )
         return found.input, found.decision
 
@@ -205,17 +207,20 @@ class Payments:
         core, scope = self.core, f"{req.tenant_id}\x1f{AUTHORIZE}.input"
         journal = await core.store.get(scope, req.idempotency_key)
         if journal is not None:
-            return (
-                policy_pb2.EvaluateRequest.FromString(journal.body),
-                journal.fields.get("fallback_reason", ""),
-            )
+            # The names were not journaled (no PII rests in the gateway's
+            # store): the retry carries them again. Other names under the
+            # same key make another request, which the policy plane refuses.
+            evaluate = policy_pb2.EvaluateRequest.FromString(journal.body)
+            evaluate.payment.customer.name = req.customer.name
+            evaluate.payment.counterparty.name = req.counterparty.name
+            return evaluate, journal.fields.get("fallback_reason", "")
         scored, fallback_reason = await self._score(req, call)
         evaluate = self._build_evaluate(req, downstream_key, scored)
         core.store.put(
             scope,
             req.idempotency_key,
             {"fallback_reason": fallback_reason},
-            evaluate.SerializeToString(deterministic=True),
+            _journal_body(evaluate),
         )
         return evaluate, fallback_reason
 
@@ -223,7 +228,10 @@ class Payments:
         self, req: gw.AuthorizePaymentRequest, call: CallContext
     ) -> tuple[ai_pb2.ScoreResponse | None, str]:
         core, tenant = self.core, req.tenant_id
-        attributes = core.tokenizer.scrub(tenant, req.attributes)
+        # PII inside the attributes (and the payment's own names anywhere in
+        # them) is replaced by tokens before the AI plane sees it: it refuses
+        # raw PII, and a refusal must never be the caller's way around a score.
+        attributes = core.tokenizer.scrub(tenant, req.attributes, _names(req))
         if req.card_number:
             attributes["pan_token"] = core.tokenizer.token(tenant, "pan", req.card_number)
         request = ai_pb2.ScoreRequest(
@@ -279,12 +287,14 @@ class Payments:
             account_id=req.account_id,
             kind=codec.KIND_TO_POLICY[req.kind],
             amount=req.amount,
-            payment_method=req.payment_method,
+            # Scanned like every string forwarded (the policy plane logs it).
+            payment_method=core.tokenizer.scrub_text(tenant, req.payment_method, _names(req)),
             merchant_id=req.merchant_id,
             merchant_category=req.merchant_category,
             device_id=core.tokenizer.token(tenant, "device", req.device_id),
             # Names go to the policy plane in clear for sanctions screening
-            # (inside the trust boundary); never to the AI plane or NATS.
+            # (inside the trust boundary, sealed in its decision log); never
+            # to the AI plane, NATS or the gateway's store.
             customer=policy_pb2.Party(name=customer.name, country=customer.country),
             counterparty=policy_pb2.Party(
                 name=req.counterparty.name, country=req.counterparty.country
@@ -442,8 +452,14 @@ class Payments:
         core = self.core
         validate.require_tenant_id(req.tenant_id)
         validate.require_id(req.decision_id, "decision_id", self.limits)
+        # Names in clear only for a caller allowed to read PII: the policy
+        # plane is told so, and answers tokens to everyone else.
+        principal = current_principal()
+        reveal = principal is not None and principal.has_scope(PII_READ)
         found = await core.policy.get_decision(
-            policy_pb2.GetDecisionRequest(tenant_id=req.tenant_id, decision_id=req.decision_id),
+            policy_pb2.GetDecisionRequest(
+                tenant_id=req.tenant_id, decision_id=req.decision_id, reveal_pii=reveal
+            ),
             core.timeout_s(call, core.config.budgets.policy_budget_ms),
         )
         decision, logged = found.decision, found.input
@@ -455,7 +471,7 @@ class Payments:
             obligations=codec.obligations_of(decision),
             policy_version=decision.bundle_version,
             model_score_ref=score_ref,
-            input=self._tokenized_input(req.tenant_id, logged),
+            input=_decision_input(found, reveal),
             decided_at=decision.decided_at,
             case_id=decision.case_id,
             route_method=decision.route.method,
@@ -481,26 +497,42 @@ class Payments:
         )
         return answer
 
-    def _tokenized_input(
-        self, tenant_id: str, logged: policy_pb2.EvaluateRequest
-    ) -> gw.DecisionInput:
-        tokens, payment, snapshot = self.core.tokenizer, logged.payment, logged.snapshot
-        return gw.DecisionInput(
-            account_id=payment.account_id,
-            kind=codec.KIND_FROM_POLICY.get(payment.kind, gw.PAYMENT_KIND_UNSPECIFIED),
-            amount=payment.amount,
-            payment_method=payment.payment_method,
-            merchant_id=payment.merchant_id,
-            merchant_category=payment.merchant_category,
-            device_id=payment.device_id,
-            customer_name_token=tokens.token(tenant_id, "name", payment.customer.name),
-            customer_country=payment.customer.country,
-            counterparty_name_token=tokens.token(tenant_id, "name", payment.counterparty.name),
-            counterparty_country=payment.counterparty.country,
-            kyc_tier=snapshot.kyc.tier,
-            features=dict(snapshot.features),
-        )
+
+def _decision_input(found: policy_pb2.GetDecisionResponse, revealed: bool) -> gw.DecisionInput:
+    payment, snapshot = found.input.payment, found.input.snapshot
+    answer = gw.DecisionInput(
+        account_id=payment.account_id,
+        kind=codec.KIND_FROM_POLICY.get(payment.kind, gw.PAYMENT_KIND_UNSPECIFIED),
+        amount=payment.amount,
+        payment_method=payment.payment_method,
+        merchant_id=payment.merchant_id,
+        merchant_category=payment.merchant_category,
+        device_id=payment.device_id,
+        customer_name_token=found.customer_name_token,
+        customer_country=payment.customer.country,
+        counterparty_name_token=found.counterparty_name_token,
+        counterparty_country=payment.counterparty.country,
+        kyc_tier=snapshot.kyc.tier,
+        features=dict(snapshot.features),
+    )
+    if revealed:
+        answer.customer_name = payment.customer.name
+        answer.counterparty_name = payment.counterparty.name
+    return answer
 
 
 def _pan_ok(value: str) -> bool:
     return looks_like_pan(value)
+
+
+def _names(req: gw.AuthorizePaymentRequest) -> NameSet:
+    return NameSet([req.customer.name, req.counterparty.name])
+
+
+def _journal_body(evaluate: policy_pb2.EvaluateRequest) -> bytes:
+    """The policy request as the gateway keeps it: without the names."""
+    journaled = policy_pb2.EvaluateRequest()
+    journaled.CopyFrom(evaluate)
+    journaled.payment.customer.name = ""
+    journaled.payment.counterparty.name = ""
+    return journaled.SerializeToString(deterministic=True)

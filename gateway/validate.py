@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from triplane.common.v1 import types_pb2
 from triplane.runtime import codec as wire
+from triplane.runtime import pii
 from triplane.runtime.config import GatewayLimitsConfig
 from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.ids import check_tenant_id
@@ -37,9 +38,29 @@ def check_id(value: str, field: str, limits: GatewayLimitsConfig) -> None:
         raise InvalidArgument(
             "FIELD_TOO_LONG", f"{field} is longer than {limits.max_id_length} characters", field
         )
+    check_no_pii(value, field)
     if not ID_PATTERN.fullmatch(value):
         raise InvalidArgument(
             "ID_INVALID", f"{field} may only hold letters, digits and _ . : -", field
+        )
+
+
+def check_no_pii(value: str, field: str) -> None:
+    """An identifier is forwarded, logged and stored as it is, so one that is
+    or holds a card number, an IBAN, an e-mail address or a phone number in
+    international form is refused (INVALID_ARGUMENT PII_IN_IDENTIFIER, the
+    field named, the value never echoed): the rule the planes apply too
+    (triplane.runtime.pii.find_pii), so they never refuse what passed here.
+    A bare national number (4155552671) cannot be told from a numeric
+    account id and passes."""
+    kind = pii.find_pii(value)
+    if kind:
+        raise InvalidArgument(
+            "PII_IN_IDENTIFIER",
+            f"{field} is or holds a {pii.SPOKEN[kind]}; identifiers must not carry personal "
+            "data (send a token, or put it in the field made for it)",
+            field,
+            {"pii_kind": kind},
         )
 
 

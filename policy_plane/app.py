@@ -18,6 +18,7 @@ from policy_plane import bundle_sync, codec
 from policy_plane.decision_log import LogKeys
 from policy_plane.engine import PolicyEngine
 from policy_plane.permissions import PERMISSIONS
+from policy_plane.pii import DecisionSealer, load_cipher
 from policy_plane.service import services
 from policy_plane.store import PolicyStore, open_store
 from triplane.runtime import bus
@@ -67,6 +68,7 @@ def build_engine(config: Config, clock: Clock | None = None) -> PolicyEngine:
         LogKeys(key, others),
         clock or SystemClock(),
         codec.case_resolved_event,
+        DecisionSealer(load_cipher(config.policy.pii, config.state_path)),
     )
 
 

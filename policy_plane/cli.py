@@ -22,6 +22,7 @@ from policy_plane.app import build_engine, open_policy_store
 from policy_plane.bundle import BundleSource
 from policy_plane.bundles_registry import BundleRegistry
 from policy_plane.decision_log import verify_chain
+from policy_plane.pii import DecisionSealer, load_cipher
 from policy_plane.replay import (
     Confusion,
     ReplayParallelism,
@@ -217,6 +218,7 @@ def _replay(config: Config, args: argparse.Namespace) -> int:
             config.policy.decision_log.replay_page_records,
             config.policy.limits.max_changed_decisions_listed,
             ReplayParallelism(default_workers(workers), log_config.replay_parallel_min_decisions),
+            sealer=DecisionSealer(load_cipher(config.policy.pii, config.state_path)),
         )
     finally:
         store.db.close()

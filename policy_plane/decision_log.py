@@ -2,9 +2,10 @@
 
 Record n holds the hash of record n-1; its own hash covers the chain id, its
 sequence number, the previous hash, its time, the request fingerprint and the
-full canonical body (input, verdict, token). Each hash is signed with the
-policy plane's Ed25519 key, and a signed `head` mark (the last record) is kept
-in the same transaction as every append, so verification detects an altered
+full canonical body (input, verdict, token; the names in the input sealed,
+see policy_plane/pii.py). Each hash is signed with the policy plane's Ed25519
+key, and a signed `head` mark (the last record) is kept in the same
+transaction as every append, so verification detects an altered
 record (hash), a removed or reordered one (sequence and link), a forged one
 (signature) and a cut-off tail (head). Retention purges a prefix of the chain
 and leaves a signed `anchor` where the rest of the chain now starts.
@@ -28,6 +29,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from policy_plane.model import DecisionRecord, canonical_encoder, record_decoder
+from policy_plane.pii import DecisionSealer
 from policy_plane.store import CaseRow, ChainMark, LogRow, PolicyStore
 from triplane.runtime.db import is_unique_violation
 from triplane.runtime.deadline import Deadline
@@ -110,11 +112,15 @@ class DecisionLog:
         max_wait_ms: float,
         max_queue_records: int,
         write_retry: RetryPolicy,
+        sealer: DecisionSealer,
     ) -> None:
         if write_retry.until_cancelled:
             raise ValueError("policy.decision_log.write_retry.maximum_attempts must be >= 1")
         self._store = store
         self._keys = keys
+        # Names are sealed in what is stored; the hash, the chain and the
+        # signature cover the record as stored.
+        self._sealer = sealer
         self.chain_id = chain_id
         self._max_batch = max_batch_records
         self._max_wait_s = max_wait_ms / 1000.0
@@ -259,7 +265,7 @@ class DecisionLog:
 
     def _row(self, pending: _Pending, seq: int, prev_hash: str) -> LogRow:
         record = pending.record
-        body = canonical_encoder.encode(record).decode()
+        body = canonical_encoder.encode(self._sealer.seal(record)).decode()
         digest = record_hash(
             self.chain_id, seq, prev_hash, pending.recorded_at_us, pending.request_hash, body
         )

@@ -36,6 +36,7 @@ from policy_plane.model import (
     record_decoder,
 )
 from policy_plane.offers import OfferCatalog
+from policy_plane.pii import DecisionSealer
 from policy_plane.replay import (
     ReplayParallelism,
     ReplayReport,
@@ -101,10 +102,13 @@ class PolicyEngine:
         log_keys: LogKeys,
         clock: Clock,
         encode_event: EventEncoder,
+        sealer: DecisionSealer,
     ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
+        # The names kept in the decision log are sealed (policy_plane/pii.py).
+        self.sealer = sealer
         self._signer = signer
         self.log_keys = log_keys
         self.bundles = BundleRegistry(store, config, clock)
@@ -116,6 +120,7 @@ class PolicyEngine:
             config.decision_log.max_wait_ms,
             config.decision_log.max_queue_records,
             config.decision_log.write_retry,
+            sealer,
         )
         self.consent = ConsentBook(
             store,
@@ -194,7 +199,9 @@ class PolicyEngine:
         self.require_tenant(inp.tenant_id)
         if deadline is not None:
             deadline.check("deciding; nothing was logged")
-        fingerprint = request_hash(inp)
+        # Names enter the fingerprint as keyed hashes: the column must not
+        # let anyone try names against it.
+        fingerprint = request_hash(self.sealer.blinded(inp))
         now_us = self.clock.now_us()
         decided_at_us = inp.snapshot.decided_at_us or now_us
         stamped = msgspec.structs.replace(
@@ -286,7 +293,7 @@ class PolicyEngine:
         SHADOW_AGREEMENTS.inc(shadow.agreed)
 
     def _previous(self, row: LogRow, inp: EvaluationInput, fingerprint: str) -> Decision:
-        record = record_decoder.decode(row.body)
+        record = self.sealer.open(record_decoder.decode(row.body))
         if row.request_hash != fingerprint:
             # The fingerprint covers the request as sent; a retry may omit the
             # decision time the plane stamped, or send the one it stamped.
@@ -333,7 +340,9 @@ class PolicyEngine:
         if row is None or row.tenant_id != tenant_id:
             raise NotFound("DECISION_NOT_FOUND", f"no decision {decision_id!r}", "decision_id")
         return Decision(
-            record=record_decoder.decode(row.body), chain_id=row.chain_id, sequence=row.seq
+            record=self.sealer.open(record_decoder.decode(row.body)),
+            chain_id=row.chain_id,
+            sequence=row.seq,
         )
 
     async def label_decision(self, tenant_id: str, decision_id: str, label: str) -> None:
@@ -376,6 +385,7 @@ class PolicyEngine:
                 default_workers(log_config.replay_workers),
                 log_config.replay_parallel_min_decisions,
             ),
+            sealer=self.sealer,
         )
 
     async def verify_log(self, chain_id: str = "") -> VerifyResult:

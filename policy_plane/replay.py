@@ -1,11 +1,16 @@
 """Replay: re-evaluate a window of logged decisions under a bundle version.
 
 Under the version each decision was made with, every verdict and every token
-claim must come out identical (determinism score 1.0): Ed25519 signatures are
-deterministic too, so only a rotated key could change a token's bytes, and the
-claims are compared without the key id. Under another version, the changed
+claim it decides must come out identical (determinism score 1.0): the movement
+the token allows, the decision and bundle it names and its expiry. The token
+id (random) and the key that signed it are not decided by the bundle, so they
+are not compared. Under another version, the changed
 decisions are the drift. With outcome labels (fraud, chargeback) both the
 logged and the replayed decisions get a confusion matrix: a backtest.
+
+The names sealed in the log (policy_plane/pii.py) are opened before a record
+is replayed (worker processes get the key ring when they start), so what is
+replayed is exactly the input decided on.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import msgspec
 from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleLimits, BundleSource
 from policy_plane.evaluation import CompiledBundle, compile_source
 from policy_plane.model import DecisionRecord, Outcome, Verdict, record_decoder
+from policy_plane.pii import DecisionSealer
 from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.tokens import DecisionClaims
 
@@ -162,7 +168,11 @@ def replay_window(
     page_records: int,
     max_changed_listed: int,
     parallelism: ReplayParallelism = ReplayParallelism(),
+    *,
+    sealer: DecisionSealer,
 ) -> ReplayReport:
+    """Replays the window. `sealer` opens the names sealed in the log, so the
+    replayed input is the one decided on (and replay stays deterministic)."""
     started = time.perf_counter()
     report = _empty_report(bundle_version)
     pool: _Pool | None = None
@@ -173,12 +183,14 @@ def replay_window(
                 and parallelism.workers > 1
                 and report.replayed >= max(parallelism.min_decisions, 1)
             ):
-                pool = _Pool(store, resolve, window, bundle_version, parallelism.workers)
+                pool = _Pool(store, resolve, window, bundle_version, parallelism.workers, sealer)
             if pool is None:
                 bodies = [row.body for row in page]
                 _merge(
                     report,
-                    replay_bodies(bodies, labels, resolve, bundle_version, max_changed_listed),
+                    replay_bodies(
+                        bodies, labels, resolve, bundle_version, max_changed_listed, sealer
+                    ),
                     max_changed_listed,
                 )
                 continue
@@ -229,11 +241,12 @@ def replay_bodies(
     resolve: Callable[[str], CompiledBundle],
     bundle_version: str,
     max_changed_listed: int,
+    sealer: DecisionSealer,
 ) -> ReplayReport:
     """The report of a run of logged records (what a page contributes)."""
     report = _empty_report(bundle_version)
     for body, label in zip(bodies, labels, strict=True):
-        record = record_decoder.decode(body)
+        record = sealer.open(record_decoder.decode(body))
         bundle = resolve(bundle_version or record.bundle_version)
         same_version = not bundle_version or bundle_version == record.bundle_version
         verdict = _replay_one(report, record, bundle, same_version, max_changed_listed)
@@ -262,11 +275,16 @@ def _merge(report: ReplayReport, part: ReplayReport, max_changed_listed: int) ->
 
 # ------------------------------------------------------------ worker processes
 # Each worker compiles the window's bundles once (from their sources, checking
-# that each compiles to its version) and then replays the pages it is sent.
+# that each compiles to its version), takes the key ring that opens the sealed
+# names, and then replays the pages it is sent.
 _WORKER_BUNDLES: dict[str, CompiledBundle] = {}
+_WORKER_SEALER: list[DecisionSealer] = []
 
 
-def _worker_start(sources: list[tuple[str, BundleSource, BundleLimits]]) -> None:
+def _worker_start(
+    sources: list[tuple[str, BundleSource, BundleLimits]], pii_keys: list[bytes]
+) -> None:
+    _WORKER_SEALER[:] = [DecisionSealer.from_key_material(pii_keys)]
     for version, source, limits in sources:
         compiled = compile_source(source, limits, SHIPPED_LISTS_DIR)
         assert compiled.version == version, (compiled.version, version)
@@ -280,7 +298,9 @@ def _worker_resolve(version: str) -> CompiledBundle:
 def _worker_replay(
     bodies: list[str], labels: list[str | None], bundle_version: str, max_changed_listed: int
 ) -> ReplayReport:
-    return replay_bodies(bodies, labels, _worker_resolve, bundle_version, max_changed_listed)
+    return replay_bodies(
+        bodies, labels, _worker_resolve, bundle_version, max_changed_listed, _WORKER_SEALER[0]
+    )
 
 
 @dataclass
@@ -306,8 +326,10 @@ class _Pool:
         window: ReplayWindow,
         bundle_version: str,
         workers: int,
+        sealer: DecisionSealer,
     ) -> None:
         self._resolve = resolve
+        self._sealer = sealer
         self._bundle_version = bundle_version
         versions = (
             [bundle_version]
@@ -325,7 +347,7 @@ class _Pool:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_start,
-            initargs=(sources,),
+            initargs=(sources, sealer.cipher.key_material),
         )
         self._max_pending = 2 * workers
         self._pending = 0
@@ -356,7 +378,12 @@ class _Pool:
 
     def _here(self, entry: _Page) -> ReplayReport:
         return replay_bodies(
-            entry.bodies, entry.labels, self._resolve, self._bundle_version, entry.max_changed
+            entry.bodies,
+            entry.labels,
+            self._resolve,
+            self._bundle_version,
+            entry.max_changed,
+            self._sealer,
         )
 
     def _collect(self, wait: bool) -> list[ReplayReport]:

@@ -56,9 +56,15 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         decision = await self._engine.get_decision(
             request.tenant_id, request.decision_id, request.idempotency_key
         )
+        # Names in clear only when asked (the gateway asks for a caller with
+        # pii:read; this method serves the gateway and admin identities only).
+        sealer, logged = self._engine.sealer, decision.record.input
+        tokenized = sealer.tokenized(logged)
         return pb.GetDecisionResponse(
             decision=codec.decision_pb(decision),
-            input=codec.evaluate_request_pb(decision.record.input),
+            input=codec.evaluate_request_pb(logged if request.reveal_pii else tokenized),
+            customer_name_token=tokenized.payment.customer.name,
+            counterparty_name_token=tokenized.payment.counterparty.name,
         )
 
     async def ReplayDecisions(

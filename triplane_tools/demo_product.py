@@ -282,12 +282,18 @@ def _with_delivery(config: Config, receiver: Receiver) -> Config:
         {**msgspec.to_builtins(rule), "delay_s": DEMO_TRIGGER_DELAY_S}
         for rule in config.gateway.triggers.rules
     ]
+    # The dev stack keeps the receiver's secret in a file under the state
+    # dir, as a cluster mounts a Secret: config only names the file.
+    secret_path = config.state_path / "keys" / "demo-push-webhook.secret"
+    secret_path.parent.mkdir(parents=True, exist_ok=True)
+    secret_path.touch(mode=0o600)
+    secret_path.write_text(receiver.secret + "\n")
     return with_overrides(
         config,
         {
             "gateway": {
                 "delivery": {
-                    "channels": {"push": {"url": receiver.url, "secret": receiver.secret}}
+                    "channels": {"push": {"url": receiver.url, "secret_path": str(secret_path)}}
                 },
                 "triggers": {"rules": rules},
             }

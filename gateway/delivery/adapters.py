@@ -7,7 +7,9 @@ of this attempt, which the receiver checks against its replay window) and
 `webhook-signature` (`v1,` + base64 HMAC-SHA256 of "{id}.{timestamp}.{body}"
 under the `whsec_` secret), computed by the `standardwebhooks` package itself.
 Partner webhooks go to the URL in the delivery; push, SMS, e-mail and WhatsApp
-go to their provider endpoint from config, the recipient in the body.
+go to their provider endpoint from config, the recipient in the body. Every
+secret is read from the file config names (gateway.delivery.channels.*.
+secret_path, gateway.partner_webhooks[].secret_path), never from config.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from standardwebhooks.webhooks import Webhook
 from gateway.delivery.model import DeliveryRecord, SendOutcome
 from triplane.runtime.config import ChannelEndpointConfig, DeliveryConfig
 from triplane.runtime.errors import InvalidArgument
+from triplane.runtime.secret_files import read_secret
 
 USER_AGENT = "triplane-gateway/1"
 
@@ -165,9 +168,11 @@ def _provider_targets(channels: Mapping[str, ChannelEndpointConfig]) -> dict[str
     for name, endpoint in channels.items():
         if not endpoint.url:
             continue
+        # The secret from its file (a mounted Secret), never from config.
+        secret = read_secret(endpoint.secret_path) if endpoint.secret_path else ""
         try:
-            webhook_key(endpoint.secret)
+            webhook_key(secret)
         except InvalidArgument as exc:
             raise exc.with_field_prefix(f"gateway.delivery.channels.{name}") from None
-        targets[name] = Target(endpoint.url, endpoint.secret)
+        targets[name] = Target(endpoint.url, secret)
     return targets

@@ -4,7 +4,10 @@ HTTP receiver on 127.0.0.1, config builders and databases on each backend."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +22,18 @@ from triplane.runtime.db import Database
 from triplane.runtime.retry import RetryPolicy
 
 SECRET = "whsec_" + base64.b64encode(b"triplane-test-secret-0123456789ab").decode()
+_SECRET_DIR: list[Path] = []
+
+
+def secret_file() -> str:
+    """A file holding SECRET (config names webhook secrets by their file,
+    as a mounted Kubernetes Secret), made once per test process."""
+    if not _SECRET_DIR:
+        directory = Path(tempfile.mkdtemp(prefix="triplane-test-secrets-"))
+        atexit.register(shutil.rmtree, directory, True)
+        (directory / "webhook.secret").write_text(SECRET + "\n")
+        _SECRET_DIR.append(directory)
+    return str(_SECRET_DIR[0] / "webhook.secret")
 
 
 @dataclass

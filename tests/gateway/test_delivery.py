@@ -25,7 +25,7 @@ from triplane.runtime.config import ChannelEndpointConfig, DeliveryConfig
 from triplane.runtime.db import Database
 from triplane.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
-from ._b_helpers import SECRET, Receiver, delivery_config, open_db, receiver
+from ._b_helpers import SECRET, Receiver, delivery_config, open_db, receiver, secret_file
 
 TENANT = "acme"
 
@@ -318,7 +318,7 @@ async def test_provider_channels_post_signed_to_their_endpoints(
     state_dir: Path, http: Receiver
 ) -> None:
     channels = {
-        name: ChannelEndpointConfig(url=f"{http.url}/{name}", secret=SECRET)
+        name: ChannelEndpointConfig(url=f"{http.url}/{name}", secret_path=secret_file())
         for name in ("push", "sms", "email", "whatsapp")
     }
     config = delivery_config(channels=channels)

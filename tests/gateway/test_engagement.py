@@ -31,7 +31,7 @@ from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.tls import GATEWAY
 
 from ..tls_helpers import channel_as, dev_certificates
-from ._b_helpers import SECRET, Receiver, receiver
+from ._b_helpers import SECRET, Receiver, receiver, secret_file
 
 TENANT = "acme"
 # Noon in UTC, the customers' time zone: outside quiet hours, whatever the
@@ -81,7 +81,9 @@ def gateway_config(state_dir: Path, webhook_url: str, **gateway: object) -> Conf
             "runtime": {"state_dir": str(state_dir / "gateway")},
             "nats": {"url": ""},
             "gateway": {
-                "partner_webhooks": [{"tenant_id": TENANT, "url": webhook_url, "secret": SECRET}],
+                "partner_webhooks": [
+                    {"tenant_id": TENANT, "url": webhook_url, "secret_path": secret_file()}
+                ],
                 **gateway,
             },
         },

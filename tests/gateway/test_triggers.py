@@ -33,7 +33,7 @@ from triplane.runtime.config import ChannelEndpointConfig, TriggersConfig, load_
 from triplane.runtime.db import Database
 from triplane.runtime.errors import InvalidArgument
 
-from ._b_helpers import SECRET, Receiver, delivery_config, open_db, receiver
+from ._b_helpers import SECRET, Receiver, delivery_config, open_db, receiver, secret_file
 
 TENANT = "acme"
 TEXT = "Your USD 5,000 loan is ready. Just one document left."
@@ -162,7 +162,7 @@ def address(url: str) -> Any:
 
 def delivery_worker(db: Database, clock: ManualClock, url: str) -> DeliveryWorker:
     channels = {
-        name: ChannelEndpointConfig(url=f"{url}/{name}", secret=SECRET)
+        name: ChannelEndpointConfig(url=f"{url}/{name}", secret_path=secret_file())
         for name in ("push", "sms", "email", "whatsapp")
     }
     config = delivery_config(channels=channels)

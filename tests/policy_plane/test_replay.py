@@ -211,7 +211,7 @@ async def test_parallel_replay_gives_the_serial_report(
     for version in ("", candidate):
         # Pages of 7, 3 changed decisions listed: order and merging both count.
         serial = replay_mod.replay_window(
-            engine.store, engine.bundles.resolve, window, version, 7, 3
+            engine.store, engine.bundles.resolve, window, version, 7, 3, sealer=engine.sealer
         )
         parallel = replay_mod.replay_window(
             engine.store,
@@ -221,6 +221,7 @@ async def test_parallel_replay_gives_the_serial_report(
             7,
             3,
             replay_mod.ReplayParallelism(workers=2, min_decisions=10),
+            sealer=engine.sealer,
         )
         serial.elapsed_s = parallel.elapsed_s = 0.0
         assert parallel == serial
@@ -243,7 +244,9 @@ async def test_parallel_replay_falls_back_in_process_when_workers_fail(
     for index in range(12):
         await engine.evaluate(payment_input(f"fb{index}", amount_minor=1_000 + 9_000 * index))
     window = ReplayWindow(TENANT, "", 0, 2**62, 1_000)
-    serial = replay_mod.replay_window(engine.store, engine.bundles.resolve, window, "", 3, 5)
+    serial = replay_mod.replay_window(
+        engine.store, engine.bundles.resolve, window, "", 3, 5, sealer=engine.sealer
+    )
     monkeypatch.setattr(replay_mod, "_worker_start", failing_worker_start)
     parallel = replay_mod.replay_window(
         engine.store,
@@ -253,6 +256,7 @@ async def test_parallel_replay_falls_back_in_process_when_workers_fail(
         3,
         5,
         replay_mod.ReplayParallelism(workers=2, min_decisions=1),
+        sealer=engine.sealer,
     )
     serial.elapsed_s = parallel.elapsed_s = 0.0
     assert parallel == serial and serial.replayed == 12

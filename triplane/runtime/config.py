@@ -279,6 +279,13 @@ class PolicyOutboxConfig(_Strict, frozen=True):
     relay_retry: RetryPolicy
 
 
+class PolicyPiiConfig(_Strict, frozen=True):
+    # File holding the key ring (base64 AES-256 keys, one a line, the sealing
+    # key first) that seals the names kept in the decision log; a Kubernetes
+    # Secret in a cluster. Empty: a dev key ring under state_dir/keys.
+    keys_path: str
+
+
 class PolicyConfig(_Strict, frozen=True):
     listen: str
     budget_ms: float
@@ -290,6 +297,7 @@ class PolicyConfig(_Strict, frozen=True):
     sanctions: SanctionsConfig
     consent: ConsentConfig
     outbox: PolicyOutboxConfig
+    pii: PolicyPiiConfig
 
 
 class AiTritonConfig(_Strict, frozen=True):
@@ -437,10 +445,14 @@ class GatewayIdempotencyConfig(_Strict, frozen=True):
 
 
 class GatewayPiiConfig(_Strict, frozen=True):
-    # Base64 tokenization key (HMAC-SHA256, 32+ bytes); empty: a dev key under
-    # state_dir/keys, created on first use. Keyed per tenant from this secret.
-    tokenization_key_b64: str
+    # File holding the base64 tokenization key (HMAC-SHA256, 32+ bytes; a
+    # Kubernetes Secret in a cluster), never the key itself; empty: a dev key
+    # under state_dir/keys, created on first use. Keyed per tenant from it.
+    tokenization_key_path: str
     token_prefix: str
+    # ISO 3166 region whose national phone numbers are recognised inside free
+    # text (numbers in international form are recognised whatever it says).
+    phone_region: str
 
 
 class OfferLeverConfig(_Strict, frozen=True):
@@ -496,8 +508,9 @@ class GatewayStoreConfig(_Strict, frozen=True):
 class ChannelEndpointConfig(_Strict, frozen=True):
     # The provider endpoint a channel adapter POSTs to (empty: channel off).
     url: str
-    # Standard Webhooks signing secret ("whsec_" + base64).
-    secret: str
+    # File holding the Standard Webhooks signing secret ("whsec_" + base64):
+    # a mounted Kubernetes Secret, never the secret itself in config.
+    secret_path: str
 
 
 class DeliveryConfig(_Strict, frozen=True):
@@ -560,10 +573,11 @@ class MeasurementConfig(_Strict, frozen=True):
 
 
 class PartnerWebhookConfig(_Strict, frozen=True):
-    # Where a tenant's partner webhooks go, and their Standard Webhooks secret.
+    # Where a tenant's partner webhooks go, and the file holding their
+    # Standard Webhooks secret (a mounted Kubernetes Secret).
     tenant_id: str
     url: str
-    secret: str
+    secret_path: str
 
 
 class GatewayJwtConfig(_Strict, frozen=True):

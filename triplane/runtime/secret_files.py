@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -53,12 +54,17 @@ def dev_secret_path(state_dir: Path, name: str, make: Callable[[], str]) -> Path
     path = state_dir / KEYS_DIR / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under another name, then linked into place: a process
+        # starting beside this one finds either no file or the whole key.
+        fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:  # mkstemp: mode 0600
+                handle.write(make() + "\n")
+            os.link(staged, path)
         except FileExistsError:
-            return path  # another process of the stack made it first
-        with os.fdopen(fd, "w") as handle:
-            handle.write(make() + "\n")
+            pass  # another process of the stack made it first; theirs stands
+        finally:
+            os.unlink(staged)
     return path
 
 

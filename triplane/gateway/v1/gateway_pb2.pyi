@@ -838,6 +838,8 @@ class DecisionInput(_message.Message):
     COUNTERPARTY_COUNTRY_FIELD_NUMBER: _builtins.int
     KYC_TIER_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    CUSTOMER_NAME_FIELD_NUMBER: _builtins.int
+    COUNTERPARTY_NAME_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     kind: Global___PaymentKind.ValueType
     payment_method: _builtins.str
@@ -845,10 +847,20 @@ class DecisionInput(_message.Message):
     merchant_category: _builtins.str
     device_id: _builtins.str
     customer_name_token: _builtins.str
+    """Token of the customer's name (the policy plane's: the same name, the
+    same token within a tenant); empty when the payment named none.
+    """
     customer_country: _builtins.str
     counterparty_name_token: _builtins.str
+    """Token of the counterparty's name, as customer_name_token."""
     counterparty_country: _builtins.str
     kyc_tier: _builtins.int
+    customer_name: _builtins.str
+    """The customer's name in clear, only for a caller whose credential holds
+    the `pii:read` scope (names are sealed at rest); empty for any other.
+    """
+    counterparty_name: _builtins.str
+    """The counterparty's name in clear, as customer_name."""
     @_builtins.property
     def amount(self) -> _types_pb2.Money: ...
     @_builtins.property
@@ -869,10 +881,12 @@ class DecisionInput(_message.Message):
         counterparty_country: _builtins.str = ...,
         kyc_tier: _builtins.int = ...,
         features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        customer_name: _builtins.str = ...,
+        counterparty_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "counterparty_country", b"counterparty_country", "counterparty_name_token", b"counterparty_name_token", "customer_country", b"customer_country", "customer_name_token", b"customer_name_token", "device_id", b"device_id", "features", b"features", "kind", b"kind", "kyc_tier", b"kyc_tier", "merchant_category", b"merchant_category", "merchant_id", b"merchant_id", "payment_method", b"payment_method"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "counterparty_country", b"counterparty_country", "counterparty_name", b"counterparty_name", "counterparty_name_token", b"counterparty_name_token", "customer_country", b"customer_country", "customer_name", b"customer_name", "customer_name_token", b"customer_name_token", "device_id", b"device_id", "features", b"features", "kind", b"kind", "kyc_tier", b"kyc_tier", "merchant_category", b"merchant_category", "merchant_id", b"merchant_id", "payment_method", b"payment_method"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

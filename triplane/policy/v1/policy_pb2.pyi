@@ -1060,6 +1060,7 @@ class GetDecisionRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     DECISION_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REVEAL_PII_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     decision_id: _builtins.str
     """Exactly one of decision_id and idempotency_key."""
@@ -1067,16 +1068,24 @@ class GetDecisionRequest(_message.Message):
     """The key of the Evaluate call that made the decision (a caller that lost
     track of an earlier attempt finds what was decided under its key).
     """
+    reveal_pii: _builtins.bool
+    """Show the names of the logged input in clear (they are sealed at rest,
+    AES-GCM under policy.pii.keys_path). The gateway sets it only on behalf
+    of a caller whose credential holds the `pii:read` scope; GetDecision
+    itself is served to the gateway and admin identities only (the plane's
+    permission table). Unset: every name in `input` is its token.
+    """
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         decision_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        reveal_pii: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "idempotency_key", b"idempotency_key", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "idempotency_key", b"idempotency_key", "reveal_pii", b"reveal_pii", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1088,21 +1097,35 @@ class GetDecisionResponse(_message.Message):
 
     DECISION_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    CUSTOMER_NAME_TOKEN_FIELD_NUMBER: _builtins.int
+    COUNTERPARTY_NAME_TOKEN_FIELD_NUMBER: _builtins.int
+    customer_name_token: _builtins.str
+    """Token of payment.customer.name (`ptok_name_` and 32 letters; the same
+    name, the same token within a tenant until the sealing key rotates);
+    empty when the payment named no customer. Set whatever reveal_pii says.
+    """
+    counterparty_name_token: _builtins.str
+    """Token of payment.counterparty.name, as customer_name_token."""
     @_builtins.property
     def decision(self) -> Global___Decision: ...
     @_builtins.property
     def input(self) -> Global___EvaluateRequest:
-        """The full logged input, for audit."""
+        """The full logged input, for audit. Its names (payment.customer.name,
+        payment.counterparty.name) are in clear only when reveal_pii was set;
+        otherwise each is its token, as in the two fields below.
+        """
 
     def __init__(
         self,
         *,
         decision: Global___Decision | None = ...,
         input: Global___EvaluateRequest | None = ...,
+        customer_name_token: _builtins.str = ...,
+        counterparty_name_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "input", b"input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counterparty_name_token", b"counterparty_name_token", "customer_name_token", b"customer_name_token", "decision", b"decision", "input", b"input"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
