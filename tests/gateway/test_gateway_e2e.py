@@ -351,7 +351,7 @@ async def test_allow_places_a_hold_and_capture_refund(world: World, local_hour: 
         timeout=RPC_TIMEOUT_S,
     )
     assert why.outcome == gw.OUTCOME_ALLOW and why.policy_version == answer.policy_version
-    assert why.input.customer_name_token.startswith("tok_name_")
+    assert why.input.customer_name_token.startswith("ptok_name_")
     assert "Jane" not in str(why)
     if answer.model_score_ref.source != "none":
         assert why.attributions or why.attributions_unavailable_reason
