@@ -85,7 +85,7 @@ class Tokenizer:
     def _key(self, tenant_id: str) -> bytes:
         key = self._tenant_keys.get(tenant_id)
         if key is None:
-            key = hmac.new(self._secret, b"tenant:" + tenant_id.encode(), hashlib.sha256).digest()
+            key = hmac.digest(self._secret, b"tenant:" + tenant_id.encode(), "sha256")
             # Bounded: tenants come from credentials, so this never fills in
             # use; made-up tenant ids (auth off) cost a re-derivation, not memory.
             if len(self._tenant_keys) >= MAX_TENANT_KEYS:
@@ -124,7 +124,8 @@ class Tokenizer:
 
     def _token(self, tenant_id: str, kind: str, canonical: str) -> str:
         message = f"{kind}\x1f{canonical}".encode()
-        digest = hmac.new(self._key(tenant_id), message, hashlib.sha256).hexdigest()
+        # hmac.digest: OpenSSL's one-shot HMAC, a fraction of hmac.new's cost.
+        digest = hmac.digest(self._key(tenant_id), message, "sha256").hex()
         return f"{self._prefix}{kind}_{digest[:TOKEN_HEX_CHARS].translate(_TOKEN_LETTERS)}"
 
     def is_token(self, value: str) -> bool:
@@ -169,12 +170,18 @@ class Tokenizer:
         """A keyed hash of one field's value: equal values compare equal, and
         the clear value cannot be had back from it (no dictionary attack on a
         card number or a phone without the key)."""
-        mac = hmac.new(self._key(tenant_id), b"field\x1f" + value.encode(), hashlib.sha256)
-        return DIGEST_PREFIX + mac.hexdigest()[:TOKEN_HEX_CHARS]
+        # Keyed BLAKE2b: a request has a score of fields, each hashed; an
+        # HMAC costs four times as much for the same property here.
+        mac = hashlib.blake2b(value.encode(), key=self._key(tenant_id), digest_size=16)
+        return DIGEST_PREFIX + mac.hexdigest()
 
     def digest_fields(self, tenant_id: str, fields: Mapping[str, str]) -> dict[str, str]:
         """Flattened request fields (path -> value) as path -> keyed hash."""
-        return {path: self.digest(tenant_id, value) for path, value in fields.items()}
+        key, blake2b = self._key(tenant_id), hashlib.blake2b
+        return {
+            path: DIGEST_PREFIX + blake2b(value.encode(), key=key, digest_size=16).hexdigest()
+            for path, value in fields.items()
+        }
 
 
 class NameSet:
