@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter
@@ -121,6 +122,10 @@ OutcomeHandler = Callable[[envelope_pb2.EventEnvelope, ai_pb2.OfferOutcomeEvent]
 
 # Events dropped because their tenant is not registered (an invented or a
 # misrouted tenant): counted, never applied.
+UNREADABLE_EVENTS = Counter(
+    "triplane_ai_events_unreadable_total",
+    "Spine events the feature pipeline could not decode (terminated, not redelivered)",
+)
 UNKNOWN_TENANT_EVENTS = Counter(
     "triplane_ai_events_unknown_tenant_total",
     "Events the feature pipeline dropped because their tenant does not exist",
@@ -224,6 +229,18 @@ class FeaturePipeline:
             for message in messages:
                 try:
                     await self.applier.apply(message.data)
+                except DecodeError:
+                    # A message that cannot be read now never will be: end its
+                    # redeliveries (term) instead of retrying it max_deliver
+                    # times, each logging a traceback.
+                    UNREADABLE_EVENTS.inc()
+                    log.warning(
+                        "unreadable event on %s (sequence %s) terminated",
+                        message.subject,
+                        message.metadata.sequence.stream,
+                    )
+                    await message.term()
+                    continue
                 except Exception:
                     # Not acked: JetStream redelivers (up to max_deliver times).
                     log.exception("feature update failed; leaving it for redelivery")

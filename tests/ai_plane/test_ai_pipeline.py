@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from ai_plane.features import Increment, updates_for
-from ai_plane.pipeline import Applier, FeaturePipeline, activities_of, backfill
+from ai_plane.pipeline import UNREADABLE_EVENTS, Applier, FeaturePipeline, activities_of, backfill
 from ai_plane.store.memory import InProcessStore
 from triplane.common.v1 import envelope_pb2
 from triplane.runtime import bus
@@ -156,3 +156,31 @@ async def test_redelivery_never_double_counts_and_backfill_equals_live(
     )
     assert cohort._records
     assert all(":acct_000003:" in k or ":dev:" in k or ":merch:" in k for k in cohort._records)
+
+
+async def test_an_unreadable_event_is_terminated_and_the_next_one_applied(
+    js: JetStreamContext, nats_url: str
+) -> None:
+    """A message that is not an envelope never becomes one: it is terminated
+    at once (not redelivered max_deliver times), and the pipeline goes on."""
+    tenant = f"ai{uuid.uuid4().hex[:8]}"
+    clock = ManualClock(SystemClock().now_us())
+    good = _world(tenant, clock.now_us())[:1]
+    garbage = bus.OutgoingEvent(
+        f"garbage-{tenant}", bus.subject_for("money.entry.posted", tenant), b"\xff\x00not-proto"
+    )
+    assert all(await bus.publish_batch(js, [garbage, *good], timeout_s=10))
+    durable = f"ai-test-{tenant}"
+    config = _config(nats_url, durable)
+    store = InProcessStore(max_keys=1_000_000, dedupe_ttl_s=3600, clock=clock)
+    pipeline = FeaturePipeline(js, config.ai.pipeline, Applier(store, NAMESPACE), tenant_id=tenant)
+    before = UNREADABLE_EVENTS._value.get()
+    await pipeline.start()
+    try:
+        await _wait_drained(js, durable, store, len(_reference(good, clock)._applied), 30)
+        info = await js.consumer_info("TRIPLANE_MONEY", f"{durable}-money")
+    finally:
+        await pipeline.stop()
+    assert UNREADABLE_EVENTS._value.get() == before + 1
+    # Terminated on its first delivery: nothing left pending or redelivered.
+    assert info.num_pending == 0 and info.num_ack_pending == 0 and info.num_redelivered == 0
