@@ -63,7 +63,7 @@ from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime.config import load_config
 from triplane.runtime.net import free_port, port_open
 from triplane.runtime.tls import ADMIN, CA_CERT_FILE, TlsFiles, open_channel, tls_dir
-from triplane.runtime.tokens import DecisionClaims, TokenSigner, load_signer
+from triplane.runtime.tokens import Movement, TokenSigner, load_signer
 from triplane_tools.certs import ensure_dev_certificates
 from triplane_tools.natsd import EmbeddedNats
 
@@ -312,21 +312,24 @@ class Workload:
         self._signer = signer
         self._rng = random.Random(seed)
         self._serial = 0
-        self._expires_at_s = int(time.time()) + 3600
+        self._issued_at_s = int(time.time())
 
     def transfer(self, debit: str, credit: str, amount: int, prefix: str) -> pb.Transfer:
         self._serial += 1
         key = f"{prefix}-{self._serial:09d}"
-        token = self._signer.sign(
-            DecisionClaims(
-                decision_id=f"dec-{key}",
+        token, _ = self._signer.issue(
+            Movement(
                 tenant_id=self.tenant_id,
-                account_id=debit,
+                kind="transfer",
+                debit_account_id=debit,
+                credit_account_id=credit,
                 amount_minor=amount,
                 currency=CURRENCY,
                 idempotency_key=key,
-                expires_at_s=self._expires_at_s,
-            )
+            ),
+            decision_id=f"dec-{key}",
+            issued_at_s=self._issued_at_s,
+            ttl_s=3600,
         )
         return pb.Transfer(
             idempotency_key=key,

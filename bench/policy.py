@@ -103,6 +103,7 @@ def sample_input(rng: random.Random, index: int) -> EvaluationInput:
         idempotency_key=f"bench-{index}",
         payment=PaymentInput(
             account_id=f"acct-{rng.randrange(1000)}",
+            credit_account_id=f"merchant-{rng.randrange(50)}",
             kind=rng.choice(["purchase", "payout", "transfer"]),
             amount_minor=rng.randrange(100, 60_000),
             currency=rng.choice(["USD", "EUR"]),

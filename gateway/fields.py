@@ -79,6 +79,9 @@ TRANSFER = FieldMap(
     }
 )
 
+# money GetEntryRequest, from RefundPayment reading the payment it refunds.
+GET_ENTRY = FieldMap({"tenant_id": "tenant_id", "entry_id": "entry_id"})
+
 # policy EvaluateRequest, from AuthorizePayment. The snapshot's model score,
 # velocities and features come from the AI plane, not from the caller.
 EVALUATE = FieldMap(
@@ -86,6 +89,7 @@ EVALUATE = FieldMap(
         "tenant_id": "tenant_id",
         "idempotency_key": "idempotency_key",
         "payment.account_id": "account_id",
+        "payment.credit_account_id": "credit_account_id",
         "payment.kind": "kind",
         "payment.amount": "amount",
         "payment.payment_method": "payment_method",
@@ -98,6 +102,17 @@ EVALUATE = FieldMap(
         "snapshot.kyc.country": "customer.country",
         "snapshot.kyc.pep": "customer.pep",
         "snapshot.account_age_days": "customer.account_age_days",
+    }
+)
+
+# policy EvaluateRequest, from RefundPayment: the accounts and the refund's
+# context are the ledger's (the refunded entry), not the caller's.
+EVALUATE_REFUND = FieldMap(
+    {
+        "tenant_id": "tenant_id",
+        "idempotency_key": "idempotency_key",
+        "payment.amount": "amount",
+        "payment.refund.entry_id": "entry_id",
     }
 )
 

@@ -30,6 +30,7 @@ from triplane.runtime.config import ConfigError
 from triplane.runtime.errors import (
     AlreadyExists,
     Code,
+    FailedPrecondition,
     InvalidArgument,
     TriplaneError,
     error_for,
@@ -299,6 +300,10 @@ class Payments:
             counterparty=policy_pb2.Party(
                 name=req.counterparty.name, country=req.counterparty.country
             ),
+            # What the decision token will bind besides: the payee, and that
+            # the money plane places a hold (whatever the kind of payment).
+            credit_account_id=req.credit_account_id,
+            movement=policy_pb2.MONEY_MOVEMENT_AUTHORIZE,
         )
         return policy_pb2.EvaluateRequest(
             tenant_id=tenant, idempotency_key=downstream_key, payment=payment, snapshot=snapshot
@@ -418,12 +423,13 @@ class Payments:
         validate.check_money(req.amount, "amount", self.limits, required=False)
 
         async def run() -> gw.RefundPaymentResponse:
+            key = self.core.derive(req.tenant_id, "RefundPayment", req.idempotency_key, "refund")
+            decision = await self._refund_decision(req, key, call)
             transfer = money_pb2.Transfer(
-                idempotency_key=self.core.derive(
-                    req.tenant_id, "RefundPayment", req.idempotency_key, "refund"
-                ),
+                idempotency_key=key,
                 kind=money_pb2.TRANSFER_KIND_REFUND,
                 entry_id=req.entry_id,
+                decision_token=decision.decision_token,
             )
             if req.HasField("amount"):
                 transfer.amount.CopyFrom(req.amount)
@@ -443,6 +449,88 @@ class Payments:
             gw.RefundPaymentResponse,
             run,
         )
+
+    async def _refund_decision(
+        self, req: gw.RefundPaymentRequest, key: str, call: CallContext
+    ) -> policy_pb2.Decision:
+        """The policy's decision on a refund, made on the payment as the ledger
+        holds it (its accounts, what it captured, what was refunded before):
+        the caller names only the entry and the amount. Anything but allow is
+        the refund refused, with the policy's reason."""
+        core, tenant = self.core, req.tenant_id
+        found = await core.money.get_entry(
+            money_pb2.GetEntryRequest(tenant_id=tenant, entry_id=req.entry_id),
+            core.timeout_s(call, core.config.budgets.money_budget_ms),
+        )
+        entry = found.entry
+        left_minor = entry.amount.amount_minor - entry.refunded_minor
+        if entry.kind not in _REFUNDABLE or not entry.credit_account_id:
+            raise FailedPrecondition(
+                "ENTRY_NOT_REFUNDABLE",
+                "only transfers, payouts and captures are refundable",
+                "entry_id",
+            )
+        if left_minor <= 0:
+            raise FailedPrecondition(
+                "ENTRY_FULLY_REFUNDED", "the entry was already refunded in full", "entry_id"
+            )
+        amount = (
+            req.amount
+            if req.HasField("amount")
+            else types_pb2.Money(amount_minor=left_minor, currency=entry.amount.currency)
+        )
+        instrument = entry.postings[0].account_id
+        evaluate = policy_pb2.EvaluateRequest(
+            tenant_id=tenant,
+            idempotency_key=key,
+            payment=policy_pb2.Payment(
+                # A refund takes the money back from the account the payment
+                # credited and gives it to the one it debited.
+                account_id=entry.credit_account_id,
+                credit_account_id=instrument,
+                kind=policy_pb2.PAYMENT_KIND_REFUND,
+                movement=policy_pb2.MONEY_MOVEMENT_REFUND,
+                amount=amount,
+                refund=policy_pb2.RefundContext(
+                    entry_id=entry.entry_id,
+                    original_account_id=instrument,
+                    captured_minor=entry.amount.amount_minor,
+                    refunded_minor=entry.refunded_minor,
+                    refund_count=entry.refund_count,
+                ),
+            ),
+        )
+        timeout_s = core.timeout_s(call, core.config.budgets.policy_budget_ms)
+        try:
+            decision = (
+                await core.policy.evaluate(evaluate, timeout_s, fields.EVALUATE_REFUND)
+            ).decision
+        except TriplaneError as error:
+            # A field the caller sent differs: its key was reused. None named:
+            # what differs is the ledger's (this refund committed, its answer
+            # was lost): the decision already made stands, and the money
+            # plane answers the committed refund again under the same key.
+            if not (error.code == Code.ALREADY_EXISTS and not error.field):
+                raise
+            decision = (
+                await core.policy.get_decision(
+                    policy_pb2.GetDecisionRequest(tenant_id=tenant, idempotency_key=key),
+                    timeout_s,
+                )
+            ).decision
+        if decision.outcome != policy_pb2.OUTCOME_ALLOW:
+            reason = next(
+                (r.reason_code for r in decision.fired_rules if r.outcome == decision.outcome),
+                "REFUND_NOT_ALLOWED",
+            )
+            outcome = policy_pb2.Outcome.Name(decision.outcome).removeprefix("OUTCOME_").lower()
+            case = f" (review case {decision.case_id})" if decision.case_id else ""
+            raise FailedPrecondition(
+                reason,
+                f"the refund is not allowed: {outcome}, {reason}{case}",
+                _REFUND_REASON_FIELDS.get(reason, "entry_id"),
+            )
+        return decision
 
     # ---------------------------------------------------------------- why
 
@@ -519,6 +607,17 @@ def _decision_input(found: policy_pb2.GetDecisionResponse, revealed: bool) -> gw
         answer.customer_name = payment.customer.name
         answer.counterparty_name = payment.counterparty.name
     return answer
+
+
+_REFUNDABLE = frozenset(
+    {
+        money_pb2.TRANSFER_KIND_TRANSFER,
+        money_pb2.TRANSFER_KIND_PAYOUT,
+        money_pb2.TRANSFER_KIND_CAPTURE,
+    }
+)
+# The caller's field a policy reason for refusing a refund is about.
+_REFUND_REASON_FIELDS = {"REFUND_EXCEEDS_CAPTURED": "amount"}
 
 
 def _pan_ok(value: str) -> bool:

@@ -203,10 +203,13 @@ class GrpcPolicy:
         self._stubs = _Stubs(channel, _PolicyStubs.on)
 
     async def evaluate(
-        self, request: policy_pb2.EvaluateRequest, timeout_s: float
+        self,
+        request: policy_pb2.EvaluateRequest,
+        timeout_s: float,
+        field_map: fields.FieldMap = fields.EVALUATE,
     ) -> policy_pb2.EvaluateResponse:
         method = self._stubs.get().policy.Evaluate
-        return await _call("POLICY", method, request, timeout_s, fields.EVALUATE)
+        return await _call("POLICY", method, request, timeout_s, field_map)
 
     async def get_decision(
         self, request: policy_pb2.GetDecisionRequest, timeout_s: float
@@ -242,6 +245,12 @@ class GrpcMoney:
     ) -> money_pb2.CreateTransferResponse:
         method = self._ledger.get().CreateTransfer
         return await _call("MONEY", method, request, timeout_s, fields.TRANSFER)
+
+    async def get_entry(
+        self, request: money_pb2.GetEntryRequest, timeout_s: float
+    ) -> money_pb2.GetEntryResponse:
+        method = self._ledger.get().GetEntry
+        return await _call("MONEY", method, request, timeout_s, fields.GET_ENTRY)
 
 
 class EventOutbox(Protocol):

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.fields import FieldMap
 from triplane.ai.v1 import ai_pb2
 from triplane.gateway.v1 import gateway_pb2
 from triplane.money.v1 import money_pb2
@@ -53,8 +54,14 @@ class AiPort(Protocol):
 
 class PolicyPort(Protocol):
     async def evaluate(
-        self, request: policy_pb2.EvaluateRequest, timeout_s: float
-    ) -> policy_pb2.EvaluateResponse: ...
+        self,
+        request: policy_pb2.EvaluateRequest,
+        timeout_s: float,
+        field_map: FieldMap = ...,
+    ) -> policy_pb2.EvaluateResponse:
+        """`field_map`: which caller fields the plane's errors are about
+        (gateway.fields.EVALUATE unless given)."""
+        ...
 
     async def get_decision(
         self, request: policy_pb2.GetDecisionRequest, timeout_s: float
@@ -77,6 +84,10 @@ class MoneyPort(Protocol):
     async def create_transfer(
         self, request: money_pb2.CreateTransferRequest, timeout_s: float
     ) -> money_pb2.CreateTransferResponse: ...
+
+    async def get_entry(
+        self, request: money_pb2.GetEntryRequest, timeout_s: float
+    ) -> money_pb2.GetEntryResponse: ...
 
 
 class EventSink(Protocol):

@@ -23,7 +23,7 @@ from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tls import MONEY_PLANE
-from triplane.runtime.tokens import TokenVerifier, load_public_keys
+from triplane.runtime.tokens import TokenVerifier, token_key_set
 
 log = logging.getLogger("triplane.money")
 
@@ -70,9 +70,15 @@ class MoneyPlane:
         the primary does that for all of them."""
         config = self.config
         store = build_store(config)
+        tokens = config.money.tokens
         verifier = TokenVerifier(
-            load_public_keys(config.keys.policy_public_keys, config.state_path),
-            config.money.tokens.clock_skew_s,
+            token_key_set(
+                config.keys.policy_public_keys,
+                config.keys.policy_public_key_paths,
+                config.state_path,
+                tokens.key_reload_interval_s,
+            ),
+            tokens.clock_skew_s,
         )
         self.ledger = Ledger(
             store,

@@ -15,6 +15,7 @@ from money_plane.domain import (
     Outcome,
     Posting,
     Tenant,
+    credit_account_of,
 )
 from money_plane.engine import EventSpec
 from money_plane.store.base import BalanceCheck, PostingRow
@@ -160,6 +161,8 @@ def fill_entry(message: pb.Entry, value: Entry) -> pb.Entry:
     message.refunded_minor = value.refunded_minor
     message.decision_id = value.decision_id
     message.description = value.description
+    message.credit_account_id = credit_account_of(value)
+    message.refund_count = value.refund_count
     if value.metadata:
         message.metadata.update(value.metadata)
     return message

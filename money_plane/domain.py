@@ -19,6 +19,7 @@ from triplane.runtime.errors import InvalidArgument
 
 # One tenant-id rule for every plane (the one this plane always applied).
 from triplane.runtime.ids import check_tenant_id as check_tenant_id
+from triplane.runtime.tokens import DecisionClaims, Movement, SplitTerms, splits_digest
 
 
 class AccountKind(enum.IntEnum):
@@ -47,8 +48,23 @@ class Kind(enum.IntEnum):
     EXPIRE_HOLD = 8
 
 
-NEEDS_TOKEN = frozenset({Kind.TRANSFER, Kind.PAYOUT, Kind.AUTHORIZE})
+# New money movements carry a policy decision, refunds too (money goes out of
+# a merchant's account again). A capture needs one only when it adds split
+# destinations: without splits it pays the hold's own credit account, under
+# the hold's decision.
+NEEDS_TOKEN = frozenset({Kind.TRANSFER, Kind.PAYOUT, Kind.AUTHORIZE, Kind.REFUND})
+# Movements whose every term the command itself carries (the others' accounts
+# and amounts come from the hold or entry they act on).
+SELF_CONTAINED = frozenset({Kind.TRANSFER, Kind.PAYOUT, Kind.AUTHORIZE})
 REFUNDABLE = frozenset({Kind.TRANSFER, Kind.PAYOUT, Kind.CAPTURE})
+# The `kind` claim of a decision token for each movement.
+MOVEMENT_KIND = {
+    Kind.TRANSFER: "transfer",
+    Kind.PAYOUT: "payout",
+    Kind.AUTHORIZE: "authorize",
+    Kind.CAPTURE: "capture",
+    Kind.REFUND: "refund",
+}
 
 
 class Side(enum.IntEnum):
@@ -194,6 +210,23 @@ class Entry(Struct, frozen=True):
     decision_id: str = ""
     description: str = ""
     metadata: dict[str, str] = {}
+    # TRANSFER, PAYOUT: the transfer's credit account; CAPTURE: the hold's.
+    # Entries written before it was recorded have "" (see credit_account_of).
+    credit_account_id: str = ""
+    # Refunds posted against this entry.
+    refund_count: int = 0
+
+
+def credit_account_of(entry: Entry) -> str:
+    """The account an entry credited with what its splits left (a refund
+    debits it). Older entries did not record it: their remainder posting
+    names it when there was a remainder."""
+    if entry.credit_account_id:
+        return entry.credit_account_id
+    for posting in entry.postings:
+        if posting.side == Side.CREDIT and posting.label == "remainder":
+            return posting.account_id
+    return ""
 
 
 class Hold(Struct, frozen=True):
@@ -244,8 +277,11 @@ class Command(Struct, frozen=True):
     # Not part of the idempotency fingerprint: a retry may carry a fresh token.
     decision_token: str = ""
     # Set by the ledger after verifying the decision token (not part of the
-    # idempotency fingerprint: a retry may carry a freshly signed token).
+    # idempotency fingerprint: a retry may carry a freshly signed token): its
+    # claims (the engine checks a capture's and a refund's against the hold
+    # or entry, and spends the token id), and whether it had expired.
     decision_id: str = ""
+    claims: DecisionClaims | None = None
     token_expired: bool = False
     # Internal jobs: the reserve released.
     reserve_id: str = ""
@@ -265,6 +301,50 @@ class Command(Struct, frozen=True):
             ("description", self.description),
             ("metadata", sorted(self.metadata.items())),
         ]
+
+
+def needs_token(cmd: Command) -> bool:
+    return cmd.kind in NEEDS_TOKEN or (cmd.kind == Kind.CAPTURE and bool(cmd.splits))
+
+
+def split_terms(legs: list[Leg]) -> list[SplitTerms]:
+    return [
+        SplitTerms(
+            leg.account_id,
+            "fixed" if leg.kind == LegKind.FIXED else "basis_points",
+            leg.amount_minor,
+            leg.basis_points,
+            leg.label,
+            leg.release_at_us,
+            leg.release_account_id,
+        )
+        for leg in legs
+    ]
+
+
+def movement_of(
+    cmd: Command,
+    *,
+    debit_account_id: str,
+    credit_account_id: str,
+    amount_minor: int,
+    currency: str,
+) -> Movement:
+    """What the command will do, as a decision token must name it (the
+    accounts and amount as resolved: a capture's from its hold, a refund's
+    from the refunded entry)."""
+    return Movement(
+        tenant_id=cmd.tenant_id,
+        kind=MOVEMENT_KIND[Kind(cmd.kind)],
+        debit_account_id=debit_account_id,
+        credit_account_id=credit_account_id,
+        amount_minor=amount_minor,
+        currency=currency,
+        splits_digest=splits_digest(split_terms(cmd.splits)),
+        idempotency_key=cmd.idempotency_key,
+        hold_id=cmd.hold_id,
+        entry_id=cmd.entry_id,
+    )
 
 
 class ItemError(Struct, frozen=True):
@@ -432,7 +512,7 @@ def check_command(cmd: Command, field: str, limits: MoneyLimitsConfig, max_hold_
         Kind.REFUND,
     ):
         raise InvalidArgument("FIELD_REQUIRED", "transfer kind is required", f"{field}.kind")
-    if kind in NEEDS_TOKEN:
+    if kind in SELF_CONTAINED:
         check_id(cmd.debit_account_id, f"{field}.debit_account_id", limits)
         check_id(cmd.credit_account_id, f"{field}.credit_account_id", limits)
         if cmd.debit_account_id == cmd.credit_account_id:

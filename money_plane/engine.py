@@ -11,6 +11,7 @@ as a whole. Nothing here does I/O.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ from money_plane.domain import (
     Reserve,
     Side,
     account_key,
+    credit_account_of,
+    movement_of,
     new_id,
     scoped_key,
     split_amounts,
@@ -48,6 +51,7 @@ from triplane.runtime.errors import (
     PermissionDenied,
     TriplaneError,
 )
+from triplane.runtime.tokens import TokenVerifier
 
 # Failures decided by ledger state are remembered under the idempotency key, as
 # TigerBeetle does: the key is spent, and a retry gets the same answer even if
@@ -75,6 +79,14 @@ REMEMBERED_REASONS = frozenset(
 def normalized_fingerprint(cmd: Command) -> list[Any]:
     """The fingerprint as it reads back from storage (tuples become lists)."""
     return msgspec.msgpack.decode(msgspec.msgpack.encode(cmd.fingerprint()))  # type: ignore[no-any-return]
+
+
+def token_fingerprint(cmd: Command) -> str:
+    """What a decision token was spent on: the transfer as its idempotency
+    fingerprint sees it, with its key. The same transfer retried with the same
+    token has the same one; anything else is another transfer."""
+    material = msgspec.msgpack.encode([cmd.idempotency_key, cmd.fingerprint()])
+    return hashlib.sha256(material).hexdigest()[:32]
 
 
 def first_difference(stored: list[Any], fresh: list[Any]) -> str:
@@ -120,6 +132,18 @@ class View:
     entries: dict[str, Entry] = dataclasses.field(default_factory=dict)
     reserves: dict[str, Reserve] = dataclasses.field(default_factory=dict)
     idempotency: dict[str, IdempotencyRecord] = dataclasses.field(default_factory=dict)
+    # Spent decision token ids (tenant/jti) -> the fingerprint of the transfer.
+    used_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UsedToken:
+    """A spent decision token id, written with the transfer it authorized."""
+
+    token_key: str
+    fingerprint: str
+    expires_at_us: int
+    used_at_us: int
 
 
 @dataclass
@@ -135,6 +159,7 @@ class Changes:
     released_reserves: dict[str, Reserve] = dataclasses.field(default_factory=dict)
     deferred_reserves: dict[str, Reserve] = dataclasses.field(default_factory=dict)
     new_idempotency: list[IdempotencyRecord] = dataclasses.field(default_factory=list)
+    new_used_tokens: list[UsedToken] = dataclasses.field(default_factory=list)
     events: list[EventSpec] = dataclasses.field(default_factory=list)
 
 
@@ -288,6 +313,10 @@ class Engine:
                 "DECISION_TOKEN_EXPIRED", "decision token has expired", f"{where}.decision_token"
             )
             return Outcome(error=_item_error(expired))
+        if cmd.claims is not None:
+            reused = self._token_reused(cmd, where)
+            if reused is not None:
+                return Outcome(error=_item_error(reused))
         if cmd.kind in (Kind.CAPTURE, Kind.VOID):
             # Expiry found late still happens, even though the command fails.
             self._expire_if_due(self.view.holds.get(scoped_key(cmd.tenant_id, cmd.hold_id)))
@@ -299,9 +328,62 @@ class Engine:
             outcome = Outcome(error=_item_error(err))
             if err.reason in REMEMBERED_REASONS:
                 self._remember(cmd, outcome)
+            if not err.reason.startswith("DECISION_TOKEN"):
+                self._spend_token(cmd)
             return outcome
         self._remember(cmd, outcome)
+        self._spend_token(cmd)
         return outcome
+
+    def _token_reused(self, cmd: Command, where: str) -> PermissionDenied | None:
+        """A token id already spent on another transfer (another fingerprint)."""
+        assert cmd.claims is not None
+        spent = self.view.used_tokens.get(scoped_key(cmd.tenant_id, cmd.claims.token_id))
+        if spent is None or spent == token_fingerprint(cmd):
+            return None
+        return PermissionDenied(
+            "DECISION_TOKEN_REUSED",
+            "this decision token was already presented for another transfer",
+            f"{where}.decision_token",
+        )
+
+    def _spend_token(self, cmd: Command) -> None:
+        """Records the token id as spent on this transfer, whatever became of
+        it: a failure that is not remembered frees the idempotency key, never
+        the token for another transfer. Outside the undo log on purpose (an
+        atomic batch that rolls back still spent the tokens it tried)."""
+        claims = cmd.claims
+        if claims is None:
+            return
+        key = scoped_key(cmd.tenant_id, claims.token_id)
+        if key in self.view.used_tokens:
+            return
+        fingerprint = token_fingerprint(cmd)
+        self.view.used_tokens[key] = fingerprint
+        self.changes.new_used_tokens.append(
+            UsedToken(key, fingerprint, claims.expires_at_s * 1_000_000, self.now_us)
+        )
+
+    def _check_claims(
+        self,
+        cmd: Command,
+        where: str,
+        debit_account_id: str,
+        credit_account_id: str,
+        amount_minor: int,
+        currency: str,
+    ) -> None:
+        """A capture's or refund's token against what it will really do."""
+        if cmd.claims is None:
+            return
+        movement = movement_of(
+            cmd,
+            debit_account_id=debit_account_id,
+            credit_account_id=credit_account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+        )
+        TokenVerifier.check_movement(cmd.claims, movement, f"{where}.decision_token")
 
     def _remember(self, cmd: Command, outcome: Outcome) -> None:
         scope = scoped_key(cmd.tenant_id, cmd.idempotency_key)
@@ -524,6 +606,7 @@ class Engine:
             description=cmd.description,
             metadata=cmd.metadata,
             refunded_by_posting=[0] * (1 + len(credits)),
+            credit_account_id=credit.account_id,
         )
         entry = self._with_reserves(entry, reserve_legs)
         self._post_entry(entry)
@@ -598,6 +681,9 @@ class Engine:
                 f"capture of {amount} exceeds the hold of {hold.amount_minor}",
                 f"{where}.amount.amount_minor",
             )
+        self._check_claims(
+            cmd, where, hold.debit_account_id, hold.credit_account_id, amount, hold.currency
+        )
         debit = self.view.accounts[account_key(hold.tenant_id, hold.debit_account_id)]
         credit = self.view.accounts[account_key(hold.tenant_id, hold.credit_account_id)]
         credits, deltas, reserve_legs = self._credit_legs(
@@ -627,10 +713,13 @@ class Engine:
             amount_minor=amount,
             currency=hold.currency,
             hold_id=hold.hold_id,
-            decision_id=hold.decision_id,
+            # A capture with splits was decided on its own; one without acts
+            # under the hold's decision.
+            decision_id=cmd.decision_id or hold.decision_id,
             description=cmd.description,
             metadata=cmd.metadata,
             refunded_by_posting=[0] * (1 + len(credits)),
+            credit_account_id=credit.account_id,
         )
         entry = self._with_reserves(entry, reserve_legs)
         self._post_entry(entry)
@@ -665,13 +754,26 @@ class Engine:
                 f"{where}.amount.currency",
             )
         remaining = original.amount_minor - original.refunded_minor
+        amount = cmd.amount_minor or remaining
+        instrument = original.postings[0]
+        assert instrument.side == Side.DEBIT, "an entry's first posting is its debit"
+        # A refund gives back to the account the payment debited, taking it
+        # from the one it credited: the token must say so, and the amount,
+        # before anything about the entry is answered (and remembered).
+        self._check_claims(
+            cmd,
+            where,
+            credit_account_of(original),
+            instrument.account_id,
+            amount,
+            original.currency,
+        )
         if remaining == 0:
             raise FailedPrecondition(
                 "ENTRY_FULLY_REFUNDED",
                 "the entry was already refunded in full",
                 f"{where}.entry_id",
             )
-        amount = cmd.amount_minor or remaining
         if amount > remaining:
             raise OutOfRange(
                 "REFUND_EXCEEDS_ENTRY",
@@ -712,12 +814,14 @@ class Engine:
             amount_minor=amount,
             currency=original.currency,
             refers_to_entry_id=original.entry_id,
+            decision_id=cmd.decision_id,
             description=cmd.description,
             metadata=cmd.metadata,
         )
         updated = msgspec.structs.replace(
             original,
             refunded_minor=original.refunded_minor + amount,
+            refund_count=original.refund_count + 1,
             refunded_by_posting=[
                 done + share for done, share in zip(_refunded(original), shares, strict=True)
             ],

@@ -20,7 +20,7 @@ import msgspec
 
 from money_plane import invariants
 from money_plane.domain import (
-    NEEDS_TOKEN,
+    SELF_CONTAINED,
     AccountSpec,
     AccountState,
     Command,
@@ -34,13 +34,15 @@ from money_plane.domain import (
     check_id,
     check_tenant_id,
     check_text,
+    movement_of,
+    needs_token,
 )
 from money_plane.engine import Job
 from money_plane.store.base import BalanceCheck, LedgerStore, PostingRow
 from triplane.runtime import codec as wire
 from triplane.runtime import tenants
 from triplane.runtime.clock import Clock
-from triplane.runtime.config import MoneyConfig
+from triplane.runtime.config import ConfigError, MoneyConfig
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import (
     DeadlineExceeded,
@@ -74,6 +76,10 @@ class Ledger:
         config: MoneyConfig,
         single_writer: bool = False,
     ) -> None:
+        if config.tokens.used_retention_s <= config.tokens.clock_skew_s:
+            # A spent token id forgotten while its token still verifies could
+            # be spent again.
+            raise ConfigError("money.tokens.used_retention_s must exceed money.tokens.clock_skew_s")
         self.store = store
         self.config = config
         self._verifier = verifier
@@ -96,6 +102,7 @@ class Ledger:
         if sweepers:
             self._tasks.append(asyncio.create_task(self._sweep_holds(), name="hold-expiry"))
             self._tasks.append(asyncio.create_task(self._sweep_reserves(), name="reserves"))
+            self._tasks.append(asyncio.create_task(self._sweep_used_tokens(), name="used-tokens"))
 
     async def stop(self) -> None:
         """Lets queued requests commit, then stops the workers."""
@@ -193,19 +200,37 @@ class Ledger:
     def _authorize_command(
         self, job: Job, index: int, cmd: Command, where: str, now_us: int
     ) -> Command:
-        if cmd.kind not in NEEDS_TOKEN:
+        """Verifies the command's decision token: signature, audience, and,
+        for a movement whose terms the command carries itself, every term. A
+        capture's and a refund's terms are checked by the engine against the
+        hold or entry, which it loads; the engine also spends the token id."""
+        if not needs_token(cmd) and not (cmd.kind == Kind.CAPTURE and cmd.decision_token):
             return cmd
+        field = f"{where}.decision_token"
+        verifier = self._verifier
         try:
-            claims = self._verifier.verify(
-                cmd.decision_token,
-                field=f"{where}.decision_token",
-                tenant_id=cmd.tenant_id,
-                account_id=cmd.debit_account_id,
-                amount_minor=cmd.amount_minor,
-                currency=cmd.currency,
-                idempotency_key=cmd.idempotency_key,
-                now_us=now_us,
-            )
+            claims = verifier.decode(cmd.decision_token, field)
+            if cmd.kind in SELF_CONTAINED:
+                movement = movement_of(
+                    cmd,
+                    debit_account_id=cmd.debit_account_id,
+                    credit_account_id=cmd.credit_account_id,
+                    amount_minor=cmd.amount_minor,
+                    currency=cmd.currency,
+                )
+            else:
+                # What the command fixes itself now (tenant, kind, key, hold
+                # or entry, splits, an explicit amount), before the engine
+                # acts on the hold or entry it names; the rest there.
+                movement = movement_of(
+                    cmd,
+                    debit_account_id=claims.debit_account_id,
+                    credit_account_id=claims.credit_account_id,
+                    amount_minor=cmd.amount_minor or claims.amount_minor,
+                    currency=cmd.currency or claims.currency,
+                )
+            verifier.check_movement(claims, movement, field)
+            verifier.check_time(claims, now_us, field)
         except PermissionDenied as err:
             if err.reason == "DECISION_TOKEN_EXPIRED":
                 # A retry of a committed transfer may carry its original, now
@@ -213,7 +238,7 @@ class Ledger:
                 return msgspec.structs.replace(cmd, token_expired=True)
             job.preset_errors[index] = err
             return cmd
-        return msgspec.structs.replace(cmd, decision_id=claims.decision_id)
+        return msgspec.structs.replace(cmd, decision_id=claims.decision_id, claims=claims)
 
     async def _enqueue(self, job: Job, deadline: Deadline) -> list[Outcome]:
         size = len(job.commands)
@@ -368,6 +393,26 @@ class Ledger:
                     self.config.reserves.refused_retry_s,
                 )
         return sum(1 for o in outcomes if o.entry is not None)
+
+    async def _sweep_used_tokens(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tokens.purge_interval_s)
+            try:
+                await self.purge_used_tokens()
+            except Exception:
+                log.exception("purging spent decision token ids failed")
+
+    async def purge_used_tokens(self) -> int:
+        """Forgets spent token ids past their token's expiry plus
+        money.tokens.used_retention_s, a batch at a time."""
+        tokens = self.config.tokens
+        cutoff_us = self._clock.now_us() - tokens.used_retention_s * 1_000_000
+        total = 0
+        while True:
+            purged = await self._write(self.store.purge_used_tokens, cutoff_us, tokens.purge_batch)
+            total += purged
+            if purged < tokens.purge_batch:
+                return total
 
     async def _run_internal(self, commands: list[Command]) -> list[Outcome]:
         if not commands:

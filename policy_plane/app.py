@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nacl.signing import SigningKey
+from nacl.signing import SigningKey, VerifyKey
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
@@ -23,26 +23,52 @@ from policy_plane.service import services
 from policy_plane.store import PolicyStore, open_store
 from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
-from triplane.runtime.config import Config
+from triplane.runtime.config import Config, ConfigError
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tls import POLICY_PLANE
 from triplane.runtime.tokens import (
+    PublicKeySet,
     TokenSigner,
     ensure_dev_keypair,
+    ensure_dev_log_keypair,
+    key_id_of,
     private_key_from_b64,
-    public_key_from_b64,
 )
 
 log = logging.getLogger("policy_plane.app")
 
 
 def load_private_key(config: Config) -> SigningKey:
+    """The decision-token signing key (the dev one when none is configured)."""
     path = config.keys.policy_private_key_path
     if not path:
         path = str(ensure_dev_keypair(config.state_path)[0])
     return private_key_from_b64(Path(path).read_text())
+
+
+def load_log_keys(config: Config, token_key: SigningKey) -> LogKeys:
+    """The decision log's signing key and the earlier log keys it still
+    verifies with. Never the token key: a token key that leaks (it signs on
+    every decision, the money plane holds its public half) must not be able
+    to rewrite the log."""
+    keys = config.keys
+    path = keys.decision_log_private_key_path or str(ensure_dev_log_keypair(config.state_path)[0])
+    log_key = private_key_from_b64(Path(path).read_text())
+    if key_id_of(log_key.verify_key) == key_id_of(token_key.verify_key):
+        raise ConfigError(
+            "keys.decision_log_private_key_path: the decision log must be signed with another "
+            "key than decision tokens (keys.policy_private_key_path)"
+        )
+    earlier: list[VerifyKey] = []
+    if keys.decision_log_public_keys or keys.decision_log_public_key_paths:
+        known = PublicKeySet(
+            keys.decision_log_public_keys,
+            [Path(p) for p in keys.decision_log_public_key_paths],
+        )
+        earlier = [k for k in (known.get(i) for i in known.key_ids()) if k is not None]
+    return LogKeys(log_key, earlier)
 
 
 def open_policy_store(config: Config) -> PolicyStore:
@@ -60,12 +86,11 @@ def open_policy_store(config: Config) -> PolicyStore:
 
 def build_engine(config: Config, clock: Clock | None = None) -> PolicyEngine:
     key = load_private_key(config)
-    others = [public_key_from_b64(k) for k in config.keys.policy_public_keys]
     return PolicyEngine(
         config.policy,
         open_policy_store(config),
         TokenSigner(key),
-        LogKeys(key, others),
+        load_log_keys(config, key),
         clock or SystemClock(),
         codec.case_resolved_event,
         DecisionSealer(load_cipher(config.policy.pii, config.state_path)),

@@ -38,6 +38,21 @@ SCHEMA: dict[str, Any] = {
         "device_id": "string",
         "customer": _PARTY,
         "counterparty": _PARTY,
+        # What the decision token binds besides: the payee, the money movement
+        # (authorize, transfer, payout, capture, refund), the split legs (a
+        # list of {account_id, amount_minor, basis_points, label}), the hold
+        # captured, and for a refund the payment refunded as the ledger holds it.
+        "credit_account_id": "string",
+        "movement": "string",
+        "splits": "list",
+        "hold_id": "string",
+        "refund": {
+            "entry_id": "string",
+            "original_account_id": "string",
+            "captured_minor": "int",
+            "refunded_minor": "int",
+            "refund_count": "int",
+        },
     },
     "snapshot": {
         "kyc": {"tier": "int", "country": "string", "pep": "bool"},

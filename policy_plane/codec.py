@@ -13,8 +13,10 @@ from policy_plane.model import (
     EvaluationInput,
     Party,
     PaymentInput,
+    RefundInput,
     ScoreInput,
     SnapshotInput,
+    SplitInput,
     Velocity,
 )
 from policy_plane.offers import Eligible, Excluded, OfferEntry, OfferVariant
@@ -43,8 +45,42 @@ KINDS: dict[pb.PaymentKind.ValueType, str] = {
     pb.PAYMENT_KIND_PAYOUT: "payout",
     pb.PAYMENT_KIND_TRANSFER: "transfer",
     pb.PAYMENT_KIND_INVOICE: "invoice",
+    pb.PAYMENT_KIND_REFUND: "refund",
 }
 KIND_ENUMS: dict[str, pb.PaymentKind.ValueType] = {v: k for k, v in KINDS.items()}
+# The money movement, as the token's `kind` claim names it.
+MOVEMENTS: dict[pb.MoneyMovement.ValueType, str] = {
+    pb.MONEY_MOVEMENT_AUTHORIZE: "authorize",
+    pb.MONEY_MOVEMENT_TRANSFER: "transfer",
+    pb.MONEY_MOVEMENT_PAYOUT: "payout",
+    pb.MONEY_MOVEMENT_CAPTURE: "capture",
+    pb.MONEY_MOVEMENT_REFUND: "refund",
+}
+MOVEMENT_ENUMS: dict[str, pb.MoneyMovement.ValueType] = {v: k for k, v in MOVEMENTS.items()}
+
+
+def _movement(payment: pb.Payment) -> str:
+    """The movement asked for; unset: a hold (what the gateway places), or
+    a refund for a refund. An unknown number stays unknown for validation."""
+    if payment.movement == pb.MONEY_MOVEMENT_UNSPECIFIED:
+        return "refund" if payment.kind == pb.PAYMENT_KIND_REFUND else "authorize"
+    return MOVEMENTS.get(payment.movement, "")
+
+
+def _splits(payment: pb.Payment) -> list[SplitInput]:
+    return [
+        SplitInput(
+            account_id=leg.account_id,
+            amount_minor=leg.amount_minor,
+            basis_points=leg.basis_points,
+            label=leg.label,
+            release_at_us=wire.micros(leg.release_at, f"payment.splits[{index}].release_at"),
+            release_account_id=leg.release_account_id,
+        )
+        for index, leg in enumerate(payment.splits)
+    ]
+
+
 LABELS: dict[pb.OutcomeLabel.ValueType, str] = {
     pb.OUTCOME_LABEL_LEGITIMATE: "legitimate",
     pb.OUTCOME_LABEL_FRAUD: "fraud",
@@ -182,6 +218,17 @@ def evaluation_input(request: pb.EvaluateRequest) -> EvaluationInput:
             counterparty=Party(
                 name=payment.counterparty.name, country=payment.counterparty.country
             ),
+            credit_account_id=payment.credit_account_id,
+            movement=_movement(payment),
+            splits=_splits(payment),
+            hold_id=payment.hold_id,
+            refund=RefundInput(
+                entry_id=payment.refund.entry_id,
+                original_account_id=payment.refund.original_account_id,
+                captured_minor=payment.refund.captured_minor,
+                refunded_minor=payment.refund.refunded_minor,
+                refund_count=payment.refund.refund_count,
+            ),
         ),
         snapshot=SnapshotInput(
             kyc_tier=snap.kyc.tier,
@@ -230,6 +277,27 @@ def evaluate_request_pb(inp: EvaluationInput) -> pb.EvaluateRequest:
             device_id=p.device_id,
             customer=pb.Party(name=p.customer.name, country=p.customer.country),
             counterparty=pb.Party(name=p.counterparty.name, country=p.counterparty.country),
+            credit_account_id=p.credit_account_id,
+            movement=MOVEMENT_ENUMS.get(p.movement, pb.MONEY_MOVEMENT_UNSPECIFIED),
+            splits=[
+                pb.SplitLeg(
+                    account_id=leg.account_id,
+                    amount_minor=leg.amount_minor,
+                    basis_points=leg.basis_points,
+                    label=leg.label,
+                    release_at=wire.timestamp(leg.release_at_us) if leg.release_at_us else None,
+                    release_account_id=leg.release_account_id,
+                )
+                for leg in p.splits
+            ],
+            hold_id=p.hold_id,
+            refund=pb.RefundContext(
+                entry_id=p.refund.entry_id,
+                original_account_id=p.refund.original_account_id,
+                captured_minor=p.refund.captured_minor,
+                refunded_minor=p.refund.refunded_minor,
+                refund_count=p.refund.refund_count,
+            ),
         ),
         snapshot=pb.ContextSnapshot(
             kyc=pb.KycInfo(tier=s.kyc_tier, country=s.kyc_country, pep=s.pep),
@@ -286,6 +354,8 @@ def decision_pb(decision: Decision) -> pb.Decision:
         case_id=record.case_id,
         log_chain_id=decision.chain_id,
         log_sequence=decision.sequence,
+        token_id=record.token_id,
+        token_key_id=record.token_key_id,
     )
     if record.token_expires_at_s:
         wire.fill_timestamp(message.token_expires_at, record.token_expires_at_s * 1_000_000)

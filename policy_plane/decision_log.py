@@ -53,12 +53,19 @@ class LogKeys:
         self.key_id = key_id_of(private_key.verify_key)
         self._public = {key_id_of(k): k for k in [private_key.verify_key, *other_public_keys]}
 
+    def knows(self, key_id: str) -> bool:
+        return key_id in self._public
+
     def sign(self, text: str) -> str:
         signature = self._key.sign(_SIGNED_PREFIX + text.encode()).signature
         return base64.b64encode(signature).decode()
 
     def verify(self, text: str, signature: str, key_id: str = "") -> bool:
-        keys = [self._public[key_id]] if key_id in self._public else list(self._public.values())
+        """Whether `signature` is one of a known key's over `text`: the key
+        named (a record's key id), or any known one (marks name none)."""
+        if key_id and key_id not in self._public:
+            return False
+        keys = [self._public[key_id]] if key_id else list(self._public.values())
         try:
             raw = base64.b64decode(signature, validate=True)
         except ValueError:
@@ -353,6 +360,11 @@ def _check_row(row: LogRow, expected_seq: int, prev_hash: str, keys: LogKeys) ->
         record.verdict.outcome,
     ):
         return "RECORD_ALTERED", "indexed columns differ from the signed body"
+    if row.key_id and not keys.knows(row.key_id):
+        return "UNKNOWN_KEY", (
+            f"record signed by key {row.key_id}, not among the log's keys "
+            "(an earlier key belongs in keys.decision_log_public_keys)"
+        )
     if not keys.verify(row.record_hash, row.signature, row.key_id):
         return "BAD_SIGNATURE", "record signature does not verify"
     return "", ""

@@ -33,6 +33,7 @@ from policy_plane.model import (
     ShadowResult,
     Verdict,
     canonical_encoder,
+    movement_of,
     record_decoder,
 )
 from policy_plane.offers import OfferCatalog
@@ -49,7 +50,7 @@ from triplane.runtime.clock import Clock
 from triplane.runtime.config import PolicyConfig
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import AlreadyExists, InvalidArgument, NotFound
-from triplane.runtime.tokens import DecisionClaims, TokenSigner
+from triplane.runtime.tokens import TokenSigner
 
 log = logging.getLogger("policy_plane.engine")
 LABELS = ("legitimate", "fraud", "chargeback")
@@ -210,7 +211,9 @@ class PolicyEngine:
         live, shadow = self.bundles.live, self.bundles.shadow
         assert live is not None, "the engine starts with a live bundle"
         verdict = live.evaluate(stamped)
-        record = self._record(stamped, live, verdict, self._shadow(shadow, stamped, verdict))
+        record = self._record(
+            stamped, live, verdict, self._shadow(shadow, stamped, verdict), now_us
+        )
         case = None
         if verdict.outcome_enum in (Outcome.REVIEW, Outcome.HOLD):
             suggestion = cases_mod.model_suggestion(record, live.decline_suggestion_score)
@@ -229,24 +232,23 @@ class PolicyEngine:
         bundle: CompiledBundle,
         verdict: Verdict,
         shadow: ShadowResult | None,
+        now_us: int,
     ) -> DecisionRecord:
         decision_id = uuid.uuid4().hex
-        token, expires_at_s = "", 0
+        token, expires_at_s, token_id, token_key_id = "", 0, "", ""
         if verdict.outcome_enum == Outcome.ALLOW:
-            expires_at_s = inp.snapshot.decided_at_us // 1_000_000 + self.config.token_ttl_s
-            token = self._signer.sign(
-                DecisionClaims(
-                    decision_id=decision_id,
-                    tenant_id=inp.tenant_id,
-                    account_id=inp.payment.account_id,
-                    amount_minor=inp.payment.amount_minor,
-                    currency=inp.payment.currency,
-                    idempotency_key=inp.idempotency_key,
-                    expires_at_s=expires_at_s,
-                    outcome="allow",
-                    policy_version=bundle.version,
-                )
+            # Issued at this plane's clock: the decision time a caller may
+            # give (what the rules see) cannot stretch the token's life.
+            token, claims = self._signer.issue(
+                movement_of(inp),
+                decision_id=decision_id,
+                issued_at_s=now_us // 1_000_000,
+                ttl_s=self.config.token_ttl_s,
+                payment_kind=inp.payment.kind,
+                policy_version=bundle.version,
             )
+            expires_at_s, token_id = claims.expires_at_s, claims.token_id
+            token_key_id = self._signer.key_id
         case_id = ""
         if verdict.outcome_enum in (Outcome.REVIEW, Outcome.HOLD):
             case_id = cases_mod.case_id_for(decision_id)
@@ -259,6 +261,8 @@ class PolicyEngine:
             token_expires_at_s=expires_at_s,
             case_id=case_id,
             shadow=shadow,
+            token_id=token_id,
+            token_key_id=token_key_id,
         )
 
     def _shadow(

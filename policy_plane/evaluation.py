@@ -36,6 +36,8 @@ from policy_plane.sanctions import Screener
 from triplane.runtime.errors import InvalidArgument
 
 SCORE_PRESENT_SOURCES = frozenset({"triton", "in_process", "last_good"})
+# Movements that travel the rails of the payment they act on: nothing to route.
+UNROUTED = frozenset({"capture", "refund"})
 SCORE_FALLBACK_SOURCES = frozenset({"in_process", "last_good"})
 _MAX_ERROR_TEXT = 160
 
@@ -123,6 +125,25 @@ def _request(payment: PaymentInput, tenant_id: str) -> dict[str, Any]:
         "counterparty": {
             "name": payment.counterparty.name,
             "country": payment.counterparty.country,
+        },
+        "credit_account_id": payment.credit_account_id,
+        "movement": payment.movement,
+        "splits": [
+            {
+                "account_id": leg.account_id,
+                "amount_minor": leg.amount_minor,
+                "basis_points": leg.basis_points,
+                "label": leg.label,
+            }
+            for leg in payment.splits
+        ],
+        "hold_id": payment.hold_id,
+        "refund": {
+            "entry_id": payment.refund.entry_id,
+            "original_account_id": payment.refund.original_account_id,
+            "captured_minor": payment.refund.captured_minor,
+            "refunded_minor": payment.refund.refunded_minor,
+            "refund_count": payment.refund.refund_count,
         },
     }
 
@@ -346,7 +367,7 @@ class CompiledBundle:
                 obligations.append(rule.obligation)
         outcome = combine(outcomes)
         route = None
-        if outcome != Outcome.DENY and self.routes:
+        if outcome != Outcome.DENY and self.routes and inp.payment.movement not in UNROUTED:
             route = self._route(context, inp.payment)
             if route is None:
                 fired.append(_NO_ROUTE)
@@ -425,7 +446,14 @@ def _error_fired(rule: CompiledRule, result: object) -> FiredRule:
 
 def probe_inputs() -> list[EvaluationInput]:
     """Sample inputs for the load-time probe: a full one and an empty one."""
-    from policy_plane.model import Party, ScoreInput, SnapshotInput, Velocity
+    from policy_plane.model import (
+        Party,
+        RefundInput,
+        ScoreInput,
+        SnapshotInput,
+        SplitInput,
+        Velocity,
+    )
 
     busy = Velocity(
         count_1h=3,
@@ -449,6 +477,9 @@ def probe_inputs() -> list[EvaluationInput]:
             device_id="d",
             customer=Party(name="Probe Customer", country="US"),
             counterparty=Party(name="Probe Merchant", country="US"),
+            credit_account_id="merchant",
+            movement="transfer",
+            splits=[SplitInput(account_id="fee", basis_points=250, label="fee")],
         ),
         snapshot=SnapshotInput(
             kyc_tier=1,
@@ -467,7 +498,27 @@ def probe_inputs() -> list[EvaluationInput]:
         payment=PaymentInput(account_id="acct", kind="transfer", amount_minor=1, currency="EUR"),
         snapshot=SnapshotInput(),
     )
-    return [full, empty]
+    refund = EvaluationInput(
+        tenant_id="probe",
+        idempotency_key="probe",
+        payment=PaymentInput(
+            account_id="merchant",
+            kind="refund",
+            amount_minor=500,
+            currency="USD",
+            credit_account_id="acct",
+            movement="refund",
+            refund=RefundInput(
+                entry_id="ent",
+                original_account_id="acct",
+                captured_minor=1_000,
+                refunded_minor=200,
+                refund_count=1,
+            ),
+        ),
+        snapshot=SnapshotInput(),
+    )
+    return [full, empty, refund]
 
 
 def compile_source(

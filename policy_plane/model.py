@@ -11,6 +11,8 @@ import enum
 
 import msgspec
 
+from triplane.runtime.tokens import Movement, SplitTerms, splits_digest
+
 
 class Outcome(enum.IntEnum):
     """Ordered by severity: combination takes the maximum (deny > hold > review > allow)."""
@@ -43,7 +45,29 @@ class Party(_Frozen, frozen=True):
     country: str = ""
 
 
+class SplitInput(_Frozen, frozen=True):
+    """A split leg as the money plane will pay it (fixed or basis points)."""
+
+    account_id: str
+    amount_minor: int = 0
+    basis_points: int = 0
+    label: str = ""
+    release_at_us: int = 0
+    release_account_id: str = ""
+
+
+class RefundInput(_Frozen, frozen=True):
+    """The payment a refund gives back, as the ledger holds it."""
+
+    entry_id: str = ""
+    original_account_id: str = ""
+    captured_minor: int = 0
+    refunded_minor: int = 0
+    refund_count: int = 0
+
+
 class PaymentInput(_Frozen, frozen=True):
+    # The account debited (for a refund: the one the payment credited).
     account_id: str
     kind: str
     amount_minor: int
@@ -54,6 +78,15 @@ class PaymentInput(_Frozen, frozen=True):
     device_id: str = ""
     customer: Party = Party()
     counterparty: Party = Party()
+    # What a token binds besides the above (records logged before these were
+    # taken decode with the defaults).
+    credit_account_id: str = ""
+    # authorize, transfer, payout, capture or refund: the token's `kind`.
+    # Records logged before it was taken were all holds (the gateway's).
+    movement: str = "authorize"
+    splits: list[SplitInput] = msgspec.field(default_factory=list)
+    hold_id: str = ""
+    refund: RefundInput = RefundInput()
 
 
 class ScoreInput(_Frozen, frozen=True):
@@ -159,6 +192,9 @@ class DecisionRecord(_Frozen, frozen=True):
     token_expires_at_s: int = 0
     case_id: str = ""
     shadow: ShadowResult | None = None
+    # The token's id (jti) and signing key's id.
+    token_id: str = ""
+    token_key_id: str = ""
 
 
 class Decision(_Frozen, frozen=True):
@@ -167,6 +203,40 @@ class Decision(_Frozen, frozen=True):
     record: DecisionRecord
     chain_id: str
     sequence: int
+
+
+def split_terms(splits: list[SplitInput]) -> list[SplitTerms]:
+    """The legs as a token binds them (the money plane builds the same from
+    its own legs: a leg with an amount is fixed, else basis points)."""
+    return [
+        SplitTerms(
+            leg.account_id,
+            "fixed" if leg.amount_minor else "basis_points",
+            leg.amount_minor,
+            leg.basis_points,
+            leg.label,
+            leg.release_at_us,
+            leg.release_account_id,
+        )
+        for leg in splits
+    ]
+
+
+def movement_of(inp: EvaluationInput) -> Movement:
+    """What an allow lets the money plane do: the terms its token binds."""
+    payment = inp.payment
+    return Movement(
+        tenant_id=inp.tenant_id,
+        kind=payment.movement,
+        debit_account_id=payment.account_id,
+        credit_account_id=payment.credit_account_id,
+        amount_minor=payment.amount_minor,
+        currency=payment.currency,
+        splits_digest=splits_digest(split_terms(payment.splits)),
+        idempotency_key=inp.idempotency_key,
+        hold_id=payment.hold_id,
+        entry_id=payment.refund.entry_id,
+    )
 
 
 canonical_encoder = msgspec.json.Encoder(order="sorted")

@@ -30,7 +30,7 @@ import msgspec
 
 from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleLimits, BundleSource
 from policy_plane.evaluation import CompiledBundle, compile_source
-from policy_plane.model import DecisionRecord, Outcome, Verdict, record_decoder
+from policy_plane.model import DecisionRecord, Outcome, Verdict, movement_of, record_decoder
 from policy_plane.pii import DecisionSealer
 from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.tokens import DecisionClaims
@@ -38,6 +38,27 @@ from triplane.runtime.tokens import DecisionClaims
 log = logging.getLogger("policy_plane.replay")
 POSITIVE_LABELS = frozenset({"fraud", "chargeback"})
 _claims_decoder = msgspec.json.Decoder(DecisionClaims)
+
+
+class _V1Claims(msgspec.Struct, frozen=True, kw_only=True):
+    """The claims of the v1 tokens logged before decision tokens became JWS
+    (`v1.<claims>.<signature>`), so old logs still replay."""
+
+    decision_id: str
+    tenant_id: str
+    account_id: str
+    amount_minor: int
+    currency: str
+    idempotency_key: str
+    expires_at_s: int
+    outcome: str = "allow"
+    policy_version: str = ""
+    key_id: str = ""
+
+
+_v1_decoder = msgspec.json.Decoder(_V1Claims)
+# What a replay compares of a token: what the bundle and the input decide.
+TokenTerms = tuple[object, ...]
 
 
 @dataclass
@@ -108,37 +129,77 @@ class ReplayWindow:
     max_decisions: int
 
 
+def _payload(token: str) -> bytes:
+    body = token.split(".")[1]
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+
+
 def token_claims(token: str) -> DecisionClaims | None:
-    """The claims of a token, without checking it (the log is verified apart)."""
+    """The claims of a JWS decision token, without checking it (the log is
+    verified apart); None for no token or a v1 one."""
+    if not token or token.startswith("v1."):
+        return None
+    return _claims_decoder.decode(_payload(token))
+
+
+def logged_terms(record: DecisionRecord) -> TokenTerms | None:
+    """What the logged token says that a replay decides again."""
+    token = record.token
     if not token:
         return None
-    body = token.split(".")[1]
-    return _claims_decoder.decode(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-
-
-def expected_claims(
-    record: DecisionRecord, verdict: Verdict, bundle_version: str
-) -> DecisionClaims | None:
-    if verdict.outcome_enum != Outcome.ALLOW:
-        return None
-    inp = record.input
-    return DecisionClaims(
-        decision_id=record.decision_id,
-        tenant_id=inp.tenant_id,
-        account_id=inp.payment.account_id,
-        amount_minor=inp.payment.amount_minor,
-        currency=inp.payment.currency,
-        idempotency_key=inp.idempotency_key,
-        expires_at_s=record.token_expires_at_s,
-        outcome="allow",
-        policy_version=bundle_version,
+    if token.startswith("v1."):
+        v1 = _v1_decoder.decode(_payload(token))
+        return (
+            "v1",
+            v1.decision_id,
+            v1.tenant_id,
+            v1.account_id,
+            v1.amount_minor,
+            v1.currency,
+            v1.idempotency_key,
+            v1.expires_at_s,
+            v1.outcome,
+            v1.policy_version,
+        )
+    claims = _claims_decoder.decode(_payload(token))
+    return (
+        claims.movement(),
+        claims.decision_id,
+        claims.payment_kind,
+        claims.expires_at_s,
+        claims.outcome,
+        claims.policy_version,
     )
 
 
-def _same_claims(logged: DecisionClaims | None, replayed: DecisionClaims | None) -> bool:
-    if logged is None or replayed is None:
-        return logged is replayed
-    return msgspec.structs.replace(logged, key_id="") == replayed
+def expected_terms(
+    record: DecisionRecord, verdict: Verdict, bundle_version: str
+) -> TokenTerms | None:
+    """What a token of this verdict would say (None: no token)."""
+    if verdict.outcome_enum != Outcome.ALLOW:
+        return None
+    inp = record.input
+    if record.token.startswith("v1."):
+        return (
+            "v1",
+            record.decision_id,
+            inp.tenant_id,
+            inp.payment.account_id,
+            inp.payment.amount_minor,
+            inp.payment.currency,
+            inp.idempotency_key,
+            record.token_expires_at_s,
+            "allow",
+            bundle_version,
+        )
+    return (
+        movement_of(inp),
+        record.decision_id,
+        inp.payment.kind,
+        record.token_expires_at_s,
+        "allow",
+        bundle_version,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,8 +490,8 @@ def _replay_one(
     verdict = bundle.evaluate(record.input)
     report.replayed += 1
     if same_version:
-        identical = verdict == record.verdict and _same_claims(
-            token_claims(record.token), expected_claims(record, verdict, bundle.version)
+        identical = verdict == record.verdict and logged_terms(record) == expected_terms(
+            record, verdict, bundle.version
         )
     else:
         identical = (verdict.outcome, verdict.reason_codes) == (

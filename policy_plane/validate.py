@@ -7,7 +7,7 @@ import math
 import re
 
 from policy_plane.bundle import PAYMENT_METHODS
-from policy_plane.model import EvaluationInput, Velocity
+from policy_plane.model import EvaluationInput, PaymentInput, RefundInput, Velocity
 from triplane.runtime import codec as wire
 from triplane.runtime.config import PolicyLimitsConfig
 from triplane.runtime.errors import InvalidArgument
@@ -15,7 +15,19 @@ from triplane.runtime.ids import check_tenant_id as check_tenant_id
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
-PAYMENT_KINDS = ("purchase", "payout", "transfer", "invoice")
+PAYMENT_KINDS = ("purchase", "payout", "transfer", "invoice", "refund")
+# The money movements each kind of payment may be decided for: money goes out
+# of the platform only as a payout decided as one, and back only as a refund.
+_NEW_MONEY = ("authorize", "transfer", "capture")
+MOVEMENTS_FOR_KIND = {
+    "purchase": _NEW_MONEY,
+    "transfer": _NEW_MONEY,
+    "invoice": _NEW_MONEY,
+    "payout": ("authorize", "payout", "capture"),
+    "refund": ("refund",),
+}
+SPLIT_MOVEMENTS = ("transfer", "payout", "capture")
+BASIS_POINTS_TOTAL = 10_000
 SCORE_SOURCES = ("", "none", "triton", "in_process", "last_good")
 MAX_KYC_TIER = 3
 
@@ -65,6 +77,78 @@ def _check_payment(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
         party = getattr(payment, party_name)
         check_text(party.name, f"payment.{party_name}.name", limits.max_name_length)
         check_country(party.country, f"payment.{party_name}.country")
+    _check_movement(payment, limits)
+
+
+def _check_movement(payment: PaymentInput, limits: PolicyLimitsConfig) -> None:
+    """What the token will bind: the payee, the movement, its splits, the
+    hold or the refunded payment."""
+    check_id(payment.credit_account_id, "payment.credit_account_id", limits)
+    if payment.credit_account_id == payment.account_id:
+        raise InvalidArgument(
+            "SAME_ACCOUNT", "debit and credit accounts must differ", "payment.credit_account_id"
+        )
+    movement = payment.movement
+    if not movement:
+        raise InvalidArgument("MOVEMENT_INVALID", "payment.movement is unknown", "payment.movement")
+    if movement not in MOVEMENTS_FOR_KIND[payment.kind]:
+        raise InvalidArgument(
+            "MOVEMENT_NOT_FOR_KIND",
+            f"a {payment.kind} is decided for {', '.join(MOVEMENTS_FOR_KIND[payment.kind])}, "
+            f"not {movement}",
+            "payment.movement",
+        )
+    if payment.splits and movement not in SPLIT_MOVEMENTS:
+        raise InvalidArgument(
+            "SPLITS_NOT_ALLOWED", f"a {movement} has no split legs", "payment.splits"
+        )
+    if len(payment.splits) > limits.max_splits:
+        raise InvalidArgument(
+            "TOO_MANY_SPLITS", f"more than {limits.max_splits} split legs", "payment.splits"
+        )
+    for index, leg in enumerate(payment.splits):
+        where = f"payment.splits[{index}]"
+        check_id(leg.account_id, f"{where}.account_id", limits)
+        check_text(leg.label, f"{where}.label", limits.max_string_length)
+        fixed, share = leg.amount_minor > 0, 0 < leg.basis_points <= BASIS_POINTS_TOTAL
+        if fixed == share or leg.amount_minor < 0 or leg.basis_points > BASIS_POINTS_TOTAL:
+            raise InvalidArgument(
+                "SPLIT_LEG_INVALID",
+                "a leg has either amount_minor > 0 or basis_points in 1..10000",
+                where,
+            )
+        if bool(leg.release_at_us) != bool(leg.release_account_id):
+            raise InvalidArgument(
+                "INCOMPLETE_RESERVE",
+                "a reserve leg needs release_at and release_account_id",
+                f"{where}.release_account_id",
+            )
+        if leg.release_account_id:
+            check_id(leg.release_account_id, f"{where}.release_account_id", limits)
+    if movement == "capture":
+        check_id(payment.hold_id, "payment.hold_id", limits)
+    elif payment.hold_id:
+        raise InvalidArgument(
+            "FIELD_NOT_ALLOWED", "hold_id is for a capture only", "payment.hold_id"
+        )
+    if movement == "refund":
+        _check_refund(payment.refund, limits)
+    elif payment.refund != RefundInput():
+        raise InvalidArgument("FIELD_NOT_ALLOWED", "refund is for a refund only", "payment.refund")
+
+
+def _check_refund(refund: RefundInput, limits: PolicyLimitsConfig) -> None:
+    check_id(refund.entry_id, "payment.refund.entry_id", limits)
+    check_id(refund.original_account_id, "payment.refund.original_account_id", limits)
+    for name in ("captured_minor", "refunded_minor", "refund_count"):
+        if getattr(refund, name) < 0:
+            raise InvalidArgument("REFUND_INVALID", "must be >= 0", f"payment.refund.{name}")
+    if refund.refunded_minor > refund.captured_minor:
+        raise InvalidArgument(
+            "REFUND_INVALID",
+            "refunded_minor is more than captured_minor",
+            "payment.refund.refunded_minor",
+        )
 
 
 def _check_snapshot(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:

@@ -71,10 +71,14 @@ def _cmd_keys_gen(args: argparse.Namespace) -> int:
 
     config = _config(args)
     state_dir = config.state_path.resolve()
-    private_path, public_path = tokens.ensure_dev_keypair(state_dir)
-    print(f"private key  {private_path}")
-    print(f"public key   {public_path}")
-    print(f"public (b64) {public_path.read_text().strip()}")
+    for what, (private_path, public_path) in (
+        ("decision tokens", tokens.ensure_dev_keypair(state_dir)),
+        ("decision log", tokens.ensure_dev_log_keypair(state_dir)),
+    ):
+        print(f"{what}:")
+        print(f"  private key  {private_path}")
+        print(f"  public key   {public_path}")
+        print(f"  public (b64) {public_path.read_text().strip()}")
     return 0
 
 
@@ -180,7 +184,9 @@ def _add_keys_commands(sub: Any) -> None:
     # gateway's (partners' API keys: gateway/auth/cli.py).
     keys = sub.add_parser("signing-keys", help="dev signing key pair of the embedded stack")
     keys_sub = keys.add_subparsers(dest="signing_keys_command", required=True)
-    gen = keys_sub.add_parser("gen", help="create the dev Ed25519 key pair under state_dir/keys")
+    gen = keys_sub.add_parser(
+        "gen", help="create the dev Ed25519 key pairs (tokens, decision log) under state_dir/keys"
+    )
     gen.set_defaults(func=_cmd_keys_gen)
 
 

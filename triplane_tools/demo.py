@@ -32,6 +32,8 @@ from typing import TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
+from money_plane import codec as money_codec
+from money_plane.domain import movement_of
 from triplane.common.v1 import envelope_pb2, types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
@@ -147,31 +149,42 @@ class DemoClient:
         self.signer = signer
         self.stats = Stats()
 
-    def token(self, account_id: str, amount_minor: int, idempotency_key: str) -> str:
-        claims = tokens.DecisionClaims(
-            decision_id=f"dec_{uuid.uuid4().hex}",
-            tenant_id=self.tenant_id,
-            account_id=account_id,
+    def signed(
+        self, transfer: pb.Transfer, debit: str, credit: str, amount_minor: int
+    ) -> pb.Transfer:
+        """The transfer with a decision token for what it will do (the demo
+        stands in for the policy plane, with its key): `debit`, `credit` and
+        `amount_minor` as the ledger resolves them (a capture's from its hold,
+        a refund's from the entry it gives back)."""
+        command = money_codec.command(self.tenant_id, transfer)
+        movement = movement_of(
+            command,
+            debit_account_id=debit,
+            credit_account_id=credit,
             amount_minor=amount_minor,
             currency=CURRENCY,
-            idempotency_key=idempotency_key,
-            expires_at_s=int(time.time()) + TOKEN_TTL_S,
+        )
+        transfer.decision_token, _ = self.signer.issue(
+            movement,
+            decision_id=f"dec_{uuid.uuid4().hex}",
+            issued_at_s=int(time.time()),
+            ttl_s=TOKEN_TTL_S,
             policy_version="demo",
         )
-        return self.signer.sign(claims)
+        return transfer
 
     def movement(
         self, kind: int, key: str, debit: str, credit: str, amount_minor: int
     ) -> pb.Transfer:
         """A new money movement (TRANSFER, PAYOUT, AUTHORIZE) with its token."""
-        return pb.Transfer(
+        transfer = pb.Transfer(
             idempotency_key=key,
             kind=kind,  # type: ignore[arg-type]
             debit_account_id=debit,
             credit_account_id=credit,
             amount=_money(amount_minor),
-            decision_token=self.token(debit, amount_minor, key),
         )
+        return self.signed(transfer, debit, credit, amount_minor)
 
     async def one(self, kind: str, transfer: pb.Transfer) -> pb.TransferResult | None:
         """CreateTransfer; None when it failed (the reason is counted)."""
@@ -282,7 +295,8 @@ class Shared:
     """What workers share: captures that can be refunded, and the clock of
     the last reserve release."""
 
-    captured: collections.deque[tuple[str, int]] = field(
+    # (entry id, amount, the account it credited, the account it debited)
+    captured: collections.deque[tuple[str, int, str, str]] = field(
         default_factory=lambda: collections.deque(maxlen=CAPTURED_REMEMBERED)
     )
 
@@ -368,12 +382,18 @@ class Worker:
         splits = self._splits()
         # The reserve is paid out to the merchant credited by the hold.
         splits[2].release_account_id = hold.credit_account_id
-        capture = pb.Transfer(
-            idempotency_key=self.key("capture"),
-            kind=pb.TRANSFER_KIND_CAPTURE,
-            hold_id=hold.hold_id,
-            amount=_money(amount),
-            splits=splits,
+        # A capture that adds split destinations carries a decision of its own.
+        capture = self.client.signed(
+            pb.Transfer(
+                idempotency_key=self.key("capture"),
+                kind=pb.TRANSFER_KIND_CAPTURE,
+                hold_id=hold.hold_id,
+                amount=_money(amount),
+                splits=splits,
+            ),
+            hold.debit_account_id,
+            hold.credit_account_id,
+            amount,
         )
         result = await self.client.one("capture", capture)
         if result is None:
@@ -381,7 +401,10 @@ class Worker:
         stats = self.client.stats
         stats.expected_events.update(["entry.posted", "hold.captured"])
         stats.reserves_created += 1
-        self.shared.captured.append((result.entry.entry_id, amount))
+        entry = result.entry
+        self.shared.captured.append(
+            (entry.entry_id, amount, entry.credit_account_id, entry.postings[0].account_id)
+        )
 
     async def op_void(self) -> None:
         hold = await self._authorize(self.rng.randint(500, 50_000))
@@ -410,12 +433,19 @@ class Worker:
     async def op_refund(self) -> None:
         if not self.shared.captured:
             return
-        entry_id, amount = self.rng.choice(self.shared.captured)
-        refund = pb.Transfer(
-            idempotency_key=self.key("refund"),
-            kind=pb.TRANSFER_KIND_REFUND,
-            entry_id=entry_id,
-            amount=_money(max(1, int(amount * REFUND_SHARE))),
+        entry_id, amount, payee, payer = self.rng.choice(self.shared.captured)
+        refund_minor = max(1, int(amount * REFUND_SHARE))
+        # Decided for what it does: from the payee back to the payer.
+        refund = self.client.signed(
+            pb.Transfer(
+                idempotency_key=self.key("refund"),
+                kind=pb.TRANSFER_KIND_REFUND,
+                entry_id=entry_id,
+                amount=_money(refund_minor),
+            ),
+            payee,
+            payer,
+            refund_minor,
         )
         if await self.client.one("refund", refund) is not None:
             self.client.stats.expected_events["entry.posted"] += 1

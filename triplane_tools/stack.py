@@ -241,8 +241,13 @@ class Stack:
     async def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        if not self.config.keys.policy_public_keys:
+        keys = self.config.keys
+        # The dev key pairs: decision tokens, and apart from them the
+        # decision log's (created once, kept after).
+        if not (keys.policy_public_keys or keys.policy_public_key_paths):
             tokens.ensure_dev_keypair(self.state_dir)
+        if not keys.decision_log_private_key_path:
+            tokens.ensure_dev_log_keypair(self.state_dir)
         tls = self.config.runtime.tls
         if tls.enabled and not (tls.ca_path or tls.cert_path):
             ensure_dev_certificates(self.state_dir, tls)

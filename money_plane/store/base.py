@@ -102,6 +102,7 @@ class GroupWrites:
     deferred_reserves: list[tuple[int, bytes, str]] = field(default_factory=list)
     released_reserves: list[tuple[bytes, str]] = field(default_factory=list)
     idempotency: list[tuple[str, int, bytes]] = field(default_factory=list)
+    used_tokens: list[tuple[str, str, int, int]] = field(default_factory=list)
     outbox: list[tuple[str, str, bytes, int]] = field(default_factory=list)
 
 
@@ -138,6 +139,14 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS reserves_due ON reserves (release_at_us) WHERE released = 0",
     """CREATE TABLE IF NOT EXISTS idempotency (
         scope_key TEXT PRIMARY KEY, created_at_us BIGINT NOT NULL, body {blob} NOT NULL)""",
+    # Decision token ids spent (tenant/jti), each with the fingerprint of the
+    # transfer it was spent on; kept until money.tokens.used_retention_s past
+    # the token's expiry. The primary key is what stops two replicas spending
+    # one token at once: the second commit conflicts, retries, and sees it.
+    """CREATE TABLE IF NOT EXISTS decision_tokens (
+        token_key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
+        expires_at_us BIGINT NOT NULL, used_at_us BIGINT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS decision_tokens_by_expiry ON decision_tokens (expires_at_us)",
     """CREATE TABLE IF NOT EXISTS outbox (
         seq {serial}, event_id TEXT NOT NULL UNIQUE, subject TEXT NOT NULL,
         data {blob} NOT NULL, created_at_us BIGINT NOT NULL, sent_at_us BIGINT)""",
@@ -372,13 +381,25 @@ class LedgerStore:
         return {account_key(r[0], r[1]): _account_from_row(r) for r in cur.fetchall()}
 
     def _load_idempotency_and_accounts(
-        self, cur: Any, scopes: list[str], account_keys: list[str]
-    ) -> tuple[dict[str, IdempotencyRecord], dict[str, AccountState]]:
-        """Idempotency records (unlocked) and accounts (locked, in key order)."""
+        self, cur: Any, scopes: list[str], account_keys: list[str], token_keys: list[str]
+    ) -> tuple[dict[str, IdempotencyRecord], dict[str, AccountState], dict[str, str]]:
+        """Idempotency records and spent tokens (unlocked) and accounts
+        (locked, in key order)."""
         records = self._load_bodies(
             cur, "idempotency", "scope_key", scopes, IdempotencyRecord, lock=False
         )
-        return records, self._load_accounts(cur, account_keys, lock=True)
+        used = self._load_used_tokens(cur, token_keys)
+        return records, self._load_accounts(cur, account_keys, lock=True), used
+
+    def _load_used_tokens(self, cur: Any, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        cur.execute(
+            "SELECT token_key, fingerprint FROM decision_tokens "
+            f"WHERE token_key IN ({self._marks(len(keys))})",
+            keys,
+        )
+        return {row[0]: row[1] for row in cur.fetchall()}
 
     def _load_bodies(
         self, cur: Any, table: str, key_column: str, keys: list[str], cls: type[T], lock: bool
@@ -422,16 +443,21 @@ class LedgerStore:
         refund_keys = {
             scoped_key(c.tenant_id, c.entry_id) for c in commands if c.kind == Kind.REFUND
         }
+        token_keys = sorted(
+            {scoped_key(c.tenant_id, c.claims.token_id) for c in commands if c.claims is not None}
+        )
         if not hold_keys and not reserve_keys and not refund_keys:
             # Plain transfers: every account is known from the commands alone,
-            # so the idempotency records and the accounts load together.
-            view.idempotency, view.accounts = self._load_idempotency_and_accounts(
-                cur, scopes, sorted(_account_keys(commands, view))
+            # so the idempotency records, the spent tokens and the accounts
+            # load together.
+            view.idempotency, view.accounts, view.used_tokens = self._load_idempotency_and_accounts(
+                cur, scopes, sorted(_account_keys(commands, view)), token_keys
             )
         else:
             view.idempotency = self._load_bodies(
                 cur, "idempotency", "scope_key", scopes, IdempotencyRecord, lock=False
             )
+            view.used_tokens = self._load_used_tokens(cur, token_keys)
             view.holds = self._load_bodies(cur, "holds", "hold_key", hold_keys, Hold, lock=True)
             # As loaded: what each hold a commit writes is checked against.
             loaded_holds = dict(view.holds)
@@ -535,6 +561,10 @@ class LedgerStore:
         writes.idempotency = [
             (r.scope_key, r.created_at_us, encode(r)) for r in changes.new_idempotency
         ]
+        writes.used_tokens = [
+            (t.token_key, t.fingerprint, t.expires_at_us, t.used_at_us)
+            for t in changes.new_used_tokens
+        ]
         encode_event = self._encode_event
         writes.outbox = []
         for spec in changes.events:
@@ -559,6 +589,12 @@ class LedgerStore:
         )
         self._apply_rare_writes(cur, writes)
         self._insert_many(cur, "idempotency", "scope_key, created_at_us, body", writes.idempotency)
+        self._insert_many(
+            cur,
+            "decision_tokens",
+            "token_key, fingerprint, expires_at_us, used_at_us",
+            writes.used_tokens,
+        )
         self._insert_many(cur, "outbox", "event_id, subject, data, created_at_us", writes.outbox)
 
     def _apply_rare_writes(self, cur: Any, writes: GroupWrites) -> None:
@@ -802,6 +838,19 @@ class LedgerStore:
             cur.execute(
                 self._sql("DELETE FROM outbox WHERE sent_at_us IS NOT NULL AND sent_at_us < %s"),
                 (before_us,),
+            )
+            return int(cur.rowcount or 0)
+
+    def purge_used_tokens(self, expired_before_us: int, limit: int) -> int:
+        """Forgets up to `limit` spent token ids whose tokens expired before
+        `expired_before_us` (a token that old is refused as expired anyway)."""
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "DELETE FROM decision_tokens WHERE token_key IN (SELECT token_key "
+                    "FROM decision_tokens WHERE expires_at_us < %s LIMIT %s)"
+                ),
+                (expired_before_us, limit),
             )
             return int(cur.rowcount or 0)
 

@@ -53,6 +53,9 @@ def _keys_json(keys: Sequence[str]) -> str:
 _KEYS = "ANY(ARRAY(SELECT jsonb_array_elements_text(%s::jsonb)))"
 
 _SELECT_IDEMPOTENCY = f"SELECT scope_key, body FROM idempotency WHERE scope_key = {_KEYS}"
+_SELECT_USED_TOKENS = (
+    f"SELECT token_key, fingerprint FROM decision_tokens WHERE token_key = {_KEYS}"
+)
 _SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_key = {_KEYS}"
 
 # All of a group's plain-transfer writes in one statement. Each CTE writes a
@@ -81,6 +84,10 @@ WITH acc_rows AS (
     INSERT INTO idempotency (scope_key, created_at_us, body)
     SELECT r->>0, (r->>1)::bigint, decode(r->>2, 'base64')
     FROM jsonb_array_elements(%(idempotency)s::jsonb) AS r
+), tok AS (
+    INSERT INTO decision_tokens (token_key, fingerprint, expires_at_us, used_at_us)
+    SELECT r->>0, r->>1, (r->>2)::bigint, (r->>3)::bigint
+    FROM jsonb_array_elements(%(used_tokens)s::jsonb) AS r
 ), obx AS (
     INSERT INTO outbox (event_id, subject, data, created_at_us)
     SELECT r->>0, r->>1, decode(r->>2, 'base64'), (r->>3)::bigint
@@ -103,6 +110,7 @@ _ARRAY_TYPES = {
     "holds": ("text", "text", "smallint", "bigint", "bytea"),
     "reserves": ("text", "text", "bigint", "smallint", "bytea"),
     "idempotency": ("text", "bigint", "bytea"),
+    "decision_tokens": ("text", "text", "bigint", "bigint"),
     "outbox": ("text", "text", "bytea", "bigint"),
 }
 
@@ -208,13 +216,16 @@ class PostgresLedgerStore(LedgerStore):
         return self._transaction(pipeline=True)
 
     def _load_idempotency_and_accounts(
-        self, cur: Any, scopes: list[str], account_keys: list[str]
-    ) -> tuple[dict[str, IdempotencyRecord], dict[str, AccountState]]:
-        # Both statements are queued before either result is read: in pipeline
+        self, cur: Any, scopes: list[str], account_keys: list[str], token_keys: list[str]
+    ) -> tuple[dict[str, IdempotencyRecord], dict[str, AccountState], dict[str, str]]:
+        # Every statement is queued before any result is read: in pipeline
         # mode they travel (with the BEGIN) in one round trip.
-        with cur.connection.cursor() as accounts_cur:
+        connection = cur.connection
+        with connection.cursor() as accounts_cur, connection.cursor() as tokens_cur:
             if scopes:
                 cur.execute(_SELECT_IDEMPOTENCY, (_keys_json(scopes),))
+            if token_keys:
+                tokens_cur.execute(_SELECT_USED_TOKENS, (_keys_json(token_keys),))
             if account_keys:
                 accounts_cur.execute(
                     f"{_SELECT_ACCOUNTS} ORDER BY account_key FOR UPDATE",
@@ -226,12 +237,19 @@ class PostgresLedgerStore(LedgerStore):
                 if scopes
                 else {}
             )
+            used = {row[0]: row[1] for row in tokens_cur.fetchall()} if token_keys else {}
             accounts = (
                 {f"{r[0]}/{r[1]}": _account_from_row(r) for r in accounts_cur.fetchall()}
                 if account_keys
                 else {}
             )
-        return records, accounts
+        return records, accounts, used
+
+    def _load_used_tokens(self, cur: Any, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        cur.execute(_SELECT_USED_TOKENS, (_keys_json(keys),))
+        return {row[0]: row[1] for row in cur.fetchall()}
 
     def _load_accounts(
         self, cur: Any, keys: list[str], lock: bool = False
@@ -263,6 +281,7 @@ class PostgresLedgerStore(LedgerStore):
                 "entries": encode(writes.new_entries).decode(),
                 "postings": encode(writes.postings).decode(),
                 "idempotency": encode(writes.idempotency).decode(),
+                "used_tokens": encode(writes.used_tokens).decode(),
                 "outbox": encode(writes.outbox).decode(),
             },
         )

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 
 from money_plane.app import build_store
 from money_plane.domain import (
+    SELF_CONTAINED,
     AccountSpec,
     Command,
     Constraint,
+    Entry,
     Hold,
     HoldState,
     Kind,
@@ -30,6 +33,8 @@ from money_plane.domain import (
     LegKind,
     Outcome,
     Side,
+    credit_account_of,
+    movement_of,
 )
 from money_plane.ledger import Ledger
 from money_plane.store import records as msgpack_records
@@ -38,7 +43,9 @@ from tests.tls_helpers import dev_certificates
 from triplane.runtime.clock import Clock, ManualClock
 from triplane.runtime.config import Config, load_config, with_overrides
 from triplane.runtime.tokens import (
+    AUDIENCE,
     DecisionClaims,
+    Movement,
     TokenSigner,
     TokenVerifier,
     generate_private_key,
@@ -248,6 +255,28 @@ class DbProbe:
     def outbox_count(self) -> int:
         return int(self.scalar("SELECT COUNT(*) FROM outbox"))
 
+    def hold(self, tenant_id: str, hold_id: str) -> Hold | None:
+        rows = self.rows("SELECT body FROM holds WHERE hold_key = %s", (f"{tenant_id}/{hold_id}",))
+        return msgpack_records.decode(bytes(rows[0][0]), Hold) if rows else None
+
+    def entry(self, tenant_id: str, entry_id: str) -> Entry | None:
+        rows = self.rows(
+            "SELECT body FROM entries WHERE entry_key = %s", (f"{tenant_id}/{entry_id}",)
+        )
+        return msgpack_records.decode(bytes(rows[0][0]), Entry) if rows else None
+
+    def used_tokens(self, tenant_id: str) -> dict[str, str]:
+        """Spent decision token ids of the tenant -> the transfer fingerprint."""
+        prefix = f"{tenant_id}/"
+        return {
+            r[0][len(prefix) :]: r[1]
+            for r in self.rows(
+                "SELECT token_key, fingerprint FROM decision_tokens "
+                "WHERE substr(token_key, 1, %s) = %s",
+                (len(prefix), prefix),
+            )
+        }
+
     def idempotency_count(self, tenant_id: str) -> int:
         prefix = f"{tenant_id}/"
         return int(
@@ -309,28 +338,66 @@ class Kit:
     def __post_init__(self) -> None:
         self.probe = DbProbe(self.backend, self.where)
 
-    def token(
-        self,
-        key: str,
-        account_id: str,
-        amount_minor: int,
-        currency: str = "USD",
-        *,
-        tenant: str | None = None,
-        ttl_s: int = TOKEN_TTL_S,
-        outcome: str = "allow",
-        signer: TokenSigner | None = None,
-    ) -> str:
-        return sign_token(
-            signer or self.signer,
-            tenant or self.tenant,
-            key,
-            account_id,
-            amount_minor,
-            currency,
-            expires_at_s=self.clock.now_us() // 1_000_000 + ttl_s,
-            outcome=outcome,
+    def movement(self, cmd: Command) -> Movement:
+        """What the command will do, as its token must name it: a capture's
+        accounts from its hold, a refund's from the entry it refunds (read
+        from the tables; an unknown one leaves them empty)."""
+        if cmd.kind in SELF_CONTAINED:
+            return movement_of(
+                cmd,
+                debit_account_id=cmd.debit_account_id,
+                credit_account_id=cmd.credit_account_id,
+                amount_minor=cmd.amount_minor,
+                currency=cmd.currency,
+            )
+        if cmd.kind == Kind.CAPTURE:
+            hold = self.probe.hold(cmd.tenant_id, cmd.hold_id)
+            return movement_of(
+                cmd,
+                debit_account_id=hold.debit_account_id if hold else "",
+                credit_account_id=hold.credit_account_id if hold else "",
+                amount_minor=cmd.amount_minor or (hold.amount_minor if hold else 0),
+                currency=hold.currency if hold else cmd.currency,
+            )
+        entry = self.probe.entry(cmd.tenant_id, cmd.entry_id)
+        remaining = entry.amount_minor - entry.refunded_minor if entry else 0
+        return movement_of(
+            cmd,
+            debit_account_id=credit_account_of(entry) if entry else "",
+            credit_account_id=entry.postings[0].account_id if entry else "",
+            amount_minor=cmd.amount_minor or remaining,
+            currency=entry.currency if entry else cmd.currency,
         )
+
+    def token_for(
+        self,
+        cmd: Command,
+        *,
+        ttl_s: int = TOKEN_TTL_S,
+        issued_ago_s: int = 0,
+        outcome: str = "allow",
+        audience: str = AUDIENCE,
+        signer: TokenSigner | None = None,
+        token_id: str | None = None,
+        **terms: Any,
+    ) -> str:
+        """A token for the command, with any movement term replaced by `terms`
+        (a token for something else), issued `issued_ago_s` ago (negative: in
+        the future) and valid `ttl_s` from then."""
+        movement = msgspec.structs.replace(self.movement(cmd), **terms)
+        return sign_movement(
+            signer or self.signer,
+            movement,
+            issued_at_s=self.clock.now_us() // 1_000_000 - issued_ago_s,
+            ttl_s=ttl_s,
+            outcome=outcome,
+            audience=audience,
+            token_id=token_id,
+        )
+
+    def with_token(self, cmd: Command, **token_options: Any) -> Command:
+        """The command carrying a token (see token_for) of its own."""
+        return msgspec.structs.replace(cmd, decision_token=self.token_for(cmd, **token_options))
 
     def move(
         self,
@@ -349,11 +416,8 @@ class Kit:
         metadata: dict[str, str] | None = None,
     ) -> Command:
         """A TRANSFER (or PAYOUT / AUTHORIZE) with a valid token unless given."""
-        tenant_id = tenant or self.tenant
-        if token is None:
-            token = self.token(key, debit, amount_minor, currency, tenant=tenant_id)
-        return Command(
-            tenant_id=tenant_id,
+        command = Command(
+            tenant_id=tenant or self.tenant,
             idempotency_key=key,
             kind=kind,
             debit_account_id=debit,
@@ -361,11 +425,12 @@ class Kit:
             amount_minor=amount_minor,
             currency=currency,
             splits=list(splits),
-            decision_token=token,
+            decision_token=token or "",
             hold_timeout_s=hold_timeout_s,
             description=description,
             metadata=metadata or {},
         )
+        return command if token is not None else self.with_token(command)
 
     def authorize(
         self,
@@ -393,8 +458,10 @@ class Kit:
         amount_minor: int = 0,
         currency: str = "",
         splits: Iterable[Leg] = (),
+        token: str | None = None,
     ) -> Command:
-        return Command(
+        """A CAPTURE; with splits, a valid token unless given."""
+        command = Command(
             tenant_id=self.tenant,
             idempotency_key=key,
             kind=Kind.CAPTURE,
@@ -402,20 +469,32 @@ class Kit:
             amount_minor=amount_minor,
             currency=currency or ("USD" if amount_minor else ""),
             splits=list(splits),
+            decision_token=token or "",
         )
+        return self.with_token(command) if token is None and command.splits else command
 
     def void(self, key: str, hold_id: str) -> Command:
         return Command(tenant_id=self.tenant, idempotency_key=key, kind=Kind.VOID, hold_id=hold_id)
 
-    def refund(self, key: str, entry_id: str, amount_minor: int = 0, currency: str = "") -> Command:
-        return Command(
+    def refund(
+        self,
+        key: str,
+        entry_id: str,
+        amount_minor: int = 0,
+        currency: str = "",
+        token: str | None = None,
+    ) -> Command:
+        """A REFUND with a valid token unless given."""
+        command = Command(
             tenant_id=self.tenant,
             idempotency_key=key,
             kind=Kind.REFUND,
             entry_id=entry_id,
             amount_minor=amount_minor,
             currency=currency or ("USD" if amount_minor else ""),
+            decision_token=token or "",
         )
+        return command if token is not None else self.with_token(command)
 
     async def submit(self, *commands: Command, atomic: bool = False) -> list[Outcome]:
         return await self.ledger.submit(self.tenant, list(commands), atomic=atomic)
@@ -460,28 +539,58 @@ class Kit:
         assert self.probe.invariant_problems(self.tenant) == []
 
 
+def sign_movement(
+    signer: TokenSigner,
+    movement: Movement,
+    *,
+    issued_at_s: int,
+    ttl_s: int = TOKEN_TTL_S,
+    outcome: str = "allow",
+    audience: str = AUDIENCE,
+    token_id: str | None = None,
+) -> str:
+    """A decision token for `movement` as the policy plane would sign it
+    (decision id `dec-<idempotency key>`), any claim of it settable."""
+    return signer.sign(
+        DecisionClaims(
+            token_id=token_id or uuid.uuid4().hex,
+            issued_at_s=issued_at_s,
+            expires_at_s=issued_at_s + ttl_s,
+            audience=audience,
+            decision_id=f"dec-{movement.idempotency_key}",
+            outcome=outcome,
+            **msgspec.structs.asdict(movement),
+        )
+    )
+
+
 def sign_token(
     signer: TokenSigner,
     tenant_id: str,
     key: str,
-    account_id: str,
+    debit_account_id: str,
+    credit_account_id: str,
     amount_minor: int,
-    currency: str,
+    currency: str = "USD",
     *,
-    expires_at_s: int,
-    outcome: str = "allow",
+    kind: str = "transfer",
+    issued_at_s: int | None = None,
+    ttl_s: int = TOKEN_TTL_S,
 ) -> str:
-    return signer.sign(
-        DecisionClaims(
-            decision_id=f"dec-{key}",
+    """A token for a plain movement (no splits), issued now by default."""
+    return sign_movement(
+        signer,
+        Movement(
             tenant_id=tenant_id,
-            account_id=account_id,
+            kind=kind,
+            debit_account_id=debit_account_id,
+            credit_account_id=credit_account_id,
             amount_minor=amount_minor,
             currency=currency,
             idempotency_key=key,
-            expires_at_s=expires_at_s,
-            outcome=outcome,
-        )
+        ),
+        issued_at_s=int(time.time()) if issued_at_s is None else issued_at_s,
+        ttl_s=ttl_s,
     )
 
 
@@ -580,3 +689,44 @@ async def stream_count(nats_url: str, subject: str) -> int:
         return sum((info.state.subjects or {}).values())
     finally:
         await client.close()
+
+
+def transfer_token(
+    signer: TokenSigner,
+    tenant_id: str,
+    transfer: Any,
+    *,
+    issued_at_s: int | None = None,
+    ttl_s: int = TOKEN_TTL_S,
+    **terms: Any,
+) -> str:
+    """A token for a money.v1.Transfer message as the servicer will read it,
+    any term replaced by `terms` (a CAPTURE's or REFUND's accounts and amount
+    are its hold's or entry's: give them as terms). A message the servicer
+    would refuse (an unknown kind, a bad split) still gets a token, for the
+    parts it has."""
+    from money_plane import codec
+
+    try:
+        command = codec.command(tenant_id, transfer)
+    except Exception:
+        command = codec.command(tenant_id, type(transfer)(idempotency_key=transfer.idempotency_key))
+    kind = command.kind if command.kind in MOVEMENT_KINDS_BY_VALUE else int(Kind.TRANSFER)
+    movement = movement_of(
+        msgspec.structs.replace(command, kind=kind),
+        debit_account_id=command.debit_account_id,
+        credit_account_id=command.credit_account_id,
+        amount_minor=command.amount_minor,
+        currency=command.currency,
+    )
+    return sign_movement(
+        signer,
+        msgspec.structs.replace(movement, **terms),
+        issued_at_s=int(time.time()) if issued_at_s is None else issued_at_s,
+        ttl_s=ttl_s,
+    )
+
+
+MOVEMENT_KINDS_BY_VALUE = frozenset(
+    int(k) for k in (Kind.TRANSFER, Kind.PAYOUT, Kind.AUTHORIZE, Kind.CAPTURE, Kind.REFUND)
+)

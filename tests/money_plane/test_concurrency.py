@@ -141,7 +141,7 @@ def _thread_client(
         ledger = make_ledger(place.backend, place.where, config, signer, clock)
         await ledger.start(sweepers=False)
         try:
-            expires = clock.now_us() // 1_000_000 + 3_600
+            now_s = clock.now_us() // 1_000_000
             commands = [
                 Command(
                     tenant_id=tenant,
@@ -152,7 +152,7 @@ def _thread_client(
                     amount_minor=i + 1,
                     currency="USD",
                     decision_token=sign_token(
-                        signer, tenant, f"thr-{i}", "bank", i + 1, "USD", expires_at_s=expires
+                        signer, tenant, f"thr-{i}", "bank", "alice", i + 1, issued_at_s=now_s
                     ),
                 )
                 for i in range(KEYS)
@@ -297,7 +297,7 @@ async def test_two_replicas_on_one_database_hammering_shared_keys(
         await ledger.start(sweepers=False)
     rng = random.Random(7)
     names = [f"acct{i}" for i in range(6)] + ["lim0", "lim1"]
-    expires = clock.now_us() // 1_000_000 + 3_600
+    now_s = clock.now_us() // 1_000_000
     commands: list[Command] = []
     for i in range(300):
         debit, credit = rng.sample(names, 2)
@@ -313,7 +313,7 @@ async def test_two_replicas_on_one_database_hammering_shared_keys(
                 amount_minor=amount,
                 currency="USD",
                 decision_token=sign_token(
-                    signer, tenant, k, debit, amount, "USD", expires_at_s=expires
+                    signer, tenant, k, debit, credit, amount, issued_at_s=now_s
                 ),
             )
         )

@@ -17,14 +17,14 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from money_helpers import DbProbe, stream_count, stream_messages, unique_tenant
+from money_helpers import DbProbe, stream_count, stream_messages, transfer_token, unique_tenant
 
 from tests.tls_helpers import channel_as, dev_certificates
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime.net import free_port
-from triplane.runtime.tokens import DecisionClaims, TokenSigner, load_signer
+from triplane.runtime.tokens import TokenSigner, load_signer
 
 REPO = Path(__file__).resolve().parents[2]
 TRANSFERS = 400
@@ -115,18 +115,8 @@ def plane_process(pg_dsn: str, nats_url: str, tmp_path: Path) -> Iterator[PlaneP
         plane.terminate()
 
 
-def _token(signer: TokenSigner, tenant: str, key: str, account: str, amount: int) -> str:
-    return signer.sign(
-        DecisionClaims(
-            decision_id=f"dec-{key}",
-            tenant_id=tenant,
-            account_id=account,
-            amount_minor=amount,
-            currency="USD",
-            idempotency_key=key,
-            expires_at_s=int(time.time()) + 3_600,
-        )
-    )
+def _token(signer: TokenSigner, tenant: str, transfer: pb.Transfer) -> str:
+    return transfer_token(signer, tenant, transfer, issued_at_s=int(time.time()))
 
 
 async def test_kill_9_under_load_loses_and_duplicates_nothing(
@@ -189,10 +179,10 @@ async def test_kill_9_under_load_loses_and_duplicates_nothing(
                             label="fee",
                         )
                     ],
-                    decision_token=_token(signer, tenant, key, "bank", amount),
                 ),
             )
         )
+        requests[-1].transfer.decision_token = _token(signer, tenant, requests[-1].transfer)
     answers: dict[str, str] = {}
     killed = asyncio.Event()
 

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import uuid
 
+import msgspec
 import pytest
 from money_helpers import (
     DEBITS_LIMITED,
@@ -519,8 +520,9 @@ async def test_retry_returns_the_original_and_writes_nothing(kit: Kit) -> None:
     assert again.replayed and not first.replayed
     assert again.entry is not None and first.entry is not None
     assert again.entry.entry_id == first.entry.entry_id
-    # A retry may carry a freshly signed token.
-    fresh = kit.move(k, "bank", "alice", 1_000, token=kit.token(k, "bank", 1_000))
+    # A retry may carry a freshly signed token (another token id).
+    fresh = kit.move(k, "bank", "alice", 1_000)
+    assert fresh.decision_token != command.decision_token
     third = await kit.ok(fresh)
     assert third.replayed and third.entry is not None
     assert third.entry.entry_id == first.entry.entry_id
@@ -608,7 +610,6 @@ async def test_same_key_different_payload_is_already_exists(
         amount,
         kind=Kind(args.get("kind", Kind.TRANSFER)),  # type: ignore[arg-type]
         description=str(args.get("description", "")),
-        token=kit.token(k, "bank", amount),
     )
     before = kit.snapshot()
     outcome = await kit.one(other)
@@ -845,10 +846,10 @@ async def test_another_tenants_entries_and_holds_are_not_found(kit: Kit) -> None
 async def test_a_token_for_another_tenant_is_refused(kit: Kit) -> None:
     other = await _other_tenant(kit)
     k = key()
-    token = kit.token(k, "bank", 10, tenant=other)
+    mine = kit.move(k, "bank", "alice", 10, token="")
     await refused(
         kit,
-        kit.move(k, "bank", "alice", 10, token=token),
+        kit.with_token(mine, tenant_id=other),
         "DECISION_TOKEN_MISMATCH",
         field="transfers[0].decision_token.tenant_id",
         code=Code.PERMISSION_DENIED,
@@ -881,11 +882,20 @@ async def test_check_balanced_sees_only_its_own_tenant(kit: Kit) -> None:
         ("bad_signature", "DECISION_TOKEN_BAD_SIGNATURE", ""),
         ("unknown_key", "DECISION_TOKEN_UNKNOWN_KEY", ""),
         ("deny", "DECISION_NOT_ALLOW", ""),
+        ("audience", "DECISION_TOKEN_WRONG_AUDIENCE", ".aud"),
+        ("tenant", "DECISION_TOKEN_MISMATCH", ".tenant_id"),
+        ("kind", "DECISION_TOKEN_MISMATCH", ".kind"),
+        ("debit", "DECISION_TOKEN_MISMATCH", ".debit_account_id"),
+        ("credit", "DECISION_TOKEN_MISMATCH", ".credit_account_id"),
         ("amount", "DECISION_TOKEN_MISMATCH", ".amount_minor"),
-        ("account", "DECISION_TOKEN_MISMATCH", ".account_id"),
         ("currency", "DECISION_TOKEN_MISMATCH", ".currency"),
+        ("splits", "DECISION_TOKEN_MISMATCH", ".splits_digest"),
         ("key", "DECISION_TOKEN_MISMATCH", ".idempotency_key"),
+        ("hold", "DECISION_TOKEN_MISMATCH", ".hold_id"),
+        ("entry", "DECISION_TOKEN_MISMATCH", ".entry_id"),
+        # Beyond the allowed clock skew, either way.
         ("expired", "DECISION_TOKEN_EXPIRED", ""),
+        ("future", "DECISION_TOKEN_NOT_YET_VALID", ""),
     ],
 )
 @pytest.mark.parametrize("kind", [Kind.TRANSFER, Kind.AUTHORIZE, Kind.PAYOUT])
@@ -894,69 +904,260 @@ async def test_decision_token_checks(
 ) -> None:
     await kit.fund("alice", 1_000)
     k = key()
+    command = kit.move(k, "alice", "merchant", 100, kind=kind, token="")
+    other_kind = "payout" if kind != Kind.PAYOUT else "transfer"
+    skew = kit.ledger.config.tokens.clock_skew_s
     tokens = {
-        "missing": "",
-        "malformed": "v1.nonsense",
-        "bad_signature": _flip_signature(kit.token(k, "alice", 100)),
-        "unknown_key": kit.token(k, "alice", 100, signer=new_signer()),
-        "deny": kit.token(k, "alice", 100, outcome="deny"),
-        "amount": kit.token(k, "alice", 101),
-        "account": kit.token(k, "merchant", 100),
-        "currency": kit.token(k, "alice", 100, "EUR"),
-        "key": kit.token("another-key", "alice", 100),
-        # Beyond the allowed clock skew.
-        "expired": kit.token(k, "alice", 100, ttl_s=-60),
+        "missing": lambda: "",
+        "malformed": lambda: "v1.nonsense",
+        "bad_signature": lambda: _flip_signature(kit.token_for(command)),
+        "unknown_key": lambda: kit.token_for(command, signer=new_signer()),
+        "deny": lambda: kit.token_for(command, outcome="deny"),
+        "audience": lambda: kit.token_for(command, audience="triplane.gateway"),
+        "tenant": lambda: kit.token_for(command, tenant_id="someone-else"),
+        "kind": lambda: kit.token_for(command, kind=other_kind),
+        "debit": lambda: kit.token_for(command, debit_account_id="bob"),
+        "credit": lambda: kit.token_for(command, credit_account_id="bob"),
+        "amount": lambda: kit.token_for(command, amount_minor=101),
+        "currency": lambda: kit.token_for(command, currency="EUR"),
+        "splits": lambda: kit.token_for(command, splits_digest="another-split"),
+        "key": lambda: kit.token_for(command, idempotency_key="another-key"),
+        "hold": lambda: kit.token_for(command, hold_id="hld_x"),
+        "entry": lambda: kit.token_for(command, entry_id="ent_x"),
+        "expired": lambda: kit.token_for(command, issued_ago_s=60 + skew, ttl_s=59),
+        "future": lambda: kit.token_for(command, issued_ago_s=-(skew + 60)),
     }
-    command = kit.move(k, "alice", "merchant", 100, kind=kind, token=tokens[mutation])
+    forged = msgspec.structs.replace(command, decision_token=tokens[mutation]())
+    spent = kit.probe.used_tokens(kit.tenant)
     await refused(
         kit,
-        command,
+        forged,
         reason,
         field=f"transfers[0].decision_token{field_suffix}",
         code=Code.PERMISSION_DENIED,
     )
     assert kit.probe.hold_count(kit.tenant) == 0
-    # Not remembered: the same key with a good token goes through.
-    await kit.ok(kit.move(k, "alice", "merchant", 100, kind=kind))
+    # Neither remembered nor spent: the same key with a good token goes through.
+    assert kit.probe.used_tokens(kit.tenant) == spent
+    await kit.ok(kit.with_token(command))
 
 
 def _flip_signature(token: str) -> str:
-    version, body, signature = token.split(".")
+    header, body, signature = token.split(".")
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
-    return f"{version}.{body}.{flipped}"
+    return f"{header}.{body}.{flipped}"
+
+
+async def test_a_purchase_decision_is_not_a_payout(kit: Kit) -> None:
+    """A token for a hold (what a purchase is decided as) cannot pay out the
+    same amount between the same accounts under the same key."""
+    await kit.fund("alice", 1_000)
+    k = key()
+    authorize = kit.authorize(k, "alice", "merchant", 100)
+    payout = kit.move(k, "alice", "merchant", 100, kind=Kind.PAYOUT, token=authorize.decision_token)
+    await refused(
+        kit,
+        payout,
+        "DECISION_TOKEN_MISMATCH",
+        field="transfers[0].decision_token.kind",
+        code=Code.PERMISSION_DENIED,
+    )
+    assert kit.probe.entry_count(kit.tenant) == 1  # the funding only
 
 
 async def test_expired_token_still_replays_a_committed_transfer(kit: Kit) -> None:
     k = key()
-    token = kit.token(k, "bank", 100, ttl_s=60)
-    command = kit.move(k, "bank", "alice", 100, token=token)
+    command = kit.with_token(kit.move(k, "bank", "alice", 100, token=""), ttl_s=60)
     first = await kit.ok(command)
     kit.clock.advance(3_600)
     again = await kit.ok(command)
     assert again.replayed and again.entry is not None and first.entry is not None
     assert again.entry.entry_id == first.entry.entry_id
     # A new transfer with an expired token is refused.
-    k2 = key()
-    stale = kit.move(k2, "bank", "alice", 100, token=kit.token(k2, "bank", 100, ttl_s=-3_600))
+    stale = kit.with_token(
+        kit.move(key(), "bank", "alice", 100, token=""), issued_ago_s=7_200, ttl_s=3_600
+    )
     await refused(kit, stale, "DECISION_TOKEN_EXPIRED")
 
 
 async def test_token_within_clock_skew_is_accepted(kit: Kit) -> None:
-    k = key()
     skew = kit.ledger.config.tokens.clock_skew_s
-    await kit.ok(
-        kit.move(k, "bank", "alice", 100, token=kit.token(k, "bank", 100, ttl_s=-(skew - 1)))
+    late = kit.move(key(), "bank", "alice", 100, token="")
+    await kit.ok(kit.with_token(late, issued_ago_s=60 + skew - 1, ttl_s=60))
+    early = kit.move(key(), "bank", "alice", 100, token="")
+    await kit.ok(kit.with_token(early, issued_ago_s=-(skew - 1)))
+
+
+# ---- spent token ids ----
+
+
+async def test_a_retry_of_the_same_transfer_with_the_same_token_is_idempotent(kit: Kit) -> None:
+    command = kit.move(key(), "bank", "alice", 100)
+    first = await kit.ok(command)
+    again = await kit.ok(command)
+    assert again.replayed and again.entry == first.entry
+    assert len(kit.probe.used_tokens(kit.tenant)) == 1
+
+
+async def test_a_token_id_is_spent_even_by_a_failure_that_is_not_remembered(kit: Kit) -> None:
+    """The transfer fails for a reason that frees its idempotency key (an
+    account that does not exist yet); the token cannot then move money for
+    another transfer under that key, but the same transfer may be retried."""
+    k = key()
+    tried = kit.move(k, "bank", "late", 100, description="first try")
+    await refused(kit, tried, "ACCOUNT_NOT_FOUND", code=Code.NOT_FOUND)
+    assert kit.probe.idempotency_count(kit.tenant) == 0
+    await kit.open(("late", "USD", 1, 0))
+    another = msgspec.structs.replace(tried, description="another transfer")
+    await refused(
+        kit,
+        another,
+        "DECISION_TOKEN_REUSED",
+        field="transfers[0].decision_token",
+        code=Code.PERMISSION_DENIED,
     )
+    assert kit.probe.entry_count(kit.tenant) == 0
+    # The same transfer with its token: allowed (the failure was not remembered).
+    await kit.ok(tried)
+    assert kit.probe.entry_count(kit.tenant) == 1
 
 
-async def test_captures_voids_and_refunds_need_no_token(kit: Kit) -> None:
-    await kit.fund("alice", 100)
+async def test_a_token_spent_in_a_failed_atomic_batch_stays_spent(kit: Kit) -> None:
+    good = kit.move(key(), "bank", "alice", 100)
+    bad = kit.move(key(), "alice", "merchant", 1_000_000)  # INSUFFICIENT_FUNDS
+    outcomes = await kit.submit(good, bad, atomic=True)
+    assert [o.error.reason for o in outcomes if o.error] == [
+        "LINKED_TRANSFER_FAILED",
+        "INSUFFICIENT_FUNDS",
+    ]
+    assert kit.probe.entry_count(kit.tenant) == 0
+    another = msgspec.structs.replace(good, metadata={"note": "something else"})
+    await refused(kit, another, "DECISION_TOKEN_REUSED", code=Code.PERMISSION_DENIED)
+    await kit.ok(good)
+
+
+async def test_one_token_twice_in_one_request_moves_money_once(kit: Kit) -> None:
+    first = kit.move(key(), "bank", "alice", 100)
+    twin = msgspec.structs.replace(first, description="the same token again")
+    outcomes = await kit.submit(first, twin)
+    assert outcomes[0].error is None
+    assert outcomes[1].error is not None
+    # The twin differs in its description under the same key: the key refuses it.
+    assert outcomes[1].error.reason == "IDEMPOTENCY_KEY_REUSED"
+    assert kit.probe.entry_count(kit.tenant) == 1
+
+
+async def test_spent_token_ids_are_forgotten_after_their_retention(kit: Kit) -> None:
+    tokens = kit.ledger.config.tokens
+    await kit.ok(kit.with_token(kit.move(key(), "bank", "alice", 100, token=""), ttl_s=60))
+    assert len(kit.probe.used_tokens(kit.tenant)) == 1
+    assert await kit.ledger.purge_used_tokens() == 0
+    kit.clock.advance(60 + tokens.used_retention_s - 1)
+    assert await kit.ledger.purge_used_tokens() == 0
+    kit.clock.advance(2)
+    assert await kit.ledger.purge_used_tokens() == 1
+    assert kit.probe.used_tokens(kit.tenant) == {}
+
+
+# ---- captures and refunds under a decision ----
+
+
+async def test_captures_without_splits_and_voids_need_no_token(kit: Kit) -> None:
+    await kit.fund("alice", 200)
     auth = await kit.ok(kit.authorize(key(), "alice", "merchant", 100))
     assert auth.hold is not None
     captured = await kit.ok(kit.capture(key(), auth.hold.hold_id))
     assert captured.entry is not None
     assert captured.entry.decision_id == f"dec-{auth.hold.idempotency_key}"
-    await kit.ok(kit.refund(key(), captured.entry.entry_id))
+    assert captured.entry.credit_account_id == "merchant"
+    other = await kit.ok(kit.authorize(key(), "alice", "merchant", 50))
+    assert other.hold is not None
+    await kit.ok(kit.void(key(), other.hold.hold_id))
+
+
+async def test_a_capture_with_splits_carries_its_own_decision(kit: Kit) -> None:
+    await kit.fund("alice", 1_000)
+    auth = await kit.ok(kit.authorize(key(), "alice", "merchant", 500))
+    assert auth.hold is not None
+    hold_id = auth.hold.hold_id
+    splits = [fixed_leg("fee", 25, "platform_fee")]
+    await refused(
+        kit,
+        kit.capture(key(), hold_id, splits=splits, token=""),
+        "DECISION_TOKEN_MISSING",
+        code=Code.PERMISSION_DENIED,
+    )
+    k = key()
+    unsplit = kit.capture(k, hold_id, token="")
+    # A token for the capture without splits cannot add a destination.
+    await refused(
+        kit,
+        kit.capture(k, hold_id, splits=splits, token=kit.token_for(unsplit)),
+        "DECISION_TOKEN_MISMATCH",
+        field="transfers[0].decision_token.splits_digest",
+        code=Code.PERMISSION_DENIED,
+    )
+    # Nor one naming another payee, nor another amount.
+    wanted = kit.capture(k, hold_id, splits=splits, token="")
+    for terms, claim in (
+        ({"credit_account_id": "bob"}, "credit_account_id"),
+        ({"amount_minor": 400}, "amount_minor"),
+    ):
+        await refused(
+            kit,
+            kit.with_token(wanted, **terms),
+            "DECISION_TOKEN_MISMATCH",
+            field=f"transfers[0].decision_token.{claim}",
+            code=Code.PERMISSION_DENIED,
+        )
+    # Legs in another order are the same splits.
+    two = [fixed_leg("fee", 25, "platform_fee"), fixed_leg("tax", 10, "tax")]
+    reordered = kit.capture(k, hold_id, splits=list(reversed(two)), token="")
+    token = kit.token_for(kit.capture(k, hold_id, splits=two, token=""))
+    captured = await kit.ok(msgspec.structs.replace(reordered, decision_token=token))
+    assert captured.entry is not None
+    assert captured.entry.decision_id == f"dec-{k}"
+    await kit.assert_balanced()
+
+
+async def test_a_refund_is_decided_for_its_entry_accounts_and_amount(kit: Kit) -> None:
+    await kit.fund("alice", 1_000)
+    paid = await kit.ok(kit.move(key(), "alice", "merchant", 600))
+    other = await kit.ok(kit.move(key(), "alice", "merchant", 300))
+    assert paid.entry is not None and other.entry is not None
+    k = key()
+    refund = kit.refund(k, paid.entry.entry_id, 200, token="")
+    await refused(
+        kit,
+        refund,
+        "DECISION_TOKEN_MISSING",
+        field="transfers[0].decision_token",
+        code=Code.PERMISSION_DENIED,
+    )
+    for terms, claim in (
+        # To another instrument than the one the payment debited.
+        ({"credit_account_id": "bob"}, "credit_account_id"),
+        ({"debit_account_id": "fee"}, "debit_account_id"),
+        ({"amount_minor": 201}, "amount_minor"),
+        ({"entry_id": other.entry.entry_id}, "entry_id"),
+    ):
+        await refused(
+            kit,
+            kit.with_token(refund, **terms),
+            "DECISION_TOKEN_MISMATCH",
+            field=f"transfers[0].decision_token.{claim}",
+            code=Code.PERMISSION_DENIED,
+        )
+    # A refund of the whole rest names the amount it will move.
+    whole = kit.refund(key(), paid.entry.entry_id, token="")
+    assert kit.movement(whole).amount_minor == 600
+    await kit.ok(kit.with_token(refund))
+    original = await kit.ledger.get_entry(kit.tenant, paid.entry.entry_id, "")
+    assert (original.refunded_minor, original.refund_count) == (200, 1)
+    assert kit.movement(whole).amount_minor == 400
+    await kit.ok(kit.with_token(whole))
+    assert await kit.balance("alice") == (1_000 - 300, 0, 1_000 - 300)
+    await kit.assert_balanced()
 
 
 # ---- reads ----

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from money_helpers import DbProbe, ledger_config, new_signer, sign_token, unique_tenant
+from money_helpers import DbProbe, ledger_config, new_signer, transfer_token, unique_tenant
 
 from money_plane import codec
 from money_plane.app import MoneyPlane
@@ -48,18 +47,14 @@ class World:
     other_entry_id: str
     other_hold_id: str
 
-    def token(
-        self, key: str, account: str, amount: int, currency: str = USD, tenant: str | None = None
-    ) -> str:
-        return sign_token(
-            self.signer,
-            tenant or self.tenant,
-            key,
-            account,
-            amount,
-            currency,
-            expires_at_s=int(time.time()) + 3_600,
-        )
+    def token(self, transfer: pb.Transfer, tenant: str | None = None, **terms: Any) -> str:
+        """A token for the transfer (any term replaced by `terms`)."""
+        return transfer_token(self.signer, tenant or self.tenant, transfer, **terms)
+
+    def signed(self, transfer: pb.Transfer, **terms: Any) -> pb.Transfer:
+        """The transfer carrying a token of its own (terms as for token)."""
+        transfer.decision_token = self.token(transfer, **terms)
+        return transfer
 
     def transfer(
         self,
@@ -73,17 +68,16 @@ class World:
         **fields: Any,
     ) -> pb.Transfer:
         key = key if key is not None else f"k-{uuid.uuid4().hex[:16]}"
-        if token is None:
-            token = self.token(key, debit, amount, currency)
-        return pb.Transfer(
+        transfer = pb.Transfer(
             idempotency_key=key,
             kind=kind,  # type: ignore[arg-type]
             debit_account_id=debit,
             credit_account_id=credit,
             amount=types_pb2.Money(amount_minor=amount, currency=currency),
-            decision_token=token,
             **fields,
         )
+        transfer.decision_token = self.token(transfer) if token is None else token
+        return transfer
 
     def request(
         self, transfer: pb.Transfer | None = None, tenant: str | None = None
@@ -176,18 +170,11 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     )
     for t in (tenant, other):
         fund = world.transfer(amount=10_000)
-        fund_token = world.token(fund.idempotency_key, "bank", 10_000, tenant=t)
-        fund.decision_token = fund_token
+        fund.decision_token = world.token(fund, tenant=t)
         paid = await stub.CreateTransfer(world.request(fund, tenant=t))
         key = f"auth-{uuid.uuid4().hex[:8]}"
-        auth = world.transfer(
-            key,
-            "cust",
-            "merchant",
-            1_000,
-            kind=pb.TRANSFER_KIND_AUTHORIZE,
-            token=world.token(key, "cust", 1_000, tenant=t),
-        )
+        auth = world.transfer(key, "cust", "merchant", 1_000, kind=pb.TRANSFER_KIND_AUTHORIZE)
+        auth.decision_token = world.token(auth, tenant=t)
         held = await stub.CreateTransfer(world.request(auth, tenant=t))
         if t == tenant:
             world.entry_id, world.hold_id = paid.result.entry.entry_id, held.result.hold.hold_id
@@ -253,24 +240,23 @@ async def test_a_payment_lifecycle_over_grpc(world: World) -> None:
     assert auth.result.hold.state == pb.HOLD_STATE_PENDING
     held = await stub.GetHold(pb.GetHoldRequest(tenant_id=t, hold_id=hold_id))
     assert held.hold.amount.amount_minor == 500
-    captured = await stub.CreateTransfer(
-        world.request(
-            pb.Transfer(
-                idempotency_key=f"cap-{key}",
-                kind=pb.TRANSFER_KIND_CAPTURE,
-                hold_id=hold_id,
-                amount=types_pb2.Money(amount_minor=400, currency=USD),
-                splits=[
-                    pb.SplitLeg(
-                        account_id="fee",
-                        kind=pb.SPLIT_LEG_KIND_BASIS_POINTS,
-                        basis_points=250,
-                        label="fee",
-                    )
-                ],
+    capture = pb.Transfer(
+        idempotency_key=f"cap-{key}",
+        kind=pb.TRANSFER_KIND_CAPTURE,
+        hold_id=hold_id,
+        amount=types_pb2.Money(amount_minor=400, currency=USD),
+        splits=[
+            pb.SplitLeg(
+                account_id="fee",
+                kind=pb.SPLIT_LEG_KIND_BASIS_POINTS,
+                basis_points=250,
+                label="fee",
             )
-        )
+        ],
     )
+    # A capture that adds a split destination is decided too.
+    capture.decision_token = world.token(capture, debit_account_id="cust", credit_account_id="shop")
+    captured = await stub.CreateTransfer(world.request(capture))
     entry = captured.result.entry
     assert entry.amount.amount_minor == 400
     assert captured.result.hold.state == pb.HOLD_STATE_CAPTURED
@@ -279,16 +265,18 @@ async def test_a_payment_lifecycle_over_grpc(world: World) -> None:
         ("fee", 10),
         ("shop", 390),
     ]
-    refund = await stub.CreateTransfer(
-        world.request(
-            pb.Transfer(
-                idempotency_key=f"ref-{key}",
-                kind=pb.TRANSFER_KIND_REFUND,
-                entry_id=entry.entry_id,
-                amount=types_pb2.Money(amount_minor=100, currency=USD),
-            )
-        )
+    refund_transfer = pb.Transfer(
+        idempotency_key=f"ref-{key}",
+        kind=pb.TRANSFER_KIND_REFUND,
+        entry_id=entry.entry_id,
+        amount=types_pb2.Money(amount_minor=100, currency=USD),
     )
+    # Decided for what it does: from the shop the capture credited, back to
+    # the customer it debited.
+    refund_transfer.decision_token = world.token(
+        refund_transfer, debit_account_id="shop", credit_account_id="cust"
+    )
+    refund = await stub.CreateTransfer(world.request(refund_transfer))
     assert refund.result.entry.refers_to_entry_id == entry.entry_id
     by_key = await stub.GetEntry(pb.GetEntryRequest(tenant_id=t, idempotency_key=f"cap-{key}"))
     assert by_key.entry.entry_id == entry.entry_id and by_key.entry.refunded_minor == 100
@@ -425,8 +413,9 @@ def _big_release_at(w: World) -> pb.CreateTransferRequest:
 
 
 def _other_token(w: World) -> pb.CreateTransferRequest:
-    key = "k-other-token"
-    return w.request(w.transfer(key, token=w.token(key, "bank", 100, tenant=w.other_tenant)))
+    transfer = w.transfer("k-other-token")
+    transfer.decision_token = w.token(transfer, tenant=w.other_tenant)
+    return w.request(transfer)
 
 
 def _reuse(w: World) -> pb.CreateTransferRequest:
@@ -475,7 +464,16 @@ TRANSFER_CASES: list[tuple[str, Callable[[World], Any], C, str, str]] = [
                 kind=pb.TRANSFER_KIND_TRANSFER,
                 debit_account_id="bank",
                 credit_account_id="cust",
-                decision_token=w.token("k-na", "bank", 0),
+                decision_token=transfer_token(
+                    w.signer,
+                    w.tenant,
+                    pb.Transfer(
+                        idempotency_key="k-na",
+                        kind=pb.TRANSFER_KIND_TRANSFER,
+                        debit_account_id="bank",
+                        credit_account_id="cust",
+                    ),
+                ),
             )
         ),
         C.INVALID_ARGUMENT,
@@ -702,8 +700,10 @@ TRANSFER_CASES: list[tuple[str, Callable[[World], Any], C, str, str]] = [
     (
         "refund of no entry",
         lambda w: w.request(
-            pb.Transfer(
-                idempotency_key="k-r1", kind=pb.TRANSFER_KIND_REFUND, entry_id="ent_nothere"
+            w.signed(
+                pb.Transfer(
+                    idempotency_key="k-r1", kind=pb.TRANSFER_KIND_REFUND, entry_id="ent_nothere"
+                )
             )
         ),
         C.NOT_FOUND,
@@ -713,8 +713,12 @@ TRANSFER_CASES: list[tuple[str, Callable[[World], Any], C, str, str]] = [
     (
         "refund of another tenant's entry",
         lambda w: w.request(
-            pb.Transfer(
-                idempotency_key="k-r2", kind=pb.TRANSFER_KIND_REFUND, entry_id=w.other_entry_id
+            w.signed(
+                pb.Transfer(
+                    idempotency_key="k-r2", kind=pb.TRANSFER_KIND_REFUND, entry_id=w.other_entry_id
+                ),
+                debit_account_id="cust",
+                credit_account_id="bank",
             )
         ),
         C.NOT_FOUND,
@@ -724,11 +728,15 @@ TRANSFER_CASES: list[tuple[str, Callable[[World], Any], C, str, str]] = [
     (
         "refund above the entry",
         lambda w: w.request(
-            pb.Transfer(
-                idempotency_key="k-r3",
-                kind=pb.TRANSFER_KIND_REFUND,
-                entry_id=w.entry_id,
-                amount=types_pb2.Money(amount_minor=10_001, currency=USD),
+            w.signed(
+                pb.Transfer(
+                    idempotency_key="k-r3",
+                    kind=pb.TRANSFER_KIND_REFUND,
+                    entry_id=w.entry_id,
+                    amount=types_pb2.Money(amount_minor=10_001, currency=USD),
+                ),
+                debit_account_id="cust",
+                credit_account_id="bank",
             )
         ),
         C.OUT_OF_RANGE,

@@ -15,7 +15,7 @@ from policy_plane.engine import PolicyEngine
 from policy_plane.model import record_decoder
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
-from triplane.runtime.tokens import TokenVerifier, load_public_keys
+from triplane.runtime.tokens import Movement, TokenVerifier, load_public_keys
 
 from .conftest import OTHER_TENANT, TENANT, payment_input, replace_payment
 
@@ -41,15 +41,17 @@ async def test_chain_verifies_and_tokens_are_what_money_plane_accepts(
     assert record.verdict.outcome == "allow"
     # The keys the money plane loads for this state dir (no keys configured).
     verifier = TokenVerifier(load_public_keys([], state_dir))
-    claims = verifier.verify(
-        record.token,
-        field="decision_token",
+    hold = Movement(
         tenant_id=TENANT,
-        account_id="acct-1",
+        kind="authorize",
+        debit_account_id="acct-1",
+        credit_account_id="merchant-1",
         amount_minor=4_321,
         currency="USD",
         idempotency_key="tok",
-        now_us=clock.now_us(),
+    )
+    claims = verifier.verify(
+        record.token, field="decision_token", movement=hold, now_us=clock.now_us()
     )
     live = any_engine.bundles.live
     assert live is not None
@@ -59,24 +61,26 @@ async def test_chain_verifies_and_tokens_are_what_money_plane_accepts(
         == record.token_expires_at_s
         == (clock.now_us() // 1_000_000 + any_engine.config.token_ttl_s)
     )
-    # The token authorizes this payment only: not another account or key.
-    for tenant_id, account_id, idempotency_key, field in [
-        (OTHER_TENANT, "acct-1", "tok", "decision_token.tenant_id"),
-        (TENANT, "acct-2", "tok", "decision_token.account_id"),
-        (TENANT, "acct-1", "tok2", "decision_token.idempotency_key"),
+    # The token authorizes this payment only: not another tenant, payer,
+    # payee, kind of movement or key.
+    for terms, claim in [
+        ({"tenant_id": OTHER_TENANT}, "tenant_id"),
+        ({"debit_account_id": "acct-2"}, "debit_account_id"),
+        ({"credit_account_id": "someone-else"}, "credit_account_id"),
+        ({"kind": "payout"}, "kind"),
+        ({"idempotency_key": "tok2"}, "idempotency_key"),
     ]:
         with pytest.raises(PermissionDenied) as caught:
             verifier.verify(
                 record.token,
                 field="decision_token",
-                tenant_id=tenant_id,
-                account_id=account_id,
-                amount_minor=4_321,
-                currency="USD",
-                idempotency_key=idempotency_key,
+                movement=msgspec.structs.replace(hold, **terms),
                 now_us=clock.now_us(),
             )
-        assert (caught.value.reason, caught.value.field) == ("DECISION_TOKEN_MISMATCH", field)
+        assert (caught.value.reason, caught.value.field) == (
+            "DECISION_TOKEN_MISMATCH",
+            f"decision_token.{claim}",
+        )
     # A decision that does not allow the payment carries no token at all.
     reviewed, _ = await any_engine.evaluate(payment_input("tok-review", score=0.8))
     assert reviewed.record.verdict.outcome == "review"

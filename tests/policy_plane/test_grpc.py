@@ -8,6 +8,7 @@ import asyncio
 import logging
 
 import grpc
+import msgspec
 import nats
 import pytest
 
@@ -19,7 +20,7 @@ from triplane.policy.v1 import policy_pb2 as pb
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.errors import PermissionDenied
 from triplane.runtime.status import parse_rpc_error
-from triplane.runtime.tokens import TokenVerifier, load_public_keys
+from triplane.runtime.tokens import Movement, TokenVerifier, load_public_keys
 
 from .conftest import OTHER_TENANT, TENANT, Stubs
 
@@ -34,6 +35,7 @@ def request(
         idempotency_key=key,
         payment=pb.Payment(
             account_id="acct-1",
+            credit_account_id="merchant-1",
             kind=pb.PAYMENT_KIND_PURCHASE,
             amount=types_pb2.Money(amount_minor=amount_minor, currency="USD"),
             merchant_id="m-1",
@@ -58,6 +60,20 @@ def money_plane_verifier(plane: PolicyPlane) -> TokenVerifier:
     )
 
 
+def hold_of(key: str, amount_minor: int = 2_500, **terms: object) -> Movement:
+    """The hold the gateway places for request(key): what the token must name."""
+    movement = Movement(
+        tenant_id=TENANT,
+        kind="authorize",
+        debit_account_id="acct-1",
+        credit_account_id="merchant-1",
+        amount_minor=amount_minor,
+        currency="USD",
+        idempotency_key=key,
+    )
+    return msgspec.structs.replace(movement, **terms)
+
+
 async def expect_error(call: object, code: grpc.StatusCode, reason: str, field: str = "") -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call  # type: ignore[misc]
@@ -80,13 +96,11 @@ async def test_evaluate_signs_a_token_the_money_plane_accepts(
     claims = money_plane_verifier(plane).verify(
         decision.decision_token,
         field="decision_token",
-        tenant_id=TENANT,
-        account_id="acct-1",
-        amount_minor=2_500,
-        currency="USD",
-        idempotency_key="pay-1",
+        movement=hold_of("pay-1"),
         now_us=clock.now_us(),
     )
+    assert decision.token_id == claims.token_id
+    assert money_plane_verifier(plane).keys.key_ids() == [decision.token_key_id]
     assert (claims.decision_id, claims.policy_version) == (
         decision.decision_id,
         decision.bundle_version,
@@ -97,11 +111,7 @@ async def test_evaluate_signs_a_token_the_money_plane_accepts(
         money_plane_verifier(plane).verify(
             decision.decision_token,
             field="decision_token",
-            tenant_id=TENANT,
-            account_id="acct-1",
-            amount_minor=2_501,
-            currency="USD",
-            idempotency_key="pay-1",
+            movement=hold_of("pay-1", amount_minor=2_501),
             now_us=clock.now_us(),
         )
     assert (caught.value.reason, caught.value.field) == (
@@ -509,11 +519,7 @@ async def test_replay_and_label_over_grpc(
         claims = verifier.verify(
             decision.decision_token,
             field="decision_token",
-            tenant_id=TENANT,
-            account_id="acct-1",
-            amount_minor=2_500,
-            currency="USD",
-            idempotency_key=f"rp-{index}",
+            movement=hold_of(f"rp-{index}"),
             now_us=clock.now_us(),
         )
         assert (claims.decision_id, claims.policy_version) == (

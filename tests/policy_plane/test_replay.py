@@ -56,6 +56,8 @@ def _input(
         idempotency_key=key,
         payment=PaymentInput(
             account_id="acct-1",
+            credit_account_id="merchant-1",
+            movement="authorize",
             kind=kind,
             amount_minor=amount,
             currency=currency,

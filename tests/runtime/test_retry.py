@@ -519,6 +519,7 @@ def payment(key: str) -> EvaluationInput:
         idempotency_key=key,
         payment=PaymentInput(
             account_id="acct-1",
+            credit_account_id="merchant-1",
             kind="purchase",
             amount_minor=2_500,
             currency="USD",

@@ -119,6 +119,9 @@ async def test_stack_serves_the_money_plane_and_stops_cleanly(state_dir: Path) -
         assert stack.nats_url.startswith("nats://127.0.0.1:")
         assert port_open(*_host_port(stack.nats_url.removeprefix("nats://")))
         assert (state_dir / "keys" / "policy_ed25519.pub").is_file()
+        # The decision log is signed with a key of its own.
+        log_key = state_dir / "keys" / "decision_log_ed25519.key"
+        assert log_key.read_text() != (state_dir / "keys" / "policy_ed25519.key").read_text()
         effective = (state_dir / EFFECTIVE_CONFIG_FILE).read_text()
         assert stack.nats_url in effective
         async with stack.channel("money") as channel:

@@ -123,8 +123,17 @@ class NatsConfig(_Strict, frozen=True):
 
 
 class KeysConfig(_Strict, frozen=True):
+    # Decision tokens: the public keys the money plane trusts (inline base64,
+    # and files or directories of files, re-read when they change) and the
+    # policy plane's signing key file.
     policy_public_keys: list[str]
+    policy_public_key_paths: list[str]
     policy_private_key_path: str
+    # The decision log's own signing key file, and earlier log keys (inline,
+    # files) kept to verify records signed before a rotation.
+    decision_log_private_key_path: str
+    decision_log_public_keys: list[str]
+    decision_log_public_key_paths: list[str]
 
 
 class MoneyStoreConfig(_Strict, frozen=True):
@@ -178,6 +187,13 @@ class OutboxConfig(_Strict, frozen=True):
 
 class TokensConfig(_Strict, frozen=True):
     clock_skew_s: int
+    # How often the trusted key files are checked for a change.
+    key_reload_interval_s: float
+    # Used token ids are kept this long past their token's expiry (then any
+    # presentation is refused as expired anyway); more than clock_skew_s.
+    used_retention_s: int
+    purge_interval_s: float
+    purge_batch: int
 
 
 class MoneyConfig(_Strict, frozen=True):
@@ -206,6 +222,8 @@ class PolicyLimitsConfig(_Strict, frozen=True):
     max_string_length: int
     max_name_length: int
     max_features: int
+    # Split legs of one Evaluate request (the token binds their digest).
+    max_splits: int
     max_rules_per_bundle: int
     max_bundle_bytes: int
     max_bundle_depth: int
