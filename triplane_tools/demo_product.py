@@ -34,9 +34,9 @@ from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, with_overrides
 from triplane_client import GatewayClient, LedgerAdminClient, TriplaneApiError
-from triplane_tools.partner_keys import create_partner_key
 from triplane_sim import synth
 from triplane_sim.demo_world import World, seed
+from triplane_tools.partner_keys import create_partner_key
 from triplane_tools.stack import Stack, describe
 
 TENANT = "demo"

@@ -71,11 +71,17 @@ def test_keys_are_distinct() -> None:
     assert len(keys) == 200
 
 
+# One key for every example: a fresh random secret per example would make the
+# character at a drawn position differ between Hypothesis's replays of the
+# same example (FlakyStrategyDefinition).
+CHANGED_KEY = apikey.make_key("test", "AAAAAAAAAAAA")
+
+
 @given(st.integers(min_value=0, max_value=len("tpk_test_") + 50 - 1), st.data())
 def test_any_one_changed_character_fails_the_checksum_or_the_format(
     position: int, data: st.DataObject
 ) -> None:
-    key = apikey.make_key("test", "AAAAAAAAAAAA")
+    key = CHANGED_KEY
     if position < len("tpk_test_") or key[position] == "_":
         return  # the prefix and separators: the format check's job
     replacement = data.draw(st.sampled_from(apikey.BASE62).filter(lambda c: c != key[position]))
