@@ -23,7 +23,14 @@ import yaml
 
 from policy_plane import cel_check
 from policy_plane.model import canonical_encoder
-from policy_plane.sanctions import Screener, parse_alt_csv, parse_sdn_csv
+from policy_plane.sanctions import (
+    MATCHER_NAME_PARTS,
+    MATCHER_TOKEN_SORT,
+    MATCHERS,
+    Screener,
+    parse_alt_csv,
+    parse_sdn_csv,
+)
 from triplane.runtime import currencies
 from triplane.runtime.errors import InvalidArgument
 
@@ -108,6 +115,12 @@ class BundleSource(msgspec.Struct, frozen=True, kw_only=True):
     label_override: str = ""
     sanctions_csv: str = ""
     aliases_csv: str = ""
+    # The sanctions matcher (policy_plane/sanctions.py): every bundle loaded
+    # from this release on gets `name_parts`; a bundle stored before matchers
+    # had names keeps the `token_sort` it decided with (the registry reads a
+    # stored source without this field as that), so its replays stay bit
+    # for bit.
+    sanctions_matcher: str = MATCHER_NAME_PARTS
 
 
 class BundleLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -355,6 +368,10 @@ def _read_list(name: str, lists_dir: Path, bundle_dir: Path | None, limits: Bund
 def content_hash(spec: BundleSpec, source: BundleSource, limits: BundleLimits) -> str:
     """sha256 over the normalised bundle (defaults filled in) and its lists."""
     normalised = msgspec.to_builtins(_effective_sanctions(spec, limits))
+    # The matcher decides as much as the list does; the one bundles had
+    # before it was named stays out, so their versions are what they were.
+    if source.sanctions_matcher != MATCHER_TOKEN_SORT:
+        normalised["sanctions"]["matcher"] = source.sanctions_matcher
     body = canonical_encoder.encode(
         {"bundle": normalised, "sanctions": source.sanctions_csv, "aliases": source.aliases_csv}
     )
@@ -377,6 +394,12 @@ def build_screener(spec: BundleSpec, source: BundleSource, limits: BundleLimits)
     assert effective.possible_match_threshold is not None
     if not 0 < effective.possible_match_threshold <= effective.hit_threshold <= 100:
         raise _bad("SANCTIONS_THRESHOLD_INVALID", "need 0 < possible_match <= hit <= 100")
+    if source.sanctions_matcher not in MATCHERS:
+        raise _bad(
+            "SANCTIONS_MATCHER_UNKNOWN",
+            f"sanctions matcher {source.sanctions_matcher!r} is not one of {', '.join(MATCHERS)}",
+            "sanctions_matcher",
+        )
     entries = parse_sdn_csv(
         source.sanctions_csv, limits.max_sanctions_entries, limits.max_sanctions_name_length
     )
@@ -393,6 +416,7 @@ def build_screener(spec: BundleSpec, source: BundleSource, limits: BundleLimits)
         effective.hit_threshold,
         effective.possible_match_threshold,
         frozenset(c.upper() for c in effective.blocked_countries),
+        source.sanctions_matcher,
     )
 
 

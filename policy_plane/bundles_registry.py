@@ -18,6 +18,7 @@ import msgspec
 from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleLimits, BundleSource, shipped_default_path
 from policy_plane.cel_check import ConditionBounds
 from policy_plane.evaluation import CompiledBundle, compile_source
+from policy_plane.sanctions import MATCHER_TOKEN_SORT
 from policy_plane.store import PolicyStore
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import PolicyConfig
@@ -141,7 +142,7 @@ class BundleRegistry:
         row = self._store.get_bundle(version)
         if row is None:
             raise NotFound("BUNDLE_VERSION_NOT_FOUND", f"no bundle {version!r}", "bundle_version")
-        source = msgspec.json.decode(str(row[3]), type=BundleSource)
+        source = stored_source(str(row[3]))
         compiled = self.compile(source)
         # A stored bundle must compile to the version it was stored under, or
         # the store (or the compiler) changed under us: stop, don't guess.
@@ -164,6 +165,15 @@ class BundleRegistry:
 
     def list_bundles(self, offset: int, limit: int) -> list[BundleInfo]:
         return [_info(r) for r in self._store.list_bundles(limit, offset)]
+
+
+def stored_source(text: str) -> BundleSource:
+    """A bundle's source as the store holds it. One stored before sanctions
+    matchers had names was decided with `token_sort`, and keeps it."""
+    source = msgspec.json.decode(text, type=BundleSource)
+    if '"sanctions_matcher"' not in text:
+        source = msgspec.structs.replace(source, sanctions_matcher=MATCHER_TOKEN_SORT)
+    return source
 
 
 def _info(row: tuple[object, ...]) -> BundleInfo:

@@ -6,15 +6,13 @@ crossing) while the plane's own clock is elsewhere."""
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 
 import grpc
 import pytest
-from rapidfuzz import fuzz
 
 from policy_plane.bundle import SHIPPED_LISTS_DIR
-from policy_plane.sanctions import normalise_name
+from policy_plane.sanctions import Screener, parse_alt_csv, parse_sdn_csv
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.runtime.clock import ManualClock
 
@@ -188,18 +186,17 @@ async def test_withdrawing_consent_keeps_granted_at(stubs: Stubs, clock: ManualC
 # ---------------------------------------------------------------- sanctions
 
 
-def _shipped_names() -> list[str]:
-    names = [row[1] for row in csv.reader((SHIPPED_LISTS_DIR / "sdn_sample.csv").open())]
-    aliases = [row[3] for row in csv.reader((SHIPPED_LISTS_DIR / "alt_sample.csv").open())]
-    return names + aliases
+def _shipped_screener() -> Screener:
+    entries = parse_sdn_csv((SHIPPED_LISTS_DIR / "sdn_sample.csv").read_text(), 1000, 512)
+    aliases = parse_alt_csv((SHIPPED_LISTS_DIR / "alt_sample.csv").read_text(), 1000, 512)
+    return Screener(entries, aliases, 92.0, 80.0, frozenset())
 
 
 async def test_a_sanctions_near_miss_reports_its_score(stubs: Stubs) -> None:
-    near = "Dmitri Volkonsky"  # like VOLKOV, Dmitry: close, but below the review threshold
-    expected = max(
-        fuzz.token_sort_ratio(normalise_name(near), normalise_name(n)) for n in _shipped_names()
-    )
-    assert 50 < expected < 80, expected
+    # Like VOLKOV, Dmitry: the given name matches, the family name does not.
+    near = "Dmitri Volkonsky"
+    expected, _ = _shipped_screener().match(near)
+    assert 0 < expected < 80, expected
     evaluate = request("k-near-miss")
     evaluate.payment.counterparty.name = near
     decision = (await stubs.policy.Evaluate(evaluate)).decision
@@ -211,9 +208,9 @@ async def test_a_sanctions_near_miss_reports_its_score(stubs: Stubs) -> None:
     assert decision.outcome == pb.OUTCOME_ALLOW
     # A possible match still names its entry.
     close = request("k-possible-match")
-    close.payment.counterparty.name = "Olena Petrova"
+    close.payment.counterparty.name = "Jorge Mendoza"
     matched = (await stubs.policy.Evaluate(close)).decision.sanctions
-    assert matched.possible_match and matched.matched_name == "PETRENKO, Olena"
+    assert matched.possible_match and matched.matched_name == "MENDOZA QUINTERO, Jorge Luis"
 
 
 # ---------------------------------------------------------------- contact moment
