@@ -562,6 +562,7 @@ class Payment(_message.Message):
     SPLITS_FIELD_NUMBER: _builtins.int
     HOLD_ID_FIELD_NUMBER: _builtins.int
     REFUND_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account to be debited (the token's account_id)."""
     kind: Global___PaymentKind.ValueType
@@ -584,6 +585,13 @@ class Payment(_message.Message):
     """
     hold_id: _builtins.str
     """CAPTURE: the hold captured (required); bound by the token."""
+    customer_id: _builtins.str
+    """The platform's id of the paying customer ([A-Za-z0-9_.:-]): the plane
+    reads this customer's profile (CustomerProfileService) for the KYC tier,
+    PEP status, verified country and account age, and logs what it read in
+    snapshot.kyc and snapshot.account_age_days. Empty, or no profile: the
+    customer is unknown to the rules (snapshot.kyc.known false), never tier 3.
+    """
     @_builtins.property
     def amount(self) -> _types_pb2.Money: ...
     @_builtins.property
@@ -617,10 +625,11 @@ class Payment(_message.Message):
         splits: _abc.Iterable[Global___SplitLeg] | None = ...,
         hold_id: _builtins.str = ...,
         refund: Global___RefundContext | None = ...,
+        customer_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "counterparty", b"counterparty", "customer", b"customer", "refund", b"refund"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "counterparty", b"counterparty", "credit_account_id", b"credit_account_id", "customer", b"customer", "device_id", b"device_id", "hold_id", b"hold_id", "kind", b"kind", "merchant_category", b"merchant_category", "merchant_id", b"merchant_id", "movement", b"movement", "payment_method", b"payment_method", "refund", b"refund", "splits", b"splits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "counterparty", b"counterparty", "credit_account_id", b"credit_account_id", "customer", b"customer", "customer_id", b"customer_id", "device_id", b"device_id", "hold_id", b"hold_id", "kind", b"kind", "merchant_category", b"merchant_category", "merchant_id", b"merchant_id", "movement", b"movement", "payment_method", b"payment_method", "refund", b"refund", "splits", b"splits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -628,26 +637,38 @@ Global___Payment: _TypeAlias = Payment  # noqa: Y015
 
 @_typing.final
 class KycInfo(_message.Message):
+    """What the plane read of the customer's profile (payment.customer_id). On
+    input it is ignored: a caller cannot declare a customer's KYC; in a logged
+    decision (GetDecision) it is what the rules saw.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TIER_FIELD_NUMBER: _builtins.int
     COUNTRY_FIELD_NUMBER: _builtins.int
     PEP_FIELD_NUMBER: _builtins.int
+    KNOWN_FIELD_NUMBER: _builtins.int
     tier: _builtins.int
     """Progressive KYC tier: 0 (none) .. 3 (fully verified)."""
     country: _builtins.str
     pep: _builtins.bool
     """Politically exposed person."""
+    known: _builtins.bool
+    """A profile was found. False: the customer is unknown (tier, country and
+    pep above are then empty and mean nothing), which the bundle handles
+    explicitly.
+    """
     def __init__(
         self,
         *,
         tier: _builtins.int = ...,
         country: _builtins.str = ...,
         pep: _builtins.bool = ...,
+        known: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "pep", b"pep", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "known", b"known", "pep", b"pep", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -655,7 +676,11 @@ Global___KycInfo: _TypeAlias = KycInfo  # noqa: Y015
 
 @_typing.final
 class VelocityCounters(_message.Message):
-    """Counts and sums over sliding windows, as computed by the gateway."""
+    """Counts and sums over sliding windows, from the AI plane's features (the
+    server's record, not the caller's). A VelocityCounters left unset is
+    unknown as a whole: the rules see each counter as unknown
+    (snapshot.velocity.<entity>.known.<counter> false), never as zero.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -665,12 +690,21 @@ class VelocityCounters(_message.Message):
     AMOUNT_MINOR_1H_FIELD_NUMBER: _builtins.int
     AMOUNT_MINOR_24H_FIELD_NUMBER: _builtins.int
     AMOUNT_MINOR_30D_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
     count_1h: _builtins.int
     count_24h: _builtins.int
     count_30d: _builtins.int
     amount_minor_1h: _builtins.int
     amount_minor_24h: _builtins.int
     amount_minor_30d: _builtins.int
+    @_builtins.property
+    def unknown(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The counters above that could not be had (the AI plane timed out or
+        failed, its feature store was unavailable, a feature was missing), by
+        name ("count_1h" .. "amount_minor_30d"): each is unknown to the rules,
+        whatever zero is written above.
+        """
+
     def __init__(
         self,
         *,
@@ -680,10 +714,11 @@ class VelocityCounters(_message.Message):
         amount_minor_1h: _builtins.int = ...,
         amount_minor_24h: _builtins.int = ...,
         amount_minor_30d: _builtins.int = ...,
+        unknown: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor_1h", b"amount_minor_1h", "amount_minor_24h", b"amount_minor_24h", "amount_minor_30d", b"amount_minor_30d", "count_1h", b"count_1h", "count_24h", b"count_24h", "count_30d", b"count_30d"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor_1h", b"amount_minor_1h", "amount_minor_24h", b"amount_minor_24h", "amount_minor_30d", b"amount_minor_30d", "count_1h", b"count_1h", "count_24h", b"count_24h", "count_30d", b"count_30d", "unknown", b"unknown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -726,6 +761,9 @@ class ContextSnapshot(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
     account_age_days: _builtins.int
+    """Ignored on input, as kyc: the plane computes it from the profile's
+    account_opened_at and the decision time; 0 for an unknown customer.
+    """
     @_builtins.property
     def kyc(self) -> Global___KycInfo: ...
     @_builtins.property
@@ -1461,6 +1499,238 @@ class GetPolicyMetricsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPolicyMetricsResponse: _TypeAlias = GetPolicyMetricsResponse  # noqa: Y015
+
+@_typing.final
+class CustomerProfile(_message.Message):
+    """---------------------------------------------------------------- customer profiles
+
+    What the platform's KYC established about one customer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    KYC_TIER_FIELD_NUMBER: _builtins.int
+    PEP_FIELD_NUMBER: _builtins.int
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    ACCOUNT_OPENED_AT_FIELD_NUMBER: _builtins.int
+    VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    customer_id: _builtins.str
+    """The platform's id of the customer ([A-Za-z0-9_.:-]), as Evaluate's
+    payment.customer_id names it.
+    """
+    kyc_tier: _builtins.int
+    """Progressive KYC tier: 0 (nothing verified) .. 3 (fully verified)."""
+    pep: _builtins.bool
+    """Politically exposed person."""
+    country: _builtins.str
+    """ISO 3166-1 alpha-2 of the verified residence (screened against the
+    bundle's embargoed countries).
+    """
+    updated_by: _builtins.str
+    """Set by the plane: who made the change in force (the caller's identity
+    from its certificate, and the actor it named) and when (the plane's clock).
+    """
+    change_id: _builtins.str
+    """The change in force (PutCustomerProfileRequest.change_id)."""
+    @_builtins.property
+    def account_opened_at(self) -> _timestamp_pb2.Timestamp:
+        """When the customer's account was opened: the account age the rules see
+        is counted from it to the decision time. Required.
+        """
+
+    @_builtins.property
+    def verified_at(self) -> _timestamp_pb2.Timestamp:
+        """When the KYC result was established. Unset: now. A put verified before
+        the profile held is recorded, and changes nothing.
+        """
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        kyc_tier: _builtins.int = ...,
+        pep: _builtins.bool = ...,
+        country: _builtins.str = ...,
+        account_opened_at: _timestamp_pb2.Timestamp | None = ...,
+        verified_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_by: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        change_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_opened_at", b"account_opened_at", "updated_at", b"updated_at", "verified_at", b"verified_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_opened_at", b"account_opened_at", "change_id", b"change_id", "country", b"country", "customer_id", b"customer_id", "kyc_tier", b"kyc_tier", "pep", b"pep", "tenant_id", b"tenant_id", "updated_at", b"updated_at", "updated_by", b"updated_by", "verified_at", b"verified_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerProfile: _TypeAlias = CustomerProfile  # noqa: Y015
+
+@_typing.final
+class CustomerProfileChange(_message.Message):
+    """One recorded change of a profile: the audit trail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    change_id: _builtins.str
+    actor: _builtins.str
+    """Who (the caller's identity and the actor it named) and when."""
+    applied: _builtins.bool
+    """False when the change was verified before the profile in force and so
+    changed nothing.
+    """
+    @_builtins.property
+    def profile(self) -> Global___CustomerProfile:
+        """The profile as the change put it."""
+
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        change_id: _builtins.str = ...,
+        profile: Global___CustomerProfile | None = ...,
+        actor: _builtins.str = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        applied: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "applied", b"applied", "change_id", b"change_id", "profile", b"profile", "recorded_at", b"recorded_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerProfileChange: _TypeAlias = CustomerProfileChange  # noqa: Y015
+
+@_typing.final
+class PutCustomerProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    change_id: _builtins.str
+    """Idempotency key of the change ([A-Za-z0-9_.:-], e.g. the KYC provider's
+    check id).
+    """
+    actor: _builtins.str
+    """Who is making the change, as the caller knows them (an operator, a KYC
+    provider); recorded beside the caller's certificate identity. Required;
+    at most policy.limits.max_id_length characters.
+    """
+    @_builtins.property
+    def profile(self) -> Global___CustomerProfile:
+        """tenant_id, customer_id, kyc_tier, pep, country, account_opened_at and
+        optionally verified_at; the plane sets the rest.
+        """
+
+    def __init__(
+        self,
+        *,
+        profile: Global___CustomerProfile | None = ...,
+        change_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCustomerProfileRequest: _TypeAlias = PutCustomerProfileRequest  # noqa: Y015
+
+@_typing.final
+class PutCustomerProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this answer is the recorded one of an earlier identical change."""
+    applied: _builtins.bool
+    """False when the change was verified before the profile in force."""
+    @_builtins.property
+    def profile(self) -> Global___CustomerProfile:
+        """The profile in force after the change."""
+
+    def __init__(
+        self,
+        *,
+        profile: Global___CustomerProfile | None = ...,
+        replayed: _builtins.bool = ...,
+        applied: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "profile", b"profile", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCustomerProfileResponse: _TypeAlias = PutCustomerProfileResponse  # noqa: Y015
+
+@_typing.final
+class GetCustomerProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    customer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCustomerProfileRequest: _TypeAlias = GetCustomerProfileRequest  # noqa: Y015
+
+@_typing.final
+class GetCustomerProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile(self) -> Global___CustomerProfile: ...
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomerProfileChange]:
+        """The latest changes, newest first (at most
+        policy.limits.max_profile_changes_listed).
+        """
+
+    def __init__(
+        self,
+        *,
+        profile: Global___CustomerProfile | None = ...,
+        changes: _abc.Iterable[Global___CustomerProfileChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCustomerProfileResponse: _TypeAlias = GetCustomerProfileResponse  # noqa: Y015
 
 @_typing.final
 class BundleInfo(_message.Message):

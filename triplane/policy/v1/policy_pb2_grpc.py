@@ -1136,6 +1136,144 @@ class OfferService:
             _registered_method=True)
 
 
+class CustomerProfileServiceStub:
+    """CustomerProfileService holds what is known of a customer for deciding
+    payments: KYC tier, politically exposed person, verified country and when
+    the account was opened. Evaluate reads the profile of the payment's
+    customer_id from here (never what the caller declares) and logs what it
+    read; a customer without a profile is "unknown" to the rules. Every change
+    is recorded with its actor and time. Served to admin identities only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PutCustomerProfile = channel.unary_unary(
+                '/triplane.policy.v1.CustomerProfileService/PutCustomerProfile',
+                request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.PutCustomerProfileRequest.SerializeToString,
+                response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.PutCustomerProfileResponse.FromString,
+                _registered_method=True)
+        self.GetCustomerProfile = channel.unary_unary(
+                '/triplane.policy.v1.CustomerProfileService/GetCustomerProfile',
+                request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetCustomerProfileRequest.SerializeToString,
+                response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetCustomerProfileResponse.FromString,
+                _registered_method=True)
+
+
+class CustomerProfileServiceServicer:
+    """CustomerProfileService holds what is known of a customer for deciding
+    payments: KYC tier, politically exposed person, verified country and when
+    the account was opened. Evaluate reads the profile of the payment's
+    customer_id from here (never what the caller declares) and logs what it
+    read; a customer without a profile is "unknown" to the rules. Every change
+    is recorded with its actor and time. Served to admin identities only.
+    """
+
+    def PutCustomerProfile(self, request, context):
+        """Creates or replaces a customer's profile (a KYC result). Idempotent on
+        (tenant_id, change_id): a retry answers the recorded change, another
+        profile under the same change_id is ALREADY_EXISTS. A result verified
+        before the one held (verified_at) is recorded but changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCustomerProfile(self, request, context):
+        """A customer's profile and its latest changes, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CustomerProfileServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PutCustomerProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutCustomerProfile,
+                    request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.PutCustomerProfileRequest.FromString,
+                    response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.PutCustomerProfileResponse.SerializeToString,
+            ),
+            'GetCustomerProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCustomerProfile,
+                    request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetCustomerProfileRequest.FromString,
+                    response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetCustomerProfileResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'triplane.policy.v1.CustomerProfileService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('triplane.policy.v1.CustomerProfileService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CustomerProfileService:
+    """CustomerProfileService holds what is known of a customer for deciding
+    payments: KYC tier, politically exposed person, verified country and when
+    the account was opened. Evaluate reads the profile of the payment's
+    customer_id from here (never what the caller declares) and logs what it
+    read; a customer without a profile is "unknown" to the rules. Every change
+    is recorded with its actor and time. Served to admin identities only.
+    """
+
+    @staticmethod
+    def PutCustomerProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.policy.v1.CustomerProfileService/PutCustomerProfile',
+            triplane_dot_policy_dot_v1_dot_policy__pb2.PutCustomerProfileRequest.SerializeToString,
+            triplane_dot_policy_dot_v1_dot_policy__pb2.PutCustomerProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCustomerProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.policy.v1.CustomerProfileService/GetCustomerProfile',
+            triplane_dot_policy_dot_v1_dot_policy__pb2.GetCustomerProfileRequest.SerializeToString,
+            triplane_dot_policy_dot_v1_dot_policy__pb2.GetCustomerProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class CaseServiceStub:
     """CaseService is the human review queue: `review` and `hold` decisions.
     """

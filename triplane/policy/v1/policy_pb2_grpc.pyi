@@ -405,6 +405,79 @@ class OfferServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_OfferServiceServicer_to_server(servicer: OfferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class CustomerProfileServiceStub:
+    """CustomerProfileService holds what is known of a customer for deciding
+    payments: KYC tier, politically exposed person, verified country and when
+    the account was opened. Evaluate reads the profile of the payment's
+    customer_id from here (never what the caller declares) and logs what it
+    read; a customer without a profile is "unknown" to the rules. Every change
+    is recorded with its actor and time. Served to admin identities only.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CustomerProfileServiceAsyncStub: ...
+    PutCustomerProfile: _grpc.UnaryUnaryMultiCallable[_policy_pb2.PutCustomerProfileRequest, _policy_pb2.PutCustomerProfileResponse]
+    """Creates or replaces a customer's profile (a KYC result). Idempotent on
+    (tenant_id, change_id): a retry answers the recorded change, another
+    profile under the same change_id is ALREADY_EXISTS. A result verified
+    before the one held (verified_at) is recorded but changes nothing.
+    """
+    GetCustomerProfile: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetCustomerProfileRequest, _policy_pb2.GetCustomerProfileResponse]
+    """A customer's profile and its latest changes, newest first."""
+
+@_typing.type_check_only
+class CustomerProfileServiceAsyncStub(CustomerProfileServiceStub):
+    """CustomerProfileService holds what is known of a customer for deciding
+    payments: KYC tier, politically exposed person, verified country and when
+    the account was opened. Evaluate reads the profile of the payment's
+    customer_id from here (never what the caller declares) and logs what it
+    read; a customer without a profile is "unknown" to the rules. Every change
+    is recorded with its actor and time. Served to admin identities only.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    PutCustomerProfile: _aio.UnaryUnaryMultiCallable[_policy_pb2.PutCustomerProfileRequest, _policy_pb2.PutCustomerProfileResponse]  # type: ignore[assignment]
+    """Creates or replaces a customer's profile (a KYC result). Idempotent on
+    (tenant_id, change_id): a retry answers the recorded change, another
+    profile under the same change_id is ALREADY_EXISTS. A result verified
+    before the one held (verified_at) is recorded but changes nothing.
+    """
+    GetCustomerProfile: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetCustomerProfileRequest, _policy_pb2.GetCustomerProfileResponse]  # type: ignore[assignment]
+    """A customer's profile and its latest changes, newest first."""
+
+class CustomerProfileServiceServicer(metaclass=_abc_1.ABCMeta):
+    """CustomerProfileService holds what is known of a customer for deciding
+    payments: KYC tier, politically exposed person, verified country and when
+    the account was opened. Evaluate reads the profile of the payment's
+    customer_id from here (never what the caller declares) and logs what it
+    read; a customer without a profile is "unknown" to the rules. Every change
+    is recorded with its actor and time. Served to admin identities only.
+    """
+
+    @_abc_1.abstractmethod
+    def PutCustomerProfile(
+        self,
+        request: _policy_pb2.PutCustomerProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.PutCustomerProfileResponse, _abc.Awaitable[_policy_pb2.PutCustomerProfileResponse]]:
+        """Creates or replaces a customer's profile (a KYC result). Idempotent on
+        (tenant_id, change_id): a retry answers the recorded change, another
+        profile under the same change_id is ALREADY_EXISTS. A result verified
+        before the one held (verified_at) is recorded but changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCustomerProfile(
+        self,
+        request: _policy_pb2.GetCustomerProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.GetCustomerProfileResponse, _abc.Awaitable[_policy_pb2.GetCustomerProfileResponse]]:
+        """A customer's profile and its latest changes, newest first."""
+
+def add_CustomerProfileServiceServicer_to_server(servicer: CustomerProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class CaseServiceStub:
     """CaseService is the human review queue: `review` and `hold` decisions."""
 
