@@ -47,6 +47,10 @@ log = logging.getLogger("triplane.ai.engine")
 
 BANDIT_POLICY = "linear_thompson_sampling"
 MODELS = (RISK_MODEL, PROPENSITY_MODEL)
+# The models Score runs: their input is a payment's risk vector. The
+# propensity model ranks offers (Rank); fed a payment it failed inside the
+# scorer (INTERNAL, found by the fuzz suite), so it is refused up front.
+SCORE_MODELS = (RISK_MODEL,)
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,12 @@ class AiEngine:
         refuse_pii(fields)
         if q.model and q.model not in MODELS:
             raise InvalidArgument("UNKNOWN_MODEL", f"unknown model {q.model!r}", "model")
+        if q.model and q.model not in SCORE_MODELS:
+            raise InvalidArgument(
+                "MODEL_NOT_FOR_SCORE",
+                f"model {q.model!r} does not score payments (Score runs {', '.join(SCORE_MODELS)})",
+                "model",
+            )
         if q.top_k > self._limits.max_top_k:
             raise InvalidArgument("TOP_K_TOO_LARGE", f"top_k > {self._limits.max_top_k}", "top_k")
 
