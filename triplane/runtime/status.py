@@ -26,12 +26,33 @@ from triplane.runtime.interceptors import UnaryWrappingInterceptor
 log = logging.getLogger("triplane.errors")
 
 
+# The status travels in the response's trailers (grpc-message percent-encoded,
+# grpc-status-details-bin in base64), which a gRPC client refuses beyond its
+# metadata limit (8 KiB by default): the caller then sees RESOURCE_EXHAUSTED
+# and cannot read why. An error message quoting a caller's 4,000-character
+# value did that (found by the fuzz suite), so what a status echoes is cut to
+# these many UTF-8 bytes.
+MAX_STATUS_MESSAGE_BYTES = 512
+MAX_STATUS_FIELD_BYTES = 256
+
+
+def _bounded(text: str, max_bytes: int) -> str:
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode(errors="ignore") + "..."
+
+
 def to_status_proto(err: TriplaneError) -> status_pb2.Status:
+    message = _bounded(err.message, MAX_STATUS_MESSAGE_BYTES)
+    field = _bounded(err.field, MAX_STATUS_FIELD_BYTES)
     info = error_details_pb2.ErrorInfo(
-        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+        reason=err.reason,
+        domain=ERROR_DOMAIN,
+        metadata={k: _bounded(v, MAX_STATUS_FIELD_BYTES) for k, v in err.metadata.items()},
     )
-    if err.field:
-        info.metadata["field"] = err.field
+    if field:
+        info.metadata["field"] = field
     details: list[Any] = [info]
     if err.retry_delay_s > 0:
         delay = duration_pb2.Duration()
@@ -42,18 +63,18 @@ def to_status_proto(err: TriplaneError) -> status_pb2.Status:
         item = any_pb2.Any()
         item.Pack(detail)
         packed.append(item)
-    if err.field:
+    if field:
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=err.field, description=err.message, reason=err.reason
+                    field=field, description=message, reason=err.reason
                 )
             ]
         )
         item = any_pb2.Any()
         item.Pack(bad)
         packed.append(item)
-    return status_pb2.Status(code=int(err.code), message=err.message, details=packed)
+    return status_pb2.Status(code=int(err.code), message=message, details=packed)
 
 
 def to_grpc_status(err: TriplaneError) -> grpc.Status:
