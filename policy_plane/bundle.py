@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +75,18 @@ class KycTierSpec(_Spec, frozen=True, kw_only=True):
     limits: dict[str, TierLimits]
 
 
+class LimitConversionSpec(_Spec, frozen=True, kw_only=True):
+    """KYC limits for the currencies a tier does not write: the base
+    currency's, converted at reference rates fixed in the bundle (so a
+    decision stays a pure function of the bundle and the request)."""
+
+    # The currency every tier writes its limits in.
+    base: str
+    # Currency code -> units of it worth one unit of the base currency
+    # (a number, or a decimal string for an exact value).
+    rates: dict[str, float | int | str]
+
+
 class SanctionsSpec(_Spec, frozen=True, kw_only=True):
     # File names (OFAC SDN.CSV and ALT.CSV layout), looked up beside the bundle,
     # then in policy.bundles.lists_dir, then among the shipped samples.
@@ -102,6 +115,11 @@ class BundleSpec(_Spec, frozen=True, kw_only=True):
     description: str = ""
     parameters: dict[str, Any] = {}
     kyc_tiers: list[KycTierSpec] = []
+    # Limits for currencies the tiers do not write (None: no others).
+    limit_conversion: LimitConversionSpec | None = None
+    # The tier whose limits a customer without a profile gets (None: none,
+    # so `limits.known` is false for them).
+    unknown_customer_tier: int | None = None
     sanctions: SanctionsSpec = SanctionsSpec()
     rules: list[RuleSpec]
     routing: list[RouteSpec] = []
@@ -276,8 +294,87 @@ def _check_spec(spec: BundleSpec, limits: BundleLimits) -> None:
         for currency in tier.limits:
             if not currencies.is_known(currency):
                 raise _bad("KYC_LIMIT_CURRENCY_UNKNOWN", f"kyc tier {tier.tier}: {currency!r}")
+    _check_conversion(spec)
+    tiers = {tier.tier for tier in spec.kyc_tiers}
+    if spec.unknown_customer_tier is not None and spec.unknown_customer_tier not in tiers:
+        raise _bad(
+            "UNKNOWN_CUSTOMER_TIER_INVALID",
+            f"unknown_customer_tier {spec.unknown_customer_tier} is not a tier of kyc_tiers",
+            "unknown_customer_tier",
+        )
     for key, value in spec.parameters.items():
         _check_parameter(value, f"parameters.{key}", limits)
+
+
+def _rate(value: float | int | str, where: str) -> Decimal:
+    try:
+        rate = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise _bad("LIMIT_RATE_INVALID", f"{where}: {value!r} is not a number", where) from exc
+    if not rate.is_finite() or rate <= 0:
+        raise _bad("LIMIT_RATE_INVALID", f"{where}: a rate is a positive number", where)
+    return rate
+
+
+def _check_conversion(spec: BundleSpec) -> None:
+    conversion = spec.limit_conversion
+    if conversion is None:
+        return
+    if not currencies.is_known(conversion.base):
+        raise _bad(
+            "KYC_LIMIT_CURRENCY_UNKNOWN",
+            f"limit_conversion.base: {conversion.base!r}",
+            "limit_conversion.base",
+        )
+    for tier in spec.kyc_tiers:
+        if conversion.base not in tier.limits:
+            raise _bad(
+                "LIMIT_CONVERSION_BASE_MISSING",
+                f"kyc tier {tier.tier} has no {conversion.base} limits to convert",
+                "limit_conversion.base",
+            )
+    for currency, value in conversion.rates.items():
+        where = f"limit_conversion.rates.{currency}"
+        if not currencies.is_known(currency):
+            raise _bad("KYC_LIMIT_CURRENCY_UNKNOWN", f"{where}: unknown currency", where)
+        _rate(value, where)
+
+
+def limit_table(spec: BundleSpec) -> dict[tuple[int, str], tuple[TierLimits, bool]]:
+    """(tier, currency) -> (limits in that currency's minor units, converted):
+    the tiers' own limits, and for every other currency with a reference rate
+    the base currency's, converted and rounded down (a limit is never
+    rounded up). Computed once, when the bundle loads."""
+    table: dict[tuple[int, str], tuple[TierLimits, bool]] = {}
+    conversion = spec.limit_conversion
+    for tier in spec.kyc_tiers:
+        for currency, own in tier.limits.items():
+            table[(tier.tier, currency)] = (own, False)
+        if conversion is None:
+            continue
+        base = tier.limits[conversion.base]
+        base_exponent = currencies.EXPONENTS[conversion.base]
+        for currency, value in conversion.rates.items():
+            if (tier.tier, currency) in table:
+                continue
+            # Minor units of the base -> its major units -> the currency's
+            # major units -> its minor units.
+            factor = _rate(value, currency) * Decimal(10) ** (
+                currencies.EXPONENTS[currency] - base_exponent
+            )
+            table[(tier.tier, currency)] = (
+                TierLimits(
+                    single_minor=_converted(base.single_minor, factor),
+                    daily_minor=_converted(base.daily_minor, factor),
+                    monthly_minor=_converted(base.monthly_minor, factor),
+                ),
+                True,
+            )
+    return table
+
+
+def _converted(amount_minor: int, factor: Decimal) -> int:
+    return min(int((Decimal(amount_minor) * factor).to_integral_value(ROUND_FLOOR)), _INT64_MAX)
 
 
 # What a parameter may hold: the values CEL reads as int, double, string,
@@ -368,6 +465,11 @@ def _read_list(name: str, lists_dir: Path, bundle_dir: Path | None, limits: Bund
 def content_hash(spec: BundleSpec, source: BundleSource, limits: BundleLimits) -> str:
     """sha256 over the normalised bundle (defaults filled in) and its lists."""
     normalised = msgspec.to_builtins(_effective_sanctions(spec, limits))
+    # Keys added after bundles were first stored stay out while unset, so
+    # a stored bundle's version is what it was.
+    for key in ("limit_conversion", "unknown_customer_tier"):
+        if normalised.get(key) is None:
+            normalised.pop(key, None)
     # The matcher decides as much as the list does; the one bundles had
     # before it was named stays out, so their versions are what they were.
     if source.sanctions_matcher != MATCHER_TOKEN_SORT:

@@ -16,13 +16,20 @@ from typing import Any
 
 # Field schema of the CEL activation (see evaluation.build_activation). A
 # string is a leaf type; "map" is an open map whose keys are data, not fields.
-_VELOCITY = {
-    "count_1h": "int",
-    "count_24h": "int",
-    "count_30d": "int",
-    "amount_minor_1h": "int",
-    "amount_minor_24h": "int",
-    "amount_minor_30d": "int",
+_COUNTERS = (
+    "count_1h",
+    "count_24h",
+    "count_30d",
+    "amount_minor_1h",
+    "amount_minor_24h",
+    "amount_minor_30d",
+)
+# Each counter, and under `known` whether it could be had: an unknown counter
+# reads 0 above, and a rule that must not pass on a zero it cannot trust
+# checks `known` (the default bundle's velocity_unknown does).
+_VELOCITY: dict[str, Any] = {
+    **{name: "int" for name in _COUNTERS},
+    "known": {name: "bool" for name in _COUNTERS},
 }
 _PARTY = {"name": "string", "country": "string"}
 SCHEMA: dict[str, Any] = {
@@ -55,7 +62,8 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "snapshot": {
-        "kyc": {"tier": "int", "country": "string", "pep": "bool"},
+        # From the customer's profile; known is false for a customer without one.
+        "kyc": {"tier": "int", "country": "string", "pep": "bool", "known": "bool"},
         "score": {
             "model": "string",
             "version": "string",
@@ -71,6 +79,9 @@ SCHEMA: dict[str, Any] = {
     },
     "limits": {
         "known": "bool",
+        # Converted from the bundle's base currency at its reference rate
+        # (limit_conversion), not written for this currency.
+        "converted": "bool",
         "tier": "int",
         "single_minor": "int",
         "daily_minor": "int",

@@ -9,6 +9,7 @@ from policy_plane.consent import ConsentRecord, ContactCheck, ContactProfile
 from policy_plane.decision_log import VerifyResult
 from policy_plane.engine import PolicyMetrics
 from policy_plane.model import (
+    UNKNOWN_VELOCITY,
     Decision,
     EvaluationInput,
     Party,
@@ -20,6 +21,7 @@ from policy_plane.model import (
     Velocity,
 )
 from policy_plane.offers import Eligible, Excluded, OfferEntry, OfferVariant
+from policy_plane.profiles import CustomerProfile, ProfileChange
 from policy_plane.replay import Confusion, ReplayReport, ReplayWindow
 from policy_plane.store import OutboxRow
 from triplane.common.v1 import types_pb2
@@ -188,7 +190,11 @@ def maybe_bundle_info_pb(info: BundleInfo | None) -> pb.BundleInfo | None:
     return bundle_info_pb(info) if info is not None else None
 
 
-def _velocity(message: pb.VelocityCounters) -> Velocity:
+def _velocity(snapshot: pb.ContextSnapshot, name: str) -> Velocity:
+    """Counters as sent; counters left unset are unknown, never zero."""
+    if not snapshot.HasField(name):  # type: ignore[arg-type]
+        return UNKNOWN_VELOCITY
+    message: pb.VelocityCounters = getattr(snapshot, name)
     return Velocity(
         count_1h=message.count_1h,
         count_24h=message.count_24h,
@@ -196,6 +202,7 @@ def _velocity(message: pb.VelocityCounters) -> Velocity:
         amount_minor_1h=message.amount_minor_1h,
         amount_minor_24h=message.amount_minor_24h,
         amount_minor_30d=message.amount_minor_30d,
+        unknown=sorted(set(message.unknown)),
     )
 
 
@@ -229,6 +236,7 @@ def evaluation_input(request: pb.EvaluateRequest) -> EvaluationInput:
                 refunded_minor=payment.refund.refunded_minor,
                 refund_count=payment.refund.refund_count,
             ),
+            customer_id=payment.customer_id,
         ),
         snapshot=SnapshotInput(
             kyc_tier=snap.kyc.tier,
@@ -241,9 +249,9 @@ def evaluation_input(request: pb.EvaluateRequest) -> EvaluationInput:
                 score=score.score,
                 score_id=score.score_id,
             ),
-            account_velocity=_velocity(snap.account_velocity),
-            device_velocity=_velocity(snap.device_velocity),
-            merchant_velocity=_velocity(snap.merchant_velocity),
+            account_velocity=_velocity(snap, "account_velocity"),
+            device_velocity=_velocity(snap, "device_velocity"),
+            merchant_velocity=_velocity(snap, "merchant_velocity"),
             account_age_days=snap.account_age_days,
             features=dict(snap.features),
             decided_at_us=wire.micros(snap.decided_at, "snapshot.decided_at"),
@@ -259,6 +267,7 @@ def _velocity_pb(v: Velocity) -> pb.VelocityCounters:
         amount_minor_1h=v.amount_minor_1h,
         amount_minor_24h=v.amount_minor_24h,
         amount_minor_30d=v.amount_minor_30d,
+        unknown=v.unknown,
     )
 
 
@@ -298,9 +307,10 @@ def evaluate_request_pb(inp: EvaluationInput) -> pb.EvaluateRequest:
                 refunded_minor=p.refund.refunded_minor,
                 refund_count=p.refund.refund_count,
             ),
+            customer_id=p.customer_id,
         ),
         snapshot=pb.ContextSnapshot(
-            kyc=pb.KycInfo(tier=s.kyc_tier, country=s.kyc_country, pep=s.pep),
+            kyc=pb.KycInfo(tier=s.kyc_tier, country=s.kyc_country, pep=s.pep, known=s.kyc_known),
             model_score=types_pb2.ModelScoreRef(
                 model=s.score.model,
                 version=s.score.version,
@@ -623,4 +633,44 @@ def case_resolved_event(case: CaseBody, now_us: int) -> OutboxRow:
         subject=subject_for("policy.case.resolved", case.tenant_id),
         data=envelope.SerializeToString(deterministic=True),
         created_at_us=now_us,
+    )
+
+
+# ---------------------------------------------------------------- customer profiles
+
+
+def customer_profile(message: pb.CustomerProfile) -> CustomerProfile:
+    return CustomerProfile(
+        tenant_id=message.tenant_id,
+        customer_id=message.customer_id,
+        kyc_tier=message.kyc_tier,
+        pep=message.pep,
+        country=message.country,
+        account_opened_at_us=wire.micros(message.account_opened_at, "profile.account_opened_at"),
+        verified_at_us=wire.micros(message.verified_at, "profile.verified_at"),
+    )
+
+
+def customer_profile_pb(profile: CustomerProfile) -> pb.CustomerProfile:
+    return pb.CustomerProfile(
+        tenant_id=profile.tenant_id,
+        customer_id=profile.customer_id,
+        kyc_tier=profile.kyc_tier,
+        pep=profile.pep,
+        country=profile.country,
+        account_opened_at=wire.timestamp(profile.account_opened_at_us),
+        verified_at=wire.timestamp(profile.verified_at_us),
+        updated_by=profile.updated_by,
+        updated_at=wire.timestamp(profile.updated_at_us),
+        change_id=profile.change_id,
+    )
+
+
+def profile_change_pb(change: ProfileChange) -> pb.CustomerProfileChange:
+    return pb.CustomerProfileChange(
+        change_id=change.change_id,
+        profile=customer_profile_pb(change.profile),
+        actor=change.actor,
+        recorded_at=wire.timestamp(change.recorded_at_us),
+        applied=change.applied,
     )

@@ -38,6 +38,7 @@ from policy_plane.model import (
 )
 from policy_plane.offers import OfferCatalog
 from policy_plane.pii import DecisionSealer
+from policy_plane.profiles import CustomerProfile, ProfileBook, ProfileChange, account_age_days
 from policy_plane.replay import (
     ReplayParallelism,
     ReplayReport,
@@ -141,6 +142,7 @@ class PolicyEngine:
             config.limits.max_offer_attribute_length,
         )
         self.cases = CaseDesk(store, clock, encode_event, config.limits.max_note_length)
+        self.profiles = ProfileBook(store, clock, config.limits)
         self.shadow_stats = ShadowStats()
         self._tenants: set[str] = set()
         # Called after a case event was written to the outbox (wakes the relay).
@@ -200,13 +202,20 @@ class PolicyEngine:
         self.require_tenant(inp.tenant_id)
         if deadline is not None:
             deadline.check("deciding; nothing was logged")
+        # What a caller declares of its customer is not an input: the facts
+        # come from the profile, read below and logged with the decision.
+        inp = without_declared_facts(inp)
         # Names enter the fingerprint as keyed hashes: the column must not
         # let anyone try names against it.
         fingerprint = request_hash(self.sealer.blinded(inp))
+        profile = await self.profiles.for_decision(inp.tenant_id, inp.payment.customer_id)
         now_us = self.clock.now_us()
         decided_at_us = inp.snapshot.decided_at_us or now_us
         stamped = msgspec.structs.replace(
-            inp, snapshot=msgspec.structs.replace(inp.snapshot, decided_at_us=decided_at_us)
+            inp,
+            snapshot=msgspec.structs.replace(
+                inp.snapshot, decided_at_us=decided_at_us, **profile_facts(profile, decided_at_us)
+            ),
         )
         live, shadow = self.bundles.live, self.bundles.shadow
         assert live is not None, "the engine starts with a live bundle"
@@ -306,6 +315,9 @@ class PolicyEngine:
             new = msgspec.to_builtins(inp)
             if not inp.snapshot.decided_at_us:
                 new["snapshot"]["decided_at_us"] = old["snapshot"]["decided_at_us"]
+            # The profile's facts are what the plane read then, not the caller's.
+            for name in _PROFILE_FACTS:
+                new["snapshot"][name] = old["snapshot"][name]
             where = first_difference(old, new)
             if where:
                 raise AlreadyExists(
@@ -348,6 +360,20 @@ class PolicyEngine:
             chain_id=row.chain_id,
             sequence=row.seq,
         )
+
+    # ------------------------------------------------------------ customer profiles
+    async def put_customer_profile(
+        self, profile: CustomerProfile, change_id: str, actor: str
+    ) -> tuple[CustomerProfile, bool, bool]:
+        """(profile in force, replayed, applied); see profiles.ProfileBook.put."""
+        self.require_tenant(profile.tenant_id, "profile")
+        return await asyncio.to_thread(self.profiles.put, profile, change_id, actor)
+
+    async def get_customer_profile(
+        self, tenant_id: str, customer_id: str
+    ) -> tuple[CustomerProfile, list[ProfileChange]]:
+        self.require_tenant(tenant_id)
+        return await asyncio.to_thread(self.profiles.get, tenant_id, customer_id)
 
     async def label_decision(self, tenant_id: str, decision_id: str, label: str) -> None:
         if label not in LABELS:
@@ -419,6 +445,41 @@ class PolicyEngine:
         if shadow is None or shadow.version != stats.bundle_version:
             stats = ShadowStats(bundle_version=shadow.version if shadow else "")
         return PolicyMetrics(total, live.version if live else "", stats, overrule)
+
+
+# The snapshot's fields the engine fills from the customer's profile.
+_PROFILE_FACTS = ("kyc_tier", "kyc_country", "pep", "kyc_known", "account_age_days")
+
+
+def without_declared_facts(inp: EvaluationInput) -> EvaluationInput:
+    """The request without the customer facts a caller may have declared."""
+    snapshot = inp.snapshot
+    if (
+        snapshot.kyc_tier == 0
+        and not snapshot.kyc_country
+        and not snapshot.pep
+        and not snapshot.kyc_known
+        and snapshot.account_age_days == 0
+    ):
+        return inp
+    cleared = msgspec.structs.replace(
+        snapshot, kyc_tier=0, kyc_country="", pep=False, kyc_known=False, account_age_days=0
+    )
+    return msgspec.structs.replace(inp, snapshot=cleared)
+
+
+def profile_facts(profile: CustomerProfile | None, decided_at_us: int) -> dict[str, object]:
+    """The snapshot's customer facts from a profile: an unknown customer is
+    known=False with nothing else, which the bundle handles explicitly."""
+    if profile is None:
+        return {"kyc_known": False}
+    return {
+        "kyc_tier": profile.kyc_tier,
+        "kyc_country": profile.country,
+        "pep": profile.pep,
+        "kyc_known": True,
+        "account_age_days": account_age_days(profile, decided_at_us),
+    }
 
 
 _PROTO_PATHS = {

@@ -22,6 +22,8 @@ from policy_plane import bundle as bundle_mod
 from policy_plane import cel_check
 from policy_plane.bundle import BundleLimits, BundleSource, BundleSpec, RuleSpec
 from policy_plane.model import (
+    UNKNOWN_VELOCITY,
+    VELOCITY_COUNTERS,
     EvaluationInput,
     FiredRule,
     Obligation,
@@ -29,6 +31,7 @@ from policy_plane.model import (
     PaymentInput,
     Route,
     Screening,
+    Velocity,
     Verdict,
     combine,
 )
@@ -99,7 +102,11 @@ class CompiledRoute:
         return self.condition.program
 
 
-def _velocity(v: Any) -> dict[str, int]:
+_ALL_KNOWN = {name: True for name in VELOCITY_COUNTERS}
+
+
+def _velocity(v: Velocity) -> dict[str, Any]:
+    unknown = v.unknown
     return {
         "count_1h": v.count_1h,
         "count_24h": v.count_24h,
@@ -107,6 +114,9 @@ def _velocity(v: Any) -> dict[str, int]:
         "amount_minor_1h": v.amount_minor_1h,
         "amount_minor_24h": v.amount_minor_24h,
         "amount_minor_30d": v.amount_minor_30d,
+        "known": {name: name not in unknown for name in VELOCITY_COUNTERS}
+        if unknown
+        else _ALL_KNOWN,
     }
 
 
@@ -152,7 +162,12 @@ def _snapshot(inp: EvaluationInput) -> dict[str, Any]:
     snap = inp.snapshot
     score = snap.score
     return {
-        "kyc": {"tier": snap.kyc_tier, "country": snap.kyc_country, "pep": snap.pep},
+        "kyc": {
+            "tier": snap.kyc_tier,
+            "country": snap.kyc_country,
+            "pep": snap.pep,
+            "known": snap.kyc_known,
+        },
         "score": {
             "model": score.model,
             "version": score.version,
@@ -189,11 +204,8 @@ class CompiledBundle:
         self.screener: Screener = bundle_mod.build_screener(spec, source, limits)
         self._schema = bundle_mod.schema_for(spec.parameters)
         self._params = spec.parameters
-        self._limits = {
-            (tier.tier, currency): limits_spec
-            for tier in spec.kyc_tiers
-            for currency, limits_spec in tier.limits.items()
-        }
+        self._limits = bundle_mod.limit_table(spec)
+        self._unknown_customer_tier = spec.unknown_customer_tier
         self._flatten = flatten
         self.rules = [self._compile_rule(r) for r in spec.rules]
         self.routes = [
@@ -320,14 +332,19 @@ class CompiledBundle:
                     )
 
     def activation(self, inp: EvaluationInput, screening: Screening) -> dict[str, Any]:
-        payment = inp.payment
-        tier_limits = self._limits.get((inp.snapshot.kyc_tier, payment.currency))
+        payment, snapshot = inp.payment, inp.snapshot
+        tier = snapshot.kyc_tier
+        if not snapshot.kyc_known and self._unknown_customer_tier is not None:
+            tier = self._unknown_customer_tier
+        found = self._limits.get((tier, payment.currency))
+        tier_limits = found[0] if found else None
         return {
             "request": _request(payment, inp.tenant_id),
             "snapshot": _snapshot(inp),
             "limits": {
                 "known": tier_limits is not None,
-                "tier": inp.snapshot.kyc_tier,
+                "converted": found[1] if found else False,
+                "tier": tier,
                 "single_minor": tier_limits.single_minor if tier_limits else 0,
                 "daily_minor": tier_limits.daily_minor if tier_limits else 0,
                 "monthly_minor": tier_limits.monthly_minor if tier_limits else 0,
@@ -498,6 +515,20 @@ def probe_inputs() -> list[EvaluationInput]:
         payment=PaymentInput(account_id="acct", kind="transfer", amount_minor=1, currency="EUR"),
         snapshot=SnapshotInput(),
     )
+    # A customer without a profile, and counters the server could not have.
+    unknown = EvaluationInput(
+        tenant_id="probe",
+        idempotency_key="probe",
+        payment=PaymentInput(
+            account_id="acct", kind="purchase", amount_minor=99_999, currency="USD"
+        ),
+        snapshot=SnapshotInput(
+            kyc_known=False,
+            account_velocity=UNKNOWN_VELOCITY,
+            device_velocity=Velocity(unknown=["count_1h"]),
+            merchant_velocity=UNKNOWN_VELOCITY,
+        ),
+    )
     refund = EvaluationInput(
         tenant_id="probe",
         idempotency_key="probe",
@@ -518,7 +549,7 @@ def probe_inputs() -> list[EvaluationInput]:
         ),
         snapshot=SnapshotInput(),
     )
-    return [full, empty, refund]
+    return [full, empty, unknown, refund]
 
 
 def compile_source(

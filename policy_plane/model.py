@@ -87,6 +87,9 @@ class PaymentInput(_Frozen, frozen=True):
     splits: list[SplitInput] = msgspec.field(default_factory=list)
     hold_id: str = ""
     refund: RefundInput = RefundInput()
+    # The paying customer, whose profile the engine reads for the KYC facts
+    # (records logged before it was taken carry none).
+    customer_id: str = ""
 
 
 class ScoreInput(_Frozen, frozen=True):
@@ -98,6 +101,16 @@ class ScoreInput(_Frozen, frozen=True):
     score_id: str = ""
 
 
+VELOCITY_COUNTERS = (
+    "count_1h",
+    "count_24h",
+    "count_30d",
+    "amount_minor_1h",
+    "amount_minor_24h",
+    "amount_minor_30d",
+)
+
+
 class Velocity(_Frozen, frozen=True):
     count_1h: int = 0
     count_24h: int = 0
@@ -105,12 +118,24 @@ class Velocity(_Frozen, frozen=True):
     amount_minor_1h: int = 0
     amount_minor_24h: int = 0
     amount_minor_30d: int = 0
+    # The counters that could not be had (named as above): unknown to the
+    # rules whatever zero stands above. Records logged before it was taken
+    # had every counter counted.
+    unknown: list[str] = msgspec.field(default_factory=list)
+
+
+UNKNOWN_VELOCITY = Velocity(unknown=list(VELOCITY_COUNTERS))
 
 
 class SnapshotInput(_Frozen, frozen=True):
+    # The KYC facts and account_age_days are what the engine read of the
+    # customer's profile (payment.customer_id), never what a caller declared.
     kyc_tier: int = 0
     kyc_country: str = ""
     pep: bool = False
+    # A profile was found. Records logged before profiles were read carried
+    # declared facts, which the rules took as known.
+    kyc_known: bool = True
     score: ScoreInput = ScoreInput()
     account_velocity: Velocity = Velocity()
     device_velocity: Velocity = Velocity()

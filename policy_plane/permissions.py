@@ -1,7 +1,7 @@
 """Who may call the policy plane (triplane.runtime.authz; default deny): the
 gateway asks for decisions, eligible offers and contact checks and reads
 decisions; bundles, tenants, replay, the log's verification, labels,
-catalog and consent writes and cases are admin only."""
+catalog and consent writes, cases and customer profiles are admin only."""
 
 from __future__ import annotations
 
@@ -59,6 +59,15 @@ PERMISSIONS: Permissions = {
             "GetCase": ADMIN_ONLY,
             "ClaimCase": ADMIN_ONLY,
             "ResolveCase": ADMIN_ONLY,
+        },
+    ),
+    # A customer's KYC facts decide what they may spend: written and read by
+    # admin identities only (operators, the platform's KYC integration).
+    **permissions(
+        f"{_PACKAGE}.CustomerProfileService",
+        {
+            "PutCustomerProfile": ADMIN_ONLY,
+            "GetCustomerProfile": ADMIN_ONLY,
         },
     ),
 }

@@ -16,6 +16,7 @@ from policy_plane.offers import CustomerContext
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime import codec as wire
+from triplane.runtime.authz import peer_identity
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.server import Service
@@ -356,10 +357,42 @@ class CaseServicer(pb_grpc.CaseServiceServicer):
         return pb.ResolveCaseResponse(case=codec.case_pb(case))
 
 
+class CustomerProfileServicer(pb_grpc.CustomerProfileServiceServicer):
+    def __init__(self, engine: PolicyEngine) -> None:
+        self._engine = engine
+
+    async def PutCustomerProfile(
+        self, request: pb.PutCustomerProfileRequest, context: Ctx
+    ) -> pb.PutCustomerProfileResponse:
+        # Who made the change: the caller's verified identity, and the actor
+        # it names (an operator, a KYC provider) beside it.
+        identity = peer_identity(context) or "no client certificate"
+        validate.check_text(request.actor, "actor", self._engine.config.limits.max_id_length)
+        actor = f"{request.actor} via {identity}" if request.actor else ""
+        profile, replayed, applied = await self._engine.put_customer_profile(
+            codec.customer_profile(request.profile), request.change_id, actor
+        )
+        return pb.PutCustomerProfileResponse(
+            profile=codec.customer_profile_pb(profile), replayed=replayed, applied=applied
+        )
+
+    async def GetCustomerProfile(
+        self, request: pb.GetCustomerProfileRequest, context: Ctx
+    ) -> pb.GetCustomerProfileResponse:
+        profile, changes = await self._engine.get_customer_profile(
+            request.tenant_id, request.customer_id
+        )
+        return pb.GetCustomerProfileResponse(
+            profile=codec.customer_profile_pb(profile),
+            changes=[codec.profile_change_pb(c) for c in changes],
+        )
+
+
 def services(engine: PolicyEngine) -> list[Service]:
     """The plane's gRPC services, ready for PlaneServer."""
     policy, bundles = PolicyServicer(engine), BundleServicer(engine)
     consent, offers, cases = ConsentServicer(engine), OfferServicer(engine), CaseServicer(engine)
+    profiles = CustomerProfileServicer(engine)
     descriptor = pb.DESCRIPTOR.services_by_name
     return [
         Service(
@@ -381,5 +414,9 @@ def services(engine: PolicyEngine) -> list[Service]:
         Service(
             descriptor["CaseService"].full_name,
             lambda s: pb_grpc.add_CaseServiceServicer_to_server(cases, s),
+        ),
+        Service(
+            descriptor["CustomerProfileService"].full_name,
+            lambda s: pb_grpc.add_CustomerProfileServiceServicer_to_server(profiles, s),
         ),
     ]

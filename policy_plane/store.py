@@ -7,7 +7,7 @@ signatures are computed by `decision_log.py`; this module only stores rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +112,24 @@ CREATE TABLE IF NOT EXISTS offers (
   offer_id TEXT NOT NULL,
   body TEXT NOT NULL,
   PRIMARY KEY (tenant_id, offer_id)
-)
+);
+CREATE TABLE IF NOT EXISTS customer_profiles (
+  tenant_id TEXT NOT NULL,
+  customer_id TEXT NOT NULL,
+  verified_at_us BIGINT NOT NULL,
+  body TEXT NOT NULL,
+  PRIMARY KEY (tenant_id, customer_id)
+);
+CREATE TABLE IF NOT EXISTS customer_profile_changes (
+  tenant_id TEXT NOT NULL,
+  change_id TEXT NOT NULL,
+  customer_id TEXT NOT NULL,
+  recorded_at_us BIGINT NOT NULL,
+  body TEXT NOT NULL,
+  PRIMARY KEY (tenant_id, change_id)
+);
+CREATE INDEX IF NOT EXISTS customer_profile_changes_customer
+  ON customer_profile_changes (tenant_id, customer_id, recorded_at_us)
 """
 
 
@@ -570,6 +587,69 @@ class PolicyStore:
     def all_offers(self) -> list[Row]:
         with self.db.tx() as tx:
             return tx.all("SELECT tenant_id, offer_id, body FROM offers")
+
+    # ------------------------------------------------------------ customer profiles
+    def get_customer_profile(self, tenant_id: str, customer_id: str) -> str | None:
+        row = self.db.read_one(
+            "SELECT body FROM customer_profiles WHERE tenant_id = ? AND customer_id = ?",
+            (tenant_id, customer_id),
+        )
+        return str(row[0]) if row is not None else None
+
+    def put_customer_profile(
+        self,
+        tenant_id: str,
+        customer_id: str,
+        change_id: str,
+        verified_at_us: int,
+        profile_body: str,
+        change_body: Callable[[bool], str],
+        now_us: int,
+    ) -> tuple[str, str, bool]:
+        """Records a change (applied unless the profile in force was verified
+        later) in one transaction: (the change as recorded, the profile in
+        force, replayed). A change id seen before answers its recorded change."""
+        with self.db.tx() as tx:
+            seen = tx.one(
+                "SELECT body FROM customer_profile_changes WHERE tenant_id = ? AND change_id = ?",
+                (tenant_id, change_id),
+            )
+            current = tx.one(
+                "SELECT verified_at_us, body FROM customer_profiles "
+                "WHERE tenant_id = ? AND customer_id = ?",
+                (tenant_id, customer_id),
+            )
+            if seen is not None:
+                return str(seen[0]), str(current[1]) if current else profile_body, True
+            applied = current is None or verified_at_us >= int(current[0])
+            recorded = change_body(applied)
+            tx.execute(
+                "INSERT INTO customer_profile_changes "
+                "(tenant_id, change_id, customer_id, recorded_at_us, body) VALUES (?, ?, ?, ?, ?)",
+                (tenant_id, change_id, customer_id, now_us, recorded),
+            )
+            if not applied:
+                assert current is not None
+                return recorded, str(current[1]), False
+            tx.execute(
+                "DELETE FROM customer_profiles WHERE tenant_id = ? AND customer_id = ?",
+                (tenant_id, customer_id),
+            )
+            tx.execute(
+                "INSERT INTO customer_profiles (tenant_id, customer_id, verified_at_us, body) "
+                "VALUES (?, ?, ?, ?)",
+                (tenant_id, customer_id, verified_at_us, profile_body),
+            )
+            return recorded, profile_body, False
+
+    def customer_profile_changes(self, tenant_id: str, customer_id: str, limit: int) -> list[str]:
+        with self.db.read() as tx:
+            rows = tx.all(
+                "SELECT body FROM customer_profile_changes WHERE tenant_id = ? AND customer_id = ? "
+                "ORDER BY recorded_at_us DESC, change_id DESC LIMIT ?",
+                (tenant_id, customer_id, limit),
+            )
+        return [str(r[0]) for r in rows]
 
 
 def _mark(tx: Tx, chain_id: str, kind: str) -> ChainMark | None:

@@ -7,7 +7,13 @@ import math
 import re
 
 from policy_plane.bundle import PAYMENT_METHODS
-from policy_plane.model import EvaluationInput, PaymentInput, RefundInput, Velocity
+from policy_plane.model import (
+    VELOCITY_COUNTERS,
+    EvaluationInput,
+    PaymentInput,
+    RefundInput,
+    Velocity,
+)
 from triplane.runtime import codec as wire
 from triplane.runtime.config import PolicyLimitsConfig
 from triplane.runtime.errors import InvalidArgument
@@ -73,6 +79,8 @@ def _check_payment(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
         )
     for name in ("merchant_id", "merchant_category", "device_id"):
         check_text(getattr(payment, name), f"payment.{name}", limits.max_string_length)
+    if payment.customer_id:
+        check_id(payment.customer_id, "payment.customer_id", limits)
     for party_name in ("customer", "counterparty"):
         party = getattr(payment, party_name)
         check_text(party.name, f"payment.{party_name}.name", limits.max_name_length)
@@ -185,6 +193,14 @@ def _check_snapshot(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
 
 
 def _check_velocity(velocity: Velocity, field: str) -> None:
-    for name in Velocity.__struct_fields__:
+    for name in VELOCITY_COUNTERS:
         if getattr(velocity, name) < 0:
             raise InvalidArgument("VELOCITY_INVALID", "counters are >= 0", f"{field}.{name}")
+    if len(velocity.unknown) > len(VELOCITY_COUNTERS) or not set(velocity.unknown) <= set(
+        VELOCITY_COUNTERS
+    ):
+        raise InvalidArgument(
+            "VELOCITY_INVALID",
+            f"unknown names counters: {', '.join(VELOCITY_COUNTERS)}",
+            f"{field}.unknown",
+        )

@@ -18,6 +18,7 @@ import pytest
 from policy_plane.app import PolicyPlane, build_engine, build_plane
 from policy_plane.engine import PolicyEngine
 from policy_plane.model import EvaluationInput, Party, PaymentInput, ScoreInput, SnapshotInput
+from policy_plane.profiles import CustomerProfile
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
@@ -29,6 +30,33 @@ TENANT = "acme"
 OTHER_TENANT = "globex"
 # 2026-06-01T12:00:00Z: a Monday, midday in Europe, morning in the Americas.
 START_US = 1_780_315_200_000_000
+# The customer the input builders name, with a profile in both tenants (tier
+# 2, an account opened 400 days before START_US): what the engine reads.
+CUSTOMER = "cust-1"
+DAY_US = 86_400_000_000
+
+
+async def put_customer(
+    engine: PolicyEngine,
+    tenant_id: str = TENANT,
+    customer_id: str = CUSTOMER,
+    tier: int = 2,
+    pep: bool = False,
+    age_days: int = 400,
+) -> None:
+    await engine.put_customer_profile(
+        CustomerProfile(
+            tenant_id=tenant_id,
+            customer_id=customer_id,
+            kyc_tier=tier,
+            pep=pep,
+            country="US",
+            account_opened_at_us=START_US - age_days * DAY_US,
+            verified_at_us=START_US - DAY_US,
+        ),
+        f"kyc-{customer_id}-{tier}-{pep}-{age_days}",
+        "ops:test",
+    )
 
 
 def make_config(state_dir: Path, pg_dsn: str = "", **policy: Any) -> Config:
@@ -48,6 +76,8 @@ async def started_engine(config: Config, clock: ManualClock) -> PolicyEngine:
     await engine.start()
     await engine.create_tenant(TENANT, "Acme")
     await engine.create_tenant(OTHER_TENANT, "Globex")
+    await put_customer(engine, TENANT)
+    await put_customer(engine, OTHER_TENANT)
     return engine
 
 
@@ -97,6 +127,8 @@ async def plane(state_dir: Path, nats_url: str, clock: ManualClock) -> AsyncIter
     try:
         await plane.engine.create_tenant(TENANT, "Acme")
         await plane.engine.create_tenant(OTHER_TENANT, "Globex")
+        await put_customer(plane.engine, TENANT)
+        await put_customer(plane.engine, OTHER_TENANT)
         yield plane
     finally:
         await plane.stop()
@@ -121,6 +153,7 @@ class Stubs:
         self.consent = pb_grpc.ConsentServiceStub(channel)
         self.offers = pb_grpc.OfferServiceStub(channel)
         self.cases = pb_grpc.CaseServiceStub(channel)
+        self.profiles = pb_grpc.CustomerProfileServiceStub(channel)
 
 
 @pytest.fixture
@@ -160,6 +193,7 @@ def payment_input(
             device_id="dev-1",
             customer=Party(name=customer, country="US"),
             counterparty=Party(name=counterparty, country="US"),
+            customer_id=CUSTOMER,
         ),
         snapshot=SnapshotInput(
             kyc_tier=tier,

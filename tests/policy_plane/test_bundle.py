@@ -214,9 +214,15 @@ def test_default_kyc_tier_limits(
     assert reason in verdict.reason_codes
 
 
-def test_default_refuses_a_currency_without_limits(default: CompiledBundle) -> None:
-    verdict = default.evaluate(payment_input(currency="JPY"))
+def test_a_bundle_refuses_a_currency_without_limits(default: CompiledBundle) -> None:
+    """Limits written for USD only and no conversion: a JPY payment has none."""
+    text = shipped_default_path().read_text()
+    start, end = text.index("limit_conversion:"), text.index("\nsanctions:")
+    verdict = compile_yaml(text[:start] + text[end:]).evaluate(payment_input(currency="JPY"))
     assert "KYC_LIMITS_UNDEFINED" in verdict.reason_codes
+    # The default converts: JPY has limits (tests/policy_plane/test_facts.py).
+    converted = default.evaluate(payment_input(currency="JPY"))
+    assert "KYC_LIMITS_UNDEFINED" not in converted.reason_codes
 
 
 def test_default_velocity_holds(default: CompiledBundle) -> None:

@@ -91,7 +91,7 @@ rules:
   # Fails at run time for GBP (no such key): fires review with the error.
   - {id: r5, when: "request.amount_minor > params.caps[request.currency]",
      outcome: review, reason_code: R5}
-  - {id: r6, when: "snapshot.kyc.tier == 0 && size(snapshot.kyc) == 3 && has(request.customer)",
+  - {id: r6, when: "snapshot.kyc.tier == 0 && size(snapshot.kyc) == 4 && has(request.customer)",
      outcome: deny, reason_code: R6}
   - {id: r7, when: "snapshot.velocity.account.amount_minor_24h + request.amount_minor >
        limits.daily_minor && limits.known",

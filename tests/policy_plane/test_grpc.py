@@ -42,6 +42,7 @@ def request(
             merchant_category="5411",
             customer=pb.Party(name="Jane Example", country="US"),
             counterparty=pb.Party(name="Corner Shop", country="US"),
+            customer_id="cust-1",
         ),
         snapshot=pb.ContextSnapshot(
             kyc=pb.KycInfo(tier=2, country="US"),

@@ -247,6 +247,8 @@ class PolicyLimitsConfig(_Strict, frozen=True):
     # Customers whose consent, profile and recent contacts are held in memory.
     max_consent_customers: int
     max_note_length: int
+    # Changes of a customer profile listed by GetCustomerProfile, newest first.
+    max_profile_changes_listed: int
 
 
 class DecisionLogConfig(_Strict, frozen=True):
