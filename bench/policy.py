@@ -49,6 +49,7 @@ from policy_plane.model import (
     SnapshotInput,
     Velocity,
 )
+from policy_plane.profiles import CustomerProfile
 from policy_plane.replay import (
     ReplayParallelism,
     ReplayWindow,
@@ -107,12 +108,19 @@ def big_bundle_yaml(rule_count: int) -> str:
     return text.replace("\n# Payment routing", "\n" + "".join(generated) + "\n# Payment routing", 1)
 
 
+BENCH_CUSTOMERS = 1000
+DAY_US = 86_400_000_000
+
+
 def sample_input(rng: random.Random, index: int) -> EvaluationInput:
+    # Every payment names a customer with a profile: each decision reads it,
+    # as the plane does on the hot path (issue 11 §4).
+    customer = rng.randrange(BENCH_CUSTOMERS)
     return EvaluationInput(
         tenant_id=TENANT,
         idempotency_key=f"bench-{index}",
         payment=PaymentInput(
-            account_id=f"acct-{rng.randrange(1000)}",
+            account_id=f"acct-{customer}",
             credit_account_id=f"merchant-{rng.randrange(50)}",
             kind=rng.choice(["purchase", "payout", "transfer"]),
             amount_minor=rng.randrange(100, 60_000),
@@ -126,6 +134,7 @@ def sample_input(rng: random.Random, index: int) -> EvaluationInput:
             counterparty=Party(
                 name=rng.choice(["Corner Shop", "Cafe Central", "Dmitri Volkov"]), country="US"
             ),
+            customer_id=f"cust-{customer}",
         ),
         snapshot=SnapshotInput(
             kyc_tier=rng.randrange(4),
@@ -201,6 +210,19 @@ async def bench_rpc_and_replay(state_dir: Path) -> dict[str, float]:
     plane = build_plane(config, listen="127.0.0.1:0")
     await plane.start()
     await plane.engine.create_tenant(TENANT, "Bench")
+    for customer in range(BENCH_CUSTOMERS):
+        await plane.engine.put_customer_profile(
+            CustomerProfile(
+                tenant_id=TENANT,
+                customer_id=f"cust-{customer}",
+                kyc_tier=customer % 4,
+                country="US",
+                account_opened_at_us=1_700_000_000_000_000 - (customer % 1000) * DAY_US,
+                verified_at_us=1_700_000_000_000_000,
+            ),
+            f"kyc-{customer}",
+            "bench",
+        )
     # As `python -m policy_plane` does once started (serve_until_signalled).
     tune_gc(config.runtime.gc_gen0_threshold)
     rng = random.Random(11)

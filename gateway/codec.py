@@ -69,23 +69,70 @@ def _expm1(log_value: float) -> int:
     return max(0, round(math.expm1(log_value)))
 
 
+# Which of the AI plane's features each velocity counter is read from, per
+# entity. A counter without one (a device's 24-hour amount, anything but an
+# account's 30 days) is unknown to the policy, never zero.
+_COUNTER_FEATURES: dict[str, dict[str, str]] = {
+    "acct": {
+        "count_1h": "acct_txn_count_1h",
+        "count_24h": "acct_txn_count_24h",
+        "count_30d": "acct_txn_count_30d",
+        "amount_minor_1h": "acct_txn_amount_log_1h",
+        "amount_minor_24h": "acct_txn_amount_log_24h",
+        "amount_minor_30d": "acct_txn_amount_log_30d",
+    },
+    **{
+        entity: {
+            "count_1h": f"{entity}_txn_count_1h",
+            "count_24h": f"{entity}_txn_count_24h",
+            "amount_minor_1h": f"{entity}_txn_amount_log_1h",
+        }
+        for entity in ("dev", "merch")
+    },
+}
+_COUNTERS = (
+    "count_1h",
+    "count_24h",
+    "count_30d",
+    "amount_minor_1h",
+    "amount_minor_24h",
+    "amount_minor_30d",
+)
+# The AI plane's fallback reason when its feature store could not be read:
+# the features it answers are zeros, not counts.
+FEATURES_UNAVAILABLE = "FEATURES_UNAVAILABLE"
+
+
+def features_counted(scored: ai_pb2.ScoreResponse | None) -> bool:
+    """The score's stored features are the server's counts (not zeros put
+    in for a store that could not be read, nor absent with no score)."""
+    return scored is not None and FEATURES_UNAVAILABLE not in scored.fallback_reason.split(",")
+
+
 def velocity(features: Mapping[str, float], entity: str) -> policy_pb2.VelocityCounters:
-    """Counters for the policy snapshot from the AI plane's windowed features.
-    The feature store keeps up to 24 hours per window; 30-day figures get the
-    24-hour ones (a lower bound) until a longer window exists."""
-    count_1h = int(features.get(f"{entity}_txn_count_1h", 0.0))
-    count_24h = int(features.get(f"{entity}_txn_count_24h", 0.0))
-    amount_1h = _expm1(features.get(f"{entity}_txn_amount_log_1h", 0.0))
-    amount_24h = _expm1(features.get(f"{entity}_txn_amount_log_24h", 0.0))
-    amount_24h = max(amount_24h, amount_1h)
-    return policy_pb2.VelocityCounters(
-        count_1h=count_1h,
-        count_24h=count_24h,
-        count_30d=count_24h,
-        amount_minor_1h=amount_1h,
-        amount_minor_24h=amount_24h,
-        amount_minor_30d=amount_24h,
-    )
+    """Counters for the policy snapshot from the AI plane's windowed features;
+    a counter whose feature the answer lacks is named unknown. Amounts travel
+    as log1p; each longer window is at least the shorter one (the windows are
+    bucketed to different widths)."""
+    found = _COUNTER_FEATURES[entity]
+    values: dict[str, int] = {}
+    unknown: list[str] = []
+    for counter in _COUNTERS:
+        name = found.get(counter)
+        if name is None or name not in features:
+            unknown.append(counter)
+            values[counter] = 0
+        elif counter.startswith("amount"):
+            values[counter] = _expm1(features[name])
+        else:
+            values[counter] = int(features[name])
+    for shorter, longer in (("_1h", "_24h"), ("_24h", "_30d")):
+        for kind in ("count", "amount_minor"):
+            if f"{kind}{longer}" not in unknown and f"{kind}{shorter}" not in unknown:
+                values[f"{kind}{longer}"] = max(
+                    values[f"{kind}{longer}"], values[f"{kind}{shorter}"]
+                )
+    return policy_pb2.VelocityCounters(unknown=unknown, **values)
 
 
 # ---------------------------------------------------------------- next best action

@@ -98,10 +98,7 @@ EVALUATE = FieldMap(
         "payment.device_id": "device_id",
         "payment.customer": "customer",
         "payment.counterparty": "counterparty",
-        "snapshot.kyc.tier": "customer.kyc_tier",
-        "snapshot.kyc.country": "customer.country",
-        "snapshot.kyc.pep": "customer.pep",
-        "snapshot.account_age_days": "customer.account_age_days",
+        "payment.customer_id": "customer.customer_id",
     }
 )
 
@@ -134,6 +131,34 @@ ELIGIBLE_OFFERS = FieldMap(
 # runner (channel and topic are the gateway's choice, not the caller's).
 CONTACT = FieldMap({"tenant_id": "tenant_id", "customer_id": "customer_id"})
 
+# policy Put/GetCustomerProfileRequest, from the gateway's own (the policy
+# profile carries the tenant; the gateway's request has it at the top).
+PROFILE = FieldMap(
+    {
+        "profile.tenant_id": "tenant_id",
+        "profile": "profile",
+        "tenant_id": "tenant_id",
+        "customer_id": "customer_id",
+        "change_id": "change_id",
+        "actor": "actor",
+    }
+)
+
 # AI plane requests: their failures degrade (no score, policy order) and reach
 # a caller only as a fallback reason, never as a field.
 AI = FieldMap({})
+
+# ai ScoreRequest, from AuthorizePayment: what the AI plane refuses of the
+# caller's own request refuses the authorization (a refusal must not be a
+# way around the score), naming the caller's field.
+SCORE = FieldMap(
+    {
+        "payment.tenant_id": "tenant_id",
+        "payment.account_id": "account_id",
+        "payment.device_id": "device_id",
+        "payment.merchant_id": "merchant_id",
+        "payment.amount": "amount",
+        "payment.merchant_category": "merchant_category",
+        "payment.attributes": "attributes",
+    }
+)

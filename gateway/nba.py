@@ -106,7 +106,6 @@ class NextBestAction:
                 customer_id=req.customer_id,
                 partner_id=req.partner_id,
                 region=req.region,
-                kyc_tier=req.kyc_tier,
                 features=dict(req.features),
             ),
             core.timeout_s(call, core.config.budgets.policy_budget_ms),

@@ -38,6 +38,10 @@ from triplane.runtime.errors import (
 
 log = logging.getLogger("gateway.payments")
 
+# What the AI plane refuses because of the caller's request, not a failure of
+# its own: the authorization is refused with it rather than go on unscored.
+_CALLER_ERRORS = frozenset({Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE})
+
 AUTHORIZE = "AuthorizePayment"
 NO_SCORE_MODEL = "payment_risk"
 SOURCE_NONE = "none"
@@ -254,6 +258,11 @@ class Payments:
             timeout_s = core.timeout_s(call, core.config.budgets.ai_score_budget_ms)
             scored = await core.ai.score(request, timeout_s)
         except TriplaneError as error:
+            if error.code in _CALLER_ERRORS:
+                # The caller's request is what the AI plane refused: never a
+                # way around the score (a missing score must not be a cheaper
+                # path than a bad one), and bad input changes nothing.
+                raise
             # Rule 3: the AI plane only enriches. No score is a case the policy
             # names (fraud_score_missing), never a failed authorization.
             log.info("no risk score: %s", error.reason)
@@ -273,17 +282,15 @@ class Payments:
         else:
             score_ref = types_pb2.ModelScoreRef(model=NO_SCORE_MODEL, source=SOURCE_NONE)
         customer = req.customer
-        snapshot = policy_pb2.ContextSnapshot(
-            kyc=policy_pb2.KycInfo(
-                tier=customer.kyc_tier, country=customer.country, pep=customer.pep
-            ),
-            model_score=score_ref,
-            account_velocity=codec.velocity(features, "acct"),
-            device_velocity=codec.velocity(features, "dev"),
-            merchant_velocity=codec.velocity(features, "merch"),
-            account_age_days=customer.account_age_days,
-            features=features,
-        )
+        # The customer's KYC facts are not the caller's to declare: the policy
+        # plane reads its profile by customer_id. Velocity is the AI plane's
+        # count; with no score, or a feature store it could not read, the
+        # counters stay unset, which the policy reads as unknown, never zero.
+        snapshot = policy_pb2.ContextSnapshot(model_score=score_ref, features=features)
+        if codec.features_counted(scored):
+            snapshot.account_velocity.CopyFrom(codec.velocity(features, "acct"))
+            snapshot.device_velocity.CopyFrom(codec.velocity(features, "dev"))
+            snapshot.merchant_velocity.CopyFrom(codec.velocity(features, "merch"))
         payment = policy_pb2.Payment(
             account_id=req.account_id,
             kind=codec.KIND_TO_POLICY[req.kind],
@@ -297,6 +304,7 @@ class Payments:
             # (inside the trust boundary, sealed in its decision log); never
             # to the AI plane, NATS or the gateway's store.
             customer=policy_pb2.Party(name=customer.name, country=customer.country),
+            customer_id=customer.customer_id,
             counterparty=policy_pb2.Party(
                 name=req.counterparty.name, country=req.counterparty.country
             ),

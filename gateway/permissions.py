@@ -27,6 +27,8 @@ PERMISSIONS: Permissions = {
             "IngestEvents": ANY_CALLER,
             "ListDeadLetters": ANY_CALLER,
             "RedeliverDeadLetter": ANY_CALLER,
+            "PutCustomerProfile": ANY_CALLER,
+            "GetCustomerProfile": ANY_CALLER,
         },
     ),
     **permissions(

@@ -167,7 +167,7 @@ class GrpcAi:
         self._scoring = _Stubs(channel, ai_pb2_grpc.ScoringServiceStub)
 
     async def score(self, request: ai_pb2.ScoreRequest, timeout_s: float) -> ai_pb2.ScoreResponse:
-        return await _call("AI", self._scoring.get().Score, request, timeout_s, fields.AI)
+        return await _call("AI", self._scoring.get().Score, request, timeout_s, fields.SCORE)
 
     async def rank(self, request: ai_pb2.RankRequest, timeout_s: float) -> ai_pb2.RankResponse:
         return await _call("AI", self._scoring.get().Rank, request, timeout_s, fields.AI)
@@ -188,6 +188,7 @@ class _PolicyStubs:
     policy: policy_pb2_grpc.PolicyServiceStub
     offers: policy_pb2_grpc.OfferServiceStub
     consent: policy_pb2_grpc.ConsentServiceStub
+    profiles: policy_pb2_grpc.CustomerProfileServiceStub
 
     @classmethod
     def on(cls, channel: grpc.aio.Channel) -> _PolicyStubs:
@@ -195,6 +196,7 @@ class _PolicyStubs:
             policy_pb2_grpc.PolicyServiceStub(channel),
             policy_pb2_grpc.OfferServiceStub(channel),
             policy_pb2_grpc.ConsentServiceStub(channel),
+            policy_pb2_grpc.CustomerProfileServiceStub(channel),
         )
 
 
@@ -234,6 +236,18 @@ class GrpcPolicy:
     ) -> policy_pb2.RecordContactResponse:
         method = self._stubs.get().consent.RecordContact
         return await _call("POLICY", method, request, timeout_s, fields.CONTACT)
+
+    async def put_customer_profile(
+        self, request: policy_pb2.PutCustomerProfileRequest, timeout_s: float
+    ) -> policy_pb2.PutCustomerProfileResponse:
+        method = self._stubs.get().profiles.PutCustomerProfile
+        return await _call("POLICY", method, request, timeout_s, fields.PROFILE)
+
+    async def get_customer_profile(
+        self, request: policy_pb2.GetCustomerProfileRequest, timeout_s: float
+    ) -> policy_pb2.GetCustomerProfileResponse:
+        method = self._stubs.get().profiles.GetCustomerProfile
+        return await _call("POLICY", method, request, timeout_s, fields.PROFILE)
 
 
 class GrpcMoney:

@@ -79,6 +79,14 @@ class PolicyPort(Protocol):
         self, request: policy_pb2.RecordContactRequest, timeout_s: float
     ) -> policy_pb2.RecordContactResponse: ...
 
+    async def put_customer_profile(
+        self, request: policy_pb2.PutCustomerProfileRequest, timeout_s: float
+    ) -> policy_pb2.PutCustomerProfileResponse: ...
+
+    async def get_customer_profile(
+        self, request: policy_pb2.GetCustomerProfileRequest, timeout_s: float
+    ) -> policy_pb2.GetCustomerProfileResponse: ...
+
 
 class MoneyPort(Protocol):
     async def create_transfer(

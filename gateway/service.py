@@ -13,6 +13,7 @@ from opentelemetry import trace
 from gateway import codec, validate
 from gateway.codec import DeadLetterRecord
 from gateway.core import CallContext, new_trace_id
+from gateway.customers import CustomerProfiles
 from gateway.ingest import Ingest
 from gateway.nba import NextBestAction
 from gateway.payments import Payments
@@ -39,8 +40,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         ingest: Ingest,
         dead_letters: DeadLetters,
         default_deadline_ms: float,
+        customers: CustomerProfiles | None = None,
     ) -> None:
         self._payments = payments
+        self._customers = customers or CustomerProfiles(payments.core)
         self._nba = nba
         self._ingest = ingest
         self._dead_letters = dead_letters
@@ -129,6 +132,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             gw.RedeliverDeadLetterResponse,
             run,
         )
+
+    async def PutCustomerProfile(
+        self, request: gw.PutCustomerProfileRequest, context: grpc.aio.ServicerContext
+    ) -> gw.PutCustomerProfileResponse:
+        return await self._customers.put(request, self._call(context))
+
+    async def GetCustomerProfile(
+        self, request: gw.GetCustomerProfileRequest, context: grpc.aio.ServicerContext
+    ) -> gw.GetCustomerProfileResponse:
+        return await self._customers.get(request, self._call(context))
 
 
 def gateway_services(servicer: GatewayServicer) -> list[Service]:

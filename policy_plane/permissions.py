@@ -1,7 +1,9 @@
 """Who may call the policy plane (triplane.runtime.authz; default deny): the
 gateway asks for decisions, eligible offers and contact checks and reads
 decisions; bundles, tenants, replay, the log's verification, labels,
-catalog and consent writes, cases and customer profiles are admin only."""
+catalog and consent writes and cases are admin only. Customer profiles are
+written by admin tools and by the gateway on behalf of a platform's key with
+the customers:write scope (bound to the key's tenant there)."""
 
 from __future__ import annotations
 
@@ -61,13 +63,13 @@ PERMISSIONS: Permissions = {
             "ResolveCase": ADMIN_ONLY,
         },
     ),
-    # A customer's KYC facts decide what they may spend: written and read by
-    # admin identities only (operators, the platform's KYC integration).
+    # A customer's KYC facts decide what they may spend: operators and the
+    # platform's KYC integration (through the gateway, customers:write).
     **permissions(
         f"{_PACKAGE}.CustomerProfileService",
         {
-            "PutCustomerProfile": ADMIN_ONLY,
-            "GetCustomerProfile": ADMIN_ONLY,
+            "PutCustomerProfile": GATEWAY_AND_ADMIN,
+            "GetCustomerProfile": GATEWAY_AND_ADMIN,
         },
     ),
 }

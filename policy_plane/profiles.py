@@ -88,7 +88,9 @@ class ProfileBook:
         validate.check_id(change_id, "change_id", limits)
         if not actor:
             raise InvalidArgument("FIELD_REQUIRED", "actor is required", "actor")
-        validate.check_text(actor, "actor", limits.max_id_length)
+        # The actor the caller named (at most max_string_length, checked by
+        # the servicer) and the identity it came through.
+        validate.check_text(actor, "actor", 2 * limits.max_string_length)
         if not 0 <= profile.kyc_tier <= validate.MAX_KYC_TIER:
             raise InvalidArgument(
                 "KYC_TIER_INVALID", f"kyc_tier is 0..{validate.MAX_KYC_TIER}", "profile.kyc_tier"

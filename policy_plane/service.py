@@ -291,13 +291,16 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
         engine.check_customer(request.tenant_id, request.customer_id)
         if len(request.features) > engine.config.limits.max_features:
             raise InvalidArgument("TOO_MANY_FEATURES", "too many features", "features")
+        # The KYC tier an offer's eligibility sees is the profile's, never the
+        # caller's: a customer without a profile is tier 0.
+        profile = await engine.profiles.for_decision(request.tenant_id, request.customer_id)
         eligible, excluded = engine.offers.eligible(
             CustomerContext(
                 tenant_id=request.tenant_id,
                 customer_id=request.customer_id,
                 partner_id=request.partner_id,
                 region=request.region,
-                kyc_tier=request.kyc_tier,
+                kyc_tier=profile.kyc_tier if profile is not None else 0,
                 features=dict(request.features),
             )
         )
@@ -367,7 +370,7 @@ class CustomerProfileServicer(pb_grpc.CustomerProfileServiceServicer):
         # Who made the change: the caller's verified identity, and the actor
         # it names (an operator, a KYC provider) beside it.
         identity = peer_identity(context) or "no client certificate"
-        validate.check_text(request.actor, "actor", self._engine.config.limits.max_id_length)
+        validate.check_text(request.actor, "actor", self._engine.config.limits.max_string_length)
         actor = f"{request.actor} via {identity}" if request.actor else ""
         profile, replayed, applied = await self._engine.put_customer_profile(
             codec.customer_profile(request.profile), request.change_id, actor

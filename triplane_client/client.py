@@ -264,6 +264,27 @@ class GatewayClient(_Client):
         )
         return await self._call(self._stub.RedeliverDeadLetter, request, timeout_s)
 
+    async def put_customer_profile(
+        self,
+        *,
+        profile: gw.CustomerProfile,
+        change_id: str,
+        actor: str,
+        tenant_id: str = "",
+        timeout_s: float | None = None,
+    ) -> gw.PutCustomerProfileResponse:
+        """Records a KYC result (scope customers:write); idempotent on change_id."""
+        request = gw.PutCustomerProfileRequest(
+            tenant_id=tenant_id, profile=profile, change_id=change_id, actor=actor
+        )
+        return await self._call(self._stub.PutCustomerProfile, request, timeout_s)
+
+    async def get_customer_profile(
+        self, *, customer_id: str, tenant_id: str = "", timeout_s: float | None = None
+    ) -> gw.GetCustomerProfileResponse:
+        request = gw.GetCustomerProfileRequest(tenant_id=tenant_id, customer_id=customer_id)
+        return await self._call(self._stub.GetCustomerProfile, request, timeout_s)
+
 
 class ApiKeysClient(_Client):
     """triplane.gateway.v1.ApiKeyService: a platform's keys. Called with the
@@ -394,6 +415,7 @@ class PolicyAdminClient(_Client):
         self._offers = policy_pb2_grpc.OfferServiceStub(self._channel)
         self._consent = policy_pb2_grpc.ConsentServiceStub(self._channel)
         self._cases = policy_pb2_grpc.CaseServiceStub(self._channel)
+        self._profiles = policy_pb2_grpc.CustomerProfileServiceStub(self._channel)
 
     async def create_tenant(self, tenant_id: str, display_name: str = "") -> None:
         request = policy_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=display_name)
@@ -415,6 +437,15 @@ class PolicyAdminClient(_Client):
             tenant_id=tenant_id, customer_id=customer_id, consent=consent
         )
         await self._call(self._consent.SetConsent, request, None)
+
+    async def put_customer_profile(
+        self, profile: policy_pb2.CustomerProfile, change_id: str, actor: str
+    ) -> policy_pb2.PutCustomerProfileResponse:
+        """Records a KYC result (admin identity); idempotent on change_id."""
+        request = policy_pb2.PutCustomerProfileRequest(
+            profile=profile, change_id=change_id, actor=actor
+        )
+        return await self._call(self._profiles.PutCustomerProfile, request, None)
 
     async def list_cases(
         self, tenant_id: str, page_size: int = 0, page_token: str = ""

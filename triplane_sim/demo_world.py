@@ -1,7 +1,8 @@
 """A synthetic tenant for the demo and the benchmark, set up through the
 planes' admin APIs: ledger accounts for the synthetic customers and merchants
 (triplane_sim.synth), the offer catalog of the synthetic offers with their
-catalog entries (product, value, attributes: what ranking sees), contact
+catalog entries (product, value, attributes: what ranking sees), each
+customer's KYC profile (what the policy plane decides payments on), contact
 profiles and consents."""
 
 from __future__ import annotations
@@ -12,10 +13,30 @@ from dataclasses import dataclass
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2
 from triplane.policy.v1 import policy_pb2
+from triplane.runtime import codec as wire
 from triplane_client import LedgerAdminClient, PolicyAdminClient, TlsFiles
 from triplane_sim import synth
 
 ACCOUNTS_PER_CALL = 500
+DAY_US = 86_400_000_000
+# The synthetic customers' KYC tiers, in turn: mostly verified, a few light.
+KYC_TIERS = (1, 2, 2, 3)
+
+
+def kyc_profile(
+    tenant_id: str, customer_id: str, index: int, now_us: int
+) -> policy_pb2.CustomerProfile:
+    """The KYC result the synthetic platform recorded for its index-th
+    customer: a tier in turn, an account opened 30 to 1,029 days ago."""
+    opened_us = now_us - (30 + (index * 37) % 1000) * DAY_US
+    return policy_pb2.CustomerProfile(
+        tenant_id=tenant_id,
+        customer_id=customer_id,
+        kyc_tier=KYC_TIERS[index % len(KYC_TIERS)],
+        country="US",
+        account_opened_at=wire.timestamp(opened_us),
+        verified_at=wire.timestamp(opened_us + DAY_US),
+    )
 
 
 def product_enum(product: str) -> policy_pb2.Product.ValueType:
@@ -100,8 +121,14 @@ async def seed(
             )
         world = World(tenant_id, data.customers, data.merchants)
         zone = daytime_zone()
+        now_us = int(time.time() * 1_000_000)
         for index, customer in enumerate(data.customers):
             customer_id = world.customer_id(customer)
+            await policy.put_customer_profile(
+                kyc_profile(tenant_id, customer_id, index, now_us),
+                change_id=f"kyc-{customer_id}",
+                actor="synthetic-kyc",
+            )
             await policy.put_contact_profile(
                 policy_pb2.ContactProfile(
                     tenant_id=tenant_id, customer_id=customer_id, time_zone=zone

@@ -96,9 +96,9 @@ async def _checkout(client: GatewayClient, world: World, rng: random.Random, tal
                 customer_id=world.customer_id(customer),
                 name=f"Customer {customer.account_id}",
                 email=f"{customer.account_id}@example.com",
+                # KYC tier and account age are the customer's profile
+                # (seeded by triplane_sim.demo_world), not declared here.
                 country="US",
-                kyc_tier=rng.choice((1, 2, 2, 3)),
-                account_age_days=rng.randrange(1, 1000),
             ),
         ),
     )
@@ -125,7 +125,6 @@ async def _offer(client: GatewayClient, world: World, rng: random.Random, tally:
             account_id=customer.account_id,
             surface=rng.choice(("checkout", "app_home", "payouts", "push")),
             region="US",
-            kyc_tier=rng.choice((1, 2, 3)),
         ),
     )
     if answer is None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from gateway.auth import secrets
 from gateway.auth.scopes import (
     ACTIONS_WRITE,
+    CUSTOMERS_READ,
+    CUSTOMERS_WRITE,
     DECISIONS_READ,
     DELIVERIES_ADMIN,
     EVENTS_WRITE,
@@ -28,6 +30,8 @@ PARTNER_SCOPES = (
     ACTIONS_WRITE,
     EVENTS_WRITE,
     DELIVERIES_ADMIN,
+    CUSTOMERS_WRITE,
+    CUSTOMERS_READ,
 )
 
 

@@ -21,6 +21,10 @@ EVENTS_WRITE = "events:write"
 DELIVERIES_ADMIN = "deliveries:admin"
 # The clear value of the PII a decision saw (GetDecision), instead of tokens.
 PII_READ = "pii:read"
+# Customer profiles (the KYC facts the policy plane decides on): writing
+# them changes what a customer may spend, so it is its own scope.
+CUSTOMERS_WRITE = "customers:write"
+CUSTOMERS_READ = "customers:read"
 # ApiKeyService for the key's own tenant.
 KEYS_ADMIN = "keys:admin"
 
@@ -33,6 +37,8 @@ ALL_SCOPES = frozenset(
         EVENTS_WRITE,
         DELIVERIES_ADMIN,
         PII_READ,
+        CUSTOMERS_WRITE,
+        CUSTOMERS_READ,
         KEYS_ADMIN,
     }
 )
@@ -70,6 +76,8 @@ METHOD_RULES: dict[str, MethodRule] = dict(
         _gateway("IngestEvents", EVENTS_WRITE),
         _gateway("ListDeadLetters", DELIVERIES_ADMIN),
         _gateway("RedeliverDeadLetter", DELIVERIES_ADMIN),
+        _gateway("PutCustomerProfile", CUSTOMERS_WRITE),
+        _gateway("GetCustomerProfile", CUSTOMERS_READ),
         _keys("CreateApiKey"),
         _keys("ListApiKeys"),
         _keys("RotateApiKey"),

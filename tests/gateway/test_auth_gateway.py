@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from joserfc import jwk
 from joserfc import jwt as jose_jwt
 from joserfc.errors import SecurityWarning
@@ -343,6 +344,22 @@ def _every_gateway_call(stub: Any, tenant_id: str = "") -> dict[str, Awaitable[A
             gw.RedeliverDeadLetterRequest(
                 tenant_id=tenant_id, idempotency_key=key, delivery_id="x1"
             )
+        ),
+        "PutCustomerProfile": stub.PutCustomerProfile(
+            gw.PutCustomerProfileRequest(
+                tenant_id=tenant_id,
+                profile=gw.CustomerProfile(
+                    customer_id="c1",
+                    kyc_tier=3,
+                    country="US",
+                    account_opened_at=Timestamp(seconds=1_700_000_000),
+                ),
+                change_id=key,
+                actor="kyc-provider",
+            )
+        ),
+        "GetCustomerProfile": stub.GetCustomerProfile(
+            gw.GetCustomerProfileRequest(tenant_id=tenant_id, customer_id="c1")
         ),
     }
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NatsClient
 
 from ai_plane.codec import MODEL_VERSIONS_PAGE
@@ -56,6 +57,8 @@ CLOCK = SystemClock()
 # A zone is not computed this close to the top of an hour (the request that
 # follows takes far less), so the hour cannot turn between the two.
 HOUR_TURN_MARGIN_S = 2.0
+# The KYC tiers of the seeded customers' profiles (c<i>; the others: 2).
+KYC_TIERS = {3: 0, 4: 1, 8: 1, 20: 3}
 # PostgreSQL databases this module created, dropped when its stack stops.
 CREATED_DATABASES: list[str] = []
 
@@ -217,6 +220,25 @@ async def _seed(world: World) -> None:
             )
         )
     )
+    # The customers' KYC as the platform recorded it (the policy plane decides
+    # on this, never on what a request declares): c3 unverified, c4 and c8
+    # light, c20 fully verified, the rest tier 2; accounts 400 days old.
+    profiles = policy_pb2_grpc.CustomerProfileServiceStub(channel)
+    opened_s = int(CLOCK.now_us() // 1_000_000) - 400 * 86_400
+    for i in range(21):
+        await profiles.PutCustomerProfile(
+            policy_pb2.PutCustomerProfileRequest(
+                profile=policy_pb2.CustomerProfile(
+                    tenant_id=TENANT,
+                    customer_id=f"c{i}",
+                    kyc_tier=KYC_TIERS.get(i, 2),
+                    country="US",
+                    account_opened_at=Timestamp(seconds=opened_s),
+                ),
+                change_id=f"kyc-c{i}",
+                actor="tests",
+            )
+        )
     consent = policy_pb2_grpc.ConsentServiceStub(channel)
     for i in range(20):
         await consent.PutContactProfile(
@@ -284,8 +306,6 @@ def _authorize(local_hour: int = NIGHT_HOUR, **kw: Any) -> gw.AuthorizePaymentRe
         name="Jane Doe",
         email="jane@example.com",
         country="US",
-        kyc_tier=2,
-        account_age_days=400,
         time_zone=zone_at(local_hour),
     )
     base: dict[str, Any] = dict(
@@ -379,7 +399,6 @@ async def test_deny_comes_back_with_reasons_and_no_hold(world: World) -> None:
         customer_id="c3",
         name="Low Tier",
         country="US",
-        kyc_tier=0,
         time_zone=zone_at(NIGHT_HOUR),
     )
     answer = await world.stub.AuthorizePayment(
@@ -390,13 +409,91 @@ async def test_deny_comes_back_with_reasons_and_no_hold(world: World) -> None:
     assert not answer.hold_id
 
 
+async def test_the_kyc_facts_are_the_profiles_never_the_requests(world: World) -> None:
+    """A customer the platform never profiled is unknown, whatever a request
+    declares; the platform's KYC result, recorded through the gateway with a
+    customers:write key, decides the next payment."""
+    declared = gw.Customer(
+        customer_id="c30",
+        name="New Customer",
+        country="US",
+        kyc_tier=3,
+        pep=False,
+        account_age_days=2000,
+        time_zone=zone_at(14),
+    )
+    request = _authorize(14, account_id="cust_13", amount=_usd(9000), customer=declared)
+    unknown = await world.stub.AuthorizePayment(request, timeout=RPC_TIMEOUT_S)
+    assert unknown.outcome == gw.OUTCOME_DENY, unknown
+    assert "KYC_SINGLE_LIMIT_EXCEEDED" in [r.code for r in unknown.reasons]
+    assert "kyc_required" in [o.kind for o in unknown.obligations]
+    why = await world.stub.GetDecision(
+        gw.GetDecisionRequest(tenant_id=TENANT, decision_id=unknown.decision_id),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert why.input.kyc_tier == 0
+
+    opened = Timestamp(seconds=int(CLOCK.now_us() // 1_000_000) - 90 * 86_400)
+    put = await world.client.put_customer_profile(
+        profile=gw.CustomerProfile(
+            customer_id="c30", kyc_tier=2, country="US", account_opened_at=opened
+        ),
+        change_id="kyc-check-30",
+        actor="kyc-vendor",
+    )
+    assert put.applied and not put.replayed and put.profile.kyc_tier == 2
+    # The actor named, the credential that sent it and the gateway's identity.
+    key_id = world.api_key.split("_")[2]
+    assert "kyc-vendor" in put.profile.updated_by and key_id in put.profile.updated_by
+    # A result verified before the one in force is recorded and changes nothing.
+    stale = await world.client.put_customer_profile(
+        profile=gw.CustomerProfile(
+            customer_id="c30",
+            kyc_tier=0,
+            country="US",
+            account_opened_at=opened,
+            verified_at=Timestamp(seconds=opened.seconds),
+        ),
+        change_id="kyc-check-29",
+        actor="kyc-vendor",
+    )
+    assert not stale.applied and stale.profile.kyc_tier == 2
+    request.idempotency_key = uuid.uuid4().hex
+    known = await world.stub.AuthorizePayment(request, timeout=RPC_TIMEOUT_S)
+    assert known.outcome == gw.OUTCOME_ALLOW, known
+    why = await world.stub.GetDecision(
+        gw.GetDecisionRequest(tenant_id=TENANT, decision_id=known.decision_id),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert why.input.kyc_tier == 2
+    got = await world.client.get_customer_profile(customer_id="c30")
+    assert got.profile.kyc_tier == 2
+    assert [c.change_id for c in got.changes] == ["kyc-check-29", "kyc-check-30"]
+    assert [c.applied for c in got.changes] == [False, True]
+    with pytest.raises(TriplaneApiError) as caught:
+        await world.client.get_customer_profile(customer_id="c31")
+    assert caught.value.reason == "CUSTOMER_PROFILE_NOT_FOUND"
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pii_in_an_attribute_does_not_switch_the_score_off(world: World) -> None:
+    """An e-mail put in a free-text attribute once made the AI plane refuse
+    the request and the payment go on unscored (a cheaper path than a bad
+    score): the gateway tokenizes it first, and the payment is scored."""
+    answer = await world.stub.AuthorizePayment(
+        _authorize(14, account_id="cust_14", attributes={"note": "mail jane.doe@example.com"}),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert answer.model_score_ref.source != "none", answer
+    assert "PII" not in answer.score_fallback_reason
+
+
 @pytest.mark.parametrize("local_hour", LOCAL_HOURS)
 async def test_review_opens_a_case(world: World, local_hour: int) -> None:
     customer = gw.Customer(
         customer_id="c4",
         name="Pat Lee",
         country="US",
-        kyc_tier=1,
         time_zone=zone_at(local_hour),
     )
     answer = await world.stub.AuthorizePayment(
@@ -595,7 +692,6 @@ async def test_decide_next_action_with_exclusions_and_exposure_event(world: Worl
                 account_id="cust_8",
                 surface="checkout",
                 region="US",
-                kyc_tier=1,
             ),
             timeout=RPC_TIMEOUT_S,
         )
@@ -716,7 +812,6 @@ async def test_an_ingested_event_converts_the_offer_it_was_shown_for(world: Worl
             account_id="cust_12",
             surface="checkout",
             region="US",
-            kyc_tier=1,
         ),
         timeout=RPC_TIMEOUT_S,
     )
@@ -758,9 +853,7 @@ async def test_typed_client(world: World, local_hour: int) -> None:
         credit_account_id=MERCHANT,
         amount=_usd(999),
         kind=gw.PAYMENT_KIND_PURCHASE,
-        customer=gw.Customer(
-            customer_id="c10", kyc_tier=2, account_age_days=100, time_zone=zone_at(local_hour)
-        ),
+        customer=gw.Customer(customer_id="c10", time_zone=zone_at(local_hour)),
     )
     assert answer.outcome == gw.OUTCOME_ALLOW and answer.idempotency_key
     with pytest.raises(TriplaneApiError) as caught:
@@ -783,7 +876,6 @@ async def test_metrics_endpoint_serves_the_lift_figures(world: World) -> None:
                 account_id="cust_11",
                 surface="checkout",
                 region="US",
-                kyc_tier=2,
             ),
             timeout=RPC_TIMEOUT_S,
         )

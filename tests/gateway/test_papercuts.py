@@ -360,7 +360,9 @@ def test_a_field_map_matches_whole_path_segments() -> None:
     # What the gateway made itself is no field of the caller's request.
     assert fields.TRANSFER.public("transfer.decision_token") == ""
     assert fields.EVALUATE.public("snapshot.model_score.score") == ""
-    assert fields.EVALUATE.public("snapshot.kyc.tier") == "customer.kyc_tier"
+    # The KYC facts are the policy plane's (the customer's profile), not the caller's.
+    assert fields.EVALUATE.public("snapshot.kyc.tier") == ""
+    assert fields.EVALUATE.public("payment.customer_id") == "customer.customer_id"
     assert fields.EVALUATE.public("payment.customer.name") == "customer.name"
     assert fields.ELIGIBLE_OFFERS.public("features[cart_value]") == "features[cart_value]"
 

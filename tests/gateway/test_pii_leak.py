@@ -32,6 +32,7 @@ import msgspec
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NatsClient
 
 from gateway.app import Gateway
@@ -274,6 +275,20 @@ async def _seed(mesh: Mesh) -> None:
     )
     policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
     await policy.CreateTenant(policy_pb2.CreateTenantRequest(tenant_id=TENANT, display_name="t"))
+    # The customer's KYC profile (what the policy plane decides on).
+    await policy_pb2_grpc.CustomerProfileServiceStub(policy_channel).PutCustomerProfile(
+        policy_pb2.PutCustomerProfileRequest(
+            profile=policy_pb2.CustomerProfile(
+                tenant_id=TENANT,
+                customer_id="c1",
+                kyc_tier=2,
+                country="US",
+                account_opened_at=Timestamp(seconds=1_700_000_000),
+            ),
+            change_id="kyc-c1",
+            actor="tests",
+        )
+    )
     # The tenant reaches the gateway's directory through NATS.
     await asyncio.sleep(0.5)
 
@@ -285,8 +300,6 @@ def _customer() -> gw.Customer:
         email=EMAIL,
         phone=PHONE,
         country="US",
-        kyc_tier=2,
-        account_age_days=400,
     )
 
 
@@ -388,7 +401,6 @@ async def _drive(mesh: Mesh) -> str:
             account_id="cust_1",
             surface="checkout",
             region="US",
-            kyc_tier=2,
         ),
         timeout=RPC_TIMEOUT_S,
     )

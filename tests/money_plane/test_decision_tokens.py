@@ -23,6 +23,7 @@ from money_helpers import DbProbe, sign_movement, transfer_token
 
 from money_plane.app import MoneyPlane
 from policy_plane.app import PolicyPlane, build_plane
+from policy_plane.profiles import CustomerProfile
 from tests.tls_helpers import channel_as, dev_certificates
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as mpb
@@ -43,6 +44,7 @@ from triplane.runtime.tokens import (
 )
 
 TENANT = "acme"
+CUSTOMER = "c-1"
 USD = "USD"
 C = grpc.StatusCode
 
@@ -117,13 +119,16 @@ def evaluate_request(
             splits=splits or [],
             customer=ppb.Party(name="Jane Example", country="US"),
             counterparty=ppb.Party(name="Corner Shop", country="US"),
+            customer_id=CUSTOMER,
         ),
         snapshot=ppb.ContextSnapshot(
-            kyc=ppb.KycInfo(tier=3, country="US"),
             model_score=types_pb2.ModelScoreRef(
                 model="payment_risk", version="1", source="triton", score=0.05
             ),
-            account_age_days=400,
+            # Counted, and nothing yet (unset counters would be unknown).
+            account_velocity=ppb.VelocityCounters(),
+            device_velocity=ppb.VelocityCounters(),
+            merchant_velocity=ppb.VelocityCounters(),
         ),
     )
 
@@ -200,6 +205,18 @@ async def planes(tmp_path: Path) -> AsyncIterator[Planes]:
     gateway_money = channel_as(state_dir, f"127.0.0.1:{money_port}", GATEWAY)
     gateway_policy = channel_as(state_dir, f"127.0.0.1:{policy_port}", GATEWAY)
     await policy.engine.create_tenant(TENANT, "Acme")
+    # The customer's KYC, as the platform recorded it: fully verified.
+    await policy.engine.put_customer_profile(
+        CustomerProfile(
+            tenant_id=TENANT,
+            customer_id=CUSTOMER,
+            kyc_tier=3,
+            country="US",
+            account_opened_at_us=clock.now_us() - 400 * 86_400_000_000,
+        ),
+        "kyc-1",
+        "tests",
+    )
     admin_ledger = money_pb2_grpc.LedgerServiceStub(admin)
     await admin_ledger.CreateTenant(mpb.CreateTenantRequest(tenant_id=TENANT, display_name="Acme"))
     await admin_ledger.CreateAccounts(

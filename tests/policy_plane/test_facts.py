@@ -308,8 +308,10 @@ async def test_profiles_through_the_server_record_the_callers_identity(stubs: St
     assert logged.input.snapshot.account_age_days == 800
 
 
-async def test_the_gateway_cannot_write_a_profile(plane: PolicyPlane) -> None:
-    channel = channel_as(plane.config.state_path, f"127.0.0.1:{plane.server.port}", "gateway")
+async def test_a_plane_cannot_write_a_profile(plane: PolicyPlane) -> None:
+    # The gateway may (it forwards a platform's customers:write credential,
+    # tenant bound); another plane's identity may not.
+    channel = channel_as(plane.config.state_path, f"127.0.0.1:{plane.server.port}", "ai_plane")
     try:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await pb_grpc.CustomerProfileServiceStub(channel).PutCustomerProfile(

@@ -19,6 +19,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _Outcome:
@@ -240,11 +245,38 @@ class Customer(_message.Message):
     phone: _builtins.str
     country: _builtins.str
     """ISO 3166-1 alpha-2."""
-    kyc_tier: _builtins.int
-    """Progressive KYC tier, 0..3."""
-    pep: _builtins.bool
-    """Politically exposed person."""
-    account_age_days: _builtins.int
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def kyc_tier(self) -> _builtins.int:
+        """Ignored, as pep and account_age_days: a caller cannot declare its
+        customer's KYC. The policy plane reads the customer's profile
+        (PutCustomerProfile) by customer_id; a customer without one is unknown
+        to the rules and gets the least trusted tier's limits. Still checked
+        (0..3) so a request that was valid stays valid.
+        """
+
+    @kyc_tier.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def kyc_tier(self, value: _builtins.int) -> None:
+        """Ignored, as pep and account_age_days: a caller cannot declare its
+        customer's KYC. The policy plane reads the customer's profile
+        (PutCustomerProfile) by customer_id; a customer without one is unknown
+        to the rules and gets the least trusted tier's limits. Still checked
+        (0..3) so a request that was valid stays valid.
+        """
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def pep(self) -> _builtins.bool: ...
+    @pep.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def pep(self, value: _builtins.bool) -> None: ...
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def account_age_days(self) -> _builtins.int: ...
+    @account_age_days.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def account_age_days(self, value: _builtins.int) -> None: ...
     time_zone: _builtins.str
     """IANA time zone, e.g. "Europe/Paris"; empty: gateway.default_time_zone."""
     def __init__(
@@ -855,6 +887,7 @@ class DecisionInput(_message.Message):
     """Token of the counterparty's name, as customer_name_token."""
     counterparty_country: _builtins.str
     kyc_tier: _builtins.int
+    """The tier the policy plane read of the customer's profile when it decided."""
     customer_name: _builtins.str
     """The customer's name in clear, only for a caller whose credential holds
     the `pii:read` scope (names are sealed at rest); empty for any other.
@@ -1010,7 +1043,20 @@ class DecideNextActionRequest(_message.Message):
     partner_id: _builtins.str
     region: _builtins.str
     """ISO 3166-1 alpha-2 of the customer."""
-    kyc_tier: _builtins.int
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def kyc_tier(self) -> _builtins.int:
+        """Ignored: an offer's eligibility sees the tier of the customer's profile
+        (PutCustomerProfile), 0 for a customer without one.
+        """
+
+    @kyc_tier.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def kyc_tier(self, value: _builtins.int) -> None:
+        """Ignored: an offer's eligibility sees the tier of the customer's profile
+        (PutCustomerProfile), 0 for a customer without one.
+        """
+
     local_hour: _builtins.int
     """Local hour of day of the customer (0..23); unset (-1 or absent): UTC hour."""
     @_builtins.property
@@ -2092,3 +2138,220 @@ class OutcomeRecorded(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OutcomeRecorded: _TypeAlias = OutcomeRecorded  # noqa: Y015
+
+@_typing.final
+class CustomerProfile(_message.Message):
+    """---------------------------------------------------------------- customer profiles
+
+    What the platform's KYC established about one customer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    KYC_TIER_FIELD_NUMBER: _builtins.int
+    PEP_FIELD_NUMBER: _builtins.int
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    ACCOUNT_OPENED_AT_FIELD_NUMBER: _builtins.int
+    VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The platform's id of the customer ([A-Za-z0-9_.:-]), as
+    AuthorizePaymentRequest.customer.customer_id names them.
+    """
+    kyc_tier: _builtins.int
+    """Progressive KYC tier: 0 (nothing verified) .. 3 (fully verified)."""
+    pep: _builtins.bool
+    """Politically exposed person."""
+    country: _builtins.str
+    """ISO 3166-1 alpha-2 of the verified residence."""
+    updated_by: _builtins.str
+    """Set by Triplane: who made the change in force (the actor named, and the
+    credential that sent it), when, and the change's id.
+    """
+    change_id: _builtins.str
+    @_builtins.property
+    def account_opened_at(self) -> _timestamp_pb2.Timestamp:
+        """When the customer's account was opened (the account age the rules see
+        is counted from it). Required.
+        """
+
+    @_builtins.property
+    def verified_at(self) -> _timestamp_pb2.Timestamp:
+        """When the KYC result was established. Unset: now."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        kyc_tier: _builtins.int = ...,
+        pep: _builtins.bool = ...,
+        country: _builtins.str = ...,
+        account_opened_at: _timestamp_pb2.Timestamp | None = ...,
+        verified_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_by: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        change_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_opened_at", b"account_opened_at", "updated_at", b"updated_at", "verified_at", b"verified_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_opened_at", b"account_opened_at", "change_id", b"change_id", "country", b"country", "customer_id", b"customer_id", "kyc_tier", b"kyc_tier", "pep", b"pep", "updated_at", b"updated_at", "updated_by", b"updated_by", "verified_at", b"verified_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerProfile: _TypeAlias = CustomerProfile  # noqa: Y015
+
+@_typing.final
+class CustomerProfileChange(_message.Message):
+    """One recorded change of a profile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    change_id: _builtins.str
+    actor: _builtins.str
+    applied: _builtins.bool
+    """False when the change was verified before the profile in force."""
+    @_builtins.property
+    def profile(self) -> Global___CustomerProfile: ...
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        change_id: _builtins.str = ...,
+        profile: Global___CustomerProfile | None = ...,
+        actor: _builtins.str = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        applied: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "applied", b"applied", "change_id", b"change_id", "profile", b"profile", "recorded_at", b"recorded_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerProfileChange: _TypeAlias = CustomerProfileChange  # noqa: Y015
+
+@_typing.final
+class PutCustomerProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty: the credential's tenant."""
+    change_id: _builtins.str
+    """Idempotency key of the change ([A-Za-z0-9_.:-], e.g. the KYC provider's
+    check id): a retry answers the recorded change; another profile under
+    the same id is ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED.
+    """
+    actor: _builtins.str
+    """Who made the change on the platform's side (an operator, a KYC
+    provider). Required, at most gateway.limits.max_id_length characters;
+    recorded beside the credential's id.
+    """
+    @_builtins.property
+    def profile(self) -> Global___CustomerProfile: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        profile: Global___CustomerProfile | None = ...,
+        change_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "profile", b"profile", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCustomerProfileRequest: _TypeAlias = PutCustomerProfileRequest  # noqa: Y015
+
+@_typing.final
+class PutCustomerProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this answer is the recorded one of an earlier identical change."""
+    applied: _builtins.bool
+    """False when the change was verified before the profile in force."""
+    @_builtins.property
+    def profile(self) -> Global___CustomerProfile: ...
+    def __init__(
+        self,
+        *,
+        profile: Global___CustomerProfile | None = ...,
+        replayed: _builtins.bool = ...,
+        applied: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "profile", b"profile", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCustomerProfileResponse: _TypeAlias = PutCustomerProfileResponse  # noqa: Y015
+
+@_typing.final
+class GetCustomerProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty: the credential's tenant."""
+    customer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCustomerProfileRequest: _TypeAlias = GetCustomerProfileRequest  # noqa: Y015
+
+@_typing.final
+class GetCustomerProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile(self) -> Global___CustomerProfile: ...
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomerProfileChange]:
+        """The latest changes, newest first."""
+
+    def __init__(
+        self,
+        *,
+        profile: Global___CustomerProfile | None = ...,
+        changes: _abc.Iterable[Global___CustomerProfileChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCustomerProfileResponse: _TypeAlias = GetCustomerProfileResponse  # noqa: Y015

@@ -109,6 +109,16 @@ class GatewayServiceStub:
                 request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RedeliverDeadLetterRequest.SerializeToString,
                 response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RedeliverDeadLetterResponse.FromString,
                 _registered_method=True)
+        self.PutCustomerProfile = channel.unary_unary(
+                '/triplane.gateway.v1.GatewayService/PutCustomerProfile',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.PutCustomerProfileRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.PutCustomerProfileResponse.FromString,
+                _registered_method=True)
+        self.GetCustomerProfile = channel.unary_unary(
+                '/triplane.gateway.v1.GatewayService/GetCustomerProfile',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -222,6 +232,26 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutCustomerProfile(self, request, context):
+        """Records what the platform's KYC established about a customer: the tier,
+        PEP status, verified country and account opening the policy plane
+        decides payments on. Idempotent on change_id; a result verified before
+        the one held is recorded and changes nothing (applied false).
+        Scope: customers:write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCustomerProfile(self, request, context):
+        """A customer's profile and its latest changes (who, when), newest first.
+        NOT_FOUND CUSTOMER_PROFILE_NOT_FOUND for a customer without one.
+        Scope: customers:read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +304,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.RedeliverDeadLetter,
                     request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RedeliverDeadLetterRequest.FromString,
                     response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.RedeliverDeadLetterResponse.SerializeToString,
+            ),
+            'PutCustomerProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutCustomerProfile,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.PutCustomerProfileRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.PutCustomerProfileResponse.SerializeToString,
+            ),
+            'GetCustomerProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCustomerProfile,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +611,60 @@ class GatewayService:
             '/triplane.gateway.v1.GatewayService/RedeliverDeadLetter',
             triplane_dot_gateway_dot_v1_dot_gateway__pb2.RedeliverDeadLetterRequest.SerializeToString,
             triplane_dot_gateway_dot_v1_dot_gateway__pb2.RedeliverDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutCustomerProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.GatewayService/PutCustomerProfile',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.PutCustomerProfileRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.PutCustomerProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCustomerProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.GatewayService/GetCustomerProfile',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

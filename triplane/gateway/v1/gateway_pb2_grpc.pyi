@@ -101,6 +101,18 @@ class GatewayServiceStub:
     """Puts a dead letter back on its channel's delivery queue.
     Scope: deliveries:admin.
     """
+    PutCustomerProfile: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.PutCustomerProfileRequest, _gateway_pb2.PutCustomerProfileResponse]
+    """Records what the platform's KYC established about a customer: the tier,
+    PEP status, verified country and account opening the policy plane
+    decides payments on. Idempotent on change_id; a result verified before
+    the one held is recorded and changes nothing (applied false).
+    Scope: customers:write.
+    """
+    GetCustomerProfile: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetCustomerProfileRequest, _gateway_pb2.GetCustomerProfileResponse]
+    """A customer's profile and its latest changes (who, when), newest first.
+    NOT_FOUND CUSTOMER_PROFILE_NOT_FOUND for a customer without one.
+    Scope: customers:read.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -174,6 +186,18 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     RedeliverDeadLetter: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RedeliverDeadLetterRequest, _gateway_pb2.RedeliverDeadLetterResponse]  # type: ignore[assignment]
     """Puts a dead letter back on its channel's delivery queue.
     Scope: deliveries:admin.
+    """
+    PutCustomerProfile: _aio.UnaryUnaryMultiCallable[_gateway_pb2.PutCustomerProfileRequest, _gateway_pb2.PutCustomerProfileResponse]  # type: ignore[assignment]
+    """Records what the platform's KYC established about a customer: the tier,
+    PEP status, verified country and account opening the policy plane
+    decides payments on. Idempotent on change_id; a result verified before
+    the one held is recorded and changes nothing (applied false).
+    Scope: customers:write.
+    """
+    GetCustomerProfile: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetCustomerProfileRequest, _gateway_pb2.GetCustomerProfileResponse]  # type: ignore[assignment]
+    """A customer's profile and its latest changes (who, when), newest first.
+    NOT_FOUND CUSTOMER_PROFILE_NOT_FOUND for a customer without one.
+    Scope: customers:read.
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -305,6 +329,30 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gateway_pb2.RedeliverDeadLetterResponse, _abc.Awaitable[_gateway_pb2.RedeliverDeadLetterResponse]]:
         """Puts a dead letter back on its channel's delivery queue.
         Scope: deliveries:admin.
+        """
+
+    @_abc_1.abstractmethod
+    def PutCustomerProfile(
+        self,
+        request: _gateway_pb2.PutCustomerProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.PutCustomerProfileResponse, _abc.Awaitable[_gateway_pb2.PutCustomerProfileResponse]]:
+        """Records what the platform's KYC established about a customer: the tier,
+        PEP status, verified country and account opening the policy plane
+        decides payments on. Idempotent on change_id; a result verified before
+        the one held is recorded and changes nothing (applied false).
+        Scope: customers:write.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCustomerProfile(
+        self,
+        request: _gateway_pb2.GetCustomerProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GetCustomerProfileResponse, _abc.Awaitable[_gateway_pb2.GetCustomerProfileResponse]]:
+        """A customer's profile and its latest changes (who, when), newest first.
+        NOT_FOUND CUSTOMER_PROFILE_NOT_FOUND for a customer without one.
+        Scope: customers:read.
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

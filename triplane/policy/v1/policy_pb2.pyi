@@ -19,6 +19,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _Outcome:
@@ -1629,7 +1634,7 @@ class PutCustomerProfileRequest(_message.Message):
     actor: _builtins.str
     """Who is making the change, as the caller knows them (an operator, a KYC
     provider); recorded beside the caller's certificate identity. Required;
-    at most policy.limits.max_id_length characters.
+    at most policy.limits.max_string_length characters.
     """
     @_builtins.property
     def profile(self) -> Global___CustomerProfile:
@@ -2831,7 +2836,20 @@ class GetEligibleOffersRequest(_message.Message):
     partner_id: _builtins.str
     region: _builtins.str
     """ISO 3166-1 alpha-2 of the customer."""
-    kyc_tier: _builtins.int
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def kyc_tier(self) -> _builtins.int:
+        """Ignored: an offer's eligibility sees the tier of the customer's profile
+        (CustomerProfileService), 0 for a customer without one.
+        """
+
+    @kyc_tier.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def kyc_tier(self, value: _builtins.int) -> None:
+        """Ignored: an offer's eligibility sees the tier of the customer's profile
+        (CustomerProfileService), 0 for a customer without one.
+        """
+
     @_builtins.property
     def features(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Features for eligibility expressions (at most policy.limits.max_features)."""
