@@ -23,6 +23,7 @@ from ai_plane.features import (
     FEATURE_SET_VERSION,
     PROPENSITY_FEATURES,
     RISK_FEATURES,
+    VELOCITY_FEATURES,
     EntityRef,
     OfferEntry,
     PaymentInput,
@@ -289,12 +290,19 @@ class AiEngine:
         model = q.model or RISK_MODEL
         rows = np.asarray([vector], dtype=np.float64)
         result = await self.scorer.score(model, rows, [f"{q.tenant_id}|{q.account_id}"], deadline)
-        answer = self._score_answer(q, model, vector, result, feature_issue)
+        counters = [(name, stored[name]) for name in VELOCITY_FEATURES]
+        answer = self._score_answer(q, model, vector, result, feature_issue, counters)
         self._observe_drift(model, answer.score, vector)
         return answer
 
     def _score_answer(
-        self, q: ScoreQuery, model: str, vector: list[float], result: ScoreResult, issue: str
+        self,
+        q: ScoreQuery,
+        model: str,
+        vector: list[float],
+        result: ScoreResult,
+        issue: str,
+        counters: list[tuple[str, float]],
     ) -> ScoreAnswer:
         names = RISK_FEATURES
         contributions = result.contributions[0].tolist() if result.contributions is not None else []
@@ -308,7 +316,8 @@ class AiEngine:
             source=result.source,
             score=float(result.scores[0]),
             attributions=attributions,
-            features=list(zip(names, vector, strict=True)),
+            # The model's inputs, then the counters only the policy reads.
+            features=list(zip(names, vector, strict=True)) + counters,
             feature_set_version=FEATURE_SET_VERSION,
             fallback_reason=",".join(r for r in (result.fallback_reason, issue) if r),
         )

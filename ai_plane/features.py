@@ -7,8 +7,9 @@ and the scorer use, so there is no train/serve skew by construction.
 Windowed features are bucketed counters: an event increments one record per
 (entity, bucket size, bucket index); a read sums the buckets that overlap the
 window. A window is therefore exact to within one bucket (2 minutes for 10m,
-10 minutes for 1h, 4 hours for 24h, 1 day for 7d), which is what keeps a read
-to a fixed, small number of keys on every backend. Every bucket record expires
+10 minutes for 1h, 4 hours for 24h, 1 day for 30d; the 7-day figures are the
+newest seven of the 30d window's day buckets), which is what keeps a read to a
+fixed, small number of keys on every backend (82 for a payment). Every bucket record expires
 once no window can see it, so the store never grows without bound.
 
 Changing any definition means bumping FEATURE_SET_VERSION: the registry records
@@ -84,12 +85,13 @@ WINDOWS: tuple[Window, ...] = (
     Window("10m", 600, 120),
     Window("1h", 3600, 600),
     Window("24h", 86400, 14400),
-    Window("7d", 604800, 86400),
+    # The monthly spend the KYC limits count (30 days, not 24 hours).
+    Window("30d", 2_592_000, 86400),
 )
 WINDOW_BY_NAME = {w.name: w for w in WINDOWS}
 LIFETIME = "life"
 
-# Entity kinds and the windows each one keeps (7d only matters per account).
+# Entity kinds and the windows each one keeps (30d only matters per account).
 ACCOUNT, DEVICE, MERCHANT = "acct", "dev", "merch"
 ENTITY_WINDOWS: dict[str, tuple[Window, ...]] = {
     ACCOUNT: WINDOWS,
@@ -256,10 +258,16 @@ def stored_features(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
     out["acct_kyc_failed_24h"] = account["24h"].get("kyc_failed", 0.0)
     out["dev_txn_amount_log_1h"] = math.log1p(device["1h"].get("txn_amount", 0.0))
     out["merch_txn_amount_log_1h"] = math.log1p(merchant["1h"].get("txn_amount", 0.0))
-    # Near real time: today's spend (the current day bucket) and 7-day net flow.
-    today = records[_offset_of_current_day()]
+    # The 30-day spend and count, for the policy's monthly limits and
+    # velocity (server-side counters the gateway passes on; no model reads them).
+    out["acct_txn_count_30d"] = account["30d"].get("txn_count", 0.0)
+    out["acct_txn_amount_log_30d"] = math.log1p(account["30d"].get("txn_amount", 0.0))
+    # Near real time: today's spend (the current day bucket) and 7-day net flow
+    # (the newest seven day buckets).
+    day0 = _offset_of_current_day()
+    today = records[day0]
     out["acct_daily_spend_log"] = math.log1p(today.get("outflow", 0.0))
-    week = account["7d"]
+    week = _sum_windows(records[day0 : day0 + 7], (_WEEK,), 0)[0][_WEEK.name]
     out["acct_cashflow_7d_slog"] = _signed_log(week.get("inflow", 0.0) - week.get("outflow", 0.0))
     # Batch-style: lifetime value, repayment consistency, segment.
     spend = lifetime.get("spend", 0.0)
@@ -271,6 +279,14 @@ def stored_features(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
         account["24h"].get("txn_amount", 0.0) / max(1.0, account["24h"].get("txn_count", 0.0))
     )
     return out
+
+
+# Seven of the 30d window's day buckets, newest first.
+_WEEK = Window("7d", 604_800, 86400)
+
+# Server-side counters the Score answer carries beside the model's inputs
+# (the gateway passes them to the policy plane as velocity; no model reads them).
+VELOCITY_FEATURES: tuple[str, ...] = ("acct_txn_count_30d", "acct_txn_amount_log_30d")
 
 
 def _offset_of_current_day() -> int:

@@ -11,7 +11,7 @@ from ai_helpers import payment
 
 from ai_plane.app import AiPlane
 from ai_plane.engine import ScoreQuery
-from ai_plane.features import FEATURE_SET_VERSION, RISK_FEATURES
+from ai_plane.features import FEATURE_SET_VERSION, RISK_FEATURES, VELOCITY_FEATURES
 from ai_plane.scorer import predict_in_process
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
@@ -45,7 +45,7 @@ async def test_score_comes_from_triton_with_attributions_and_features(
     assert len(response.attributions) == 4
     contributions = [abs(a.contribution) for a in response.attributions]
     assert contributions == sorted(contributions, reverse=True)
-    assert [f.name for f in response.features] == list(RISK_FEATURES)
+    assert [f.name for f in response.features] == list(RISK_FEATURES + VELOCITY_FEATURES)
     assert response.feature_set_version == FEATURE_SET_VERSION
     assert response.fallback_reason == ""
 
@@ -56,7 +56,7 @@ async def test_triton_and_in_process_give_the_same_score(
     response = await scoring.Score(pb.ScoreRequest(payment=payment()), timeout=2)
     assert running_plane.engine is not None
     model = running_plane.engine.scorer.models["payment_risk"]
-    rows = np.asarray([[f.value for f in response.features]])
+    rows = np.asarray([[f.value for f in response.features][: len(RISK_FEATURES)]])
     scores, _ = predict_in_process(model.booster, rows)
     assert math.isclose(response.score_ref.score, float(scores[0]), rel_tol=1e-4)
 
@@ -170,7 +170,7 @@ async def test_a_deadline_shorter_than_the_planes_own_budget_is_answered_without
     assert (answer.source, answer.fallback_reason) == ("in_process", "DEADLINE_TOO_SHORT")
     assert answer.version == 1
     model = running_plane.engine.scorer.models["payment_risk"]
-    rows = np.asarray([[value for _, value in answer.features]])
+    rows = np.asarray([[value for _, value in answer.features][: len(RISK_FEATURES)]])
     assert answer.score == float(predict_in_process(model.booster, rows)[0][0])
 
 

@@ -271,14 +271,21 @@ class ScoreResponse(_message.Message):
     feature_set_version: _builtins.str
     """Version of the feature definitions that produced `features`."""
     fallback_reason: _builtins.str
-    """Why a fallback was used ("", "TRITON_TIMEOUT", "TRITON_UNAVAILABLE", "CIRCUIT_OPEN", ...)."""
+    """Why a fallback was used, comma-separated ("", "TRITON_TIMEOUT",
+    "TRITON_UNAVAILABLE", "CIRCUIT_OPEN", ...). FEATURES_UNAVAILABLE: the
+    feature store could not be read, so the stored features are zeros, not
+    counts (the gateway then tells the policy plane they are unknown).
+    """
     @_builtins.property
     def score_ref(self) -> _types_pb2.ModelScoreRef: ...
     @_builtins.property
     def attributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attribution]: ...
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureValue]:
-        """The feature vector the score was computed from, in model order."""
+        """The feature vector the score was computed from, in model order, then
+        the server-side counters no model reads and the policy plane's rules do
+        (acct_txn_count_30d, acct_txn_amount_log_30d: the monthly spend).
+        """
 
     def __init__(
         self,
