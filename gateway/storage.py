@@ -3,10 +3,17 @@ layer (`triplane.runtime.db`: SQLite embedded, PostgreSQL at scale, the same
 SQL on both):
 
 - the engagement database (`gateway.store`): deliveries, trigger state,
-  exposures and outcomes;
-- the idempotency database (`gateway.idempotency`): remembered answers and the
-  outbox of their events, on the request path, so a file of its own that the
-  engagement workers' writes never hold up.
+  exposures, outcomes and partner API keys (tables `gw_*`);
+- the idempotency database (`gateway.idempotency`): remembered answers, the
+  claims of keys whose flow is running, and the outbox of their events
+  (tables `remembered`, `remembered_claims`, `outbox`, `store_migrations`),
+  on the request path, so on SQLite a file of its own that the engagement
+  workers' writes never hold up.
+
+Their table names are disjoint, so on PostgreSQL both may live in one
+database (`TRIPLANE_GATEWAY_DSN` selects it for both), which every gateway
+replica shares. It must not be a plane's database: the names `outbox` and
+`store_migrations` are the gateway's own.
 """
 
 from __future__ import annotations
@@ -27,23 +34,34 @@ def _under(state_dir: Path, sqlite_path: str) -> Path:
     return path if path.is_absolute() else state_dir / path
 
 
-def open_engagement_db(store: GatewayStoreConfig, state_dir: Path) -> Database:
-    """Opens `gateway.store`."""
-    if store.backend == "postgres":
-        if not store.postgres_dsn:
+def _open(
+    section: str,
+    backend: str,
+    sqlite_path: str,
+    postgres_dsn: str,
+    state_dir: Path,
+    readers: int = 2,
+) -> Database:
+    if backend == "postgres":
+        if not postgres_dsn:
             raise InvalidArgument(
                 "POSTGRES_DSN_MISSING",
-                "gateway.store.postgres_dsn is required with backend 'postgres'",
-                "gateway.store.postgres_dsn",
+                f"gateway.{section}.postgres_dsn is required with backend 'postgres'",
+                f"gateway.{section}.postgres_dsn",
             )
-        return Database("postgres", store.postgres_dsn)
-    if store.backend != "sqlite":
+        return Database("postgres", postgres_dsn, readers=readers)
+    if backend != "sqlite":
         raise InvalidArgument(
             "STORE_BACKEND_INVALID",
-            "gateway.store.backend must be 'sqlite' or 'postgres'",
-            "gateway.store.backend",
+            f"gateway.{section}.backend must be 'sqlite' or 'postgres'",
+            f"gateway.{section}.backend",
         )
-    return Database("sqlite", str(_under(state_dir, store.sqlite_path)))
+    return Database("sqlite", str(_under(state_dir, sqlite_path)), readers=readers)
+
+
+def open_engagement_db(store: GatewayStoreConfig, state_dir: Path) -> Database:
+    """Opens `gateway.store`."""
+    return _open("store", store.backend, store.sqlite_path, store.postgres_dsn, state_dir)
 
 
 def open_from_config(config: Config) -> Database:
@@ -52,9 +70,12 @@ def open_from_config(config: Config) -> Database:
 
 
 def open_idempotency_db(idempotency: GatewayIdempotencyConfig, state_dir: Path) -> Database:
-    """Opens `gateway.idempotency` on SQLite, the embedded default, with the
-    reader connections the store needs. `IdempotencyStore` runs on a PostgreSQL
-    `Database` as well (its tests run on both); a config key to choose it comes
-    with the multi-replica store."""
-    path = _under(state_dir, idempotency.sqlite_path)
-    return Database("sqlite", str(path), readers=READ_CONNECTIONS)
+    """Opens `gateway.idempotency` with the reader connections its store needs."""
+    return _open(
+        "idempotency",
+        idempotency.backend,
+        idempotency.sqlite_path,
+        idempotency.postgres_dsn,
+        state_dir,
+        readers=READ_CONNECTIONS,
+    )

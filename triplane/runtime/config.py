@@ -456,12 +456,24 @@ class GatewayLimitsConfig(_Strict, frozen=True):
 
 
 class GatewayIdempotencyConfig(_Strict, frozen=True):
-    # Remembered answers of mutating RPCs (SQLite under runtime.state_dir).
+    # Remembered answers of mutating RPCs and their outbox: sqlite (under
+    # runtime.state_dir) or postgres, shared by every replica.
     sqlite_path: str
     memory_entries: int
     retention_s: int
     flush_interval_ms: float
     max_pending_writes: int
+    # The keys below have defaults so a struct built in code (tests) may leave
+    # them out; the shipped values are in defaults.yaml.
+    backend: str = "sqlite"
+    postgres_dsn: str = ""
+    # On postgres: how long a replica's claim on a key (the flow running
+    # under it) stands before another replica may take it over, and how often
+    # a replica waiting for another's answer looks again.
+    claim_lease_s: float = 60.0
+    claim_poll_ms: float = 10.0
+    # On postgres: how long a relay's claim on outbox rows stands.
+    outbox_lease_s: float = 30.0
 
 
 class GatewayPiiConfig(_Strict, frozen=True):
@@ -800,6 +812,14 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         policy_store = tree.setdefault("policy", {}).setdefault("store", {})
         policy_store["postgres_dsn"] = environ["TRIPLANE_POLICY_DSN"]
         policy_store.setdefault("backend", "postgres")
+    if environ.get("TRIPLANE_GATEWAY_DSN"):
+        # Both gateway databases on one PostgreSQL database (their tables
+        # are disjoint): the engagement store and the remembered answers.
+        gateway = tree.setdefault("gateway", {})
+        for section in ("store", "idempotency"):
+            gateway_store = gateway.setdefault(section, {})
+            gateway_store["postgres_dsn"] = environ["TRIPLANE_GATEWAY_DSN"]
+            gateway_store.setdefault("backend", "postgres")
     return tree
 
 
@@ -906,8 +926,19 @@ def _check(config: Config) -> None:
         raise ConfigError("policy.store.backend must be 'sqlite' or 'postgres'")
     if config.policy.store.backend == "postgres" and not config.policy.store.postgres_dsn:
         raise ConfigError("policy.store.postgres_dsn is required with backend 'postgres'")
+    _check_gateway_stores(config)
     _check_tls(config)
     _check_gateway_auth(config)
+
+
+def _check_gateway_stores(config: Config) -> None:
+    # The backends and their DSNs are checked where the databases are opened
+    # (gateway/storage.py: InvalidArgument naming the key), as gateway.store's.
+    idempotency = config.gateway.idempotency
+    if idempotency.claim_lease_s <= 0 or idempotency.claim_poll_ms <= 0:
+        raise ConfigError("gateway.idempotency: claim_lease_s > 0 and claim_poll_ms > 0")
+    if idempotency.outbox_lease_s <= 0:
+        raise ConfigError("gateway.idempotency.outbox_lease_s must be > 0")
 
 
 def _check_tls(config: Config) -> None:
