@@ -69,9 +69,13 @@ class Core:
         self, tenant_id: str, rpc: str, key: str, request: Message
     ) -> tuple[dict[str, str], Remembered | None]:
         """The request's field hashes, and the answer remembered for its key
-        (checked to be for the same payload: another one is ALREADY_EXISTS)."""
+        (checked to be for the same payload: another one is ALREADY_EXISTS).
+        None means the calling task now holds the key, on every replica
+        sharing the store: it runs the flow and `remember`s the answer; a
+        task or replica given the key meanwhile waits for that answer, and a
+        task that ends without one gives the key up."""
         fields = self.fingerprint(tenant_id, request)
-        found = await self.store.get(f"{tenant_id}\x1f{rpc}", key)
+        found = await self.store.claim(f"{tenant_id}\x1f{rpc}", key, fields)
         if found is not None:
             check_same(found, fields)
         return fields, found

@@ -28,6 +28,21 @@ context snapshot, less the names the retry carries again) under the step
 "input", so a retry sends the policy plane the exact request it already
 decided instead of a fresh snapshot it would refuse.
 
+Replicas (ARCHITECTURE.md rule 9). On PostgreSQL every gateway replica shares
+the store, and a key is answered once whichever replica gets it, including two
+racing on it: the task that first gets a key claims it, in this process (one
+flow per key at a time; another task with the key waits for its answer) and,
+on PostgreSQL, in the database (a `remembered_claims` row per key, taken with
+INSERT ... ON CONFLICT, so exactly one replica wins; the other polls until the
+answer is committed, which deletes the claim in the same transaction). A claim
+whose task ends without an answer (an error, a cancelled call) is given up; a
+replica that died holding one loses it when its lease (`claim_lease_s`)
+lapses, and the flow then runs again under the same derived keys, which every
+plane answers as it did. Each relay claims the outbox rows it is about to
+publish (FOR UPDATE SKIP LOCKED, then a lease), so two replicas' relays never
+publish the same event. On SQLite (one replica by construction) claims stay in
+process and cost the request no write.
+
 A store written before fields were hashed is brought in line once, when it
 first opens with a `rehash`: each record's fields are replaced by their
 hashes and the journals (which held names) are dropped; a retry whose journal
@@ -38,18 +53,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
+import functools
 import hashlib
+import itertools
 import json
 import logging
+import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
 from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import GatewayIdempotencyConfig
-from triplane.runtime.db import Database
+from triplane.runtime.db import Database, Row
 from triplane.runtime.errors import AlreadyExists, ResourceExhausted
 from triplane.runtime.tasks import cancel_and_wait
 
@@ -84,8 +103,22 @@ CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at_us IS NUL
 CREATE TABLE IF NOT EXISTS store_migrations (
   name TEXT PRIMARY KEY,
   applied_at_us BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS remembered_claims (
+  scope TEXT NOT NULL,
+  key TEXT NOT NULL,
+  token TEXT NOT NULL,
+  fields TEXT NOT NULL,
+  expires_at_us BIGINT NOT NULL,
+  PRIMARY KEY (scope, key)
 )
 """
+# Which relay holds an unsent outbox row, and until when (added to stores
+# made before replicas shared them).
+_OUTBOX_CLAIM_COLUMNS = (
+    ("claimed_by", "TEXT NOT NULL DEFAULT ''"),
+    ("claimed_until_us", "BIGINT NOT NULL DEFAULT 0"),
+)
 # What the remembered fields are once hashed (gateway.pii.Tokenizer.digest).
 HASHED_PREFIX = "h:"
 MIGRATION_HASHED_FIELDS = "hashed_fields"
@@ -99,6 +132,14 @@ _UPSERT_REMEMBERED = (
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
     "fields = excluded.fields, body = excluded.body, stored_at_us = excluded.stored_at_us"
 )
+# A key's claim: inserted, or taken over once the holder's lease lapsed.
+_CLAIM = (
+    "INSERT INTO remembered_claims (scope, key, token, fields, expires_at_us) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
+    "token = excluded.token, fields = excluded.fields, expires_at_us = excluded.expires_at_us "
+    "WHERE remembered_claims.expires_at_us <= ?"
+)
+_RELEASE = "DELETE FROM remembered_claims WHERE scope = ? AND key = ? AND token = ?"
 # A retried flow re-adds its events under the same ids: kept once.
 _INSERT_EVENT = (
     "INSERT INTO outbox (event_id, subject, payload, created_at_us) "
@@ -180,6 +221,23 @@ def _legacy_changes(
     return dropped, rewritten
 
 
+class _Claim(enum.Enum):
+    TAKEN = "taken"  # this task holds the key: run the flow
+    ANSWERED = "answered"  # the answer is committed: the row holds it
+    HELD = "held"  # another replica runs the flow: the row holds its fields
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    """A key claimed by a task of this process (and, on PostgreSQL, in the
+    database under `token`); `done` is set when the task lets go of it."""
+
+    fields: dict[str, str]
+    task: asyncio.Task[object] | None
+    token: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 def derive_key(tenant_id: str, rpc: str, key: str, step: str) -> str:
     """A downstream idempotency key, stable across retries of the caller's key."""
     digest = hashlib.sha256(f"{tenant_id}\x1f{rpc}\x1f{key}\x1f{step}".encode()).hexdigest()
@@ -215,6 +273,15 @@ class IdempotencyStore:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        # Keys whose flow a task of this process runs.
+        self._slots: dict[tuple[str, str], _Slot] = {}
+        # On PostgreSQL every replica shares the store, so keys are claimed
+        # in the database and the relay claims its outbox rows.
+        self._shared = db.dialect == "postgres"
+        self._owner = uuid.uuid4().hex
+        self._tokens = itertools.count()
+        # Database claims to delete (scope, key, token), with the next flush.
+        self._pending_releases: list[tuple[str, str, str]] = []
 
     async def start(self) -> None:
         """Creates the tables, forgets answers past retention, starts the flusher."""
@@ -225,10 +292,25 @@ class IdempotencyStore:
     def _prepare(self, cutoff_us: int) -> None:
         db = self._db
         db.migrate(_SCHEMA.format(blob=db.blob_type, serial_key=db.serial_key))
+        self._add_outbox_claim_columns()
         with db.tx() as tx:
             tx.execute("DELETE FROM remembered WHERE stored_at_us < ?", (cutoff_us,))
+            tx.execute("DELETE FROM remembered_claims WHERE expires_at_us < ?", (cutoff_us,))
         if self._rehash is not None:
             self._hash_legacy_fields(self._rehash)
+
+    def _add_outbox_claim_columns(self) -> None:
+        """The outbox's claim columns, on a store made before they were."""
+        db = self._db
+        with db.tx() as tx:
+            for name, spec in _OUTBOX_CLAIM_COLUMNS:
+                if db.dialect == "postgres":
+                    # Idempotent, so replicas starting together both may run it.
+                    tx.execute(f"ALTER TABLE outbox ADD COLUMN IF NOT EXISTS {name} {spec}")
+                elif not tx.one(
+                    "SELECT 1 FROM pragma_table_info('outbox') WHERE name = ?", (name,)
+                ):
+                    tx.execute(f"ALTER TABLE outbox ADD COLUMN {name} {spec}")
 
     def _hash_legacy_fields(self, rehash: Rehash) -> None:
         """Once per store: fields kept in clear by an earlier release are
@@ -285,12 +367,128 @@ class IdempotencyStore:
         return Remembered(json.loads(found[0]), found[1])
 
     def put(self, scope: str, key: str, fields: Mapping[str, str], body: bytes) -> None:
+        """Remembers an answer (committed with the next flush). A claim on the
+        key is let go: in process now (waiting tasks find the answer in
+        memory), in the database in the transaction that commits the answer,
+        so another replica never sees the key free before its answer."""
         self._check_room()
         entry = (json.dumps(dict(fields)), body)
         self._remember_in_memory(scope, key, entry)
         self._unflushed[(scope, key)] = entry
         self._pending.append((scope, key, entry[0], body, self._clock.now_us()))
+        slot = self._slots.get((scope, key))
+        if slot is not None:
+            self._let_go(scope, key, slot)
         self._wakeup.set()
+
+    # ---------------------------------------------------------------- claims
+
+    async def claim(self, scope: str, key: str, fields: Mapping[str, str]) -> Remembered | None:
+        """The answer remembered for the key, or None once the calling task
+        holds the key: it then runs the flow and `put`s the answer. A task
+        ending without one gives the key up. Another task or replica holding
+        the key is waited for (its answer is the caller's); another replica
+        holding it for another payload is ALREADY_EXISTS naming the first
+        field that differs."""
+        task = asyncio.current_task()
+        wanted = dict(fields)
+        while True:
+            slot = self._slots.get((scope, key))
+            if slot is not None:
+                if slot.task is not None and slot.task is task:
+                    return None  # held already: a retry inside the same task
+                # Not refused here on another payload: the holder may itself
+                # be waiting for the key, and lose it to this payload.
+                await slot.done.wait()
+                continue
+            if not self._shared:
+                found = await self.get(scope, key)
+                if found is not None:
+                    return found
+                if (scope, key) in self._slots:
+                    continue  # taken while the read was away
+                self._hold(scope, key, wanted, task, "")
+                return None
+            entry = self._memory.get((scope, key)) or self._unflushed.get((scope, key))
+            if entry is not None:
+                return Remembered(json.loads(entry[0]), entry[1])
+            slot = self._hold(scope, key, wanted, task, f"{self._owner}:{next(self._tokens)}")
+            try:
+                found = await self._claim_shared(scope, key, slot)
+            except BaseException:
+                self._let_go(scope, key, slot)
+                raise
+            if found is not None:
+                self._let_go(scope, key, slot, release=False)
+            return found
+
+    def _hold(
+        self,
+        scope: str,
+        key: str,
+        fields: dict[str, str],
+        task: asyncio.Task[object] | None,
+        token: str,
+    ) -> _Slot:
+        slot = _Slot(fields, task, token)
+        self._slots[(scope, key)] = slot
+        if task is not None:
+            task.add_done_callback(functools.partial(self._task_done, scope, key, slot))
+        return slot
+
+    def _task_done(self, scope: str, key: str, slot: _Slot, _task: object) -> None:
+        """The holder's task ended: a key it still holds had no answer."""
+        if self._slots.get((scope, key)) is slot:
+            self._let_go(scope, key, slot)
+
+    def _let_go(self, scope: str, key: str, slot: _Slot, release: bool = True) -> None:
+        if self._slots.get((scope, key)) is slot:
+            del self._slots[(scope, key)]
+        slot.done.set()
+        if release and slot.token:
+            self._pending_releases.append((scope, key, slot.token))
+            self._wakeup.set()
+
+    async def _claim_shared(self, scope: str, key: str, slot: _Slot) -> Remembered | None:
+        """Claims the key in the database for `slot`, waiting while another
+        replica holds it: None once claimed, or the answer once committed."""
+        config = self._config
+        fields_json = json.dumps(slot.fields)
+        while True:
+            now_us = self._clock.now_us()
+            expires_us = now_us + int(config.claim_lease_s * 1_000_000)
+            state, row = await asyncio.to_thread(
+                self._try_claim, scope, key, slot.token, fields_json, now_us, expires_us
+            )
+            if state is _Claim.TAKEN:
+                return None
+            if state is _Claim.ANSWERED:
+                assert row is not None
+                entry = (str(row[0]), bytes(row[1]))
+                self._remember_in_memory(scope, key, entry)
+                return Remembered(json.loads(entry[0]), entry[1])
+            if row is not None:
+                check_same(Remembered(json.loads(str(row[0])), b""), slot.fields)
+                await asyncio.sleep(config.claim_poll_ms / 1000.0)
+
+    def _try_claim(
+        self, scope: str, key: str, token: str, fields: str, now_us: int, expires_us: int
+    ) -> tuple[_Claim, Row | None]:
+        """One attempt, in one transaction. The answer is looked for after the
+        claim: a holder commits its answer and deletes its claim together, so
+        a claim won just after that finds the answer and gives the key back."""
+        with self._db.tx() as tx:
+            taken = tx.execute(_CLAIM, (scope, key, token, fields, expires_us, now_us)) == 1
+            answer = tx.one(_SELECT_REMEMBERED, (scope, key))
+            if answer is not None:
+                if taken:
+                    tx.execute(_RELEASE, (scope, key, token))
+                return _Claim.ANSWERED, answer
+            if taken:
+                return _Claim.TAKEN, None
+            return _Claim.HELD, tx.one(
+                "SELECT fields FROM remembered_claims WHERE scope = ? AND key = ?", (scope, key)
+            )
 
     def _check_room(self) -> None:
         if len(self._pending) + len(self._pending_events) >= self._config.max_pending_writes:
@@ -310,13 +508,32 @@ class IdempotencyStore:
     # The OutboxSource of the relay (blocking; called from a worker thread).
 
     def unsent(self, limit: int) -> list[OutgoingEvent]:
-        with self._db.read() as tx:
+        """The next unsent events. On PostgreSQL they are claimed for this
+        store's relay until `outbox_lease_s` from now (rows another relay
+        holds are skipped), so replicas' relays publish disjoint events; rows
+        this relay already holds come again (a retry after a failed publish)."""
+        if not self._shared:
+            with self._db.read() as tx:
+                rows = tx.all(
+                    "SELECT event_id, subject, payload FROM outbox WHERE sent_at_us IS NULL "
+                    "ORDER BY seq LIMIT ?",
+                    (limit,),
+                )
+            return [OutgoingEvent(str(row[0]), str(row[1]), bytes(row[2])) for row in rows]
+        now_us = self._clock.now_us()
+        until_us = now_us + int(self._config.outbox_lease_s * 1_000_000)
+        with self._db.tx() as tx:
             rows = tx.all(
-                "SELECT event_id, subject, payload FROM outbox WHERE sent_at_us IS NULL "
-                "ORDER BY seq LIMIT ?",
-                (limit,),
+                "SELECT seq, event_id, subject, payload FROM outbox WHERE sent_at_us IS NULL "
+                "AND (claimed_until_us <= ? OR claimed_by = ?) ORDER BY seq LIMIT ? "
+                "FOR UPDATE SKIP LOCKED",
+                (now_us, self._owner, limit),
             )
-        return [OutgoingEvent(str(row[0]), str(row[1]), bytes(row[2])) for row in rows]
+            tx.execute_many(
+                "UPDATE outbox SET claimed_by = ?, claimed_until_us = ? WHERE seq = ?",
+                [(self._owner, until_us, row[0]) for row in rows],
+            )
+        return [OutgoingEvent(str(row[1]), str(row[2]), bytes(row[3])) for row in rows]
 
     def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
         with self._db.tx() as tx:
@@ -347,14 +564,16 @@ class IdempotencyStore:
         async with self._lock:
             batch, self._pending = self._pending, []
             events, self._pending_events = self._pending_events, []
-            if not batch and not events:
+            releases, self._pending_releases = self._pending_releases, []
+            if not batch and not events and not releases:
                 return
             try:
-                await asyncio.to_thread(self._write, batch, events)
+                await asyncio.to_thread(self._write, batch, events, releases)
             except Exception:
                 # Kept for the next flush: nothing is silently forgotten.
                 self._pending[:0] = batch
                 self._pending_events[:0] = events
+                self._pending_releases[:0] = releases
                 raise
             for scope, key, _, body, _ in batch:
                 written = self._unflushed.get((scope, key))
@@ -365,11 +584,15 @@ class IdempotencyStore:
         self,
         batch: list[tuple[str, str, str, bytes, int]],
         events: list[tuple[str, str, bytes, int]],
+        releases: list[tuple[str, str, str]],
     ) -> None:
-        """One transaction: the answers and their events commit together."""
+        """One transaction: the answers and their events commit together, and
+        the claims on their keys go with them (after them: a replica that
+        finds a key free finds its answer)."""
         with self._db.tx() as tx:
             tx.execute_many(_UPSERT_REMEMBERED, batch)
             tx.execute_many(_INSERT_EVENT, events)
+            tx.execute_many(_RELEASE, releases)
 
     async def _flush_loop(self) -> None:
         interval_s = self._config.flush_interval_ms / 1000.0
