@@ -15,8 +15,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
 from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.breaker import CircuitBreaker
 from ai_plane.engine import AiEngine
@@ -156,9 +154,6 @@ class AiPlane:
             self.manager.activate_in_process(live)
         if config.nats.url and ai.pipeline.enabled:
             await self._start_pipeline()
-        if ai.metrics_listen:
-            host, _, port = ai.metrics_listen.rpartition(":")
-            start_http_server(int(port), addr=host or "0.0.0.0")
         self.server = PlaneServer(
             name="ai_plane",
             listen=self.listen or ai.listen,
@@ -168,6 +163,7 @@ class AiPlane:
             max_message_bytes=config.runtime.max_message_bytes,
             otel_exporter=config.runtime.otel_exporter,
             on_stop=[self._stop_internals],
+            metrics_listen=ai.metrics_listen,
         )
         return await self.server.start()
 

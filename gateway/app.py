@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
-from prometheus_client import start_http_server
 
 from gateway.auth.setup import Auth, open_auth
 from gateway.core import Core
@@ -160,14 +159,12 @@ class Gateway:
             otel_exporter=config.runtime.otel_exporter,
             # Every call's credential, scope, tenant and rate limit.
             interceptors=[auth.interceptor] if auth else [],
+            # Prometheus: RED per RPC, delivery attempts, the lift report.
+            metrics_listen=gateway.metrics_listen,
         )
         self.server.on_stop.append(self._stop_background)
-        lift_metrics = None
-        if gateway.metrics_listen:
-            # Prometheus: delivery attempts, and the lift report's figures.
-            host, _, port = gateway.metrics_listen.rpartition(":")
-            start_http_server(int(port), addr=host or "0.0.0.0")
-            lift_metrics = _lift_metrics()
+        # The lift report's figures are worth computing only where served.
+        lift_metrics = _lift_metrics() if gateway.metrics_listen else None
         self._tasks.extend(engagement.start(self._stop, lift_metrics))
         return await self.server.start()
 

@@ -1,6 +1,7 @@
 """Server bootstrap shared by every plane: grpc.aio with standard health and
 reflection, mutual TLS and the plane's permission table, OpenTelemetry
-instrumentation, error mapping, graceful SIGTERM."""
+instrumentation, error mapping, Prometheus metrics (RED per RPC, served on
+the plane's metrics_listen), graceful SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from triplane.runtime.authz import AuthzInterceptor, PeerIdentityCache, Permissions
 from triplane.runtime.config import Config
 from triplane.runtime.lifetime import exit_with_supervisor
+from triplane.runtime.metrics import MetricsEndpoint, RedInterceptor, serve_metrics
 from triplane.runtime.status import ErrorMappingInterceptor
 from triplane.runtime.telemetry import TracingInterceptor, setup_tracing
 from triplane.runtime.tls import ServerCertificates, TlsFiles, TlsSetupError, files_for
@@ -140,6 +142,9 @@ class PlaneServer:
     # (authz.peer_identity) and may raise TriplaneError.
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     on_stop: list[Hook] = field(default_factory=list)
+    # host:port of the process's Prometheus endpoint (`<plane>.metrics_listen`;
+    # "": not served, the metrics are still collected).
+    metrics_listen: str = ""
     port: int = 0
     health_port: int = 0
     # The port that requires client certificates (ServerSecurity.mtls_listen).
@@ -148,6 +153,7 @@ class PlaneServer:
     _server: grpc.aio.Server | None = None
     _health_server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
+    _metrics: MetricsEndpoint | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _options(self) -> list[tuple[str, Any]]:
@@ -190,6 +196,9 @@ class PlaneServer:
         )
         server = grpc.aio.server(
             interceptors=[
+                # Outermost, so it counts the code the caller sees: refusals
+                # of the permission table and statuses of the error mapper.
+                RedInterceptor(self.name),
                 TracingInterceptor(provider),
                 authz,
                 ErrorMappingInterceptor(),
@@ -223,6 +232,7 @@ class PlaneServer:
             self.mtls_port = server.add_secure_port(security.mtls_listen, required)
             if self.mtls_port == 0:
                 raise OSError(f"{self.name}: cannot listen on {security.mtls_listen}")
+        self._metrics = serve_metrics(self.metrics_listen, f"{self.name}: metrics_listen")
         await server.start()
         self._server, self._health = server, health
         if security.health_listen:
@@ -260,6 +270,9 @@ class PlaneServer:
             await self._health_server.stop(0)
         for hook in self.on_stop:
             await hook()
+        if self._metrics is not None:
+            # Its HTTP thread notices the shutdown within half a second: off the loop.
+            await asyncio.to_thread(self._metrics.close)
         log.info("%s stopped", self.name)
 
     async def serve_until_signalled(self, gc_gen0_threshold: int = 0) -> None:
