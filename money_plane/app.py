@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from money_plane import codec
+from money_plane import metrics as m
 from money_plane.ledger import Ledger
 from money_plane.permissions import PERMISSIONS
 from money_plane.service import ledger_service
 from money_plane.store.base import LedgerStore
 from money_plane.store.postgres import PostgresLedgerStore
 from money_plane.store.sqlite import SqliteLedgerStore
+from triplane.common.v1 import envelope_pb2
+from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
@@ -53,6 +56,33 @@ def _build_store(config: Config) -> LedgerStore:
     )
 
 
+@dataclass(frozen=True)
+class MeasuredOutbox:
+    """The ledger's outbox as the relay reads it, measured on the way: how
+    old the oldest unpublished event is (its envelope's occurred_at is its
+    commit time) and how many events were published. Costs one envelope
+    parse per batch read, no query of its own."""
+
+    store: LedgerStore
+    clock: Clock
+
+    def unsent(self, limit: int) -> list[OutgoingEvent]:
+        events = self.store.unsent(limit)
+        lag_s = 0.0
+        if events:
+            committed = envelope_pb2.EventEnvelope.FromString(events[0].data).occurred_at
+            lag_s = max(0.0, (self.clock.now_us() - committed.ToMicroseconds()) / 1e6)
+        m.OUTBOX_LAG_SECONDS.set(lag_s)
+        return events
+
+    def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
+        self.store.mark_sent(event_ids, now_us)
+        m.OUTBOX_PUBLISHED.inc(len(event_ids))
+
+    def delete_sent_before(self, before_us: int) -> int:
+        return self.store.delete_sent_before(before_us)
+
+
 @dataclass
 class MoneyPlane:
     config: Config
@@ -64,10 +94,10 @@ class MoneyPlane:
     _relay_task: asyncio.Task[None] | None = None
     _relay_executor: ThreadPoolExecutor | None = None
 
-    async def start(self, sweepers: bool = True, relay: bool = True) -> int:
+    async def start(self, sweepers: bool = True, relay: bool = True, metrics: bool = True) -> int:
         """Starts everything; returns the bound gRPC port. Extra serving
-        processes (money.server_processes) run neither sweepers nor relay:
-        the primary does that for all of them."""
+        processes (money.server_processes) run neither sweepers nor relay
+        nor the metrics endpoint: the primary does that for all of them."""
         config = self.config
         store = build_store(config)
         tokens = config.money.tokens
@@ -102,7 +132,7 @@ class MoneyPlane:
 
             outbox = config.money.outbox
             self.relay = OutboxRelay(
-                store,
+                MeasuredOutbox(store, self.clock),
                 config.nats,
                 RelaySettings.from_config(outbox, ["TRIPLANE_MONEY", "TRIPLANE_TENANTS"]),
                 self.clock,
@@ -125,6 +155,7 @@ class MoneyPlane:
             otel_exporter=config.runtime.otel_exporter,
             reuse_port=config.money.server_processes > 1,
             on_stop=[self._stop_internals],
+            metrics_listen=config.money.metrics_listen if metrics else "",
         )
         return await self.server.start()
 

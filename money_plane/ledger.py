@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from money_plane import invariants
+from money_plane import metrics as m
 from money_plane.domain import (
     SELF_CONTAINED,
     AccountSpec,
@@ -65,6 +66,15 @@ class _Pending:
     job: Job
     deadline: Deadline
     future: asyncio.Future[list[Outcome]] = field(repr=False)
+
+
+_KIND_LABELS = {kind.value: kind.name.lower() for kind in Kind}
+
+
+def _count_outcomes(commands: list[Command], outcomes: list[Outcome]) -> None:
+    for command, outcome in zip(commands, outcomes, strict=False):
+        result = "refused" if outcome.error else "replayed" if outcome.replayed else "committed"
+        m.TRANSFERS.labels(_KIND_LABELS.get(command.kind, "unknown"), result).inc()
 
 
 class Ledger:
@@ -248,6 +258,7 @@ class Ledger:
             )
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         self._queued_transfers += size
+        m.COMMIT_QUEUE_TRANSFERS.inc(size)
         self._queue.put_nowait(_Pending(job, deadline, future))
         return await future
 
@@ -272,6 +283,7 @@ class Ledger:
                 await self._commit_group(group)
             finally:
                 self._queued_transfers -= size
+                m.COMMIT_QUEUE_TRANSFERS.dec(size)
                 for _ in group:
                     self._queue.task_done()
 
@@ -333,11 +345,15 @@ class Ledger:
 
     def _record(self, live: list[_Pending], results: list[list[Outcome]]) -> None:
         self.stats["groups"] += 1
+        transfers = 0
         for pending, outcomes in zip(live, results, strict=True):
             self.stats["jobs"] += 1
             self.stats["commands"] += len(outcomes)
+            transfers += len(outcomes)
+            _count_outcomes(pending.job.commands, outcomes)
             if not pending.future.done():
                 pending.future.set_result(outcomes)
+        m.GROUP_COMMIT_TRANSFERS.observe(transfers)
         self.committed.set()
 
     # ---- sweepers: hold expiry and reserve releases go through the same queue ----
@@ -383,6 +399,7 @@ class Ledger:
             ]
         )
         for (tenant_id, reserve_id), outcome in zip(due, outcomes, strict=True):
+            m.RESERVE_RELEASES.labels("released" if outcome.error is None else "deferred").inc()
             if outcome.error is not None:
                 log.error(
                     "reserve release refused (%s): reserve %s of tenant %s is tried again "

@@ -26,7 +26,7 @@ async def _serve(primary: bool) -> None:
     name = "money_plane" if primary else f"money_plane.worker.{os.getpid()}"
     setup_logging(name, config.runtime.log_level, config.runtime.log_format)
     plane = MoneyPlane(config)
-    await plane.start(sweepers=primary, relay=primary)
+    await plane.start(sweepers=primary, relay=primary, metrics=primary)
     assert plane.server is not None
     await plane.server.serve_until_signalled(config.runtime.gc_gen0_threshold)
 

@@ -207,5 +207,6 @@ def build_plane(
         shutdown_grace_s=config.runtime.shutdown_grace_s,
         max_message_bytes=config.runtime.max_message_bytes,
         otel_exporter=config.runtime.otel_exporter,
+        metrics_listen=config.policy.metrics_listen,
     )
     return PolicyPlane(config=config, engine=engine, server=server)

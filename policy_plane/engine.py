@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 from policy_plane import cases as cases_mod
 from policy_plane import validate
@@ -56,9 +56,22 @@ from triplane.runtime.tokens import TokenSigner
 log = logging.getLogger("policy_plane.engine")
 LABELS = ("legitimate", "fraud", "chargeback")
 
-DECISIONS = Counter("policy_decisions_total", "Decisions made", ["outcome"])
-SHADOW_DECISIONS = Counter("policy_shadow_decisions_total", "Decisions also made in shadow")
-SHADOW_AGREEMENTS = Counter("policy_shadow_agreements_total", "Shadow decisions that agreed")
+# Served on policy.metrics_listen with RED per RPC (triplane/runtime/metrics.py).
+DECISIONS = Counter("triplane_policy_decisions", "Decisions made", ["outcome"])
+SHADOW_DECISIONS = Counter("triplane_policy_shadow_decisions", "Decisions also made in shadow")
+SHADOW_AGREEMENTS = Counter("triplane_policy_shadow_agreements", "Shadow decisions that agreed")
+# The decision-log lag: a decision is answered only once its record is
+# written, so how many wait for the log writer, and how long each waited, is
+# how far the log lags the decisions (bound: decision_log.max_queue_records).
+DECISION_LOG_WAITING = Gauge(
+    "triplane_policy_decision_log_waiting_records",
+    "Decisions queued for or being written by the decision-log writer",
+)
+DECISION_LOG_APPEND_SECONDS = Histogram(
+    "triplane_policy_decision_log_append_seconds",
+    "Time from queueing a decision for the log to its record written",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 
 
 @dataclass
@@ -229,7 +242,8 @@ class PolicyEngine:
             case = cases_mod.new_case(record, suggestion, now_us)
         if deadline is not None:
             deadline.check("logging the decision; nothing was logged")
-        result = await self.log.append(record, fingerprint, now_us, case, deadline)
+        with DECISION_LOG_WAITING.track_inprogress(), DECISION_LOG_APPEND_SECONDS.time():
+            result = await self.log.append(record, fingerprint, now_us, case, deadline)
         if result.existing:
             return self._previous(result.row, inp, fingerprint), True
         self._count(record)

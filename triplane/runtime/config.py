@@ -198,6 +198,8 @@ class TokensConfig(_Strict, frozen=True):
 
 class MoneyConfig(_Strict, frozen=True):
     listen: str
+    # host:port of the Prometheus metrics endpoint; empty: not served.
+    metrics_listen: str
     server_processes: int
     budget_ms: float
     store: MoneyStoreConfig
@@ -308,6 +310,8 @@ class PolicyPiiConfig(_Strict, frozen=True):
 
 class PolicyConfig(_Strict, frozen=True):
     listen: str
+    # host:port of the Prometheus metrics endpoint; empty: not served.
+    metrics_listen: str
     budget_ms: float
     token_ttl_s: int
     store: PolicyStoreConfig
