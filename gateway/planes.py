@@ -29,7 +29,15 @@ from triplane.runtime.errors import Code, TriplaneError, error_for
 from triplane.runtime.net import dial_address
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.telemetry import trace_metadata
-from triplane.runtime.tls import GATEWAY, RotatingChannel, TlsFiles, files_for
+from triplane.runtime.tls import (
+    GATEWAY,
+    GRPC_OPTIONS,
+    RotatingChannel,
+    TlsFiles,
+    channel_options,
+    channel_options_for,
+    files_for,
+)
 
 log = logging.getLogger("gateway.planes")
 
@@ -38,6 +46,36 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
+
+# The plane methods the gateway calls that gRPC may retry on UNAVAILABLE
+# (runtime.grpc.retry; each within its call's deadline): every one is
+# idempotent by its contract, so a retry that lands on another replica after
+# the first attempt was applied is answered, not applied twice.
+# - Keyed writes: CreateTransfer (the transfer's idempotency_key, required and
+#   remembered for good: a second attempt is a replay, so money never moves
+#   twice), Evaluate (idempotency_key: the decision logged once),
+#   RecordContact (contact_id), PutCustomerProfile (change_id), ReportOutcome
+#   (outcome_id: the bandit counts it once).
+# - Reads: GetEntry, GetDecision, GetEligibleOffers, CheckContact,
+#   GetCustomerProfile, Score, Explain; and Rank, which makes a new rank_id
+#   each call but learns nothing until an outcome quotes one, so a ranking
+#   no answer carried only expires.
+# Named one by one: a method added later is not retried until it is here.
+IDEMPOTENT_PLANE_METHODS: tuple[tuple[str, str], ...] = (
+    ("triplane.money.v1.LedgerService", "CreateTransfer"),
+    ("triplane.money.v1.LedgerService", "GetEntry"),
+    ("triplane.policy.v1.PolicyService", "Evaluate"),
+    ("triplane.policy.v1.PolicyService", "GetDecision"),
+    ("triplane.policy.v1.OfferService", "GetEligibleOffers"),
+    ("triplane.policy.v1.ConsentService", "CheckContact"),
+    ("triplane.policy.v1.ConsentService", "RecordContact"),
+    ("triplane.policy.v1.CustomerProfileService", "PutCustomerProfile"),
+    ("triplane.policy.v1.CustomerProfileService", "GetCustomerProfile"),
+    ("triplane.ai.v1.ScoringService", "Score"),
+    ("triplane.ai.v1.ScoringService", "Rank"),
+    ("triplane.ai.v1.ScoringService", "Explain"),
+    ("triplane.ai.v1.ScoringService", "ReportOutcome"),
+)
 
 
 def translate(plane: str, error: grpc.aio.AioRpcError, field_map: FieldMap) -> TriplaneError:
@@ -91,6 +129,9 @@ class PlaneChannels:
     tls: TlsFiles | None = None
     check_interval_s: float = 5.0
     close_grace_s: float = 30.0
+    # Load balancing and retries (runtime.grpc): from_config builds them; the
+    # default is round_robin with no retry policy (transparent retries only).
+    options: GRPC_OPTIONS = field(default_factory=lambda: channel_options(extra=CHANNEL_OPTIONS))
     money: RotatingChannel = field(init=False)
     policy: RotatingChannel = field(init=False)
     ai: RotatingChannel = field(init=False)
@@ -109,7 +150,10 @@ class PlaneChannels:
         ai_address: str | None = None,
     ) -> PlaneChannels:
         """Each plane at the address given, else gateway.plane_addresses, else
-        its own listen address on this machine."""
+        its own listen address on this machine. An address is any gRPC
+        target: `dns:///money-plane.triplane.svc.cluster.local:50061` (a
+        headless Service: every replica), `ipv4:10.0.0.1:50061,10.0.0.2:50061`
+        or host:port; calls are spread by runtime.grpc.load_balancing."""
         tls = config.runtime.tls
         dial = config.gateway.plane_addresses
         return cls(
@@ -119,13 +163,14 @@ class PlaneChannels:
             tls=files_for(config, GATEWAY),
             check_interval_s=tls.reload_check_interval_s,
             close_grace_s=tls.rotation_close_grace_s,
+            options=channel_options_for(config, IDEMPOTENT_PLANE_METHODS, CHANNEL_OPTIONS),
         )
 
     def _dial(self, plane: str, address: str) -> RotatingChannel:
         return RotatingChannel(
             address,
             self.tls,
-            CHANNEL_OPTIONS,
+            self.options,
             check_interval_s=self.check_interval_s,
             close_grace_s=self.close_grace_s,
             who=f"gateway -> {plane}",

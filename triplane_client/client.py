@@ -10,7 +10,6 @@ with `runtime.tls: off`."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -23,7 +22,8 @@ from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
-from triplane.runtime.tls import TlsFiles, open_channel
+from triplane.runtime.retry import RetryPolicy
+from triplane.runtime.tls import TlsFiles, channel_options, open_channel
 from triplane_client.errors import TriplaneApiError, from_rpc_error
 
 R = TypeVar("R", bound=Message)
@@ -32,24 +32,15 @@ DEFAULT_TIMEOUT_S = 5.0
 MAX_ATTEMPTS = 4
 
 
-def service_config(service: str) -> str:
-    """Transparent retries for a service whose every method is idempotent."""
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": service}],
-                    "retryPolicy": {
-                        "maxAttempts": MAX_ATTEMPTS,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "1s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
+# Retries on UNAVAILABLE for a client whose every method is idempotent
+# (the gateway's: each write carries an idempotency key), within each call's
+# deadline; the same policy shape as the runtime's (runtime.grpc.retry).
+RETRY = RetryPolicy(
+    initial_interval_s=0.05,
+    backoff_coefficient=2.0,
+    maximum_interval_s=1.0,
+    maximum_attempts=MAX_ATTEMPTS,
+)
 
 
 def new_idempotency_key() -> str:
@@ -68,10 +59,21 @@ class _Client:
         retry: bool = True,
         *,
         tls: TlsFiles | None = None,
+        load_balancing: str = "round_robin",
+        authority: str = "",
     ):
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", 1 if retry else 0)]
-        if retry and self.SERVICE:
-            options.append(("grpc.service_config", service_config(self.SERVICE)))
+        """`address`: any gRPC target; with several addresses behind it
+        (`dns:///gateway.example:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`)
+        `load_balancing` round_robin spreads the calls over them (pick_first:
+        one at a time). `authority`: the name the server's certificate must
+        carry when the target does not say it (an address list)."""
+        options = channel_options(
+            load_balancing=load_balancing,
+            retry=RETRY if retry else None,
+            retry_methods=[(self.SERVICE, "")] if retry and self.SERVICE else [],
+            authority=authority,
+            transparent_retries=retry,
+        )
         self._channel = open_channel(address, tls, options, who=type(self).__name__)
         self._timeout_s = timeout_s
 
@@ -125,8 +127,12 @@ class GatewayClient(_Client):
         *,
         api_key: str = "",
         tls: TlsFiles | None = None,
+        load_balancing: str = "round_robin",
+        authority: str = "",
     ):
-        super().__init__(address, timeout_s, retry, tls=tls)
+        super().__init__(
+            address, timeout_s, retry, tls=tls, load_balancing=load_balancing, authority=authority
+        )
         self._metadata = _bearer(api_key)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
 
@@ -302,8 +308,17 @@ class ApiKeysClient(_Client):
         *,
         api_key: str = "",
         tls: TlsFiles | None = None,
+        load_balancing: str = "round_robin",
+        authority: str = "",
     ):
-        super().__init__(address, timeout_s, retry=False, tls=tls)
+        super().__init__(
+            address,
+            timeout_s,
+            retry=False,
+            tls=tls,
+            load_balancing=load_balancing,
+            authority=authority,
+        )
         self._metadata = _bearer(api_key)
         self._stub = gateway_pb2_grpc.ApiKeyServiceStub(self._channel)
 
@@ -374,9 +389,22 @@ class LedgerAdminClient(_Client):
     Not retried automatically: CreateAccounts is not keyed."""
 
     def __init__(
-        self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, tls: TlsFiles | None = None
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls: TlsFiles | None = None,
+        load_balancing: str = "round_robin",
+        authority: str = "",
     ):
-        super().__init__(address, timeout_s, retry=False, tls=tls)
+        super().__init__(
+            address,
+            timeout_s,
+            retry=False,
+            tls=tls,
+            load_balancing=load_balancing,
+            authority=authority,
+        )
         self._stub = money_pb2_grpc.LedgerServiceStub(self._channel)
 
     async def create_tenant(self, tenant_id: str, display_name: str = "") -> money_pb2.Tenant:
@@ -408,9 +436,22 @@ class PolicyAdminClient(_Client):
     """The policy plane's catalog, consent and case admin calls."""
 
     def __init__(
-        self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, tls: TlsFiles | None = None
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls: TlsFiles | None = None,
+        load_balancing: str = "round_robin",
+        authority: str = "",
     ):
-        super().__init__(address, timeout_s, retry=False, tls=tls)
+        super().__init__(
+            address,
+            timeout_s,
+            retry=False,
+            tls=tls,
+            load_balancing=load_balancing,
+            authority=authority,
+        )
         self._policy = policy_pb2_grpc.PolicyServiceStub(self._channel)
         self._offers = policy_pb2_grpc.OfferServiceStub(self._channel)
         self._consent = policy_pb2_grpc.ConsentServiceStub(self._channel)

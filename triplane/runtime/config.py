@@ -51,6 +51,17 @@ class TlsConfig(_Strict, frozen=True):
     roles: dict[str, list[str]]
 
 
+class GrpcClientConfig(_Strict, frozen=True):
+    # Every channel to a plane (triplane/runtime/tls.py channel_options):
+    # round_robin spreads calls over every address the target resolves to
+    # (dns:/// a headless Service); pick_first keeps to one.
+    load_balancing: str
+    # gRPC's retryPolicy on UNAVAILABLE, for the idempotent methods only;
+    # maximum_attempts 1..5 (gRPC's cap; 1: no retries), jitter_s unused
+    # (gRPC draws each wait in [0, backoff]).
+    retry: RetryPolicy
+
+
 class RuntimeConfig(_Strict, frozen=True):
     state_dir: str
     log_level: str
@@ -66,6 +77,7 @@ class RuntimeConfig(_Strict, frozen=True):
     # host:port of a plaintext port serving only grpc.health.v1 (Kubernetes
     # gRPC probes cannot present a client certificate); empty: none.
     health_listen: str
+    grpc: GrpcClientConfig
 
 
 class StreamLimitsConfig(_Strict, frozen=True):
@@ -932,6 +944,7 @@ def _check(config: Config) -> None:
         raise ConfigError("policy.store.postgres_dsn is required with backend 'postgres'")
     _check_gateway_stores(config)
     _check_tls(config)
+    _check_grpc(config)
     _check_gateway_auth(config)
 
 
@@ -968,6 +981,16 @@ def _check_tls(config: Config) -> None:
         raise ConfigError("nats.password_file needs nats.user")
     if nats.creds_file and nats.user:
         raise ConfigError("nats: creds_file and user/password_file are exclusive")
+
+
+def _check_grpc(config: Config) -> None:
+    grpc_config = config.runtime.grpc
+    if grpc_config.load_balancing not in ("round_robin", "pick_first"):
+        raise ConfigError("runtime.grpc.load_balancing must be 'round_robin' or 'pick_first'")
+    if not 1 <= grpc_config.retry.maximum_attempts <= 5:
+        raise ConfigError("runtime.grpc.retry.maximum_attempts must be in [1, 5] (gRPC's cap)")
+    if grpc_config.retry.initial_interval_s <= 0:
+        raise ConfigError("runtime.grpc.retry.initial_interval_s must be > 0")
 
 
 def _check_gateway_auth(config: Config) -> None:

@@ -23,10 +23,11 @@ debugging only, and nothing can tell who calls a plane.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from triplane.runtime.config import Config
+from triplane.runtime.retry import RetryPolicy
 
 log = logging.getLogger("triplane.tls")
 
@@ -213,6 +215,96 @@ class ServerCertificates:
 def channel_credentials(material: TlsMaterial) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=material.ca, private_key=material.key, certificate_chain=material.cert
+    )
+
+
+LOAD_BALANCING_POLICIES = ("round_robin", "pick_first")
+# gRPC ignores attempts past 5 (its cap); the config refuses more.
+GRPC_MAX_ATTEMPTS = 5
+
+
+def _seconds(value: float) -> str:
+    """A duration as the service config writes it ("0.05s")."""
+    return f"{value:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def channel_options(
+    *,
+    load_balancing: str = "round_robin",
+    retry: RetryPolicy | None = None,
+    retry_methods: Sequence[tuple[str, str]] = (),
+    authority: str = "",
+    transparent_retries: bool = True,
+    extra: GRPC_OPTIONS | None = None,
+) -> GRPC_OPTIONS:
+    """The one builder of client channel options (the gateway's channels to
+    the planes, the typed client's).
+
+    A target may resolve to many addresses (`dns:///svc:port` on a headless
+    Service, `ipv4:a:p,b:p`); `load_balancing` round_robin sends each call to
+    the next ready one, and a replica that goes away is left out once its
+    connection fails. The service config is the channel's own: DNS TXT
+    records are not asked for one.
+
+    `retry`: gRPC's retryPolicy on UNAVAILABLE only, for `retry_methods`
+    ((service, method); method "" for every method of the service), which the
+    caller vouches are idempotent; bounded by `retry.maximum_attempts` and by
+    each call's deadline, and throttled (retryThrottling) so a plane that is
+    down is not sent every call several times. Calls that never reached a
+    server are retried by gRPC anyway (transparent retries), unless
+    `transparent_retries` is False and nothing is retried.
+
+    `authority`: the name the server's certificate must carry, where the
+    target's own name is not it (an `ipv4:` list; the dev certificates name
+    localhost and 127.0.0.1). A dns:/// target is checked against its host."""
+    if load_balancing not in LOAD_BALANCING_POLICIES:
+        raise ValueError(
+            f"load balancing policy {load_balancing!r}: one of {LOAD_BALANCING_POLICIES}"
+        )
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    attempts = min(retry.maximum_attempts, GRPC_MAX_ATTEMPTS) if retry else 1
+    retrying = attempts > 1 and bool(retry_methods)
+    if retrying and retry is not None:
+        names = [
+            {"service": service, "method": method} if method else {"service": service}
+            for service, method in retry_methods
+        ]
+        config["methodConfig"] = [
+            {
+                "name": names,
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": _seconds(retry.initial_interval_s),
+                    "maxBackoff": _seconds(retry.maximum_interval_s),
+                    "backoffMultiplier": retry.backoff_coefficient,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+        config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
+    options: GRPC_OPTIONS = [
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.service_config_disable_resolution", 1),
+        # 0 turns off transparent retries too.
+        ("grpc.enable_retries", 1 if retrying or transparent_retries else 0),
+    ]
+    if authority:
+        options.append(("grpc.default_authority", authority))
+    return options + list(extra or ())
+
+
+def channel_options_for(
+    config: Config,
+    retry_methods: Sequence[tuple[str, str]] = (),
+    extra: GRPC_OPTIONS | None = None,
+) -> GRPC_OPTIONS:
+    """channel_options by `runtime.grpc`."""
+    grpc_config = config.runtime.grpc
+    return channel_options(
+        load_balancing=grpc_config.load_balancing,
+        retry=grpc_config.retry,
+        retry_methods=retry_methods,
+        extra=extra,
     )
 
 
