@@ -8,6 +8,9 @@
 #                             they fail); a run that leaves a process running fails
 #   make up                   the stack in the foreground until Ctrl-C
 #   make bench [ONLY=ledger]  benchmarks; figures merged into bench/results.json
+#   make fuzz [FUZZ_SEED=n]   every RPC of every plane fuzzed through the real
+#                             stack, 10,000 cases a plane (FUZZ_CASES=...);
+#                             figures merged into bench/results.json
 #   make proto                regenerate the committed Python stubs from proto/
 #   make proto-check          fail when regenerating the stubs changes the tree
 #   make proto-breaking       buf breaking (FILE) against the previous commit
@@ -44,9 +47,13 @@ GENERATED := triplane/*/v1
 PYTRITON_VERSION := 0.7.0
 ONLY ?=
 PYTEST_ARGS ?=
+# `make fuzz`: cases per plane and the seed (tests/fuzz/harness.py's default
+# when empty; a finding's seed reproduces it).
+FUZZ_CASES ?= 10000
+FUZZ_SEED ?=
 DEMO_ARGS ?=
 
-.PHONY: help venv demo up test bench proto proto-check proto-breaking lint clean distclean
+.PHONY: help venv demo up test fuzz bench proto proto-check proto-breaking lint clean distclean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed -n 's/^# \{0,1\}//p'
@@ -78,6 +85,14 @@ test: venv
 	@rc=0; $(BIN)/pytest -q -rfEs -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
+
+# The fuzz suite alone, at full size (`make test` runs it short). Its figures
+# (fuzz_cases_total, fuzz_internal_total, fuzz_state_changes_total, per plane
+# too) are merged into bench/results.json.
+fuzz: venv
+	TRIPLANE_FUZZ_CASES=$(FUZZ_CASES) TRIPLANE_FUZZ_WRITE_RESULTS=1 \
+	$(if $(FUZZ_SEED),TRIPLANE_FUZZ_SEED=$(FUZZ_SEED)) \
+	$(BIN)/pytest -q -rfEs -p no:cacheprovider $(PYTEST_ARGS) tests/fuzz
 
 # The benchmarks' own baselines: Vowpal Wabbit (the bench extra) and Feast,
 # which pins protobuf<7 and so lives in its own environment (.venv-feast).
