@@ -21,7 +21,7 @@ from ai_plane.engine import AiEngine
 from ai_plane.manager import ModelManager, write_live_repository
 from ai_plane.permissions import PERMISSIONS
 from ai_plane.pipeline import Applier, FeaturePipeline
-from ai_plane.registry import Registry
+from ai_plane.registry import Registry, open_registry
 from ai_plane.scorer import Scorer
 from ai_plane.service import ai_services
 from ai_plane.store.base import FeatureStore, build_store
@@ -71,7 +71,9 @@ class AiPlane:
     manager: ModelManager | None = None
     pipeline: FeaturePipeline | None = None
     server: PlaneServer | None = None
+    registry: Registry | None = None
     _nats: object | None = None
+    _follower: asyncio.Task[None] | None = None
 
     async def _start_triton(self, registry: Registry) -> tuple[str, str, ModelRepository | None]:
         """(gRPC address, HTTP address or "", our repository or None)."""
@@ -103,7 +105,8 @@ class AiPlane:
     async def start(self) -> int:
         """Starts everything; returns the bound gRPC port."""
         config, ai = self.config, self.config.ai
-        registry = Registry(registry_dir(self.config), self.clock)
+        registry = await asyncio.to_thread(open_registry, self.config, self.clock)
+        self.registry = registry
         missing = [model for model in MODEL_FEATURES if registry.live(model) is None]
         if missing:
             log.error(
@@ -152,6 +155,9 @@ class AiPlane:
                 except Unavailable:
                     log.exception("warm-up failed; scores fall back until Triton answers")
             self.manager.activate_in_process(live)
+        if ai.registry.backend != "file":
+            # A shared registry: follow what other replicas promote.
+            self._follower = asyncio.create_task(self._follow_registry(registry))
         if config.nats.url and ai.pipeline.enabled:
             await self._start_pipeline()
         self.server = PlaneServer(
@@ -166,6 +172,26 @@ class AiPlane:
             metrics_listen=ai.metrics_listen,
         )
         return await self.server.start()
+
+    async def _follow_registry(self, registry: Registry) -> None:
+        """Each ai.registry.poll_interval_s: when the registry's generation
+        moved (a train, promotion or rollback by any replica or the CLI), load
+        every live version this replica does not serve yet into its Triton.
+        A failed load is tried again at the next poll."""
+        assert self.manager is not None
+        interval = self.config.ai.registry.poll_interval_s
+        seen: int | None = None
+        while True:
+            try:
+                generation = await asyncio.to_thread(registry.generation)
+                if generation != seen:
+                    await self.manager.follow()
+                    seen = generation
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("following the model registry failed; trying again")
+            await asyncio.sleep(interval)
 
     async def _start_pipeline(self) -> None:
         assert self.engine is not None and self.store is not None
@@ -197,6 +223,9 @@ class AiPlane:
             log.info("offer outcome not applied: %s", error.reason)
 
     async def _stop_internals(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
         if self.pipeline is not None:
             await self.pipeline.stop()
         if self._nats is not None:
@@ -207,6 +236,8 @@ class AiPlane:
             await self.store.close()
         if self.triton_process is not None:
             await asyncio.to_thread(self.triton_process.stop)
+        if self.registry is not None:
+            await asyncio.to_thread(self.registry.close)
 
     async def stop(self) -> None:
         if self.server is not None:

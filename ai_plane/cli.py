@@ -20,10 +20,10 @@ from typing import TypeAlias
 
 import grpc
 
-from ai_plane.app import datasets_dir, registry_dir
+from ai_plane.app import datasets_dir
 from ai_plane.manager import train_into
 from ai_plane.pipeline import Applier, backfill
-from ai_plane.registry import Registry
+from ai_plane.registry import open_registry
 from ai_plane.store.base import build_store
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
@@ -98,8 +98,13 @@ def _print(value: object) -> None:
 
 
 def _train(config: Config, args: argparse.Namespace) -> int:
-    registry = Registry(registry_dir(config), SystemClock())
-    record, created = train_into(registry, config.ai, datasets_dir(config), args.model, args.seed)
+    registry = open_registry(config, SystemClock())
+    try:
+        record, created = train_into(
+            registry, config.ai, datasets_dir(config), args.model, args.seed
+        )
+    finally:
+        registry.close()
     _print(
         {
             "model": record.model,

@@ -4,7 +4,10 @@ copy is swapped, drift baselines are reset).
 
 Serving switches first and the registry records the change only after Triton
 confirmed the new version ready, so the registry never says "live" about a
-version that is not being served.
+version that is not being served. Other replicas on the same registry database
+follow (`follow`, run by the plane each ai.registry.poll_interval_s when the
+registry's generation changed): each loads the version into its own Triton
+from the artifact stored in the registry.
 """
 
 from __future__ import annotations
@@ -89,11 +92,17 @@ class ModelManager:
     # Where TrainModel finds its datasets (written by `triplane ai datasets`).
     datasets_dir: Path
     _lock: asyncio.Lock | None = None
+    _serving_changed: asyncio.Condition | None = None
 
     def _serialize(self) -> asyncio.Lock:
         if self._lock is None:
             self._lock = asyncio.Lock()
         return self._lock
+
+    def _changed(self) -> asyncio.Condition:
+        if self._serving_changed is None:
+            self._serving_changed = asyncio.Condition()
+        return self._serving_changed
 
     def activate_in_process(self, record: ModelRecord) -> None:
         text = self.registry.artifact_text(record.model, record.version)
@@ -102,6 +111,35 @@ class ModelManager:
             LiveModel(record.model, record.version, booster, tuple(record.feature_names))
         )
         self.engine.set_drift_baselines(record.model, record.version, record.baselines)
+
+    def serving_version(self, model: str) -> int:
+        """The version this replica's scorer serves (0: none)."""
+        live = self.engine.scorer.models.get(model)
+        return live.version if live is not None else 0
+
+    async def wait_serving(self, model: str, version: int) -> None:
+        """Returns once this replica serves `version` of `model` (Triton
+        loaded and warm, the in-process copy swapped)."""
+        changed = self._changed()
+        async with changed:
+            await changed.wait_for(lambda: self.serving_version(model) == version)
+
+    async def follow(self) -> list[ModelRecord]:
+        """Makes this replica serve every live version of the stored registry
+        it does not serve yet (promoted or rolled back by another replica, or
+        by the CLI): loads it into this replica's own Triton from the
+        registry's artifact, then switches the scorer. Returns what switched."""
+        switched: list[ModelRecord] = []
+        async with self._serialize():
+            await asyncio.to_thread(self.registry.reload)
+            for model in training.MODEL_FEATURES:
+                live = self.registry.live(model)
+                if live is None or self.serving_version(model) == live.version:
+                    continue
+                await self.activate(live)
+                log.info("following the registry: %s v%d is live here now", model, live.version)
+                switched.append(live)
+        return switched
 
     async def _load_in_triton(self, record: ModelRecord) -> None:
         if self.triton is None:
@@ -162,29 +200,32 @@ class ModelManager:
         await self._load_in_triton(record)
         await self.warm_up(record)
         self.activate_in_process(record)
+        changed = self._changed()
+        async with changed:
+            changed.notify_all()
 
     async def train(self, model: str, seed: int) -> tuple[ModelRecord, bool]:
         async with self._serialize():
-            self.registry.reload()
+            await asyncio.to_thread(self.registry.reload)
             return await asyncio.to_thread(
                 train_into, self.registry, self.config, self.datasets_dir, model, seed
             )
 
     async def promote(self, model: str, version: int, target: ModelState) -> ModelRecord:
         async with self._serialize():
-            self.registry.reload()
+            await asyncio.to_thread(self.registry.reload)
             record = self.registry.check_transition(model, version, target)
             if target is ModelState.LIVE:
                 await self.activate(record)
-            return self.registry.transition(model, version, target)
+            return await asyncio.to_thread(self.registry.transition, model, version, target)
 
     async def rollback(self, model: str) -> tuple[ModelRecord, float]:
         """Makes the rollback pointer live; returns it and the seconds taken
         until Triton served it."""
         async with self._serialize():
             started = time.monotonic()
-            self.registry.reload()
+            await asyncio.to_thread(self.registry.reload)
             _, target = self.registry.rollback_target(model)
             await self.activate(target)
-            record = self.registry.rollback(model)
+            record = await asyncio.to_thread(self.registry.rollback, model)
             return record, time.monotonic() - started

@@ -3,6 +3,8 @@ purpose: validation lives in the engine, error mapping in the interceptor."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from ai_plane import codec
@@ -62,7 +64,7 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
         limits = self._limits
         size = wire.page_size(request.page_size, limits.default_page_size, limits.max_page_size)
         start = wire.decode_page_offset(request.page_token, codec.MODEL_VERSIONS_PAGE)
-        self._manager.registry.reload()
+        await asyncio.to_thread(self._manager.registry.reload)
         records = self._manager.registry.versions(request.model)
         page = records[start : start + size]
         more = start + size < len(records)
@@ -74,7 +76,7 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
     async def GetModelVersion(
         self, request: pb.GetModelVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelVersionResponse:
-        self._manager.registry.reload()
+        await asyncio.to_thread(self._manager.registry.reload)
         record = self._manager.registry.get(request.model, request.version)
         return pb.GetModelVersionResponse(version=codec.model_version_pb(record))
 

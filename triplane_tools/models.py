@@ -18,11 +18,11 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from ai_plane.app import datasets_dir, registry_dir
+from ai_plane.app import datasets_dir
 from ai_plane.cli import SubParsers, run
 from ai_plane.features import FEATURE_SET_VERSION
 from ai_plane.manager import make_live, train_into
-from ai_plane.registry import ModelRecord, Registry
+from ai_plane.registry import ModelRecord, open_registry
 from ai_plane.training import MODEL_FEATURES, dataset_lineage, dataset_path, write_dataset
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config
@@ -70,20 +70,23 @@ def ensure_bootstrap_models(config: Config) -> dict[str, ModelRecord]:
     """Every model has a live version: those without one are trained on the
     synthetic world of ai.models.seed and promoted. Idempotent; returns the
     live record of each model."""
-    registry = Registry(registry_dir(config), SystemClock())
-    missing = [model for model in MODEL_FEATURES if registry.live(model) is None]
-    if missing:
-        write_datasets(config, config.ai.models.seed, missing)
-    for model in missing:
-        record, _ = train_into(registry, config.ai, datasets_dir(config), model)
-        record = make_live(registry, record)
-        log.info("bootstrapped %s v%d", model, record.version)
-    live: dict[str, ModelRecord] = {}
-    for model in MODEL_FEATURES:
-        found = registry.live(model)
-        assert found is not None, model
-        live[model] = found
-    return live
+    registry = open_registry(config, SystemClock())
+    try:
+        missing = [model for model in MODEL_FEATURES if registry.live(model) is None]
+        if missing:
+            write_datasets(config, config.ai.models.seed, missing)
+        for model in missing:
+            record, _ = train_into(registry, config.ai, datasets_dir(config), model)
+            record = make_live(registry, record)
+            log.info("bootstrapped %s v%d", model, record.version)
+        live: dict[str, ModelRecord] = {}
+        for model in MODEL_FEATURES:
+            found = registry.live(model)
+            assert found is not None, model
+            live[model] = found
+        return live
+    finally:
+        registry.close()
 
 
 # ---- `triplane ai bootstrap`, `triplane ai datasets` ----

@@ -425,6 +425,13 @@ class AiDriftConfig(_Strict, frozen=True):
     update_every_scores: int
 
 
+class AiRegistryConfig(_Strict, frozen=True):
+    backend: str
+    sqlite_path: str
+    postgres_dsn: str
+    poll_interval_s: float
+
+
 class AiConfig(_Strict, frozen=True):
     listen: str
     budget_ms: float
@@ -439,12 +446,15 @@ class AiConfig(_Strict, frozen=True):
     limits: AiLimitsConfig
     bandit: AiBanditConfig
     drift: AiDriftConfig
+    registry: AiRegistryConfig
     # Inference transport: "grpc" (tritonclient's aio client, the default) or
     # "http" (KServe v2 binary tensors over Triton's HTTP endpoint).
     triton_protocol: str = "grpc"
     # The same Triton's HTTP endpoint (host:port), for triton_protocol "http".
     # Our own tritonserver serves both and sets this itself.
     triton_http_url: str = ""
+    # AI plane replicas serving together (the production overlay runs 3).
+    replicas: int = 1
 
 
 class GatewayBudgetsConfig(_Strict, frozen=True):
@@ -824,6 +834,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         store.setdefault("backend", "postgres")
     if environ.get("TRITON_URL"):
         tree.setdefault("ai", {})["triton_url"] = environ["TRITON_URL"]
+    if environ.get("TRIPLANE_AI_DSN"):
+        registry = tree.setdefault("ai", {}).setdefault("registry", {})
+        registry["postgres_dsn"] = environ["TRIPLANE_AI_DSN"]
+        registry.setdefault("backend", "postgres")
     if environ.get("TRIPLANE_POLICY_DSN"):
         policy_store = tree.setdefault("policy", {}).setdefault("store", {})
         policy_store["postgres_dsn"] = environ["TRIPLANE_POLICY_DSN"]
@@ -908,6 +922,33 @@ def _check_retries(config: Config) -> None:
             )
 
 
+def _check_ai_replicas(config: Config) -> None:
+    """The registry's backend, and what more than one AI plane replica needs:
+    one feature store they all read (the in-process one would split the
+    features between them) and one registry (a file is one pod's own)."""
+    ai = config.ai
+    if ai.registry.backend not in ("file", "sqlite", "postgres"):
+        raise ConfigError("ai.registry.backend must be 'file', 'sqlite' or 'postgres'")
+    if ai.registry.backend == "postgres" and not ai.registry.postgres_dsn:
+        raise ConfigError("ai.registry.postgres_dsn is required with backend 'postgres'")
+    if ai.registry.poll_interval_s <= 0:
+        raise ConfigError("ai.registry.poll_interval_s must be > 0")
+    if ai.replicas < 1:
+        raise ConfigError("ai.replicas must be >= 1")
+    if ai.replicas > 1 and ai.features.backend == "in_process":
+        raise ConfigError(
+            f"ai.features.backend 'in_process' with ai.replicas {ai.replicas}: each replica "
+            "would keep its own features and score on a part of them; set "
+            "ai.features.backend to 'redis' (or 'aerospike') for more than one replica"
+        )
+    if ai.replicas > 1 and ai.registry.backend != "postgres":
+        raise ConfigError(
+            f"ai.registry.backend {ai.registry.backend!r} with ai.replicas {ai.replicas}: "
+            "the replicas must share one registry; set ai.registry.backend to 'postgres' "
+            "(or TRIPLANE_AI_DSN)"
+        )
+
+
 def _check(config: Config) -> None:
     _check_retries(config)
     _check_streams(config)
@@ -915,6 +956,7 @@ def _check(config: Config) -> None:
         raise ConfigError("ai.features.backend must be 'in_process', 'redis' or 'aerospike'")
     if config.ai.features.backend == "aerospike" and not config.ai.features.aerospike_hosts:
         raise ConfigError("ai.features.aerospike_hosts is required with backend 'aerospike'")
+    _check_ai_replicas(config)
     if config.ai.triton_protocol not in ("grpc", "http"):
         raise ConfigError("ai.triton_protocol must be 'grpc' or 'http'")
     if (
