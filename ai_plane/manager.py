@@ -28,7 +28,7 @@ from ai_plane.scorer import LiveModel
 from ai_plane.triton import MODEL_PY, ModelRepository, model_config_json
 from ai_plane.triton_grpc import TritonClient
 from triplane.runtime.config import AiConfig
-from triplane.runtime.errors import InvalidArgument, Unavailable
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger("triplane.ai.models")
 
@@ -62,12 +62,22 @@ def train_into(
 
 def make_live(registry: Registry, record: ModelRecord) -> ModelRecord:
     """Moves a draft or approved version to live (for bootstrap: the plane
-    that serves it loads it when it starts)."""
-    if record.state is ModelState.DRAFT:
-        record = registry.transition(record.model, record.version, ModelState.APPROVED)
-    if record.state is not ModelState.LIVE:
-        record = registry.transition(record.model, record.version, ModelState.LIVE)
-    return record
+    that serves it loads it when it starts). Replicas bootstrapping one shared
+    registry at once may each find `record` moved on by another: each goes on
+    from the stored state, and a version already live is left as it is."""
+    for _ in range(3):
+        try:
+            if record.state is ModelState.DRAFT:
+                record = registry.transition(record.model, record.version, ModelState.APPROVED)
+            if record.state is not ModelState.LIVE:
+                record = registry.transition(record.model, record.version, ModelState.LIVE)
+            return record
+        except FailedPrecondition:
+            registry.reload()
+            record = registry.get(record.model, record.version)
+            if record.state is ModelState.LIVE:
+                return record
+    return registry.transition(record.model, record.version, ModelState.LIVE)
 
 
 def write_live_repository(

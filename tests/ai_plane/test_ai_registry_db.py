@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ai_plane.manager import make_live
 from ai_plane.registry import ModelState, Registry, open_registry
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import ConfigError, load_config
@@ -89,6 +90,24 @@ def test_concurrent_registrations_get_distinct_versions(
     finally:
         for registry in registries:
             registry.close()
+
+
+def test_replicas_bootstrapping_at_once_both_end_on_one_live_version(
+    tmp_path: Path, target: tuple[str, str]
+) -> None:
+    a, b = _open(tmp_path / "a", target), _open(tmp_path / "b", target)
+    try:
+        _register(a, "bootstrap")
+        stale_a, _ = a.register("m", "bootstrap", {}, {}, ["f"], {})
+        stale_b, _ = b.register("m", "bootstrap", {}, {}, ["f"], {})
+        assert stale_a.state is stale_b.state is ModelState.DRAFT
+        assert make_live(a, stale_a).state is ModelState.LIVE
+        assert make_live(b, stale_b).version == stale_a.version  # moved on by A: left live
+        b.reload()
+        assert b.get("m").version == stale_a.version and b.get("m").rollback_version == 0
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_corrupt_artifact_in_the_database_is_refused(tmp_path: Path) -> None:
