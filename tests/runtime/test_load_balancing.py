@@ -184,7 +184,8 @@ async def test_unavailable_is_retried_on_another_replica_only_where_idempotent(
 ) -> None:
     """Replica 0 answers UNAVAILABLE to everything it is sent: a call named
     idempotent (GetCustomerProfile) is retried and answered by replica 1 each
-    time; one not named (ListCases, on the same channel) is not retried."""
+    time through the gateway's channel; one not named (ListCases, on a
+    channel with the same options) is not retried."""
     config = _config(state_dir)
     for method in ("GetCustomerProfile", "ListCases"):
         replicas.counters[0].refuse.add(method)
@@ -198,7 +199,6 @@ async def test_unavailable_is_retried_on_another_replica_only_where_idempotent(
         await _profiles(GrpcPolicy(channels.policy), calls)
         assert replicas.served("GetCustomerProfile") == [0, calls]
         assert replicas.counters[0].refused["GetCustomerProfile"] > 0
-
     finally:
         await channels.close()
 
