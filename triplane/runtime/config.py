@@ -709,7 +709,8 @@ class GatewayRateLimitConfig(_Strict, frozen=True):
 
 
 class GatewayPlaneAddressesConfig(_Strict, frozen=True):
-    # host:port the gateway dials each plane at (and the name their
+    # The gRPC target the gateway dials each plane at (host:port, or
+    # dns:///host:port for every replica; the host is the name their
     # certificates must carry); empty: that plane's listen address, locally.
     money: str
     policy: str
