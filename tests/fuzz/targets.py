@@ -5,6 +5,7 @@ added to a contract is fuzzed without editing the suite."""
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,3 +75,15 @@ def targets() -> list[Target]:
         for service in services()
         for method in service.methods
     ]
+
+
+def cases_of(target: Target, every: list[Target], per_plane: int) -> int:
+    """The cases `target` gets of its plane's `per_plane`, from the contracts
+    alone, so an RPC replays alone (`-k`) with the cases it had in the whole
+    run. A request without fields has one value (Hypothesis stops after it):
+    it gets one case and its plane's other RPCs share the rest, so a plane
+    gets at least `per_plane`."""
+    if not target.input_type.fields:
+        return 1
+    sharing = sum(1 for t in every if t.plane == target.plane and t.input_type.fields)
+    return math.ceil(per_plane / sharing)

@@ -10,13 +10,14 @@ that was refused changed nothing (every table of every database, the model
 registry, every JetStream stream; tests/fuzz/state.py).
 
 TRIPLANE_FUZZ_CASES cases per plane, split over its RPCs (`make fuzz`: 10,000;
-`make test`: a short run); TRIPLANE_FUZZ_SEED makes a run reproducible.
+`make test`: a short run). An RPC's requests depend only on TRIPLANE_FUZZ_SEED,
+its path and the case count, so a finding replays with its RPC alone (the
+failure says how).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -34,14 +35,11 @@ from tests.fuzz.harness import (
     FuzzWorld,
     PlaneDied,
 )
-from tests.fuzz.targets import PLANE_OF_PACKAGE, Target, services, targets
+from tests.fuzz.targets import PLANE_OF_PACKAGE, Target, cases_of, services, targets
 
 TARGETS = targets()
-# The most cases one RPC may get (a plane's smallest share), for its timeout.
-_MOST_PER_RPC = max(
-    math.ceil(CASES_PER_PLANE / sum(1 for t in TARGETS if t.plane == plane))
-    for plane in {t.plane for t in TARGETS}
-)
+# The most cases one RPC gets, for its timeout.
+_MOST_PER_RPC = max(cases_of(t, TARGETS, CASES_PER_PLANE) for t in TARGETS)
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(max(300, 3 * _MOST_PER_RPC))]
 
 
@@ -57,15 +55,6 @@ def fuzz_world() -> Iterator[FuzzWorld]:
             merge_results(TALLY.totals())
 
 
-def cases_for(target: Target) -> int:
-    """What is left of the plane's cases, over its RPCs not fuzzed yet (an RPC
-    whose request has few possible values runs out early; later ones make up)."""
-    index = TARGETS.index(target)
-    left_rpcs = sum(1 for t in TARGETS[index:] if t.plane == target.plane)
-    done = TALLY.plane(target.plane).cases
-    return max(1, math.ceil((CASES_PER_PLANE - done) / left_rpcs))
-
-
 def test_every_rpc_of_every_contract_is_fuzzed() -> None:
     methods = {f"/{s.full_name}/{m.name}" for s in services() for m in s.methods}
     assert {t.path for t in TARGETS} == methods
@@ -78,7 +67,7 @@ def test_rpc_survives_hostile_input(fuzz_world: FuzzWorld, target: Target) -> No
 
     @hypothesis_seed(SEED ^ zlib.crc32(target.path.encode()))
     @settings(
-        max_examples=cases_for(target),
+        max_examples=cases_of(target, TARGETS, CASES_PER_PLANE),
         deadline=None,
         database=None,
         # Findings are counted, not raised: nothing to shrink.
@@ -93,4 +82,8 @@ def test_rpc_survives_hostile_input(fuzz_world: FuzzWorld, target: Target) -> No
     with contextlib.suppress(PlaneDied):
         case()
     findings = TALLY.findings_of(target.test_id)
-    assert not findings, "\n".join(f.describe() for f in findings)
+    replay = (
+        f"replay: TRIPLANE_FUZZ_SEED={SEED} TRIPLANE_FUZZ_CASES={CASES_PER_PLANE}"
+        f" pytest tests/fuzz -k '{target.test_id}'"
+    )
+    assert not findings, "\n".join([replay] + [f.describe() for f in findings])

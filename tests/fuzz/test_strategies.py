@@ -29,7 +29,7 @@ from tests.fuzz.strategies import (
     pooled,
     resolve,
 )
-from tests.fuzz.targets import targets
+from tests.fuzz.targets import cases_of, targets
 from triplane.ai.v1 import ai_pb2
 from triplane.gateway.v1 import gateway_pb2
 from triplane.money.v1 import money_pb2
@@ -37,6 +37,10 @@ from triplane.policy.v1 import policy_pb2
 
 # Generation only: a found example is not shrunk (shrinking a request with a
 # 65,537-character string or 1,001 repeated items took over a minute a find).
+# The strategies draw huge values on purpose; Hypothesis warns when it writes
+# the repr of one it found.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
 FIND = settings(
     max_examples=5000,
     database=None,
@@ -170,3 +174,12 @@ def test_the_figures_name_the_totals_and_each_plane() -> None:
     assert figures["fuzz_money_state_changes_total"] == 1
     assert figures["fuzz_ai_internal_total"] == 2
     assert figures["fuzz_ai_cases_total"] == 0
+
+
+def test_every_plane_gets_its_cases_from_the_contracts_alone() -> None:
+    every = targets()
+    for plane in {t.plane for t in every}:
+        own = [t for t in every if t.plane == plane]
+        assert sum(cases_of(t, every, 10_000) for t in own) >= 10_000
+    no_fields = [t for t in every if not t.input_type.fields]
+    assert all(cases_of(t, every, 10_000) == 1 for t in no_fields)
