@@ -21,7 +21,7 @@ from policy_plane import bundle_sync
 from policy_plane.app import build_engine, open_policy_store
 from policy_plane.bundle import BundleSource
 from policy_plane.bundles_registry import BundleRegistry
-from policy_plane.decision_log import verify_chain
+from policy_plane.decision_log import verify_all, verify_chain
 from policy_plane.pii import DecisionSealer, load_cipher
 from policy_plane.replay import (
     Confusion,
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "verify-log", help="check the decision log's hash chain and signatures"
     )
     verify.add_argument(
-        "--chain", default="", help="chain id (default: policy.decision_log.chain_id)"
+        "--chain", default="", help="one chain id (default: every chain, each writer's)"
     )
     verify.set_defaults(func=lambda args: run(args, _verify_log))
 
@@ -105,12 +105,15 @@ def run(args: argparse.Namespace, handler: Handler) -> int:
 
 def _verify_log(config: Config, args: argparse.Namespace) -> int:
     engine = build_engine(config)
-    chain = args.chain or config.policy.decision_log.chain_id
-    result = verify_chain(
-        engine.store, engine.log_keys, chain, config.policy.decision_log.replay_page_records
-    )
+    page = config.policy.decision_log.replay_page_records
+    if args.chain:
+        result = verify_chain(engine.store, engine.log_keys, args.chain, page)
+        chains = [args.chain]
+    else:
+        result = verify_all(engine.store, engine.log_keys, page)
+        chains = engine.store.chain_ids(with_rows=True)
     engine.store.db.close()
-    print(json.dumps({"chain_id": chain, **_fields(result)}))
+    print(json.dumps({"chain_id": args.chain, "chains": chains, **_fields(result)}))
     return 0 if result.valid else 1
 
 

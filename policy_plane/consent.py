@@ -1,8 +1,11 @@
-"""Consent and contact policy, answered from memory.
+"""Consent and contact policy, answered from the store.
 
 Per customer x channel x topic: a consent with its lawful basis and times.
-Writes go to the store first and then to memory, so an opt-out is honoured
-from the next decision on; reads never touch the store (p99 well under 1 ms).
+Nothing is held in memory: every check reads the customer's contact profile,
+consents and newest contacts from the store in one statement (a local read
+on SQLite, one round trip on PostgreSQL), so an opt-out or a contact
+recorded through any replica is what every replica answers from the next
+check on, once the write has committed (ARCHITECTURE.md rule 9).
 Marketing, credit and insurance need an explicit grant; servicing messages
 rest on the contract and go through unless the customer withdrew them.
 Quiet hours are evaluated in the customer's own IANA time zone (zoneinfo), so
@@ -12,7 +15,6 @@ daylight-saving changes move them with the customer's clock.
 from __future__ import annotations
 
 import datetime as dt
-from collections import deque
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -21,7 +23,7 @@ import msgspec
 from policy_plane.store import PolicyStore
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import ConsentConfig
-from triplane.runtime.errors import InvalidArgument, ResourceExhausted
+from triplane.runtime.errors import InvalidArgument
 
 CHANNELS = ("push", "in_app", "email", "sms", "whatsapp", "partner_webhook")
 TOPICS = ("marketing", "servicing", "credit", "insurance")
@@ -77,10 +79,13 @@ class ContactCheck:
 
 
 @dataclass
-class _Customer:
+class CustomerState:
+    """What a check reads of one customer, read from the store at once."""
+
     profile: ContactProfile
     consents: dict[tuple[str, str], ConsentRecord] = field(default_factory=dict)
-    contacts: deque[ContactRecord] = field(default_factory=deque)
+    # The newest contacts (policy.limits.max_contact_history_per_customer), oldest first.
+    contacts: list[ContactRecord] = field(default_factory=list)
 
 
 def parse_hhmm(text: str, field_name: str) -> dt.time:
@@ -120,77 +125,41 @@ def quiet_hours_end_us(now_us: int, tz: ZoneInfo, start: dt.time, end: dt.time) 
 
 class ConsentBook:
     def __init__(
-        self,
-        store: PolicyStore,
-        config: ConsentConfig,
-        max_history: int,
-        clock: Clock,
-        max_customers: int,
+        self, store: PolicyStore, config: ConsentConfig, max_history: int, clock: Clock
     ) -> None:
         self._store = store
         self._config = config
         self._max_history = max_history
-        # Customers held in memory (policy.limits.max_consent_customers): a
-        # write for one more is refused before it is stored, and a store
-        # holding more stops the plane at start, naming the key.
-        self._max_customers = max_customers
         self._clock = clock
         self._default_zone = zone(config.default_time_zone, "policy.consent.default_time_zone")
         self._quiet_start = parse_hhmm(config.quiet_hours_start, "policy.consent.quiet_hours_start")
         self._quiet_end = parse_hhmm(config.quiet_hours_end, "policy.consent.quiet_hours_end")
         self._quiet_topics = frozenset(config.quiet_hours_topics)
-        self._customers: dict[tuple[str, str], _Customer] = {}
 
-    def load(self) -> None:
-        """Fills memory from the store (at start)."""
-        for _, _, body in self._store.all_profiles():
-            profile = msgspec.json.decode(body, type=ContactProfile)
-            self._customer(profile.tenant_id, profile.customer_id).profile = profile
-        for tenant_id, customer_id, body in self._store.all_consents():
-            record = msgspec.json.decode(body, type=ConsentRecord)
-            self._customer(tenant_id, customer_id).consents[(record.channel, record.topic)] = record
-        since = self._clock.now_us() - WEEK_US
-        for tenant_id, customer_id, body in self._store.contacts_since(since):
-            self._remember(
-                self._customer(tenant_id, customer_id),
-                msgspec.json.decode(body, type=ContactRecord),
-            )
-
-    def _make_room(self, tenant_id: str, customer_id: str) -> None:
-        """Refuses a write that would hold one customer more than the bound."""
-        if (tenant_id, customer_id) in self._customers:
-            return
-        if len(self._customers) >= self._max_customers:
-            raise ResourceExhausted(
-                "CONSENT_CUSTOMERS_FULL",
-                f"consent is held for at most {self._max_customers} customers "
-                "(policy.limits.max_consent_customers)",
-                "customer_id",
-            )
-
-    def _customer(self, tenant_id: str, customer_id: str) -> _Customer:
-        key = (tenant_id, customer_id)
-        customer = self._customers.get(key)
-        if customer is None:
-            self._make_room(tenant_id, customer_id)
-            customer = _Customer(ContactProfile(tenant_id=tenant_id, customer_id=customer_id))
-            self._customers[key] = customer
-        return customer
-
-    def _remember(self, customer: _Customer, contact: ContactRecord) -> None:
-        customer.contacts.append(contact)
-        while len(customer.contacts) > self._max_history:
-            customer.contacts.popleft()
+    def state(self, tenant_id: str, customer_id: str) -> CustomerState:
+        """The customer as the store holds it now (one read)."""
+        profile_body, consent_bodies, contact_bodies = self._store.contact_state(
+            tenant_id, customer_id, self._max_history
+        )
+        profile = (
+            _profile_decoder.decode(profile_body)
+            if profile_body is not None
+            else ContactProfile(tenant_id=tenant_id, customer_id=customer_id)
+        )
+        consents = {}
+        for body in consent_bodies:
+            record = _consent_decoder.decode(body)
+            consents[(record.channel, record.topic)] = record
+        contacts = [_contact_decoder.decode(body) for body in contact_bodies]
+        return CustomerState(profile, consents, contacts)
 
     def put_profile(self, profile: ContactProfile) -> ContactProfile:
         if profile.time_zone:
             zone(profile.time_zone, "profile.time_zone")
-        self._make_room(profile.tenant_id, profile.customer_id)
         stamped = msgspec.structs.replace(profile, updated_at_us=self._clock.now_us())
         self._store.put_profile(
             stamped.tenant_id, stamped.customer_id, msgspec.json.encode(stamped).decode()
         )
-        self._customer(stamped.tenant_id, stamped.customer_id).profile = stamped
         return stamped
 
     def set_consent(self, tenant_id: str, customer_id: str, record: ConsentRecord) -> ConsentRecord:
@@ -198,11 +167,8 @@ class ConsentBook:
         _check_choice(record.topic, TOPICS, "consent.topic")
         _check_choice(record.status, ("granted", "withdrawn"), "consent.status")
         _check_choice(record.lawful_basis, LAWFUL_BASES, "consent.lawful_basis")
-        self._make_room(tenant_id, customer_id)
         now_us = self._clock.now_us()
-        previous = self._customer(tenant_id, customer_id).consents.get(
-            (record.channel, record.topic)
-        )
+        previous = self.state(tenant_id, customer_id).consents.get((record.channel, record.topic))
         granted_at = record.granted_at_us
         if record.status == "granted" and not granted_at:
             granted_at = (
@@ -215,19 +181,16 @@ class ConsentBook:
         stamped = msgspec.structs.replace(record, granted_at_us=granted_at, updated_at_us=now_us)
         body = msgspec.json.encode(stamped).decode()
         self._store.put_consent(tenant_id, customer_id, record.channel, record.topic, body)
-        self._customer(tenant_id, customer_id).consents[(record.channel, record.topic)] = stamped
         return stamped
 
     def get(self, tenant_id: str, customer_id: str) -> tuple[ContactProfile, list[ConsentRecord]]:
-        customer = self._customers.get((tenant_id, customer_id))
-        if customer is None:
-            return ContactProfile(tenant_id=tenant_id, customer_id=customer_id), []
+        customer = self.state(tenant_id, customer_id)
         return customer.profile, sorted(
             customer.consents.values(), key=lambda c: (c.channel, c.topic)
         )
 
     def profile(self, tenant_id: str, customer_id: str) -> ContactProfile:
-        return self.get(tenant_id, customer_id)[0]
+        return self.state(tenant_id, customer_id).profile
 
     def check(
         self,
@@ -240,24 +203,41 @@ class ConsentBook:
         offer_max_per_week: int = 0,
         at_us: int = 0,
     ) -> ContactCheck:
-        """The hot path: only memory. Order: consent, vulnerability, caps, quiet hours.
-        `at_us`: the moment the contact would be made (0: now), so a send
-        scheduled for later is judged by the hour it goes out at."""
-        now_us = at_us or self._clock.now_us()
-        customer = self._customers.get((tenant_id, customer_id))
-        profile = (
-            customer.profile
-            if customer
-            else ContactProfile(tenant_id=tenant_id, customer_id=customer_id)
+        """One read of the store, then `judge`. `at_us`: the moment the
+        contact would be made (0: now), so a send scheduled for later is
+        judged by the hour it goes out at."""
+        return self.judge(
+            self.state(tenant_id, customer_id),
+            channel,
+            topic,
+            offer_id,
+            offer_cooldown_s,
+            offer_max_per_week,
+            at_us,
         )
-        consent = customer.consents.get((channel, topic)) if customer else None
+
+    def judge(
+        self,
+        customer: CustomerState,
+        channel: str,
+        topic: str,
+        offer_id: str = "",
+        offer_cooldown_s: int = 0,
+        offer_max_per_week: int = 0,
+        at_us: int = 0,
+    ) -> ContactCheck:
+        """A check on a state already read. Order: consent, vulnerability,
+        caps, quiet hours."""
+        now_us = at_us or self._clock.now_us()
+        profile = customer.profile
+        consent = customer.consents.get((channel, topic))
         if not _consented(consent, topic):
             return ContactCheck(False, "no_consent", f"no {topic} consent on {channel}")
         if profile.vulnerable and topic in self._config.vulnerable_blocked_topics:
             return ContactCheck(
                 False, "vulnerable", f"no {topic} contact with a vulnerable customer"
             )
-        if topic not in UNCAPPED_TOPICS and customer is not None:
+        if topic not in UNCAPPED_TOPICS:
             capped = self._capped(
                 customer, now_us, channel, offer_id, offer_cooldown_s, offer_max_per_week
             )
@@ -277,7 +257,7 @@ class ConsentBook:
 
     def _capped(
         self,
-        customer: _Customer,
+        customer: CustomerState,
         now_us: int,
         channel: str,
         offer_id: str,
@@ -309,15 +289,16 @@ class ConsentBook:
         """Stores a contact; True when its contact_id was already recorded."""
         _check_choice(contact.channel, CHANNELS, "channel")
         _check_choice(contact.topic, TOPICS, "topic")
-        self._make_room(tenant_id, customer_id)
         body = msgspec.json.encode(contact).decode()
         existing = self._store.insert_contact(
             tenant_id, contact.contact_id, customer_id, body, contact.at_us
         )
-        if existing is not None:
-            return True
-        self._remember(self._customer(tenant_id, customer_id), contact)
-        return False
+        return existing is not None
+
+
+_profile_decoder = msgspec.json.Decoder(ContactProfile)
+_consent_decoder = msgspec.json.Decoder(ConsentRecord)
+_contact_decoder = msgspec.json.Decoder(ContactRecord)
 
 
 def _consented(consent: ConsentRecord | None, topic: str) -> bool:

@@ -12,8 +12,20 @@ and leaves a signed `anchor` where the rest of the chain now starts.
 
 Appends are group-committed: concurrent decisions queue, one writer task
 chains, signs and inserts them in one transaction, then answers each caller.
-A group that lost a race for an idempotency key is written again per
+A group that lost a race (for an idempotency key, or for the next sequence
+number of a chain another writer also appends to) is written again per
 `policy.decision_log.write_retry`.
+
+Many writers, one database (ARCHITECTURE.md rule 9): each writer appends to
+the chain `chain_for_writer` names (`policy.decision_log.chain_id`, and
+`-<writer_id>` when one is set, so each replica may keep a chain of its own),
+and every append reads its chain's head inside its own transaction, the head
+row locked (FOR UPDATE on PostgreSQL; SQLite's write transaction is already
+exclusive). Writers that share a chain are therefore serialized by the
+database and can never fork it: nothing about the chain is remembered in
+memory between appends. Verification, retention and replay cover every chain
+in the store together (`verify_all`, `purge_expired`; a replay window is
+chosen by tenant and time, whichever chain holds a decision).
 """
 
 from __future__ import annotations
@@ -92,6 +104,12 @@ def mark_text(chain_id: str, kind: str, seq: int, hash_hex: str) -> str:
     return f"{kind}|{chain_id}|{seq}|{hash_hex}"
 
 
+def chain_for_writer(chain_id: str, writer_id: str) -> str:
+    """The chain a writer appends to: `chain_id` alone (one chain every
+    writer shares, serialized in the store), or `<chain_id>-<writer_id>`."""
+    return f"{chain_id}-{writer_id}" if writer_id else chain_id
+
+
 @dataclass
 class _Pending:
     record: DecisionRecord
@@ -141,9 +159,6 @@ class DecisionLog:
             log,
             logging.INFO,
         )
-        head = store.chain_mark(chain_id, "head")
-        self._seq = head.seq if head else 0
-        self._prev_hash = head.record_hash if head else GENESIS_HASH
 
     def start(self) -> None:
         if self._task is None:
@@ -236,12 +251,16 @@ class DecisionLog:
         return results
 
     def _write(self, batch: list[_Pending]) -> list[AppendResult]:
-        seq, prev_hash = self._seq, self._prev_hash
         results: list[AppendResult] = []
         new_rows: list[LogRow] = []
         cases: list[CaseRow] = []
         in_batch: dict[tuple[str, str], LogRow] = {}
         with self._store.db.tx() as tx:
+            # The head as committed, locked until this transaction ends: another
+            # writer of this chain waits here, then chains after these records.
+            head_mark = self._store.lock_head(tx, self.chain_id)
+            seq = head_mark.seq if head_mark else 0
+            prev_hash = head_mark.record_hash if head_mark else GENESIS_HASH
             logged = self._store.find_many_by_idempotency(
                 tx, [(p.record.input.tenant_id, p.record.input.idempotency_key) for p in batch]
             )
@@ -267,7 +286,6 @@ class DecisionLog:
                     self._keys.sign(mark_text(self.chain_id, "head", seq, prev_hash)),
                 )
                 self._store.insert_log_rows(tx, new_rows, head, cases)
-        self._seq, self._prev_hash = seq, prev_hash
         return results
 
     def _row(self, pending: _Pending, seq: int, prev_hash: str) -> LogRow:
@@ -295,12 +313,19 @@ class DecisionLog:
         )
 
     def purge_expired(self, cutoff_us: int, page_records: int) -> int:
-        """Deletes the chain's prefix recorded before cutoff_us; leaves an anchor."""
-        anchor = self._store.chain_mark(self.chain_id, "anchor")
+        """Deletes every chain's prefix recorded before cutoff_us, leaving an
+        anchor on each: a replica purges the chains of writers gone too."""
+        return sum(
+            self._purge_chain(chain_id, cutoff_us, page_records)
+            for chain_id in self._store.chain_ids(with_rows=False)
+        )
+
+    def _purge_chain(self, chain_id: str, cutoff_us: int, page_records: int) -> int:
+        anchor = self._store.chain_mark(chain_id, "anchor")
         after = anchor.seq if anchor else 0
         last: LogRow | None = None
         while True:
-            page = self._store.chain_page(self.chain_id, after, page_records)
+            page = self._store.chain_page(chain_id, after, page_records)
             old = [r for r in page if r.recorded_at_us < cutoff_us]
             prefix = old if len(old) == len(page) else _prefix_before(page, cutoff_us)
             if prefix:
@@ -310,9 +335,9 @@ class DecisionLog:
             after = page[-1].seq
         if last is None:
             return 0
-        text = mark_text(self.chain_id, "anchor", last.seq, last.record_hash)
+        text = mark_text(chain_id, "anchor", last.seq, last.record_hash)
         mark = ChainMark(last.seq, last.record_hash, self._keys.sign(text))
-        return self._store.purge_until(self.chain_id, last.seq, mark)
+        return self._store.purge_until(chain_id, last.seq, mark)
 
 
 def _prefix_before(page: list[LogRow], cutoff_us: int) -> list[LogRow]:
@@ -393,6 +418,24 @@ def verify_chain(
         if len(page) < page_records:
             break
     return _check_head(store, keys, chain_id, checked, seq, prev_hash)
+
+
+def verify_all(store: PolicyStore, keys: LogKeys, page_records: int) -> VerifyResult:
+    """Every chain in the store (each writer's), verified together: valid
+    when each is; the first broken one is reported, its id in the detail."""
+    checked = 0
+    for chain_id in store.chain_ids(with_rows=True):
+        result = verify_chain(store, keys, chain_id, page_records)
+        checked += result.records_checked
+        if not result.valid:
+            return VerifyResult(
+                False,
+                checked,
+                result.first_bad_sequence,
+                result.problem,
+                f"chain {chain_id}: {result.detail}",
+            )
+    return VerifyResult(True, checked)
 
 
 def _check_head(

@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
@@ -23,7 +24,14 @@ from policy_plane import validate
 from policy_plane.bundles_registry import BundleRegistry
 from policy_plane.cases import CaseDesk, EventEncoder
 from policy_plane.consent import ConsentBook
-from policy_plane.decision_log import DecisionLog, LogKeys, VerifyResult, verify_chain
+from policy_plane.decision_log import (
+    DecisionLog,
+    LogKeys,
+    VerifyResult,
+    chain_for_writer,
+    verify_all,
+    verify_chain,
+)
 from policy_plane.evaluation import CompiledBundle
 from policy_plane.model import (
     Decision,
@@ -48,13 +56,14 @@ from policy_plane.replay import (
 )
 from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.clock import Clock
-from triplane.runtime.config import PolicyConfig
+from triplane.runtime.config import ConfigError, PolicyConfig
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from triplane.runtime.tokens import TokenSigner
 
 log = logging.getLogger("policy_plane.engine")
 LABELS = ("legitimate", "fraud", "chargeback")
+_T = TypeVar("_T")
 
 # Served on policy.metrics_listen with RED per RPC (triplane/runtime/metrics.py).
 DECISIONS = Counter("triplane_policy_decisions", "Decisions made", ["outcome"])
@@ -130,7 +139,7 @@ class PolicyEngine:
         self.log = DecisionLog(
             store,
             log_keys,
-            config.decision_log.chain_id,
+            _writer_chain(config),
             config.decision_log.max_batch_records,
             config.decision_log.max_wait_ms,
             config.decision_log.max_queue_records,
@@ -138,11 +147,7 @@ class PolicyEngine:
             sealer,
         )
         self.consent = ConsentBook(
-            store,
-            config.consent,
-            config.limits.max_contact_history_per_customer,
-            clock,
-            config.limits.max_consent_customers,
+            store, config.consent, config.limits.max_contact_history_per_customer, clock
         )
         self.offers = OfferCatalog(
             store,
@@ -168,11 +173,17 @@ class PolicyEngine:
     def _load(self) -> None:
         self._tenants = set(self.store.tenant_ids())
         self.bundles.start()
-        self.consent.load()
         self.offers.load()
 
     async def stop(self) -> None:
         await self.log.stop()
+
+    async def read(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Runs a call that reads the store: inline where a read is local
+        (SQLite), in a worker thread where it is a round trip (PostgreSQL)."""
+        if self.store.db.reads_are_local:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     def case_event_written(self) -> None:
         for hook in self.case_event_hooks:
@@ -194,7 +205,11 @@ class PolicyEngine:
         field = f"{prefix}.tenant_id" if prefix else "tenant_id"
         validate.check_tenant_id(tenant_id, field)
         if tenant_id not in self._tenants:
-            raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", field)
+            # Made through another replica since this one started: one
+            # primary-key read, then known here too (only stored tenants are).
+            if not self.store.tenant_exists(tenant_id):
+                raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", field)
+            self._tenants.add(tenant_id)
 
     def check_customer(self, tenant_id: str, customer_id: str, prefix: str = "") -> None:
         self.require_tenant(tenant_id, prefix)
@@ -433,15 +448,13 @@ class PolicyEngine:
         )
 
     async def verify_log(self, chain_id: str = "") -> VerifyResult:
-        chain = chain_id or self.log.chain_id
-        validate.check_id(chain, "chain_id", self.config.limits)
-        return await asyncio.to_thread(
-            verify_chain,
-            self.store,
-            self.log_keys,
-            chain,
-            self.config.decision_log.replay_page_records,
-        )
+        """One chain, or (no chain_id) every chain in the store together:
+        each replica's, and those written before replicas had their own."""
+        page = self.config.decision_log.replay_page_records
+        if not chain_id:
+            return await asyncio.to_thread(verify_all, self.store, self.log_keys, page)
+        validate.check_id(chain_id, "chain_id", self.config.limits)
+        return await asyncio.to_thread(verify_chain, self.store, self.log_keys, chain_id, page)
 
     async def purge_expired(self) -> int:
         cutoff_us = self.clock.now_us() - self.config.decision_log.retention_days * 86_400_000_000
@@ -459,6 +472,18 @@ class PolicyEngine:
         if shadow is None or shadow.version != stats.bundle_version:
             stats = ShadowStats(bundle_version=shadow.version if shadow else "")
         return PolicyMetrics(total, live.version if live else "", stats, overrule)
+
+
+def _writer_chain(config: PolicyConfig) -> str:
+    """This writer's chain, checked as a chain id is everywhere else."""
+    log_config = config.decision_log
+    chain = chain_for_writer(log_config.chain_id, log_config.writer_id)
+    if len(chain) > config.limits.max_id_length or not validate.ID_PATTERN.fullmatch(chain):
+        raise ConfigError(
+            f"policy.decision_log.chain_id and writer_id make the chain {chain!r}, which "
+            f"must match [A-Za-z0-9_.:-]{{1,{config.limits.max_id_length}}}"
+        )
+    return chain
 
 
 # The snapshot's fields the engine fills from the customer's profile.

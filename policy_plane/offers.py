@@ -15,7 +15,7 @@ import cel
 import msgspec
 
 from policy_plane import cel_check
-from policy_plane.consent import CHANNELS, TOPICS, ConsentBook, ContactCheck
+from policy_plane.consent import CHANNELS, TOPICS, ConsentBook, ContactCheck, CustomerState
 from policy_plane.store import PolicyStore
 from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
@@ -185,7 +185,9 @@ class OfferCatalog:
 
     def eligible(self, ctx: CustomerContext) -> tuple[list[Eligible], list[Excluded]]:
         now_us = self._clock.now_us()
-        profile = self._consent.profile(ctx.tenant_id, ctx.customer_id)
+        # The customer's consent, profile and contacts: one read for every offer.
+        customer = self._consent.state(ctx.tenant_id, ctx.customer_id)
+        profile = customer.profile
         activation_base = {
             "customer": {
                 "customer_id": ctx.customer_id,
@@ -200,7 +202,7 @@ class OfferCatalog:
         offers = self._offers.get(ctx.tenant_id, {})
         for offer_id in sorted(offers):
             compiled = offers[offer_id]
-            result = self._judge(compiled, ctx, activation_base, profile.vulnerable, now_us)
+            result = self._judge(compiled, ctx, activation_base, customer, now_us)
             if isinstance(result, Excluded):
                 excluded.append(result)
             else:
@@ -212,10 +214,11 @@ class OfferCatalog:
         compiled: _Compiled,
         ctx: CustomerContext,
         activation_base: dict[str, Any],
-        vulnerable: bool,
+        customer: CustomerState,
         now_us: int,
     ) -> Eligible | Excluded:
         entry = compiled.entry
+        vulnerable = customer.profile.vulnerable
         if entry.status != "active":
             return Excluded(entry.offer_id, "not_eligible", "offer stopped")
         if (entry.starts_at_us and now_us < entry.starts_at_us) or (
@@ -238,14 +241,15 @@ class OfferCatalog:
                     "eligibility not met" if verdict is False else f"eligibility error: {verdict}"
                 )
                 return Excluded(entry.offer_id, "not_eligible", detail)
-        return self._pick_channel(entry, ctx)
+        return self._pick_channel(entry, ctx, customer)
 
-    def _pick_channel(self, entry: OfferEntry, ctx: CustomerContext) -> Eligible | Excluded:
+    def _pick_channel(
+        self, entry: OfferEntry, ctx: CustomerContext, customer: CustomerState
+    ) -> Eligible | Excluded:
         checks: list[ContactCheck] = []
         for channel in entry.channels:
-            check = self._consent.check(
-                ctx.tenant_id,
-                ctx.customer_id,
+            check = self._consent.judge(
+                customer,
                 channel,
                 entry.topic,
                 entry.offer_id,

@@ -192,7 +192,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         self, request: pb.GetConsentRequest, context: Ctx
     ) -> pb.GetConsentResponse:
         self._engine.check_customer(request.tenant_id, request.customer_id)
-        profile, consents = self._engine.consent.get(request.tenant_id, request.customer_id)
+        profile, consents = await self._engine.read(
+            self._engine.consent.get, request.tenant_id, request.customer_id
+        )
         return pb.GetConsentResponse(
             profile=codec.profile_pb(profile), consents=[codec.consent_pb(c) for c in consents]
         )
@@ -212,7 +214,8 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
             contact_at_us = wire.micros(request.contact_at, "contact_at")
             if contact_at_us <= 0:
                 raise InvalidArgument("TIME_INVALID", "contact_at before 1970", "contact_at")
-        check = self._engine.consent.check(
+        check = await self._engine.read(
+            self._engine.consent.check,
             request.tenant_id,
             request.customer_id,
             channel,
@@ -294,7 +297,8 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
         # The KYC tier an offer's eligibility sees is the profile's, never the
         # caller's: a customer without a profile is tier 0.
         profile = await engine.profiles.for_decision(request.tenant_id, request.customer_id)
-        eligible, excluded = engine.offers.eligible(
+        eligible, excluded = await engine.read(
+            engine.offers.eligible,
             CustomerContext(
                 tenant_id=request.tenant_id,
                 customer_id=request.customer_id,
@@ -302,7 +306,7 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
                 region=request.region,
                 kyc_tier=profile.kyc_tier if profile is not None else 0,
                 features=dict(request.features),
-            )
+            ),
         )
         return pb.GetEligibleOffersResponse(
             eligible=[codec.eligible_pb(e) for e in eligible],

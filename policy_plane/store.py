@@ -107,6 +107,8 @@ CREATE TABLE IF NOT EXISTS contacts (
   PRIMARY KEY (tenant_id, contact_id)
 );
 CREATE INDEX IF NOT EXISTS contacts_time ON contacts (contacted_at_us);
+CREATE INDEX IF NOT EXISTS contacts_customer
+  ON contacts (tenant_id, customer_id, contacted_at_us);
 CREATE TABLE IF NOT EXISTS offers (
   tenant_id TEXT NOT NULL,
   offer_id TEXT NOT NULL,
@@ -212,6 +214,9 @@ def _log_row(row: Row) -> LogRow:
 class PolicyStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # SELECT ... FOR UPDATE where rows can be locked (PostgreSQL); a
+        # SQLite write transaction already excludes every other writer.
+        self._row_locks = db.dialect == "postgres"
         db.migrate(SCHEMA_DDL)
 
     # ------------------------------------------------------------ tenants
@@ -230,6 +235,10 @@ class PolicyStore:
                 (tenant_id, display_name, now_us),
             )
             return display_name, now_us
+
+    def tenant_exists(self, tenant_id: str) -> bool:
+        row = self.db.read_one("SELECT 1 FROM policy_tenants WHERE tenant_id = ?", (tenant_id,))
+        return row is not None
 
     def tenant_ids(self) -> list[str]:
         with self.db.tx() as tx:
@@ -292,6 +301,24 @@ class PolicyStore:
     def chain_mark(self, chain_id: str, kind: str) -> ChainMark | None:
         with self.db.tx() as tx:
             return _mark(tx, chain_id, kind)
+
+    def lock_head(self, tx: Tx, chain_id: str) -> ChainMark | None:
+        """The chain's head as committed, its row locked for the rest of `tx`
+        (PostgreSQL; SQLite's write transaction holds the whole database), so
+        two writers of one chain take turns. A chain with no head yet has no
+        row to lock: two first appends race, and the loser's insert of
+        sequence 1 is a unique violation that the writer retries."""
+        return _mark(tx, chain_id, "head", lock=self._row_locks)
+
+    def chain_ids(self, with_rows: bool) -> list[str]:
+        """The chains in the store: those with a mark, and with `with_rows`
+        also those holding records (a chain whose marks were removed still
+        has to be verified; a full scan, which verification pays anyway)."""
+        sql = "SELECT chain_id FROM decision_log_marks"
+        if with_rows:
+            sql += " UNION SELECT chain_id FROM decision_log"
+        with self.db.read() as tx:
+            return sorted({str(r[0]) for r in tx.all(sql)})
 
     def find_many_by_idempotency(
         self, tx: Tx, keys: Sequence[tuple[str, str]]
@@ -400,7 +427,12 @@ class PolicyStore:
             return sorted(str(r[0]) for r in tx.all(sql, params))
 
     def purge_until(self, chain_id: str, last_seq: int, anchor: ChainMark) -> int:
+        """Deletes the chain up to `last_seq` and moves its anchor there; an
+        anchor another replica's sweep already moved as far stays put."""
         with self.db.tx() as tx:
+            current = _mark(tx, chain_id, "anchor", lock=self._row_locks)
+            if current is not None and current.seq >= last_seq:
+                return 0
             count = tx.execute(
                 "DELETE FROM decision_log WHERE chain_id = ? AND seq <= ?", (chain_id, last_seq)
             )
@@ -539,6 +571,26 @@ class PolicyStore:
                 (tenant_id, customer_id, channel, topic, body),
             )
 
+    def contact_state(
+        self, tenant_id: str, customer_id: str, max_contacts: int
+    ) -> tuple[str | None, list[str], list[str]]:
+        """A customer's contact profile, consents and newest `max_contacts`
+        contacts (oldest first), in one statement: one round trip."""
+        with self.db.read() as tx:
+            rows = tx.all(
+                "SELECT 'p', body, 0 FROM contact_profiles WHERE tenant_id = ? AND customer_id = ? "
+                "UNION ALL SELECT 'c', body, 0 FROM consents "
+                "WHERE tenant_id = ? AND customer_id = ? "
+                "UNION ALL SELECT 'k', body, contacted_at_us FROM (SELECT body, contacted_at_us "
+                "FROM contacts WHERE tenant_id = ? AND customer_id = ? "
+                "ORDER BY contacted_at_us DESC, contact_id DESC LIMIT ?) newest",
+                (tenant_id, customer_id) * 3 + (max_contacts,),
+            )
+        profile = next((str(r[1]) for r in rows if r[0] == "p"), None)
+        consents = [str(r[1]) for r in rows if r[0] == "c"]
+        contacts = sorted((int(r[2]), str(r[1])) for r in rows if r[0] == "k")
+        return profile, consents, [body for _, body in contacts]
+
     def all_profiles(self) -> list[Row]:
         with self.db.tx() as tx:
             return tx.all("SELECT tenant_id, customer_id, body FROM contact_profiles")
@@ -652,17 +704,26 @@ class PolicyStore:
         return [str(r[0]) for r in rows]
 
 
-def _mark(tx: Tx, chain_id: str, kind: str) -> ChainMark | None:
+def _mark(tx: Tx, chain_id: str, kind: str, lock: bool = False) -> ChainMark | None:
+    suffix = " FOR UPDATE" if lock else ""
     row = tx.one(
         "SELECT seq, record_hash, signature FROM decision_log_marks "
-        "WHERE chain_id = ? AND kind = ?",
+        f"WHERE chain_id = ? AND kind = ?{suffix}",
         (chain_id, kind),
     )
     return ChainMark(int(row[0]), str(row[1]), str(row[2])) if row else None
 
 
 def _put_mark(tx: Tx, chain_id: str, kind: str, mark: ChainMark) -> None:
-    tx.execute("DELETE FROM decision_log_marks WHERE chain_id = ? AND kind = ?", (chain_id, kind))
+    # Updated in place (not deleted and inserted): a writer waiting on the
+    # row's lock then reads the new mark rather than finding no row.
+    updated = tx.execute(
+        "UPDATE decision_log_marks SET seq = ?, record_hash = ?, signature = ? "
+        "WHERE chain_id = ? AND kind = ?",
+        (mark.seq, mark.record_hash, mark.signature, chain_id, kind),
+    )
+    if updated:
+        return
     tx.execute(
         "INSERT INTO decision_log_marks (chain_id, kind, seq, record_hash, signature) "
         "VALUES (?, ?, ?, ?, ?)",

@@ -258,8 +258,6 @@ class PolicyLimitsConfig(_Strict, frozen=True):
     max_offer_attributes: int
     max_offer_attribute_length: int
     max_contact_history_per_customer: int
-    # Customers whose consent, profile and recent contacts are held in memory.
-    max_consent_customers: int
     max_note_length: int
     # Changes of a customer profile listed by GetCustomerProfile, newest first.
     max_profile_changes_listed: int
@@ -279,6 +277,9 @@ class DecisionLogConfig(_Strict, frozen=True):
     # first replay_parallel_min_decisions decisions of a window.
     replay_workers: int = 0
     replay_parallel_min_decisions: int = 100000
+    # Empty: every writer appends to chain_id (serialized by a row lock);
+    # set per replica: its own chain <chain_id>-<writer_id>, no lock shared.
+    writer_id: str = ""
 
 
 class PolicyBundlesConfig(_Strict, frozen=True):
