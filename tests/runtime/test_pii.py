@@ -242,6 +242,9 @@ def test_random_uuids_are_never_card_numbers() -> None:
         value = uuid.UUID(int=rng.getrandbits(128), version=4)
         assert pii.find_pii(value.hex) == "", value.hex
         assert pii.find_pii(str(value)) == "", str(value)
+    # A longer span glued to a letter gives way to the card inside it (the
+    # 17 digits 4111...1111 3 are Luhn-valid and touch the A).
+    assert _kinds("paid 4111111111111111 3A", None) == [(pii.PAN, "4111111111111111")]
     # Set off by a separator or a space, a card number is still one.
     assert pii.find_pii("acct_4111111111111111") == pii.PAN
     assert _kinds("card 4111111111111111 ok", None) == [(pii.PAN, "4111111111111111")]

@@ -205,17 +205,14 @@ def _cards(text: str) -> list[Found]:
         if any(start <= run.start() < end for start, end in uuids):
             continue
         groups = [(g.start() + run.start(), g.group()) for g in _DIGIT_GROUP.finditer(run.group())]
-        found.extend(
-            card
-            for card in _cards_in_groups(groups)
-            if not _glued_to_a_letter(text, card.start, card.end)
-        )
+        found.extend(_cards_in_groups(groups, text))
     return found
 
 
-def _cards_in_groups(groups: list[tuple[int, str]]) -> list[Found]:
+def _cards_in_groups(groups: list[tuple[int, str]], text: str) -> list[Found]:
     """Card numbers made of whole consecutive groups (a card written with an
-    expiry or another number after it is still found), the longest first."""
+    expiry or another number after it is still found), the longest first; a
+    span glued to a letter is no card, and a shorter one is tried."""
     found: list[Found] = []
     joined = "".join(digits for _, digits in groups)
     # offsets[i]: where group i starts in `joined`; offsets[-1]: its length.
@@ -235,8 +232,10 @@ def _cards_in_groups(groups: list[tuple[int, str]]) -> list[Found]:
             end_group = ends.get(start + length, -1)
             if end_group > index:
                 candidate = joined[start : start + length]
-                if is_card_number(candidate):
-                    end = groups[end_group - 1][0] + len(groups[end_group - 1][1])
+                end = groups[end_group - 1][0] + len(groups[end_group - 1][1])
+                if is_card_number(candidate) and not _glued_to_a_letter(
+                    text, groups[index][0], end
+                ):
                     found.append(Found(groups[index][0], end, PAN, candidate))
                     taken = end_group - 1
                     break
