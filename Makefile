@@ -16,6 +16,10 @@
 #   make proto-breaking       buf breaking (FILE) against the previous commit
 #   make lint                 ruff (lint + format check), mypy strict, buf lint,
 #                             import-linter (the layer contracts)
+#   make k8s-check            render every kustomization under k8s/ and validate
+#                             it offline (kubernetes-validate --strict, checkov,
+#                             in .venv-k8s); SLO rules up to date, promtool
+#                             check/test rules; dashboards parse
 #   make clean                remove state (.triplane/) and caches; keeps .venv
 #   make distclean            clean, and remove .venv
 
@@ -53,7 +57,7 @@ FUZZ_CASES ?= 10000
 FUZZ_SEED ?=
 DEMO_ARGS ?=
 
-.PHONY: help venv demo up test fuzz bench proto proto-check proto-breaking lint clean distclean
+.PHONY: help venv demo up test fuzz bench proto proto-check proto-breaking lint k8s-check clean distclean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed -n 's/^# \{0,1\}//p'
@@ -133,6 +137,21 @@ lint: venv
 	echo "== buf lint (workspace buf.yaml at the root)"; $(BIN)/buf lint || rc=1; \
 	echo "== import-linter (the layers)"; $(BIN)/lint-imports || rc=1; \
 	exit $$rc
+
+# The manifest validators live in their own environment (.venv-k8s): checkov
+# pulls in about a hundred packages that `make venv` (and so `make test`) need
+# not install. Re-installed when the pinned versions change.
+K8S_VENV := .venv-k8s
+K8S_REQUIREMENTS := scripts/k8s-check-requirements.txt
+K8S_STAMP := $(K8S_VENV)/.triplane-k8s-installed
+
+$(K8S_STAMP): $(K8S_REQUIREMENTS)
+	@[ -x "$(K8S_VENV)/bin/python" ] || { echo "creating $(K8S_VENV) with $(PYTHON)"; $(PYTHON) -m venv $(K8S_VENV); }
+	$(K8S_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(K8S_REQUIREMENTS)
+	@touch $@
+
+k8s-check: venv $(K8S_STAMP)
+	K8S_VENV=$(K8S_VENV) PY=$(PY) scripts/check_k8s.sh
 
 clean:
 	rm -rf .triplane build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
