@@ -173,7 +173,6 @@ class PolicyEngine:
     def _load(self) -> None:
         self._tenants = set(self.store.tenant_ids())
         self.bundles.start()
-        self.offers.load()
 
     async def stop(self) -> None:
         await self.log.stop()

@@ -3,6 +3,14 @@
 `put` launches or changes an offer (a new revision), `stop` stops it; both take
 effect on the next eligibility call, without a redeploy. `eligible` filters the
 catalog for one customer and says, for each excluded offer, why.
+
+Replicas: the catalog is compiled in memory, but the store is what holds it.
+Every write moves the tenant's catalog version on in its own transaction, and
+every read of the catalog (eligible, get, list, put, stop) first reads that
+version (one primary-key read) and reloads the tenant's offers when it moved,
+so an offer put or stopped through one replica is what every replica serves
+from its next call. A write reads the stored offer with its row locked, so two
+replicas changing one offer at once take turns, each with a revision of its own.
 """
 
 from __future__ import annotations
@@ -127,51 +135,72 @@ class OfferCatalog:
         self._max_attribute_length = max_attribute_length
         self._vulnerable_blocked = frozenset(vulnerable_blocked_products)
         self._offers: dict[str, dict[str, _Compiled]] = {}
+        # The catalog version each tenant's compiled offers were read at.
+        self._versions: dict[str, int] = {}
 
-    def load(self) -> None:
-        for _, _, body in self._store.all_offers():
+    def _fresh(self, tenant_id: str) -> dict[str, _Compiled]:
+        """The tenant's offers as the store holds them now: the version read
+        first, then the offers, so a write between the two costs one more
+        reload, never a stale catalog. Unchanged offers keep their programs."""
+        version = self._store.offer_catalog_version(tenant_id)
+        cached = self._offers.get(tenant_id)
+        if cached is not None and self._versions.get(tenant_id) == version:
+            return cached
+        offers: dict[str, _Compiled] = {}
+        for body in self._store.tenant_offers(tenant_id):
             entry = msgspec.json.decode(body, type=OfferEntry)
-            self._offers.setdefault(entry.tenant_id, {})[entry.offer_id] = _compile(entry)
+            old = (cached or {}).get(entry.offer_id)
+            same = old is not None and old.entry == entry
+            offers[entry.offer_id] = old if old is not None and same else _compile(entry)
+        self._offers[tenant_id] = offers
+        self._versions[tenant_id] = version
+        return offers
 
     def put(self, entry: OfferEntry) -> OfferEntry:
         _validate(entry, self._max_channels)
         _validate_attributes(entry.attributes, self._max_attributes, self._max_attribute_length)
-        compiled = _compile(entry)
-        tenant = self._offers.get(entry.tenant_id, {})
-        previous = tenant.get(entry.offer_id)
-        if previous is None and len(tenant) >= self._max_offers:
+        _compile(entry)  # refused before anything is stored
+        tenant = self._fresh(entry.tenant_id)
+        # Against the catalog as last read: replicas adding offers at once
+        # may pass the bound by the few they add together.
+        if entry.offer_id not in tenant and len(tenant) >= self._max_offers:
             raise ResourceExhausted(
                 "OFFER_LIMIT_REACHED", f"over {self._max_offers} offers", "offer"
             )
-        stored = msgspec.structs.replace(
-            entry,
-            revision=(previous.entry.revision if previous else 0) + 1,
-            updated_at_us=self._clock.now_us(),
-            status="active",
-        )
-        self._save(_Compiled(stored, compiled.eligibility, compiled.never_show))
-        return stored
+
+        def change(current: str | None) -> str:
+            previous = _decode(current).revision if current is not None else 0
+            stored = msgspec.structs.replace(
+                entry, revision=previous + 1, updated_at_us=self._clock.now_us(), status="active"
+            )
+            return _encode(stored)
+
+        body = self._store.put_offer(entry.tenant_id, entry.offer_id, change)
+        assert body is not None
+        return _decode(body)
 
     def stop(self, tenant_id: str, offer_id: str) -> OfferEntry:
-        current = self._get(tenant_id, offer_id)
-        if current.entry.status == "stopped":
-            return current.entry
-        stopped = msgspec.structs.replace(
-            current.entry,
-            status="stopped",
-            revision=current.entry.revision + 1,
-            updated_at_us=self._clock.now_us(),
-        )
-        self._save(_Compiled(stopped, current.eligibility, current.never_show))
-        return stopped
+        def change(current: str | None) -> str | None:
+            if current is None:
+                raise NotFound("OFFER_NOT_FOUND", f"no offer {offer_id!r}", "offer_id")
+            entry = _decode(current)
+            if entry.status == "stopped":
+                return None
+            stopped = msgspec.structs.replace(
+                entry,
+                status="stopped",
+                revision=entry.revision + 1,
+                updated_at_us=self._clock.now_us(),
+            )
+            return _encode(stopped)
 
-    def _save(self, compiled: _Compiled) -> None:
-        entry = compiled.entry
-        self._store.put_offer(entry.tenant_id, entry.offer_id, msgspec.json.encode(entry).decode())
-        self._offers.setdefault(entry.tenant_id, {})[entry.offer_id] = compiled
+        self._get(tenant_id, offer_id)  # NOT_FOUND without a write transaction
+        body = self._store.put_offer(tenant_id, offer_id, change)
+        assert body is not None
+        return _decode(body)
 
     def _get(self, tenant_id: str, offer_id: str) -> _Compiled:
-        compiled = self._offers.get(tenant_id, {}).get(offer_id)
+        compiled = self._fresh(tenant_id).get(offer_id)
         if compiled is None:
             raise NotFound("OFFER_NOT_FOUND", f"no offer {offer_id!r}", "offer_id")
         return compiled
@@ -180,8 +209,9 @@ class OfferCatalog:
         return self._get(tenant_id, offer_id).entry
 
     def list_offers(self, tenant_id: str, after_offer_id: str, limit: int) -> list[OfferEntry]:
-        ids = sorted(i for i in self._offers.get(tenant_id, {}) if i > after_offer_id)
-        return [self._offers[tenant_id][i].entry for i in ids[:limit]]
+        offers = self._fresh(tenant_id)
+        ids = sorted(i for i in offers if i > after_offer_id)
+        return [offers[i].entry for i in ids[:limit]]
 
     def eligible(self, ctx: CustomerContext) -> tuple[list[Eligible], list[Excluded]]:
         now_us = self._clock.now_us()
@@ -199,7 +229,7 @@ class OfferCatalog:
         }
         eligible: list[Eligible] = []
         excluded: list[Excluded] = []
-        offers = self._offers.get(ctx.tenant_id, {})
+        offers = self._fresh(ctx.tenant_id)
         for offer_id in sorted(offers):
             compiled = offers[offer_id]
             result = self._judge(compiled, ctx, activation_base, customer, now_us)
@@ -333,6 +363,14 @@ def _validate_attributes(attributes: dict[str, str], max_count: int, max_length:
                 f"attribute values are at most {max_length} characters",
                 f"offer.attributes[{key}]",
             )
+
+
+def _decode(body: str) -> OfferEntry:
+    return msgspec.json.decode(body, type=OfferEntry)
+
+
+def _encode(entry: OfferEntry) -> str:
+    return msgspec.json.encode(entry).decode()
 
 
 def _validate(entry: OfferEntry, max_channels: int) -> None:

@@ -207,7 +207,9 @@ class ConsentServicer(pb_grpc.ConsentServiceServicer):
         topic = codec.topic(request.topic)
         cooldown_s, max_week = 0, 0
         if request.offer_id:
-            offer = self._engine.offers.get(request.tenant_id, request.offer_id)
+            offer = await self._engine.read(
+                self._engine.offers.get, request.tenant_id, request.offer_id
+            )
             cooldown_s, max_week = offer.cooldown_s, offer.max_contacts_per_week
         contact_at_us = 0
         if request.HasField("contact_at"):
@@ -266,9 +268,10 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
 
     async def GetOffer(self, request: pb.GetOfferRequest, context: Ctx) -> pb.GetOfferResponse:
         self._engine.require_tenant(request.tenant_id)
-        return pb.GetOfferResponse(
-            offer=codec.offer_pb(self._engine.offers.get(request.tenant_id, request.offer_id))
+        offer = await self._engine.read(
+            self._engine.offers.get, request.tenant_id, request.offer_id
         )
+        return pb.GetOfferResponse(offer=codec.offer_pb(offer))
 
     async def ListOffers(
         self, request: pb.ListOffersRequest, context: Ctx
@@ -277,7 +280,9 @@ class OfferServicer(pb_grpc.OfferServiceServicer):
         size = page_size(request.page_size, self._engine)
         position = wire.decode_page_token(request.page_token, codec.OFFERS_PAGE, (str,))
         after = str(position[0]) if position is not None else ""
-        offers = self._engine.offers.list_offers(request.tenant_id, after, size + 1)
+        offers = await self._engine.read(
+            self._engine.offers.list_offers, request.tenant_id, after, size + 1
+        )
         next_token = (
             wire.encode_page_token(codec.OFFERS_PAGE, (offers[size - 1].offer_id,))
             if len(offers) > size

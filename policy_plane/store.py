@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from triplane.runtime.bus import OutgoingEvent
-from triplane.runtime.db import Database, Row, Tx
+from triplane.runtime.db import Database, Row, Tx, is_unique_violation
 
 SCHEMA_DDL = """
 CREATE TABLE IF NOT EXISTS policy_tenants (
@@ -114,6 +114,10 @@ CREATE TABLE IF NOT EXISTS offers (
   offer_id TEXT NOT NULL,
   body TEXT NOT NULL,
   PRIMARY KEY (tenant_id, offer_id)
+);
+CREATE TABLE IF NOT EXISTS offer_catalogs (
+  tenant_id TEXT PRIMARY KEY,
+  version BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS customer_profiles (
   tenant_id TEXT NOT NULL,
@@ -626,15 +630,60 @@ class PolicyStore:
             )
 
     # ------------------------------------------------------------ offers
-    def put_offer(self, tenant_id: str, offer_id: str, body: str) -> None:
-        with self.db.tx() as tx:
-            tx.execute(
-                "DELETE FROM offers WHERE tenant_id = ? AND offer_id = ?", (tenant_id, offer_id)
-            )
-            tx.execute(
-                "INSERT INTO offers (tenant_id, offer_id, body) VALUES (?, ?, ?)",
-                (tenant_id, offer_id, body),
-            )
+    def put_offer(
+        self, tenant_id: str, offer_id: str, change: Callable[[str | None], str | None]
+    ) -> str | None:
+        """Writes `change(stored body or None)` over the offer, the stored row
+        locked meanwhile (so writers of one offer take turns), and moves the
+        tenant's catalog version on in the same transaction; `change` answers
+        None to leave the offer as it is. Returns the body in force."""
+        lock = " FOR UPDATE" if self._row_locks else ""
+        for attempt in (1, 2):
+            try:
+                with self.db.tx() as tx:
+                    row = tx.one(
+                        f"SELECT body FROM offers WHERE tenant_id = ? AND offer_id = ?{lock}",
+                        (tenant_id, offer_id),
+                    )
+                    current = str(row[0]) if row else None
+                    body = change(current)
+                    if body is None:
+                        return current
+                    if current is None:
+                        tx.execute(
+                            "INSERT INTO offers (tenant_id, offer_id, body) VALUES (?, ?, ?)",
+                            (tenant_id, offer_id, body),
+                        )
+                    else:
+                        tx.execute(
+                            "UPDATE offers SET body = ? WHERE tenant_id = ? AND offer_id = ?",
+                            (body, tenant_id, offer_id),
+                        )
+                    tx.execute(
+                        "INSERT INTO offer_catalogs (tenant_id, version) VALUES (?, 1) "
+                        "ON CONFLICT (tenant_id) DO UPDATE "
+                        "SET version = offer_catalogs.version + 1",
+                        (tenant_id,),
+                    )
+                    return body
+            except Exception as exc:
+                # Two writers' first insert of one offer: the loser, once
+                # more, finds the row and takes its turn on it.
+                if attempt == 2 or not is_unique_violation(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def offer_catalog_version(self, tenant_id: str) -> int:
+        """Moves on with every offer stored for the tenant (0: never)."""
+        row = self.db.read_one(
+            "SELECT version FROM offer_catalogs WHERE tenant_id = ?", (tenant_id,)
+        )
+        return int(row[0]) if row else 0
+
+    def tenant_offers(self, tenant_id: str) -> list[str]:
+        with self.db.read() as tx:
+            rows = tx.all("SELECT body FROM offers WHERE tenant_id = ?", (tenant_id,))
+        return [str(r[0]) for r in rows]
 
     def all_offers(self) -> list[Row]:
         with self.db.tx() as tx:

@@ -22,6 +22,7 @@ from policy_plane.app import PolicyPlane, build_plane
 from policy_plane.engine import PolicyEngine
 from policy_plane.replay import ReplayWindow
 from policy_plane.store import ChainMark
+from triplane.common.v1 import types_pb2
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, ConfigError
@@ -275,3 +276,55 @@ async def test_an_opt_out_through_one_replica_applies_on_the_other_from_its_next
         await asyncio.gather(decide(a.engine, "a", 5), decide(b.engine, "b", 5))
         verified = await via_b.policy.VerifyDecisionLog(pb.VerifyDecisionLogRequest())
         assert verified.valid and verified.records_checked == 10
+
+
+# ------------------------------------------------------------ offers
+
+
+def cashback(offer_id: str) -> pb.PutOfferRequest:
+    return pb.PutOfferRequest(
+        offer=pb.Offer(
+            tenant_id=TENANT,
+            offer_id=offer_id,
+            product=pb.PRODUCT_CASHBACK,
+            value=types_pb2.Money(amount_minor=500, currency="USD"),
+            channels=[pb.CHANNEL_PUSH],
+        )
+    )
+
+
+async def test_an_offer_put_or_stopped_through_one_replica_is_served_by_the_other(
+    replicas: tuple[PolicyPlane, PolicyPlane],
+) -> None:
+    """The stated bound: the other replica's next call (each catalog read
+    first reads the tenant's catalog version)."""
+    a, b = replicas
+    eligible = pb.GetEligibleOffersRequest(tenant_id=TENANT, customer_id="c1")
+    async with (
+        channel_for(a.config, f"127.0.0.1:{a.server.port}") as channel_a,
+        channel_for(b.config, f"127.0.0.1:{b.server.port}") as channel_b,
+    ):
+        via_a, via_b = Stubs(channel_a), Stubs(channel_b)
+        await via_a.consent.SetConsent(consent(pb.CONSENT_STATUS_GRANTED))
+        assert not (await via_b.offers.GetEligibleOffers(eligible)).eligible  # B read it empty
+        await via_a.offers.PutOffer(cashback("o1"))
+        answer = await via_b.offers.GetEligibleOffers(eligible)
+        assert [o.offer_id for o in answer.eligible] == ["o1"]
+        got = await via_b.offers.GetOffer(pb.GetOfferRequest(tenant_id=TENANT, offer_id="o1"))
+        assert got.offer.revision == 1
+        await via_b.offers.StopOffer(pb.StopOfferRequest(tenant_id=TENANT, offer_id="o1"))
+        answer = await via_a.offers.GetEligibleOffers(eligible)
+        assert not answer.eligible
+        assert [(o.offer_id, o.reason) for o in answer.excluded] == [
+            ("o1", pb.EXCLUSION_REASON_NOT_ELIGIBLE)
+        ]
+        listed = await via_a.offers.ListOffers(pb.ListOffersRequest(tenant_id=TENANT))
+        assert [(o.offer_id, o.revision) for o in listed.offers] == [("o1", 2)]
+
+        # Both replicas changing one offer at once: each change is a revision
+        # of its own (writers take turns on the stored row), none is lost.
+        await asyncio.gather(
+            *(stub.offers.PutOffer(cashback("o1")) for stub in (via_a, via_b, via_a, via_b))
+        )
+        got = await via_a.offers.GetOffer(pb.GetOfferRequest(tenant_id=TENANT, offer_id="o1"))
+        assert got.offer.revision == 6
