@@ -14,7 +14,8 @@
 #      slos.yaml, and `promtool check rules` / `promtool test rules` pass
 #      (promtool is Debian's `prometheus` package; missing, it fails under
 #      CI=true and is skipped loudly elsewhere);
-#   5. every dashboard under k8s/observability/dashboards/ is JSON.
+#   5. the dashboards under k8s/observability/dashboards/ are what
+#      triplane_tools.dashboards makes, and JSON.
 #
 # Environment: K8S_VENV (the validators' venv, default .venv-k8s), PY (the
 # project's Python, default .venv/bin/python), KUBECTL (default kubectl).
@@ -117,12 +118,12 @@ else
   echo "" >&2
 fi
 
-# 5. Dashboards parse (tests/k8s checks their queries against the metrics).
-if [ -d "${OBS}/dashboards" ]; then
-  for dashboard in "${OBS}"/dashboards/*.json; do
-    "${PY}" -m json.tool "${dashboard}" >/dev/null || fail "dashboard ${dashboard} is not JSON"
-  done
-fi
+# 5. Dashboards: what triplane_tools.dashboards makes, and JSON (tests/k8s
+#    checks every query against the metrics the planes export).
+"${PY}" -m triplane_tools.dashboards --check || fail "dashboards up to date"
+for dashboard in "${OBS}"/dashboards/*.json; do
+  "${PY}" -m json.tool "${dashboard}" >/dev/null || fail "dashboard ${dashboard} is not JSON"
+done
 
 if [ ${#failed[@]} -ne 0 ]; then
   echo "k8s-check: FAILED: ${failed[*]}" >&2
