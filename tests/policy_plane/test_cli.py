@@ -71,6 +71,33 @@ async def test_verify_log_and_replay_commands(
     assert json.loads(capsys.readouterr().out)["problem"] == "RECORD_MISSING"
 
 
+async def test_verify_log_covers_every_writers_chain(
+    cli_env: Path, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A log written as one chain, then by a writer with a chain of its own
+    (policy.decision_log.writer_id): verify-log checks both, --chain one."""
+    for writer_id, prefix in (("", "one"), ("pod-a", "a")):
+        engine = await started_engine(
+            make_config(cli_env, decision_log={"writer_id": writer_id}), clock
+        )
+        for index in range(3):
+            await engine.evaluate(payment_input(f"{prefix}-{index}", amount_minor=1_000 + index))
+        await engine.stop()
+        engine.store.db.close()
+
+    assert await asyncio.to_thread(run_cli, ["policy", "verify-log"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["chains"], result["records_checked"]) == (["main", "main-pod-a"], 6)
+    assert await asyncio.to_thread(run_cli, ["policy", "verify-log", "--chain", "main-pod-a"]) == 0
+    assert json.loads(capsys.readouterr().out)["records_checked"] == 3
+
+    with engine.store.db.__class__("sqlite", str(cli_env / "policy.db")).tx() as tx:
+        tx.execute("DELETE FROM decision_log WHERE chain_id = 'main-pod-a' AND seq = 3")
+    assert await asyncio.to_thread(run_cli, ["policy", "verify-log"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["problem"] == "RECORD_MISSING" and "main-pod-a" in result["detail"]
+
+
 def test_load_bundle_check_refuses_a_bad_file(
     cli_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
