@@ -81,6 +81,22 @@ async def _score(scoring: ai_pb2_grpc.ScoringServiceStub) -> pb.ScoreResponse:
     return response
 
 
+async def _score_from_triton(scoring: ai_pb2_grpc.ScoringServiceStub) -> pb.ScoreResponse:
+    """A score Triton answered: with a 40 ms budget on the loaded 2-core
+    machine one call now and then misses it (TRITON_TIMEOUT, in-process
+    fallback), so a few tries, each after the circuit's open period. After a
+    miss it waits out the breaker's window (ai.breaker.window_s, 1 s), so the
+    next test's breaker counts only its own failures."""
+    for attempt in range(5):
+        response = await _score(scoring)
+        if response.score_ref.source == "triton":
+            if attempt:
+                await asyncio.sleep(1.1)
+            break
+        await asyncio.sleep(OPEN_S)
+    return response
+
+
 async def test_promote_and_rollback_switch_triton_versions_without_restart(
     plane: AiPlane,
     stubs: tuple[ai_pb2_grpc.ScoringServiceStub, ai_pb2_grpc.ModelRegistryServiceStub],
@@ -94,12 +110,12 @@ async def test_promote_and_rollback_switch_triton_versions_without_restart(
         await registry.PromoteModel(
             pb.PromoteModelRequest(model="payment_risk", version=version, target_state=target)
         )
-    response = await _score(scoring)
+    response = await _score_from_triton(scoring)
     assert (response.score_ref.version, response.score_ref.source) == (str(version), "triton")
 
     rolled = await registry.RollbackModel(pb.RollbackModelRequest(model="payment_risk"), timeout=60)
     assert rolled.live.version == 1 and rolled.rollback_s > 0.0
-    response = await _score(scoring)
+    response = await _score_from_triton(scoring)
     assert (response.score_ref.version, response.score_ref.source) == ("1", "triton")
     assert _process(plane).pid == pid  # the same server: no restart
     retired = await registry.GetModelVersion(
