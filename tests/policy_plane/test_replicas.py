@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from policy_plane.app import PolicyPlane, build_plane
@@ -328,3 +329,39 @@ async def test_an_offer_put_or_stopped_through_one_replica_is_served_by_the_othe
         )
         got = await via_a.offers.GetOffer(pb.GetOfferRequest(tenant_id=TENANT, offer_id="o1"))
         assert got.offer.revision == 6
+
+
+# ------------------------------------------------------------ cases
+
+
+async def test_a_case_opened_on_one_replica_is_claimed_once_across_both(
+    replicas: tuple[PolicyPlane, PolicyPlane],
+) -> None:
+    a, b = replicas
+    decision, _ = await a.engine.evaluate(payment_input("rv-1", score=0.75))
+    assert decision.record.case_id
+    case_id = decision.record.case_id
+    async with (
+        channel_for(a.config, f"127.0.0.1:{a.server.port}") as channel_a,
+        channel_for(b.config, f"127.0.0.1:{b.server.port}") as channel_b,
+    ):
+        via_a, via_b = Stubs(channel_a), Stubs(channel_b)
+        claimed = await via_b.cases.ClaimCase(
+            pb.ClaimCaseRequest(tenant_id=TENANT, case_id=case_id, reviewer="ana")
+        )
+        assert claimed.case.status == pb.CASE_STATUS_CLAIMED
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await via_a.cases.ClaimCase(
+                pb.ClaimCaseRequest(tenant_id=TENANT, case_id=case_id, reviewer="bob")
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await via_a.cases.ResolveCase(
+            pb.ResolveCaseRequest(
+                tenant_id=TENANT,
+                case_id=case_id,
+                reviewer="ana",
+                resolution=pb.RESOLUTION_APPROVE,
+            )
+        )
+        got = await via_b.cases.GetCase(pb.GetCaseRequest(tenant_id=TENANT, case_id=case_id))
+        assert got.case.status == pb.CASE_STATUS_RESOLVED and got.case.assignee == "ana"
