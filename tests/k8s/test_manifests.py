@@ -86,6 +86,20 @@ def test_every_plane_has_a_disruption_budget_and_a_cpu_autoscaler(
         assert hpa["spec"]["minReplicas"] == deployments[name]["spec"]["replicas"]
 
 
+def test_the_ai_plane_scales_only_where_its_state_is_shared(
+    objects: list[dict[str, Any]],
+) -> None:
+    # More than one AI replica needs shared features (not in process) and a
+    # shared registry; the base's config has neither.
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap")
+    features = yaml.safe_load(config_map["data"]["config.yaml"])["ai"].get("features", {})
+    hpa = _of(objects, "HorizontalPodAutoscaler")["ai-plane"]
+    if features.get("backend", "in_process") == "in_process":
+        assert hpa["spec"]["maxReplicas"] == 1
+    else:
+        assert hpa["spec"]["maxReplicas"] > 1
+
+
 def test_every_plane_serves_and_advertises_its_metrics(objects: list[dict[str, Any]]) -> None:
     config_maps = [o for o in objects if o["kind"] == "ConfigMap"]
     assert len(config_maps) == 1
