@@ -327,13 +327,18 @@ def bench_consent(state_dir: Path) -> float:
     engine = build_engine(config)
     book = engine.consent
     zones = ["Europe/Paris", "America/New_York", "Asia/Tokyo", "UTC"]
+    # Through the book's API: every check reads the store (replicas share
+    # consent; an opt-out holds from the next check on any replica).
     for index in range(CONSENT_CUSTOMERS):
-        customer = book._customer(TENANT, f"c{index}")
-        customer.profile = ContactProfile(
-            tenant_id=TENANT, customer_id=f"c{index}", time_zone=zones[index % 4]
+        book.put_profile(
+            ContactProfile(tenant_id=TENANT, customer_id=f"c{index}", time_zone=zones[index % 4])
         )
-        customer.consents[("push", "marketing")] = ConsentRecord(
-            channel="push", topic="marketing", status="granted", lawful_basis="consent"
+        book.set_consent(
+            TENANT,
+            f"c{index}",
+            ConsentRecord(
+                channel="push", topic="marketing", status="granted", lawful_basis="consent"
+            ),
         )
     rng = random.Random(5)
     samples = []
