@@ -101,15 +101,18 @@ class BundleServicer(pb_grpc.BundleServiceServicer):
     ) -> pb.LoadBundleResponse:
         if not request.content.strip():
             raise InvalidArgument("FIELD_REQUIRED", "content is required", "content")
+        target = codec.TARGETS.get(request.target)
+        if target is None:
+            raise InvalidArgument(
+                "BUNDLE_TARGET_UNKNOWN", "target is STORE, LIVE or SHADOW", "target"
+            )
         source = BundleSource(
             yaml_text=request.content,
             label_override=request.label,
             sanctions_csv=request.sanctions_list_csv,
             aliases_csv=request.sanctions_aliases_csv,
         )
-        info = await asyncio.to_thread(
-            self._engine.bundles.load, source, codec.TARGETS[request.target]
-        )
+        info = await asyncio.to_thread(self._engine.bundles.load, source, target)
         return pb.LoadBundleResponse(bundle=codec.bundle_info_pb(info))
 
     async def ActivateBundle(

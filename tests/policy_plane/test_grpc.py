@@ -185,6 +185,14 @@ async def test_bad_bundle_is_refused_and_the_live_one_stays(stubs: Stubs) -> Non
         "RULE_UNKNOWN_FIELD",
         "rules[sanctions_hit].when",
     )
+    # A target number the contract does not declare (found by the fuzz suite:
+    # it answered INTERNAL).
+    await expect_error(
+        stubs.bundles.LoadBundle(pb.LoadBundleRequest(content=DEFAULT_YAML, target=17)),  # type: ignore[arg-type]
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BUNDLE_TARGET_UNKNOWN",
+        "target",
+    )
     await expect_error(
         stubs.bundles.ActivateBundle(pb.ActivateBundleRequest(version="nope@0")),
         grpc.StatusCode.NOT_FOUND,
