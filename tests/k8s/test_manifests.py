@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.k8s.tools import require_tool
+from triplane.runtime.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["k8s/base", "k8s/overlays/production"]
@@ -98,6 +99,31 @@ def test_the_ai_plane_scales_only_where_its_state_is_shared(
         assert hpa["spec"]["maxReplicas"] == 1
     else:
         assert hpa["spec"]["maxReplicas"] > 1
+
+
+def test_the_config_each_overlay_ships_loads_and_matches_its_ai_replicas(
+    objects: list[dict[str, Any]],
+) -> None:
+    """The ConfigMap through the real loader, with the environment the pods
+    get (the DSNs from Secrets): a config the runtime refuses would crash
+    every pod; and the AI plane is told how many replicas it runs, so the
+    runtime's refusal of per-pod state applies."""
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap")
+    data = yaml.safe_load(config_map["data"]["config.yaml"])
+    ai_env = {
+        e["name"]
+        for e in _of(objects, "Deployment")["ai-plane"]["spec"]["template"]["spec"]["containers"][
+            0
+        ].get("env", [])
+    }
+    environ = {name: "host=pg dbname=x" for name in ai_env if name.endswith("_DSN")}
+    config = load_config(environ=environ, overrides=data)
+    deployed = _of(objects, "Deployment")["ai-plane"]["spec"]["replicas"]
+    hpa = _of(objects, "HorizontalPodAutoscaler")["ai-plane"]["spec"]
+    if hpa["maxReplicas"] > 1:
+        assert config.ai.replicas == deployed > 1
+        assert config.ai.registry.backend == "postgres"
+        assert "TRIPLANE_AI_DSN" in ai_env
 
 
 def test_every_plane_serves_and_advertises_its_metrics(objects: list[dict[str, Any]]) -> None:
