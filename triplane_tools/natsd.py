@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,3 +115,156 @@ class EmbeddedNats:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+
+# JetStream's file store fsyncs after every write only with this setting; the
+# default (a 2-minute interval) lets a node that dies lose writes it had
+# already acknowledged, and three such nodes can lose them together (Jepsen's
+# 2025 NATS analysis).
+SYNC_INTERVAL = "always"
+CLUSTER_NAME = "triplane"
+
+
+def cluster_config(
+    name: str,
+    client_port: int,
+    route_port: int,
+    monitor_port: int,
+    store_dir: Path,
+    routes: Sequence[int],
+) -> str:
+    """The nats-server config of one node of a loopback cluster."""
+    route_urls = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in routes)
+    return (
+        f'server_name: "{name}"\n'
+        'listen: "127.0.0.1:%d"\n'
+        'http: "127.0.0.1:%d"\n'
+        "jetstream {\n"
+        f'  store_dir: "{store_dir}"\n'
+        f"  sync_interval: {SYNC_INTERVAL}\n"
+        "}\n"
+        "cluster {\n"
+        f'  name: "{CLUSTER_NAME}"\n'
+        f'  listen: "127.0.0.1:{route_port}"\n'
+        f"  routes: [{route_urls}]\n"
+        "}\n"
+    ) % (client_port, monitor_port)
+
+
+class ClusterNode(EmbeddedNats):
+    """One node of a NatsCluster: everything comes from its config file (the
+    command line of EmbeddedNats would override the cluster's store dir)."""
+
+    def __init__(
+        self, name: str, store_dir: Path, config_path: Path, port: int, monitor_port: int
+    ) -> None:
+        super().__init__(store_dir, port)
+        self.name = name
+        self.config_path = config_path
+        self.monitor_port = monitor_port
+
+    def spawn(self) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self._process = subprocess.Popen(
+                [find_binary(), "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+
+    def healthy(self) -> bool:
+        """True when the node's JetStream is up and current with the cluster
+        (its /healthz answers 200)."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=1.0
+            ) as answer:
+                return bool(answer.status == 200)
+        except (OSError, ValueError):
+            return False
+
+
+class NatsCluster:
+    """A JetStream cluster of `size` nats-servers on loopback: routes between
+    all of them, each with its own store dir under `root`, `sync_interval:
+    always`. Streams made with num_replicas = 3 (nats.stream_replicas: 3)
+    survive the loss of any one node without losing an acknowledged message.
+    Nodes are spawned from the calling thread and die with it, as
+    EmbeddedNats does."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.root = root
+        route_ports = [free_port() for _ in range(size)]
+        self.nodes: list[ClusterNode] = []
+        for index in range(size):
+            name = f"n{index + 1}"
+            store = root / name
+            store.mkdir(parents=True, exist_ok=True)
+            port, monitor = free_port(), free_port()
+            config_path = store / "nats-server.conf"
+            config_path.write_text(
+                cluster_config(
+                    name,
+                    port,
+                    route_ports[index],
+                    monitor,
+                    store / "jetstream",
+                    [p for i, p in enumerate(route_ports) if i != index],
+                )
+            )
+            self.nodes.append(ClusterNode(name, store, config_path, port, monitor))
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated: what nats.url / NATS_URL take
+        (nats-py connects to any of them and fails over)."""
+        return ",".join(self.urls)
+
+    def node(self, name: str) -> ClusterNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def spawn(self) -> None:
+        for node in self.nodes:
+            node.spawn()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> str:
+        """Blocks until every running node listens and its JetStream is
+        current (a meta leader elected); returns `url`. Stops the cluster
+        and raises when that does not happen within timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes:
+            if node._process is not None:
+                node.wait_listening(max(0.1, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            running = [node for node in self.nodes if node._process is not None]
+            for node in running:
+                if node._process is not None and node._process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"nats-server {node.name} exited; see {node.log_path}")
+            if all(node.healthy() for node in running):
+                return self.url
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(
+            f"the NATS cluster was not ready in {timeout_s}s; see {self.root}/*/nats-server.log"
+        )
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        self.spawn()
+        return self.wait_ready(timeout_s)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
