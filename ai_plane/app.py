@@ -19,6 +19,7 @@ from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.breaker import CircuitBreaker
 from ai_plane.engine import AiEngine
 from ai_plane.manager import ModelManager, write_live_repository
+from ai_plane.outcomes import OutcomeSpine
 from ai_plane.permissions import PERMISSIONS
 from ai_plane.pipeline import Applier, FeaturePipeline
 from ai_plane.registry import Registry, open_registry
@@ -73,6 +74,7 @@ class AiPlane:
     server: PlaneServer | None = None
     registry: Registry | None = None
     _nats: object | None = None
+    spine: OutcomeSpine | None = None
     _follower: asyncio.Task[None] | None = None
 
     async def _start_triton(self, registry: Registry) -> tuple[str, str, ModelRepository | None]:
@@ -158,6 +160,8 @@ class AiPlane:
         if ai.registry.backend != "file":
             # A shared registry: follow what other replicas promote.
             self._follower = asyncio.create_task(self._follow_registry(registry))
+        if config.nats.url and ai.bandit.outcomes == "spine":
+            await self._start_spine()
         if config.nats.url and ai.pipeline.enabled:
             await self._start_pipeline()
         self.server = PlaneServer(
@@ -193,11 +197,30 @@ class AiPlane:
                 log.exception("following the model registry failed; trying again")
             await asyncio.sleep(interval)
 
+    async def _connect(self) -> object:
+        if self._nats is None:
+            self._nats = await bus.connect(self.config.nats, "ai_plane")
+        return self._nats
+
+    async def _start_spine(self) -> None:
+        """Outcomes through TRIPLANE_AI: every replica's bandit learns each
+        one, resuming from the newest posterior snapshot (ai_plane/outcomes.py)."""
+        assert self.engine is not None
+        nc = await self._connect()
+        spine = OutcomeSpine(
+            nc.jetstream(),  # type: ignore[attr-defined]
+            self.config.nats,
+            self.config.ai,
+            self.engine.learner,
+            self.clock.now_us,
+        )
+        await spine.start()
+        self.spine = self.engine.spine = spine
+
     async def _start_pipeline(self) -> None:
         assert self.engine is not None and self.store is not None
-        nc = await bus.connect(self.config.nats, "ai_plane")
-        self._nats = nc
-        js = nc.jetstream()
+        nc = await self._connect()
+        js = nc.jetstream()  # type: ignore[attr-defined]
         await bus.ensure_streams(
             js, self.config.nats, ["TRIPLANE_MONEY", "TRIPLANE_GATEWAY", TENANTS_STREAM]
         )
@@ -210,14 +233,16 @@ class AiPlane:
         self.pipeline = FeaturePipeline(js, self.config.ai.pipeline, applier)
         await self.pipeline.start()
 
-    def _on_outcome(
+    async def _on_outcome(
         self, envelope: envelope_pb2.EventEnvelope, event: ai_pb2.OfferOutcomeEvent
     ) -> None:
         assert self.engine is not None
         try:
-            self.engine.report_outcome(
+            await self.engine.report_outcome(
                 envelope.tenant_id, event.rank_id, event.offer_id, event.reward, envelope.event_id
             )
+        except Unavailable:
+            raise  # the spine did not take it: left for redelivery
         except TriplaneError as error:
             # An outcome for a ranking this instance no longer remembers: drop it.
             log.info("offer outcome not applied: %s", error.reason)
@@ -228,10 +253,13 @@ class AiPlane:
             await asyncio.gather(self._follower, return_exceptions=True)
         if self.pipeline is not None:
             await self.pipeline.stop()
+        if self.spine is not None:
+            await self.spine.stop()  # takes the shutdown snapshot
         if self._nats is not None:
             await self._nats.close()  # type: ignore[attr-defined]
         if self.engine is not None:
             await self.engine.scorer.close()
+            await self.engine.pending.close()
         if self.store is not None:
             await self.store.close()
         if self.triton_process is not None:

@@ -78,7 +78,7 @@ class LinearThompsonBandit:
         self._samples = samples
         self._rng = np.random.default_rng(seed)
         # Arms an outcome has taught, at most max_arms (ai.bandit.max_arms),
-        # the least recently used dropped first (back to the prior). Ranking
+        # the least recently updated dropped first (back to the prior). Ranking
         # an offer stores nothing: an arm no outcome has reached is the prior,
         # shared, so candidates a caller makes up cost no memory.
         self._max_arms = max_arms
@@ -88,11 +88,11 @@ class LinearThompsonBandit:
         )
 
     def _arm(self, arm_id: str) -> _Arm:
+        # Reading does not refresh an arm's place: only updates do, so which
+        # arms are kept depends on the outcomes alone (in order), the same on
+        # every replica that applied them, whatever each one ranked.
         arm = self._arms.get(arm_id)
-        if arm is None:
-            return self._prior_arm
-        self._arms.move_to_end(arm_id)
-        return arm
+        return self._prior_arm if arm is None else arm
 
     def _learning_arm(self, arm_id: str) -> _Arm:
         arm = self._arms.get(arm_id)
@@ -131,3 +131,38 @@ class LinearThompsonBandit:
 
     def expected_reward(self, arm_id: str, x: FloatArray) -> float:
         return float(self._arm(arm_id).mean @ x)
+
+    # ---- snapshot ----
+
+    def state(self) -> dict[str, npt.NDArray[np.generic]]:
+        """The posterior as arrays (arms oldest update first): what a snapshot
+        stores. precision and weighted determine an arm; mean and cholesky
+        are derived from them."""
+        ids = list(self._arms)
+        arms = list(self._arms.values())
+        return {
+            "arm_ids": np.asarray(ids, dtype=np.str_),
+            "precision": np.asarray([a.precision for a in arms]).reshape(
+                len(arms), DIMENSION, DIMENSION
+            ),
+            "weighted": np.asarray([a.weighted for a in arms]).reshape(len(arms), DIMENSION),
+            "updates": np.asarray([a.updates for a in arms], dtype=np.int64),
+        }
+
+    def load_state(self, state: dict[str, npt.NDArray[np.generic]]) -> None:
+        """Replaces the posterior with a state() taken earlier (same dimension)."""
+        arms: OrderedDict[str, _Arm] = OrderedDict()
+        precision = np.asarray(state["precision"], dtype=np.float64)
+        weighted = np.asarray(state["weighted"], dtype=np.float64)
+        for i, arm_id in enumerate(state["arm_ids"].tolist()):
+            arm = _Arm(precision[i].copy(), weighted[i].copy())
+            arm.updates = int(state["updates"][i])
+            arms[str(arm_id)] = arm
+        while len(arms) > self._max_arms:
+            arms.popitem(last=False)
+        self._arms = arms
+
+    def posterior(self, arm_id: str) -> tuple[FloatArray, FloatArray]:
+        """(precision, weighted) of an arm: the prior's when none is learned."""
+        arm = self._arm(arm_id)
+        return arm.precision.copy(), arm.weighted.copy()

@@ -34,7 +34,15 @@ from ai_plane.features import (
     risk_vector,
     stored_features,
 )
-from ai_plane.scorer import FloatArray, Scorer, ScoreResult
+from ai_plane.outcomes import (
+    BanditLearner,
+    Outcome,
+    OutcomeSpine,
+    PendingRank,
+    PendingRanks,
+    build_pending,
+)
+from ai_plane.scorer import Scorer, ScoreResult
 from ai_plane.store.base import FeatureStore
 from ai_plane.training import PROPENSITY_MODEL, RISK_MODEL
 from triplane.runtime.clock import Clock
@@ -148,12 +156,6 @@ class _Explained:
     contributions: npt.NDArray[np.float64] | None
 
 
-@dataclass
-class _PendingRank:
-    tenant_id: str
-    features: dict[str, FloatArray]
-
-
 def top_attributions(
     names: Sequence[str], values: Sequence[float], contributions: Sequence[float], k: int
 ) -> list[Attribution]:
@@ -170,17 +172,23 @@ class AiEngine:
         scorer: Scorer,
         bandit: LinearThompsonBandit,
         clock: Clock,
+        pending: PendingRanks | None = None,
     ) -> None:
         self._config = config
         self._limits = config.limits
         self.store = store
         self.scorer = scorer
         self.bandit = bandit
+        # Rank's pending rankings (shared in Redis above one replica), and the
+        # posterior with the outcome ids it learned from.
+        self.pending = pending if pending is not None else build_pending(config)
+        self.learner = BanditLearner(bandit, config.bandit.max_outcome_ids)
+        # Set by the plane when outcomes go through the spine (every replica
+        # learns each one); None: this engine applies the outcomes it gets.
+        self.spine: OutcomeSpine | None = None
         self._clock = clock
         self._namespace = config.features.namespace
         self._explained: OrderedDict[str, _Explained] = OrderedDict()
-        self._pending: OrderedDict[str, _PendingRank] = OrderedDict()
-        self._outcomes: OrderedDict[str, None] = OrderedDict()
         self.drift: dict[str, dict[str, PsiMonitor]] = {}
 
     def set_drift_baselines(
@@ -424,11 +432,9 @@ class AiEngine:
         features = [arm_features(context, p) for p in propensities]
         choice = self.bandit.choose(arms, features)
         rank_id = uuid.uuid4().hex
-        self._pending[rank_id] = _PendingRank(
-            q.tenant_id, dict(zip(offer_ids, features, strict=True))
+        await self.pending.put(
+            rank_id, PendingRank(q.tenant_id, dict(zip(offer_ids, features, strict=True)))
         )
-        while len(self._pending) > self._config.bandit.max_pending_ranks:
-            self._pending.popitem(last=False)
         probabilities = choice.probabilities.tolist()
         ranked = sorted(
             (
@@ -451,24 +457,25 @@ class AiEngine:
 
     # ---- outcomes ----
 
-    def report_outcome(
+    async def report_outcome(
         self, tenant_id: str, rank_id: str, offer_id: str, reward: float, outcome_id: str
     ) -> bool:
-        """Updates the bandit once per outcome_id; False for a repeat."""
+        """Updates the bandit once per outcome_id; False for a repeat. With
+        the spine, every replica's bandit learns it (this one before the
+        answer)."""
         check_tenant_id(tenant_id)
         self._check_id("outcome_id", outcome_id)
         if not math.isfinite(reward):
             raise InvalidArgument("REWARD_NOT_FINITE", "reward must be a finite number", "reward")
-        if outcome_id in self._outcomes:
+        if self.learner.seen(outcome_id):
             return False
-        pending = self._pending.get(rank_id)
+        pending = await self.pending.get(rank_id)
         if pending is None or pending.tenant_id != tenant_id:
             raise NotFound("RANK_NOT_FOUND", f"no recent ranking {rank_id!r}", "rank_id")
         x = pending.features.get(offer_id)
         if x is None:
             raise InvalidArgument("OFFER_NOT_RANKED", f"{offer_id!r} was not ranked", "offer_id")
-        self.bandit.update(f"{tenant_id}|{offer_id}", x, reward)
-        self._outcomes[outcome_id] = None
-        while len(self._outcomes) > self._config.bandit.max_outcome_ids:
-            self._outcomes.popitem(last=False)
-        return True
+        outcome = Outcome(outcome_id, tenant_id, f"{tenant_id}|{offer_id}", x, reward)
+        if self.spine is not None:
+            return await self.spine.report(outcome)
+        return self.learner.apply(outcome)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -117,7 +117,7 @@ def activities_of(envelope: envelope_pb2.EventEnvelope) -> list[Activity]:
     return []
 
 
-OutcomeHandler = Callable[[envelope_pb2.EventEnvelope, ai_pb2.OfferOutcomeEvent], None]
+OutcomeHandler = Callable[[envelope_pb2.EventEnvelope, ai_pb2.OfferOutcomeEvent], Awaitable[None]]
 
 
 # Events dropped because their tenant is not registered (an invented or a
@@ -159,7 +159,9 @@ class Applier:
             return
         if envelope.payload_type == "triplane.ai.v1.OfferOutcomeEvent":
             if self.on_outcome is not None:
-                self.on_outcome(envelope, ai_pb2.OfferOutcomeEvent.FromString(envelope.payload))
+                await self.on_outcome(
+                    envelope, ai_pb2.OfferOutcomeEvent.FromString(envelope.payload)
+                )
             return
         for activity in activities_of(envelope):
             if self.cohort is not None and activity.account_id not in self.cohort:

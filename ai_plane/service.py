@@ -47,7 +47,7 @@ class ScoringServicer(ai_pb2_grpc.ScoringServiceServicer):
     async def ReportOutcome(
         self, request: pb.ReportOutcomeRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportOutcomeResponse:
-        applied = self._engine.report_outcome(
+        applied = await self._engine.report_outcome(
             request.tenant_id, request.rank_id, request.offer_id, request.reward, request.outcome_id
         )
         return pb.ReportOutcomeResponse(applied=applied)

@@ -67,15 +67,12 @@ async def test_tenant_ids_follow_the_rule_every_plane_applies(
             ),
             "tenant_id",
         ),
+        (engine.report_outcome(tenant_id, "rank_1", "cashback_1", 1.0, "outcome_1"), "tenant_id"),
     ]
     for call, field in calls:
         with pytest.raises(InvalidArgument) as caught:
             await call
         assert (caught.value.reason, caught.value.field) == ("INVALID_TENANT_ID", field)
-    for sync_call in (
-        lambda: engine.explain(tenant_id, "score_1", 0),
-        lambda: engine.report_outcome(tenant_id, "rank_1", "cashback_1", 1.0, "outcome_1"),
-    ):
-        with pytest.raises(InvalidArgument) as caught:
-            sync_call()
-        assert (caught.value.reason, caught.value.field) == ("INVALID_TENANT_ID", "tenant_id")
+    with pytest.raises(InvalidArgument) as caught:
+        engine.explain(tenant_id, "score_1", 0)
+    assert (caught.value.reason, caught.value.field) == ("INVALID_TENANT_ID", "tenant_id")

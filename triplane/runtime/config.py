@@ -416,8 +416,24 @@ class AiBanditConfig(_Strict, frozen=True):
     max_pending_ranks: int
     max_outcome_ids: int
     # Offers (per tenant) whose learned posterior is kept; beyond, the least
-    # recently used falls back to the prior.
+    # recently updated falls back to the prior.
     max_arms: int
+    # Where Rank keeps what ReportOutcome needs (rank id -> tenant, features
+    # of each ranked offer): in_process, redis, or auto (redis when
+    # ai.features.backend is redis, else in_process). Above one replica it
+    # must be redis: an outcome may reach any replica.
+    pending_store: str = "auto"
+    # Empty: ai.features.redis_url.
+    pending_redis_url: str = ""
+    pending_ttl_s: int = 86400
+    # spine: outcomes go through the TRIPLANE_AI stream and every replica
+    # learns each one (needs nats.url); local: the replica that got it only.
+    outcomes: str = "spine"
+    # How often the posterior is snapshotted (NATS object store) with the
+    # stream sequence it covers; also at shutdown. 0: only at shutdown.
+    snapshot_interval_s: float = 60.0
+    # Longest ReportOutcome waits for its outcome to come back from the spine.
+    apply_timeout_s: float = 5.0
 
 
 class AiDriftConfig(_Strict, frozen=True):
@@ -924,6 +940,14 @@ def _check_retries(config: Config) -> None:
             )
 
 
+def pending_store(ai: AiConfig) -> str:
+    """Where Rank's pending rankings live: ai.bandit.pending_store, auto
+    resolved (redis with the Redis feature store, else in_process)."""
+    if ai.bandit.pending_store != "auto":
+        return ai.bandit.pending_store
+    return "redis" if ai.features.backend == "redis" else "in_process"
+
+
 def _check_ai_replicas(config: Config) -> None:
     """The registry's backend, and what more than one AI plane replica needs:
     one feature store they all read (the in-process one would split the
@@ -942,6 +966,21 @@ def _check_ai_replicas(config: Config) -> None:
             f"ai.features.backend 'in_process' with ai.replicas {ai.replicas}: each replica "
             "would keep its own features and score on a part of them; set "
             "ai.features.backend to 'redis' (or 'aerospike') for more than one replica"
+        )
+    if ai.bandit.pending_store not in ("auto", "in_process", "redis"):
+        raise ConfigError("ai.bandit.pending_store must be auto, in_process or redis")
+    if ai.bandit.outcomes not in ("spine", "local"):
+        raise ConfigError("ai.bandit.outcomes must be 'spine' or 'local'")
+    if ai.replicas > 1 and pending_store(ai) != "redis":
+        raise ConfigError(
+            f"ai.bandit.pending_store {ai.bandit.pending_store!r} with ai.replicas {ai.replicas}: "
+            "an outcome reported to another replica would not find its ranking; set "
+            "ai.bandit.pending_store to 'redis' (or ai.features.backend to 'redis')"
+        )
+    if ai.replicas > 1 and ai.bandit.outcomes != "spine":
+        raise ConfigError(
+            f"ai.bandit.outcomes 'local' with ai.replicas {ai.replicas}: each replica's "
+            "bandit would learn only the outcomes reported to it; set it to 'spine'"
         )
     if ai.replicas > 1 and ai.registry.backend != "postgres":
         raise ConfigError(
