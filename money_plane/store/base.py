@@ -208,7 +208,7 @@ class LedgerStore:
         # Built once: tenacity keeps each thread's attempt state apart, and a
         # fresh Retrying per commit would cost more than the retry ever does.
         self._conflict_retrying = conflict_retry.retrying(
-            StoreConflict, "group commit (lost a race with another writer)", log, logging.INFO
+            StoreConflict, "ledger transaction (lost a race with another writer)", log, logging.INFO
         )
         self._local = threading.local()
 
@@ -265,6 +265,15 @@ class LedgerStore:
 
     # ---- tenants and accounts ----
 
+    def _retry_conflicts(self, work: Callable[[], T]) -> T:
+        """Runs `work` (one transaction) again while it loses a race
+        (StoreConflict: a unique violation, SQLSTATE 40001, a deadlock), per
+        money.store.conflict_retry; the last conflict is raised."""
+        for attempt in self._conflict_retrying:
+            with attempt:
+                return work()
+        raise AssertionError("unreachable: the retrying re-raises the last conflict")
+
     def create_tenant(
         self,
         tenant_id: str,
@@ -276,6 +285,17 @@ class LedgerStore:
         writes `registration` (the tenant registry's message) to the outbox in
         the same transaction: every successful call registers, so calling it
         again registers a tenant made before the registry existed."""
+        return self._retry_conflicts(
+            lambda: self._create_tenant(tenant_id, display_name, now_us, registration)
+        )
+
+    def _create_tenant(
+        self,
+        tenant_id: str,
+        display_name: str,
+        now_us: int,
+        registration: OutgoingEvent | None,
+    ) -> Tenant:
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
@@ -304,6 +324,14 @@ class LedgerStore:
             return cur.fetchone() is not None
 
     def create_accounts(
+        self, tenant_id: str, specs: list[AccountSpec], now_us: int
+    ) -> list[AccountState]:
+        """Opens the accounts (an existing one must match its spec). Two
+        replicas opening one account at once: the loser's unique violation is
+        retried, and then finds the winner's account."""
+        return self._retry_conflicts(lambda: self._create_accounts(tenant_id, specs, now_us))
+
+    def _create_accounts(
         self, tenant_id: str, specs: list[AccountSpec], now_us: int
     ) -> list[AccountState]:
         keys = [account_key(tenant_id, s.account_id) for s in specs]
@@ -420,10 +448,12 @@ class LedgerStore:
         """Applies jobs in one transaction; a transaction that lost a race is
         tried again per money.store.conflict_retry, then its last conflict is
         raised."""
-        for attempt in self._conflict_retrying:
-            with attempt, self._group_transaction() as cur:
+
+        def attempt() -> list[list[Outcome]]:
+            with self._group_transaction() as cur:
                 return self._commit_in_transaction(cur, jobs, now_us)
-        raise AssertionError("unreachable: the retrying re-raises the last conflict")
+
+        return self._retry_conflicts(attempt)
 
     def _commit_in_transaction(self, cur: Any, jobs: list[Job], now_us: int) -> list[list[Outcome]]:
         commands = [c for job in jobs for c in job.commands]

@@ -96,6 +96,12 @@ WITH acc_rows AS (
 SELECT 1
 """
 
+# What a lost race looks like, by SQLSTATE; each is retried by the one path
+# (LedgerStore.commit_jobs, bounded by money.store.conflict_retry):
+# 23505 unique_violation (two replicas inserting one key), 40001
+# serialization_failure (a REPEATABLE READ or SERIALIZABLE transaction, the
+# only isolation CockroachDB and YugabyteDB run by default, whose rows changed
+# under it), 40P01 deadlock_detected, 55P03 lock_not_available.
 _CONFLICTS = (
     pg_errors.UniqueViolation,
     pg_errors.SerializationFailure,
@@ -149,7 +155,8 @@ class PostgresLedgerStore(LedgerStore):
                 with conn.transaction(), conn.cursor() as cur:
                     yield cur
         except _CONFLICTS as exc:
-            raise StoreConflict(str(exc)) from exc
+            # The SQLSTATE leads, so the retry's log line says which race it lost.
+            raise StoreConflict(f"SQLSTATE {exc.sqlstate}: {exc}") from exc
         except psycopg.OperationalError:
             # A broken connection is replaced on the next transaction.
             conn.close()
