@@ -41,6 +41,7 @@ from ai_plane.outcomes import (
     PendingRank,
     PendingRanks,
     build_pending,
+    outcome_key,
 )
 from ai_plane.scorer import Scorer, ScoreResult
 from ai_plane.store.base import FeatureStore
@@ -467,7 +468,7 @@ class AiEngine:
         self._check_id("outcome_id", outcome_id)
         if not math.isfinite(reward):
             raise InvalidArgument("REWARD_NOT_FINITE", "reward must be a finite number", "reward")
-        if self.learner.seen(outcome_id):
+        if self.learner.seen(outcome_key(tenant_id, outcome_id)):
             return False
         pending = await self.pending.get(rank_id)
         if pending is None or pending.tenant_id != tenant_id:

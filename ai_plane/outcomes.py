@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 from google.protobuf import struct_pb2
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectMeta
 from nats.js.object_store import ObjectStore
 
 from ai_plane.bandit import FloatArray, LinearThompsonBandit
@@ -134,6 +135,16 @@ class Outcome:
     x: FloatArray
     reward: float
 
+    @property
+    def key(self) -> str:
+        """What dedupes it: outcome ids are the caller's, unique per tenant
+        only, so another tenant's equal id is another outcome."""
+        return outcome_key(self.tenant_id, self.outcome_id)
+
+
+def outcome_key(tenant_id: str, outcome_id: str) -> str:
+    return f"{tenant_id}|{outcome_id}"
+
 
 class BanditLearner:
     """The bandit with what it learned from: outcome ids applied (dedupe, the
@@ -147,20 +158,21 @@ class BanditLearner:
         self.sequence = 0
         self._moved = asyncio.Event()
 
-    def seen(self, outcome_id: str) -> bool:
-        return outcome_id in self._applied
+    def seen(self, key: str) -> bool:
+        """Whether the outcome of this key (outcome_key) was applied."""
+        return key in self._applied
 
-    def applied_at(self, outcome_id: str) -> int | None:
-        return self._applied.get(outcome_id)
+    def applied_at(self, key: str) -> int | None:
+        return self._applied.get(key)
 
     def apply(self, outcome: Outcome, sequence: int = 0) -> bool:
         """Updates the posterior once per outcome id; False for a repeat."""
         if sequence:
             self.sequence = max(self.sequence, sequence)
-        fresh = outcome.outcome_id not in self._applied
+        fresh = outcome.key not in self._applied
         if fresh:
             self.bandit.update(outcome.arm_id, outcome.x, outcome.reward)
-            self._applied[outcome.outcome_id] = sequence
+            self._applied[outcome.key] = sequence
             while len(self._applied) > self._max_ids:
                 self._applied.popitem(last=False)
         if sequence:
@@ -173,17 +185,24 @@ class BanditLearner:
         while self.sequence < sequence:
             await self._moved.wait()
 
-    def snapshot(self) -> bytes:
-        state = self.bandit.state()
+    def capture(self) -> dict[str, npt.NDArray[np.generic]]:
+        """A copy of everything a snapshot holds, taken between two outcomes
+        (on the event loop); encode() may then run in a worker thread."""
+        return {
+            "sequence": np.asarray(self.sequence, dtype=np.int64),
+            "outcome_ids": np.asarray(list(self._applied), dtype=np.str_),
+            "outcome_sequences": np.asarray(list(self._applied.values()), dtype=np.int64),
+            **self.bandit.state(),
+        }
+
+    @staticmethod
+    def encode(captured: dict[str, npt.NDArray[np.generic]]) -> bytes:
         buffer = io.BytesIO()
-        np.savez_compressed(
-            buffer,
-            sequence=np.asarray(self.sequence, dtype=np.int64),
-            outcome_ids=np.asarray(list(self._applied), dtype=np.str_),
-            outcome_sequences=np.asarray(list(self._applied.values()), dtype=np.int64),
-            **state,
-        )
+        np.savez_compressed(buffer, **captured)
         return buffer.getvalue()
+
+    def snapshot(self) -> bytes:
+        return self.encode(self.capture())
 
     def restore(self, data: bytes) -> None:
         with np.load(io.BytesIO(data), allow_pickle=False) as saved:
@@ -297,7 +316,7 @@ class OutcomeSpine:
     async def report(self, outcome: Outcome) -> bool:
         """Publishes the outcome and waits until this replica applied it;
         True when this report taught the bandit, False for a repeat."""
-        if self.learner.seen(outcome.outcome_id):
+        if self.learner.seen(outcome.key):
             return False
         data = _encode_outcome(outcome, self._now_us())  # type: ignore[operator]
         subject = bus.subject_for(OUTCOME_EVENT, outcome.tenant_id)
@@ -308,22 +327,33 @@ class OutcomeSpine:
                 data,
                 timeout=self._nats.publish_timeout_s,
                 stream=AI_STREAM,
-                headers={"Nats-Msg-Id": outcome.outcome_id},
+                # JetStream dedupes ids across the whole stream: the key.
+                headers={"Nats-Msg-Id": outcome.key},
             )
             await asyncio.wait_for(self.learner.wait_for(ack.seq), timeout_s)
         except Exception as error:
             raise Unavailable(
                 "OUTCOME_NOT_APPLIED", f"the outcome could not go through the spine: {error!r}"
             ) from error
-        return not ack.duplicate and self.learner.applied_at(outcome.outcome_id) == ack.seq
+        return not ack.duplicate and self.learner.applied_at(outcome.key) == ack.seq
 
     async def snapshot(self) -> bool:
         """Stores the posterior if it moved since the last snapshot."""
         if self.learner.sequence == self._snapshotted:
             return False
         sequence = self.learner.sequence
-        data = self.learner.snapshot()
-        await self._store.put(self._name, data)
+        with contextlib.suppress(Exception):  # none stored yet
+            stored = await self._store.get_info(self._name)
+            if stored.description and int(stored.description) >= sequence:
+                # Another replica stored one at least as far along: keep it
+                # (every replica's posterior at a sequence is the same).
+                self._snapshotted = sequence
+                return False
+        captured = self.learner.capture()
+        data = await asyncio.to_thread(self.learner.encode, captured)
+        await self._store.put(
+            self._name, data, meta=ObjectMeta(name=self._name, description=str(sequence))
+        )
         self._snapshotted = sequence
         return True
 

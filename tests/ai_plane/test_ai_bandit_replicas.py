@@ -25,7 +25,7 @@ from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.breaker import CircuitBreaker
 from ai_plane.engine import AiEngine, Candidate, RankQuery
 from ai_plane.features import OfferEntry
-from ai_plane.outcomes import OutcomeSpine
+from ai_plane.outcomes import OutcomeSpine, outcome_key
 from ai_plane.scorer import Scorer
 from ai_plane.store.base import build_store
 from triplane.runtime.clock import ManualClock
@@ -137,7 +137,7 @@ async def test_an_outcome_reported_to_the_replica_that_did_not_rank_teaches_both
         # B never saw the ranking: it reads it from Redis.
         assert await b.engine.report_outcome(tenant, rank_id, "offer_1", 1.0, "out-1") is True
         await caught_up(a, b)
-        assert a.engine.learner.seen("out-1")
+        assert a.engine.learner.seen(outcome_key(tenant, "out-1"))
         # The same outcome id again, through either replica, is a repeat.
         assert await a.engine.report_outcome(tenant, rank_id, "offer_1", 1.0, "out-1") is False
         assert await b.engine.report_outcome(tenant, rank_id, "offer_1", 1.0, "out-1") is False
@@ -150,6 +150,16 @@ async def test_an_outcome_reported_to_the_replica_that_did_not_rank_teaches_both
         precision, _ = a.engine.bandit.posterior(arm)
         assert not np.array_equal(precision, prior_precision)  # it moved
         assert_same_posterior(a, b)
+        # Outcome ids are unique per tenant only: another tenant's "out-1" is
+        # another outcome (JetStream's dedupe window spans the whole stream).
+        other = f"t{uuid.uuid4().hex[:10]}"
+        other_rank = await rank(b.engine, other, "acct-1")
+        assert await a.engine.report_outcome(other, other_rank, "offer_0", 1.0, "out-1") is True
+        await caught_up(a, b)
+        assert_same_posterior(a, b)
+        # One snapshot per sequence: the second replica keeps the first's.
+        assert await a.spine.snapshot() is True
+        assert await b.spine.snapshot() is False
 
 
 async def test_a_restarted_replica_resumes_from_its_snapshot_and_the_stream(
@@ -177,7 +187,7 @@ async def test_a_restarted_replica_resumes_from_its_snapshot_and_the_stream(
             assert_same_posterior(restarted, b)
             assert not np.array_equal(restarted.state()["precision"], before["precision"])
             # Outcome ids learned before the restart are still repeats.
-            assert restarted.engine.learner.seen("o0")
+            assert restarted.engine.learner.seen(outcome_key(tenant, "o0"))
 
 
 async def test_a_snapshot_alone_restores_the_posterior_exactly(
