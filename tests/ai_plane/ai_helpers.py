@@ -40,11 +40,12 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def ai_config(state_dir: Path, ai: dict[str, Any] | None = None) -> Config:
+def ai_config(state_dir: Path, ai: dict[str, Any] | None = None, nats_url: str = "") -> Config:
     """The test config of a plane on `state_dir`, whose dev CA and
-    certificates it creates (mutual TLS is on, as in the dev stack)."""
+    certificates it creates (mutual TLS is on, as in the dev stack); no NATS
+    unless `nats_url`."""
     dev_certificates(state_dir)
-    overrides = {"runtime": {"state_dir": str(state_dir)}, "nats": {"url": ""}}
+    overrides = {"runtime": {"state_dir": str(state_dir)}, "nats": {"url": nats_url}}
     merged_ai = deep_merge(TEST_AI, ai or {})
     return load_config(environ={}, overrides={**overrides, "ai": merged_ai})
 
