@@ -25,6 +25,7 @@ from policy_plane import cli as policy_cli
 from triplane.runtime.config import Config, ConfigError, load_config
 from triplane.runtime.tls import IDENTITIES, TlsSetupError
 from triplane_tools import models
+from triplane_tools.replicas import DEFAULT_PG_ADMIN_DSN
 from triplane_tools.stack import StackError
 
 PLANE_COMMANDS = (policy_cli, ai_cli, gateway_cli)
@@ -41,7 +42,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from triplane_tools.stack import run_foreground
 
     planes = args.planes.split(",") if args.planes else None
-    return asyncio.run(run_foreground(_config(args), planes))
+    return asyncio.run(
+        run_foreground(
+            _config(args),
+            planes,
+            replicas=args.replicas,
+            postgres_admin_dsn=args.postgres,
+            nats_cluster=args.nats_cluster,
+        )
+    )
 
 
 # ---- demo ----
@@ -156,6 +165,25 @@ def _add_stack_commands(sub: Any) -> None:
     up = sub.add_parser("up", help="run the stack in the foreground until Ctrl-C / SIGTERM")
     up.add_argument(
         "--planes", default="", help="comma-separated plane names (default: all available)"
+    )
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="processes of every plane (above 1: on PostgreSQL and Redis, the gateway "
+        "balancing round_robin over every replica)",
+    )
+    up.add_argument(
+        "--postgres",
+        default=DEFAULT_PG_ADMIN_DSN,
+        help="admin DSN of the PostgreSQL server on which --replicas creates one database "
+        "per plane (a plane given a DSN, e.g. TRIPLANE_MONEY_DSN, keeps it)",
+    )
+    up.add_argument(
+        "--nats-cluster",
+        action="store_true",
+        help="a 3-node JetStream cluster on loopback (sync_interval: always) with R3 "
+        "streams instead of one nats-server",
     )
     up.set_defaults(func=_cmd_up)
 

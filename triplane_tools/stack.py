@@ -59,9 +59,10 @@ from triplane.runtime.config import Config, StackPlaneConfig
 from triplane.runtime.lifetime import SUPERVISOR_PID_ENV, die_with_parent
 from triplane.runtime.net import dial_address, host_port, port_open
 from triplane.runtime.tls import ADMIN, TlsFiles, files_for, open_channel
+from triplane_tools import replicas as fleet
 from triplane_tools.certs import ensure_dev_certificates
 from triplane_tools.models import ensure_bootstrap_models
-from triplane_tools.natsd import EmbeddedNats
+from triplane_tools.natsd import EmbeddedNats, NatsCluster
 from triplane_tools.ports import describe_holders, listening_inodes
 
 log = logging.getLogger("triplane.stack")
@@ -117,6 +118,8 @@ class PlaneProcess:
     address: str
     log_path: Path
     process: subprocess.Popen[bytes]
+    # Which of the plane's replicas (0 when it runs one).
+    replica: int = 0
 
     @property
     def pid(self) -> int:
@@ -151,11 +154,26 @@ class Stack:
     config: Config
     planes: list[str] | None = None
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    # Processes of every plane (`triplane up --replicas N`). Above 1 the
+    # planes keep their state on PostgreSQL and Redis (triplane_tools.replicas)
+    # and the gateway balances over every replica of each plane.
+    replicas: int = 1
+    # A plane run with another count than `replicas` (e.g. {"ai": 1}).
+    replicas_of: dict[str, int] = field(default_factory=dict)
+    # Where the planes' databases are created when no DSN is configured.
+    postgres_admin_dsn: str = fleet.DEFAULT_PG_ADMIN_DSN
+    database_prefix: str = fleet.DEFAULT_DATABASE_PREFIX
+    # A 3-node JetStream cluster with R3 streams instead of one nats-server.
+    nats_cluster: bool = False
     state_dir: Path = field(init=False)
     nats_url: str = field(init=False, default="")
     processes: list[PlaneProcess] = field(init=False, default_factory=list)
     skipped: list[str] = field(init=False, default_factory=list)
     _nats: EmbeddedNats | None = field(init=False, default=None)
+    _nats_cluster: NatsCluster | None = field(init=False, default=None)
+    _replica_configs: dict[tuple[str, int], dict[str, Any]] = field(
+        init=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         self.state_dir = self.config.state_path.resolve()
@@ -169,13 +187,43 @@ class Stack:
         for name in self.planes or []:
             if name not in known:
                 raise StackError(f"plane {name!r} is not in stack.planes ({sorted(known)})")
+        if self.replicas < 1 or any(n < 1 for n in self.replicas_of.values()):
+            raise StackError("replicas must be at least 1")
+        for name in self.replicas_of:
+            if name not in known:
+                raise StackError(f"replicas_of: {name!r} is not in stack.planes")
+
+    def replica_count(self, plane: str) -> int:
+        return self.replicas_of.get(plane, self.replicas)
+
+    @property
+    def replicated(self) -> bool:
+        names = [plane.name for plane in self.config.stack.planes]
+        return any(self.replica_count(name) > 1 for name in names)
 
     # ---- public surface ----
 
     @property
     def addresses(self) -> dict[str, str]:
-        """Dial address of every running plane, by name."""
-        return {p.name: p.address for p in self.processes}
+        """Dial address of every running plane, by name (its first replica)."""
+        return {p.name: p.address for p in self.processes if p.replica == 0}
+
+    @property
+    def replica_addresses(self) -> dict[str, list[str]]:
+        """Dial address of every running replica of each plane, in replica order."""
+        found: dict[str, list[str]] = {}
+        for process in self.processes:
+            found.setdefault(process.name, []).append(process.address)
+        return found
+
+    @property
+    def gateway_targets(self) -> dict[str, str]:
+        """What the gateway replicas dial each plane at (replicated stacks)."""
+        for (plane, _), data in self._replica_configs.items():
+            if plane == "gateway":
+                targets: dict[str, str] = data["gateway"]["plane_addresses"]
+                return {name: target for name, target in targets.items() if target}
+        return {}
 
     def tls_files(self, identity: str = ADMIN) -> TlsFiles | None:
         """The TLS files of `identity` in this stack (None: runtime.tls off)."""
@@ -187,9 +235,11 @@ class Stack:
         files = self.tls_files()
         return TlsFiles(ca_path=files.ca_path) if files is not None else None
 
-    def channel(self, plane: str, identity: str = ADMIN) -> grpc.aio.Channel:
-        """A channel to a running plane as `identity` (the admin tools' by default)."""
-        return open_channel(self.addresses[plane], self.tls_files(identity), who=identity)
+    def channel(self, plane: str, identity: str = ADMIN, replica: int = 0) -> grpc.aio.Channel:
+        """A channel to a running plane (one replica of it) as `identity` (the
+        admin tools' by default)."""
+        address = self.replica_addresses[plane][replica]
+        return open_channel(address, self.tls_files(identity), who=identity)
 
     @property
     def logs_dir(self) -> Path:
@@ -227,6 +277,8 @@ class Stack:
             await asyncio.to_thread(self._stop_plane, plane)
         if self._nats is not None:
             await asyncio.to_thread(self._nats.stop)
+        if self._nats_cluster is not None:
+            await asyncio.to_thread(self._nats_cluster.stop)
 
     async def wait_for_exit(self) -> PlaneProcess:
         """Returns the first plane that exits (for the foreground supervisor)."""
@@ -258,8 +310,29 @@ class Stack:
             ensure_dev_auth_files(self.state_dir, auth.environment)
         planes = self._selected_planes()
         self._refuse_busy_ports(planes)
+        if self.replicated:
+            # PostgreSQL and Redis checked (refused with a message when
+            # missing), the databases created, the planes pointed at them.
+            self.config = await asyncio.to_thread(
+                fleet.shared_engines_config,
+                self.config,
+                admin_dsn=self.postgres_admin_dsn,
+                prefix=self.database_prefix,
+                ai_replicas=self.replica_count("ai"),
+            )
+        if self.nats_cluster:
+            self.config = fleet.with_stream_replicas(self.config, 3)
         self.nats_url = self.config.nats.url
-        if not self.nats_url:
+        if not self.nats_url and self.nats_cluster:
+            self._nats_cluster = NatsCluster(self.state_dir / "nats-cluster")
+            self._nats_cluster.spawn()
+            await asyncio.to_thread(
+                self._nats_cluster.wait_ready, self.config.stack.start_timeout_s
+            )
+            # One URL: the runtime's connect takes one (nats-py learns the
+            # other nodes from the server and fails over to them).
+            self.nats_url = self._nats_cluster.urls[0]
+        elif not self.nats_url:
             self._nats = EmbeddedNats(self.state_dir / "nats")
             # Spawned from this thread (the server dies with the thread that
             # spawned it); only the wait runs in a worker thread.
@@ -268,15 +341,40 @@ class Stack:
                 self._nats.wait_listening, self.config.stack.start_timeout_s
             )
         env = self._child_env(self._write_effective_config())
+        if self.replicated:
+            base = msgspec.to_builtins(self._resolved_config())
+            base["nats"]["url"] = self.nats_url
+            counts = {plane.name: self.replica_count(plane.name) for plane in planes}
+            self._replica_configs = fleet.replica_configs(base, counts)
         for plane in planes:
             if plane.module == "ai_plane" and self.config.ai.models.bootstrap_train:
                 # The AI plane trains nothing itself: its models are made live
                 # first, from the synthetic world (seconds; nothing downloaded).
                 await asyncio.to_thread(ensure_bootstrap_models, self._resolved_config())
-            process = self._spawn(plane, env)
-            self.processes.append(process)
-            await self._wait_serving(process, time.monotonic() + self.config.stack.start_timeout_s)
-            log.info("%s serving on %s (pid %d)", plane.name, process.address, process.pid)
+            count = self.replica_count(plane.name) if self.replicated else 1
+            # The first replica alone, then the others together: the first
+            # creates the plane's schema (two processes migrating one empty
+            # database at once collide on CREATE TABLE IF NOT EXISTS).
+            for batch in ([0], list(range(1, count))):
+                started = []
+                for replica in batch:
+                    if self.replicated:
+                        config_path = self._write_replica_config(plane.name, replica)
+                        process = self._spawn(plane, self._child_env(config_path), replica)
+                    else:
+                        process = self._spawn(plane, env)
+                    self.processes.append(process)
+                    started.append(process)
+                deadline = time.monotonic() + self.config.stack.start_timeout_s
+                for process in started:
+                    await self._wait_serving(process, deadline)
+                    log.info(
+                        "%s[%d] serving on %s (pid %d)",
+                        plane.name,
+                        process.replica,
+                        process.address,
+                        process.pid,
+                    )
 
     def _resolved_config(self) -> Config:
         """The config with the state dir the children get (absolute)."""
@@ -336,6 +434,19 @@ class Stack:
         )
         return path
 
+    def _write_replica_config(self, plane: str, replica: int) -> Path:
+        """The config of one replica: the stack's, with its own ports (and
+        decision-log writer), the gateway's plane addresses naming every
+        replica."""
+        path = self.state_dir / f"stack-config-{plane}-{replica}.yaml"
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text(
+            f"# Written by the stack supervisor: the config of {plane} replica {replica}.\n"
+            + yaml.safe_dump(self._replica_configs[(plane, replica)], sort_keys=False)
+        )
+        return path
+
     def _child_env(self, config_path: Path) -> dict[str, str]:
         env = dict(self.environ)
         env.update(
@@ -351,11 +462,16 @@ class Stack:
             env["PYTHONPATH"] = os.pathsep.join(paths)
         return env
 
-    def _spawn(self, plane: StackPlaneConfig, env: dict[str, str]) -> PlaneProcess:
+    def _spawn(
+        self, plane: StackPlaneConfig, env: dict[str, str], replica: int = 0
+    ) -> PlaneProcess:
         listen = self._listen_of(plane)
+        log_path = self.logs_dir / f"{plane.name}.log"
+        if self._replica_configs:
+            listen = self._replica_configs[(plane.name, replica)][plane.name]["listen"]
+            log_path = self.logs_dir / f"{plane.name}-{replica}.log"
         _refuse_busy(plane.name, f"{plane.name}.listen", listen)
         address = dial_address(listen)
-        log_path = self.logs_dir / f"{plane.name}.log"
         log_file: IO[bytes]
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
@@ -367,7 +483,7 @@ class Stack:
                 start_new_session=True,
                 preexec_fn=die_with_parent(),
             )
-        return PlaneProcess(plane.name, plane.module, address, log_path, process)
+        return PlaneProcess(plane.name, plane.module, address, log_path, process, replica)
 
     async def _wait_serving(self, plane: PlaneProcess, deadline: float) -> None:
         serving = int(health_pb2.HealthCheckResponse.SERVING)
@@ -448,8 +564,15 @@ def describe(stack: Stack) -> str:
     lines = [f"state dir   {stack.state_dir}", f"nats        {stack.nats_url}"]
     if stack.nats_log_path is not None:
         lines.append(f"nats log    {stack.nats_log_path}")
+    if stack._nats_cluster is not None:
+        for node in stack._nats_cluster.nodes:
+            lines.append(f"nats {node.name:<6} {node.url}  log {node.log_path}")
+        lines.append("nats        JetStream cluster of 3, R3 streams, sync_interval: always")
     for plane in stack.processes:
-        lines.append(f"{plane.name:<11} {plane.address}  pid {plane.pid}  log {plane.log_path}")
+        name = f"{plane.name}[{plane.replica}]" if stack.replicated else plane.name
+        lines.append(f"{name:<11} {plane.address}  pid {plane.pid}  log {plane.log_path}")
+    for plane_name, target in stack.gateway_targets.items():
+        lines.append(f"gateway -> {plane_name:<6} {target} (round_robin)")
     if stack.skipped:
         lines.append(f"not started (no __main__.py yet): {', '.join(stack.skipped)}")
     return "\n".join(lines)
@@ -462,13 +585,25 @@ async def _first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
     return done
 
 
-async def run_foreground(config: Config, planes: list[str] | None = None) -> int:
+async def run_foreground(
+    config: Config,
+    planes: list[str] | None = None,
+    replicas: int = 1,
+    postgres_admin_dsn: str = fleet.DEFAULT_PG_ADMIN_DSN,
+    nats_cluster: bool = False,
+) -> int:
     """`triplane up`: the stack until SIGINT/SIGTERM (0) or until a plane dies (1)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested.set)
-    stack = Stack(config, planes=planes)
+    stack = Stack(
+        config,
+        planes=planes,
+        replicas=replicas,
+        postgres_admin_dsn=postgres_admin_dsn,
+        nats_cluster=nats_cluster,
+    )
     stop_wait = asyncio.create_task(stop_requested.wait())
     start = asyncio.create_task(stack.start())
     if start not in await _first(start, stop_wait):
