@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +26,16 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
+import yaml
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.client import JetStreamContext
 
 from triplane.runtime import bus
 from triplane.runtime.config import load_config
+from triplane.runtime.net import free_port
 from triplane_tools.natsd import NatsCluster
+from triplane_tools.stack import EFFECTIVE_CONFIG_FILE, Stack
 
 pytestmark = pytest.mark.nats
 
@@ -194,3 +198,39 @@ async def test_r3_stream_keeps_every_acknowledged_message_when_its_leader_is_kil
 
     assert len(seen) == len(set(seen)), "a message is in the stream twice"
     assert set(seen) == acked
+
+
+async def test_the_stack_runs_its_planes_on_the_cluster_with_r3_streams(tmp_path: Path) -> None:
+    """`triplane up --nats-cluster`: the supervisor starts the three nodes,
+    the planes get R3 streams, and stopping the stack stops every node."""
+    state_dir = tmp_path / "state"
+    config = load_config(
+        environ={},
+        overrides={
+            "runtime": {"state_dir": str(state_dir)},
+            "nats": {"url": ""},
+            "money": {"listen": f"127.0.0.1:{free_port()}"},
+            "stack": {"planes": [{"name": "money", "module": "money_plane"}]},
+        },
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE")}
+    environ.pop("NATS_URL", None)
+    stack = Stack(config, environ=environ, nats_cluster=True)
+    await stack.start()
+    try:
+        effective = yaml.safe_load((state_dir / EFFECTIVE_CONFIG_FILE).read_text())
+        assert effective["nats"]["stream_replicas"] == 3
+        cluster = stack._nats_cluster
+        assert cluster is not None and all(node.running for node in cluster.nodes)
+        assert stack.nats_url in cluster.urls
+        client = await _connect(cluster.urls)
+        try:
+            js = client.jetstream(timeout=5.0)
+            await bus.ensure_streams(js, stack.config.nats, [STREAM])
+            info = await _stream_info_with_leader(js)
+            assert info.config.num_replicas == 3
+        finally:
+            await client.close()
+    finally:
+        await stack.stop()
+    assert not any(node.running for node in cluster.nodes)
