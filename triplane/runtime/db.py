@@ -202,6 +202,12 @@ class Database:
     def migrate(self, ddl: str) -> None:
         statements = [s.strip() for s in re.split(r";\s*\n", ddl) if s.strip()]
         with self.tx() as tx:
+            if self.dialect == "postgres":
+                # Replicas starting together on an empty database: concurrent
+                # CREATE TABLE IF NOT EXISTS of one table fails in all but one
+                # (UniqueViolation on pg_type). One migration at a time per
+                # database; the lock ends with the transaction.
+                tx.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
             for statement in statements:
                 tx.execute(statement)
 
@@ -219,6 +225,10 @@ class Database:
             if self._pg is not None:
                 self._pg.close()
                 self._pg = None
+
+
+# The advisory lock key schema migrations take (any constant of the project's).
+_MIGRATION_LOCK = 0x7472_6970_6C61_6E  # "triplan"
 
 
 def is_unique_violation(exc: BaseException) -> bool:
