@@ -573,13 +573,6 @@ def describe(stack: Stack) -> str:
         lines.append(f"{name:<11} {plane.address}  pid {plane.pid}  log {plane.log_path}")
     for plane_name, target in stack.gateway_targets.items():
         lines.append(f"gateway -> {plane_name:<6} {target} (round_robin)")
-    lists = [t for t in stack.gateway_targets.values() if t.startswith("ipv4:")]
-    if lists and stack.config.runtime.tls.enabled:
-        lines.append(
-            "warning: over mutual TLS the gateway sets no authority for an ipv4: list, so its "
-            "calls to those planes fail the certificate check; run with runtime.tls.enabled: "
-            "false (TRIPLANE__RUNTIME__TLS__ENABLED=false) until it does"
-        )
     if stack.skipped:
         lines.append(f"not started (no __main__.py yet): {', '.join(stack.skipped)}")
     return "\n".join(lines)

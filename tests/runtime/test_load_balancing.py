@@ -131,10 +131,9 @@ async def replicas(state_dir: Path) -> AsyncIterator[Replicas]:
 
 def _gateway_channels(config: Config, target: str) -> PlaneChannels:
     """The gateway's channels as from_config builds them (runtime.grpc), with
-    the policy plane at `target` and the replicas' certificate name."""
-    options = channel_options_for(
-        config, IDEMPOTENT_PLANE_METHODS, [*CHANNEL_OPTIONS, ("grpc.default_authority", AUTHORITY)]
-    )
+    the policy plane at `target`: an ipv4: list, whose first host the servers'
+    certificates are checked against (triplane.runtime.tls.with_list_authority)."""
+    options = channel_options_for(config, IDEMPOTENT_PLANE_METHODS, CHANNEL_OPTIONS)
     return PlaneChannels(target, target, target, tls=files_for(config, GATEWAY), options=options)
 
 

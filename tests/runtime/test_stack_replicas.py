@@ -73,9 +73,6 @@ async def fleet_stack(
         tmp_path_factory.mktemp("fleet"),
         nats_url,
         ai={"features": {"redis_url": redis_url}},
-        # Plaintext: the gateway cannot dial an ipv4: list over TLS yet (it
-        # sets no authority for it, so the certificate check fails; reported).
-        runtime={"tls": {"enabled": False}},
     )
     stack = Stack(
         config,

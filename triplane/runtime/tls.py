@@ -308,6 +308,21 @@ def channel_options_for(
     )
 
 
+def with_list_authority(address: str, options: GRPC_OPTIONS | None) -> GRPC_OPTIONS | None:
+    """For an address list (`ipv4:127.0.0.1:5001,127.0.0.1:5002`, how
+    `triplane up --replicas` and the tests reach replicas), the name the
+    servers' certificates are checked against: the first address's host,
+    unless the options name one (grpc.default_authority). gRPC has no host
+    name to check for such a target and refuses every handshake otherwise."""
+    if not address.startswith(("ipv4:", "ipv6:")):
+        return options
+    if any(name == "grpc.default_authority" for name, _ in options or ()):
+        return options
+    first = address.split(":", 1)[1].split(",", 1)[0]
+    host = first.rsplit(":", 1)[0].strip("[]") if first.count(":") >= 1 else first
+    return [*(options or ()), ("grpc.default_authority", host)]
+
+
 def open_channel(
     address: str, files: TlsFiles | None, options: GRPC_OPTIONS | None = None, who: str = ""
 ) -> grpc.aio.Channel:
@@ -315,6 +330,7 @@ def open_channel(
     if files is None:
         return grpc.aio.insecure_channel(address, options=options)
     material = load_material(files, who or f"channel to {address}")
+    options = with_list_authority(address, options)
     return grpc.aio.secure_channel(address, channel_credentials(material), options=options)
 
 
@@ -325,6 +341,7 @@ def open_sync_channel(
     if files is None:
         return grpc.insecure_channel(address, options=options)
     material = load_material(files, who or f"channel to {address}")
+    options = with_list_authority(address, options)
     return grpc.secure_channel(address, channel_credentials(material), options=options)
 
 
