@@ -15,6 +15,7 @@ from money_plane import metrics as m
 from money_plane.ledger import Ledger
 from money_plane.permissions import PERMISSIONS
 from money_plane.service import ledger_service
+from money_plane.shards import ShardDirectory, ShardedLedger
 from money_plane.store.base import LedgerStore
 from money_plane.store.postgres import PostgresLedgerStore
 from money_plane.store.sqlite import SqliteLedgerStore
@@ -35,6 +36,19 @@ def build_store(config: Config) -> LedgerStore:
     ledger_store = _build_store(config)
     ledger_store.reserve_retry_s = config.money.reserves.refused_retry_s
     return ledger_store
+
+
+def build_shard_store(config: Config, dsn: str) -> LedgerStore:
+    """The store of one shard of money.store.shards (PostgreSQL)."""
+    store = PostgresLedgerStore(
+        dsn,
+        codec.encode_event,
+        codec.encode_account_event,
+        config.money.holds.default_timeout_s,
+        config.money.store.conflict_retry,
+    )
+    store.reserve_retry_s = config.money.reserves.refused_retry_s
+    return store
 
 
 def _build_store(config: Config) -> LedgerStore:
@@ -89,17 +103,20 @@ class MoneyPlane:
     clock: Clock = field(default_factory=SystemClock)
     listen: str | None = None
     ledger: Ledger | None = None
+    # With money.store.shards: the ledger of every shard, routed by tenant
+    # (`ledger` is then None).
+    sharded: ShardedLedger | None = None
     server: PlaneServer | None = None
     relay: OutboxRelay | None = None
-    _relay_task: asyncio.Task[None] | None = None
-    _relay_executor: ThreadPoolExecutor | None = None
+    relays: list[OutboxRelay] = field(default_factory=list)
+    _relay_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _relay_executors: list[tuple[ThreadPoolExecutor, Ledger]] = field(default_factory=list)
 
     async def start(self, sweepers: bool = True, relay: bool = True, metrics: bool = True) -> int:
         """Starts everything; returns the bound gRPC port. Extra serving
         processes (money.server_processes) run neither sweepers nor relay
         nor the metrics endpoint: the primary does that for all of them."""
         config = self.config
-        store = build_store(config)
         tokens = config.money.tokens
         verifier = TokenVerifier(
             token_key_set(
@@ -110,45 +127,45 @@ class MoneyPlane:
             ),
             tokens.clock_skew_s,
         )
-        self.ledger = Ledger(
-            store,
-            verifier,
-            self.clock,
-            config.money,
-            single_writer=config.money.store.backend == "sqlite",
-        )
-        await self.ledger.start(sweepers=sweepers)
-        if config.nats.url and relay:
-            loop = asyncio.get_running_loop()
-            ledger = self.ledger
-            if config.money.store.backend == "sqlite":
-                run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]] = ledger.run_on_writer
-            else:
-                executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
-                self._relay_executor = executor
-
-                def run_blocking(fn: Callable[[], Any]) -> Awaitable[Any]:
-                    return loop.run_in_executor(executor, fn)
-
-            outbox = config.money.outbox
-            self.relay = OutboxRelay(
-                MeasuredOutbox(store, self.clock),
-                config.nats,
-                RelaySettings.from_config(outbox, ["TRIPLANE_MONEY", "TRIPLANE_TENANTS"]),
+        shards = config.money.store.shards
+        served: Ledger | ShardedLedger
+        if shards:
+            # One ledger (store, group commit, sweepers, relay) per shard.
+            ledgers = {
+                shard.name: Ledger(
+                    build_shard_store(config, shard.postgres_dsn),
+                    verifier,
+                    self.clock,
+                    config.money,
+                )
+                for shard in shards
+            }
+            directory = ShardDirectory(shards[0].postgres_dsn, [shard.name for shard in shards])
+            self.sharded = ShardedLedger(directory, ledgers, self.clock)
+            await self.sharded.start(sweepers=sweepers)
+            served = self.sharded
+            relayed = [(f"money-plane-relay-{name}", ledger) for name, ledger in ledgers.items()]
+        else:
+            self.ledger = Ledger(
+                build_store(config),
+                verifier,
                 self.clock,
-                client_name="money-plane-relay",
-                # SQLite: the writer's thread (one writer, no lock races);
-                # PostgreSQL: a thread and connection of the relay's own.
-                run_blocking=run_blocking,
-                wakeup=self.ledger.committed,
+                config.money,
+                single_writer=config.money.store.backend == "sqlite",
             )
-            self._relay_task = asyncio.create_task(self.relay.run(), name="outbox-relay")
+            await self.ledger.start(sweepers=sweepers)
+            served = self.ledger
+            relayed = [("money-plane-relay", self.ledger)]
+        if config.nats.url and relay:
+            for client_name, ledger in relayed:
+                self._start_relay(client_name, ledger)
+            self.relay = self.relays[0]
         elif relay:
             log.warning("nats.url is empty: ledger events stay in the outbox until a relay runs")
         self.server = PlaneServer(
             name="money_plane",
             listen=self.listen or config.money.listen,
-            services=[ledger_service(self.ledger, self.clock)],
+            services=[ledger_service(served, self.clock)],
             security=ServerSecurity.from_config(config, MONEY_PLANE, PERMISSIONS),
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
@@ -159,16 +176,43 @@ class MoneyPlane:
         )
         return await self.server.start()
 
+    def _start_relay(self, client_name: str, ledger: Ledger) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        if config.money.store.backend == "sqlite":
+            run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]] = ledger.run_on_writer
+        else:
+            executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
+            self._relay_executors.append((executor, ledger))
+
+            def run_blocking(fn: Callable[[], Any]) -> Awaitable[Any]:
+                return loop.run_in_executor(executor, fn)
+
+        relay = OutboxRelay(
+            MeasuredOutbox(ledger.store, self.clock),
+            config.nats,
+            RelaySettings.from_config(config.money.outbox, ["TRIPLANE_MONEY", "TRIPLANE_TENANTS"]),
+            self.clock,
+            client_name=client_name,
+            # SQLite: the writer's thread (one writer, no lock races);
+            # PostgreSQL: a thread and connection of the relay's own.
+            run_blocking=run_blocking,
+            wakeup=ledger.committed,
+        )
+        self.relays.append(relay)
+        self._relay_tasks.append(asyncio.create_task(relay.run(), name=client_name))
+
     async def _stop_internals(self) -> None:
-        await cancel_and_wait([self._relay_task])
-        if self.relay is not None:
-            await self.relay.close()
+        await cancel_and_wait(self._relay_tasks)
+        for relay in self.relays:
+            await relay.close()
         if self.ledger is not None:
             await self.ledger.stop()
-        if self._relay_executor is not None:
-            assert self.ledger is not None
-            self._relay_executor.submit(self.ledger.store.close)
-            self._relay_executor.shutdown(wait=True)
+        if self.sharded is not None:
+            await self.sharded.stop()
+        for executor, ledger in self._relay_executors:
+            executor.submit(ledger.store.close)
+            executor.shutdown(wait=True)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -8,6 +8,7 @@ import grpc
 from money_plane import codec
 from money_plane.domain import Outcome
 from money_plane.ledger import Ledger
+from money_plane.shards import ShardedLedger
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import codec as wire
@@ -17,7 +18,7 @@ from triplane.runtime.errors import InvalidArgument, error_for
 from triplane.runtime.server import Service
 
 
-def _deadline(context: grpc.aio.ServicerContext, ledger: Ledger) -> Deadline:
+def _deadline(context: grpc.aio.ServicerContext, ledger: Ledger | ShardedLedger) -> Deadline:
     return Deadline.from_remaining(context.time_remaining(), ledger.config.budget_ms / 1000.0)
 
 
@@ -28,7 +29,7 @@ def _raise_for(outcome: Outcome) -> None:
 
 
 class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, ledger: Ledger, clock: Clock) -> None:
+    def __init__(self, ledger: Ledger | ShardedLedger, clock: Clock) -> None:
         self._ledger = ledger
         self._clock = clock
 
@@ -133,7 +134,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         return codec.check_balanced_response(check)
 
 
-def ledger_service(ledger: Ledger, clock: Clock) -> Service:
+def ledger_service(ledger: Ledger | ShardedLedger, clock: Clock) -> Service:
     servicer = LedgerServicer(ledger, clock)
     return Service(
         full_name=pb.DESCRIPTOR.services_by_name["LedgerService"].full_name,

@@ -148,6 +148,16 @@ class KeysConfig(_Strict, frozen=True):
     decision_log_public_key_paths: list[str]
 
 
+class MoneyShardConfig(_Strict, frozen=True):
+    """One database of the tenant-sharded ledger. The DSN is a secret: leave
+    it out of config maps and give it as TRIPLANE_MONEY_DSN_<NAME> (the name
+    upper-cased) or a file (postgres_dsn_file, e.g. a mounted Secret)."""
+
+    name: str
+    postgres_dsn: str = ""
+    postgres_dsn_file: str = ""
+
+
 class MoneyStoreConfig(_Strict, frozen=True):
     backend: str
     sqlite_path: str
@@ -155,6 +165,8 @@ class MoneyStoreConfig(_Strict, frozen=True):
     postgres_pool_size: int
     # A group commit that lost a race with another writer (bounded: a request waits).
     conflict_retry: RetryPolicy
+    # Tenant shards (PostgreSQL); empty: one database (postgres_dsn or sqlite_path).
+    shards: list[MoneyShardConfig] = msgspec.field(default_factory=list)
 
 
 class GroupCommitConfig(_Strict, frozen=True):
@@ -889,6 +901,7 @@ def load_config(
     data = _merge(data, _env_overrides(env))
     if overrides:
         data = _merge(data, overrides)
+    _money_shard_dsns(data, env)
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -990,8 +1003,57 @@ def _check_ai_replicas(config: Config) -> None:
         )
 
 
+def money_shard_dsn_env(name: str) -> str:
+    """The environment variable that gives shard `name` its DSN."""
+    return "TRIPLANE_MONEY_DSN_" + "".join(c if c.isalnum() else "_" for c in name).upper()
+
+
+def _money_shard_dsns(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Fills each money shard's empty postgres_dsn from its environment
+    variable, else from its postgres_dsn_file."""
+    store = data.get("money", {}).get("store", {})
+    if not isinstance(store.get("shards"), list):
+        return
+    # Copies: the lists and mappings may be the caller's (overrides).
+    shards = [dict(s) if isinstance(s, Mapping) else s for s in store["shards"]]
+    store["shards"] = shards
+    for shard in shards:
+        if not isinstance(shard, dict) or shard.get("postgres_dsn"):
+            continue
+        from_env = env.get(money_shard_dsn_env(str(shard.get("name", ""))))
+        if from_env:
+            shard["postgres_dsn"] = from_env
+        elif shard.get("postgres_dsn_file"):
+            try:
+                shard["postgres_dsn"] = Path(shard["postgres_dsn_file"]).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"money.store.shards[{shard.get('name')}].postgres_dsn_file: {exc}"
+                ) from exc
+
+
+def _check_money_shards(config: Config) -> None:
+    store = config.money.store
+    if not store.shards:
+        return
+    if store.backend != "postgres":
+        raise ConfigError("money.store.shards needs money.store.backend: postgres")
+    names = [shard.name for shard in store.shards]
+    if len(set(names)) != len(names):
+        raise ConfigError("money.store.shards: shard names must be unique")
+    for shard in store.shards:
+        if not shard.name or not all(c.isalnum() or c == "_" for c in shard.name):
+            raise ConfigError("money.store.shards: a name is letters, digits and _")
+        if not shard.postgres_dsn:
+            raise ConfigError(
+                f"money.store.shards[{shard.name}]: no DSN (set {money_shard_dsn_env(shard.name)}"
+                " or postgres_dsn_file)"
+            )
+
+
 def _check(config: Config) -> None:
     _check_retries(config)
+    _check_money_shards(config)
     _check_streams(config)
     if config.ai.features.backend not in ("in_process", "redis", "aerospike"):
         raise ConfigError("ai.features.backend must be 'in_process', 'redis' or 'aerospike'")
@@ -1013,7 +1075,8 @@ def _check(config: Config) -> None:
         raise ConfigError("ai.breaker.failure_rate must be in (0, 1]")
     if config.money.store.backend not in ("sqlite", "postgres"):
         raise ConfigError("money.store.backend must be 'sqlite' or 'postgres'")
-    if config.money.store.backend == "postgres" and not config.money.store.postgres_dsn:
+    store = config.money.store
+    if store.backend == "postgres" and not store.postgres_dsn and not store.shards:
         raise ConfigError("money.store.postgres_dsn is required with backend 'postgres'")
     if config.money.group_commit.workers < 1:
         raise ConfigError("money.group_commit.workers must be >= 1")
