@@ -53,7 +53,8 @@ class ShardDirectory:
         self._conn: psycopg.Connection[Any] | None = None
 
     def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
+        # A connection lost with the server (broken) is replaced, like the stores'.
+        if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = psycopg.connect(self._dsn, autocommit=False)
         return self._conn
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from money_helpers import (
     NO_CONSTRAINT,
@@ -23,6 +24,7 @@ from money_helpers import (
 )
 
 from money_plane.app import MoneyPlane
+from money_plane.shards import ShardDirectory
 from tests.conftest import create_pg_database, drop_pg_database
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, ConfigError, load_config, with_overrides
@@ -213,3 +215,29 @@ def test_shard_dsns_come_from_the_environment_or_a_file(tmp_path: Path) -> None:
             overrides={"money": {"store": {"shards": shards}}},
         )
     assert load_config(environ={}).money.store.shards == []
+
+
+def test_directory_replaces_a_connection_the_server_dropped(
+    two_databases: tuple[str, str], pg_admin_dsn: str
+) -> None:
+    directory = ShardDirectory(two_databases[0], ["a", "b"])
+    try:
+        directory.create_schema()
+        tenant = unique_tenant("d")
+        assert directory.assign(tenant, 1) == "a"
+        dbname = two_databases[0].rsplit("dbname=", 1)[1].split()[0]
+        with psycopg.connect(pg_admin_dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (dbname,),
+            )
+        with pytest.raises(psycopg.OperationalError):
+            directory.shard_of(unique_tenant("unknown"))
+        # The next call reconnects; the assignment is still there.
+        fresh = ShardDirectory(two_databases[0], ["a", "b"])
+        assert fresh.shard_of(tenant) == "a"
+        fresh.close()
+        assert directory.shard_of(unique_tenant("unknown")) is None
+        assert directory.assign(unique_tenant("d"), 2) == "b"
+    finally:
+        directory.close()
