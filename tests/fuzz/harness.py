@@ -34,7 +34,15 @@ from nats.aio.client import Client as NatsClient
 
 from gateway.auth.scopes import ALL_SCOPES
 from tests.fuzz.state import StateProbe, differences
-from tests.fuzz.strategies import Hints, SpecStrategies, add_to_pool, build, harvest, pooled
+from tests.fuzz.strategies import (
+    Hints,
+    SpecStrategies,
+    add_to_pool,
+    build,
+    harvest,
+    pooled,
+    spec_bytes,
+)
 from tests.fuzz.targets import Target
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
@@ -64,6 +72,12 @@ CUSTOMERS, MERCHANTS = 12, 8
 # moment after it sends them; the relays publish what the outboxes hold).
 QUIET_S = 0.025
 SETTLE_MAX_S = 2.0
+# The largest request drawn. Past the servers' 4 MiB limit gRPC refuses a
+# request before any plane code runs, so a larger one tests nothing more; an
+# item repeated past a count limit can otherwise make one of gigabytes (1.1 GB
+# was drawn: minutes of the client's CPU, and over 2 GiB protobuf cannot
+# serialize at all).
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 # Ids the servers answered, kept per field name for later requests.
 POOL_BOUND = 256
 # Findings kept per RPC and kind, the smallest requests first.
@@ -205,7 +219,7 @@ def _config(state_dir: Path) -> Config:
     """The dev stack's config on free ports, with the background sweeps that
     would change state on their own between two snapshots turned far out
     (hold expiry, reserve release, token purge, outbox cleanup, the trigger
-    runner and the delivery worker are no fuzz target) and the relays and
+    runner, the delivery worker and the bandit's snapshot are no fuzz target) and the relays and
     the gateway's answer writer quick, so a stack settles fast."""
     far_s = 86_400
     return load_config(
@@ -224,7 +238,12 @@ def _config(state_dir: Path) -> Config:
                 "outbox": {"relay_interval_s": 0.005},
                 "decision_log": {"retention_sweep_interval_s": far_s},
             },
-            "ai": {"listen": f"127.0.0.1:{free_port()}"},
+            "ai": {
+                "listen": f"127.0.0.1:{free_port()}",
+                # The posterior's periodic snapshot (a JetStream object store)
+                # is a write no call made: only at shutdown.
+                "bandit": {"snapshot_interval_s": 0},
+            },
             "gateway": {
                 "listen": f"127.0.0.1:{free_port()}",
                 "idempotency": {"flush_interval_ms": 1},
@@ -388,7 +407,7 @@ class FuzzWorld:
         hostile, tame = self._strategies
         return st.one_of(
             hostile.for_message(target.input_type), tame.for_message(target.input_type)
-        )
+        ).filter(lambda spec: spec_bytes(spec) <= MAX_REQUEST_BYTES)
 
     # ---- callers ----
 

@@ -340,6 +340,27 @@ class SpecStrategies:
         return hint if self._tame else st.one_of(hint, generic)
 
 
+def spec_bytes(spec: Any) -> int:
+    """About the bytes the message of `spec` takes on the wire (a string or
+    bytes value its length, anything else a few bytes), without building it:
+    an item repeated past a limit is one object, counted once and multiplied."""
+    seen: dict[int, int] = {}
+
+    def size(value: Any) -> int:
+        if isinstance(value, str | bytes):
+            return len(value) + 2
+        if isinstance(value, dict | list):
+            known = seen.get(id(value))
+            if known is None:
+                items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+                known = sum(size(k) + size(v) + 2 for k, v in items)
+                seen[id(value)] = known
+            return known
+        return 8  # a number, a bool, a Pooled id
+
+    return size(spec)
+
+
 def resolve(value: Any, pools: Pools) -> Any:
     """A Pooled as the value it stands for now; anything else as it is."""
     if not isinstance(value, Pooled):

@@ -28,6 +28,7 @@ from tests.fuzz.strategies import (
     harvest,
     pooled,
     resolve,
+    spec_bytes,
 )
 from tests.fuzz.targets import cases_of, targets
 from triplane.ai.v1 import ai_pb2
@@ -183,3 +184,11 @@ def test_every_plane_gets_its_cases_from_the_contracts_alone() -> None:
         assert sum(cases_of(t, every, 10_000) for t in own) >= 10_000
     no_fields = [t for t in every if not t.input_type.fields]
     assert all(cases_of(t, every, 10_000) == 1 for t in no_fields)
+
+
+def test_spec_bytes_counts_a_repeated_item_once_per_repeat() -> None:
+    item = {"flow": "a" * 1000, "attributes": {f"k{i}": "b" * 100 for i in range(33)}}
+    spec = {"events": [item] * 1001, "tenant_id": "t"}
+    size = spec_bytes(spec)
+    wire = build(gateway_pb2.IngestEventsRequest.DESCRIPTOR, spec, {}).ByteSize()
+    assert wire * 0.8 <= size <= wire * 1.5
