@@ -57,7 +57,8 @@ def _zone(name: str) -> ZoneInfo | None:
     """The IANA zone `name`, or None when there is no such zone."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        # OSError: a name longer than a file name may be (zoneinfo opens it).
         return None
 
 

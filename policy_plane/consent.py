@@ -101,7 +101,8 @@ def parse_hhmm(text: str, field_name: str) -> dt.time:
 def zone(name: str, field_name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        # OSError: a name longer than a file name may be (zoneinfo opens it).
         raise InvalidArgument(
             "TIME_ZONE_UNKNOWN", f"{name!r} is not an IANA time zone", field_name
         ) from exc

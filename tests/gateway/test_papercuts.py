@@ -377,3 +377,14 @@ def test_a_mapped_error_keeps_its_code_and_reason_and_renames_the_field() -> Non
     assert isinstance(mapped, NotFound) and mapped.code == error.code
     assert (mapped.reason, mapped.field) == ("ACCOUNT_NOT_FOUND", "account_id")
     assert mapped.message == "account_id: no account 'ghost'"
+
+
+def test_a_time_zone_name_too_long_for_a_file_is_no_zone() -> None:
+    """zoneinfo opens the name as a file: a 256-character time_zone (within
+    the gateway's string limit) raised OSError and AuthorizePayment answered
+    INTERNAL; it is TIME_ZONE_UNKNOWN like any other unknown zone."""
+    from gateway.payments import _zone
+
+    assert _zone("A" * 256) is None
+    assert _zone("Europe/" + "x" * 300) is None
+    assert _zone("Europe/Paris") is not None

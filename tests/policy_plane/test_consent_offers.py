@@ -287,3 +287,19 @@ async def test_bad_offers_are_refused(engine: PolicyEngine) -> None:
             engine.offers.put(bad)
         assert caught.value.field == field
     assert engine.offers.list_offers(TENANT, "", 10) == []
+
+
+def test_a_time_zone_name_too_long_for_a_file_is_unknown_not_internal() -> None:
+    """zoneinfo opens the name as a file: past 255 characters it raises
+    OSError (file name too long), which answered INTERNAL (found by the fuzz
+    suite through PutContactProfile)."""
+    from policy_plane.consent import zone
+    from triplane.runtime.errors import InvalidArgument as _InvalidArgument
+
+    for name in ("A" * 256, "Europe/" + "x" * 2001):
+        with pytest.raises(_InvalidArgument) as caught:
+            zone(name, "profile.time_zone")
+        assert (caught.value.reason, caught.value.field) == (
+            "TIME_ZONE_UNKNOWN",
+            "profile.time_zone",
+        )
