@@ -41,14 +41,17 @@ def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
-def _loud_skip(what: str) -> None:
+def _loud_skip(what: str, why: str = "its server cannot be reached") -> None:
+    """Fails under CI=true, where every server and tool the suites need is
+    installed; elsewhere skips `what`, said loudly."""
     if in_ci():
         pytest.fail(
-            f"{what}: its server cannot be reached, and under CI=true that fails the suite "
-            "(.ci/run starts PostgreSQL and Redis; outside CI the suite is skipped)",
+            f"{what}: {why}, and under CI=true that fails the suite "
+            "(.ci/run starts PostgreSQL and Redis and installs the tools; outside CI the "
+            "suite is skipped)",
             pytrace=False,
         )
-    message = f"\n\n*** SKIPPING {what}: its server cannot be reached ***\n"
+    message = f"\n\n*** SKIPPING {what}: {why} ***\n"
     sys.stderr.write(message)
     warnings.warn(message, stacklevel=2)
     pytest.skip(message)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-import warnings
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from ai_plane.app import registry_dir
 from ai_plane.manager import write_live_repository
 from ai_plane.registry import Registry
 from ai_plane.triton import ModelRepository, TritonProcess, TritonUnavailable, find_dist
+from tests.conftest import _loud_skip
 from tests.tls_helpers import dev_certificates
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.common.v1 import types_pb2
@@ -51,14 +48,12 @@ def ai_config(state_dir: Path, ai: dict[str, Any] | None = None, nats_url: str =
 
 
 def require_triton() -> None:
-    """Skips loudly when the tritonserver binary (nvidia-pytriton) is missing."""
+    """Triton tests need the tritonserver binary (nvidia-pytriton): missing,
+    they fail under CI=true and are skipped loudly elsewhere."""
     try:
         find_dist()
     except TritonUnavailable as exc:
-        message = f"\n\n*** SKIPPING Triton tests: {exc} ***\n"
-        sys.stderr.write(message)
-        warnings.warn(message, stacklevel=2)
-        pytest.skip(message)
+        _loud_skip("Triton tests", str(exc))
 
 
 def bootstrapped(config: Config) -> Config:

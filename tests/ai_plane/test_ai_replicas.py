@@ -19,12 +19,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ai_helpers import ai_config, bootstrapped, payment
+from ai_helpers import ai_config, bootstrapped, payment, require_triton
 
 from ai_plane.app import AiPlane, datasets_dir
 from ai_plane.training import dataset_path
-from ai_plane.triton import TritonUnavailable, find_dist
-from tests.conftest import create_pg_database, drop_pg_database, in_ci
+from tests.conftest import create_pg_database, drop_pg_database
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.common.v1 import types_pb2
@@ -35,15 +34,6 @@ from triplane_tools.models import write_datasets
 MODEL = "payment_risk"
 # Generous: loading a version into a Triton on the shared 2-core machine.
 SWITCH_WAIT_S = 180.0
-
-
-def _need_triton() -> None:
-    try:
-        find_dist()
-    except TritonUnavailable as exc:
-        if in_ci():
-            pytest.fail(f"tritonserver missing under CI=true: {exc}", pytrace=False)
-        pytest.skip(f"SKIPPING replica tests: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +60,7 @@ def _replica_config(state: Path, dsn: str, redis_url: str, namespace: str) -> Co
 async def replicas(
     registry_dsn: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[AiPlane, AiPlane]]:
-    _need_triton()
+    require_triton()
     namespace = f"replicas_{uuid.uuid4().hex[:8]}"
     configs = [
         _replica_config(tmp_path_factory.mktemp(f"ai_{name}"), registry_dsn, redis_url, namespace)

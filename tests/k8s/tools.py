@@ -5,24 +5,13 @@ and is skipped loudly elsewhere, as tests/conftest.py does for servers."""
 from __future__ import annotations
 
 import shutil
-import sys
-import warnings
 
-import pytest
-
-from tests.conftest import in_ci
+from tests.conftest import _loud_skip
 
 
 def require_tool(name: str, package: str) -> str:
     path = shutil.which(name)
-    if path is not None:
-        return path
-    if in_ci():
-        pytest.fail(
-            f"{name} is not installed ({package}), and under CI=true that fails the suite",
-            pytrace=False,
-        )
-    message = f"\n\n*** SKIPPING: {name} is not installed ({package}) ***\n"
-    sys.stderr.write(message)
-    warnings.warn(message, stacklevel=2)
-    pytest.skip(message)
+    if path is None:
+        _loud_skip(f"{name} tests", f"{name} is not installed ({package})")
+    assert path is not None
+    return path
