@@ -42,6 +42,46 @@ CHANNEL_IN_APP: Channel.ValueType  # 3
 CHANNEL_TRANSFER: Channel.ValueType  # 4
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
 
+class _OutcomeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutcomeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutcomeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTCOME_KIND_UNSPECIFIED: _OutcomeKind.ValueType  # 0
+    """Only `reward` is known (the caller's own reward, e.g. 1 or 0)."""
+    OUTCOME_KIND_CONVERTED: _OutcomeKind.ValueType  # 1
+    """Taken: the reward is the value realized (or the offer's catalog value)
+    times its lever, over ai.learner.value_scale_minor.
+    """
+    OUTCOME_KIND_DISMISSED: _OutcomeKind.ValueType  # 2
+    """Shown and explicitly dismissed or declined: ai.learner.dismissed_reward."""
+    OUTCOME_KIND_IGNORED: _OutcomeKind.ValueType  # 3
+    """Shown, no reaction: 0."""
+    OUTCOME_KIND_WINDOW_CLOSED: _OutcomeKind.ValueType  # 4
+    """Written by the AI plane only: no outcome came within
+    ai.learner.reward_window_s of the ranking, counted as 0 once.
+    """
+
+class OutcomeKind(_OutcomeKind, metaclass=_OutcomeKindEnumTypeWrapper):
+    """What happened to a ranked offer, as the contextual learner counts it."""
+
+OUTCOME_KIND_UNSPECIFIED: OutcomeKind.ValueType  # 0
+"""Only `reward` is known (the caller's own reward, e.g. 1 or 0)."""
+OUTCOME_KIND_CONVERTED: OutcomeKind.ValueType  # 1
+"""Taken: the reward is the value realized (or the offer's catalog value)
+times its lever, over ai.learner.value_scale_minor.
+"""
+OUTCOME_KIND_DISMISSED: OutcomeKind.ValueType  # 2
+"""Shown and explicitly dismissed or declined: ai.learner.dismissed_reward."""
+OUTCOME_KIND_IGNORED: OutcomeKind.ValueType  # 3
+"""Shown, no reaction: 0."""
+OUTCOME_KIND_WINDOW_CLOSED: OutcomeKind.ValueType  # 4
+"""Written by the AI plane only: no outcome came within
+ai.learner.reward_window_s of the ranking, counted as 0 once.
+"""
+Global___OutcomeKind: _TypeAlias = OutcomeKind  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -337,11 +377,17 @@ class OfferCandidate(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     PRODUCT_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    LEVER_FIELD_NUMBER: _builtins.int
     offer_id: _builtins.str
     """Identifies the offer in the answer and the bandit's arm; not a model input."""
     product: _builtins.str
     """The catalog product, e.g. "cashback", "bnpl" (the policy plane's product
     name in lower case); hashed into the model's offer features.
+    """
+    lever: _builtins.float
+    """The business lever of this offer on this surface (the gateway's
+    arbitration levers), applied inside the learner's objective: the reward
+    of a conversion is value x lever. 0: 1 (no lever).
     """
     @_builtins.property
     def value(self) -> _types_pb2.Money:
@@ -363,10 +409,11 @@ class OfferCandidate(_message.Message):
         value: _types_pb2.Money | None = ...,
         product: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        lever: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "offer_id", b"offer_id", "product", b"product", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "lever", b"lever", "offer_id", b"offer_id", "product", b"product", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,23 +423,60 @@ Global___OfferCandidate: _TypeAlias = OfferCandidate  # noqa: Y015
 class RankRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FeaturesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TENANT_ID_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     HOUR_OF_DAY_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    SURFACE_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     account_id: _builtins.str
     channel: Global___Channel.ValueType
     hour_of_day: _builtins.int
     """Local hour of day of the customer, 0..23."""
+    surface: _builtins.str
+    """Where the offer would be shown (the gateway's surface, e.g. "checkout"):
+    a learner feature, and the learner's partition where
+    ai.learner.surfaces_apart names it.
+    """
+    region: _builtins.str
+    """ISO 3166-1 alpha-2 of the customer: a learner feature."""
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___OfferCandidate]:
         """The eligible set, already filtered by policy_plane."""
 
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def features(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The moment's numeric context from the partner's request
+        (DecideNextActionRequest.features: cart value, step, ...): learner
+        features. Bounded like attributes.
+        """
+
     def __init__(
         self,
         *,
@@ -402,10 +486,13 @@ class RankRequest(_message.Message):
         channel: Global___Channel.ValueType = ...,
         hour_of_day: _builtins.int = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        surface: _builtins.str = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "candidates", b"candidates", "channel", b"channel", "hour_of_day", b"hour_of_day", "occurred_at", b"occurred_at", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "candidates", b"candidates", "channel", b"channel", "features", b"features", "hour_of_day", b"hour_of_day", "occurred_at", b"occurred_at", "region", b"region", "surface", b"surface", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -542,13 +629,25 @@ class ReportOutcomeRequest(_message.Message):
     OFFER_ID_FIELD_NUMBER: _builtins.int
     REWARD_FIELD_NUMBER: _builtins.int
     OUTCOME_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     rank_id: _builtins.str
     offer_id: _builtins.str
     reward: _builtins.float
-    """Observed reward, e.g. 1 for taken, 0 for ignored."""
+    """Observed reward, e.g. 1 for taken, 0 for ignored. With the contextual
+    learner (ai.learner.engine vw) and a kind set, the kind and value decide
+    the reward and this is ignored.
+    """
     outcome_id: _builtins.str
     """Idempotency key: a retry with the same key is not counted twice."""
+    kind: Global___OutcomeKind.ValueType
+    @_builtins.property
+    def value(self) -> _types_pb2.Money:
+        """Value realized by a conversion (e.g. the loan amount taken); unset: the
+        offer's catalog value.
+        """
+
     def __init__(
         self,
         *,
@@ -557,10 +656,12 @@ class ReportOutcomeRequest(_message.Message):
         offer_id: _builtins.str = ...,
         reward: _builtins.float = ...,
         outcome_id: _builtins.str = ...,
+        kind: Global___OutcomeKind.ValueType = ...,
+        value: _types_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_id", b"offer_id", "outcome_id", b"outcome_id", "rank_id", b"rank_id", "reward", b"reward", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "offer_id", b"offer_id", "outcome_id", b"outcome_id", "rank_id", b"rank_id", "reward", b"reward", "tenant_id", b"tenant_id", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,16 +672,26 @@ class ReportOutcomeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     APPLIED_FIELD_NUMBER: _builtins.int
+    LATE_FIELD_NUMBER: _builtins.int
     applied: _builtins.bool
-    """False when this outcome_id was already applied."""
+    """False when this outcome_id was already applied, or when the ranking's
+    reward was already counted (the first outcome within the window counts)
+    or its window had closed: then `late` says so and the outcome is kept
+    for measurement only.
+    """
+    late: _builtins.bool
+    """The outcome came after the ranking's reward window closed (counted as
+    0 then): recorded on the exposure log, not learned.
+    """
     def __init__(
         self,
         *,
         applied: _builtins.bool = ...,
+        late: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "late", b"late"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1014,20 +1125,229 @@ class OfferOutcomeEvent(_message.Message):
     RANK_ID_FIELD_NUMBER: _builtins.int
     OFFER_ID_FIELD_NUMBER: _builtins.int
     REWARD_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
     rank_id: _builtins.str
     offer_id: _builtins.str
     reward: _builtins.float
+    kind: Global___OutcomeKind.ValueType
+    @_builtins.property
+    def value(self) -> _types_pb2.Money: ...
     def __init__(
         self,
         *,
         rank_id: _builtins.str = ...,
         offer_id: _builtins.str = ...,
         reward: _builtins.float = ...,
+        kind: Global___OutcomeKind.ValueType = ...,
+        value: _types_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_id", b"offer_id", "rank_id", b"rank_id", "reward", b"reward"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "offer_id", b"offer_id", "rank_id", b"rank_id", "reward", b"reward", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OfferOutcomeEvent: _TypeAlias = OfferOutcomeEvent  # noqa: Y015
+
+@_typing.final
+class LearnerFeature(_message.Message):
+    """---------------------------------------------------------------- exposure log
+
+    The contextual learner's exposure log (ai_plane/README.md, "Exposure log"):
+    every ranking the learner decided is one LearnerExposure on TRIPLANE_AI,
+    subject triplane.ai.<tenant>.learner.exposure, and every reward it counted
+    (or recorded late) one LearnerReward on triplane.ai.<tenant>.learner.reward.
+    Both are the payload of a triplane.common.v1.EventEnvelope. Join on rank_id.
+
+    One learner feature: a name (categoricals as "name=value", weight 1) and
+    its value.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LearnerFeature: _TypeAlias = LearnerFeature  # noqa: Y015
+
+@_typing.final
+class LearnerArm(_message.Message):
+    """One eligible arm of a ranking, as the learner saw it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    EXPECTED_REWARD_FIELD_NUMBER: _builtins.int
+    REWARD_IF_CONVERTED_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    probability: _builtins.float
+    """Probability with which the logging policy chose this arm (sums to 1 over
+    the arms of an exposure).
+    """
+    expected_reward: _builtins.float
+    """The learner's expected reward of this arm (value x lever units)."""
+    reward_if_converted: _builtins.float
+    """value x lever / ai.learner.value_scale_minor: a conversion's reward."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___LearnerFeature]:
+        """The arm's features (product, value, attributes, offer id, the propensity
+        model's prediction), namespace "a".
+        """
+
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        features: _abc.Iterable[Global___LearnerFeature] | None = ...,
+        probability: _builtins.float = ...,
+        expected_reward: _builtins.float = ...,
+        reward_if_converted: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_reward", b"expected_reward", "features", b"features", "offer_id", b"offer_id", "probability", b"probability", "reward_if_converted", b"reward_if_converted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LearnerArm: _TypeAlias = LearnerArm  # noqa: Y015
+
+@_typing.final
+class LearnerExposure(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_KEY_FIELD_NUMBER: _builtins.int
+    SURFACE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    CHOSEN_INDEX_FIELD_NUMBER: _builtins.int
+    CHOSEN_OFFER_ID_FIELD_NUMBER: _builtins.int
+    CHOSEN_PROBABILITY_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    RANKED_AT_FIELD_NUMBER: _builtins.int
+    WINDOW_CLOSES_AT_FIELD_NUMBER: _builtins.int
+    rank_id: _builtins.str
+    tenant_id: _builtins.str
+    model_key: _builtins.str
+    """Which learner decided: tenant, or tenant|surface (ai.learner.surfaces_apart)."""
+    surface: _builtins.str
+    chosen_index: _builtins.int
+    chosen_offer_id: _builtins.str
+    chosen_probability: _builtins.float
+    """Exactly the probability the chosen arm was drawn with."""
+    policy: _builtins.str
+    """e.g. "vw_cb_explore_adf_squarecb"."""
+    @_builtins.property
+    def context(self) -> _containers.RepeatedCompositeFieldContainer[Global___LearnerFeature]:
+        """The context, namespace "c": the request's numeric features, surface,
+        channel, region, local hour, the customer's stored features.
+        """
+
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___LearnerArm]:
+        """The eligible set (policy plane's hard constraints applied), in the
+        order the learner saw it.
+        """
+
+    @_builtins.property
+    def ranked_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def window_closes_at(self) -> _timestamp_pb2.Timestamp:
+        """When the reward window closes (no outcome by then: reward 0)."""
+
+    def __init__(
+        self,
+        *,
+        rank_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        model_key: _builtins.str = ...,
+        surface: _builtins.str = ...,
+        context: _abc.Iterable[Global___LearnerFeature] | None = ...,
+        arms: _abc.Iterable[Global___LearnerArm] | None = ...,
+        chosen_index: _builtins.int = ...,
+        chosen_offer_id: _builtins.str = ...,
+        chosen_probability: _builtins.float = ...,
+        policy: _builtins.str = ...,
+        ranked_at: _timestamp_pb2.Timestamp | None = ...,
+        window_closes_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ranked_at", b"ranked_at", "window_closes_at", b"window_closes_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "chosen_index", b"chosen_index", "chosen_offer_id", b"chosen_offer_id", "chosen_probability", b"chosen_probability", "context", b"context", "model_key", b"model_key", "policy", b"policy", "rank_id", b"rank_id", "ranked_at", b"ranked_at", "surface", b"surface", "tenant_id", b"tenant_id", "window_closes_at", b"window_closes_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LearnerExposure: _TypeAlias = LearnerExposure  # noqa: Y015
+
+@_typing.final
+class LearnerReward(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_KEY_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    ARM_INDEX_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    LATE_FIELD_NUMBER: _builtins.int
+    OUTCOME_ID_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    rank_id: _builtins.str
+    tenant_id: _builtins.str
+    model_key: _builtins.str
+    offer_id: _builtins.str
+    arm_index: _builtins.int
+    """Index of offer_id in the exposure's arms."""
+    kind: Global___OutcomeKind.ValueType
+    reward: _builtins.float
+    """The reward learned (or, when late, the one that would have been)."""
+    probability: _builtins.float
+    """Probability the arm was chosen with (as in the exposure)."""
+    late: _builtins.bool
+    """True: came after the window closed (or after the ranking's reward was
+    already counted); recorded for measurement, not learned.
+    """
+    outcome_id: _builtins.str
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        rank_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        model_key: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+        arm_index: _builtins.int = ...,
+        kind: Global___OutcomeKind.ValueType = ...,
+        reward: _builtins.float = ...,
+        probability: _builtins.float = ...,
+        late: _builtins.bool = ...,
+        outcome_id: _builtins.str = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_index", b"arm_index", "kind", b"kind", "late", b"late", "model_key", b"model_key", "offer_id", b"offer_id", "outcome_id", b"outcome_id", "probability", b"probability", "rank_id", b"rank_id", "recorded_at", b"recorded_at", "reward", b"reward", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LearnerReward: _TypeAlias = LearnerReward  # noqa: Y015
