@@ -452,6 +452,7 @@ class RankRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     SURFACE_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    HELD_OUT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     account_id: _builtins.str
     channel: Global___Channel.ValueType
@@ -464,6 +465,11 @@ class RankRequest(_message.Message):
     """
     region: _builtins.str
     """ISO 3166-1 alpha-2 of the customer: a learner feature."""
+    held_out: _builtins.bool
+    """The learner's choice will not be shown (a holdout customer, or an
+    experiment arm that another policy decides): the ranking is logged
+    (LearnerExposure.held_out) but no reward is awaited or learned for it.
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___OfferCandidate]:
         """The eligible set, already filtered by policy_plane."""
@@ -489,10 +495,11 @@ class RankRequest(_message.Message):
         features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         surface: _builtins.str = ...,
         region: _builtins.str = ...,
+        held_out: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "candidates", b"candidates", "channel", b"channel", "features", b"features", "hour_of_day", b"hour_of_day", "occurred_at", b"occurred_at", "region", b"region", "surface", b"surface", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "candidates", b"candidates", "channel", b"channel", "features", b"features", "held_out", b"held_out", "hour_of_day", b"hour_of_day", "occurred_at", b"occurred_at", "region", b"region", "surface", b"surface", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1243,6 +1250,7 @@ class LearnerExposure(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     RANKED_AT_FIELD_NUMBER: _builtins.int
     WINDOW_CLOSES_AT_FIELD_NUMBER: _builtins.int
+    HELD_OUT_FIELD_NUMBER: _builtins.int
     rank_id: _builtins.str
     tenant_id: _builtins.str
     model_key: _builtins.str
@@ -1254,6 +1262,8 @@ class LearnerExposure(_message.Message):
     """Exactly the probability the chosen arm was drawn with."""
     policy: _builtins.str
     """e.g. "vw_cb_explore_adf_squarecb"."""
+    held_out: _builtins.bool
+    """RankRequest.held_out: not shown by the learner's choice; never rewarded."""
     @_builtins.property
     def context(self) -> _containers.RepeatedCompositeFieldContainer[Global___LearnerFeature]:
         """The context, namespace "c": the request's numeric features, surface,
@@ -1287,10 +1297,11 @@ class LearnerExposure(_message.Message):
         policy: _builtins.str = ...,
         ranked_at: _timestamp_pb2.Timestamp | None = ...,
         window_closes_at: _timestamp_pb2.Timestamp | None = ...,
+        held_out: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ranked_at", b"ranked_at", "window_closes_at", b"window_closes_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "chosen_index", b"chosen_index", "chosen_offer_id", b"chosen_offer_id", "chosen_probability", b"chosen_probability", "context", b"context", "model_key", b"model_key", "policy", b"policy", "rank_id", b"rank_id", "ranked_at", b"ranked_at", "surface", b"surface", "tenant_id", b"tenant_id", "window_closes_at", b"window_closes_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "chosen_index", b"chosen_index", "chosen_offer_id", b"chosen_offer_id", "chosen_probability", b"chosen_probability", "context", b"context", "held_out", b"held_out", "model_key", b"model_key", "policy", b"policy", "rank_id", b"rank_id", "ranked_at", b"ranked_at", "surface", b"surface", "tenant_id", b"tenant_id", "window_closes_at", b"window_closes_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
