@@ -35,7 +35,7 @@ from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.errors import TriplaneError, Unavailable
-from triplane.runtime.server import PlaneServer, ServerSecurity
+from triplane.runtime.server import ConnectionAge, PlaneServer, ServerSecurity
 from triplane.runtime.tenants import TENANTS_STREAM, TenantDirectory
 from triplane.runtime.tls import AI_PLANE
 
@@ -174,6 +174,7 @@ class AiPlane:
             otel_exporter=config.runtime.otel_exporter,
             on_stop=[self._stop_internals],
             metrics_listen=ai.metrics_listen,
+            connection_age=ConnectionAge.from_config(config),
         )
         return await self.server.start()
 

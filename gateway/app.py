@@ -29,7 +29,7 @@ from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.db import Database
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
-from triplane.runtime.server import PlaneServer, ServerSecurity
+from triplane.runtime.server import ConnectionAge, PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tenants import TENANTS_STREAM, TenantDirectory
 from triplane.runtime.tls import GATEWAY
@@ -161,6 +161,7 @@ class Gateway:
             interceptors=[auth.interceptor] if auth else [],
             # Prometheus: RED per RPC, delivery attempts, the lift report.
             metrics_listen=gateway.metrics_listen,
+            connection_age=ConnectionAge.from_config(config),
         )
         self.server.on_stop.append(self._stop_background)
         # The lift report's figures are worth computing only where served.

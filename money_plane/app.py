@@ -24,7 +24,7 @@ from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
-from triplane.runtime.server import PlaneServer, ServerSecurity
+from triplane.runtime.server import ConnectionAge, PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tls import MONEY_PLANE
 from triplane.runtime.tokens import TokenVerifier, token_key_set
@@ -171,6 +171,7 @@ class MoneyPlane:
             max_message_bytes=config.runtime.max_message_bytes,
             otel_exporter=config.runtime.otel_exporter,
             reuse_port=config.money.server_processes > 1,
+            connection_age=ConnectionAge.from_config(config),
             on_stop=[self._stop_internals],
             metrics_listen=config.money.metrics_listen if metrics else "",
         )

@@ -25,7 +25,7 @@ from triplane.runtime import bus
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config, ConfigError
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
-from triplane.runtime.server import PlaneServer, ServerSecurity
+from triplane.runtime.server import ConnectionAge, PlaneServer, ServerSecurity
 from triplane.runtime.tasks import cancel_and_wait
 from triplane.runtime.tls import POLICY_PLANE
 from triplane.runtime.tokens import (
@@ -208,5 +208,6 @@ def build_plane(
         max_message_bytes=config.runtime.max_message_bytes,
         otel_exporter=config.runtime.otel_exporter,
         metrics_listen=config.policy.metrics_listen,
+        connection_age=ConnectionAge.from_config(config),
     )
     return PolicyPlane(config=config, engine=engine, server=server)

@@ -60,6 +60,13 @@ class GrpcClientConfig(_Strict, frozen=True):
     # maximum_attempts 1..5 (gRPC's cap; 1: no retries), jitter_s unused
     # (gRPC draws each wait in [0, backoff]).
     retry: RetryPolicy
+    # Every plane's server: after this many seconds a connection is asked to
+    # close (GOAWAY; calls in flight get max_connection_age_grace_s), so a
+    # client reconnects, re-resolves its dns:/// target and reaches replicas
+    # that came up since (round_robin only learns addresses on re-resolution).
+    # 0: connections live until a side closes them.
+    max_connection_age_s: float
+    max_connection_age_grace_s: float
 
 
 class RuntimeConfig(_Strict, frozen=True):
@@ -1137,6 +1144,10 @@ def _check_grpc(config: Config) -> None:
         raise ConfigError("runtime.grpc.retry.maximum_attempts must be in [1, 5] (gRPC's cap)")
     if grpc_config.retry.initial_interval_s <= 0:
         raise ConfigError("runtime.grpc.retry.initial_interval_s must be > 0")
+    if grpc_config.max_connection_age_s < 0:
+        raise ConfigError("runtime.grpc.max_connection_age_s must be >= 0 (0: no limit)")
+    if grpc_config.max_connection_age_grace_s < 0:
+        raise ConfigError("runtime.grpc.max_connection_age_grace_s must be >= 0")
 
 
 def _check_gateway_auth(config: Config) -> None:

@@ -115,6 +115,40 @@ REUSE_PORT_CONNECTION_AGE_MS = 20_000
 REUSE_PORT_CONNECTION_GRACE_MS = 10_000
 
 
+@dataclass(frozen=True)
+class ConnectionAge:
+    """How long a client connection may live before the server asks it to
+    close (GOAWAY), and the grace its calls in flight get. A client that
+    reconnects re-resolves its target, which is how round_robin over a
+    headless Service's dns:/// name learns of replicas added since; max_age_s
+    0 leaves connections open until a side closes them."""
+
+    max_age_s: float = 0.0
+    grace_s: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> ConnectionAge:
+        grpc_config = config.runtime.grpc
+        return cls(grpc_config.max_connection_age_s, grpc_config.max_connection_age_grace_s)
+
+    def options(self, reuse_port: bool) -> list[tuple[str, int]]:
+        """gRPC server options. Several processes on one port (reuse_port):
+        the kernel spreads connections, not calls, so connections are
+        recycled at least every REUSE_PORT_CONNECTION_AGE_MS for the load to
+        even out."""
+        age_ms = round(self.max_age_s * 1000)
+        grace_ms = round(self.grace_s * 1000)
+        if reuse_port:
+            age_ms = min(age_ms or REUSE_PORT_CONNECTION_AGE_MS, REUSE_PORT_CONNECTION_AGE_MS)
+            grace_ms = grace_ms or REUSE_PORT_CONNECTION_GRACE_MS
+        if not age_ms:
+            return []
+        return [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", grace_ms),
+        ]
+
+
 def tune_gc(gen0_threshold: int) -> None:
     gc.collect()
     gc.freeze()
@@ -137,6 +171,8 @@ class PlaneServer:
     # Several processes may serve one port (SO_REUSEPORT): Python's gRPC
     # server uses one core per process, so this is how a plane uses a node.
     reuse_port: bool = False
+    # runtime.grpc.max_connection_age_s / _grace_s (ConnectionAge.from_config).
+    connection_age: ConnectionAge = field(default_factory=ConnectionAge)
     # Interceptors of the plane's own (the gateway's credentials), inside the
     # permission table and the error mapping: they see the peer identity
     # (authz.peer_identity) and may raise TriplaneError.
@@ -161,17 +197,7 @@ class PlaneServer:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-            # Several processes on one port: the kernel spreads connections,
-            # not calls, so clients are asked to reconnect now and then
-            # (GOAWAY; calls in flight finish) and the load evens out.
-            *(
-                [
-                    ("grpc.max_connection_age_ms", REUSE_PORT_CONNECTION_AGE_MS),
-                    ("grpc.max_connection_age_grace_ms", REUSE_PORT_CONNECTION_GRACE_MS),
-                ]
-                if self.reuse_port
-                else []
-            ),
+            *self.connection_age.options(self.reuse_port),
         ]
 
     async def start(self) -> int:
