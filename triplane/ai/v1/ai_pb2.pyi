@@ -1162,10 +1162,10 @@ class LearnerFeature(_message.Message):
     """---------------------------------------------------------------- exposure log
 
     The contextual learner's exposure log (ai_plane/README.md, "Exposure log"):
-    every ranking the learner decided is one LearnerExposure on TRIPLANE_AI,
-    subject triplane.ai.<tenant>.learner.exposure, and every reward it counted
-    (or recorded late) one LearnerReward on triplane.ai.<tenant>.learner.reward.
-    Both are the payload of a triplane.common.v1.EventEnvelope. Join on rank_id.
+    every reward the learner counted (or recorded late) is one LearnerReward on
+    TRIPLANE_AI, subject triplane.ai.<tenant>.learner.reward, the payload of a
+    triplane.common.v1.EventEnvelope, carrying the exposure (LearnerExposure)
+    it rewards. Every replica learns from this stream, in order.
 
     One learner feature: a name (categoricals as "name=value", weight 1) and
     its value.
@@ -1322,6 +1322,7 @@ class LearnerReward(_message.Message):
     LATE_FIELD_NUMBER: _builtins.int
     OUTCOME_ID_FIELD_NUMBER: _builtins.int
     RECORDED_AT_FIELD_NUMBER: _builtins.int
+    EXPOSURE_FIELD_NUMBER: _builtins.int
     rank_id: _builtins.str
     tenant_id: _builtins.str
     model_key: _builtins.str
@@ -1340,6 +1341,12 @@ class LearnerReward(_message.Message):
     outcome_id: _builtins.str
     @_builtins.property
     def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def exposure(self) -> Global___LearnerExposure:
+        """The ranking rewarded: context, eligible arms and their probabilities,
+        the chosen arm (arm_index) and its probability.
+        """
+
     def __init__(
         self,
         *,
@@ -1354,10 +1361,11 @@ class LearnerReward(_message.Message):
         late: _builtins.bool = ...,
         outcome_id: _builtins.str = ...,
         recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        exposure: Global___LearnerExposure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exposure", b"exposure", "recorded_at", b"recorded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_index", b"arm_index", "kind", b"kind", "late", b"late", "model_key", b"model_key", "offer_id", b"offer_id", "outcome_id", b"outcome_id", "probability", b"probability", "rank_id", b"rank_id", "recorded_at", b"recorded_at", "reward", b"reward", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_index", b"arm_index", "exposure", b"exposure", "kind", b"kind", "late", b"late", "model_key", b"model_key", "offer_id", b"offer_id", "outcome_id", b"outcome_id", "probability", b"probability", "rank_id", b"rank_id", "recorded_at", b"recorded_at", "reward", b"reward", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
