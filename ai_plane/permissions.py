@@ -26,6 +26,7 @@ PERMISSIONS: Permissions = {
             "TrainModel": ADMIN_ONLY,
             "PromoteModel": ADMIN_ONLY,
             "RollbackModel": ADMIN_ONLY,
+            "EstimatePolicyValue": ADMIN_ONLY,
         },
     ),
 }

@@ -975,19 +975,25 @@ class PromoteModelRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     TARGET_STATE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     target_state: Global___ModelState.ValueType
+    force: _builtins.bool
+    """Promote to live even when the off-policy gate (ai.ope.gate) would refuse;
+    the answer's gate says what it found (outcome FORCED).
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         version: _builtins.int = ...,
         target_state: Global___ModelState.ValueType = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "target_state", b"target_state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "model", b"model", "target_state", b"target_state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -998,20 +1004,204 @@ class PromoteModelResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def version(self) -> Global___ModelVersion: ...
+    @_builtins.property
+    def gate(self) -> Global___OpeGate:
+        """The off-policy gate's verdict on a promotion to live (unset otherwise)."""
+
     def __init__(
         self,
         *,
         version: Global___ModelVersion | None = ...,
+        gate: Global___OpeGate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromoteModelResponse: _TypeAlias = PromoteModelResponse  # noqa: Y015
+
+@_typing.final
+class PolicyValueEstimate(_message.Message):
+    """One estimate of a policy's value (reward per logged ranking)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ESTIMATOR_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    STDERR_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_ROUNDS_FIELD_NUMBER: _builtins.int
+    estimator: _builtins.str
+    """ips, snips, dr (the candidate), or on_policy (the logging policy)."""
+    value: _builtins.float
+    lower: _builtins.float
+    """The two-sided interval at EstimatePolicyValueResponse.confidence."""
+    upper: _builtins.float
+    stderr: _builtins.float
+    rounds: _builtins.int
+    effective_rounds: _builtins.float
+    """Kish's effective sample size of the importance weights."""
+    def __init__(
+        self,
+        *,
+        estimator: _builtins.str = ...,
+        value: _builtins.float = ...,
+        lower: _builtins.float = ...,
+        upper: _builtins.float = ...,
+        stderr: _builtins.float = ...,
+        rounds: _builtins.int = ...,
+        effective_rounds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_rounds", b"effective_rounds", "estimator", b"estimator", "lower", b"lower", "rounds", b"rounds", "stderr", b"stderr", "upper", b"upper", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyValueEstimate: _TypeAlias = PolicyValueEstimate  # noqa: Y015
+
+@_typing.final
+class EstimatePolicyValueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """offer_propensity (the only model that ranks offers)."""
+    version: _builtins.int
+    """The candidate version; 0: the live version."""
+    tenant_id: _builtins.str
+    """Whose logged traffic; empty: every tenant's."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """The window of rankings (ranked_at); unset: the last ai.ope.window_s up
+        to now.
+        """
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        tenant_id: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "since", b"since", "tenant_id", b"tenant_id", "until", b"until", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimatePolicyValueRequest: _TypeAlias = EstimatePolicyValueRequest  # noqa: Y015
+
+@_typing.final
+class EstimatePolicyValueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LOGGED_ROUNDS_FIELD_NUMBER: _builtins.int
+    SKIPPED_ROUNDS_FIELD_NUMBER: _builtins.int
+    LOGGED_FIELD_NUMBER: _builtins.int
+    ESTIMATES_FIELD_NUMBER: _builtins.int
+    ESTIMATOR_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    logged_rounds: _builtins.int
+    """Rankings in the window with a counted (non-late) reward: the rounds used."""
+    skipped_rounds: _builtins.int
+    """Rankings in the window left out: held out, or no reward counted yet."""
+    estimator: _builtins.str
+    """The estimator the gate reads (ai.ope.estimator)."""
+    confidence: _builtins.float
+    interval: _builtins.str
+    """clt: value +- z * stderr (delta method for snips)."""
+    unavailable_reason: _builtins.str
+    """Empty: estimated. Else why not, e.g. OPE_NO_LOGGED_DATA,
+    OPE_TOO_FEW_ROUNDS, OPE_LOG_UNAVAILABLE (no NATS).
+    """
+    @_builtins.property
+    def logged(self) -> Global___PolicyValueEstimate:
+        """The logging policy's value: the mean counted reward."""
+
+    @_builtins.property
+    def estimates(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyValueEstimate]:
+        """The candidate's: ips, snips and dr (dr's reward model: the logging
+        learner's expected_reward of each arm).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        logged_rounds: _builtins.int = ...,
+        skipped_rounds: _builtins.int = ...,
+        logged: Global___PolicyValueEstimate | None = ...,
+        estimates: _abc.Iterable[Global___PolicyValueEstimate] | None = ...,
+        estimator: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        interval: _builtins.str = ...,
+        unavailable_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logged", b"logged"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "estimates", b"estimates", "estimator", b"estimator", "interval", b"interval", "logged", b"logged", "logged_rounds", b"logged_rounds", "model", b"model", "skipped_rounds", b"skipped_rounds", "unavailable_reason", b"unavailable_reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimatePolicyValueResponse: _TypeAlias = EstimatePolicyValueResponse  # noqa: Y015
+
+@_typing.final
+class OpeGate(_message.Message):
+    """What the off-policy gate found when a version was promoted to live."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
+    MARGIN_FIELD_NUMBER: _builtins.int
+    outcome: _builtins.str
+    """PASSED, FORCED (below, promoted with force), SKIPPED (could not be
+    computed: see estimate.unavailable_reason; ai.ope.on_unavailable allow),
+    DISABLED (ai.ope.gate off), NOT_APPLICABLE (a model that ranks no offers).
+    """
+    margin: _builtins.float
+    """ai.ope.margin: how far the candidate's lower bound may fall below the
+    logging policy's value.
+    """
+    @_builtins.property
+    def estimate(self) -> Global___EstimatePolicyValueResponse: ...
+    def __init__(
+        self,
+        *,
+        outcome: _builtins.str = ...,
+        estimate: Global___EstimatePolicyValueResponse | None = ...,
+        margin: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate", "margin", b"margin", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpeGate: _TypeAlias = OpeGate  # noqa: Y015
 
 @_typing.final
 class RollbackModelRequest(_message.Message):

@@ -285,6 +285,11 @@ class ModelRegistryServiceStub:
                 request_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelRequest.SerializeToString,
                 response_deserializer=triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelResponse.FromString,
                 _registered_method=True)
+        self.EstimatePolicyValue = channel.unary_unary(
+                '/triplane.ai.v1.ModelRegistryService/EstimatePolicyValue',
+                request_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.EstimatePolicyValueRequest.SerializeToString,
+                response_deserializer=triplane_dot_ai_dot_v1_dot_ai__pb2.EstimatePolicyValueResponse.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServiceServicer:
@@ -331,6 +336,17 @@ class ModelRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EstimatePolicyValue(self, request, context):
+        """Off-policy evaluation: the estimated value of a candidate model version
+        (the policy that shows, among each logged ranking's eligible arms, the
+        one the version rates best) on a window of logged traffic (the learner's
+        exposure log), with confidence intervals, beside the logging policy's
+        own value. What PromoteModel's gate computes (ai.ope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -358,6 +374,11 @@ def add_ModelRegistryServiceServicer_to_server(servicer, server):
                     servicer.RollbackModel,
                     request_deserializer=triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelRequest.FromString,
                     response_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelResponse.SerializeToString,
+            ),
+            'EstimatePolicyValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimatePolicyValue,
+                    request_deserializer=triplane_dot_ai_dot_v1_dot_ai__pb2.EstimatePolicyValueRequest.FromString,
+                    response_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.EstimatePolicyValueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -497,6 +518,33 @@ class ModelRegistryService:
             '/triplane.ai.v1.ModelRegistryService/RollbackModel',
             triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelRequest.SerializeToString,
             triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimatePolicyValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.ai.v1.ModelRegistryService/EstimatePolicyValue',
+            triplane_dot_ai_dot_v1_dot_ai__pb2.EstimatePolicyValueRequest.SerializeToString,
+            triplane_dot_ai_dot_v1_dot_ai__pb2.EstimatePolicyValueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -141,6 +141,13 @@ class ModelRegistryServiceStub:
     """Moves a version along draft -> approved -> live -> retired."""
     RollbackModel: _grpc.UnaryUnaryMultiCallable[_ai_pb2.RollbackModelRequest, _ai_pb2.RollbackModelResponse]
     """Makes the rollback pointer (the previous live version) live again."""
+    EstimatePolicyValue: _grpc.UnaryUnaryMultiCallable[_ai_pb2.EstimatePolicyValueRequest, _ai_pb2.EstimatePolicyValueResponse]
+    """Off-policy evaluation: the estimated value of a candidate model version
+    (the policy that shows, among each logged ranking's eligible arms, the
+    one the version rates best) on a window of logged traffic (the learner's
+    exposure log), with confidence intervals, beside the logging policy's
+    own value. What PromoteModel's gate computes (ai.ope).
+    """
 
 @_typing.type_check_only
 class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
@@ -164,6 +171,13 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     """Moves a version along draft -> approved -> live -> retired."""
     RollbackModel: _aio.UnaryUnaryMultiCallable[_ai_pb2.RollbackModelRequest, _ai_pb2.RollbackModelResponse]  # type: ignore[assignment]
     """Makes the rollback pointer (the previous live version) live again."""
+    EstimatePolicyValue: _aio.UnaryUnaryMultiCallable[_ai_pb2.EstimatePolicyValueRequest, _ai_pb2.EstimatePolicyValueResponse]  # type: ignore[assignment]
+    """Off-policy evaluation: the estimated value of a candidate model version
+    (the policy that shows, among each logged ranking's eligible arms, the
+    one the version rates best) on a window of logged traffic (the learner's
+    exposure log), with confidence intervals, beside the logging policy's
+    own value. What PromoteModel's gate computes (ai.ope).
+    """
 
 class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelRegistryService governs model versions: training, approval, promotion
@@ -214,5 +228,18 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ai_pb2.RollbackModelResponse, _abc.Awaitable[_ai_pb2.RollbackModelResponse]]:
         """Makes the rollback pointer (the previous live version) live again."""
+
+    @_abc_1.abstractmethod
+    def EstimatePolicyValue(
+        self,
+        request: _ai_pb2.EstimatePolicyValueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ai_pb2.EstimatePolicyValueResponse, _abc.Awaitable[_ai_pb2.EstimatePolicyValueResponse]]:
+        """Off-policy evaluation: the estimated value of a candidate model version
+        (the policy that shows, among each logged ranking's eligible arms, the
+        one the version rates best) on a window of logged traffic (the learner's
+        exposure log), with confidence intervals, beside the logging policy's
+        own value. What PromoteModel's gate computes (ai.ope).
+        """
 
 def add_ModelRegistryServiceServicer_to_server(servicer: ModelRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
