@@ -568,7 +568,9 @@ async def count_events(nats_url: str, config: Config, tenant_id: str, expected: 
     import nats
 
     client = await nats.connect(
-        nats_url, connect_timeout=config.nats.connect_timeout_s, **nats_options(config.nats)
+        bus.nats_servers(nats_url),
+        connect_timeout=config.nats.connect_timeout_s,
+        **nats_options(config.nats),
     )
     try:
         js = client.jetstream()

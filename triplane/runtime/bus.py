@@ -144,6 +144,17 @@ class OutgoingEvent:
 _RECONNECT = {"allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}
 
 
+def nats_servers(url: str) -> list[str]:
+    """nats.url as nats-py's server pool: one URL, or several comma-separated
+    (the nodes of a JetStream cluster, so a client reaches the cluster
+    whichever node is down when it connects; once connected it also learns
+    the others from the server)."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError("nats.url is empty")
+    return servers
+
+
 async def connect(config: NatsConfig, name: str, *, fail_fast: bool = False) -> NatsClient:
     """Connects; once connected, the client reconnects by itself. The caller
     owns the connection. nats-py retries a first connection forever (every
@@ -154,7 +165,7 @@ async def connect(config: NatsConfig, name: str, *, fail_fast: bool = False) -> 
     security = nats_options(config)
     if not fail_fast:
         return await nats.connect(
-            config.url,
+            nats_servers(config.url),
             name=name,
             connect_timeout=config.connect_timeout_s,
             **_RECONNECT,
@@ -163,7 +174,7 @@ async def connect(config: NatsConfig, name: str, *, fail_fast: bool = False) -> 
     # nats-py's fewest tries per server before it gives up are two; with no
     # wait between them that is still one quick attempt.
     client = await nats.connect(
-        config.url,
+        nats_servers(config.url),
         name=name,
         connect_timeout=config.connect_timeout_s,
         allow_reconnect=False,
