@@ -23,11 +23,15 @@ TRANSFERS = Counter(
 COMMIT_QUEUE_TRANSFERS = Gauge(
     "triplane_money_commit_queue_transfers",
     "Transfers queued for or in a group commit (bound: money.group_commit.max_queue_transfers)",
+    # Each serving process queues its own (money.server_processes).
+    multiprocess_mode="livesum",
 )
 OUTBOX_LAG_SECONDS = Gauge(
     "triplane_money_outbox_lag_seconds",
     "Age of the oldest unpublished ledger event when the outbox relay last read the "
     "outbox (0: none was waiting)",
+    # Only the primary process relays (money.server_processes).
+    multiprocess_mode="max",
 )
 OUTBOX_PUBLISHED = Counter(
     "triplane_money_outbox_published_events",

@@ -12,8 +12,10 @@ import logging
 import multiprocessing
 import os
 import signal
+from collections.abc import Sequence
 
 from money_plane.app import MoneyPlane
+from money_plane.metrics_share import MULTIPROCESS_DIR_ENV
 from triplane.runtime.config import load_config
 from triplane.runtime.server import run
 from triplane.runtime.telemetry import setup_logging
@@ -55,3 +57,16 @@ def main() -> None:
             worker.join(timeout=config.runtime.shutdown_grace_s + 5)
             if worker.is_alive():
                 worker.kill()
+        _forget_workers_metrics(workers)
+
+
+def _forget_workers_metrics(workers: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    """With metrics shared between processes (money_plane/metrics_share.py):
+    a gone worker's live gauges stop counting; its counters stay summed."""
+    if not os.environ.get(MULTIPROCESS_DIR_ENV):
+        return
+    from prometheus_client import multiprocess
+
+    for worker in workers:
+        if worker.pid is not None:
+            multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

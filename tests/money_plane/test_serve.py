@@ -1,7 +1,7 @@
 """`python -m money_plane` with money.server_processes = 2 on PostgreSQL: both
 processes serve the one port, each answers calls (seen from the owner of the
-server's end of each connection), and SIGTERM to the primary stops every
-process."""
+server's end of each connection), the primary's metrics count the calls of
+both, and SIGTERM to the primary stops every process."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -73,9 +74,26 @@ async def _served_by(state_dir: Path, address: str, port: int, index: int) -> in
     return owners.pop()
 
 
+def _created_tenants(metrics_port: int) -> float:
+    """CreateTenant calls answered OK, as the money plane's /metrics says."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith("triplane_rpc_requests_total{")
+            and 'method="triplane.money.v1.LedgerService/CreateTenant"' in line
+            and 'code="OK"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 async def test_two_processes_serve_one_port_and_stop_together(pg_dsn: str, tmp_path: Path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
+    metrics_port = free_port()
     dev_certificates(tmp_path)  # as the dev stack makes them: mutual TLS is on
     env = {
         key: value
@@ -87,6 +105,7 @@ async def test_two_processes_serve_one_port_and_stop_together(pg_dsn: str, tmp_p
         TRIPLANE_MONEY_DSN=pg_dsn,
         TRIPLANE__MONEY__SERVER_PROCESSES="2",
         TRIPLANE__MONEY__LISTEN=address,
+        TRIPLANE__MONEY__METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
         TRIPLANE__RUNTIME__LOG_LEVEL="WARNING",
     )
     primary = subprocess.Popen(  # noqa: ASYNC220
@@ -110,6 +129,8 @@ async def test_two_processes_serve_one_port_and_stop_together(pg_dsn: str, tmp_p
             if set(served) == pids:
                 break
         assert set(served) == pids, served
+        # The primary's endpoint counts every process's calls, the workers' too.
+        assert _created_tenants(metrics_port) == len(served)
         # Both wrote to the one database: every tenant is known on any connection.
         async with channel_as(tmp_path, address) as channel:
             stub = money_pb2_grpc.LedgerServiceStub(channel)

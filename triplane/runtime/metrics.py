@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +20,14 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
 
 from triplane.runtime.interceptors import Unary, UnaryWrappingInterceptor
 from triplane.runtime.net import host_port
@@ -28,6 +36,19 @@ log = logging.getLogger("triplane.metrics")
 
 # The registry every plane's metrics live in and every endpoint serves.
 PROCESS_REGISTRY: CollectorRegistry = REGISTRY
+# Set before prometheus_client is imported (money_plane/metrics_share.py):
+# several processes serving one port keep their values in files there, and
+# the endpoint adds every process's up.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _served_registry() -> CollectorRegistry:
+    if not os.environ.get(MULTIPROCESS_DIR_ENV):
+        return PROCESS_REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
 
 # From a quarter of a millisecond (a policy decision, a cached score) to ten
 # seconds (a group commit behind a slow disk, a long deadline).
@@ -189,7 +210,7 @@ def serve_metrics(listen: str, key: str = "metrics_listen") -> MetricsEndpoint |
         if endpoint is None:
             host, port = _host_port(listen, key)
             try:
-                server, thread = start_http_server(port, addr=host, registry=PROCESS_REGISTRY)
+                server, thread = start_http_server(port, addr=host, registry=_served_registry())
             except OSError as error:
                 raise OSError(f"cannot serve metrics on {listen} ({key}): {error}") from error
             endpoint = _ENDPOINTS[listen] = _Endpoint(server, thread)
