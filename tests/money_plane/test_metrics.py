@@ -10,7 +10,6 @@ import time
 import uuid
 from pathlib import Path
 
-import aiohttp
 import grpc
 import pytest
 from money_helpers import (
@@ -22,9 +21,9 @@ from money_helpers import (
     transfer_token,
     unique_tenant,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from money_plane.app import MoneyPlane
+from tests.metrics_scrape import Samples, scrape, value
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
@@ -37,25 +36,6 @@ pytestmark = [pytest.mark.nats]
 
 SERVICE = "triplane.money.v1.LedgerService"
 DAY_S = 86_400
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(listen: str) -> Samples:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://{listen}/metrics") as response,
-    ):
-        assert response.status == 200
-        text = await response.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def rpc_requests(samples: Samples, method: str, code: str) -> float:

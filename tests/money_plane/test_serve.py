@@ -11,11 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.metrics_scrape import scrape_blocking, value
 from tests.tls_helpers import channel_as, dev_certificates, identity_files
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.runtime.net import free_port
@@ -76,18 +76,14 @@ async def _served_by(state_dir: Path, address: str, port: int, index: int) -> in
 
 def _created_tenants(metrics_port: int) -> float:
     """CreateTenant calls answered OK, as the money plane's /metrics says."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if (
-            line.startswith("triplane_rpc_requests_total{")
-            and 'method="triplane.money.v1.LedgerService/CreateTenant"' in line
-            and 'code="OK"' in line
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    samples = scrape_blocking(f"127.0.0.1:{metrics_port}")
+    return value(
+        samples,
+        "triplane_rpc_requests_total",
+        plane="money_plane",
+        method="triplane.money.v1.LedgerService/CreateTenant",
+        code="OK",
+    )
 
 
 async def test_two_processes_serve_one_port_and_stop_together(pg_dsn: str, tmp_path: Path) -> None:

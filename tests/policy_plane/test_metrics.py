@@ -7,12 +7,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from policy_plane.app import PolicyPlane, build_plane
+from tests.metrics_scrape import scrape, value
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.net import free_port
@@ -22,25 +21,6 @@ from .conftest import OTHER_TENANT, TENANT, Stubs, make_config, put_customer
 from .test_grpc import request
 
 SERVICE = "triplane.policy.v1.PolicyService"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(listen: str) -> Samples:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://{listen}/metrics") as response,
-    ):
-        assert response.status == 200
-        text = await response.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture

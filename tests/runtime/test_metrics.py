@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.metrics_scrape import Samples, scrape
 from triplane.runtime.authz import ANY_CALLER
 from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.metrics import serve_metrics
@@ -19,21 +19,6 @@ from triplane.runtime.net import free_port
 from triplane.runtime.server import PlaneServer, ServerSecurity, Service
 
 SERVICE = "triplane.test.v1.EchoService"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(listen: str) -> Samples:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://{listen}/metrics") as response,
-    ):
-        assert response.status == 200
-        text = await response.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def requests(samples: Samples, plane: str, method: str, code: str) -> float:
