@@ -86,7 +86,7 @@ up: venv
 # run leaves behind (planes, nats-server, tritonserver) are killed and fail it,
 # named (tests/conftest.py).
 test: venv
-	@rc=0; $(BIN)/pytest -q -rfEs -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(BIN)/pytest -q -rfEs -p no:cacheprovider --durations=20 $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
 
