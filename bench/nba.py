@@ -1,0 +1,641 @@
+"""`make bench ONLY=nba`: next best action through the public gateway API
+against Vowpal Wabbit on the same stream, and the calibration of off-policy
+evaluation (ai_plane/ope.py).
+
+Part 1, the learner as a partner meets it (one stack: money, policy, AI with
+its Triton, the gateway, NATS; TLS and an API key as shipped):
+
+* A tenant registers its own catalog through the policy plane's admin API
+  (PutOffer): OFFERS offers, ids no simulator knows, each a theme (travel,
+  grocery, fuel, savings) and a tier (basic, plus, premium) in its
+  attributes, all of one value (so the objective, probability x value, is
+  the conversion probability for every learner alike).
+* A seeded stream of ROUNDS decisions: each a customer (of CUSTOMERS) and a
+  context of FEATURES numbers sent in DecideNextActionRequest.features. The
+  ground truth, hidden from every learner: P(convert | x, offer) =
+  sigmoid(BASE + SLOPE x[theme] + TIER_STEP tier + b_offer), so the best
+  offer is the theme of the largest context number, at the highest tier.
+* Each shown offer's outcome is drawn from that truth with common random
+  numbers (round t converts when u_t < p(x_t, offer): two learners choosing
+  alike are rewarded alike) and reported with RecordOutcome: CONVERTED (with
+  the offer's value), else DISMISSED or IGNORED. LATE_SHARE of the outcomes
+  arrive late: DELAY_MIN..DELAY_MAX decisions after theirs (within the reward
+  window: late to the learner, not past the window).
+* Vowpal Wabbit `--cb_explore_adf` (squarecb, and epsilon 0.05), with the
+  same context and the offers' catalog attributes (`-q ca`), learns on the
+  same stream with the same delays, in this process.
+* Baselines from the truth: random (the mean over offers), the best constant
+  offer, and the oracle.
+
+Figures: `nba_api_reward_mean` (Triplane's progressive reward: the mean
+realized reward of the shown offers; a decision that showed nothing counts
+0), `vw_api_stream_reward_mean` (VW's best setting), their ratio
+`nba_api_vs_vw_ratio` (target >= 1.0), each setting's own mean, the
+baselines, `nba_shown_share`, and `decide_latency_ms_p99` of the same run's
+DecideNextAction calls (sequential, one caller). `_expected` variants are the
+mean truth probability of the offers chosen: the same comparison without the
+outcome draws' noise.
+
+Part 2, OPE calibration (pure numpy, no stack): OPE_SEEDS logs of
+OPE_ROUNDS rounds each, chosen by a known randomized logging policy; the
+value of a second known policy (mostly greedy on the truth) is estimated by
+IPS, SNIPS and DR (reward model: ridge regression per action, cross-fitted
+on two halves), with 95% CLT intervals. The truth is that policy's exact
+on-policy value (expectation over 10^6 contexts). `ope_coverage_<estimator>`
+is the share of seeds whose interval covers it (target >= 0.95; with
+OPE_SEEDS seeds a perfectly calibrated 95% interval still reads 0.95 +- 0.02).
+
+Knobs (environment): TRIPLANE_BENCH_NBA_ROUNDS (3000),
+TRIPLANE_BENCH_NBA_OPE_SEEDS (300), TRIPLANE_BENCH_NBA_PHASES
+(comma-separated subset of: api, ope).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ai_plane import ope
+from bench.common import merge_results, percentile, print_table
+
+FloatArray = npt.NDArray[np.float64]
+
+ROUNDS = int(os.environ.get("TRIPLANE_BENCH_NBA_ROUNDS", "3000"))
+OPE_SEEDS = int(os.environ.get("TRIPLANE_BENCH_NBA_OPE_SEEDS", "300"))
+PHASES = set(os.environ.get("TRIPLANE_BENCH_NBA_PHASES", "api,ope").split(","))
+TENANT = "nba-bench"
+CUSTOMERS = 300
+FEATURES = ("cart_z", "tenure_z", "engagement_z", "savings_z")
+THEMES = ("travel", "grocery", "fuel", "savings")
+THEME_PRODUCT = {
+    "travel": "cashback",
+    "grocery": "cashback",
+    "fuel": "bnpl",
+    "savings": "savings",
+}
+TIERS = ("basic", "plus", "premium")
+OFFERS = len(THEMES) * len(TIERS)
+OFFER_VALUE_MINOR = 1000
+BASE, SLOPE, TIER_STEP = -1.6, 1.5, 0.25
+LATE_SHARE, DELAY_MIN, DELAY_MAX = 0.2, 20, 200
+DISMISS_SHARE = 0.7
+SEED = 20261206
+RPC_TIMEOUT_S = 5.0
+VW_SETTINGS = {
+    "squarecb": "--cb_explore_adf --squarecb -q ca --quiet",
+    "epsilon_0.05": "--cb_explore_adf --epsilon 0.05 -q ca --quiet",
+}
+
+
+# ---------------------------------------------------------------- the world
+
+
+@dataclass(frozen=True)
+class Offer:
+    offer_id: str
+    theme: int
+    tier: int
+    bias: float
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return {"theme": THEMES[self.theme], "tier": TIERS[self.tier]}
+
+    @property
+    def product(self) -> str:
+        return THEME_PRODUCT[THEMES[self.theme]]
+
+
+@dataclass(frozen=True)
+class Stream:
+    offers: list[Offer]
+    contexts: FloatArray  # (rounds, FEATURES)
+    customers: npt.NDArray[np.int64]  # (rounds,)
+    uniforms: FloatArray  # (rounds,): common random numbers of the outcomes
+    delays: npt.NDArray[np.int64]  # (rounds,): 0 or DELAY_MIN..DELAY_MAX
+    dismissed: npt.NDArray[np.bool_]  # (rounds,): a non-conversion reported DISMISSED
+
+    def truth(self, t: int) -> FloatArray:
+        """P(convert | x_t, offer) for every offer, in catalog order."""
+        x = self.contexts[t]
+        logits = np.array(
+            [BASE + SLOPE * x[o.theme] + TIER_STEP * o.tier + o.bias for o in self.offers]
+        )
+        p: FloatArray = 1.0 / (1.0 + np.exp(-logits))
+        return p
+
+    def converts(self, t: int, offer_index: int) -> bool:
+        return bool(self.uniforms[t] < self.truth(t)[offer_index])
+
+
+def make_stream(rounds: int, seed: int = SEED) -> Stream:
+    rng = np.random.default_rng(seed)
+    # Ids no simulator knows: a partner's own catalog.
+    tag = f"{seed % 9973:04d}"
+    offers = [
+        Offer(
+            f"acme{tag}_{THEMES[theme]}_{TIERS[tier]}",
+            theme,
+            tier,
+            float(rng.normal(scale=0.15)),
+        )
+        for theme in range(len(THEMES))
+        for tier in range(len(TIERS))
+    ]
+    late = rng.random(rounds) < LATE_SHARE
+    delays = np.where(late, rng.integers(DELAY_MIN, DELAY_MAX + 1, size=rounds), 0)
+    return Stream(
+        offers,
+        rng.normal(size=(rounds, len(FEATURES))),
+        rng.integers(0, CUSTOMERS, size=rounds),
+        rng.random(rounds),
+        delays.astype(np.int64),
+        rng.random(rounds) < DISMISS_SHARE,
+    )
+
+
+@dataclass
+class Baselines:
+    random_mean: float
+    best_constant_mean: float
+    best_constant_offer: str
+    oracle_mean: float
+
+
+def baselines(stream: Stream) -> Baselines:
+    p = np.array([stream.truth(t) for t in range(len(stream.contexts))])
+    per_offer = p.mean(axis=0)
+    best = int(per_offer.argmax())
+    return Baselines(
+        float(per_offer.mean()),
+        float(per_offer[best]),
+        stream.offers[best].offer_id,
+        float(p.max(axis=1).mean()),
+    )
+
+
+@dataclass
+class Run:
+    """One learner's progressive reward on the stream."""
+
+    name: str
+    rewards: list[float] = field(default_factory=list)
+    expected: list[float] = field(default_factory=list)
+    shown: int = 0
+
+    def add(self, stream: Stream, t: int, offer_index: int | None) -> float:
+        if offer_index is None:
+            self.rewards.append(0.0)
+            self.expected.append(0.0)
+            return 0.0
+        self.shown += 1
+        reward = 1.0 if stream.converts(t, offer_index) else 0.0
+        self.rewards.append(reward)
+        self.expected.append(float(stream.truth(t)[offer_index]))
+        return reward
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.rewards)) if self.rewards else math.nan
+
+    @property
+    def expected_mean(self) -> float:
+        return float(np.mean(self.expected)) if self.expected else math.nan
+
+    def half_means(self) -> tuple[float, float]:
+        half = len(self.expected) // 2
+        return float(np.mean(self.expected[:half])), float(np.mean(self.expected[half:]))
+
+
+# ---------------------------------------------------------------- Vowpal Wabbit
+
+
+def _vw_example(stream: Stream, t: int, label: tuple[int, float, float] | None) -> list[str]:
+    x = stream.contexts[t]
+    shared = "shared |c " + " ".join(f"{n}:{v:.6f}" for n, v in zip(FEATURES, x, strict=True))
+    lines = [shared]
+    for i, offer in enumerate(stream.offers):
+        prefix = ""
+        if label is not None and label[0] == i:
+            prefix = f"0:{label[1]:.1f}:{label[2]:.6f} "
+        lines.append(
+            f"{prefix}|a offer={offer.offer_id} product={offer.product} "
+            f"theme={THEMES[offer.theme]} tier={TIERS[offer.tier]}"
+        )
+    return lines
+
+
+def run_vw(stream: Stream, arguments: str, name: str, seed: int) -> Run:
+    from vowpalwabbit import Workspace
+
+    workspace = Workspace(f"{arguments} --random_seed {seed}")
+    rng = np.random.default_rng(seed)
+    run = Run(name)
+    # Due round -> (round, chosen, cost, probability) of the outcomes arriving then.
+    pending: dict[int, list[tuple[int, int, float, float]]] = {}
+    for t in range(len(stream.contexts)):
+        for index, chosen, cost, probability in pending.pop(t, []):
+            workspace.learn(_vw_example(stream, index, (chosen, cost, probability)))
+        pmf = np.asarray(workspace.predict(_vw_example(stream, t, None)), dtype=np.float64)
+        pmf = pmf / pmf.sum()
+        chosen = int(rng.choice(len(pmf), p=pmf))
+        reward = run.add(stream, t, chosen)
+        due = t + 1 + int(stream.delays[t])
+        # Learned as the product would: when the outcome arrives.
+        pending.setdefault(due, []).append((t, chosen, -reward, float(pmf[chosen])))
+    workspace.finish()
+    return run
+
+
+# ---------------------------------------------------------------- the product, through the API
+
+
+async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], dict[str, Any]]:
+    """Triplane's progressive reward through DecideNextAction / RecordOutcome;
+    the decide latencies (ms); notes (reasons, errors)."""
+    from bench.gateway import stack_config
+    from triplane.common.v1 import types_pb2
+    from triplane.gateway.v1 import gateway_pb2 as gw
+    from triplane.gateway.v1 import gateway_pb2_grpc
+    from triplane.money.v1 import money_pb2
+    from triplane.policy.v1 import policy_pb2
+    from triplane.runtime.config import with_overrides
+    from triplane.runtime.secret_files import random_key_b64
+    from triplane.runtime.tls import open_channel
+    from triplane_client import LedgerAdminClient, PolicyAdminClient
+    from triplane_sim.demo_world import daytime_zone, kyc_profile, product_enum
+    from triplane_tools.partner_keys import create_partner_key
+    from triplane_tools.stack import Stack
+
+    key_path = state_dir / "tokenization.key"
+    key_path.write_text(random_key_b64() + "\n")
+    key_path.chmod(0o600)
+    # The gateway bench's stack as shipped (TLS, API keys, caps out of
+    # reach); every decision is the learner's: no global holdout (a holdout
+    # shows nothing, and its decision would count 0 here).
+    config = with_overrides(
+        stack_config(state_dir, "on", key_path), {"gateway": {"holdout_share": 0.0}}
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
+    notes: dict[str, Any] = {"reasons": {}, "errors": 0, "record_errors": 0}
+    run = Run("triplane")
+    latencies: list[float] = []
+    async with contextlib.AsyncExitStack() as exits:
+        stack = await exits.enter_async_context(Stack(config, environ=env))
+        tls = stack.tls_files()
+        ledger = LedgerAdminClient(stack.addresses["money"], timeout_s=30, tls=tls)
+        policy = PolicyAdminClient(stack.addresses["policy"], timeout_s=30, tls=tls)
+        account_ids = [f"nbacust{i:04d}" for i in range(CUSTOMERS)]
+        try:
+            await ledger.create_tenant(TENANT, "nba bench")
+            await ledger.create_accounts(
+                TENANT,
+                [
+                    money_pb2.NewAccount(
+                        account_id=account_id,
+                        currency="USD",
+                        kind=money_pb2.ACCOUNT_KIND_LIABILITY,
+                        constraint=money_pb2.BALANCE_CONSTRAINT_NONE,
+                    )
+                    for account_id in account_ids
+                ],
+            )
+            await policy.create_tenant(TENANT, "nba bench")
+            # The partner's own catalog, as a tenant registers it.
+            for offer in stream.offers:
+                await policy.put_offer(
+                    policy_pb2.Offer(
+                        tenant_id=TENANT,
+                        offer_id=offer.offer_id,
+                        product=product_enum(offer.product),
+                        title=offer.offer_id.replace("_", " "),
+                        value=types_pb2.Money(amount_minor=OFFER_VALUE_MINOR, currency="USD"),
+                        attributes=offer.attributes,
+                        topic=policy_pb2.TOPIC_MARKETING,
+                        channels=[policy_pb2.CHANNEL_IN_APP],
+                        cooldown_s=1,
+                    )
+                )
+            zone = daytime_zone()
+            now_us = int(time.time() * 1_000_000)
+            for index, account_id in enumerate(account_ids):
+                customer_id = f"c_{account_id}"
+                profile = kyc_profile(TENANT, customer_id, index, now_us)
+                profile.kyc_tier = 3
+                await policy.put_customer_profile(
+                    profile, change_id=f"kyc-{customer_id}", actor="nba-bench"
+                )
+                await policy.put_contact_profile(
+                    policy_pb2.ContactProfile(
+                        tenant_id=TENANT, customer_id=customer_id, time_zone=zone
+                    )
+                )
+                await policy.set_consent(
+                    TENANT,
+                    customer_id,
+                    policy_pb2.Consent(
+                        channel=policy_pb2.CHANNEL_IN_APP,
+                        topic=policy_pb2.TOPIC_MARKETING,
+                        status=policy_pb2.CONSENT_STATUS_GRANTED,
+                        lawful_basis=policy_pb2.LAWFUL_BASIS_CONSENT,
+                    ),
+                )
+        finally:
+            await ledger.close()
+            await policy.close()
+        api_key = await create_partner_key(
+            config, stack.addresses["gateway"], TENANT, state_dir=stack.state_dir
+        )
+        metadata = (("authorization", f"Bearer {api_key}"),)
+        channel = await exits.enter_async_context(
+            open_channel(stack.addresses["gateway"], stack.partner_tls())
+        )
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        index_of = {o.offer_id: i for i, o in enumerate(stream.offers)}
+        # Outcomes waiting for their round: due round -> (decision id, offer index, converted).
+        pending: dict[int, list[tuple[str, int, bool]]] = {}
+
+        async def report(decision_id: str, offer_index: int, converted: bool, t: int) -> None:
+            if converted:
+                kind = gw.OUTCOME_KIND_CONVERTED
+                value = types_pb2.Money(amount_minor=OFFER_VALUE_MINOR, currency="USD")
+            else:
+                kind = gw.OUTCOME_KIND_DISMISSED if stream.dismissed[t] else gw.OUTCOME_KIND_IGNORED
+                value = None
+            try:
+                await stub.RecordOutcome(
+                    gw.RecordOutcomeRequest(
+                        idempotency_key=f"o{uuid.uuid4().hex}",
+                        decision_id=decision_id,
+                        kind=kind,
+                        value=value,
+                    ),
+                    timeout=RPC_TIMEOUT_S,
+                    metadata=metadata,
+                )
+            except Exception as error:  # counted, the run goes on
+                notes["record_errors"] += 1
+                notes.setdefault("record_error", repr(error)[:300])
+
+        rounds_of: dict[str, int] = {}
+        for t in range(len(stream.contexts)):
+            for decision_id, offer_index, converted in pending.pop(t, []):
+                await report(decision_id, offer_index, converted, rounds_of[decision_id])
+            account_id = account_ids[int(stream.customers[t])]
+            request = gw.DecideNextActionRequest(
+                idempotency_key=f"d{uuid.uuid4().hex}",
+                customer_id=f"c_{account_id}",
+                account_id=account_id,
+                surface="checkout",
+                region="US",
+                features={n: float(v) for n, v in zip(FEATURES, stream.contexts[t], strict=True)},
+            )
+            started = time.perf_counter()
+            try:
+                answer = await stub.DecideNextAction(
+                    request, timeout=RPC_TIMEOUT_S, metadata=metadata
+                )
+            except Exception as error:
+                notes["errors"] += 1
+                notes.setdefault("error", repr(error)[:300])
+                run.add(stream, t, None)
+                continue
+            latencies.append((time.perf_counter() - started) * 1000.0)
+            for reason in answer.reasons:
+                notes["reasons"][reason] = notes["reasons"].get(reason, 0) + 1
+            shown = index_of.get(answer.offer.offer_id) if answer.offer.offer_id else None
+            if answer.action != gw.ACTION_SHOW_OFFER or shown is None:
+                run.add(stream, t, None)
+                continue
+            offer_index = shown
+            converted = run.add(stream, t, offer_index) > 0
+            rounds_of[answer.decision_id] = t
+            due = t + 1 + int(stream.delays[t])
+            pending.setdefault(due, []).append((answer.decision_id, offer_index, converted))
+        for due in sorted(pending):
+            for decision_id, offer_index, converted in pending[due]:
+                await report(decision_id, offer_index, converted, rounds_of[decision_id])
+    return run, latencies, notes
+
+
+# ---------------------------------------------------------------- OPE calibration
+
+OPE_ACTIONS, OPE_DIM, OPE_ROUNDS = 8, 4, 3000
+
+
+@dataclass(frozen=True)
+class OpeWorld:
+    theta: FloatArray
+    bias: FloatArray
+
+    def q(self, x: FloatArray) -> FloatArray:
+        result: FloatArray = 1.0 / (1.0 + np.exp(-(self.bias + x @ self.theta.T)))
+        return result
+
+    def logging(self, x: FloatArray) -> FloatArray:
+        """The known randomized logging policy: a softmax of a weak score
+        unrelated to the truth's order, mixed with uniform (every action >=
+        0.3 / K)."""
+        s = 0.6 * (x @ self.theta.T)[:, ::-1]
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        mixed: FloatArray = 0.7 * p + 0.3 / OPE_ACTIONS
+        return mixed
+
+    def target(self, x: FloatArray) -> FloatArray:
+        """The known policy evaluated: 90% greedy on the truth, 10% uniform."""
+        dist: FloatArray = (
+            0.9 * ope.greedy_distribution(x @ self.theta.T + self.bias) + 0.1 / OPE_ACTIONS
+        )
+        return dist
+
+
+def _ridge_per_action(
+    x: FloatArray,
+    actions: npt.NDArray[np.int64],
+    rewards: FloatArray,
+    fit_rows: npt.NDArray[np.bool_],
+) -> FloatArray:
+    design = np.hstack([np.ones((len(x), 1)), x])
+    estimates = np.zeros((len(x), OPE_ACTIONS))
+    for k in range(OPE_ACTIONS):
+        rows = fit_rows & (actions == k)
+        a, y = design[rows], rewards[rows]
+        weights = np.linalg.solve(a.T @ a + np.eye(design.shape[1]), a.T @ y)
+        estimates[:, k] = design @ weights
+    return estimates
+
+
+def ope_calibration(seeds: int, rounds: int = OPE_ROUNDS) -> dict[str, float]:
+    world_rng = np.random.default_rng(SEED)
+    world = OpeWorld(
+        world_rng.normal(scale=0.9, size=(OPE_ACTIONS, OPE_DIM)),
+        world_rng.normal(scale=0.4, size=OPE_ACTIONS) - 1.0,
+    )
+    population = np.random.default_rng(SEED + 1).normal(size=(1_000_000, OPE_DIM))
+    truth = float((world.target(population) * world.q(population)).sum(axis=1).mean())
+    logged_truth = float((world.logging(population) * world.q(population)).sum(axis=1).mean())
+    covered: dict[str, int] = dict.fromkeys(ope.ESTIMATORS, 0)
+    widths: dict[str, list[float]] = {e: [] for e in ope.ESTIMATORS}
+    errors: dict[str, list[float]] = {e: [] for e in ope.ESTIMATORS}
+    for seed in range(seeds):
+        rng = np.random.default_rng(SEED + 100 + seed)
+        x = rng.normal(size=(rounds, OPE_DIM))
+        pb = world.logging(x)
+        actions = (pb.cumsum(axis=1) > rng.random((rounds, 1))).argmax(axis=1)
+        rows = np.arange(rounds)
+        rewards = (rng.random(rounds) < world.q(x)[rows, actions]).astype(np.float64)
+        first = rows < rounds // 2
+        # Cross-fitted: each half's reward model is fitted on the other half.
+        q_hat = np.where(
+            first[:, None],
+            _ridge_per_action(x, actions, rewards, ~first),
+            _ridge_per_action(x, actions, rewards, first),
+        )
+        data = ope.LoggedBandit.of(actions, rewards, pb[rows, actions], world.target(x), q_hat)
+        for name, found in ope.estimate_all(data, confidence=0.95).items():
+            covered[name] += found.lower <= truth <= found.upper
+            widths[name].append(found.upper - found.lower)
+            errors[name].append(found.value - truth)
+    results: dict[str, float] = {
+        "ope_seeds": seeds,
+        "ope_rounds_per_seed": rounds,
+        "ope_true_value": truth,
+        "ope_logging_policy_value": logged_truth,
+        "ope_confidence": 0.95,
+    }
+    for name in ope.ESTIMATORS:
+        results[f"ope_coverage_{name}"] = covered[name] / seeds
+        results[f"ope_interval_width_mean_{name}"] = float(np.mean(widths[name]))
+        results[f"ope_bias_{name}"] = float(np.mean(errors[name]))
+        results[f"ope_rmse_{name}"] = float(np.sqrt(np.mean(np.square(errors[name]))))
+    return results
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+# ---------------------------------------------------------------- main
+
+
+def _rows_api(results: dict[str, Any]) -> list[tuple[str, object, str]]:
+    return [
+        (k, results[k], note)
+        for k, note in (
+            ("nba_api_reward_mean", "Triplane through DecideNextAction/RecordOutcome"),
+            ("vw_api_stream_reward_mean", "VW's best setting, same stream"),
+            ("nba_api_vs_vw_ratio", "target >= 1.0"),
+            ("vw_squarecb_reward_mean", ""),
+            ("vw_epsilon_0.05_reward_mean", ""),
+            ("nba_api_reward_expected_mean", "mean truth p of the offers shown"),
+            ("vw_squarecb_reward_expected_mean", ""),
+            ("vw_epsilon_0.05_reward_expected_mean", ""),
+            ("nba_random_reward_mean", "uniform over the catalog"),
+            ("nba_best_constant_reward_mean", "one offer for everyone"),
+            ("nba_oracle_reward_mean", "the truth's best offer every time"),
+            ("nba_api_second_half_expected_mean", "after learning"),
+            ("vw_squarecb_second_half_expected_mean", ""),
+            ("nba_shown_share", "decisions that showed an offer"),
+            ("decide_latency_ms_p99", "this run's DecideNextAction calls"),
+            ("decide_latency_ms_p50", ""),
+        )
+        if k in results
+    ]
+
+
+def main() -> int:
+    results: dict[str, Any] = {}
+    failed = False
+    if "ope" in PHASES:
+        started = time.monotonic()
+        found = ope_calibration(OPE_SEEDS)
+        results.update(found)
+        lows = {
+            e: wilson(found[f"ope_coverage_{e}"] * OPE_SEEDS, OPE_SEEDS) for e in ope.ESTIMATORS
+        }
+        print_table(
+            f"OPE calibration ({OPE_SEEDS} seeds x {OPE_ROUNDS} rounds, "
+            f"{time.monotonic() - started:.0f} s)",
+            [("ope_true_value", found["ope_true_value"], "the evaluated policy's on-policy value")]
+            + [
+                (
+                    f"ope_coverage_{e}",
+                    found[f"ope_coverage_{e}"],
+                    f"target >= 0.95; 95% Wilson {lows[e][0]:.3f}..{lows[e][1]:.3f}; "
+                    f"mean width {found[f'ope_interval_width_mean_{e}']:.3f}, "
+                    f"bias {found[f'ope_bias_{e}']:+.4f}",
+                )
+                for e in ope.ESTIMATORS
+            ],
+        )
+    if "api" in PHASES:
+        stream = make_stream(ROUNDS)
+        base = baselines(stream)
+        runs = {
+            name: run_vw(stream, arguments, f"vw_{name}", SEED)
+            for name, arguments in VW_SETTINGS.items()
+        }
+        with tempfile.TemporaryDirectory(prefix="triplane-bench-nba-") as tmp:
+            started = time.monotonic()
+            api, latencies, notes = asyncio.run(run_api(stream, Path(tmp)))
+            api_s = time.monotonic() - started
+        best_name = max(runs, key=lambda n: runs[n].mean)
+        vw_best = runs[best_name]
+        results.update(
+            {
+                "nba_rounds": ROUNDS,
+                "nba_offers": OFFERS,
+                "nba_api_reward_mean": api.mean,
+                "nba_api_reward_expected_mean": api.expected_mean,
+                "nba_api_second_half_expected_mean": api.half_means()[1],
+                "vw_api_stream_reward_mean": vw_best.mean,
+                "vw_api_stream_best_setting": best_name,
+                "nba_api_vs_vw_ratio": api.mean / vw_best.mean if vw_best.mean else math.nan,
+                "nba_api_vs_vw_expected_ratio": api.expected_mean / vw_best.expected_mean
+                if vw_best.expected_mean
+                else math.nan,
+                "nba_random_reward_mean": base.random_mean,
+                "nba_best_constant_reward_mean": base.best_constant_mean,
+                "nba_best_constant_offer": base.best_constant_offer,
+                "nba_oracle_reward_mean": base.oracle_mean,
+                "nba_shown_share": api.shown / max(1, ROUNDS),
+                "nba_decide_errors": notes["errors"],
+                "nba_record_errors": notes["record_errors"],
+                "nba_api_run_s": api_s,
+                "decide_latency_ms_p99": percentile(latencies, 99),
+                "decide_latency_ms_p50": percentile(latencies, 50),
+            }
+        )
+        for name, run in runs.items():
+            results[f"vw_{name}_reward_mean"] = run.mean
+            results[f"vw_{name}_reward_expected_mean"] = run.expected_mean
+            results[f"vw_{name}_second_half_expected_mean"] = run.half_means()[1]
+        print_table(f"NBA through the gateway ({ROUNDS} rounds, {api_s:.0f} s)", _rows_api(results))
+        commonest = sorted(notes["reasons"].items(), key=lambda kv: -kv[1])[:6]
+        print(f"decision reasons: {commonest}")
+        for key in ("error", "record_error"):
+            if key in notes:
+                print(f"first {key}: {notes[key]}")
+        failed = notes["errors"] > ROUNDS // 10
+    merge_results(results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
