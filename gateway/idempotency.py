@@ -594,6 +594,19 @@ class IdempotencyStore:
             tx.execute_many(_INSERT_EVENT, events)
             tx.execute_many(_RELEASE, releases)
 
+    async def commit(self, scope: str, key: str) -> None:
+        """On a store other replicas share, commits now (with whatever else is
+        queued) what was put under the key, unless that is committed already:
+        for an answer another replica may be asked about next, such as a
+        decision's exposure. Elsewhere (one replica) nothing: this replica
+        finds it in memory. A failed commit is left to the flusher's retry."""
+        if not self._shared or (scope, key) not in self._unflushed:
+            return
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("committing %s at once failed; the flusher retries it", key)
+
     async def _flush_loop(self) -> None:
         interval_s = self._config.flush_interval_ms / 1000.0
         while True:

@@ -78,7 +78,7 @@ class NextBestAction:
         self, req: gw.DecideNextActionRequest, call: CallContext
     ) -> gw.DecideNextActionResponse:
         surface = self._validate(req)
-        return await self.core.idempotent(
+        answer = await self.core.idempotent(
             req.tenant_id,
             DECIDE,
             req.idempotency_key,
@@ -86,6 +86,10 @@ class NextBestAction:
             gw.DecideNextActionResponse,
             lambda: self._decide(req, surface, call),
         )
+        # Its outcome may go to another gateway replica, which reads the
+        # exposure from the shared store: committed before the answer leaves.
+        await self.core.store.commit(f"{req.tenant_id}\x1f{EXPOSURE_SCOPE}", answer.decision_id)
+        return answer
 
     async def _decide(
         self, req: gw.DecideNextActionRequest, surface: SurfaceConfig, call: CallContext

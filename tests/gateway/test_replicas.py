@@ -65,7 +65,9 @@ rules:
 SCOPE = f"{TENANT}\x1fAuthorizePayment"
 
 
-def _config(state_dir: Path, pg_dsn: str, webhook_url: str) -> Config:
+def _config(
+    state_dir: Path, pg_dsn: str, webhook_url: str, idempotency: dict[str, Any] | None = None
+) -> Config:
     dev_certificates(state_dir)  # as the dev stack makes them: mutual TLS is on
     return load_config(
         # As a pod gets it: one DSN puts both gateway databases on PostgreSQL.
@@ -79,6 +81,7 @@ def _config(state_dir: Path, pg_dsn: str, webhook_url: str) -> Config:
                 "partner_webhooks": [
                     {"tenant_id": TENANT, "url": webhook_url, "secret_path": secret_file()}
                 ],
+                "idempotency": idempotency or {},
             },
         },
     )
@@ -140,9 +143,14 @@ async def _seed(
 
 
 @pytest.fixture
-async def replicas(state_dir: Path, pg_dsn: str) -> AsyncIterator[Replicas]:
+async def replicas(
+    state_dir: Path, pg_dsn: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Replicas]:
+    """Two gateway replicas; `gateway.idempotency` overrides by indirect
+    parametrization."""
     async with receiver() as http, contextlib.AsyncExitStack() as stack:
-        config = _config(state_dir, pg_dsn, f"{http.url}/hooks")
+        idempotency = getattr(request, "param", None)
+        config = _config(state_dir, pg_dsn, f"{http.url}/hooks", idempotency)
         assert config.gateway.idempotency.backend == "postgres"
         assert config.gateway.store.backend == "postgres"
         # One clock for all: a decision token is checked on the money plane's;
@@ -234,6 +242,41 @@ async def test_two_replicas_racing_on_one_key_give_one_answer(replicas: Replicas
     assert answers[0].outcome == gw.OUTCOME_ALLOW and answers[0].hold_id
     assert await replicas.pending_debits("cust_2") == AMOUNT_MINOR
     assert await replicas.decisions("cust_2") == 1
+
+
+# The flusher commits at once, then sleeps a minute: only a commit the
+# flow asks for lands sooner.
+SLOW_FLUSH = {"flush_interval_ms": 60_000}
+
+
+@pytest.mark.parametrize("replicas", [SLOW_FLUSH], indirect=True)
+async def test_an_outcome_through_the_other_replica_finds_the_decision_just_answered(
+    replicas: Replicas,
+) -> None:
+    """RecordOutcome reads the decision's exposure from the shared store:
+    DecideNextAction commits it before answering (it used to leave it to the
+    next group commit, so the other replica answered DECISION_NOT_FOUND about
+    half the time in the end-to-end suite)."""
+    for i in range(3):
+        decided = await replicas.stub_a.DecideNextAction(
+            gw.DecideNextActionRequest(
+                tenant_id=TENANT,
+                idempotency_key=f"decide-{i}",
+                customer_id="c1",
+                account_id="cust_1",
+                surface="app_home",
+            )
+        )
+        assert decided.decision_id and not decided.replayed
+        recorded = await replicas.stub_b.RecordOutcome(
+            gw.RecordOutcomeRequest(
+                tenant_id=TENANT,
+                idempotency_key=f"outcome-{i}",
+                decision_id=decided.decision_id,
+                kind=gw.OUTCOME_KIND_IGNORED,
+            )
+        )
+        assert recorded.decision_id == decided.decision_id and not recorded.replayed
 
 
 async def test_another_payload_under_a_key_in_flight_on_the_other_replica_is_refused(
