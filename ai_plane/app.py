@@ -76,6 +76,7 @@ class AiPlane:
     _nats: object | None = None
     spine: OutcomeSpine | None = None
     _follower: asyncio.Task[None] | None = None
+    _sweeper: asyncio.Task[None] | None = None
 
     async def _start_triton(self, registry: Registry) -> tuple[str, str, ModelRepository | None]:
         """(gRPC address, HTTP address or "", our repository or None)."""
@@ -162,6 +163,8 @@ class AiPlane:
             self._follower = asyncio.create_task(self._follow_registry(registry))
         if config.nats.url and ai.bandit.outcomes == "spine":
             await self._start_spine()
+        if self.engine.rewards is not None:
+            self._sweeper = asyncio.create_task(self._sweep_windows())
         if config.nats.url and ai.pipeline.enabled:
             await self._start_pipeline()
         self.server = PlaneServer(
@@ -208,15 +211,32 @@ class AiPlane:
         one, resuming from the newest posterior snapshot (ai_plane/outcomes.py)."""
         assert self.engine is not None
         nc = await self._connect()
+        rewards = self.engine.rewards
         spine = OutcomeSpine(
             nc.jetstream(),  # type: ignore[attr-defined]
             self.config.nats,
             self.config.ai,
-            self.engine.learner,
+            rewards if rewards is not None else self.engine.learner,
             self.clock.now_us,
         )
         await spine.start()
         self.spine = self.engine.spine = spine
+
+    async def _sweep_windows(self) -> None:
+        """The contextual learner's reward windows: every
+        ai.learner.sweep_interval_s, a 0 for each shown ranking whose window
+        closed without an outcome (any replica may sweep; each window's
+        reward has one id, counted once)."""
+        assert self.engine is not None
+        interval = self.config.ai.learner.sweep_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.engine.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reward window sweep failed; trying again next interval")
 
     async def _start_pipeline(self) -> None:
         assert self.engine is not None and self.store is not None
@@ -239,8 +259,14 @@ class AiPlane:
     ) -> None:
         assert self.engine is not None
         try:
-            await self.engine.report_outcome(
-                envelope.tenant_id, event.rank_id, event.offer_id, event.reward, envelope.event_id
+            await self.engine.outcome(
+                envelope.tenant_id,
+                event.rank_id,
+                event.offer_id,
+                event.reward,
+                envelope.event_id,
+                kind=int(event.kind),
+                value_minor=event.value.amount_minor if event.HasField("value") else None,
             )
         except Unavailable:
             raise  # the spine did not take it: left for redelivery
@@ -249,6 +275,9 @@ class AiPlane:
             log.info("offer outcome not applied: %s", error.reason)
 
     async def _stop_internals(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         if self._follower is not None:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
@@ -261,6 +290,8 @@ class AiPlane:
         if self.engine is not None:
             await self.engine.scorer.close()
             await self.engine.pending.close()
+            if self.engine.rewards is not None:
+                self.engine.rewards.vw.close()
         if self.store is not None:
             await self.store.close()
         if self.triton_process is not None:

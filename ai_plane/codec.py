@@ -52,12 +52,20 @@ def rank_query(request: pb.RankRequest) -> RankQuery:
         tenant_id=request.tenant_id,
         account_id=request.account_id,
         candidates=[
-            Candidate(c.offer_id, OfferEntry(c.product, c.value.amount_minor, dict(c.attributes)))
+            Candidate(
+                c.offer_id,
+                OfferEntry(c.product, c.value.amount_minor, dict(c.attributes)),
+                c.lever,
+            )
             for c in request.candidates
         ],
         channel=int(request.channel),
         hour_of_day=request.hour_of_day if request.hour_of_day <= 23 else -1,
         occurred_at_us=wire.micros(request.occurred_at, "occurred_at"),
+        features=dict(request.features),
+        surface=request.surface,
+        region=request.region,
+        held_out=request.held_out,
     )
 
 
@@ -106,7 +114,7 @@ def rank_response(answer: RankAnswer) -> pb.RankResponse:
         chosen_offer_id=answer.chosen_offer_id,
         chosen_probability=answer.chosen_probability,
         model_ref=score_ref(answer, answer.rank_id),
-        bandit_policy=BANDIT_POLICY,
+        bandit_policy=answer.policy,
     )
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ai_plane.bandit import LinearThompsonBandit, arm_features
+from ai_plane.bandit import LinearThompsonBandit
+from ai_plane.bandit import arm_features as bandit_features
 from ai_plane.drift import PsiMonitor
 from ai_plane.features import (
     FEATURE_SET_VERSION,
@@ -34,6 +35,18 @@ from ai_plane.features import (
     risk_vector,
     stored_features,
 )
+from ai_plane.learner import (
+    RewardLearner,
+    VwLearner,
+    arm_features,
+    context_features,
+    draw,
+    encode_reward,
+    policy_name,
+    reward_key,
+    unit_draw,
+    window_outcome_id,
+)
 from ai_plane.outcomes import (
     BanditLearner,
     Outcome,
@@ -46,6 +59,8 @@ from ai_plane.outcomes import (
 from ai_plane.scorer import Scorer, ScoreResult
 from ai_plane.store.base import FeatureStore
 from ai_plane.training import PROPENSITY_MODEL, RISK_MODEL
+from triplane.ai.v1 import ai_pb2
+from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import AiConfig
 from triplane.runtime.deadline import Deadline
@@ -110,6 +125,8 @@ class Candidate:
 
     offer_id: str
     entry: OfferEntry
+    # The business lever inside the learner's objective (0 or 1: none).
+    lever: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,18 @@ class RankQuery:
     channel: int = 0
     hour_of_day: int = -1
     occurred_at_us: int = 0
+    # The request's numeric context, surface and region (the learner's).
+    features: Mapping[str, float] = field(default_factory=dict)
+    surface: str = ""
+    region: str = ""
+    # Not shown by the learner's choice: logged, never rewarded.
+    held_out: bool = False
+
+
+@dataclass(frozen=True)
+class OutcomeAnswer:
+    applied: bool
+    late: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,6 +168,7 @@ class RankAnswer:
     version: int
     source: str
     score: float
+    policy: str = BANDIT_POLICY
 
 
 @dataclass(slots=True)
@@ -184,6 +214,15 @@ class AiEngine:
         # posterior with the outcome ids it learned from.
         self.pending = pending if pending is not None else build_pending(config)
         self.learner = BanditLearner(bandit, config.bandit.max_outcome_ids)
+        # The contextual learner (ai.learner.engine vw) replaces the bandit
+        # for ranking and outcomes; the spine then carries its rewards.
+        self.rewards: RewardLearner | None = None
+        if config.learner.engine == "vw":
+            self.rewards = RewardLearner(
+                VwLearner(config.learner),
+                config.bandit.max_outcome_ids,
+                config.learner.max_rewarded_ranks,
+            )
         # Set by the plane when outcomes go through the spine (every replica
         # learns each one); None: this engine applies the outcomes it gets.
         self.spine: OutcomeSpine | None = None
@@ -411,6 +450,25 @@ class AiEngine:
                 )
             attributes = candidate.entry.attributes
             fields.update(self._check_attributes(attributes, f"candidates[{i}].attributes"))
+            if not math.isfinite(candidate.lever) or candidate.lever < 0:
+                raise InvalidArgument(
+                    "LEVER_INVALID", "lever must be finite and >= 0", f"candidates[{i}].lever"
+                )
+        self._check_id("surface", q.surface, required=False)
+        self._check_id("region", q.region, required=False)
+        fields["surface"] = q.surface
+        fields["region"] = q.region
+        if len(q.features) > self._limits.max_attributes:
+            raise InvalidArgument(
+                "TOO_MANY_FEATURES", f"at most {self._limits.max_attributes} features", "features"
+            )
+        for key, value in q.features.items():
+            named = f"features[{key}]"
+            if len(key) > self._limits.max_id_length:
+                raise InvalidArgument("FIELD_TOO_LONG", f"{named} is too long", named)
+            if not math.isfinite(value):
+                raise InvalidArgument("FEATURE_NOT_FINITE", f"{named} must be finite", named)
+            fields[f"{named}.key"] = key
         refuse_pii(fields)
 
     async def rank(self, q: RankQuery, deadline: Deadline) -> RankAnswer:
@@ -429,8 +487,10 @@ class AiEngine:
         keys = [f"{q.tenant_id}|{q.account_id}|{o}" for o in offer_ids]
         result = await self.scorer.score(PROPENSITY_MODEL, rows, keys, deadline)
         propensities = [0.0 if math.isnan(p) else p for p in result.scores.tolist()]
+        if self.rewards is not None:
+            return await self._rank_learner(q, now_us, hour, context, propensities, result)
         arms = [f"{q.tenant_id}|{o}" for o in offer_ids]
-        features = [arm_features(context, p) for p in propensities]
+        features = [bandit_features(context, p) for p in propensities]
         choice = self.bandit.choose(arms, features)
         rank_id = uuid.uuid4().hex
         await self.pending.put(
@@ -456,6 +516,219 @@ class AiEngine:
             score=propensities[choice.chosen_index],
         )
 
+    # ---- the contextual learner (ai.learner.engine vw) ----
+
+    def model_key(self, tenant_id: str, surface: str) -> str:
+        """Learning is per tenant, and per surface where configured: never
+        across tenants (a tenant id holds no '|')."""
+        if surface and surface in self._config.learner.surfaces_apart:
+            return f"{tenant_id}|{surface}"
+        return tenant_id
+
+    def _reward_if_converted(self, value_minor: int, lever: float) -> float:
+        learner = self._config.learner
+        if learner.objective == "conversion":
+            return min(learner.max_reward, lever)
+        value = value_minor if value_minor > 0 else learner.default_value_minor
+        return min(learner.max_reward, value * lever / learner.value_scale_minor)
+
+    async def _rank_learner(
+        self,
+        q: RankQuery,
+        now_us: int,
+        hour: int,
+        context: list[float],
+        propensities: list[float],
+        result: ScoreResult,
+    ) -> RankAnswer:
+        assert self.rewards is not None
+        learner = self._config.learner
+        levers = [c.lever if c.lever > 0 else 1.0 for c in q.candidates]
+        key = self.model_key(q.tenant_id, q.surface)
+        exposure = ai_pb2.LearnerExposure(
+            tenant_id=q.tenant_id,
+            model_key=key,
+            surface=q.surface,
+            # The propensity context less channel and hour (categoricals here).
+            context=context_features(q.features, q.surface, q.channel, q.region, hour, context[2:]),
+            arms=[
+                ai_pb2.LearnerArm(
+                    offer_id=c.offer_id,
+                    features=arm_features(
+                        c.offer_id, c.entry.product, c.entry.value_minor, c.entry.attributes, p
+                    ),
+                    reward_if_converted=self._reward_if_converted(c.entry.value_minor, lever),
+                )
+                for c, p, lever in zip(q.candidates, propensities, levers, strict=True)
+            ],
+            policy=policy_name(learner),
+            held_out=q.held_out,
+        )
+        prediction = self.rewards.vw.predict(key, exposure)
+        for arm, p, expected in zip(
+            exposure.arms, prediction.probabilities, prediction.expected, strict=True
+        ):
+            arm.probability = p
+            arm.expected_reward = expected
+        rank_id = uuid.uuid4().hex
+        # The arm is drawn from exactly the logged distribution, with a
+        # uniform number the rank id fixes.
+        chosen = draw(prediction.probabilities, unit_draw(rank_id))
+        window_us = learner.reward_window_s * 1_000_000
+        exposure.rank_id = rank_id
+        exposure.chosen_index = chosen
+        exposure.chosen_offer_id = q.candidates[chosen].offer_id
+        exposure.chosen_probability = prediction.probabilities[chosen]
+        wire.fill_timestamp(exposure.ranked_at, now_us)
+        wire.fill_timestamp(exposure.window_closes_at, now_us + window_us)
+        pending = PendingRank(q.tenant_id, {}, exposure.SerializeToString(), tuple(levers))
+        await self.pending.put(rank_id, pending, 0 if q.held_out else now_us + window_us)
+        ranked = sorted(
+            (
+                RankedOffer(c.offer_id, p, pr)
+                for c, p, pr in zip(
+                    q.candidates, propensities, prediction.probabilities, strict=True
+                )
+            ),
+            key=lambda r: -r.propensity,
+        )
+        return RankAnswer(
+            rank_id=rank_id,
+            offers=ranked,
+            chosen_offer_id=exposure.chosen_offer_id,
+            chosen_probability=exposure.chosen_probability,
+            model=PROPENSITY_MODEL,
+            version=result.version,
+            source=result.source,
+            score=propensities[chosen],
+            policy=exposure.policy,
+        )
+
+    def _learner_reward(
+        self,
+        kind: int,
+        reward: float,
+        value_minor: int | None,
+        arm: ai_pb2.LearnerArm,
+        lever: float,
+    ) -> float:
+        learner = self._config.learner
+        if kind == ai_pb2.OUTCOME_KIND_CONVERTED:
+            if value_minor is None or learner.objective == "conversion":
+                return arm.reward_if_converted
+            return self._reward_if_converted(value_minor, lever)
+        if kind == ai_pb2.OUTCOME_KIND_DISMISSED:
+            return learner.dismissed_reward
+        if kind in (ai_pb2.OUTCOME_KIND_IGNORED, ai_pb2.OUTCOME_KIND_WINDOW_CLOSED):
+            return 0.0
+        return reward  # the caller's own reward
+
+    async def _publish_reward(self, reward: ai_pb2.LearnerReward, now_us: int) -> bool:
+        """Through the spine (every replica learns it), or here; True when
+        this call taught the learner."""
+        assert self.rewards is not None
+        key = reward_key(reward.tenant_id, reward.outcome_id)
+        if self.spine is not None:
+            await self.spine.publish(key, reward.tenant_id, encode_reward(reward, now_us))
+            return self.rewards.learned(key) and self.rewards.applied_at(key) is not None
+        return self.rewards.apply(reward)
+
+    async def _report_learner(
+        self,
+        tenant_id: str,
+        rank_id: str,
+        offer_id: str,
+        reward: float,
+        outcome_id: str,
+        kind: int,
+        value_minor: int | None,
+    ) -> OutcomeAnswer:
+        assert self.rewards is not None
+        if kind == ai_pb2.OUTCOME_KIND_WINDOW_CLOSED:
+            raise InvalidArgument(
+                "OUTCOME_KIND_INVALID", "WINDOW_CLOSED is the plane's own", "kind"
+            )
+        if value_minor is not None and value_minor < 0:
+            raise InvalidArgument("AMOUNT_NEGATIVE", "value must be >= 0", "value")
+        key = reward_key(tenant_id, outcome_id)
+        if self.rewards.seen(key):
+            return OutcomeAnswer(False, not self.rewards.learned(key))
+        pending = await self.pending.get(rank_id)
+        if pending is None or pending.tenant_id != tenant_id or not pending.exposure:
+            raise NotFound("RANK_NOT_FOUND", f"no recent ranking {rank_id!r}", "rank_id")
+        exposure = ai_pb2.LearnerExposure.FromString(pending.exposure)
+        index = next((i for i, a in enumerate(exposure.arms) if a.offer_id == offer_id), -1)
+        if index < 0:
+            raise InvalidArgument("OFFER_NOT_RANKED", f"{offer_id!r} was not ranked", "offer_id")
+        if exposure.held_out:
+            return OutcomeAnswer(False, False)
+        if index != exposure.chosen_index:
+            raise InvalidArgument(
+                "OFFER_NOT_CHOSEN",
+                f"{offer_id!r} was ranked but not chosen ({exposure.chosen_offer_id!r} was)",
+                "offer_id",
+            )
+        now_us = self._clock.now_us()
+        late = now_us > wire.micros(exposure.window_closes_at, "window_closes_at")
+        arm = exposure.arms[index]
+        lever = pending.levers[index] if index < len(pending.levers) else 1.0
+        learned_reward = self._learner_reward(kind, reward, value_minor, arm, lever)
+        message = ai_pb2.LearnerReward(
+            rank_id=rank_id,
+            tenant_id=tenant_id,
+            model_key=exposure.model_key,
+            offer_id=offer_id,
+            arm_index=index,
+            kind=kind,  # type: ignore[arg-type]
+            reward=learned_reward,
+            probability=arm.probability,
+            late=late,
+            outcome_id=outcome_id,
+            exposure=exposure,
+        )
+        wire.fill_timestamp(message.recorded_at, now_us)
+        learned = await self._publish_reward(message, now_us)
+        if not late:
+            await self.pending.settle(rank_id)
+        return OutcomeAnswer(learned, late or not learned)
+
+    async def sweep(self, now_us: int | None = None, limit: int = 1000) -> int:
+        """Counts a 0 for every shown ranking whose reward window closed with
+        no outcome; returns how many rewards it published. Any replica may
+        sweep at any time: each window's reward has one id, so JetStream and
+        the learner count it once, and a ranking an outcome reached first
+        stays with that outcome."""
+        if self.rewards is None:
+            return 0
+        now = self._clock.now_us() if now_us is None else now_us
+        published = 0
+        for rank_id in await self.pending.due(now, limit):
+            pending = await self.pending.get(rank_id)
+            if pending is None or not pending.exposure:
+                await self.pending.settle(rank_id)
+                continue
+            exposure = ai_pb2.LearnerExposure.FromString(pending.exposure)
+            if not self.rewards.rewarded(pending.tenant_id, rank_id):
+                index = exposure.chosen_index
+                message = ai_pb2.LearnerReward(
+                    rank_id=rank_id,
+                    tenant_id=pending.tenant_id,
+                    model_key=exposure.model_key,
+                    offer_id=exposure.chosen_offer_id,
+                    arm_index=index,
+                    kind=ai_pb2.OUTCOME_KIND_WINDOW_CLOSED,
+                    reward=0.0,
+                    probability=exposure.arms[index].probability,
+                    late=False,
+                    outcome_id=window_outcome_id(rank_id),
+                    exposure=exposure,
+                )
+                wire.fill_timestamp(message.recorded_at, now)
+                await self._publish_reward(message, now)
+                published += 1
+            await self.pending.settle(rank_id)
+        return published
+
     # ---- outcomes ----
 
     async def report_outcome(
@@ -464,10 +737,36 @@ class AiEngine:
         """Updates the bandit once per outcome_id; False for a repeat. With
         the spine, every replica's bandit learns it (this one before the
         answer)."""
+        answer = await self.outcome(tenant_id, rank_id, offer_id, reward, outcome_id)
+        return answer.applied
+
+    async def outcome(
+        self,
+        tenant_id: str,
+        rank_id: str,
+        offer_id: str,
+        reward: float,
+        outcome_id: str,
+        kind: int = 0,
+        value_minor: int | None = None,
+    ) -> OutcomeAnswer:
+        """ReportOutcome: the bandit's update, or the contextual learner's
+        reward (kind and value decide it; late when the window had closed)."""
         check_tenant_id(tenant_id)
         self._check_id("outcome_id", outcome_id)
         if not math.isfinite(reward):
             raise InvalidArgument("REWARD_NOT_FINITE", "reward must be a finite number", "reward")
+        if self.rewards is not None:
+            return await self._report_learner(
+                tenant_id, rank_id, offer_id, reward, outcome_id, kind, value_minor
+            )
+        return OutcomeAnswer(
+            await self._report_bandit(tenant_id, rank_id, offer_id, reward, outcome_id)
+        )
+
+    async def _report_bandit(
+        self, tenant_id: str, rank_id: str, offer_id: str, reward: float, outcome_id: str
+    ) -> bool:
         if self.learner.seen(outcome_key(tenant_id, outcome_id)):
             return False
         pending = await self.pending.get(rank_id)

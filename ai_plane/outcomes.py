@@ -25,7 +25,9 @@ any snapshot covered them are lost to a fresh replica).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import heapq
 import io
 import json
 import logging
@@ -59,11 +61,24 @@ class PendingRank:
     tenant_id: str
     # offer id -> the bandit features of that offer in this ranking.
     features: dict[str, FloatArray]
+    # The contextual learner's ranking (ai.learner.engine vw): the
+    # LearnerExposure serialized, and each arm's lever (same order).
+    exposure: bytes = b""
+    levers: tuple[float, ...] = ()
 
 
 class PendingRanks(Protocol):
-    async def put(self, rank_id: str, pending: PendingRank) -> None: ...
+    async def put(self, rank_id: str, pending: PendingRank, due_us: int = 0) -> None:
+        """Keeps the ranking; due_us > 0 also enters it in the reward window
+        sweep (due() returns it once due_us has passed, until settled)."""
+
     async def get(self, rank_id: str) -> PendingRank | None: ...
+    async def due(self, now_us: int, limit: int) -> list[str]:
+        """Rankings whose window closed by now_us and are not settled yet."""
+
+    async def settle(self, rank_id: str) -> None:
+        """Takes the ranking out of the sweep (its reward is on the spine)."""
+
     async def close(self) -> None: ...
 
 
@@ -73,14 +88,39 @@ class InProcessPendingRanks:
     def __init__(self, max_entries: int) -> None:
         self._max = max_entries
         self._pending: OrderedDict[str, PendingRank] = OrderedDict()
+        self._due: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
 
-    async def put(self, rank_id: str, pending: PendingRank) -> None:
+    async def put(self, rank_id: str, pending: PendingRank, due_us: int = 0) -> None:
         self._pending[rank_id] = pending
+        if due_us > 0:
+            self._due[rank_id] = due_us
+            heapq.heappush(self._heap, (due_us, rank_id))
         while len(self._pending) > self._max:
-            self._pending.popitem(last=False)
+            dropped, _ = self._pending.popitem(last=False)
+            self._due.pop(dropped, None)
 
     async def get(self, rank_id: str) -> PendingRank | None:
         return self._pending.get(rank_id)
+
+    async def due(self, now_us: int, limit: int) -> list[str]:
+        found: list[str] = []
+        while self._heap and self._heap[0][0] <= now_us and len(found) < limit:
+            due_us, rank_id = heapq.heappop(self._heap)
+            if self._due.get(rank_id) == due_us:
+                found.append(rank_id)
+        # Back in the heap until settled: a sweep whose publish failed retries.
+        for rank_id in found:
+            heapq.heappush(self._heap, (self._due[rank_id], rank_id))
+        return found
+
+    async def settle(self, rank_id: str) -> None:
+        self._due.pop(rank_id, None)
+        # Entries left in the heap are skipped by due(); drop them when the
+        # heap holds mostly settled ones.
+        if len(self._heap) > 2 * len(self._due) + 1024:
+            self._heap = [(d, r) for d, r in self._heap if self._due.get(r) == d]
+            heapq.heapify(self._heap)
 
     async def close(self) -> None:
         return None
@@ -90,13 +130,18 @@ def _encode_pending(pending: PendingRank) -> str:
     # JSON writes a float as its shortest round-tripping repr: the features
     # read back are bit for bit the ones ranked.
     features = {offer: [float(v) for v in x] for offer, x in pending.features.items()}
-    return json.dumps({"t": pending.tenant_id, "f": features}, separators=(",", ":"))
+    data: dict[str, object] = {"t": pending.tenant_id, "f": features}
+    if pending.exposure:
+        data["e"] = base64.b64encode(pending.exposure).decode()
+        data["l"] = list(pending.levers)
+    return json.dumps(data, separators=(",", ":"))
 
 
 def _decode_pending(text: str | bytes) -> PendingRank:
     data = json.loads(text)
     features = {o: np.asarray(x, dtype=np.float64) for o, x in data["f"].items()}
-    return PendingRank(data["t"], features)
+    exposure = base64.b64decode(data["e"]) if "e" in data else b""
+    return PendingRank(data["t"], features, exposure, tuple(data.get("l", ())))
 
 
 class RedisPendingRanks:
@@ -107,14 +152,29 @@ class RedisPendingRanks:
 
         self._redis = aioredis.from_url(url)
         self._prefix = f"{prefix}:bandit:rank:"
+        # Rankings awaiting a reward, scored by when their window closes.
+        self._due_key = f"{prefix}:bandit:due"
         self._ttl_s = ttl_s
 
-    async def put(self, rank_id: str, pending: PendingRank) -> None:
-        await self._redis.set(self._prefix + rank_id, _encode_pending(pending), ex=self._ttl_s)
+    async def put(self, rank_id: str, pending: PendingRank, due_us: int = 0) -> None:
+        if due_us <= 0:
+            await self._redis.set(self._prefix + rank_id, _encode_pending(pending), ex=self._ttl_s)
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._prefix + rank_id, _encode_pending(pending), ex=self._ttl_s)
+            pipe.zadd(self._due_key, {rank_id: due_us})
+            await pipe.execute()
 
     async def get(self, rank_id: str) -> PendingRank | None:
         text = await self._redis.get(self._prefix + rank_id)
         return None if text is None else _decode_pending(text)
+
+    async def due(self, now_us: int, limit: int) -> list[str]:
+        found = await self._redis.zrangebyscore(self._due_key, "-inf", now_us, start=0, num=limit)
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in found]
+
+    async def settle(self, rank_id: str) -> None:
+        await self._redis.zrem(self._due_key, rank_id)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -150,6 +210,10 @@ class BanditLearner:
     """The bandit with what it learned from: outcome ids applied (dedupe, the
     newest max_outcome_ids) and the stream sequence applied up to."""
 
+    event_type = OUTCOME_EVENT
+    subject_filter = OUTCOME_FILTER
+    snapshot_suffix = "posterior"
+
     def __init__(self, bandit: LinearThompsonBandit, max_outcome_ids: int) -> None:
         self.bandit = bandit
         self._max_ids = max_outcome_ids
@@ -164,6 +228,9 @@ class BanditLearner:
 
     def applied_at(self, key: str) -> int | None:
         return self._applied.get(key)
+
+    def apply_message(self, data: bytes, sequence: int) -> None:
+        self.apply(_decode_outcome(data), sequence)
 
     def apply(self, outcome: Outcome, sequence: int = 0) -> bool:
         """Updates the posterior once per outcome id; False for a repeat."""
@@ -242,6 +309,25 @@ def _decode_outcome(data: bytes) -> Outcome:
     )
 
 
+class SpineLearner(Protocol):
+    """What the spine feeds: the Thompson bandit's BanditLearner, or the
+    contextual learner's RewardLearner (ai_plane/learner.py)."""
+
+    event_type: str
+    subject_filter: str
+    snapshot_suffix: str
+    sequence: int
+
+    def seen(self, key: str) -> bool: ...
+    def applied_at(self, key: str) -> int | None: ...
+    def apply_message(self, data: bytes, sequence: int) -> None: ...
+    async def wait_for(self, sequence: int) -> None: ...
+    def capture(self) -> dict[str, npt.NDArray[np.generic]]: ...
+    @staticmethod
+    def encode(captured: dict[str, npt.NDArray[np.generic]]) -> bytes: ...
+    def restore(self, data: bytes) -> None: ...
+
+
 class OutcomeSpine:
     """Publishes outcomes on TRIPLANE_AI and applies every one of them here."""
 
@@ -250,7 +336,7 @@ class OutcomeSpine:
         js: JetStreamContext,
         nats: NatsConfig,
         ai: AiConfig,
-        learner: BanditLearner,
+        learner: SpineLearner,
         now_us: object,
     ) -> None:
         self._js = js
@@ -258,7 +344,7 @@ class OutcomeSpine:
         self._ai = ai
         self.learner = learner
         self._now_us = now_us
-        self._name = f"{ai.features.namespace}.posterior"
+        self._name = f"{ai.features.namespace}.{learner.snapshot_suffix}"
         self._sub: object | None = None
         self._snapshotter: asyncio.Task[None] | None = None
         self._snapshotted = -1
@@ -272,7 +358,7 @@ class OutcomeSpine:
         await self._load_snapshot()
         start = self.learner.sequence + 1
         self._sub = await self._js.subscribe(
-            OUTCOME_FILTER,
+            self.learner.subject_filter,
             stream=AI_STREAM,
             cb=self._on_message,
             ordered_consumer=True,
@@ -305,13 +391,11 @@ class OutcomeSpine:
     async def _on_message(self, message) -> None:  # type: ignore[no-untyped-def]
         sequence = message.metadata.sequence.stream
         try:
-            outcome = _decode_outcome(message.data)
+            self.learner.apply_message(message.data, sequence)
         except Exception:
             self.unreadable += 1
-            log.warning("unreadable bandit outcome at stream sequence %d skipped", sequence)
+            log.warning("unreadable learner outcome at stream sequence %d skipped", sequence)
             self.learner.sequence = max(self.learner.sequence, sequence)
-            return
-        self.learner.apply(outcome, sequence)
 
     async def report(self, outcome: Outcome) -> bool:
         """Publishes the outcome and waits until this replica applied it;
@@ -319,7 +403,12 @@ class OutcomeSpine:
         if self.learner.seen(outcome.key):
             return False
         data = _encode_outcome(outcome, self._now_us())  # type: ignore[operator]
-        subject = bus.subject_for(OUTCOME_EVENT, outcome.tenant_id)
+        return await self.publish(outcome.key, outcome.tenant_id, data)
+
+    async def publish(self, key: str, tenant_id: str, data: bytes) -> bool:
+        """Publishes one outcome message (key: its dedupe id) and waits until
+        this replica applied it; True when this publish was applied here."""
+        subject = bus.subject_for(self.learner.event_type, tenant_id)
         timeout_s = self._ai.bandit.apply_timeout_s
         try:
             ack = await self._js.publish(
@@ -328,14 +417,14 @@ class OutcomeSpine:
                 timeout=self._nats.publish_timeout_s,
                 stream=AI_STREAM,
                 # JetStream dedupes ids across the whole stream: the key.
-                headers={"Nats-Msg-Id": outcome.key},
+                headers={"Nats-Msg-Id": key},
             )
             await asyncio.wait_for(self.learner.wait_for(ack.seq), timeout_s)
         except Exception as error:
             raise Unavailable(
                 "OUTCOME_NOT_APPLIED", f"the outcome could not go through the spine: {error!r}"
             ) from error
-        return not ack.duplicate and self.learner.applied_at(outcome.key) == ack.seq
+        return not ack.duplicate and self.learner.applied_at(key) == ack.seq
 
     async def snapshot(self) -> bool:
         """Stores the posterior if it moved since the last snapshot."""

@@ -47,10 +47,16 @@ class ScoringServicer(ai_pb2_grpc.ScoringServiceServicer):
     async def ReportOutcome(
         self, request: pb.ReportOutcomeRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportOutcomeResponse:
-        applied = await self._engine.report_outcome(
-            request.tenant_id, request.rank_id, request.offer_id, request.reward, request.outcome_id
+        answer = await self._engine.outcome(
+            request.tenant_id,
+            request.rank_id,
+            request.offer_id,
+            request.reward,
+            request.outcome_id,
+            kind=int(request.kind),
+            value_minor=request.value.amount_minor if request.HasField("value") else None,
         )
-        return pb.ReportOutcomeResponse(applied=applied)
+        return pb.ReportOutcomeResponse(applied=answer.applied, late=answer.late)
 
 
 class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):

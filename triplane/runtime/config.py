@@ -455,6 +455,42 @@ class AiBanditConfig(_Strict, frozen=True):
     apply_timeout_s: float = 5.0
 
 
+class AiLearnerConfig(_Strict, frozen=True):
+    """The offer learner (ai_plane/learner.py, issue 13)."""
+
+    # thompson: the linear Thompson bandit over the propensity model's fixed
+    # context (ai_plane/bandit.py); vw: Vowpal Wabbit's --cb_explore_adf per
+    # tenant, on the request's context and the offers' catalog entries.
+    engine: str = "thompson"
+    # vw's exploration: squarecb (gamma_scale) or epsilon (epsilon-greedy).
+    exploration: str = "squarecb"
+    gamma_scale: float = 10.0
+    epsilon: float = 0.05
+    # Hashed feature space: 2^bits weights per model.
+    bits: int = 18
+    seed: int = 11
+    # Models kept in memory (about 9 MB each at 18 bits); beyond, the least
+    # recently used is kept as its saved bytes and reloaded on use.
+    max_live_models: int = 32
+    # Surfaces that learn apart from the rest of their tenant's surfaces.
+    surfaces_apart: list[str] = []
+    # value: a conversion's reward is value x lever / value_scale_minor;
+    # conversion: lever only (every conversion worth the same).
+    objective: str = "value"
+    value_scale_minor: int = 10000
+    # The value of an offer without one (minor units).
+    default_value_minor: int = 1000
+    max_reward: float = 10.0
+    # Reward of an explicit negative (dismissed or declined).
+    dismissed_reward: float = 0.0
+    # No outcome within this long after the ranking: reward 0, once.
+    reward_window_s: int = 3600
+    # How often a replica looks for rankings whose window closed.
+    sweep_interval_s: float = 5.0
+    # Rankings whose reward is remembered (one reward per ranking).
+    max_rewarded_ranks: int = 200000
+
+
 class AiDriftConfig(_Strict, frozen=True):
     bins: int
     window_scores: int
@@ -483,6 +519,7 @@ class AiConfig(_Strict, frozen=True):
     bandit: AiBanditConfig
     drift: AiDriftConfig
     registry: AiRegistryConfig
+    learner: AiLearnerConfig = msgspec.field(default_factory=AiLearnerConfig)
     # Inference transport: "grpc" (tritonclient's aio client, the default) or
     # "http" (KServe v2 binary tensors over Triton's HTTP endpoint).
     triton_protocol: str = "grpc"
@@ -968,6 +1005,31 @@ def pending_store(ai: AiConfig) -> str:
     return "redis" if ai.features.backend == "redis" else "in_process"
 
 
+def _check_ai_learner(ai: AiConfig) -> None:
+    learner = ai.learner
+    if learner.engine not in ("thompson", "vw"):
+        raise ConfigError("ai.learner.engine must be 'thompson' or 'vw'")
+    if learner.exploration not in ("squarecb", "epsilon"):
+        raise ConfigError("ai.learner.exploration must be 'squarecb' or 'epsilon'")
+    if not 0.0 < learner.epsilon <= 1.0 or learner.gamma_scale <= 0:
+        raise ConfigError("ai.learner.epsilon must be in (0, 1] and gamma_scale > 0")
+    if not 10 <= learner.bits <= 28:
+        raise ConfigError("ai.learner.bits must be in [10, 28]")
+    if learner.objective not in ("value", "conversion"):
+        raise ConfigError("ai.learner.objective must be 'value' or 'conversion'")
+    if learner.value_scale_minor <= 0 or learner.max_reward <= 0:
+        raise ConfigError("ai.learner.value_scale_minor and max_reward must be > 0")
+    if learner.max_live_models < 1 or learner.max_rewarded_ranks < 1:
+        raise ConfigError("ai.learner.max_live_models and max_rewarded_ranks must be >= 1")
+    if not 0 < learner.reward_window_s < ai.bandit.pending_ttl_s:
+        raise ConfigError(
+            "ai.learner.reward_window_s must be > 0 and below ai.bandit.pending_ttl_s "
+            "(the ranking must outlive its window for the window's 0 to be learned)"
+        )
+    if learner.sweep_interval_s <= 0:
+        raise ConfigError("ai.learner.sweep_interval_s must be > 0")
+
+
 def _check_ai_replicas(config: Config) -> None:
     """The registry's backend, and what more than one AI plane replica needs:
     one feature store they all read (the in-process one would split the
@@ -997,6 +1059,7 @@ def _check_ai_replicas(config: Config) -> None:
             "an outcome reported to another replica would not find its ranking; set "
             "ai.bandit.pending_store to 'redis' (or ai.features.backend to 'redis')"
         )
+    _check_ai_learner(ai)
     if ai.replicas > 1 and ai.bandit.outcomes != "spine":
         raise ConfigError(
             f"ai.bandit.outcomes 'local' with ai.replicas {ai.replicas}: each replica's "
