@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,12 @@ class AiPlane:
             return shared.url, shared.http_url if http else "", shared.repository
         url = self.triton_url if self.triton_url is not None else ai.triton_url
         if url:
-            return url, ai.triton_http_url if http else "", None
+            # An external Triton (a sidecar): its repository is shared when
+            # configured, else the files go in the load requests.
+            shared_repository = (
+                ModelRepository(Path(ai.triton_repository)) if ai.triton_repository else None
+            )
+            return url, ai.triton_http_url if http else "", shared_repository
         repository = ModelRepository(models_root(self.config) / "triton_repository")
         write_live_repository(registry, repository, ai)
         process = TritonProcess(repository, models_root(self.config) / "triton", ai.triton)
@@ -122,7 +128,12 @@ class AiPlane:
             )
         url, http_url, repository = await self._start_triton(registry)
         triton = TritonClient(url, http_url) if url else None
-        if triton is not None:
+        if triton is not None and self.triton_process is None and self.shared_triton is None:
+            # An external Triton is configured: serving in-process instead
+            # would be a silent downgrade (every pod scoring on the plane's
+            # CPU, saying so only in each answer). Wait for it, then refuse.
+            await self._wait_external_triton(triton, ai.triton.startup_timeout_s)
+        elif triton is not None:
             await triton.warm_up(ai.triton.startup_timeout_s)
         breaker = CircuitBreaker(
             ai.breaker.failure_threshold,
@@ -180,6 +191,24 @@ class AiPlane:
             connection_age=ConnectionAge.from_config(config),
         )
         return await self.server.start()
+
+    async def _wait_external_triton(self, triton: TritonClient, timeout_s: float) -> None:
+        """Until the external Triton says it is live (a sidecar may start
+        after the plane); TritonUnavailable after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if await triton.warm_up(max(0.1, min(1.0, remaining))):
+                return
+            if time.monotonic() >= deadline:
+                await triton.close()
+                raise TritonUnavailable(
+                    f"ai.triton_url {triton.url}: no Triton answered within "
+                    f"ai.triton.startup_timeout_s={timeout_s:g} s; the plane does not serve "
+                    "in-process in place of a configured Triton (start it, or unset "
+                    "ai.triton_url to run the plane's own tritonserver)"
+                )
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     async def _follow_registry(self, registry: Registry) -> None:
         """Each ai.registry.poll_interval_s: when the registry's generation

@@ -526,6 +526,12 @@ class AiConfig(_Strict, frozen=True):
     # The same Triton's HTTP endpoint (host:port), for triton_protocol "http".
     # Our own tritonserver serves both and sets this itself.
     triton_http_url: str = ""
+    # With ai.triton_url: a model repository directory the external Triton
+    # also reads (a volume both containers mount at this path, the Triton
+    # sidecar started with --model-control-mode=explicit --load-model=*), so
+    # a restarted Triton loads the live versions again by itself. Empty: the
+    # model files travel inside each load request.
+    triton_repository: str = ""
     # AI plane replicas serving together (the production overlay runs 3).
     replicas: int = 1
 
