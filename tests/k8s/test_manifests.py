@@ -111,12 +111,14 @@ def test_the_config_each_overlay_ships_loads_and_matches_its_ai_replicas(
     config_map = next(o for o in objects if o["kind"] == "ConfigMap")
     data = yaml.safe_load(config_map["data"]["config.yaml"])
     ai_env = {
-        e["name"]
+        e["name"]: e.get("value", "")
         for e in _of(objects, "Deployment")["ai-plane"]["spec"]["template"]["spec"]["containers"][
             0
         ].get("env", [])
     }
     environ = {name: "host=pg dbname=x" for name in ai_env if name.endswith("_DSN")}
+    # Settings given in the AI plane's environment (TRIPLANE__AI__...).
+    environ.update({k: v for k, v in ai_env.items() if k.startswith("TRIPLANE__")})
     config = load_config(environ=environ, overrides=data)
     deployed = _of(objects, "Deployment")["ai-plane"]["spec"]["replicas"]
     hpa = _of(objects, "HorizontalPodAutoscaler")["ai-plane"]["spec"]
