@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import psycopg
 
+from triplane.runtime.errors import Unavailable
+
 Row = tuple[Any, ...]
 
 
@@ -152,10 +154,11 @@ class Database:
             if isinstance(conn, sqlite3.Connection):
                 row = conn.execute(sql, tuple(params)).fetchone()
             else:
-                row = conn.execute(_placeholders(sql, "postgres"), tuple(params)).fetchone()
+                with _unavailable_when_lost(conn):
+                    row = conn.execute(_placeholders(sql, "postgres"), tuple(params)).fetchone()
             return tuple(row) if row is not None else None
         finally:
-            self._readers.put(conn)
+            self._release(conn)
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -174,10 +177,25 @@ class Database:
                 finally:
                     cursor.execute("COMMIT")
             else:
-                with conn.transaction(), conn.cursor() as pg_cursor:
+                with (
+                    _unavailable_when_lost(conn),
+                    conn.transaction(),
+                    conn.cursor() as pg_cursor,
+                ):
                     yield Tx(pg_cursor, "postgres")
         finally:
-            self._readers.put(conn)
+            self._release(conn)
+
+    def _release(self, conn: sqlite3.Connection | psycopg.Connection[Any]) -> None:
+        """A reader back to the pool; one whose server connection was lost
+        is closed instead, and the next read opens another."""
+        if isinstance(conn, psycopg.Connection) and (conn.broken or conn.closed):
+            conn.close()
+            with self._readers_lock:
+                if conn in self._opened:
+                    self._opened.remove(conn)
+            return
+        self._readers.put(conn)
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
@@ -195,9 +213,29 @@ class Database:
                     raise
                 cursor.execute("COMMIT")
             else:
-                assert self._pg is not None
-                with self._pg.transaction(), self._pg.cursor() as pg_cursor:
+                conn = self._writer()
+                with (
+                    _unavailable_when_lost(conn),
+                    conn.transaction(),
+                    conn.cursor() as pg_cursor,
+                ):
                     yield Tx(pg_cursor, "postgres")
+
+    def _writer(self) -> psycopg.Connection[Any]:
+        """The writer's PostgreSQL connection (its lock held), opened again
+        when the server was lost (restarted, failed over): without that, one
+        restart of PostgreSQL left every later transaction failing on the dead
+        connection, each answered INTERNAL, until the plane itself restarted."""
+        assert self._pg is not None
+        if self._pg.broken or self._pg.closed:
+            self._pg.close()
+            try:
+                self._pg = psycopg.connect(self._target, autocommit=True)
+            except psycopg.OperationalError as error:
+                raise DatabaseUnavailable(
+                    "DATABASE_UNAVAILABLE", f"the database cannot be reached: {error}"
+                ) from error
+        return self._pg
 
     def migrate(self, ddl: str) -> None:
         statements = [s.strip() for s in re.split(r";\s*\n", ddl) if s.strip()]
@@ -229,6 +267,28 @@ class Database:
 
 # The advisory lock key schema migrations take (any constant of the project's).
 _MIGRATION_LOCK = 0x7472_6970_6C61_6E  # "triplan"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database server was lost during the transaction (a restart, a
+    failover, the network) or cannot be reached: nothing of the transaction
+    is known to be committed, and the call may be retried (UNAVAILABLE,
+    reason DATABASE_UNAVAILABLE), its idempotency key deciding what a retry
+    does. The lost connection is replaced on the next use."""
+
+
+@contextmanager
+def _unavailable_when_lost(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A PostgreSQL error that lost the connection is DatabaseUnavailable;
+    any other error (a constraint, a conflict) goes through as it is."""
+    try:
+        yield
+    except psycopg.OperationalError as error:
+        if not (conn.broken or conn.closed):
+            raise
+        raise DatabaseUnavailable(
+            "DATABASE_UNAVAILABLE", f"the database connection was lost: {error}"
+        ) from error
 
 
 def is_unique_violation(exc: BaseException) -> bool:
