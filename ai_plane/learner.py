@@ -6,12 +6,13 @@ Features (VW namespaces; every name hashed by VW into 2^bits weights, so the
 space is bounded whatever the catalogs and contexts are):
 
 * `c`, the context (shared by every arm of a ranking): each numeric feature of
-  the partner's request (`f:<name>` with its value, and `fb:<name>=<bucket>`:
+  the partner's request (`f_<name>` with its value, and `fb_<name>=<bucket>`:
   the value itself for a small integer, else its signed log2 bucket, so a
   linear model can still learn a threshold), `surface=`, `channel=`,
   `region=`, `hour=` and `daypart=` (categoricals), and the customer's stored
-  features (`s:<name>`, standardized).
-* `a`, the arm: `product=`, each catalog attribute `attr:<key>=<value>`, the
+  features (`s_<i>`, standardized). Names never hold ' ', '|' or ':' (VW's
+  separators; each becomes '_').
+* `a`, the arm: `product=`, each catalog attribute `attr_<key>=<value>`, the
   value's log (`value_log`) and bucket (`vb=`), the propensity model's
   prediction (`propensity`) and `offer=<offer id>`. The id lets the model
   correct one offer; everything else is shared by every offer with the same
@@ -103,8 +104,8 @@ def context_features(
     out: list[ai_pb2.LearnerFeature] = []
     for key in sorted(features):
         value = _number(float(features[key]))
-        out.append(numeric(f"f:{key}", value))
-        out.append(categorical(f"fb:{key}", bucket(value)))
+        out.append(numeric(f"f_{key}", value))
+        out.append(categorical(f"fb_{key}", bucket(value)))
     if surface:
         out.append(categorical("surface", surface))
     out.append(categorical("channel", str(channel)))
@@ -114,7 +115,7 @@ def context_features(
     out.append(categorical("daypart", str(hour // 6)))
     for i, value in enumerate(stored[: len(_STORED_CENTER)]):
         z = (float(value) - _STORED_CENTER[i]) / _STORED_SCALE[i]
-        out.append(numeric(f"s:{i}", z))
+        out.append(numeric(f"s_{i}", z))
     return out
 
 
@@ -128,7 +129,7 @@ def arm_features(
     """One arm, namespace `a`: what the catalog says it is."""
     out = [categorical("product", product or "none")]
     for key in sorted(attributes):
-        out.append(categorical(f"attr:{key}", attributes[key]))
+        out.append(categorical(f"attr_{key}", attributes[key]))
     value_log = math.log1p(max(0, value_minor))
     out.append(numeric("value_log", value_log))
     out.append(categorical("vb", str(int(value_log))))

@@ -1,5 +1,12 @@
 """Arbitration of the next best action: pure functions, no I/O.
 
+By default the learner decides (gateway.arbitration.policy learner): the AI
+plane's contextual learner already maximizes value x levers over the eligible
+set and draws the offer from the distribution it logs, so `follow_learner`
+shows its choice with exactly that probability. The rest of this module is the
+arbitration policy, kept for experiment arms that run it (arm_policies) and
+for when ranking fails:
+
 score(offer) = propensity x value x lever(offer) x lever(offer, surface) x
 context weight(surface). The winner is the highest score. A configured share of
 decisions follows the bandit's exploration distribution instead, so the shown
@@ -22,6 +29,8 @@ from triplane.runtime.config import GatewayArbitrationConfig
 
 WINNER = "ARBITRATION_WINNER"
 EXPLORATION = "BANDIT_EXPLORATION"
+LEARNER_BEST = "LEARNER_BEST"
+LEARNER_EXPLORATION = "LEARNER_EXPLORATION"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,3 +128,26 @@ def choose(
             break
     reason = WINNER if chosen is winner else EXPLORATION
     return Choice(tuple(ranked), chosen, probability(chosen.candidate.offer_id), reason)
+
+
+def follow_learner(
+    config: GatewayArbitrationConfig,
+    candidates: Sequence[Candidate],
+    surface: str,
+    context_weight: float,
+    chosen_offer_id: str,
+    chosen_probability: float,
+) -> Choice:
+    """The learner's choice, shown as drawn: the logged probability is the
+    learner's own. Alternatives follow in the learner's order (its
+    probability, then offer id); the arbitration score is kept for display."""
+    assert candidates, "the learner needs at least one candidate"
+    all_scored = score_all(config, candidates, surface, context_weight)
+    scored = {s.candidate.offer_id: s for s in all_scored}
+    ranked = sorted(
+        scored.values(), key=lambda s: (-s.candidate.bandit_probability, s.candidate.offer_id)
+    )
+    chosen = scored[chosen_offer_id]
+    best = ranked[0].candidate.bandit_probability
+    reason = LEARNER_BEST if chosen.candidate.bandit_probability >= best else LEARNER_EXPLORATION
+    return Choice(tuple(ranked), chosen, chosen_probability, reason)

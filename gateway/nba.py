@@ -1,9 +1,12 @@
 """Decide the next best action, and close the loop with its outcome.
 
 DecideNextAction: policy filters the catalog first (eligibility, consent, quiet
-hours, caps) -> ai Rank on what is left (on its budget; a failure falls back to
-value x levers with uniform exploration, said in the answer) -> arbitration
-(gateway.arbitration) -> experiment arm and global holdout -> exposure logged
+hours, caps: hard constraints) -> ai Rank on what is left, with the request's
+context and each offer's lever (on its budget; a failure falls back to value x
+levers with uniform exploration, said in the answer) -> the learner's choice
+is shown with the probability it was drawn with (gateway.arbitration.policy
+learner; arbitration for experiment arms configured so) -> global holdout
+(ranked but not shown, and never rewarded) -> exposure logged
 (NATS `gateway.exposure.logged`, measurement) -> the answer. RecordOutcome
 updates the bandit (ai ReportOutcome, and the `gateway.offer.outcome` event the
 AI plane's pipeline also consumes; both are deduplicated on one outcome id)
@@ -35,6 +38,12 @@ EXPOSURE_EVENT, OUTCOME_EVENT = "gateway.exposure.logged", "gateway.outcome.reco
 BANDIT_EVENT = "gateway.offer.outcome"
 HOLDOUT, NOTHING_ELIGIBLE = "HOLDOUT", "NOTHING_ELIGIBLE"
 MAX_BACKGROUND_TASKS = 10_000
+# What the learner counts: a conversion's value, an explicit negative, nothing.
+OUTCOME_KINDS: dict[int, ai_pb2.OutcomeKind.ValueType] = {
+    gw.OUTCOME_KIND_CONVERTED: ai_pb2.OUTCOME_KIND_CONVERTED,
+    gw.OUTCOME_KIND_DISMISSED: ai_pb2.OUTCOME_KIND_DISMISSED,
+    gw.OUTCOME_KIND_IGNORED: ai_pb2.OUTCOME_KIND_IGNORED,
+}
 
 
 class NextBestAction:
@@ -151,7 +160,14 @@ class NextBestAction:
         one that would have been)."""
         core = self.core
         offers = {o.offer_id: o for o in eligible.eligible}
-        ranked, failure = await self._rank(req, eligible, now_us, call)
+        arbitration_config = core.config.arbitration
+        policy = arbitration_config.arm_policies.get(
+            answer.assignment.arm, arbitration_config.policy
+        )
+        # The learner's choice is shown unless the customer is held out or
+        # the arm runs arbitration: then it must not wait for a reward.
+        held_out = answer.assignment.holdout or policy != "learner"
+        ranked, failure = await self._rank(req, eligible, now_us, call, held_out)
         if ranked is None:
             answer.rank_fallback_reason = failure
             propensities = {o: (1.0, 1.0 / len(offers)) for o in offers}
@@ -170,13 +186,23 @@ class NextBestAction:
             )
             for offer_id in sorted(offers)
         ]
-        choice = arbitration.choose(
-            core.config.arbitration,
-            candidates,
-            req.surface,
-            surface.context_weight,
-            answer.decision_id,
-        )
+        if ranked is not None and policy == "learner" and ranked.chosen_offer_id in offers:
+            choice = arbitration.follow_learner(
+                arbitration_config,
+                candidates,
+                req.surface,
+                surface.context_weight,
+                ranked.chosen_offer_id,
+                ranked.chosen_probability,
+            )
+        else:
+            choice = arbitration.choose(
+                arbitration_config,
+                candidates,
+                req.surface,
+                surface.context_weight,
+                answer.decision_id,
+            )
         chosen = self._offer_choice(choice.chosen, offers, surface)
         answer.action_probability = choice.probability
         answer.alternatives.extend(
@@ -201,16 +227,28 @@ class NextBestAction:
         eligible: policy_pb2.GetEligibleOffersResponse,
         now_us: int,
         call: CallContext,
+        held_out: bool = False,
     ) -> tuple[ai_pb2.RankResponse | None, str]:
         core = self.core
         hour = req.local_hour if req.HasField("local_hour") else (now_us // 3_600_000_000) % 24
+        candidates = [codec.offer_candidate(o) for o in eligible.eligible]
+        for candidate in candidates:
+            # The business levers go inside the learner's objective.
+            candidate.lever = arbitration.lever(
+                core.config.arbitration, candidate.offer_id, req.surface
+            )
         request = ai_pb2.RankRequest(
             tenant_id=req.tenant_id,
             account_id=req.account_id,
-            candidates=[codec.offer_candidate(o) for o in eligible.eligible],
+            candidates=candidates,
             channel=ai_pb2.CHANNEL_IN_APP,
             hour_of_day=int(hour),
             occurred_at=wire.timestamp(now_us),
+            # The moment's context reaches the learner.
+            features=dict(req.features),
+            surface=req.surface,
+            region=req.region,
+            held_out=held_out,
         )
         try:
             ranked = await core.ai.rank(
@@ -366,6 +404,8 @@ class NextBestAction:
             )
         exposure = gw.ExposureLogged.FromString(found.body)
         reward = 1.0 if req.kind == gw.OUTCOME_KIND_CONVERTED else 0.0
+        kind = OUTCOME_KINDS.get(req.kind, ai_pb2.OUTCOME_KIND_UNSPECIFIED)
+        value = req.value if req.HasField("value") else None
         now_us = core.clock.now_us()
         outcome_id = stable_id("out_", tenant, req.idempotency_key)
         answer = gw.RecordOutcomeResponse(
@@ -377,7 +417,11 @@ class NextBestAction:
         events: list[bus.OutgoingEvent] = []
         if exposure.action == gw.ACTION_SHOW_OFFER and exposure.rank_id:
             bandit = ai_pb2.OfferOutcomeEvent(
-                rank_id=exposure.rank_id, offer_id=exposure.offer_id, reward=reward
+                rank_id=exposure.rank_id,
+                offer_id=exposure.offer_id,
+                reward=reward,
+                kind=kind,
+                value=value,
             )
             events.append(self._event(BANDIT_EVENT, tenant, bandit, now_us, outcome_id, req))
             try:
@@ -388,6 +432,8 @@ class NextBestAction:
                         offer_id=exposure.offer_id,
                         reward=reward,
                         outcome_id=outcome_id,
+                        kind=kind,
+                        value=value,
                     ),
                     core.timeout_s(call, core.config.budgets.ai_outcome_budget_ms),
                 )

@@ -87,6 +87,9 @@ async def test_rank_on_one_plane_report_on_another_and_resume_after_a_restart(
         "features": {"backend": "redis", "redis_url": redis_url, "namespace": namespace},
         "bandit": {"pending_store": "redis", "snapshot_interval_s": 0},
         "pipeline": {"enabled": False},
+        # The Thompson bandit's wiring (the contextual learner's:
+        # test_ai_learner_replicas.py).
+        "learner": {"engine": "thompson"},
     }
     configs = [
         bootstrapped(ai_config(tmp_path / name, settings, nats_url=nats_url)) for name in "ab"

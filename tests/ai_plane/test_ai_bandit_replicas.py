@@ -45,6 +45,9 @@ def _config(state: Path, redis_url: str, namespace: str) -> Config:
             "features": {"backend": "redis", "redis_url": redis_url, "namespace": namespace},
             # Only the shutdown snapshot: the test decides when one is taken.
             "bandit": {"snapshot_interval_s": 0},
+            # The Thompson bandit's own replica guarantees (the contextual
+            # learner's: test_ai_learner_replicas.py).
+            "learner": {"engine": "thompson"},
         },
     )
 

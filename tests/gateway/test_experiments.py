@@ -94,7 +94,7 @@ def test_experiments_are_independent_of_each_other(experiments: Experiments) -> 
 def test_shipped_config_and_bad_definitions() -> None:
     shipped = Experiments.from_config(load_config(environ={}).gateway)
     assert shipped.names() == ["nba_default"]
-    assert shipped.assign("demo", "nba_default", "tok_1").arm in ("arbitration", HOLDOUT_ARM)
+    assert shipped.assign("demo", "nba_default", "tok_1").arm in ("learner", HOLDOUT_ARM)
     with pytest.raises(NotFound):
         shipped.assign("demo", "nope", "tok_1")
     with pytest.raises(InvalidArgument):

@@ -6,6 +6,7 @@ The planes start once for the module: Triton's start is the slow part."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import time
@@ -727,6 +728,68 @@ async def test_decide_next_action_with_exclusions_and_exposure_event(world: Worl
     finally:
         await sub.unsubscribe()
         await nc.close()
+
+
+async def test_the_learner_decides_on_the_request_context_and_learns_the_outcome(
+    world: World,
+) -> None:
+    """The offer shown is the AI plane's learner's, with the probability it
+    was drawn with (arbitration no longer overrides it); the request's
+    context reaches the learner; the outcome is the ranking's reward on the
+    exposure log (TRIPLANE_AI learner.reward)."""
+    answer = await world.stub.DecideNextAction(
+        gw.DecideNextActionRequest(
+            tenant_id=TENANT,
+            idempotency_key=uuid.uuid4().hex,
+            customer_id="c9",
+            account_id="cust_9",
+            surface="checkout",
+            region="US",
+            features={"cart_value": 120.0, "step": 2.0},
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert answer.action == gw.ACTION_SHOW_OFFER, answer
+    assert answer.reasons[0] in ("LEARNER_BEST", "LEARNER_EXPLORATION"), answer.reasons
+    assert answer.action_probability == answer.offer.exploration_probability > 0
+    shown = [answer.offer, *answer.alternatives]
+    assert math.isclose(math.fsum(o.exploration_probability for o in shown), 1.0)
+    outcome = await world.stub.RecordOutcome(
+        gw.RecordOutcomeRequest(
+            tenant_id=TENANT,
+            idempotency_key=uuid.uuid4().hex,
+            decision_id=answer.decision_id,
+            kind=gw.OUTCOME_KIND_CONVERTED,
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert outcome.bandit_updated
+    nc = NatsClient()
+    await nc.connect(world.config.nats.url)
+    try:
+        sub = await nc.jetstream().subscribe(
+            f"triplane.ai.{TENANT}.learner.reward", ordered_consumer=True
+        )
+        reward = None
+        while reward is None:
+            msg = await sub.next_msg(timeout=RPC_TIMEOUT_S)
+            found = ai_pb2.LearnerReward.FromString(
+                envelope_pb2.EventEnvelope.FromString(msg.data).payload
+            )
+            if found.rank_id == answer.rank_id:
+                reward = found
+    finally:
+        await nc.close()
+    exposure = reward.exposure
+    assert reward.kind == ai_pb2.OUTCOME_KIND_CONVERTED and reward.reward > 0
+    assert not reward.late
+    assert exposure.chosen_offer_id == answer.offer.offer_id
+    assert exposure.chosen_probability == answer.action_probability
+    context = {f.name: f.value for f in exposure.context}
+    assert context["f_cart_value"] == 120.0 and context["f_step"] == 2.0
+    assert "surface=checkout" in context and "region=US" in context
+    assert {a.offer_id for a in exposure.arms} == {o.offer_id for o in shown}
+    assert math.isclose(math.fsum(a.probability for a in exposure.arms), 1.0)
 
 
 async def test_decide_without_consent_shows_nothing(world: World) -> None:

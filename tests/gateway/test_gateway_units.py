@@ -40,6 +40,47 @@ candidates_strategy = st.lists(
 )
 
 
+def test_the_learner_is_never_overridden_by_arbitration() -> None:
+    # A lever that would make arbitration pick "boosted" every time: the
+    # learner's choice is shown all the same, with the learner's probability.
+    config = _config(0.0, [OfferLeverConfig(offer_id="boosted", weight=100.0, surfaces={})])
+    candidates = [
+        Candidate("boosted", 5000, 0.9, 0.1),
+        Candidate("learned", 100, 0.1, 0.7),
+        Candidate("other", 100, 0.1, 0.2),
+    ]
+    assert arbitration.choose(
+        config, candidates, "checkout", 1.0, "s"
+    ).chosen.candidate.offer_id == ("boosted")
+    for chosen, probability, reason in (
+        ("learned", 0.7, arbitration.LEARNER_BEST),
+        ("other", 0.2, arbitration.LEARNER_EXPLORATION),
+    ):
+        choice = arbitration.follow_learner(
+            config, candidates, "checkout", 1.0, chosen, probability
+        )
+        assert choice.chosen.candidate.offer_id == chosen
+        assert choice.probability == probability and choice.reason == reason
+        # Alternatives in the learner's order.
+        assert [s.candidate.offer_id for s in choice.ranked] == ["learned", "other", "boosted"]
+
+
+def test_arm_policies_name_learner_or_arbitration_only() -> None:
+    from triplane.runtime.config import ConfigError, load_config
+
+    shipped = load_config(environ={})
+    assert shipped.gateway.arbitration.policy == "learner"
+    assert shipped.ai.learner.engine == "vw"
+    load_config(
+        environ={},
+        overrides={"gateway": {"arbitration": {"arm_policies": {"control": "arbitration"}}}},
+    )
+    with pytest.raises(ConfigError):
+        load_config(
+            environ={}, overrides={"gateway": {"arbitration": {"arm_policies": {"x": "greedy"}}}}
+        )
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     candidates=candidates_strategy,

@@ -461,7 +461,7 @@ class AiLearnerConfig(_Strict, frozen=True):
     # thompson: the linear Thompson bandit over the propensity model's fixed
     # context (ai_plane/bandit.py); vw: Vowpal Wabbit's --cb_explore_adf per
     # tenant, on the request's context and the offers' catalog entries.
-    engine: str = "thompson"
+    engine: str = "vw"
     # vw's exploration: squarecb (gamma_scale) or epsilon (epsilon-greedy).
     exploration: str = "squarecb"
     gamma_scale: float = 10.0
@@ -616,6 +616,14 @@ class GatewayArbitrationConfig(_Strict, frozen=True):
     exploration_share: float
     levers: list[OfferLeverConfig]
     surfaces: list[SurfaceConfig]
+    # Who decides which offer is shown: learner (the AI plane's learner: its
+    # choice, with the probability it was drawn with; the levers go inside
+    # its objective) or arbitration (the highest propensity x value x levers,
+    # exploration_share of decisions following the bandit).
+    policy: str = "learner"
+    # Experiment arms (of gateway.decide_experiment) decided by another
+    # policy than `policy`: arm name -> learner or arbitration.
+    arm_policies: dict[str, str] = {}
 
 
 class ExperimentArmConfig(_Strict, frozen=True):
@@ -1168,6 +1176,7 @@ def _check(config: Config) -> None:
     _check_tls(config)
     _check_grpc(config)
     _check_gateway_auth(config)
+    _check_gateway_policy(config)
 
 
 def _check_gateway_stores(config: Config) -> None:
@@ -1217,6 +1226,16 @@ def _check_grpc(config: Config) -> None:
         raise ConfigError("runtime.grpc.max_connection_age_s must be >= 0 (0: no limit)")
     if grpc_config.max_connection_age_grace_s < 0:
         raise ConfigError("runtime.grpc.max_connection_age_grace_s must be >= 0")
+
+
+def _check_gateway_policy(config: Config) -> None:
+    arbitration = config.gateway.arbitration
+    for where, policy in [("policy", arbitration.policy), *arbitration.arm_policies.items()]:
+        if policy not in ("learner", "arbitration"):
+            raise ConfigError(
+                f"gateway.arbitration.{'arm_policies.' if where != 'policy' else ''}{where} "
+                f"must be 'learner' or 'arbitration', not {policy!r}"
+            )
 
 
 def _check_gateway_auth(config: Config) -> None:
