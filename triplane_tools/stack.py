@@ -120,6 +120,10 @@ class PlaneProcess:
     process: subprocess.Popen[bytes]
     # Which of the plane's replicas (0 when it runs one).
     replica: int = 0
+    # What it was started with, so that it can be started again (restart).
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    # Times it was started again after it exited (restart).
+    restarts: int = 0
 
     @property
     def pid(self) -> int:
@@ -250,6 +254,11 @@ class Stack:
     def nats_log_path(self) -> Path | None:
         return self._nats.log_path if self._nats is not None else None
 
+    @property
+    def jetstream_cluster(self) -> NatsCluster | None:
+        """The 3-node cluster the stack runs (nats_cluster), for fault injection."""
+        return self._nats_cluster
+
     async def __aenter__(self) -> Stack:
         await self.start()
         return self
@@ -279,6 +288,45 @@ class Stack:
             await asyncio.to_thread(self._nats.stop)
         if self._nats_cluster is not None:
             await asyncio.to_thread(self._nats_cluster.stop)
+
+    def process_of(self, plane: str, replica: int = 0) -> PlaneProcess:
+        """The running (or exited) process of one replica of a plane."""
+        for process in self.processes:
+            if process.name == plane and process.replica == replica:
+                return process
+        raise StackError(f"no replica {replica} of plane {plane!r} in this stack")
+
+    def kill(self, plane: str, replica: int = 0, sig: int = signal.SIGKILL) -> PlaneProcess:
+        """Sends `sig` to one replica's process (fault injection: SIGKILL is
+        `kill -9`; SIGSTOP freezes it, SIGCONT resumes it). What a killed
+        plane started itself (its tritonserver, its workers) goes with it:
+        the parent-death signal. The stack does not start it again by itself:
+        `restart` does, as an orchestrator would; until then wait_for_exit
+        reports it, so `triplane up` still stops when a plane dies."""
+        process = self.process_of(plane, replica)
+        if process.running():
+            process.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                process.process.wait()
+        return process
+
+    async def restart(self, plane: str, replica: int = 0) -> PlaneProcess:
+        """Starts a replica that exited again, with the config, environment
+        and port it had, and waits until it serves (stack.start_timeout_s).
+        Its log is appended to. Refused while the replica still runs."""
+        old = self.process_of(plane, replica)
+        if old.running():
+            raise StackError(f"{plane}[{replica}] is still running (pid {old.pid})")
+        await asyncio.to_thread(_reap_group, old.pid)
+        planes = {p.name: p for p in self.config.stack.planes}
+        # Spawned from this (the event loop's) thread: it dies with it.
+        process = self._spawn(planes[plane], old.env, replica, append_log=True)
+        process.restarts = old.restarts + 1
+        self.processes[self.processes.index(old)] = process
+        deadline = time.monotonic() + self.config.stack.start_timeout_s
+        await self._wait_serving(process, deadline)
+        log.info("%s[%d] restarted on %s (pid %d)", plane, replica, process.address, process.pid)
+        return process
 
     async def wait_for_exit(self) -> PlaneProcess:
         """Returns the first plane that exits (for the foreground supervisor)."""
@@ -463,7 +511,11 @@ class Stack:
         return env
 
     def _spawn(
-        self, plane: StackPlaneConfig, env: dict[str, str], replica: int = 0
+        self,
+        plane: StackPlaneConfig,
+        env: dict[str, str],
+        replica: int = 0,
+        append_log: bool = False,
     ) -> PlaneProcess:
         listen = self._listen_of(plane)
         log_path = self.logs_dir / f"{plane.name}.log"
@@ -473,7 +525,7 @@ class Stack:
         _refuse_busy(plane.name, f"{plane.name}.listen", listen)
         address = dial_address(listen)
         log_file: IO[bytes]
-        with log_path.open("wb") as log_file:
+        with log_path.open("ab" if append_log else "wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", plane.module],
                 stdin=subprocess.DEVNULL,
@@ -483,7 +535,7 @@ class Stack:
                 start_new_session=True,
                 preexec_fn=die_with_parent(),
             )
-        return PlaneProcess(plane.name, plane.module, address, log_path, process, replica)
+        return PlaneProcess(plane.name, plane.module, address, log_path, process, replica, env)
 
     async def _wait_serving(self, plane: PlaneProcess, deadline: float) -> None:
         serving = int(health_pb2.HealthCheckResponse.SERVING)
