@@ -11,6 +11,10 @@
 #   make fuzz [FUZZ_SEED=n]   every RPC of every plane fuzzed through the real
 #                             stack, 10,000 cases a plane (FUZZ_CASES=...);
 #                             figures merged into bench/results.json
+#   make chaos [CHAOS_ARGS=]  mixed workload through a 2-replica stack while planes,
+#                             Triton, a JetStream node and PostgreSQL are killed;
+#                             nothing lost, duplicated, INTERNAL or late; figures
+#                             merged into bench/results.json
 #   make proto                regenerate the committed Python stubs from proto/
 #   make proto-check          fail when regenerating the stubs changes the tree
 #   make proto-breaking       buf breaking (FILE) against the previous commit
@@ -57,7 +61,7 @@ FUZZ_CASES ?= 10000
 FUZZ_SEED ?=
 DEMO_ARGS ?=
 
-.PHONY: help venv demo up test fuzz bench proto proto-check proto-breaking lint k8s-check clean distclean
+.PHONY: help venv demo up test fuzz chaos bench proto proto-check proto-breaking lint k8s-check clean distclean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed -n 's/^# \{0,1\}//p'
@@ -97,6 +101,14 @@ fuzz: venv
 	TRIPLANE_FUZZ_CASES=$(FUZZ_CASES) TRIPLANE_FUZZ_WRITE_RESULTS=1 \
 	$(if $(FUZZ_SEED),TRIPLANE_FUZZ_SEED=$(FUZZ_SEED)) \
 	$(BIN)/pytest -q -rfEs -p no:cacheprovider $(PYTEST_ARGS) tests/fuzz
+
+# The chaos run at full length (`make test` runs it short,
+# tests/runtime/test_chaos.py): 2 replicas of every plane on a private
+# PostgreSQL, a 3-node JetStream cluster and Redis, the fault schedule in
+# rounds for CHAOS_ARGS' duration (default 240 s; `triplane chaos --help`).
+CHAOS_ARGS ?=
+chaos: venv
+	$(BIN)/triplane chaos $(CHAOS_ARGS)
 
 # The benchmarks' own baselines: Vowpal Wabbit (the bench extra) and Feast,
 # which pins protobuf<7 and so lives in its own environment (.venv-feast).

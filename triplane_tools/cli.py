@@ -158,6 +158,76 @@ def _cmd_money_check_balanced(args: argparse.Namespace) -> int:
     return asyncio.run(_check_balanced(config, address, args.tenant, args.timeout_s))
 
 
+# ---- chaos ----
+
+
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from triplane_tools import chaos, chaos_checks
+
+    if os.environ.get(chaos.FORK_SUPPORT_ENV) != "false":
+        # Planes are restarted (forked) while this process's gRPC is busy;
+        # gRPC's fork handlers then abort the child (chaos.FORK_SUPPORT_ENV).
+        # The setting is read when grpc is imported, so the command starts over.
+        env = {**os.environ, chaos.FORK_SUPPORT_ENV: "false"}
+        command = [sys.executable, "-m", "triplane_tools.cli", *args.argv]
+        os.execve(sys.executable, command, env)
+
+    options = chaos.ChaosOptions(
+        duration_s=args.duration_s,
+        schedule=args.schedule,
+        workers=args.workers,
+        deadline_s=args.deadline_s,
+        ai_replicas=args.ai_replicas,
+        warmup_s=args.warmup_s,
+        fault_gap_s=args.fault_gap_s,
+        triton_stop_s=args.triton_stop_s,
+        seed=args.seed,
+        state_dir=Path(args.state_dir).resolve() if args.state_dir else None,
+    )
+    report = asyncio.run(chaos.run_chaos(options))
+    print(report.table(), flush=True)
+    if not args.no_results:
+        path = Path(args.results) if args.results else chaos_checks.default_results_path()
+        chaos_checks.write_results(path, report.figures)
+        print(f"figures merged into {path}")
+    return 0 if report.ok else 1
+
+
+def _add_chaos_command(sub: Any) -> None:
+    chaos = sub.add_parser(
+        "chaos",
+        help="a mixed workload through the gateway of a 2-replica stack while planes, "
+        "Triton, a JetStream node and PostgreSQL are killed; then the stores are checked",
+    )
+    chaos.add_argument("--duration-s", type=float, default=240.0, help="workload length")
+    chaos.add_argument(
+        "--schedule",
+        choices=("full", "short"),
+        default="full",
+        help="full: the fault schedule in rounds for the whole run; short: each fault once",
+    )
+    chaos.add_argument("--workers", type=int, default=6, help="concurrent clients")
+    chaos.add_argument("--deadline-s", type=float, default=5.0, help="each call's deadline")
+    chaos.add_argument(
+        "--ai-replicas", type=int, choices=(1, 2), default=2, help="AI plane replicas"
+    )
+    chaos.add_argument(
+        "--warmup-s", type=float, default=8.0, help="workload before the first fault"
+    )
+    chaos.add_argument("--fault-gap-s", type=float, default=6.0, help="between two faults")
+    chaos.add_argument(
+        "--triton-stop-s", type=float, default=5.0, help="how long Triton stays stopped"
+    )
+    chaos.add_argument("--seed", type=int, default=20261206)
+    chaos.add_argument("--state-dir", default="", help="keep the stack's state and logs here")
+    chaos.add_argument("--results", default="", help="results file (default: bench/results.json)")
+    chaos.add_argument("--no-results", action="store_true", help="write no results file")
+    chaos.set_defaults(func=_cmd_chaos)
+
+
 # ---- parser ----
 
 
@@ -283,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys_commands(sub)
     _add_certs_commands(sub)
     _add_money_commands(sub)
+    _add_chaos_command(sub)
     parser.set_defaults(plugin_owners=_register_plugins(sub))
     return parser
 
@@ -301,6 +372,7 @@ def _handler(args: argparse.Namespace) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "config", None) is None:
         args.config = args.global_config
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
