@@ -245,7 +245,7 @@ class Database:
                 # CREATE TABLE IF NOT EXISTS of one table fails in all but one
                 # (UniqueViolation on pg_type). One migration at a time per
                 # database; the lock ends with the transaction.
-                tx.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+                tx.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
             for statement in statements:
                 tx.execute(statement)
 
@@ -266,7 +266,7 @@ class Database:
 
 
 # The advisory lock key schema migrations take (any constant of the project's).
-_MIGRATION_LOCK = 0x7472_6970_6C61_6E  # "triplan"
+MIGRATION_LOCK = 0x7472_6970_6C61_6E  # "triplan"
 
 
 class DatabaseUnavailable(Unavailable):
