@@ -24,9 +24,37 @@ from triplane.money.v1 import money_pb2 as pb
 from triplane.runtime import codec as wire
 from triplane.runtime.bus import OutgoingEvent, make_envelope, new_event_id, subject_for
 from triplane.runtime.currencies import INT64_MAX
+from triplane.runtime.errors import InvalidArgument
 
-# The one list this plane pages (ListAccountPostings), resumed after a sequence.
-POSTINGS_PAGE = "money.postings"
+# The one list this plane pages (ListAccountPostings), resumed after a
+# posting's number in its account.
+POSTINGS_PAGE = "money.account_postings"
+# The kind of the tokens issued before postings were numbered per account
+# (they name a number of the old global sequence): refused with their own
+# message, since they cannot be translated.
+GLOBAL_POSTINGS_PAGE = "money.postings"
+
+
+def postings_position(page_token: str) -> int:
+    """The posting number a ListAccountPostings page token resumes after (0:
+    the first page). A token of the global sequence that numbered postings
+    before (schema version 1) is PAGE_TOKEN_INVALID saying so."""
+    try:
+        position = wire.decode_page_token(page_token, POSTINGS_PAGE, (int,))
+    except InvalidArgument:
+        try:
+            wire.decode_page_token(page_token, GLOBAL_POSTINGS_PAGE, (int,))
+        except InvalidArgument:
+            pass
+        else:
+            raise InvalidArgument(
+                wire.PAGE_TOKEN_INVALID,
+                "page_token was issued before postings were numbered per account; "
+                "list again from the first page",
+                "page_token",
+            ) from None
+        raise
+    return int(position[0]) if position is not None else 0
 
 
 def tenant(value: Tenant) -> pb.Tenant:

@@ -123,6 +123,12 @@ class AccountState(msgspec.Struct, kw_only=True):
     credits_posted: int = 0
     debits_pending: int = 0
     credits_pending: int = 0
+    # The store's, kept on the account row it locks and writes anyway: the
+    # number of the account's last posting (its history is 1, 2, ... with no
+    # global sequence), and the outbox order key of the last commit that
+    # changed it (each later commit's events sort after it).
+    posting_seq: int = 0
+    event_order_us: int = 0
 
     @property
     def key(self) -> str:

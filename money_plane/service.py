@@ -103,8 +103,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
     ) -> pb.ListAccountPostingsResponse:
         limits = self._ledger.config.limits
         size = wire.page_size(request.page_size, limits.default_page_size, limits.max_page_size)
-        position = wire.decode_page_token(request.page_token, codec.POSTINGS_PAGE, (int,))
-        after = int(position[0]) if position is not None else 0
+        after = codec.postings_position(request.page_token)
         rows = await self._ledger.list_postings(request.tenant_id, request.account_id, size, after)
         response = pb.ListAccountPostingsResponse(postings=[codec.account_posting(r) for r in rows])
         if len(rows) == size:

@@ -43,6 +43,7 @@ from money_plane.domain import (
     scoped_key,
 )
 from money_plane.engine import Changes, Engine, EventSpec, Job, View
+from money_plane.store import migration
 from money_plane.store import records as msgpack_records
 from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.errors import AlreadyExists, NotFound
@@ -92,71 +93,105 @@ class BalanceCheck:
 class GroupWrites:
     """The rows one group commit writes, as statement parameters."""
 
-    accounts: list[tuple[int, int, int, int, str]] = field(default_factory=list)
+    # Every row's key is (tenant_id, scoped key), in that order, wherever it
+    # appears (first for inserts, last for updates).
+    accounts: list[tuple[int, int, int, int, int, int, str, str]] = field(default_factory=list)
     new_entries: list[tuple[str, str, str, int, bytes]] = field(default_factory=list)
-    updated_entries: list[tuple[bytes, str]] = field(default_factory=list)
-    postings: list[tuple[str, str, int, int, str, int]] = field(default_factory=list)
+    updated_entries: list[tuple[bytes, str, str]] = field(default_factory=list)
+    postings: list[tuple[str, str, int, str, int, int, str, int]] = field(default_factory=list)
     new_holds: list[tuple[str, str, int, int, bytes]] = field(default_factory=list)
-    changed_holds: list[tuple[int, bytes, str]] = field(default_factory=list)
+    changed_holds: list[tuple[int, bytes, str, str]] = field(default_factory=list)
     new_reserves: list[tuple[str, str, int, int, bytes]] = field(default_factory=list)
-    deferred_reserves: list[tuple[int, bytes, str]] = field(default_factory=list)
-    released_reserves: list[tuple[bytes, str]] = field(default_factory=list)
-    idempotency: list[tuple[str, int, bytes]] = field(default_factory=list)
-    used_tokens: list[tuple[str, str, int, int]] = field(default_factory=list)
-    outbox: list[tuple[str, str, bytes, int]] = field(default_factory=list)
+    deferred_reserves: list[tuple[int, bytes, str, str]] = field(default_factory=list)
+    released_reserves: list[tuple[bytes, str, str]] = field(default_factory=list)
+    idempotency: list[tuple[str, str, int, bytes]] = field(default_factory=list)
+    used_tokens: list[tuple[str, str, str, int, int]] = field(default_factory=list)
+    outbox: list[tuple[str, str, str, bytes, int, int, int]] = field(default_factory=list)
 
 
+# Every table is led by tenant_id: a tenant_id column, and every primary key
+# (the only unique constraints) and per-tenant index starts with it, so a
+# distributed PostgreSQL (Citus, distributed by tenant_id) can host the schema
+# unchanged and route each tenant's statements to one node. The scoped keys
+# ("<tenant>/<id>") stay as the second key column; every statement that looks
+# a row up names tenant_id too. No sequences: a posting's number is its
+# account's (accounts.posting_seq, on the row a commit locks and writes
+# anyway), and the outbox is ordered by (order_us, order_pos), a per-account
+# hybrid clock (accounts.event_order_us) and the event's place in its commit.
+# The cross-tenant scans (hold expiry, reserve release, token purge, the
+# relay's unsent events) use indexes not led by tenant_id; on Citus they fan
+# out to every node.
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS tenants (
         tenant_id TEXT PRIMARY KEY, display_name TEXT NOT NULL, created_at_us BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS accounts (
-        account_key TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, account_id TEXT NOT NULL,
+        tenant_id TEXT NOT NULL, account_key TEXT NOT NULL, account_id TEXT NOT NULL,
         currency TEXT NOT NULL, kind INTEGER NOT NULL, constraint_kind INTEGER NOT NULL,
         overdraft_limit_minor BIGINT NOT NULL, metadata TEXT NOT NULL,
         created_at_us BIGINT NOT NULL,
         debits_posted BIGINT NOT NULL DEFAULT 0, credits_posted BIGINT NOT NULL DEFAULT 0,
         debits_pending BIGINT NOT NULL DEFAULT 0, credits_pending BIGINT NOT NULL DEFAULT 0,
+        posting_seq BIGINT NOT NULL DEFAULT 0, event_order_us BIGINT NOT NULL DEFAULT 0,
         CHECK (debits_posted >= 0 AND credits_posted >= 0
-               AND debits_pending >= 0 AND credits_pending >= 0))""",
-    "CREATE INDEX IF NOT EXISTS accounts_by_tenant ON accounts (tenant_id, account_key)",
+               AND debits_pending >= 0 AND credits_pending >= 0),
+        PRIMARY KEY (tenant_id, account_key))""",
     """CREATE TABLE IF NOT EXISTS entries (
-        entry_key TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, idempotency_key TEXT NOT NULL,
-        posted_at_us BIGINT NOT NULL, body {blob} NOT NULL)""",
+        tenant_id TEXT NOT NULL, entry_key TEXT NOT NULL, idempotency_key TEXT NOT NULL,
+        posted_at_us BIGINT NOT NULL, body {blob} NOT NULL,
+        PRIMARY KEY (tenant_id, entry_key))""",
     "CREATE INDEX IF NOT EXISTS entries_by_idempotency_key ON entries (tenant_id, idempotency_key)",
+    # seq: the posting's number in its account's history (1, 2, ...), the
+    # history page cursor.
     """CREATE TABLE IF NOT EXISTS postings (
-        seq {serial}, account_key TEXT NOT NULL, entry_id TEXT NOT NULL,
-        side SMALLINT NOT NULL, amount_minor BIGINT NOT NULL, currency TEXT NOT NULL,
-        posted_at_us BIGINT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS postings_by_account ON postings (account_key, seq)",
-    "CREATE INDEX IF NOT EXISTS postings_by_time ON postings (account_key, posted_at_us)",
+        tenant_id TEXT NOT NULL, account_key TEXT NOT NULL, seq BIGINT NOT NULL,
+        entry_id TEXT NOT NULL, side SMALLINT NOT NULL, amount_minor BIGINT NOT NULL,
+        currency TEXT NOT NULL, posted_at_us BIGINT NOT NULL,
+        PRIMARY KEY (tenant_id, account_key, seq))""",
+    "CREATE INDEX IF NOT EXISTS postings_by_time "
+    "ON postings (tenant_id, account_key, posted_at_us)",
     """CREATE TABLE IF NOT EXISTS holds (
-        hold_key TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, state SMALLINT NOT NULL,
-        expires_at_us BIGINT NOT NULL, body {blob} NOT NULL)""",
+        tenant_id TEXT NOT NULL, hold_key TEXT NOT NULL, state SMALLINT NOT NULL,
+        expires_at_us BIGINT NOT NULL, body {blob} NOT NULL,
+        PRIMARY KEY (tenant_id, hold_key))""",
     "CREATE INDEX IF NOT EXISTS holds_pending ON holds (expires_at_us) WHERE state = 1",
     """CREATE TABLE IF NOT EXISTS reserves (
-        reserve_key TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, release_at_us BIGINT NOT NULL,
-        released SMALLINT NOT NULL, body {blob} NOT NULL)""",
+        tenant_id TEXT NOT NULL, reserve_key TEXT NOT NULL, release_at_us BIGINT NOT NULL,
+        released SMALLINT NOT NULL, body {blob} NOT NULL,
+        PRIMARY KEY (tenant_id, reserve_key))""",
     "CREATE INDEX IF NOT EXISTS reserves_due ON reserves (release_at_us) WHERE released = 0",
     """CREATE TABLE IF NOT EXISTS idempotency (
-        scope_key TEXT PRIMARY KEY, created_at_us BIGINT NOT NULL, body {blob} NOT NULL)""",
+        tenant_id TEXT NOT NULL, scope_key TEXT NOT NULL, created_at_us BIGINT NOT NULL,
+        body {blob} NOT NULL, PRIMARY KEY (tenant_id, scope_key))""",
     # Decision token ids spent (tenant/jti), each with the fingerprint of the
     # transfer it was spent on; kept until money.tokens.used_retention_s past
     # the token's expiry. The primary key is what stops two replicas spending
     # one token at once: the second commit conflicts, retries, and sees it.
     """CREATE TABLE IF NOT EXISTS decision_tokens (
-        token_key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
-        expires_at_us BIGINT NOT NULL, used_at_us BIGINT NOT NULL)""",
+        tenant_id TEXT NOT NULL, token_key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+        expires_at_us BIGINT NOT NULL, used_at_us BIGINT NOT NULL,
+        PRIMARY KEY (tenant_id, token_key))""",
     "CREATE INDEX IF NOT EXISTS decision_tokens_by_expiry ON decision_tokens (expires_at_us)",
+    # Relayed in (order_us, order_pos, event_id) order: see _collect_writes.
     """CREATE TABLE IF NOT EXISTS outbox (
-        seq {serial}, event_id TEXT NOT NULL UNIQUE, subject TEXT NOT NULL,
-        data {blob} NOT NULL, created_at_us BIGINT NOT NULL, sent_at_us BIGINT)""",
-    "CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at_us IS NULL",
+        tenant_id TEXT NOT NULL, event_id TEXT NOT NULL, subject TEXT NOT NULL,
+        data {blob} NOT NULL, created_at_us BIGINT NOT NULL,
+        order_us BIGINT NOT NULL, order_pos BIGINT NOT NULL, sent_at_us BIGINT,
+        PRIMARY KEY (tenant_id, event_id))""",
+    "CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (order_us, order_pos, event_id) "
+    "WHERE sent_at_us IS NULL",
 ]
 
 ACCOUNT_COLUMNS = (
     "tenant_id, account_id, currency, kind, constraint_kind, overdraft_limit_minor, metadata, "
-    "created_at_us, debits_posted, credits_posted, debits_pending, credits_pending"
+    "created_at_us, debits_posted, credits_posted, debits_pending, credits_pending, "
+    "posting_seq, event_order_us"
 )
+
+
+POSTING_COLUMNS = (
+    "tenant_id, account_key, seq, entry_id, side, amount_minor, currency, posted_at_us"
+)
+OUTBOX_COLUMNS = "tenant_id, event_id, subject, data, created_at_us, order_us, order_pos"
 
 
 # Account metadata is stored as a JSON object of strings (json.dumps, sorted).
@@ -177,6 +212,8 @@ def _account_from_row(row: Sequence[Any]) -> AccountState:
         credits_posted=row[9],
         debits_pending=row[10],
         credits_pending=row[11],
+        posting_seq=row[12],
+        event_order_us=row[13],
     )
 
 
@@ -185,7 +222,7 @@ class LedgerStore:
 
     placeholder = "%s"
     blob_type = "BYTEA"
-    serial_type = "BIGSERIAL PRIMARY KEY"
+    dialect = "postgres"
     lock_suffix = ""
     # The engine a group commit runs (a test may put a faulty one in its place
     # to show that the invariants stop what it writes).
@@ -211,6 +248,9 @@ class LedgerStore:
             StoreConflict, "ledger transaction (lost a race with another writer)", log, logging.INFO
         )
         self._local = threading.local()
+        # event_id -> tenant_id of the events `unsent` returned last.
+        self._unsent_lock = threading.Lock()
+        self._unsent_tenants: dict[str, str] = {}
 
     # ---- dialect hooks ----
 
@@ -229,11 +269,14 @@ class LedgerStore:
             marks = ", ".join([self.placeholder] * len(rows[0]))
             cur.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
 
-    def _update_accounts(self, cur: Any, rows: list[tuple[int, int, int, int, str]]) -> None:
+    def _update_accounts(
+        self, cur: Any, rows: list[tuple[int, int, int, int, int, int, str, str]]
+    ) -> None:
         p = self.placeholder
         cur.executemany(
             f"UPDATE accounts SET debits_posted = {p}, credits_posted = {p}, "
-            f"debits_pending = {p}, credits_pending = {p} WHERE account_key = {p}",
+            f"debits_pending = {p}, credits_pending = {p}, posting_seq = {p}, "
+            f"event_order_us = {p} WHERE tenant_id = {p} AND account_key = {p}",
             rows,
         )
 
@@ -258,10 +301,36 @@ class LedgerStore:
     def _marks(self, count: int) -> str:
         return ", ".join([self.placeholder] * count)
 
+    def _keys_where(self, column: str, keys: Sequence[str]) -> tuple[str, list[str]]:
+        """The condition selecting rows by scoped keys ("<tenant>/<id>"), with
+        its parameters: tenant_id (the key's prefix) and the key, so the
+        lookup uses the primary key (tenant_id, key) and a distributed
+        engine routes it by tenant. The key names its tenant, so the two
+        lists select exactly the keys' rows."""
+        tenants = sorted({key.partition("/")[0] for key in keys})
+        return (
+            f"tenant_id IN ({self._marks(len(tenants))}) "
+            f"AND {column} IN ({self._marks(len(keys))})",
+            [*tenants, *keys],
+        )
+
     def create_schema(self) -> None:
+        """Creates the schema, or migrates one an earlier version created
+        (money_plane/store/migration.py), in one transaction."""
+        schema = [statement.format(blob=self.blob_type) for statement in SCHEMA]
         with self._transaction() as cur:
-            for statement in SCHEMA:
-                cur.execute(statement.format(blob=self.blob_type, serial=self.serial_type))
+            self._lock_schema(cur)
+            found = migration.migrate(cur, self.dialect, schema)
+            for statement in schema:
+                cur.execute(statement)
+        if found is not None and found != migration.CURRENT_VERSION:
+            log.warning(
+                "ledger schema migrated from version %d to %d", found, migration.CURRENT_VERSION
+            )
+
+    def _lock_schema(self, cur: Any) -> None:
+        """Keeps concurrent start-ups from migrating at once (SQLite's
+        BEGIN IMMEDIATE already does)."""
 
     # ---- tenants and accounts ----
 
@@ -311,7 +380,7 @@ class LedgerStore:
             )
             name, created_at_us = cur.fetchone()
             if registration is not None and name == display_name:
-                self._write_outbox(cur, [registration], now_us)
+                self._write_outbox(cur, tenant_id, [registration], now_us)
         if name != display_name:
             raise AlreadyExists(
                 "TENANT_EXISTS", "tenant exists with another display_name", "display_name"
@@ -360,6 +429,8 @@ class LedgerStore:
                 )
                 created[key] = account
                 result.append(account)
+            for account in created.values():
+                account.event_order_us = now_us
             self._insert_many(
                 cur,
                 "accounts",
@@ -379,12 +450,17 @@ class LedgerStore:
                         0,
                         0,
                         0,
+                        0,
+                        now_us,
                     )
                     for a in created.values()
                 ],
             )
             self._write_outbox(
-                cur, [self._encode_account_event(a, now_us) for a in created.values()], now_us
+                cur,
+                tenant_id,
+                [self._encode_account_event(a, now_us) for a in created.values()],
+                now_us,
             )
         return result
 
@@ -400,11 +476,10 @@ class LedgerStore:
         if not keys:
             return {}
         suffix = self.lock_suffix if lock else ""
+        where, params = self._keys_where("account_key", keys)
         cur.execute(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
-            f"WHERE account_key IN ({self._marks(len(keys))})"
-            f" ORDER BY account_key{suffix}",
-            keys,
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {where} ORDER BY account_key{suffix}",
+            params,
         )
         return {account_key(r[0], r[1]): _account_from_row(r) for r in cur.fetchall()}
 
@@ -422,11 +497,8 @@ class LedgerStore:
     def _load_used_tokens(self, cur: Any, keys: list[str]) -> dict[str, str]:
         if not keys:
             return {}
-        cur.execute(
-            "SELECT token_key, fingerprint FROM decision_tokens "
-            f"WHERE token_key IN ({self._marks(len(keys))})",
-            keys,
-        )
+        where, params = self._keys_where("token_key", keys)
+        cur.execute(f"SELECT token_key, fingerprint FROM decision_tokens WHERE {where}", params)
         return {row[0]: row[1] for row in cur.fetchall()}
 
     def _load_bodies(
@@ -435,10 +507,10 @@ class LedgerStore:
         if not keys:
             return {}
         suffix = self.lock_suffix if lock else ""
+        where, params = self._keys_where(key_column, keys)
         cur.execute(
-            f"SELECT {key_column}, body FROM {table} WHERE {key_column} IN "
-            f"({self._marks(len(keys))}) ORDER BY {key_column}{suffix}",
-            keys,
+            f"SELECT {key_column}, body FROM {table} WHERE {where} ORDER BY {key_column}{suffix}",
+            params,
         )
         return {row[0]: msgpack_records.decode(bytes(row[1]), cls) for row in cur.fetchall()}
 
@@ -526,14 +598,18 @@ class LedgerStore:
         self, changes: Changes, view: View, now_us: int, loaded_holds: dict[str, Hold]
     ) -> GroupWrites:
         """Every row a group commit writes, per table and statement, each
-        checked against the ledger's invariants."""
+        checked against the ledger's invariants.
+
+        No global sequence numbers anything. A posting takes the next number
+        of its account (`posting_seq`). The group's events take the order key
+        (commit_us, their place in the group), where commit_us is now, or one
+        past the order key of the last commit that changed any account this
+        one changes, whichever is later: a hybrid clock per account. Commits
+        that change one account hold its row lock in turn, so each one's
+        events sort after the last one's, whatever the replicas' clocks say;
+        the relay publishes in that order."""
         writes = GroupWrites()
         accounts = view.accounts
-        check_account = invariants.check_account
-        for key in sorted(changes.touched_accounts):
-            account = accounts[key]
-            check_account(account, "before writing")
-            writes.accounts.append((*account.counters(), key))
         encode = msgpack_records.encode
         check_entry = invariants.check_entry
         entries = view.entries
@@ -541,6 +617,7 @@ class LedgerStore:
         new_entry_ids: set[str] = set()
         new_entries = writes.new_entries
         postings = writes.postings
+        touched = changes.touched_accounts
         for e in changes.new_entries:
             tenant_id = e.tenant_id
             key = f"{tenant_id}/{e.entry_id}"
@@ -548,11 +625,17 @@ class LedgerStore:
             new_entry_ids.add(e.entry_id)
             written = entries[key]
             check_entry(written, "before writing")
-            new_entries.append((key, tenant_id, e.idempotency_key, e.posted_at_us, encode(written)))
+            new_entries.append((tenant_id, key, e.idempotency_key, e.posted_at_us, encode(written)))
             for posting in e.postings:
+                posting_key = f"{tenant_id}/{posting.account_id}"
+                assert posting_key in touched, f"a posting on {posting_key}, not written"
+                account = accounts[posting_key]
+                account.posting_seq += 1
                 postings.append(
                     (
-                        f"{tenant_id}/{posting.account_id}",
+                        tenant_id,
+                        posting_key,
+                        account.posting_seq,
                         e.entry_id,
                         posting.side,
                         posting.amount_minor,
@@ -560,46 +643,75 @@ class LedgerStore:
                         e.posted_at_us,
                     )
                 )
+        commit_us = now_us
+        for key in touched:
+            commit_us = max(commit_us, accounts[key].event_order_us + 1)
+        check_account = invariants.check_account
+        for key in sorted(touched):
+            account = accounts[key]
+            check_account(account, "before writing")
+            account.event_order_us = commit_us
+            writes.accounts.append(
+                (*account.counters(), account.posting_seq, commit_us, account.tenant_id, key)
+            )
         for key, e in changes.updated_entries.items():
             if key not in new_keys:
                 check_entry(e, "before writing")
-                writes.updated_entries.append((encode(e), key))
+                writes.updated_entries.append((encode(e), e.tenant_id, key))
         if changes.holds:
             invariants.check_hold_changes(
                 loaded_holds, changes.holds, changes.new_holds, new_entry_ids
             )
         writes.new_holds = [
-            (key, h.tenant_id, h.state, h.expires_at_us, encode(h))
+            (h.tenant_id, key, h.state, h.expires_at_us, encode(h))
             for key, h in changes.holds.items()
             if key in changes.new_holds
         ]
         writes.changed_holds = [
-            (h.state, encode(h), key)
+            (h.state, encode(h), h.tenant_id, key)
             for key, h in changes.holds.items()
             if key not in changes.new_holds
         ]
         writes.new_reserves = [
-            (scoped_key(r.tenant_id, r.reserve_id), r.tenant_id, r.release_at_us, 0, encode(r))
+            (r.tenant_id, scoped_key(r.tenant_id, r.reserve_id), r.release_at_us, 0, encode(r))
             for r in changes.new_reserves
         ]
         writes.deferred_reserves = [
-            (r.release_at_us, encode(r), key) for key, r in changes.deferred_reserves.items()
+            (r.release_at_us, encode(r), r.tenant_id, key)
+            for key, r in changes.deferred_reserves.items()
         ]
         writes.released_reserves = [
-            (encode(r), key) for key, r in changes.released_reserves.items()
+            (encode(r), r.tenant_id, key) for key, r in changes.released_reserves.items()
         ]
         writes.idempotency = [
-            (r.scope_key, r.created_at_us, encode(r)) for r in changes.new_idempotency
+            (r.scope_key.partition("/")[0], r.scope_key, r.created_at_us, encode(r))
+            for r in changes.new_idempotency
         ]
         writes.used_tokens = [
-            (t.token_key, t.fingerprint, t.expires_at_us, t.used_at_us)
+            (
+                t.token_key.partition("/")[0],
+                t.token_key,
+                t.fingerprint,
+                t.expires_at_us,
+                t.used_at_us,
+            )
             for t in changes.new_used_tokens
         ]
         encode_event = self._encode_event
         writes.outbox = []
-        for spec in changes.events:
+        for position, spec in enumerate(changes.events):
             event = encode_event(spec, now_us)
-            writes.outbox.append((event.event_id, event.subject, event.data, now_us))
+            writes.outbox.append(
+                (
+                    spec.tenant_id,
+                    event.event_id,
+                    event.subject,
+                    event.data,
+                    now_us,
+                    commit_us,
+                    position,
+                )
+            )
         return writes
 
     def _apply_writes(self, cur: Any, writes: GroupWrites) -> None:
@@ -608,63 +720,71 @@ class LedgerStore:
         self._insert_many(
             cur,
             "entries",
-            "entry_key, tenant_id, idempotency_key, posted_at_us, body",
+            "tenant_id, entry_key, idempotency_key, posted_at_us, body",
             writes.new_entries,
         )
-        self._insert_many(
-            cur,
-            "postings",
-            "account_key, entry_id, side, amount_minor, currency, posted_at_us",
-            writes.postings,
-        )
+        self._insert_many(cur, "postings", POSTING_COLUMNS, writes.postings)
         self._apply_rare_writes(cur, writes)
-        self._insert_many(cur, "idempotency", "scope_key, created_at_us, body", writes.idempotency)
+        self._insert_many(
+            cur, "idempotency", "tenant_id, scope_key, created_at_us, body", writes.idempotency
+        )
         self._insert_many(
             cur,
             "decision_tokens",
-            "token_key, fingerprint, expires_at_us, used_at_us",
+            "tenant_id, token_key, fingerprint, expires_at_us, used_at_us",
             writes.used_tokens,
         )
-        self._insert_many(cur, "outbox", "event_id, subject, data, created_at_us", writes.outbox)
+        self._insert_many(cur, "outbox", OUTBOX_COLUMNS, writes.outbox)
 
     def _apply_rare_writes(self, cur: Any, writes: GroupWrites) -> None:
         """Changes to existing entries, holds and reserves (not plain transfers)."""
         p = self.placeholder
         if writes.updated_entries:
             cur.executemany(
-                f"UPDATE entries SET body = {p} WHERE entry_key = {p}", writes.updated_entries
+                f"UPDATE entries SET body = {p} WHERE tenant_id = {p} AND entry_key = {p}",
+                writes.updated_entries,
             )
         self._insert_many(
-            cur, "holds", "hold_key, tenant_id, state, expires_at_us, body", writes.new_holds
+            cur, "holds", "tenant_id, hold_key, state, expires_at_us, body", writes.new_holds
         )
         if writes.changed_holds:
             cur.executemany(
-                f"UPDATE holds SET state = {p}, body = {p} WHERE hold_key = {p}",
+                f"UPDATE holds SET state = {p}, body = {p} "
+                f"WHERE tenant_id = {p} AND hold_key = {p}",
                 writes.changed_holds,
             )
         self._insert_many(
             cur,
             "reserves",
-            "reserve_key, tenant_id, release_at_us, released, body",
+            "tenant_id, reserve_key, release_at_us, released, body",
             writes.new_reserves,
         )
         if writes.deferred_reserves:
             cur.executemany(
-                f"UPDATE reserves SET release_at_us = {p}, body = {p} WHERE reserve_key = {p}",
+                f"UPDATE reserves SET release_at_us = {p}, body = {p} "
+                f"WHERE tenant_id = {p} AND reserve_key = {p}",
                 writes.deferred_reserves,
             )
         if writes.released_reserves:
             cur.executemany(
-                f"UPDATE reserves SET released = 1, body = {p} WHERE reserve_key = {p}",
+                f"UPDATE reserves SET released = 1, body = {p} "
+                f"WHERE tenant_id = {p} AND reserve_key = {p}",
                 writes.released_reserves,
             )
 
-    def _write_outbox(self, cur: Any, events: list[OutgoingEvent], now_us: int) -> None:
+    def _write_outbox(
+        self, cur: Any, tenant_id: str, events: list[OutgoingEvent], now_us: int
+    ) -> None:
+        """Events of a transaction that locks no account (a tenant's
+        registration, accounts just opened): ordered by now_us."""
         self._insert_many(
             cur,
             "outbox",
-            "event_id, subject, data, created_at_us",
-            [(e.event_id, e.subject, e.data, now_us) for e in events],
+            OUTBOX_COLUMNS,
+            [
+                (tenant_id, e.event_id, e.subject, e.data, now_us, now_us, position)
+                for position, e in enumerate(events)
+            ],
         )
 
     # ---- reads ----
@@ -708,9 +828,9 @@ class LedgerStore:
                 self._sql(
                     "SELECT seq, entry_id, side, amount_minor, currency, posted_at_us "
                     "FROM postings "
-                    "WHERE account_key = %s AND seq > %s ORDER BY seq LIMIT %s"
+                    "WHERE tenant_id = %s AND account_key = %s AND seq > %s ORDER BY seq LIMIT %s"
                 ),
-                (account_key(tenant_id, account_id), after_seq, limit),
+                (tenant_id, account_key(tenant_id, account_id), after_seq, limit),
             )
             return [
                 PostingRow(
@@ -731,20 +851,16 @@ class LedgerStore:
             cur.execute(
                 self._sql(
                     "SELECT side, COALESCE(SUM(amount_minor), 0) FROM postings "
-                    "WHERE account_key = %s AND posted_at_us <= %s GROUP BY side"
+                    "WHERE tenant_id = %s AND account_key = %s AND posted_at_us <= %s "
+                    "GROUP BY side"
                 ),
-                (account_key(tenant_id, account_id), as_of_us),
+                (tenant_id, account_key(tenant_id, account_id), as_of_us),
             )
             sums = {int(r[0]): int(r[1]) for r in cur.fetchall()}
         return sums.get(Side.DEBIT, 0), sums.get(Side.CREDIT, 0)
 
     def check_balanced(self, tenant_id: str) -> BalanceCheck:
         """Checks, from the outside, the invariants the engine keeps."""
-        # Account keys are "<tenant>/<account>" and tenant ids are [a-z0-9_-],
-        # so the range ["t/", "t0") ('0' follows '/') holds exactly tenant t's
-        # keys and uses the primary-key index; LIKE 't/%' would also match
-        # tenant "tx" through its "_" wildcard.
-        low, high = f"{tenant_id}/", f"{tenant_id}0"
         with self._transaction() as cur:
             # Summed per account in SQL (each sum equals a counter, so it fits
             # in int64) and per currency here: a currency's total volume may
@@ -752,10 +868,9 @@ class LedgerStore:
             cur.execute(
                 self._sql(
                     "SELECT account_key, currency, side, COALESCE(SUM(amount_minor), 0), COUNT(*) "
-                    "FROM postings WHERE account_key >= %s AND account_key < %s "
-                    "GROUP BY account_key, currency, side"
+                    "FROM postings WHERE tenant_id = %s GROUP BY account_key, currency, side"
                 ),
-                (low, high),
+                (tenant_id,),
             )
             sums: dict[str, list[int]] = {}
             by_account: dict[str, list[int]] = {}
@@ -842,25 +957,56 @@ class LedgerStore:
 
     # The outbox, as the runtime's OutboxRelay reads it (triplane/runtime/outbox.py).
 
+    # Events are published in (order_us, order_pos, event_id) order, which no
+    # global sequence gives: what a consumer may rely on is that the events of
+    # one commit keep their order, and that the events of commits changing
+    # one account (hence one entry or hold: each changes its accounts) come
+    # in commit order. Across accounts there is no order (there was none to
+    # rely on with a sequence either: numbers were taken before commit).
+    # JetStream drops a re-published event by its id (Nats-Msg-Id).
+
     def unsent(self, limit: int) -> list[OutgoingEvent]:
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
-                    "SELECT event_id, subject, data FROM outbox WHERE sent_at_us IS NULL "
-                    "ORDER BY seq LIMIT %s"
+                    "SELECT tenant_id, event_id, subject, data FROM outbox "
+                    "WHERE sent_at_us IS NULL ORDER BY order_us, order_pos, event_id LIMIT %s"
                 ),
                 (limit,),
             )
-            return [OutgoingEvent(r[0], r[1], bytes(r[2])) for r in cur.fetchall()]
+            rows = cur.fetchall()
+        self._remember_tenants(rows)
+        return [OutgoingEvent(r[1], r[2], bytes(r[3])) for r in rows]
+
+    def _remember_tenants(self, rows: Sequence[Sequence[Any]]) -> None:
+        """The tenants of the events `unsent` returned last: `mark_sent` is
+        given event ids only, and the outbox's key is (tenant_id, event_id)."""
+        with self._unsent_lock:
+            self._unsent_tenants = {r[1]: r[0] for r in rows}
+
+    def _tenants_of_events(self, event_ids: Sequence[str]) -> list[str] | None:
+        """The tenants of these events, as `unsent` read them; None if any is
+        unknown (then mark_sent looks the events up by id alone)."""
+        with self._unsent_lock:
+            known = self._unsent_tenants
+            tenants = {known.get(e) for e in event_ids}
+        if None in tenants:
+            return None
+        return sorted(t for t in tenants if t is not None)
 
     def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
         if not event_ids:
             return
+        tenants = self._tenants_of_events(event_ids)
+        where = f"event_id IN ({self._marks(len(event_ids))})"
+        params: list[Any] = [now_us]
+        if tenants is not None:
+            where = f"tenant_id IN ({self._marks(len(tenants))}) AND {where}"
+            params.extend(tenants)
         with self._transaction() as cur:
             cur.execute(
-                f"UPDATE outbox SET sent_at_us = {self.placeholder} "
-                f"WHERE event_id IN ({self._marks(len(event_ids))})",
-                [now_us, *event_ids],
+                f"UPDATE outbox SET sent_at_us = {self.placeholder} WHERE {where}",
+                [*params, *event_ids],
             )
 
     def delete_sent_before(self, before_us: int) -> int:
@@ -877,8 +1023,9 @@ class LedgerStore:
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
-                    "DELETE FROM decision_tokens WHERE token_key IN (SELECT token_key "
-                    "FROM decision_tokens WHERE expires_at_us < %s LIMIT %s)"
+                    "DELETE FROM decision_tokens WHERE (tenant_id, token_key) IN "
+                    "(SELECT tenant_id, token_key FROM decision_tokens "
+                    "WHERE expires_at_us < %s LIMIT %s)"
                 ),
                 (expired_before_us, limit),
             )

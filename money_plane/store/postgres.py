@@ -28,7 +28,6 @@ from money_plane.domain import AccountState, IdempotencyRecord
 from money_plane.store import records as msgpack_records
 from money_plane.store.base import (
     ACCOUNT_COLUMNS,
-    SCHEMA,
     AccountEventEncoder,
     EventEncoder,
     GroupWrites,
@@ -37,6 +36,7 @@ from money_plane.store.base import (
     _account_from_row,
 )
 from triplane.runtime.bus import OutgoingEvent
+from triplane.runtime.db import MIGRATION_LOCK
 from triplane.runtime.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -48,49 +48,70 @@ def _keys_json(keys: Sequence[str]) -> str:
     return _json.encode(keys).decode()
 
 
+def _tenants_and_keys(keys: Sequence[str]) -> tuple[str, str]:
+    """The parameters of a `_BY_KEYS` condition: the keys' tenants, the keys."""
+    tenants = sorted({key.partition("/")[0] for key in keys})
+    return _json.encode(tenants).decode(), _json.encode(keys).decode()
+
+
 # A JSON array of strings as a text[] the planner can drive an index scan with
 # (jsonb_array_elements joined directly would be estimated at 100 rows).
 _KEYS = "ANY(ARRAY(SELECT jsonb_array_elements_text(%s::jsonb)))"
 
-_SELECT_IDEMPOTENCY = f"SELECT scope_key, body FROM idempotency WHERE scope_key = {_KEYS}"
+
+def _by_keys(column: str) -> str:
+    """Rows by scoped keys: tenant_id (the keys' prefixes) and the key, so an
+    index scan of the primary key (tenant_id, key), routed by tenant on a
+    distributed engine. A key names its tenant: exactly the keys' rows."""
+    return f"tenant_id = {_KEYS} AND {column} = {_KEYS}"
+
+
+_SELECT_IDEMPOTENCY = f"SELECT scope_key, body FROM idempotency WHERE {_by_keys('scope_key')}"
 _SELECT_USED_TOKENS = (
-    f"SELECT token_key, fingerprint FROM decision_tokens WHERE token_key = {_KEYS}"
+    f"SELECT token_key, fingerprint FROM decision_tokens WHERE {_by_keys('token_key')}"
 )
-_SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_key = {_KEYS}"
+_SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {_by_keys('account_key')}"
 
 # All of a group's plain-transfer writes in one statement. Each CTE writes a
 # different table (or, for accounts, distinct rows), so their running on one
-# snapshot changes nothing; jsonb_array_elements keeps the array's order, so
-# postings and outbox events take their serial numbers in the order given.
+# snapshot changes nothing. Every number (a posting's, an event's order) is
+# in the rows: nothing is drawn from a sequence.
 _WRITE_GROUP = """
 WITH acc_rows AS (
     SELECT (r->>0)::bigint AS dp, (r->>1)::bigint AS cp, (r->>2)::bigint AS dpe,
-           (r->>3)::bigint AS cpe, r->>4 AS k
+           (r->>3)::bigint AS cpe, (r->>4)::bigint AS ps, (r->>5)::bigint AS eo,
+           r->>6 AS t, r->>7 AS k
     FROM jsonb_array_elements(%(accounts)s::jsonb) AS r
 ), acc AS (
     UPDATE accounts AS a SET debits_posted = u.dp, credits_posted = u.cp,
-        debits_pending = u.dpe, credits_pending = u.cpe
+        debits_pending = u.dpe, credits_pending = u.cpe, posting_seq = u.ps,
+        event_order_us = u.eo
     FROM acc_rows AS u
-    WHERE a.account_key = u.k AND a.account_key = ANY(ARRAY(SELECT k FROM acc_rows))
+    WHERE a.tenant_id = u.t AND a.account_key = u.k
+        AND a.tenant_id = ANY(ARRAY(SELECT DISTINCT t FROM acc_rows))
+        AND a.account_key = ANY(ARRAY(SELECT k FROM acc_rows))
 ), ent AS (
-    INSERT INTO entries (entry_key, tenant_id, idempotency_key, posted_at_us, body)
+    INSERT INTO entries (tenant_id, entry_key, idempotency_key, posted_at_us, body)
     SELECT r->>0, r->>1, r->>2, (r->>3)::bigint, decode(r->>4, 'base64')
     FROM jsonb_array_elements(%(entries)s::jsonb) AS r
 ), pst AS (
-    INSERT INTO postings (account_key, entry_id, side, amount_minor, currency, posted_at_us)
-    SELECT r->>0, r->>1, (r->>2)::smallint, (r->>3)::bigint, r->>4, (r->>5)::bigint
+    INSERT INTO postings (tenant_id, account_key, seq, entry_id, side, amount_minor,
+        currency, posted_at_us)
+    SELECT r->>0, r->>1, (r->>2)::bigint, r->>3, (r->>4)::smallint, (r->>5)::bigint,
+        r->>6, (r->>7)::bigint
     FROM jsonb_array_elements(%(postings)s::jsonb) AS r
 ), idem AS (
-    INSERT INTO idempotency (scope_key, created_at_us, body)
-    SELECT r->>0, (r->>1)::bigint, decode(r->>2, 'base64')
+    INSERT INTO idempotency (tenant_id, scope_key, created_at_us, body)
+    SELECT r->>0, r->>1, (r->>2)::bigint, decode(r->>3, 'base64')
     FROM jsonb_array_elements(%(idempotency)s::jsonb) AS r
 ), tok AS (
-    INSERT INTO decision_tokens (token_key, fingerprint, expires_at_us, used_at_us)
-    SELECT r->>0, r->>1, (r->>2)::bigint, (r->>3)::bigint
+    INSERT INTO decision_tokens (tenant_id, token_key, fingerprint, expires_at_us, used_at_us)
+    SELECT r->>0, r->>1, r->>2, (r->>3)::bigint, (r->>4)::bigint
     FROM jsonb_array_elements(%(used_tokens)s::jsonb) AS r
 ), obx AS (
-    INSERT INTO outbox (event_id, subject, data, created_at_us)
-    SELECT r->>0, r->>1, decode(r->>2, 'base64'), (r->>3)::bigint
+    INSERT INTO outbox (tenant_id, event_id, subject, data, created_at_us, order_us, order_pos)
+    SELECT r->>0, r->>1, r->>2, decode(r->>3, 'base64'), (r->>4)::bigint, (r->>5)::bigint,
+        (r->>6)::bigint
     FROM jsonb_array_elements(%(outbox)s::jsonb) AS r
 )
 SELECT 1
@@ -112,19 +133,19 @@ _CONFLICTS = (
 _ARRAY_TYPES = {
     "accounts": None,
     "entries": ("text", "text", "text", "bigint", "bytea"),
-    "postings": ("text", "text", "smallint", "bigint", "text", "bigint"),
+    "postings": ("text", "text", "bigint", "text", "smallint", "bigint", "text", "bigint"),
     "holds": ("text", "text", "smallint", "bigint", "bytea"),
     "reserves": ("text", "text", "bigint", "smallint", "bytea"),
-    "idempotency": ("text", "bigint", "bytea"),
-    "decision_tokens": ("text", "text", "bigint", "bigint"),
-    "outbox": ("text", "text", "bytea", "bigint"),
+    "idempotency": ("text", "text", "bigint", "bytea"),
+    "decision_tokens": ("text", "text", "text", "bigint", "bigint"),
+    "outbox": ("text", "text", "text", "bytea", "bigint", "bigint", "bigint"),
 }
 
 
 class PostgresLedgerStore(LedgerStore):
     placeholder = "%s"
     blob_type = "BYTEA"
-    serial_type = "BIGSERIAL PRIMARY KEY"
+    dialect = "postgres"
     lock_suffix = " FOR UPDATE"
 
     def __init__(
@@ -185,13 +206,11 @@ class PostgresLedgerStore(LedgerStore):
             conn.close()
             self._local.autocommit_conn = None
 
-    def create_schema(self) -> None:
-        # Concurrent start-ups of several replicas must not race on DDL: the
-        # advisory lock is held until this transaction commits.
-        with self._transaction() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(7406171)")
-            for statement in SCHEMA:
-                cur.execute(statement.format(blob=self.blob_type, serial=self.serial_type))
+    def _lock_schema(self, cur: Any) -> None:
+        # Concurrent start-ups of several replicas must not race on DDL or
+        # migrate twice: the storage layer's one migration lock, held until
+        # this transaction commits.
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
 
     def _insert_many(self, cur: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
@@ -204,16 +223,20 @@ class PostgresLedgerStore(LedgerStore):
         unnest = ", ".join(f"%s::{t}[]" for t in types)
         cur.execute(f"INSERT INTO {table} ({columns}) SELECT * FROM unnest({unnest})", arrays)
 
-    def _update_accounts(self, cur: Any, rows: list[tuple[int, int, int, int, str]]) -> None:
+    def _update_accounts(
+        self, cur: Any, rows: list[tuple[int, int, int, int, int, int, str, str]]
+    ) -> None:
         if len(rows) < 4:
             super()._update_accounts(cur, rows)
             return
         arrays = [list(column) for column in zip(*rows, strict=True)]
         cur.execute(
             "UPDATE accounts AS a SET debits_posted = u.dp, credits_posted = u.cp, "
-            "debits_pending = u.dpe, credits_pending = u.cpe "
-            "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[]) "
-            "AS u(dp, cp, dpe, cpe, k) WHERE a.account_key = u.k",
+            "debits_pending = u.dpe, credits_pending = u.cpe, posting_seq = u.ps, "
+            "event_order_us = u.eo "
+            "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], "
+            "%s::bigint[], %s::bigint[], %s::text[], %s::text[]) "
+            "AS u(dp, cp, dpe, cpe, ps, eo, t, k) WHERE a.tenant_id = u.t AND a.account_key = u.k",
             arrays,
         )
 
@@ -230,13 +253,13 @@ class PostgresLedgerStore(LedgerStore):
         connection = cur.connection
         with connection.cursor() as accounts_cur, connection.cursor() as tokens_cur:
             if scopes:
-                cur.execute(_SELECT_IDEMPOTENCY, (_keys_json(scopes),))
+                cur.execute(_SELECT_IDEMPOTENCY, _tenants_and_keys(scopes))
             if token_keys:
-                tokens_cur.execute(_SELECT_USED_TOKENS, (_keys_json(token_keys),))
+                tokens_cur.execute(_SELECT_USED_TOKENS, _tenants_and_keys(token_keys))
             if account_keys:
                 accounts_cur.execute(
                     f"{_SELECT_ACCOUNTS} ORDER BY account_key FOR UPDATE",
-                    (_keys_json(account_keys),),
+                    _tenants_and_keys(account_keys),
                 )
             decode = msgpack_records.decode
             records = (
@@ -255,7 +278,7 @@ class PostgresLedgerStore(LedgerStore):
     def _load_used_tokens(self, cur: Any, keys: list[str]) -> dict[str, str]:
         if not keys:
             return {}
-        cur.execute(_SELECT_USED_TOKENS, (_keys_json(keys),))
+        cur.execute(_SELECT_USED_TOKENS, _tenants_and_keys(keys))
         return {row[0]: row[1] for row in cur.fetchall()}
 
     def _load_accounts(
@@ -264,7 +287,7 @@ class PostgresLedgerStore(LedgerStore):
         if not keys:
             return {}
         suffix = " ORDER BY account_key FOR UPDATE" if lock else ""
-        cur.execute(f"{_SELECT_ACCOUNTS}{suffix}", (_keys_json(keys),))
+        cur.execute(f"{_SELECT_ACCOUNTS}{suffix}", _tenants_and_keys(keys))
         return {f"{r[0]}/{r[1]}": _account_from_row(r) for r in cur.fetchall()}
 
     def _load_bodies(
@@ -274,8 +297,8 @@ class PostgresLedgerStore(LedgerStore):
             return {}
         suffix = f" ORDER BY {key_column} FOR UPDATE" if lock else ""
         cur.execute(
-            f"SELECT {key_column}, body FROM {table} WHERE {key_column} = {_KEYS}{suffix}",
-            (_keys_json(keys),),
+            f"SELECT {key_column}, body FROM {table} WHERE {_by_keys(key_column)}{suffix}",
+            _tenants_and_keys(keys),
         )
         return {row[0]: msgpack_records.decode(row[1], cls) for row in cur.fetchall()}
 
@@ -299,20 +322,30 @@ class PostgresLedgerStore(LedgerStore):
     def unsent(self, limit: int) -> list[OutgoingEvent]:
         with self._statement() as cur:
             cur.execute(
-                "SELECT event_id, subject, data FROM outbox WHERE sent_at_us IS NULL "
-                "ORDER BY seq LIMIT %s",
+                "SELECT tenant_id, event_id, subject, data FROM outbox "
+                "WHERE sent_at_us IS NULL ORDER BY order_us, order_pos, event_id LIMIT %s",
                 (limit,),
             )
-            return [OutgoingEvent(r[0], r[1], r[2]) for r in cur.fetchall()]
+            rows = cur.fetchall()
+        self._remember_tenants(rows)
+        return [OutgoingEvent(r[1], r[2], r[3]) for r in rows]
 
     def mark_sent(self, event_ids: Sequence[str], now_us: int) -> None:
         if not event_ids:
             return
+        tenants = self._tenants_of_events(event_ids)
         with self._statement() as cur:
-            cur.execute(
-                f"UPDATE outbox SET sent_at_us = %s WHERE event_id = {_KEYS}",
-                (now_us, _keys_json(event_ids)),
-            )
+            if tenants is None:
+                cur.execute(
+                    f"UPDATE outbox SET sent_at_us = %s WHERE event_id = {_KEYS}",
+                    (now_us, _keys_json(event_ids)),
+                )
+            else:
+                cur.execute(
+                    f"UPDATE outbox SET sent_at_us = %s WHERE tenant_id = {_KEYS} "
+                    f"AND event_id = {_KEYS}",
+                    (now_us, _keys_json(tenants), _keys_json(event_ids)),
+                )
 
     def delete_sent_before(self, before_us: int) -> int:
         with self._statement() as cur:

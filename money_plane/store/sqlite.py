@@ -16,7 +16,7 @@ from triplane.runtime.retry import RetryPolicy
 class SqliteLedgerStore(LedgerStore):
     placeholder = "?"
     blob_type = "BLOB"
-    serial_type = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    dialect = "sqlite"
     lock_suffix = ""  # BEGIN IMMEDIATE takes the database write lock up front.
 
     def __init__(

@@ -1,8 +1,8 @@
 """The ledger schema's distribution readiness, read from PostgreSQL's catalog
 (the schema the store creates, not a copy of it), so the audit in the README
 (money plane, "The ledger past one database") cannot drift from the tables:
-which primary keys lead with tenant_id, which tables have no tenant_id column,
-and which sequences the schema uses. A table added or re-keyed changes these
+which primary keys (and unique indexes) lead with tenant_id, which tables have
+no tenant_id column, and which sequences the schema uses. A table added or re-keyed changes these
 sets and fails here until the README says so."""
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ TABLES = {
     "decision_tokens",
     "outbox",
 }
-# Primary keys led by tenant_id (the README's "yes" rows).
-LED_BY_TENANT = {"tenants"}
+# Primary keys led by tenant_id (the README's "yes" rows): every table's.
+LED_BY_TENANT = TABLES
 # Tables with no tenant_id column at all.
-NO_TENANT_COLUMN = {"postings", "idempotency", "decision_tokens", "outbox"}
-SEQUENCES = {"postings_seq_seq", "outbox_seq_seq"}
+NO_TENANT_COLUMN: set[str] = set()
+SEQUENCES: set[str] = set()
 
 
 def test_schema_audit_matches_the_readme(pg_dsn: str, tmp_path: Path) -> None:
@@ -58,6 +58,22 @@ def test_schema_audit_matches_the_readme(pg_dsn: str, tmp_path: Path) -> None:
         }
         assert set(first_key_column) == TABLES
         assert {t for t, c in first_key_column.items() if c == "tenant_id"} == LED_BY_TENANT
+        # Citus refuses a unique index (a constraint's or not) that does not
+        # include the distribution column; every one here leads with it.
+        unique_first_column = {
+            (r[0], r[1]): r[2]
+            for r in probe.rows(
+                "SELECT t.relname, i.relname, a.attname FROM pg_index x "
+                "JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid "
+                "JOIN pg_namespace n ON n.oid = t.relnamespace "
+                "JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = x.indkey[0] "
+                "WHERE n.nspname = 'public' AND x.indisunique"
+            )
+        }
+        assert {table for table, _ in unique_first_column} == TABLES
+        assert {
+            index: column for index, column in unique_first_column.items() if column != "tenant_id"
+        } == {}
         with_tenant = {
             r[0]
             for r in probe.rows(

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.nats
 
 def registrations(kit: Kit, tenant_id: str) -> list[tuple[str, bytes]]:
     rows = kit.probe.rows(
-        "SELECT event_id, data FROM outbox WHERE subject = %s ORDER BY seq",
+        "SELECT event_id, data FROM outbox WHERE subject = %s ORDER BY order_us, order_pos",
         [f"triplane.tenants.{tenant_id}.registered"],
     )
     return [(str(event_id), bytes(data)) for event_id, data in rows]

@@ -481,7 +481,7 @@ class Posting(_message.Message):
     side: Global___PostingSide.ValueType
     entry_id: _builtins.str
     sequence: _builtins.int
-    """Monotonic ledger sequence of the posting (history order)."""
+    """The posting's number in its account's history: 1, 2, ... in commit order."""
     @_builtins.property
     def amount(self) -> _types_pb2.Money: ...
     @_builtins.property
