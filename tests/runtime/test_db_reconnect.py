@@ -75,13 +75,17 @@ def test_writer_and_readers_reconnect_after_postgres_restarts(server: PrivatePos
 
 
 def test_an_unreachable_server_is_unavailable_until_it_is_back(server: PrivatePostgres) -> None:
-    db = Database("postgres", server.admin_dsn, readers=0)
+    db = Database("postgres", server.admin_dsn, readers=1)
     try:
         db.migrate("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY)")
         server.kill()
         for _ in range(2):  # the dead connection, then a connect that fails
             with pytest.raises(DatabaseUnavailable), db.tx() as tx:
                 tx.execute("INSERT INTO kv VALUES (?)", ("a",))
+        # A reader never opened before: its first connect fails the same way
+        # (the chaos run's INTERNALs while PostgreSQL was starting up).
+        with pytest.raises(DatabaseUnavailable):
+            db.read_one("SELECT count(*) FROM kv")
         server.spawn()
         server.wait_ready()
         with db.tx() as tx:

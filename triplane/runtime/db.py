@@ -127,7 +127,7 @@ class Database:
                     )
                     conn.execute("PRAGMA busy_timeout=5000")
                 else:
-                    conn = psycopg.connect(self._target, autocommit=True)
+                    conn = _connect_postgres(self._target)
                 self._opened.append(conn)
                 return conn
         if not self._reader_count:
@@ -229,12 +229,7 @@ class Database:
         assert self._pg is not None
         if self._pg.broken or self._pg.closed:
             self._pg.close()
-            try:
-                self._pg = psycopg.connect(self._target, autocommit=True)
-            except psycopg.OperationalError as error:
-                raise DatabaseUnavailable(
-                    "DATABASE_UNAVAILABLE", f"the database cannot be reached: {error}"
-                ) from error
+            self._pg = _connect_postgres(self._target)
         return self._pg
 
     def migrate(self, ddl: str) -> None:
@@ -275,6 +270,17 @@ class DatabaseUnavailable(Unavailable):
     is known to be committed, and the call may be retried (UNAVAILABLE,
     reason DATABASE_UNAVAILABLE), its idempotency key deciding what a retry
     does. The lost connection is replaced on the next use."""
+
+
+def _connect_postgres(target: str) -> psycopg.Connection[Any]:
+    """A new connection, or DatabaseUnavailable while the server cannot take
+    one (down, or "the database system is starting up" in its recovery)."""
+    try:
+        return psycopg.connect(target, autocommit=True)
+    except psycopg.OperationalError as error:
+        raise DatabaseUnavailable(
+            "DATABASE_UNAVAILABLE", f"the database cannot be reached: {error}"
+        ) from error
 
 
 @contextmanager
