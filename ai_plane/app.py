@@ -16,10 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nats.js import JetStreamContext
+
 from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.breaker import CircuitBreaker
 from ai_plane.engine import AiEngine
 from ai_plane.manager import ModelManager, write_live_repository
+from ai_plane.ope_log import OpeEvaluator
 from ai_plane.outcomes import OutcomeSpine
 from ai_plane.permissions import PERMISSIONS
 from ai_plane.pipeline import Applier, FeaturePipeline
@@ -181,7 +184,12 @@ class AiPlane:
         self.server = PlaneServer(
             name="ai_plane",
             listen=self.listen or ai.listen,
-            services=ai_services(self.engine, self.manager, ai.limits),
+            services=ai_services(
+                self.engine,
+                self.manager,
+                ai.limits,
+                OpeEvaluator(ai.ope, registry, self._ope_jetstream, self.clock.now_us),
+            ),
             security=ServerSecurity.from_config(config, AI_PLANE, PERMISSIONS),
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
@@ -229,6 +237,13 @@ class AiPlane:
             except Exception:
                 log.exception("following the model registry failed; trying again")
             await asyncio.sleep(interval)
+
+    async def _ope_jetstream(self) -> JetStreamContext | None:
+        """Where off-policy evaluation reads the exposure log (None: no NATS)."""
+        if not self.config.nats.url:
+            return None
+        nc = await self._connect()
+        return nc.jetstream()  # type: ignore[attr-defined,no-any-return]
 
     async def _connect(self) -> object:
         if self._nats is None:

@@ -1,11 +1,13 @@
-"""`triplane ai ...`: train, promote, rollback, backfill.
+"""`triplane ai ...`: train, promote, rollback, ope, backfill.
 
 train writes a draft into the registry directly (no running plane needed),
 trained on a dataset file under the state dir (`triplane ai datasets` and
 `triplane ai bootstrap` write them: those commands need the synthetic world,
 so the tools above the plane add them to this group);
 promote and rollback go through the running plane's ModelRegistryService, so
-Triton switches versions without a restart; backfill rebuilds one tenant (or
+Triton switches versions without a restart (promote to live passes the
+off-policy gate, ai.ope, unless --force); ope asks the running plane for
+EstimatePolicyValue (the plane reads the exposure log from NATS); backfill rebuilds one tenant (or
 an account cohort) from the JetStream history into the configured store.
 """
 
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable
 from typing import TypeAlias
 
 import grpc
+from google.protobuf import json_format, timestamp_pb2
 
 from ai_plane.app import datasets_dir
 from ai_plane.manager import train_into
@@ -30,7 +34,7 @@ from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime import bus
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
-from triplane.runtime.errors import TriplaneError
+from triplane.runtime.errors import InvalidArgument, TriplaneError
 from triplane.runtime.net import dial_address
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import ADMIN, files_for, open_sync_channel
@@ -66,7 +70,25 @@ def register(subparsers: SubParsers) -> SubParsers:
     promote.add_argument("version", type=int)
     promote.add_argument("--to", choices=sorted(_STATES), default="live")
     promote.add_argument("--address", default="", help="host:port (default: ai.listen)")
+    promote.add_argument(
+        "--force", action="store_true", help="promote to live even if the off-policy gate refuses"
+    )
     promote.set_defaults(func=lambda args: run(args, _promote))
+
+    estimate = commands.add_parser(
+        "ope",
+        help="off-policy estimate (IPS, SNIPS, DR with intervals) of a model version on "
+        "the logged traffic (the learner's exposure log), beside the logging policy's value",
+    )
+    estimate.add_argument("--model", default="offer_propensity")
+    estimate.add_argument("--version", type=int, default=0, help="0: the live version")
+    estimate.add_argument("--tenant", default="", help="one tenant's traffic (default: all)")
+    estimate.add_argument(
+        "--since", default="", help="ISO 8601 (default: ai.ope.window_s before --until)"
+    )
+    estimate.add_argument("--until", default="", help="ISO 8601 (default: now)")
+    estimate.add_argument("--address", default="", help="host:port (default: ai.listen)")
+    estimate.set_defaults(func=lambda args: run(args, _ope))
 
     rollback = commands.add_parser("rollback", help="make the previous live version live again")
     rollback.add_argument("model")
@@ -127,17 +149,51 @@ def _stub(config: Config, address: str) -> ai_pb2_grpc.ModelRegistryServiceStub:
 
 def _promote(config: Config, args: argparse.Namespace) -> int:
     request = pb.PromoteModelRequest(
-        model=args.model, version=args.version, target_state=_STATES[args.to]
+        model=args.model, version=args.version, target_state=_STATES[args.to], force=args.force
     )
     response = _stub(config, args.address).PromoteModel(
-        request, timeout=config.ai.triton.load_timeout_s + 5
+        request, timeout=config.ai.triton.load_timeout_s + 30
     )
+    shown: dict[str, object] = {
+        "model": response.version.model,
+        "version": response.version.version,
+        "state": pb.ModelState.Name(response.version.state),
+    }
+    if response.HasField("gate"):
+        shown["ope_gate"] = json_format.MessageToDict(
+            response.gate, preserving_proto_field_name=True
+        )
+    _print(shown)
+    return 0
+
+
+def _timestamp(text: str, flag: str) -> timestamp_pb2.Timestamp | None:
+    if not text:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument("OPE_TIME_INVALID", f"{flag} {text!r} is not ISO 8601") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _ope(config: Config, args: argparse.Namespace) -> int:
+    request = pb.EstimatePolicyValueRequest(
+        model=args.model,
+        version=args.version,
+        tenant_id=args.tenant,
+        since=_timestamp(args.since, "--since"),
+        until=_timestamp(args.until, "--until"),
+    )
+    response = _stub(config, args.address).EstimatePolicyValue(request, timeout=60)
     _print(
-        {
-            "model": response.version.model,
-            "version": response.version.version,
-            "state": pb.ModelState.Name(response.version.state),
-        }
+        json_format.MessageToDict(
+            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     )
     return 0
 

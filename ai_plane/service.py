@@ -10,11 +10,14 @@ import grpc
 from ai_plane import codec
 from ai_plane.engine import AiEngine
 from ai_plane.manager import ModelManager
+from ai_plane.ope_log import OpeEvaluator
+from ai_plane.registry import ModelState
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime import codec as wire
 from triplane.runtime.config import AiLimitsConfig
 from triplane.runtime.deadline import Deadline
+from triplane.runtime.errors import FailedPrecondition
 from triplane.runtime.server import Service
 
 
@@ -60,9 +63,12 @@ class ScoringServicer(ai_pb2_grpc.ScoringServiceServicer):
 
 
 class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
-    def __init__(self, manager: ModelManager, limits: AiLimitsConfig) -> None:
+    def __init__(
+        self, manager: ModelManager, limits: AiLimitsConfig, ope: OpeEvaluator | None = None
+    ) -> None:
         self._manager = manager
         self._limits = limits
+        self._ope = ope
 
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext
@@ -96,8 +102,27 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
         self, request: pb.PromoteModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.PromoteModelResponse:
         target = codec.target_state(request.target_state)
+        gate = None
+        if target is ModelState.LIVE and self._ope is not None:
+            # Refuses (FAILED_PRECONDITION) before anything changes.
+            gate = await self._ope.gate(request.model, request.version, request.force)
         record = await self._manager.promote(request.model, request.version, target)
-        return pb.PromoteModelResponse(version=codec.model_version_pb(record))
+        return pb.PromoteModelResponse(version=codec.model_version_pb(record), gate=gate)
+
+    async def EstimatePolicyValue(
+        self, request: pb.EstimatePolicyValueRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EstimatePolicyValueResponse:
+        if self._ope is None:
+            raise FailedPrecondition(
+                "OPE_NOT_CONFIGURED", "this plane was started without off-policy evaluation"
+            )
+        return await self._ope.estimate(
+            request.model,
+            request.version,
+            request.tenant_id,
+            wire.micros(request.since, "since"),
+            wire.micros(request.until, "until"),
+        )
 
     async def RollbackModel(
         self, request: pb.RollbackModelRequest, context: grpc.aio.ServicerContext
@@ -106,9 +131,14 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
         return pb.RollbackModelResponse(live=codec.model_version_pb(record), rollback_s=seconds)
 
 
-def ai_services(engine: AiEngine, manager: ModelManager, limits: AiLimitsConfig) -> list[Service]:
+def ai_services(
+    engine: AiEngine,
+    manager: ModelManager,
+    limits: AiLimitsConfig,
+    ope: OpeEvaluator | None = None,
+) -> list[Service]:
     scoring = ScoringServicer(engine)
-    registry = RegistryServicer(manager, limits)
+    registry = RegistryServicer(manager, limits, ope)
     return [
         Service(
             full_name=pb.DESCRIPTOR.services_by_name["ScoringService"].full_name,

@@ -504,6 +504,45 @@ class AiRegistryConfig(_Strict, frozen=True):
     poll_interval_s: float
 
 
+class AiOpeConfig(_Strict, frozen=True):
+    """Off-policy evaluation and the promotion gate (ai_plane/ope_log.py)."""
+
+    # PromoteModel to live of a ranking model (offer_propensity) estimates the
+    # candidate on the logged traffic and refuses (FAILED_PRECONDITION
+    # OPE_CANDIDATE_BELOW_LOGGED) when its lower bound is below the logging
+    # policy's value by more than margin, unless the request forces it.
+    gate: bool = True
+    # A share of the logging policy's value: refused when lower bound <
+    # logged value x (1 - margin).
+    margin: float = 0.1
+    # Which estimate the gate reads: dr, snips or ips.
+    estimator: str = "dr"
+    confidence: float = 0.95
+    # The logged window estimated when a request names none.
+    window_s: int = 604800
+    # Fewer counted rounds than this: not computed (OPE_TOO_FEW_ROUNDS).
+    min_rounds: int = 200
+    # When the estimate cannot be computed (no logged data, too few rounds,
+    # no NATS, inputs missing from the log): allow (promote, the answer's
+    # gate saying SKIPPED and why) or refuse (FAILED_PRECONDITION with the
+    # reason).
+    on_unavailable: str = "allow"
+    # Most logged rewards read per estimate.
+    max_rounds: int = 200000
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ("dr", "snips", "ips"):
+            raise ValueError("ai.ope.estimator must be dr, snips or ips")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError("ai.ope.confidence must be in (0, 1)")
+        if self.on_unavailable not in ("allow", "refuse"):
+            raise ValueError("ai.ope.on_unavailable must be allow or refuse")
+        if self.margin < 0 or self.window_s <= 0 or self.min_rounds < 1 or self.max_rounds < 1:
+            raise ValueError(
+                "ai.ope.margin must be >= 0, window_s > 0, min_rounds and max_rounds >= 1"
+            )
+
+
 class AiConfig(_Strict, frozen=True):
     listen: str
     budget_ms: float
@@ -519,6 +558,7 @@ class AiConfig(_Strict, frozen=True):
     bandit: AiBanditConfig
     drift: AiDriftConfig
     registry: AiRegistryConfig
+    ope: AiOpeConfig = msgspec.field(default_factory=AiOpeConfig)
     learner: AiLearnerConfig = msgspec.field(default_factory=AiLearnerConfig)
     # Inference transport: "grpc" (tritonclient's aio client, the default) or
     # "http" (KServe v2 binary tensors over Triton's HTTP endpoint).
