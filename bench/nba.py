@@ -82,7 +82,9 @@ ROUNDS = int(os.environ.get("TRIPLANE_BENCH_NBA_ROUNDS", "3000"))
 OPE_SEEDS = int(os.environ.get("TRIPLANE_BENCH_NBA_OPE_SEEDS", "300"))
 PHASES = set(os.environ.get("TRIPLANE_BENCH_NBA_PHASES", "api,ope").split(","))
 TENANT = "nba-bench"
-CUSTOMERS = 300
+# Enough that one customer rarely comes back within an offer's 1 s cooldown
+# (which would take the offer shown last out of the eligible set).
+CUSTOMERS = 1000
 FEATURES = ("cart_z", "tenure_z", "engagement_z", "savings_z")
 THEMES = ("travel", "grocery", "fuel", "savings")
 THEME_PRODUCT = {
@@ -295,7 +297,7 @@ async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], di
         stack_config(state_dir, "on", key_path), {"gateway": {"holdout_share": 0.0}}
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
-    notes: dict[str, Any] = {"reasons": {}, "errors": 0, "record_errors": 0}
+    notes: dict[str, Any] = {"reasons": {}, "errors": 0, "record_errors": 0, "excluded": 0}
     run = Run("triplane")
     latencies: list[float] = []
     async with contextlib.AsyncExitStack() as exits:
@@ -306,18 +308,19 @@ async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], di
         account_ids = [f"nbacust{i:04d}" for i in range(CUSTOMERS)]
         try:
             await ledger.create_tenant(TENANT, "nba bench")
-            await ledger.create_accounts(
-                TENANT,
-                [
-                    money_pb2.NewAccount(
-                        account_id=account_id,
-                        currency="USD",
-                        kind=money_pb2.ACCOUNT_KIND_LIABILITY,
-                        constraint=money_pb2.BALANCE_CONSTRAINT_NONE,
-                    )
-                    for account_id in account_ids
-                ],
-            )
+            for start in range(0, len(account_ids), 500):
+                await ledger.create_accounts(
+                    TENANT,
+                    [
+                        money_pb2.NewAccount(
+                            account_id=account_id,
+                            currency="USD",
+                            kind=money_pb2.ACCOUNT_KIND_LIABILITY,
+                            constraint=money_pb2.BALANCE_CONSTRAINT_NONE,
+                        )
+                        for account_id in account_ids[start : start + 500]
+                    ],
+                )
             await policy.create_tenant(TENANT, "nba bench")
             # The partner's own catalog, as a tenant registers it.
             for offer in stream.offers:
@@ -336,7 +339,8 @@ async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], di
                 )
             zone = daytime_zone()
             now_us = int(time.time() * 1_000_000)
-            for index, account_id in enumerate(account_ids):
+
+            async def customer(index: int, account_id: str) -> None:
                 customer_id = f"c_{account_id}"
                 profile = kyc_profile(TENANT, customer_id, index, now_us)
                 profile.kyc_tier = 3
@@ -357,6 +361,14 @@ async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], di
                         status=policy_pb2.CONSENT_STATUS_GRANTED,
                         lawful_basis=policy_pb2.LAWFUL_BASIS_CONSENT,
                     ),
+                )
+
+            for start in range(0, len(account_ids), 16):
+                await asyncio.gather(
+                    *(
+                        customer(start + i, account_id)
+                        for i, account_id in enumerate(account_ids[start : start + 16])
+                    )
                 )
         finally:
             await ledger.close()
@@ -421,6 +433,7 @@ async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], di
             latencies.append((time.perf_counter() - started) * 1000.0)
             for reason in answer.reasons:
                 notes["reasons"][reason] = notes["reasons"].get(reason, 0) + 1
+            notes["excluded"] += bool(answer.excluded)
             shown = index_of.get(answer.offer.offer_id) if answer.offer.offer_id else None
             if answer.action != gw.ACTION_SHOW_OFFER or shown is None:
                 run.add(stream, t, None)
@@ -561,6 +574,7 @@ def _rows_api(results: dict[str, Any]) -> list[tuple[str, object, str]]:
             ("nba_api_second_half_expected_mean", "after learning"),
             ("vw_squarecb_second_half_expected_mean", ""),
             ("nba_shown_share", "decisions that showed an offer"),
+            ("nba_excluded_share", "decisions with an offer excluded (cooldown)"),
             ("decide_latency_ms_p99", "this run's DecideNextAction calls"),
             ("decide_latency_ms_p50", ""),
         )
@@ -624,6 +638,8 @@ def main() -> int:
                 "nba_best_constant_offer": base.best_constant_offer,
                 "nba_oracle_reward_mean": base.oracle_mean,
                 "nba_shown_share": api.shown / max(1, ROUNDS),
+                # Decisions where the policy plane took an offer out (a cooldown).
+                "nba_excluded_share": notes["excluded"] / max(1, ROUNDS),
                 "nba_decide_errors": notes["errors"],
                 "nba_record_errors": notes["record_errors"],
                 "nba_api_run_s": api_s,
