@@ -311,6 +311,9 @@ class AiPlane:
                 envelope.event_id,
                 kind=int(event.kind),
                 value_minor=event.value.amount_minor if event.HasField("value") else None,
+                # Late or not by when the outcome was recorded, not when the
+                # pipeline got to it (after an outage of this plane, say).
+                at_us=envelope.occurred_at.ToMicroseconds() or None,
             )
         except Unavailable:
             raise  # the spine did not take it: left for redelivery

@@ -629,8 +629,10 @@ class AiEngine:
         assert self.rewards is not None
         key = reward_key(reward.tenant_id, reward.outcome_id)
         if self.spine is not None:
-            await self.spine.publish(key, reward.tenant_id, encode_reward(reward, now_us))
-            return self.rewards.learned(key) and self.rewards.applied_at(key) is not None
+            # Applied by this publish (not a duplicate of another replica's,
+            # whose answer says so), and learned (not late or a second one).
+            fresh = await self.spine.publish(key, reward.tenant_id, encode_reward(reward, now_us))
+            return fresh and self.rewards.learned(key)
         return self.rewards.apply(reward)
 
     async def _report_learner(
@@ -642,6 +644,7 @@ class AiEngine:
         outcome_id: str,
         kind: int,
         value_minor: int | None,
+        at_us: int | None = None,
     ) -> OutcomeAnswer:
         assert self.rewards is not None
         if kind == ai_pb2.OUTCOME_KIND_WINDOW_CLOSED:
@@ -669,7 +672,8 @@ class AiEngine:
                 "offer_id",
             )
         now_us = self._clock.now_us()
-        late = now_us > wire.micros(exposure.window_closes_at, "window_closes_at")
+        happened_us = at_us if at_us else now_us
+        late = happened_us > wire.micros(exposure.window_closes_at, "window_closes_at")
         arm = exposure.arms[index]
         lever = pending.levers[index] if index < len(pending.levers) else 1.0
         learned_reward = self._learner_reward(kind, reward, value_minor, arm, lever)
@@ -749,16 +753,18 @@ class AiEngine:
         outcome_id: str,
         kind: int = 0,
         value_minor: int | None = None,
+        at_us: int | None = None,
     ) -> OutcomeAnswer:
         """ReportOutcome: the bandit's update, or the contextual learner's
-        reward (kind and value decide it; late when the window had closed)."""
+        reward (kind and value decide it; late when the window had closed by
+        at_us: when the outcome happened, now unless said)."""
         check_tenant_id(tenant_id)
         self._check_id("outcome_id", outcome_id)
         if not math.isfinite(reward):
             raise InvalidArgument("REWARD_NOT_FINITE", "reward must be a finite number", "reward")
         if self.rewards is not None:
             return await self._report_learner(
-                tenant_id, rank_id, offer_id, reward, outcome_id, kind, value_minor
+                tenant_id, rank_id, offer_id, reward, outcome_id, kind, value_minor, at_us
             )
         return OutcomeAnswer(
             await self._report_bandit(tenant_id, rank_id, offer_id, reward, outcome_id)

@@ -261,6 +261,26 @@ async def test_the_window_counts_zero_once_and_a_late_outcome_does_not_double_co
     assert rewards.vw.learned == 2
 
 
+async def test_an_outcome_is_late_by_when_it_happened_not_when_it_arrived(
+    engine: AiEngine, clock: ManualClock
+) -> None:
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    answer = await rank(engine, tenant, {"segment": 0.0})
+    happened = clock.now_us() + 500_000_000  # within the 600 s window
+    clock.advance(900)  # delivered after it closed (the pipeline, after an outage)
+    result = await engine.outcome(
+        tenant,
+        answer.rank_id,
+        answer.chosen_offer_id,
+        0.0,
+        "delayed",
+        kind=CONVERTED,
+        at_us=happened,
+    )
+    assert result.applied and not result.late
+    assert await engine.sweep() == 0  # settled: no window 0 as well
+
+
 async def test_a_held_out_ranking_is_never_rewarded(engine: AiEngine, clock: ManualClock) -> None:
     tenant = f"t{uuid.uuid4().hex[:10]}"
     held = await engine.rank(
@@ -303,7 +323,7 @@ async def test_value_and_levers_are_inside_the_objective(engine: AiEngine) -> No
         (await engine.pending.get(answer.rank_id)).exposure  # type: ignore[union-attr]
     )
     worth = {arm.offer_id: arm.reward_if_converted for arm in exposure.arms}
-    assert worth == {"cheap": 0.1, "dear": 0.5, "boosted": pytest.approx(0.3)}
+    assert worth == {"cheap": 1.0, "dear": 5.0, "boosted": pytest.approx(3.0)}
     # A realized value replaces the catalog's, times the lever.
     result = await engine.outcome(
         tenant, answer.rank_id, answer.chosen_offer_id, 0.0, "v", kind=CONVERTED, value_minor=2000

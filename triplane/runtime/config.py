@@ -477,10 +477,13 @@ class AiLearnerConfig(_Strict, frozen=True):
     # value: a conversion's reward is value x lever / value_scale_minor;
     # conversion: lever only (every conversion worth the same).
     objective: str = "value"
-    value_scale_minor: int = 10000
+    # A typical conversion's value: rewards near 1 (SquareCB's exploration
+    # is tuned to the reward's scale: at 0.1 per conversion it explored far
+    # too long and lost to Vowpal Wabbit fed 0/1 on the same stream).
+    value_scale_minor: int = 1000
     # The value of an offer without one (minor units).
     default_value_minor: int = 1000
-    max_reward: float = 10.0
+    max_reward: float = 100.0
     # Reward of an explicit negative (dismissed or declined).
     dismissed_reward: float = 0.0
     # No outcome within this long after the ranking: reward 0, once.
