@@ -14,14 +14,16 @@ balancer.
 
 - Same-key retries through different gateway replicas are answered once:
   authorize, capture and refund retried through the other replica, and two
-  replicas racing on one key (one hold, one capture), checked on the ledger.
+  replicas racing on one key (one hold, one capture, one refund), checked on
+  the ledger.
 - An opt-out written through policy replica A is honoured by replica B and by
   decisions taken through either gateway replica. The bound the code states
   (policy.consent in defaults.yaml): nothing of consent is held in a process,
   every check reads the store, so the opt-out applies from the next decision
   after SetConsent returned; the test asks right after, with no wait.
 - A model version trained and promoted through AI replica A is served by both
-  replicas from their own Tritons, and a rollback through B reaches A. The
+  replicas from their own Tritons and scores payments through either gateway
+  replica, and a rollback through B reaches A and the gateways. The
   other replica follows the registry's generation every
   ai.registry.poll_interval_s (0.2 s here); the test polls within a bound
   (SWITCH_WAIT_S, a hang guard, never asserted on).
@@ -31,7 +33,8 @@ balancer.
   rewarded offer (with either ai.learner.engine: thompson's posterior draws,
   or vw's deterministic probabilities). Through the gateway: decisions on one
   gateway replica, each outcome at once on the other (this found the
-  exposure committed after the answer: DECISION_NOT_FOUND half the time).
+  exposure committed after the answer: DECISION_NOT_FOUND half the time),
+  and one outcome raced through both counted once.
 - After the traffic, every policy replica's decision-log chain verifies, each
   alone and all together through either replica, and together they hold
   every decision the tenant has.
@@ -143,6 +146,11 @@ async def fleet_stack(
         ai={
             "features": {"redis_url": redis_url, "namespace": prefix},
             "registry": {"poll_interval_s": POLL_S},
+            # The AI tests' small world: the bootstrap the supervisor trains
+            # before the AI replicas start, and TrainModel below, take
+            # seconds rather than a minute on the loaded machine.
+            "models": {"training_customers": 300, "num_boost_round": 40},
+            "triton": {"score_timeout_ms": 250},
         },
         # Budgets for a shared 2-core machine: a loaded moment degrades
         # nothing (a ranking or an outcome past its budget falls back, which
@@ -417,11 +425,26 @@ async def test_two_gateway_replicas_racing_on_one_key_place_one_hold_and_one_cap
                 for gateway in gateways
             )
         )
-    assert sorted(c.replayed for c in captured) == [False, True]
-    assert len({c.entry_id for c in captured}) == 1
+        assert sorted(c.replayed for c in captured) == [False, True]
+        assert len({c.entry_id for c in captured}) == 1
+        refund = gw.RefundPaymentRequest(
+            tenant_id=TENANT,
+            idempotency_key=_key("refund-race"),
+            entry_id=captured[0].entry_id,
+            amount=types_pb2.Money(amount_minor=REFUND_MINOR, currency="USD"),
+        )
+        refunded = await asyncio.gather(
+            *(
+                gateway.RefundPayment(refund, timeout=RPC_TIMEOUT_S, metadata=metadata)
+                for gateway in gateways
+            )
+        )
+    assert sorted(r.replayed for r in refunded) == [False, True]
+    assert len({r.refund_entry_id for r in refunded}) == 1
     balance = await partner.balance(RACED_ACCOUNT, replica=0)
     assert balance.debits_pending_minor == 0
     assert balance.debits_posted_minor == AMOUNT_MINOR
+    assert balance.credits_posted_minor == REFUND_MINOR
 
 
 # ---------------------------------------------------------------- policy
@@ -557,6 +580,20 @@ async def _live_version(stack: Stack, replica: int) -> int:
     return int(found.version.version)
 
 
+async def _scored_versions(partner: Partner) -> set[str]:
+    """The model versions that scored two authorizations through each
+    gateway replica."""
+    versions = set()
+    async with partner.gateways() as gateways:
+        for gateway in (*gateways, *gateways):
+            answer = await gateway.AuthorizePayment(
+                _authorize(_key("scored")), timeout=RPC_TIMEOUT_S, metadata=partner.metadata
+            )
+            assert answer.model_score_ref.model == MODEL, answer
+            versions.add(answer.model_score_ref.version)
+    return versions
+
+
 async def test_a_promotion_on_one_ai_replica_is_served_by_both(partner: Partner) -> None:
     _require_triton()
     stack = partner.stack
@@ -580,6 +617,9 @@ async def test_a_promotion_on_one_ai_replica_is_served_by_both(partner: Partner)
     # B never trained it: it loads the registry's bytes into its own Triton.
     await _serves(stack, 1, version)
     assert await _live_version(stack, 1) == version
+    # Payments through either gateway replica (each balancing over both AI
+    # replicas) are scored by the promoted version.
+    assert await _scored_versions(partner) == {str(version)}
     # And the other way: a rollback through B reaches A.
     async with stack.channel("ai", replica=1) as channel:
         rolled = await ai_pb2_grpc.ModelRegistryServiceStub(channel).RollbackModel(
@@ -589,6 +629,7 @@ async def test_a_promotion_on_one_ai_replica_is_served_by_both(partner: Partner)
     await _serves(stack, 0, 1)
     await _serves(stack, 1, 1)
     assert await _live_version(stack, 0) == 1
+    assert await _scored_versions(partner) == {"1"}
 
 
 # ---------------------------------------------------------------- AI bandit
@@ -709,6 +750,34 @@ async def test_an_outcome_recorded_through_the_gateway_replica_that_did_not_deci
                 outcome, timeout=RPC_TIMEOUT_S, metadata=partner.metadata
             )
             assert retried.replayed and retried.bandit_updated
+        # One outcome raced through both replicas: counted once.
+        decided = await gateway_a.DecideNextAction(
+            _decide(customer), timeout=RPC_TIMEOUT_S, metadata=partner.metadata
+        )
+        outcome = gw.RecordOutcomeRequest(
+            tenant_id=TENANT,
+            idempotency_key=_key("outcome-race"),
+            decision_id=decided.decision_id,
+            kind=gw.OUTCOME_KIND_DISMISSED,
+        )
+        raced = await asyncio.gather(
+            *(
+                gateway.RecordOutcome(outcome, timeout=RPC_TIMEOUT_S, metadata=partner.metadata)
+                for gateway in (gateway_a, gateway_b)
+            )
+        )
+    assert sorted(r.replayed for r in raced) == [False, True]
+    assert len({r.SerializeToString(deterministic=True) for r in _without_replayed(raced)}) == 1
+
+
+def _without_replayed(answers: list[gw.RecordOutcomeResponse]) -> list[gw.RecordOutcomeResponse]:
+    copies = []
+    for answer in answers:
+        copy = gw.RecordOutcomeResponse()
+        copy.CopyFrom(answer)
+        copy.replayed = False
+        copies.append(copy)
+    return copies
 
 
 # ---------------------------------------------------------------- decision logs
