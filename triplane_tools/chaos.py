@@ -60,6 +60,9 @@ RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE
 # before it could exec. Off, a fork runs no gRPC code at all; it must be set
 # before grpc is imported (`triplane chaos` starts itself over with it).
 FORK_SUPPORT_ENV = "GRPC_ENABLE_FORK_SUPPORT"
+# What `faults` may name: each plane (a kill -9 of one of its replicas),
+# Triton (SIGSTOP), NATS (a node restarted), PostgreSQL (kill -9).
+FAULT_KINDS = ("money", "policy", "gateway", "ai", "triton", "nats", "postgres")
 # Answers that are never right, whatever the fault.
 INTERNAL_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
@@ -91,6 +94,8 @@ class ChaosOptions:
     # Share of acknowledged calls sent again with the same key right away
     # (its answer must name the same effect: a replay, not a second one).
     replay_share: float = 0.1
+    # Which kinds of fault to inject (FAULT_KINDS).
+    faults: tuple[str, ...] = FAULT_KINDS
     state_dir: Path | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     # How long the outboxes get to drain before their events are checked.
@@ -104,6 +109,9 @@ class ChaosOptions:
             raise ValueError("attempts, workers and deadline_s must be positive")
         if self.ai_replicas not in (1, 2):
             raise ValueError("ai_replicas must be 1 or 2")
+        unknown = set(self.faults) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULT_KINDS}")
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,8 @@ class Workload:
         try:
             response = await call.send(deadline_s)
         except TriplaneApiError as error:
-            self._record(call, error.code, time.monotonic() - started, error.reason)
+            why = f"{error.reason} {error.field}".strip()
+            self._record(call, error.code, time.monotonic() - started, why)
             return
         self._record(call, grpc.StatusCode.OK, time.monotonic() - started, "")
         call.response = response
@@ -418,14 +427,25 @@ class Fault:
     target: str
     action: str
 
+    @property
+    def kind(self) -> str:
+        """Which of FAULT_KINDS it is."""
+        if self.action == "kill":
+            return self.target.split("[")[0]
+        return {"stop_triton": "triton", "restart_nats": "nats", "kill_postgres": "postgres"}[
+            self.action
+        ]
+
 
 def schedule_of(options: ChaosOptions) -> list[Fault]:
-    """One round of faults, one at a time, each plane's replicas in turn."""
+    """One round of faults, one at a time, each plane's replicas in turn; the
+    short schedule has the first fault of each kind."""
+    last_ai = options.ai_replicas - 1
     faults = [
         Fault("kill -9", "money[0]", "kill"),
         Fault("kill -9", "policy[1]", "kill"),
         Fault("kill -9", "gateway[0]", "kill"),
-        Fault("kill -9", f"ai[{options.ai_replicas - 1}]", "kill"),
+        Fault("kill -9", f"ai[{last_ai}]", "kill"),
         Fault("SIGSTOP", "triton of ai[0]", "stop_triton"),
         Fault("restart", "nats (money stream leader)", "restart_nats"),
         Fault("kill -9", "postgresql", "kill_postgres"),
@@ -433,7 +453,15 @@ def schedule_of(options: ChaosOptions) -> list[Fault]:
         Fault("kill -9", "gateway[1]", "kill"),
         Fault("kill -9", "policy[0]", "kill"),
     ]
-    return faults[:7] if options.schedule == "short" else faults
+    if last_ai:
+        faults.append(Fault("kill -9", "ai[0]", "kill"))
+    chosen = [fault for fault in faults if fault.kind in options.faults]
+    if options.schedule == "short":
+        firsts: dict[str, Fault] = {}
+        for fault in chosen:
+            firsts.setdefault(fault.kind, fault)
+        return list(firsts.values())
+    return chosen
 
 
 class FaultInjector:

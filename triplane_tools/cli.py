@@ -184,6 +184,8 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
         warmup_s=args.warmup_s,
         fault_gap_s=args.fault_gap_s,
         triton_stop_s=args.triton_stop_s,
+        customers=args.customers,
+        faults=tuple(args.faults.split(",")) if args.faults else chaos.FAULT_KINDS,
         seed=args.seed,
         state_dir=Path(args.state_dir).resolve() if args.state_dir else None,
     )
@@ -221,6 +223,13 @@ def _add_chaos_command(sub: Any) -> None:
     chaos.add_argument(
         "--triton-stop-s", type=float, default=5.0, help="how long Triton stays stopped"
     )
+    chaos.add_argument(
+        "--faults",
+        default="",
+        help="comma-separated kinds of fault (default: all of "
+        "money,policy,gateway,ai,triton,nats,postgres)",
+    )
+    chaos.add_argument("--customers", type=int, default=40, help="synthetic customers seeded")
     chaos.add_argument("--seed", type=int, default=20261206)
     chaos.add_argument("--state-dir", default="", help="keep the stack's state and logs here")
     chaos.add_argument("--results", default="", help="results file (default: bench/results.json)")

@@ -3,9 +3,9 @@
 -9 and started again during the run), a 3-node JetStream cluster (a node
 restarted) and the machine's Redis, with 2 replicas of the money, policy and
 gateway planes and one AI plane. Under a mixed workload through the gateway,
-each plane kind is killed -9 once and restarted, Triton is stopped (SIGSTOP)
-for a few seconds, the money stream's leader is restarted, PostgreSQL is
-killed. Afterwards: nothing acknowledged lost, nothing duplicated, no
+the money, policy and gateway planes are each killed -9 once and restarted,
+Triton is stopped (SIGSTOP) for a few seconds, the money stream's leader is
+restarted, PostgreSQL is killed. Afterwards: nothing acknowledged lost, nothing duplicated, no
 INTERNAL, no answer past its deadline, every fault recovered from, and every
 other check of the run (the ledger balances, decision logs verify) passes.
 
@@ -60,10 +60,17 @@ def test_short_chaos_run_loses_nothing_duplicates_nothing_and_answers_in_time(
         "4",
         "--ai-replicas",
         "1",
+        # The AI plane's kill is left out here (its restart, Triton and its
+        # models loaded again, takes half a minute on two cores); make chaos
+        # kills both AI replicas in turn. Its Triton is still stopped.
+        "--faults",
+        "money,policy,gateway,triton,nats,postgres",
+        "--customers",
+        "20",
         "--warmup-s",
-        "3",
-        "--fault-gap-s",
         "2",
+        "--fault-gap-s",
+        "1",
         "--triton-stop-s",
         "3",
         "--state-dir",
@@ -84,9 +91,9 @@ def test_short_chaos_run_loses_nothing_duplicates_nothing_and_answers_in_time(
     report = run.stdout[-6000:] + "\n" + run.stderr[-3000:]
     assert results.exists(), report
     figures = json.loads(results.read_text())
-    # Each plane kind killed once, Triton stopped, a JetStream node and
+    # Money, policy and gateway killed once each, Triton stopped, a JetStream node and
     # PostgreSQL restarted; work was done and acknowledged under them.
-    assert figures["chaos_faults_injected_total"] == 7, report
+    assert figures["chaos_faults_injected_total"] == 6, report
     assert figures["chaos_faults_unrecovered_total"] == 0, report
     assert figures["chaos_acknowledged_total"] > 0, report
     assert figures["chaos_acknowledged_lost_total"] == 0, report
