@@ -56,6 +56,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -290,9 +291,20 @@ def _authorize(key: str, account_id: str = ACCOUNT) -> gw.AuthorizePaymentReques
             name="Jane Doe",
             email="jane@example.com",
             country="US",
-            time_zone="UTC",
+            time_zone=_midday_zone(),
         ),
     )
+
+
+def _midday_zone() -> str:
+    """A time zone where it is about noon now. The risk model reads the
+    customer's local hour: these payments must not look like night-time ones
+    at whatever hour the suite runs (the assertions want them allowed)."""
+    offset = 12 - datetime.now(UTC).hour  # local = UTC + offset, -11..12
+    if offset == 0:
+        return "UTC"
+    # POSIX signs: Etc/GMT-5 is five hours ahead of UTC.
+    return f"Etc/GMT{'-' if offset > 0 else '+'}{abs(offset)}"
 
 
 def _key(what: str) -> str:
