@@ -274,6 +274,7 @@ async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], di
     """Triplane's progressive reward through DecideNextAction / RecordOutcome;
     the decide latencies (ms); notes (reasons, errors)."""
     from bench.gateway import stack_config
+    from triplane.ai.v1 import ai_pb2, ai_pb2_grpc
     from triplane.common.v1 import types_pb2
     from triplane.gateway.v1 import gateway_pb2 as gw
     from triplane.gateway.v1 import gateway_pb2_grpc
@@ -446,6 +447,17 @@ async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], di
         for due in sorted(pending):
             for decision_id, offer_index, converted in pending[due]:
                 await report(decision_id, offer_index, converted, rounds_of[decision_id])
+        # The product's own exposure log, read back by off-policy evaluation:
+        # the live propensity version's value on this tenant's traffic.
+        try:
+            async with open_channel(stack.addresses["ai"], stack.tls_files()) as ai_channel:
+                registry = ai_pb2_grpc.ModelRegistryServiceStub(ai_channel)
+                notes["ope"] = await registry.EstimatePolicyValue(
+                    ai_pb2.EstimatePolicyValueRequest(model="offer_propensity", tenant_id=TENANT),
+                    timeout=120,
+                )
+        except Exception as error:
+            notes["ope_error"] = repr(error)[:300]
     return run, latencies, notes
 
 
@@ -657,6 +669,28 @@ def main() -> int:
         for key in ("error", "record_error"):
             if key in notes:
                 print(f"first {key}: {notes[key]}")
+        ope_answer = notes.get("ope")
+        if ope_answer is not None:
+            results["nba_ope_logged_rounds"] = int(ope_answer.logged_rounds)
+            results["nba_ope_unavailable_reason"] = ope_answer.unavailable_reason or "none"
+            if ope_answer.HasField("logged"):
+                results["nba_ope_logged_value"] = ope_answer.logged.value
+            for found in ope_answer.estimates:
+                results[f"nba_ope_live_propensity_{found.estimator}_value"] = found.value
+                results[f"nba_ope_live_propensity_{found.estimator}_lower"] = found.lower
+                results[f"nba_ope_live_propensity_{found.estimator}_upper"] = found.upper
+            print(
+                "off-policy evaluation of the product's exposure log (live offer_propensity "
+                f"as a greedy policy): {ope_answer.logged_rounds} rounds, unavailable: "
+                f"{ope_answer.unavailable_reason or 'no'}, logged value "
+                f"{ope_answer.logged.value:.4f}; "
+                + ", ".join(
+                    f"{e.estimator} {e.value:.4f} [{e.lower:.4f}, {e.upper:.4f}]"
+                    for e in ope_answer.estimates
+                )
+            )
+        if "ope_error" in notes:
+            print(f"off-policy evaluation failed: {notes['ope_error']}")
         failed = notes["errors"] > ROUNDS // 10
     merge_results(results)
     return 1 if failed else 0
