@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,10 +274,13 @@ class AiPlane:
         reward has one id, counted once)."""
         assert self.engine is not None
         interval = self.config.ai.learner.sweep_interval_s
+        owner = uuid.uuid4().hex
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.engine.sweep()
+                # One replica an interval (a Redis claim expiring with it).
+                if await self.engine.pending.claim_sweep(owner, int(interval * 1000)):
+                    await self.engine.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -220,6 +220,9 @@ class VwLearner:
         self._args = vw_arguments(config)
         self._live: OrderedDict[str, Any] = OrderedDict()
         self._cold: dict[str, bytes] = {}
+        # The saved bytes of live models no reward moved since (a snapshot
+        # saves only the models that learned: VW saves on the event loop).
+        self._saved: dict[str, bytes] = {}
         self.learned = 0
 
     # ---- models ----
@@ -259,6 +262,8 @@ class VwLearner:
         if data is None and not create:
             return None
         workspace = self._live[key] = self._new(data)
+        if data is not None:
+            self._saved[key] = data
         self._evict(keep=key)
         return workspace
 
@@ -266,7 +271,8 @@ class VwLearner:
         while len(self._live) > self.config.max_live_models:
             oldest = next(k for k in self._live if k != keep)
             workspace = self._live.pop(oldest)
-            self._cold[oldest] = self._bytes(workspace)
+            saved = self._saved.pop(oldest, None)
+            self._cold[oldest] = saved if saved is not None else self._bytes(workspace)
             workspace.finish()
 
     # ---- ranking and learning ----
@@ -290,6 +296,7 @@ class VwLearner:
         workspace = self._workspace(key, create=True)
         assert workspace is not None
         self._live.move_to_end(key)
+        self._saved.pop(key, None)
         probability = max(exposure.arms[index].probability, 1e-6)
         workspace.learn(example_lines(exposure, (index, -float(reward), probability)))
         self.learned += 1
@@ -301,7 +308,10 @@ class VwLearner:
         thread safe), the cold ones first and the live ones in reward order."""
         out = dict(self._cold)
         for key, workspace in self._live.items():
-            out[key] = self._bytes(workspace)
+            saved = self._saved.get(key)
+            if saved is None:
+                saved = self._saved[key] = self._bytes(workspace)
+            out[key] = saved
         return out
 
     def live_order(self) -> list[str]:
@@ -312,7 +322,9 @@ class VwLearner:
         self._cold = dict(models)
         for key in live_order:
             if key in self._cold:
-                self._live[key] = self._new(self._cold.pop(key))
+                data = self._cold.pop(key)
+                self._live[key] = self._new(data)
+                self._saved[key] = data
         self._evict(keep="")
 
     def close(self) -> None:
@@ -320,6 +332,7 @@ class VwLearner:
             workspace.finish()
         self._live.clear()
         self._cold.clear()
+        self._saved.clear()
 
 
 REWARD_EVENT = "ai.learner.reward"

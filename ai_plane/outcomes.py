@@ -79,6 +79,10 @@ class PendingRanks(Protocol):
     async def settle(self, rank_id: str) -> None:
         """Takes the ranking out of the sweep (its reward is on the spine)."""
 
+    async def claim_sweep(self, owner: str, ttl_ms: int) -> bool:
+        """Whether this replica sweeps now: one at a time in the usual case
+        (a sweep by two at once is still counted once, only wasted)."""
+
     async def close(self) -> None: ...
 
 
@@ -113,6 +117,9 @@ class InProcessPendingRanks:
         for rank_id in found:
             heapq.heappush(self._heap, (self._due[rank_id], rank_id))
         return found
+
+    async def claim_sweep(self, owner: str, ttl_ms: int) -> bool:
+        return True
 
     async def settle(self, rank_id: str) -> None:
         self._due.pop(rank_id, None)
@@ -175,6 +182,10 @@ class RedisPendingRanks:
 
     async def settle(self, rank_id: str) -> None:
         await self._redis.zrem(self._due_key, rank_id)
+
+    async def claim_sweep(self, owner: str, ttl_ms: int) -> bool:
+        claimed = await self._redis.set(self._due_key + ":sweeper", owner, nx=True, px=ttl_ms)
+        return bool(claimed)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -362,3 +362,35 @@ def test_a_model_saved_and_reloaded_learns_exactly_as_one_kept_live(tmp_path: Pa
     assert example_lines(exposure)[0].startswith("shared |c ")
     live.close()
     cold.close()
+
+
+def test_models_beyond_max_live_models_are_kept_as_bytes_and_learn_on(tmp_path: Path) -> None:
+    roomy = VwLearner(learner_config(tmp_path).ai.learner)
+    tight = VwLearner(learner_config(tmp_path, max_live_models=1).ai.learner)
+    exposure = ai_pb2.LearnerExposure(
+        context=[ai_pb2.LearnerFeature(name="seg=0", value=1.0)],
+        arms=[
+            ai_pb2.LearnerArm(
+                offer_id=f"o{i}",
+                features=[ai_pb2.LearnerFeature(name=f"offer=o{i}", value=1.0)],
+                probability=1 / 3,
+            )
+            for i in range(3)
+        ],
+    )
+    rng = random.Random(7)
+    for _ in range(120):
+        key, index, reward = rng.choice("abc"), rng.randrange(3), float(rng.random() < 0.4)
+        roomy.learn(key, exposure, index, reward)
+        tight.learn(key, exposure, index, reward)
+        tight.predict(rng.choice("abc"), exposure)  # reloads cold ones as it goes
+    assert tight.model_keys() == roomy.model_keys() == ["a", "b", "c"]
+    for key in "abc":
+        assert tight.predict(key, exposure) == roomy.predict(key, exposure)
+    # A snapshot of either restores the same models.
+    restored = VwLearner(learner_config(tmp_path).ai.learner)
+    restored.load_state(tight.state(), [])
+    for key in "abc":
+        assert restored.predict(key, exposure) == roomy.predict(key, exposure)
+    for learner in (roomy, tight, restored):
+        learner.close()
