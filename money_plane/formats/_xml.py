@@ -96,20 +96,20 @@ def path_of(el: _Element) -> str:
     return "/".join(reversed(parts))
 
 
-def children(el: _Element, name: str) -> Iterator[_Element]:
-    for child in el:
-        if local(child) == name:
-            yield child
+def children(el: _Element | None, name: str) -> Iterator[_Element]:
+    """Child elements with local name `name`, in any namespace. Lookups use
+    lxml's C path finder with a namespace wildcard, so every version of a
+    message reads alike."""
+    if el is None:
+        return iter(())
+    return el.iterchildren(f"{{*}}{name}")
 
 
 def child(el: _Element | None, *names: str) -> _Element | None:
     """The first element down the path of local names, or None."""
-    node = el
-    for name in names:
-        if node is None:
-            return None
-        node = next(children(node, name), None)
-    return node
+    if el is None:
+        return None
+    return el.find("/".join(f"{{*}}{n}" for n in names))
 
 
 def text(el: _Element | None, *names: str) -> str:

@@ -37,6 +37,7 @@ from money_plane.formats.statement import (
     TransactionDetail,
     finish_file,
 )
+from triplane.runtime.errors import InvalidArgument
 
 _El = etree._Element
 
@@ -140,18 +141,26 @@ class _Money:
         self.currency = account_currency
 
     def amount(self, el: _El) -> tuple[int, str]:
-        path = _xml.path_of(el)
+        # The element's path is worked out only for a refusal: it costs a scan
+        # of the siblings, and a statement can hold a hundred thousand entries.
         currency = el.get("Ccy", "")
-        check_currency(currency, f"{path}/@Ccy")
+        try:
+            check_currency(currency, "Ccy")
+            minor = to_minor(el.text or "", currency, "the amount")
+        except InvalidArgument as exc:
+            path = _xml.path_of(el)
+            where = f"{path}/@Ccy" if exc.field == "Ccy" else path
+            raise refuse(exc.reason, f"{where}: {exc.message}", where) from exc
         if not self.currency:
             self.currency = currency
         elif currency != self.currency:
+            path = _xml.path_of(el)
             raise refuse(
                 "CURRENCY_MIXED",
                 f"{path} is in {currency}, the statement is in {self.currency}",
                 path,
             )
-        return to_minor(el.text or "", currency, path), currency
+        return minor, currency
 
 
 def _sign(el: _El, *names: str) -> Sign:
@@ -176,7 +185,12 @@ def _statement(kind: StatementKind, el: _El) -> Statement:
     account = _account(_xml.required(el, "Acct"))
     money = _Money(account.currency)
     balances = tuple(_balance(money, b) for b in _xml.children(el, "Bal"))
-    lines = tuple(_entry(money, n) for n in _xml.children(el, "Ntry"))
+    entries = list(_xml.children(el, "Ntry"))
+    base = _xml.path_of(el)
+    lines = tuple(
+        _entry(money, n, f"{base}/Ntry[{i}]" if len(entries) > 1 else f"{base}/Ntry")
+        for i, n in enumerate(entries, start=1)
+    )
     period = _xml.child(el, "FrToDt")
     return Statement(
         kind=kind,
@@ -230,7 +244,7 @@ def _bank_tx_code(el: _El | None) -> str:
     return _xml.text(el, "Prtry", "Cd")
 
 
-def _entry(money: _Money, el: _El) -> StatementLine:
+def _entry(money: _Money, el: _El, path: str) -> StatementLine:
     amount, currency = money.amount(_xml.required(el, "Amt"))
     batch: Batch | None = None
     details: list[TransactionDetail] = []
@@ -263,7 +277,7 @@ def _entry(money: _Money, el: _El) -> StatementLine:
         batch=batch,
         details=tuple(details),
         additional_info=_xml.text(el, "AddtlNtryInf"),
-        source_path=_xml.path_of(el),
+        source_path=path,
     )
 
 

@@ -122,7 +122,9 @@ def read_pacs002(data: bytes) -> PaymentStatusReport:
     # OrgnlGrpInfAndSts repeats from .001.08 on; the first one is the group's.
     group = _xml.child(top, "OrgnlGrpInfAndSts")
     txs = []
-    for tx in _xml.children(top, "TxInfAndSts"):
+    base = _xml.path_of(top)
+    statuses = list(_xml.children(top, "TxInfAndSts"))
+    for i, tx in enumerate(statuses, start=1):
         status = _xml.required_text(tx, "TxSts")
         rsn = _xml.child(tx, "StsRsnInf")
         txs.append(
@@ -139,7 +141,9 @@ def read_pacs002(data: bytes) -> PaymentStatusReport:
                 original_end_to_end_id=_xml.text(tx, "OrgnlEndToEndId"),
                 original_transaction_id=_xml.text(tx, "OrgnlTxId"),
                 original_uetr=_xml.text(tx, "OrgnlUETR"),
-                source_path=_xml.path_of(tx),
+                source_path=f"{base}/TxInfAndSts[{i}]"
+                if len(statuses) > 1
+                else f"{base}/TxInfAndSts",
             )
         )
     group_status = _xml.text(group, "GrpSts")
@@ -165,9 +169,12 @@ def read_pacs004(data: bytes) -> PaymentReturn:
     name, top = _open(data, "pacs.004", "PmtRtr")
     hdr = _xml.required(top, "GrpHdr")
     txs = []
-    for tx in _xml.children(top, "TxInf"):
+    base = _xml.path_of(top)
+    returned = list(_xml.children(top, "TxInf"))
+    for i, tx in enumerate(returned, start=1):
+        tx_path = f"{base}/TxInf[{i}]" if len(returned) > 1 else f"{base}/TxInf"
         amount_el = _xml.required(tx, "RtrdIntrBkSttlmAmt")
-        where = _xml.path_of(amount_el)
+        where = f"{tx_path}/RtrdIntrBkSttlmAmt"
         currency = check_currency(amount_el.get("Ccy", ""), f"{where}/@Ccy")
         settle = _xml.text(tx, "IntrBkSttlmDt")
         try:
@@ -196,7 +203,7 @@ def read_pacs004(data: bytes) -> PaymentReturn:
                 )
                 if rsn is not None
                 else (),
-                source_path=_xml.path_of(tx),
+                source_path=tx_path,
             )
         )
     if not txs:

@@ -25,10 +25,11 @@ import dataclasses
 import datetime as dt
 import enum
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 
 class Sign(enum.StrEnum):
@@ -183,27 +184,19 @@ class StatementFile:
         return tuple(line for s in self.statements for line in s.lines)
 
 
-def _canon(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: _canon(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if f.name not in ("fingerprint", "source_path")
-        }
-    if isinstance(value, dict):
-        return {str(k): _canon(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_canon(v) for v in value]
-    if isinstance(value, dt.date | dt.datetime):
-        return value.isoformat()
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
+# Canonical JSON: keys and dataclass fields sorted, dates ISO, enums by value.
+# Changing a model's fields changes the fingerprints; bump the prefix when so.
+_CANON = msgspec.json.Encoder(order="sorted")
+_VERSION = b"triplane-statement-v1:"
 
 
 def _digest(obj: Any) -> str:
-    blob = json.dumps(_canon(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return hashlib.sha256(_VERSION + _CANON.encode(obj)).hexdigest()
+
+
+def _unplaced(line: StatementLine) -> StatementLine:
+    """The line without where it sits in its file (not part of its content)."""
+    return dataclasses.replace(line, source_path="", fingerprint="")
 
 
 def fingerprint_statement(statement: Statement) -> Statement:
@@ -211,7 +204,7 @@ def fingerprint_statement(statement: Statement) -> Statement:
     seen: Counter[str] = Counter()
     lines = []
     for line in statement.lines:
-        base = _digest({"account": statement.account.id, "line": line})
+        base = _digest({"account": statement.account.id, "line": _unplaced(line)})
         seen[base] += 1
         fp = hashlib.sha256(f"{base}#{seen[base]}".encode()).hexdigest()
         lines.append(dataclasses.replace(line, fingerprint=fp))
@@ -235,7 +228,7 @@ def finish_file(
                 "id": s.statement_id,
                 "account": s.account.id,
                 "seq": [s.electronic_sequence, s.legal_sequence, s.page],
-                "balances": _canon(s.balances),
+                "balances": s.balances,
                 "lines": [line.fingerprint for line in s.lines],
             }
             for s in fingerprinted

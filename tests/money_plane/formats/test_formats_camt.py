@@ -128,6 +128,7 @@ def _plain(lines: tuple[StatementLine, ...]) -> tuple[StatementLine, ...]:
 def test_batch_booking_details() -> None:
     data = write_camt053([sample_statement()], message_id="M", created_at=CREATED)
     line = read_camt(data).statements[0].lines[1]
+    assert line.source_path == "Document/BkToCstmrStmt/Stmt/Ntry[2]"
     assert line.batch is not None
     assert line.batch.number_of_transactions == 3
     assert line.batch.total_minor == 6000
