@@ -168,6 +168,21 @@ class Statement:
     def closing_booked(self) -> Balance | None:
         return self.balance("CLBD")
 
+    @property
+    def booked_movement_minor(self) -> int:
+        """The net of the booked lines (pending and information lines left out)."""
+        return sum(line.signed_minor for line in self.lines if line.status is EntryStatus.BOOKED)
+
+    def balances_agree(self) -> bool | None:
+        """Whether opening booked + booked lines = closing booked; None when the
+        statement carries no such pair (a camt.054, most camt.052). A statement
+        that does not add up is read all the same: it is the reconciler's break
+        to raise, not a file error."""
+        opening, closing = self.opening_booked, self.closing_booked
+        if opening is None or closing is None:
+            return None
+        return opening.signed_minor + self.booked_movement_minor == closing.signed_minor
+
 
 @dataclass(frozen=True, slots=True)
 class StatementFile:

@@ -330,3 +330,21 @@ def test_statement_helpers() -> None:
     assert stmt.opening_booked is not None
     net = sum(line.signed_minor for line in stmt.lines)
     assert stmt.closing_booked.signed_minor - stmt.opening_booked.signed_minor == net
+    assert stmt.booked_movement_minor == net
+    assert stmt.balances_agree() is True
+
+
+def test_balances_that_do_not_add_up_are_read_and_reported() -> None:
+    stmt = sample_statement()
+    wrong = dataclasses.replace(
+        stmt, balances=(stmt.balances[0], dataclasses.replace(stmt.balances[1], amount_minor=1))
+    )
+    parsed = read_camt(write_camt053([wrong], message_id="M", created_at=CREATED)).statements[0]
+    assert parsed.balances_agree() is False
+    pending = dataclasses.replace(sample_line("PENDING-1"), status=EntryStatus.PENDING)
+    with_pending = sample_statement(lines=(sample_line(), pending))
+    # the sample's closing balance counts every line; a pending one must not count
+    assert with_pending.balances_agree() is False
+    assert with_pending.booked_movement_minor == sample_line().signed_minor
+    notification = sample_statement(StatementKind.NOTIFICATION)
+    assert notification.balances_agree() is None
