@@ -56,7 +56,8 @@ from triplane.runtime import bus
 from triplane.runtime.config import AiLearnerConfig
 
 CONTEXT, ARM = "c", "a"
-_UNSAFE = str.maketrans({" ": "_", "|": "_", ":": "_", "\t": "_", "\n": "_", "\r": "_"})
+# VW's text format separators and every control character become "_".
+_UNSAFE = str.maketrans({c: "_" for c in [" ", "|", ":", *map(chr, range(32)), "\x7f"]})
 # Standardization of the stored context (features.PROPENSITY_CONTEXT order,
 # channel and hour excluded: they enter as categoricals).
 _STORED_CENTER = (3.0, 8.0, 7.0, 0.0, 10.0, 0.7, 2.0)

@@ -331,6 +331,33 @@ async def test_value_and_levers_are_inside_the_objective(engine: AiEngine) -> No
     assert result.applied
 
 
+async def test_any_text_in_names_stays_one_feature(engine: AiEngine) -> None:
+    # VW's separators and control characters in a feature name, an attribute
+    # or a surface cannot split a feature or an example line.
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    odd = "a b|c:d\ne\x00f\x7f"
+    candidates = [
+        Candidate("o1", OfferEntry("cash back", 100, {odd: odd})),
+        Candidate("o2", OfferEntry("x|y", 100, {"k": "v"})),
+    ]
+    answer = await rank(engine, tenant, {odd: 1.5}, candidates=candidates, surface=odd)
+    assert math.isclose(sum(probabilities(answer).values()), 1.0)
+    result = await engine.outcome(
+        tenant, answer.rank_id, answer.chosen_offer_id, 0.0, "odd", kind=CONVERTED
+    )
+    assert result.applied
+    exposure = ai_pb2.LearnerExposure.FromString(
+        (await engine.pending.get(answer.rank_id)).exposure  # type: ignore[union-attr]
+    )
+    shared, *arms = example_lines(exposure)
+    # One token per feature: nothing split a name.
+    assert len(shared.split(" ")) == 2 + len(exposure.context)
+    for line, arm in zip(arms, exposure.arms, strict=True):
+        assert len(line.split(" ")) == 1 + len(arm.features)
+        assert all(token.count(":") <= 1 for token in line.split(" "))
+    assert not any(c in "".join([shared, *arms]) for c in "\n\r\x00\x7f")
+
+
 def test_a_model_saved_and_reloaded_learns_exactly_as_one_kept_live(tmp_path: Path) -> None:
     config = learner_config(tmp_path).ai.learner
     live, cold = VwLearner(config), VwLearner(config)
