@@ -93,11 +93,13 @@ class PrivatePostgres:
         return self._process.pid if self._process is not None else None
 
     def _chown(self) -> None:
+        """The directory to the server's user, once, before initdb: what is
+        in it after that (the data directory, the socket) is the server's
+        own. Never walked again: files come and go in it while it runs."""
         if self._user is None:
             return
         entry = pwd.getpwnam(self._user)
-        for path in [self.root, *self.root.rglob("*")]:
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chown(self.root, entry.pw_uid, entry.pw_gid)
 
     def initialise(self) -> None:
         self._chown()
@@ -123,7 +125,6 @@ class PrivatePostgres:
     def spawn(self) -> None:
         """Starts the server (crash recovery first, after a kill). Call it
         from a thread that lives as long as the server (it dies with it)."""
-        self._chown()
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
                 [
