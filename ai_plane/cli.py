@@ -23,15 +23,18 @@ from typing import TypeAlias
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
+from nats.js import JetStreamContext
 
 from ai_plane.app import datasets_dir
 from ai_plane.manager import train_into
+from ai_plane.ope_log import OpeEvaluator
 from ai_plane.pipeline import Applier, backfill
 from ai_plane.registry import open_registry
 from ai_plane.store.base import build_store
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime import bus
+from triplane.runtime import codec as wire
 from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.errors import InvalidArgument, TriplaneError
@@ -88,6 +91,11 @@ def register(subparsers: SubParsers) -> SubParsers:
     )
     estimate.add_argument("--until", default="", help="ISO 8601 (default: now)")
     estimate.add_argument("--address", default="", help="host:port (default: ai.listen)")
+    estimate.add_argument(
+        "--direct",
+        action="store_true",
+        help="without a running plane: read the registry and the exposure log (nats.url) here",
+    )
     estimate.set_defaults(func=lambda args: run(args, _ope))
 
     rollback = commands.add_parser("rollback", help="make the previous live version live again")
@@ -181,6 +189,33 @@ def _timestamp(text: str, flag: str) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
+async def _ope_direct(
+    config: Config, request: pb.EstimatePolicyValueRequest
+) -> pb.EstimatePolicyValueResponse:
+    """The same estimate without a running plane: the registry of the state
+    dir (or database) and the exposure log from NATS (nats.url)."""
+    if not config.nats.url:
+        raise InvalidArgument("OPE_LOG_UNAVAILABLE", "--direct needs nats.url (NATS_URL)")
+    registry = open_registry(config, SystemClock())
+    nc = await bus.connect(config.nats, "ai-ope")
+    try:
+
+        async def jetstream() -> JetStreamContext:
+            return nc.jetstream()
+
+        evaluator = OpeEvaluator(config.ai.ope, registry, jetstream, SystemClock().now_us)
+        return await evaluator.estimate(
+            request.model,
+            request.version,
+            request.tenant_id,
+            wire.micros(request.since, "since"),
+            wire.micros(request.until, "until"),
+        )
+    finally:
+        await nc.close()
+        registry.close()
+
+
 def _ope(config: Config, args: argparse.Namespace) -> int:
     request = pb.EstimatePolicyValueRequest(
         model=args.model,
@@ -189,7 +224,10 @@ def _ope(config: Config, args: argparse.Namespace) -> int:
         since=_timestamp(args.since, "--since"),
         until=_timestamp(args.until, "--until"),
     )
-    response = _stub(config, args.address).EstimatePolicyValue(request, timeout=60)
+    if getattr(args, "direct", False):
+        response = asyncio.run(_ope_direct(config, request))
+    else:
+        response = _stub(config, args.address).EstimatePolicyValue(request, timeout=60)
     _print(
         json_format.MessageToDict(
             response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True

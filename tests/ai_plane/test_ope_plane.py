@@ -347,12 +347,18 @@ async def test_the_gate_refuses_a_candidate_the_log_shows_worse_and_passes_a_bet
             since="",
             until="",
             address=f"127.0.0.1:{running.server.port}",
+            direct=False,
         )
         capsys.readouterr()
         assert await asyncio.to_thread(cli._ope, running.config, args) == 0
         printed = json.loads(capsys.readouterr().out)
         assert printed["logged_rounds"] == "600" and printed["unavailable_reason"] == ""
         assert {e["estimator"] for e in printed["estimates"]} == {"ips", "snips", "dr"}
+        # --direct: no plane asked, the registry and NATS read by the CLI itself.
+        args.direct, args.address = True, "127.0.0.1:1"
+        assert await asyncio.to_thread(cli._ope, running.config, args) == 0
+        direct = json.loads(capsys.readouterr().out)
+        assert direct["estimates"] == printed["estimates"]
         assert ope_log.reward_filter(TENANT) == f"triplane.ai.{TENANT}.learner.reward"
 
 
