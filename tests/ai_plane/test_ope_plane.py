@@ -386,3 +386,27 @@ def test_the_log_rebuilds_the_propensity_models_inputs_exactly() -> None:
         *propensity_context(pb.CHANNEL_ECOMMERCE, 14, stored),
     ]
     assert ope_log.propensity_rows(rounds[0])[0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_reader_counts_one_reward_per_ranking_inside_the_window() -> None:
+    def reward(rank: str, at_s: int, value: float, late: bool = False) -> pb.LearnerReward:
+        arm = pb.LearnerArm(offer_id="o", probability=1.0)
+        exposure = pb.LearnerExposure(
+            rank_id=rank, arms=[arm], chosen_probability=1.0, ranked_at=wire.timestamp(at_s * 10**6)
+        )
+        return pb.LearnerReward(rank_id=rank, reward=value, late=late, exposure=exposure)
+
+    rounds, skipped = ope_log.counted_rounds(
+        [
+            reward("a", 100, 1.0),
+            reward("a", 100, 0.0),  # a second reward of a ranking: measurement only
+            reward("b", 150, 1.0, late=True),  # after the window: measurement only
+            reward("b", 150, 0.0),  # the window's 0 is b's reward
+            reward("c", 50, 1.0),  # ranked before the window
+            reward("d", 200, 1.0),  # ranked at its end (exclusive)
+        ],
+        since_us=100 * 10**6,
+        until_us=200 * 10**6,
+    )
+    assert [(r.rank_id, r.reward) for r in rounds] == [("a", 1.0), ("b", 0.0)]
+    assert skipped == 4
