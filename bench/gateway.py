@@ -48,6 +48,26 @@ answered call are counted (`authorize_allow_share`, `_review_`, `_hold_`,
 decisions that show an offer (`decide_offer_share`). A run whose payments are
 mostly denied measures the deny path; the table says so.
 
+Scale-out (issue 12): after those three stacks are down, two more start,
+both as shipped (TLS, API keys) and both on the shared engines: every plane
+on PostgreSQL (the local server, databases `tpl_bench_<mode>_<id>_<plane>`,
+dropped afterwards) and the AI plane's features and pending ranks on a Redis
+of the stack's own: `replicas1`, one process of every plane (`triplane up`
+with its planes moved to the engines), and `replicas2`, two of every plane
+(`triplane up --replicas 2`: two gateways, two money, two policy and two AI
+planes, each AI plane with its own Triton; the partner's channel and the
+gateways spread calls over them with round_robin). They take turns as the
+three above do, and open loop runs at half of `replicas1`'s maximum for
+both. Figures `<flow>_replicas1_*` and `<flow>_replicas2_*` (CPU per request
+by process: every replica of a plane under the plane's name, `redis` the
+stack's Redis, `postgres` the server backends serving the stack's databases
+(pg_stat_activity); p50/p99; rate; errors), and
+`<flow>_replicas2_cpu_ratio`: stack CPU per request, two replicas / one
+(target <= 1.10), `_low`/`_high` its spread over rounds. Two cores cannot
+show scale-out throughput (a second replica adds processes, not cores): the
+rate is CPU-bound in both, and the table says how many cores each stack and
+its load generator kept busy.
+
 What limits the rate: the CPU each process spends per request during the
 closed loop (`<flow>_cpu_ms_per_request_<process>`; `client` is the load
 generator). Their sum against the machine's cores bounds the throughput
@@ -63,10 +83,12 @@ import asyncio
 import contextlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -75,16 +97,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 
 from bench.common import merge_results, percentile, print_table, proc_stats, tree_cpu_s
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.runtime.config import Config, load_config
-from triplane.runtime.net import free_port
+from triplane.runtime.net import free_port, port_open
 from triplane.runtime.secret_files import dev_secret_path, random_key_b64
-from triplane.runtime.tls import GATEWAY, MONEY_PLANE, files_for, open_channel
+from triplane.runtime.tls import GATEWAY, MONEY_PLANE, channel_options, files_for, open_channel
 from triplane_sim.demo_world import World, seed
+from triplane_tools import replicas as fleet
 from triplane_tools.certs import ensure_dev_certificates
 from triplane_tools.partner_keys import create_partner_key
 from triplane_tools.stack import Stack
@@ -119,6 +143,20 @@ RATIO_TARGET = 1.10
 # The processes of a stack besides the planes, counted in its CPU.
 NATS = "nats"
 CLIENT = "client"
+# Scale-out (issue 12): the shipped stack (TLS, API keys) on the shared
+# engines, one process of every plane (`replicas1`) and two (`replicas2`),
+# measured in turns with each other after the three stacks above are down.
+# Each has a Redis of its own (so its CPU is the stack's) and its databases
+# on the local PostgreSQL (its backends' CPU, from pg_stat_activity, is the
+# stack's too).
+REPLICAS1, REPLICAS2 = "replicas1", "replicas2"
+REPLICA_MODES = (REPLICAS1, REPLICAS2)
+REPLICA_COUNTS = {REPLICAS1: 1, REPLICAS2: 2}
+REDIS = "redis"
+POSTGRES = "postgres"
+# Seconds each scale-out stack is watched with no call (in two windows).
+IDLE_S = 6.0
+PG_ADMIN_DSN = os.environ.get("TRIPLANE_BENCH_PG_ADMIN_DSN", fleet.DEFAULT_PG_ADMIN_DSN)
 
 # argv: address, then "plain", or "mtls" / "mtls_peer" and the server's
 # certificate, key and CA files (mutual TLS; mtls_peer also reads the peer's
@@ -378,7 +416,12 @@ def decide_call(stub: Any, world: World, metadata: Metadata = ()) -> Call:
     return call
 
 
-def stack_config(state_dir: Path, mode: str, tokenization_key: Path) -> Config:
+def stack_config(
+    state_dir: Path,
+    mode: str,
+    tokenization_key: Path,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> Config:
     overrides: dict[str, Any] = {
         "runtime": {"state_dir": str(state_dir), "log_level": "WARNING"},
         "money": {"listen": f"127.0.0.1:{free_port()}"},
@@ -406,9 +449,11 @@ def stack_config(state_dir: Path, mode: str, tokenization_key: Path) -> Config:
         },
         "stack": {"start_timeout_s": 150.0},
     }
-    if mode != ON:
+    if mode not in (ON, *REPLICA_MODES):
         overrides["runtime"]["tls"] = {"enabled": False}
         overrides["gateway"]["auth"] = {"enabled": False}
+    for section, values in (extra or {}).items():
+        overrides.setdefault(section, {}).update(values)
     return load_config(environ={}, overrides=overrides)
 
 
@@ -457,14 +502,21 @@ class Window:
 
 @dataclass
 class Arm:
-    """One running stack, seeded, and a partner's channel to its gateway."""
+    """One running stack, seeded, and a partner's channel to its gateway
+    (round_robin over every gateway replica where it runs several)."""
 
     mode: str
     stack: Stack
     world: World
     stub: Any
     metadata: Metadata
-    pids: dict[str, int]
+    # The processes counted in the stack's CPU, by name (every replica of a
+    # plane under the plane's name), each with its descendants (the AI
+    # plane's Triton).
+    pids: dict[str, list[int]]
+    # Set on the shared engines: the prefix of the stack's PostgreSQL
+    # databases, whose server backends are counted as POSTGRES.
+    database_prefix: str = ""
 
     def call(self, flow: str) -> Call:
         if flow == "authorize":
@@ -472,18 +524,64 @@ class Arm:
         return decide_call(self.stub, self.world, self.metadata)
 
     def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far, by name; each PostgreSQL backend apart
+        (`postgres:<pid>`), since backends come and go (cpu_delta)."""
+        backends = postgres_backends(self.database_prefix) if self.database_prefix else []
         stats = proc_stats()
-        spent = {name: tree_cpu_s(pid, stats) for name, pid in self.pids.items()}
+        spent = {
+            name: sum(tree_cpu_s(pid, stats) for pid in pids) for name, pids in self.pids.items()
+        }
+        if self.database_prefix:
+            spent[POSTGRES] = 0.0
+        for pid in backends:
+            if pid in stats:
+                spent[f"{POSTGRES}:{pid}"] = stats[pid].cpu_s
         spent[CLIENT] = time.process_time()
         return spent
+
+
+def postgres_backends(prefix: str) -> list[int]:
+    """The server processes serving the stack's databases (`<prefix>_<plane>`)."""
+    pattern = prefix.replace("_", "\\_") + "\\_%"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as connection:
+        rows = connection.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname LIKE %s", (pattern,)
+        ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU spent between two Arm.cpu_s snapshots, by name. A backend seen
+    only after started during the window (all its CPU counts); one seen only
+    before ended during it (what it spent since is lost: the planes' pools
+    keep their connections, so none should)."""
+    spent: dict[str, float] = {}
+    for key, value in after.items():
+        name = key.split(":", 1)[0]
+        spent[name] = spent.get(name, 0.0) + value - before.get(key, 0.0)
+    return spent
+
+
+def bench_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
 
 
 async def open_arm(
     exits: contextlib.AsyncExitStack, state_dir: Path, mode: str, tokenization_key: Path
 ) -> Arm:
     config = stack_config(state_dir, mode, tokenization_key)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
-    stack = await exits.enter_async_context(Stack(config, environ=env))
+    stack = await exits.enter_async_context(Stack(config, environ=bench_environ()))
+    return await seeded_arm(exits, mode, stack)
+
+
+async def seeded_arm(
+    exits: contextlib.AsyncExitStack,
+    mode: str,
+    stack: Stack,
+    extra_pids: dict[str, list[int]] | None = None,
+    database_prefix: str = "",
+) -> Arm:
+    config = stack.config
     world = await seed(
         stack.addresses["money"],
         stack.addresses["policy"],
@@ -499,71 +597,201 @@ async def open_arm(
         )
         metadata = (("authorization", f"Bearer {api_key}"),)
     # As a partner: TLS to the gateway (the dev CA), no client certificate;
-    # plaintext with runtime.tls off.
-    channel = await exits.enter_async_context(
-        open_channel(stack.addresses["gateway"], stack.partner_tls())
-    )
-    pids = {process.name: process.pid for process in stack.processes}
+    # plaintext with runtime.tls off. Over several gateway replicas, each
+    # call to the next (round_robin over the address list).
+    gateways = stack.replica_addresses["gateway"]
+    if len(gateways) == 1:
+        channel = open_channel(gateways[0], stack.partner_tls())
+    else:
+        target = "ipv4:" + ",".join(gateways)
+        options = channel_options(load_balancing="round_robin")
+        channel = open_channel(target, stack.partner_tls(), options)
+    channel = await exits.enter_async_context(channel)
+    pids: dict[str, list[int]] = {}
+    for process in stack.processes:
+        pids.setdefault(process.name, []).append(process.pid)
     found = nats_pid(stack)
     if found is not None:
-        pids[NATS] = found
-    return Arm(mode, stack, world, gateway_pb2_grpc.GatewayServiceStub(channel), metadata, pids)
+        pids[NATS] = [found]
+    pids.update(extra_pids or {})
+    return Arm(
+        mode,
+        stack,
+        world,
+        gateway_pb2_grpc.GatewayServiceStub(channel),
+        metadata,
+        pids,
+        database_prefix,
+    )
 
 
-async def bench_flow(flow: str, arms: dict[str, Arm]) -> dict[str, float]:
-    """One flow on every stack in turns; its figures."""
-    for mode in MODES:  # warm-up, not counted
+def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A Redis of the stack's own (no persistence), so its CPU is counted
+    with the stack's: the machine's shared Redis serves others too."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("the scale-out stacks need redis-server on PATH (a Redis of their own)")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--appendonly", "no", "--dir", str(directory)]
+    with (directory / "redis.log").open("wb") as log_file:
+        process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 10
+    while not port_open("127.0.0.1", port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"redis-server did not start; see {directory / 'redis.log'}")
+        time.sleep(0.05)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+async def open_replicated_arm(
+    exits: contextlib.AsyncExitStack, root: Path, mode: str, tokenization_key: Path
+) -> Arm:
+    """The shipped stack on PostgreSQL and Redis with REPLICA_COUNTS[mode]
+    processes of every plane (`triplane up --replicas N`); its Redis and
+    databases go with it."""
+    state_dir = root / mode
+    redis, redis_url = start_redis(state_dir / "redis")
+    exits.callback(stop_process, redis)
+    prefix = f"tpl_bench_{mode}_{uuid.uuid4().hex[:8]}"
+    # Registered before the stack: run after it stopped.
+    exits.callback(fleet.drop_databases, PG_ADMIN_DSN, prefix)
+    config = stack_config(
+        state_dir,
+        mode,
+        tokenization_key,
+        {"ai": {"features": {"redis_url": redis_url}}, "stack": {"start_timeout_s": 300.0}},
+    )
+    replicas = REPLICA_COUNTS[mode]
+    if replicas == 1:
+        # The stack moves its planes to the shared engines only when it runs
+        # more than one replica; the one-replica figure is taken on the same
+        # engines, so the comparison is of replicas alone.
+        config = await asyncio.to_thread(
+            fleet.shared_engines_config,
+            config,
+            admin_dsn=PG_ADMIN_DSN,
+            prefix=prefix,
+            ai_replicas=1,
+        )
+    stack = Stack(
+        config,
+        environ=bench_environ(),
+        replicas=replicas,
+        postgres_admin_dsn=PG_ADMIN_DSN,
+        database_prefix=prefix,
+    )
+    await exits.enter_async_context(stack)
+    return await seeded_arm(exits, mode, stack, {REDIS: [redis.pid]}, prefix)
+
+
+@dataclass
+class Measured:
+    """One flow on several stacks in turns."""
+
+    windows: dict[str, Window]
+    tallies: dict[str, Tally]
+    rates: dict[str, float]
+    latencies: dict[str, list[float]]
+    latency_rate: float
+
+
+async def measure(flow: str, arms: dict[str, Arm], modes: Sequence[str]) -> Measured:
+    """Closed loop on each stack in turns, then open loop at half the first
+    mode's closed-loop rate, the same for all."""
+    for mode in modes:  # warm-up, not counted
         await closed_loop(Tally().wrap(arms[mode].call(flow)), WARMUP_S, CONCURRENCY)
-    tallies = {mode: Tally() for mode in MODES}
-    calls = {mode: tallies[mode].wrap(arms[mode].call(flow)) for mode in MODES}
-    windows = {mode: Window() for mode in MODES}
-    for mode in rotations(MODES, ROUNDS):
+    tallies = {mode: Tally() for mode in modes}
+    calls = {mode: tallies[mode].wrap(arms[mode].call(flow)) for mode in modes}
+    windows = {mode: Window() for mode in modes}
+    for mode in rotations(modes, ROUNDS):
         arm = arms[mode]
         before = arm.cpu_s()
         done, elapsed_s = await closed_loop(calls[mode], RUN_S / ROUNDS, CONCURRENCY)
         await asyncio.sleep(SETTLE_S)
-        after = arm.cpu_s()
-        windows[mode].add(done, elapsed_s, {k: after[k] - before[k] for k in before})
-    rates = {mode: windows[mode].requests / windows[mode].elapsed_s for mode in MODES}
-    # Every stack carries the same traffic: half the shipped stack's maximum.
-    latency_rate = rates[ON] / 2
-    latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for round_, mode in enumerate(rotations(MODES, LATENCY_ROUNDS)):
+        windows[mode].add(done, elapsed_s, cpu_delta(before, arm.cpu_s()))
+    rates = {mode: windows[mode].requests / windows[mode].elapsed_s for mode in modes}
+    # Every stack carries the same traffic: half the first one's maximum.
+    latency_rate = rates[modes[0]] / 2
+    latencies: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_, mode in enumerate(rotations(modes, LATENCY_ROUNDS)):
         latencies[mode] += await open_loop(
             calls[mode], latency_rate, LATENCY_S / LATENCY_ROUNDS, 1_000_000 * (1 + round_)
         )
         await asyncio.sleep(SETTLE_S)
+    return Measured(windows, tallies, rates, latencies, latency_rate)
+
+
+def mode_figures(flow: str, prefix: str, measured: Measured, mode: str) -> dict[str, float]:
+    """One stack's figures of one flow, under `prefix`."""
+    window, tally = measured.windows[mode], measured.tallies[mode]
+    latencies = measured.latencies[mode]
+    results: dict[str, float] = {}
+    for name in window.cpu_s:
+        results[f"{prefix}_cpu_ms_per_request_{name}"] = window.cpu_ms_per_request(name)
+    results[f"{prefix}_cpu_ms_per_request_stack"] = window.stack_cpu_ms_per_request()
+    results[f"{prefix}_cpu_ms_per_request_total"] = sum(
+        window.cpu_ms_per_request(name) for name in window.cpu_s
+    )
+    results[f"{prefix}_per_s"] = measured.rates[mode]
+    results[f"{prefix}_latency_ms_p50"] = percentile(latencies, 50)
+    results[f"{prefix}_latency_ms_p99"] = percentile(latencies, 99)
+    results[f"{prefix}_latency_samples"] = float(len(latencies))
+    results[f"{prefix}_errors"] = float(tally.errors)
+    for outcome in ("allow", "review", "hold", "deny") if flow == "authorize" else ():
+        results[f"{prefix}_{outcome}_share"] = tally.share(outcome)
+    if flow == "decide":
+        results[f"{prefix}_offer_share"] = tally.share("show_offer")
+    if tally.errors:
+        print(
+            f"{flow} ({mode}): {tally.errors} failed calls {dict(tally.by_code)}; "
+            f"e.g. {tally.example}",
+            flush=True,
+        )
+    print(
+        f"{flow} ({mode}): outcomes {dict(tally.outcomes)}; "
+        f"commonest reasons: {tally.commonest_reasons()}",
+        flush=True,
+    )
+    return results
+
+
+def paired_ratios(measured: Measured, top: str, bottom: str) -> list[float]:
+    """Stack CPU per request of `top` over `bottom`, round by round (each
+    round's two windows are adjacent): how much the machine's noise moves
+    the ratio."""
+    return [
+        a / b
+        for a, b in zip(
+            measured.windows[top].stack_ms_per_request,
+            measured.windows[bottom].stack_ms_per_request,
+            strict=True,
+        )
+        if b > 0
+    ]
+
+
+async def bench_flow(flow: str, arms: dict[str, Arm]) -> dict[str, float]:
+    """One flow on every stack in turns; its figures."""
+    measured = await measure(flow, arms, MODES)
     results: dict[str, float] = {}
     for mode in MODES:
         prefix = {ON: flow, OFF: f"{flow}_noauth", CONTROL: f"{flow}_control"}[mode]
-        window, tally = windows[mode], tallies[mode]
-        for name in window.cpu_s:
-            results[f"{prefix}_cpu_ms_per_request_{name}"] = window.cpu_ms_per_request(name)
-        results[f"{prefix}_cpu_ms_per_request_stack"] = window.stack_cpu_ms_per_request()
-        results[f"{prefix}_cpu_ms_per_request_total"] = sum(
-            window.cpu_ms_per_request(name) for name in window.cpu_s
-        )
-        results[f"{prefix}_per_s"] = rates[mode]
-        results[f"{prefix}_latency_ms_p50"] = percentile(latencies[mode], 50)
-        results[f"{prefix}_latency_ms_p99"] = percentile(latencies[mode], 99)
-        results[f"{prefix}_latency_samples"] = float(len(latencies[mode]))
-        results[f"{prefix}_errors"] = float(tally.errors)
-        for outcome in ("allow", "review", "hold", "deny") if flow == "authorize" else ():
-            results[f"{prefix}_{outcome}_share"] = tally.share(outcome)
-        if flow == "decide":
-            results[f"{prefix}_offer_share"] = tally.share("show_offer")
-        if tally.errors:
-            print(
-                f"{flow} ({mode}): {tally.errors} failed calls {dict(tally.by_code)}; "
-                f"e.g. {tally.example}",
-                flush=True,
-            )
-        print(
-            f"{flow} ({mode}): outcomes {dict(tally.outcomes)}; "
-            f"commonest reasons: {tally.commonest_reasons()}",
-            flush=True,
-        )
-    results[f"{flow}_latency_rate_per_s"] = latency_rate
+        results.update(mode_figures(flow, prefix, measured, mode))
+    results[f"{flow}_latency_rate_per_s"] = measured.latency_rate
     results[f"{flow}_auth_cpu_overhead_ratio"] = (
         results[f"{flow}_cpu_ms_per_request_stack"]
         / results[f"{flow}_noauth_cpu_ms_per_request_stack"]
@@ -572,7 +800,7 @@ async def bench_flow(flow: str, arms: dict[str, Arm]) -> dict[str, float]:
         results[f"{flow}_auth_{figure}_ratio"] = (
             results[f"{flow}_latency_ms_{figure}"] / results[f"{flow}_noauth_latency_ms_{figure}"]
         )
-    results[f"{flow}_auth_throughput_ratio"] = rates[ON] / rates[OFF]
+    results[f"{flow}_auth_throughput_ratio"] = measured.rates[ON] / measured.rates[OFF]
     # The control against the baseline: two stacks alike, so any distance
     # from 1 is the machine's noise, the yardstick of the ratios above.
     results[f"{flow}_control_cpu_ratio"] = (
@@ -584,18 +812,36 @@ async def bench_flow(flow: str, arms: dict[str, Arm]) -> dict[str, float]:
             results[f"{flow}_control_latency_ms_{figure}"]
             / results[f"{flow}_noauth_latency_ms_{figure}"]
         )
-    # The ratio of each round's two adjacent windows: how much the machine's
-    # noise moves it.
-    paired = [
-        on / off
-        for on, off in zip(
-            windows[ON].stack_ms_per_request, windows[OFF].stack_ms_per_request, strict=True
-        )
-        if off > 0
-    ]
+    paired = paired_ratios(measured, ON, OFF)
     if paired:
         results[f"{flow}_auth_cpu_overhead_ratio_low"] = min(paired)
         results[f"{flow}_auth_cpu_overhead_ratio_high"] = max(paired)
+    return results
+
+
+async def bench_replicas_flow(flow: str, arms: dict[str, Arm]) -> dict[str, float]:
+    """One flow on one and on two replicas of every plane (shared engines),
+    in turns; `<flow>_replicas1_*`, `<flow>_replicas2_*` and their ratios."""
+    measured = await measure(flow, arms, REPLICA_MODES)
+    results: dict[str, float] = {}
+    for mode in REPLICA_MODES:
+        results.update(mode_figures(flow, f"{flow}_{mode}", measured, mode))
+    results[f"{flow}_replicas_latency_rate_per_s"] = measured.latency_rate
+    one, two = f"{flow}_{REPLICAS1}", f"{flow}_{REPLICAS2}"
+    results[f"{flow}_replicas2_cpu_ratio"] = (
+        results[f"{two}_cpu_ms_per_request_stack"] / results[f"{one}_cpu_ms_per_request_stack"]
+    )
+    results[f"{flow}_replicas2_throughput_ratio"] = (
+        measured.rates[REPLICAS2] / measured.rates[REPLICAS1]
+    )
+    for figure in ("p50", "p99"):
+        results[f"{flow}_replicas2_{figure}_ratio"] = (
+            results[f"{two}_latency_ms_{figure}"] / results[f"{one}_latency_ms_{figure}"]
+        )
+    paired = paired_ratios(measured, REPLICAS2, REPLICAS1)
+    if paired:
+        results[f"{flow}_replicas2_cpu_ratio_low"] = min(paired)
+        results[f"{flow}_replicas2_cpu_ratio_high"] = max(paired)
     return results
 
 
@@ -606,6 +852,41 @@ async def bench_flows(root: Path) -> dict[str, float]:
         results: dict[str, float] = {}
         for flow in FLOWS:
             results.update(await bench_flow(flow, arms))
+        return results
+
+
+async def bench_replicas(root: Path) -> dict[str, float]:
+    """The scale-out stacks, after the others are down (one more Triton each
+    would crowd the machine's memory and its two cores)."""
+    async with contextlib.AsyncExitStack() as exits:
+        key = dev_secret_path(root, "gateway-pii.key", random_key_b64)
+        arms = {}
+        for mode in REPLICA_MODES:
+            started = time.monotonic()
+            arms[mode] = await open_replicated_arm(exits, root, mode, key)
+            counts = {name: len(pids) for name, pids in arms[mode].pids.items()}
+            print(f"{mode}: up in {time.monotonic() - started:.0f} s: {counts}", flush=True)
+        results: dict[str, float] = {}
+        # What each stack burns with no call at all (relays polling their
+        # outboxes, sweepers, health checks): a cost per process per second,
+        # which a second replica of every plane doubles; per request it is
+        # this over the rate.
+        await asyncio.sleep(SETTLE_S * 8)
+        for mode in rotations(REPLICA_MODES, 2):
+            arm = arms[mode]
+            before = arm.cpu_s()
+            await asyncio.sleep(IDLE_S / 2)
+            for name, spent in cpu_delta(before, arm.cpu_s()).items():
+                figure = f"{mode}_idle_cpu_ms_per_s_{name}"
+                results[figure] = results.get(figure, 0.0) + spent * 1000.0 / IDLE_S
+        for mode in REPLICA_MODES:
+            results[f"{mode}_idle_cpu_ms_per_s"] = sum(
+                value
+                for figure, value in results.items()
+                if figure.startswith(f"{mode}_idle_cpu_ms_per_s_") and not figure.endswith(CLIENT)
+            )
+        for flow in FLOWS:
+            results.update(await bench_replicas_flow(flow, arms))
         return results
 
 
@@ -655,15 +936,149 @@ def echo_row(echo: dict[str, float], variant: str) -> tuple[str, object, str]:
     return (f"{name}_cpu_ms_per_call", server + client, note)
 
 
+def replica_rows(flows: dict[str, float], scale: dict[str, float]) -> list[tuple[str, object, str]]:
+    """The scale-out table: 2 replicas beside 1, each with what limits it."""
+    cores = os.cpu_count() or 1
+    rows: list[tuple[str, object, str]] = []
+    for mode in REPLICA_MODES:
+        if f"{mode}_idle_cpu_ms_per_s" not in scale:
+            continue
+        parts = sorted(
+            (
+                (key.removeprefix(f"{mode}_idle_cpu_ms_per_s_"), value)
+                for key, value in scale.items()
+                if key.startswith(f"{mode}_idle_cpu_ms_per_s_")
+            ),
+            key=lambda part: -part[1],
+        )
+        rows.append(
+            (
+                f"{mode}_idle_cpu_ms_per_s",
+                scale[f"{mode}_idle_cpu_ms_per_s"],
+                "no calls: "
+                + ", ".join(f"{name} {value:.0f}" for name, value in parts[:4])
+                + " (outbox relays polling, sweepers); limited by their poll intervals",
+            )
+        )
+    for flow in FLOWS:
+        one, two = f"{flow}_{REPLICAS1}", f"{flow}_{REPLICAS2}"
+        ratio = scale[f"{flow}_replicas2_cpu_ratio"]
+        low = scale.get(f"{flow}_replicas2_cpu_ratio_low", math.nan)
+        high = scale.get(f"{flow}_replicas2_cpu_ratio_high", math.nan)
+        verdict = "ok" if ratio <= RATIO_TARGET else "MISSED"
+        rows.append(
+            (
+                f"{flow}_cpu_ms_per_request_total",
+                flows[f"{flow}_cpu_ms_per_request_total"],
+                "1 replica, embedded SQLite + in-process features (the table above)",
+            )
+        )
+        for key, count in ((one, 1), (two, 2)):
+            rate = scale[f"{key}_per_s"]
+            busy = scale[f"{key}_cpu_ms_per_request_total"] * rate / 1000.0
+            rows.append(
+                (
+                    f"{key}_cpu_ms_per_request_total",
+                    scale[f"{key}_cpu_ms_per_request_total"],
+                    f"{count} of every plane, PostgreSQL + Redis, every process and the client",
+                )
+            )
+            rows.append(
+                (
+                    f"{key}_per_s",
+                    rate,
+                    f"closed loop, {CONCURRENCY} callers; limited by CPU: {busy:.2f} of "
+                    f"{cores} shared cores busy with this stack and its client",
+                )
+            )
+        names = sorted(
+            {
+                key.removeprefix(f"{two}_cpu_ms_per_request_")
+                for key in scale
+                if key.startswith(f"{two}_cpu_ms_per_request_")
+            }
+            - {"stack", "total"}
+        )
+        for name in names:
+            mine = scale[f"{two}_cpu_ms_per_request_{name}"]
+            theirs = scale.get(f"{one}_cpu_ms_per_request_{name}", math.nan)
+            rows.append(
+                (
+                    f"{two}_cpu_ms_per_request_{name}",
+                    mine,
+                    f"1 replica {theirs:.2f}"
+                    + (f" ({mine / theirs - 1:+.0%})" if theirs else "")
+                    + (" (load generator)" if name == CLIENT else ""),
+                )
+            )
+        # The idle cost's share of each request at the closed loop's rates.
+        idle_ms = {
+            mode: scale.get(f"{mode}_idle_cpu_ms_per_s", math.nan) / scale[f"{flow}_{mode}_per_s"]
+            for mode in REPLICA_MODES
+        }
+        rows.append(
+            (
+                f"{flow}_replicas2_cpu_ratio",
+                ratio,
+                f"<= {RATIO_TARGET:.2f} {verdict}: stack CPU/request "
+                f"{scale[f'{two}_cpu_ms_per_request_stack']:.2f} ms 2 replicas / "
+                f"{scale[f'{one}_cpu_ms_per_request_stack']:.2f} ms 1 (rounds "
+                f"{low:.2f}-{high:.2f}); of which idle polling at this rate "
+                f"{idle_ms[REPLICAS2]:.2f} / {idle_ms[REPLICAS1]:.2f} ms; limited by the "
+                "per-process fixed costs, halved batches per replica and the shared cores",
+            )
+        )
+        rate = scale[f"{flow}_replicas_latency_rate_per_s"]
+        samples = scale[f"{two}_latency_samples"]
+        for figure in ("p50", "p99"):
+            rows.append(
+                (
+                    f"{two}_latency_ms_{figure}",
+                    scale[f"{two}_latency_ms_{figure}"],
+                    f"1 replica {scale[f'{one}_latency_ms_{figure}']:.1f} ms; open loop at "
+                    f"{rate:,.0f}/s (half the 1-replica maximum, {samples:.0f} calls)"
+                    + (
+                        "; limited by queueing for the shared cores"
+                        if figure == "p99"
+                        else "; the hops' CPU"
+                    ),
+                )
+            )
+        rows.append(
+            (
+                f"{two}_errors",
+                scale[f"{two}_errors"],
+                f"failed calls; 1 replica {scale[f'{one}_errors']:.0f}",
+            )
+        )
+        if flow == "authorize":
+            rows.append(
+                (
+                    f"{two}_allow_share",
+                    scale[f"{two}_allow_share"],
+                    f"1 replica {scale[f'{one}_allow_share']:.1%}",
+                )
+            )
+    return rows
+
+
 def main() -> None:
+    scale: dict[str, float] = {}
+    scale_failed = ""
     with tempfile.TemporaryDirectory(prefix="triplane-bench-gw-") as tmp:
         echo = asyncio.run(bench_echo(Path(tmp) / "echo"))
         flows = asyncio.run(bench_flows(Path(tmp)))
+        try:
+            scale = asyncio.run(bench_replicas(Path(tmp) / "replicas"))
+        except Exception as error:
+            # The figures above still count; the run fails at the end.
+            traceback.print_exc()
+            scale_failed = f"{type(error).__name__}: {error}"[:300]
     echo_per_s = echo["grpc_echo_per_s"]
     echo_cpu_ms = (
         echo["grpc_echo_cpu_ms_per_call_server"] + echo["grpc_echo_cpu_ms_per_call_client"]
     )
-    figures: dict[str, float] = {**echo, **flows}
+    figures: dict[str, float] = {**echo, **flows, **scale}
     merge_results(figures)
     processes = sorted(
         {
@@ -744,11 +1159,19 @@ def main() -> None:
             ),
         ],
     )
+    if scale:
+        print_table(
+            "gateway scale-out: 2 replicas of every plane beside 1, on PostgreSQL + Redis",
+            replica_rows(flows, scale),
+        )
     if allow < 0.5:
         print(
             f"\nNOTE: only {allow:.0%} of the authorizations were allowed: the authorize "
             "figures measure mostly the refusal path, not the money path."
         )
+    if scale_failed:
+        print(f"\nscale-out phase FAILED: {scale_failed}")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
