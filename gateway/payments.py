@@ -326,7 +326,11 @@ class Payments:
         evaluate: policy_pb2.EvaluateRequest,
         call: CallContext,
     ) -> money_pb2.Hold:
-        metadata = {"decision_id": decision.decision_id, "trace_id": call.trace_id}
+        # Only what the request and its decision determine: the ledger compares
+        # a retry's metadata with the first attempt's under the same key, so a
+        # per-attempt value (the trace id) turned the retry of an authorization
+        # whose answer was lost after its hold into IDEMPOTENCY_KEY_REUSED.
+        metadata = {"decision_id": decision.decision_id}
         if req.merchant_id:
             metadata["merchant_id"] = req.merchant_id
         if evaluate.payment.device_id:

@@ -675,6 +675,40 @@ async def test_lost_journal_resumes_the_decision_already_made(world: World) -> N
         assert parse_rpc_error(caught.value)[1] == field
 
 
+async def test_retry_after_a_lost_answer_gets_the_hold_already_placed(world: World) -> None:
+    """The gateway placed the hold, then the answer was lost (the replica was
+    killed, or the caller's deadline passed first): the caller's retry, a new
+    call with a new trace id, is answered with that hold. The hold's metadata
+    carried the first attempt's trace id, which the ledger compares on a
+    retry under the same key, so the retry was ALREADY_EXISTS
+    IDEMPOTENCY_KEY_REUSED (metadata) and the hold stayed pending (found by
+    the chaos run)."""
+    from gateway.core import CallContext, new_trace_id
+    from gateway.idempotency import derive_key
+    from gateway.payments import Payments
+    from triplane.runtime.deadline import Deadline
+
+    request = _authorize(account_id="cust_16", amount=_usd(1600), idempotency_key="lost-answer")
+    downstream_key = derive_key(TENANT, "AuthorizePayment", request.idempotency_key, "authorize")
+    assert world.gateway.core is not None
+    payments = Payments(world.gateway.core)
+    # The lost attempt, as the gateway ran it: decided, then the hold placed.
+    evaluate = payments._build_evaluate(request, downstream_key, None)
+    policy = policy_pb2_grpc.PolicyServiceStub(world.policy_channel)
+    decided = await policy.Evaluate(evaluate, timeout=RPC_TIMEOUT_S)
+    assert decided.decision.outcome == policy_pb2.OUTCOME_ALLOW
+    first = CallContext(deadline=Deadline.from_remaining(RPC_TIMEOUT_S), trace_id=new_trace_id())
+    hold = await payments._place_hold(request, decided.decision, downstream_key, evaluate, first)
+
+    answer = await world.stub.AuthorizePayment(request, timeout=RPC_TIMEOUT_S)
+    assert answer.hold_id == hold.hold_id
+    assert answer.decision_id == decided.decision.decision_id
+    balance = await world.money.GetBalance(
+        money_pb2.GetBalanceRequest(tenant_id=TENANT, account_id="cust_16")
+    )
+    assert balance.balance.debits_pending_minor == 1600
+
+
 # ---------------------------------------------------------------- next best action
 
 
