@@ -111,6 +111,11 @@ class Report:
             "chaos_acknowledged_total": acknowledged,
             "chaos_answers_total": self.answers_total,
             "chaos_check_failures_total": sum(c.failed for c in self.checks),
+            # The workload never reuses a key for another request: a retry
+            # refused as one (ALREADY_EXISTS) is a wrong answer.
+            "chaos_retries_refused_total": sum(
+                call.last_code == "ALREADY_EXISTS" for call in self.ledger.calls
+            ),
         }
 
     @property
@@ -120,6 +125,7 @@ class Report:
             figures[key]
             for key in (
                 "chaos_faults_unrecovered_total",
+                "chaos_retries_refused_total",
                 "chaos_internal_total",
                 "chaos_late_answers_total",
             )

@@ -101,5 +101,6 @@ def test_short_chaos_run_loses_nothing_duplicates_nothing_and_answers_in_time(
     assert figures["chaos_internal_total"] == 0, report
     assert figures["chaos_late_answers_total"] == 0, report
     assert figures["chaos_check_failures_total"] == 0, report
+    assert figures["chaos_retries_refused_total"] == 0, report
     assert run.returncode == 0, report
     assert "verdict: PASS" in run.stdout, report
