@@ -29,6 +29,10 @@ PERMISSIONS: Permissions = {
             "RedeliverDeadLetter": ANY_CALLER,
             "PutCustomerProfile": ANY_CALLER,
             "GetCustomerProfile": ANY_CALLER,
+            "CreateBeneficiary": ANY_CALLER,
+            "GetBeneficiary": ANY_CALLER,
+            "CreatePayout": ANY_CALLER,
+            "GetPayout": ANY_CALLER,
         },
     ),
     **permissions(

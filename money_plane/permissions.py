@@ -20,5 +20,13 @@ PERMISSIONS: Permissions = permissions(
         "GetEntry": GATEWAY_AND_ADMIN,
         "GetHold": GATEWAY_AND_ADMIN,
         "CheckBalanced": ADMIN_ONLY,
+        # Payouts: the gateway registers beneficiaries and records payouts it
+        # had decided; a rail's outcome comes from the rails (admin identity).
+        "CreateBeneficiary": GATEWAY_AND_ADMIN,
+        "GetBeneficiary": GATEWAY_AND_ADMIN,
+        "GetPayoutContext": GATEWAY_AND_ADMIN,
+        "CreatePayout": GATEWAY_AND_ADMIN,
+        "GetPayout": GATEWAY_AND_ADMIN,
+        "RecordPayoutOutcome": ADMIN_ONLY,
     },
 )

@@ -25,6 +25,10 @@ PII_READ = "pii:read"
 # them changes what a customer may spend, so it is its own scope.
 CUSTOMERS_WRITE = "customers:write"
 CUSTOMERS_READ = "customers:read"
+# Payouts: beneficiaries and money out to them (a payout moves a seller's
+# money off the platform, so it is its own scope, not payments:write).
+PAYOUTS_WRITE = "payouts:write"
+PAYOUTS_READ = "payouts:read"
 # ApiKeyService for the key's own tenant.
 KEYS_ADMIN = "keys:admin"
 
@@ -40,6 +44,8 @@ ALL_SCOPES = frozenset(
         CUSTOMERS_WRITE,
         CUSTOMERS_READ,
         KEYS_ADMIN,
+        PAYOUTS_WRITE,
+        PAYOUTS_READ,
     }
 )
 
@@ -78,6 +84,10 @@ METHOD_RULES: dict[str, MethodRule] = dict(
         _gateway("RedeliverDeadLetter", DELIVERIES_ADMIN),
         _gateway("PutCustomerProfile", CUSTOMERS_WRITE),
         _gateway("GetCustomerProfile", CUSTOMERS_READ),
+        _gateway("CreateBeneficiary", PAYOUTS_WRITE),
+        _gateway("GetBeneficiary", PAYOUTS_READ),
+        _gateway("CreatePayout", PAYOUTS_WRITE),
+        _gateway("GetPayout", PAYOUTS_READ),
         _keys("CreateApiKey"),
         _keys("ListApiKeys"),
         _keys("RotateApiKey"),

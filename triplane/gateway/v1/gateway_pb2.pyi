@@ -220,6 +220,31 @@ EVENT_KIND_PARTNER: EventKind.ValueType  # 10
 """A partner-defined event; `partner_kind` names it."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
+class _PayoutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PayoutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayoutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYOUT_STATE_UNSPECIFIED: _PayoutState.ValueType  # 0
+    PAYOUT_STATE_PENDING_REVIEW: _PayoutState.ValueType  # 1
+    PAYOUT_STATE_APPROVED: _PayoutState.ValueType  # 2
+    PAYOUT_STATE_SUBMITTED: _PayoutState.ValueType  # 3
+    PAYOUT_STATE_SETTLED: _PayoutState.ValueType  # 4
+    PAYOUT_STATE_RETURNED: _PayoutState.ValueType  # 5
+    PAYOUT_STATE_FAILED: _PayoutState.ValueType  # 6
+
+class PayoutState(_PayoutState, metaclass=_PayoutStateEnumTypeWrapper): ...
+
+PAYOUT_STATE_UNSPECIFIED: PayoutState.ValueType  # 0
+PAYOUT_STATE_PENDING_REVIEW: PayoutState.ValueType  # 1
+PAYOUT_STATE_APPROVED: PayoutState.ValueType  # 2
+PAYOUT_STATE_SUBMITTED: PayoutState.ValueType  # 3
+PAYOUT_STATE_SETTLED: PayoutState.ValueType  # 4
+PAYOUT_STATE_RETURNED: PayoutState.ValueType  # 5
+PAYOUT_STATE_FAILED: PayoutState.ValueType  # 6
+Global___PayoutState: _TypeAlias = PayoutState  # noqa: Y015
+
 @_typing.final
 class Customer(_message.Message):
     """The customer behind a payment or event, as the partner platform knows them.
@@ -2355,3 +2380,371 @@ class GetCustomerProfileResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCustomerProfileResponse: _TypeAlias = GetCustomerProfileResponse  # noqa: Y015
+
+@_typing.final
+class CreateBeneficiaryRequest(_message.Message):
+    """---------------------------------------------------------------- payouts"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_NAME_FIELD_NUMBER: _builtins.int
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    IBAN_FIELD_NUMBER: _builtins.int
+    BIC_FIELD_NUMBER: _builtins.int
+    ROUTING_NUMBER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_NUMBER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_TYPE_FIELD_NUMBER: _builtins.int
+    TOKEN_KIND_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty: the credential's tenant."""
+    idempotency_key: _builtins.str
+    beneficiary_id: _builtins.str
+    """[A-Za-z0-9_.:-], the platform's id for this destination."""
+    merchant_id: _builtins.str
+    """The seller (its KYC profile is the policy plane's customer profile)."""
+    holder_name: _builtins.str
+    country: _builtins.str
+    """ISO 3166-1 alpha-2."""
+    iban: _builtins.str
+    """Exactly one destination."""
+    bic: _builtins.str
+    routing_number: _builtins.str
+    account_number: _builtins.str
+    account_type: _builtins.str
+    """checking (default) or savings."""
+    token_kind: _builtins.str
+    """card or wallet, with token."""
+    token: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        holder_name: _builtins.str = ...,
+        country: _builtins.str = ...,
+        iban: _builtins.str = ...,
+        bic: _builtins.str = ...,
+        routing_number: _builtins.str = ...,
+        account_number: _builtins.str = ...,
+        account_type: _builtins.str = ...,
+        token_kind: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_number", b"account_number", "account_type", b"account_type", "beneficiary_id", b"beneficiary_id", "bic", b"bic", "country", b"country", "holder_name", b"holder_name", "iban", b"iban", "idempotency_key", b"idempotency_key", "merchant_id", b"merchant_id", "routing_number", b"routing_number", "tenant_id", b"tenant_id", "token", b"token", "token_kind", b"token_kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBeneficiaryRequest: _TypeAlias = CreateBeneficiaryRequest  # noqa: Y015
+
+@_typing.final
+class Beneficiary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    BIC_FIELD_NUMBER: _builtins.int
+    ROUTING_NUMBER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    beneficiary_id: _builtins.str
+    merchant_id: _builtins.str
+    country: _builtins.str
+    kind: _builtins.str
+    """iban, us_bank, card or wallet."""
+    masked: _builtins.str
+    """DE89…3000, 021000021/…6789."""
+    bic: _builtins.str
+    routing_number: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        beneficiary_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        country: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        masked: _builtins.str = ...,
+        bic: _builtins.str = ...,
+        routing_number: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary_id", b"beneficiary_id", "bic", b"bic", "country", b"country", "created_at", b"created_at", "kind", b"kind", "masked", b"masked", "merchant_id", b"merchant_id", "routing_number", b"routing_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Beneficiary: _TypeAlias = Beneficiary  # noqa: Y015
+
+@_typing.final
+class CreateBeneficiaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BENEFICIARY_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    idempotency_key: _builtins.str
+    @_builtins.property
+    def beneficiary(self) -> Global___Beneficiary: ...
+    def __init__(
+        self,
+        *,
+        beneficiary: Global___Beneficiary | None = ...,
+        replayed: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary", "idempotency_key", b"idempotency_key", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBeneficiaryResponse: _TypeAlias = CreateBeneficiaryResponse  # noqa: Y015
+
+@_typing.final
+class GetBeneficiaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    beneficiary_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary_id", b"beneficiary_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBeneficiaryRequest: _TypeAlias = GetBeneficiaryRequest  # noqa: Y015
+
+@_typing.final
+class GetBeneficiaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BENEFICIARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def beneficiary(self) -> Global___Beneficiary: ...
+    def __init__(
+        self,
+        *,
+        beneficiary: Global___Beneficiary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBeneficiaryResponse: _TypeAlias = GetBeneficiaryResponse  # noqa: Y015
+
+@_typing.final
+class Payout(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    RAIL_FIELD_NUMBER: _builtins.int
+    END_TO_END_ID_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    payout_id: _builtins.str
+    beneficiary_id: _builtins.str
+    merchant_id: _builtins.str
+    account_id: _builtins.str
+    state: Global___PayoutState.ValueType
+    decision_id: _builtins.str
+    case_id: _builtins.str
+    rail: _builtins.str
+    """The rail the routing policy chose."""
+    end_to_end_id: _builtins.str
+    reason_code: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def amount(self) -> _types_pb2.Money: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        payout_id: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        amount: _types_pb2.Money | None = ...,
+        state: Global___PayoutState.ValueType = ...,
+        decision_id: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+        rail: _builtins.str = ...,
+        end_to_end_id: _builtins.str = ...,
+        reason_code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "created_at", b"created_at", "decision_id", b"decision_id", "end_to_end_id", b"end_to_end_id", "merchant_id", b"merchant_id", "payout_id", b"payout_id", "rail", b"rail", "reason", b"reason", "reason_code", b"reason_code", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Payout: _TypeAlias = Payout  # noqa: Y015
+
+@_typing.final
+class CreatePayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    idempotency_key: _builtins.str
+    merchant_id: _builtins.str
+    """The seller paid; its KYC profile (PutCustomerProfile) is what the
+    policy plane reads.
+    """
+    account_id: _builtins.str
+    """The seller's ledger account debited."""
+    beneficiary_id: _builtins.str
+    description: _builtins.str
+    @_builtins.property
+    def amount(self) -> _types_pb2.Money: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+        amount: _types_pb2.Money | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "beneficiary_id", b"beneficiary_id", "description", b"description", "idempotency_key", b"idempotency_key", "merchant_id", b"merchant_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePayoutRequest: _TypeAlias = CreatePayoutRequest  # noqa: Y015
+
+@_typing.final
+class CreatePayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    outcome: Global___Outcome.ValueType
+    decision_id: _builtins.str
+    policy_version: _builtins.str
+    case_id: _builtins.str
+    trace_id: _builtins.str
+    replayed: _builtins.bool
+    idempotency_key: _builtins.str
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reason]: ...
+    @_builtins.property
+    def payout(self) -> Global___Payout:
+        """Unset on deny (nothing is recorded)."""
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___Outcome.ValueType = ...,
+        reasons: _abc.Iterable[Global___Reason] | None = ...,
+        decision_id: _builtins.str = ...,
+        policy_version: _builtins.str = ...,
+        payout: Global___Payout | None = ...,
+        case_id: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "decision_id", b"decision_id", "idempotency_key", b"idempotency_key", "outcome", b"outcome", "payout", b"payout", "policy_version", b"policy_version", "reasons", b"reasons", "replayed", b"replayed", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePayoutResponse: _TypeAlias = CreatePayoutResponse  # noqa: Y015
+
+@_typing.final
+class GetPayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    payout_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        payout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_id", b"payout_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPayoutRequest: _TypeAlias = GetPayoutRequest  # noqa: Y015
+
+@_typing.final
+class GetPayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPayoutResponse: _TypeAlias = GetPayoutResponse  # noqa: Y015

@@ -119,6 +119,26 @@ class GatewayServiceStub:
                 request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileRequest.SerializeToString,
                 response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileResponse.FromString,
                 _registered_method=True)
+        self.CreateBeneficiary = channel.unary_unary(
+                '/triplane.gateway.v1.GatewayService/CreateBeneficiary',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateBeneficiaryRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateBeneficiaryResponse.FromString,
+                _registered_method=True)
+        self.GetBeneficiary = channel.unary_unary(
+                '/triplane.gateway.v1.GatewayService/GetBeneficiary',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetBeneficiaryRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetBeneficiaryResponse.FromString,
+                _registered_method=True)
+        self.CreatePayout = channel.unary_unary(
+                '/triplane.gateway.v1.GatewayService/CreatePayout',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreatePayoutRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreatePayoutResponse.FromString,
+                _registered_method=True)
+        self.GetPayout = channel.unary_unary(
+                '/triplane.gateway.v1.GatewayService/GetPayout',
+                request_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetPayoutRequest.SerializeToString,
+                response_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetPayoutResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -252,6 +272,44 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBeneficiary(self, request, context):
+        """Registers a payout destination of a seller: an IBAN (and BIC), a US
+        routing and account number, or a card/wallet vault token, validated
+        (the field named on refusal). Account numbers and the holder's name never
+        rest in clear: the money plane seals them, everything else carries the
+        gateway's tokens. Idempotent on beneficiary_id. Scope: payouts:write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBeneficiary(self, request, context):
+        """Scope: payouts:read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePayout(self, request, context):
+        """Pays a seller's balance out to a beneficiary, decided by the policy plane
+        (KYC tier, payout velocity, the beneficiary's sanctions screening, a new
+        beneficiary's first payout above a threshold held for review, the
+        available balance after reserves) and, on allow, debited into the
+        payouts-in-flight account under the signed decision. deny: the reasons,
+        nothing recorded; review or hold: a PENDING_REVIEW payout and a case.
+        State changes go out as events and webhooks. Scope: payouts:write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPayout(self, request, context):
+        """Scope: payouts:read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +372,26 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetCustomerProfile,
                     request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileRequest.FromString,
                     response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileResponse.SerializeToString,
+            ),
+            'CreateBeneficiary': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBeneficiary,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateBeneficiaryRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateBeneficiaryResponse.SerializeToString,
+            ),
+            'GetBeneficiary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBeneficiary,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetBeneficiaryRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetBeneficiaryResponse.SerializeToString,
+            ),
+            'CreatePayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePayout,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreatePayoutRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreatePayoutResponse.SerializeToString,
+            ),
+            'GetPayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPayout,
+                    request_deserializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetPayoutRequest.FromString,
+                    response_serializer=triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetPayoutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -665,6 +743,114 @@ class GatewayService:
             '/triplane.gateway.v1.GatewayService/GetCustomerProfile',
             triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileRequest.SerializeToString,
             triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetCustomerProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBeneficiary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.GatewayService/CreateBeneficiary',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateBeneficiaryRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreateBeneficiaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBeneficiary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.GatewayService/GetBeneficiary',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetBeneficiaryRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetBeneficiaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.GatewayService/CreatePayout',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreatePayoutRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.CreatePayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.gateway.v1.GatewayService/GetPayout',
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetPayoutRequest.SerializeToString,
+            triplane_dot_gateway_dot_v1_dot_gateway__pb2.GetPayoutResponse.FromString,
             options,
             channel_credentials,
             insecure,

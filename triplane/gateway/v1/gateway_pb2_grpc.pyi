@@ -113,6 +113,26 @@ class GatewayServiceStub:
     NOT_FOUND CUSTOMER_PROFILE_NOT_FOUND for a customer without one.
     Scope: customers:read.
     """
+    CreateBeneficiary: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CreateBeneficiaryRequest, _gateway_pb2.CreateBeneficiaryResponse]
+    """Registers a payout destination of a seller: an IBAN (and BIC), a US
+    routing and account number, or a card/wallet vault token, validated
+    (the field named on refusal). Account numbers and the holder's name never
+    rest in clear: the money plane seals them, everything else carries the
+    gateway's tokens. Idempotent on beneficiary_id. Scope: payouts:write.
+    """
+    GetBeneficiary: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetBeneficiaryRequest, _gateway_pb2.GetBeneficiaryResponse]
+    """Scope: payouts:read."""
+    CreatePayout: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CreatePayoutRequest, _gateway_pb2.CreatePayoutResponse]
+    """Pays a seller's balance out to a beneficiary, decided by the policy plane
+    (KYC tier, payout velocity, the beneficiary's sanctions screening, a new
+    beneficiary's first payout above a threshold held for review, the
+    available balance after reserves) and, on allow, debited into the
+    payouts-in-flight account under the signed decision. deny: the reasons,
+    nothing recorded; review or hold: a PENDING_REVIEW payout and a case.
+    State changes go out as events and webhooks. Scope: payouts:write.
+    """
+    GetPayout: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetPayoutRequest, _gateway_pb2.GetPayoutResponse]
+    """Scope: payouts:read."""
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -199,6 +219,26 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     NOT_FOUND CUSTOMER_PROFILE_NOT_FOUND for a customer without one.
     Scope: customers:read.
     """
+    CreateBeneficiary: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CreateBeneficiaryRequest, _gateway_pb2.CreateBeneficiaryResponse]  # type: ignore[assignment]
+    """Registers a payout destination of a seller: an IBAN (and BIC), a US
+    routing and account number, or a card/wallet vault token, validated
+    (the field named on refusal). Account numbers and the holder's name never
+    rest in clear: the money plane seals them, everything else carries the
+    gateway's tokens. Idempotent on beneficiary_id. Scope: payouts:write.
+    """
+    GetBeneficiary: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetBeneficiaryRequest, _gateway_pb2.GetBeneficiaryResponse]  # type: ignore[assignment]
+    """Scope: payouts:read."""
+    CreatePayout: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CreatePayoutRequest, _gateway_pb2.CreatePayoutResponse]  # type: ignore[assignment]
+    """Pays a seller's balance out to a beneficiary, decided by the policy plane
+    (KYC tier, payout velocity, the beneficiary's sanctions screening, a new
+    beneficiary's first payout above a threshold held for review, the
+    available balance after reserves) and, on allow, debited into the
+    payouts-in-flight account under the signed decision. deny: the reasons,
+    nothing recorded; review or hold: a PENDING_REVIEW payout and a case.
+    State changes go out as events and webhooks. Scope: payouts:write.
+    """
+    GetPayout: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetPayoutRequest, _gateway_pb2.GetPayoutResponse]  # type: ignore[assignment]
+    """Scope: payouts:read."""
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """GatewayService is Triplane's only public surface. It orchestrates
@@ -354,6 +394,50 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         NOT_FOUND CUSTOMER_PROFILE_NOT_FOUND for a customer without one.
         Scope: customers:read.
         """
+
+    @_abc_1.abstractmethod
+    def CreateBeneficiary(
+        self,
+        request: _gateway_pb2.CreateBeneficiaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.CreateBeneficiaryResponse, _abc.Awaitable[_gateway_pb2.CreateBeneficiaryResponse]]:
+        """Registers a payout destination of a seller: an IBAN (and BIC), a US
+        routing and account number, or a card/wallet vault token, validated
+        (the field named on refusal). Account numbers and the holder's name never
+        rest in clear: the money plane seals them, everything else carries the
+        gateway's tokens. Idempotent on beneficiary_id. Scope: payouts:write.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBeneficiary(
+        self,
+        request: _gateway_pb2.GetBeneficiaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GetBeneficiaryResponse, _abc.Awaitable[_gateway_pb2.GetBeneficiaryResponse]]:
+        """Scope: payouts:read."""
+
+    @_abc_1.abstractmethod
+    def CreatePayout(
+        self,
+        request: _gateway_pb2.CreatePayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.CreatePayoutResponse, _abc.Awaitable[_gateway_pb2.CreatePayoutResponse]]:
+        """Pays a seller's balance out to a beneficiary, decided by the policy plane
+        (KYC tier, payout velocity, the beneficiary's sanctions screening, a new
+        beneficiary's first payout above a threshold held for review, the
+        available balance after reserves) and, on allow, debited into the
+        payouts-in-flight account under the signed decision. deny: the reasons,
+        nothing recorded; review or hold: a PENDING_REVIEW payout and a case.
+        State changes go out as events and webhooks. Scope: payouts:write.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPayout(
+        self,
+        request: _gateway_pb2.GetPayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GetPayoutResponse, _abc.Awaitable[_gateway_pb2.GetPayoutResponse]]:
+        """Scope: payouts:read."""
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

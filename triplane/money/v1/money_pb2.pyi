@@ -173,6 +173,62 @@ HOLD_STATE_VOIDED: HoldState.ValueType  # 3
 HOLD_STATE_EXPIRED: HoldState.ValueType  # 4
 Global___HoldState: _TypeAlias = HoldState  # noqa: Y015
 
+class _PayoutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PayoutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayoutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYOUT_STATE_UNSPECIFIED: _PayoutState.ValueType  # 0
+    PAYOUT_STATE_PENDING_REVIEW: _PayoutState.ValueType  # 1
+    """Held for a human (the policy said review); nothing moved."""
+    PAYOUT_STATE_APPROVED: _PayoutState.ValueType  # 2
+    """Debited into payouts-in-flight; waiting for a rail."""
+    PAYOUT_STATE_SUBMITTED: _PayoutState.ValueType  # 3
+    """Handed to a rail (RailSubmission)."""
+    PAYOUT_STATE_SETTLED: _PayoutState.ValueType  # 4
+    """In-flight -> bank: the money left."""
+    PAYOUT_STATE_RETURNED: _PayoutState.ValueType  # 5
+    """Came back after it left (or before the rail confirmed): back to the merchant."""
+    PAYOUT_STATE_FAILED: _PayoutState.ValueType  # 6
+    """The rail refused it: back to the merchant."""
+
+class PayoutState(_PayoutState, metaclass=_PayoutStateEnumTypeWrapper): ...
+
+PAYOUT_STATE_UNSPECIFIED: PayoutState.ValueType  # 0
+PAYOUT_STATE_PENDING_REVIEW: PayoutState.ValueType  # 1
+"""Held for a human (the policy said review); nothing moved."""
+PAYOUT_STATE_APPROVED: PayoutState.ValueType  # 2
+"""Debited into payouts-in-flight; waiting for a rail."""
+PAYOUT_STATE_SUBMITTED: PayoutState.ValueType  # 3
+"""Handed to a rail (RailSubmission)."""
+PAYOUT_STATE_SETTLED: PayoutState.ValueType  # 4
+"""In-flight -> bank: the money left."""
+PAYOUT_STATE_RETURNED: PayoutState.ValueType  # 5
+"""Came back after it left (or before the rail confirmed): back to the merchant."""
+PAYOUT_STATE_FAILED: PayoutState.ValueType  # 6
+"""The rail refused it: back to the merchant."""
+Global___PayoutState: _TypeAlias = PayoutState  # noqa: Y015
+
+class _PayoutOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PayoutOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayoutOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYOUT_OUTCOME_UNSPECIFIED: _PayoutOutcome.ValueType  # 0
+    PAYOUT_OUTCOME_SETTLED: _PayoutOutcome.ValueType  # 1
+    PAYOUT_OUTCOME_RETURNED: _PayoutOutcome.ValueType  # 2
+    PAYOUT_OUTCOME_FAILED: _PayoutOutcome.ValueType  # 3
+
+class PayoutOutcome(_PayoutOutcome, metaclass=_PayoutOutcomeEnumTypeWrapper): ...
+
+PAYOUT_OUTCOME_UNSPECIFIED: PayoutOutcome.ValueType  # 0
+PAYOUT_OUTCOME_SETTLED: PayoutOutcome.ValueType  # 1
+PAYOUT_OUTCOME_RETURNED: PayoutOutcome.ValueType  # 2
+PAYOUT_OUTCOME_FAILED: PayoutOutcome.ValueType  # 3
+Global___PayoutOutcome: _TypeAlias = PayoutOutcome  # noqa: Y015
+
 @_typing.final
 class Tenant(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1334,3 +1390,663 @@ class AccountOpenedEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AccountOpenedEvent: _TypeAlias = AccountOpenedEvent  # noqa: Y015
+
+@_typing.final
+class IbanDestination(_message.Message):
+    """---- payouts (issue 14 §1) ----"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IBAN_FIELD_NUMBER: _builtins.int
+    BIC_FIELD_NUMBER: _builtins.int
+    iban: _builtins.str
+    bic: _builtins.str
+    """Optional (SEPA needs none inside the EEA)."""
+    def __init__(
+        self,
+        *,
+        iban: _builtins.str = ...,
+        bic: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bic", b"bic", "iban", b"iban"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IbanDestination: _TypeAlias = IbanDestination  # noqa: Y015
+
+@_typing.final
+class UsBankDestination(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_NUMBER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_NUMBER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_TYPE_FIELD_NUMBER: _builtins.int
+    routing_number: _builtins.str
+    account_number: _builtins.str
+    account_type: _builtins.str
+    """checking (default) or savings."""
+    def __init__(
+        self,
+        *,
+        routing_number: _builtins.str = ...,
+        account_number: _builtins.str = ...,
+        account_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_number", b"account_number", "account_type", b"account_type", "routing_number", b"routing_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsBankDestination: _TypeAlias = UsBankDestination  # noqa: Y015
+
+@_typing.final
+class TokenDestination(_message.Message):
+    """A card or wallet payout destination: a vault's token, never a raw number."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """card or wallet."""
+    token: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenDestination: _TypeAlias = TokenDestination  # noqa: Y015
+
+@_typing.final
+class NewBeneficiary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_NAME_FIELD_NUMBER: _builtins.int
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    IBAN_FIELD_NUMBER: _builtins.int
+    US_BANK_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    ACCOUNT_TOKEN_FIELD_NUMBER: _builtins.int
+    HOLDER_NAME_TOKEN_FIELD_NUMBER: _builtins.int
+    beneficiary_id: _builtins.str
+    """[A-Za-z0-9_.:-], chosen by the platform."""
+    merchant_id: _builtins.str
+    """The seller paid (the platform's id; the KYC profile read by the policy)."""
+    holder_name: _builtins.str
+    """In clear inside the trust boundary (screened for sanctions at every
+    payout), sealed at rest.
+    """
+    country: _builtins.str
+    """ISO 3166-1 alpha-2."""
+    account_token: _builtins.str
+    """The gateway's tokens of the account number and the name (tok_...): what
+    events and other planes carry instead.
+    """
+    holder_name_token: _builtins.str
+    @_builtins.property
+    def iban(self) -> Global___IbanDestination: ...
+    @_builtins.property
+    def us_bank(self) -> Global___UsBankDestination: ...
+    @_builtins.property
+    def token(self) -> Global___TokenDestination: ...
+    def __init__(
+        self,
+        *,
+        beneficiary_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        holder_name: _builtins.str = ...,
+        country: _builtins.str = ...,
+        iban: Global___IbanDestination | None = ...,
+        us_bank: Global___UsBankDestination | None = ...,
+        token: Global___TokenDestination | None = ...,
+        account_token: _builtins.str = ...,
+        holder_name_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "iban", b"iban", "token", b"token", "us_bank", b"us_bank"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_token", b"account_token", "beneficiary_id", b"beneficiary_id", "country", b"country", "destination", b"destination", "holder_name", b"holder_name", "holder_name_token", b"holder_name_token", "iban", b"iban", "merchant_id", b"merchant_id", "token", b"token", "us_bank", b"us_bank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_destination: _TypeAlias = _typing.Literal["iban", "us_bank", "token"]  # noqa: Y015
+    _WhichOneofArgType_destination: _TypeAlias = _typing.Literal["destination", b"destination"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_destination) -> _WhichOneofReturnType_destination | None: ...
+
+Global___NewBeneficiary: _TypeAlias = NewBeneficiary  # noqa: Y015
+
+@_typing.final
+class Beneficiary(_message.Message):
+    """A beneficiary as the money plane shows it: no account number, no name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    BIC_FIELD_NUMBER: _builtins.int
+    ROUTING_NUMBER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_TOKEN_FIELD_NUMBER: _builtins.int
+    HOLDER_NAME_TOKEN_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    beneficiary_id: _builtins.str
+    merchant_id: _builtins.str
+    country: _builtins.str
+    kind: _builtins.str
+    """iban, us_bank, card or wallet."""
+    masked: _builtins.str
+    """DE89…3000, 021000021/…6789; a vault token as it is."""
+    bic: _builtins.str
+    routing_number: _builtins.str
+    account_token: _builtins.str
+    holder_name_token: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        country: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        masked: _builtins.str = ...,
+        bic: _builtins.str = ...,
+        routing_number: _builtins.str = ...,
+        account_token: _builtins.str = ...,
+        holder_name_token: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_token", b"account_token", "beneficiary_id", b"beneficiary_id", "bic", b"bic", "country", b"country", "created_at", b"created_at", "holder_name_token", b"holder_name_token", "kind", b"kind", "masked", b"masked", "merchant_id", b"merchant_id", "routing_number", b"routing_number", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Beneficiary: _TypeAlias = Beneficiary  # noqa: Y015
+
+@_typing.final
+class CreateBeneficiaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    @_builtins.property
+    def beneficiary(self) -> Global___NewBeneficiary: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        beneficiary: Global___NewBeneficiary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBeneficiaryRequest: _TypeAlias = CreateBeneficiaryRequest  # noqa: Y015
+
+@_typing.final
+class CreateBeneficiaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BENEFICIARY_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when the same beneficiary already existed."""
+    @_builtins.property
+    def beneficiary(self) -> Global___Beneficiary: ...
+    def __init__(
+        self,
+        *,
+        beneficiary: Global___Beneficiary | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBeneficiaryResponse: _TypeAlias = CreateBeneficiaryResponse  # noqa: Y015
+
+@_typing.final
+class GetBeneficiaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    beneficiary_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary_id", b"beneficiary_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBeneficiaryRequest: _TypeAlias = GetBeneficiaryRequest  # noqa: Y015
+
+@_typing.final
+class GetBeneficiaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BENEFICIARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def beneficiary(self) -> Global___Beneficiary: ...
+    def __init__(
+        self,
+        *,
+        beneficiary: Global___Beneficiary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBeneficiaryResponse: _TypeAlias = GetBeneficiaryResponse  # noqa: Y015
+
+@_typing.final
+class Payout(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    RAIL_FIELD_NUMBER: _builtins.int
+    END_TO_END_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    SETTLEMENT_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    REVERSAL_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RAIL_REFERENCE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    payout_id: _builtins.str
+    idempotency_key: _builtins.str
+    beneficiary_id: _builtins.str
+    merchant_id: _builtins.str
+    debit_account_id: _builtins.str
+    """The merchant's account debited."""
+    state: Global___PayoutState.ValueType
+    decision_id: _builtins.str
+    case_id: _builtins.str
+    rail: _builtins.str
+    """The rail the policy routed it to (instant_payment, bank_transfer, ...)."""
+    end_to_end_id: _builtins.str
+    """The end-to-end reference the rail carries (ISO 20022 EndToEndId, at most
+    35 characters): what reconciliation matches on.
+    """
+    entry_id: _builtins.str
+    """The PAYOUT entry (merchant -> in-flight), the settlement entry
+    (in-flight -> bank) and the reversal entry (back to the merchant).
+    """
+    settlement_entry_id: _builtins.str
+    reversal_entry_id: _builtins.str
+    reason_code: _builtins.str
+    """Why it was returned or failed (ACH R01, ISO AC04, ...)."""
+    reason: _builtins.str
+    rail_reference: _builtins.str
+    description: _builtins.str
+    @_builtins.property
+    def amount(self) -> _types_pb2.Money: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        payout_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        debit_account_id: _builtins.str = ...,
+        amount: _types_pb2.Money | None = ...,
+        state: Global___PayoutState.ValueType = ...,
+        decision_id: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+        rail: _builtins.str = ...,
+        end_to_end_id: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        settlement_entry_id: _builtins.str = ...,
+        reversal_entry_id: _builtins.str = ...,
+        reason_code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        rail_reference: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "created_at", b"created_at", "debit_account_id", b"debit_account_id", "decision_id", b"decision_id", "description", b"description", "end_to_end_id", b"end_to_end_id", "entry_id", b"entry_id", "idempotency_key", b"idempotency_key", "merchant_id", b"merchant_id", "payout_id", b"payout_id", "rail", b"rail", "rail_reference", b"rail_reference", "reason", b"reason", "reason_code", b"reason_code", "reversal_entry_id", b"reversal_entry_id", "settlement_entry_id", b"settlement_entry_id", "state", b"state", "tenant_id", b"tenant_id", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Payout: _TypeAlias = Payout  # noqa: Y015
+
+@_typing.final
+class GetPayoutContextRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    beneficiary_id: _builtins.str
+    debit_account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+        debit_account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary_id", b"beneficiary_id", "debit_account_id", b"debit_account_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPayoutContextRequest: _TypeAlias = GetPayoutContextRequest  # noqa: Y015
+
+@_typing.final
+class GetPayoutContextResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BENEFICIARY_FIELD_NUMBER: _builtins.int
+    HOLDER_NAME_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_PAYOUTS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    PAYOUTS_COUNT_1H_FIELD_NUMBER: _builtins.int
+    PAYOUTS_COUNT_24H_FIELD_NUMBER: _builtins.int
+    PAYOUTS_COUNT_30D_FIELD_NUMBER: _builtins.int
+    PAYOUTS_AMOUNT_MINOR_1H_FIELD_NUMBER: _builtins.int
+    PAYOUTS_AMOUNT_MINOR_24H_FIELD_NUMBER: _builtins.int
+    PAYOUTS_AMOUNT_MINOR_30D_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    holder_name: _builtins.str
+    """In clear, for the policy plane's sanctions screening only."""
+    beneficiary_payouts: _builtins.int
+    """Payouts to this beneficiary so far that were not refused (pending,
+    approved, submitted, settled): 0 means a new beneficiary.
+    """
+    available_minor: _builtins.int
+    """The debit account's available balance (posted - pending debits); a
+    rolling reserve sits in its own account, so this is after reserves.
+    """
+    currency: _builtins.str
+    payouts_count_1h: _builtins.int
+    """Payouts from the debit account (not failed or returned) per window."""
+    payouts_count_24h: _builtins.int
+    payouts_count_30d: _builtins.int
+    payouts_amount_minor_1h: _builtins.int
+    payouts_amount_minor_24h: _builtins.int
+    payouts_amount_minor_30d: _builtins.int
+    in_flight_account_id: _builtins.str
+    """The account a PAYOUT credits (what its decision token must name)."""
+    @_builtins.property
+    def beneficiary(self) -> Global___Beneficiary: ...
+    def __init__(
+        self,
+        *,
+        beneficiary: Global___Beneficiary | None = ...,
+        holder_name: _builtins.str = ...,
+        beneficiary_payouts: _builtins.int = ...,
+        available_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        payouts_count_1h: _builtins.int = ...,
+        payouts_count_24h: _builtins.int = ...,
+        payouts_count_30d: _builtins.int = ...,
+        payouts_amount_minor_1h: _builtins.int = ...,
+        payouts_amount_minor_24h: _builtins.int = ...,
+        payouts_amount_minor_30d: _builtins.int = ...,
+        in_flight_account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_minor", b"available_minor", "beneficiary", b"beneficiary", "beneficiary_payouts", b"beneficiary_payouts", "currency", b"currency", "holder_name", b"holder_name", "in_flight_account_id", b"in_flight_account_id", "payouts_amount_minor_1h", b"payouts_amount_minor_1h", "payouts_amount_minor_24h", b"payouts_amount_minor_24h", "payouts_amount_minor_30d", b"payouts_amount_minor_30d", "payouts_count_1h", b"payouts_count_1h", "payouts_count_24h", b"payouts_count_24h", "payouts_count_30d", b"payouts_count_30d"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPayoutContextResponse: _TypeAlias = GetPayoutContextResponse  # noqa: Y015
+
+@_typing.final
+class CreatePayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    DECISION_TOKEN_FIELD_NUMBER: _builtins.int
+    PENDING_REVIEW_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    RAIL_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    idempotency_key: _builtins.str
+    """Also the PAYOUT transfer's key, which the decision token binds."""
+    beneficiary_id: _builtins.str
+    merchant_id: _builtins.str
+    debit_account_id: _builtins.str
+    decision_token: _builtins.str
+    """Set on allow: the PAYOUT movement (debit_account_id -> the in-flight
+    account of the currency). Empty with pending_review.
+    """
+    pending_review: _builtins.bool
+    decision_id: _builtins.str
+    case_id: _builtins.str
+    rail: _builtins.str
+    description: _builtins.str
+    @_builtins.property
+    def amount(self) -> _types_pb2.Money: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        beneficiary_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        debit_account_id: _builtins.str = ...,
+        amount: _types_pb2.Money | None = ...,
+        decision_token: _builtins.str = ...,
+        pending_review: _builtins.bool = ...,
+        decision_id: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+        rail: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "debit_account_id", b"debit_account_id", "decision_id", b"decision_id", "decision_token", b"decision_token", "description", b"description", "idempotency_key", b"idempotency_key", "merchant_id", b"merchant_id", "pending_review", b"pending_review", "rail", b"rail", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePayoutRequest: _TypeAlias = CreatePayoutRequest  # noqa: Y015
+
+@_typing.final
+class CreatePayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePayoutResponse: _TypeAlias = CreatePayoutResponse  # noqa: Y015
+
+@_typing.final
+class GetPayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    payout_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        payout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_id", b"payout_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPayoutRequest: _TypeAlias = GetPayoutRequest  # noqa: Y015
+
+@_typing.final
+class GetPayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPayoutResponse: _TypeAlias = GetPayoutResponse  # noqa: Y015
+
+@_typing.final
+class RecordPayoutOutcomeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RAIL_REFERENCE_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    payout_id: _builtins.str
+    outcome: Global___PayoutOutcome.ValueType
+    reason_code: _builtins.str
+    """RETURNED and FAILED: required (R01, AC04, ...)."""
+    reason: _builtins.str
+    rail_reference: _builtins.str
+    """The rail's or bank's own reference."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        payout_id: _builtins.str = ...,
+        outcome: Global___PayoutOutcome.ValueType = ...,
+        reason_code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        rail_reference: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "payout_id", b"payout_id", "rail_reference", b"rail_reference", "reason", b"reason", "reason_code", b"reason_code", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordPayoutOutcomeRequest: _TypeAlias = RecordPayoutOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class RecordPayoutOutcomeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when the payout was already in this state: nothing was posted."""
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordPayoutOutcomeResponse: _TypeAlias = RecordPayoutOutcomeResponse  # noqa: Y015
+
+@_typing.final
+class PayoutChangedEvent(_message.Message):
+    """Payload of "money.payout.pending_review", ".approved", ".submitted",
+    ".settled", ".returned", ".failed".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayoutChangedEvent: _TypeAlias = PayoutChangedEvent  # noqa: Y015

@@ -88,6 +88,36 @@ class LedgerServiceStub:
                 request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CheckBalancedRequest.SerializeToString,
                 response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CheckBalancedResponse.FromString,
                 _registered_method=True)
+        self.CreateBeneficiary = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/CreateBeneficiary',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateBeneficiaryRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateBeneficiaryResponse.FromString,
+                _registered_method=True)
+        self.GetBeneficiary = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/GetBeneficiary',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.GetBeneficiaryRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.GetBeneficiaryResponse.FromString,
+                _registered_method=True)
+        self.GetPayoutContext = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/GetPayoutContext',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutContextRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutContextResponse.FromString,
+                _registered_method=True)
+        self.CreatePayout = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/CreatePayout',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CreatePayoutRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CreatePayoutResponse.FromString,
+                _registered_method=True)
+        self.GetPayout = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/GetPayout',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutResponse.FromString,
+                _registered_method=True)
+        self.RecordPayoutOutcome = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/RecordPayoutOutcome',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -169,6 +199,61 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBeneficiary(self, request, context):
+        """Payouts (money out toward a seller's beneficiary; README "Payouts and
+        settlement"). A beneficiary: the destination validated (IBAN/BIC, US
+        routing + account, or a card/wallet vault token); the account number and
+        the holder's name are sealed at rest, the rest of Triplane sees the
+        gateway's tokens and a masked form. Idempotent on (tenant_id,
+        beneficiary_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBeneficiary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPayoutContext(self, request, context):
+        """What the policy plane needs to decide a payout: the beneficiary (its
+        holder's name in clear, for sanctions screening), how many payouts it
+        received, the debit account's available balance and the account's payout
+        velocity. Gateway only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePayout(self, request, context):
+        """Records a payout: with a decision token (an allow), the PAYOUT entry
+        debiting the merchant into the payouts-in-flight account commits in the
+        same transaction (state APPROVED); without one (a review), the payout
+        waits in PENDING_REVIEW and moves nothing. Idempotent on
+        (tenant_id, idempotency_key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPayout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordPayoutOutcome(self, request, context):
+        """A rail's outcome (settled, returned, failed): the ledger effect
+        (in-flight -> bank, or back to the merchant) posts exactly once, in the
+        transaction that moves the payout's state; the same outcome reported
+        again changes nothing (replayed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +306,36 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.CheckBalanced,
                     request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CheckBalancedRequest.FromString,
                     response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CheckBalancedResponse.SerializeToString,
+            ),
+            'CreateBeneficiary': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBeneficiary,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateBeneficiaryRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateBeneficiaryResponse.SerializeToString,
+            ),
+            'GetBeneficiary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBeneficiary,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.GetBeneficiaryRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.GetBeneficiaryResponse.SerializeToString,
+            ),
+            'GetPayoutContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPayoutContext,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutContextRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutContextResponse.SerializeToString,
+            ),
+            'CreatePayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePayout,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CreatePayoutRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CreatePayoutResponse.SerializeToString,
+            ),
+            'GetPayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPayout,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutResponse.SerializeToString,
+            ),
+            'RecordPayoutOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordPayoutOutcome,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -497,6 +612,168 @@ class LedgerService:
             '/triplane.money.v1.LedgerService/CheckBalanced',
             triplane_dot_money_dot_v1_dot_money__pb2.CheckBalancedRequest.SerializeToString,
             triplane_dot_money_dot_v1_dot_money__pb2.CheckBalancedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBeneficiary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/CreateBeneficiary',
+            triplane_dot_money_dot_v1_dot_money__pb2.CreateBeneficiaryRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.CreateBeneficiaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBeneficiary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/GetBeneficiary',
+            triplane_dot_money_dot_v1_dot_money__pb2.GetBeneficiaryRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.GetBeneficiaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPayoutContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/GetPayoutContext',
+            triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutContextRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/CreatePayout',
+            triplane_dot_money_dot_v1_dot_money__pb2.CreatePayoutRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.CreatePayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/GetPayout',
+            triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.GetPayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordPayoutOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/RecordPayoutOutcome',
+            triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,35 @@ class LedgerServiceStub:
     """One hold by id."""
     CheckBalanced: _grpc.UnaryUnaryMultiCallable[_money_pb2.CheckBalancedRequest, _money_pb2.CheckBalancedResponse]
     """Sums of all postings per currency for a tenant (zero when balanced)."""
+    CreateBeneficiary: _grpc.UnaryUnaryMultiCallable[_money_pb2.CreateBeneficiaryRequest, _money_pb2.CreateBeneficiaryResponse]
+    """Payouts (money out toward a seller's beneficiary; README "Payouts and
+    settlement"). A beneficiary: the destination validated (IBAN/BIC, US
+    routing + account, or a card/wallet vault token); the account number and
+    the holder's name are sealed at rest, the rest of Triplane sees the
+    gateway's tokens and a masked form. Idempotent on (tenant_id,
+    beneficiary_id).
+    """
+    GetBeneficiary: _grpc.UnaryUnaryMultiCallable[_money_pb2.GetBeneficiaryRequest, _money_pb2.GetBeneficiaryResponse]
+    GetPayoutContext: _grpc.UnaryUnaryMultiCallable[_money_pb2.GetPayoutContextRequest, _money_pb2.GetPayoutContextResponse]
+    """What the policy plane needs to decide a payout: the beneficiary (its
+    holder's name in clear, for sanctions screening), how many payouts it
+    received, the debit account's available balance and the account's payout
+    velocity. Gateway only.
+    """
+    CreatePayout: _grpc.UnaryUnaryMultiCallable[_money_pb2.CreatePayoutRequest, _money_pb2.CreatePayoutResponse]
+    """Records a payout: with a decision token (an allow), the PAYOUT entry
+    debiting the merchant into the payouts-in-flight account commits in the
+    same transaction (state APPROVED); without one (a review), the payout
+    waits in PENDING_REVIEW and moves nothing. Idempotent on
+    (tenant_id, idempotency_key).
+    """
+    GetPayout: _grpc.UnaryUnaryMultiCallable[_money_pb2.GetPayoutRequest, _money_pb2.GetPayoutResponse]
+    RecordPayoutOutcome: _grpc.UnaryUnaryMultiCallable[_money_pb2.RecordPayoutOutcomeRequest, _money_pb2.RecordPayoutOutcomeResponse]
+    """A rail's outcome (settled, returned, failed): the ledger effect
+    (in-flight -> bank, or back to the merchant) posts exactly once, in the
+    transaction that moves the payout's state; the same outcome reported
+    again changes nothing (replayed).
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -95,6 +124,35 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """One hold by id."""
     CheckBalanced: _aio.UnaryUnaryMultiCallable[_money_pb2.CheckBalancedRequest, _money_pb2.CheckBalancedResponse]  # type: ignore[assignment]
     """Sums of all postings per currency for a tenant (zero when balanced)."""
+    CreateBeneficiary: _aio.UnaryUnaryMultiCallable[_money_pb2.CreateBeneficiaryRequest, _money_pb2.CreateBeneficiaryResponse]  # type: ignore[assignment]
+    """Payouts (money out toward a seller's beneficiary; README "Payouts and
+    settlement"). A beneficiary: the destination validated (IBAN/BIC, US
+    routing + account, or a card/wallet vault token); the account number and
+    the holder's name are sealed at rest, the rest of Triplane sees the
+    gateway's tokens and a masked form. Idempotent on (tenant_id,
+    beneficiary_id).
+    """
+    GetBeneficiary: _aio.UnaryUnaryMultiCallable[_money_pb2.GetBeneficiaryRequest, _money_pb2.GetBeneficiaryResponse]  # type: ignore[assignment]
+    GetPayoutContext: _aio.UnaryUnaryMultiCallable[_money_pb2.GetPayoutContextRequest, _money_pb2.GetPayoutContextResponse]  # type: ignore[assignment]
+    """What the policy plane needs to decide a payout: the beneficiary (its
+    holder's name in clear, for sanctions screening), how many payouts it
+    received, the debit account's available balance and the account's payout
+    velocity. Gateway only.
+    """
+    CreatePayout: _aio.UnaryUnaryMultiCallable[_money_pb2.CreatePayoutRequest, _money_pb2.CreatePayoutResponse]  # type: ignore[assignment]
+    """Records a payout: with a decision token (an allow), the PAYOUT entry
+    debiting the merchant into the payouts-in-flight account commits in the
+    same transaction (state APPROVED); without one (a review), the payout
+    waits in PENDING_REVIEW and moves nothing. Idempotent on
+    (tenant_id, idempotency_key).
+    """
+    GetPayout: _aio.UnaryUnaryMultiCallable[_money_pb2.GetPayoutRequest, _money_pb2.GetPayoutResponse]  # type: ignore[assignment]
+    RecordPayoutOutcome: _aio.UnaryUnaryMultiCallable[_money_pb2.RecordPayoutOutcomeRequest, _money_pb2.RecordPayoutOutcomeResponse]  # type: ignore[assignment]
+    """A rail's outcome (settled, returned, failed): the ledger effect
+    (in-flight -> bank, or back to the merchant) posts exactly once, in the
+    transaction that moves the payout's state; the same outcome reported
+    again changes nothing (replayed).
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService is the double-entry ledger. It is the only writer of balances
@@ -186,5 +244,70 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_money_pb2.CheckBalancedResponse, _abc.Awaitable[_money_pb2.CheckBalancedResponse]]:
         """Sums of all postings per currency for a tenant (zero when balanced)."""
+
+    @_abc_1.abstractmethod
+    def CreateBeneficiary(
+        self,
+        request: _money_pb2.CreateBeneficiaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.CreateBeneficiaryResponse, _abc.Awaitable[_money_pb2.CreateBeneficiaryResponse]]:
+        """Payouts (money out toward a seller's beneficiary; README "Payouts and
+        settlement"). A beneficiary: the destination validated (IBAN/BIC, US
+        routing + account, or a card/wallet vault token); the account number and
+        the holder's name are sealed at rest, the rest of Triplane sees the
+        gateway's tokens and a masked form. Idempotent on (tenant_id,
+        beneficiary_id).
+        """
+
+    @_abc_1.abstractmethod
+    def GetBeneficiary(
+        self,
+        request: _money_pb2.GetBeneficiaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.GetBeneficiaryResponse, _abc.Awaitable[_money_pb2.GetBeneficiaryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPayoutContext(
+        self,
+        request: _money_pb2.GetPayoutContextRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.GetPayoutContextResponse, _abc.Awaitable[_money_pb2.GetPayoutContextResponse]]:
+        """What the policy plane needs to decide a payout: the beneficiary (its
+        holder's name in clear, for sanctions screening), how many payouts it
+        received, the debit account's available balance and the account's payout
+        velocity. Gateway only.
+        """
+
+    @_abc_1.abstractmethod
+    def CreatePayout(
+        self,
+        request: _money_pb2.CreatePayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.CreatePayoutResponse, _abc.Awaitable[_money_pb2.CreatePayoutResponse]]:
+        """Records a payout: with a decision token (an allow), the PAYOUT entry
+        debiting the merchant into the payouts-in-flight account commits in the
+        same transaction (state APPROVED); without one (a review), the payout
+        waits in PENDING_REVIEW and moves nothing. Idempotent on
+        (tenant_id, idempotency_key).
+        """
+
+    @_abc_1.abstractmethod
+    def GetPayout(
+        self,
+        request: _money_pb2.GetPayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.GetPayoutResponse, _abc.Awaitable[_money_pb2.GetPayoutResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RecordPayoutOutcome(
+        self,
+        request: _money_pb2.RecordPayoutOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.RecordPayoutOutcomeResponse, _abc.Awaitable[_money_pb2.RecordPayoutOutcomeResponse]]:
+        """A rail's outcome (settled, returned, failed): the ledger effect
+        (in-flight -> bank, or back to the merchant) posts exactly once, in the
+        transaction that moves the payout's state; the same outcome reported
+        again changes nothing (replayed).
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
