@@ -2,8 +2,11 @@
 against Vowpal Wabbit on the same stream, and the calibration of off-policy
 evaluation (ai_plane/ope.py).
 
-Part 1, the learner as a partner meets it (one stack: money, policy, AI with
-its Triton, the gateway, NATS; TLS and an API key as shipped):
+Part 1, the learner as a partner meets it (a stack: money, policy, AI with
+its Triton, the gateway, NATS; TLS and an API key as shipped; and, unless
+TRIPLANE_BENCH_NBA_BASELINE=0, a second stack alike but for
+gateway.arbitration.policy: arbitration, the path before the learner, called
+in turns with the first on the same stream):
 
 * A tenant registers its own catalog through the policy plane's admin API
   (PutOffer): OFFERS offers, ids no simulator knows, each a theme (travel,
@@ -32,7 +35,10 @@ realized reward of the shown offers; a decision that showed nothing counts
 0), `vw_api_stream_reward_mean` (VW's best setting), their ratio
 `nba_api_vs_vw_ratio` (target >= 1.0), each setting's own mean, the
 baselines, `nba_shown_share`, and `decide_latency_ms_p99` of the same run's
-DecideNextAction calls (sequential, one caller). `_expected` variants are the
+DecideNextAction calls (sequential, one caller), against the arbitration
+stack's in the same turns (`decide_latency_p99_vs_arbitration_ratio`, target
+<= 1.10; `nba_arbitration_reward_mean` is what that path earned on the
+stream). `_expected` variants are the
 mean truth probability of the offers chosen: the same comparison without the
 outcome draws' noise.
 
@@ -81,6 +87,8 @@ FloatArray = npt.NDArray[np.float64]
 ROUNDS = int(os.environ.get("TRIPLANE_BENCH_NBA_ROUNDS", "3000"))
 OPE_SEEDS = int(os.environ.get("TRIPLANE_BENCH_NBA_OPE_SEEDS", "300"))
 PHASES = set(os.environ.get("TRIPLANE_BENCH_NBA_PHASES", "api,ope").split(","))
+# A second stack decided by arbitration, called in turns with the learner's.
+BASELINE = os.environ.get("TRIPLANE_BENCH_NBA_BASELINE", "1") != "0"
 TENANT = "nba-bench"
 # Enough that one customer rarely comes back within an offer's 1 s cooldown
 # (which would take the offer shown last out of the eligible set).
@@ -270,13 +278,42 @@ def run_vw(stream: Stream, arguments: str, name: str, seed: int) -> Run:
 # ---------------------------------------------------------------- the product, through the API
 
 
-async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], dict[str, Any]]:
-    """Triplane's progressive reward through DecideNextAction / RecordOutcome;
-    the decide latencies (ms); notes (reasons, errors)."""
+@dataclass
+class ApiArm:
+    """One stack through its public gateway API, and what it earned."""
+
+    policy: str
+    stub: Any
+    metadata: tuple[tuple[str, str], ...]
+    ai_address: str
+    tls: Any
+    run: Run
+    latencies: list[float] = field(default_factory=list)
+    # Due round -> (decision id, round) of the outcomes arriving then.
+    pending: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    notes: dict[str, Any] = field(
+        default_factory=lambda: {"reasons": {}, "errors": 0, "record_errors": 0, "excluded": 0}
+    )
+
+
+def _key_file(state_dir: Path, key: str) -> Path:
+    """The stack's tokenization key (a file, as the planes read it)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "tokenization.key"
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return path
+
+
+async def open_api_arm(
+    exits: contextlib.AsyncExitStack, stream: Stream, state_dir: Path, policy: str
+) -> ApiArm:
+    """A stack as shipped (TLS, API keys; the gateway bench's config: caps
+    out of reach), gateway.arbitration.policy `policy`, no global holdout
+    (a holdout shows nothing and would count 0 here), the tenant's catalog
+    and customers registered through the admin API."""
     from bench.gateway import stack_config
-    from triplane.ai.v1 import ai_pb2, ai_pb2_grpc
     from triplane.common.v1 import types_pb2
-    from triplane.gateway.v1 import gateway_pb2 as gw
     from triplane.gateway.v1 import gateway_pb2_grpc
     from triplane.money.v1 import money_pb2
     from triplane.policy.v1 import policy_pb2
@@ -288,177 +325,200 @@ async def run_api(stream: Stream, state_dir: Path) -> tuple[Run, list[float], di
     from triplane_tools.partner_keys import create_partner_key
     from triplane_tools.stack import Stack
 
-    key_path = state_dir / "tokenization.key"
-    key_path.write_text(random_key_b64() + "\n")
-    key_path.chmod(0o600)
-    # The gateway bench's stack as shipped (TLS, API keys, caps out of
-    # reach); every decision is the learner's: no global holdout (a holdout
-    # shows nothing, and its decision would count 0 here).
+    key_path = _key_file(state_dir, random_key_b64())
     config = with_overrides(
-        stack_config(state_dir, "on", key_path), {"gateway": {"holdout_share": 0.0}}
+        stack_config(state_dir, "on", key_path),
+        {"gateway": {"holdout_share": 0.0, "arbitration": {"policy": policy}}},
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
-    notes: dict[str, Any] = {"reasons": {}, "errors": 0, "record_errors": 0, "excluded": 0}
-    run = Run("triplane")
-    latencies: list[float] = []
-    async with contextlib.AsyncExitStack() as exits:
-        stack = await exits.enter_async_context(Stack(config, environ=env))
-        tls = stack.tls_files()
-        ledger = LedgerAdminClient(stack.addresses["money"], timeout_s=30, tls=tls)
-        policy = PolicyAdminClient(stack.addresses["policy"], timeout_s=30, tls=tls)
-        account_ids = [f"nbacust{i:04d}" for i in range(CUSTOMERS)]
-        try:
-            await ledger.create_tenant(TENANT, "nba bench")
-            for start in range(0, len(account_ids), 500):
-                await ledger.create_accounts(
-                    TENANT,
-                    [
-                        money_pb2.NewAccount(
-                            account_id=account_id,
-                            currency="USD",
-                            kind=money_pb2.ACCOUNT_KIND_LIABILITY,
-                            constraint=money_pb2.BALANCE_CONSTRAINT_NONE,
-                        )
-                        for account_id in account_ids[start : start + 500]
-                    ],
-                )
-            await policy.create_tenant(TENANT, "nba bench")
-            # The partner's own catalog, as a tenant registers it.
-            for offer in stream.offers:
-                await policy.put_offer(
-                    policy_pb2.Offer(
-                        tenant_id=TENANT,
-                        offer_id=offer.offer_id,
-                        product=product_enum(offer.product),
-                        title=offer.offer_id.replace("_", " "),
-                        value=types_pb2.Money(amount_minor=OFFER_VALUE_MINOR, currency="USD"),
-                        attributes=offer.attributes,
-                        topic=policy_pb2.TOPIC_MARKETING,
-                        channels=[policy_pb2.CHANNEL_IN_APP],
-                        cooldown_s=1,
+    stack = await exits.enter_async_context(Stack(config, environ=env))
+    tls = stack.tls_files()
+    ledger = LedgerAdminClient(stack.addresses["money"], timeout_s=30, tls=tls)
+    admin = PolicyAdminClient(stack.addresses["policy"], timeout_s=30, tls=tls)
+    account_ids = [f"nbacust{i:04d}" for i in range(CUSTOMERS)]
+    try:
+        await ledger.create_tenant(TENANT, "nba bench")
+        for start in range(0, len(account_ids), 500):
+            await ledger.create_accounts(
+                TENANT,
+                [
+                    money_pb2.NewAccount(
+                        account_id=account_id,
+                        currency="USD",
+                        kind=money_pb2.ACCOUNT_KIND_LIABILITY,
+                        constraint=money_pb2.BALANCE_CONSTRAINT_NONE,
                     )
-                )
-            zone = daytime_zone()
-            now_us = int(time.time() * 1_000_000)
-
-            async def customer(index: int, account_id: str) -> None:
-                customer_id = f"c_{account_id}"
-                profile = kyc_profile(TENANT, customer_id, index, now_us)
-                profile.kyc_tier = 3
-                await policy.put_customer_profile(
-                    profile, change_id=f"kyc-{customer_id}", actor="nba-bench"
-                )
-                await policy.put_contact_profile(
-                    policy_pb2.ContactProfile(
-                        tenant_id=TENANT, customer_id=customer_id, time_zone=zone
-                    )
-                )
-                await policy.set_consent(
-                    TENANT,
-                    customer_id,
-                    policy_pb2.Consent(
-                        channel=policy_pb2.CHANNEL_IN_APP,
-                        topic=policy_pb2.TOPIC_MARKETING,
-                        status=policy_pb2.CONSENT_STATUS_GRANTED,
-                        lawful_basis=policy_pb2.LAWFUL_BASIS_CONSENT,
-                    ),
-                )
-
-            for start in range(0, len(account_ids), 16):
-                await asyncio.gather(
-                    *(
-                        customer(start + i, account_id)
-                        for i, account_id in enumerate(account_ids[start : start + 16])
-                    )
-                )
-        finally:
-            await ledger.close()
-            await policy.close()
-        api_key = await create_partner_key(
-            config, stack.addresses["gateway"], TENANT, state_dir=stack.state_dir
-        )
-        metadata = (("authorization", f"Bearer {api_key}"),)
-        channel = await exits.enter_async_context(
-            open_channel(stack.addresses["gateway"], stack.partner_tls())
-        )
-        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-        index_of = {o.offer_id: i for i, o in enumerate(stream.offers)}
-        # Outcomes waiting for their round: due round -> (decision id, offer index, converted).
-        pending: dict[int, list[tuple[str, int, bool]]] = {}
-
-        async def report(decision_id: str, offer_index: int, converted: bool, t: int) -> None:
-            if converted:
-                kind = gw.OUTCOME_KIND_CONVERTED
-                value = types_pb2.Money(amount_minor=OFFER_VALUE_MINOR, currency="USD")
-            else:
-                kind = gw.OUTCOME_KIND_DISMISSED if stream.dismissed[t] else gw.OUTCOME_KIND_IGNORED
-                value = None
-            try:
-                await stub.RecordOutcome(
-                    gw.RecordOutcomeRequest(
-                        idempotency_key=f"o{uuid.uuid4().hex}",
-                        decision_id=decision_id,
-                        kind=kind,
-                        value=value,
-                    ),
-                    timeout=RPC_TIMEOUT_S,
-                    metadata=metadata,
-                )
-            except Exception as error:  # counted, the run goes on
-                notes["record_errors"] += 1
-                notes.setdefault("record_error", repr(error)[:300])
-
-        rounds_of: dict[str, int] = {}
-        for t in range(len(stream.contexts)):
-            for decision_id, offer_index, converted in pending.pop(t, []):
-                await report(decision_id, offer_index, converted, rounds_of[decision_id])
-            account_id = account_ids[int(stream.customers[t])]
-            request = gw.DecideNextActionRequest(
-                idempotency_key=f"d{uuid.uuid4().hex}",
-                customer_id=f"c_{account_id}",
-                account_id=account_id,
-                surface="checkout",
-                region="US",
-                features={n: float(v) for n, v in zip(FEATURES, stream.contexts[t], strict=True)},
+                    for account_id in account_ids[start : start + 500]
+                ],
             )
-            started = time.perf_counter()
-            try:
-                answer = await stub.DecideNextAction(
-                    request, timeout=RPC_TIMEOUT_S, metadata=metadata
+        await admin.create_tenant(TENANT, "nba bench")
+        # The partner's own catalog, as a tenant registers it.
+        for offer in stream.offers:
+            await admin.put_offer(
+                policy_pb2.Offer(
+                    tenant_id=TENANT,
+                    offer_id=offer.offer_id,
+                    product=product_enum(offer.product),
+                    title=offer.offer_id.replace("_", " "),
+                    value=types_pb2.Money(amount_minor=OFFER_VALUE_MINOR, currency="USD"),
+                    attributes=offer.attributes,
+                    topic=policy_pb2.TOPIC_MARKETING,
+                    channels=[policy_pb2.CHANNEL_IN_APP],
+                    cooldown_s=1,
                 )
-            except Exception as error:
-                notes["errors"] += 1
-                notes.setdefault("error", repr(error)[:300])
-                run.add(stream, t, None)
-                continue
-            latencies.append((time.perf_counter() - started) * 1000.0)
-            for reason in answer.reasons:
-                notes["reasons"][reason] = notes["reasons"].get(reason, 0) + 1
-            notes["excluded"] += bool(answer.excluded)
-            shown = index_of.get(answer.offer.offer_id) if answer.offer.offer_id else None
-            if answer.action != gw.ACTION_SHOW_OFFER or shown is None:
-                run.add(stream, t, None)
-                continue
-            offer_index = shown
-            converted = run.add(stream, t, offer_index) > 0
-            rounds_of[answer.decision_id] = t
-            due = t + 1 + int(stream.delays[t])
-            pending.setdefault(due, []).append((answer.decision_id, offer_index, converted))
-        for due in sorted(pending):
-            for decision_id, offer_index, converted in pending[due]:
-                await report(decision_id, offer_index, converted, rounds_of[decision_id])
-        # The product's own exposure log, read back by off-policy evaluation:
-        # the live propensity version's value on this tenant's traffic.
-        try:
-            async with open_channel(stack.addresses["ai"], stack.tls_files()) as ai_channel:
-                registry = ai_pb2_grpc.ModelRegistryServiceStub(ai_channel)
-                notes["ope"] = await registry.EstimatePolicyValue(
-                    ai_pb2.EstimatePolicyValueRequest(model="offer_propensity", tenant_id=TENANT),
-                    timeout=120,
+            )
+        zone = daytime_zone()
+        now_us = int(time.time() * 1_000_000)
+
+        async def customer(index: int, account_id: str) -> None:
+            customer_id = f"c_{account_id}"
+            profile = kyc_profile(TENANT, customer_id, index, now_us)
+            profile.kyc_tier = 3
+            await admin.put_customer_profile(
+                profile, change_id=f"kyc-{customer_id}", actor="nba-bench"
+            )
+            await admin.put_contact_profile(
+                policy_pb2.ContactProfile(tenant_id=TENANT, customer_id=customer_id, time_zone=zone)
+            )
+            await admin.set_consent(
+                TENANT,
+                customer_id,
+                policy_pb2.Consent(
+                    channel=policy_pb2.CHANNEL_IN_APP,
+                    topic=policy_pb2.TOPIC_MARKETING,
+                    status=policy_pb2.CONSENT_STATUS_GRANTED,
+                    lawful_basis=policy_pb2.LAWFUL_BASIS_CONSENT,
+                ),
+            )
+
+        for start in range(0, len(account_ids), 16):
+            await asyncio.gather(
+                *(
+                    customer(start + i, account_id)
+                    for i, account_id in enumerate(account_ids[start : start + 16])
                 )
-        except Exception as error:
-            notes["ope_error"] = repr(error)[:300]
-    return run, latencies, notes
+            )
+    finally:
+        await ledger.close()
+        await admin.close()
+    api_key = await create_partner_key(
+        config, stack.addresses["gateway"], TENANT, state_dir=stack.state_dir
+    )
+    channel = await exits.enter_async_context(
+        open_channel(stack.addresses["gateway"], stack.partner_tls())
+    )
+    return ApiArm(
+        policy,
+        gateway_pb2_grpc.GatewayServiceStub(channel),
+        (("authorization", f"Bearer {api_key}"),),
+        stack.addresses["ai"],
+        tls,
+        Run(f"triplane_{policy}"),
+    )
+
+
+async def _report(arm: ApiArm, stream: Stream, decision_id: str, t: int) -> None:
+    from triplane.common.v1 import types_pb2
+    from triplane.gateway.v1 import gateway_pb2 as gw
+
+    converted = arm.run.rewards[t] > 0
+    value = None
+    if converted:
+        kind = gw.OUTCOME_KIND_CONVERTED
+        value = types_pb2.Money(amount_minor=OFFER_VALUE_MINOR, currency="USD")
+    elif stream.dismissed[t]:
+        kind = gw.OUTCOME_KIND_DISMISSED
+    else:
+        kind = gw.OUTCOME_KIND_IGNORED
+    try:
+        await arm.stub.RecordOutcome(
+            gw.RecordOutcomeRequest(
+                idempotency_key=f"o{uuid.uuid4().hex}",
+                decision_id=decision_id,
+                kind=kind,
+                value=value,
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=arm.metadata,
+        )
+    except Exception as error:  # counted, the run goes on
+        arm.notes["record_errors"] += 1
+        arm.notes.setdefault("record_error", repr(error)[:300])
+
+
+async def _decide(arm: ApiArm, stream: Stream, t: int, account_id: str) -> None:
+    from triplane.gateway.v1 import gateway_pb2 as gw
+
+    index_of = {o.offer_id: i for i, o in enumerate(stream.offers)}
+    for decision_id, round_ in arm.pending.pop(t, []):
+        await _report(arm, stream, decision_id, round_)
+    request = gw.DecideNextActionRequest(
+        idempotency_key=f"d{uuid.uuid4().hex}",
+        customer_id=f"c_{account_id}",
+        account_id=account_id,
+        surface="checkout",
+        region="US",
+        features={n: float(v) for n, v in zip(FEATURES, stream.contexts[t], strict=True)},
+    )
+    started = time.perf_counter()
+    try:
+        answer = await arm.stub.DecideNextAction(
+            request, timeout=RPC_TIMEOUT_S, metadata=arm.metadata
+        )
+    except Exception as error:
+        arm.notes["errors"] += 1
+        arm.notes.setdefault("error", repr(error)[:300])
+        arm.run.add(stream, t, None)
+        return
+    arm.latencies.append((time.perf_counter() - started) * 1000.0)
+    for reason in answer.reasons:
+        arm.notes["reasons"][reason] = arm.notes["reasons"].get(reason, 0) + 1
+    arm.notes["excluded"] += bool(answer.excluded)
+    shown = index_of.get(answer.offer.offer_id) if answer.offer.offer_id else None
+    if answer.action != gw.ACTION_SHOW_OFFER or shown is None:
+        arm.run.add(stream, t, None)
+        return
+    arm.run.add(stream, t, shown)
+    due = t + 1 + int(stream.delays[t])
+    arm.pending.setdefault(due, []).append((answer.decision_id, t))
+
+
+async def _estimate_logged(arm: ApiArm) -> None:
+    """The product's own exposure log, read back by off-policy evaluation:
+    the live propensity version's value on this tenant's traffic."""
+    from triplane.ai.v1 import ai_pb2, ai_pb2_grpc
+    from triplane.runtime.tls import open_channel
+
+    try:
+        async with open_channel(arm.ai_address, arm.tls) as ai_channel:
+            registry = ai_pb2_grpc.ModelRegistryServiceStub(ai_channel)
+            arm.notes["ope"] = await registry.EstimatePolicyValue(
+                ai_pb2.EstimatePolicyValueRequest(model="offer_propensity", tenant_id=TENANT),
+                timeout=120,
+            )
+    except Exception as error:
+        arm.notes["ope_error"] = repr(error)[:300]
+
+
+async def run_api(stream: Stream, root: Path) -> list[ApiArm]:
+    """The stream through the learner's stack and, when BASELINE, through a
+    second stack decided by arbitration (the path before the learner), the
+    two called in turns (the order alternating each round) so both see the
+    same spells of a busy machine: the same-run latency comparison."""
+    policies = ["learner", "arbitration"] if BASELINE else ["learner"]
+    async with contextlib.AsyncExitStack() as exits:
+        arms = [await open_api_arm(exits, stream, root / p, p) for p in policies]
+        for t in range(len(stream.contexts)):
+            account_id = f"nbacust{int(stream.customers[t]):04d}"
+            for arm in arms if t % 2 == 0 else arms[::-1]:
+                await _decide(arm, stream, t, account_id)
+        for arm in arms:
+            for due in sorted(arm.pending):
+                for decision_id, round_ in arm.pending[due]:
+                    await _report(arm, stream, decision_id, round_)
+            arm.pending.clear()
+        await _estimate_logged(arms[0])
+    return arms
 
 
 # ---------------------------------------------------------------- OPE calibration
@@ -587,8 +647,11 @@ def _rows_api(results: dict[str, Any]) -> list[tuple[str, object, str]]:
             ("vw_squarecb_second_half_expected_mean", ""),
             ("nba_shown_share", "decisions that showed an offer"),
             ("nba_excluded_share", "decisions with an offer excluded (cooldown)"),
-            ("decide_latency_ms_p99", "this run's DecideNextAction calls"),
+            ("nba_arbitration_reward_mean", "the same stream decided by arbitration (before)"),
+            ("decide_latency_ms_p99", "this run's DecideNextAction calls, learner"),
             ("decide_latency_ms_p50", ""),
+            ("decide_arbitration_latency_ms_p99", "arbitration's stack, in turns"),
+            ("decide_latency_p99_vs_arbitration_ratio", "target <= 1.10"),
         )
         if k in results
     ]
@@ -628,8 +691,9 @@ def main() -> int:
         }
         with tempfile.TemporaryDirectory(prefix="triplane-bench-nba-") as tmp:
             started = time.monotonic()
-            api, latencies, notes = asyncio.run(run_api(stream, Path(tmp)))
+            arms = asyncio.run(run_api(stream, Path(tmp)))
             api_s = time.monotonic() - started
+        learner, api, notes = arms[0], arms[0].run, arms[0].notes
         best_name = max(runs, key=lambda n: runs[n].mean)
         vw_best = runs[best_name]
         results.update(
@@ -655,20 +719,33 @@ def main() -> int:
                 "nba_decide_errors": notes["errors"],
                 "nba_record_errors": notes["record_errors"],
                 "nba_api_run_s": api_s,
-                "decide_latency_ms_p99": percentile(latencies, 99),
-                "decide_latency_ms_p50": percentile(latencies, 50),
+                "decide_latency_ms_p99": percentile(learner.latencies, 99),
+                "decide_latency_ms_p50": percentile(learner.latencies, 50),
             }
         )
+        if len(arms) > 1:
+            before = arms[1]
+            results.update(
+                {
+                    "nba_arbitration_reward_mean": before.run.mean,
+                    "nba_arbitration_reward_expected_mean": before.run.expected_mean,
+                    "decide_arbitration_latency_ms_p99": percentile(before.latencies, 99),
+                    "decide_arbitration_latency_ms_p50": percentile(before.latencies, 50),
+                    "decide_latency_p99_vs_arbitration_ratio": percentile(learner.latencies, 99)
+                    / percentile(before.latencies, 99),
+                }
+            )
         for name, run in runs.items():
             results[f"vw_{name}_reward_mean"] = run.mean
             results[f"vw_{name}_reward_expected_mean"] = run.expected_mean
             results[f"vw_{name}_second_half_expected_mean"] = run.half_means()[1]
         print_table(f"NBA through the gateway ({ROUNDS} rounds, {api_s:.0f} s)", _rows_api(results))
-        commonest = sorted(notes["reasons"].items(), key=lambda kv: -kv[1])[:6]
-        print(f"decision reasons: {commonest}")
-        for key in ("error", "record_error"):
-            if key in notes:
-                print(f"first {key}: {notes[key]}")
+        for arm in arms:
+            commonest = sorted(arm.notes["reasons"].items(), key=lambda kv: -kv[1])[:6]
+            print(f"{arm.policy}: decision reasons: {commonest}")
+            for key in ("error", "record_error"):
+                if key in arm.notes:
+                    print(f"{arm.policy}: first {key}: {arm.notes[key]}")
         ope_answer = notes.get("ope")
         if ope_answer is not None:
             results["nba_ope_logged_rounds"] = int(ope_answer.logged_rounds)
