@@ -241,8 +241,11 @@ def _config(state_dir: Path) -> Config:
             "ai": {
                 "listen": f"127.0.0.1:{free_port()}",
                 # The posterior's periodic snapshot (a JetStream object store)
-                # is a write no call made: only at shutdown.
+                # is a write no call made: only at shutdown. So is the
+                # learner's sweep of closed reward windows (a 0 published on
+                # TRIPLANE_AI for a ranking an hour old): far out.
                 "bandit": {"snapshot_interval_s": 0},
+                "learner": {"sweep_interval_s": far_s},
             },
             "gateway": {
                 "listen": f"127.0.0.1:{free_port()}",
