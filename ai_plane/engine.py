@@ -544,6 +544,7 @@ class AiEngine:
         assert self.rewards is not None
         learner = self._config.learner
         levers = [c.lever if c.lever > 0 else 1.0 for c in q.candidates]
+        known = [None if math.isnan(p) else p for p in result.scores.tolist()]
         key = self.model_key(q.tenant_id, q.surface)
         exposure = ai_pb2.LearnerExposure(
             tenant_id=q.tenant_id,
@@ -559,7 +560,9 @@ class AiEngine:
                     ),
                     reward_if_converted=self._reward_if_converted(c.entry.value_minor, lever),
                 )
-                for c, p, lever in zip(q.candidates, propensities, levers, strict=True)
+                # No score (no live model): no propensity feature, rather
+                # than a 0 that says "will not convert".
+                for c, p, lever in zip(q.candidates, known, levers, strict=True)
             ],
             policy=policy_name(learner),
             held_out=q.held_out,
