@@ -137,6 +137,8 @@ class PolicyPlane:
                 "nats.url is empty: case events stay in the outbox until NATS is configured"
             )
         self._spawn("decision-log-retention", self._retention_loop)
+        if self.config.policy.bundles.follow_interval_s > 0:
+            self._spawn("bundle-follow", self._follow_bundles)
         self.server.on_stop.append(self.stop_background)
         return await self.server.start()
 
@@ -169,6 +171,17 @@ class PolicyPlane:
             except Exception:
                 log.exception("decision log retention failed")
             await asyncio.sleep(self.config.policy.decision_log.retention_sweep_interval_s)
+
+    async def _follow_bundles(self) -> None:
+        """Each policy.bundles.follow_interval_s: the store's live and shadow
+        slots made current here (a switch made through another replica)."""
+        interval_s = self.config.policy.bundles.follow_interval_s
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self.engine.bundles.follow)
+            except Exception:
+                log.exception("following the store's bundle slots failed; retrying")
 
     async def _watch_bundles(self) -> None:
         assert self.js is not None

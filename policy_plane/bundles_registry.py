@@ -4,10 +4,15 @@ Switching is one attribute assignment of an immutable compiled bundle, so a
 request in flight finishes on the bundle it started with and no request ever
 sees half a bundle. A bundle that fails to compile raises before anything is
 stored or swapped.
+
+Replicas on one store share the live and shadow slots (policy_bundle_state);
+each follows a switch another made within policy.bundles.follow_interval_s
+(PolicyPlane runs follow() on that period).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +28,8 @@ from policy_plane.store import PolicyStore
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import PolicyConfig
 from triplane.runtime.errors import InvalidArgument, NotFound
+
+log = logging.getLogger("policy_plane.bundles")
 
 TARGETS = ("store", "live", "shadow")
 
@@ -74,6 +81,9 @@ class BundleRegistry:
         self._cache_size = max(2, config.bundles.compiled_cache_size)
         self._cache: OrderedDict[str, CompiledBundle] = OrderedDict()
         self._lock = threading.Lock()
+        # Held while a slot is written and the bundle it names made current,
+        # so follow() never puts back what a switch here just replaced.
+        self._slots_lock = threading.Lock()
         self.live: CompiledBundle | None = None
         self.shadow: CompiledBundle | None = None
 
@@ -108,29 +118,58 @@ class BundleRegistry:
             self._clock.now_us(),
         )
         self._remember(compiled)
-        if target == "live":
-            self._store.set_slot("live", compiled.version)
-            self.live = compiled
-        elif target == "shadow":
-            self._store.set_slot("shadow", compiled.version)
-            self.shadow = compiled
+        with self._slots_lock:
+            if target == "live":
+                self._store.set_slot("live", compiled.version)
+                self.live = compiled
+            elif target == "shadow":
+                self._store.set_slot("shadow", compiled.version)
+                self.shadow = compiled
         return self.info(compiled.version)
 
     def activate(self, version: str) -> BundleInfo:
         compiled = self.resolve(version)
-        self._store.set_slot("live", version)
-        self.live = compiled
+        with self._slots_lock:
+            self._store.set_slot("live", version)
+            self.live = compiled
         return self.info(version)
 
     def set_shadow(self, version: str) -> BundleInfo | None:
         if not version:
-            self._store.set_slot("shadow", "")
-            self.shadow = None
+            with self._slots_lock:
+                self._store.set_slot("shadow", "")
+                self.shadow = None
             return None
         compiled = self.resolve(version)
-        self._store.set_slot("shadow", version)
-        self.shadow = compiled
+        with self._slots_lock:
+            self._store.set_slot("shadow", version)
+            self.shadow = compiled
         return self.info(version)
+
+    def follow(self) -> bool:
+        """Makes the store's live and shadow slots current here: another
+        replica on the same store may have switched them (LoadBundle,
+        ActivateBundle, SetShadowBundle, a KV watch). True when anything
+        changed. A slot naming a bundle that does not compile to its version
+        raises, as start() does: the store is not what it claims."""
+        with self._slots_lock:
+            live_version = self._store.get_slot("live")
+            shadow_version = self._store.get_slot("shadow")
+            changed = False
+            if live_version and (self.live is None or self.live.version != live_version):
+                self.live = self.resolve(live_version)
+                changed = True
+            current_shadow = self.shadow.version if self.shadow is not None else ""
+            if shadow_version != current_shadow:
+                self.shadow = self.resolve(shadow_version) if shadow_version else None
+                changed = True
+        if changed:
+            log.info(
+                "bundles follow the store: live %s, shadow %s",
+                live_version,
+                shadow_version or "(none)",
+            )
+        return changed
 
     def resolve(self, version: str) -> CompiledBundle:
         """A compiled bundle by version: from memory, else from the store."""

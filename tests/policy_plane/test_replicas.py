@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from policy_plane.app import PolicyPlane, build_plane
+from policy_plane.bundle import BundleSource, shipped_default_path
 from policy_plane.engine import PolicyEngine
 from policy_plane.replay import ReplayWindow
 from policy_plane.store import ChainMark
@@ -36,12 +37,19 @@ from .conftest import TENANT, Stubs, make_config, payment_input, put_customer, s
 SMALL_GROUPS = {"max_batch_records": 3}
 # A bounded wait for the other replica's writer (a test that hangs fails here).
 WAIT_S = 30.0
+# Planes in these tests follow the store's bundle slots this often.
+FOLLOW_INTERVAL_S = 0.05
 
 
 def replica_config(state_dir: Path, pg_dsn: str, writer_id: str = "") -> Config:
     """Replicas share the database and the state dir (the same log, token and
     PII keys, as pods share Secrets)."""
-    return make_config(state_dir, pg_dsn, decision_log={**SMALL_GROUPS, "writer_id": writer_id})
+    return make_config(
+        state_dir,
+        pg_dsn,
+        decision_log={**SMALL_GROUPS, "writer_id": writer_id},
+        bundles={"follow_interval_s": FOLLOW_INTERVAL_S},
+    )
 
 
 async def stop(*engines: PolicyEngine) -> None:
@@ -329,6 +337,82 @@ async def test_an_offer_put_or_stopped_through_one_replica_is_served_by_the_othe
         )
         got = await via_a.offers.GetOffer(pb.GetOfferRequest(tenant_id=TENANT, offer_id="o1"))
         assert got.offer.revision == 6
+
+
+# ------------------------------------------------------------ bundles
+
+
+def slots(engine: PolicyEngine) -> tuple[str, str]:
+    """The live and shadow versions a replica serves ("" for no shadow)."""
+    live, shadow = engine.bundles.live, engine.bundles.shadow
+    return (live.version if live else "", shadow.version if shadow else "")
+
+
+def canary() -> BundleSource:
+    """The shipped bundle under another label: another version."""
+    return BundleSource(yaml_text=shipped_default_path().read_text(), label_override="canary")
+
+
+async def test_a_bundle_switched_through_one_replica_is_followed_by_the_other(
+    state_dir: Path, pg_dsn: str, clock: ManualClock
+) -> None:
+    """Live and shadow slots are shared in the store; follow() (which each
+    plane runs every policy.bundles.follow_interval_s) makes them current."""
+    a = await started_engine(replica_config(state_dir, pg_dsn), clock)
+    b = await started_engine(replica_config(state_dir, pg_dsn), clock)
+    try:
+        shipped = slots(a)[0]
+        assert b.bundles.follow() is False  # nothing switched yet
+        loaded = await asyncio.to_thread(a.bundles.load, canary(), "live")
+        assert loaded.version != shipped
+        assert slots(b) == (shipped, "")  # B has not looked yet
+        assert b.bundles.follow() is True
+        assert slots(b) == (loaded.version, "")
+        decided, _ = await b.evaluate(payment_input("after-switch"))
+        assert decided.record.bundle_version == loaded.version
+
+        a.bundles.set_shadow(shipped)
+        assert b.bundles.follow() is True
+        assert slots(b) == (loaded.version, shipped)
+        a.bundles.activate(shipped)
+        a.bundles.set_shadow("")
+        assert b.bundles.follow() is True
+        assert slots(b) == (shipped, "")
+        assert b.bundles.follow() is False
+    finally:
+        await stop(a, b)
+
+
+async def test_a_running_replica_serves_a_bundle_activated_through_the_other(
+    replicas: tuple[PolicyPlane, PolicyPlane],
+) -> None:
+    """The stated bound: within policy.bundles.follow_interval_s (here
+    FOLLOW_INTERVAL_S) of the switch returning; waited for here up to a
+    hundred intervals, so a plane that never follows fails."""
+    a, b = replicas
+    async with (
+        channel_for(a.config, f"127.0.0.1:{a.server.port}") as channel_a,
+        channel_for(b.config, f"127.0.0.1:{b.server.port}") as channel_b,
+    ):
+        via_a, via_b = Stubs(channel_a), Stubs(channel_b)
+        before = (await via_b.bundles.GetActiveBundle(pb.GetActiveBundleRequest())).live.version
+        source = canary()
+        loaded = await via_a.bundles.LoadBundle(
+            pb.LoadBundleRequest(
+                content=source.yaml_text,
+                label=source.label_override,
+                target=pb.BUNDLE_TARGET_LIVE,
+            )
+        )
+        assert loaded.bundle.version != before
+        live = before
+        for _ in range(100):
+            answer = await via_b.bundles.GetActiveBundle(pb.GetActiveBundleRequest())
+            live = answer.live.version
+            if live == loaded.bundle.version:
+                break
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+        assert live == loaded.bundle.version
 
 
 # ------------------------------------------------------------ cases

@@ -307,6 +307,9 @@ class PolicyBundlesConfig(_Strict, frozen=True):
     kv_bucket: str
     kv_key: str
     kv_watch: bool
+    # How often each replica reads the store's live and shadow slots and
+    # follows a switch another replica made (seconds; 0: never).
+    follow_interval_s: float
     compiled_cache_size: int
 
 
@@ -1215,6 +1218,8 @@ def _check(config: Config) -> None:
         raise ConfigError("policy.store.backend must be 'sqlite' or 'postgres'")
     if config.policy.store.backend == "postgres" and not config.policy.store.postgres_dsn:
         raise ConfigError("policy.store.postgres_dsn is required with backend 'postgres'")
+    if config.policy.bundles.follow_interval_s < 0:
+        raise ConfigError("policy.bundles.follow_interval_s must be >= 0 (0: never)")
     _check_gateway_stores(config)
     _check_tls(config)
     _check_grpc(config)
