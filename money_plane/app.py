@@ -13,6 +13,8 @@ from typing import Any
 from money_plane import codec
 from money_plane import metrics as m
 from money_plane.ledger import Ledger
+from money_plane.payouts.codec import encode_payout_event
+from money_plane.payouts.service import Payouts, load_cipher
 from money_plane.permissions import PERMISSIONS
 from money_plane.service import ledger_service
 from money_plane.shards import ShardDirectory, ShardedLedger
@@ -144,6 +146,12 @@ class MoneyPlane:
             self.sharded = ShardedLedger(directory, ledgers, self.clock)
             await self.sharded.start(sweepers=sweepers)
             served = self.sharded
+            payouts_of = {id(ledger): self._payouts(ledger) for ledger in ledgers.values()}
+            sharded = self.sharded
+
+            async def payouts_for(tenant_id: str) -> Payouts:
+                return payouts_of[id(await sharded.ledger_of(tenant_id))]
+
             relayed = [(f"money-plane-relay-{name}", ledger) for name, ledger in ledgers.items()]
         else:
             self.ledger = Ledger(
@@ -155,6 +163,11 @@ class MoneyPlane:
             )
             await self.ledger.start(sweepers=sweepers)
             served = self.ledger
+            single = self._payouts(self.ledger)
+
+            async def payouts_for(tenant_id: str) -> Payouts:
+                return single
+
             relayed = [("money-plane-relay", self.ledger)]
         if config.nats.url and relay:
             for client_name, ledger in relayed:
@@ -165,7 +178,7 @@ class MoneyPlane:
         self.server = PlaneServer(
             name="money_plane",
             listen=self.listen or config.money.listen,
-            services=[ledger_service(served, self.clock)],
+            services=[ledger_service(served, self.clock, payouts_for)],
             security=ServerSecurity.from_config(config, MONEY_PLANE, PERMISSIONS),
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
@@ -176,6 +189,10 @@ class MoneyPlane:
             metrics_listen=config.money.metrics_listen if metrics else "",
         )
         return await self.server.start()
+
+    def _payouts(self, ledger: Ledger) -> Payouts:
+        cipher = load_cipher(self.config.money.payouts, self.config.state_path)
+        return Payouts(ledger, cipher, self.config.money.payouts, encode_payout_event)
 
     def _start_relay(self, client_name: str, ledger: Ledger) -> None:
         config = self.config

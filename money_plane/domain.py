@@ -46,6 +46,12 @@ class Kind(enum.IntEnum):
     # Internal: posted by the ledger's own jobs, never accepted from clients.
     RESERVE_RELEASE = 7
     EXPIRE_HOLD = 8
+    # Internal: a payout's later ledger effects (money_plane/payouts), posted
+    # by the money plane itself under the payout's original decision, each
+    # under a key derived from the payout so it posts once: the rail settled
+    # it (in-flight -> bank), or it came back (in-flight or bank -> merchant).
+    PAYOUT_SETTLEMENT = 9
+    PAYOUT_REVERSAL = 10
 
 
 # New money movements carry a policy decision, refunds too (money goes out of

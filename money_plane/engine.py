@@ -399,7 +399,7 @@ class Engine:
         self._undo.append(self.changes.new_idempotency, record)
 
     def _dispatch(self, cmd: Command, where: str) -> Outcome:
-        if cmd.kind in (Kind.TRANSFER, Kind.PAYOUT):
+        if cmd.kind in (Kind.TRANSFER, Kind.PAYOUT, Kind.PAYOUT_SETTLEMENT, Kind.PAYOUT_REVERSAL):
             return self._transfer(cmd, where)
         if cmd.kind == Kind.AUTHORIZE:
             return self._authorize(cmd, where)

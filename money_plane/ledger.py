@@ -103,6 +103,10 @@ class Ledger:
         self.committed = asyncio.Event()
         self.stats = {"groups": 0, "jobs": 0, "commands": 0}
 
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
     # ---- lifecycle ----
 
     async def start(self, sweepers: bool = True) -> None:
@@ -197,15 +201,23 @@ class Ledger:
                 "BATCH_TOO_LARGE", f"at most {limit} transfers per request", field_prefix
             )
         fields = [f"{field_prefix}[{i}]" if indexed else field_prefix for i in range(len(commands))]
+        job = self.prepare_job(tenant_id, commands, fields, atomic=atomic)
+        return await self._enqueue(
+            job, deadline or Deadline.from_remaining(None, self.config.budget_ms / 1000.0)
+        )
+
+    def prepare_job(
+        self, tenant_id: str, commands: list[Command], fields: list[str], *, atomic: bool = False
+    ) -> Job:
+        """Validates the commands and verifies their decision tokens: the job
+        the group commit runs (or a payout's transaction, beside its row)."""
         for cmd, where in zip(commands, fields, strict=True):
             check_command(cmd, where, self.config.limits, self.config.holds.max_timeout_s)
         job = Job(tenant_id=tenant_id, commands=[], atomic=atomic, fields=fields)
         now_us = self._clock.now_us()
         for index, (cmd, where) in enumerate(zip(commands, fields, strict=True)):
             job.commands.append(self._authorize_command(job, index, cmd, where, now_us))
-        return await self._enqueue(
-            job, deadline or Deadline.from_remaining(None, self.config.budget_ms / 1000.0)
-        )
+        return job
 
     def _authorize_command(
         self, job: Job, index: int, cmd: Command, where: str, now_us: int

@@ -3,18 +3,22 @@ validation lives in the ledger, error mapping in the server's interceptor."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 
 from money_plane import codec
 from money_plane.domain import Outcome
 from money_plane.ledger import Ledger
+from money_plane.payouts import codec as payout_codec
+from money_plane.payouts.service import Payouts
 from money_plane.shards import ShardedLedger
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
 from triplane.runtime.deadline import Deadline
-from triplane.runtime.errors import InvalidArgument, error_for
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument, error_for
 from triplane.runtime.server import Service
 
 
@@ -28,10 +32,23 @@ def _raise_for(outcome: Outcome) -> None:
         raise error_for(err.code, err.reason, err.message, err.field)
 
 
+PayoutsFor = Callable[[str], Awaitable[Payouts]]
+
+
 class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, ledger: Ledger | ShardedLedger, clock: Clock) -> None:
+    def __init__(
+        self, ledger: Ledger | ShardedLedger, clock: Clock, payouts: PayoutsFor | None = None
+    ) -> None:
         self._ledger = ledger
         self._clock = clock
+        self._payouts_for = payouts
+
+    async def _payouts(self, tenant_id: str) -> Payouts:
+        if self._payouts_for is None:
+            raise FailedPrecondition(
+                "PAYOUTS_NOT_CONFIGURED", "this money plane serves no payouts", ""
+            )
+        return await self._payouts_for(tenant_id)
 
     async def CreateTenant(
         self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext
@@ -132,9 +149,96 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         check = await self._ledger.check_balanced(request.tenant_id)
         return codec.check_balanced_response(check)
 
+    # ---- payouts ----
 
-def ledger_service(ledger: Ledger | ShardedLedger, clock: Clock) -> Service:
-    servicer = LedgerServicer(ledger, clock)
+    async def CreateBeneficiary(
+        self, request: pb.CreateBeneficiaryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateBeneficiaryResponse:
+        payouts = await self._payouts(request.tenant_id)
+        found, replayed = await payouts.create_beneficiary(
+            request.tenant_id, payout_codec.new_beneficiary(request.beneficiary)
+        )
+        return pb.CreateBeneficiaryResponse(
+            beneficiary=payout_codec.beneficiary(found), replayed=replayed
+        )
+
+    async def GetBeneficiary(
+        self, request: pb.GetBeneficiaryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBeneficiaryResponse:
+        payouts = await self._payouts(request.tenant_id)
+        found = await payouts.get_beneficiary(request.tenant_id, request.beneficiary_id)
+        return pb.GetBeneficiaryResponse(beneficiary=payout_codec.beneficiary(found))
+
+    async def GetPayoutContext(
+        self, request: pb.GetPayoutContextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetPayoutContextResponse:
+        payouts = await self._payouts(request.tenant_id)
+        found = await payouts.context(
+            request.tenant_id, request.beneficiary_id, request.debit_account_id
+        )
+        (c1, a1), (c24, a24), (c30, a30) = found.velocity
+        return pb.GetPayoutContextResponse(
+            beneficiary=payout_codec.beneficiary(found.beneficiary),
+            holder_name=found.holder_name,
+            beneficiary_payouts=found.beneficiary_payouts,
+            available_minor=found.available_minor,
+            currency=found.currency,
+            payouts_count_1h=c1,
+            payouts_count_24h=c24,
+            payouts_count_30d=c30,
+            payouts_amount_minor_1h=a1,
+            payouts_amount_minor_24h=a24,
+            payouts_amount_minor_30d=a30,
+            in_flight_account_id=found.in_flight_account_id,
+        )
+
+    async def CreatePayout(
+        self, request: pb.CreatePayoutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreatePayoutResponse:
+        payouts = await self._payouts(request.tenant_id)
+        found, replayed = await payouts.create_payout(
+            request.tenant_id,
+            request.idempotency_key,
+            beneficiary_id=request.beneficiary_id,
+            merchant_id=request.merchant_id,
+            debit_account_id=request.debit_account_id,
+            amount_minor=request.amount.amount_minor,
+            currency=request.amount.currency,
+            decision_token=request.decision_token,
+            pending_review=request.pending_review,
+            decision_id=request.decision_id,
+            case_id=request.case_id,
+            rail=request.rail,
+            description=request.description,
+        )
+        return pb.CreatePayoutResponse(payout=payout_codec.payout(found), replayed=replayed)
+
+    async def GetPayout(
+        self, request: pb.GetPayoutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetPayoutResponse:
+        payouts = await self._payouts(request.tenant_id)
+        found = await payouts.get_payout(request.tenant_id, request.payout_id)
+        return pb.GetPayoutResponse(payout=payout_codec.payout(found))
+
+    async def RecordPayoutOutcome(
+        self, request: pb.RecordPayoutOutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordPayoutOutcomeResponse:
+        payouts = await self._payouts(request.tenant_id)
+        found, replayed = await payouts.record_outcome(
+            request.tenant_id,
+            request.payout_id,
+            int(request.outcome),
+            reason_code=request.reason_code,
+            reason=request.reason,
+            rail_reference=request.rail_reference,
+        )
+        return pb.RecordPayoutOutcomeResponse(payout=payout_codec.payout(found), replayed=replayed)
+
+
+def ledger_service(
+    ledger: Ledger | ShardedLedger, clock: Clock, payouts: PayoutsFor | None = None
+) -> Service:
+    servicer = LedgerServicer(ledger, clock, payouts)
     return Service(
         full_name=pb.DESCRIPTOR.services_by_name["LedgerService"].full_name,
         register=lambda server: money_pb2_grpc.add_LedgerServiceServicer_to_server(

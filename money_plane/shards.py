@@ -147,6 +147,10 @@ class ShardedLedger:
             raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
         return self.ledgers[shard]
 
+    async def ledger_of(self, tenant_id: str) -> Ledger:
+        """The ledger of the tenant's shard (NOT_FOUND for an unknown tenant)."""
+        return await self._ledger(tenant_id)
+
     async def shard_of(self, tenant_id: str) -> str | None:
         return await asyncio.to_thread(self.directory.shard_of, tenant_id)
 

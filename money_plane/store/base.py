@@ -179,6 +179,23 @@ SCHEMA = [
         PRIMARY KEY (tenant_id, event_id))""",
     "CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (order_us, order_pos, event_id) "
     "WHERE sent_at_us IS NULL",
+    # Payouts (money_plane/payouts), added to version 2 as new tables (created
+    # on start, nothing to copy). A beneficiary's body holds its account
+    # number and holder's name sealed, never in clear.
+    """CREATE TABLE IF NOT EXISTS beneficiaries (
+        tenant_id TEXT NOT NULL, beneficiary_key TEXT NOT NULL, merchant_id TEXT NOT NULL,
+        created_at_us BIGINT NOT NULL, body {blob} NOT NULL,
+        PRIMARY KEY (tenant_id, beneficiary_key))""",
+    # payout_key is "<tenant>/<payout id>", the id derived from the
+    # idempotency key: the primary key is what makes a payout once.
+    """CREATE TABLE IF NOT EXISTS payouts (
+        tenant_id TEXT NOT NULL, payout_key TEXT NOT NULL, beneficiary_id TEXT NOT NULL,
+        debit_account_id TEXT NOT NULL, state SMALLINT NOT NULL, amount_minor BIGINT NOT NULL,
+        created_at_us BIGINT NOT NULL, updated_at_us BIGINT NOT NULL, body {blob} NOT NULL,
+        PRIMARY KEY (tenant_id, payout_key))""",
+    "CREATE INDEX IF NOT EXISTS payouts_by_account "
+    "ON payouts (tenant_id, debit_account_id, created_at_us)",
+    "CREATE INDEX IF NOT EXISTS payouts_by_beneficiary ON payouts (tenant_id, beneficiary_id)",
 ]
 
 ACCOUNT_COLUMNS = (
@@ -331,6 +348,32 @@ class LedgerStore:
     def _lock_schema(self, cur: Any) -> None:
         """Keeps concurrent start-ups from migrating at once (SQLite's
         BEGIN IMMEDIATE already does)."""
+
+    # ---- work beside the ledger's own (payouts) ----
+
+    def run_transaction(self, work: Callable[[Any], T]) -> T:
+        """Runs `work(cursor)` in one transaction of this store, again when
+        it loses a race (StoreConflict), per money.store.conflict_retry."""
+
+        def attempt() -> T:
+            with self._transaction() as cur:
+                return work(cur)
+
+        return self._retry_conflicts(attempt)
+
+    def commit_jobs_in(self, cur: Any, jobs: list[Job], now_us: int) -> list[list[Outcome]]:
+        """The group commit's work inside a transaction the caller holds, so
+        rows of its own (a payout's state) commit with the ledger's."""
+        return self._commit_in_transaction(cur, jobs, now_us)
+
+    def write_outbox(
+        self, cur: Any, tenant_id: str, events: list[OutgoingEvent], now_us: int
+    ) -> None:
+        self._write_outbox(cur, tenant_id, events, now_us)
+
+    def sql(self, text: str) -> str:
+        """`text` with `?` placeholders in this backend's style."""
+        return self._sql(text)
 
     # ---- tenants and accounts ----
 

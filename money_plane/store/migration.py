@@ -27,6 +27,10 @@ at all). What the copy derives:
   order_us = 0, so the unsent ones are relayed first and in their old order,
   and every later commit (order_us >= its clock) after them.
 
+Additions to version 2 that only add tables (payouts: `beneficiaries` and
+`payouts`) need no migration and no version: the CREATE ... IF NOT EXISTS
+of the schema makes them on the next start, beside the existing tables.
+
 It stops the world for as long as the copy takes (proportional to the
 ledger's size): the plane's replicas must all run the new version, since the
 old one cannot write the new tables.

@@ -24,6 +24,9 @@ TABLES = {
     "idempotency",
     "decision_tokens",
     "outbox",
+    # Payouts (money_plane/payouts).
+    "beneficiaries",
+    "payouts",
 }
 # Primary keys led by tenant_id (the README's "yes" rows): every table's.
 LED_BY_TENANT = TABLES

@@ -227,6 +227,21 @@ class TokensConfig(_Strict, frozen=True):
     purge_batch: int
 
 
+class PayoutsConfig(_Strict, frozen=True):
+    """Payouts (money_plane/payouts; README "Payouts and settlement")."""
+
+    # The ledger accounts a payout moves through, one per currency,
+    # "<prefix>:<currency>", opened by the money plane on first use: the
+    # merchant's money waits in in-flight until the rail settles it (then it
+    # goes to the bank account) or returns it (then back to the merchant).
+    in_flight_account_prefix: str = "payouts_in_flight"
+    bank_account_prefix: str = "payouts_bank"
+    # Key ring (base64 AES-256 keys, one a line, the sealing key first)
+    # sealing beneficiaries' account numbers and names at rest; a Kubernetes
+    # Secret in a cluster. Empty: a dev key ring under state_dir/keys.
+    keys_path: str = ""
+
+
 class MoneyConfig(_Strict, frozen=True):
     listen: str
     # host:port of the Prometheus metrics endpoint; empty: not served.
@@ -240,6 +255,7 @@ class MoneyConfig(_Strict, frozen=True):
     reserves: ReservesConfig
     outbox: OutboxConfig
     tokens: TokensConfig
+    payouts: PayoutsConfig = msgspec.field(default_factory=PayoutsConfig)
 
 
 class PolicyStoreConfig(_Strict, frozen=True):

@@ -1,0 +1,380 @@
+"""Payouts as the servicer sees them: validation, then the ledger's writer.
+
+Every write runs on the ledger's writer thread (SQLite has one writer; on
+PostgreSQL the same connection discipline as the group commit) in one
+transaction with the ledger entry it goes with (money_plane/payouts/store.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from money_plane.domain import (
+    AccountSpec,
+    Command,
+    Constraint,
+    Kind,
+    check_id,
+    check_tenant_id,
+    check_text,
+)
+from money_plane.engine import Job
+from money_plane.ledger import Ledger
+from money_plane.payouts import store as rows
+from money_plane.payouts.domain import (
+    Beneficiary,
+    NewBeneficiary,
+    Payout,
+    PayoutOutcome,
+    PayoutState,
+    Rail,
+    build_beneficiary,
+    end_to_end_id_for,
+    holder_name_of,
+    payout_id_for,
+    rail_submission,
+    transition,
+)
+from money_plane.payouts.store import PayoutEventEncoder
+from triplane.runtime import codec as wire
+from triplane.runtime.config import PayoutsConfig
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from triplane.runtime.secret_files import (
+    FieldCipher,
+    SecretError,
+    random_key_b64,
+    secret_path,
+)
+
+KEYS_FILE = "money-payouts.keys"
+_COUNTRY = re.compile(r"[A-Z]{2}")
+HOUR_US = 3_600_000_000
+
+
+def load_cipher(config: PayoutsConfig, state_dir: Path) -> FieldCipher:
+    """The key ring sealing beneficiaries (the dev stack's is made once)."""
+    path = secret_path(config.keys_path, state_dir, KEYS_FILE, random_key_b64)
+    try:
+        return FieldCipher.from_file(path)
+    except SecretError as exc:
+        raise SecretError(f"money.payouts.keys_path: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutContext:
+    beneficiary: Beneficiary
+    holder_name: str
+    beneficiary_payouts: int
+    available_minor: int
+    currency: str
+    # (count, amount) over 1 h, 24 h and 30 days.
+    velocity: list[tuple[int, int]]
+    in_flight_account_id: str
+
+
+class Payouts:
+    def __init__(
+        self,
+        ledger: Ledger,
+        cipher: FieldCipher,
+        config: PayoutsConfig,
+        encode_event: PayoutEventEncoder,
+    ) -> None:
+        self.ledger = ledger
+        self._store = ledger.store
+        self._cipher = cipher
+        self.config = config
+        self._encode_event = encode_event
+        self._clock = ledger.clock
+
+    def in_flight_account(self, currency: str) -> str:
+        return f"{self.config.in_flight_account_prefix}:{currency}"
+
+    def bank_account(self, currency: str) -> str:
+        return f"{self.config.bank_account_prefix}:{currency}"
+
+    def _check_id(self, value: str, field: str) -> None:
+        check_id(value, field, self.ledger.config.limits)
+
+    # ---- beneficiaries ----
+
+    async def create_beneficiary(
+        self, tenant_id: str, new: NewBeneficiary
+    ) -> tuple[Beneficiary, bool]:
+        check_tenant_id(tenant_id)
+        self._check_id(new.beneficiary_id, "beneficiary.beneficiary_id")
+        self._check_id(new.merchant_id, "beneficiary.merchant_id")
+        check_text(new.holder_name, "beneficiary.holder_name", self.ledger.config.limits)
+        if not _COUNTRY.fullmatch(new.country):
+            raise InvalidArgument(
+                "COUNTRY_INVALID",
+                "beneficiary.country must be ISO 3166-1 alpha-2",
+                "beneficiary.country",
+            )
+        beneficiary = build_beneficiary(tenant_id, new, self._cipher, self._clock.now_us())
+        if not await self.ledger.run_on_writer(lambda: self._store.tenant_exists(tenant_id)):
+            raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
+        return await self.ledger.run_on_writer(
+            lambda: rows.insert_beneficiary(self._store, beneficiary)
+        )
+
+    async def get_beneficiary(self, tenant_id: str, beneficiary_id: str) -> Beneficiary:
+        check_tenant_id(tenant_id)
+        self._check_id(beneficiary_id, "beneficiary_id")
+        found = await self.ledger.run_on_writer(
+            lambda: rows.get_beneficiary(self._store, tenant_id, beneficiary_id)
+        )
+        if found is None:
+            raise NotFound(
+                "BENEFICIARY_NOT_FOUND", f"no beneficiary {beneficiary_id!r}", "beneficiary_id"
+            )
+        return found
+
+    # ---- payouts ----
+
+    async def context(
+        self, tenant_id: str, beneficiary_id: str, debit_account_id: str
+    ) -> PayoutContext:
+        beneficiary = await self.get_beneficiary(tenant_id, beneficiary_id)
+        account = await self.ledger.get_account(tenant_id, debit_account_id)
+        now_us = self._clock.now_us()
+        store = self._store
+        paid = await self.ledger.run_on_writer(
+            lambda: rows.beneficiary_payouts(store, tenant_id, beneficiary_id)
+        )
+        windows = [now_us - HOUR_US, now_us - 24 * HOUR_US, now_us - 30 * 24 * HOUR_US]
+        velocity = await self.ledger.run_on_writer(
+            lambda: rows.payout_velocity(store, tenant_id, debit_account_id, windows)
+        )
+        return PayoutContext(
+            beneficiary=beneficiary,
+            holder_name=holder_name_of(beneficiary, self._cipher),
+            beneficiary_payouts=paid,
+            available_minor=account.credits_posted - account.debits_posted - account.debits_pending,
+            currency=account.currency,
+            velocity=velocity,
+            in_flight_account_id=self.in_flight_account(account.currency),
+        )
+
+    async def _open_accounts(self, tenant_id: str, currency: str) -> None:
+        """The currency's in-flight and bank accounts (idempotent)."""
+        await self.ledger.create_accounts(
+            tenant_id,
+            [
+                AccountSpec(
+                    account_id=self.in_flight_account(currency),
+                    currency=currency,
+                    kind=2,  # liability: the merchants' money on its way out
+                    constraint=Constraint.DEBITS_MUST_NOT_EXCEED_CREDITS,
+                    overdraft_limit_minor=0,
+                    metadata={"role": "payouts_in_flight"},
+                ),
+                AccountSpec(
+                    account_id=self.bank_account(currency),
+                    currency=currency,
+                    kind=1,  # asset: the platform's bank account
+                    constraint=Constraint.NONE,
+                    overdraft_limit_minor=0,
+                    metadata={"role": "payouts_bank"},
+                ),
+            ],
+        )
+
+    async def create_payout(
+        self,
+        tenant_id: str,
+        idempotency_key: str,
+        *,
+        beneficiary_id: str,
+        merchant_id: str,
+        debit_account_id: str,
+        amount_minor: int,
+        currency: str,
+        decision_token: str,
+        pending_review: bool,
+        decision_id: str = "",
+        case_id: str = "",
+        rail: str = "",
+        description: str = "",
+    ) -> tuple[Payout, bool]:
+        check_tenant_id(tenant_id)
+        limits = self.ledger.config.limits
+        self._check_id(idempotency_key, "idempotency_key")
+        self._check_id(beneficiary_id, "beneficiary_id")
+        self._check_id(merchant_id, "merchant_id")
+        self._check_id(debit_account_id, "debit_account_id")
+        check_text(description, "description", limits)
+        wire.check_currency(currency, "amount.currency")
+        if amount_minor <= 0:
+            raise InvalidArgument(
+                "AMOUNT_NOT_POSITIVE", "amount must be positive", "amount.amount_minor"
+            )
+        if pending_review == bool(decision_token):
+            raise InvalidArgument(
+                "DECISION_TOKEN_REQUIRED",
+                "an approved payout carries its decision token; one pending review none",
+                "decision_token",
+            )
+        beneficiary = await self.get_beneficiary(tenant_id, beneficiary_id)
+        if beneficiary.merchant_id != merchant_id:
+            raise FailedPrecondition(
+                "BENEFICIARY_NOT_MERCHANTS",
+                "the beneficiary belongs to another merchant",
+                "beneficiary_id",
+            )
+        now_us = self._clock.now_us()
+        payout_id = payout_id_for(tenant_id, idempotency_key)
+        payout = Payout(
+            tenant_id=tenant_id,
+            payout_id=payout_id,
+            idempotency_key=idempotency_key,
+            beneficiary_id=beneficiary_id,
+            merchant_id=merchant_id,
+            debit_account_id=debit_account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            state=PayoutState.PENDING_REVIEW if pending_review else PayoutState.APPROVED,
+            decision_id=decision_id,
+            case_id=case_id,
+            rail=rail,
+            end_to_end_id=end_to_end_id_for(payout_id),
+            created_at_us=now_us,
+            updated_at_us=now_us,
+            description=description,
+        )
+        job: Job | None = None
+        if not pending_review:
+            await self._open_accounts(tenant_id, currency)
+            command = Command(
+                tenant_id=tenant_id,
+                idempotency_key=idempotency_key,
+                kind=Kind.PAYOUT,
+                debit_account_id=debit_account_id,
+                credit_account_id=self.in_flight_account(currency),
+                amount_minor=amount_minor,
+                currency=currency,
+                decision_token=decision_token,
+                metadata={"payout_id": payout_id, "beneficiary_id": beneficiary_id},
+            )
+            job = self.ledger.prepare_job(tenant_id, [command], ["payout"])
+        return await self.ledger.run_on_writer(
+            lambda: rows.insert_payout(self._store, payout, job, now_us, self._encode_event)
+        )
+
+    async def get_payout(self, tenant_id: str, payout_id: str) -> Payout:
+        check_tenant_id(tenant_id)
+        self._check_id(payout_id, "payout_id")
+        found = await self.ledger.run_on_writer(
+            lambda: rows.get_payout(self._store, tenant_id, payout_id)
+        )
+        if found is None:
+            raise NotFound("PAYOUT_NOT_FOUND", f"no payout {payout_id!r}", "payout_id")
+        return found
+
+    async def record_outcome(
+        self,
+        tenant_id: str,
+        payout_id: str,
+        outcome: int,
+        *,
+        reason_code: str = "",
+        reason: str = "",
+        rail_reference: str = "",
+    ) -> tuple[Payout, bool]:
+        """A rail's outcome: the ledger effect posts once, with the state."""
+        check_tenant_id(tenant_id)
+        self._check_id(payout_id, "payout_id")
+        limits = self.ledger.config.limits
+        try:
+            kind = PayoutOutcome(outcome)
+        except ValueError:
+            raise InvalidArgument(
+                "FIELD_REQUIRED", "outcome: settled, returned or failed", "outcome"
+            ) from None
+        if kind != PayoutOutcome.SETTLED:
+            self._check_id(reason_code, "reason_code")
+        check_text(reason, "reason", limits)
+        check_text(rail_reference, "rail_reference", limits)
+        now_us = self._clock.now_us()
+
+        def decide(payout: Payout) -> tuple[Payout, Job | None, str] | None:
+            move = transition(PayoutState(payout.state), kind)
+            if move.replay:
+                return None
+            assert move.debit is not None and move.credit is not None
+            accounts = {
+                "in_flight": self.in_flight_account(payout.currency),
+                "bank": self.bank_account(payout.currency),
+                "merchant": payout.debit_account_id,
+            }
+            settling = kind == PayoutOutcome.SETTLED
+            command = Command(
+                tenant_id=tenant_id,
+                idempotency_key=f"payout-{'settle' if settling else 'reverse'}:{payout_id}",
+                kind=Kind.PAYOUT_SETTLEMENT if settling else Kind.PAYOUT_REVERSAL,
+                debit_account_id=accounts[move.debit],
+                credit_account_id=accounts[move.credit],
+                amount_minor=payout.amount_minor,
+                currency=payout.currency,
+                metadata={"payout_id": payout_id, "reason_code": reason_code},
+            )
+            job = Job(tenant_id=tenant_id, commands=[command], fields=["outcome"])
+            updated = msgspec.structs.replace(
+                payout,
+                state=move.target,
+                updated_at_us=now_us,
+                reason_code=reason_code,
+                reason=reason,
+                rail_reference=rail_reference or payout.rail_reference,
+            )
+            return updated, job, "settlement_entry_id" if settling else "reversal_entry_id"
+
+        found = await self.ledger.run_on_writer(
+            lambda: rows.update_payout(
+                self._store, tenant_id, payout_id, decide, now_us, self._encode_event
+            )
+        )
+        if found is None:
+            raise NotFound("PAYOUT_NOT_FOUND", f"no payout {payout_id!r}", "payout_id")
+        return found
+
+    async def hand_to_rail(self, tenant_id: str, payout_id: str, rail: Rail) -> Payout:
+        """Hands an approved payout to a rail and marks it submitted. A
+        crash between the rail's acceptance and the mark hands it again
+        with the same end_to_end_id, which the rail must take as the same
+        payout. A submitted one is returned as it is."""
+        payout = await self.get_payout(tenant_id, payout_id)
+        if payout.state == PayoutState.SUBMITTED:
+            return payout
+        if payout.state != PayoutState.APPROVED:
+            raise FailedPrecondition(
+                "PAYOUT_STATE_CONFLICT",
+                f"a {PayoutState(payout.state).label} payout cannot be submitted",
+                "payout_id",
+            )
+        beneficiary = await self.get_beneficiary(tenant_id, payout.beneficiary_id)
+        reference = await rail.submit(rail_submission(payout, beneficiary, self._cipher))
+        now_us = self._clock.now_us()
+
+        def decide(current: Payout) -> tuple[Payout, Job | None, str] | None:
+            if current.state != PayoutState.APPROVED:
+                return None
+            updated = msgspec.structs.replace(
+                current,
+                state=PayoutState.SUBMITTED,
+                updated_at_us=now_us,
+                rail_reference=reference,
+            )
+            return updated, None, ""
+
+        found = await self.ledger.run_on_writer(
+            lambda: rows.update_payout(
+                self._store, tenant_id, payout_id, decide, now_us, self._encode_event
+            )
+        )
+        assert found is not None
+        return found[0]
