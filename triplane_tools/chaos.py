@@ -477,14 +477,12 @@ class FaultInjector:
         """The schedule, fault after fault, until `stop` (the full schedule
         goes round again; the short one once); then the workload stops."""
         await _sleep_unless(stop, self.options.warmup_s)
-        rounds = 0
         while not stop.is_set():
             for fault in schedule_of(self.options):
                 if stop.is_set():
                     return
                 await self.inject(fault)
                 await _sleep_unless(stop, self.options.fault_gap_s)
-            rounds += 1
             if self.options.schedule == "short":
                 return
 
