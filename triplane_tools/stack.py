@@ -313,7 +313,12 @@ class Stack:
     async def restart(self, plane: str, replica: int = 0) -> PlaneProcess:
         """Starts a replica that exited again, with the config, environment
         and port it had, and waits until it serves (stack.start_timeout_s).
-        Its log is appended to. Refused while the replica still runs."""
+        Its log is appended to. Refused while the replica still runs.
+
+        A process whose own gRPC calls are in flight meanwhile must run with
+        GRPC_ENABLE_FORK_SUPPORT=false, set before grpc is imported: gRPC's
+        fork handlers otherwise abort the forked child before it execs
+        (triplane_tools.chaos.FORK_SUPPORT_ENV)."""
         old = self.process_of(plane, replica)
         if old.running():
             raise StackError(f"{plane}[{replica}] is still running (pid {old.pid})")
