@@ -16,6 +16,9 @@ from money_plane.ledger import Ledger
 from money_plane.payouts.codec import encode_payout_event
 from money_plane.payouts.service import Payouts, load_cipher
 from money_plane.permissions import PERMISSIONS
+from money_plane.recon.codec import encode_break_event
+from money_plane.recon.reconciler import Reconciler
+from money_plane.recon.service import reconciliation_service
 from money_plane.service import ledger_service
 from money_plane.shards import ShardDirectory, ShardedLedger
 from money_plane.store.base import LedgerStore
@@ -152,6 +155,11 @@ class MoneyPlane:
             async def payouts_for(tenant_id: str) -> Payouts:
                 return payouts_of[id(await sharded.ledger_of(tenant_id))]
 
+            recon_of = {id(ledger): await self._recon(ledger) for ledger in ledgers.values()}
+
+            async def recon_for(tenant_id: str) -> Reconciler:
+                return recon_of[id(await sharded.ledger_of(tenant_id))]
+
             relayed = [(f"money-plane-relay-{name}", ledger) for name, ledger in ledgers.items()]
         else:
             self.ledger = Ledger(
@@ -168,6 +176,11 @@ class MoneyPlane:
             async def payouts_for(tenant_id: str) -> Payouts:
                 return single
 
+            one_recon = await self._recon(self.ledger)
+
+            async def recon_for(tenant_id: str) -> Reconciler:
+                return one_recon
+
             relayed = [("money-plane-relay", self.ledger)]
         if config.nats.url and relay:
             for client_name, ledger in relayed:
@@ -178,7 +191,10 @@ class MoneyPlane:
         self.server = PlaneServer(
             name="money_plane",
             listen=self.listen or config.money.listen,
-            services=[ledger_service(served, self.clock, payouts_for)],
+            services=[
+                ledger_service(served, self.clock, payouts_for),
+                reconciliation_service(recon_for),
+            ],
             security=ServerSecurity.from_config(config, MONEY_PLANE, PERMISSIONS),
             shutdown_grace_s=config.runtime.shutdown_grace_s,
             max_message_bytes=config.runtime.max_message_bytes,
@@ -193,6 +209,12 @@ class MoneyPlane:
     def _payouts(self, ledger: Ledger) -> Payouts:
         cipher = load_cipher(self.config.money.payouts, self.config.state_path)
         return Payouts(ledger, cipher, self.config.money.payouts, encode_payout_event)
+
+    async def _recon(self, ledger: Ledger) -> Reconciler:
+        """The ledger's reconciliation, its tables created (money_plane/recon)."""
+        recon = Reconciler(ledger, self.config.money.recon, self.clock, encode_break_event)
+        await recon.start()
+        return recon
 
     def _start_relay(self, client_name: str, ledger: Ledger) -> None:
         config = self.config

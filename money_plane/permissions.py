@@ -29,4 +29,15 @@ PERMISSIONS: Permissions = permissions(
         "GetPayout": GATEWAY_AND_ADMIN,
         "RecordPayoutOutcome": ADMIN_ONLY,
     },
+) | permissions(
+    # Reconciliation is the finance operators' (through the admin identity and
+    # its tools): statements, expected payments, breaks and their resolution.
+    "triplane.money.v1.ReconciliationService",
+    {
+        "ImportStatement": ADMIN_ONLY,
+        "CreateExpectedPayments": ADMIN_ONLY,
+        "GetStatement": ADMIN_ONLY,
+        "ListBreaks": ADMIN_ONLY,
+        "ResolveBreak": ADMIN_ONLY,
+    },
 )

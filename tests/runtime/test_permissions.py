@@ -13,22 +13,24 @@ import money_plane.permissions
 import policy_plane.permissions
 from triplane.ai.v1 import ai_pb2
 from triplane.gateway.v1 import gateway_pb2
-from triplane.money.v1 import money_pb2
+from triplane.money.v1 import money_pb2, recon_pb2
 from triplane.policy.v1 import policy_pb2
 from triplane.runtime import authz
 from triplane.runtime.config import load_config
 
 PLANES = {
-    "money": (money_pb2.DESCRIPTOR, money_plane.permissions.PERMISSIONS),
-    "policy": (policy_pb2.DESCRIPTOR, policy_plane.permissions.PERMISSIONS),
-    "ai": (ai_pb2.DESCRIPTOR, ai_plane.permissions.PERMISSIONS),
-    "gateway": (gateway_pb2.DESCRIPTOR, gateway.permissions.PERMISSIONS),
+    "money": ((money_pb2.DESCRIPTOR, recon_pb2.DESCRIPTOR), money_plane.permissions.PERMISSIONS),
+    "policy": ((policy_pb2.DESCRIPTOR,), policy_plane.permissions.PERMISSIONS),
+    "ai": ((ai_pb2.DESCRIPTOR,), ai_plane.permissions.PERMISSIONS),
+    "gateway": ((gateway_pb2.DESCRIPTOR,), gateway.permissions.PERMISSIONS),
 }
 
 
-def methods_of(descriptor: FileDescriptor) -> set[str]:
+def methods_of(descriptors: tuple[FileDescriptor, ...]) -> set[str]:
+    """The methods of every service of a plane's proto files."""
     return {
         f"/{service.full_name}/{method.name}"
+        for descriptor in descriptors
         for service in descriptor.services_by_name.values()
         for method in service.methods
     }

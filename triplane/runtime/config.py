@@ -227,6 +227,53 @@ class TokensConfig(_Strict, frozen=True):
     purge_batch: int
 
 
+class ReconSlaTierConfig(_Strict, frozen=True):
+    # A break of at least this amount (minor units, any currency) is in this
+    # tier; past `hours` of age it escalates to the next tier up.
+    name: str
+    min_amount_minor: int
+    hours: float
+
+
+def _default_sla_tiers() -> list[ReconSlaTierConfig]:
+    return [
+        ReconSlaTierConfig(name="P1", min_amount_minor=1_000_000, hours=4),
+        ReconSlaTierConfig(name="P2", min_amount_minor=10_000, hours=24),
+        ReconSlaTierConfig(name="P3", min_amount_minor=0, hours=72),
+    ]
+
+
+class ReconConfig(_Strict, frozen=True):
+    """Reconciliation (money_plane/recon): matching tolerances, breaks' grace,
+    owners and SLA tiers."""
+
+    # A bank line's amount may differ from an expected payment's bounds by this
+    # much and still match (minor units).
+    amount_tolerance_minor: int = 0
+    # How far (days) a line's booking date may fall outside an expected
+    # payment's date window and still match on amount and date alone.
+    date_window_days: int = 2
+    # Days past an expected payment's window before it is late (a line that
+    # comes then matches and raises `late`) or unmatched (none came).
+    grace_days: int = 1
+    # Widest gap allowed between an expected payment's amount and either of
+    # its bounds (so the amount-window search stays an index range).
+    max_bound_spread_minor: int = 50_000
+    # The statement's booked balances checked against the ledger's balance of
+    # the bank account at the end of the closing balance's day.
+    check_ledger_balance: bool = True
+    # Who owns a break, by class; others go to default_owner.
+    default_owner: str = "treasury-ops"
+    owners: dict[str, str] = msgspec.field(default_factory=dict)
+    # Highest first: a break takes the first tier its amount reaches.
+    sla_tiers: list[ReconSlaTierConfig] = msgspec.field(default_factory=_default_sla_tiers)
+    # The ledger account a write-off posts against (opened by the operator).
+    write_off_account_id: str = "recon-write-off"
+    # Largest statement file accepted, and the most lines one import takes.
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_lines_per_file: int = 200_000
+
+
 class PayoutsConfig(_Strict, frozen=True):
     """Payouts (money_plane/payouts; README "Payouts and settlement")."""
 
@@ -255,6 +302,7 @@ class MoneyConfig(_Strict, frozen=True):
     reserves: ReservesConfig
     outbox: OutboxConfig
     tokens: TokensConfig
+    recon: ReconConfig = msgspec.field(default_factory=ReconConfig)
     payouts: PayoutsConfig = msgspec.field(default_factory=PayoutsConfig)
 
 
@@ -918,6 +966,72 @@ class StackConfig(_Strict, frozen=True):
     planes: list[StackPlaneConfig]
 
 
+class RailsConfig(_Strict, frozen=True):
+    """The money plane's rail adapters (money_plane/rails; README "Rails and
+    the sandbox bank"): where each rail's bank endpoint is and who originates."""
+
+    # Base URL of each rail's bank endpoint (HTTP); empty: bank_url.
+    bank_url: str = "http://127.0.0.1:50090"
+    instant_url: str = ""
+    ach_url: str = ""
+    sepa_url: str = ""
+    card_url: str = ""
+    # Longest wait for one call to the bank.
+    timeout_s: float = 10.0
+    # The originator (our account at the bank) named in every file.
+    debtor_name: str = "TRIPLANE PAYOUTS"
+    debtor_iban: str = "DE89370400440532013000"
+    debtor_bic: str = "COBADEFFXXX"
+    debtor_routing_number: str = "021000021"
+    debtor_account_number: str = "000123456789"
+    ach_company_id: str = "1234567890"
+    ach_company_name: str = "TRIPLANE"
+    # Bank holidays (ISO dates) on top of weekends, for every rail's calendar.
+    holidays: list[str] = []
+
+
+class SandboxFaultsConfig(_Strict, frozen=True):
+    # Share of payments with each outcome (drawn per payment from the seed and
+    # its end-to-end id, so an outcome does not depend on arrival order).
+    reject_rate: float = 0.02
+    return_rate: float = 0.02
+    duplicate_rate: float = 0.01
+    late_rate: float = 0.01
+    amount_change_rate: float = 0.01
+    # Share of ACH and SEPA files booked as one batch entry.
+    batch_rate: float = 0.5
+
+
+class SandboxBankConfig(_Strict, frozen=True):
+    """The sandbox bank (triplane_sim/sandbox_bank; README "Rails and the
+    sandbox bank"): a local HTTP bank the rail adapters talk to."""
+
+    listen: str = "127.0.0.1:50090"
+    seed: int = 14
+    # system, or manual: a clock that moves only through POST /v1/clock
+    # (tests, the demo), starting at manual_start.
+    clock: str = "system"
+    manual_start: str = "2026-12-07T14:00:00+00:00"
+    faults: SandboxFaultsConfig = msgspec.field(default_factory=SandboxFaultsConfig)
+    # Days after booking that a returned payment comes back.
+    return_after_days: int = 2
+    # Days a late booking is late by.
+    late_by_days: int = 1
+    # What a changed amount differs by (minor units; negative: less booked).
+    amount_change_minor: int = -150
+    # ISO reasons drawn for rejects and returns; ACH return codes likewise.
+    reject_reasons: list[str] = msgspec.field(default_factory=lambda: ["AC01", "AC04", "AC06", "AG01", "RR04"])
+    return_reasons: list[str] = msgspec.field(default_factory=lambda: ["AC04", "AC06", "MD07", "BE04"])
+    ach_reject_codes: list[str] = msgspec.field(default_factory=lambda: ["R03", "R04"])
+    ach_return_codes: list[str] = msgspec.field(default_factory=lambda: ["R01", "R02", "R16"])
+    # The bank's own identity and the originator's accounts it keeps.
+    bic: str = "SNDBUS33XXX"
+    routing_number: str = "011000015"
+    opening_balance_minor: int = 10_000_000_000
+    # The largest file or message accepted.
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
 class Config(_Strict, frozen=True):
     runtime: RuntimeConfig
     nats: NatsConfig
@@ -927,6 +1041,8 @@ class Config(_Strict, frozen=True):
     policy: PolicyConfig
     ai: AiConfig
     stack: StackConfig
+    rails: RailsConfig = msgspec.field(default_factory=RailsConfig)
+    sandbox_bank: SandboxBankConfig = msgspec.field(default_factory=SandboxBankConfig)
 
     @property
     def state_path(self) -> Path:
