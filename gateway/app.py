@@ -19,6 +19,7 @@ from gateway.ingest import Ingest
 from gateway.measure import LiftMetrics
 from gateway.nba import NextBestAction
 from gateway.payments import Payments
+from gateway.payouts import Payouts
 from gateway.permissions import PERMISSIONS
 from gateway.pii import Tokenizer
 from gateway.planes import GrpcAi, GrpcMoney, GrpcPolicy, NatsEventSink, PlaneChannels
@@ -115,11 +116,12 @@ class Gateway:
                 self.relay.run_with(js), name="gateway-outbox-relay"
             )
         policy = GrpcPolicy(self.channels.policy)
+        money = GrpcMoney(self.channels.money)
         self.core = Core(
             gateway,
             GrpcAi(self.channels.ai),
             policy,
-            GrpcMoney(self.channels.money),
+            money,
             self.events,
             tokenizer,
             self.store,
@@ -137,6 +139,7 @@ class Gateway:
             ),
             engagement.delivery,
             gateway.budgets.default_deadline_ms,
+            payouts=Payouts(self.core, money, engagement.webhooks, engagement.delivery),
         )
         auth = self.auth = await open_auth(config, self.clock)
         self.server = PlaneServer(

@@ -211,6 +211,8 @@ class Engagement:
     delivery: DeliveryWorker
     # Seconds between two refreshes of the lift gauges.
     metrics_interval_s: float
+    # Each tenant's partner webhook (payout state changes go there too).
+    webhooks: PartnerWebhooks | None = None
 
     @classmethod
     def open(cls, config: Config, clock: Clock, policy: PolicyPort) -> Engagement:
@@ -240,6 +242,7 @@ class Engagement:
                 runner=runner,
                 delivery=delivery,
                 metrics_interval_s=gateway.measurement.metrics_interval_s,
+                webhooks=webhooks,
             )
         except BaseException:
             db.close()

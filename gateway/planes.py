@@ -311,6 +311,15 @@ class GrpcMoney:
         method = self._ledger.get().GetEntry
         return await _call("MONEY", method, request, timeout_s, fields.GET_ENTRY)
 
+    async def call(
+        self, method: str, request: object, timeout_s: float, field_map: fields.FieldMap
+    ) -> object:
+        """Any LedgerService method by name (the payout flows'), its errors
+        naming the gateway request's fields per `field_map`."""
+        stub_method = getattr(self._ledger.get(), method)
+        result: object = await _call("MONEY", stub_method, request, timeout_s, field_map)
+        return result
+
 
 class EventOutbox(Protocol):
     def add_events(self, events: Sequence[OutgoingEvent]) -> None: ...

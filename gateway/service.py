@@ -17,6 +17,7 @@ from gateway.customers import CustomerProfiles
 from gateway.ingest import Ingest
 from gateway.nba import NextBestAction
 from gateway.payments import Payments
+from gateway.payouts import Payouts
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.runtime import errors
@@ -41,7 +42,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         dead_letters: DeadLetters,
         default_deadline_ms: float,
         customers: CustomerProfiles | None = None,
+        payouts: Payouts | None = None,
     ) -> None:
+        self._payouts_flow = payouts
         self._payments = payments
         self._customers = customers or CustomerProfiles(payments.core)
         self._nba = nba
@@ -142,6 +145,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gw.GetCustomerProfileRequest, context: grpc.aio.ServicerContext
     ) -> gw.GetCustomerProfileResponse:
         return await self._customers.get(request, self._call(context))
+
+    def _payouts(self) -> Payouts:
+        if self._payouts_flow is None:
+            raise errors.FailedPrecondition(
+                "PAYOUTS_NOT_CONFIGURED", "this gateway serves no payouts", ""
+            )
+        return self._payouts_flow
+
+    async def CreateBeneficiary(
+        self, request: gw.CreateBeneficiaryRequest, context: grpc.aio.ServicerContext
+    ) -> gw.CreateBeneficiaryResponse:
+        return await self._payouts().create_beneficiary(request, self._call(context))
+
+    async def GetBeneficiary(
+        self, request: gw.GetBeneficiaryRequest, context: grpc.aio.ServicerContext
+    ) -> gw.GetBeneficiaryResponse:
+        return await self._payouts().get_beneficiary(request, self._call(context))
+
+    async def CreatePayout(
+        self, request: gw.CreatePayoutRequest, context: grpc.aio.ServicerContext
+    ) -> gw.CreatePayoutResponse:
+        return await self._payouts().create_payout(request, self._call(context))
+
+    async def GetPayout(
+        self, request: gw.GetPayoutRequest, context: grpc.aio.ServicerContext
+    ) -> gw.GetPayoutResponse:
+        return await self._payouts().get_payout(request, self._call(context))
 
 
 def gateway_services(servicer: GatewayServicer) -> list[Service]:

@@ -16,6 +16,8 @@ from gateway.auth.scopes import (
     EVENTS_WRITE,
     PAYMENTS_READ,
     PAYMENTS_WRITE,
+    PAYOUTS_READ,
+    PAYOUTS_WRITE,
 )
 from triplane.runtime.config import Config, with_overrides
 from triplane.runtime.tls import ADMIN, files_for
@@ -32,6 +34,8 @@ PARTNER_SCOPES = (
     DELIVERIES_ADMIN,
     CUSTOMERS_WRITE,
     CUSTOMERS_READ,
+    PAYOUTS_WRITE,
+    PAYOUTS_READ,
 )
 
 
