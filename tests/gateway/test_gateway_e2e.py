@@ -771,18 +771,25 @@ async def test_the_learner_decides_on_the_request_context_and_learns_the_outcome
     was drawn with (arbitration no longer overrides it); the request's
     context reaches the learner; the outcome is the ranking's reward on the
     exposure log (TRIPLANE_AI learner.reward)."""
-    answer = await world.stub.DecideNextAction(
-        gw.DecideNextActionRequest(
-            tenant_id=TENANT,
-            idempotency_key=uuid.uuid4().hex,
-            customer_id="c9",
-            account_id="cust_9",
-            surface="checkout",
-            region="US",
-            features={"cart_value": 120.0, "step": 2.0},
-        ),
-        timeout=RPC_TIMEOUT_S,
-    )
+    # On a loaded machine a ranking can miss its budget (the answer then
+    # falls back to arbitration and says so): the first ranked answer is the
+    # one (another customer each time: an offer shown is in its 1 s cooldown).
+    for customer in range(9, 14):
+        answer = await world.stub.DecideNextAction(
+            gw.DecideNextActionRequest(
+                tenant_id=TENANT,
+                idempotency_key=uuid.uuid4().hex,
+                customer_id=f"c{customer}",
+                account_id=f"cust_{customer}",
+                surface="checkout",
+                region="US",
+                features={"cart_value": 120.0, "step": 2.0},
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        if not answer.rank_fallback_reason:
+            break
+    assert not answer.rank_fallback_reason, answer
     assert answer.action == gw.ACTION_SHOW_OFFER, answer
     assert answer.reasons[0] in ("LEARNER_BEST", "LEARNER_EXPLORATION"), answer.reasons
     assert answer.action_probability == answer.offer.exploration_probability > 0
