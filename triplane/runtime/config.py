@@ -966,6 +966,76 @@ class StackConfig(_Strict, frozen=True):
     planes: list[StackPlaneConfig]
 
 
+class RailsConfig(_Strict, frozen=True):
+    """The money plane's rail adapters (money_plane/rails; README "Rails and
+    the sandbox bank"): where each rail's bank endpoint is and who originates."""
+
+    # Base URL of each rail's bank endpoint (HTTP); empty: bank_url.
+    bank_url: str = "http://127.0.0.1:50090"
+    instant_url: str = ""
+    ach_url: str = ""
+    sepa_url: str = ""
+    card_url: str = ""
+    # Longest wait for one call to the bank.
+    timeout_s: float = 10.0
+    # The originator (our account at the bank) named in every file.
+    debtor_name: str = "TRIPLANE PAYOUTS"
+    debtor_iban: str = "DE89370400440532013000"
+    debtor_bic: str = "COBADEFFXXX"
+    debtor_routing_number: str = "021000021"
+    debtor_account_number: str = "000123456789"
+    ach_company_id: str = "1234567890"
+    ach_company_name: str = "TRIPLANE"
+    # Bank holidays (ISO dates) on top of weekends, for every rail's calendar.
+    holidays: list[str] = []
+
+
+class SandboxFaultsConfig(_Strict, frozen=True):
+    # Share of payments with each outcome (drawn per payment from the seed and
+    # its end-to-end id, so an outcome does not depend on arrival order).
+    reject_rate: float = 0.02
+    return_rate: float = 0.02
+    duplicate_rate: float = 0.01
+    late_rate: float = 0.01
+    amount_change_rate: float = 0.01
+    # Share of ACH and SEPA files booked as one batch entry.
+    batch_rate: float = 0.5
+
+
+class SandboxBankConfig(_Strict, frozen=True):
+    """The sandbox bank (triplane_sim/sandbox_bank; README "Rails and the
+    sandbox bank"): a local HTTP bank the rail adapters talk to."""
+
+    listen: str = "127.0.0.1:50090"
+    seed: int = 14
+    # system, or manual: a clock that moves only through POST /v1/clock
+    # (tests, the demo), starting at manual_start.
+    clock: str = "system"
+    manual_start: str = "2026-12-07T14:00:00+00:00"
+    faults: SandboxFaultsConfig = msgspec.field(default_factory=SandboxFaultsConfig)
+    # Days after booking that a returned payment comes back.
+    return_after_days: int = 2
+    # Days a late booking is late by.
+    late_by_days: int = 1
+    # What a changed amount differs by (minor units; negative: less booked).
+    amount_change_minor: int = -150
+    # ISO reasons drawn for rejects and returns; ACH return codes likewise.
+    reject_reasons: list[str] = msgspec.field(
+        default_factory=lambda: ["AC01", "AC04", "AC06", "AG01", "RR04"]
+    )
+    return_reasons: list[str] = msgspec.field(
+        default_factory=lambda: ["AC04", "AC06", "MD07", "BE04"]
+    )
+    ach_reject_codes: list[str] = msgspec.field(default_factory=lambda: ["R03", "R04"])
+    ach_return_codes: list[str] = msgspec.field(default_factory=lambda: ["R01", "R02", "R16"])
+    # The bank's own identity and the originator's accounts it keeps.
+    bic: str = "SNDBUS33XXX"
+    routing_number: str = "011000015"
+    opening_balance_minor: int = 10_000_000_000
+    # The largest file or message accepted.
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
 class Config(_Strict, frozen=True):
     runtime: RuntimeConfig
     nats: NatsConfig
@@ -975,6 +1045,8 @@ class Config(_Strict, frozen=True):
     policy: PolicyConfig
     ai: AiConfig
     stack: StackConfig
+    rails: RailsConfig = msgspec.field(default_factory=RailsConfig)
+    sandbox_bank: SandboxBankConfig = msgspec.field(default_factory=SandboxBankConfig)
 
     @property
     def state_path(self) -> Path:
