@@ -19,6 +19,7 @@ from gateway.ingest import Ingest
 from gateway.measure import LiftMetrics
 from gateway.nba import NextBestAction
 from gateway.payments import Payments
+from gateway.payout_events import PayoutWebhookConsumer
 from gateway.payouts import Payouts
 from gateway.permissions import PERMISSIONS
 from gateway.pii import Tokenizer
@@ -69,6 +70,7 @@ class Gateway:
     store_db: Database | None = None
     store: IdempotencyStore | None = None
     engagement: Engagement | None = None
+    payout_events: PayoutWebhookConsumer | None = None
     # Partner credentials (None with gateway.auth off).
     auth: Auth | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -139,7 +141,9 @@ class Gateway:
             ),
             engagement.delivery,
             gateway.budgets.default_deadline_ms,
-            payouts=Payouts(self.core, money, engagement.webhooks, engagement.delivery),
+            payouts=(
+                payouts := Payouts(self.core, money, engagement.webhooks, engagement.delivery)
+            ),
         )
         auth = self.auth = await open_auth(config, self.clock)
         self.server = PlaneServer(
@@ -170,6 +174,14 @@ class Gateway:
         # The lift report's figures are worth computing only where served.
         lift_metrics = _lift_metrics() if gateway.metrics_listen else None
         self._tasks.extend(engagement.start(self._stop, lift_metrics))
+        if js is not None:
+            # A payout's later states (a rail's outcome) to the partner's webhook.
+            self.payout_events = PayoutWebhookConsumer(js, payouts)
+            try:
+                await bus.ensure_streams(js, config.nats, ["TRIPLANE_MONEY"])
+                await self.payout_events.start()
+            except Exception:
+                log.exception("payout webhooks: cannot consume the money stream")
         return await self.server.start()
 
     async def _drain_outbox(self) -> None:
@@ -194,6 +206,8 @@ class Gateway:
 
     async def _stop_background(self) -> None:
         self._stop.set()
+        if self.payout_events is not None:
+            await self.payout_events.stop()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
                 await asyncio.wait_for(task, STOP_DRAIN_S)

@@ -23,13 +23,20 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway.app import Gateway
 from gateway.auth.scopes import PAYOUTS_READ
+from gateway.engagement import PartnerWebhooks
+from gateway.payout_events import PayoutWebhookConsumer
+from gateway.payouts import Payouts
+from gateway.planes import GrpcMoney
 from money_plane.app import MoneyPlane
 from money_plane.domain import Command, Kind
 from money_plane.engine import Job
+from money_plane.payouts.codec import encode_payout_event
+from money_plane.payouts.domain import Payout, PayoutState
 from policy_plane.app import build_plane
 from triplane.common.v1 import types_pb2
 from triplane.gateway.v1 import gateway_pb2 as gw
@@ -37,7 +44,7 @@ from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime.clock import ManualClock
-from triplane.runtime.config import Config, load_config
+from triplane.runtime.config import Config, PartnerWebhookConfig, load_config
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import channel_for, open_channel
@@ -304,3 +311,46 @@ async def test_a_sanctioned_beneficiary_and_bad_input_are_refused(planes: Planes
     )
     refused = await _refused(reader.CreatePayout(_payout("po-r", 1_000, beneficiary_id="ben-s")))
     assert refused[:2] == (grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING")
+
+
+async def test_a_payout_event_becomes_one_partner_webhook_per_state(planes: Planes) -> None:
+    """What the money plane's outbox says of a payout (a rail's outcome comes
+    only that way) is queued once per state for the partner's webhook, also
+    when the event is delivered again."""
+    gateway = planes.gateway
+    assert gateway.core is not None and gateway.engagement is not None
+    delivery = gateway.engagement.delivery
+    hooks = PartnerWebhooks(
+        [
+            PartnerWebhookConfig(
+                tenant_id=TENANT, url="https://partner.example/hooks", secret_path=""
+            )
+        ]
+    )
+    payouts = Payouts(gateway.core, GrpcMoney(gateway.channels.money), hooks, delivery)  # type: ignore[union-attr]
+    consumer = PayoutWebhookConsumer(None, payouts)  # type: ignore[arg-type]
+    payout = Payout(
+        tenant_id=TENANT,
+        payout_id="po_abc",
+        idempotency_key="k",
+        beneficiary_id="ben-1",
+        merchant_id=SELLER,
+        debit_account_id=SELLER_ACCOUNT,
+        amount_minor=1_000,
+        currency="USD",
+        state=PayoutState.RETURNED,
+        decision_id="dec-1",
+        case_id="",
+        rail="bank_transfer",
+        end_to_end_id="TPABC",
+        created_at_us=NOW_US,
+        updated_at_us=NOW_US,
+        reason_code="R01",
+    )
+    event = encode_payout_event(payout, NOW_US)
+    await consumer.handle(event.data)
+    await consumer.handle(encode_payout_event(payout, NOW_US + 1).data)
+    # One delivery (the worker may already be trying it: any status).
+    assert sum((await delivery.counts(TENANT)).values()) == 1
+    with pytest.raises(DecodeError):
+        await consumer.handle(b"\x00garbage")
