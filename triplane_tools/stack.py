@@ -48,6 +48,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import aiohttp
 import grpc
 import msgspec
 import yaml
@@ -150,6 +151,20 @@ async def check_health(
         return int(response.status)
 
 
+async def check_http_health(address: str, timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> bool:
+    """Whether a plane with `health: http` (the sandbox bank) answers 200 on
+    GET /healthz at `address`."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"http://{address}/healthz") as resp,
+        ):
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
 @dataclass
 class Stack:
     """Supervisor of a local stack. `planes` limits which configured planes run
@@ -169,6 +184,9 @@ class Stack:
     database_prefix: str = fleet.DEFAULT_DATABASE_PREFIX
     # A 3-node JetStream cluster with R3 streams instead of one nats-server.
     nats_cluster: bool = False
+    # Also start the stack.planes entries marked optional (the sandbox bank;
+    # `triplane up` does) when `planes` names none; one named always starts.
+    optional: bool = False
     state_dir: Path = field(init=False)
     nats_url: str = field(init=False, default="")
     processes: list[PlaneProcess] = field(init=False, default_factory=list)
@@ -198,6 +216,8 @@ class Stack:
                 raise StackError(f"replicas_of: {name!r} is not in stack.planes")
 
     def replica_count(self, plane: str) -> int:
+        if any(p.name == plane and p.health == "http" for p in self.config.stack.planes):
+            return 1  # a simulator (the sandbox bank) keeps its books in memory
         return self.replicas_of.get(plane, self.replicas)
 
     @property
@@ -439,6 +459,8 @@ class Stack:
         for plane in self.config.stack.planes:
             if self.planes is not None and plane.name not in self.planes:
                 continue
+            if self.planes is None and plane.optional and not self.optional:
+                continue
             if not plane_available(plane.module):
                 if self.planes is not None:
                     raise StackError(f"plane {plane.name!r}: no module {plane.module}.__main__")
@@ -550,7 +572,10 @@ class Stack:
                     f"plane {plane.name!r} exited with code {plane.process.returncode} "
                     f"while starting; last lines of {plane.log_path}:\n{_tail(plane.log_path)}"
                 )
-            if await check_health(plane.address, tls=self.tls_files()) == serving:
+            if any(p.name == plane.name and p.health == "http" for p in self.config.stack.planes):
+                if await check_http_health(plane.address):
+                    return
+            elif await check_health(plane.address, tls=self.tls_files()) == serving:
                 return
             if time.monotonic() > deadline:
                 raise StackError(
@@ -660,6 +685,7 @@ async def run_foreground(
         replicas=replicas,
         postgres_admin_dsn=postgres_admin_dsn,
         nats_cluster=nats_cluster,
+        optional=True,
     )
     stop_wait = asyncio.create_task(stop_requested.wait())
     start = asyncio.create_task(stack.start())

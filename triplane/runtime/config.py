@@ -956,6 +956,12 @@ class StackPlaneConfig(_Strict, frozen=True):
     name: str
     # Started as `python -m <module>` when the package has a __main__.py.
     module: str
+    # How the stack knows it is serving: grpc (the health service) or http
+    # (200 on GET /healthz; such a plane runs one process, never replicas).
+    health: str = "grpc"
+    # Started only by `triplane up` or when named (the sandbox bank), so the
+    # stacks tests and tools start keep to the planes.
+    optional: bool = False
 
 
 class StackConfig(_Strict, frozen=True):
