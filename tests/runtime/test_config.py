@@ -17,7 +17,15 @@ def test_defaults_load_with_the_stack_section() -> None:
     assert config.ai.listen == "127.0.0.1:50063"
     assert config.gateway.listen == "127.0.0.1:50051"
     assert config.nats.url == ""
-    assert [p.name for p in config.stack.planes] == ["money", "policy", "ai", "gateway"]
+    assert [p.name for p in config.stack.planes] == [
+        "money",
+        "policy",
+        "ai",
+        "gateway",
+        "sandbox_bank",
+    ]
+    # The sandbox bank starts with `triplane up` or when named, never by default.
+    assert [p.name for p in config.stack.planes if p.optional] == ["sandbox_bank"]
     assert config.stack.stop_timeout_s > config.runtime.shutdown_grace_s
 
 
