@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import time
@@ -51,6 +52,8 @@ from triplane_tools.stack import Stack
 # Examples kept per check, for the report.
 EXAMPLES_KEPT = 5
 FETCH_BATCH = 500
+STREAM_READ_TRIES = 20
+STREAM_READ_RETRY_S = 1.0
 SETTLE_POLL_S = 0.5
 # Each outbox table: the query counting its events not yet published.
 UNSENT_QUERIES = {
@@ -407,14 +410,32 @@ async def stream_message_ids(stack: Stack) -> dict[str, collections.Counter[str]
     try:
         js = client.jetstream(timeout=10.0)
         for name, subjects in bus.STREAMS.items():
-            try:
-                info = await js.stream_info(name)
-            except nats.js.errors.NotFoundError:
-                continue
-            found[name] = await _read_stream(js, name, subjects[0], int(info.state.messages))
+            ids = await _read_stream_retrying(js, name, subjects[0])
+            if ids is not None:
+                found[name] = ids
     finally:
         await client.close()
     return found
+
+
+async def _read_stream_retrying(
+    js: Any, name: str, subject: str
+) -> collections.Counter[str] | None:
+    """The stream read whole (None: no such stream). A cluster just through
+    its faults may answer a new consumer 503 (no leader yet) or stall a
+    fetch: the read starts over, a bounded number of times, and never
+    returns fewer messages than the stream holds."""
+    last_error: BaseException | None = None
+    for _ in range(STREAM_READ_TRIES):
+        try:
+            info = await js.stream_info(name)
+            return await _read_stream(js, name, subject, int(info.state.messages))
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as error:
+            last_error = error
+            await asyncio.sleep(STREAM_READ_RETRY_S)
+    raise RuntimeError(f"stream {name} could not be read whole: {last_error!r}")
 
 
 async def _read_stream(js: Any, name: str, subject: str, total: int) -> collections.Counter[str]:
@@ -429,21 +450,23 @@ async def _read_stream(js: Any, name: str, subject: str, total: int) -> collecti
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.NONE,
             inactive_threshold=60.0,
+            # A reader's own: one copy in memory, no quorum to elect.
+            num_replicas=1,
+            mem_storage=True,
         ),
     )
     seen = 0
     try:
         while seen < total:
-            try:
-                messages = await consumer.fetch(FETCH_BATCH, timeout=5.0)
-            except nats.errors.TimeoutError:
-                break
-            for message in messages:
+            # A fetch that times out before the last message raises: the
+            # caller reads again rather than count a message as missing.
+            for message in await consumer.fetch(min(FETCH_BATCH, total - seen), timeout=10.0):
                 seen += 1
                 msg_id = (message.headers or {}).get("Nats-Msg-Id", "")
                 ids[msg_id or f"(no id: {name} seq {message.metadata.sequence.stream})"] += 1
     finally:
-        await consumer.unsubscribe()
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            await consumer.unsubscribe()
     return ids
 
 
