@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-SUITES = ("ledger", "policy", "ai", "gateway", "nba")
+SUITES = ("ledger", "policy", "ai", "gateway", "nba", "recon")
 BENCH_DIR = Path(__file__).resolve().parent
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 from dataclasses import dataclass, field
 
 
@@ -90,6 +91,7 @@ def iso(day: dt.date | None) -> str:
     return day.isoformat() if day is not None else ""
 
 
+@functools.lru_cache(maxsize=4096)
 def shift(day: str, days: int) -> str:
     return (dt.date.fromisoformat(day) + dt.timedelta(days=days)).isoformat()
 

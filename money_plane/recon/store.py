@@ -20,6 +20,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgspec
+
 from money_plane.domain import Side, account_key
 from money_plane.recon.model import (
     Break,
@@ -140,6 +142,11 @@ REFERENCE_COLUMNS = {
     "batch": "batch_id",
 }
 _CHUNK = 500
+_encode_json = msgspec.json.Encoder().encode
+
+
+def _json(value: Any) -> str:
+    return _encode_json(value).decode()
 
 
 def _chunks(values: Sequence[str]) -> Iterable[Sequence[str]]:
@@ -266,7 +273,7 @@ def _line_row(line: Line, match_id: str) -> tuple[Any, ...]:
         line.batch_id,
         line.return_reason,
         match_id,
-        json.dumps(
+        _json(
             {
                 "details": line.details,
                 "batch_count": line.batch_count,
@@ -453,7 +460,8 @@ class Tx:
             self.cur.execute(
                 self._sql(
                     f"SELECT {_EXPECTED_COLUMNS} FROM expected_payments WHERE tenant_id = %s "
-                    f"AND {column} IN ({self._marks(len(chunk))})"
+                    # "<> ''" lets the planner use the partial index.
+                    f"AND {column} <> '' AND {column} IN ({self._marks(len(chunk))})"
                 ),
                 (tenant_id, *chunk),
             )
@@ -468,9 +476,17 @@ class Tx:
             self._sql(
                 f"SELECT {_EXPECTED_COLUMNS} FROM expected_payments WHERE tenant_id = %s "
                 "AND ledger_account_id = %s AND state = 'open' "
-                "AND amount_minor BETWEEN %s AND %s ORDER BY amount_minor, expected_id LIMIT %s"
+                "AND amount_minor BETWEEN %s AND %s "
+                "ORDER BY ABS(amount_minor - %s), expected_id LIMIT %s"
             ),
-            (tenant_id, ledger_account_id, low_minor, high_minor, limit),
+            (
+                tenant_id,
+                ledger_account_id,
+                low_minor,
+                high_minor,
+                (low_minor + high_minor) // 2,
+                limit,
+            ),
         )
         return [expected_from_row(r) for r in self.cur.fetchall()]
 
@@ -515,8 +531,8 @@ class Tx:
                     m.match_id,
                     m.rule.value,
                     m.confidence,
-                    json.dumps(m.line_fingerprints),
-                    json.dumps(m.expected_ids),
+                    _json(m.line_fingerprints),
+                    _json(m.expected_ids),
                     m.entry_ids[0] if m.entry_ids else "",
                     m.actor,
                     m.created_at_us,
@@ -553,7 +569,7 @@ class Tx:
         for chunk in _chunks(sorted(set(entry_ids))):
             self.cur.execute(
                 self._sql(
-                    "SELECT entry_id FROM matches WHERE tenant_id = %s "
+                    "SELECT entry_id FROM matches WHERE tenant_id = %s AND entry_id <> '' "
                     f"AND entry_id IN ({self._marks(len(chunk))})"
                 ),
                 (tenant_id, *chunk),
