@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from money_plane import codec
 from money_plane import metrics as m
 from money_plane.ledger import Ledger
 from money_plane.payouts.codec import encode_payout_event
-from money_plane.payouts.service import Payouts, load_cipher
+from money_plane.payouts.service import Payouts, Settlements, load_cipher
 from money_plane.permissions import PERMISSIONS
 from money_plane.recon.codec import encode_break_event
 from money_plane.recon.reconciler import Reconciler
@@ -102,6 +103,19 @@ class MeasuredOutbox:
         return self.store.delete_sent_before(before_us)
 
 
+async def _settle_all(settlements: list[Settlements]) -> int:
+    return sum([await each.settle_due() for each in settlements])
+
+
+async def _sweep_settlements(settlements: list[Settlements], interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await _settle_all(settlements)
+        except Exception:
+            log.exception("settlement sweep failed")
+
+
 @dataclass
 class MoneyPlane:
     config: Config
@@ -150,10 +164,14 @@ class MoneyPlane:
             await self.sharded.start(sweepers=sweepers)
             served = self.sharded
             payouts_of = {id(ledger): self._payouts(ledger) for ledger in ledgers.values()}
+            settlements_of = {id(ledger): Settlements(ledger) for ledger in ledgers.values()}
             sharded = self.sharded
 
             async def payouts_for(tenant_id: str) -> Payouts:
                 return payouts_of[id(await sharded.ledger_of(tenant_id))]
+
+            async def settlements_for(tenant_id: str) -> Settlements:
+                return settlements_of[id(await sharded.ledger_of(tenant_id))]
 
             recon_of = {id(ledger): await self._recon(ledger) for ledger in ledgers.values()}
 
@@ -172,9 +190,14 @@ class MoneyPlane:
             await self.ledger.start(sweepers=sweepers)
             served = self.ledger
             single = self._payouts(self.ledger)
+            settlements_of = {id(self.ledger): Settlements(self.ledger)}
+            one = settlements_of[id(self.ledger)]
 
             async def payouts_for(tenant_id: str) -> Payouts:
                 return single
+
+            async def settlements_for(tenant_id: str) -> Settlements:
+                return one
 
             one_recon = await self._recon(self.ledger)
 
@@ -192,7 +215,13 @@ class MoneyPlane:
             name="money_plane",
             listen=self.listen or config.money.listen,
             services=[
-                ledger_service(served, self.clock, payouts_for),
+                ledger_service(
+                    served,
+                    self.clock,
+                    payouts_for,
+                    settlements_for,
+                    functools.partial(_settle_all, list(settlements_of.values())),
+                ),
                 reconciliation_service(recon_for),
             ],
             security=ServerSecurity.from_config(config, MONEY_PLANE, PERMISSIONS),
@@ -204,6 +233,17 @@ class MoneyPlane:
             on_stop=[self._stop_internals],
             metrics_listen=config.money.metrics_listen if metrics else "",
         )
+        if sweepers:
+            # Any replica may sweep: a period's claim makes it settle once.
+            self._relay_tasks.append(
+                asyncio.create_task(
+                    _sweep_settlements(
+                        list(settlements_of.values()),
+                        config.money.payouts.settlement_sweep_interval_s,
+                    ),
+                    name="settlements",
+                )
+            )
         return await self.server.start()
 
     def _payouts(self, ledger: Ledger) -> Payouts:

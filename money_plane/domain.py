@@ -52,6 +52,11 @@ class Kind(enum.IntEnum):
     # it (in-flight -> bank), or it came back (in-flight or bank -> merchant).
     PAYOUT_SETTLEMENT = 9
     PAYOUT_REVERSAL = 10
+    # Internal: a merchant's settled period (money_plane/payouts/settlement.py),
+    # within the platform's books: the accrual account to the payable account,
+    # the fee and the rolling reserve netted as split legs. No money leaves:
+    # a payout from the payable account is decided as every payout is.
+    SETTLEMENT = 11
 
 
 # New money movements carry a policy decision, refunds too (money goes out of

@@ -399,7 +399,13 @@ class Engine:
         self._undo.append(self.changes.new_idempotency, record)
 
     def _dispatch(self, cmd: Command, where: str) -> Outcome:
-        if cmd.kind in (Kind.TRANSFER, Kind.PAYOUT, Kind.PAYOUT_SETTLEMENT, Kind.PAYOUT_REVERSAL):
+        if cmd.kind in (
+            Kind.TRANSFER,
+            Kind.PAYOUT,
+            Kind.PAYOUT_SETTLEMENT,
+            Kind.PAYOUT_REVERSAL,
+            Kind.SETTLEMENT,
+        ):
             return self._transfer(cmd, where)
         if cmd.kind == Kind.AUTHORIZE:
             return self._authorize(cmd, where)

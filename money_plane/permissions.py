@@ -28,6 +28,9 @@ PERMISSIONS: Permissions = permissions(
         "CreatePayout": GATEWAY_AND_ADMIN,
         "GetPayout": GATEWAY_AND_ADMIN,
         "RecordPayoutOutcome": ADMIN_ONLY,
+        "PutSettlementSchedule": ADMIN_ONLY,
+        "ListSettlements": ADMIN_ONLY,
+        "RunSettlements": ADMIN_ONLY,
     },
 ) | permissions(
     # Reconciliation is the finance operators' (through the admin identity and

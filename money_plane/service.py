@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import grpc
+import msgspec
 
 from money_plane import codec
 from money_plane.domain import Outcome
 from money_plane.ledger import Ledger
 from money_plane.payouts import codec as payout_codec
-from money_plane.payouts.service import Payouts
+from money_plane.payouts.service import Payouts, Settlements
+from money_plane.payouts.settlement import Schedule
 from money_plane.shards import ShardedLedger
 from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
@@ -33,15 +35,54 @@ def _raise_for(outcome: Outcome) -> None:
 
 
 PayoutsFor = Callable[[str], Awaitable[Payouts]]
+SettlementsFor = Callable[[str], Awaitable[Settlements]]
+
+
+def _schedule(message: pb.SettlementSchedule) -> Schedule:
+    return Schedule(
+        tenant_id=message.tenant_id,
+        account_id=message.account_id,
+        merchant_id=message.merchant_id,
+        payable_account_id=message.payable_account_id,
+        frequency=message.frequency,
+        cut_off=message.cut_off or "17:00",
+        time_zone=message.time_zone or "UTC",
+        calendar=message.calendar,
+        weekday=message.weekday,
+        min_payout_minor=message.min_payout_minor,
+        fee_fixed_minor=message.fee_fixed_minor,
+        fee_bps=message.fee_bps,
+        fee_account_id=message.fee_account_id,
+        reserve_bps=message.reserve_bps,
+        reserve_days=message.reserve_days,
+        reserve_account_id=message.reserve_account_id,
+    )
+
+
+def _schedule_message(value: Schedule) -> pb.SettlementSchedule:
+    return pb.SettlementSchedule(**msgspec.structs.asdict(value))
 
 
 class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
     def __init__(
-        self, ledger: Ledger | ShardedLedger, clock: Clock, payouts: PayoutsFor | None = None
+        self,
+        ledger: Ledger | ShardedLedger,
+        clock: Clock,
+        payouts: PayoutsFor | None = None,
+        settlements: SettlementsFor | None = None,
     ) -> None:
         self._ledger = ledger
         self._clock = clock
         self._payouts_for = payouts
+        self._settlements_for = settlements
+        self.run_settlements: Callable[[], Awaitable[int]] | None = None
+
+    async def _settlements(self, tenant_id: str) -> Settlements:
+        if self._settlements_for is None:
+            raise FailedPrecondition(
+                "SETTLEMENTS_NOT_CONFIGURED", "this money plane runs no settlements", ""
+            )
+        return await self._settlements_for(tenant_id)
 
     async def _payouts(self, tenant_id: str) -> Payouts:
         if self._payouts_for is None:
@@ -234,11 +275,58 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         )
         return pb.RecordPayoutOutcomeResponse(payout=payout_codec.payout(found), replayed=replayed)
 
+    async def PutSettlementSchedule(
+        self, request: pb.PutSettlementScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutSettlementScheduleResponse:
+        schedule = _schedule(request.schedule)
+        settlements = await self._settlements(schedule.tenant_id)
+        stored = await settlements.put_schedule(schedule)
+        return pb.PutSettlementScheduleResponse(schedule=_schedule_message(stored))
+
+    async def ListSettlements(
+        self, request: pb.ListSettlementsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSettlementsResponse:
+        settlements = await self._settlements(request.tenant_id)
+        found = await settlements.settlements(request.tenant_id, request.account_id)
+        return pb.ListSettlementsResponse(
+            settlements=[
+                pb.Settlement(
+                    tenant_id=s.tenant_id,
+                    account_id=s.account_id,
+                    period=s.period,
+                    state=s.state,
+                    gross_minor=s.gross_minor,
+                    fee_minor=s.fee_minor,
+                    reserve_minor=s.reserve_minor,
+                    net_minor=s.net_minor,
+                    currency=s.currency,
+                    entry_id=s.entry_id,
+                    closes_at=wire.timestamp(s.closes_at_us),
+                    settled_at=wire.timestamp(s.settled_at_us),
+                )
+                for s in found
+            ]
+        )
+
+    async def RunSettlements(
+        self, request: pb.RunSettlementsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunSettlementsResponse:
+        if self.run_settlements is None:
+            raise FailedPrecondition(
+                "SETTLEMENTS_NOT_CONFIGURED", "this money plane runs no settlements", ""
+            )
+        return pb.RunSettlementsResponse(settled=await self.run_settlements())
+
 
 def ledger_service(
-    ledger: Ledger | ShardedLedger, clock: Clock, payouts: PayoutsFor | None = None
+    ledger: Ledger | ShardedLedger,
+    clock: Clock,
+    payouts: PayoutsFor | None = None,
+    settlements: SettlementsFor | None = None,
+    run_settlements: Callable[[], Awaitable[int]] | None = None,
 ) -> Service:
-    servicer = LedgerServicer(ledger, clock, payouts)
+    servicer = LedgerServicer(ledger, clock, payouts, settlements)
+    servicer.run_settlements = run_settlements
     return Service(
         full_name=pb.DESCRIPTOR.services_by_name["LedgerService"].full_name,
         register=lambda server: money_pb2_grpc.add_LedgerServiceServicer_to_server(

@@ -7,6 +7,8 @@ transaction with the ledger entry it goes with (money_plane/payouts/store.py).
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,12 @@ from money_plane.domain import (
     Command,
     Constraint,
     Kind,
+    Leg,
+    LegKind,
     check_id,
     check_tenant_id,
     check_text,
+    scoped_key,
 )
 from money_plane.engine import Job
 from money_plane.ledger import Ledger
@@ -39,10 +44,20 @@ from money_plane.payouts.domain import (
     rail_submission,
     transition,
 )
+from money_plane.payouts.settlement import (
+    DAY_US,
+    Frequency,
+    Netting,
+    Period,
+    Schedule,
+    check_schedule,
+    latest_closed_period,
+    net,
+)
 from money_plane.payouts.store import PayoutEventEncoder
 from triplane.runtime import codec as wire
 from triplane.runtime.config import PayoutsConfig
-from triplane.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, TriplaneError
 from triplane.runtime.secret_files import (
     FieldCipher,
     SecretError,
@@ -50,6 +65,7 @@ from triplane.runtime.secret_files import (
     secret_path,
 )
 
+log = logging.getLogger("triplane.money.payouts")
 KEYS_FILE = "money-payouts.keys"
 _COUNTRY = re.compile(r"[A-Z]{2}")
 HOUR_US = 3_600_000_000
@@ -378,3 +394,176 @@ class Payouts:
         )
         assert found is not None
         return found[0]
+
+
+class Settlement(msgspec.Struct, frozen=True):
+    """One settled period of a merchant (the row its claim wrote)."""
+
+    tenant_id: str
+    account_id: str
+    period: str
+    # settled, or below_minimum (nothing posted; the balance waits).
+    state: str
+    gross_minor: int
+    fee_minor: int
+    reserve_minor: int
+    net_minor: int
+    currency: str
+    entry_id: str
+    closes_at_us: int
+    settled_at_us: int
+
+
+_encode = msgspec.msgpack.encode
+_decode_schedule = msgspec.msgpack.Decoder(Schedule).decode
+_decode_settlement = msgspec.msgpack.Decoder(Settlement).decode
+
+
+class Settlements:
+    """Merchants' settlement schedules and the sweeper any replica may run:
+    a period settles once whoever runs it (settle_period's claim)."""
+
+    def __init__(self, ledger: Ledger, sweep_batch: int = 500) -> None:
+        self.ledger = ledger
+        self._store = ledger.store
+        self._clock = ledger.clock
+        self._batch = sweep_batch
+
+    async def put_schedule(self, schedule: Schedule) -> Schedule:
+        check_tenant_id(schedule.tenant_id)
+        limits = self.ledger.config.limits
+        for name in ("account_id", "merchant_id", "payable_account_id"):
+            check_id(getattr(schedule, name), f"schedule.{name}", limits)
+        check_schedule(schedule)
+        await self.ledger.get_account(schedule.tenant_id, schedule.account_id)
+        await self.ledger.get_account(schedule.tenant_id, schedule.payable_account_id)
+        now_us = self._clock.now_us()
+        await self.ledger.run_on_writer(
+            lambda: rows.put_schedule(self._store, schedule, _encode(schedule), now_us)
+        )
+        return schedule
+
+    async def settlements(self, tenant_id: str, account_id: str) -> list[Settlement]:
+        found = await self.ledger.run_on_writer(
+            lambda: rows.list_settlements(self._store, tenant_id, account_id)
+        )
+        return [_decode_settlement(body) for body in found if body]
+
+    async def settle_due(self) -> int:
+        """Settles every schedule's latest closed period not settled yet;
+        returns how many periods this call settled (or found below the
+        minimum)."""
+        done = 0
+        after = ("", "")
+        while True:
+            page = await self.ledger.run_on_writer(
+                functools.partial(rows.list_schedules, self._store, after, self._batch)
+            )
+            for body in page:
+                schedule = _decode_schedule(body)
+                try:
+                    done += await self.settle(schedule)
+                except TriplaneError as error:
+                    # Refused (the balance moved under it): tried next sweep.
+                    log.warning(
+                        "settlement of %s/%s refused: %s",
+                        schedule.tenant_id,
+                        schedule.account_id,
+                        error.reason,
+                    )
+            if len(page) < self._batch:
+                return done
+            last = _decode_schedule(page[-1])
+            after = (last.tenant_id, scoped_key(last.tenant_id, last.account_id))
+
+    async def settle(self, schedule: Schedule) -> int:
+        """The schedule's latest closed period, once: 1 if this call settled
+        it, 0 if it was settled already (here or on another replica)."""
+        now_us = self._clock.now_us()
+        period = latest_closed_period(schedule, now_us)
+        if period is None:
+            return 0
+        tenant = schedule.tenant_id
+        key = f"{scoped_key(tenant, schedule.account_id)}/{period.key}"
+        store = self._store
+        if await self.ledger.run_on_writer(lambda: rows.settlement_claimed(store, tenant, key)):
+            return 0
+        account = await self.ledger.get_account(tenant, schedule.account_id)
+        available = account.credits_posted - account.debits_posted - account.debits_pending
+        gross = available
+        if schedule.frequency != Frequency.INSTANT:
+            # What had arrived by the cut-off; later money waits for the next period.
+            debits, credits = await self.ledger.run_on_writer(
+                lambda: store.posted_as_of(tenant, schedule.account_id, period.closes_at_us)
+            )
+            gross = min(available, credits - debits)
+        if gross <= 0:
+            return 0  # nothing to settle: no row, the next sweep looks again
+        netting = net(schedule, gross)
+        below = netting.net_minor <= 0 or netting.net_minor < schedule.min_payout_minor
+        job = None if below else self._job(schedule, period, netting, account.currency, now_us)
+
+        def body(entry_id: str) -> bytes:
+            return _encode(
+                Settlement(
+                    tenant_id=tenant,
+                    account_id=schedule.account_id,
+                    period=period.key,
+                    state="below_minimum" if below else "settled",
+                    gross_minor=netting.gross_minor,
+                    fee_minor=netting.fee_minor,
+                    reserve_minor=netting.reserve_minor,
+                    net_minor=netting.net_minor,
+                    currency=account.currency,
+                    entry_id=entry_id,
+                    closes_at_us=period.closes_at_us,
+                    settled_at_us=now_us,
+                )
+            )
+
+        state = "below_minimum" if below else "settled"
+        claimed = await self.ledger.run_on_writer(
+            lambda: rows.settle_period(store, tenant, key, period.key, state, job, body, now_us)
+        )
+        return 1 if claimed else 0
+
+    def _job(
+        self, schedule: Schedule, period: Period, netting: Netting, currency: str, now_us: int
+    ) -> Job:
+        legs = []
+        if netting.fee_minor:
+            legs.append(
+                Leg(
+                    account_id=schedule.fee_account_id,
+                    kind=LegKind.FIXED,
+                    amount_minor=netting.fee_minor,
+                    basis_points=0,
+                    label="settlement_fee",
+                    release_at_us=0,
+                    release_account_id="",
+                )
+            )
+        if netting.reserve_minor:
+            legs.append(
+                Leg(
+                    account_id=schedule.reserve_account_id,
+                    kind=LegKind.FIXED,
+                    amount_minor=netting.reserve_minor,
+                    basis_points=0,
+                    label="rolling_reserve",
+                    release_at_us=now_us + schedule.reserve_days * DAY_US,
+                    release_account_id=schedule.payable_account_id,
+                )
+            )
+        command = Command(
+            tenant_id=schedule.tenant_id,
+            idempotency_key=f"settle:{schedule.account_id}:{period.key}",
+            kind=Kind.SETTLEMENT,
+            debit_account_id=schedule.account_id,
+            credit_account_id=schedule.payable_account_id,
+            amount_minor=netting.gross_minor,
+            currency=currency,
+            splits=legs,
+            metadata={"period": period.key, "merchant_id": schedule.merchant_id},
+        )
+        return Job(tenant_id=schedule.tenant_id, commands=[command], fields=["schedule"])

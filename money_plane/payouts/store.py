@@ -245,3 +245,115 @@ def update_payout(
         return updated, False
 
     return store.run_transaction(work)
+
+
+# ---- settlement schedules and settled periods ----
+
+
+def put_schedule(store: LedgerStore, schedule: Any, body: bytes, now_us: int) -> None:
+    """Creates or replaces a merchant's schedule (keyed by its account)."""
+    tenant = schedule.tenant_id
+    key = scoped_key(tenant, schedule.account_id)
+
+    def work(cur: Any) -> None:
+        cur.execute(
+            store.sql(
+                "DELETE FROM settlement_schedules WHERE tenant_id = %s AND schedule_key = %s"
+            ),
+            (tenant, key),
+        )
+        cur.execute(
+            store.sql(
+                "INSERT INTO settlement_schedules (tenant_id, schedule_key, updated_at_us, body) "
+                "VALUES (%s, %s, %s, %s)"
+            ),
+            (tenant, key, now_us, body),
+        )
+
+    store.run_transaction(work)
+
+
+def list_schedules(store: LedgerStore, after: tuple[str, str], limit: int) -> list[bytes]:
+    """Every tenant's schedules, in (tenant_id, schedule_key) order, a page
+    after `after` (("", "") for the first)."""
+
+    def work(cur: Any) -> list[bytes]:
+        cur.execute(
+            store.sql(
+                "SELECT body FROM settlement_schedules WHERE tenant_id > %s "
+                "OR (tenant_id = %s AND schedule_key > %s) "
+                "ORDER BY tenant_id, schedule_key LIMIT %s"
+            ),
+            (after[0], after[0], after[1], limit),
+        )
+        return [bytes(row[0]) for row in cur.fetchall()]
+
+    return store.run_transaction(work)
+
+
+def settlement_claimed(store: LedgerStore, tenant_id: str, key: str) -> bool:
+    def work(cur: Any) -> bool:
+        cur.execute(
+            store.sql("SELECT 1 FROM settlements WHERE tenant_id = %s AND settlement_key = %s"),
+            (tenant_id, key),
+        )
+        return cur.fetchone() is not None
+
+    return store.run_transaction(work)
+
+
+def settle_period(
+    store: LedgerStore,
+    tenant_id: str,
+    key: str,
+    period: str,
+    state: str,
+    job: Job | None,
+    body: Callable[[str], bytes],
+    now_us: int,
+) -> bool:
+    """Claims the period (the primary key (tenant_id, settlement_key): a
+    second claimer, on any replica, finds it and does nothing) and posts its
+    entry (`job`) in the same transaction. A refused entry rolls the claim
+    back with it, so the period is tried again. `body(entry_id)` is the row.
+    False: the period was settled already."""
+
+    def work(cur: Any) -> bool:
+        cur.execute(
+            store.sql(
+                "INSERT INTO settlements (tenant_id, settlement_key, period, state, "
+                "settled_at_us, body) VALUES (%s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (tenant_id, settlement_key) DO NOTHING"
+            ),
+            (tenant_id, key, period, state, now_us, b""),
+        )
+        if cur.rowcount != 1:
+            return False
+        entry_id = ""
+        if job is not None:
+            entry_id = _raise_if_failed(store.commit_jobs_in(cur, [job], now_us), "schedule")
+        cur.execute(
+            store.sql(
+                "UPDATE settlements SET body = %s WHERE tenant_id = %s AND settlement_key = %s"
+            ),
+            (body(entry_id), tenant_id, key),
+        )
+        return True
+
+    return store.run_transaction(work)
+
+
+def list_settlements(store: LedgerStore, tenant_id: str, account_id: str) -> list[bytes]:
+    prefix = scoped_key(tenant_id, account_id) + "/"
+
+    def work(cur: Any) -> list[bytes]:
+        cur.execute(
+            store.sql(
+                "SELECT body FROM settlements WHERE tenant_id = %s AND settlement_key LIKE %s "
+                "ORDER BY settled_at_us"
+            ),
+            (tenant_id, prefix.replace("%", "\\%").replace("_", "\\_") + "%"),
+        )
+        return [bytes(row[0]) for row in cur.fetchall()]
+
+    return store.run_transaction(work)

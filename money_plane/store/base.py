@@ -196,6 +196,17 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS payouts_by_account "
     "ON payouts (tenant_id, debit_account_id, created_at_us)",
     "CREATE INDEX IF NOT EXISTS payouts_by_beneficiary ON payouts (tenant_id, beneficiary_id)",
+    # Settlement (money_plane/payouts/settlement.py): a merchant's schedule,
+    # keyed by its accrual account, and each settled period: the primary key
+    # (tenant_id, "<tenant>/<account>/<period>") is the claim that makes a
+    # period settle once, taken in the transaction that posts its entry.
+    """CREATE TABLE IF NOT EXISTS settlement_schedules (
+        tenant_id TEXT NOT NULL, schedule_key TEXT NOT NULL, updated_at_us BIGINT NOT NULL,
+        body {blob} NOT NULL, PRIMARY KEY (tenant_id, schedule_key))""",
+    """CREATE TABLE IF NOT EXISTS settlements (
+        tenant_id TEXT NOT NULL, settlement_key TEXT NOT NULL, period TEXT NOT NULL,
+        state TEXT NOT NULL, settled_at_us BIGINT NOT NULL, body {blob} NOT NULL,
+        PRIMARY KEY (tenant_id, settlement_key))""",
 ]
 
 ACCOUNT_COLUMNS = (

@@ -27,6 +27,8 @@ TABLES = {
     # Payouts (money_plane/payouts).
     "beneficiaries",
     "payouts",
+    "settlement_schedules",
+    "settlements",
 }
 # Primary keys led by tenant_id (the README's "yes" rows): every table's.
 LED_BY_TENANT = TABLES

@@ -35,7 +35,7 @@ from triplane.runtime.tokens import TokenSigner, private_key_from_b64
 
 DATA = json.loads((Path(__file__).parent / "data" / "ledger_v1.json").read_text())
 # Tables version 2 gained later, made empty on the start that migrates.
-ADDED_TO_V2 = {"beneficiaries", "payouts"}
+ADDED_TO_V2 = {"beneficiaries", "payouts", "settlement_schedules", "settlements"}
 TENANTS = ("acme", "beta-2")
 BLOBS = {"body", "data"}
 

@@ -283,6 +283,9 @@ class PayoutsConfig(_Strict, frozen=True):
     # goes to the bank account) or returns it (then back to the merchant).
     in_flight_account_prefix: str = "payouts_in_flight"
     bank_account_prefix: str = "payouts_bank"
+    # How often the settlement sweeper runs (every replica may: a period's
+    # claim makes it settle once).
+    settlement_sweep_interval_s: float = 30.0
     # Key ring (base64 AES-256 keys, one a line, the sealing key first)
     # sealing beneficiaries' account numbers and names at rest; a Kubernetes
     # Secret in a cluster. Empty: a dev key ring under state_dir/keys.

@@ -2050,3 +2050,248 @@ class PayoutChangedEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PayoutChangedEvent: _TypeAlias = PayoutChangedEvent  # noqa: Y015
+
+@_typing.final
+class SettlementSchedule(_message.Message):
+    """---- settlement schedules ----"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    PAYABLE_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FREQUENCY_FIELD_NUMBER: _builtins.int
+    CUT_OFF_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    CALENDAR_FIELD_NUMBER: _builtins.int
+    WEEKDAY_FIELD_NUMBER: _builtins.int
+    MIN_PAYOUT_MINOR_FIELD_NUMBER: _builtins.int
+    FEE_FIXED_MINOR_FIELD_NUMBER: _builtins.int
+    FEE_BPS_FIELD_NUMBER: _builtins.int
+    FEE_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    RESERVE_BPS_FIELD_NUMBER: _builtins.int
+    RESERVE_DAYS_FIELD_NUMBER: _builtins.int
+    RESERVE_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    account_id: _builtins.str
+    """The merchant's accrual account (the schedule's id)."""
+    merchant_id: _builtins.str
+    payable_account_id: _builtins.str
+    """Where a period's net goes (the account payouts are made from)."""
+    frequency: _builtins.str
+    """instant, daily or weekly."""
+    cut_off: _builtins.str
+    """HH:MM in time_zone (IANA)."""
+    time_zone: _builtins.str
+    calendar: _builtins.str
+    """FED, NYSE, TARGET, or empty (weekends only)."""
+    weekday: _builtins.int
+    """weekly: 0 Monday .. 6 Sunday (moved to the next business day)."""
+    min_payout_minor: _builtins.int
+    fee_fixed_minor: _builtins.int
+    fee_bps: _builtins.int
+    fee_account_id: _builtins.str
+    reserve_bps: _builtins.int
+    reserve_days: _builtins.int
+    reserve_account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        payable_account_id: _builtins.str = ...,
+        frequency: _builtins.str = ...,
+        cut_off: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+        calendar: _builtins.str = ...,
+        weekday: _builtins.int = ...,
+        min_payout_minor: _builtins.int = ...,
+        fee_fixed_minor: _builtins.int = ...,
+        fee_bps: _builtins.int = ...,
+        fee_account_id: _builtins.str = ...,
+        reserve_bps: _builtins.int = ...,
+        reserve_days: _builtins.int = ...,
+        reserve_account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "calendar", b"calendar", "cut_off", b"cut_off", "fee_account_id", b"fee_account_id", "fee_bps", b"fee_bps", "fee_fixed_minor", b"fee_fixed_minor", "frequency", b"frequency", "merchant_id", b"merchant_id", "min_payout_minor", b"min_payout_minor", "payable_account_id", b"payable_account_id", "reserve_account_id", b"reserve_account_id", "reserve_bps", b"reserve_bps", "reserve_days", b"reserve_days", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "weekday", b"weekday"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementSchedule: _TypeAlias = SettlementSchedule  # noqa: Y015
+
+@_typing.final
+class PutSettlementScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___SettlementSchedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___SettlementSchedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutSettlementScheduleRequest: _TypeAlias = PutSettlementScheduleRequest  # noqa: Y015
+
+@_typing.final
+class PutSettlementScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___SettlementSchedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___SettlementSchedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutSettlementScheduleResponse: _TypeAlias = PutSettlementScheduleResponse  # noqa: Y015
+
+@_typing.final
+class Settlement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    GROSS_MINOR_FIELD_NUMBER: _builtins.int
+    FEE_MINOR_FIELD_NUMBER: _builtins.int
+    RESERVE_MINOR_FIELD_NUMBER: _builtins.int
+    NET_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    CLOSES_AT_FIELD_NUMBER: _builtins.int
+    SETTLED_AT_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    account_id: _builtins.str
+    period: _builtins.str
+    """D2026-06-01, W2026-23, I<minute>."""
+    state: _builtins.str
+    """settled, or below_minimum (nothing posted; the balance waits)."""
+    gross_minor: _builtins.int
+    fee_minor: _builtins.int
+    reserve_minor: _builtins.int
+    net_minor: _builtins.int
+    currency: _builtins.str
+    entry_id: _builtins.str
+    @_builtins.property
+    def closes_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def settled_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        period: _builtins.str = ...,
+        state: _builtins.str = ...,
+        gross_minor: _builtins.int = ...,
+        fee_minor: _builtins.int = ...,
+        reserve_minor: _builtins.int = ...,
+        net_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        closes_at: _timestamp_pb2.Timestamp | None = ...,
+        settled_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closes_at", b"closes_at", "settled_at", b"settled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "closes_at", b"closes_at", "currency", b"currency", "entry_id", b"entry_id", "fee_minor", b"fee_minor", "gross_minor", b"gross_minor", "net_minor", b"net_minor", "period", b"period", "reserve_minor", b"reserve_minor", "settled_at", b"settled_at", "state", b"state", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Settlement: _TypeAlias = Settlement  # noqa: Y015
+
+@_typing.final
+class ListSettlementsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSettlementsRequest: _TypeAlias = ListSettlementsRequest  # noqa: Y015
+
+@_typing.final
+class ListSettlementsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settlements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Settlement]: ...
+    def __init__(
+        self,
+        *,
+        settlements: _abc.Iterable[Global___Settlement] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settlements", b"settlements"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSettlementsResponse: _TypeAlias = ListSettlementsResponse  # noqa: Y015
+
+@_typing.final
+class RunSettlementsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSettlementsRequest: _TypeAlias = RunSettlementsRequest  # noqa: Y015
+
+@_typing.final
+class RunSettlementsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLED_FIELD_NUMBER: _builtins.int
+    settled: _builtins.int
+    """Periods this call settled (or found below the minimum)."""
+    def __init__(
+        self,
+        *,
+        settled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settled", b"settled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunSettlementsResponse: _TypeAlias = RunSettlementsResponse  # noqa: Y015

@@ -118,6 +118,21 @@ class LedgerServiceStub:
                 request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.SerializeToString,
                 response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.FromString,
                 _registered_method=True)
+        self.PutSettlementSchedule = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/PutSettlementSchedule',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.PutSettlementScheduleRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.PutSettlementScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSettlements = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/ListSettlements',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.ListSettlementsRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.ListSettlementsResponse.FromString,
+                _registered_method=True)
+        self.RunSettlements = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/RunSettlements',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.RunSettlementsRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.RunSettlementsResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -254,6 +269,31 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutSettlementSchedule(self, request, context):
+        """Settlement schedules (README "Payouts and settlement"): a merchant's
+        accrual account settled into its payable account when each period closes
+        (instant, daily or weekly at a cut-off in a time zone on a business-day
+        calendar), the fee and the rolling reserve netted; each period exactly
+        once across replicas and restarts. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSettlements(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunSettlements(self, request, context):
+        """Settles every schedule's latest closed period now (what the plane's
+        sweeper does every money.payouts.settlement_sweep_interval_s).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -336,6 +376,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.RecordPayoutOutcome,
                     request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.FromString,
                     response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.SerializeToString,
+            ),
+            'PutSettlementSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutSettlementSchedule,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.PutSettlementScheduleRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.PutSettlementScheduleResponse.SerializeToString,
+            ),
+            'ListSettlements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSettlements,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.ListSettlementsRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.ListSettlementsResponse.SerializeToString,
+            ),
+            'RunSettlements': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunSettlements,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.RunSettlementsRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.RunSettlementsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -774,6 +829,87 @@ class LedgerService:
             '/triplane.money.v1.LedgerService/RecordPayoutOutcome',
             triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.SerializeToString,
             triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutSettlementSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/PutSettlementSchedule',
+            triplane_dot_money_dot_v1_dot_money__pb2.PutSettlementScheduleRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.PutSettlementScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSettlements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/ListSettlements',
+            triplane_dot_money_dot_v1_dot_money__pb2.ListSettlementsRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.ListSettlementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunSettlements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/RunSettlements',
+            triplane_dot_money_dot_v1_dot_money__pb2.RunSettlementsRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.RunSettlementsResponse.FromString,
             options,
             channel_credentials,
             insecure,

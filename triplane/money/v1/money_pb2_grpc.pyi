@@ -90,6 +90,18 @@ class LedgerServiceStub:
     transaction that moves the payout's state; the same outcome reported
     again changes nothing (replayed).
     """
+    PutSettlementSchedule: _grpc.UnaryUnaryMultiCallable[_money_pb2.PutSettlementScheduleRequest, _money_pb2.PutSettlementScheduleResponse]
+    """Settlement schedules (README "Payouts and settlement"): a merchant's
+    accrual account settled into its payable account when each period closes
+    (instant, daily or weekly at a cut-off in a time zone on a business-day
+    calendar), the fee and the rolling reserve netted; each period exactly
+    once across replicas and restarts. Admin only.
+    """
+    ListSettlements: _grpc.UnaryUnaryMultiCallable[_money_pb2.ListSettlementsRequest, _money_pb2.ListSettlementsResponse]
+    RunSettlements: _grpc.UnaryUnaryMultiCallable[_money_pb2.RunSettlementsRequest, _money_pb2.RunSettlementsResponse]
+    """Settles every schedule's latest closed period now (what the plane's
+    sweeper does every money.payouts.settlement_sweep_interval_s).
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -152,6 +164,18 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     (in-flight -> bank, or back to the merchant) posts exactly once, in the
     transaction that moves the payout's state; the same outcome reported
     again changes nothing (replayed).
+    """
+    PutSettlementSchedule: _aio.UnaryUnaryMultiCallable[_money_pb2.PutSettlementScheduleRequest, _money_pb2.PutSettlementScheduleResponse]  # type: ignore[assignment]
+    """Settlement schedules (README "Payouts and settlement"): a merchant's
+    accrual account settled into its payable account when each period closes
+    (instant, daily or weekly at a cut-off in a time zone on a business-day
+    calendar), the fee and the rolling reserve netted; each period exactly
+    once across replicas and restarts. Admin only.
+    """
+    ListSettlements: _aio.UnaryUnaryMultiCallable[_money_pb2.ListSettlementsRequest, _money_pb2.ListSettlementsResponse]  # type: ignore[assignment]
+    RunSettlements: _aio.UnaryUnaryMultiCallable[_money_pb2.RunSettlementsRequest, _money_pb2.RunSettlementsResponse]  # type: ignore[assignment]
+    """Settles every schedule's latest closed period now (what the plane's
+    sweeper does every money.payouts.settlement_sweep_interval_s).
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -308,6 +332,36 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         (in-flight -> bank, or back to the merchant) posts exactly once, in the
         transaction that moves the payout's state; the same outcome reported
         again changes nothing (replayed).
+        """
+
+    @_abc_1.abstractmethod
+    def PutSettlementSchedule(
+        self,
+        request: _money_pb2.PutSettlementScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.PutSettlementScheduleResponse, _abc.Awaitable[_money_pb2.PutSettlementScheduleResponse]]:
+        """Settlement schedules (README "Payouts and settlement"): a merchant's
+        accrual account settled into its payable account when each period closes
+        (instant, daily or weekly at a cut-off in a time zone on a business-day
+        calendar), the fee and the rolling reserve netted; each period exactly
+        once across replicas and restarts. Admin only.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSettlements(
+        self,
+        request: _money_pb2.ListSettlementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.ListSettlementsResponse, _abc.Awaitable[_money_pb2.ListSettlementsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RunSettlements(
+        self,
+        request: _money_pb2.RunSettlementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.RunSettlementsResponse, _abc.Awaitable[_money_pb2.RunSettlementsResponse]]:
+        """Settles every schedule's latest closed period now (what the plane's
+        sweeper does every money.payouts.settlement_sweep_interval_s).
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
