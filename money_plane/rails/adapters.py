@@ -72,7 +72,7 @@ from money_plane.rails.base import (
 )
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import RailsConfig
-from triplane.runtime.errors import InvalidArgument, Unavailable
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 # Published per-payment limits (issue 14): RTP and FedNow $10M, same-day ACH
 # $1M (NACHA); SEPA's scheme maximum is the pain.001 writer's.
@@ -197,14 +197,21 @@ class HttpRail:
 
     # ---- outcomes ----
 
-    async def poll(self) -> list[RailOutcome]:
+    async def _fetch(self) -> list[tuple[int, list[RailOutcome]]]:
         body = await self._call("GET", f"/v1/outbox/{self.name}?after={self.cursor}")
         feed = json.loads(body)
+        return [
+            (int(m["seq"]), self._read(str(m["kind"]), base64.b64decode(m["body"])))
+            for m in feed["messages"]
+        ]
+
+    async def poll(self) -> list[RailOutcome]:
+        """The outcomes in the bank's messages since the last poll (the
+        cursor moves past them: use `deliver` to move it only once recorded)."""
         outcomes: list[RailOutcome] = []
-        for message in feed["messages"]:
-            data = base64.b64decode(message["body"])
-            outcomes.extend(self._read(str(message["kind"]), data))
-            self.cursor = max(self.cursor, int(message["seq"]))
+        for seq, found in await self._fetch():
+            outcomes.extend(found)
+            self.cursor = max(self.cursor, seq)
         return outcomes
 
     def _read(self, kind: str, data: bytes) -> list[RailOutcome]:
@@ -329,20 +336,29 @@ class HttpRail:
         return [o] if o is not None else []
 
     async def deliver(self, sink: OutcomeSink) -> list[RailOutcome]:
-        """Polls and hands every outcome to `sink` (which posts each once).
-        A sink's refusal of one outcome (a state conflict: returned before it
-        was settled on another path) does not stop the others."""
-        outcomes = await self.poll()
-        for o in outcomes:
-            await sink.record_outcome(
-                o.tenant_id,
-                o.payout_id,
-                int(o.outcome),
-                reason_code=o.reason_code,
-                reason=o.reason,
-                rail_reference=o.rail_reference,
-            )
-        return outcomes
+        """Polls and hands every outcome to `sink` (which posts each once),
+        moving the cursor past a message only when all its outcomes are
+        recorded: a sink that fails (unavailable) gets them again on the next
+        call. An outcome the payout's state has moved past (the settlement
+        reported again after the return: FAILED_PRECONDITION) is stale, and
+        skipped."""
+        delivered: list[RailOutcome] = []
+        for seq, found in await self._fetch():
+            for o in found:
+                try:
+                    await sink.record_outcome(
+                        o.tenant_id,
+                        o.payout_id,
+                        int(o.outcome),
+                        reason_code=o.reason_code,
+                        reason=o.reason,
+                        rail_reference=o.rail_reference,
+                    )
+                except FailedPrecondition:
+                    continue
+                delivered.append(o)
+            self.cursor = max(self.cursor, seq)
+        return delivered
 
     def _remember(self, key: str, sub: Submission) -> None:
         self.correlations.remember(
