@@ -719,6 +719,33 @@ def build_rails(
     return {r.name: r for r in rails}
 
 
+# The policy's routing methods (policy_plane PAYMENT_METHODS) and the rails
+# that carry each, first choice first.
+RAILS_FOR_METHOD: dict[str, tuple[str, ...]] = {
+    "instant_payment": ("instant", "sepa"),
+    "bank_transfer": ("ach", "sepa"),
+    "card": ("card",),
+    "wallet": ("card",),
+}
+
+
+def select_rail(rails: dict[str, HttpRail], method: str, submission: Submission) -> HttpRail:
+    """The adapter for the policy's routing choice (`RailSubmission.rail`, or
+    a rail's own name) that can carry this payout; FAILED_PRECONDITION
+    NO_RAIL_REACHES naming `rail` when none can (policy routed it to a
+    method no configured rail serves for this beneficiary)."""
+    for name in RAILS_FOR_METHOD.get(method, (method,)):
+        rail = rails.get(name)
+        if rail is not None and rail.capabilities.reaches(submission):
+            return rail
+    raise FailedPrecondition(
+        "NO_RAIL_REACHES",
+        f"no rail for {method!r} carries this payout "
+        f"({submission.currency}, {submission.beneficiary_kind})",
+        "rail",
+    )
+
+
 class PayoutsRail:
     """The payouts package's `Rail` (submit -> the rail's reference): hands
     `Payouts.hand_to_rail` one adapter."""
@@ -742,4 +769,5 @@ __all__ = [
     "SepaRail",
     "UsBankAccount",
     "build_rails",
+    "select_rail",
 ]

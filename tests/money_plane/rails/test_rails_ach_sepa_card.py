@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 
 import pytest
 from sandbox_helpers import BankClient, card_payout, eur_payout, rails_config, us_payout
 
 from money_plane.formats.nacha import read_ach_returns, read_nacha
-from money_plane.rails.adapters import AchRail, CardRail, SepaRail
+from money_plane.rails.adapters import AchRail, CardRail, SepaRail, build_rails, select_rail
 from money_plane.rails.base import Outcome
-from triplane.runtime.errors import InvalidArgument
+from triplane.runtime.config import RailsConfig
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument
 
 
 async def test_ach_file_settles_on_booking_and_returns_come_as_return_files(
@@ -149,3 +151,31 @@ async def test_card_and_wallet_token_payouts(bank_factory: Callable[..., str]) -
     finally:
         await rail.aclose()
         await client.aclose()
+
+
+def test_policy_methods_map_to_the_rail_that_reaches_the_payout() -> None:
+    rails = build_rails(rails_config("http://127.0.0.1:1"))
+    assert select_rail(rails, "instant_payment", us_payout(1)).name == "instant"
+    assert select_rail(rails, "instant_payment", eur_payout(1)).name == "sepa"
+    assert select_rail(rails, "bank_transfer", us_payout(1)).name == "ach"
+    assert select_rail(rails, "bank_transfer", eur_payout(1)).name == "sepa"
+    assert select_rail(rails, "wallet", card_payout(1)).name == "card"
+    # Above the instant limit ($10M): no instant rail reaches it.
+    with pytest.raises(FailedPrecondition) as exc:
+        select_rail(rails, "instant_payment", us_payout(1, amount=1_000_000_001))
+    assert exc.value.field == "rail"
+    caps = rails["ach"].capabilities
+    assert caps.cost_minor(100_000) == 5
+    assert rails["card"].capabilities.cost_minor(100_000) == 25 + 150
+    # Cut-offs: Monday 09:00 New York makes the 10:30 same-day window;
+    # Friday 21:00 waits for Monday; a holiday is skipped.
+    monday = dt.datetime(2026, 12, 7, 14, 0, tzinfo=dt.UTC)
+    window = caps.next_window(monday)
+    assert window is not None and (window.hour, window.minute) == (10, 30)
+    friday_night = dt.datetime(2026, 12, 12, 2, 0, tzinfo=dt.UTC)
+    after = caps.next_window(friday_night)
+    assert after is not None and after.date() == dt.date(2026, 12, 14)
+    holiday = build_rails(RailsConfig(holidays=["2026-12-14"]))["ach"].capabilities
+    after = holiday.next_window(friday_night)
+    assert after is not None and after.date() == dt.date(2026, 12, 15)
+    assert rails["instant"].capabilities.next_window(friday_night) is None
