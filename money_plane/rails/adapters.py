@@ -489,6 +489,7 @@ class AchRail(HttpRail):
             beneficiary_kinds=frozenset({"us_bank"}),
             cutoffs=(*self.SAME_DAY_CUTOFFS, Cutoff(dt.time(20, 0))),
             holidays=self.holidays,
+            calendar="FED",
             fixed_cost_minor=5,
             countries=frozenset({"US", ""}),
         )
@@ -602,6 +603,7 @@ class SepaRail(HttpRail):
             beneficiary_kinds=frozenset({"iban"}),
             cutoffs=(Cutoff(dt.time(15, 0), "Europe/Berlin"),),
             holidays=self.holidays,
+            calendar="TARGET",
             fixed_cost_minor=20,
         )
 

@@ -19,6 +19,7 @@ from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from money_plane.formats._common import check_currency, refuse
+from money_plane.payouts.settlement import is_business_day
 
 
 class Outcome(enum.IntEnum):
@@ -126,6 +127,9 @@ class Capabilities:
     # Empty: always open (24/7/365, instant rails and card pushes).
     cutoffs: tuple[Cutoff, ...] = ()
     holidays: frozenset[dt.date] = field(default_factory=frozenset)
+    # The business-day calendar (the settlement schedules' names: FED,
+    # NYSE, TARGET from the `holidays` package; "": weekends only).
+    calendar: str = ""
     fixed_cost_minor: int = 0
     cost_bps: float = 0.0
     # Countries it reaches (ISO 3166); empty: any.
@@ -135,7 +139,7 @@ class Capabilities:
         return self.fixed_cost_minor + round(amount_minor * self.cost_bps / 10_000)
 
     def is_business_day(self, day: dt.date) -> bool:
-        return day.weekday() < 5 and day not in self.holidays
+        return day not in self.holidays and is_business_day(day, self.calendar)
 
     def next_window(self, at: dt.datetime) -> dt.datetime | None:
         """The next cut-off at or after `at` (aware) a payment submitted now

@@ -179,3 +179,9 @@ def test_policy_methods_map_to_the_rail_that_reaches_the_payout() -> None:
     after = holiday.next_window(friday_night)
     assert after is not None and after.date() == dt.date(2026, 12, 15)
     assert rails["instant"].capabilities.next_window(friday_night) is None
+    # Calendars: Christmas (a Friday in 2026) is a Fed and a TARGET holiday.
+    christmas_eve_late = dt.datetime(2026, 12, 25, 3, 0, tzinfo=dt.UTC)
+    after = caps.next_window(christmas_eve_late)
+    assert after is not None and after.date() == dt.date(2026, 12, 28)
+    after = rails["sepa"].capabilities.next_window(christmas_eve_late)
+    assert after is not None and after.date() == dt.date(2026, 12, 28)
