@@ -176,7 +176,7 @@ class Gateway:
         self._tasks.extend(engagement.start(self._stop, lift_metrics))
         if js is not None:
             # A payout's later states (a rail's outcome) to the partner's webhook.
-            self.payout_events = PayoutWebhookConsumer(js, payouts)
+            self.payout_events = PayoutWebhookConsumer(js, payouts, gateway.payout_webhooks)
             try:
                 await bus.ensure_streams(js, config.nats, ["TRIPLANE_MONEY"])
                 await self.payout_events.start()

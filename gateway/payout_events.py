@@ -4,10 +4,10 @@ The money plane writes `money.payout.<state>` on its outbox in the
 transaction that moves a payout (a rail's settled, returned or failed come
 back there, never through the gateway), and its relay publishes them to the
 TRIPLANE_MONEY stream. One durable JetStream consumer, shared by every
-gateway replica (`gateway-payout-webhooks`: each event goes to one of them),
-queues each as a partner webhook; the delivery's dedupe key is the payout
-and its state, so a redelivered event, or a state the gateway queued itself
-when it created the payout, is queued once.
+gateway replica (`gateway.payout_webhooks.durable_name`: each event goes to
+one of them), queues each as a partner webhook; the delivery's dedupe key is
+the payout and its state, so a redelivered event, or a state the gateway
+queued itself when it created the payout, is queued once.
 """
 
 from __future__ import annotations
@@ -22,17 +22,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from gateway.payouts import Payouts
 from triplane.common.v1 import envelope_pb2
 from triplane.money.v1 import money_pb2
+from triplane.runtime.config import PayoutWebhooksConfig
 from triplane.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.payout_events")
 
 MONEY_STREAM = "TRIPLANE_MONEY"
 SUBJECT = "triplane.money.*.payout.>"
-DURABLE = "gateway-payout-webhooks"
-BATCH = 64
-FETCH_TIMEOUT_S = 1.0
-ACK_WAIT_S = 30.0
-MAX_DELIVER = 20
 
 
 def payout_of_event(data: bytes) -> money_pb2.Payout:
@@ -44,22 +40,29 @@ def payout_of_event(data: bytes) -> money_pb2.Payout:
 
 
 class PayoutWebhookConsumer:
-    def __init__(self, js: JetStreamContext, payouts: Payouts) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        payouts: Payouts,
+        config: PayoutWebhooksConfig | None = None,
+    ) -> None:
         self._js = js
         self._payouts = payouts
+        self._config = config or PayoutWebhooksConfig()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        config = self._config
         sub = await self._js.pull_subscribe(
             SUBJECT,
-            durable=DURABLE,
+            durable=config.durable_name,
             stream=MONEY_STREAM,
             config=ConsumerConfig(
-                durable_name=DURABLE,
+                durable_name=config.durable_name,
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.NEW,
-                ack_wait=ACK_WAIT_S,
-                max_deliver=MAX_DELIVER,
+                ack_wait=config.ack_wait_s,
+                max_deliver=config.max_deliver,
             ),
         )
         self._tasks.append(asyncio.create_task(self._run(sub), name="gateway-payout-webhooks"))
@@ -70,14 +73,16 @@ class PayoutWebhookConsumer:
     async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
             try:
-                messages = await sub.fetch(BATCH, timeout=FETCH_TIMEOUT_S)
+                messages = await sub.fetch(
+                    self._config.batch_size, timeout=self._config.fetch_timeout_s
+                )
             except TimeoutError:
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.warning("payout event fetch failed: %r", error)
-                await asyncio.sleep(FETCH_TIMEOUT_S)
+                await asyncio.sleep(self._config.fetch_timeout_s)
                 continue
             for message in messages:
                 try:

@@ -15,7 +15,10 @@ bundle, one manual clock for all three:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import channel_for, open_channel
 
 from ..tls_helpers import dev_certificates, partner_files
+from ._b_helpers import receiver, secret_file
 from .auth_helpers import KeyedStub, partner_key
 
 TENANT = "payouts"
@@ -354,3 +358,83 @@ async def test_a_payout_event_becomes_one_partner_webhook_per_state(planes: Plan
     assert sum((await delivery.counts(TENANT)).values()) == 1
     with pytest.raises(DecodeError):
         await consumer.handle(b"\x00garbage")
+
+
+@pytest.mark.nats
+async def test_a_rail_outcome_reaches_the_partner_webhook_through_nats(
+    state_dir: Path, nats_url: str
+) -> None:
+    """End to end: the payout's approval (queued by the gateway) and then a
+    rail's settlement (recorded on the money plane, relayed from its outbox
+    over NATS to the gateway's consumer) reach the partner's webhook, each
+    once."""
+    dev_certificates(state_dir)
+    async with receiver() as hook:
+        config = load_config(
+            environ={},
+            overrides={
+                "runtime": {"state_dir": str(state_dir)},
+                "nats": {"url": nats_url},
+                "gateway": {
+                    "listen": "127.0.0.1:0",
+                    "holdout_share": 0.0,
+                    "partner_webhooks": [
+                        {"tenant_id": TENANT, "url": hook.url, "secret_path": secret_file()}
+                    ],
+                    # Its own consumer on the shared server.
+                    "payout_webhooks": {"durable_name": f"payout-hooks-{uuid.uuid4().hex[:8]}"},
+                },
+            },
+        )
+        clock = ManualClock(NOW_US)
+        async with contextlib.AsyncExitStack() as stack:
+            money = MoneyPlane(config, clock, listen="127.0.0.1:0")
+            stack.push_async_callback(money.stop)
+            money_address = f"127.0.0.1:{await money.start(sweepers=False)}"
+            policy = build_plane(config, clock, listen="127.0.0.1:0")
+            stack.push_async_callback(policy.stop)
+            policy_address = f"127.0.0.1:{await policy.start()}"
+            gateway = Gateway(
+                config,
+                clock,
+                money_address=money_address,
+                policy_address=policy_address,
+                ai_address=f"127.0.0.1:{free_port()}",
+            )
+            stack.push_async_callback(gateway.stop)
+            port = await gateway.start()
+            await _seed(config, money_address, policy_address)
+            channel = open_channel(f"127.0.0.1:{port}", partner_files(state_dir))
+            stack.push_async_callback(channel.close)
+            planes = Planes(
+                money, gateway, money_address, config, channel, await partner_key(gateway, TENANT)
+            )
+            await _profile(planes.stub, SELLER, tier=2)
+            await planes.stub.CreateBeneficiary(_beneficiary())
+            await _fund(planes, 50_000)
+            await planes.stub.CreatePayout(_payout("po-warm", 1_000))
+            paid = await planes.stub.CreatePayout(_payout("po-hook", 2_000))
+            assert paid.outcome == gw.OUTCOME_ALLOW, paid.reasons
+            async with channel_for(config, money_address) as admin:
+                ledger = money_pb2_grpc.LedgerServiceStub(admin)
+                for _ in range(2):  # reported twice: one state change, one webhook
+                    await ledger.RecordPayoutOutcome(
+                        money_pb2.RecordPayoutOutcomeRequest(
+                            tenant_id=TENANT,
+                            payout_id=paid.payout.payout_id,
+                            outcome=money_pb2.PAYOUT_OUTCOME_SETTLED,
+                        )
+                    )
+
+            def states() -> list[str]:
+                return sorted(
+                    json.loads(r.body)["data"]["state"]
+                    for r in hook.received
+                    if json.loads(r.body)["data"]["payout_id"] == paid.payout.payout_id
+                )
+
+            for _ in range(600):  # the relay, NATS and the delivery worker: at most a minute
+                if states() == ["approved", "settled"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert states() == ["approved", "settled"]

@@ -917,6 +917,19 @@ class GatewayPlaneAddressesConfig(_Strict, frozen=True):
     ai: str
 
 
+class PayoutWebhooksConfig(_Strict, frozen=True):
+    """Payout state changes (money.payout.<state> on the money stream) to the
+    partner's webhook (gateway/payout_events.py)."""
+
+    # The durable JetStream consumer every gateway replica shares (each
+    # event goes to one of them).
+    durable_name: str = "gateway-payout-webhooks"
+    batch_size: int = 64
+    fetch_timeout_s: float = 1.0
+    ack_wait_s: float = 30.0
+    max_deliver: int = 20
+
+
 class GatewayConfig(_Strict, frozen=True):
     listen: str
     # A second port of the same API that requires client certificates, so the
@@ -952,6 +965,9 @@ class GatewayConfig(_Strict, frozen=True):
     delivery: DeliveryConfig
     triggers: TriggersConfig
     measurement: MeasurementConfig
+    payout_webhooks: PayoutWebhooksConfig = msgspec.field(
+        default_factory=lambda: PayoutWebhooksConfig()
+    )
 
 
 class StackPlaneConfig(_Strict, frozen=True):
