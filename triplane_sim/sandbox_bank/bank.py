@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,7 @@ _NS = _xml.ISO_NS_PREFIX
 _DAY_US = 86_400_000_000
 
 
-@dataclass
+@dataclass(eq=False)  # one object per payment: compared by identity
 class Payment:
     """One payment as the bank received it, and the bank's truth about it."""
 
@@ -144,14 +145,26 @@ class Bank:
         self._ref += 1
         return f"SBX{self.today():%y%m%d}{self._ref:07d}"
 
-    def _emit(self, rail: str, kind: str, body: bytes) -> None:
+    def _emit(self, rail: str, kind: str, body: bytes | Callable[[], bytes]) -> None:
+        """Queues a message for `rail`; a callable body is written when first
+        read (a camt.054 per booking costs a schema validation: a bench
+        booking 100,000 lines reads statements, not notifications)."""
         self.outbox.setdefault(rail, []).append(
-            {"seq": self._next_seq(), "kind": kind, "body": base64.b64encode(body).decode()}
+            {"seq": self._next_seq(), "kind": kind, "body": body}
         )
 
     def feed(self, rail: str, after: int) -> list[dict[str, Any]]:
         self.run_due()
-        return [m for m in self.outbox.get(rail, []) if m["seq"] > after]
+        out = []
+        for m in self.outbox.get(rail, []):
+            if m["seq"] <= after:
+                continue
+            if callable(m["body"]):
+                m["body"] = m["body"]()
+            if isinstance(m["body"], bytes):
+                m["body"] = base64.b64encode(m["body"]).decode()
+            out.append(m)
+        return out
 
     # ---- fate ----
 
@@ -235,9 +248,19 @@ class Bank:
             lines=(line,),
             created_at=self.now(),
         )
-        doc = write_camt054(
-            [note], message_id=f"C54{line.account_servicer_ref}", created_at=self.now()
-        )
+        written: list[bytes] = []
+
+        def doc() -> bytes:
+            if not written:
+                written.append(
+                    write_camt054(
+                        [note],
+                        message_id=f"C54{line.account_servicer_ref}",
+                        created_at=note.created_at or self.now(),
+                    )
+                )
+            return written[0]
+
         # ACH and SEPA learn of settlement from the booking; instant and card
         # payouts from their status message.
         for rail in sorted(rails & {"ach", "sepa"}):
@@ -332,6 +355,14 @@ class Bank:
             p.bookings.append(self._truth(line, p) | {"amount_minor": p.amount_minor})
             if p.rail == "ach":
                 self._emit("ach", "nacha_returns", self._ach_return_file([p]))
+            elif p.rail == "card":
+                status = {
+                    "id": f"CR{ref}",
+                    "reference": p.end_to_end_id,
+                    "status": "returned",
+                    "reason_code": p.reason_code,
+                }
+                self._emit("card", "card_status", json.dumps(status).encode())
             else:
                 self._emit(p.rail, "pacs.004", self._pacs004(p, ref))
 

@@ -185,3 +185,20 @@ def test_policy_methods_map_to_the_rail_that_reaches_the_payout() -> None:
     assert after is not None and after.date() == dt.date(2026, 12, 28)
     after = rails["sepa"].capabilities.next_window(christmas_eve_late)
     assert after is not None and after.date() == dt.date(2026, 12, 28)
+
+
+async def test_card_payout_returned_later(bank_factory: Callable[..., str]) -> None:
+    url = bank_factory(seed=4, faults={"return_rate": 1.0})
+    client = BankClient(url)
+    rail = CardRail(rails_config(url), clock=await client.clock())
+    try:
+        sub = card_payout(1, salt="card-return")
+        assert (await rail.submit(sub)).status == "settled"
+        assert [o.outcome for o in await rail.poll()] == [Outcome.SETTLED]
+        await client.advance(2)
+        [back] = await rail.poll()
+        assert back.outcome is Outcome.RETURNED
+        assert back.reason_code == (await client.truth())[sub.end_to_end_id]["reason_code"]
+    finally:
+        await rail.aclose()
+        await client.aclose()
