@@ -291,6 +291,37 @@ class GatewayClient(_Client):
         request = gw.GetCustomerProfileRequest(tenant_id=tenant_id, customer_id=customer_id)
         return await self._call(self._stub.GetCustomerProfile, request, timeout_s)
 
+    async def create_beneficiary(
+        self, *, idempotency_key: str = "", timeout_s: float | None = None, **fields: Any
+    ) -> gw.CreateBeneficiaryResponse:
+        """A seller's payout destination (scope payouts:write): one of iban
+        (+ bic), routing_number + account_number, token_kind + token."""
+        request = gw.CreateBeneficiaryRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), **fields
+        )
+        return await self._call(self._stub.CreateBeneficiary, request, timeout_s)
+
+    async def get_beneficiary(
+        self, *, beneficiary_id: str, tenant_id: str = "", timeout_s: float | None = None
+    ) -> gw.GetBeneficiaryResponse:
+        request = gw.GetBeneficiaryRequest(tenant_id=tenant_id, beneficiary_id=beneficiary_id)
+        return await self._call(self._stub.GetBeneficiary, request, timeout_s)
+
+    async def create_payout(
+        self, *, idempotency_key: str = "", timeout_s: float | None = None, **fields: Any
+    ) -> gw.CreatePayoutResponse:
+        """Pays a seller out to a beneficiary (scope payouts:write)."""
+        request = gw.CreatePayoutRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), **fields
+        )
+        return await self._call(self._stub.CreatePayout, request, timeout_s)
+
+    async def get_payout(
+        self, *, payout_id: str, tenant_id: str = "", timeout_s: float | None = None
+    ) -> gw.GetPayoutResponse:
+        request = gw.GetPayoutRequest(tenant_id=tenant_id, payout_id=payout_id)
+        return await self._call(self._stub.GetPayout, request, timeout_s)
+
 
 class ApiKeysClient(_Client):
     """triplane.gateway.v1.ApiKeyService: a platform's keys. Called with the
@@ -430,6 +461,49 @@ class LedgerAdminClient(_Client):
     async def check_balanced(self, tenant_id: str) -> money_pb2.CheckBalancedResponse:
         request = money_pb2.CheckBalancedRequest(tenant_id=tenant_id)
         return await self._call(self._stub.CheckBalanced, request, None)
+
+    async def record_payout_outcome(
+        self,
+        tenant_id: str,
+        payout_id: str,
+        outcome: money_pb2.PayoutOutcome.ValueType,
+        reason_code: str = "",
+        reason: str = "",
+        rail_reference: str = "",
+    ) -> money_pb2.RecordPayoutOutcomeResponse:
+        """A rail's settled / returned / failed, posted once (replayed after)."""
+        request = money_pb2.RecordPayoutOutcomeRequest(
+            tenant_id=tenant_id,
+            payout_id=payout_id,
+            outcome=outcome,
+            reason_code=reason_code,
+            reason=reason,
+            rail_reference=rail_reference,
+        )
+        return await self._call(self._stub.RecordPayoutOutcome, request, None)
+
+    async def put_settlement_schedule(
+        self, schedule: money_pb2.SettlementSchedule
+    ) -> money_pb2.SettlementSchedule:
+        request = money_pb2.PutSettlementScheduleRequest(schedule=schedule)
+        answer: money_pb2.PutSettlementScheduleResponse = await self._call(
+            self._stub.PutSettlementSchedule, request, None
+        )
+        return answer.schedule
+
+    async def run_settlements(self) -> int:
+        """Settles every schedule's latest closed period now; how many."""
+        answer: money_pb2.RunSettlementsResponse = await self._call(
+            self._stub.RunSettlements, money_pb2.RunSettlementsRequest(), None
+        )
+        return answer.settled
+
+    async def list_settlements(self, tenant_id: str, account_id: str) -> list[money_pb2.Settlement]:
+        request = money_pb2.ListSettlementsRequest(tenant_id=tenant_id, account_id=account_id)
+        answer: money_pb2.ListSettlementsResponse = await self._call(
+            self._stub.ListSettlements, request, None
+        )
+        return list(answer.settlements)
 
 
 class PolicyAdminClient(_Client):
