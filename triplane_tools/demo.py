@@ -670,6 +670,10 @@ def demo_config(options: DemoOptions, stamp: str) -> Config:
     overrides: dict[str, object] = {"runtime": {"state_dir": state_dir, "log_format": "json"}}
     for plane in ("money", "policy", "ai", "gateway"):
         overrides[plane] = {"listen": f"127.0.0.1:{free_port()}"}
+    # The sandbox bank (started by the product demo) and the rails pointed at it.
+    bank = f"127.0.0.1:{free_port()}"
+    overrides["sandbox_bank"] = {"listen": bank}
+    overrides["rails"] = {"bank_url": f"http://{bank}"}
     return load_config(path=None, environ={}, overrides=overrides)
 
 

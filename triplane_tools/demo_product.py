@@ -313,7 +313,8 @@ async def _run_product_demo(
     config: Config, environ: dict[str, str], options: Any, receiver: Receiver
 ) -> int:
     print("starting the stack (embedded NATS, SQLite, Triton, every plane) ...", flush=True)
-    async with Stack(config, environ=environ) as stack:
+    # optional=True: the sandbox bank too (the rails' bank, issue 14).
+    async with Stack(config, environ=environ, optional=True) as stack:
         print(describe(stack), flush=True)
         addresses = stack.addresses
         if "gateway" not in addresses:
