@@ -51,8 +51,9 @@ from triplane.runtime.config import Config, PartnerWebhookConfig, load_config
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import channel_for, open_channel
+from triplane_client import GatewayClient, LedgerAdminClient
 
-from ..tls_helpers import dev_certificates, partner_files
+from ..tls_helpers import dev_certificates, identity_files, partner_files
 from ._b_helpers import receiver, secret_file
 from .auth_helpers import KeyedStub, partner_key
 
@@ -415,16 +416,23 @@ async def test_a_rail_outcome_reaches_the_partner_webhook_through_nats(
             await planes.stub.CreatePayout(_payout("po-warm", 1_000))
             paid = await planes.stub.CreatePayout(_payout("po-hook", 2_000))
             assert paid.outcome == gw.OUTCOME_ALLOW, paid.reasons
-            async with channel_for(config, money_address) as admin:
-                ledger = money_pb2_grpc.LedgerServiceStub(admin)
-                for _ in range(2):  # reported twice: one state change, one webhook
-                    await ledger.RecordPayoutOutcome(
-                        money_pb2.RecordPayoutOutcomeRequest(
-                            tenant_id=TENANT,
-                            payout_id=paid.payout.payout_id,
-                            outcome=money_pb2.PAYOUT_OUTCOME_SETTLED,
+            admin = LedgerAdminClient(money_address, tls=identity_files(state_dir))
+            async with admin:
+                replays = [
+                    (
+                        await admin.record_payout_outcome(
+                            TENANT, paid.payout.payout_id, money_pb2.PAYOUT_OUTCOME_SETTLED
                         )
-                    )
+                    ).replayed
+                    for _ in range(2)  # reported twice: one state change, one webhook
+                ]
+            assert replays == [False, True]
+            client = GatewayClient(
+                f"127.0.0.1:{port}", api_key=planes.api_key, tls=partner_files(state_dir)
+            )
+            async with client:
+                got = await client.get_payout(payout_id=paid.payout.payout_id)
+            assert got.payout.state == gw.PAYOUT_STATE_SETTLED
 
             def states() -> list[str]:
                 return sorted(
