@@ -229,3 +229,23 @@ async def test_schedules_over_grpc_refuse_bad_input_naming_the_field(
             assert list(listed.settlements) == []
     finally:
         await plane.stop()
+
+
+async def test_a_settlement_that_fails_half_way_leaves_no_claim_and_settles_later(
+    kit: Kit,
+) -> None:
+    """The claim and the entry are one transaction: when the entry cannot be
+    posted (here its fee account does not exist yet, as a crash before the
+    commit would leave it), neither the claim nor anything else is written,
+    and the next sweep settles the period once."""
+    kit.clock.set_us(at_us("America/New_York", 2026, 6, 1, 12))
+    settlements = await _setup(kit, fee_account_id="fee_later")
+    await kit.fund("merchant", 10_000)
+    kit.clock.set_us(at_us("America/New_York", 2026, 6, 1, 18))
+    assert await settlements.settle_due() == 0
+    assert await settlements.settlements(kit.tenant, "merchant") == []
+    assert settle_entries(kit) == 0 and (await kit.balance("merchant"))[0] == 10_000
+    await kit.open(("fee_later", "USD", DEBITS_LIMITED, 0))
+    assert await settlements.settle_due() == 1
+    assert await settlements.settle_due() == 0
+    assert settle_entries(kit) == 1 and (await kit.balance("fee_later"))[0] == 320
