@@ -158,6 +158,93 @@ def _cmd_money_check_balanced(args: argparse.Namespace) -> int:
     return asyncio.run(_check_balanced(config, address, args.tenant, args.timeout_s))
 
 
+# ---- reconciliation ----
+
+
+async def _recon_import(
+    config: Config, address: str, args: argparse.Namespace, content: bytes
+) -> int:
+    import grpc
+
+    from triplane.money.v1 import recon_pb2, recon_pb2_grpc
+    from triplane.runtime.status import parse_rpc_error
+    from triplane.runtime.tls import channel_for
+
+    async with channel_for(config, address) as channel:
+        stub = recon_pb2_grpc.ReconciliationServiceStub(channel)
+        try:
+            response = await stub.ImportStatement(
+                recon_pb2.ImportStatementRequest(
+                    tenant_id=args.tenant,
+                    ledger_account_id=args.account,
+                    content=content,
+                    actor=args.actor,
+                ),
+                timeout=args.timeout_s,
+            )
+        except grpc.aio.AioRpcError as err:
+            reason, field = parse_rpc_error(err)
+            print(
+                f"ImportStatement refused: {err.code().name} {reason} at {field}: {err.details()}",
+                file=sys.stderr,
+            )
+            return 2
+    if response.duplicate_file:
+        print(f"{args.file}: imported before; nothing added")
+        return 0
+    for st in response.statements:
+        agree = (
+            ""
+            if not st.has_balances
+            else (" balances add up" if st.balances_agree else " balances DO NOT add up")
+        )
+        print(
+            f"{st.statement_id} {st.kind} {st.bank_statement_id}: {st.line_count} lines, "
+            f"{st.new_line_count} new{agree}"
+        )
+    rules: dict[str, int] = {}
+    for m in response.matches:
+        rules[m.rule] = rules.get(m.rule, 0) + len(m.line_fingerprints)
+    print(
+        f"lines read {response.lines_read}, new {response.lines_new}, matched "
+        + (", ".join(f"{rule} {n}" for rule, n in sorted(rules.items())) or "none")
+    )
+    for b in response.breaks:
+        print(
+            f"break {b.break_id} {b.break_class} {b.amount.amount_minor} {b.amount.currency} "
+            f"owner {b.owner}: {b.reason}"
+        )
+    return 1 if response.breaks else 0
+
+
+def _cmd_recon_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from triplane.runtime.net import dial_address
+
+    config = _config(args)
+    address = args.address or dial_address(config.money.listen)
+    content = Path(args.file).read_bytes()
+    return asyncio.run(_recon_import(config, address, args, content))
+
+
+def _add_recon_commands(sub: Any) -> None:
+    recon = sub.add_parser("recon", help="reconciliation: bank statements against the ledger")
+    recon_sub = recon.add_subparsers(dest="recon_command", required=True)
+    imp = recon_sub.add_parser(
+        "import",
+        help="ImportStatement: a camt.052/053/054 or MT940 file, matched as it arrives "
+        "(exit 1 when it raised breaks, 2 when refused)",
+    )
+    imp.add_argument("file")
+    imp.add_argument("--tenant", required=True)
+    imp.add_argument("--account", default="bank", help="the ledger's bank account (bank)")
+    imp.add_argument("--actor", default="cli")
+    imp.add_argument("--address", default="", help="host:port (default: money.listen)")
+    imp.add_argument("--timeout-s", type=float, default=120.0)
+    imp.set_defaults(func=_cmd_recon_import)
+
+
 # ---- chaos ----
 
 
@@ -362,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys_commands(sub)
     _add_certs_commands(sub)
     _add_money_commands(sub)
+    _add_recon_commands(sub)
     _add_chaos_command(sub)
     parser.set_defaults(plugin_owners=_register_plugins(sub))
     return parser
