@@ -9,10 +9,18 @@ import pytest
 from sandbox_helpers import BankClient, card_payout, eur_payout, rails_config, us_payout
 
 from money_plane.formats.nacha import read_ach_returns, read_nacha
-from money_plane.rails.adapters import AchRail, CardRail, SepaRail, build_rails, select_rail
+from money_plane.rails.adapters import (
+    AchRail,
+    CardRail,
+    InstantRail,
+    SepaRail,
+    build_rails,
+    select_rail,
+)
 from money_plane.rails.base import Outcome
 from triplane.runtime.config import RailsConfig
-from triplane.runtime.errors import FailedPrecondition, InvalidArgument
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from triplane.runtime.net import free_port
 
 
 async def test_ach_file_settles_on_booking_and_returns_come_as_return_files(
@@ -202,3 +210,37 @@ async def test_card_payout_returned_later(bank_factory: Callable[..., str]) -> N
     finally:
         await rail.aclose()
         await client.aclose()
+
+
+async def test_a_bank_that_is_down_keeps_the_file_queued(client: BankClient) -> None:
+    down = rails_config(f"http://127.0.0.1:{free_port()}")
+    rail = AchRail(down, clock=await client.clock())
+    try:
+        await rail.submit(us_payout(1, salt="down"))
+        with pytest.raises(Unavailable):
+            await rail.flush()
+        assert len(rail.queue) == 1
+        rail.url = client.url  # the bank is back
+        [receipt] = await rail.flush()
+        assert receipt.status == "accepted" and rail.queue == []
+        assert (await client.truth())[us_payout(1, salt="down").end_to_end_id]["trace_number"] == (
+            receipt.reference
+        )
+    finally:
+        await rail.aclose()
+    instant = InstantRail(down, clock=await client.clock())
+    try:
+        with pytest.raises(Unavailable):
+            await instant.submit(us_payout(2, salt="down"))
+    finally:
+        await instant.aclose()
+
+
+async def test_bank_refuses_a_bad_card_call_naming_the_field(client: BankClient) -> None:
+    status, body = await client.post("/v1/card/payouts", b'{"reference": "x"}')
+    assert (status, body["field"]) == (400, "token")
+    status, body = await client.post("/v1/card/payouts", b"not json")
+    assert (status, body["field"]) == (400, "body")
+    bad = b'{"reference": "x", "token": "t", "currency": "USD", "kind": "card", "amount_minor": -5}'
+    status, body = await client.post("/v1/card/payouts", bad)
+    assert (status, body["field"]) == (400, "amount_minor")
