@@ -361,6 +361,31 @@ def _every_gateway_call(stub: Any, tenant_id: str = "") -> dict[str, Awaitable[A
         "GetCustomerProfile": stub.GetCustomerProfile(
             gw.GetCustomerProfileRequest(tenant_id=tenant_id, customer_id="c1")
         ),
+        "CreateBeneficiary": stub.CreateBeneficiary(
+            gw.CreateBeneficiaryRequest(
+                tenant_id=tenant_id,
+                idempotency_key=key,
+                beneficiary_id="b1",
+                merchant_id="m1",
+                holder_name="Jonas Schmidt",
+                country="DE",
+                iban="DE89370400440532013000",
+            )
+        ),
+        "GetBeneficiary": stub.GetBeneficiary(
+            gw.GetBeneficiaryRequest(tenant_id=tenant_id, beneficiary_id="b1")
+        ),
+        "CreatePayout": stub.CreatePayout(
+            gw.CreatePayoutRequest(
+                tenant_id=tenant_id,
+                idempotency_key=key,
+                merchant_id="m1",
+                account_id="merchant_1",
+                beneficiary_id="b1",
+                amount=types_pb2.Money(amount_minor=100, currency="USD"),
+            )
+        ),
+        "GetPayout": stub.GetPayout(gw.GetPayoutRequest(tenant_id=tenant_id, payout_id="p1")),
     }
 
 
