@@ -80,11 +80,12 @@ class SqliteState:
 
     def _read_table(self, name: str) -> TableState:
         digest = hashlib.blake2b(digest_size=16)
-        count = 0
-        for row in self._connection.execute(f'SELECT * FROM "{name}" ORDER BY rowid'):
-            digest.update(repr(row).encode())
-            count += 1
-        return count, digest.hexdigest()
+        # Rows in a stable order whatever the table's kind: a WITHOUT ROWID
+        # table (the reconciliation store's) has no rowid to order by.
+        rows = sorted(repr(row) for row in self._connection.execute(f'SELECT * FROM "{name}"'))
+        for row in rows:
+            digest.update(row.encode())
+        return len(rows), digest.hexdigest()
 
 
 @dataclass
