@@ -76,6 +76,13 @@ log = logging.getLogger("triplane.money.recon")
 BreakEncoder = Callable[[Break, int], OutgoingEvent]
 _DAY_US = 86_400_000_000
 _MATCHABLE = (ExpectedState.OPEN, ExpectedState.OVERDUE)
+_COLUMNS = {
+    "e2e": "end_to_end_id",
+    "instr": "instruction_id",
+    "bank": "bank_reference",
+    "remit": "remittance_reference",
+    "batch": "batch_id",
+}
 _REFERENCE_RULES = (
     ("e2e", Rule.END_TO_END),
     ("instr", Rule.INSTRUCTION_ID),
@@ -294,32 +301,41 @@ class _Matcher:
         return match
 
     def load_references(self, lines: Sequence[Line]) -> None:
-        wanted: dict[str, set[str]] = {k: set() for k in ("e2e", "instr", "bank", "remit", "batch")}
+        """The expected payments the lines' references name: end-to-end ids
+        first, then the other references of only the lines (and batch
+        transactions) no end-to-end id resolved, as `resolve` reads them."""
+        e2e: set[str] = set()
         for line in lines:
-            wanted["e2e"].add(line.end_to_end_id)
-            wanted["instr"].add(line.instruction_id)
-            wanted["bank"].add(line.bank_reference)
-            wanted["remit"].add(line.remittance_reference)
-            wanted["batch"].add(line.batch_id)
-            for e2e, instr, remit, _ in line.details:
-                wanted["e2e"].add(e2e)
-                wanted["instr"].add(instr)
-                wanted["remit"].add(remit)
-        columns = {
-            "e2e": "end_to_end_id",
-            "instr": "instruction_id",
-            "bank": "bank_reference",
-            "remit": "remittance_reference",
-            "batch": "batch_id",
-        }
+            e2e.add(line.end_to_end_id)
+            e2e.update(detail[0] for detail in line.details)
+        self._load("e2e", e2e)
+        found = self.by_ref["e2e"]
+        wanted: dict[str, set[str]] = {k: set() for k in ("instr", "bank", "remit", "batch")}
+        for line in lines:
+            if line.batch_id:
+                wanted["batch"].add(line.batch_id)
+            for d_e2e, instr, remit, _ in line.details:
+                if d_e2e not in found:
+                    wanted["instr"].add(instr)
+                    wanted["remit"].add(remit)
+            if line.end_to_end_id not in found:
+                wanted["instr"].add(line.instruction_id)
+                wanted["bank"].add(line.bank_reference)
+                wanted["remit"].add(line.remittance_reference)
         for kind, values in wanted.items():
-            index: dict[str, list[ExpectedPayment]] = {}
+            self._load(kind, values)
+
+    def _load(self, kind: str, values: set[str]) -> None:
+        column = _COLUMNS[kind]
+        index: dict[str, list[ExpectedPayment]] = {}
+        values.discard("")
+        if values:
             for e in self.tx.expected_by(self.tenant_id, kind, values):
                 if e.ledger_account_id != self.account:
                     continue
                 self.expected.setdefault(e.expected_id, e)
-                index.setdefault(getattr(e, columns[kind]), []).append(e)
-            self.by_ref[kind] = index
+                index.setdefault(getattr(e, column), []).append(e)
+        self.by_ref[kind] = index
 
     def find(self, kind: str, value: str) -> ExpectedPayment | None:
         if not value:
