@@ -173,20 +173,27 @@ class PrivatePostgres:
         )
 
     def kill(self) -> None:
-        """kill -9 of the postmaster and every backend (its process group):
-        what a crashed machine does to it."""
+        """kill -9 of the postmaster and every backend: what a crashed
+        machine does to it. Each backend runs in a session of its own
+        (PostgreSQL calls setsid in every child), so the postmaster's group
+        is not enough: the postmaster is frozen first (it forks no more),
+        then its children and it are killed, and the kill waits until none
+        is left (a survivor keeps the shared memory, and the next start
+        would refuse it)."""
         process = self._process
         if process is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+            os.kill(process.pid, signal.SIGSTOP)
+        doomed = [*_children_of(process.pid), process.pid]
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait()
         self._process = None
         self.kills += 1
-        # Backends of the group exit with it; the lock file names a dead pid,
-        # so the next start recovers from the WAL.
         deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline and _group_alive(process.pid):
+        while time.monotonic() < deadline and any(_alive(pid) for pid in doomed):
             time.sleep(READY_POLL_S)
 
     def stop(self) -> None:
@@ -203,9 +210,23 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _group_alive(pgid: int) -> bool:
+def _children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_path.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            found.append(int(stat_path.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, already dead, counts as gone)."""
     try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
+    return state != "Z"
