@@ -48,29 +48,48 @@ def _keys_json(keys: Sequence[str]) -> str:
     return _json.encode(keys).decode()
 
 
-def _tenants_and_keys(keys: Sequence[str]) -> tuple[str, str]:
-    """The parameters of a `_BY_KEYS` condition: the keys' tenants, the keys."""
-    tenants = sorted({key.partition("/")[0] for key in keys})
-    return _json.encode(tenants).decode(), _json.encode(keys).decode()
-
-
 # A JSON array of strings as a text[] the planner can drive an index scan with
 # (jsonb_array_elements joined directly would be estimated at 100 rows).
 _KEYS = "ANY(ARRAY(SELECT jsonb_array_elements_text(%s::jsonb)))"
 
 
-def _by_keys(column: str) -> str:
-    """Rows by scoped keys: tenant_id (the keys' prefixes) and the key, so an
-    index scan of the primary key (tenant_id, key), routed by tenant on a
-    distributed engine. A key names its tenant: exactly the keys' rows."""
-    return f"tenant_id = {_KEYS} AND {column} = {_KEYS}"
+def _by_keys(column: str, keys: Sequence[str]) -> tuple[str, tuple[str, str]]:
+    """The condition selecting rows by scoped keys, with its parameters: the
+    keys' tenant_id (their prefix) and the keys, so an index scan of the
+    primary key (tenant_id, key), routed by tenant on a distributed engine.
+    A key names its tenant, so exactly the keys' rows.
+
+    One tenant (a group's usual case) is an equality, not `= ANY`. And these
+    lookups are planned at each execution, never prepared: the primary key
+    also serves "the tenant's whole range, keys filtered", a plan the planner
+    rightly picks while a table is nearly empty and, prepared, would keep as
+    the table grows (every lookup then read all of a tenant's rows; version
+    1's key-only index had no such plan, except for decision_tokens, whose
+    prepared plan was a sequential scan)."""
+    tenants = sorted({key.partition("/")[0] for key in keys})
+    keys_json = _json.encode(keys).decode()
+    if len(tenants) == 1:
+        return f"tenant_id = %s AND {column} = {_KEYS}", (tenants[0], keys_json)
+    return f"tenant_id = {_KEYS} AND {column} = {_KEYS}", (
+        _json.encode(tenants).decode(),
+        keys_json,
+    )
 
 
-_SELECT_IDEMPOTENCY = f"SELECT scope_key, body FROM idempotency WHERE {_by_keys('scope_key')}"
-_SELECT_USED_TOKENS = (
-    f"SELECT token_key, fingerprint FROM decision_tokens WHERE {_by_keys('token_key')}"
-)
-_SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {_by_keys('account_key')}"
+def _select_idempotency(scopes: Sequence[str]) -> tuple[str, tuple[str, str]]:
+    where, params = _by_keys("scope_key", scopes)
+    return f"SELECT scope_key, body FROM idempotency WHERE {where}", params
+
+
+def _select_used_tokens(keys: Sequence[str]) -> tuple[str, tuple[str, str]]:
+    where, params = _by_keys("token_key", keys)
+    return f"SELECT token_key, fingerprint FROM decision_tokens WHERE {where}", params
+
+
+def _select_accounts(keys: Sequence[str], suffix: str) -> tuple[str, tuple[str, str]]:
+    where, params = _by_keys("account_key", keys)
+    return f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {where}{suffix}", params
+
 
 # All of a group's plain-transfer writes in one statement. Each CTE writes a
 # different table (or, for accounts, distinct rows), so their running on one
@@ -87,8 +106,7 @@ WITH acc_rows AS (
         debits_pending = u.dpe, credits_pending = u.cpe, posting_seq = u.ps,
         event_order_us = u.eo
     FROM acc_rows AS u
-    WHERE a.tenant_id = u.t AND a.account_key = u.k
-        AND a.tenant_id = ANY(ARRAY(SELECT DISTINCT t FROM acc_rows))
+    WHERE a.tenant_id = u.t AND a.account_key = u.k AND {tenant_condition}
         AND a.account_key = ANY(ARRAY(SELECT k FROM acc_rows))
 ), ent AS (
     INSERT INTO entries (tenant_id, entry_key, idempotency_key, posted_at_us, body)
@@ -116,6 +134,11 @@ WITH acc_rows AS (
 )
 SELECT 1
 """
+# The group's accounts: one tenant's by equality (see _by_keys), or several.
+_WRITE_ONE_TENANT = _WRITE_GROUP.replace("{tenant_condition}", "a.tenant_id = %(tenant)s")
+_WRITE_TENANTS = _WRITE_GROUP.replace(
+    "{tenant_condition}", "a.tenant_id = ANY(ARRAY(SELECT DISTINCT t FROM acc_rows))"
+)
 
 # What a lost race looks like, by SQLSTATE; each is retried by the one path
 # (LedgerStore.commit_jobs, bounded by money.store.conflict_retry):
@@ -253,13 +276,13 @@ class PostgresLedgerStore(LedgerStore):
         connection = cur.connection
         with connection.cursor() as accounts_cur, connection.cursor() as tokens_cur:
             if scopes:
-                cur.execute(_SELECT_IDEMPOTENCY, _tenants_and_keys(scopes))
+                cur.execute(*_select_idempotency(scopes), prepare=False)
             if token_keys:
-                tokens_cur.execute(_SELECT_USED_TOKENS, _tenants_and_keys(token_keys))
+                tokens_cur.execute(*_select_used_tokens(token_keys), prepare=False)
             if account_keys:
                 accounts_cur.execute(
-                    f"{_SELECT_ACCOUNTS} ORDER BY account_key FOR UPDATE",
-                    _tenants_and_keys(account_keys),
+                    *_select_accounts(account_keys, " ORDER BY account_key FOR UPDATE"),
+                    prepare=False,
                 )
             decode = msgpack_records.decode
             records = (
@@ -278,7 +301,7 @@ class PostgresLedgerStore(LedgerStore):
     def _load_used_tokens(self, cur: Any, keys: list[str]) -> dict[str, str]:
         if not keys:
             return {}
-        cur.execute(_SELECT_USED_TOKENS, _tenants_and_keys(keys))
+        cur.execute(*_select_used_tokens(keys), prepare=False)
         return {row[0]: row[1] for row in cur.fetchall()}
 
     def _load_accounts(
@@ -287,7 +310,7 @@ class PostgresLedgerStore(LedgerStore):
         if not keys:
             return {}
         suffix = " ORDER BY account_key FOR UPDATE" if lock else ""
-        cur.execute(f"{_SELECT_ACCOUNTS}{suffix}", _tenants_and_keys(keys))
+        cur.execute(*_select_accounts(keys, suffix), prepare=False)
         return {f"{r[0]}/{r[1]}": _account_from_row(r) for r in cur.fetchall()}
 
     def _load_bodies(
@@ -296,17 +319,19 @@ class PostgresLedgerStore(LedgerStore):
         if not keys:
             return {}
         suffix = f" ORDER BY {key_column} FOR UPDATE" if lock else ""
+        where, params = _by_keys(key_column, keys)
         cur.execute(
-            f"SELECT {key_column}, body FROM {table} WHERE {_by_keys(key_column)}{suffix}",
-            _tenants_and_keys(keys),
+            f"SELECT {key_column}, body FROM {table} WHERE {where}{suffix}", params, prepare=False
         )
         return {row[0]: msgpack_records.decode(row[1], cls) for row in cur.fetchall()}
 
     def _apply_writes(self, cur: Any, writes: GroupWrites) -> None:
         encode = _json.encode
+        tenants = {row[6] for row in writes.accounts}
         cur.execute(
-            _WRITE_GROUP,
+            _WRITE_ONE_TENANT if len(tenants) == 1 else _WRITE_TENANTS,
             {
+                "tenant": min(tenants, default=""),
                 "accounts": encode(writes.accounts).decode(),
                 "entries": encode(writes.new_entries).decode(),
                 "postings": encode(writes.postings).decode(),
@@ -340,12 +365,27 @@ class PostgresLedgerStore(LedgerStore):
                     f"UPDATE outbox SET sent_at_us = %s WHERE event_id = {_KEYS}",
                     (now_us, _keys_json(event_ids)),
                 )
-            else:
+            elif len(tenants) == 1:
                 cur.execute(
-                    f"UPDATE outbox SET sent_at_us = %s WHERE tenant_id = {_KEYS} "
-                    f"AND event_id = {_KEYS}",
-                    (now_us, _keys_json(tenants), _keys_json(event_ids)),
+                    "UPDATE outbox SET sent_at_us = %s "
+                    f"WHERE tenant_id = %s AND event_id = {_KEYS}",
+                    (now_us, tenants[0], _keys_json(event_ids)),
                 )
+            else:
+                # One statement per tenant (see _by_keys); each is its own
+                # transaction, and an event left unmarked by a crash between
+                # them is published again, which JetStream drops by its id.
+                by_tenant: dict[str, list[str]] = {}
+                with self._unsent_lock:
+                    known = dict(self._unsent_tenants)
+                for event_id in event_ids:
+                    by_tenant.setdefault(known[event_id], []).append(event_id)
+                for tenant, ids in sorted(by_tenant.items()):
+                    cur.execute(
+                        "UPDATE outbox SET sent_at_us = %s "
+                        f"WHERE tenant_id = %s AND event_id = {_KEYS}",
+                        (now_us, tenant, _keys_json(ids)),
+                    )
 
     def delete_sent_before(self, before_us: int) -> int:
         with self._statement() as cur:
