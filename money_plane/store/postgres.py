@@ -11,7 +11,8 @@ writes (one statement: a data-modifying CTE per table) with the COMMIT in the
 other. Keys and rows travel as one JSON document per table (encoded by msgspec
 in C, expanded by jsonb_array_elements on the server) rather than as arrays
 that psycopg would dump element by element in Python; the statements' texts
-do not depend on the group's size, so psycopg prepares them once.
+do not depend on the group's size, so psycopg prepares the writes once. The
+reads by key are planned at each execution instead (see `_by_keys`).
 """
 
 from __future__ import annotations
