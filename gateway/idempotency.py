@@ -69,7 +69,7 @@ from triplane.runtime.bus import OutgoingEvent
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import GatewayIdempotencyConfig
 from triplane.runtime.db import Database, Row
-from triplane.runtime.errors import AlreadyExists, ResourceExhausted
+from triplane.runtime.errors import AlreadyExists, ResourceExhausted, Unavailable
 from triplane.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.idempotency")
@@ -599,13 +599,23 @@ class IdempotencyStore:
         queued) what was put under the key, unless that is committed already:
         for an answer another replica may be asked about next, such as a
         decision's exposure. Elsewhere (one replica) nothing: this replica
-        finds it in memory. A failed commit is left to the flusher's retry."""
+        finds it in memory. A commit that fails is UNAVAILABLE, so the answer
+        is not acknowledged: were it, and this replica died before the
+        flusher's retry succeeded, an answered decision would have no
+        exposure (found by the chaos run, PostgreSQL down, then the replica
+        killed). The answer stays queued, and the caller's retry under its
+        key gets it once the store takes it."""
         if not self._shared or (scope, key) not in self._unflushed:
             return
         try:
             await self.flush()
-        except Exception:
-            log.exception("committing %s at once failed; the flusher retries it", key)
+        except Exception as error:
+            log.warning("committing %s at once failed; the flusher retries it: %s", key, error)
+            raise Unavailable(
+                "ANSWER_NOT_COMMITTED",
+                f"the answer under idempotency key {key!r} could not be stored yet; "
+                "retry with the same key",
+            ) from error
 
     async def _flush_loop(self) -> None:
         interval_s = self._config.flush_interval_ms / 1000.0

@@ -5,6 +5,7 @@ forgetting, the outbox relays to JetStream once."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -222,3 +223,56 @@ async def test_events_queued_while_nats_is_away_are_published_once(
         await client.close()
         await store.stop()
         db.close()
+
+
+async def test_an_answer_the_shared_store_cannot_take_now_is_not_acknowledged() -> None:
+    """commit (what DecideNextAction asks for its exposure, which another
+    replica may be asked about next) on a PostgreSQL store that is down is
+    UNAVAILABLE, not a quiet success: acknowledged, then lost with its
+    replica before the flusher's retry, a decision had no exposure (found by
+    the chaos run). The answer stays queued and is stored once the server
+    is back. A private server (triplane_tools.chaos_engines) the test kills."""
+    from tests.conftest import _loud_skip
+    from triplane.runtime.errors import Unavailable
+    from triplane_tools.chaos_engines import PostgresUnavailable, PrivatePostgres
+
+    try:
+        server = PrivatePostgres(start_timeout_s=60)
+        server.initialise()
+    except PostgresUnavailable as error:
+        _loud_skip("idempotency store with PostgreSQL down", str(error))
+        raise
+    server.spawn()
+    try:
+        server.wait_ready()
+        db = Database("postgres", server.admin_dsn, readers=READ_CONNECTIONS)
+        store = IdempotencyStore(_config(), db, ManualClock())
+        await store.start()
+        try:
+            server.kill()
+            store.put(SCOPE, "decided-while-down", {"f": "1"}, b"answer")
+            with pytest.raises(Unavailable) as refused:
+                await store.commit(SCOPE, "decided-while-down")
+            assert refused.value.reason == "ANSWER_NOT_COMMITTED"
+            server.spawn()
+            server.wait_ready()
+            for _ in range(100):  # the flusher's retry, or this commit, stores it
+                try:
+                    await store.commit(SCOPE, "decided-while-down")
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.1)
+            found = Database("postgres", server.admin_dsn, readers=0)
+            try:
+                row = found.read_one(
+                    "SELECT body FROM remembered WHERE scope = ? AND key = ?",
+                    (SCOPE, "decided-while-down"),
+                )
+            finally:
+                found.close()
+            assert row is not None and bytes(row[0]) == b"answer"
+        finally:
+            await store.stop()
+            db.close()
+    finally:
+        server.stop()
