@@ -18,9 +18,10 @@ behind the same `Rail` interface.
 
 Where a rail's answer names only the payment's references, the adapter maps
 them back to the payout through `Correlations` (end-to-end id or trace number
--> tenant and payout). `MemoryCorrelations` keeps them in this process: with
-replicas, or across a restart, the money plane's payout store must provide
-them (it holds end_to_end_id and rail_reference per payout).
+-> tenant and payout). The money plane serves them from its database
+(money_plane/rails/store.py `StoreCorrelations`, shared by every replica and
+kept across restarts); `MemoryCorrelations` keeps them in this process, for
+unit tests and one-off tools only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import aiohttp
@@ -91,18 +92,20 @@ class Correlation:
 
 
 class Correlations(Protocol):
-    def remember(self, key: str, value: Correlation) -> None: ...
-    def recall(self, key: str) -> Correlation | None: ...
+    async def remember(self, key: str, value: Correlation) -> None: ...
+    async def recall(self, key: str) -> Correlation | None: ...
 
 
 @dataclass
 class MemoryCorrelations:
+    """In this process only: unit tests (the served path uses the store's)."""
+
     entries: dict[str, Correlation] = field(default_factory=dict)
 
-    def remember(self, key: str, value: Correlation) -> None:
+    async def remember(self, key: str, value: Correlation) -> None:
         self.entries[key] = value
 
-    def recall(self, key: str) -> Correlation | None:
+    async def recall(self, key: str) -> Correlation | None:
         return self.entries.get(key)
 
 
@@ -201,9 +204,30 @@ class HttpRail:
         body = await self._call("GET", f"/v1/outbox/{self.name}?after={self.cursor}")
         feed = json.loads(body)
         return [
-            (int(m["seq"]), self._read(str(m["kind"]), base64.b64decode(m["body"])))
+            (
+                int(m["seq"]),
+                await self._resolve(self._read(str(m["kind"]), base64.b64decode(m["body"]))),
+            )
             for m in feed["messages"]
         ]
+
+    async def _resolve(self, found: list[RailOutcome]) -> list[RailOutcome]:
+        """The outcomes whose reference (`key`) names a payout of ours, with
+        its tenant and payout filled in; the others (another sender's, or
+        forgotten) are left to reconciliation, which sees every booking."""
+        out = []
+        for o in found:
+            c = await self.correlations.recall(o.key)
+            if c is not None:
+                out.append(
+                    replace(
+                        o,
+                        tenant_id=c.tenant_id,
+                        payout_id=c.payout_id,
+                        end_to_end_id=c.end_to_end_id,
+                    )
+                )
+        return out
 
     async def poll(self) -> list[RailOutcome]:
         """The outcomes in the bank's messages since the last poll (the
@@ -236,16 +260,16 @@ class HttpRail:
         reference: str = "",
         amount_minor: int | None = None,
     ) -> RailOutcome | None:
-        found = self.correlations.recall(key)
-        if found is None:
-            # Not ours (another adapter process sent it, or it was forgotten):
-            # left to reconciliation, which sees every booking.
+        """An outcome by the bank's reference `key`, resolved to its payout
+        by `_resolve`."""
+        if not key:
             return None
         return RailOutcome(
             rail=self.name,
-            tenant_id=found.tenant_id,
-            payout_id=found.payout_id,
-            end_to_end_id=found.end_to_end_id,
+            tenant_id="",
+            payout_id="",
+            end_to_end_id="",
+            key=key,
             outcome=outcome,
             reason_code=reason_code,
             reason=reason,
@@ -360,8 +384,8 @@ class HttpRail:
             self.cursor = max(self.cursor, seq)
         return delivered
 
-    def _remember(self, key: str, sub: Submission) -> None:
-        self.correlations.remember(
+    async def _remember(self, key: str, sub: Submission) -> None:
+        await self.correlations.remember(
             key, Correlation(sub.tenant_id, sub.payout_id, sub.end_to_end_id, sub.amount_minor)
         )
 
@@ -423,7 +447,7 @@ class InstantRail(HttpRail):
             instructing_agent=self.config.debtor_routing_number,
             instructed_agent=creditor.routing_number,
         )
-        self._remember(submission.end_to_end_id, submission)
+        await self._remember(submission.end_to_end_id, submission)
         body = await self._call(
             "POST", "/v1/instant/pacs008", data=xml, content_type="application/xml"
         )
@@ -499,22 +523,28 @@ class AchRail(HttpRail):
         for queued in self.queue:
             if queued.sub.end_to_end_id == submission.end_to_end_id:
                 raise refuse("DUPLICATE_SUBMISSION", "already queued", "submission.end_to_end_id")
+        entry = self.entry_for(submission)
+        self.queue.append(_Queued(submission, entry))
+        await self._remember(submission.end_to_end_id, submission)
+        return RailReceipt(self.name, "", submission.end_to_end_id, "queued")
+
+    def entry_for(self, submission: Submission) -> AchEntry:
+        """The payout's NACHA entry (INVALID_ARGUMENT naming the field when
+        the rail cannot carry it)."""
+        check_submission(self.capabilities, submission)
         account = us_bank_account(
             submission.routing_number,
             submission.account_number,
             submission.account_type or AccountType.CHECKING,
             field="submission",
         )
-        entry = AchEntry(
+        return AchEntry(
             account=account,
             amount_minor=submission.amount_minor,
             name=submission.holder_name,
             identification=submission.end_to_end_id[-15:],
             payment_info=f"E2E {submission.end_to_end_id}",
         )
-        self.queue.append(_Queued(submission, entry))
-        self._remember(submission.end_to_end_id, submission)
-        return RailReceipt(self.name, "", submission.end_to_end_id, "queued")
 
     def _window(self, now: dt.datetime) -> str | None:
         close = self.capabilities.next_window(now)
@@ -534,6 +564,22 @@ class AchRail(HttpRail):
         if not self.queue:
             return []
         queued, self.queue = self.queue, []
+        first = self._sequence + 1
+        self._sequence += len(queued)
+        try:
+            return await self.send_file([q.sub for q in queued], first)
+        except (InvalidArgument, Unavailable):
+            self.queue = queued + self.queue  # sent again by the next flush
+            raise
+
+    async def send_file(self, subs: Sequence[Submission], first_sequence: int) -> list[RailReceipt]:
+        """One NACHA file of `subs`, trace sequences from `first_sequence`
+        (the caller keeps them unique per day: the money plane allocates
+        them in its database, so a file sent again after a crash carries the
+        same trace numbers, and the bank books each end-to-end id once)."""
+        queued = [_Queued(sub, self.entry_for(sub)) for sub in subs]
+        if not queued:
+            return []
         now = _utc(self.clock)
         window = self._window(now)
         same_day = (
@@ -542,38 +588,28 @@ class AchRail(HttpRail):
             and now.date().weekday() < 5
         )
         effective = now.date() if same_day else self._next_business_day(now.date())
-        first = self._sequence + 1
-        self._sequence += len(queued)
-        try:
-            written = write_nacha(
-                [
-                    AchBatch(
-                        sec_code=SecCode.CCD,
-                        company_name=self.config.ach_company_name,
-                        company_id=self.config.ach_company_id,
-                        entry_description="PAYOUT",
-                        effective_date=effective,
-                        entries=tuple(q.entry for q in queued),
-                        same_day=same_day,
-                        same_day_window=window or "1300",
-                    )
-                ],
-                immediate_destination=self.config.debtor_routing_number,
-                immediate_origin=self.config.ach_company_id,
-                odfi_routing=self.config.debtor_routing_number,
-                created_at=now,
-                first_trace_sequence=first,
-            )
-        except InvalidArgument:
-            self.queue = queued + self.queue
-            raise
+        written = write_nacha(
+            [
+                AchBatch(
+                    sec_code=SecCode.CCD,
+                    company_name=self.config.ach_company_name,
+                    company_id=self.config.ach_company_id,
+                    entry_description="PAYOUT",
+                    effective_date=effective,
+                    entries=tuple(q.entry for q in queued),
+                    same_day=same_day,
+                    same_day_window=window or "1300",
+                )
+            ],
+            immediate_destination=self.config.debtor_routing_number,
+            immediate_origin=self.config.ach_company_id,
+            odfi_routing=self.config.debtor_routing_number,
+            created_at=now,
+            first_trace_sequence=first_sequence,
+        )
         for q, trace in zip(queued, written.trace_numbers, strict=True):
-            self._remember(trace, q.sub)
-        try:
-            await self._call("POST", "/v1/ach/files", data=written.data, content_type="text/plain")
-        except Unavailable:
-            self.queue = queued + self.queue  # sent again by the next flush
-            raise
+            await self._remember(trace, q.sub)
+        await self._call("POST", "/v1/ach/files", data=written.data, content_type="text/plain")
         return [
             RailReceipt(self.name, trace, q.sub.end_to_end_id, "accepted")
             for q, trace in zip(queued, written.trace_numbers, strict=True)
@@ -611,8 +647,15 @@ class SepaRail(HttpRail):
         check_submission(self.capabilities, submission)
         if any(s.end_to_end_id == submission.end_to_end_id for s, _ in self.queue):
             raise refuse("DUPLICATE_SUBMISSION", "already queued", "submission.end_to_end_id")
+        transfer = self.transfer_for(submission)
+        self.queue.append((submission, transfer))
+        await self._remember(submission.end_to_end_id, submission)
+        return RailReceipt(self.name, "", submission.end_to_end_id, "queued")
+
+    def transfer_for(self, submission: Submission) -> CreditTransfer:
+        check_submission(self.capabilities, submission)
         creditor: IbanAccount = iban_account(submission.iban, submission.bic, field="submission")
-        transfer = CreditTransfer(
+        return CreditTransfer(
             end_to_end_id=submission.end_to_end_id,
             amount_minor=submission.amount_minor,
             currency=submission.currency,
@@ -620,14 +663,23 @@ class SepaRail(HttpRail):
             instruction_id=submission.end_to_end_id,
             remittance=submission.description[:140],
         )
-        self.queue.append((submission, transfer))
-        self._remember(submission.end_to_end_id, submission)
-        return RailReceipt(self.name, "", submission.end_to_end_id, "queued")
 
     async def flush(self) -> list[RailReceipt]:
         if not self.queue:
             return []
         queued, self.queue = self.queue, []
+        try:
+            return await self.send_file([sub for sub, _ in queued])
+        except (InvalidArgument, Unavailable):
+            self.queue = queued + self.queue
+            raise
+
+    async def send_file(self, subs: Sequence[Submission]) -> list[RailReceipt]:
+        """One pain.001 of `subs` (its message id follows from their
+        end-to-end ids: the same file sent again is the same message)."""
+        queued = [(sub, self.transfer_for(sub)) for sub in subs]
+        if not queued:
+            return []
         now = _utc(self.clock)
         close = self.capabilities.next_window(now)
         execution = close.date() if close is not None else now.date()
@@ -637,20 +689,16 @@ class SepaRail(HttpRail):
             self.config.debtor_name,
             iban_account(self.config.debtor_iban, self.config.debtor_bic, field="debtor"),
         )
-        try:
-            xml = write_pain001(
-                [t for _, t in queued],
-                message_id=message_id,
-                payment_info_id=message_id,
-                created_at=now,
-                execution_date=execution,
-                debtor=debtor,
-                initiating_party=self.config.debtor_name,
-            )
-            await self._call("POST", "/v1/sepa/pain001", data=xml, content_type="application/xml")
-        except (InvalidArgument, Unavailable):
-            self.queue = queued + self.queue
-            raise
+        xml = write_pain001(
+            [t for _, t in queued],
+            message_id=message_id,
+            payment_info_id=message_id,
+            created_at=now,
+            execution_date=execution,
+            debtor=debtor,
+            initiating_party=self.config.debtor_name,
+        )
+        await self._call("POST", "/v1/sepa/pain001", data=xml, content_type="application/xml")
         return [RailReceipt(self.name, message_id, s.end_to_end_id, "accepted") for s, _ in queued]
 
 
@@ -678,7 +726,7 @@ class CardRail(HttpRail):
         check_submission(self.capabilities, submission)
         if not submission.token:
             raise refuse("FIELD_REQUIRED", "submission.token is required", "submission.token")
-        self._remember(submission.end_to_end_id, submission)
+        await self._remember(submission.end_to_end_id, submission)
         body = await self._call(
             "POST",
             "/v1/card/payouts",

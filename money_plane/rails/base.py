@@ -92,6 +92,7 @@ class RailOutcome:
     reason: str = ""
     rail_reference: str = ""
     amount_minor: int | None = None  # what the bank said moved, where it says
+    key: str = ""  # the bank's reference it was found by (end-to-end id, trace)
 
 
 class OutcomeSink(Protocol):
