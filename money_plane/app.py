@@ -129,6 +129,7 @@ class MoneyPlane:
     relay: OutboxRelay | None = None
     relays: list[OutboxRelay] = field(default_factory=list)
     _relay_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _recons: list[Reconciler] = field(default_factory=list)
     _relay_executors: list[tuple[ThreadPoolExecutor, Ledger]] = field(default_factory=list)
 
     async def start(self, sweepers: bool = True, relay: bool = True, metrics: bool = True) -> int:
@@ -244,6 +245,15 @@ class MoneyPlane:
                     name="settlements",
                 )
             )
+        if sweepers and config.money.recon.sweep_interval_s > 0:
+            # Any replica may sweep: a break's id is its cause, so one is raised.
+            for index, recon in enumerate(self._recons):
+                self._relay_tasks.append(
+                    asyncio.create_task(
+                        recon.run_sweeper(config.money.recon.sweep_interval_s),
+                        name=f"recon-sweeper-{index}",
+                    )
+                )
         return await self.server.start()
 
     def _payouts(self, ledger: Ledger) -> Payouts:
@@ -254,6 +264,7 @@ class MoneyPlane:
         """The ledger's reconciliation, its tables created (money_plane/recon)."""
         recon = Reconciler(ledger, self.config.money.recon, self.clock, encode_break_event)
         await recon.start()
+        self._recons.append(recon)
         return recon
 
     def _start_relay(self, client_name: str, ledger: Ledger) -> None:

@@ -946,10 +946,11 @@ class Reconciler:
     async def sweep_overdue(
         self, tenant_id: str, ledger_account_id: str, day: str = ""
     ) -> list[Break]:
-        """Raises unmatched breaks for expected payments overdue by `day`
-        (default: today by the clock)."""
+        """Raises unmatched breaks for expected payments of the account
+        overdue by the end of `day` (default: yesterday by the clock, the
+        last day that is over)."""
         check_tenant_id(tenant_id)
-        as_of = day or _day_of_us(self.clock.now_us())
+        as_of = day or _day_of_us(self.clock.now_us() - _DAY_US)
 
         def work(tx: Tx) -> list[Break]:
             now_us = self.clock.now_us()
@@ -968,6 +969,31 @@ class Reconciler:
         if breaks:
             self.ledger.committed.set()
         return breaks
+
+    async def sweep_all(self, day: str = "") -> int:
+        """sweep_overdue for every account with an open expected payment
+        overdue by `day` (default: yesterday), in every tenant; the number of
+        breaks raised. For the days no end-of-day statement closes."""
+        as_of = day or _day_of_us(self.clock.now_us() - _DAY_US)
+        before = shift(as_of, -self.config.grace_days + 1)
+        accounts: list[tuple[str, str]] = await self._tx(
+            lambda tx: tx.accounts_with_open_expected_before(before, 10_000)
+        )
+        raised = 0
+        for tenant_id, account in accounts:
+            raised += len(await self.sweep_overdue(tenant_id, account, as_of))
+        return raised
+
+    async def run_sweeper(self, interval_s: float) -> None:
+        """sweep_all every interval_s, until cancelled."""
+        while True:
+            try:
+                raised = await self.sweep_all()
+                if raised:
+                    log.info("reconciliation sweep raised %d unmatched breaks", raised)
+            except Exception:  # a sweep that fails is tried again next interval
+                log.exception("reconciliation sweep failed")
+            await asyncio.sleep(interval_s)
 
     # ---- expected payments ----
 

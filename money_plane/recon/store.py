@@ -504,6 +504,22 @@ class Tx:
         )
         return [expected_from_row(r) for r in self.cur.fetchall()]
 
+    def accounts_with_open_expected_before(
+        self, date_to_before: str, limit: int
+    ) -> list[tuple[str, str]]:
+        """(tenant, account) of open expected payments whose window ended
+        before the day, every tenant's (the sweep's scan, like hold expiry's;
+        on a distributed engine it fans out)."""
+        self.cur.execute(
+            self._sql(
+                "SELECT DISTINCT tenant_id, ledger_account_id FROM expected_payments "
+                "WHERE state = 'open' AND date_to < %s ORDER BY tenant_id, ledger_account_id "
+                "LIMIT %s"
+            ),
+            (date_to_before, limit),
+        )
+        return [(r[0], r[1]) for r in self.cur.fetchall()]
+
     def set_expected_states(
         self, tenant_id: str, changes: Sequence[tuple[str, ExpectedState, str]]
     ) -> None:

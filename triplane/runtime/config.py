@@ -272,6 +272,9 @@ class ReconConfig(_Strict, frozen=True):
     # Largest statement file accepted, and the most lines one import takes.
     max_file_bytes: int = 64 * 1024 * 1024
     max_lines_per_file: int = 200_000
+    # How often expected payments left without a booking are swept into
+    # unmatched breaks for the days no end-of-day statement closed; 0: never.
+    sweep_interval_s: float = 300.0
 
 
 class PayoutsConfig(_Strict, frozen=True):
