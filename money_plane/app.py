@@ -17,6 +17,7 @@ from money_plane.ledger import Ledger
 from money_plane.payouts.codec import encode_payout_event
 from money_plane.payouts.service import Payouts, Settlements, load_cipher
 from money_plane.permissions import PERMISSIONS
+from money_plane.rails.worker import RailWorker
 from money_plane.recon.codec import encode_break_event
 from money_plane.recon.reconciler import Reconciler
 from money_plane.recon.service import reconciliation_service
@@ -131,6 +132,8 @@ class MoneyPlane:
     _relay_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _recons: list[Reconciler] = field(default_factory=list)
     _relay_executors: list[tuple[ThreadPoolExecutor, Ledger]] = field(default_factory=list)
+    # One per ledger (shard), where sweepers run (money_plane/rails/worker.py).
+    rail_workers: list[RailWorker] = field(default_factory=list)
 
     async def start(self, sweepers: bool = True, relay: bool = True, metrics: bool = True) -> int:
         """Starts everything; returns the bound gRPC port. Extra serving
@@ -165,6 +168,7 @@ class MoneyPlane:
             await self.sharded.start(sweepers=sweepers)
             served = self.sharded
             payouts_of = {id(ledger): self._payouts(ledger) for ledger in ledgers.values()}
+            every_payouts = list(payouts_of.values())
             settlements_of = {id(ledger): Settlements(ledger) for ledger in ledgers.values()}
             sharded = self.sharded
 
@@ -191,6 +195,7 @@ class MoneyPlane:
             await self.ledger.start(sweepers=sweepers)
             served = self.ledger
             single = self._payouts(self.ledger)
+            every_payouts = [single]
             settlements_of = {id(self.ledger): Settlements(self.ledger)}
             one = settlements_of[id(self.ledger)]
 
@@ -254,7 +259,22 @@ class MoneyPlane:
                         name=f"recon-sweeper-{index}",
                     )
                 )
+        if sweepers:
+            await self._start_rail_workers(every_payouts)
         return await self.server.start()
+
+    async def _start_rail_workers(self, every_payouts: list[Payouts]) -> None:
+        """Payouts to their rails and the bank's outcomes back; any replica
+        may run it (each unit is claimed in the database)."""
+        rails = self.config.rails
+        if not rails.bank_url:
+            log.warning("rails.bank_url is empty: no rail worker; approved payouts stay approved")
+            return
+        for index, payouts in enumerate(every_payouts):
+            worker = RailWorker(payouts, rails, self.clock)
+            await worker.start()
+            self.rail_workers.append(worker)
+            self._relay_tasks.append(asyncio.create_task(worker.run(), name=f"rail-worker-{index}"))
 
     def _payouts(self, ledger: Ledger) -> Payouts:
         cipher = load_cipher(self.config.money.payouts, self.config.state_path)
@@ -295,6 +315,8 @@ class MoneyPlane:
 
     async def _stop_internals(self) -> None:
         await cancel_and_wait(self._relay_tasks)
+        for worker in self.rail_workers:
+            await worker.aclose()
         for relay in self.relays:
             await relay.close()
         if self.ledger is not None:

@@ -37,6 +37,7 @@ from money_plane.payouts.domain import (
     PayoutOutcome,
     PayoutState,
     Rail,
+    RailSubmission,
     build_beneficiary,
     end_to_end_id_for,
     holder_name_of,
@@ -357,6 +358,13 @@ class Payouts:
         if found is None:
             raise NotFound("PAYOUT_NOT_FOUND", f"no payout {payout_id!r}", "payout_id")
         return found
+
+    async def submission(self, tenant_id: str, payout_id: str) -> RailSubmission:
+        """What a rail needs to send the payout, its destination unsealed
+        (a queued ACH / SEPA entry is built from it when its file goes)."""
+        payout = await self.get_payout(tenant_id, payout_id)
+        beneficiary = await self.get_beneficiary(tenant_id, payout.beneficiary_id)
+        return rail_submission(payout, beneficiary, self._cipher)
 
     async def hand_to_rail(self, tenant_id: str, payout_id: str, rail: Rail) -> Payout:
         """Hands an approved payout to a rail and marks it submitted. A

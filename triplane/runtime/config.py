@@ -994,6 +994,27 @@ class StackConfig(_Strict, frozen=True):
     planes: list[StackPlaneConfig]
 
 
+class RailWorkerConfig(_Strict, frozen=True):
+    """The money plane's rail worker (money_plane/rails/worker.py): hands
+    approved payouts to their rails, sends ACH/SEPA files before each
+    cut-off, records the bank's outcomes. Runs where sweepers run."""
+
+    # How often approved payouts are handed to their rails.
+    handoff_interval_s: float = 5.0
+    # How often queued ACH / SEPA entries are checked against the next cut-off.
+    flush_check_interval_s: float = 30.0
+    # A file goes this long before its cut-off (and at any check after it).
+    flush_lead_s: float = 600.0
+    # How often each rail's new outcomes are read and recorded.
+    deliver_interval_s: float = 15.0
+    # Payouts handed off per pass; entries per file.
+    batch: int = 200
+    file_batch: int = 5000
+    # How long a replica's claim on a unit (hand-off, a rail's delivery, a
+    # file being sent) holds if it dies holding it.
+    lease_s: float = 120.0
+
+
 class RailsConfig(_Strict, frozen=True):
     """The money plane's rail adapters (money_plane/rails; README "Rails and
     the sandbox bank"): where each rail's bank endpoint is and who originates."""
@@ -1016,6 +1037,8 @@ class RailsConfig(_Strict, frozen=True):
     ach_company_name: str = "TRIPLANE"
     # Bank holidays (ISO dates) on top of weekends, for every rail's calendar.
     holidays: list[str] = []
+    # The rail worker (off when bank_url is empty).
+    worker: RailWorkerConfig = msgspec.field(default_factory=RailWorkerConfig)
 
 
 class SandboxFaultsConfig(_Strict, frozen=True):

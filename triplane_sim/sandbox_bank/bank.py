@@ -80,6 +80,8 @@ class Payment:
     bookings: list[dict[str, Any]] = field(default_factory=list)
     returned_on: str = ""
     ach_entry: AchEntry | None = None
+    # How often it was submitted (a second submission books nothing).
+    received: int = 1
     ach_sec: str = ""
 
 
@@ -194,6 +196,7 @@ class Bank:
         appended to `fresh`."""
         key = (p.rail, p.end_to_end_id)
         if key in self.payments:
+            self.payments[key].received += 1
             return self.payments[key]
         self._fate(p)
         self.payments[key] = p
@@ -681,6 +684,7 @@ class Bank:
                 "currency": p.currency,
                 "account_id": p.account_id,
                 "received_at": p.received_at,
+                "received": p.received,
                 "message_id": p.message_id,
                 "trace_number": p.trace_number,
                 "outcome": p.outcome,
