@@ -58,8 +58,11 @@ def _config(kit: Kit, state_dir: Path, url: str, **worker: Any) -> Config:
     )
 
 
-async def _setup(kit: Kit, client: BankClient, state_dir: Path, count: int) -> list[Payout]:
-    """`count` approved ACH payouts (policy routed them to bank_transfer)."""
+async def _setup(
+    kit: Kit, client: BankClient, state_dir: Path, count: int, rail: str = "bank_transfer"
+) -> list[Payout]:
+    """`count` approved payouts to a US account (policy routed them to `rail`:
+    bank_transfer is ACH)."""
     kit.clock.set_us(await client.now_us())
     config = kit.ledger.config.payouts
     payouts = Payouts(kit.ledger, load_cipher(config, state_dir), config, encode_payout_event)
@@ -93,7 +96,7 @@ async def _setup(kit: Kit, client: BankClient, state_dir: Path, count: int) -> l
             currency="USD",
             decision_token=token,
             pending_review=False,
-            rail="bank_transfer",
+            rail=rail,
         )
         assert payout.state == PayoutState.APPROVED
         made.append(payout)
@@ -256,3 +259,29 @@ async def _other_ledger(kit: Kit, config: Config) -> Ledger:
     ledger = make_ledger(kit.backend, kit.where, config, kit.signer, kit.clock)
     await ledger.start(sweepers=False)
     return ledger
+
+
+@pytest.mark.parametrize("backend_place", ["sqlite"], indirect=True)
+async def test_a_payout_no_rail_carries_stays_approved_and_is_not_retried(
+    kit: Kit, state_dir: Path, clean_bank: str
+) -> None:
+    client = BankClient(clean_bank)
+    try:
+        # A card payout to a bank account: no rail reaches it.
+        [payout] = await _setup(kit, client, state_dir, 1, rail="card")
+        plane = await _plane(_config(kit, state_dir, clean_bank), kit)
+        try:
+            worker = plane.rail_workers[0]
+            assert await worker.hand_off() == 0
+            assert await worker.hand_off() == 0
+            found = await worker.payouts.get_payout(kit.tenant, payout.payout_id)
+            assert found.state == PayoutState.APPROVED
+            reason = kit.probe.scalar(
+                "SELECT reason FROM rail_refusals WHERE tenant_id = %s", (kit.tenant,)
+            )
+            assert str(reason).startswith("NO_RAIL_REACHES")
+            assert payout.end_to_end_id not in await client.truth()
+        finally:
+            await plane.stop()
+    finally:
+        await client.aclose()
