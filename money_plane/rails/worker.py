@@ -43,12 +43,7 @@ from money_plane.rails.adapters import (
 )
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import RailsConfig
-from triplane.runtime.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    TriplaneError,
-    Unavailable,
-)
+from triplane.runtime.errors import TriplaneError, Unavailable
 
 log = logging.getLogger("triplane.money.rails")
 T = TypeVar("T")
@@ -162,7 +157,11 @@ class RailWorker:
                 try:
                     await self.payouts.hand_to_rail(tenant_id, payout_id, routed)
                     handed += 1
-                except (FailedPrecondition, InvalidArgument) as error:
+                except Unavailable as error:
+                    log.warning("hand-off of %s/%s waits: %s", tenant_id, payout_id, error.message)
+                except TriplaneError as error:
+                    # No rail reaches it, a rail or the bank refused its
+                    # details, its beneficiary is gone: recorded, not retried.
                     if error.reason == "PAYOUT_STATE_CONFLICT":
                         continue  # moved on meanwhile (an outcome recorded)
                     log.warning(
@@ -177,8 +176,6 @@ class RailWorker:
                     await self._db(
                         functools.partial(rows.refuse, self.store, tenant_id, payout_id, reason, at)
                     )
-                except Unavailable as error:
-                    log.warning("hand-off of %s/%s waits: %s", tenant_id, payout_id, error.message)
         finally:
             await self._db(lambda: rows.end_lease(self.store, name, self.owner))
         return handed
