@@ -113,7 +113,8 @@ class Gateway:
             )
             # Not kicked on every flush: the relay polls every relay_idle_poll_ms,
             # so it publishes tens of events a cycle instead of one or two
-            # (each cycle costs two transactions).
+            # (each cycle costs two transactions); idle, its polls back off
+            # up to relay_idle_max_ms.
             self._relay_task = asyncio.create_task(
                 self.relay.run_with(js), name="gateway-outbox-relay"
             )

@@ -210,6 +210,9 @@ class ReservesConfig(_Strict, frozen=True):
 class OutboxConfig(_Strict, frozen=True):
     relay_batch_size: int
     relay_idle_poll_ms: float
+    # An idle relay's reads back off, doubling from relay_idle_poll_ms up to
+    # this (triplane.runtime.outbox.RelaySettings.idle_poll_s).
+    relay_idle_max_ms: float
     # Connecting to and publishing on JetStream (until cancelled: a relay never gives up).
     relay_retry: RetryPolicy
     sent_retention_s: int
@@ -1405,6 +1408,11 @@ def _check(config: Config) -> None:
         raise ConfigError("policy.store.backend must be 'sqlite' or 'postgres'")
     if config.policy.store.backend == "postgres" and not config.policy.store.postgres_dsn:
         raise ConfigError("policy.store.postgres_dsn is required with backend 'postgres'")
+    for section, outbox in (("money", config.money.outbox), ("gateway", config.gateway.outbox)):
+        if outbox.relay_idle_poll_ms <= 0:
+            raise ConfigError(f"{section}.outbox.relay_idle_poll_ms must be > 0")
+        if outbox.relay_idle_max_ms < 0:
+            raise ConfigError(f"{section}.outbox.relay_idle_max_ms must be >= 0 (0: no backoff)")
     if config.policy.bundles.follow_interval_s < 0:
         raise ConfigError("policy.bundles.follow_interval_s must be >= 0 (0: never)")
     _check_gateway_stores(config)

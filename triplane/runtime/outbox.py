@@ -16,7 +16,6 @@ Connecting and publishing are retried by the plane's `RetryPolicy`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -49,12 +48,19 @@ class OutboxSource(Protocol):
 class RelaySettings:
     streams: list[str]
     batch_size: int
+    # An empty outbox is read again after idle_poll_s, then after twice as
+    # long each time it is still empty, up to idle_max_s; a kick (a commit in
+    # this process) or a batch found starts again from idle_poll_s. So an
+    # idle plane reads its outbox about once every idle_max_s instead of
+    # every idle_poll_s, and a fleet's idle replicas stop loading the database
+    # (0: no backoff, every idle_poll_s).
     idle_poll_s: float
     # Connecting, and publishing a batch JetStream did not fully acknowledge.
     retry: RetryPolicy
     # Sent events older than this are deleted from the outbox (0: kept).
     sent_retention_s: int = 0
     cleanup_interval_s: float = 60.0
+    idle_max_s: float = 0.0
 
     @classmethod
     def from_config(cls, outbox: OutboxConfig, streams: list[str]) -> RelaySettings:
@@ -66,7 +72,16 @@ class RelaySettings:
             retry=outbox.relay_retry,
             sent_retention_s=outbox.sent_retention_s,
             cleanup_interval_s=outbox.cleanup_interval_s,
+            idle_max_s=outbox.relay_idle_max_ms / 1000.0,
         )
+
+    def next_idle_wait(self, waited_s: float) -> float:
+        """How long to wait for a kick after an empty read, the wait before
+        it having run out after `waited_s` (0: it found events, or a kick
+        ended it)."""
+        if waited_s <= 0:
+            return self.idle_poll_s
+        return min(waited_s * 2, max(self.idle_max_s, self.idle_poll_s))
 
 
 class PublishIncomplete(Exception):
@@ -169,6 +184,7 @@ class OutboxRelay:
         settings = self._settings
         loop = asyncio.get_running_loop()
         next_cleanup_s = 0.0
+        waited_s = 0.0
         while True:
             if settings.sent_retention_s and loop.time() >= next_cleanup_s:
                 retention_us = settings.sent_retention_s * 1_000_000
@@ -181,8 +197,15 @@ class OutboxRelay:
             )
             if attempted == 0:
                 self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), settings.idle_poll_s)
+                wait_s = settings.next_idle_wait(waited_s)
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait_s)
+                except TimeoutError:
+                    waited_s = wait_s
+                else:
+                    waited_s = 0.0  # kicked: the next empty read waits idle_poll_s
+            else:
+                waited_s = 0.0
 
     async def close(self) -> None:
         if self._client is not None and not self._client.is_closed:
