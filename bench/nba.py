@@ -474,6 +474,11 @@ async def _decide(arm: ApiArm, stream: Stream, t: int, account_id: str) -> None:
     for reason in answer.reasons:
         arm.notes["reasons"][reason] = arm.notes["reasons"].get(reason, 0) + 1
     arm.notes["excluded"] += bool(answer.excluded)
+    if answer.rank_fallback_reason:
+        # Rank did not answer (e.g. past gateway.budgets.ai_rank_budget_ms):
+        # the decision falls back to arbitration and is not the learner's.
+        fallbacks = arm.notes.setdefault("rank_fallbacks", {})
+        fallbacks[answer.rank_fallback_reason] = fallbacks.get(answer.rank_fallback_reason, 0) + 1
     shown = index_of.get(answer.offer.offer_id) if answer.offer.offer_id else None
     if answer.action != gw.ACTION_SHOW_OFFER or shown is None:
         arm.run.add(stream, t, None)
@@ -743,9 +748,13 @@ def main() -> int:
         for arm in arms:
             commonest = sorted(arm.notes["reasons"].items(), key=lambda kv: -kv[1])[:6]
             print(f"{arm.policy}: decision reasons: {commonest}")
+            print(f"{arm.policy}: rank fallbacks: {arm.notes.get('rank_fallbacks', {})}")
             for key in ("error", "record_error"):
                 if key in arm.notes:
                     print(f"{arm.policy}: first {key}: {arm.notes[key]}")
+        results["nba_rank_fallback_share"] = sum(notes.get("rank_fallbacks", {}).values()) / max(
+            1, ROUNDS
+        )
         ope_answer = notes.get("ope")
         if ope_answer is not None:
             results["nba_ope_logged_rounds"] = int(ope_answer.logged_rounds)
