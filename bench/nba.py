@@ -724,8 +724,12 @@ def main() -> int:
                 "nba_decide_errors": notes["errors"],
                 "nba_record_errors": notes["record_errors"],
                 "nba_api_run_s": api_s,
+                # The key issue 13 names; the gateway suite writes the same key
+                # (its open loop at a fixed rate), so the suite run last wins:
+                # nba_decide_latency_ms_p99 is this suite's alone.
                 "decide_latency_ms_p99": percentile(learner.latencies, 99),
                 "decide_latency_ms_p50": percentile(learner.latencies, 50),
+                "nba_decide_latency_ms_p99": percentile(learner.latencies, 99),
             }
         )
         if len(arms) > 1:
