@@ -479,7 +479,9 @@ class OpeEvaluator:
             )
             return pb.OpeGate(outcome=outcome, estimate=answer, margin=margin)
         chosen = next(e for e in answer.estimates if e.estimator == answer.estimator)
-        floor = answer.logged.value * (1.0 - margin)
+        # logged x (1 - margin) for a positive value; for a negative one (explicit
+        # negatives configured below 0) the margin still lowers the floor.
+        floor = answer.logged.value - margin * abs(answer.logged.value)
         if chosen.lower >= floor:
             return pb.OpeGate(outcome="PASSED", estimate=answer, margin=margin)
         if force:
