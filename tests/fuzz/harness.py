@@ -219,8 +219,9 @@ def _config(state_dir: Path) -> Config:
     """The dev stack's config on free ports, with the background sweeps that
     would change state on their own between two snapshots turned far out
     (hold expiry, reserve release, token purge, outbox cleanup, the trigger
-    runner, the delivery worker and the bandit's snapshot are no fuzz target) and the relays and
-    the gateway's answer writer quick, so a stack settles fast."""
+    runner, the delivery worker and the bandit's snapshot are no fuzz target; the rail worker,
+    which leases and polls the bank on its own, is off) and the relays and the gateway's answer
+    writer quick, so a stack settles fast."""
     far_s = 86_400
     return load_config(
         environ={},
@@ -230,9 +231,17 @@ def _config(state_dir: Path) -> Config:
                 "listen": f"127.0.0.1:{free_port()}",
                 "holds": {"expiry_sweep_interval_s": far_s},
                 "reserves": {"release_sweep_interval_s": far_s},
-                "outbox": {"relay_idle_poll_ms": 5, "cleanup_interval_s": far_s},
+                "outbox": {
+                    "relay_idle_poll_ms": 5,
+                    "relay_idle_max_ms": 5,
+                    "cleanup_interval_s": far_s,
+                },
                 "tokens": {"purge_interval_s": far_s},
+                "recon": {"sweep_interval_s": far_s},
+                "payouts": {"settlement_sweep_interval_s": far_s},
             },
+            # No bank: the rail worker stays off.
+            "rails": {"bank_url": ""},
             "policy": {
                 "listen": f"127.0.0.1:{free_port()}",
                 "outbox": {"relay_interval_s": 0.005},
@@ -250,7 +259,11 @@ def _config(state_dir: Path) -> Config:
             "gateway": {
                 "listen": f"127.0.0.1:{free_port()}",
                 "idempotency": {"flush_interval_ms": 1},
-                "outbox": {"relay_idle_poll_ms": 5, "cleanup_interval_s": far_s},
+                "outbox": {
+                    "relay_idle_poll_ms": 5,
+                    "relay_idle_max_ms": 5,
+                    "cleanup_interval_s": far_s,
+                },
                 "rate_limit": {"rate_per_s": 1_000_000, "burst": 1_000_000},
                 "triggers": {"runner_poll_interval_s": far_s},
                 "delivery": {"poll_interval_s": far_s},

@@ -1032,8 +1032,8 @@ class RailsConfig(_Strict, frozen=True):
     timeout_s: float = 10.0
     # The originator (our account at the bank) named in every file.
     debtor_name: str = "TRIPLANE PAYOUTS"
-    debtor_iban: str = "DE89370400440532013000"
-    debtor_bic: str = "COBADEFFXXX"
+    debtor_iban: str = "DE02120300000000202051"
+    debtor_bic: str = "BYLADEM1001"
     debtor_routing_number: str = "021000021"
     debtor_account_number: str = "000123456789"
     ach_company_id: str = "1234567890"
