@@ -60,8 +60,8 @@ CONTEXT, ARM = "c", "a"
 _UNSAFE = str.maketrans({c: "_" for c in [" ", "|", ":", *map(chr, range(32)), "\x7f"]})
 # Standardization of the stored context (features.PROPENSITY_CONTEXT order,
 # channel and hour excluded: they enter as categoricals).
-_STORED_CENTER = (3.0, 8.0, 7.0, 0.0, 10.0, 0.7, 2.0)
-_STORED_SCALE = (2.0, 3.0, 4.0, 10.0, 3.0, 0.2, 1.0)
+STORED_CENTER = (3.0, 8.0, 7.0, 0.0, 10.0, 0.7, 2.0)
+STORED_SCALE = (2.0, 3.0, 4.0, 10.0, 3.0, 0.2, 1.0)
 _MAX_ABS = 1e9
 
 
@@ -114,8 +114,8 @@ def context_features(
         out.append(categorical("region", region))
     out.append(categorical("hour", str(hour)))
     out.append(categorical("daypart", str(hour // 6)))
-    for i, value in enumerate(stored[: len(_STORED_CENTER)]):
-        z = (float(value) - _STORED_CENTER[i]) / _STORED_SCALE[i]
+    for i, value in enumerate(stored[: len(STORED_CENTER)]):
+        z = (float(value) - STORED_CENTER[i]) / STORED_SCALE[i]
         out.append(numeric(f"s_{i}", z))
     return out
 

@@ -43,8 +43,7 @@ from ai_plane.features import (
     OfferEntry,
     offer_vector,
 )
-from ai_plane.learner import _STORED_CENTER as STORED_CENTER
-from ai_plane.learner import _STORED_SCALE as STORED_SCALE
+from ai_plane.learner import STORED_CENTER, STORED_SCALE
 from ai_plane.registry import ModelRecord, Registry
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.common.v1 import envelope_pb2
