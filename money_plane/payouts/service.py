@@ -7,6 +7,7 @@ transaction with the ledger entry it goes with (money_plane/payouts/store.py).
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import re
@@ -52,10 +53,14 @@ from money_plane.payouts.settlement import (
     Period,
     Schedule,
     check_schedule,
+    is_business_day,
     latest_closed_period,
     net,
 )
 from money_plane.payouts.store import PayoutEventEncoder
+from money_plane.recon.model import Direction, ExpectedPayment, ExpectedState
+from money_plane.recon.store import ReconStore
+from money_plane.recon.store import Tx as ReconTx
 from triplane.runtime import codec as wire
 from triplane.runtime.config import PayoutsConfig
 from triplane.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, TriplaneError
@@ -70,6 +75,31 @@ log = logging.getLogger("triplane.money.payouts")
 KEYS_FILE = "money-payouts.keys"
 _COUNTRY = re.compile(r"[A-Z]{2}")
 HOUR_US = 3_600_000_000
+# Routing choices (and rail names) the bank books the day they are handed
+# over; every other one (ACH, SEPA, bank_transfer) by the next business day.
+SAME_DAY_RAILS = frozenset({"instant_payment", "instant", "card", "wallet"})
+# Expected payments a payout's end leaves open no longer (a booked one is
+# matched; a returned-after-booking one is the bank's return line's).
+_WITHDRAWABLE = (ExpectedState.OPEN, ExpectedState.OVERDUE)
+
+
+def expected_id_for(payout_id: str) -> str:
+    """The reconciliation expected payment of a payout (one per payout)."""
+    return f"payout:{payout_id}"
+
+
+def expected_window(rail: str, now_us: int) -> tuple[str, str]:
+    """The days the bank should book a payout handed to `rail` now (UTC):
+    the same day for instant rails and card pushes, else through the next
+    business day (an ACH / SEPA file goes at the next cut-off and settles
+    on its effective date). Recon's `grace_days` is added when it ages."""
+    day = dt.datetime.fromtimestamp(now_us / 1_000_000, dt.UTC).date()
+    if rail in SAME_DAY_RAILS:
+        return day.isoformat(), day.isoformat()
+    last = day + dt.timedelta(days=1)
+    while not is_business_day(last, ""):
+        last += dt.timedelta(days=1)
+    return day.isoformat(), last.isoformat()
 
 
 def load_cipher(config: PayoutsConfig, state_dir: Path) -> FieldCipher:
@@ -107,6 +137,8 @@ class Payouts:
         self.config = config
         self._encode_event = encode_event
         self._clock = ledger.clock
+        self._recon = ReconStore(ledger.store)
+        self._recon_ready = False
 
     def in_flight_account(self, currency: str) -> str:
         return f"{self.config.in_flight_account_prefix}:{currency}"
@@ -350,9 +382,16 @@ class Payouts:
             )
             return updated, job, "settlement_entry_id" if settling else "reversal_entry_id"
 
+        def withdraw(cur: object, before: Payout, after: Payout) -> None:
+            # Before booking (approved / submitted -> failed / returned); a
+            # return after settlement is the bank's return line's to match.
+            if kind != PayoutOutcome.SETTLED and before.state != PayoutState.SETTLED:
+                self._withdraw_expected(ReconTx(self._store, cur), after)
+
+        await self._ensure_recon_schema()
         found = await self.ledger.run_on_writer(
             lambda: rows.update_payout(
-                self._store, tenant_id, payout_id, decide, now_us, self._encode_event
+                self._store, tenant_id, payout_id, decide, now_us, self._encode_event, withdraw
             )
         )
         if found is None:
@@ -381,6 +420,7 @@ class Payouts:
                 "payout_id",
             )
         beneficiary = await self.get_beneficiary(tenant_id, payout.beneficiary_id)
+        await self._ensure_recon_schema()
         reference = await rail.submit(rail_submission(payout, beneficiary, self._cipher))
         now_us = self._clock.now_us()
 
@@ -395,13 +435,64 @@ class Payouts:
             )
             return updated, None, ""
 
+        def expect(cur: object, _before: Payout, submitted: Payout) -> None:
+            self._expect(ReconTx(self._store, cur), submitted, now_us)
+
         found = await self.ledger.run_on_writer(
             lambda: rows.update_payout(
-                self._store, tenant_id, payout_id, decide, now_us, self._encode_event
+                self._store, tenant_id, payout_id, decide, now_us, self._encode_event, expect
             )
         )
         assert found is not None
         return found[0]
+
+    # ---- reconciliation's expected payments ----
+
+    async def _ensure_recon_schema(self) -> None:
+        if not self._recon_ready:
+            await self.ledger.run_on_writer(self._recon.create_schema)
+            self._recon_ready = True
+
+    def _expect(self, tx: ReconTx, payout: Payout, now_us: int) -> None:
+        """The payout's expected payment, written in the transaction that
+        marks it submitted (once: a second hand-over finds it)."""
+        expected_id = expected_id_for(payout.payout_id)
+        if tx.get_expected(payout.tenant_id, expected_id) is not None:
+            return
+        date_from, date_to = expected_window(payout.rail, now_us)
+        # Found by the end-to-end id alone: an ACH trace number is not known
+        # yet (entries wait in the queue for their file), and an instant
+        # rail's answer is its message id, not the bank's reference.
+        tx.insert_expected(
+            [
+                ExpectedPayment(
+                    tenant_id=payout.tenant_id,
+                    expected_id=expected_id,
+                    ledger_account_id=self.bank_account(payout.currency),
+                    direction=Direction.DEBIT,
+                    currency=payout.currency,
+                    amount_minor=payout.amount_minor,
+                    amount_min_minor=payout.amount_minor,
+                    amount_max_minor=payout.amount_minor,
+                    date_from=date_from,
+                    date_to=date_to,
+                    end_to_end_id=payout.end_to_end_id,
+                    ledger_entry_id=payout.entry_id,
+                    description=f"payout {payout.payout_id}",
+                    state=ExpectedState.OPEN,
+                    created_at_us=now_us,
+                )
+            ]
+        )
+
+    def _withdraw_expected(self, tx: ReconTx, payout: Payout) -> None:
+        """A payout failed or returned before the bank booked it: its
+        expected payment closes (cancelled) instead of aging into a break."""
+        found = tx.get_expected(payout.tenant_id, expected_id_for(payout.payout_id))
+        if found is not None and found.state in _WITHDRAWABLE:
+            tx.set_expected_states(
+                payout.tenant_id, [(found.expected_id, ExpectedState.CANCELLED, "")]
+            )
 
 
 class Settlement(msgspec.Struct, frozen=True):

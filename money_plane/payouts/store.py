@@ -211,11 +211,14 @@ def update_payout(
     decide: Callable[[Payout], tuple[Payout, Job | None, str] | None],
     now_us: int,
     encode_event: PayoutEventEncoder,
+    also: Callable[[Any, Payout, Payout], None] | None = None,
 ) -> tuple[Payout, bool] | None:
     """Moves a payout under its row lock: `decide(payout)` answers the new
     payout, the ledger job that goes with the move (or None) and which of
     its entry fields the job's entry id goes to, or None for a replay (the
-    payout is already there; nothing is written). None: no such payout."""
+    payout is already there; nothing is written). None: no such payout.
+    `also(cur, before, after)` writes what goes with a move in the same
+    transaction (reconciliation's expected payment); not called on a replay."""
 
     def work(cur: Any) -> tuple[Payout, bool] | None:
         found = _load_payout(store, cur, tenant_id, payout_id, lock=True)
@@ -242,6 +245,8 @@ def update_payout(
             ),
         )
         store.write_outbox(cur, tenant_id, [encode_event(updated, now_us)], now_us)
+        if also is not None:
+            also(cur, found, updated)
         return updated, False
 
     return store.run_transaction(work)

@@ -61,6 +61,9 @@ class ExpectedState(enum.StrEnum):
     # Its window and grace passed without a bank line (a break says so);
     # a line arriving later still matches it, as late.
     OVERDUE = "overdue"
+    # Withdrawn before the bank booked it (its payout failed or was returned
+    # by the rail): it no longer ages into an unmatched_ledger break.
+    CANCELLED = "cancelled"
 
 
 # How a match was made, strongest first.
