@@ -319,10 +319,38 @@ class TritonProcess:
             self.process.wait(timeout=5)
 
     def pause(self) -> None:
-        """Fault injection: the server stops answering (but keeps its sockets)."""
+        """Fault injection: the server stops answering (but keeps its sockets).
+        Returns once every thread of the server is stopped: SIGSTOP only
+        marks the stop, and a thread busy on a loaded machine takes it when
+        it next runs, so a call made right after the signal could still be
+        answered."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        deadline = time.monotonic() + PAUSE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all(_thread_stopped(task) for task in tasks.iterdir()):
+                return
+            time.sleep(0.005)
+        raise RuntimeError(
+            f"tritonserver {self.process.pid} did not stop within {PAUSE_TIMEOUT_S} s"
+        )
 
     def resume(self) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
+
+
+# How long pause() waits for every thread of the server to be stopped.
+PAUSE_TIMEOUT_S = 5.0
+
+
+def _thread_stopped(task: Path) -> bool:
+    """Whether a thread (/proc/<pid>/task/<tid>) is stopped ('T') or gone."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return True
+    # The state follows the command name, which is in parentheses and may
+    # itself hold spaces or parentheses.
+    return stat[stat.rindex(")") + 2 :].startswith("T")
