@@ -47,6 +47,7 @@ from triplane.common.v1 import envelope_pb2
 from triplane.runtime import bus
 from triplane.runtime.config import AiConfig, NatsConfig, pending_store
 from triplane.runtime.errors import Unavailable
+from triplane.runtime.tasks import every
 
 log = logging.getLogger("triplane.ai.outcomes")
 
@@ -458,14 +459,7 @@ class OutcomeSpine:
         return True
 
     async def _snapshots(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.snapshot()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("bandit snapshot failed; trying again next interval")
+        await every(interval, self.snapshot, "bandit snapshot")
 
     async def stop(self) -> None:
         if self._snapshotter is not None:

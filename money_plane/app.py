@@ -32,7 +32,7 @@ from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import ConnectionAge, PlaneServer, ServerSecurity
-from triplane.runtime.tasks import cancel_and_wait
+from triplane.runtime.tasks import cancel_and_wait, every
 from triplane.runtime.tls import MONEY_PLANE
 from triplane.runtime.tokens import TokenVerifier, token_key_set
 
@@ -106,15 +106,6 @@ class MeasuredOutbox:
 
 async def _settle_all(settlements: list[Settlements]) -> int:
     return sum([await each.settle_due() for each in settlements])
-
-
-async def _sweep_settlements(settlements: list[Settlements], interval_s: float) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await _settle_all(settlements)
-        except Exception:
-            log.exception("settlement sweep failed")
 
 
 @dataclass
@@ -243,9 +234,10 @@ class MoneyPlane:
             # Any replica may sweep: a period's claim makes it settle once.
             self._relay_tasks.append(
                 asyncio.create_task(
-                    _sweep_settlements(
-                        list(settlements_of.values()),
+                    every(
                         config.money.payouts.settlement_sweep_interval_s,
+                        functools.partial(_settle_all, list(settlements_of.values())),
+                        "settlement sweep",
                     ),
                     name="settlements",
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config, ConfigError
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 from triplane.runtime.server import ConnectionAge, PlaneServer, ServerSecurity
-from triplane.runtime.tasks import cancel_and_wait
+from triplane.runtime.tasks import cancel_and_wait, every
 from triplane.runtime.tls import POLICY_PLANE
 from triplane.runtime.tokens import (
     PublicKeySet,
@@ -175,13 +176,11 @@ class PolicyPlane:
     async def _follow_bundles(self) -> None:
         """Each policy.bundles.follow_interval_s: the store's live and shadow
         slots made current here (a switch made through another replica)."""
-        interval_s = self.config.policy.bundles.follow_interval_s
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await asyncio.to_thread(self.engine.bundles.follow)
-            except Exception:
-                log.exception("following the store's bundle slots failed; retrying")
+        await every(
+            self.config.policy.bundles.follow_interval_s,
+            functools.partial(asyncio.to_thread, self.engine.bundles.follow),
+            "following the store's bundle slots",
+        )
 
     async def _watch_bundles(self) -> None:
         assert self.js is not None

@@ -26,7 +26,7 @@ import datetime as dt
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 from money_plane.ledger import Ledger
@@ -44,6 +44,7 @@ from money_plane.rails.adapters import (
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import RailsConfig
 from triplane.runtime.errors import TriplaneError, Unavailable
+from triplane.runtime.tasks import every
 
 log = logging.getLogger("triplane.money.rails")
 T = TypeVar("T")
@@ -273,20 +274,11 @@ class RailWorker:
     async def run(self) -> None:
         w = self._w
         await asyncio.gather(
-            _every(w.handoff_interval_s, self.hand_off, "rail hand-off"),
-            _every(w.flush_check_interval_s, self.flush_if_due, "rail flush"),
-            _every(w.deliver_interval_s, self.deliver, "rail delivery"),
+            every(w.handoff_interval_s, self.hand_off, "rail hand-off"),
+            every(w.flush_check_interval_s, self.flush_if_due, "rail flush"),
+            every(w.deliver_interval_s, self.deliver, "rail delivery"),
         )
 
 
 def _aware(now_us: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(now_us / 1_000_000, tz=dt.UTC)
-
-
-async def _every(interval_s: float, work: Callable[[], Awaitable[int]], what: str) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await work()
-        except Exception:
-            log.exception("%s failed", what)

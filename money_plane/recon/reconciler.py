@@ -70,6 +70,7 @@ from triplane.runtime.errors import (
     NotFound,
     error_for,
 )
+from triplane.runtime.tasks import every
 
 log = logging.getLogger("triplane.money.recon")
 
@@ -985,15 +986,13 @@ class Reconciler:
         return raised
 
     async def run_sweeper(self, interval_s: float) -> None:
-        """sweep_all every interval_s, until cancelled."""
-        while True:
-            try:
-                raised = await self.sweep_all()
-                if raised:
-                    log.info("reconciliation sweep raised %d unmatched breaks", raised)
-            except Exception:  # a sweep that fails is tried again next interval
-                log.exception("reconciliation sweep failed")
-            await asyncio.sleep(interval_s)
+        """sweep_all now and every interval_s, until cancelled."""
+        await every(interval_s, self._sweep_logged, "reconciliation sweep", first_at_start=True)
+
+    async def _sweep_logged(self) -> None:
+        raised = await self.sweep_all()
+        if raised:
+            log.info("reconciliation sweep raised %d unmatched breaks", raised)
 
     # ---- expected payments ----
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,11 +21,7 @@ from triplane.runtime.config import ConfigError, load_config
 from triplane.runtime.net import free_port
 from triplane.runtime.outbox import OutboxRelay, RelaySettings
 
-from .test_retry import START_US, MemoryOutbox, assert_in_jetstream, event
-
-# Bounded waits for the relay's loop (a relay that never gets there fails).
-ROUNDS = 400
-ROUND_S = 0.01
+from .test_retry import START_US, MemoryOutbox, assert_in_jetstream, event, until
 
 
 def settings(poll_ms: float, max_ms: float) -> RelaySettings:
@@ -68,14 +63,6 @@ class RecordedSettings(RelaySettings):
         return wait_s
 
 
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(ROUNDS):
-        if condition():
-            return
-        await asyncio.sleep(ROUND_S)
-    raise AssertionError("the relay never got there")
-
-
 @pytest.mark.nats
 async def test_a_relay_backs_off_while_idle_and_a_kick_publishes_at_once(nats_url: str) -> None:
     base = settings(5, 40)
@@ -87,7 +74,7 @@ async def test_a_relay_backs_off_while_idle_and_a_kick_publishes_at_once(nats_ur
     task = asyncio.create_task(relay.run_with(client.jetstream()))
     try:
         # Idle: 5, 10, 20, 40, 40 ms ...
-        await _until(lambda: len(recorded.asked) >= 6)
+        await until(lambda: len(recorded.asked) >= 6, "six idle waits")
         assert recorded.asked[:6] == pytest.approx([0.005, 0.01, 0.02, 0.04, 0.04, 0.04])
         # An event and a kick (a commit in this process): published, and the
         # next idle wait starts again from relay_idle_poll_ms.
@@ -95,8 +82,8 @@ async def test_a_relay_backs_off_while_idle_and_a_kick_publishes_at_once(nats_ur
         source.events = [event(tenant, 0)]
         seen = len(recorded.asked)
         relay.kick()
-        await _until(lambda: relay.published == 1)
-        await _until(lambda: len(recorded.asked) > seen)
+        await until(lambda: relay.published == 1, "the kicked event published")
+        await until(lambda: len(recorded.asked) > seen, "an idle wait after the event")
         assert recorded.asked[seen] == pytest.approx(0.005)
         await assert_in_jetstream(nats_url, source.events)
     finally:
