@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 from ai_helpers import ai_config
 
-pytest.importorskip("vowpalwabbit")
-
 from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.breaker import CircuitBreaker
 from ai_plane.engine import AiEngine, Candidate, RankAnswer, RankQuery

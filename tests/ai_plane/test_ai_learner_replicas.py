@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 from ai_helpers import ai_config
-
-pytest.importorskip("vowpalwabbit")
+from nats.js import JetStreamContext
 
 from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.breaker import CircuitBreaker
 from ai_plane.engine import AiEngine, Candidate, RankAnswer, RankQuery
 from ai_plane.features import OfferEntry
 from ai_plane.learner import RewardLearner
-from ai_plane.outcomes import OutcomeSpine
+from ai_plane.outcomes import AI_STREAM, OutcomeSpine
 from ai_plane.scorer import Scorer
 from ai_plane.store.base import build_store
 from triplane.ai.v1 import ai_pb2
@@ -62,6 +62,7 @@ class Replica:
     engine: AiEngine
     spine: OutcomeSpine
     clock: ManualClock
+    js: JetStreamContext
 
     @property
     def rewards(self) -> RewardLearner:
@@ -97,7 +98,7 @@ async def replica(config: Config, url: str) -> AsyncIterator[Replica]:
             await engine.store.close()
             await nc.close()
 
-    found = Replica(engine, spine, clock)
+    found = Replica(engine, spine, clock, nc.jetstream())
     found.stop = stop  # type: ignore[attr-defined]
     try:
         yield found
@@ -106,8 +107,16 @@ async def replica(config: Config, url: str) -> AsyncIterator[Replica]:
         engine.rewards.vw.close()
 
 
-async def caught_up(*replicas: Replica) -> None:
+async def caught_up(*replicas: Replica, tenant: str) -> None:
+    """Every replica has applied the tenant's last reward on the stream (and
+    whatever any of them applied already): a reward just published may not
+    have reached either replica's subscription yet."""
     target = max(r.rewards.sequence for r in replicas)
+    try:
+        last = await replicas[0].js.get_last_msg(AI_STREAM, f"triplane.ai.{tenant}.learner.reward")
+        target = max(target, last.seq or 0)
+    except nats.js.errors.NotFoundError:
+        pass  # none of the tenant's rewards yet
     for r in replicas:
         await asyncio.wait_for(r.rewards.wait_for(target), WAIT_S)
 
@@ -147,7 +156,7 @@ async def test_rewards_reported_to_either_replica_teach_both_alike(
     tenant = f"t{uuid.uuid4().hex[:10]}"
     async with replica(config, nats_url) as a, replica(config, nats_url) as b:
         # The stream holds other tests' rewards too: count from here.
-        await caught_up(a, b)
+        await caught_up(a, b, tenant=tenant)
         base = a.rewards.vw.learned
         for i in range(40):
             ranker, reporter = (a, b) if i % 2 else (b, a)
@@ -159,7 +168,7 @@ async def test_rewards_reported_to_either_replica_teach_both_alike(
                 tenant, answer.rank_id, answer.chosen_offer_id, 0.0, f"o{i}", kind=kind
             )
             assert result.applied  # the other replica's ranking, read from Redis
-        await caught_up(a, b)
+        await caught_up(a, b, tenant=tenant)
         assert a.rewards.vw.learned == b.rewards.vw.learned == base + 40
         # The same outcome again, through either replica, is a repeat.
         assert not (await a.engine.outcome(tenant, answer.rank_id, "x", 0.0, "o39")).applied
@@ -172,7 +181,7 @@ async def test_any_replica_sweeps_a_closed_window_and_it_counts_once(
     config = _config(tmp_path, redis_url, namespace)
     tenant = f"t{uuid.uuid4().hex[:10]}"
     async with replica(config, nats_url) as a, replica(config, nats_url) as b:
-        await caught_up(a, b)
+        await caught_up(a, b, tenant=tenant)
         base, base_late = a.rewards.vw.learned, a.rewards.late
         silent = await rank(a.engine, tenant, 0.0)
         answered = await rank(b.engine, tenant, 1.0)
@@ -191,7 +200,7 @@ async def test_any_replica_sweeps_a_closed_window_and_it_counts_once(
         # Both replicas sweep at once: the silent ranking's 0 is one reward.
         swept = await asyncio.gather(a.engine.sweep(), b.engine.sweep())
         assert sum(swept) >= 1
-        await caught_up(a, b)
+        await caught_up(a, b, tenant=tenant)
         assert a.rewards.vw.learned == b.rewards.vw.learned == base + 2
         assert await a.engine.sweep() == await b.engine.sweep() == 0
         # A late outcome through either replica is recorded, not learned.
@@ -204,7 +213,7 @@ async def test_any_replica_sweeps_a_closed_window_and_it_counts_once(
             kind=ai_pb2.OUTCOME_KIND_CONVERTED,
         )
         assert late.late and not late.applied
-        await caught_up(a, b)
+        await caught_up(a, b, tenant=tenant)
         assert a.rewards.vw.learned == b.rewards.vw.learned == base + 2
         assert a.rewards.late == b.rewards.late == base_late + 1
 
@@ -225,16 +234,16 @@ async def test_a_restarted_replica_resumes_from_its_snapshot_and_the_stream(
 
     async with replica(config, nats_url) as b:
         async with replica(config, nats_url) as a:
-            await caught_up(a, b)
+            await caught_up(a, b, tenant=tenant)
             before_b = b.rewards.vw.learned
             await teach(a, 0, 12)
-            await caught_up(a, b)
+            await caught_up(a, b, tenant=tenant)
             await a.stop()  # type: ignore[attr-defined]  # shutdown snapshot
             covered = a.rewards.sequence
         await teach(b, 12, 6)  # while A is down
         async with replica(config, nats_url) as restarted:
             assert restarted.spine.resumed_from == covered
-            await caught_up(restarted, b)
+            await caught_up(restarted, b, tenant=tenant)
             # Resumed, not replayed: it learned only what came after.
             assert restarted.rewards.vw.learned == b.rewards.vw.learned - before_b - 12
             assert await probe(restarted, tenant) == await probe(b, tenant)

@@ -85,9 +85,9 @@ def _classes_from_truth(payment: dict[str, Any]) -> set[str]:
     return wanted
 
 
+# One bank run, on SQLite: the store's SQL is covered on PostgreSQL by test_recon.
+@pytest.mark.parametrize("backend_place", ["sqlite"], indirect=True)
 async def test_sandbox_bank_faults_are_classified_as_its_record_says(kit: Kit) -> None:
-    if kit.backend != "sqlite":
-        pytest.skip("the store's SQL is covered on PostgreSQL by test_recon; one bank run here")
     tmp = Path(tempfile.mkdtemp(prefix="recon-bank-"))
     proc, url = _start_bank(tmp)
     client = BankClient(url)
