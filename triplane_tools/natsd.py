@@ -199,13 +199,18 @@ class NatsCluster:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.root = root
-        route_ports = [free_port() for _ in range(size)]
+        # Every port of every node at once and all distinct: free_port() only
+        # finds a port free now, so two calls before anything binds may name
+        # the same one (a node's client port equal to its route port made
+        # the node exit with "address already in use").
+        ports = _distinct_free_ports(3 * size)
+        route_ports = ports[:size]
         self.nodes: list[ClusterNode] = []
         for index in range(size):
             name = f"n{index + 1}"
             store = root / name
             store.mkdir(parents=True, exist_ok=True)
-            port, monitor = free_port(), free_port()
+            port, monitor = ports[size + 2 * index], ports[size + 2 * index + 1]
             config_path = store / "nats-server.conf"
             config_path.write_text(
                 cluster_config(
@@ -268,3 +273,12 @@ class NatsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
