@@ -117,6 +117,28 @@ async def _stream_info_with_leader(js: JetStreamContext) -> StreamInfo:
     raise AssertionError(f"the stream has no leader; last error: {last_error!r}")
 
 
+async def _consumer_once_created(js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    """A fresh pull consumer on the stream, once the cluster can create one:
+    right after a node is killed, the metadata leader may still be elected
+    (the stream's own leader answering is not enough) and the create times
+    out; each try waits out the election like _stream_info_with_leader."""
+    last_error: Exception | None = None
+    for _ in range(MAX_TRIES):
+        try:
+            return await js.pull_subscribe(
+                "triplane.money.>",
+                durable=None,
+                stream=STREAM,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT
+                ),
+            )
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as error:
+            last_error = error
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"no consumer could be created; last error: {last_error!r}")
+
+
 def _leader(info: StreamInfo) -> str:
     assert info.cluster is not None and info.cluster.leader
     return str(info.cluster.leader)
@@ -182,12 +204,7 @@ async def test_r3_stream_keeps_every_acknowledged_message_when_its_leader_is_kil
         info = await _stream_info_with_leader(js)
         assert info.cluster is not None and info.cluster.leader != killed[0]
         assert info.state.messages == MESSAGES
-        consumer = await js.pull_subscribe(
-            "triplane.money.>",
-            durable=None,
-            stream=STREAM,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT),
-        )
+        consumer = await _consumer_once_created(js)
         seen: list[int] = []
         while len(seen) < info.state.messages:
             for message in await consumer.fetch(200, timeout=5.0):
