@@ -19,6 +19,7 @@ from money_plane.payouts.service import Payouts, Settlements, load_cipher
 from money_plane.permissions import PERMISSIONS
 from money_plane.rails.worker import RailWorker
 from money_plane.recon.codec import encode_break_event
+from money_plane.recon.intake import StatementIntake
 from money_plane.recon.reconciler import Reconciler
 from money_plane.recon.service import reconciliation_service
 from money_plane.service import ledger_service
@@ -125,6 +126,8 @@ class MoneyPlane:
     _relay_executors: list[tuple[ThreadPoolExecutor, Ledger]] = field(default_factory=list)
     # One per ledger (shard), where sweepers run (money_plane/rails/worker.py).
     rail_workers: list[RailWorker] = field(default_factory=list)
+    # One per ledger (shard) beside its rail worker (money_plane/recon/intake.py).
+    intakes: list[StatementIntake] = field(default_factory=list)
 
     async def start(self, sweepers: bool = True, relay: bool = True, metrics: bool = True) -> int:
         """Starts everything; returns the bound gRPC port. Extra serving
@@ -253,6 +256,7 @@ class MoneyPlane:
                 )
         if sweepers:
             await self._start_rail_workers(every_payouts)
+            await self._start_intakes(every_payouts)
         return await self.server.start()
 
     async def _start_rail_workers(self, every_payouts: list[Payouts]) -> None:
@@ -267,6 +271,20 @@ class MoneyPlane:
             await worker.start()
             self.rail_workers.append(worker)
             self._relay_tasks.append(asyncio.create_task(worker.run(), name=f"rail-worker-{index}"))
+
+    async def _start_intakes(self, every_payouts: list[Payouts]) -> None:
+        """The bank's statements read and reconciled as they come; any
+        replica may run it (each unit is claimed in the database)."""
+        if not self.config.rails.bank_url or self.config.money.recon.intake_interval_s <= 0:
+            return
+        # Both lists are in the ledgers' (shards') order.
+        for index, (recon, payouts) in enumerate(zip(self._recons, every_payouts, strict=True)):
+            intake = StatementIntake(recon, payouts, self.config.rails, self.clock)
+            await intake.start()
+            self.intakes.append(intake)
+            self._relay_tasks.append(
+                asyncio.create_task(intake.run(), name=f"statement-intake-{index}")
+            )
 
     def _payouts(self, ledger: Ledger) -> Payouts:
         cipher = load_cipher(self.config.money.payouts, self.config.state_path)
@@ -309,6 +327,8 @@ class MoneyPlane:
         await cancel_and_wait(self._relay_tasks)
         for worker in self.rail_workers:
             await worker.aclose()
+        for intake in self.intakes:
+            await intake.aclose()
         for relay in self.relays:
             await relay.close()
         if self.ledger is not None:

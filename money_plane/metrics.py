@@ -43,3 +43,23 @@ RESERVE_RELEASES = Counter(
     "off by money.reserves.refused_retry_s (deferred)",
     ["result"],
 )
+# Seconds from a bank document's arrival in the statement intake to its
+# breaks' events (money_plane/recon/intake.py): how long a fault goes unseen
+# once the bank has told.
+RECON_DETECTION_SECONDS = Histogram(
+    "triplane_money_recon_detection_seconds",
+    "Time from a bank statement document's arrival in the statement intake to the "
+    "events of the breaks it raised",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+STATEMENT_DOCUMENTS = Counter(
+    "triplane_money_statement_documents",
+    "Bank statement documents the statement intake read: imported, or refused "
+    "(unreadable, or naming an account the tenant lacks: skipped)",
+    ["result"],
+)
+STATEMENT_LINES_UNATTRIBUTED = Counter(
+    "triplane_money_statement_lines_unattributed",
+    "Bank statement lines the statement intake left out: no payout of this ledger "
+    "(or payouts of several tenants in one batch booking) named by them",
+)

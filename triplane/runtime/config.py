@@ -278,6 +278,13 @@ class ReconConfig(_Strict, frozen=True):
     # How often expected payments left without a booking are swept into
     # unmatched breaks for the days no end-of-day statement closed; 0: never.
     sweep_interval_s: float = 300.0
+    # The statement intake (money_plane/recon/intake.py; where sweepers run,
+    # one replica at a time; off when rails.bank_url is empty): how often the
+    # bank's statements feed (a camt.054 per booking) and closed days'
+    # camt.053 are read; 0: never.
+    intake_interval_s: float = 10.0
+    # On first start, the end-of-day statements of this many closed days back.
+    intake_days_back: int = 3
 
 
 class PayoutsConfig(_Strict, frozen=True):
