@@ -47,7 +47,7 @@ PACKAGE_MARKERS := $(wildcard */__init__.py)
 # Our Python packages (the generated stubs under triplane/*/v1 are excluded by
 # pyproject's ruff and mypy settings). Planes still being written are picked up
 # as soon as their directory exists.
-PACKAGES := $(wildcard triplane money_plane policy_plane ai_plane gateway triplane_client triplane_sim triplane_tools)
+PACKAGES := $(wildcard triplane money_plane policy_plane ai_plane gateway triplane_client triplane_sim triplane_tools console)
 MYPY_TARGETS := $(PACKAGES) $(wildcard bench)
 # Generated code: checked for drift by proto-check.
 GENERATED := triplane/*/v1

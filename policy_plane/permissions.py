@@ -1,13 +1,21 @@
 """Who may call the policy plane (triplane.runtime.authz; default deny): the
 gateway asks for decisions, eligible offers and contact checks and reads
 decisions; bundles, tenants, replay, the log's verification, labels,
-catalog and consent writes and cases are admin only. Customer profiles are
+catalog and consent writes and cases are admin only, but that the operator
+console works cases and reads the decisions behind them. Customer profiles are
 written by admin tools and by the gateway on behalf of a platform's key with
 the customers:write scope (bound to the key's tenant there)."""
 
 from __future__ import annotations
 
-from triplane.runtime.authz import ADMIN_ONLY, GATEWAY_AND_ADMIN, Permissions, permissions
+from triplane.runtime.authz import (
+    ADMIN_AND_CONSOLE,
+    ADMIN_ONLY,
+    GATEWAY_ADMIN_AND_CONSOLE,
+    GATEWAY_AND_ADMIN,
+    Permissions,
+    permissions,
+)
 
 _PACKAGE = "triplane.policy.v1"
 
@@ -17,7 +25,8 @@ PERMISSIONS: Permissions = {
         {
             "CreateTenant": ADMIN_ONLY,
             "Evaluate": GATEWAY_AND_ADMIN,
-            "GetDecision": GATEWAY_AND_ADMIN,
+            # The console's case review shows the decision behind a case.
+            "GetDecision": GATEWAY_ADMIN_AND_CONSOLE,
             "ReplayDecisions": ADMIN_ONLY,
             "VerifyDecisionLog": ADMIN_ONLY,
             "LabelDecision": ADMIN_ONLY,
@@ -57,10 +66,11 @@ PERMISSIONS: Permissions = {
     **permissions(
         f"{_PACKAGE}.CaseService",
         {
-            "ListCases": ADMIN_ONLY,
-            "GetCase": ADMIN_ONLY,
-            "ClaimCase": ADMIN_ONLY,
-            "ResolveCase": ADMIN_ONLY,
+            # Reviewers work cases in the console (console/pages/cases.py).
+            "ListCases": ADMIN_AND_CONSOLE,
+            "GetCase": ADMIN_AND_CONSOLE,
+            "ClaimCase": ADMIN_AND_CONSOLE,
+            "ResolveCase": ADMIN_AND_CONSOLE,
         },
     ),
     # A customer's KYC facts decide what they may spend: operators and the

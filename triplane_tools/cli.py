@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ai_plane import cli as ai_cli
+from console import cli as console_cli
 from gateway import cli as gateway_cli
 from policy_plane import cli as policy_cli
 from triplane.runtime.config import Config, ConfigError, load_config
@@ -28,7 +29,7 @@ from triplane_tools import models
 from triplane_tools.replicas import DEFAULT_PG_ADMIN_DSN
 from triplane_tools.stack import StackError
 
-PLANE_COMMANDS = (policy_cli, ai_cli, gateway_cli)
+PLANE_COMMANDS = (policy_cli, ai_cli, gateway_cli, console_cli)
 
 
 def _config(args: argparse.Namespace) -> Config:

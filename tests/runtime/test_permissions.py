@@ -68,8 +68,6 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.ai.v1.ModelRegistryService/PromoteModel",
         "/triplane.ai.v1.ModelRegistryService/RollbackModel",
         "/triplane.ai.v1.ModelRegistryService/TrainModel",
-        "/triplane.policy.v1.CaseService/ResolveCase",
-        "/triplane.policy.v1.CaseService/ClaimCase",
         "/triplane.policy.v1.PolicyService/LabelDecision",
         "/triplane.policy.v1.PolicyService/ReplayDecisions",
         "/triplane.policy.v1.PolicyService/VerifyDecisionLog",
@@ -77,5 +75,14 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
     tables = {m: roles for _, table in PLANES.values() for m, roles in table.items()}
     for method in admin_only:
         assert tables[method] == authz.ADMIN_ONLY, method
+    # The operator console's identity gets what its pages call and nothing else.
+    console = {m for m, roles in tables.items() if authz.CONSOLE_ROLE in roles}
+    assert console == {
+        "/triplane.policy.v1.CaseService/ListCases",
+        "/triplane.policy.v1.CaseService/GetCase",
+        "/triplane.policy.v1.CaseService/ClaimCase",
+        "/triplane.policy.v1.CaseService/ResolveCase",
+        "/triplane.policy.v1.PolicyService/GetDecision",
+    }
     # The gateway's public port leaves every method to its credential layer.
     assert all(roles == authz.ANY_CALLER for roles in gateway.permissions.PERMISSIONS.values())

@@ -40,6 +40,8 @@ log = logging.getLogger("triplane.authz")
 # Roles the permission tables name (runtime.tls.roles maps them to identities).
 GATEWAY_ROLE = "gateway"
 ADMIN_ROLE = "admin"
+# The operator console: only the methods its pages call.
+CONSOLE_ROLE = "console"
 # Any caller, with or without a certificate: the plane's own credential layer
 # decides (the gateway's public methods, behind its partner API keys).
 PUBLIC = "*"
@@ -47,6 +49,8 @@ PUBLIC = "*"
 GATEWAY_AND_ADMIN = frozenset({GATEWAY_ROLE, ADMIN_ROLE})
 ADMIN_ONLY = frozenset({ADMIN_ROLE})
 ANY_CALLER = frozenset({PUBLIC})
+ADMIN_AND_CONSOLE = frozenset({ADMIN_ROLE, CONSOLE_ROLE})
+GATEWAY_ADMIN_AND_CONSOLE = frozenset({GATEWAY_ROLE, ADMIN_ROLE, CONSOLE_ROLE})
 
 # Services every server keeps open: probes and tools must reach them.
 OPEN_SERVICES = (

@@ -1097,6 +1097,65 @@ class SandboxBankConfig(_Strict, frozen=True):
     max_body_bytes: int = 16 * 1024 * 1024
 
 
+class ConsoleStoreConfig(_Strict, frozen=True):
+    # Accounts, sessions and the audit log: sqlite (one process) or postgres
+    # (replicas share them).
+    backend: str = "sqlite"
+    # Relative paths are under runtime.state_dir.
+    sqlite_path: str = "console/console.db"
+    postgres_dsn: str = ""
+
+
+class ConsoleOidcConfig(_Strict, frozen=True):
+    # Sign-in through an identity provider (authorization code flow with
+    # PKCE) when issuer is set; empty: local accounts (`triplane console
+    # add-user`, argon2 hashes).
+    issuer: str = ""
+    client_id: str = ""
+    # File holding the client secret (a mounted Secret); never the secret itself.
+    client_secret_file: str = ""
+    scopes: str = "openid profile email"
+    # The ID token claim holding the user's groups, and which console roles
+    # each group value gives (value -> roles). A user with none is refused.
+    role_claim: str = "groups"
+    role_map: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    # The claim naming the user in the audit log.
+    username_claim: str = "preferred_username"
+
+
+class ConsolePlaneAddressesConfig(_Strict, frozen=True):
+    # gRPC targets, as gateway.plane_addresses; empty: the plane's own listen
+    # address on this machine.
+    money: str = ""
+    policy: str = ""
+    ai: str = ""
+
+
+class ConsoleConfig(_Strict, frozen=True):
+    """The operator console (console/; README "Console")."""
+
+    listen: str = "127.0.0.1:50080"
+    # The URL operators reach it at (OIDC redirect; cookies are Secure when
+    # it is https). Empty: http://<listen>.
+    public_url: str = ""
+    # File holding the key that derives CSRF tokens and signs the OIDC state
+    # (base64, 32 bytes). Empty: <state_dir>/keys/console-session.key, made once.
+    session_key_file: str = ""
+    # A session ends after this long without a request, and this long after
+    # sign-in whatever happens.
+    session_idle_s: float = 1800.0
+    session_absolute_s: float = 43200.0
+    store: ConsoleStoreConfig = msgspec.field(default_factory=ConsoleStoreConfig)
+    oidc: ConsoleOidcConfig = msgspec.field(default_factory=ConsoleOidcConfig)
+    plane_addresses: ConsolePlaneAddressesConfig = msgspec.field(
+        default_factory=ConsolePlaneAddressesConfig
+    )
+    # Deadline of each call the console makes to a plane.
+    plane_timeout_s: float = 5.0
+    # Rows a list page asks a plane for.
+    page_size: int = 50
+
+
 class Config(_Strict, frozen=True):
     runtime: RuntimeConfig
     nats: NatsConfig
@@ -1108,6 +1167,7 @@ class Config(_Strict, frozen=True):
     stack: StackConfig
     rails: RailsConfig = msgspec.field(default_factory=RailsConfig)
     sandbox_bank: SandboxBankConfig = msgspec.field(default_factory=SandboxBankConfig)
+    console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
 
     @property
     def state_path(self) -> Path:
@@ -1173,6 +1233,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         policy_store = tree.setdefault("policy", {}).setdefault("store", {})
         policy_store["postgres_dsn"] = environ["TRIPLANE_POLICY_DSN"]
         policy_store.setdefault("backend", "postgres")
+    if environ.get("TRIPLANE_CONSOLE_DSN"):
+        console_store = tree.setdefault("console", {}).setdefault("store", {})
+        console_store["postgres_dsn"] = environ["TRIPLANE_CONSOLE_DSN"]
+        console_store.setdefault("backend", "postgres")
     if environ.get("TRIPLANE_GATEWAY_DSN"):
         # Both gateway databases on one PostgreSQL database (their tables
         # are disjoint): the engagement store and the remembered answers.
@@ -1427,6 +1491,22 @@ def _check(config: Config) -> None:
     _check_grpc(config)
     _check_gateway_auth(config)
     _check_gateway_policy(config)
+    _check_console(config)
+
+
+def _check_console(config: Config) -> None:
+    console = config.console
+    if console.store.backend not in ("sqlite", "postgres"):
+        raise ConfigError("console.store.backend must be 'sqlite' or 'postgres'")
+    if console.store.backend == "postgres" and not console.store.postgres_dsn:
+        raise ConfigError("console.store.postgres_dsn is required with backend 'postgres'")
+    if not 0 < console.session_idle_s <= console.session_absolute_s:
+        raise ConfigError("console: 0 < session_idle_s <= session_absolute_s")
+    if console.plane_timeout_s <= 0 or console.page_size < 1:
+        raise ConfigError("console: plane_timeout_s > 0 and page_size >= 1")
+    oidc = console.oidc
+    if oidc.issuer and not (oidc.client_id and oidc.client_secret_file and oidc.role_map):
+        raise ConfigError("console.oidc: issuer needs client_id, client_secret_file and role_map")
 
 
 def _check_gateway_stores(config: Config) -> None:

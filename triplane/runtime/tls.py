@@ -48,8 +48,11 @@ MONEY_PLANE = "money_plane"
 POLICY_PLANE = "policy_plane"
 AI_PLANE = "ai_plane"
 ADMIN = "admin"
+# The operator console (console/): its own identity, allowed only the methods
+# its pages call (the planes' permission tables).
+CONSOLE = "console"
 PLANE_IDENTITIES = (GATEWAY, MONEY_PLANE, POLICY_PLANE, AI_PLANE)
-IDENTITIES = (*PLANE_IDENTITIES, ADMIN)
+IDENTITIES = (*PLANE_IDENTITIES, ADMIN, CONSOLE)
 
 TLS_DIR = "tls"
 CA_CERT_FILE = "ca.crt"

@@ -1,0 +1,47 @@
+"""Every action, audited: who, when (the console's Clock), what (an action
+name and its target), how it ended, and the state before and after. Shown on
+the audit page (console/pages/audit.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from starlette.requests import Request
+
+from console.auth import Session
+
+log = logging.getLogger("triplane.console.audit")
+
+
+async def record(
+    request: Request,
+    session: Session | None,
+    action: str,
+    target: str,
+    outcome: str,
+    *,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    actor: str = "",
+) -> None:
+    """Appends one audit entry. `actor` names who acted when no session does
+    (a failed sign-in: the username tried)."""
+    from console.app import console_of
+
+    console = console_of(request)
+    who = session.username if session is not None else actor
+    remote = request.client.host if request.client else ""
+    await asyncio.to_thread(
+        console.store.append_audit,
+        console.clock.now_us(),
+        who,
+        action,
+        target,
+        outcome,
+        before or {},
+        after or {},
+        remote,
+    )
+    log.info("audit: %s %s %s -> %s", who, action, target, outcome)

@@ -1,0 +1,217 @@
+"""The console's sign-in, roles, CSRF and session expiry, through Starlette's
+TestClient (no plane is called: the guard refuses before any handler runs)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from console.app import create_app
+from console.auth import SESSION_COOKIE, UnknownRole, check_roles, hash_password
+from console.store import ConsoleStore
+from triplane.runtime.clock import ManualClock
+from triplane.runtime.config import Config, load_config
+
+PASSWORD = "correct horse battery staple"
+
+
+def make_config(state_dir: Path, **console: object) -> Config:
+    return load_config(
+        environ={}, overrides={"runtime": {"state_dir": str(state_dir)}, "console": console}
+    )
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path, session_idle_s=600.0, session_absolute_s=3600.0)
+
+
+@pytest.fixture
+def client(config: Config, clock: ManualClock) -> Iterator[TestClient]:
+    store = ConsoleStore.from_config(config)
+    for name, roles in (("rita", ["reviewer"]), ("aud", ["auditor"]), ("ria", ["risk_admin"])):
+        store.add_user(name, hash_password(PASSWORD), roles, clock.now_us())
+    app = create_app(config, clock=clock, store=store)
+    with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
+        yield test_client
+
+
+def login_token(client: TestClient) -> str:
+    page = client.get("/login")
+    assert page.status_code == 200
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found
+    return found.group(1)
+
+
+def sign_in(client: TestClient, username: str, password: str = PASSWORD) -> int:
+    token = login_token(client)
+    answer = client.post(
+        "/login",
+        data={"username": username, "password": password, "csrf_token": token, "next": "/cases"},
+    )
+    return int(answer.status_code)
+
+
+def session_csrf(client: TestClient) -> str:
+    page = client.get("/cases")
+    found = re.search(r'"X-CSRF-Token": "([^"]+)"', page.text)
+    assert found, page.text
+    return found.group(1)
+
+
+def audit_rows(client: TestClient, action: str) -> list[tuple[str, str]]:
+    store: ConsoleStore = client.app.state.console.store  # type: ignore[attr-defined]
+    return [(e.actor, e.outcome) for e in store.audit_entries(100, action=action)]
+
+
+def test_sign_in_sets_a_hardened_cookie_and_a_fresh_session(client: TestClient) -> None:
+    token = login_token(client)
+    answer = client.post(
+        "/login",
+        data={"username": "rita", "password": PASSWORD, "csrf_token": token},
+        cookies={SESSION_COOKIE: "planted-by-an-attacker"},
+    )
+    assert answer.status_code == 303
+    header = answer.headers["set-cookie"]
+    assert header.startswith(f"{SESSION_COOKIE}=") and "planted" not in header
+    page = client.get("/cases")
+    assert page.status_code == 200
+    assert 'data-testid="username">rita<' in page.text
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    assert page.headers["x-frame-options"] == "DENY"
+    assert audit_rows(client, "login") == [("rita", "ok")]
+
+
+def test_cookie_flags(config: Config, clock: ManualClock, tmp_path: Path) -> None:
+    store = ConsoleStore.from_config(config)
+    store.add_user("rita", hash_password(PASSWORD), ["reviewer"], clock.now_us())
+    tls_config = make_config(tmp_path, public_url="https://console.example")
+    app = create_app(tls_config, clock=clock, store=store)
+    with TestClient(app, base_url="https://testserver", follow_redirects=False) as https:
+        token = login_token(https)
+        answer = https.post(
+            "/login", data={"username": "rita", "password": PASSWORD, "csrf_token": token}
+        )
+        assert answer.status_code == 303
+        header = answer.headers["set-cookie"].lower()
+        assert "httponly" in header and "samesite=lax" in header and "secure" in header
+
+
+def test_wrong_password_is_refused_and_audited(client: TestClient) -> None:
+    assert sign_in(client, "rita", "wrong") == 401
+    assert sign_in(client, "nobody", "wrong") == 401
+    assert client.get("/cases").status_code == 303  # still signed out: to the sign-in page
+    assert audit_rows(client, "login") == [("nobody", "denied"), ("rita", "denied")]
+
+
+def test_login_without_its_csrf_token_is_refused(client: TestClient) -> None:
+    client.get("/login")
+    answer = client.post("/login", data={"username": "rita", "password": PASSWORD})
+    assert answer.status_code == 403
+    assert answer.headers["x-triplane-reason"] == "CSRF_TOKEN_INVALID"
+    assert client.cookies.get(SESSION_COOKIE) is None
+
+
+def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(client: TestClient) -> None:
+    assert sign_in(client, "rita") == 303
+    answer = client.post("/cases/acme/case-1/claim", data={})
+    assert answer.status_code == 403
+    assert answer.headers["x-triplane-reason"] == "CSRF_TOKEN_INVALID"
+    wrong = client.post("/cases/acme/case-1/claim", data={"csrf_token": "forged"})
+    assert wrong.status_code == 403
+    assert audit_rows(client, "csrf.refused") == [("rita", "denied"), ("rita", "denied")]
+    assert audit_rows(client, "case.claim") == []
+
+
+def test_a_role_without_the_permission_is_refused(client: TestClient) -> None:
+    assert sign_in(client, "aud") == 303
+    token = session_csrf(client)
+    answer = client.post(
+        "/cases/acme/case-1/resolve",
+        data={"csrf_token": token, "resolution": "approve", "note": "fine"},
+    )
+    assert answer.status_code == 403
+    assert answer.headers["x-triplane-reason"] == "PERMISSION_DENIED"
+    assert audit_rows(client, "permission.refused") == [("aud", "denied")]
+    assert client.get("/audit").status_code == 200  # auditors read the log
+
+
+def test_reviewer_cannot_read_the_audit_log(client: TestClient) -> None:
+    assert sign_in(client, "rita") == 303
+    assert client.get("/audit").status_code == 403
+
+
+def test_session_ends_after_idle_time(client: TestClient, clock: ManualClock) -> None:
+    assert sign_in(client, "rita") == 303
+    clock.advance(590)
+    assert client.get("/cases").status_code == 200  # a request restarts the idle clock
+    clock.advance(590)
+    assert client.get("/cases").status_code == 200
+    clock.advance(601)
+    expired = client.get("/cases")
+    assert expired.status_code == 303 and expired.headers["location"].startswith("/login")
+    post = client.post("/cases/acme/c/claim", data={"csrf_token": "x"})
+    assert post.status_code == 401
+
+
+def test_session_ends_at_its_absolute_limit(client: TestClient, clock: ManualClock) -> None:
+    assert sign_in(client, "rita") == 303
+    for _ in range(6):
+        clock.advance(590)
+        assert client.get("/cases").status_code == 200
+    clock.advance(300)  # 3840 s after sign-in, never idle for 600
+    assert client.get("/cases").status_code == 303
+
+
+def test_sign_out_ends_the_session(client: TestClient) -> None:
+    assert sign_in(client, "rita") == 303
+    old = client.cookies.get(SESSION_COOKIE)
+    token = session_csrf(client)
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 303
+    client.cookies.set(SESSION_COOKIE, old or "")
+    assert client.get("/cases").status_code == 303
+
+
+def test_next_never_leaves_the_console(client: TestClient) -> None:
+    token = login_token(client)
+    answer = client.post(
+        "/login",
+        data={
+            "username": "rita",
+            "password": PASSWORD,
+            "csrf_token": token,
+            "next": "//evil.example/x",
+        },
+    )
+    assert answer.headers["location"] == "/"
+
+
+def test_bad_filter_names_the_field(client: TestClient) -> None:
+    assert sign_in(client, "rita") == 303
+    answer = client.get("/cases?tenant=acme&min_amount=lots")
+    assert answer.status_code == 400
+    assert answer.headers["x-triplane-reason"] == "FILTER_INVALID"
+    assert answer.headers["x-triplane-field"] == "min_amount"
+
+
+def test_roles_are_checked() -> None:
+    assert check_roles(["reviewer", "auditor"]) == ("reviewer", "auditor")
+    with pytest.raises(UnknownRole):
+        check_roles(["root"])
+    with pytest.raises(UnknownRole):
+        check_roles([])
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/healthz").text == "ok"
+    assert client.get("/static/htmx.min.js").status_code == 200
