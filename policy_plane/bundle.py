@@ -45,6 +45,9 @@ _LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _LIST_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
+_ROUTE_NAME = re.compile(r"[a-z][a-z_]{0,31}")
+
+
 class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
@@ -97,11 +100,27 @@ class SanctionsSpec(_Spec, frozen=True, kw_only=True):
     blocked_countries: list[str] = []
 
 
+class RouteRequirementSpec(_Spec, frozen=True, kw_only=True):
+    """One thing a rail must offer (a CEL condition over `rail`, the money
+    plane's facts about it, and the rest of the activation); `reason` is
+    what the decision records for the rail when it does not hold."""
+
+    reason: str
+    when: str
+
+
 class RouteSpec(_Spec, frozen=True, kw_only=True):
     method: str
     when: str = "true"
+    # A method route's cost; a rail route's own cost is the money plane's
+    # (rail.cost_minor), to which these add the policy's price of the rail
+    # (say the float a slower rail costs the seller).
     fixed_cost_minor: int = 0
     cost_bps: int = 0
+    # A rail route (payouts with rail options): the rail it sends on, and
+    # what that rail must offer, checked in order.
+    rail: str = ""
+    require: list[RouteRequirementSpec] = []
 
 
 class CasesSpec(_Spec, frozen=True, kw_only=True):
@@ -290,6 +309,15 @@ def _check_spec(spec: BundleSpec, limits: BundleLimits) -> None:
     for index, route in enumerate(spec.routing):
         if route.method not in PAYMENT_METHODS:
             raise _bad("ROUTE_METHOD_INVALID", f"routing[{index}]: unknown method {route.method!r}")
+        if route.rail and not _ROUTE_NAME.fullmatch(route.rail):
+            raise _bad("ROUTE_RAIL_INVALID", f"routing[{index}]: rail is [a-z_], at most 32")
+        if route.require and not route.rail:
+            raise _bad("ROUTE_REQUIRE_INVALID", f"routing[{index}]: require is for rail routes")
+        for need in route.require:
+            if not _ROUTE_NAME.fullmatch(need.reason):
+                raise _bad(
+                    "ROUTE_REQUIRE_INVALID", f"routing[{index}]: reason is [a-z_], at most 32"
+                )
     for tier in spec.kyc_tiers:
         for currency in tier.limits:
             if not currencies.is_known(currency):

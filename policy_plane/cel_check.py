@@ -76,6 +76,8 @@ SCHEMA: dict[str, Any] = {
         "account_age_days": "int",
         "features": "map",
         "decided_at_us": "int",
+        # Payouts: each configured rail's offer (a list of RAIL below).
+        "rails": "list",
     },
     "limits": {
         "known": "bool",
@@ -94,6 +96,19 @@ SCHEMA: dict[str, Any] = {
         "country_blocked": "bool",
     },
     "params": "map",
+}
+
+# The `rail` a rail route's requirements read: one rail's offer to the
+# payment (policy_plane.model.RailFacts).
+RAIL: dict[str, Any] = {
+    "rail": "string",
+    "method": "string",
+    "reachable": "bool",
+    "unreachable_because": "string",
+    "max_amount_minor": "int",
+    "window_open": "bool",
+    "cutoff_at_us": "int",
+    "cost_minor": "int",
 }
 
 _STRING_LITERAL = re.compile(

@@ -14,6 +14,7 @@ from policy_plane.model import (
     EvaluationInput,
     Party,
     PaymentInput,
+    RailFacts,
     RefundInput,
     ScoreInput,
     SnapshotInput,
@@ -255,6 +256,19 @@ def evaluation_input(request: pb.EvaluateRequest) -> EvaluationInput:
             account_age_days=snap.account_age_days,
             features=dict(snap.features),
             decided_at_us=wire.micros(snap.decided_at, "snapshot.decided_at"),
+            rails=[
+                RailFacts(
+                    rail=r.rail,
+                    method=r.method,
+                    reachable=r.reachable,
+                    unreachable_because=r.unreachable_because,
+                    max_amount_minor=r.max_amount_minor,
+                    window_open=r.window_open,
+                    cutoff_at_us=r.cutoff_at_us,
+                    cost_minor=r.cost_minor,
+                )
+                for r in snap.rails
+            ],
         ),
     )
 
@@ -324,6 +338,19 @@ def evaluate_request_pb(inp: EvaluationInput) -> pb.EvaluateRequest:
             account_age_days=s.account_age_days,
             features=s.features,
             decided_at=wire.timestamp(s.decided_at_us),
+            rails=[
+                types_pb2.RailOption(
+                    rail=r.rail,
+                    method=r.method,
+                    reachable=r.reachable,
+                    unreachable_because=r.unreachable_because,
+                    max_amount_minor=r.max_amount_minor,
+                    window_open=r.window_open,
+                    cutoff_at_us=r.cutoff_at_us,
+                    cost_minor=r.cost_minor,
+                )
+                for r in s.rails
+            ],
         ),
     )
 
@@ -375,6 +402,14 @@ def decision_pb(decision: Decision) -> pb.Decision:
                 method=verdict.route.method,
                 estimated_cost_minor=verdict.route.estimated_cost_minor,
                 reason=verdict.route.reason,
+                rail=verdict.route.rail,
+                alternates=verdict.route.alternates,
+                considered=[
+                    pb.RouteConsidered(
+                        rail=c.rail, outcome=c.outcome, reason=c.reason, cost_minor=c.cost_minor
+                    )
+                    for c in verdict.route.considered
+                ],
             )
         )
     return message

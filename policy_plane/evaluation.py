@@ -29,7 +29,9 @@ from policy_plane.model import (
     Obligation,
     Outcome,
     PaymentInput,
+    RailFacts,
     Route,
+    RouteConsidered,
     Screening,
     Velocity,
     Verdict,
@@ -102,7 +104,33 @@ class CompiledRoute:
         return self.condition.program
 
 
+@dataclass(frozen=True, slots=True)
+class CompiledRailRoute:
+    """A rail route: its conditions run as written, with `rail` bound to the
+    money plane's facts about that rail."""
+
+    rail: str
+    method: str
+    when: cel.Program
+    require: tuple[tuple[str, cel.Program], ...]
+    fixed_cost_minor: int
+    cost_bps: int
+
+
 _ALL_KNOWN = {name: True for name in VELOCITY_COUNTERS}
+
+
+def _rail(f: RailFacts) -> dict[str, Any]:
+    return {
+        "rail": f.rail,
+        "method": f.method,
+        "reachable": f.reachable,
+        "unreachable_because": f.unreachable_because,
+        "max_amount_minor": f.max_amount_minor,
+        "window_open": f.window_open,
+        "cutoff_at_us": f.cutoff_at_us,
+        "cost_minor": f.cost_minor,
+    }
 
 
 def _velocity(v: Velocity) -> dict[str, Any]:
@@ -184,6 +212,7 @@ def _snapshot(inp: EvaluationInput) -> dict[str, Any]:
         "account_age_days": snap.account_age_days,
         "features": {k: float(v) for k, v in snap.features.items()},
         "decided_at_us": snap.decided_at_us,
+        "rails": [_rail(f) for f in snap.rails],
     }
 
 
@@ -216,6 +245,33 @@ class CompiledBundle:
                 r.cost_bps,
             )
             for i, r in enumerate(spec.routing)
+            if not r.rail
+        ]
+        rail_schema = {**self._schema, "rail": cel_check.RAIL}
+        self.rail_routes = [
+            CompiledRailRoute(
+                r.rail,
+                r.method,
+                bundle_mod.compile_condition(
+                    r.when, f"routing[{i}].when", rail_schema, limits.condition
+                ),
+                tuple(
+                    (
+                        need.reason,
+                        bundle_mod.compile_condition(
+                            need.when,
+                            f"routing[{i}].require[{j}].when",
+                            rail_schema,
+                            limits.condition,
+                        ),
+                    )
+                    for j, need in enumerate(r.require)
+                ),
+                r.fixed_cost_minor,
+                r.cost_bps,
+            )
+            for i, r in enumerate(spec.routing)
+            if r.rail
         ]
         self.decline_suggestion_score = spec.cases.decline_suggestion_score
         # Per-thread evaluation contexts, the bundle's constants bound once.
@@ -311,9 +367,22 @@ class CompiledBundle:
             context = self.context(sample, self.screener.screen(sample.payment, ""))
             checks = [(bundle_mod.rule_field(r.spec.id, "when"), r.program) for r in self.rules]
             checks += [(f"routing[{i}].when", r.program) for i, r in enumerate(self.routes)]
-            for where, program in checks:
+            rail_context = cel.Context(
+                {
+                    **self.activation(sample, self.screener.screen(sample.payment, "")),
+                    "rail": _rail(PROBE_RAIL),
+                }
+            )
+            rail_checks = [
+                (f"routing[{r.rail}].{name}", program)
+                for r in self.rail_routes
+                for name, program in (("when", r.when), *r.require)
+            ]
+            for where, program, on in [(w, p, context) for w, p in checks] + [
+                (w, p, rail_context) for w, p in rail_checks
+            ]:
                 try:
-                    result = program.execute(context)
+                    result = program.execute(on)
                 except KeyError as exc:
                     raise InvalidArgument(
                         "RULE_UNKNOWN_FIELD",
@@ -384,11 +453,17 @@ class CompiledBundle:
                 obligations.append(rule.obligation)
         outcome = combine(outcomes)
         route = None
-        if outcome != Outcome.DENY and self.routes and inp.payment.movement not in UNROUTED:
-            route = self._route(context, inp.payment)
-            if route is None:
-                fired.append(_NO_ROUTE)
-                outcome = combine([outcome, Outcome.REVIEW])
+        if outcome != Outcome.DENY and inp.payment.movement not in UNROUTED:
+            if inp.snapshot.rails and self.rail_routes:
+                route = self._route_rails(inp, screening)
+                if route is None:
+                    fired.append(_NO_RAIL)
+                    outcome = combine([outcome, Outcome.REVIEW])
+            elif self.routes:
+                route = self._route(context, inp.payment)
+                if route is None:
+                    fired.append(_NO_ROUTE)
+                    outcome = combine([outcome, Outcome.REVIEW])
         return Verdict(
             outcome=outcome.label,
             fired=fired,
@@ -415,6 +490,86 @@ class CompiledBundle:
                 best = Route(method=route.method, estimated_cost_minor=cost, reason="lowest_cost")
         return best
 
+    def _route_rails(self, inp: EvaluationInput, screening: Screening) -> Route | None:
+        """Among the rails the money plane offers: each rail route's
+        requirements (in order; the first that fails is why the rail was
+        not chosen), then the cheapest eligible rail of the requested
+        method (payment_method) when there is one, else the
+        cheapest (rail cost + the route's own; ties: the bundle's order).
+        The other eligible rails are the alternates, cheapest first."""
+        facts = {f.rail: f for f in inp.snapshot.rails}
+        nested = self.activation(inp, screening)
+        payment = inp.payment
+        looked: list[tuple[CompiledRailRoute, str, int]] = []  # route, why not, cost
+        eligible: list[tuple[int, int, CompiledRailRoute]] = []
+        seen: set[str] = set()
+        for index, route in enumerate(self.rail_routes):
+            if route.rail in seen:
+                continue
+            seen.add(route.rail)
+            found = facts.get(route.rail)
+            if found is None:
+                looked.append((route, "not_offered", 0))
+                continue
+            cost = (
+                found.cost_minor
+                + route.fixed_cost_minor
+                + payment.amount_minor * route.cost_bps // 10_000
+            )
+            context = cel.Context({**nested, "rail": _rail(found)})
+            why = "" if _holds(route.when, context) else "ineligible"
+            for reason, program in route.require:
+                if why:
+                    break
+                if not _holds(program, context):
+                    why = reason
+            looked.append((route, why, cost))
+            if not why:
+                eligible.append((cost, index, route))
+        if not eligible:
+            return None
+        eligible.sort(key=lambda e: (e[0], e[1]))
+        requested = [e for e in eligible if e[2].method == payment.payment_method]
+        if requested:
+            chosen, reason = requested[0], "requested"
+        else:
+            chosen = eligible[0]
+            reason = "only_eligible" if len(eligible) == 1 else "lowest_cost"
+        alternates = [e[2].rail for e in eligible if e is not chosen]
+        considered = []
+        for route, why, cost in looked:
+            if route is chosen[2]:
+                considered.append(RouteConsidered(route.rail, "chosen", reason, cost))
+            elif not why:
+                # Cheaper than a requested rail: not the one asked for.
+                note = "costlier" if cost >= chosen[0] else "not_requested"
+                considered.append(RouteConsidered(route.rail, "alternate", note, cost))
+            else:
+                considered.append(RouteConsidered(route.rail, "rejected", why, cost))
+        return Route(
+            method=chosen[2].method,
+            estimated_cost_minor=chosen[0],
+            reason=reason,
+            rail=chosen[2].rail,
+            alternates=alternates,
+            considered=considered,
+        )
+
+
+def _holds(program: cel.Program, context: cel.Context) -> bool:
+    """A routing condition that fails at run time does not hold."""
+    try:
+        return program.execute(context) is True
+    except Exception:
+        return False
+
+
+_NO_RAIL = FiredRule(
+    rule_id="routing",
+    outcome="review",
+    reason_code="ROUTING_NO_RAIL",
+    reason="no rail the money plane offers is eligible for this payout",
+)
 
 _NO_ROUTE = FiredRule(
     rule_id="routing",
@@ -459,6 +614,17 @@ def _error_fired(rule: CompiledRule, result: object) -> FiredRule:
         reason_code="RULE_EVALUATION_ERROR",
         reason=f"rule {rule.spec.id} could not be evaluated ({detail})",
     )
+
+
+# The rail the load-time probe binds for rail routes' conditions.
+PROBE_RAIL = RailFacts(
+    rail="instant",
+    method="instant_payment",
+    reachable=True,
+    max_amount_minor=1_000_000_000,
+    window_open=True,
+    cost_minor=45,
+)
 
 
 def probe_inputs() -> list[EvaluationInput]:

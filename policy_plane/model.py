@@ -127,6 +127,20 @@ class Velocity(_Frozen, frozen=True):
 UNKNOWN_VELOCITY = Velocity(unknown=list(VELOCITY_COUNTERS))
 
 
+class RailFacts(_Frozen, frozen=True):
+    """What one payout rail offers the payment now (the money plane's
+    facts: GetPayoutContext's rail_options)."""
+
+    rail: str
+    method: str = ""
+    reachable: bool = False
+    unreachable_because: str = ""
+    max_amount_minor: int = 0
+    window_open: bool = False
+    cutoff_at_us: int = 0
+    cost_minor: int = 0
+
+
 class SnapshotInput(_Frozen, frozen=True):
     # The KYC facts and account_age_days are what the engine read of the
     # customer's profile (payment.customer_id), never what a caller declared.
@@ -143,6 +157,9 @@ class SnapshotInput(_Frozen, frozen=True):
     account_age_days: int = 0
     features: dict[str, float] = msgspec.field(default_factory=dict)
     decided_at_us: int = 0
+    # Payouts: every configured rail's offer (records logged before rail
+    # routing carry none, and are routed by method).
+    rails: list[RailFacts] = msgspec.field(default_factory=list)
 
 
 class EvaluationInput(_Frozen, frozen=True):
@@ -166,10 +183,24 @@ class Obligation(_Frozen, frozen=True):
     params: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class RouteConsidered(_Frozen, frozen=True):
+    """One rail a rail route looked at, and why it was or was not chosen."""
+
+    rail: str
+    outcome: str  # chosen | alternate | rejected
+    reason: str
+    cost_minor: int = 0
+
+
 class Route(_Frozen, frozen=True):
     method: str
     estimated_cost_minor: int
     reason: str
+    # Routed among rails: the rail chosen, the other eligible ones (cheapest
+    # first: where a re-routable failure goes) and every rail looked at.
+    rail: str = ""
+    alternates: list[str] = msgspec.field(default_factory=list)
+    considered: list[RouteConsidered] = msgspec.field(default_factory=list)
 
 
 class Screening(_Frozen, frozen=True):

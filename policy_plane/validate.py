@@ -11,6 +11,7 @@ from policy_plane.model import (
     VELOCITY_COUNTERS,
     EvaluationInput,
     PaymentInput,
+    RailFacts,
     RefundInput,
     Velocity,
 )
@@ -190,6 +191,32 @@ def _check_snapshot(inp: EvaluationInput, limits: PolicyLimitsConfig) -> None:
             )
     if snap.decided_at_us < 0:
         raise InvalidArgument("TIME_INVALID", "decided_at before 1970", "snapshot.decided_at")
+    _check_rails(snap.rails)
+
+
+MAX_RAILS = 16
+_RAIL_NAME = re.compile(r"[a-z][a-z_]{0,31}")
+
+
+def _check_rails(rails: list[RailFacts]) -> None:
+    """The money plane's rail options: a few, each named once, none negative."""
+    if len(rails) > MAX_RAILS:
+        raise InvalidArgument("TOO_MANY_RAILS", f"over {MAX_RAILS} rails", "snapshot.rails")
+    seen: set[str] = set()
+    for index, rail in enumerate(rails):
+        field = f"snapshot.rails[{index}]"
+        if not _RAIL_NAME.fullmatch(rail.rail) or rail.rail in seen:
+            raise InvalidArgument(
+                "RAIL_INVALID", "rail is [a-z_], at most 32, each once", f"{field}.rail"
+            )
+        seen.add(rail.rail)
+        if rail.method and not _RAIL_NAME.fullmatch(rail.method):
+            raise InvalidArgument("RAIL_INVALID", "method is [a-z_]", f"{field}.method")
+        if len(rail.unreachable_because) > 32:
+            raise InvalidArgument("RAIL_INVALID", "at most 32", f"{field}.unreachable_because")
+        for name in ("max_amount_minor", "cutoff_at_us", "cost_minor"):
+            if getattr(rail, name) < 0:
+                raise InvalidArgument("RAIL_INVALID", "must be >= 0", f"{field}.{name}")
 
 
 def _check_velocity(velocity: Velocity, field: str) -> None:

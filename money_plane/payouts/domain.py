@@ -11,7 +11,8 @@ A payout's life (README "Payouts and settlement"):
 
     pending_review --(approved by a new decision: not built yet)
     approved --(handed to a rail)--> submitted --> settled --> returned
-        |                               |------> returned
+        |  ^                            |------> returned
+        |  |--(re-routable failure, an alternate rail left: `reroute`)
         |------------------------------ +------> failed
 
 Each arrow that moves money posts one ledger entry under a key derived from
@@ -27,6 +28,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 from msgspec import Struct
 
 from money_plane.formats import beneficiary as formats
@@ -84,6 +86,15 @@ class Beneficiary(Struct, frozen=True):
     fingerprint: list[tuple[str, str]] = []
 
 
+class PayoutAttempt(Struct, frozen=True):
+    """A rail the payout failed on before settlement, and was re-routed from."""
+
+    rail: str
+    reason_code: str
+    reason: str
+    failed_at_us: int
+
+
 class Payout(Struct, frozen=True):
     tenant_id: str
     payout_id: str
@@ -107,6 +118,10 @@ class Payout(Struct, frozen=True):
     reason_code: str = ""
     reason: str = ""
     rail_reference: str = ""
+    # The decision's other eligible rails, next first (its route's
+    # alternates), and the rails it failed on before `rail`.
+    alternate_rails: list[str] = []
+    attempts: list[PayoutAttempt] = []
 
     def fingerprint(self) -> list[tuple[str, object]]:
         """What an idempotent retry of CreatePayout must repeat."""
@@ -325,6 +340,61 @@ _OUTCOME_TARGET = {
     PayoutOutcome.RETURNED: PayoutState.RETURNED,
     PayoutOutcome.FAILED: PayoutState.FAILED,
 }
+
+
+# Rail names (the policy's rail routes) the adapters serve under another name.
+ADAPTER_OF_RAIL = {"ach_same_day": "ach"}
+
+
+def adapter_of(rail: str) -> str:
+    """The adapter a routed rail name is sent by (a method name: itself)."""
+    return ADAPTER_OF_RAIL.get(rail, rail)
+
+
+class NotRerouted(Exception):
+    """The failure cannot re-route this payout: recorded as an outcome."""
+
+
+def rerouted(
+    payout: Payout,
+    *,
+    from_rail: str,
+    reason_code: str,
+    reason: str,
+    max_attempts: int,
+    now_us: int,
+) -> Payout | None:
+    """The payout moved to its next alternate rail (approved again: its
+    debit stays in flight, its decision covers the same amount and
+    accounts), the failed rail in its attempts; None when `from_rail` is a
+    rail it already left (an earlier attempt's failure reported again).
+    NotRerouted when the failure must be recorded as it is: no alternate
+    left, attempts spent, or a state past the rails."""
+    state = PayoutState(payout.state)
+    if (
+        from_rail
+        and adapter_of(payout.rail) != from_rail
+        and any(adapter_of(a.rail) == from_rail for a in payout.attempts)
+    ):
+        return None
+    if state not in (PayoutState.APPROVED, PayoutState.SUBMITTED):
+        raise NotRerouted(f"a {state.label} payout is past its rails")
+    # Another name for a rail already tried (same-day and next-day ACH are
+    # one adapter) would be sent as the same payment again: skipped.
+    tried = {adapter_of(payout.rail), *(adapter_of(a.rail) for a in payout.attempts)}
+    left = [r for r in payout.alternate_rails if adapter_of(r) not in tried]
+    if not left or len(payout.attempts) + 1 >= max_attempts:
+        raise NotRerouted("no alternate rail left")
+    attempt = PayoutAttempt(payout.rail, reason_code, reason, now_us)
+    return msgspec.structs.replace(
+        payout,
+        state=PayoutState.APPROVED,
+        rail=left[0],
+        alternate_rails=left[1:],
+        attempts=[*payout.attempts, attempt],
+        updated_at_us=now_us,
+        rail_reference="",
+    )
 
 
 def transition(state: PayoutState, outcome: PayoutOutcome) -> Transition:

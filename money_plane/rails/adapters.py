@@ -61,6 +61,7 @@ from money_plane.formats.nacha import (
     write_nacha,
 )
 from money_plane.formats.statement import EntryStatus, Sign
+from money_plane.payouts.domain import adapter_of
 from money_plane.rails.base import (
     Capabilities,
     Cutoff,
@@ -777,14 +778,99 @@ RAILS_FOR_METHOD: dict[str, tuple[str, ...]] = {
     "card": ("card",),
     "wallet": ("card",),
 }
+# The rails the policy routes payouts among (RailOption.rail) and the
+# method each carries; ach_same_day is the ACH adapter before a same-day
+# cut-off (payouts.domain.ADAPTER_OF_RAIL).
+RAIL_METHOD = {
+    "instant": "instant_payment",
+    "ach_same_day": "bank_transfer",
+    "ach": "bank_transfer",
+    "sepa": "bank_transfer",
+    "card": "card",
+}
+# NACHA's same-day entry fee on top of an ACH entry's.
+SAME_DAY_FEE_MINOR = 5
+
+
+@dataclass(frozen=True, slots=True)
+class RailOption:
+    """What one rail offers one payout now: the policy's routing input
+    (policy_plane RailFacts; the wire's triplane.common.v1.RailOption)."""
+
+    rail: str
+    method: str
+    reachable: bool
+    unreachable_because: str  # currency | beneficiary_kind | country | ""
+    max_amount_minor: int
+    window_open: bool
+    cutoff_at_us: int  # the cut-off a payment handed over now makes; 0: always open
+    cost_minor: int
+
+
+def rail_capabilities(config: RailsConfig) -> dict[str, Capabilities]:
+    """Every rail the policy routes among, by its routing name: each
+    adapter's capabilities, and same-day ACH as the ACH adapter's same-day
+    windows, limit and fee (no I/O: nothing is sent)."""
+    rails = build_rails(config)
+    found = {name: rail.capabilities for name, rail in rails.items()}
+    ach = found.get("ach")
+    if ach is not None:
+        found["ach_same_day"] = replace(
+            ach,
+            rail="ach_same_day",
+            max_amount_minor=SAME_DAY_LIMIT_MINOR,
+            cutoffs=AchRail.SAME_DAY_CUTOFFS,
+            fixed_cost_minor=ach.fixed_cost_minor + SAME_DAY_FEE_MINOR,
+        )
+    order = ("instant", "ach_same_day", "ach", "sepa", "card")
+    return {name: found[name] for name in order if name in found}
+
+
+def rail_options(
+    capabilities: dict[str, Capabilities],
+    *,
+    currency: str,
+    amount_minor: int,
+    beneficiary_kind: str,
+    country: str,
+    now_us: int,
+) -> list[RailOption]:
+    """What each rail offers a payout of `amount_minor` to this beneficiary
+    at `now_us` (the money plane's clock): reach, limit, window, cost."""
+    at = dt.datetime.fromtimestamp(now_us / 1_000_000, tz=dt.UTC)
+    out = []
+    for name, caps in capabilities.items():
+        because = ""
+        if currency not in caps.currencies:
+            because = "currency"
+        elif beneficiary_kind not in caps.beneficiary_kinds:
+            because = "beneficiary_kind"
+        elif caps.countries and country not in caps.countries:
+            because = "country"
+        close = caps.next_window(at)
+        window_open = close is None or close.date() == at.astimezone(close.tzinfo).date()
+        out.append(
+            RailOption(
+                rail=name,
+                method=RAIL_METHOD.get(name, name),
+                reachable=not because,
+                unreachable_because=because,
+                max_amount_minor=caps.max_amount_minor,
+                window_open=window_open,
+                cutoff_at_us=0 if close is None else int(close.timestamp() * 1_000_000),
+                cost_minor=caps.cost_minor(amount_minor),
+            )
+        )
+    return out
 
 
 def select_rail(rails: dict[str, HttpRail], method: str, submission: Submission) -> HttpRail:
-    """The adapter for the policy's routing choice (`RailSubmission.rail`, or
-    a rail's own name) that can carry this payout; FAILED_PRECONDITION
+    """The adapter for the policy's routing choice (`RailSubmission.rail`: a
+    method, or the rail the decision chose: that rail's adapter alone) that
+    can carry this payout; FAILED_PRECONDITION
     NO_RAIL_REACHES naming `rail` when none can (policy routed it to a
     method no configured rail serves for this beneficiary)."""
-    for name in RAILS_FOR_METHOD.get(method, (method,)):
+    for name in RAILS_FOR_METHOD.get(method, (adapter_of(method),)):
         rail = rails.get(name)
         if rail is not None and rail.capabilities.reaches(submission):
             return rail
@@ -816,8 +902,11 @@ __all__ = [
     "InstantRail",
     "MemoryCorrelations",
     "PayoutsRail",
+    "RailOption",
     "SepaRail",
     "UsBankAccount",
     "build_rails",
+    "rail_capabilities",
+    "rail_options",
     "select_rail",
 ]

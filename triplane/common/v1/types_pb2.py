@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etriplane/common/v1/types.proto\x12\x12triplane.common.v1\"/\n\x05Money\x12\x14\n\x0c\x61mount_minor\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"`\n\rModelScoreRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x10\n\x08score_id\x18\x05 \x01(\t\"I\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etriplane/common/v1/types.proto\x12\x12triplane.common.v1\"/\n\x05Money\x12\x14\n\x0c\x61mount_minor\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"`\n\rModelScoreRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x10\n\x08score_id\x18\x05 \x01(\t\"\xb3\x01\n\nRailOption\x12\x0c\n\x04rail\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12\x1b\n\x13unreachable_because\x18\x04 \x01(\t\x12\x18\n\x10max_amount_minor\x18\x05 \x01(\x03\x12\x13\n\x0bwindow_open\x18\x06 \x01(\x08\x12\x14\n\x0c\x63utoff_at_us\x18\x07 \x01(\x03\x12\x12\n\ncost_minor\x18\x08 \x01(\x03\"I\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MONEY']._serialized_end=101
   _globals['_MODELSCOREREF']._serialized_start=103
   _globals['_MODELSCOREREF']._serialized_end=199
-  _globals['_ITEMERROR']._serialized_start=201
-  _globals['_ITEMERROR']._serialized_end=274
+  _globals['_RAILOPTION']._serialized_start=202
+  _globals['_RAILOPTION']._serialized_end=381
+  _globals['_ITEMERROR']._serialized_start=383
+  _globals['_ITEMERROR']._serialized_end=456
 # @@protoc_insertion_point(module_scope)

@@ -86,6 +86,65 @@ class ModelScoreRef(_message.Message):
 Global___ModelScoreRef: _TypeAlias = ModelScoreRef  # noqa: Y015
 
 @_typing.final
+class RailOption(_message.Message):
+    """RailOption is what one configured payout rail offers one payout now, as the
+    money plane computes it from the rail's capabilities and its clock: the
+    policy's routing rules choose among these (an input of the decision, so a
+    replay routes the same).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAIL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_BECAUSE_FIELD_NUMBER: _builtins.int
+    MAX_AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    WINDOW_OPEN_FIELD_NUMBER: _builtins.int
+    CUTOFF_AT_US_FIELD_NUMBER: _builtins.int
+    COST_MINOR_FIELD_NUMBER: _builtins.int
+    rail: _builtins.str
+    """instant, ach_same_day, ach, sepa or card."""
+    method: _builtins.str
+    """The routing method it carries (instant_payment, bank_transfer, card)."""
+    reachable: _builtins.bool
+    """Whether it reaches this beneficiary (currency, kind, country); when not,
+    which of those it does not ("currency", "beneficiary_kind", "country").
+    """
+    unreachable_because: _builtins.str
+    max_amount_minor: _builtins.int
+    """Its per-payment limit (minor units of the payout's currency)."""
+    window_open: _builtins.bool
+    """Whether a payment handed over now makes today's window (cut-off and
+    business-day calendar); always-open rails are open.
+    """
+    cutoff_at_us: _builtins.int
+    """The cut-off a payment handed over now makes (today's when open, else the
+    next window's); 0 for an always-open rail. Microseconds since the epoch.
+    """
+    cost_minor: _builtins.int
+    """What it costs to send this amount (minor units)."""
+    def __init__(
+        self,
+        *,
+        rail: _builtins.str = ...,
+        method: _builtins.str = ...,
+        reachable: _builtins.bool = ...,
+        unreachable_because: _builtins.str = ...,
+        max_amount_minor: _builtins.int = ...,
+        window_open: _builtins.bool = ...,
+        cutoff_at_us: _builtins.int = ...,
+        cost_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_minor", b"cost_minor", "cutoff_at_us", b"cutoff_at_us", "max_amount_minor", b"max_amount_minor", "method", b"method", "rail", b"rail", "reachable", b"reachable", "unreachable_because", b"unreachable_because", "window_open", b"window_open"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RailOption: _TypeAlias = RailOption  # noqa: Y015
+
+@_typing.final
 class ItemError(_message.Message):
     """ItemError is the per-item failure of a batch call. It carries the same
     information as a google.rpc.Status with ErrorInfo and BadRequest details.

@@ -1692,6 +1692,8 @@ class Payout(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ALTERNATE_RAILS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     payout_id: _builtins.str
     idempotency_key: _builtins.str
@@ -1725,6 +1727,16 @@ class Payout(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def alternate_rails(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The decision's other eligible rails, next first: where a re-routable
+        failure sends it (rails.reroute_reasons).
+        """
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PayoutAttempt]:
+        """The rails it failed on before this one, in order."""
+
     def __init__(
         self,
         *,
@@ -1749,14 +1761,47 @@ class Payout(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         description: _builtins.str = ...,
+        alternate_rails: _abc.Iterable[_builtins.str] | None = ...,
+        attempts: _abc.Iterable[Global___PayoutAttempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "created_at", b"created_at", "debit_account_id", b"debit_account_id", "decision_id", b"decision_id", "description", b"description", "end_to_end_id", b"end_to_end_id", "entry_id", b"entry_id", "idempotency_key", b"idempotency_key", "merchant_id", b"merchant_id", "payout_id", b"payout_id", "rail", b"rail", "rail_reference", b"rail_reference", "reason", b"reason", "reason_code", b"reason_code", "reversal_entry_id", b"reversal_entry_id", "settlement_entry_id", b"settlement_entry_id", "state", b"state", "tenant_id", b"tenant_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternate_rails", b"alternate_rails", "amount", b"amount", "attempts", b"attempts", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "created_at", b"created_at", "debit_account_id", b"debit_account_id", "decision_id", b"decision_id", "description", b"description", "end_to_end_id", b"end_to_end_id", "entry_id", b"entry_id", "idempotency_key", b"idempotency_key", "merchant_id", b"merchant_id", "payout_id", b"payout_id", "rail", b"rail", "rail_reference", b"rail_reference", "reason", b"reason", "reason_code", b"reason_code", "reversal_entry_id", b"reversal_entry_id", "settlement_entry_id", b"settlement_entry_id", "state", b"state", "tenant_id", b"tenant_id", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Payout: _TypeAlias = Payout  # noqa: Y015
+
+@_typing.final
+class PayoutAttempt(_message.Message):
+    """One rail a payout failed on and was re-routed from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAIL_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    rail: _builtins.str
+    reason_code: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def failed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        rail: _builtins.str = ...,
+        reason_code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        failed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at", "rail", b"rail", "reason", b"reason", "reason_code", b"reason_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayoutAttempt: _TypeAlias = PayoutAttempt  # noqa: Y015
 
 @_typing.final
 class GetPayoutContextRequest(_message.Message):
@@ -1765,19 +1810,27 @@ class GetPayoutContextRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     BENEFICIARY_ID_FIELD_NUMBER: _builtins.int
     DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     beneficiary_id: _builtins.str
     debit_account_id: _builtins.str
+    @_builtins.property
+    def amount(self) -> _types_pb2.Money:
+        """The payout's amount: each rail's limit and cost are for it (unset: no
+        rail options in the response).
+        """
+
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         beneficiary_id: _builtins.str = ...,
         debit_account_id: _builtins.str = ...,
+        amount: _types_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["beneficiary_id", b"beneficiary_id", "debit_account_id", b"debit_account_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "beneficiary_id", b"beneficiary_id", "debit_account_id", b"debit_account_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1799,6 +1852,7 @@ class GetPayoutContextResponse(_message.Message):
     PAYOUTS_AMOUNT_MINOR_24H_FIELD_NUMBER: _builtins.int
     PAYOUTS_AMOUNT_MINOR_30D_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    RAIL_OPTIONS_FIELD_NUMBER: _builtins.int
     holder_name: _builtins.str
     """In clear, for the policy plane's sanctions screening only."""
     beneficiary_payouts: _builtins.int
@@ -1821,6 +1875,12 @@ class GetPayoutContextResponse(_message.Message):
     """The account a PAYOUT credits (what its decision token must name)."""
     @_builtins.property
     def beneficiary(self) -> Global___Beneficiary: ...
+    @_builtins.property
+    def rail_options(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.RailOption]:
+        """Every configured rail, what it offers this payout now (the policy's
+        routing input).
+        """
+
     def __init__(
         self,
         *,
@@ -1836,10 +1896,11 @@ class GetPayoutContextResponse(_message.Message):
         payouts_amount_minor_24h: _builtins.int = ...,
         payouts_amount_minor_30d: _builtins.int = ...,
         in_flight_account_id: _builtins.str = ...,
+        rail_options: _abc.Iterable[_types_pb2.RailOption] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["beneficiary", b"beneficiary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_minor", b"available_minor", "beneficiary", b"beneficiary", "beneficiary_payouts", b"beneficiary_payouts", "currency", b"currency", "holder_name", b"holder_name", "in_flight_account_id", b"in_flight_account_id", "payouts_amount_minor_1h", b"payouts_amount_minor_1h", "payouts_amount_minor_24h", b"payouts_amount_minor_24h", "payouts_amount_minor_30d", b"payouts_amount_minor_30d", "payouts_count_1h", b"payouts_count_1h", "payouts_count_24h", b"payouts_count_24h", "payouts_count_30d", b"payouts_count_30d"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_minor", b"available_minor", "beneficiary", b"beneficiary", "beneficiary_payouts", b"beneficiary_payouts", "currency", b"currency", "holder_name", b"holder_name", "in_flight_account_id", b"in_flight_account_id", "payouts_amount_minor_1h", b"payouts_amount_minor_1h", "payouts_amount_minor_24h", b"payouts_amount_minor_24h", "payouts_amount_minor_30d", b"payouts_amount_minor_30d", "payouts_count_1h", b"payouts_count_1h", "payouts_count_24h", b"payouts_count_24h", "payouts_count_30d", b"payouts_count_30d", "rail_options", b"rail_options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1861,6 +1922,7 @@ class CreatePayoutRequest(_message.Message):
     CASE_ID_FIELD_NUMBER: _builtins.int
     RAIL_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ALTERNATE_RAILS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     idempotency_key: _builtins.str
     """Also the PAYOUT transfer's key, which the decision token binds."""
@@ -1878,6 +1940,10 @@ class CreatePayoutRequest(_message.Message):
     description: _builtins.str
     @_builtins.property
     def amount(self) -> _types_pb2.Money: ...
+    @_builtins.property
+    def alternate_rails(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The decision's ordered alternates to `rail` (Route.alternates)."""
+
     def __init__(
         self,
         *,
@@ -1893,10 +1959,11 @@ class CreatePayoutRequest(_message.Message):
         case_id: _builtins.str = ...,
         rail: _builtins.str = ...,
         description: _builtins.str = ...,
+        alternate_rails: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "debit_account_id", b"debit_account_id", "decision_id", b"decision_id", "decision_token", b"decision_token", "description", b"description", "idempotency_key", b"idempotency_key", "merchant_id", b"merchant_id", "pending_review", b"pending_review", "rail", b"rail", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternate_rails", b"alternate_rails", "amount", b"amount", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "debit_account_id", b"debit_account_id", "decision_id", b"decision_id", "decision_token", b"decision_token", "description", b"description", "idempotency_key", b"idempotency_key", "merchant_id", b"merchant_id", "pending_review", b"pending_review", "rail", b"rail", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

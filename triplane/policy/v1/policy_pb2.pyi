@@ -765,6 +765,7 @@ class ContextSnapshot(_message.Message):
     ACCOUNT_AGE_DAYS_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
+    RAILS_FIELD_NUMBER: _builtins.int
     account_age_days: _builtins.int
     """Ignored on input, as kyc: the plane computes it from the profile's
     account_opened_at and the decision time; 0 for an unknown customer.
@@ -789,6 +790,12 @@ class ContextSnapshot(_message.Message):
     def decided_at(self) -> _timestamp_pb2.Timestamp:
         """Decision time. Unset: the plane stamps its clock; it is logged either way."""
 
+    @_builtins.property
+    def rails(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.RailOption]:
+        """Payouts: what each configured rail offers this payment (the money
+        plane's facts); the bundle's rail routes choose among them.
+        """
+
     def __init__(
         self,
         *,
@@ -800,10 +807,11 @@ class ContextSnapshot(_message.Message):
         account_age_days: _builtins.int = ...,
         features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         decided_at: _timestamp_pb2.Timestamp | None = ...,
+        rails: _abc.Iterable[_types_pb2.RailOption] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["account_velocity", b"account_velocity", "decided_at", b"decided_at", "device_velocity", b"device_velocity", "kyc", b"kyc", "merchant_velocity", b"merchant_velocity", "model_score", b"model_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_age_days", b"account_age_days", "account_velocity", b"account_velocity", "decided_at", b"decided_at", "device_velocity", b"device_velocity", "features", b"features", "kyc", b"kyc", "merchant_velocity", b"merchant_velocity", "model_score", b"model_score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_age_days", b"account_age_days", "account_velocity", b"account_velocity", "decided_at", b"decided_at", "device_velocity", b"device_velocity", "features", b"features", "kyc", b"kyc", "merchant_velocity", b"merchant_velocity", "model_score", b"model_score", "rails", b"rails"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -929,24 +937,74 @@ class Route(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     ESTIMATED_COST_MINOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RAIL_FIELD_NUMBER: _builtins.int
+    ALTERNATES_FIELD_NUMBER: _builtins.int
+    CONSIDERED_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """card, bank_transfer, instant_payment or wallet."""
     estimated_cost_minor: _builtins.int
     reason: _builtins.str
+    """requested, lowest_cost or only_eligible."""
+    rail: _builtins.str
+    """Routed among rails (a payout with rail options): the rail chosen, the
+    other eligible ones cheapest first, and why each rail was or was not.
+    """
+    @_builtins.property
+    def alternates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def considered(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteConsidered]: ...
     def __init__(
         self,
         *,
         method: _builtins.str = ...,
         estimated_cost_minor: _builtins.int = ...,
         reason: _builtins.str = ...,
+        rail: _builtins.str = ...,
+        alternates: _abc.Iterable[_builtins.str] | None = ...,
+        considered: _abc.Iterable[Global___RouteConsidered] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_cost_minor", b"estimated_cost_minor", "method", b"method", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternates", b"alternates", "considered", b"considered", "estimated_cost_minor", b"estimated_cost_minor", "method", b"method", "rail", b"rail", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
+class RouteConsidered(_message.Message):
+    """One rail a route looked at."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAIL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    COST_MINOR_FIELD_NUMBER: _builtins.int
+    rail: _builtins.str
+    outcome: _builtins.str
+    """chosen, alternate or rejected."""
+    reason: _builtins.str
+    """chosen: the route's reason; alternate: costlier; rejected: the rail
+    route's failed requirement (unreachable, over_limit, window_closed,
+    risk, ...), ineligible, or not_offered.
+    """
+    cost_minor: _builtins.int
+    def __init__(
+        self,
+        *,
+        rail: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        cost_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_minor", b"cost_minor", "outcome", b"outcome", "rail", b"rail", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteConsidered: _TypeAlias = RouteConsidered  # noqa: Y015
 
 @_typing.final
 class SanctionsScreening(_message.Message):

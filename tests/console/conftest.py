@@ -1,0 +1,234 @@
+"""The console against a running stack, and one browser for the session.
+
+`console_stack`: a Stack running the policy plane (with its embedded NATS),
+with the tenant made and a customer profile in it; the console runs in this
+process (uvicorn in a thread) against that stack, as its own mTLS identity,
+with a ManualClock the tests move (session expiry without sleeping).
+`browser`: Debian's chromium (/usr/bin/chromium), driven by Playwright; never
+a downloaded browser. Screenshots of every page visited go under
+$TRIPLANE_TEST_ARTIFACTS/console (default .pytest-artifacts/console).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from google.protobuf.timestamp_pb2 import Timestamp
+from playwright.async_api import Browser, Page, async_playwright
+
+from console.app import create_app
+from console.auth import hash_password
+from console.store import ConsoleStore
+from triplane.common.v1 import types_pb2
+from triplane.policy.v1 import policy_pb2 as pb
+from triplane.policy.v1 import policy_pb2_grpc
+from triplane.runtime.clock import ManualClock
+from triplane.runtime.config import Config, load_config
+from triplane.runtime.net import free_port
+from triplane_tools.stack import Stack
+
+CHROMIUM = Path(os.environ.get("TRIPLANE_CHROMIUM", "/usr/bin/chromium"))
+TENANT = "acme"
+CUSTOMER = "cust-1"
+PASSWORD = "a long console password"
+USERS = {
+    "rita": ["reviewer"],
+    "aldo": ["auditor"],
+    "rosa": ["risk_admin"],
+}
+# Bounds on waiting for a thing to happen (not timing assertions).
+START_WITHIN_S = 30.0
+
+
+def artifacts_dir() -> Path:
+    root = Path(os.environ.get("TRIPLANE_TEST_ARTIFACTS", ".pytest-artifacts"))
+    path = root / "console"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TRIPLANE") and k != "NATS_URL"}
+
+
+@dataclass
+class ConsoleUnderTest:
+    stack: Stack
+    config: Config
+    url: str
+    clock: ManualClock
+    store: ConsoleStore
+
+    async def review_case(self, key: str, amount_minor: int = 2_500) -> pb.Decision:
+        """A payment the default bundle sends to review: a case is opened."""
+        async with self.stack.channel("policy") as channel:
+            answer = await policy_pb2_grpc.PolicyServiceStub(channel).Evaluate(
+                evaluate_request(key, amount_minor), timeout=10
+            )
+        decision: pb.Decision = answer.decision
+        assert decision.outcome == pb.OUTCOME_REVIEW and decision.case_id, decision
+        return decision
+
+    async def get_case(self, case_id: str) -> pb.Case:
+        """The case as the policy plane has it (admin identity, over gRPC)."""
+        async with self.stack.channel("policy") as channel:
+            answer = await policy_pb2_grpc.CaseServiceStub(channel).GetCase(
+                pb.GetCaseRequest(tenant_id=TENANT, case_id=case_id), timeout=10
+            )
+        case: pb.Case = answer.case
+        return case
+
+
+def evaluate_request(key: str, amount_minor: int) -> pb.EvaluateRequest:
+    return pb.EvaluateRequest(
+        tenant_id=TENANT,
+        idempotency_key=key,
+        payment=pb.Payment(
+            account_id="acct-1",
+            credit_account_id="merchant-1",
+            kind=pb.PAYMENT_KIND_PURCHASE,
+            amount=types_pb2.Money(amount_minor=amount_minor, currency="USD"),
+            merchant_id="m-1",
+            merchant_category="5411",
+            customer=pb.Party(name="Jane Example", country="US"),
+            counterparty=pb.Party(name="Corner Shop", country="US"),
+            customer_id=CUSTOMER,
+        ),
+        snapshot=pb.ContextSnapshot(
+            kyc=pb.KycInfo(tier=2, country="US"),
+            # Above the default bundle's score_review (0.70): REVIEW.
+            model_score=types_pb2.ModelScoreRef(
+                model="payment_risk", version="3", source="triton", score=0.8
+            ),
+            account_age_days=400,
+        ),
+    )
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # the test process keeps its own
+        pass
+
+
+@pytest.fixture(scope="session")
+async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConsoleUnderTest]:
+    state_dir = tmp_path_factory.mktemp("console-state")
+    console_port = free_port()
+    config = load_config(
+        environ={},
+        overrides={
+            "runtime": {"state_dir": str(state_dir)},
+            "policy": {"listen": f"127.0.0.1:{free_port()}"},
+            "console": {
+                "listen": f"127.0.0.1:{console_port}",
+                "session_idle_s": 900.0,
+                "session_absolute_s": 28800.0,
+            },
+        },
+    )
+    async with Stack(config, planes=["policy"], environ=clean_env()) as stack:
+        async with stack.channel("policy") as channel:
+            await policy_pb2_grpc.PolicyServiceStub(channel).CreateTenant(
+                pb.CreateTenantRequest(tenant_id=TENANT, display_name="Acme"), timeout=10
+            )
+            opened = Timestamp()
+            opened.FromSeconds(int(time.time()) - 400 * 86400)
+            await policy_pb2_grpc.CustomerProfileServiceStub(channel).PutCustomerProfile(
+                pb.PutCustomerProfileRequest(
+                    profile=pb.CustomerProfile(
+                        tenant_id=TENANT,
+                        customer_id=CUSTOMER,
+                        kyc_tier=2,
+                        country="US",
+                        account_opened_at=opened,
+                    ),
+                    change_id="kyc-1",
+                    actor="ops:test",
+                ),
+                timeout=10,
+            )
+        clock = ManualClock(time.time_ns() // 1000)
+        store = ConsoleStore.from_config(config)
+        for username, roles in USERS.items():
+            store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
+        app = create_app(config, clock=clock, store=store)
+        server = _Server(
+            uvicorn.Config(app, host="127.0.0.1", port=console_port, log_config=None, lifespan="on")
+        )
+        thread = threading.Thread(target=server.run, name="console", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + START_WITHIN_S
+        while not server.started:
+            assert thread.is_alive(), "the console exited while starting"
+            assert time.monotonic() < deadline, "the console did not start"
+            await asyncio.sleep(0.05)
+        try:
+            yield ConsoleUnderTest(stack, config, f"http://127.0.0.1:{console_port}", clock, store)
+        finally:
+            server.should_exit = True
+            thread.join(START_WITHIN_S)
+
+
+def chromium() -> str:
+    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    return str(CHROMIUM)
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    executable = chromium()
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, console: ConsoleUnderTest) -> AsyncIterator[Page]:
+    """A fresh browser context (no cookies) a test."""
+    context = await browser.new_context(base_url=console.url)
+    opened = await context.new_page()
+    try:
+        yield opened
+    finally:
+        await context.close()
+
+
+_SHOTS: dict[str, int] = {}
+
+
+async def shot(page: Page, name: str) -> Path:
+    """A full-page screenshot under the artifacts dir, numbered per test."""
+    current = os.environ.get("PYTEST_CURRENT_TEST", "test").split("::")[-1].split(" ")[0]
+    test = re.sub(r"[^A-Za-z0-9_.-]", "_", current)
+    _SHOTS[test] = _SHOTS.get(test, 0) + 1
+    path = artifacts_dir() / f"{test}-{_SHOTS[test]:02d}-{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+async def signed_in(page: Page, username: str, password: str = PASSWORD) -> None:
+    await page.goto("/login")
+    await page.get_by_label("Username").fill(username)
+    await page.get_by_label("Password").fill(password)
+    await shot(page, "login")
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_load_state()
+
+
+@pytest.fixture
+def artifacts() -> Iterator[Path]:
+    yield artifacts_dir()
