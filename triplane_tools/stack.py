@@ -655,6 +655,11 @@ def describe(stack: Stack) -> str:
         lines.append(f"{name:<11} {plane.address}  pid {plane.pid}  log {plane.log_path}")
     for plane_name, target in stack.gateway_targets.items():
         lines.append(f"gateway -> {plane_name:<6} {target} (round_robin)")
+    if "console" in stack.addresses:
+        lines.append(
+            f"console     http://{stack.addresses['console']}/  "
+            "(accounts: triplane console add-user NAME --role reviewer)"
+        )
     if stack.skipped:
         lines.append(f"not started (no __main__.py yet): {', '.join(stack.skipped)}")
     return "\n".join(lines)
