@@ -15,8 +15,9 @@ replica at a time per unit (leases in the ledger's database: rails/store.py's
   (a cursor of the last day done), balances checked (opening + booked lines
   = closing, else a balance_mismatch break) and expected payments left
   without a booking by the closing day raised as unmatched_ledger. A day is
-  closed once the plane's clock has left it, or once the bank has booked on
-  a later day (a bank whose clock runs ahead: the sandbox bank's manual one).
+  closed once the plane's clock has left it, or once the bank's own day is
+  later (its clock where it tells it, GET /v1/clock, or a booking on a later
+  day): a bank whose clock runs ahead, like the sandbox bank's manual one.
 
 The bank's account is the platform's; each booking belongs to the tenant of
 the payout its end-to-end id (or ACH trace number) names (`rail_refs`, where
@@ -84,6 +85,15 @@ class BankStatements(HttpRail):
 
     async def day_statement(self, kind: str, day: dt.date) -> bytes:
         return await self._call("GET", f"/v1/statements/{kind}?date={day.isoformat()}")
+
+    async def today(self) -> dt.date | None:
+        """The bank's own day, where it says (the sandbox bank's GET
+        /v1/clock); None from a bank that does not."""
+        try:
+            body = await self._call("GET", "/v1/clock")
+            return dt.datetime.fromisoformat(str(json.loads(body)["now"])).date()
+        except (InvalidArgument, ValueError, KeyError, TypeError):
+            return None
 
 
 @dataclasses.dataclass
@@ -179,9 +189,14 @@ class StatementIntake:
 
     # ---- end of day ----
 
+    def _saw_day(self, day: dt.date | None) -> None:
+        if day is not None and (self._bank_day is None or day > self._bank_day):
+            self._bank_day = day
+
     def closed_through(self) -> dt.date:
         """The last day the bank has closed: yesterday by the plane's clock,
-        or the day before the latest booking the bank has shown."""
+        or the day before the latest the bank has shown (its clock, where it
+        tells it, or its latest booking)."""
         today = dt.datetime.fromtimestamp(self.clock.now_us() / 1_000_000, dt.UTC).date()
         closed = today - dt.timedelta(days=1)
         if self._bank_day is not None:
@@ -191,6 +206,7 @@ class StatementIntake:
     async def close_days(self) -> int:
         """Imports the end-of-day camt.053 of each closed day not done yet
         (on first start, intake_days_back days back); how many days."""
+        self._saw_day(await self.bank.today())
         now_us = self.clock.now_us()
         last = await self._db(
             functools.partial(
@@ -260,10 +276,7 @@ class StatementIntake:
             out.breaks += len(result.breaks)
             for b in result.breaks:
                 m.RECON_DETECTION_SECONDS.observe(max(0.0, (b.detected_at_us - arrived_us) / 1e6))
-        if out.latest_booking is not None and (
-            self._bank_day is None or out.latest_booking > self._bank_day
-        ):
-            self._bank_day = out.latest_booking
+        self._saw_day(out.latest_booking)
         if unattributed:
             m.STATEMENT_LINES_UNATTRIBUTED.inc(unattributed)
             log.info("%d statement lines name no payout of this ledger: not imported", unattributed)
