@@ -19,7 +19,12 @@ from gateway.ingest import Ingest
 from gateway.measure import LiftMetrics
 from gateway.nba import NextBestAction
 from gateway.payments import Payments
-from gateway.payout_events import PayoutWebhookConsumer
+from gateway.payout_events import (
+    BreakWebhookConsumer,
+    DurableEventConsumer,
+    PayoutReviewConsumer,
+    PayoutWebhookConsumer,
+)
 from gateway.payouts import Payouts
 from gateway.permissions import PERMISSIONS
 from gateway.pii import Tokenizer
@@ -71,6 +76,7 @@ class Gateway:
     store: IdempotencyStore | None = None
     engagement: Engagement | None = None
     payout_events: PayoutWebhookConsumer | None = None
+    event_consumers: list[DurableEventConsumer] = field(default_factory=list)
     # Partner credentials (None with gateway.auth off).
     auth: Auth | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -176,13 +182,24 @@ class Gateway:
         lift_metrics = _lift_metrics() if gateway.metrics_listen else None
         self._tasks.extend(engagement.start(self._stop, lift_metrics))
         if js is not None:
-            # A payout's later states (a rail's outcome) to the partner's webhook.
-            self.payout_events = PayoutWebhookConsumer(js, payouts, gateway.payout_webhooks)
+            # A payout's later states (a rail's outcome) to the partner's
+            # webhook; a payout's review resolved to the money plane; new
+            # reconciliation breaks to the partner's webhook.
+            hooks = gateway.payout_webhooks
+            self.payout_events = PayoutWebhookConsumer(js, payouts, hooks)
+            self.event_consumers = [self.payout_events, PayoutReviewConsumer(js, payouts, hooks)]
+            if engagement.webhooks is not None:
+                self.event_consumers.append(
+                    BreakWebhookConsumer(
+                        js, engagement.webhooks, engagement.delivery, self.clock, hooks
+                    )
+                )
             try:
-                await bus.ensure_streams(js, config.nats, ["TRIPLANE_MONEY"])
-                await self.payout_events.start()
+                await bus.ensure_streams(js, config.nats, ["TRIPLANE_MONEY", "TRIPLANE_POLICY"])
+                for consumer in self.event_consumers:
+                    await consumer.start()
             except Exception:
-                log.exception("payout webhooks: cannot consume the money stream")
+                log.exception("payout and break events: cannot consume the money/policy streams")
         return await self.server.start()
 
     async def _drain_outbox(self) -> None:
@@ -207,8 +224,8 @@ class Gateway:
 
     async def _stop_background(self) -> None:
         self._stop.set()
-        if self.payout_events is not None:
-            await self.payout_events.stop()
+        for consumer in self.event_consumers:
+            await consumer.stop()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
                 await asyncio.wait_for(task, STOP_DRAIN_S)

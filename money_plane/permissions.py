@@ -28,6 +28,10 @@ PERMISSIONS: Permissions = permissions(
         "CreatePayout": GATEWAY_AND_ADMIN,
         "GetPayout": GATEWAY_AND_ADMIN,
         "RecordPayoutOutcome": ADMIN_ONLY,
+        # A review's resolution: the gateway applies policy.case.resolved
+        # (the approval's token is the authority); operators may too.
+        "ApprovePayout": GATEWAY_AND_ADMIN,
+        "DeclinePayout": GATEWAY_AND_ADMIN,
         "PutSettlementSchedule": ADMIN_ONLY,
         "ListSettlements": ADMIN_ONLY,
         "RunSettlements": ADMIN_ONLY,

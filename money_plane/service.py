@@ -275,6 +275,30 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         )
         return pb.RecordPayoutOutcomeResponse(payout=payout_codec.payout(found), replayed=replayed)
 
+    async def ApprovePayout(
+        self, request: pb.ApprovePayoutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApprovePayoutResponse:
+        payouts = await self._payouts(request.tenant_id)
+        found, replayed = await payouts.approve(
+            request.tenant_id,
+            request.decision_token,
+            payout_id=request.payout_id,
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.ApprovePayoutResponse(payout=payout_codec.payout(found), replayed=replayed)
+
+    async def DeclinePayout(
+        self, request: pb.DeclinePayoutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeclinePayoutResponse:
+        payouts = await self._payouts(request.tenant_id)
+        found, replayed = await payouts.decline(
+            request.tenant_id,
+            request.case_id,
+            payout_id=request.payout_id,
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.DeclinePayoutResponse(payout=payout_codec.payout(found), replayed=replayed)
+
     async def PutSettlementSchedule(
         self, request: pb.PutSettlementScheduleRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutSettlementScheduleResponse:

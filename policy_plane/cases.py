@@ -5,6 +5,13 @@ bundle's `decline_suggestion_score`, approve below it, none without a score),
 so the human-overrule rate (resolutions against the suggestion) can be
 measured. Resolving writes the case and its `policy.case.resolved` event in one
 transaction (an outbox); a relay publishes the event to NATS.
+
+Approving a payout's case is a decision of its own (PolicyEngine.resolve_case):
+logged before the case is written, under the key `review:<case_id>` (so
+resolving again, here or on another replica, finds the same decision and the
+same token), with a token for exactly the movement the reviewed decision
+named. The event carries that token to the money plane; a decline carries
+none.
 """
 
 from __future__ import annotations
@@ -47,9 +54,21 @@ class CaseBody(msgspec.Struct, frozen=True, kw_only=True):
     claimed_at_us: int = 0
     resolved_at_us: int = 0
     bundle_version: str = ""
+    # The decision an approval of a payout's case issued.
+    approval_decision_id: str = ""
 
 
-EventEncoder = Callable[[CaseBody, int], OutboxRow]
+@dataclass(frozen=True, slots=True)
+class ReviewedMovement:
+    """What the resolved event says of the reviewed decision's movement:
+    its kind and key, and for an approved payout the approval's token."""
+
+    movement: str
+    idempotency_key: str
+    decision_token: str = ""
+
+
+EventEncoder = Callable[[CaseBody, int, ReviewedMovement | None], OutboxRow]
 
 
 def case_id_for(decision_id: str) -> str:
@@ -155,9 +174,11 @@ class CaseDesk:
             raise FailedPrecondition("CASE_NOT_OPEN", "case was claimed concurrently", "case_id")
         return claimed
 
-    def resolve(
+    def check_resolution(
         self, tenant_id: str, case_id: str, reviewer: str, resolution: str, note: str
     ) -> CaseBody:
+        """The case if `reviewer` may resolve it so (a resolved case only
+        when it was resolved so already); refused with the field otherwise."""
         _check_reviewer(reviewer)
         if resolution not in RESOLUTIONS:
             raise InvalidArgument(
@@ -176,6 +197,21 @@ class CaseDesk:
             raise FailedPrecondition(
                 "CASE_NOT_CLAIMED_BY_REVIEWER", "claim the case before resolving it", "reviewer"
             )
+        return case
+
+    def resolve(
+        self,
+        tenant_id: str,
+        case_id: str,
+        reviewer: str,
+        resolution: str,
+        note: str,
+        reviewed: ReviewedMovement | None = None,
+        approval_decision_id: str = "",
+    ) -> CaseBody:
+        case = self.check_resolution(tenant_id, case_id, reviewer, resolution, note)
+        if case.status == "resolved":
+            return case
         now_us = self._clock.now_us()
         resolved = msgspec.structs.replace(
             case,
@@ -184,9 +220,10 @@ class CaseDesk:
             note=note,
             resolved_at_us=now_us,
             overruled=bool(case.model_suggestion) and case.model_suggestion != resolution,
+            approval_decision_id=approval_decision_id,
         )
         if not self._store.update_case(
-            to_row(resolved), "claimed", self._encode_event(resolved, now_us)
+            to_row(resolved), "claimed", self._encode_event(resolved, now_us, reviewed)
         ):
             raise FailedPrecondition(
                 "CASE_ALREADY_RESOLVED", "case was resolved concurrently", "case_id"

@@ -4,7 +4,7 @@ money and pages are read and written by the runtime's one vocabulary (`wire`).""
 from __future__ import annotations
 
 from policy_plane.bundles_registry import BundleInfo
-from policy_plane.cases import CaseBody
+from policy_plane.cases import CaseBody, ReviewedMovement
 from policy_plane.consent import ConsentRecord, ContactCheck, ContactProfile
 from policy_plane.decision_log import VerifyResult
 from policy_plane.engine import PolicyMetrics
@@ -645,17 +645,27 @@ def case_pb(case: CaseBody) -> pb.Case:
         claimed_at=wire.timestamp(case.claimed_at_us),
         resolved_at=wire.timestamp(case.resolved_at_us),
         bundle_version=case.bundle_version,
+        approval_decision_id=case.approval_decision_id,
     )
 
 
-def case_resolved_event(case: CaseBody, now_us: int) -> OutboxRow:
+def case_resolved_event(
+    case: CaseBody, now_us: int, reviewed: ReviewedMovement | None = None
+) -> OutboxRow:
     """The `policy.case.resolved` envelope; its id is stable per case, so a
-    re-publish is dropped by JetStream's duplicate window."""
+    re-publish is dropped by JetStream's duplicate window. It names the
+    reviewed decision's movement and key, and carries an approved payout's
+    token (what the gateway hands the money plane's ApprovePayout)."""
     event_id = f"policy.case.resolved:{case.case_id}"
+    payload = pb.CaseResolved(case=case_pb(case))
+    if reviewed is not None:
+        payload.movement = MOVEMENT_ENUMS.get(reviewed.movement, pb.MONEY_MOVEMENT_UNSPECIFIED)
+        payload.idempotency_key = reviewed.idempotency_key
+        payload.decision_token = reviewed.decision_token
     envelope = make_envelope(
         event_type="policy.case.resolved",
         tenant_id=case.tenant_id,
-        payload=pb.CaseResolved(case=case_pb(case)),
+        payload=payload,
         occurred_at_us=now_us,
         event_id=event_id,
         account_id=case.account_id,

@@ -37,7 +37,9 @@ from policy_plane.model import (
     Decision,
     DecisionRecord,
     EvaluationInput,
+    FiredRule,
     Outcome,
+    ReviewApproval,
     ShadowResult,
     Verdict,
     canonical_encoder,
@@ -63,6 +65,10 @@ from triplane.runtime.tokens import TokenSigner
 
 log = logging.getLogger("policy_plane.engine")
 LABELS = ("legitimate", "fraud", "chargeback")
+# The movement whose review case, approved, issues a decision token.
+PAYOUT_MOVEMENT = "payout"
+# The rule a reviewer's approval is logged as having fired.
+REVIEW_RULE = "case_review"
 _T = TypeVar("_T")
 
 # Served on policy.metrics_listen with RED per RPC (triplane/runtime/metrics.py).
@@ -388,6 +394,99 @@ class PolicyEngine:
             chain_id=row.chain_id,
             sequence=row.seq,
         )
+
+    # ------------------------------------------------------------ review cases
+    async def resolve_case(
+        self, tenant_id: str, case_id: str, reviewer: str, resolution: str, note: str
+    ) -> cases_mod.CaseBody:
+        """Resolves a claimed case. Approving a payout's case first logs the
+        approval's decision (with the payout's token), then writes the case
+        and its event: a crash between the two leaves the case claimed, and
+        resolving it again finds the logged approval (its key is the case's)."""
+        self.require_tenant(tenant_id)
+        case = await asyncio.to_thread(
+            self.cases.check_resolution, tenant_id, case_id, reviewer, resolution, note
+        )
+        if case.status == "resolved":
+            return case
+        reviewed = (await self.get_decision(tenant_id, case.decision_id)).record
+        movement = reviewed.input.payment.movement
+        event = cases_mod.ReviewedMovement(movement, reviewed.input.idempotency_key)
+        approval_id = ""
+        if resolution == "approve" and movement == PAYOUT_MOVEMENT:
+            approval = await self._approval(reviewed, case_id, reviewer)
+            event = cases_mod.ReviewedMovement(
+                movement, reviewed.input.idempotency_key, approval.token
+            )
+            approval_id = approval.decision_id
+        resolved = await asyncio.to_thread(
+            self.cases.resolve,
+            tenant_id,
+            case_id,
+            reviewer,
+            resolution,
+            note,
+            event,
+            approval_id,
+        )
+        self.case_event_written()
+        return resolved
+
+    async def _approval(
+        self, reviewed: DecisionRecord, case_id: str, reviewer: str
+    ) -> DecisionRecord:
+        """The decision a reviewer's approval makes: logged like any, under
+        its own id and the key `review:<case_id>`, allowing exactly the
+        movement the reviewed decision named (its key included). Already
+        logged (resolved again, or on another replica): that one."""
+        now_us = self.clock.now_us()
+        decision_id = uuid.uuid4().hex
+        token, claims = self._signer.issue(
+            movement_of(reviewed.input),
+            decision_id=decision_id,
+            issued_at_s=now_us // 1_000_000,
+            ttl_s=self.config.token_ttl_s,
+            payment_kind=reviewed.input.payment.kind,
+            policy_version=reviewed.bundle_version,
+        )
+        inp = msgspec.structs.replace(reviewed.input, idempotency_key=f"review:{case_id}")
+        verdict = Verdict(
+            outcome=Outcome.ALLOW.label,
+            fired=[
+                FiredRule(
+                    rule_id=REVIEW_RULE,
+                    outcome=Outcome.ALLOW.label,
+                    reason_code="CASE_APPROVED",
+                    reason=f"approved in review ({case_id})",
+                )
+            ],
+            obligations=[],
+            route=reviewed.verdict.route,
+            screening=reviewed.verdict.screening,
+        )
+        record = DecisionRecord(
+            decision_id=decision_id,
+            bundle_version=reviewed.bundle_version,
+            input=inp,
+            verdict=verdict,
+            token=token,
+            token_expires_at_s=claims.expires_at_s,
+            case_id=case_id,
+            token_id=claims.token_id,
+            token_key_id=self._signer.key_id,
+            review=ReviewApproval(
+                reviewed_decision_id=reviewed.decision_id,
+                reviewer=reviewer,
+                idempotency_key=reviewed.input.idempotency_key,
+            ),
+        )
+        fingerprint = request_hash(self.sealer.blinded(inp))
+        with DECISION_LOG_WAITING.track_inprogress(), DECISION_LOG_APPEND_SECONDS.time():
+            result = await self.log.append(record, fingerprint, now_us, None, None)
+        if result.existing:
+            return self.sealer.open(record_decoder.decode(result.row.body))
+        self._count(record)
+        return record
 
     # ------------------------------------------------------------ customer profiles
     async def put_customer_profile(

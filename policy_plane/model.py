@@ -237,6 +237,17 @@ class ShadowResult(_Frozen, frozen=True):
     agreed: bool
 
 
+class ReviewApproval(_Frozen, frozen=True):
+    """What makes a record a reviewer's approval, not the bundle's verdict:
+    the case and the decision it reviewed, who approved, and the
+    idempotency key that decision named (the movement's: its token binds
+    it; the record's own input carries a key of its own, `review:<case>`)."""
+
+    reviewed_decision_id: str
+    reviewer: str
+    idempotency_key: str
+
+
 class DecisionRecord(_Frozen, frozen=True):
     """The body of one decision-log record: input, verdict, token."""
 
@@ -251,6 +262,9 @@ class DecisionRecord(_Frozen, frozen=True):
     # The token's id (jti) and signing key's id.
     token_id: str = ""
     token_key_id: str = ""
+    # Set on a reviewer's approval of a case (case_id): its verdict is the
+    # reviewer's, which replay takes as logged rather than re-deciding.
+    review: ReviewApproval | None = None
 
 
 class Decision(_Frozen, frozen=True):
@@ -293,6 +307,15 @@ def movement_of(inp: EvaluationInput) -> Movement:
         hold_id=payment.hold_id,
         entry_id=payment.refund.entry_id,
     )
+
+
+def token_movement(record: DecisionRecord) -> Movement:
+    """The movement a record's token allows: its input's, except that a
+    reviewer's approval allows the reviewed decision's (its key)."""
+    movement = movement_of(record.input)
+    if record.review is None:
+        return movement
+    return msgspec.structs.replace(movement, idempotency_key=record.review.idempotency_key)
 
 
 canonical_encoder = msgspec.json.Encoder(order="sorted")

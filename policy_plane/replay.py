@@ -30,7 +30,7 @@ import msgspec
 
 from policy_plane.bundle import SHIPPED_LISTS_DIR, BundleLimits, BundleSource
 from policy_plane.evaluation import CompiledBundle, compile_source
-from policy_plane.model import DecisionRecord, Outcome, Verdict, movement_of, record_decoder
+from policy_plane.model import DecisionRecord, Outcome, Verdict, record_decoder, token_movement
 from policy_plane.pii import DecisionSealer
 from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.tokens import DecisionClaims
@@ -193,7 +193,7 @@ def expected_terms(
             bundle_version,
         )
     return (
-        movement_of(inp),
+        token_movement(record),
         record.decision_id,
         inp.payment.kind,
         record.token_expires_at_s,
@@ -487,7 +487,10 @@ def _replay_one(
     same_version: bool,
     max_changed: int,
 ) -> Verdict:
-    verdict = bundle.evaluate(record.input)
+    # A reviewer's approval is not the bundle's to decide again: its verdict
+    # replays as logged, and its token must still allow exactly the movement
+    # the reviewed decision named.
+    verdict = record.verdict if record.review is not None else bundle.evaluate(record.input)
     report.replayed += 1
     if same_version:
         identical = verdict == record.verdict and logged_terms(record) == expected_terms(

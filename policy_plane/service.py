@@ -359,16 +359,13 @@ class CaseServicer(pb_grpc.CaseServiceServicer):
     async def ResolveCase(
         self, request: pb.ResolveCaseRequest, context: Ctx
     ) -> pb.ResolveCaseResponse:
-        self._engine.require_tenant(request.tenant_id)
-        case = await asyncio.to_thread(
-            self._engine.cases.resolve,
+        case = await self._engine.resolve_case(
             request.tenant_id,
             request.case_id,
             request.reviewer,
             codec.RESOLUTIONS.get(request.resolution, ""),
             request.note,
         )
-        self._engine.case_event_written()
         return pb.ResolveCaseResponse(case=codec.case_pb(case))
 
 

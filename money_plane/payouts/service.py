@@ -78,6 +78,8 @@ HOUR_US = 3_600_000_000
 # Routing choices (and rail names) the bank books the day they are handed
 # over; every other one (ACH, SEPA, bank_transfer) by the next business day.
 SAME_DAY_RAILS = frozenset({"instant_payment", "instant", "card", "wallet"})
+# A payout its review declined: failed with this reason code, nothing posted.
+REVIEW_DECLINED = "REVIEW_DECLINED"
 # Expected payments a payout's end leaves open no longer (a booked one is
 # matched; a returned-after-booking one is the bank's return line's).
 _WITHDRAWABLE = (ExpectedState.OPEN, ExpectedState.OVERDUE)
@@ -398,6 +400,140 @@ class Payouts:
             raise NotFound("PAYOUT_NOT_FOUND", f"no payout {payout_id!r}", "payout_id")
         return found
 
+    def _payout_named(self, tenant_id: str, payout_id: str, idempotency_key: str) -> str:
+        """The payout a review's resolution names: by id, or by the key it
+        was created with (what the reviewed decision named); exactly one."""
+        check_tenant_id(tenant_id)
+        if bool(payout_id) == bool(idempotency_key):
+            raise InvalidArgument(
+                "PAYOUT_SELECTOR_REQUIRED",
+                "give payout_id or idempotency_key, exactly one",
+                "payout_id",
+            )
+        if payout_id:
+            self._check_id(payout_id, "payout_id")
+            return payout_id
+        self._check_id(idempotency_key, "idempotency_key")
+        return payout_id_for(tenant_id, idempotency_key)
+
+    async def approve(
+        self, tenant_id: str, decision_token: str, *, payout_id: str = "", idempotency_key: str = ""
+    ) -> tuple[Payout, bool]:
+        """A payout held for review, approved by the decision a reviewer's
+        approval issued: its token is verified against the payout's movement
+        (every term, the payout's key included; spent once) and the PAYOUT
+        entry posts in the transaction that moves pending_review -> approved,
+        where the rail worker finds it. The same decision again: replayed;
+        a payout in any other state is refused."""
+        payout_id = self._payout_named(tenant_id, payout_id, idempotency_key)
+        if not decision_token:
+            raise InvalidArgument(
+                "DECISION_TOKEN_REQUIRED",
+                "an approval carries its decision token",
+                "decision_token",
+            )
+        payout = await self.get_payout(tenant_id, payout_id)
+        if payout.state == PayoutState.PENDING_REVIEW:
+            await self._open_accounts(tenant_id, payout.currency)
+        # The request's own field names: the ledger's errors name
+        # `<where>.decision_token...`, and here `where` is the request.
+        job = self.ledger.prepare_job(
+            tenant_id, [self._payout_command(payout, decision_token)], [""]
+        )
+        preset = job.preset_errors.get(0)
+        if preset is not None:
+            # A token that is not this payout's (the first term that differs
+            # named) or not the policy plane's: refused, nothing written.
+            raise _request_field(preset)
+        claims = job.commands[0].claims
+        decision_id = claims.decision_id if claims is not None else ""
+        now_us = self._clock.now_us()
+
+        def decide(current: Payout) -> tuple[Payout, Job | None, str] | None:
+            if current.state != PayoutState.PENDING_REVIEW:
+                if current.state != PayoutState.FAILED and current.decision_id == decision_id:
+                    return None  # approved by this decision already (and maybe sent since)
+                raise FailedPrecondition(
+                    "PAYOUT_STATE_CONFLICT",
+                    f"a {PayoutState(current.state).label} payout cannot be approved",
+                    "payout_id",
+                )
+            updated = msgspec.structs.replace(
+                current,
+                state=PayoutState.APPROVED,
+                decision_id=decision_id,
+                updated_at_us=now_us,
+            )
+            return updated, job, "entry_id"
+
+        try:
+            found = await self.ledger.run_on_writer(
+                lambda: rows.update_payout(
+                    self._store, tenant_id, payout_id, decide, now_us, self._encode_event
+                )
+            )
+        except TriplaneError as error:
+            raise _request_field(error) from None  # e.g. the token spent on another entry
+        if found is None:
+            raise NotFound("PAYOUT_NOT_FOUND", f"no payout {payout_id!r}", "payout_id")
+        return found
+
+    async def decline(
+        self, tenant_id: str, case_id: str, *, payout_id: str = "", idempotency_key: str = ""
+    ) -> tuple[Payout, bool]:
+        """A payout declined in review: pending_review -> failed with reason
+        code REVIEW_DECLINED. Nothing posts: a payout pending review holds
+        nothing (no entry, no expected payment). Declined again: replayed."""
+        payout_id = self._payout_named(tenant_id, payout_id, idempotency_key)
+        self._check_id(case_id, "case_id")
+        now_us = self._clock.now_us()
+
+        def decide(current: Payout) -> tuple[Payout, Job | None, str] | None:
+            if current.state == PayoutState.FAILED and current.reason_code == REVIEW_DECLINED:
+                return None
+            if current.state != PayoutState.PENDING_REVIEW:
+                raise FailedPrecondition(
+                    "PAYOUT_STATE_CONFLICT",
+                    f"a {PayoutState(current.state).label} payout cannot be declined",
+                    "payout_id",
+                )
+            if current.case_id and current.case_id != case_id:
+                raise FailedPrecondition(
+                    "PAYOUT_CASE_MISMATCH", "the payout is held under another case", "case_id"
+                )
+            updated = msgspec.structs.replace(
+                current,
+                state=PayoutState.FAILED,
+                updated_at_us=now_us,
+                reason_code=REVIEW_DECLINED,
+                reason=f"declined in review ({case_id})",
+            )
+            return updated, None, ""
+
+        found = await self.ledger.run_on_writer(
+            lambda: rows.update_payout(
+                self._store, tenant_id, payout_id, decide, now_us, self._encode_event
+            )
+        )
+        if found is None:
+            raise NotFound("PAYOUT_NOT_FOUND", f"no payout {payout_id!r}", "payout_id")
+        return found
+
+    def _payout_command(self, payout: Payout, decision_token: str) -> Command:
+        """The PAYOUT entry of an approved payout: the merchant's account
+        into payouts-in-flight, under the payout's key and its decision."""
+        return Command(
+            tenant_id=payout.tenant_id,
+            idempotency_key=payout.idempotency_key,
+            kind=Kind.PAYOUT,
+            debit_account_id=payout.debit_account_id,
+            credit_account_id=self.in_flight_account(payout.currency),
+            amount_minor=payout.amount_minor,
+            currency=payout.currency,
+            decision_token=decision_token,
+            metadata={"payout_id": payout.payout_id, "beneficiary_id": payout.beneficiary_id},
+        )
+
     async def submission(self, tenant_id: str, payout_id: str) -> RailSubmission:
         """What a rail needs to send the payout, its destination unsealed
         (a queued ACH / SEPA entry is built from it when its file goes)."""
@@ -493,6 +629,13 @@ class Payouts:
             tx.set_expected_states(
                 payout.tenant_id, [(found.expected_id, ExpectedState.CANCELLED, "")]
             )
+
+
+def _request_field(error: TriplaneError) -> TriplaneError:
+    """The ledger's error naming the request's field (`decision_token...`,
+    not `.decision_token...`: the command sits at the request's root)."""
+    error.field = error.field.removeprefix(".")
+    return error
 
 
 class Settlement(msgspec.Struct, frozen=True):

@@ -932,11 +932,17 @@ class GatewayPlaneAddressesConfig(_Strict, frozen=True):
 
 class PayoutWebhooksConfig(_Strict, frozen=True):
     """Payout state changes (money.payout.<state> on the money stream) to the
-    partner's webhook (gateway/payout_events.py)."""
+    partner's webhook, review resolutions of payouts to the money plane, and
+    reconciliation breaks to the partner's webhook (gateway/payout_events.py)."""
 
     # The durable JetStream consumer every gateway replica shares (each
     # event goes to one of them).
     durable_name: str = "gateway-payout-webhooks"
+    # The durable consumers of review resolutions (policy.case.resolved: a
+    # payout's approval or decline to the money plane) and of new
+    # reconciliation breaks (money.recon.break to the partner's webhook).
+    review_durable_name: str = "gateway-payout-reviews"
+    break_durable_name: str = "gateway-break-webhooks"
     batch_size: int = 64
     fetch_timeout_s: float = 1.0
     ack_wait_s: float = 30.0

@@ -2095,6 +2095,115 @@ class RecordPayoutOutcomeResponse(_message.Message):
 Global___RecordPayoutOutcomeResponse: _TypeAlias = RecordPayoutOutcomeResponse  # noqa: Y015
 
 @_typing.final
+class ApprovePayoutRequest(_message.Message):
+    """The payout is named by payout_id or by the idempotency key it was created
+    with (what the reviewed decision named); exactly one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DECISION_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    payout_id: _builtins.str
+    idempotency_key: _builtins.str
+    decision_token: _builtins.str
+    """The approval's decision token (policy.case.resolved's decision_token)."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        payout_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        decision_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_token", b"decision_token", "idempotency_key", b"idempotency_key", "payout_id", b"payout_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovePayoutRequest: _TypeAlias = ApprovePayoutRequest  # noqa: Y015
+
+@_typing.final
+class ApprovePayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when the payout was already approved by this decision."""
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovePayoutResponse: _TypeAlias = ApprovePayoutResponse  # noqa: Y015
+
+@_typing.final
+class DeclinePayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    payout_id: _builtins.str
+    idempotency_key: _builtins.str
+    case_id: _builtins.str
+    """The review case that declined it (recorded as the payout's reason)."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        payout_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "idempotency_key", b"idempotency_key", "payout_id", b"payout_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclinePayoutRequest: _TypeAlias = DeclinePayoutRequest  # noqa: Y015
+
+@_typing.final
+class DeclinePayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclinePayoutResponse: _TypeAlias = DeclinePayoutResponse  # noqa: Y015
+
+@_typing.final
 class PayoutChangedEvent(_message.Message):
     """Payload of "money.payout.pending_review", ".approved", ".submitted",
     ".settled", ".returned", ".failed".

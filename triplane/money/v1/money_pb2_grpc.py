@@ -118,6 +118,16 @@ class LedgerServiceStub:
                 request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.SerializeToString,
                 response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.FromString,
                 _registered_method=True)
+        self.ApprovePayout = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/ApprovePayout',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.ApprovePayoutRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.ApprovePayoutResponse.FromString,
+                _registered_method=True)
+        self.DeclinePayout = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/DeclinePayout',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.DeclinePayoutRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.DeclinePayoutResponse.FromString,
+                _registered_method=True)
         self.PutSettlementSchedule = channel.unary_unary(
                 '/triplane.money.v1.LedgerService/PutSettlementSchedule',
                 request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.PutSettlementScheduleRequest.SerializeToString,
@@ -269,6 +279,26 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApprovePayout(self, request, context):
+        """A payout held for review, approved by the decision its reviewer's
+        approval issued (the policy plane's token, verified like any: every term
+        of the payout's movement, spent once): PENDING_REVIEW -> APPROVED with
+        the PAYOUT entry into payouts-in-flight in the same transaction, after
+        which the rail worker sends it. The same approval again is replayed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclinePayout(self, request, context):
+        """A payout declined in review: PENDING_REVIEW -> FAILED with reason code
+        REVIEW_DECLINED; nothing is posted (a payout pending review holds
+        nothing). Declined again: replayed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutSettlementSchedule(self, request, context):
         """Settlement schedules (README "Payouts and settlement"): a merchant's
         accrual account settled into its payable account when each period closes
@@ -376,6 +406,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.RecordPayoutOutcome,
                     request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.FromString,
                     response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.SerializeToString,
+            ),
+            'ApprovePayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApprovePayout,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.ApprovePayoutRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.ApprovePayoutResponse.SerializeToString,
+            ),
+            'DeclinePayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclinePayout,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.DeclinePayoutRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.DeclinePayoutResponse.SerializeToString,
             ),
             'PutSettlementSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.PutSettlementSchedule,
@@ -829,6 +869,60 @@ class LedgerService:
             '/triplane.money.v1.LedgerService/RecordPayoutOutcome',
             triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeRequest.SerializeToString,
             triplane_dot_money_dot_v1_dot_money__pb2.RecordPayoutOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApprovePayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/ApprovePayout',
+            triplane_dot_money_dot_v1_dot_money__pb2.ApprovePayoutRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.ApprovePayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclinePayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/DeclinePayout',
+            triplane_dot_money_dot_v1_dot_money__pb2.DeclinePayoutRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.DeclinePayoutResponse.FromString,
             options,
             channel_credentials,
             insecure,

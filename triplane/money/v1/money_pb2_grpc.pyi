@@ -90,6 +90,18 @@ class LedgerServiceStub:
     transaction that moves the payout's state; the same outcome reported
     again changes nothing (replayed).
     """
+    ApprovePayout: _grpc.UnaryUnaryMultiCallable[_money_pb2.ApprovePayoutRequest, _money_pb2.ApprovePayoutResponse]
+    """A payout held for review, approved by the decision its reviewer's
+    approval issued (the policy plane's token, verified like any: every term
+    of the payout's movement, spent once): PENDING_REVIEW -> APPROVED with
+    the PAYOUT entry into payouts-in-flight in the same transaction, after
+    which the rail worker sends it. The same approval again is replayed.
+    """
+    DeclinePayout: _grpc.UnaryUnaryMultiCallable[_money_pb2.DeclinePayoutRequest, _money_pb2.DeclinePayoutResponse]
+    """A payout declined in review: PENDING_REVIEW -> FAILED with reason code
+    REVIEW_DECLINED; nothing is posted (a payout pending review holds
+    nothing). Declined again: replayed.
+    """
     PutSettlementSchedule: _grpc.UnaryUnaryMultiCallable[_money_pb2.PutSettlementScheduleRequest, _money_pb2.PutSettlementScheduleResponse]
     """Settlement schedules (README "Payouts and settlement"): a merchant's
     accrual account settled into its payable account when each period closes
@@ -164,6 +176,18 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     (in-flight -> bank, or back to the merchant) posts exactly once, in the
     transaction that moves the payout's state; the same outcome reported
     again changes nothing (replayed).
+    """
+    ApprovePayout: _aio.UnaryUnaryMultiCallable[_money_pb2.ApprovePayoutRequest, _money_pb2.ApprovePayoutResponse]  # type: ignore[assignment]
+    """A payout held for review, approved by the decision its reviewer's
+    approval issued (the policy plane's token, verified like any: every term
+    of the payout's movement, spent once): PENDING_REVIEW -> APPROVED with
+    the PAYOUT entry into payouts-in-flight in the same transaction, after
+    which the rail worker sends it. The same approval again is replayed.
+    """
+    DeclinePayout: _aio.UnaryUnaryMultiCallable[_money_pb2.DeclinePayoutRequest, _money_pb2.DeclinePayoutResponse]  # type: ignore[assignment]
+    """A payout declined in review: PENDING_REVIEW -> FAILED with reason code
+    REVIEW_DECLINED; nothing is posted (a payout pending review holds
+    nothing). Declined again: replayed.
     """
     PutSettlementSchedule: _aio.UnaryUnaryMultiCallable[_money_pb2.PutSettlementScheduleRequest, _money_pb2.PutSettlementScheduleResponse]  # type: ignore[assignment]
     """Settlement schedules (README "Payouts and settlement"): a merchant's
@@ -332,6 +356,30 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         (in-flight -> bank, or back to the merchant) posts exactly once, in the
         transaction that moves the payout's state; the same outcome reported
         again changes nothing (replayed).
+        """
+
+    @_abc_1.abstractmethod
+    def ApprovePayout(
+        self,
+        request: _money_pb2.ApprovePayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.ApprovePayoutResponse, _abc.Awaitable[_money_pb2.ApprovePayoutResponse]]:
+        """A payout held for review, approved by the decision its reviewer's
+        approval issued (the policy plane's token, verified like any: every term
+        of the payout's movement, spent once): PENDING_REVIEW -> APPROVED with
+        the PAYOUT entry into payouts-in-flight in the same transaction, after
+        which the rail worker sends it. The same approval again is replayed.
+        """
+
+    @_abc_1.abstractmethod
+    def DeclinePayout(
+        self,
+        request: _money_pb2.DeclinePayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.DeclinePayoutResponse, _abc.Awaitable[_money_pb2.DeclinePayoutResponse]]:
+        """A payout declined in review: PENDING_REVIEW -> FAILED with reason code
+        REVIEW_DECLINED; nothing is posted (a payout pending review holds
+        nothing). Declined again: replayed.
         """
 
     @_abc_1.abstractmethod

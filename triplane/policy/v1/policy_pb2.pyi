@@ -2976,6 +2976,7 @@ class Case(_message.Message):
     CLAIMED_AT_FIELD_NUMBER: _builtins.int
     RESOLVED_AT_FIELD_NUMBER: _builtins.int
     BUNDLE_VERSION_FIELD_NUMBER: _builtins.int
+    APPROVAL_DECISION_ID_FIELD_NUMBER: _builtins.int
     case_id: _builtins.str
     tenant_id: _builtins.str
     decision_id: _builtins.str
@@ -2990,6 +2991,8 @@ class Case(_message.Message):
     overruled: _builtins.bool
     """The reviewer disagreed with the model's suggestion."""
     bundle_version: _builtins.str
+    approval_decision_id: _builtins.str
+    """The decision an approval issued (a payout's case); empty otherwise."""
     @_builtins.property
     def reason_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -3023,10 +3026,11 @@ class Case(_message.Message):
         claimed_at: _timestamp_pb2.Timestamp | None = ...,
         resolved_at: _timestamp_pb2.Timestamp | None = ...,
         bundle_version: _builtins.str = ...,
+        approval_decision_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "claimed_at", b"claimed_at", "model_score", b"model_score", "opened_at", b"opened_at", "resolved_at", b"resolved_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "assignee", b"assignee", "bundle_version", b"bundle_version", "case_id", b"case_id", "claimed_at", b"claimed_at", "decision_id", b"decision_id", "model_score", b"model_score", "model_suggestion", b"model_suggestion", "note", b"note", "opened_at", b"opened_at", "outcome", b"outcome", "overruled", b"overruled", "reason_codes", b"reason_codes", "resolution", b"resolution", "resolved_at", b"resolved_at", "status", b"status", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "approval_decision_id", b"approval_decision_id", "assignee", b"assignee", "bundle_version", b"bundle_version", "case_id", b"case_id", "claimed_at", b"claimed_at", "decision_id", b"decision_id", "model_score", b"model_score", "model_suggestion", b"model_suggestion", "note", b"note", "opened_at", b"opened_at", "outcome", b"outcome", "overruled", b"overruled", "reason_codes", b"reason_codes", "resolution", b"resolution", "resolved_at", b"resolved_at", "status", b"status", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3240,16 +3244,32 @@ class CaseResolved(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CASE_FIELD_NUMBER: _builtins.int
+    MOVEMENT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DECISION_TOKEN_FIELD_NUMBER: _builtins.int
+    movement: Global___MoneyMovement.ValueType
+    """The movement the reviewed decision was for (`payout`, `authorize`, ...)
+    and the idempotency key it named: a payout's key finds the payout.
+    """
+    idempotency_key: _builtins.str
+    decision_token: _builtins.str
+    """Approved payout: the token of the approval's decision
+    (case.approval_decision_id), for exactly the reviewed movement.
+    Empty for a decline and for any other movement.
+    """
     @_builtins.property
     def case(self) -> Global___Case: ...
     def __init__(
         self,
         *,
         case: Global___Case | None = ...,
+        movement: Global___MoneyMovement.ValueType = ...,
+        idempotency_key: _builtins.str = ...,
+        decision_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["case", b"case"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["case", b"case"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case", b"case", "decision_token", b"decision_token", "idempotency_key", b"idempotency_key", "movement", b"movement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

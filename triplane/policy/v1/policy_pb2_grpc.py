@@ -1333,6 +1333,10 @@ class CaseServiceServicer:
     def ResolveCase(self, request, context):
         """Approves or declines a claimed case with a note; publishes
         `policy.case.resolved`. Resolving again with the same answer is a no-op.
+        Approving a payout's case issues a decision for exactly that payout (a
+        new decision id in the decision log, naming the case and the decision
+        it reviewed, with a decision token for the payout's movement); its token
+        travels on the event to the money plane. Declining issues none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -493,6 +493,10 @@ class CaseServiceStub:
     ResolveCase: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ResolveCaseRequest, _policy_pb2.ResolveCaseResponse]
     """Approves or declines a claimed case with a note; publishes
     `policy.case.resolved`. Resolving again with the same answer is a no-op.
+    Approving a payout's case issues a decision for exactly that payout (a
+    new decision id in the decision log, naming the case and the decision
+    it reviewed, with a decision token for the payout's movement); its token
+    travels on the event to the money plane. Declining issues none.
     """
 
 @_typing.type_check_only
@@ -508,6 +512,10 @@ class CaseServiceAsyncStub(CaseServiceStub):
     ResolveCase: _aio.UnaryUnaryMultiCallable[_policy_pb2.ResolveCaseRequest, _policy_pb2.ResolveCaseResponse]  # type: ignore[assignment]
     """Approves or declines a claimed case with a note; publishes
     `policy.case.resolved`. Resolving again with the same answer is a no-op.
+    Approving a payout's case issues a decision for exactly that payout (a
+    new decision id in the decision log, naming the case and the decision
+    it reviewed, with a decision token for the payout's movement); its token
+    travels on the event to the money plane. Declining issues none.
     """
 
 class CaseServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -544,6 +552,10 @@ class CaseServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_policy_pb2.ResolveCaseResponse, _abc.Awaitable[_policy_pb2.ResolveCaseResponse]]:
         """Approves or declines a claimed case with a note; publishes
         `policy.case.resolved`. Resolving again with the same answer is a no-op.
+        Approving a payout's case issues a decision for exactly that payout (a
+        new decision id in the decision log, naming the case and the decision
+        it reviewed, with a decision token for the payout's movement); its token
+        travels on the event to the money plane. Declining issues none.
         """
 
 def add_CaseServiceServicer_to_server(servicer: CaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
