@@ -400,6 +400,7 @@ async def test_an_approved_review_pays_out_once_and_a_declined_one_moves_nothing
         event = await nc.jetstream().get_last_msg("TRIPLANE_POLICY", subject)
     finally:
         await nc.close()
+    assert event.data is not None
     await stack.gateway.event_consumers[1].handle(event.data)
     assert await _balance(stack, IN_FLIGHT) == HELD_MINOR
     assert (await _payout(stack, payout_id)).entry_id == payout.entry_id
@@ -416,6 +417,39 @@ async def test_an_approved_review_pays_out_once_and_a_declined_one_moves_nothing
     gone = await _payout(stack, declined.payout.payout_id)
     assert gone.reason_code == "REVIEW_DECLINED" and not gone.entry_id
     assert await _balance(stack, SELLER_ACCOUNT) == 500_000 - HELD_MINOR
+
+    # Bad input: the field named, nothing changed.
+    both = money_pb2.ApprovePayoutRequest(
+        tenant_id=stack.tenant, payout_id=payout_id, idempotency_key="x", decision_token=token
+    )
+    assert await _refused(stack.ledger.ApprovePayout(both)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAYOUT_SELECTOR_REQUIRED",
+        "payout_id",
+    )
+    tokenless = money_pb2.ApprovePayoutRequest(tenant_id=stack.tenant, payout_id=payout_id)
+    assert await _refused(stack.ledger.ApprovePayout(tokenless)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "DECISION_TOKEN_REQUIRED",
+        "decision_token",
+    )
+    late = money_pb2.DeclinePayoutRequest(
+        tenant_id=stack.tenant, payout_id=payout_id, case_id=approved.case_id
+    )
+    assert await _refused(stack.ledger.DeclinePayout(late)) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PAYOUT_STATE_CONFLICT",
+        "payout_id",
+    )
+    assert (await _payout(stack, payout_id)).state == money_pb2.PAYOUT_STATE_APPROVED
+    again_declined = await stack.ledger.DeclinePayout(
+        money_pb2.DeclinePayoutRequest(
+            tenant_id=stack.tenant,
+            idempotency_key=gone.idempotency_key,
+            case_id=declined.case_id,
+        )
+    )
+    assert again_declined.replayed
 
     # The rail worker sends the approved payout; the bank settles it.
     worker = stack.money.rail_workers[0]
@@ -485,6 +519,7 @@ async def test_a_reconciliation_break_reaches_the_partner_webhook_once(stack: St
         )
     finally:
         await nc.close()
+    assert event.data is not None
     await stack.gateway.event_consumers[2].handle(event.data)
     # Queued once (any status: the worker may be trying it again).
     engagement = stack.gateway.engagement
