@@ -9,7 +9,8 @@ rest of Triplane sees only the gateway's tokens and a masked form
 
 A payout's life (README "Payouts and settlement"):
 
-    pending_review --(approved by a new decision: not built yet)
+    pending_review --(its case approved: a new decision, ApprovePayout)--> approved
+    pending_review --(its case declined: DeclinePayout)--> failed (REVIEW_DECLINED)
     approved --(handed to a rail)--> submitted --> settled --> returned
         |  ^                            |------> returned
         |  |--(re-routable failure, an alternate rail left: `reroute`)
