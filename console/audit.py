@@ -8,11 +8,18 @@ import asyncio
 import logging
 from typing import Any
 
+from prometheus_client import Counter
 from starlette.requests import Request
 
 from console.auth import Session
 
 log = logging.getLogger("triplane.console.audit")
+
+ACTIONS = Counter(
+    "triplane_console_actions_total",
+    "Console actions audited (sign-ins, case claims and resolutions, refusals), by outcome",
+    ["action", "outcome"],
+)
 
 
 async def record(
@@ -44,4 +51,5 @@ async def record(
         after or {},
         remote,
     )
+    ACTIONS.labels(action, outcome).inc()
     log.info("audit: %s %s %s -> %s", who, action, target, outcome)

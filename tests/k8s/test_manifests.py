@@ -24,6 +24,10 @@ PLANES = {
     "policy-plane": ("policy", 50062),
     "ai-plane": ("ai", 50063),
 }
+# The operator console: HTTP for operators (behind the Ingress), a client of
+# the planes; a Deployment like theirs.
+CONSOLE = {"console": ("console", 8080)}
+DEPLOYED = {**PLANES, **CONSOLE}
 METRICS_PORT = 9464
 
 
@@ -71,10 +75,10 @@ def test_every_plane_has_a_disruption_budget_and_a_cpu_autoscaler(
     objects: list[dict[str, Any]],
 ) -> None:
     deployments = _of(objects, "Deployment")
-    assert set(deployments) == set(PLANES)
-    assert set(_of(objects, "PodDisruptionBudget")) == set(PLANES)
+    assert set(deployments) == set(DEPLOYED)
+    assert set(_of(objects, "PodDisruptionBudget")) == set(DEPLOYED)
     hpas = _of(objects, "HorizontalPodAutoscaler")
-    assert set(hpas) == set(PLANES)
+    assert set(hpas) == set(DEPLOYED)
     for name, hpa in hpas.items():
         assert hpa["apiVersion"] == "autoscaling/v2"
         assert hpa["spec"]["scaleTargetRef"] == {
@@ -133,7 +137,7 @@ def test_every_plane_serves_and_advertises_its_metrics(objects: list[dict[str, A
     assert len(config_maps) == 1
     config = yaml.safe_load(config_maps[0]["data"]["config.yaml"])
     for name, deployment in _of(objects, "Deployment").items():
-        section, _ = PLANES[name]
+        section, _ = DEPLOYED[name]
         assert config[section]["metrics_listen"] == f"0.0.0.0:{METRICS_PORT}"
         template = deployment["spec"]["template"]
         annotations = template["metadata"]["annotations"]
@@ -186,5 +190,15 @@ def test_network_is_denied_but_for_the_calls_the_architecture_makes(
             assert _allows(gateway, "egress", port)
         # The health port is never opened to other pods.
         assert not _allows(policy, "ingress", 8081)
+        if name != "gateway":
+            # The console calls the planes (its certificate decides what).
+            assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "console"}}} in (
+                [s for r in policy["spec"]["ingress"] for s in r["from"]]
+            )
+            assert _allows(policies["console"], "egress", port)
+    console = policies["console"]
+    assert _allows(console, "ingress", 8080)
+    assert not any(_allows(console, "ingress", port) for _, port in PLANES.values())
+    assert not _allows(gateway, "egress", 8080)
     scrape = policies["allow-prometheus-scrape"]
     assert _allows(scrape, "ingress", METRICS_PORT)

@@ -167,7 +167,7 @@ def test_every_plane_loads_the_config_with_its_own_environment(
     must not be in the shared file, or the runtime refuses that plane."""
     data = _config(objects)
     deployments = [o for o in objects if o["kind"] == "Deployment"]
-    assert len(deployments) == 4
+    assert len(deployments) == 5  # the four planes and the console
     for deployment in deployments:
         load_config(environ=_pod_environ(deployment), overrides=data)
 

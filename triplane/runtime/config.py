@@ -1160,6 +1160,8 @@ class ConsoleConfig(_Strict, frozen=True):
     plane_timeout_s: float = 5.0
     # Rows a list page asks a plane for.
     page_size: int = 50
+    # host:port of the Prometheus metrics endpoint. Empty: not served.
+    metrics_listen: str = ""
 
 
 class Config(_Strict, frozen=True):
