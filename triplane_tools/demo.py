@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as dt
 import random
 import time
 import uuid
@@ -39,10 +40,11 @@ from triplane.money.v1 import money_pb2 as pb
 from triplane.money.v1 import money_pb2_grpc
 from triplane.runtime import bus, tokens
 from triplane.runtime import codec as wire
-from triplane.runtime.config import Config, load_config
+from triplane.runtime.config import Config, load_config, with_overrides
 from triplane.runtime.nats_security import nats_options
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
+from triplane_tools import demo_payouts
 from triplane_tools.stack import Stack, describe
 
 T = TypeVar("T")
@@ -670,11 +672,18 @@ def demo_config(options: DemoOptions, stamp: str) -> Config:
     overrides: dict[str, object] = {"runtime": {"state_dir": state_dir, "log_format": "json"}}
     for plane in ("money", "policy", "ai", "gateway"):
         overrides[plane] = {"listen": f"127.0.0.1:{free_port()}"}
-    # The sandbox bank (started by the product demo) and the rails pointed at it.
+    # The sandbox bank (started by the product demo) and the rails pointed at
+    # it; its manual clock, faults and the loops' pace (demo_payouts); the
+    # money plane's metrics served (the summary reads detection times there).
     bank = f"127.0.0.1:{free_port()}"
     overrides["sandbox_bank"] = {"listen": bank}
     overrides["rails"] = {"bank_url": f"http://{bank}"}
-    return load_config(path=None, environ={}, overrides=overrides)
+    overrides["money"] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "metrics_listen": f"127.0.0.1:{free_port()}",
+    }
+    config = load_config(path=None, environ={}, overrides=overrides)
+    return with_overrides(config, demo_payouts.overrides(dt.datetime.now(dt.UTC)))
 
 
 def clean_environ() -> dict[str, str]:

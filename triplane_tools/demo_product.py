@@ -36,6 +36,7 @@ from triplane.runtime.config import Config, with_overrides
 from triplane_client import GatewayClient, LedgerAdminClient, TriplaneApiError
 from triplane_sim import synth
 from triplane_sim.demo_world import World, seed
+from triplane_tools.demo_payouts import print_report, run_payouts
 from triplane_tools.partner_keys import create_partner_key
 from triplane_tools.stack import Stack, describe
 
@@ -351,6 +352,10 @@ async def _run_product_demo(
             )
         )
         elapsed_s = time.monotonic() - started
+        # Money out and back: settle the merchants, pay them out through the
+        # sandbox bank, let the statement intake reconcile (demo_payouts).
+        print("settling the merchants and paying them out through the sandbox bank ...", flush=True)
+        payouts = await run_payouts(stack, config, world, client)
         # Follow-ups triggered in the last seconds are due a little later.
         await asyncio.sleep(
             DEMO_TRIGGER_DELAY_S + 2 * config.gateway.triggers.runner_poll_interval_s
@@ -367,8 +372,12 @@ async def _run_product_demo(
         )
         if receiver.messages:
             print(f"  e.g. {receiver.messages[0]}")
+        print_report(payouts)
         print("\nstopping the stack ...", flush=True)
     await asyncio.to_thread(_engagement_report, config)
     print(f"stopped; state and logs kept in {stack.state_dir}")
     answered = all(len(f.latencies_ms) > sum(f.errors.values()) for f in tally.flows.values())
-    return 0 if balanced.balanced and answered else 1
+    failures = payouts.failures()
+    if failures:
+        print("\nDEMO FAILED:\n  " + "\n  ".join(failures))
+    return 0 if balanced.balanced and answered and not failures else 1
