@@ -7,11 +7,13 @@ memory is a keyed hash per field).
 
 CreatePayout: validate -> the money plane's payout context (the beneficiary,
 its holder's name in clear for screening, its payouts so far, the account's
-available balance and its payout velocity) -> policy Evaluate (PAYOUT, the
+available balance, its payout velocity and what each rail offers this
+amount now: reach, limit, window, cost) -> policy Evaluate (PAYOUT, the
 merchant's KYC profile by merchant_id, the beneficiary screened as the
-counterparty, the ledger's facts as the snapshot) -> on allow the money
-plane records the payout and debits the account into payouts-in-flight under
-the signed decision; on review or hold a PENDING_REVIEW payout (nothing
+counterparty, the ledger's and the rails' facts as the snapshot: the
+decision's route names the rail and its alternates) -> on allow the money
+plane records the payout on that rail and debits the account into
+payouts-in-flight under the signed decision; on review or hold a PENDING_REVIEW payout (nothing
 moved) and the case; on deny the reasons and nothing recorded. Every
 downstream key is derived from the caller's; the policy request is
 journaled (without the name) before it is sent, so a retry replays the same
@@ -303,6 +305,7 @@ class Payouts:
                 tenant_id=tenant,
                 beneficiary_id=req.beneficiary_id,
                 debit_account_id=req.account_id,
+                amount=req.amount,
             ),
             self._money_timeout(call),
             PAYOUT_FIELDS,
@@ -349,7 +352,10 @@ class Payouts:
                     pending_review=not allowed,
                     decision_id=decision.decision_id,
                     case_id=decision.case_id,
-                    rail=decision.route.method,
+                    # The rail the policy chose among the money plane's
+                    # options (a bundle without rail routes: the method).
+                    rail=decision.route.rail or decision.route.method,
+                    alternate_rails=decision.route.alternates,
                     description=req.description,
                 ),
                 self._money_timeout(call),
@@ -391,6 +397,10 @@ class Payouts:
                 FEATURE_AVAILABLE: float(context.available_minor),
                 FEATURE_BENEFICIARY_PAYOUTS: float(context.beneficiary_payouts),
             },
+            # What each rail offers this payout now: the bundle's rail routes
+            # choose among them (journaled with the rest: a retry routes the
+            # same).
+            rails=context.rail_options,
         )
         payment = policy_pb2.Payment(
             account_id=req.account_id,

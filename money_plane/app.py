@@ -288,7 +288,9 @@ class MoneyPlane:
 
     def _payouts(self, ledger: Ledger) -> Payouts:
         cipher = load_cipher(self.config.money.payouts, self.config.state_path)
-        return Payouts(ledger, cipher, self.config.money.payouts, encode_payout_event)
+        return Payouts(
+            ledger, cipher, self.config.money.payouts, encode_payout_event, self.config.rails
+        )
 
     async def _recon(self, ledger: Ledger) -> Reconciler:
         """The ledger's reconciliation, its tables created (money_plane/recon)."""

@@ -111,6 +111,24 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         account = await self._ledger.get_account(request.tenant_id, request.account_id)
         return pb.GetAccountResponse(account=codec.account(account, self._clock.now_us()))
 
+    async def ListAccounts(
+        self, request: pb.ListAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAccountsResponse:
+        limits = self._ledger.config.limits
+        size = wire.page_size(request.page_size, limits.default_page_size, limits.max_page_size)
+        position = wire.decode_page_token(request.page_token, codec.ACCOUNTS_PAGE, (str,))
+        after = str(position[0]) if position is not None else ""
+        accounts = await self._ledger.list_accounts(request.tenant_id, size + 1, after)
+        now_us = self._clock.now_us()
+        response = pb.ListAccountsResponse(
+            accounts=[codec.account(a, now_us) for a in accounts[:size]]
+        )
+        if len(accounts) > size:
+            response.next_page_token = wire.encode_page_token(
+                codec.ACCOUNTS_PAGE, (accounts[size - 1].account_id,)
+            )
+        return response
+
     async def CreateTransfer(
         self, request: pb.CreateTransferRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTransferResponse:
@@ -215,7 +233,10 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
     ) -> pb.GetPayoutContextResponse:
         payouts = await self._payouts(request.tenant_id)
         found = await payouts.context(
-            request.tenant_id, request.beneficiary_id, request.debit_account_id
+            request.tenant_id,
+            request.beneficiary_id,
+            request.debit_account_id,
+            request.amount.amount_minor,
         )
         (c1, a1), (c24, a24), (c30, a30) = found.velocity
         return pb.GetPayoutContextResponse(
@@ -231,6 +252,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
             payouts_amount_minor_24h=a24,
             payouts_amount_minor_30d=a30,
             in_flight_account_id=found.in_flight_account_id,
+            rail_options=[payout_codec.rail_option(o) for o in found.rail_options],
         )
 
     async def CreatePayout(
@@ -251,6 +273,7 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
             case_id=request.case_id,
             rail=request.rail,
             description=request.description,
+            alternate_rails=list(request.alternate_rails),
         )
         return pb.CreatePayoutResponse(payout=payout_codec.payout(found), replayed=replayed)
 

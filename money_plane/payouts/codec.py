@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from money_plane.payouts.domain import Beneficiary, NewBeneficiary, Payout, PayoutState
+from money_plane.rails.adapters import RailOption
+from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2 as pb
 from triplane.runtime import codec as wire
 from triplane.runtime.bus import OutgoingEvent, make_envelope, new_event_id, subject_for
@@ -74,6 +76,29 @@ def payout(value: Payout) -> pb.Payout:
         created_at=wire.timestamp(value.created_at_us),
         updated_at=wire.timestamp(value.updated_at_us),
         description=value.description,
+        alternate_rails=value.alternate_rails,
+        attempts=[
+            pb.PayoutAttempt(
+                rail=a.rail,
+                reason_code=a.reason_code,
+                reason=a.reason,
+                failed_at=wire.timestamp(a.failed_at_us),
+            )
+            for a in value.attempts
+        ],
+    )
+
+
+def rail_option(value: RailOption) -> types_pb2.RailOption:
+    return types_pb2.RailOption(
+        rail=value.rail,
+        method=value.method,
+        reachable=value.reachable,
+        unreachable_because=value.unreachable_because,
+        max_amount_minor=value.max_amount_minor,
+        window_open=value.window_open,
+        cutoff_at_us=value.cutoff_at_us,
+        cost_minor=value.cost_minor,
     )
 
 

@@ -391,7 +391,7 @@ def rerouted(
         payout,
         state=PayoutState.APPROVED,
         rail=left[0],
-        alternate_rails=left[1:],
+        alternate_rails=[r for r in left[1:] if adapter_of(r) != adapter_of(left[0])],
         attempts=[*payout.attempts, attempt],
         updated_at_us=now_us,
         rail_reference="",

@@ -11,7 +11,9 @@ import datetime as dt
 import functools
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import msgspec
@@ -34,6 +36,7 @@ from money_plane.payouts import store as rows
 from money_plane.payouts.domain import (
     Beneficiary,
     NewBeneficiary,
+    NotRerouted,
     Payout,
     PayoutOutcome,
     PayoutState,
@@ -44,6 +47,7 @@ from money_plane.payouts.domain import (
     holder_name_of,
     payout_id_for,
     rail_submission,
+    rerouted,
     transition,
 )
 from money_plane.payouts.settlement import (
@@ -58,11 +62,12 @@ from money_plane.payouts.settlement import (
     net,
 )
 from money_plane.payouts.store import PayoutEventEncoder
+from money_plane.rails.adapters import RailOption, rail_capabilities, rail_options
 from money_plane.recon.model import Direction, ExpectedPayment, ExpectedState
 from money_plane.recon.store import ReconStore
 from money_plane.recon.store import Tx as ReconTx
 from triplane.runtime import codec as wire
-from triplane.runtime.config import PayoutsConfig
+from triplane.runtime.config import PayoutsConfig, RailsConfig
 from triplane.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, TriplaneError
 from triplane.runtime.secret_files import (
     FieldCipher,
@@ -75,6 +80,8 @@ log = logging.getLogger("triplane.money.payouts")
 KEYS_FILE = "money-payouts.keys"
 _COUNTRY = re.compile(r"[A-Z]{2}")
 HOUR_US = 3_600_000_000
+# A payout's alternate rails (its decision's route: one per other rail).
+MAX_ALTERNATE_RAILS = 8
 # Routing choices (and rail names) the bank books the day they are handed
 # over; every other one (ACH, SEPA, bank_transfer) by the next business day.
 SAME_DAY_RAILS = frozenset({"instant_payment", "instant", "card", "wallet"})
@@ -123,6 +130,7 @@ class PayoutContext:
     # (count, amount) over 1 h, 24 h and 30 days.
     velocity: list[tuple[int, int]]
     in_flight_account_id: str
+    rail_options: list[RailOption] = dataclass_field(default_factory=list)
 
 
 class Payouts:
@@ -132,8 +140,11 @@ class Payouts:
         cipher: FieldCipher,
         config: PayoutsConfig,
         encode_event: PayoutEventEncoder,
+        rails: RailsConfig | None = None,
     ) -> None:
         self.ledger = ledger
+        # What each rail offers a payout (GetPayoutContext's rail options).
+        self.rail_capabilities = rail_capabilities(rails or RailsConfig())
         self._store = ledger.store
         self._cipher = cipher
         self.config = config
@@ -188,8 +199,14 @@ class Payouts:
     # ---- payouts ----
 
     async def context(
-        self, tenant_id: str, beneficiary_id: str, debit_account_id: str
+        self, tenant_id: str, beneficiary_id: str, debit_account_id: str, amount_minor: int = 0
     ) -> PayoutContext:
+        """The facts the payout's policy decision reads; with an amount,
+        what each rail offers it now (the plane's clock)."""
+        if amount_minor < 0:
+            raise InvalidArgument(
+                "AMOUNT_NOT_POSITIVE", "amount must be positive", "amount.amount_minor"
+            )
         beneficiary = await self.get_beneficiary(tenant_id, beneficiary_id)
         account = await self.ledger.get_account(tenant_id, debit_account_id)
         now_us = self._clock.now_us()
@@ -209,6 +226,16 @@ class Payouts:
             currency=account.currency,
             velocity=velocity,
             in_flight_account_id=self.in_flight_account(account.currency),
+            rail_options=rail_options(
+                self.rail_capabilities,
+                currency=account.currency,
+                amount_minor=amount_minor,
+                beneficiary_kind=beneficiary.kind,
+                country=beneficiary.country,
+                now_us=now_us,
+            )
+            if amount_minor
+            else [],
         )
 
     async def _open_accounts(self, tenant_id: str, currency: str) -> None:
@@ -251,10 +278,19 @@ class Payouts:
         case_id: str = "",
         rail: str = "",
         description: str = "",
+        alternate_rails: Sequence[str] = (),
     ) -> tuple[Payout, bool]:
         check_tenant_id(tenant_id)
         limits = self.ledger.config.limits
         self._check_id(idempotency_key, "idempotency_key")
+        if len(alternate_rails) > MAX_ALTERNATE_RAILS:
+            raise InvalidArgument(
+                "TOO_MANY_RAILS",
+                f"at most {MAX_ALTERNATE_RAILS} alternate rails",
+                "alternate_rails",
+            )
+        for index, name in enumerate(alternate_rails):
+            self._check_id(name, f"alternate_rails[{index}]")
         self._check_id(beneficiary_id, "beneficiary_id")
         self._check_id(merchant_id, "merchant_id")
         self._check_id(debit_account_id, "debit_account_id")
@@ -296,6 +332,7 @@ class Payouts:
             created_at_us=now_us,
             updated_at_us=now_us,
             description=description,
+            alternate_rails=list(alternate_rails),
         )
         job: Job | None = None
         if not pending_review:
@@ -533,6 +570,61 @@ class Payouts:
             decision_token=decision_token,
             metadata={"payout_id": payout.payout_id, "beneficiary_id": payout.beneficiary_id},
         )
+
+    async def reroute(
+        self,
+        tenant_id: str,
+        payout_id: str,
+        *,
+        from_rail: str,
+        reason_code: str,
+        reason: str,
+        max_attempts: int,
+    ) -> tuple[Payout, bool] | None:
+        """A rail failed the payout before settlement for a re-routable
+        reason: it goes back to approved on its next alternate rail (the
+        rail worker hands it over again), the failure kept in its attempts;
+        nothing posts: its debit stays in flight under the same decision.
+        (payout, True) when `from_rail` is one it already left (reported
+        again); None when it cannot re-route (no alternate left, attempts
+        spent, past the rails): record the outcome instead."""
+        check_tenant_id(tenant_id)
+        self._check_id(payout_id, "payout_id")
+        self._check_id(reason_code, "reason_code")
+        check_text(reason, "reason", self.ledger.config.limits)
+        now_us = self._clock.now_us()
+
+        def decide(payout: Payout) -> tuple[Payout, Job | None, str] | None:
+            moved = rerouted(
+                payout,
+                from_rail=from_rail,
+                reason_code=reason_code,
+                reason=reason,
+                max_attempts=max_attempts,
+                now_us=now_us,
+            )
+            return None if moved is None else (moved, None, "")
+
+        try:
+            found = await self.ledger.run_on_writer(
+                lambda: rows.update_payout(
+                    self._store, tenant_id, payout_id, decide, now_us, self._encode_event
+                )
+            )
+        except NotRerouted:
+            return None
+        if found is None:
+            raise NotFound("PAYOUT_NOT_FOUND", f"no payout {payout_id!r}", "payout_id")
+        if not found[1]:
+            log.info(
+                "payout %s/%s re-routed after %s failed it (%s): now %s",
+                tenant_id,
+                payout_id,
+                from_rail,
+                reason_code,
+                found[0].rail,
+            )
+        return found
 
     async def submission(self, tenant_id: str, payout_id: str) -> RailSubmission:
         """What a rail needs to send the payout, its destination unsealed

@@ -14,6 +14,10 @@ and none is done twice (money_plane/rails/store.py):
   from the bank after the rail's stored cursor and recorded through
   `Payouts.record_outcome` (each ledger effect posts once); the cursor moves
   only past what was recorded. One replica per rail at a time (a lease).
+  A failure before settlement with a re-routable reason
+  (rails.reroute_reasons), or a rail's refusal at hand-off for one, sends
+  the payout back to approved on its decision's next alternate rail
+  (`Payouts.reroute`) instead of failing it: no reversal, no second debit.
 
 Time comes from the plane's Clock (cut-offs, leases); the loop's intervals
 are rails.worker (README "Rails and the sandbox bank").
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from money_plane.ledger import Ledger
-from money_plane.payouts.domain import RailSubmission
+from money_plane.payouts.domain import RailSubmission, adapter_of
 from money_plane.payouts.service import Payouts
 from money_plane.rails import store as rows
 from money_plane.rails.adapters import (
@@ -41,6 +45,7 @@ from money_plane.rails.adapters import (
     build_rails,
     select_rail,
 )
+from money_plane.rails.base import Outcome
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import RailsConfig
 from triplane.runtime.errors import TriplaneError, Unavailable
@@ -104,6 +109,52 @@ class RoutedRail:
         return submission.end_to_end_id
 
 
+_REROUTABLE_OUTCOMES = (int(Outcome.FAILED), int(Outcome.RETURNED))
+
+
+class ReroutingSink:
+    """Where one rail's outcomes go: a failure before settlement whose reason
+    is in rails.reroute_reasons moves the payout to its next alternate rail
+    (`Payouts.reroute`: no reversal, its debit stays in flight); everything
+    else, and a failure with no alternate left, is recorded as it is."""
+
+    def __init__(self, payouts: Payouts, config: RailsConfig, rail: str) -> None:
+        self._payouts = payouts
+        self._reasons = frozenset(config.reroute_reasons)
+        self._max_attempts = config.max_attempts
+        self._rail = rail
+
+    async def record_outcome(
+        self,
+        tenant_id: str,
+        payout_id: str,
+        outcome: int,
+        *,
+        reason_code: str = "",
+        reason: str = "",
+        rail_reference: str = "",
+    ) -> object:
+        if outcome in _REROUTABLE_OUTCOMES and reason_code in self._reasons:
+            moved = await self._payouts.reroute(
+                tenant_id,
+                payout_id,
+                from_rail=self._rail,
+                reason_code=reason_code,
+                reason=reason,
+                max_attempts=self._max_attempts,
+            )
+            if moved is not None:
+                return moved
+        return await self._payouts.record_outcome(
+            tenant_id,
+            payout_id,
+            outcome,
+            reason_code=reason_code,
+            reason=reason,
+            rail_reference=rail_reference,
+        )
+
+
 class RailWorker:
     def __init__(
         self,
@@ -165,6 +216,8 @@ class RailWorker:
                     # details, its beneficiary is gone: recorded, not retried.
                     if error.reason == "PAYOUT_STATE_CONFLICT":
                         continue  # moved on meanwhile (an outcome recorded)
+                    if await self._reroute_refused(tenant_id, payout_id, error):
+                        continue  # on its next alternate rail: handed over next pass
                     log.warning(
                         "payout %s/%s cannot go to a rail (%s: %s): left approved",
                         tenant_id,
@@ -180,6 +233,22 @@ class RailWorker:
         finally:
             await self._db(lambda: rows.end_lease(self.store, name, self.owner))
         return handed
+
+    async def _reroute_refused(self, tenant_id: str, payout_id: str, error: TriplaneError) -> bool:
+        """A rail refused the payout at hand-off for a re-routable reason
+        (it cannot carry it): to its next alternate rail, if it has one."""
+        if error.reason not in self.config.reroute_reasons:
+            return False
+        payout = await self.payouts.get_payout(tenant_id, payout_id)
+        moved = await self.payouts.reroute(
+            tenant_id,
+            payout_id,
+            from_rail=adapter_of(payout.rail),
+            reason_code=error.reason,
+            reason=error.message[:200],
+            max_attempts=self.config.max_attempts,
+        )
+        return moved is not None
 
     # ---- files ----
 
@@ -256,7 +325,7 @@ class RailWorker:
                 continue
             rail.cursor = cursor
             try:
-                delivered += len(await rail.deliver(self.payouts))
+                delivered += len(await rail.deliver(ReroutingSink(self.payouts, self.config, name)))
                 self._down.discard(name)
             except TriplaneError as error:
                 if name not in self._down:  # once per outage, not every pass

@@ -201,6 +201,13 @@ def _beneficiary(**changes: Any) -> gw.CreateBeneficiaryRequest:
     return request
 
 
+def _us_beneficiary() -> gw.CreateBeneficiaryRequest:
+    """A US account (what a USD payout's rails reach: ACH, instant)."""
+    return _beneficiary(
+        iban="", bic="", country="US", routing_number="021000021", account_number="123456789"
+    )
+
+
 def _payout(key: str, amount_minor: int, beneficiary_id: str = "ben-1") -> gw.CreatePayoutRequest:
     return gw.CreatePayoutRequest(
         tenant_id=TENANT,
@@ -261,7 +268,8 @@ async def test_beneficiaries_are_validated_and_never_echo_the_account(planes: Pl
 
 async def test_payouts_allowed_reviewed_and_denied(planes: Planes) -> None:
     stub = planes.stub
-    await stub.CreateBeneficiary(_beneficiary())
+    # A US account: USD payouts reach it by ACH or an instant rail.
+    await stub.CreateBeneficiary(_us_beneficiary())
     await _fund(planes, 500_000)
     # The first payout to the new beneficiary above the threshold: review.
     held = await stub.CreatePayout(_payout("po-big-first", 150_000))
@@ -273,7 +281,9 @@ async def test_payouts_allowed_reviewed_and_denied(planes: Planes) -> None:
     paid = await stub.CreatePayout(_payout("po-1", 20_000))
     assert paid.outcome == gw.OUTCOME_ALLOW, paid.reasons
     assert paid.payout.state == gw.PAYOUT_STATE_APPROVED and paid.payout.end_to_end_id
-    assert paid.payout.rail
+    # The policy chose the rail among the money plane's options: next-day
+    # ACH is the cheapest for $200 (its fee and a day's float, 9 < 10 < 45).
+    assert paid.payout.rail == "ach"
     assert await _balance(planes, SELLER_ACCOUNT) == 480_000
     assert await _balance(planes, "payouts_in_flight:USD") == 20_000
     again = await stub.CreatePayout(_payout("po-1", 20_000))
@@ -411,7 +421,7 @@ async def test_a_rail_outcome_reaches_the_partner_webhook_through_nats(
                 money, gateway, money_address, config, channel, await partner_key(gateway, TENANT)
             )
             await _profile(planes.stub, SELLER, tier=2)
-            await planes.stub.CreateBeneficiary(_beneficiary())
+            await planes.stub.CreateBeneficiary(_us_beneficiary())
             await _fund(planes, 50_000)
             await planes.stub.CreatePayout(_payout("po-warm", 1_000))
             paid = await planes.stub.CreatePayout(_payout("po-hook", 2_000))

@@ -1053,6 +1053,26 @@ class RailsConfig(_Strict, frozen=True):
     ach_company_name: str = "TRIPLANE"
     # Bank holidays (ISO dates) on top of weekends, for every rail's calendar.
     holidays: list[str] = []
+    # A rail's failure of a payout before settlement with one of these
+    # reasons (ISO 20022 status reasons, ACH return codes, or the adapter's
+    # refusal at hand-off) sends the payout to its decision's next alternate
+    # rail instead of failing it (money_plane/rails/worker.py); any other
+    # reason, or no alternate left, fails it with the reversal.
+    reroute_reasons: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "AG01",  # transaction forbidden on this rail
+            "AG03",  # transaction type not supported
+            "AM02",  # over the rail's amount limit
+            "TM01",  # after the rail's cut-off
+            "AB05",  # timed out at the creditor agent
+            "AB06",  # timed out at the instructed agent
+            "MS03",  # reason not specified by the agent
+            "RAIL_CANNOT_CARRY",  # refused at hand-off: unreachable, over limit
+            "NO_RAIL_REACHES",
+        ]
+    )
+    # Rails one payout is tried on at most (the first included).
+    max_attempts: int = 3
     # The rail worker (off when bank_url is empty).
     worker: RailWorkerConfig = msgspec.field(default_factory=RailWorkerConfig)
 
