@@ -33,6 +33,7 @@ POSTINGS_PAGE = "money.account_postings"
 # (they name a number of the old global sequence): refused with their own
 # message, since they cannot be translated.
 GLOBAL_POSTINGS_PAGE = "money.postings"
+ACCOUNTS_PAGE = "money.accounts"
 
 
 def postings_position(page_token: str) -> int:

@@ -30,6 +30,7 @@ from money_plane.domain import (
     Kind,
     Outcome,
     Tenant,
+    account_key,
     check_account_spec,
     check_command,
     check_id,
@@ -469,6 +470,16 @@ class Ledger:
         limits = self.config.limits
         size = wire.page_size(page_size, limits.default_page_size, limits.max_page_size)
         return await self._read(self.store.list_postings, tenant_id, account_id, after_seq, size)
+
+    async def list_accounts(
+        self, tenant_id: str, limit: int, after_account_id: str
+    ) -> list[AccountState]:
+        check_tenant_id(tenant_id)
+        if not await self._read(self.store.tenant_exists, tenant_id):
+            raise NotFound("TENANT_NOT_FOUND", f"no tenant {tenant_id!r}", "tenant_id")
+        # `limit`: the service's page size and one more (is there a next page).
+        after = account_key(tenant_id, after_account_id) if after_account_id else ""
+        return await self._read(self.store.list_accounts, tenant_id, after, limit)
 
     async def get_entry(self, tenant_id: str, entry_id: str, idempotency_key: str) -> Entry:
         check_tenant_id(tenant_id)

@@ -4,21 +4,31 @@ accounts, batches, statements and ledger checks are admin only."""
 
 from __future__ import annotations
 
-from triplane.runtime.authz import ADMIN_ONLY, GATEWAY_AND_ADMIN, Permissions, permissions
+from triplane.runtime.authz import (
+    ADMIN_AND_CONSOLE,
+    ADMIN_ONLY,
+    GATEWAY_ADMIN_AND_CONSOLE,
+    GATEWAY_AND_ADMIN,
+    Permissions,
+    permissions,
+)
 
 PERMISSIONS: Permissions = permissions(
     "triplane.money.v1.LedgerService",
     {
         "CreateTenant": ADMIN_ONLY,
         "CreateAccounts": ADMIN_ONLY,
-        "GetAccount": GATEWAY_AND_ADMIN,
+        # The console's Ledger page reads (finance_operator, sre, auditor);
+        # nothing it may call moves money.
+        "GetAccount": GATEWAY_ADMIN_AND_CONSOLE,
+        "ListAccounts": ADMIN_AND_CONSOLE,
         "CreateTransfer": GATEWAY_AND_ADMIN,
         # Batches are for the tools (imports, the bench); the gateway sends one at a time.
         "CreateTransfers": ADMIN_ONLY,
-        "GetBalance": GATEWAY_AND_ADMIN,
-        "ListAccountPostings": ADMIN_ONLY,
-        "GetEntry": GATEWAY_AND_ADMIN,
-        "GetHold": GATEWAY_AND_ADMIN,
+        "GetBalance": GATEWAY_ADMIN_AND_CONSOLE,
+        "ListAccountPostings": ADMIN_AND_CONSOLE,
+        "GetEntry": GATEWAY_ADMIN_AND_CONSOLE,
+        "GetHold": GATEWAY_ADMIN_AND_CONSOLE,
         "CheckBalanced": ADMIN_ONLY,
         # Payouts: the gateway registers beneficiaries and records payouts it
         # had decided; a rail's outcome comes from the rails (admin identity).

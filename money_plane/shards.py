@@ -181,6 +181,12 @@ class ShardedLedger:
         ledger = await self._ledger(tenant_id)
         return await ledger.list_postings(tenant_id, account_id, page_size, after_seq)
 
+    async def list_accounts(
+        self, tenant_id: str, limit: int, after_account_id: str
+    ) -> list[AccountState]:
+        ledger = await self._ledger(tenant_id)
+        return await ledger.list_accounts(tenant_id, limit, after_account_id)
+
     async def get_entry(self, tenant_id: str, entry_id: str, idempotency_key: str) -> Entry:
         ledger = await self._ledger(tenant_id)
         return await ledger.get_entry(tenant_id, entry_id, idempotency_key)

@@ -42,7 +42,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from policy_plane.model import DecisionRecord, canonical_encoder, record_decoder
 from policy_plane.pii import DecisionSealer
-from policy_plane.store import CaseRow, ChainMark, LogRow, PolicyStore
+from policy_plane.store import CaseRow, ChainMark, LogRow, PolicyStore, SearchRow
 from triplane.runtime.db import is_unique_violation
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
@@ -253,6 +253,7 @@ class DecisionLog:
     def _write(self, batch: list[_Pending]) -> list[AppendResult]:
         results: list[AppendResult] = []
         new_rows: list[LogRow] = []
+        search: list[SearchRow] = []
         cases: list[CaseRow] = []
         in_batch: dict[tuple[str, str], LogRow] = {}
         with self._store.db.tx() as tx:
@@ -275,6 +276,7 @@ class DecisionLog:
                 row = self._row(pending, seq, prev_hash)
                 prev_hash = row.record_hash
                 new_rows.append(row)
+                search.append(self._search_row(pending.record, row))
                 in_batch[key] = row
                 if pending.case is not None:
                     cases.append(pending.case)
@@ -285,8 +287,23 @@ class DecisionLog:
                     prev_hash,
                     self._keys.sign(mark_text(self.chain_id, "head", seq, prev_hash)),
                 )
-                self._store.insert_log_rows(tx, new_rows, head, cases)
+                self._store.insert_log_rows(tx, new_rows, head, cases, search)
         return results
+
+    def _search_row(self, record: DecisionRecord, row: LogRow) -> SearchRow:
+        """What ListDecisions finds the record by: its customer's id and the
+        token of its customer's name (never the name itself)."""
+        payment = record.input.payment
+        return SearchRow(
+            decision_id=row.decision_id,
+            tenant_id=row.tenant_id,
+            recorded_at_us=row.recorded_at_us,
+            account_id=row.account_id,
+            customer_id=payment.customer_id,
+            customer_token=self._sealer.token(row.tenant_id, payment.customer.name),
+            chain_id=row.chain_id,
+            seq=row.seq,
+        )
 
     def _row(self, pending: _Pending, seq: int, prev_hash: str) -> LogRow:
         record = pending.record

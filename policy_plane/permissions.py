@@ -30,17 +30,20 @@ PERMISSIONS: Permissions = {
             "ReplayDecisions": ADMIN_ONLY,
             "VerifyDecisionLog": ADMIN_ONLY,
             "LabelDecision": ADMIN_ONLY,
-            "GetPolicyMetrics": ADMIN_ONLY,
+            # The console's Bundles page shows shadow agreement.
+            "GetPolicyMetrics": ADMIN_AND_CONSOLE,
         },
     ),
     **permissions(
         f"{_PACKAGE}.BundleService",
         {
             "LoadBundle": ADMIN_ONLY,
-            "ActivateBundle": ADMIN_ONLY,
-            "SetShadowBundle": ADMIN_ONLY,
-            "GetActiveBundle": ADMIN_ONLY,
-            "ListBundles": ADMIN_ONLY,
+            # The console's Bundles page (risk_admin activates, with a reason).
+            "ActivateBundle": ADMIN_AND_CONSOLE,
+            "SetShadowBundle": ADMIN_AND_CONSOLE,
+            "GetActiveBundle": ADMIN_AND_CONSOLE,
+            "ListBundles": ADMIN_AND_CONSOLE,
+            "DiffBundles": ADMIN_AND_CONSOLE,
         },
     ),
     **permissions(

@@ -22,6 +22,9 @@ from triplane.runtime.errors import InvalidArgument
 from triplane.runtime.server import Service
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
+# DiffBundles: lines of context around each change, by default and at most.
+DEFAULT_DIFF_CONTEXT_LINES = 3
+MAX_DIFF_CONTEXT_LINES = 100
 
 
 def page_size(requested: int, engine: PolicyEngine) -> int:
@@ -157,6 +160,32 @@ class BundleServicer(pb_grpc.BundleServiceServicer):
         return pb.ListBundlesResponse(
             bundles=[codec.bundle_info_pb(i) for i in infos[:size]], next_page_token=next_token
         )
+
+    async def DiffBundles(
+        self, request: pb.DiffBundlesRequest, context: Ctx
+    ) -> pb.DiffBundlesResponse:
+        for name in ("from_version", "to_version"):
+            if not getattr(request, name):
+                raise InvalidArgument("FIELD_REQUIRED", f"{name} is required", name)
+        if not 0 <= request.context_lines <= MAX_DIFF_CONTEXT_LINES:
+            raise InvalidArgument(
+                "CONTEXT_LINES_INVALID",
+                f"context_lines is 0 to {MAX_DIFF_CONTEXT_LINES}",
+                "context_lines",
+            )
+        older, newer, text, lists_changed = await asyncio.to_thread(
+            self._engine.bundles.diff,
+            request.from_version,
+            request.to_version,
+            request.context_lines or DEFAULT_DIFF_CONTEXT_LINES,
+        )
+        return pb.DiffBundlesResponse(
+            from_bundle=codec.bundle_info_pb(older),
+            to_bundle=codec.bundle_info_pb(newer),
+            unified_diff=text,
+            sanctions_lists_changed=lists_changed,
+        )
+
 
 
 class ConsentServicer(pb_grpc.ConsentServiceServicer):

@@ -54,6 +54,28 @@ CREATE TABLE IF NOT EXISTS decision_log (
 CREATE UNIQUE INDEX IF NOT EXISTS decision_log_idem ON decision_log (tenant_id, idempotency_key);
 CREATE UNIQUE INDEX IF NOT EXISTS decision_log_id ON decision_log (decision_id);
 CREATE INDEX IF NOT EXISTS decision_log_tenant_time ON decision_log (tenant_id, recorded_at_us);
+-- The decision search's index (ListDecisions): one row a logged decision,
+-- written in the transaction that logs it and purged with it, so a search by
+-- account, customer or time reads an index range, never the tenant's log.
+CREATE TABLE IF NOT EXISTS decision_search (
+  decision_id TEXT PRIMARY KEY,
+  tenant_id TEXT NOT NULL,
+  recorded_at_us BIGINT NOT NULL,
+  account_id TEXT NOT NULL,
+  customer_id TEXT NOT NULL,
+  customer_token TEXT NOT NULL,
+  chain_id TEXT NOT NULL,
+  seq BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decision_search_time
+  ON decision_search (tenant_id, recorded_at_us, decision_id);
+CREATE INDEX IF NOT EXISTS decision_search_account
+  ON decision_search (tenant_id, account_id, recorded_at_us, decision_id);
+CREATE INDEX IF NOT EXISTS decision_search_customer
+  ON decision_search (tenant_id, customer_id, recorded_at_us, decision_id);
+CREATE INDEX IF NOT EXISTS decision_search_token
+  ON decision_search (tenant_id, customer_token, recorded_at_us, decision_id);
+CREATE INDEX IF NOT EXISTS decision_search_chain ON decision_search (chain_id, seq);
 CREATE TABLE IF NOT EXISTS decision_log_marks (
   chain_id TEXT NOT NULL,
   kind TEXT NOT NULL,
@@ -182,6 +204,34 @@ LOG_COLUMNS = (
     "chain_id, seq, decision_id, tenant_id, account_id, idempotency_key, request_hash, "
     "recorded_at_us, bundle_version, outcome, body, prev_hash, record_hash, key_id, signature"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRow:
+    """What ListDecisions finds a logged decision by (decision_search)."""
+
+    decision_id: str
+    tenant_id: str
+    recorded_at_us: int
+    account_id: str
+    customer_id: str
+    # The token of the customer's name (pii.DecisionSealer.token); never the name.
+    customer_token: str
+    chain_id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionQuery:
+    """A ListDecisions search: every set filter must match. `customer` is
+    matched against the customer id or, when `by_token`, the name token."""
+
+    tenant_id: str
+    account_id: str = ""
+    customer: str = ""
+    by_token: bool = False
+    start_us: int = 0
+    end_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,12 +399,34 @@ class PolicyStore:
         return found
 
     def insert_log_rows(
-        self, tx: Tx, rows: Sequence[LogRow], head: ChainMark, cases: Sequence[CaseRow]
+        self,
+        tx: Tx,
+        rows: Sequence[LogRow],
+        head: ChainMark,
+        cases: Sequence[CaseRow],
+        search: Sequence[SearchRow] = (),
     ) -> None:
         marks = ", ".join("?" for _ in range(15))
         tx.execute_many(
             f"INSERT INTO decision_log ({LOG_COLUMNS}) VALUES ({marks})",
             [row.values() for row in rows],
+        )
+        tx.execute_many(
+            "INSERT INTO decision_search (decision_id, tenant_id, recorded_at_us, account_id, "
+            "customer_id, customer_token, chain_id, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    s.decision_id,
+                    s.tenant_id,
+                    s.recorded_at_us,
+                    s.account_id,
+                    s.customer_id,
+                    s.customer_token,
+                    s.chain_id,
+                    s.seq,
+                )
+                for s in search
+            ],
         )
         tx.execute_many(
             "INSERT INTO review_cases (case_id, tenant_id, decision_id, status, body, "
@@ -415,6 +487,39 @@ class PolicyStore:
         with self.db.read() as tx:
             return [_log_row(r) for r in tx.all(sql, params)]
 
+    def search_page(
+        self, query: DecisionQuery, before: tuple[int, str] | None, limit: int
+    ) -> list[LogRow]:
+        """Logged decisions matching `query`, newest first (by log time, then
+        id descending), after the position `before`. Each filter narrows one
+        index of decision_search (account, customer id, name token or time),
+        read in its order: a page costs its size, not the tenant's log."""
+        sql = (
+            f"SELECT {', '.join('l.' + c.strip() for c in LOG_COLUMNS.split(','))} "
+            "FROM decision_search s JOIN decision_log l ON l.decision_id = s.decision_id "
+            "WHERE s.tenant_id = ?"
+        )
+        params: list[Any] = [query.tenant_id]
+        if query.account_id:
+            sql += " AND s.account_id = ?"
+            params.append(query.account_id)
+        if query.customer:
+            sql += " AND s.customer_token = ?" if query.by_token else " AND s.customer_id = ?"
+            params.append(query.customer)
+        if query.start_us:
+            sql += " AND s.recorded_at_us >= ?"
+            params.append(query.start_us)
+        if query.end_us:
+            sql += " AND s.recorded_at_us < ?"
+            params.append(query.end_us)
+        if before is not None:
+            sql += " AND (s.recorded_at_us < ? OR (s.recorded_at_us = ? AND s.decision_id < ?))"
+            params.extend([before[0], before[0], before[1]])
+        sql += " ORDER BY s.recorded_at_us DESC, s.decision_id DESC LIMIT ?"
+        params.append(limit)
+        with self.db.read() as tx:
+            return [_log_row(r) for r in tx.all(sql, params)]
+
     def window_versions(
         self, tenant_id: str, account_id: str, start_us: int, end_us: int
     ) -> list[str]:
@@ -439,6 +544,9 @@ class PolicyStore:
                 return 0
             count = tx.execute(
                 "DELETE FROM decision_log WHERE chain_id = ? AND seq <= ?", (chain_id, last_seq)
+            )
+            tx.execute(
+                "DELETE FROM decision_search WHERE chain_id = ? AND seq <= ?", (chain_id, last_seq)
             )
             _put_mark(tx, chain_id, "anchor", anchor)
             return count

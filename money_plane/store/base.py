@@ -524,6 +524,21 @@ class LedgerStore:
                 account_key(tenant_id, account_id)
             )
 
+    def list_accounts(
+        self, tenant_id: str, after_account_key: str, limit: int
+    ) -> list[AccountState]:
+        """A tenant's accounts after `after_account_key`, in key order (the
+        primary key's: a page reads an index range)."""
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
+                    "WHERE tenant_id = %s AND account_key > %s ORDER BY account_key LIMIT %s"
+                ),
+                (tenant_id, after_account_key, limit),
+            )
+            return [_account_from_row(r) for r in cur.fetchall()]
+
     def _load_accounts(
         self, cur: Any, keys: list[str], lock: bool = False
     ) -> dict[str, AccountState]:

@@ -55,18 +55,15 @@ def test_every_role_a_table_names_is_configured() -> None:
 
 
 def test_admin_rpcs_need_the_admin_identity() -> None:
-    """The planes' admin RPCs are the admin's alone."""
+    """The planes' admin RPCs are the admin's alone (bundle activation and
+    model promotion and rollback also the console's, whose pages check roles)."""
     admin_only = {
         "/triplane.money.v1.LedgerService/CreateTenant",
         "/triplane.money.v1.LedgerService/CreateAccounts",
         "/triplane.policy.v1.PolicyService/CreateTenant",
         "/triplane.policy.v1.BundleService/LoadBundle",
-        "/triplane.policy.v1.BundleService/ActivateBundle",
-        "/triplane.policy.v1.BundleService/SetShadowBundle",
         "/triplane.policy.v1.OfferService/PutOffer",
         "/triplane.policy.v1.OfferService/StopOffer",
-        "/triplane.ai.v1.ModelRegistryService/PromoteModel",
-        "/triplane.ai.v1.ModelRegistryService/RollbackModel",
         "/triplane.ai.v1.ModelRegistryService/TrainModel",
         "/triplane.policy.v1.PolicyService/LabelDecision",
         "/triplane.policy.v1.PolicyService/ReplayDecisions",
@@ -83,6 +80,18 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.policy.v1.CaseService/ClaimCase",
         "/triplane.policy.v1.CaseService/ResolveCase",
         "/triplane.policy.v1.PolicyService/GetDecision",
+        # Bundles page: read, diff, activate and shadow (risk_admin, with a reason).
+        "/triplane.policy.v1.BundleService/ListBundles",
+        "/triplane.policy.v1.BundleService/GetActiveBundle",
+        "/triplane.policy.v1.BundleService/DiffBundles",
+        "/triplane.policy.v1.BundleService/ActivateBundle",
+        "/triplane.policy.v1.BundleService/SetShadowBundle",
+        "/triplane.policy.v1.PolicyService/GetPolicyMetrics",
+        # Models page: read, promote and roll back (sre, with a reason).
+        "/triplane.ai.v1.ModelRegistryService/ListModelVersions",
+        "/triplane.ai.v1.ModelRegistryService/GetModelVersion",
+        "/triplane.ai.v1.ModelRegistryService/PromoteModel",
+        "/triplane.ai.v1.ModelRegistryService/RollbackModel",
     }
     # The gateway's public port leaves every method to its credential layer.
     assert all(roles == authz.ANY_CALLER for roles in gateway.permissions.PERMISSIONS.values())

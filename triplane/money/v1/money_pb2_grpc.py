@@ -53,6 +53,11 @@ class LedgerServiceStub:
                 request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.GetAccountResponse.FromString,
                 _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/ListAccounts',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
         self.CreateTransfer = channel.unary_unary(
                 '/triplane.money.v1.LedgerService/CreateTransfer',
                 request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateTransferRequest.SerializeToString,
@@ -169,6 +174,13 @@ class LedgerServiceServicer:
 
     def GetAccount(self, request, context):
         """Reads one account with its balance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccounts(self, request, context):
+        """A tenant's accounts with their balances, in account id order; paged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -341,6 +353,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetAccount,
                     request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.GetAccountRequest.FromString,
                     response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.GetAccountResponse.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.ListAccountsRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.ListAccountsResponse.SerializeToString,
             ),
             'CreateTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTransfer,
@@ -518,6 +535,33 @@ class LedgerService:
             '/triplane.money.v1.LedgerService/GetAccount',
             triplane_dot_money_dot_v1_dot_money__pb2.GetAccountRequest.SerializeToString,
             triplane_dot_money_dot_v1_dot_money__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/ListAccounts',
+            triplane_dot_money_dot_v1_dot_money__pb2.ListAccountsRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.ListAccountsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class LedgerServiceStub:
     """
     GetAccount: _grpc.UnaryUnaryMultiCallable[_money_pb2.GetAccountRequest, _money_pb2.GetAccountResponse]
     """Reads one account with its balance."""
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_money_pb2.ListAccountsRequest, _money_pb2.ListAccountsResponse]
+    """A tenant's accounts with their balances, in account id order; paged."""
     CreateTransfer: _grpc.UnaryUnaryMultiCallable[_money_pb2.CreateTransferRequest, _money_pb2.CreateTransferResponse]
     """Executes one transfer; a failure comes back as the RPC status."""
     CreateTransfers: _grpc.UnaryUnaryMultiCallable[_money_pb2.CreateTransfersRequest, _money_pb2.CreateTransfersResponse]
@@ -132,6 +134,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     GetAccount: _aio.UnaryUnaryMultiCallable[_money_pb2.GetAccountRequest, _money_pb2.GetAccountResponse]  # type: ignore[assignment]
     """Reads one account with its balance."""
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_money_pb2.ListAccountsRequest, _money_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """A tenant's accounts with their balances, in account id order; paged."""
     CreateTransfer: _aio.UnaryUnaryMultiCallable[_money_pb2.CreateTransferRequest, _money_pb2.CreateTransferResponse]  # type: ignore[assignment]
     """Executes one transfer; a failure comes back as the RPC status."""
     CreateTransfers: _aio.UnaryUnaryMultiCallable[_money_pb2.CreateTransfersRequest, _money_pb2.CreateTransfersResponse]  # type: ignore[assignment]
@@ -234,6 +238,14 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_money_pb2.GetAccountResponse, _abc.Awaitable[_money_pb2.GetAccountResponse]]:
         """Reads one account with its balance."""
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _money_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.ListAccountsResponse, _abc.Awaitable[_money_pb2.ListAccountsResponse]]:
+        """A tenant's accounts with their balances, in account id order; paged."""
 
     @_abc_1.abstractmethod
     def CreateTransfer(

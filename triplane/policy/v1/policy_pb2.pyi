@@ -2063,6 +2063,69 @@ class ListBundlesResponse(_message.Message):
 Global___ListBundlesResponse: _TypeAlias = ListBundlesResponse  # noqa: Y015
 
 @_typing.final
+class DiffBundlesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    CONTEXT_LINES_FIELD_NUMBER: _builtins.int
+    from_version: _builtins.str
+    """Stored bundle versions ("<label>@<content hash>"); unknown:
+    NOT_FOUND BUNDLE_VERSION_NOT_FOUND naming the field.
+    """
+    to_version: _builtins.str
+    context_lines: _builtins.int
+    """Lines of context around each change; 0: 3. At most 100."""
+    def __init__(
+        self,
+        *,
+        from_version: _builtins.str = ...,
+        to_version: _builtins.str = ...,
+        context_lines: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_lines", b"context_lines", "from_version", b"from_version", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffBundlesRequest: _TypeAlias = DiffBundlesRequest  # noqa: Y015
+
+@_typing.final
+class DiffBundlesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_BUNDLE_FIELD_NUMBER: _builtins.int
+    TO_BUNDLE_FIELD_NUMBER: _builtins.int
+    UNIFIED_DIFF_FIELD_NUMBER: _builtins.int
+    SANCTIONS_LISTS_CHANGED_FIELD_NUMBER: _builtins.int
+    unified_diff: _builtins.str
+    """`diff -u` of the YAML texts, headed by the two versions; empty when the
+    texts are the same.
+    """
+    sanctions_lists_changed: _builtins.bool
+    """The sanctions list or aliases CSV differs."""
+    @_builtins.property
+    def from_bundle(self) -> Global___BundleInfo: ...
+    @_builtins.property
+    def to_bundle(self) -> Global___BundleInfo: ...
+    def __init__(
+        self,
+        *,
+        from_bundle: Global___BundleInfo | None = ...,
+        to_bundle: Global___BundleInfo | None = ...,
+        unified_diff: _builtins.str = ...,
+        sanctions_lists_changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_bundle", b"from_bundle", "to_bundle", b"to_bundle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_bundle", b"from_bundle", "sanctions_lists_changed", b"sanctions_lists_changed", "to_bundle", b"to_bundle", "unified_diff", b"unified_diff"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffBundlesResponse: _TypeAlias = DiffBundlesResponse  # noqa: Y015
+
+@_typing.final
 class ContactProfile(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

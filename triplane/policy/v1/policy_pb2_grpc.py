@@ -411,6 +411,11 @@ class BundleServiceStub:
                 request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ListBundlesRequest.SerializeToString,
                 response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ListBundlesResponse.FromString,
                 _registered_method=True)
+        self.DiffBundles = channel.unary_unary(
+                '/triplane.policy.v1.BundleService/DiffBundles',
+                request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.DiffBundlesRequest.SerializeToString,
+                response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.DiffBundlesResponse.FromString,
+                _registered_method=True)
 
 
 class BundleServiceServicer:
@@ -453,6 +458,15 @@ class BundleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DiffBundles(self, request, context):
+        """A unified diff of two stored bundles' YAML sources (from -> to), made by
+        the plane: what an operator reads before activating one. The sanctions
+        lists are not diffed (names), only said to differ.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BundleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -480,6 +494,11 @@ def add_BundleServiceServicer_to_server(servicer, server):
                     servicer.ListBundles,
                     request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ListBundlesRequest.FromString,
                     response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ListBundlesResponse.SerializeToString,
+            ),
+            'DiffBundles': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiffBundles,
+                    request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.DiffBundlesRequest.FromString,
+                    response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.DiffBundlesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -618,6 +637,33 @@ class BundleService:
             '/triplane.policy.v1.BundleService/ListBundles',
             triplane_dot_policy_dot_v1_dot_policy__pb2.ListBundlesRequest.SerializeToString,
             triplane_dot_policy_dot_v1_dot_policy__pb2.ListBundlesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiffBundles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.policy.v1.BundleService/DiffBundles',
+            triplane_dot_policy_dot_v1_dot_policy__pb2.DiffBundlesRequest.SerializeToString,
+            triplane_dot_policy_dot_v1_dot_policy__pb2.DiffBundlesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -172,6 +172,11 @@ class BundleServiceStub:
     """The live and shadow bundles."""
     ListBundles: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ListBundlesRequest, _policy_pb2.ListBundlesResponse]
     """Stored bundles, newest first, paged."""
+    DiffBundles: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DiffBundlesRequest, _policy_pb2.DiffBundlesResponse]
+    """A unified diff of two stored bundles' YAML sources (from -> to), made by
+    the plane: what an operator reads before activating one. The sanctions
+    lists are not diffed (names), only said to differ.
+    """
 
 @_typing.type_check_only
 class BundleServiceAsyncStub(BundleServiceStub):
@@ -190,6 +195,11 @@ class BundleServiceAsyncStub(BundleServiceStub):
     """The live and shadow bundles."""
     ListBundles: _aio.UnaryUnaryMultiCallable[_policy_pb2.ListBundlesRequest, _policy_pb2.ListBundlesResponse]  # type: ignore[assignment]
     """Stored bundles, newest first, paged."""
+    DiffBundles: _aio.UnaryUnaryMultiCallable[_policy_pb2.DiffBundlesRequest, _policy_pb2.DiffBundlesResponse]  # type: ignore[assignment]
+    """A unified diff of two stored bundles' YAML sources (from -> to), made by
+    the plane: what an operator reads before activating one. The sanctions
+    lists are not diffed (names), only said to differ.
+    """
 
 class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
     """BundleService loads and switches policy bundles without a restart."""
@@ -235,6 +245,17 @@ class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.ListBundlesResponse, _abc.Awaitable[_policy_pb2.ListBundlesResponse]]:
         """Stored bundles, newest first, paged."""
+
+    @_abc_1.abstractmethod
+    def DiffBundles(
+        self,
+        request: _policy_pb2.DiffBundlesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.DiffBundlesResponse, _abc.Awaitable[_policy_pb2.DiffBundlesResponse]]:
+        """A unified diff of two stored bundles' YAML sources (from -> to), made by
+        the plane: what an operator reads before activating one. The sanctions
+        lists are not diffed (names), only said to differ.
+        """
 
 def add_BundleServiceServicer_to_server(servicer: BundleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
