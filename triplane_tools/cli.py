@@ -17,6 +17,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ai_plane import cli as ai_cli
@@ -157,6 +158,65 @@ def _cmd_money_check_balanced(args: argparse.Namespace) -> int:
     config = _config(args)
     address = args.address or dial_address(config.money.listen)
     return asyncio.run(_check_balanced(config, address, args.tenant, args.timeout_s))
+
+
+async def _review_payout(config: Config, address: str, args: argparse.Namespace, token: str) -> int:
+    """ApprovePayout (with the approval's token, read from a file: a token
+    is a bearer credential, kept off the command line) or DeclinePayout."""
+    import grpc
+
+    from triplane.money.v1 import money_pb2, money_pb2_grpc
+    from triplane.runtime.status import parse_rpc_error
+    from triplane.runtime.tls import channel_for
+
+    async with channel_for(config, address) as channel:
+        stub = money_pb2_grpc.LedgerServiceStub(channel)
+        try:
+            if args.money_command == "approve-payout":
+                answer = await stub.ApprovePayout(
+                    money_pb2.ApprovePayoutRequest(
+                        tenant_id=args.tenant,
+                        payout_id=args.payout_id,
+                        idempotency_key=args.idempotency_key,
+                        decision_token=token,
+                    ),
+                    timeout=args.timeout_s,
+                )
+            else:
+                answer = await stub.DeclinePayout(
+                    money_pb2.DeclinePayoutRequest(
+                        tenant_id=args.tenant,
+                        payout_id=args.payout_id,
+                        idempotency_key=args.idempotency_key,
+                        case_id=args.case_id,
+                    ),
+                    timeout=args.timeout_s,
+                )
+        except grpc.aio.AioRpcError as err:
+            reason, field = parse_rpc_error(err)
+            print(f"{err.code().name} {reason} {field} {err.details()}", file=sys.stderr)
+            return 2
+    payout = answer.payout
+    state = money_pb2.PayoutState.Name(payout.state).removeprefix("PAYOUT_STATE_").lower()
+    print(
+        f"payout {payout.payout_id}: {state}"
+        f"{' (replayed)' if answer.replayed else ''} decision {payout.decision_id}"
+    )
+    return 0
+
+
+def _cmd_money_review_payout(args: argparse.Namespace) -> int:
+    from triplane.runtime.net import dial_address
+
+    config = _config(args)
+    address = args.address or dial_address(config.money.listen)
+    token = ""
+    if args.money_command == "approve-payout":
+        if args.token_file == "-":
+            token = sys.stdin.read().strip()
+        else:
+            token = Path(args.token_file).read_text().strip()
+    return asyncio.run(_review_payout(config, address, args, token))
 
 
 # ---- reconciliation ----
@@ -418,6 +478,27 @@ def _add_money_commands(sub: Any) -> None:
     check.add_argument("--address", default="", help="host:port (default: money.listen)")
     check.add_argument("--timeout-s", type=float, default=30.0)
     check.set_defaults(func=_cmd_money_check_balanced)
+    for name, what in (
+        ("approve-payout", "ApprovePayout: a payout held for review, with its approval's token"),
+        ("decline-payout", "DeclinePayout: a payout held for review, declined (nothing posted)"),
+    ):
+        review = money_sub.add_parser(name, help=what)
+        review.add_argument("--tenant", required=True)
+        selector = review.add_mutually_exclusive_group(required=True)
+        selector.add_argument("--payout-id", default="")
+        selector.add_argument("--idempotency-key", default="", help="the payout's key")
+        if name == "approve-payout":
+            review.add_argument(
+                "--token-file",
+                required=True,
+                help="file holding the approval's decision token (policy.case.resolved's); "
+                "- for stdin",
+            )
+        else:
+            review.add_argument("--case-id", required=True)
+        review.add_argument("--address", default="", help="host:port (default: money.listen)")
+        review.add_argument("--timeout-s", type=float, default=30.0)
+        review.set_defaults(func=_cmd_money_review_payout)
 
 
 def _register_plugins(sub: Any) -> dict[str, Any]:

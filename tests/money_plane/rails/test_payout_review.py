@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import nats
 import pytest
+import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 from sandbox_helpers import BankClient
 
@@ -54,6 +55,7 @@ from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import channel_for, open_channel
+from triplane_tools import cli
 
 pytestmark = pytest.mark.nats
 
@@ -71,6 +73,8 @@ HELD_MINOR = 150_000
 @dataclass
 class Stack:
     tenant: str
+    state_dir: Path
+    money_address: str
     config: Config
     clock: ManualClock
     money: MoneyPlane
@@ -143,6 +147,8 @@ async def stack(tmp_path: Path, nats_url: str, clean_bank: str) -> AsyncIterator
         exits.push_async_callback(partner_channel.close)
         made = Stack(
             tenant=tenant,
+            state_dir=tmp_path,
+            money_address=money_address,
             config=config,
             clock=clock,
             money=money,
@@ -313,7 +319,7 @@ def _payout_states(stack: Stack, payout_id: str) -> list[str]:
 
 
 async def test_an_approved_review_pays_out_once_and_a_declined_one_moves_nothing(
-    stack: Stack,
+    stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
     approved = await _held(stack, "po-review-approve", "ben-1")
     declined = await _held(stack, "po-review-decline", "ben-2")
@@ -393,6 +399,16 @@ async def test_an_approved_review_pays_out_once_and_a_declined_one_moves_nothing
         )
     )
     assert replayed.replayed and replayed.payout.entry_id == payout.entry_id
+    # The same through the operators' CLI (the token from a file).
+    token_file = stack.state_dir / "approval.token"
+    token_file.write_text(token)
+    config_file = stack.state_dir / "cli.yaml"
+    config_file.write_text(yaml.safe_dump({"runtime": {"state_dir": str(stack.state_dir)}}))
+    argv = ["--config", str(config_file), "money", "approve-payout", "--tenant", stack.tenant]
+    argv += ["--payout-id", payout_id, "--token-file", str(token_file)]
+    argv += ["--address", stack.money_address]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    assert "approved (replayed)" in capsys.readouterr().out
     # The resolved event delivered to the gateway's consumer once more.
     nc = await nats.connect(stack.config.nats.url)
     try:
