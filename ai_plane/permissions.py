@@ -1,10 +1,17 @@
 """Who may call the AI plane (triplane.runtime.authz; default deny): the
 gateway scores, ranks, explains and reports outcomes; the model registry
-(reads, training, promotion, rollback) is admin only."""
+(training) is admin only; its reads, promotion and rollback also the operator
+console's (its Models page)."""
 
 from __future__ import annotations
 
-from triplane.runtime.authz import ADMIN_ONLY, GATEWAY_AND_ADMIN, Permissions, permissions
+from triplane.runtime.authz import (
+    ADMIN_AND_CONSOLE,
+    ADMIN_ONLY,
+    GATEWAY_AND_ADMIN,
+    Permissions,
+    permissions,
+)
 
 _PACKAGE = "triplane.ai.v1"
 
@@ -21,11 +28,12 @@ PERMISSIONS: Permissions = {
     **permissions(
         f"{_PACKAGE}.ModelRegistryService",
         {
-            "ListModelVersions": ADMIN_ONLY,
-            "GetModelVersion": ADMIN_ONLY,
+            # The console's Models page: an sre promotes and rolls back.
+            "ListModelVersions": ADMIN_AND_CONSOLE,
+            "GetModelVersion": ADMIN_AND_CONSOLE,
             "TrainModel": ADMIN_ONLY,
-            "PromoteModel": ADMIN_ONLY,
-            "RollbackModel": ADMIN_ONLY,
+            "PromoteModel": ADMIN_AND_CONSOLE,
+            "RollbackModel": ADMIN_AND_CONSOLE,
             "EstimatePolicyValue": ADMIN_ONLY,
         },
     ),

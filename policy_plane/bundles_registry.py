@@ -12,6 +12,7 @@ each follows a switch another made within policy.bundles.follow_interval_s
 
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 from collections import OrderedDict
@@ -204,6 +205,35 @@ class BundleRegistry:
 
     def list_bundles(self, offset: int, limit: int) -> list[BundleInfo]:
         return [_info(r) for r in self._store.list_bundles(limit, offset)]
+
+    def source(self, version: str, field: str = "version") -> BundleSource:
+        """A stored bundle's source; NOT_FOUND naming `field` when none."""
+        row = self._store.get_bundle(version)
+        if row is None:
+            raise NotFound("BUNDLE_VERSION_NOT_FOUND", f"no bundle {version!r}", field)
+        return stored_source(str(row[3]))
+
+    def diff(
+        self, from_version: str, to_version: str, context_lines: int
+    ) -> tuple[BundleInfo, BundleInfo, str, bool]:
+        """(from, to, the unified diff of their YAML texts, whether their
+        sanctions lists differ): what an operator reads before activating.
+        The lists are compared, not shown: they hold names."""
+        older = self.source(from_version, "from_version")
+        newer = self.source(to_version, "to_version")
+        lines = difflib.unified_diff(
+            older.yaml_text.splitlines(keepends=True),
+            newer.yaml_text.splitlines(keepends=True),
+            fromfile=from_version,
+            tofile=to_version,
+            n=context_lines,
+        )
+        text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+        lists_changed = (older.sanctions_csv, older.aliases_csv) != (
+            newer.sanctions_csv,
+            newer.aliases_csv,
+        )
+        return self.info(from_version), self.info(to_version), text, lists_changed
 
 
 def stored_source(text: str) -> BundleSource:

@@ -27,6 +27,7 @@ from money_plane.payouts.domain import (
 )
 from money_plane.payouts.service import Payouts, load_cipher
 from triplane.runtime.config import SandboxFaultsConfig
+from triplane.runtime.errors import InvalidArgument
 from triplane_sim.sandbox_bank.bank import _draw
 
 IN_FLIGHT = "payouts_in_flight:USD"
@@ -243,5 +244,45 @@ async def test_a_rail_that_cannot_carry_it_at_hand_off_passes_it_on(
             assert kit.probe.scalar("SELECT COUNT(*) FROM rail_refusals", ()) == 0
         finally:
             await plane.stop()
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("backend_place", ["sqlite"], indirect=True)
+async def test_the_payout_context_offers_each_rail_for_the_amount(
+    kit: Kit, state_dir: Path, clean_bank: str
+) -> None:
+    client = BankClient(clean_bank)
+    try:
+        # Monday 09:00 New York (the bank's start): a same-day window is open.
+        await _payout(kit, client, state_dir, "po-ctx", "ach", [])
+        config = kit.ledger.config.payouts
+        payouts = Payouts(kit.ledger, load_cipher(config, state_dir), config, encode_payout_event)
+        context = await payouts.context(kit.tenant, "ben-us", "merchant", 200_000_000)
+        offers = {o.rail: o for o in context.rail_options}
+        assert list(offers) == ["instant", "ach_same_day", "ach", "sepa", "card"]
+        assert (offers["instant"].reachable, offers["instant"].max_amount_minor) == (
+            True,
+            1_000_000_000,
+        )
+        same_day = offers["ach_same_day"]
+        assert (same_day.reachable, same_day.max_amount_minor, same_day.window_open) == (
+            True,
+            100_000_000,
+            True,
+        )
+        # 10:30 New York, 15:30 UTC: the first same-day cut-off.
+        assert same_day.cutoff_at_us == kit.clock.now_us() + 90 * 60 * 1_000_000
+        assert (offers["sepa"].reachable, offers["sepa"].unreachable_because) == (
+            False,
+            "currency",
+        )
+        assert offers["card"].unreachable_because == "beneficiary_kind"
+        assert offers["card"].cost_minor == 25 + 200_000_000 * 15 // 10_000
+        # No amount, no offers (the facts are for an amount).
+        assert (await payouts.context(kit.tenant, "ben-us", "merchant")).rail_options == []
+        with pytest.raises(InvalidArgument) as refused:
+            await payouts.context(kit.tenant, "ben-us", "merchant", -1)
+        assert refused.value.field == "amount.amount_minor"
     finally:
         await client.aclose()
