@@ -27,7 +27,10 @@ PERMISSIONS: Permissions = {
             "Evaluate": GATEWAY_AND_ADMIN,
             # The console's case review shows the decision behind a case.
             "GetDecision": GATEWAY_ADMIN_AND_CONSOLE,
-            "ReplayDecisions": ADMIN_ONLY,
+            # The console's Decisions page: search the log, and replay one
+            # decision under another bundle (read-only: a replay writes nothing).
+            "ListDecisions": ADMIN_AND_CONSOLE,
+            "ReplayDecisions": ADMIN_AND_CONSOLE,
             "VerifyDecisionLog": ADMIN_ONLY,
             "LabelDecision": ADMIN_ONLY,
             # The console's Bundles page shows shadow agreement.

@@ -8,7 +8,7 @@ from typing import TypeAlias
 
 import grpc
 
-from policy_plane import codec, validate
+from policy_plane import codec, decision_search, validate
 from policy_plane.bundle import BundleSource
 from policy_plane.consent import ContactProfile, ContactRecord
 from policy_plane.engine import PolicyEngine
@@ -70,6 +70,11 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             customer_name_token=tokenized.payment.customer.name,
             counterparty_name_token=tokenized.payment.counterparty.name,
         )
+
+    async def ListDecisions(
+        self, request: pb.ListDecisionsRequest, context: Ctx
+    ) -> pb.ListDecisionsResponse:
+        return await decision_search.list_decisions(self._engine, request)
 
     async def ReplayDecisions(
         self, request: pb.ReplayDecisionsRequest, context: Ctx
@@ -185,7 +190,6 @@ class BundleServicer(pb_grpc.BundleServiceServicer):
             unified_diff=text,
             sanctions_lists_changed=lists_changed,
         )
-
 
 
 class ConsentServicer(pb_grpc.ConsentServiceServicer):

@@ -66,7 +66,6 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.policy.v1.OfferService/StopOffer",
         "/triplane.ai.v1.ModelRegistryService/TrainModel",
         "/triplane.policy.v1.PolicyService/LabelDecision",
-        "/triplane.policy.v1.PolicyService/ReplayDecisions",
         "/triplane.policy.v1.PolicyService/VerifyDecisionLog",
     }
     tables = {m: roles for _, table in PLANES.values() for m, roles in table.items()}
@@ -80,6 +79,16 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.policy.v1.CaseService/ClaimCase",
         "/triplane.policy.v1.CaseService/ResolveCase",
         "/triplane.policy.v1.PolicyService/GetDecision",
+        # Decisions page: search and replay one (read-only).
+        "/triplane.policy.v1.PolicyService/ListDecisions",
+        "/triplane.policy.v1.PolicyService/ReplayDecisions",
+        # Ledger page: reads only; nothing that moves money.
+        "/triplane.money.v1.LedgerService/ListAccounts",
+        "/triplane.money.v1.LedgerService/GetAccount",
+        "/triplane.money.v1.LedgerService/GetBalance",
+        "/triplane.money.v1.LedgerService/ListAccountPostings",
+        "/triplane.money.v1.LedgerService/GetEntry",
+        "/triplane.money.v1.LedgerService/GetHold",
         # Bundles page: read, diff, activate and shadow (risk_admin, with a reason).
         "/triplane.policy.v1.BundleService/ListBundles",
         "/triplane.policy.v1.BundleService/GetActiveBundle",
@@ -92,6 +101,14 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.ai.v1.ModelRegistryService/GetModelVersion",
         "/triplane.ai.v1.ModelRegistryService/PromoteModel",
         "/triplane.ai.v1.ModelRegistryService/RollbackModel",
+        # Reconciliation page: breaks, statements, imports and resolutions
+        # (finance_operator; the operator is the plane's recorded actor).
+        "/triplane.money.v1.ReconciliationService/ImportStatement",
+        "/triplane.money.v1.ReconciliationService/GetStatement",
+        "/triplane.money.v1.ReconciliationService/ListStatements",
+        "/triplane.money.v1.ReconciliationService/ListBreaks",
+        "/triplane.money.v1.ReconciliationService/GetBreak",
+        "/triplane.money.v1.ReconciliationService/ResolveBreak",
     }
     # The gateway's public port leaves every method to its credential layer.
     assert all(roles == authz.ANY_CALLER for roles in gateway.permissions.PERMISSIONS.values())

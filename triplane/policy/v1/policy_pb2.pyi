@@ -1233,6 +1233,129 @@ class GetDecisionResponse(_message.Message):
 Global___GetDecisionResponse: _TypeAlias = GetDecisionResponse  # noqa: Y015
 
 @_typing.final
+class ListDecisionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Required: a search never crosses tenants."""
+    decision_id: _builtins.str
+    """Optional filters, all of which a listed decision matches."""
+    customer: _builtins.str
+    """The platform's customer id (payment.customer_id) or the token of the
+    customer's name (`ptok_name_...`, GetDecisionResponse.customer_name_token:
+    what an operator without pii:read sees). A name in clear finds nothing.
+    """
+    account_id: _builtins.str
+    page_size: _builtins.int
+    """Decisions per page: 0 is `policy.limits.default_page_size`; above
+    `policy.limits.max_page_size` the page holds that maximum; negative is
+    INVALID_ARGUMENT PAGE_SIZE_INVALID.
+    """
+    page_token: _builtins.str
+    """The previous page's `next_page_token` (empty: the first page); another
+    list's token or a garbled one is INVALID_ARGUMENT PAGE_TOKEN_INVALID.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Logged at or after start_time and before end_time (the log's time)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        decision_id: _builtins.str = ...,
+        customer: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "customer", b"customer", "decision_id", b"decision_id", "end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDecisionsRequest: _TypeAlias = ListDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListedDecision(_message.Message):
+    """One decision of a search: the decision as logged, what it was for, and
+    when the log recorded it (the time ReplayDecisions windows by).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    MOVEMENT_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_NAME_TOKEN_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    movement: Global___MoneyMovement.ValueType
+    customer_id: _builtins.str
+    customer_name_token: _builtins.str
+    """Token of the customer's name (never the name); empty when none."""
+    @_builtins.property
+    def decision(self) -> Global___Decision: ...
+    @_builtins.property
+    def amount(self) -> _types_pb2.Money: ...
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        decision: Global___Decision | None = ...,
+        amount: _types_pb2.Money | None = ...,
+        movement: Global___MoneyMovement.ValueType = ...,
+        customer_id: _builtins.str = ...,
+        customer_name_token: _builtins.str = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "decision", b"decision", "recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "customer_id", b"customer_id", "customer_name_token", b"customer_name_token", "decision", b"decision", "movement", b"movement", "recorded_at", b"recorded_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListedDecision: _TypeAlias = ListedDecision  # noqa: Y015
+
+@_typing.final
+class ListDecisionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ListedDecision]: ...
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___ListedDecision] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDecisionsResponse: _TypeAlias = ListDecisionsResponse  # noqa: Y015
+
+@_typing.final
 class ReplayDecisionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -53,6 +53,11 @@ class PolicyServiceStub:
                 request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetDecisionRequest.SerializeToString,
                 response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetDecisionResponse.FromString,
                 _registered_method=True)
+        self.ListDecisions = channel.unary_unary(
+                '/triplane.policy.v1.PolicyService/ListDecisions',
+                request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ListDecisionsRequest.SerializeToString,
+                response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ListDecisionsResponse.FromString,
+                _registered_method=True)
         self.ReplayDecisions = channel.unary_unary(
                 '/triplane.policy.v1.PolicyService/ReplayDecisions',
                 request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ReplayDecisionsRequest.SerializeToString,
@@ -104,6 +109,16 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDecisions(self, request, context):
+        """Logged decisions of a tenant, newest first, found by decision id,
+        customer (the platform's customer id or the customer's name token),
+        account and a time window; paged. Served from indexes, never a scan of
+        the tenant's log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReplayDecisions(self, request, context):
         """Re-evaluates a window of logged decisions under a bundle version.
         """
@@ -150,6 +165,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.GetDecision,
                     request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetDecisionRequest.FromString,
                     response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetDecisionResponse.SerializeToString,
+            ),
+            'ListDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDecisions,
+                    request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ListDecisionsRequest.FromString,
+                    response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ListDecisionsResponse.SerializeToString,
             ),
             'ReplayDecisions': grpc.unary_unary_rpc_method_handler(
                     servicer.ReplayDecisions,
@@ -257,6 +277,33 @@ class PolicyService:
             '/triplane.policy.v1.PolicyService/GetDecision',
             triplane_dot_policy_dot_v1_dot_policy__pb2.GetDecisionRequest.SerializeToString,
             triplane_dot_policy_dot_v1_dot_policy__pb2.GetDecisionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.policy.v1.PolicyService/ListDecisions',
+            triplane_dot_policy_dot_v1_dot_policy__pb2.ListDecisionsRequest.SerializeToString,
+            triplane_dot_policy_dot_v1_dot_policy__pb2.ListDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

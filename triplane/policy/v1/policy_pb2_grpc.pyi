@@ -45,6 +45,12 @@ class PolicyServiceStub:
     """
     GetDecision: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetDecisionRequest, _policy_pb2.GetDecisionResponse]
     """One logged decision, by its id or by the idempotency key it was made under."""
+    ListDecisions: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ListDecisionsRequest, _policy_pb2.ListDecisionsResponse]
+    """Logged decisions of a tenant, newest first, found by decision id,
+    customer (the platform's customer id or the customer's name token),
+    account and a time window; paged. Served from indexes, never a scan of
+    the tenant's log.
+    """
     ReplayDecisions: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ReplayDecisionsRequest, _policy_pb2.ReplayDecisionsResponse]
     """Re-evaluates a window of logged decisions under a bundle version."""
     VerifyDecisionLog: _grpc.UnaryUnaryMultiCallable[_policy_pb2.VerifyDecisionLogRequest, _policy_pb2.VerifyDecisionLogResponse]
@@ -73,6 +79,12 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     """
     GetDecision: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetDecisionRequest, _policy_pb2.GetDecisionResponse]  # type: ignore[assignment]
     """One logged decision, by its id or by the idempotency key it was made under."""
+    ListDecisions: _aio.UnaryUnaryMultiCallable[_policy_pb2.ListDecisionsRequest, _policy_pb2.ListDecisionsResponse]  # type: ignore[assignment]
+    """Logged decisions of a tenant, newest first, found by decision id,
+    customer (the platform's customer id or the customer's name token),
+    account and a time window; paged. Served from indexes, never a scan of
+    the tenant's log.
+    """
     ReplayDecisions: _aio.UnaryUnaryMultiCallable[_policy_pb2.ReplayDecisionsRequest, _policy_pb2.ReplayDecisionsResponse]  # type: ignore[assignment]
     """Re-evaluates a window of logged decisions under a bundle version."""
     VerifyDecisionLog: _aio.UnaryUnaryMultiCallable[_policy_pb2.VerifyDecisionLogRequest, _policy_pb2.VerifyDecisionLogResponse]  # type: ignore[assignment]
@@ -116,6 +128,18 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.GetDecisionResponse, _abc.Awaitable[_policy_pb2.GetDecisionResponse]]:
         """One logged decision, by its id or by the idempotency key it was made under."""
+
+    @_abc_1.abstractmethod
+    def ListDecisions(
+        self,
+        request: _policy_pb2.ListDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.ListDecisionsResponse, _abc.Awaitable[_policy_pb2.ListDecisionsResponse]]:
+        """Logged decisions of a tenant, newest first, found by decision id,
+        customer (the platform's customer id or the customer's name token),
+        account and a time window; paged. Served from indexes, never a scan of
+        the tenant's log.
+        """
 
     @_abc_1.abstractmethod
     def ReplayDecisions(
