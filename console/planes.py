@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from triplane.money.v1 import money_pb2_grpc
+from triplane.money.v1 import money_pb2_grpc, recon_pb2_grpc
 from triplane.policy.v1 import policy_pb2_grpc
 from triplane.runtime.config import Config
 from triplane.runtime.net import dial_address
@@ -59,6 +59,9 @@ class Planes:
 
     def ledger(self) -> money_pb2_grpc.LedgerServiceStub:
         return money_pb2_grpc.LedgerServiceStub(self.channel("money"))
+
+    def recon(self) -> recon_pb2_grpc.ReconciliationServiceStub:
+        return recon_pb2_grpc.ReconciliationServiceStub(self.channel("money"))
 
     async def close(self) -> None:
         for channel in self._channels.values():

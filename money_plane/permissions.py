@@ -48,13 +48,17 @@ PERMISSIONS: Permissions = permissions(
     },
 ) | permissions(
     # Reconciliation is the finance operators' (through the admin identity and
-    # its tools): statements, expected payments, breaks and their resolution.
+    # its tools, or the console's Reconciliation page, which records the
+    # signed-in operator as the actor): statements, expected payments, breaks
+    # and their resolution.
     "triplane.money.v1.ReconciliationService",
     {
-        "ImportStatement": ADMIN_ONLY,
+        "ImportStatement": ADMIN_AND_CONSOLE,
         "CreateExpectedPayments": ADMIN_ONLY,
-        "GetStatement": ADMIN_ONLY,
-        "ListBreaks": ADMIN_ONLY,
-        "ResolveBreak": ADMIN_ONLY,
+        "GetStatement": ADMIN_AND_CONSOLE,
+        "ListStatements": ADMIN_AND_CONSOLE,
+        "ListBreaks": ADMIN_AND_CONSOLE,
+        "GetBreak": ADMIN_AND_CONSOLE,
+        "ResolveBreak": ADMIN_AND_CONSOLE,
     },
 )

@@ -91,6 +91,7 @@ def statement(s: StatementRecord) -> pb.ReconStatement:
         ledger_closing_minor=s.ledger_closing_minor or 0,
         imported_at=wire.timestamp(s.imported_at_us),
         file_sha256=s.file_sha256,
+        imported_by=s.imported_by,
     )
 
 

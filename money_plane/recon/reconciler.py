@@ -1109,6 +1109,46 @@ class Reconciler:
             raise NotFound("STATEMENT_NOT_FOUND", f"no statement {statement_id!r}", "statement_id")
         return record, lines
 
+    async def list_statements(
+        self, tenant_id: str, page_token: str, limit: int
+    ) -> tuple[list[StatementRecord], str]:
+        """Imported statements, newest first, and the next page's token
+        ("<imported_at_us>:<statement_id>" of the last one; empty at the end)."""
+        check_tenant_id(tenant_id)
+        before_us, before_id = 0, ""
+        if page_token:
+            at, _, before_id = page_token.partition(":")
+            if not at.isdigit() or not before_id or int(at) <= 0:
+                raise InvalidArgument(
+                    "PAGE_TOKEN_INVALID", "page_token is not one this list gave", "page_token"
+                )
+            before_us = int(at)
+        found: list[StatementRecord] = await self._tx(
+            lambda tx: tx.list_statements(tenant_id, before_us, before_id, limit)
+        )
+        last = found[-1] if len(found) == limit else None
+        return found, f"{last.imported_at_us}:{last.statement_id}" if last else ""
+
+    async def break_detail(
+        self, tenant_id: str, break_id: str
+    ) -> tuple[Break, tuple[Any, ...] | None, ExpectedPayment | None]:
+        """A break with its statement line (codec.line's row) and its
+        expected payment, each None when the break names none."""
+        check_tenant_id(tenant_id)
+
+        def work(tx: Tx) -> tuple[Break | None, tuple[Any, ...] | None, ExpectedPayment | None]:
+            b = tx.get_break(tenant_id, break_id)
+            if b is None:
+                return None, None, None
+            line = tx.line_row(tenant_id, b.line_fingerprint) if b.line_fingerprint else None
+            expected = tx.get_expected(tenant_id, b.expected_id) if b.expected_id else None
+            return b, line, expected
+
+        b, line, expected = await self._tx(work)
+        if b is None:
+            raise NotFound("BREAK_NOT_FOUND", f"no break {break_id!r}", "break_id")
+        return b, line, expected
+
     async def list_breaks(
         self,
         tenant_id: str,

@@ -102,6 +102,32 @@ class ReconciliationServicer(recon_pb2_grpc.ReconciliationServiceServicer):
             recon_break=codec.recon_break(resolved, sla.tier, sla.overdue, sla.age_s)
         )
 
+    async def GetBreak(
+        self, request: pb.GetBreakRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBreakResponse:
+        recon = await self._recon_for(request.tenant_id)
+        found, line, expected = await recon.break_detail(request.tenant_id, request.break_id)
+        sla = recon.sla(found)
+        answer = pb.GetBreakResponse(
+            recon_break=codec.recon_break(found, sla.tier, sla.overdue, sla.age_s)
+        )
+        if line is not None:
+            answer.line.CopyFrom(codec.line(line))
+        if expected is not None:
+            answer.expected_payment.CopyFrom(codec.expected_message(expected))
+        return answer
+
+    async def ListStatements(
+        self, request: pb.ListStatementsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListStatementsResponse:
+        recon = await self._recon_for(request.tenant_id)
+        found, next_token = await recon.list_statements(
+            request.tenant_id, request.page_token, _page_size(request.page_size)
+        )
+        return pb.ListStatementsResponse(
+            statements=[codec.statement(s) for s in found], next_page_token=next_token
+        )
+
 
 def reconciliation_service(recon_for: ReconFor) -> Service:
     servicer = ReconciliationServicer(recon_for)

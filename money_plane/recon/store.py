@@ -385,6 +385,38 @@ class Tx:
         )
         return [tuple(r) for r in self.cur.fetchall()]
 
+    def list_statements(
+        self, tenant_id: str, before_us: int, before_id: str, limit: int
+    ) -> list[StatementRecord]:
+        """Statements imported before (`before_us`, `before_id`), newest
+        first; `before_us` 0 starts at the newest."""
+        where = "tenant_id = %s"
+        params: list[Any] = [tenant_id]
+        if before_us:
+            where += " AND (imported_at_us < %s OR (imported_at_us = %s AND statement_id < %s))"
+            params += [before_us, before_us, before_id]
+        self.cur.execute(
+            self._sql(
+                f"SELECT {_STATEMENT_COLUMNS} FROM statements WHERE {where} "
+                "ORDER BY imported_at_us DESC, statement_id DESC LIMIT %s"
+            ),
+            (*params, limit),
+        )
+        return [statement_from_row(r) for r in self.cur.fetchall()]
+
+    def line_row(self, tenant_id: str, fingerprint: str) -> tuple[Any, ...] | None:
+        """One statement line in `statement_lines`' shape (codec.line)."""
+        self.cur.execute(
+            self._sql(
+                "SELECT fingerprint, position, amount_minor, currency, direction, booking_date, "
+                "value_date, status, end_to_end_id, match_id FROM statement_lines "
+                "WHERE tenant_id = %s AND fingerprint = %s"
+            ),
+            (tenant_id, fingerprint),
+        )
+        row = self.cur.fetchone()
+        return tuple(row) if row else None
+
     def known_lines(self, tenant_id: str, fingerprints: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in _chunks(fingerprints):

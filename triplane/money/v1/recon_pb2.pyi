@@ -113,6 +113,7 @@ class ReconStatement(_message.Message):
     LEDGER_CLOSING_MINOR_FIELD_NUMBER: _builtins.int
     IMPORTED_AT_FIELD_NUMBER: _builtins.int
     FILE_SHA256_FIELD_NUMBER: _builtins.int
+    IMPORTED_BY_FIELD_NUMBER: _builtins.int
     statement_id: _builtins.str
     kind: _builtins.str
     message_name: _builtins.str
@@ -132,6 +133,8 @@ class ReconStatement(_message.Message):
     ledger_checked: _builtins.bool
     ledger_closing_minor: _builtins.int
     file_sha256: _builtins.str
+    imported_by: _builtins.str
+    """Who imported it (ImportStatement's actor, or the plane's own intake)."""
     @_builtins.property
     def imported_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -155,10 +158,11 @@ class ReconStatement(_message.Message):
         ledger_closing_minor: _builtins.int = ...,
         imported_at: _timestamp_pb2.Timestamp | None = ...,
         file_sha256: _builtins.str = ...,
+        imported_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["imported_at", b"imported_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances_agree", b"balances_agree", "bank_account_last4", b"bank_account_last4", "bank_statement_id", b"bank_statement_id", "closing_date", b"closing_date", "closing_minor", b"closing_minor", "currency", b"currency", "file_sha256", b"file_sha256", "has_balances", b"has_balances", "imported_at", b"imported_at", "kind", b"kind", "ledger_account_id", b"ledger_account_id", "ledger_checked", b"ledger_checked", "ledger_closing_minor", b"ledger_closing_minor", "line_count", b"line_count", "message_name", b"message_name", "new_line_count", b"new_line_count", "opening_minor", b"opening_minor", "statement_id", b"statement_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances_agree", b"balances_agree", "bank_account_last4", b"bank_account_last4", "bank_statement_id", b"bank_statement_id", "closing_date", b"closing_date", "closing_minor", b"closing_minor", "currency", b"currency", "file_sha256", b"file_sha256", "has_balances", b"has_balances", "imported_at", b"imported_at", "imported_by", b"imported_by", "kind", b"kind", "ledger_account_id", b"ledger_account_id", "ledger_checked", b"ledger_checked", "ledger_closing_minor", b"ledger_closing_minor", "line_count", b"line_count", "message_name", b"message_name", "new_line_count", b"new_line_count", "opening_minor", b"opening_minor", "statement_id", b"statement_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,6 +628,112 @@ class ResolveBreakResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveBreakResponse: _TypeAlias = ResolveBreakResponse  # noqa: Y015
+
+@_typing.final
+class GetBreakRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    BREAK_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    break_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        break_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_id", b"break_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBreakRequest: _TypeAlias = GetBreakRequest  # noqa: Y015
+
+@_typing.final
+class GetBreakResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECON_BREAK_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    EXPECTED_PAYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recon_break(self) -> Global___ReconBreak: ...
+    @_builtins.property
+    def line(self) -> Global___ReconStatementLine:
+        """Set when the break names a statement line."""
+
+    @_builtins.property
+    def expected_payment(self) -> Global___ExpectedPayment:
+        """Set when the break names an expected payment."""
+
+    def __init__(
+        self,
+        *,
+        recon_break: Global___ReconBreak | None = ...,
+        line: Global___ReconStatementLine | None = ...,
+        expected_payment: Global___ExpectedPayment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expected_payment", b"expected_payment", "line", b"line", "recon_break", b"recon_break"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_payment", b"expected_payment", "line", b"line", "recon_break", b"recon_break"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBreakResponse: _TypeAlias = GetBreakResponse  # noqa: Y015
+
+@_typing.final
+class ListStatementsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    page_size: _builtins.int
+    """0: 100; at most 1000."""
+    page_token: _builtins.str
+    """The previous page's next_page_token (empty: the first page); another
+    value is INVALID_ARGUMENT PAGE_TOKEN_INVALID.
+    """
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStatementsRequest: _TypeAlias = ListStatementsRequest  # noqa: Y015
+
+@_typing.final
+class ListStatementsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReconStatement]: ...
+    def __init__(
+        self,
+        *,
+        statements: _abc.Iterable[Global___ReconStatement] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "statements", b"statements"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStatementsResponse: _TypeAlias = ListStatementsResponse  # noqa: Y015
 
 @_typing.final
 class ReconBreakDetectedEvent(_message.Message):

@@ -63,6 +63,16 @@ class ReconciliationServiceStub:
                 request_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.ResolveBreakRequest.SerializeToString,
                 response_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.ResolveBreakResponse.FromString,
                 _registered_method=True)
+        self.GetBreak = channel.unary_unary(
+                '/triplane.money.v1.ReconciliationService/GetBreak',
+                request_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.GetBreakRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.GetBreakResponse.FromString,
+                _registered_method=True)
+        self.ListStatements = channel.unary_unary(
+                '/triplane.money.v1.ReconciliationService/ListStatements',
+                request_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsResponse.FromString,
+                _registered_method=True)
 
 
 class ReconciliationServiceServicer:
@@ -114,6 +124,22 @@ class ReconciliationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBreak(self, request, context):
+        """One break with the statement line and the expected payment it concerns
+        (either may be absent: a break of an expected payment has no line, a
+        stray booking no expected payment). NOT_FOUND BREAK_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStatements(self, request, context):
+        """Imported statements, newest import first, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReconciliationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +167,16 @@ def add_ReconciliationServiceServicer_to_server(servicer, server):
                     servicer.ResolveBreak,
                     request_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.ResolveBreakRequest.FromString,
                     response_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.ResolveBreakResponse.SerializeToString,
+            ),
+            'GetBreak': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBreak,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.GetBreakRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.GetBreakResponse.SerializeToString,
+            ),
+            'ListStatements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStatements,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -282,6 +318,60 @@ class ReconciliationService:
             '/triplane.money.v1.ReconciliationService/ResolveBreak',
             triplane_dot_money_dot_v1_dot_recon__pb2.ResolveBreakRequest.SerializeToString,
             triplane_dot_money_dot_v1_dot_recon__pb2.ResolveBreakResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBreak(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.ReconciliationService/GetBreak',
+            triplane_dot_money_dot_v1_dot_recon__pb2.GetBreakRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_recon__pb2.GetBreakResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStatements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.ReconciliationService/ListStatements',
+            triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsResponse.FromString,
             options,
             channel_credentials,
             insecure,

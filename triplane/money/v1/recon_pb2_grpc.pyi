@@ -57,6 +57,13 @@ class ReconciliationServiceStub:
     to the ledger exactly once (with a decision token for that transfer), or
     accepted as is. Resolving again the same way returns it unchanged.
     """
+    GetBreak: _grpc.UnaryUnaryMultiCallable[_recon_pb2.GetBreakRequest, _recon_pb2.GetBreakResponse]
+    """One break with the statement line and the expected payment it concerns
+    (either may be absent: a break of an expected payment has no line, a
+    stray booking no expected payment). NOT_FOUND BREAK_NOT_FOUND.
+    """
+    ListStatements: _grpc.UnaryUnaryMultiCallable[_recon_pb2.ListStatementsRequest, _recon_pb2.ListStatementsResponse]
+    """Imported statements, newest import first, paged."""
 
 @_typing.type_check_only
 class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
@@ -87,6 +94,13 @@ class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     to the ledger exactly once (with a decision token for that transfer), or
     accepted as is. Resolving again the same way returns it unchanged.
     """
+    GetBreak: _aio.UnaryUnaryMultiCallable[_recon_pb2.GetBreakRequest, _recon_pb2.GetBreakResponse]  # type: ignore[assignment]
+    """One break with the statement line and the expected payment it concerns
+    (either may be absent: a break of an expected payment has no line, a
+    stray booking no expected payment). NOT_FOUND BREAK_NOT_FOUND.
+    """
+    ListStatements: _aio.UnaryUnaryMultiCallable[_recon_pb2.ListStatementsRequest, _recon_pb2.ListStatementsResponse]  # type: ignore[assignment]
+    """Imported statements, newest import first, paged."""
 
 class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
     """ReconciliationService matches what the bank says happened (camt.052/053/054
@@ -144,5 +158,24 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
         to the ledger exactly once (with a decision token for that transfer), or
         accepted as is. Resolving again the same way returns it unchanged.
         """
+
+    @_abc_1.abstractmethod
+    def GetBreak(
+        self,
+        request: _recon_pb2.GetBreakRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recon_pb2.GetBreakResponse, _abc.Awaitable[_recon_pb2.GetBreakResponse]]:
+        """One break with the statement line and the expected payment it concerns
+        (either may be absent: a break of an expected payment has no line, a
+        stray booking no expected payment). NOT_FOUND BREAK_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListStatements(
+        self,
+        request: _recon_pb2.ListStatementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recon_pb2.ListStatementsResponse, _abc.Awaitable[_recon_pb2.ListStatementsResponse]]:
+        """Imported statements, newest import first, paged."""
 
 def add_ReconciliationServiceServicer_to_server(servicer: ReconciliationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

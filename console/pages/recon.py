@@ -1,0 +1,459 @@
+"""Reconciliation (money plane ReconciliationService): a tenant's breaks by
+class, state, SLA tier and age, overdue first; one break with the statement
+line and the expected payment it concerns and its owner; resolving it (a
+manual match, a write-off, a reversal, or accepted as is) with a reason,
+finance operators only (`money:write`), the signed-in operator recorded by
+the plane as the actor; the imported statements, one statement's lines and
+what each matched, and importing a statement file. Every resolution and
+import is audited with the break or import before and after.
+
+A write-off or a reversal posts a ledger transfer, and the money plane posts
+it only under a decision token the policy plane signed for exactly that
+transfer (architecture rule 1). No plane issues one to the console yet, so
+the form asks for the token (the operator brings one from the policy
+plane's process); without it the money plane refuses, and the page says why.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import grpc
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from console import audit
+from console.app import console_of, error_page, grpc_error_page, render
+from console.auth import Session, requires
+from console.pages import Page
+from triplane.money.v1 import recon_pb2 as pb
+
+# recon.proto's ReconBreak.break_class values.
+CLASSES = (
+    "unmatched_bank",
+    "unmatched_ledger",
+    "amount_mismatch",
+    "duplicate",
+    "returned",
+    "late",
+    "balance_mismatch",
+)
+STATES = {"open": "open", "resolved": "resolved", "all": ""}
+# ResolveBreakRequest.resolution values, and what each needs besides a reason.
+RESOLUTIONS = ("manual_match", "write_off", "reversal", "accepted")
+NEEDS_TOKEN = frozenset({"write_off", "reversal"})
+MAX_TENANT_LENGTH = 128
+MAX_FIELD_LENGTH = 256
+MAX_NOTE_LENGTH = 2000
+# A statement file bigger than this is refused before it is sent.
+MAX_STATEMENT_BYTES = 8 * 1024 * 1024
+HOUR_S = 3600
+
+
+class BadInput(ValueError):
+    def __init__(self, field: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.reason = reason
+
+
+def _tenant(raw: str) -> str:
+    tenant = raw.strip()
+    if len(tenant) > MAX_TENANT_LENGTH:
+        raise BadInput("tenant", "FILTER_INVALID", "tenant is too long")
+    return tenant
+
+
+def _filters(params: dict[str, str], tiers: list[str]) -> dict[str, Any]:
+    state = params.get("state", "open") or "open"
+    if state not in STATES:
+        raise BadInput("state", "FILTER_INVALID", f"state must be one of {', '.join(STATES)}")
+    break_class = params.get("break_class", "")
+    if break_class and break_class not in CLASSES:
+        raise BadInput(
+            "break_class", "FILTER_INVALID", f"break_class must be one of {', '.join(CLASSES)}"
+        )
+    tier = params.get("tier", "")
+    if tier and tier not in tiers:
+        raise BadInput("tier", "FILTER_INVALID", f"tier must be one of {', '.join(tiers)}")
+    min_age_h: Decimal | None = None
+    raw_age = params.get("min_age_h", "").strip()
+    if raw_age:
+        try:
+            min_age_h = Decimal(raw_age)
+        except InvalidOperation:
+            raise BadInput("min_age_h", "FILTER_INVALID", "min_age_h must be a number") from None
+        if not min_age_h.is_finite() or min_age_h < 0:
+            raise BadInput("min_age_h", "FILTER_INVALID", "min_age_h must be a number >= 0")
+    return {
+        "tenant": _tenant(params.get("tenant", "")),
+        "state": state,
+        "break_class": break_class,
+        "tier": tier,
+        "overdue": params.get("overdue", "") == "1",
+        "min_age_h": min_age_h,
+        "page_token": params.get("page_token", ""),
+    }
+
+
+def _keep(b: pb.ReconBreak, filters: dict[str, Any]) -> bool:
+    if filters["tier"] and b.sla_tier != filters["tier"]:
+        return False
+    if filters["overdue"] and not b.overdue:
+        return False
+    return not (
+        filters["min_age_h"] is not None and Decimal(b.age_seconds) / HOUR_S < filters["min_age_h"]
+    )
+
+
+def _urgency(b: pb.ReconBreak) -> tuple[bool, int, str]:
+    """Overdue first, then oldest first."""
+    return (not b.overdue, -b.age_seconds, b.break_id)
+
+
+def break_path(tenant: str, break_id: str) -> str:
+    return f"/recon/{quote(tenant, safe='')}/breaks/{quote(break_id, safe='')}"
+
+
+def statement_path(tenant: str, statement_id: str) -> str:
+    return f"/recon/{quote(tenant, safe='')}/statements/{quote(statement_id, safe='')}"
+
+
+def _age(seconds: int) -> str:
+    if seconds < HOUR_S:
+        return f"{seconds // 60} min"
+    if seconds < 48 * HOUR_S:
+        return f"{seconds / HOUR_S:.1f} h"
+    return f"{seconds / (24 * HOUR_S):.1f} d"
+
+
+def _tiers(request: Request) -> list[str]:
+    return [tier.name for tier in console_of(request).config.money.recon.sla_tiers]
+
+
+@requires("money:read")
+async def breaks(request: Request, session: Session) -> Response:
+    console = console_of(request)
+    params = dict(request.query_params)
+    tiers = _tiers(request)
+    try:
+        filters = _filters(params, tiers)
+    except BadInput as bad:
+        return error_page(request, session, 400, bad.reason, str(bad), bad.field)
+    found: list[pb.ReconBreak] = []
+    next_token = ""
+    if filters["tenant"]:
+        try:
+            answer = await console.planes.recon().ListBreaks(
+                pb.ListBreaksRequest(
+                    tenant_id=filters["tenant"],
+                    state=STATES[filters["state"]],
+                    break_class=filters["break_class"],
+                    page_size=console.config.console.page_size,
+                    page_token=filters["page_token"],
+                ),
+                timeout=console.planes.timeout_s,
+            )
+        except grpc.aio.AioRpcError as error:
+            return grpc_error_page(request, session, error)
+        found = sorted((b for b in answer.breaks if _keep(b, filters)), key=_urgency)
+        next_token = answer.next_page_token
+    next_link = ""
+    if next_token:
+        kept = {k: v for k, v in params.items() if k != "page_token" and v}
+        next_link = "/recon?" + urlencode({**kept, "page_token": next_token})
+    template = "recon/_breaks.html" if request.headers.get("hx-request") else "recon/breaks.html"
+    return render(
+        request,
+        session,
+        template,
+        {
+            "filters": filters,
+            "params": params,
+            "breaks": found,
+            "next_link": next_link,
+            "states": list(STATES),
+            "classes": CLASSES,
+            "tiers": tiers,
+            "break_path": break_path,
+            "statement_path": statement_path,
+            "age": _age,
+        },
+    )
+
+
+async def _break(console: Any, tenant: str, break_id: str) -> pb.GetBreakResponse:
+    answer: pb.GetBreakResponse = await console.planes.recon().GetBreak(
+        pb.GetBreakRequest(tenant_id=tenant, break_id=break_id), timeout=console.planes.timeout_s
+    )
+    return answer
+
+
+@requires("money:read")
+async def break_detail(request: Request, session: Session) -> Response:
+    console = console_of(request)
+    tenant = request.path_params["tenant"]
+    break_id = request.path_params["break_id"]
+    try:
+        answer = await _break(console, tenant, break_id)
+    except grpc.aio.AioRpcError as error:
+        return grpc_error_page(request, session, error)
+    found = answer.recon_break
+    return render(
+        request,
+        session,
+        "recon/break.html",
+        {
+            "tenant": tenant,
+            "b": found,
+            "line": answer.line if answer.HasField("line") else None,
+            "expected": answer.expected_payment if answer.HasField("expected_payment") else None,
+            "can_resolve": session.can("money:write") and found.state == "open",
+            "resolutions": RESOLUTIONS,
+            "path": break_path(tenant, break_id),
+            "statement_path": statement_path,
+            "age": _age,
+        },
+    )
+
+
+def break_state(b: pb.ReconBreak) -> dict[str, Any]:
+    """What the audit log keeps of a break, before and after a resolution."""
+    return {
+        "state": b.state,
+        "break_class": b.break_class,
+        "resolution": b.resolution,
+        "resolved_by": b.resolved_by,
+        "resolution_entry_id": b.resolution_entry_id,
+        "note": b.note,
+    }
+
+
+def _field(form: Any, name: str, limit: int = MAX_FIELD_LENGTH) -> str:
+    value = form.get(name, "")
+    text = value.strip() if isinstance(value, str) else ""
+    if len(text) > limit:
+        raise BadInput(name, "FIELD_TOO_LONG", f"{name} is longer than {limit} characters")
+    return text
+
+
+def _resolution(form: Any) -> pb.ResolveBreakRequest:
+    """The form's resolution, checked before anything is sent."""
+    resolution = _field(form, "resolution")
+    if resolution not in RESOLUTIONS:
+        raise BadInput(
+            "resolution",
+            "RESOLUTION_INVALID",
+            f"resolution must be one of {', '.join(RESOLUTIONS)}",
+        )
+    note = _field(form, "note", MAX_NOTE_LENGTH)
+    if not note:
+        raise BadInput("note", "NOTE_REQUIRED", "Say why: a reason is required.")
+    token = _field(form, "decision_token", 8192)
+    if resolution in NEEDS_TOKEN and not token:
+        raise BadInput(
+            "decision_token",
+            "DECISION_TOKEN_REQUIRED",
+            f"a {resolution} posts a ledger transfer: paste the policy plane's decision token "
+            "for it",
+        )
+    return pb.ResolveBreakRequest(
+        resolution=resolution,
+        note=note,
+        expected_id=_field(form, "expected_id"),
+        entry_id=_field(form, "entry_id"),
+        decision_token=token if resolution in NEEDS_TOKEN else "",
+    )
+
+
+@requires("money:write")
+async def resolve(request: Request, session: Session) -> Response:
+    console = console_of(request)
+    tenant = request.path_params["tenant"]
+    break_id = request.path_params["break_id"]
+    target = f"break:{tenant}/{break_id}"
+    try:
+        wanted = _resolution(await request.form())
+    except BadInput as bad:
+        return error_page(request, session, 400, bad.reason, str(bad), bad.field)
+    wanted.tenant_id = tenant
+    wanted.break_id = break_id
+    # The plane records who resolved it: the operator signed in here.
+    wanted.actor = session.username
+    asked = {"resolution": wanted.resolution, "expected_id": wanted.expected_id}
+    before: dict[str, Any] = {}
+    try:
+        before = break_state((await _break(console, tenant, break_id)).recon_break)
+        answer = await console.planes.recon().ResolveBreak(wanted, timeout=console.planes.timeout_s)
+    except grpc.aio.AioRpcError as error:
+        await audit.record(
+            request,
+            session,
+            "break.resolve",
+            target,
+            "failed",
+            before=before,
+            after={**asked, "code": error.code().name, "details": error.details() or ""},
+        )
+        return grpc_error_page(request, session, error)
+    await audit.record(
+        request,
+        session,
+        "break.resolve",
+        target,
+        "ok",
+        before=before,
+        after=break_state(answer.recon_break),
+    )
+    return RedirectResponse(break_path(tenant, break_id), 303)
+
+
+@requires("money:read")
+async def statements(request: Request, session: Session) -> Response:
+    console = console_of(request)
+    params = dict(request.query_params)
+    try:
+        tenant = _tenant(params.get("tenant", ""))
+    except BadInput as bad:
+        return error_page(request, session, 400, bad.reason, str(bad), bad.field)
+    found: list[pb.ReconStatement] = []
+    next_link = ""
+    if tenant:
+        try:
+            answer = await console.planes.recon().ListStatements(
+                pb.ListStatementsRequest(
+                    tenant_id=tenant,
+                    page_size=console.config.console.page_size,
+                    page_token=params.get("page_token", ""),
+                ),
+                timeout=console.planes.timeout_s,
+            )
+        except grpc.aio.AioRpcError as error:
+            return grpc_error_page(request, session, error)
+        found = list(answer.statements)
+        if answer.next_page_token:
+            next_link = "/recon/statements?" + urlencode(
+                {"tenant": tenant, "page_token": answer.next_page_token}
+            )
+    return render(
+        request,
+        session,
+        "recon/statements.html",
+        {
+            "tenant": tenant,
+            "statements": found,
+            "next_link": next_link,
+            "statement_path": statement_path,
+            "can_import": session.can("money:write"),
+        },
+    )
+
+
+@requires("money:read")
+async def statement_detail(request: Request, session: Session) -> Response:
+    console = console_of(request)
+    tenant = request.path_params["tenant"]
+    statement_id = request.path_params["statement_id"]
+    try:
+        answer = await console.planes.recon().GetStatement(
+            pb.GetStatementRequest(tenant_id=tenant, statement_id=statement_id),
+            timeout=console.planes.timeout_s,
+        )
+    except grpc.aio.AioRpcError as error:
+        return grpc_error_page(request, session, error)
+    return render(
+        request,
+        session,
+        "recon/statement.html",
+        {
+            "tenant": tenant,
+            "statement": answer.statement,
+            "lines": answer.lines,
+            "breaks_link": "/recon?" + urlencode({"tenant": tenant, "state": "open"}),
+        },
+    )
+
+
+@requires("money:write")
+async def import_statement(request: Request, session: Session) -> Response:
+    console = console_of(request)
+    form = await request.form()
+    try:
+        tenant = _tenant(_field(form, "tenant"))
+        if not tenant:
+            raise BadInput("tenant", "FIELD_REQUIRED", "name the tenant")
+        account = _field(form, "ledger_account_id")
+        if not account:
+            raise BadInput("ledger_account_id", "FIELD_REQUIRED", "name the ledger's bank account")
+        upload = form.get("statement")
+        if not isinstance(upload, UploadFile) or not upload.filename:
+            raise BadInput("statement", "FIELD_REQUIRED", "choose a statement file")
+        content = await upload.read(MAX_STATEMENT_BYTES + 1)
+        if len(content) > MAX_STATEMENT_BYTES:
+            raise BadInput(
+                "statement", "STATEMENT_TOO_LARGE", f"the file is over {MAX_STATEMENT_BYTES} bytes"
+            )
+    except BadInput as bad:
+        return error_page(request, session, 400, bad.reason, str(bad), bad.field)
+    target = f"statement:{tenant}/{account}"
+    about = {"file": upload.filename, "bytes": len(content)}
+    try:
+        answer = await console.planes.recon().ImportStatement(
+            pb.ImportStatementRequest(
+                tenant_id=tenant,
+                ledger_account_id=account,
+                content=content,
+                actor=session.username,
+            ),
+            timeout=console.planes.timeout_s,
+        )
+    except grpc.aio.AioRpcError as error:
+        await audit.record(
+            request,
+            session,
+            "statement.import",
+            target,
+            "failed",
+            before=about,
+            after={"code": error.code().name, "details": error.details() or ""},
+        )
+        return grpc_error_page(request, session, error)
+    await audit.record(
+        request,
+        session,
+        "statement.import",
+        target,
+        "ok",
+        before=about,
+        after={
+            "statements": [s.statement_id for s in answer.statements],
+            "duplicate_file": answer.duplicate_file,
+            "lines_read": answer.lines_read,
+            "lines_new": answer.lines_new,
+            "matches": len(answer.matches),
+            "breaks": [b.break_id for b in answer.breaks],
+        },
+    )
+    if len(answer.statements) == 1:
+        return RedirectResponse(statement_path(tenant, answer.statements[0].statement_id), 303)
+    return RedirectResponse("/recon/statements?" + urlencode({"tenant": tenant}), 303)
+
+
+PAGE = Page(
+    label="Reconciliation",
+    path="/recon",
+    permission="money:read",
+    order=30,
+    routes=[
+        Route("/recon", breaks, methods=["GET"]),
+        Route("/recon/statements", statements, methods=["GET"]),
+        Route("/recon/statements/import", import_statement, methods=["POST"]),
+        Route("/recon/{tenant}/breaks/{break_id}", break_detail, methods=["GET"]),
+        Route("/recon/{tenant}/breaks/{break_id}/resolve", resolve, methods=["POST"]),
+        Route("/recon/{tenant}/statements/{statement_id}", statement_detail, methods=["GET"]),
+    ],
+)

@@ -1,0 +1,87 @@
+"""The read RPCs the console's Reconciliation page calls: GetBreak (a break
+with its statement line and expected payment) and ListStatements (newest
+import first, paged, a foreign page token refused naming the field), on
+real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from money_helpers import Kit
+from recon_samples import camt054, expected, line
+
+from money_plane.recon.reconciler import Reconciler
+from money_plane.recon.service import ReconciliationServicer
+from triplane.money.v1 import recon_pb2
+from triplane.runtime.errors import InvalidArgument, NotFound
+
+
+def servicer_for(recon: Reconciler) -> ReconciliationServicer:
+    async def recon_for(tenant_id: str) -> Reconciler:
+        return recon
+
+    return ReconciliationServicer(recon_for)
+
+
+async def test_get_break_carries_its_line_and_expected_payment(kit: Kit, recon: Reconciler) -> None:
+    servicer = servicer_for(recon)
+    await recon.create_expected_payments(kit.tenant, [expected("e1", 1000, e2e="E-1")])
+    # Matched by reference, amount outside the bounds: a break naming both.
+    result = await recon.import_statement(
+        kit.tenant, "bank", camt054(line(1500, e2e="E-1"), line(77, e2e="NOBODY")), actor="ana"
+    )
+    by_class = {b.break_class.value: b for b in result.breaks}
+    mismatch = by_class["amount_mismatch"]
+    got = await servicer.GetBreak(
+        recon_pb2.GetBreakRequest(tenant_id=kit.tenant, break_id=mismatch.break_id),
+        None,  # type: ignore[arg-type]
+    )
+    assert got.recon_break.break_id == mismatch.break_id
+    assert got.recon_break.owner and got.recon_break.sla_tier
+    assert got.line.amount.amount_minor == 1500 and got.line.end_to_end_id == "E-1"
+    assert got.expected_payment.expected_id == "e1"
+    stray = by_class["unmatched_bank"]
+    alone = await servicer.GetBreak(
+        recon_pb2.GetBreakRequest(tenant_id=kit.tenant, break_id=stray.break_id),
+        None,  # type: ignore[arg-type]
+    )
+    assert alone.HasField("line") and not alone.HasField("expected_payment")
+    with pytest.raises(NotFound) as missing:
+        await servicer.GetBreak(
+            recon_pb2.GetBreakRequest(tenant_id=kit.tenant, break_id="brk_nope"),
+            None,  # type: ignore[arg-type]
+        )
+    assert missing.value.reason == "BREAK_NOT_FOUND" and missing.value.field == "break_id"
+
+
+async def test_list_statements_newest_first_paged(kit: Kit, recon: Reconciler) -> None:
+    servicer = servicer_for(recon)
+    made = []
+    for n in range(3):
+        kit.clock.advance(1.0)
+        imported = await recon.import_statement(
+            kit.tenant, "bank", camt054(line(100 + n, e2e=f"S-{n}")), actor=f"op{n}"
+        )
+        made.append(imported.statements[0].statement_id)
+    first = await servicer.ListStatements(
+        recon_pb2.ListStatementsRequest(tenant_id=kit.tenant, page_size=2),
+        None,  # type: ignore[arg-type]
+    )
+    assert [s.statement_id for s in first.statements] == [made[2], made[1]]
+    assert [s.imported_by for s in first.statements] == ["op2", "op1"]
+    assert first.next_page_token
+    rest = await servicer.ListStatements(
+        recon_pb2.ListStatementsRequest(
+            tenant_id=kit.tenant, page_size=2, page_token=first.next_page_token
+        ),
+        None,  # type: ignore[arg-type]
+    )
+    assert [s.statement_id for s in rest.statements] == [made[0]]
+    assert not rest.next_page_token
+    for bad in ("garbage", "0:x", "12:", "-5:stm"):
+        with pytest.raises(InvalidArgument) as refused:
+            await servicer.ListStatements(
+                recon_pb2.ListStatementsRequest(tenant_id=kit.tenant, page_token=bad),
+                None,  # type: ignore[arg-type]
+            )
+        assert refused.value.reason == "PAGE_TOKEN_INVALID"
+        assert refused.value.field == "page_token"
