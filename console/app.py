@@ -53,6 +53,7 @@ from triplane.runtime.config import Config
 from triplane.runtime.currencies import format_minor
 from triplane.runtime.secret_files import decode_key, random_key_b64, read_secret, secret_path
 from triplane.runtime.status import parse_rpc_error
+from triplane.runtime.tasks import cancel_and_wait, every
 
 log = logging.getLogger("triplane.console")
 
@@ -338,6 +339,17 @@ async def home(request: Request) -> Response:
     return render(request, session, "home.html")
 
 
+async def sweep_sessions(console: Console) -> int:
+    """Deletes the sessions that have expired (idle or absolute); returns how many."""
+    now = console.clock.now_us()
+    settings = console.config.console
+    return await asyncio.to_thread(
+        console.store.delete_sessions_before,
+        now - int(settings.session_idle_s * 1_000_000),
+        now - int(settings.session_absolute_s * 1_000_000),
+    )
+
+
 async def healthz(request: Request) -> Response:
     console = console_of(request)
     try:
@@ -391,9 +403,18 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sweep = asyncio.create_task(
+            every(
+                settings.session_sweep_interval_s,
+                lambda: sweep_sessions(console),
+                "console session sweep",
+            ),
+            name="console-session-sweep",
+        )
         try:
             yield
         finally:
+            await cancel_and_wait([sweep])
             await console.planes.close()
             if console.oidc is not None:
                 await console.oidc.close()

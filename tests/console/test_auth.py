@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from console.app import create_app
+from console.app import create_app, sweep_sessions
 from console.auth import SESSION_COOKIE, UnknownRole, check_roles, hash_password
 from console.store import ConsoleStore
 from triplane.runtime.clock import ManualClock
@@ -215,3 +215,20 @@ def test_roles_are_checked() -> None:
 def test_health(client: TestClient) -> None:
     assert client.get("/healthz").text == "ok"
     assert client.get("/static/htmx.min.js").status_code == 200
+
+
+async def test_the_sweep_deletes_expired_sessions_only(config: Config, clock: ManualClock) -> None:
+    store = ConsoleStore.from_config(config)
+    app = create_app(config, clock=clock, store=store)
+    console = app.state.console
+    store.create_session("old", "rita", ("reviewer",), clock.now_us())
+    clock.advance(3000)
+    store.create_session("idle", "rita", ("reviewer",), clock.now_us())
+    store.create_session("live", "rita", ("reviewer",), clock.now_us())
+    clock.advance(601)
+    store.touch_session("live", clock.now_us())
+    # "old": past the absolute limit (3601 s); "idle": 601 s without a request.
+    assert await sweep_sessions(console) == 2
+    assert store.session("old") is None and store.session("idle") is None
+    assert store.session("live") is not None
+    store.close()

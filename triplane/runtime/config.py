@@ -1171,6 +1171,8 @@ class ConsoleConfig(_Strict, frozen=True):
     # sign-in whatever happens.
     session_idle_s: float = 1800.0
     session_absolute_s: float = 43200.0
+    # How often expired sessions are deleted (one is refused at once anyway).
+    session_sweep_interval_s: float = 300.0
     store: ConsoleStoreConfig = msgspec.field(default_factory=ConsoleStoreConfig)
     oidc: ConsoleOidcConfig = msgspec.field(default_factory=ConsoleOidcConfig)
     plane_addresses: ConsolePlaneAddressesConfig = msgspec.field(
@@ -1530,6 +1532,8 @@ def _check_console(config: Config) -> None:
         raise ConfigError("console.store.postgres_dsn is required with backend 'postgres'")
     if not 0 < console.session_idle_s <= console.session_absolute_s:
         raise ConfigError("console: 0 < session_idle_s <= session_absolute_s")
+    if console.session_sweep_interval_s <= 0:
+        raise ConfigError("console.session_sweep_interval_s must be > 0")
     if console.plane_timeout_s <= 0 or console.page_size < 1:
         raise ConfigError("console: plane_timeout_s > 0 and page_size >= 1")
     oidc = console.oidc
