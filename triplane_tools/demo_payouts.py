@@ -71,6 +71,7 @@ FEE_BPS = 100
 PAYOUT_CAP_MINOR = 90_000
 PAYOUT_MIN_MINOR = 500
 HANDOFF_TIMEOUT_S = 60.0
+MERCHANT_KYC_TIER = 3
 # The bank's faults (besides rejects and returns) a break stands for:
 # duplicate, late (when past the expected window and grace) and
 # amount_mismatch; a batch booking is matched, not a fault.
@@ -118,6 +119,7 @@ class PayoutReport:
     breaks: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     detection_s: tuple[float, float] | None = None
     detections: int = 0
+    elapsed_s: float = 0.0
 
     def by_rail_and_state(self) -> dict[str, collections.Counter[str]]:
         out: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -251,9 +253,12 @@ async def create_payouts(
         amount = min(settled.net_by_merchant.get(merchant_id, 0) // 3, PAYOUT_CAP_MINOR)
         if amount < PAYOUT_MIN_MINOR:
             continue
-        # Tier 1: the payout rules' KYC floor (params.payout_min_kyc_tier).
+        # A business with full KYC: tier 3, whose limits a payout of up to
+        # PAYOUT_CAP_MINOR stays under.
+        profile = kyc_profile(tenant, merchant_id, index, now_us)
+        profile.kyc_tier = MERCHANT_KYC_TIER
         await policy.put_customer_profile(
-            kyc_profile(tenant, merchant_id, 0, now_us),
+            profile,
             change_id=f"kyc-{merchant_id}",
             actor="synthetic-kyc",
         )
@@ -411,6 +416,7 @@ async def run_payouts(
     stack: Stack, config: Config, world: World, client: GatewayClient
 ) -> PayoutReport:
     report = PayoutReport()
+    started = time.monotonic()
     addresses = stack.addresses
     if "sandbox_bank" not in addresses:
         report.refused["no sandbox bank in the stack"] += 1
@@ -433,12 +439,16 @@ async def run_payouts(
         report.detection_s, report.detections = await detection_from_metrics(
             config.money.metrics_listen
         )
+    report.elapsed_s = time.monotonic() - started
     return report
 
 
 def print_report(report: PayoutReport) -> None:
     settled = report.settled or Settled()
-    print("\n== money out and back (settlement, payouts, reconciliation) ==")
+    print(
+        f"\n== money out and back (settlement, payouts, reconciliation; "
+        f"{report.elapsed_s:.0f} s) =="
+    )
     print(
         f"settlements       {settled.merchants} merchants settled ({FEE_BPS} bps fee): "
         f"gross {settled.gross_minor / 100:,.2f}, fees {settled.fees_minor / 100:,.2f}, "
