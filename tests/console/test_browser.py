@@ -116,3 +116,60 @@ async def test_risk_admin_sees_names_in_clear(console: ConsoleUnderTest, page: P
     await page.goto(f"/cases/{TENANT}/{decision.case_id}")
     await expect(page.get_by_test_id("decision-input")).to_contain_text("Jane Example")
     await shot(page, "pii-clear")
+
+
+async def test_queue_filters_by_amount_outcome_and_age(
+    console: ConsoleUnderTest, page: Page
+) -> None:
+    small = await console.review_case("browser-filter-small", amount_minor=11)
+    large = await console.review_case("browser-filter-large", amount_minor=77_777)
+    await signed_in(page, "rita")
+    await page.goto(f"/cases?tenant={TENANT}&min_amount=100")
+    await expect(page.locator(f'tr[data-case-id="{large.case_id}"]')).to_have_count(1)
+    await expect(page.locator(f'tr[data-case-id="{small.case_id}"]')).to_have_count(0)
+    await shot(page, "filter-amount")
+    await page.goto(f"/cases?tenant={TENANT}&max_amount=0.5&outcome=review")
+    await expect(page.locator(f'tr[data-case-id="{small.case_id}"]')).to_have_count(1)
+    await expect(page.locator(f'tr[data-case-id="{large.case_id}"]')).to_have_count(0)
+    await page.goto(f"/cases?tenant={TENANT}&outcome=hold")
+    await expect(page.locator(f'tr[data-case-id="{small.case_id}"]')).to_have_count(0)
+    # Opened just now: not older than an hour, until the console's clock says so.
+    await page.goto(f"/cases?tenant={TENANT}&min_age_h=1")
+    await expect(page.locator(f'tr[data-case-id="{small.case_id}"]')).to_have_count(0)
+    console.clock.advance(2 * 3600)
+    await signed_in(page, "rita")  # two idle hours ended the session
+    await page.goto(f"/cases?tenant={TENANT}&min_age_h=1")
+    await expect(page.locator(f'tr[data-case-id="{small.case_id}"]')).to_have_count(1)
+    # A filter that is not a number: 400, the field named, on the page.
+    await page.goto(f"/cases?tenant={TENANT}&min_age_h=soon")
+    await expect(page.get_by_test_id("reason")).to_have_text("FILTER_INVALID")
+    await expect(page.get_by_test_id("field")).to_have_text("min_age_h")
+
+
+async def test_every_control_is_labelled_and_a_case_is_claimed_by_keyboard(
+    console: ConsoleUnderTest, page: Page
+) -> None:
+    decision = await console.review_case("browser-keyboard")
+    unlabelled = """() => [...document.querySelectorAll('input, select, textarea')]
+        .filter(e => e.type !== 'hidden' && e.labels.length === 0).map(e => e.name)"""
+    await page.goto("/login")
+    assert await page.evaluate(unlabelled) == []
+    await signed_in(page, "rita")
+    await page.goto(f"/cases?tenant={TENANT}")
+    assert await page.evaluate(unlabelled) == []
+    await page.goto(f"/cases/{TENANT}/{decision.case_id}")
+    # Keyboard only: tab to the claim button (a bounded number of stops).
+    for _ in range(40):
+        await page.keyboard.press("Tab")
+        focused = await page.evaluate("() => document.activeElement.textContent.trim()")
+        if focused == "Claim this case":
+            break
+    else:
+        raise AssertionError("the claim button is not reachable by Tab")
+    outline = await page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"  # the focus is visible
+    await shot(page, "keyboard-focus")
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_test_id("case-assignee")).to_have_text("rita")
+    assert await page.evaluate(unlabelled) == []  # the resolve form too
+    assert (await console.get_case(decision.case_id)).status == pb.CASE_STATUS_CLAIMED
