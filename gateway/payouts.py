@@ -136,6 +136,11 @@ def payout_of(value: money_pb2.Payout) -> gw.Payout:
         reason=value.reason,
         created_at=value.created_at,
         updated_at=value.updated_at,
+        alternate_rails=value.alternate_rails,
+        attempts=[
+            gw.PayoutAttempt(rail=a.rail, reason_code=a.reason_code, failed_at=a.failed_at)
+            for a in value.attempts
+        ],
     )
 
 
@@ -154,6 +159,9 @@ def payout_webhook_payload(value: money_pb2.Payout) -> dict[str, object]:
         "end_to_end_id": value.end_to_end_id,
         "reason_code": value.reason_code,
         "rail": value.rail,
+        # Rails that failed it and it was re-routed from (the partner sees
+        # an `approved` again after `submitted` when it moves on).
+        "attempts": [{"rail": a.rail, "reason_code": a.reason_code} for a in value.attempts],
     }
 
 

@@ -2574,6 +2574,8 @@ class Payout(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    ALTERNATE_RAILS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     payout_id: _builtins.str
     beneficiary_id: _builtins.str
     merchant_id: _builtins.str
@@ -2582,7 +2584,7 @@ class Payout(_message.Message):
     decision_id: _builtins.str
     case_id: _builtins.str
     rail: _builtins.str
-    """The rail the routing policy chose."""
+    """The rail the routing policy chose (after a re-route: the rail it is on)."""
     end_to_end_id: _builtins.str
     reason_code: _builtins.str
     reason: _builtins.str
@@ -2592,6 +2594,16 @@ class Payout(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def alternate_rails(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The decision's other eligible rails left, next first: where a
+        re-routable failure sends it.
+        """
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PayoutAttempt]:
+        """The rails that failed it before settlement and were re-routed from."""
+
     def __init__(
         self,
         *,
@@ -2609,14 +2621,43 @@ class Payout(_message.Message):
         reason: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        alternate_rails: _abc.Iterable[_builtins.str] | None = ...,
+        attempts: _abc.Iterable[Global___PayoutAttempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "created_at", b"created_at", "decision_id", b"decision_id", "end_to_end_id", b"end_to_end_id", "merchant_id", b"merchant_id", "payout_id", b"payout_id", "rail", b"rail", "reason", b"reason", "reason_code", b"reason_code", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "alternate_rails", b"alternate_rails", "amount", b"amount", "attempts", b"attempts", "beneficiary_id", b"beneficiary_id", "case_id", b"case_id", "created_at", b"created_at", "decision_id", b"decision_id", "end_to_end_id", b"end_to_end_id", "merchant_id", b"merchant_id", "payout_id", b"payout_id", "rail", b"rail", "reason", b"reason", "reason_code", b"reason_code", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Payout: _TypeAlias = Payout  # noqa: Y015
+
+@_typing.final
+class PayoutAttempt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAIL_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    rail: _builtins.str
+    reason_code: _builtins.str
+    """The rail's reason (ISO 20022 status reason, ACH code, or the adapter's)."""
+    @_builtins.property
+    def failed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        rail: _builtins.str = ...,
+        reason_code: _builtins.str = ...,
+        failed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at", "rail", b"rail", "reason_code", b"reason_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayoutAttempt: _TypeAlias = PayoutAttempt  # noqa: Y015
 
 @_typing.final
 class CreatePayoutRequest(_message.Message):
