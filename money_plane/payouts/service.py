@@ -68,7 +68,13 @@ from money_plane.recon.store import ReconStore
 from money_plane.recon.store import Tx as ReconTx
 from triplane.runtime import codec as wire
 from triplane.runtime.config import PayoutsConfig, RailsConfig
-from triplane.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, TriplaneError
+from triplane.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TriplaneError,
+)
 from triplane.runtime.secret_files import (
     FieldCipher,
     SecretError,
@@ -470,18 +476,21 @@ class Payouts:
                 "decision_token",
             )
         payout = await self.get_payout(tenant_id, payout_id)
-        if payout.state == PayoutState.PENDING_REVIEW:
-            await self._open_accounts(tenant_id, payout.currency)
-        # The request's own field names: the ledger's errors name
-        # `<where>.decision_token...`, and here `where` is the request.
         job = self.ledger.prepare_job(
             tenant_id, [self._payout_command(payout, decision_token)], [""]
         )
         preset = job.preset_errors.get(0)
         if preset is not None:
             # A token that is not this payout's (the first term that differs
-            # named) or not the policy plane's: refused, nothing written.
+            # named) or not the policy plane's: refused before anything is written.
             raise _request_field(preset)
+        pending = payout.state == PayoutState.PENDING_REVIEW
+        if pending and job.commands[0].token_expired:
+            raise PermissionDenied(
+                "DECISION_TOKEN_EXPIRED", "decision token has expired", "decision_token"
+            )
+        if pending:
+            await self._open_accounts(tenant_id, payout.currency)
         claims = job.commands[0].claims
         decision_id = claims.decision_id if claims is not None else ""
         now_us = self._clock.now_us()
