@@ -34,7 +34,7 @@ from typing import Protocol
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from gateway.delivery.model import Delivery, DeliveryRecord
 from gateway.fields import FieldMap
@@ -64,6 +64,13 @@ _REVIEW_FIELDS = FieldMap(
     {"idempotency_key": "idempotency_key", "decision_token": "decision_token"}
 )
 
+PAYOUT_REVIEWS = Counter(
+    "triplane_gateway_payout_reviews",
+    "Payout review resolutions handed to the money plane, by resolution (approve, decline) and "
+    "result (applied, replayed; refused: the money plane's final refusal, e.g. an expired "
+    "approval token, the payout left as it was)",
+    ["resolution", "result"],
+)
 BREAK_WEBHOOK_QUEUED = Histogram(
     "triplane_gateway_break_webhook_queued_seconds",
     "From a reconciliation break's detection (detected_at) to its partner webhook queued",
@@ -246,14 +253,16 @@ class PayoutReviewConsumer(DurableEventConsumer):
             )
         else:
             raise DecodeError(f"case {case.case_id} resolved without a resolution")
+        resolution = "approve" if method == "ApprovePayout" else "decline"
         core = self._payouts.core
         try:
-            await self._payouts.money.call(
+            answer = await self._payouts.money.call(
                 method, request, core.config.budgets.money_budget_ms / 1000, _REVIEW_FIELDS
             )
         except TriplaneError as error:
             if error.code not in _FINAL:
                 raise
+            PAYOUT_REVIEWS.labels(resolution, "refused").inc()
             log.warning(
                 "%s of the payout under case %s refused: %s (%s)",
                 method,
@@ -261,6 +270,9 @@ class PayoutReviewConsumer(DurableEventConsumer):
                 error.reason,
                 error.field,
             )
+            return
+        assert isinstance(answer, money_pb2.ApprovePayoutResponse | money_pb2.DeclinePayoutResponse)
+        PAYOUT_REVIEWS.labels(resolution, "replayed" if answer.replayed else "applied").inc()
 
 
 class BreakWebhookConsumer(DurableEventConsumer):

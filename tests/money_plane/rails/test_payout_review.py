@@ -33,6 +33,7 @@ import nats
 import pytest
 import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import REGISTRY
 from sandbox_helpers import BankClient
 
 from gateway.app import Gateway
@@ -417,7 +418,11 @@ async def test_an_approved_review_pays_out_once_and_a_declined_one_moves_nothing
     finally:
         await nc.close()
     assert event.data is not None
+    replays = {"resolution": "approve", "result": "replayed"}
+    before = REGISTRY.get_sample_value("triplane_gateway_payout_reviews_total", replays) or 0
     await stack.gateway.event_consumers[1].handle(event.data)
+    after = REGISTRY.get_sample_value("triplane_gateway_payout_reviews_total", replays)
+    assert after == before + 1
     assert await _balance(stack, IN_FLIGHT) == HELD_MINOR
     assert (await _payout(stack, payout_id)).entry_id == payout.entry_id
 
