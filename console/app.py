@@ -297,6 +297,28 @@ async def login_submit(request: Request) -> Response:
         return error_page(
             request, None, 400, "LOCAL_ACCOUNTS_OFF", "Sign in through the identity provider."
         )
+    settings = console.config.console
+    if settings.login_max_failures and username:
+        since = console.clock.now_us() - int(settings.login_failure_window_s * 1_000_000)
+        failures = await asyncio.to_thread(console.store.failed_logins, username, since)
+        if failures >= settings.login_max_failures:
+            await audit.record(
+                request,
+                None,
+                "login",
+                username,
+                "denied",
+                actor=username,
+                after={"reason": "LOGIN_THROTTLED"},
+            )
+            return error_page(
+                request,
+                None,
+                429,
+                "LOGIN_THROTTLED",
+                "Too many refused sign-ins for this name; wait and try again.",
+                "username",
+            )
     user = await asyncio.to_thread(console.store.user, username) if username else None
     ok = await asyncio.to_thread(verify_password, user.password_hash if user else None, password)
     if user is None or not ok:

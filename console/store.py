@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS console_audit (
     before_json TEXT NOT NULL,
     after_json TEXT NOT NULL,
     remote TEXT NOT NULL
-)
+);
+CREATE INDEX IF NOT EXISTS console_audit_actor ON console_audit (actor, at_us)
 """
 
 
@@ -211,6 +212,15 @@ class ConsoleStore:
                     remote,
                 ),
             )
+
+    def failed_logins(self, username: str, since_us: int) -> int:
+        """Refused sign-ins of `username` since `since_us` (the audit log's)."""
+        row = self.db.read_one(
+            "SELECT COUNT(*) FROM console_audit WHERE actor = ? AND at_us >= ?"
+            " AND action = 'login' AND outcome = 'denied'",
+            (username, since_us),
+        )
+        return int(row[0]) if row else 0
 
     def audit_entries(
         self, limit: int, before_id: int = 0, actor: str = "", action: str = ""

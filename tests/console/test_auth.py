@@ -232,3 +232,21 @@ async def test_the_sweep_deletes_expired_sessions_only(config: Config, clock: Ma
     assert store.session("old") is None and store.session("idle") is None
     assert store.session("live") is not None
     store.close()
+
+
+def test_repeated_wrong_passwords_throttle_the_name(client: TestClient, clock: ManualClock) -> None:
+    for _ in range(5):
+        assert sign_in(client, "rita", "guess") == 401
+    # The right password no longer helps, for this name only, within the window.
+    assert sign_in(client, "rita") == 429
+    assert sign_in(client, "aud") == 303
+    clock.advance(901)
+    assert sign_in(client, "rita") == 303
+    reasons = [e.after.get("reason") for e in client.app.state.console.store.audit_entries(20)]  # type: ignore[attr-defined]
+    assert "LOGIN_THROTTLED" in reasons
+
+
+def test_reflected_next_is_escaped(client: TestClient) -> None:
+    page = client.get("/login", params={"next": '/x"><script>alert(1)</script>'})
+    assert "<script>alert(1)" not in page.text
+    assert "&lt;script&gt;" in page.text or "&#34;&gt;&lt;script" in page.text

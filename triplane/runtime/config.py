@@ -1173,6 +1173,10 @@ class ConsoleConfig(_Strict, frozen=True):
     session_absolute_s: float = 43200.0
     # How often expired sessions are deleted (one is refused at once anyway).
     session_sweep_interval_s: float = 300.0
+    # A username with this many refused sign-ins within the window is refused
+    # (429) until the oldest leaves it; 0: no limit.
+    login_max_failures: int = 5
+    login_failure_window_s: float = 900.0
     store: ConsoleStoreConfig = msgspec.field(default_factory=ConsoleStoreConfig)
     oidc: ConsoleOidcConfig = msgspec.field(default_factory=ConsoleOidcConfig)
     plane_addresses: ConsolePlaneAddressesConfig = msgspec.field(
@@ -1534,6 +1538,8 @@ def _check_console(config: Config) -> None:
         raise ConfigError("console: 0 < session_idle_s <= session_absolute_s")
     if console.session_sweep_interval_s <= 0:
         raise ConfigError("console.session_sweep_interval_s must be > 0")
+    if console.login_max_failures < 0 or console.login_failure_window_s <= 0:
+        raise ConfigError("console: login_max_failures >= 0 and login_failure_window_s > 0")
     if console.plane_timeout_s <= 0 or console.page_size < 1:
         raise ConfigError("console: plane_timeout_s > 0 and page_size >= 1")
     oidc = console.oidc
