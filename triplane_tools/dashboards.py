@@ -279,6 +279,31 @@ PLANES: dict[str, tuple[str, str, list[Panel]]] = {
                 unit="short",
                 description="Deliveries given up on: ListDeadLetters / RedeliverDeadLetter.",
             ),
+            Panel(
+                "Payout reviews handed to the money plane",
+                (
+                    _rate(
+                        "triplane_gateway_payout_reviews_total",
+                        "resolution, result",
+                        "{{resolution}} {{result}}",
+                    ),
+                ),
+                unit="ops",
+                description="refused: the money plane's final refusal (e.g. an expired "
+                "approval token); the payout stays pending review.",
+            ),
+            Panel(
+                "Reconciliation break: detection to webhook queued",
+                tuple(
+                    Query(
+                        f"histogram_quantile({q}, sum by (le) "
+                        f"(rate(triplane_gateway_break_webhook_queued_seconds_bucket[{RATE}])))",
+                        f"p{round(q * 100)}",
+                    )
+                    for q in (0.5, 0.99)
+                ),
+                unit="s",
+            ),
         ],
     ),
     "money": (
