@@ -56,6 +56,22 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "sre": frozenset({"health:read"}),
     "auditor": frozenset({"cases:read", "money:read", "audit:read", "health:read"}),
 }
+# The Decisions and Ledger pages (console/pages/decisions.py, ledger.py):
+# every role but finance_operator reads decisions (decisions:read);
+# risk_admin, sre and auditor may also replay one under another bundle
+# (decisions:replay: a replay writes nothing). The ledger is read with
+# money:read: finance_operator, sre and auditor; reviewer and risk_admin do
+# not see it. Nothing on either page moves money.
+_DECISIONS_AND_LEDGER: dict[str, frozenset[str]] = {
+    "reviewer": frozenset({"decisions:read"}),
+    "risk_admin": frozenset({"decisions:read", "decisions:replay"}),
+    "sre": frozenset({"decisions:read", "decisions:replay", "money:read"}),
+    "auditor": frozenset({"decisions:read", "decisions:replay"}),
+}
+ROLE_PERMISSIONS = {
+    role: held | _DECISIONS_AND_LEDGER.get(role, frozenset())
+    for role, held in ROLE_PERMISSIONS.items()
+}
 ROLES = tuple(ROLE_PERMISSIONS)
 
 SESSION_COOKIE = "console_session"
