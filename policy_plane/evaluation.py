@@ -111,10 +111,25 @@ class CompiledRailRoute:
 
     rail: str
     method: str
-    when: cel.Program
-    require: tuple[tuple[str, cel.Program], ...]
+    when: Condition
+    require: tuple[tuple[str, Condition], ...]
     fixed_cost_minor: int
     cost_bps: int
+
+    def conditions(self) -> list[tuple[str, Condition]]:
+        """(what it checks, its condition): `when`, then each requirement."""
+        return [("when", self.when), *self.require]
+
+    def with_written(self, which: str) -> CompiledRailRoute:
+        """This route with the condition named `which` run as written."""
+        if which == "when":
+            return dataclasses.replace(self, when=self.when.as_written())
+        return dataclasses.replace(
+            self,
+            require=tuple(
+                (name, c.as_written() if name == which else c) for name, c in self.require
+            ),
+        )
 
 
 _ALL_KNOWN = {name: True for name in VELOCITY_COUNTERS}
@@ -247,21 +262,22 @@ class CompiledBundle:
             for i, r in enumerate(spec.routing)
             if not r.rail
         ]
-        rail_schema = {**self._schema, "rail": cel_check.RAIL}
+        self._rail_schema = {**self._schema, "rail": cel_check.RAIL}
         self.rail_routes = [
             CompiledRailRoute(
                 r.rail,
                 r.method,
-                bundle_mod.compile_condition(
-                    r.when, f"routing[{i}].when", rail_schema, limits.condition
+                _condition(
+                    r.when, f"routing[{i}].when", self._rail_schema, flatten, limits.condition
                 ),
                 tuple(
                     (
                         need.reason,
-                        bundle_mod.compile_condition(
+                        _condition(
                             need.when,
                             f"routing[{i}].require[{j}].when",
-                            rail_schema,
+                            self._rail_schema,
+                            flatten,
                             limits.condition,
                         ),
                     )
@@ -273,6 +289,8 @@ class CompiledBundle:
             for i, r in enumerate(spec.routing)
             if r.rail
         ]
+        self._bind_rails()
+        self._check_rail_flattening()
         self.decline_suggestion_score = spec.cases.decline_suggestion_score
         # Per-thread evaluation contexts, the bundle's constants bound once.
         self._local = threading.local()
@@ -299,6 +317,52 @@ class CompiledBundle:
         self._roots = [r for r in roots if r != "params"]
         self._executes = [rule.program.execute for rule in self.rules]
         self._local = threading.local()
+
+    def _bind_rails(self) -> None:
+        """What rail routes bind: per evaluation the flat variables (and
+        nested roots) their conditions read of the request, and per rail
+        those they read of `rail`; the bundle's params once. Binding a whole
+        activation into a CEL context costs about a millisecond: this binds
+        only what they read."""
+        conditions = [c for r in self.rail_routes for _, c in r.conditions()]
+        paths = sorted(set().union(*(c.flat_paths for c in conditions)))
+        roots = {
+            name for c in conditions for name in c.program.variables() if name in self._rail_schema
+        }
+        constants: dict[str, Any] = {}
+        for path in paths:
+            if path[0] == "params":
+                constants[cel_check.flat_name(path)] = _lookup(self._params, path[1:])
+        if "params" in roots:
+            constants["params"] = self._params
+        self._rail_constants = constants
+        self._rail_flat = [
+            (cel_check.flat_name(p), p) for p in paths if p[0] not in ("params", "rail")
+        ]
+        self._rail_fact_paths = [(cel_check.flat_name(p), p[1:]) for p in paths if p[0] == "rail"]
+        self._rail_roots = sorted(roots - {"params", "rail"})
+        self._rail_whole = "rail" in roots
+        self._rail_local = threading.local()
+
+    def _check_rail_flattening(self) -> None:
+        """Every rewritten rail condition must decide as written on the probe
+        inputs (and the probe rail); one that does not runs as written."""
+        changed = False
+        for sample in probe_inputs():
+            screening = self.screener.screen(sample.payment, "")
+            nested = cel.Context({**self.activation(sample, screening), "rail": _rail(PROBE_RAIL)})
+            flat = self._rail_context(sample, screening)
+            self._bind_rail(flat, PROBE_RAIL)
+            for index, route in enumerate(self.rail_routes):
+                for name, condition in route.conditions():
+                    if condition.program is not condition.written and _run(
+                        condition.program, flat
+                    ) != _run(condition.written, nested):
+                        route = route.with_written(name)
+                        self.rail_routes[index] = route
+                        changed = True
+        if changed:
+            self._bind_rails()
 
     def _check_flattening(self) -> None:
         """Every rewritten condition must decide exactly as written on the
@@ -367,16 +431,12 @@ class CompiledBundle:
             context = self.context(sample, self.screener.screen(sample.payment, ""))
             checks = [(bundle_mod.rule_field(r.spec.id, "when"), r.program) for r in self.rules]
             checks += [(f"routing[{i}].when", r.program) for i, r in enumerate(self.routes)]
-            rail_context = cel.Context(
-                {
-                    **self.activation(sample, self.screener.screen(sample.payment, "")),
-                    "rail": _rail(PROBE_RAIL),
-                }
-            )
+            rail_context = self._rail_context(sample, self.screener.screen(sample.payment, ""))
+            self._bind_rail(rail_context, PROBE_RAIL)
             rail_checks = [
-                (f"routing[{r.rail}].{name}", program)
+                (f"routing[{r.rail}].{name}", condition.program)
                 for r in self.rail_routes
-                for name, program in (("when", r.when), *r.require)
+                for name, condition in r.conditions()
             ]
             for where, program, on in [(w, p, context) for w, p in checks] + [
                 (w, p, rail_context) for w, p in rail_checks
@@ -490,6 +550,27 @@ class CompiledBundle:
                 best = Route(method=route.method, estimated_cost_minor=cost, reason="lowest_cost")
         return best
 
+    def _rail_context(self, inp: EvaluationInput, screening: Screening) -> cel.Context:
+        """This thread's context for rail routes, bound to `inp` (valid until
+        this thread's next call); `_bind_rail` binds each rail in turn."""
+        local = self._rail_local
+        context: cel.Context | None = getattr(local, "context", None)
+        if context is None:
+            context = local.context = cel.Context(dict(self._rail_constants))
+        nested = self.activation(inp, screening)
+        values = {name: _lookup(nested, path) for name, path in self._rail_flat}
+        for root in self._rail_roots:
+            values[root] = nested[root]
+        context.update(values)
+        return context
+
+    def _bind_rail(self, context: cel.Context, facts: RailFacts) -> None:
+        offer = _rail(facts)
+        values = {name: _lookup(offer, path) for name, path in self._rail_fact_paths}
+        if self._rail_whole:
+            values["rail"] = offer
+        context.update(values)
+
     def _route_rails(self, inp: EvaluationInput, screening: Screening) -> Route | None:
         """Among the rails the money plane offers: each rail route's
         requirements (in order; the first that fails is why the rail was
@@ -498,7 +579,7 @@ class CompiledBundle:
         cheapest (rail cost + the route's own; ties: the bundle's order).
         The other eligible rails are the alternates, cheapest first."""
         facts = {f.rail: f for f in inp.snapshot.rails}
-        nested = self.activation(inp, screening)
+        context = self._rail_context(inp, screening)
         payment = inp.payment
         looked: list[tuple[CompiledRailRoute, str, int]] = []  # route, why not, cost
         eligible: list[tuple[int, int, CompiledRailRoute]] = []
@@ -516,12 +597,12 @@ class CompiledBundle:
                 + route.fixed_cost_minor
                 + payment.amount_minor * route.cost_bps // 10_000
             )
-            context = cel.Context({**nested, "rail": _rail(found)})
-            why = "" if _holds(route.when, context) else "ineligible"
-            for reason, program in route.require:
+            self._bind_rail(context, found)
+            why = "" if _holds(route.when.program, context) else "ineligible"
+            for reason, condition in route.require:
                 if why:
                     break
-                if not _holds(program, context):
+                if not _holds(condition.program, context):
                     why = reason
             looked.append((route, why, cost))
             if not why:

@@ -7,6 +7,7 @@ was not chosen; a replay routes the same."""
 from __future__ import annotations
 
 import datetime as dt
+import textwrap
 
 import msgspec
 import pytest
@@ -306,3 +307,65 @@ async def test_replay_reproduces_the_logged_route(engine: PolicyEngine) -> None:
     report = await engine.replay(ReplayWindow(TENANT, "", 0, 0, 0), "")
     assert report.replayed >= 1
     assert report.determinism_score == 1.0, report.changed
+
+
+ROUTING_INPUTS = [
+    payout(200_000_000, us_rails()),
+    payout(5_000_000, us_rails()),
+    payout(5_000_000, us_rails(same_day_open=False)),
+    payout(10_000, us_rails(same_day_open=False)),
+    payout(5_000_000, us_rails(same_day_open=False), beneficiary_payouts=0.0),
+    payout(5_000_000, us_rails(), counterparty="Golden Cresent Exchanges Group"),
+    payout(5_000_000, [msgspec.structs.replace(r, reachable=False) for r in us_rails()]),
+]
+
+
+def test_flattened_rail_routes_decide_as_written(default: CompiledBundle) -> None:
+    written = compile_source(default.source, LIMITS, SHIPPED_LISTS_DIR, flatten=False)
+    assert any(c.program is not c.written for r in default.rail_routes for _, c in r.conditions())
+    for inp in ROUTING_INPUTS:
+        assert default.evaluate(inp) == written.evaluate(inp)
+
+
+def test_a_rail_route_may_read_the_rail_whole_and_require_its_own_terms() -> None:
+    bundle = compile_source(
+        BundleSource(
+            yaml_text=textwrap.dedent(
+                """
+                apiVersion: triplane.policy/v1
+                label: rails
+                parameters: {max_cost_minor: 40}
+                rules: [{id: a, when: "false", outcome: deny, reason_code: A}]
+                routing:
+                  - method: instant_payment
+                    rail: instant
+                    require:
+                      - reason: too_dear
+                        when: has(rail.cost_minor) && rail.cost_minor < params.max_cost_minor
+                  - method: bank_transfer
+                    rail: ach
+                    when: rail.rail == "ach" && request.kind == "payout"
+                """
+            )
+        ),
+        LIMITS,
+        SHIPPED_LISTS_DIR,
+    )
+    route = route_of(bundle, payout(5_000, us_rails()))
+    assert (route.rail, route.reason, route.alternates) == ("ach", "only_eligible", [])
+    assert considered(route)["instant"] == ("rejected", "too_dear")
+    cheap = [
+        msgspec.structs.replace(r, cost_minor=1) if r.rail == "instant" else r for r in us_rails()
+    ]
+    assert route_of(bundle, payout(5_000, cheap)).rail == "instant"
+    with pytest.raises(InvalidArgument) as refused:
+        compile_source(
+            BundleSource(
+                yaml_text="apiVersion: triplane.policy/v1\nlabel: r\n"
+                "rules: [{id: a, when: 'false', outcome: deny, reason_code: A}]\nrouting:\n"
+                "  - {method: card, rail: card, require: [{reason: x, when: 'rail.nope'}]}\n"
+            ),
+            LIMITS,
+            SHIPPED_LISTS_DIR,
+        )
+    assert refused.value.reason == "RULE_UNKNOWN_FIELD"
