@@ -72,6 +72,13 @@ ROLE_PERMISSIONS = {
     role: held | _DECISIONS_AND_LEDGER.get(role, frozenset())
     for role, held in ROLE_PERMISSIONS.items()
 }
+# The Deliveries page (console/pages/deliveries.py): sre reads the gateway's
+# delivery queue and puts dead letters back on it; the auditor reads.
+ROLE_PERMISSIONS = {
+    **ROLE_PERMISSIONS,
+    "sre": ROLE_PERMISSIONS["sre"] | {"deliveries:read", "deliveries:redeliver"},
+    "auditor": ROLE_PERMISSIONS["auditor"] | {"deliveries:read"},
+}
 ROLES = tuple(ROLE_PERMISSIONS)
 
 SESSION_COOKIE = "console_session"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 
+from triplane.gateway.v1 import delivery_admin_pb2_grpc
 from triplane.money.v1 import money_pb2_grpc, recon_pb2_grpc
 from triplane.policy.v1 import policy_pb2_grpc
 from triplane.runtime.config import Config
@@ -28,6 +29,10 @@ class Planes:
             "money": dial.money or dial_address(config.money.listen),
             "policy": dial.policy or dial_address(config.policy.listen),
             "ai": dial.ai or dial_address(config.ai.listen),
+            # The gateway's certificate port: only there does it know the
+            # console by its certificate (empty: not configured).
+            "gateway": dial.gateway
+            or (dial_address(config.gateway.admin_listen) if config.gateway.admin_listen else ""),
         }
         self._channels: dict[str, RotatingChannel] = {}
         self._files = files
@@ -62,6 +67,13 @@ class Planes:
 
     def recon(self) -> recon_pb2_grpc.ReconciliationServiceStub:
         return recon_pb2_grpc.ReconciliationServiceStub(self.channel("money"))
+
+    def deliveries(self) -> delivery_admin_pb2_grpc.DeliveryAdminServiceStub:
+        return delivery_admin_pb2_grpc.DeliveryAdminServiceStub(self.channel("gateway"))
+
+    def has(self, plane: str) -> bool:
+        """Whether the console knows where `plane` is."""
+        return bool(self._addresses.get(plane))
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -13,6 +13,7 @@ from nats.aio.client import Client as NatsClient
 
 from gateway.auth.setup import Auth, open_auth
 from gateway.core import Core
+from gateway.delivery_admin import delivery_admin_services
 from gateway.engagement import Engagement, ExposureMeasurement
 from gateway.idempotency import IdempotencyStore
 from gateway.ingest import Ingest
@@ -156,7 +157,11 @@ class Gateway:
         self.server = PlaneServer(
             name="gateway",
             listen=self.listen or gateway.listen,
-            services=[*gateway_services(servicer), *(auth.services if auth else [])],
+            services=[
+                *gateway_services(servicer),
+                *delivery_admin_services(engagement.delivery),
+                *(auth.services if auth else []),
+            ],
             # The public port: partners come with API keys, not certificates;
             # admins may use the port that requires one (gateway.admin_listen).
             # Reflection has its own switch.

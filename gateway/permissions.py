@@ -36,6 +36,15 @@ PERMISSIONS: Permissions = {
         },
     ),
     **permissions(
+        f"{_PACKAGE}.DeliveryAdminService",
+        {
+            "ListDeliveryEndpoints": ANY_CALLER,
+            "ListDeliveries": ANY_CALLER,
+            "GetDelivery": ANY_CALLER,
+            "RequeueDelivery": ANY_CALLER,
+        },
+    ),
+    **permissions(
         f"{_PACKAGE}.ApiKeyService",
         {
             "CreateApiKey": ANY_CALLER,

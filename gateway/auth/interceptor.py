@@ -32,7 +32,7 @@ from gateway.auth.admin import missing_scope
 from gateway.auth.authenticator import Authenticator, missing
 from gateway.auth.principal import KIND_ADMIN, Principal, reset_principal, set_principal
 from gateway.auth.ratelimit import RateLimiter, rate_class
-from gateway.auth.scopes import KEYS_ADMIN, METHOD_RULES, MethodRule, is_open
+from gateway.auth.scopes import DELIVERIES_ADMIN, KEYS_ADMIN, METHOD_RULES, MethodRule, is_open
 from triplane.runtime.errors import PermissionDenied
 from triplane.runtime.ids import check_tenant_id
 from triplane.runtime.interceptors import Unary, UnaryWrappingInterceptor
@@ -77,11 +77,13 @@ class CredentialInterceptor(UnaryWrappingInterceptor):
         admin_identities: Collection[str],
         peer_identity: PeerIdentity,
         rules: dict[str, MethodRule] = METHOD_RULES,
+        console_identities: Collection[str] = (),
     ) -> None:
         super().__init__()
         self._authenticator = authenticator
         self._limiter = limiter
         self._admin_identities = frozenset(admin_identities)
+        self._console_identities = frozenset(console_identities)
         self._peer_identity = peer_identity
         self._rules = rules
         self._admins: dict[str, Principal] = {}
@@ -118,23 +120,28 @@ class CredentialInterceptor(UnaryWrappingInterceptor):
         authorization = _authorization(context)
         if authorization:
             return await self._authenticator.authenticate(authorization)
-        if rule.admin:
+        if rule.admin or rule.console:
             identity = self._peer_identity(context)
-            if identity is not None and identity in self._admin_identities:
-                return self._admin(identity)
+            if rule.admin and identity is not None and identity in self._admin_identities:
+                return self._admin(identity, "admin")
+            if rule.console and identity is not None and identity in self._console_identities:
+                return self._admin(identity, "console")
         raise missing()
 
-    def _admin(self, identity: str) -> Principal:
-        admin = self._admins.get(identity)
+    def _admin(self, identity: str, role: str) -> Principal:
+        """The principal of an admin or console certificate: no tenant (the
+        request names one), only the methods whose rule admits `role`."""
+        key = f"{role}:{identity}"
+        admin = self._admins.get(key)
         if admin is None:
-            admin = Principal(KIND_ADMIN, f"admin:{identity}", "", frozenset({KEYS_ADMIN}))
-            self._admins[identity] = admin
+            admin = Principal(KIND_ADMIN, key, "", frozenset({KEYS_ADMIN, DELIVERIES_ADMIN}))
+            self._admins[key] = admin
         return admin
 
 
 def _authorize(principal: Principal, rule: MethodRule, request: Any) -> None:
     if principal.is_admin:
-        if not rule.admin:
+        if not (rule.admin or rule.console):
             raise PermissionDenied(
                 TENANT_CREDENTIAL_REQUIRED,
                 "an admin credential belongs to no tenant: call with a tenant's key",

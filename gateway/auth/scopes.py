@@ -51,6 +51,7 @@ ALL_SCOPES = frozenset(
 
 GATEWAY_SERVICE = "triplane.gateway.v1.GatewayService"
 API_KEY_SERVICE = "triplane.gateway.v1.ApiKeyService"
+DELIVERY_ADMIN_SERVICE = "triplane.gateway.v1.DeliveryAdminService"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,9 @@ class MethodRule:
 
     scope: str
     admin: bool = False
+    # Also the operator console's certificate identity (runtime.tls.roles
+    # console), naming the tenant as an admin does.
+    console: bool = False
 
 
 def _gateway(method: str, scope: str) -> tuple[str, MethodRule]:
@@ -68,6 +72,11 @@ def _gateway(method: str, scope: str) -> tuple[str, MethodRule]:
 
 def _keys(method: str) -> tuple[str, MethodRule]:
     return f"/{API_KEY_SERVICE}/{method}", MethodRule(KEYS_ADMIN, admin=True)
+
+
+def _deliveries(method: str) -> tuple[str, MethodRule]:
+    rule = MethodRule(DELIVERIES_ADMIN, admin=True, console=True)
+    return f"/{DELIVERY_ADMIN_SERVICE}/{method}", rule
 
 
 METHOD_RULES: dict[str, MethodRule] = dict(
@@ -92,6 +101,10 @@ METHOD_RULES: dict[str, MethodRule] = dict(
         _keys("ListApiKeys"),
         _keys("RotateApiKey"),
         _keys("RevokeApiKey"),
+        _deliveries("ListDeliveryEndpoints"),
+        _deliveries("ListDeliveries"),
+        _deliveries("GetDelivery"),
+        _deliveries("RequeueDelivery"),
     ]
 )
 

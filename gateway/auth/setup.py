@@ -19,7 +19,7 @@ from gateway.auth.scopes import ALL_SCOPES
 from gateway.auth.service import ApiKeyServicer, api_key_services
 from gateway.auth.store import ApiKeyStore
 from gateway.storage import open_engagement_db
-from triplane.runtime.authz import ADMIN_ROLE, peer_identity
+from triplane.runtime.authz import ADMIN_ROLE, CONSOLE_ROLE, peer_identity
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import Config, ConfigError
 from triplane.runtime.db import Database
@@ -81,6 +81,7 @@ async def open_auth(config: Config, clock: Clock) -> Auth | None:
         limiter,
         config.runtime.tls.roles.get(ADMIN_ROLE, []),
         peer_identity,
+        console_identities=config.runtime.tls.roles.get(CONSOLE_ROLE, []),
     )
     return Auth(
         db,

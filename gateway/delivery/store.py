@@ -12,6 +12,8 @@ id. An attempt ends `delivered` (2xx), back to `pending` with a backoff, or
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -41,7 +43,9 @@ CREATE TABLE IF NOT EXISTS gw_deliveries (
 CREATE UNIQUE INDEX IF NOT EXISTS gw_deliveries_dedupe ON gw_deliveries (tenant_id, dedupe_key);
 CREATE INDEX IF NOT EXISTS gw_deliveries_due ON gw_deliveries (status, next_attempt_at_us);
 CREATE INDEX IF NOT EXISTS gw_deliveries_dead
-  ON gw_deliveries (tenant_id, status, dead_at_us, delivery_id)
+  ON gw_deliveries (tenant_id, status, dead_at_us, delivery_id);
+CREATE INDEX IF NOT EXISTS gw_deliveries_by_tenant
+  ON gw_deliveries (tenant_id, created_at_us, delivery_id)
 """
 
 _COLUMNS = (
@@ -50,6 +54,20 @@ _COLUMNS = (
     "last_status_code, last_error"
 )
 _IN_QUEUE = "status IN ('pending', 'sending')"
+# The latest failures read to find each endpoint's last one.
+_FAILURES_SCANNED = 1000
+
+
+@dataclass
+class EndpointSummary:
+    """One endpoint of a tenant as the queue knows it."""
+
+    channel: str
+    endpoint: str
+    counts: dict[str, int] = field(default_factory=dict)
+    last_created_at_us: int = 0
+    last_status_code: int = 0
+    last_error: str = ""
 
 
 def body_sha256(body: str) -> str:
@@ -206,6 +224,63 @@ class DeliveryStore:
                 (tenant_id, after_dead_at_us, after_dead_at_us, after_id, limit),
             )
         return [_record(r) for r in rows]
+
+    def deliveries(
+        self,
+        tenant_id: str,
+        status: str,
+        endpoint: str,
+        before_us: int,
+        before_id: str,
+        limit: int,
+    ) -> list[DeliveryRecord]:
+        """The tenant's deliveries created before (`before_us`, `before_id`),
+        newest first; `before_us` -1 starts at the newest."""
+        where = ["tenant_id = ?"]
+        params: list[Any] = [tenant_id]
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if endpoint:
+            where.append("endpoint = ?")
+            params.append(endpoint)
+        if before_us >= 0:
+            where.append("(created_at_us < ? OR (created_at_us = ? AND delivery_id < ?))")
+            params += [before_us, before_us, before_id]
+        with self.db.tx() as tx:
+            rows = tx.all(
+                f"SELECT {_COLUMNS} FROM gw_deliveries WHERE {' AND '.join(where)} "
+                "ORDER BY created_at_us DESC, delivery_id DESC LIMIT ?",
+                (*params, limit),
+            )
+        return [_record(r) for r in rows]
+
+    def endpoints(self, tenant_id: str) -> list[EndpointSummary]:
+        """One summary per (channel, endpoint) the tenant's deliveries went
+        to: counts by status, the newest delivery, the latest failure."""
+        with self.db.tx() as tx:
+            counted = tx.all(
+                "SELECT channel, endpoint, status, COUNT(*), MAX(created_at_us) "
+                "FROM gw_deliveries WHERE tenant_id = ? GROUP BY channel, endpoint, status",
+                (tenant_id,),
+            )
+            failed = tx.all(
+                "SELECT channel, endpoint, last_status_code, last_error FROM gw_deliveries "
+                "WHERE tenant_id = ? AND last_error <> '' "
+                "ORDER BY created_at_us DESC, delivery_id DESC LIMIT ?",
+                (tenant_id, _FAILURES_SCANNED),
+            )
+        found: dict[tuple[str, str], EndpointSummary] = {}
+        for channel, endpoint, status, n, newest in counted:
+            key = (str(channel), str(endpoint))
+            summary = found.setdefault(key, EndpointSummary(key[0], key[1]))
+            summary.counts[str(status)] = int(n)
+            summary.last_created_at_us = max(summary.last_created_at_us, int(newest))
+        for channel, endpoint, code, error in failed:
+            known = found.get((str(channel), str(endpoint)))
+            if known is not None and not known.last_error:
+                known.last_status_code, known.last_error = int(code), str(error)
+        return sorted(found.values(), key=lambda e: (e.channel, e.endpoint))
 
     def defer(self, delivery_id: str, attempt: int, next_attempt_at_us: int) -> bool:
         """Gives back a claimed delivery that was not sent (its endpoint's

@@ -30,6 +30,7 @@ from prometheus_client import Counter
 from gateway.codec import DEAD_LETTERS_PAGE
 from gateway.delivery.adapters import ChannelAdapter
 from gateway.delivery.model import (
+    STATUSES,
     Delivery,
     DeliveryRecord,
     SendOutcome,
@@ -37,18 +38,22 @@ from gateway.delivery.model import (
     encode_body,
     validate,
 )
-from gateway.delivery.store import DeliveryStore
+from gateway.delivery.store import DeliveryStore, EndpointSummary
 from triplane.runtime import codec as wire
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import DeliveryConfig
 from triplane.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
 
 log = logging.getLogger("gateway.delivery")
+# The operators' list of deliveries (DeliveryAdminService.ListDeliveries),
+# resumed after a (created_at_us, delivery_id) pair.
+DELIVERIES_PAGE = "gateway.deliveries"
 
 DELIVERY_ATTEMPTS = Counter(
     "triplane_gateway_delivery_attempts",
@@ -157,6 +162,38 @@ class DeliveryWorker:
                 DEAD_LETTERS_PAGE, (last.dead_at_us, last.delivery_id)
             )
         return page, next_token
+
+    async def list_deliveries(
+        self,
+        tenant_id: str,
+        status: str = "",
+        endpoint: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[DeliveryRecord], str]:
+        """One page of the tenant's deliveries, newest first, and the next token."""
+        if status and status not in STATUSES:
+            raise InvalidArgument(
+                "STATUS_INVALID", f"status must be one of {', '.join(STATUSES)}", "status"
+            )
+        config = self._config
+        size = wire.page_size(page_size, config.default_page_size, config.max_page_size)
+        position = wire.decode_page_token(page_token, DELIVERIES_PAGE, (int, str))
+        before_us, before_id = (int(position[0]), str(position[1])) if position else (-1, "")
+        rows = await asyncio.to_thread(
+            self.store.deliveries, tenant_id, status, endpoint, before_us, before_id, size + 1
+        )
+        page = rows[:size]
+        next_token = ""
+        if len(rows) > size:
+            last = page[-1]
+            next_token = wire.encode_page_token(
+                DELIVERIES_PAGE, (last.created_at_us, last.delivery_id)
+            )
+        return page, next_token
+
+    async def endpoints(self, tenant_id: str) -> list[EndpointSummary]:
+        return await asyncio.to_thread(self.store.endpoints, tenant_id)
 
     async def redeliver(self, tenant_id: str, delivery_id: str) -> DeliveryRecord:
         """Puts a dead letter back in the queue, due now, with a fresh attempt budget

@@ -34,6 +34,7 @@ from gateway.auth import apikey, secrets
 from gateway.auth.interceptor import CredentialInterceptor
 from gateway.auth.scopes import (
     API_KEY_SERVICE,
+    DELIVERY_ADMIN_SERVICE,
     EVENTS_WRITE,
     GATEWAY_SERVICE,
     KEYS_ADMIN,
@@ -47,8 +48,8 @@ from gateway.storage import open_engagement_db
 from money_plane.app import MoneyPlane
 from policy_plane.app import build_plane
 from triplane.common.v1 import types_pb2
+from triplane.gateway.v1 import delivery_admin_pb2, gateway_pb2_grpc
 from triplane.gateway.v1 import gateway_pb2 as gw
-from triplane.gateway.v1 import gateway_pb2_grpc
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from triplane.runtime.authz import peer_identity
@@ -273,18 +274,21 @@ def _authorize(**changes: Any) -> gw.AuthorizePaymentRequest:
 
 
 def test_every_method_the_gateway_serves_is_in_the_credential_table() -> None:
+    services = [
+        *gw.DESCRIPTOR.services_by_name.values(),
+        *delivery_admin_pb2.DESCRIPTOR.services_by_name.values(),
+    ]
     served = {
-        f"/{service.full_name}/{method.name}"
-        for service in gw.DESCRIPTOR.services_by_name.values()
-        for method in service.methods
+        f"/{service.full_name}/{method.name}" for service in services for method in service.methods
     }
-    assert {s.full_name for s in gw.DESCRIPTOR.services_by_name.values()} == {
+    assert {s.full_name for s in services} == {
         GATEWAY_SERVICE,
         API_KEY_SERVICE,
+        DELIVERY_ADMIN_SERVICE,
     }
     assert served == set(METHOD_RULES), "a method without a rule is refused; list it"
     # Every GatewayService request can be bound to the credential's tenant.
-    for service in gw.DESCRIPTOR.services_by_name.values():
+    for service in services:
         for method in service.methods:
             assert "tenant_id" in method.input_type.fields_by_name, method.full_name
 

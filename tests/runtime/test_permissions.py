@@ -12,7 +12,7 @@ import gateway.permissions
 import money_plane.permissions
 import policy_plane.permissions
 from triplane.ai.v1 import ai_pb2
-from triplane.gateway.v1 import gateway_pb2
+from triplane.gateway.v1 import delivery_admin_pb2, gateway_pb2
 from triplane.money.v1 import money_pb2, recon_pb2
 from triplane.policy.v1 import policy_pb2
 from triplane.runtime import authz
@@ -22,7 +22,10 @@ PLANES = {
     "money": ((money_pb2.DESCRIPTOR, recon_pb2.DESCRIPTOR), money_plane.permissions.PERMISSIONS),
     "policy": ((policy_pb2.DESCRIPTOR,), policy_plane.permissions.PERMISSIONS),
     "ai": ((ai_pb2.DESCRIPTOR,), ai_plane.permissions.PERMISSIONS),
-    "gateway": ((gateway_pb2.DESCRIPTOR,), gateway.permissions.PERMISSIONS),
+    "gateway": (
+        (gateway_pb2.DESCRIPTOR, delivery_admin_pb2.DESCRIPTOR),
+        gateway.permissions.PERMISSIONS,
+    ),
 }
 
 
@@ -81,6 +84,7 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.policy.v1.PolicyService/GetDecision",
         # Decisions page: search and replay one (read-only).
         "/triplane.policy.v1.PolicyService/ListDecisions",
+        "/triplane.ai.v1.ScoringService/Explain",
         "/triplane.policy.v1.PolicyService/ReplayDecisions",
         # Ledger page: reads only; nothing that moves money.
         "/triplane.money.v1.LedgerService/ListAccounts",

@@ -1155,6 +1155,8 @@ class ConsolePlaneAddressesConfig(_Strict, frozen=True):
     money: str = ""
     policy: str = ""
     ai: str = ""
+    # Empty: gateway.admin_listen on this machine (none when that is empty).
+    gateway: str = ""
 
 
 class ConsoleConfig(_Strict, frozen=True):
