@@ -8,6 +8,7 @@ from __future__ import annotations
 from triplane.runtime.authz import (
     ADMIN_AND_CONSOLE,
     ADMIN_ONLY,
+    GATEWAY_ADMIN_AND_CONSOLE,
     GATEWAY_AND_ADMIN,
     Permissions,
     permissions,
@@ -21,7 +22,8 @@ PERMISSIONS: Permissions = {
         {
             "Score": GATEWAY_AND_ADMIN,
             "Rank": GATEWAY_AND_ADMIN,
-            "Explain": GATEWAY_AND_ADMIN,
+            # The console's Decisions page draws a decision's attributions.
+            "Explain": GATEWAY_ADMIN_AND_CONSOLE,
             "ReportOutcome": GATEWAY_AND_ADMIN,
         },
     ),

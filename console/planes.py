@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 
+from triplane.ai.v1 import ai_pb2_grpc
 from triplane.gateway.v1 import delivery_admin_pb2_grpc
 from triplane.money.v1 import money_pb2_grpc, recon_pb2_grpc
 from triplane.policy.v1 import policy_pb2_grpc
@@ -64,6 +65,9 @@ class Planes:
 
     def ledger(self) -> money_pb2_grpc.LedgerServiceStub:
         return money_pb2_grpc.LedgerServiceStub(self.channel("money"))
+
+    def scoring(self) -> ai_pb2_grpc.ScoringServiceStub:
+        return ai_pb2_grpc.ScoringServiceStub(self.channel("ai"))
 
     def recon(self) -> recon_pb2_grpc.ReconciliationServiceStub:
         return recon_pb2_grpc.ReconciliationServiceStub(self.channel("money"))

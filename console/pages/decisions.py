@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -32,14 +33,18 @@ from console import audit
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
+from triplane.ai.v1 import ai_pb2
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.runtime import codec as wire
+from triplane.runtime.status import parse_rpc_error
 
 MAX_FILTER_LENGTH = 128
 TIME_FORMATS = ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
 BAR_WIDTH = 640
 BAR_ROW = 24
 BAR_LABEL = 200
+# Attributions asked of the AI plane (largest contribution first).
+TOP_K = 8
 
 
 class BadFilter(ValueError):
@@ -153,13 +158,14 @@ def token_claims(token: str) -> dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
-def bars(title: str, values: list[tuple[str, float]]) -> Markup:
+def bars(title: str, values: list[tuple[str, float]], scale: float = 0.0) -> Markup:
     """Signed horizontal bars from a zero line, one row a value, as inline
-    SVG with a <title> and <desc>; the page lists the same figures in a table."""
+    SVG with a <title> and <desc>; the page lists the same figures in a table.
+    `scale`: the value a full bar stands for (0: the largest magnitude)."""
     if not values:
         return Markup("")
     height = BAR_ROW * len(values) + 8
-    span = max(abs(v) for _, v in values) or 1.0
+    span = scale or max(abs(v) for _, v in values) or 1.0
     half = (BAR_WIDTH - BAR_LABEL - 16) / 2
     zero = BAR_LABEL + half
     desc = "; ".join(f"{label} {value:.4g}" for label, value in values)
@@ -207,7 +213,39 @@ async def detail(request: Request, session: Session) -> Response:
         listed = await _listed(console, tenant, decision_id)
     except grpc.aio.AioRpcError as error:
         return grpc_error_page(request, session, error)
-    return _render_detail(request, session, answer, listed, replay=None)
+    explained = await _attributions(console, answer)
+    return _render_detail(request, session, answer, listed, explained, replay=None)
+
+
+@dataclass(frozen=True)
+class Explained:
+    """The AI plane's attributions of the decision's score (Explain), or why
+    there are none."""
+
+    attributions: list[tuple[str, float, float]] = field(default_factory=list)
+    unavailable: str = ""
+
+
+async def _attributions(console: Any, answer: pb.GetDecisionResponse) -> Explained:
+    """Each feature's contribution to the score the decision was made with
+    (by its score_id). The decision stands without them: an AI plane that
+    does not answer, or no longer holds the score, is said, not an error."""
+    score = answer.input.snapshot.model_score
+    if not score.score_id or score.source in ("", "none"):
+        return Explained()
+    try:
+        explained = await console.planes.scoring().Explain(
+            ai_pb2.ExplainRequest(
+                tenant_id=answer.decision.tenant_id, score_id=score.score_id, top_k=TOP_K
+            ),
+            timeout=console.planes.timeout_s,
+        )
+    except grpc.aio.AioRpcError as error:
+        reason, _ = parse_rpc_error(error)
+        return Explained(unavailable=reason or error.code().name)
+    return Explained(
+        attributions=[(a.feature, a.value, a.contribution) for a in explained.attributions]
+    )
 
 
 def _render_detail(
@@ -215,6 +253,7 @@ def _render_detail(
     session: Session,
     answer: pb.GetDecisionResponse,
     listed: pb.ListedDecision | None,
+    explained: Explained,
     replay: dict[str, Any] | None,
     status: int = 200,
 ) -> Response:
@@ -238,7 +277,13 @@ def _render_detail(
             "listed": listed,
             "score": score,
             "had_score": had_score,
-            "score_chart": bars("Model score", scored),
+            # A score is a probability: a full bar is 1.
+            "score_chart": bars("Model score", scored, scale=1.0),
+            "explained": explained,
+            "attribution_chart": bars(
+                "Feature contributions to the score (log-odds)",
+                [(name, contribution) for name, _, contribution in explained.attributions],
+            ),
             "inputs": inputs,
             "inputs_chart": bars("Numeric inputs the rules saw", inputs),
             "claims": sorted(token_claims(decision.decision_token).items()),
@@ -331,7 +376,8 @@ async def replay(request: Request, session: Session) -> Response:
             "changed": result["changed"],
         },
     )
-    return _render_detail(request, session, answer, listed, replay=result)
+    explained = await _attributions(console, answer)
+    return _render_detail(request, session, answer, listed, explained, replay=result)
 
 
 PAGE = Page(

@@ -1,8 +1,9 @@
 """A console against real planes that the gateway drives: the money and
 policy planes (their real gRPC servers, mutual TLS, NATS), the gateway in
 front of them (its public gRPC API, a partner key), and the console as its
-own identity (spiffe://triplane/console) dialling the two planes. The AI
-plane is down, as the gateway tolerates (scores degrade to none).
+own identity (spiffe://triplane/console) dialling the planes. The AI plane
+runs when asked (`with_ai`); otherwise it is down, as the gateway tolerates
+(scores degrade to none).
 
 Payments are made through the gateway as a partner would; the Decisions and
 Ledger pages then read what the planes logged and posted. The planes share a
@@ -20,10 +21,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ai_plane.app import AiPlane
 from console.app import create_app
 from console.auth import hash_password
 from console.store import ConsoleStore
@@ -31,6 +34,7 @@ from gateway.app import Gateway
 from gateway.auth import secrets
 from money_plane.app import MoneyPlane
 from policy_plane.app import build_plane
+from tests.ai_plane.ai_helpers import TEST_AI, require_triton
 from tests.gateway.auth_helpers import KeyedStub, partner_key
 from tests.tls_helpers import dev_certificates, partner_files
 from triplane.common.v1 import types_pb2
@@ -42,6 +46,7 @@ from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config, with_overrides
 from triplane.runtime.net import free_port
 from triplane.runtime.tls import channel_for, open_channel
+from triplane_tools.models import ensure_bootstrap_models
 
 from .conftest import PASSWORD, START_WITHIN_S, _Server
 
@@ -148,21 +153,33 @@ async def _seed(config: Config, clock: ManualClock, money: str, policy: str) -> 
 
 
 @contextlib.asynccontextmanager
-async def gateway_mesh(state_dir: Path, nats_url: str) -> AsyncIterator[Mesh]:
+async def gateway_mesh(
+    state_dir: Path, nats_url: str, with_ai: bool = False
+) -> AsyncIterator[Mesh]:
+    """The mesh; `with_ai`: the AI plane runs too (its own tritonserver over
+    freshly trained bootstrap models, the AI tests' small sizes), so payments
+    are scored and the console can ask it for a score's attributions."""
     dev_certificates(state_dir)
     secrets.ensure_dev_files(state_dir, "test")
     console_port = free_port()
-    config = load_config(
-        environ={},
-        overrides={
-            "runtime": {"state_dir": str(state_dir)},
-            "nats": {"url": nats_url},
-            "gateway": {"listen": "127.0.0.1:0", "holdout_share": 0.0},
-            "console": {"listen": f"127.0.0.1:{console_port}", "page_size": PAGE_SIZE},
-        },
-    )
+    overrides: dict[str, Any] = {
+        "runtime": {"state_dir": str(state_dir)},
+        "nats": {"url": nats_url},
+        "gateway": {"listen": "127.0.0.1:0", "holdout_share": 0.0},
+        "console": {"listen": f"127.0.0.1:{console_port}", "page_size": PAGE_SIZE},
+    }
+    if with_ai:
+        require_triton()
+        overrides["ai"] = {**TEST_AI, "listen": "127.0.0.1:0"}
+    config = load_config(environ={}, overrides=overrides)
     clock = ManualClock(time.time_ns() // 1000)
     async with contextlib.AsyncExitStack() as stack:
+        ai_address = f"127.0.0.1:{free_port()}"  # nothing there: scores degrade
+        if with_ai:
+            await asyncio.to_thread(ensure_bootstrap_models, config)
+            ai = AiPlane(config, clock, listen="127.0.0.1:0")
+            stack.push_async_callback(ai.stop)
+            ai_address = f"127.0.0.1:{await ai.start()}"
         money = MoneyPlane(config, clock, listen="127.0.0.1:0")
         stack.push_async_callback(money.stop)
         money_address = f"127.0.0.1:{await money.start(sweepers=False)}"
@@ -174,7 +191,7 @@ async def gateway_mesh(state_dir: Path, nats_url: str) -> AsyncIterator[Mesh]:
             clock,
             money_address=money_address,
             policy_address=policy_address,
-            ai_address=f"127.0.0.1:{free_port()}",  # down: scores degrade
+            ai_address=ai_address,
         )
         stack.push_async_callback(gateway.stop)
         address = f"127.0.0.1:{await gateway.start()}"
@@ -185,7 +202,15 @@ async def gateway_mesh(state_dir: Path, nats_url: str) -> AsyncIterator[Mesh]:
 
         console_config = with_overrides(
             config,
-            {"console": {"plane_addresses": {"money": money_address, "policy": policy_address}}},
+            {
+                "console": {
+                    "plane_addresses": {
+                        "money": money_address,
+                        "policy": policy_address,
+                        "ai": ai_address,
+                    }
+                }
+            },
         )
         console_clock = ManualClock(time.time_ns() // 1000)
         store = ConsoleStore.from_config(console_config)

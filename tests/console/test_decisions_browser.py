@@ -4,7 +4,9 @@ made through the gateway by a customer the platform has no profile for is
 found by its decision id and then by its customer's name token, and its
 page shows the rule that fired (kyc_profile_unknown), the bundle and no
 name in clear for a reviewer; an auditor replays it under its own bundle and
-gets the same outcome, audited; a reviewer has no replay form."""
+gets the same outcome, audited; a reviewer has no replay form; a payment the
+AI plane scored shows each feature's contribution to its score as bars (the
+AI plane's Explain, drawn on the server) beside a table of the figures."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ pytestmark = [pytest.mark.nats]
 
 @pytest.fixture(scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> AsyncIterator[Mesh]:
-    async with gateway_mesh(tmp_path_factory.mktemp("decisions-mesh"), nats_url) as made:
+    mesh_dir = tmp_path_factory.mktemp("decisions-mesh")
+    async with gateway_mesh(mesh_dir, nats_url, with_ai=True) as made:
         yield made
 
 
@@ -91,3 +94,21 @@ async def test_an_auditor_replays_a_decision(mesh: Mesh, page: Page) -> None:
     assert replays and replays[0].outcome == "ok"
     assert replays[0].after["changed"] is False
     assert replays[0].before["bundle_version"] == made.policy_version
+
+
+async def test_a_scored_decision_shows_its_attributions(mesh: Mesh, page: Page) -> None:
+    made = await mesh.authorize("c1", "Known Person", 2_600)
+    assert made.model_score_ref.source not in ("", "none"), made.model_score_ref
+    assert made.model_score_ref.score_id
+    await signed_in(page, "rosa")
+    await page.goto(f"/decisions/{TENANT}/{made.decision_id}")
+    attributions = page.get_by_test_id("attributions")
+    await expect(attributions.locator("tbody tr").first).to_be_visible()
+    rows = await attributions.locator("tbody tr").count()
+    assert 1 <= rows <= 8
+    # The bars are drawn on the server: one rect a feature, inside the SVG
+    # that names what it shows.
+    chart = page.locator("svg.chart", has=page.locator("title", has_text="Feature contributions"))
+    await expect(chart.locator("rect")).to_have_count(rows)
+    await expect(page.get_by_text(f"{made.model_score_ref.model} version")).to_be_visible()
+    await shot(page, "attributions")
