@@ -65,8 +65,8 @@ async def test_the_stack_starts_the_console(tmp_path: Path) -> None:
         # Default deny: the console's certificate calls nothing else.
         async with stack.channel("policy", identity=CONSOLE) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await policy_pb2_grpc.BundleServiceStub(channel).ListBundles(
-                    pb.ListBundlesRequest(), timeout=10
+                await policy_pb2_grpc.PolicyServiceStub(channel).CreateTenant(
+                    pb.CreateTenantRequest(tenant_id="console-made"), timeout=10
                 )
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert parse_rpc_error(refused.value)[0] == "IDENTITY_NOT_ALLOWED"
