@@ -9,6 +9,7 @@ and what the bank booked meanwhile is imported once."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from money_helpers import BackendPlace, Kit, ledger_config
+from money_helpers import BackendPlace, Kit, ledger_config, make_ledger
 from prometheus_client import REGISTRY
 from sandbox_helpers import BankClient
 
@@ -28,6 +29,7 @@ from money_plane.payouts.service import Payouts, expected_window, load_cipher
 from money_plane.rails.worker import RailWorker
 from money_plane.recon.intake import StatementIntake
 from money_plane.recon.model import BreakState
+from money_plane.recon.reconciler import Reconciler
 from triplane.runtime.config import Config, with_overrides
 
 IN_FLIGHT = "payouts_in_flight:USD"
@@ -246,10 +248,11 @@ async def test_the_intake_classifies_the_banks_faults_as_its_record_says(
     assert _detections() - detections == len(breaks)
 
 
-@pytest.mark.parametrize("backend_place", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("backend_place", ["sqlite", "postgres"], indirect=True)
 async def test_the_intakes_cursor_survives_a_restart(
-    kit: Kit, state_dir: Path, clean_bank: str
+    kit: Kit, state_dir: Path, bank_factory: Callable[..., str]
 ) -> None:
+    clean_bank = bank_factory()  # a feed of this test's bookings alone
     client = BankClient(clean_bank)
     try:
         kit.clock.set_us(await client.now_us())
@@ -257,7 +260,7 @@ async def test_the_intakes_cursor_survives_a_restart(
         config = _config(kit, state_dir, clean_bank)
         first = await _plane(config, kit)
         try:
-            await first.rail_workers[0].hand_off()
+            assert await first.rail_workers[0].hand_off() == 3
             assert await first.intakes[0].pull() == 3
         finally:
             await first.stop()
@@ -270,7 +273,7 @@ async def test_the_intakes_cursor_survives_a_restart(
             assert await intake.pull() == 0  # nothing read twice
             assert _count(kit, "statements") == statements
             more = await _payouts(kit, state_dir, ["instant_payment"] * 2, salt="b")
-            await worker.hand_off()
+            assert await worker.hand_off() == 2
             assert await intake.pull() == 2
             assert await intake.pull() == 0
             await worker.deliver()
@@ -288,3 +291,43 @@ async def test_the_intakes_cursor_survives_a_restart(
         (kit.tenant,),
     )
     assert int(matched) == 5
+
+
+@pytest.mark.parametrize("backend_place", ["postgres"], indirect=True)
+async def test_two_replicas_import_each_document_once(
+    kit: Kit, state_dir: Path, bank_factory: Callable[..., str]
+) -> None:
+    """Two planes' intakes on one PostgreSQL database, pulling at once: the
+    lease lets one read the feed, the cursor keeps the other from reading
+    it again."""
+    clean_bank = bank_factory()  # a feed of this test's bookings alone
+    client = BankClient(clean_bank)
+    try:
+        kit.clock.set_us(await client.now_us())
+        await _payouts(kit, state_dir, ["instant_payment"] * 4, salt="r")
+        config = _config(kit, state_dir, clean_bank)
+        plane = await _plane(config, kit)
+        other = make_ledger(kit.backend, kit.where, config, kit.signer, kit.clock)
+        await other.start(sweepers=False)
+        try:
+            assert await plane.rail_workers[0].hand_off() == 4
+            recon = Reconciler(other, config.money.recon, kit.clock)
+            await recon.start()
+            cipher = load_cipher(config.money.payouts, state_dir)
+            payouts = Payouts(other, cipher, config.money.payouts, encode_payout_event)
+            second = StatementIntake(recon, payouts, config.rails, kit.clock)
+            await second.start()
+            try:
+                intakes = [plane.intakes[0], second]
+                read = await asyncio.gather(*(i.pull() for i in intakes))
+                read_again = await asyncio.gather(*(i.pull() for i in intakes))
+            finally:
+                await second.aclose()
+        finally:
+            await other.stop()
+            await plane.stop()
+    finally:
+        await client.aclose()
+    assert sum(read) + sum(read_again) == 4
+    assert _count(kit, "statements") == 4
+    assert _count(kit, "statement_lines") == 4
