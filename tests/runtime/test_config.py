@@ -22,10 +22,12 @@ def test_defaults_load_with_the_stack_section() -> None:
         "policy",
         "ai",
         "gateway",
+        "console",
         "sandbox_bank",
     ]
-    # The sandbox bank starts with `triplane up` or when named, never by default.
-    assert [p.name for p in config.stack.planes if p.optional] == ["sandbox_bank"]
+    # The console and the sandbox bank start with `triplane up` or when named,
+    # never by default.
+    assert [p.name for p in config.stack.planes if p.optional] == ["console", "sandbox_bank"]
     assert config.stack.stop_timeout_s > config.runtime.shutdown_grace_s
 
 
