@@ -75,6 +75,11 @@ def case_id_for(decision_id: str) -> str:
     return f"case_{decision_id}"
 
 
+def approval_key(case_id: str) -> str:
+    """The decision-log key of a case's approval (one per case)."""
+    return f"review:{case_id}"
+
+
 def model_suggestion(record: DecisionRecord, decline_score: float) -> str:
     score = record.input.snapshot.score
     if score.source not in ("triton", "in_process", "last_good"):

@@ -60,7 +60,7 @@ from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import ConfigError, PolicyConfig
 from triplane.runtime.deadline import Deadline
-from triplane.runtime.errors import AlreadyExists, InvalidArgument, NotFound
+from triplane.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from triplane.runtime.tokens import TokenSigner
 
 log = logging.getLogger("policy_plane.engine")
@@ -413,6 +413,17 @@ class PolicyEngine:
         movement = reviewed.input.payment.movement
         event = cases_mod.ReviewedMovement(movement, reviewed.input.idempotency_key)
         approval_id = ""
+        if resolution == "decline" and movement == PAYOUT_MOVEMENT:
+            # An approval logged already (resolving approve crashed before the
+            # case was written, or is under way elsewhere) has its token: the
+            # case is approve's to finish, not decline's.
+            key = cases_mod.approval_key(case_id)
+            if await asyncio.to_thread(self.store.get_decision_by_key, tenant_id, key):
+                raise FailedPrecondition(
+                    "CASE_APPROVAL_LOGGED",
+                    "an approval of this case is logged; resolve it approve",
+                    "resolution",
+                )
         if resolution == "approve" and movement == PAYOUT_MOVEMENT:
             approval = await self._approval(reviewed, case_id, reviewer)
             event = cases_mod.ReviewedMovement(
@@ -449,7 +460,9 @@ class PolicyEngine:
             payment_kind=reviewed.input.payment.kind,
             policy_version=reviewed.bundle_version,
         )
-        inp = msgspec.structs.replace(reviewed.input, idempotency_key=f"review:{case_id}")
+        inp = msgspec.structs.replace(
+            reviewed.input, idempotency_key=cases_mod.approval_key(case_id)
+        )
         verdict = Verdict(
             outcome=Outcome.ALLOW.label,
             fired=[

@@ -105,6 +105,11 @@ async def test_an_approval_logged_before_a_crash_is_found_again(any_engine: Poli
     reviewed = await engine.get_decision(TENANT, engine.cases.get(TENANT, case_id).decision_id)
     logged = await engine._approval(reviewed.record, case_id, "ana")
     assert engine.cases.get(TENANT, case_id).status == "claimed"  # the crash: case not written
+    # Its token exists: declining now is refused, and changes nothing.
+    with pytest.raises(FailedPrecondition) as refused:
+        await engine.resolve_case(TENANT, case_id, "ana", "decline", "changed my mind")
+    assert (refused.value.reason, refused.value.field) == ("CASE_APPROVAL_LOGGED", "resolution")
+    assert engine.cases.get(TENANT, case_id).status == "claimed"
     case = await engine.resolve_case(TENANT, case_id, "ana", "approve", "")
     assert case.approval_decision_id == logged.decision_id
     assert resolved_events(engine)[case_id].decision_token == logged.token
