@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -77,6 +78,8 @@ log = logging.getLogger("triplane.money.recon")
 BreakEncoder = Callable[[Break, int], OutgoingEvent]
 _DAY_US = 86_400_000_000
 _MATCHABLE = (ExpectedState.OPEN, ExpectedState.OVERDUE)
+_BOOKED = EntryStatus.BOOKED.value
+_STATUS_VALUES = {status: status.value for status in EntryStatus}
 _COLUMNS = {
     "e2e": "end_to_end_id",
     "instr": "instruction_id",
@@ -107,6 +110,12 @@ def _day_end_us(day: str) -> int:
 
 def _day_of_us(at_us: int) -> str:
     return dt.datetime.fromtimestamp(at_us / 1e6, dt.UTC).date().isoformat()
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_day(day: dt.date) -> str:
+    """A booking day as text (a file's lines share a few days)."""
+    return day.isoformat()
 
 
 def read_statement_file(data: bytes, max_bytes: int) -> StatementFile:
@@ -153,14 +162,19 @@ def _line(
     tenant_id: str, statement_id: str, ledger_account_id: str, fl: FormatLine, position: int
 ) -> Line:
     details = fl.details
+    batch = fl.batch
     first = details[0] if len(details) == 1 else None
     refs = first.references if first is not None else None
-    batch_id = fl.batch.payment_info_id if fl.batch is not None else ""
-    if not batch_id and details:
-        batch_id = next(
-            (d.references.payment_info_id for d in details if d.references.payment_info_id), ""
-        )
-    is_batch = fl.batch is not None or len(details) > 1
+    is_batch = batch is not None or len(details) > 1
+    batch_id = ""
+    if is_batch:
+        batch_id = batch.payment_info_id if batch is not None else ""
+        if not batch_id:
+            batch_id = next(
+                (d.references.payment_info_id for d in details if d.references.payment_info_id),
+                "",
+            )
+    booking, value = fl.booking_date, fl.value_date
     return Line(
         tenant_id=tenant_id,
         fingerprint=fl.fingerprint,
@@ -170,27 +184,30 @@ def _line(
         amount_minor=fl.amount_minor,
         currency=fl.currency,
         direction=Direction.CREDIT if fl.sign is Sign.CREDIT else Direction.DEBIT,
-        booking_date=iso(fl.booking_date),
-        value_date=iso(fl.value_date),
-        status=fl.status.value,
+        booking_date=_iso_day(booking) if booking is not None else "",
+        value_date=_iso_day(value) if value is not None else "",
+        status=_STATUS_VALUES[fl.status],
         end_to_end_id=refs.end_to_end_id if refs else "",
         instruction_id=refs.instruction_id if refs else "",
         bank_reference=fl.account_servicer_ref or (refs.account_servicer_ref if refs else ""),
         remittance_reference=first.creditor_reference if first is not None else "",
-        batch_id=batch_id if is_batch else "",
-        batch_count=fl.batch.number_of_transactions if fl.batch is not None else None,
+        batch_id=batch_id,
+        batch_count=batch.number_of_transactions if batch is not None else None,
         # A batch booking with one transaction returned inside it is a batch
-        # booking; a return is a booking of its own.
-        return_reason="" if is_batch else fl.return_reason,
+        # booking; a return is a booking of its own (its one transaction's
+        # reason: a line that is no batch has at most one).
+        return_reason="" if is_batch or first is None else first.return_reason,
         reversal=fl.reversal,
         details=tuple(
-            (
-                d.references.end_to_end_id,
-                d.references.instruction_id,
-                d.creditor_reference,
-                -1 if d.amount_minor is None else d.amount_minor,
-            )
-            for d in details
+            [
+                (
+                    d.references.end_to_end_id,
+                    d.references.instruction_id,
+                    d.creditor_reference,
+                    -1 if d.amount_minor is None else d.amount_minor,
+                )
+                for d in details
+            ]
         )
         if is_batch
         else (),
@@ -277,28 +294,32 @@ class _Matcher:
         expected: Sequence[ExpectedPayment] = (),
         entry_id: str = "",
     ) -> Match:
-        fps = tuple(line.fingerprint for line in lines)
-        entries = tuple(e.ledger_entry_id for e in expected if e.ledger_entry_id)
+        work = self.work
+        fps = tuple([line.fingerprint for line in lines])
+        entries = tuple([e.ledger_entry_id for e in expected if e.ledger_entry_id])
         if entry_id:
             entries = (entry_id, *entries)
+        match_id = f"mch_{_digest(self.tenant_id, *fps)}"
         match = Match(
             tenant_id=self.tenant_id,
-            match_id=f"mch_{_digest(self.tenant_id, *fps)}",
+            match_id=match_id,
             rule=rule,
             confidence=confidence,
             line_fingerprints=fps,
-            expected_ids=tuple(e.expected_id for e in expected),
+            expected_ids=tuple([e.expected_id for e in expected]),
             entry_ids=entries,
             created_at_us=self.now_us,
         )
-        self.work.matches.append(match)
+        work.matches.append(match)
         for fp in fps:
-            self.work.match_of_line[fp] = match.match_id
+            work.match_of_line[fp] = match_id
+        matched = (ExpectedState.MATCHED, match_id)
         for e in expected:
             if e.state is ExpectedState.OVERDUE:
-                self.work.resolved_causes.append(f"unmatched:{e.expected_id}")
-            self.work.expected_changes[e.expected_id] = (ExpectedState.MATCHED, match.match_id)
-        self.work.taken_entries.update(entries)
+                work.resolved_causes.append(f"unmatched:{e.expected_id}")
+            work.expected_changes[e.expected_id] = matched
+        if entries:
+            work.taken_entries.update(entries)
         return match
 
     def load_references(self, lines: Sequence[Line]) -> None:
@@ -359,7 +380,7 @@ class _Matcher:
     # ---- the passes ----
 
     def run(self, lines: Sequence[Line]) -> None:
-        booked = [line for line in lines if line.status == EntryStatus.BOOKED.value]
+        booked = [line for line in lines if line.status == _BOOKED]
         if not booked:
             return
         self.load_references(booked)
@@ -527,33 +548,47 @@ class _Matcher:
         return True
 
     def by_amount(self, line: Line) -> bool:
+        day = line.day
+        if not day:
+            return False
         spread = self.config.max_bound_spread_minor + self.config.amount_tolerance_minor
         window = self.config.date_window_days
+        tol = self.config.amount_tolerance_minor
+        amount, direction, currency = line.amount_minor, line.direction.value, line.currency
+        changes = self.work.expected_changes
         best: tuple[int, int, str] | None = None
-        choice: ExpectedPayment | None = None
-        for e in self.tx.open_expected_near(
-            self.tenant_id,
-            self.account,
-            line.amount_minor - spread,
-            line.amount_minor + spread,
-            64,
+        # Terms, not whole expected payments: of up to 64 candidates one is
+        # chosen, and only it is read whole.
+        for (
+            eid,
+            e_direction,
+            e_currency,
+            e_amount,
+            low,
+            high,
+            date_from,
+            date_to,
+        ) in self.tx.open_expected_near(
+            self.tenant_id, self.account, amount - spread, amount + spread, 64
         ):
-            e = self.expected.setdefault(e.expected_id, e)
+            change = changes.get(eid)
             if (
-                self.state(e) not in _MATCHABLE
-                or e.direction is not line.direction
-                or e.currency != line.currency
-                or not self.in_bounds(line.amount_minor, e)
-                or not line.day
-                or not shift(e.date_from, -window) <= line.day <= shift(e.date_to, window)
+                (change is not None and change[0] not in _MATCHABLE)
+                or e_direction != direction
+                or e_currency != currency
+                or not low - tol <= amount <= high + tol
+                or not shift(date_from, -window) <= day <= shift(date_to, window)
             ):
                 continue
-            outside = 0 if e.date_from <= line.day <= e.date_to else 1
-            key = (outside, abs(line.amount_minor - e.amount_minor), e.expected_id)
+            outside = 0 if date_from <= day <= date_to else 1
+            key = (outside, abs(amount - e_amount), eid)
             if best is None or key < best:
-                best, choice = key, e
-        if choice is None or best is None:
+                best = key
+        if best is None:
             return False
+        choice = self.expected.get(best[2]) or self.tx.get_expected(self.tenant_id, best[2])
+        assert choice is not None  # read in this transaction a moment ago
+        choice = self.expected.setdefault(choice.expected_id, choice)
         confidence = 0.7 if best[0] == 0 and best[1] == 0 else 0.5
         self.add_match(Rule.AMOUNT_DATE, confidence, [line], [choice])
         return True
