@@ -17,7 +17,7 @@ import datetime
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -94,7 +94,6 @@ class Console:
     oidc: Oidc | None = None
     secure_cookies: bool = False
     public_url: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def console_of(request: Request) -> Console:
@@ -280,19 +279,12 @@ async def login_submit(request: Request) -> Response:
     if not csrf_ok(
         console.session_key, request.cookies.get(LOGIN_COOKIE, ""), str(form.get(CSRF_FIELD, ""))
     ):
-        await audit.record(
-            request,
-            None,
-            "login",
-            username,
-            "denied",
-            actor=username,
-            after={"reason": "CSRF_TOKEN_INVALID"},
-        )
-        response = error_page(
+        # Audited apart from refused passwords: a forged post must not
+        # count towards a name's sign-in throttle.
+        await audit.record(request, None, "csrf.refused", "/login", "denied", actor=username)
+        return error_page(
             request, None, 403, "CSRF_TOKEN_INVALID", "The sign-in form expired; load it again."
         )
-        return response
     if console.oidc is not None:
         return error_page(
             request, None, 400, "LOCAL_ACCOUNTS_OFF", "Sign in through the identity provider."

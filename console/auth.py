@@ -48,7 +48,6 @@ from starlette.responses import RedirectResponse, Response
 if TYPE_CHECKING:
     from console.app import Console
 
-READER = "reviewer"
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "reviewer": frozenset({"cases:read", "cases:resolve"}),
     "risk_admin": frozenset({"cases:read", "pii:read", "audit:read"}),

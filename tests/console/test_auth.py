@@ -120,6 +120,9 @@ def test_login_without_its_csrf_token_is_refused(client: TestClient) -> None:
     assert answer.status_code == 403
     assert answer.headers["x-triplane-reason"] == "CSRF_TOKEN_INVALID"
     assert client.cookies.get(SESSION_COOKIE) is None
+    # Audited, but not as a refused password: forged posts cannot throttle a name.
+    assert audit_rows(client, "csrf.refused") == [("rita", "denied")]
+    assert audit_rows(client, "login") == []
 
 
 def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(client: TestClient) -> None:
