@@ -108,6 +108,9 @@ class Imported:
 
 
 class StatementIntake:
+    """The bank's statements read and reconciled for one ledger (see the
+    module doc); `run` is its loop, `pull` and `close_days` its two units."""
+
     def __init__(
         self,
         recon: Reconciler,
@@ -125,7 +128,8 @@ class StatementIntake:
         self.clock = clock
         self.bank = bank or BankStatements(rails, clock=clock)
         self.owner = uuid.uuid4().hex
-        # The latest booking day the bank has shown (its days before are closed).
+        # The latest day the bank has shown, by its clock or a booking (its
+        # days before are closed).
         self._bank_day: dt.date | None = None
         self._down = False
 
