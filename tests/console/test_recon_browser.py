@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import uvicorn
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, FilePayload, Page, expect
 
 from console.app import create_app
 from console.auth import hash_password
@@ -43,6 +43,7 @@ from triplane.money.v1 import money_pb2, money_pb2_grpc, recon_pb2, recon_pb2_gr
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
+from triplane.runtime.tokens import DecisionClaims, load_signer
 
 from .conftest import PASSWORD, START_WITHIN_S, _Server, shot, signed_in
 
@@ -100,7 +101,9 @@ def stray_booking(amount_minor: int, e2e: str) -> bytes:
         created_at=dt.datetime.combine(DAY, dt.time(12), dt.UTC),
     )
     return write_camt054(
-        [notification], message_id=f"MSG-{e2e}", created_at=notification.created_at
+        [notification],
+        message_id=f"MSG-{e2e}",
+        created_at=dt.datetime.combine(DAY, dt.time(12), dt.UTC),
     )
 
 
@@ -117,7 +120,14 @@ async def _open_tenant(config: Config, address: str) -> None:
                         currency="USD",
                         kind=money_pb2.ACCOUNT_KIND_ASSET,
                         constraint=money_pb2.BALANCE_CONSTRAINT_NONE,
-                    )
+                    ),
+                    # money.recon.write_off_account_id: what a write-off posts against.
+                    money_pb2.NewAccount(
+                        account_id="recon-write-off",
+                        currency="USD",
+                        kind=money_pb2.ACCOUNT_KIND_EXPENSE,
+                        constraint=money_pb2.BALANCE_CONSTRAINT_NONE,
+                    ),
                 ],
             ),
             timeout=10,
@@ -187,9 +197,8 @@ async def page(browser: Browser, recon_console: ReconConsole) -> AsyncIterator[P
 async def _import(page: Page, content: bytes, name: str) -> None:
     await page.goto(f"/recon/statements?tenant={TENANT}")
     await page.get_by_label("Ledger bank account").fill("bank")
-    await page.get_by_label("Statement file").set_input_files(
-        files=[{"name": name, "mimeType": "application/xml", "buffer": content}]
-    )
+    upload: FilePayload = {"name": name, "mimeType": "application/xml", "buffer": content}
+    await page.get_by_label("Statement file").set_input_files(files=[upload])
     await shot(page, "import-form")
     await page.get_by_role("button", name="Import").click()
     await page.wait_for_load_state()
@@ -374,3 +383,63 @@ async def test_a_resolution_without_a_reason_changes_nothing(
     assert bad_filter.headers["x-triplane-field"] == "break_class"
     [still] = [b for b in await recon_console.breaks() if b.break_id == raised.break_id]
     assert still.state == "open" and not still.resolved_by
+
+
+def write_off_token(config: Config, b: recon_pb2.ReconBreak) -> str:
+    """The decision token the policy plane would sign for exactly the
+    write-off's transfer (a stray credit: debit the bank account, credit the
+    write-off account), with the key the money plane of this state dir
+    trusts. No plane issues one to the console yet (the page's docstring)."""
+    now_s = int(time.time())
+    claims = DecisionClaims(
+        token_id=f"wo-{b.break_id}",
+        issued_at_s=now_s,
+        expires_at_s=now_s + 300,
+        tenant_id=TENANT,
+        decision_id=f"dec-recon-writeoff-{b.break_id}",
+        outcome="allow",
+        kind="transfer",
+        debit_account_id="bank",
+        credit_account_id="recon-write-off",
+        amount_minor=b.amount.amount_minor,
+        currency="USD",
+        idempotency_key=f"recon-writeoff-{b.break_id}",
+    )
+    return load_signer("", config.state_path).sign(claims)
+
+
+async def test_finance_operator_writes_off_with_the_decision_token(
+    recon_console: ReconConsole, page: Page
+) -> None:
+    async with recon_console.channel() as ch:
+        imported = await recon_pb2_grpc.ReconciliationServiceStub(ch).ImportStatement(
+            recon_pb2.ImportStatementRequest(
+                tenant_id=TENANT,
+                ledger_account_id="bank",
+                content=stray_booking(250, "STRAY-4"),
+                actor="ops-tool",
+            ),
+            timeout=10,
+        )
+    [raised] = imported.breaks
+    await signed_in(page, "fina")
+    await page.goto(f"/recon/{TENANT}/breaks/{raised.break_id}")
+    await page.get_by_role("radio", name="write off").check()
+    await page.get_by_label("Decision token (write off or reversal)").fill(
+        write_off_token(recon_console.config, raised)
+    )
+    await page.get_by_label("Reason").fill("Bank fee credit below the investigation threshold")
+    await page.get_by_role("button", name="Resolve").click()
+    await expect(page.get_by_test_id("break-resolution")).to_have_text("write off")
+    await shot(page, "written-off")
+    [resolved] = [b for b in await recon_console.breaks() if b.break_id == raised.break_id]
+    assert (resolved.resolution, resolved.resolved_by) == ("write_off", "fina")
+    # The transfer was posted to the ledger, once, under the break's key.
+    async with recon_console.channel() as ch:
+        entry = await money_pb2_grpc.LedgerServiceStub(ch).GetEntry(
+            money_pb2.GetEntryRequest(tenant_id=TENANT, entry_id=resolved.resolution_entry_id),
+            timeout=10,
+        )
+    assert entry.entry.amount.amount_minor == 250
+    assert entry.entry.idempotency_key == f"recon-writeoff-{raised.break_id}"
+    assert entry.entry.credit_account_id == "recon-write-off"
