@@ -3,6 +3,7 @@ TestClient (no plane is called: the guard refuses before any handler runs)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +254,20 @@ def test_reflected_next_is_escaped(client: TestClient) -> None:
     page = client.get("/login", params={"next": '/x"><script>alert(1)</script>'})
     assert "<script>alert(1)" not in page.text
     assert "&lt;script&gt;" in page.text or "&#34;&gt;&lt;script" in page.text
+
+
+def test_htmx_asks_for_the_table_alone(client: TestClient) -> None:
+    assert sign_in(client, "rita") == 303
+    full = client.get("/cases")
+    partial = client.get("/cases", headers={"HX-Request": "true"})
+    assert "<html" in full.text and "<html" not in partial.text
+    assert "Name a tenant" in partial.text
+
+
+def test_vendored_htmx_is_the_recorded_file() -> None:
+    static = Path(__file__).resolve().parents[2] / "console" / "static"
+    recorded = re.search(r"sha256: ([0-9a-f]{64})", (static / "htmx.README.md").read_text())
+    assert recorded
+    digest = hashlib.sha256((static / "htmx.min.js").read_bytes()).hexdigest()
+    assert digest == recorded.group(1)
+    assert "Zero-Clause BSD" in (static / "htmx.LICENSE").read_text()
