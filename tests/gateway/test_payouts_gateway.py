@@ -284,6 +284,10 @@ async def test_payouts_allowed_reviewed_and_denied(planes: Planes) -> None:
     # The policy chose the rail among the money plane's options: next-day
     # ACH is the cheapest for $200 (its fee and a day's float, 9 < 10 < 45).
     assert paid.payout.rail == "ach"
+    # The other eligible rails, cheapest first (Thursday 16:26 New York: the
+    # 16:45 same-day ACH window is still open), kept on the payout.
+    assert list(paid.payout.alternate_rails) == ["ach_same_day", "instant"]
+    assert not paid.payout.attempts
     assert await _balance(planes, SELLER_ACCOUNT) == 480_000
     assert await _balance(planes, "payouts_in_flight:USD") == 20_000
     again = await stub.CreatePayout(_payout("po-1", 20_000))
