@@ -34,6 +34,7 @@ POSTINGS_PAGE = "money.account_postings"
 # message, since they cannot be translated.
 GLOBAL_POSTINGS_PAGE = "money.postings"
 ACCOUNTS_PAGE = "money.accounts"
+TENANTS_PAGE = "money.tenants"
 
 
 def postings_position(page_token: str) -> int:

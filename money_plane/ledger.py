@@ -471,6 +471,10 @@ class Ledger:
         size = wire.page_size(page_size, limits.default_page_size, limits.max_page_size)
         return await self._read(self.store.list_postings, tenant_id, account_id, after_seq, size)
 
+    async def list_tenants(self, limit: int, after_tenant_id: str) -> list[Tenant]:
+        """`limit` tenants after `after_tenant_id`, in id order."""
+        return await self._read(self.store.list_tenants, after_tenant_id, limit)
+
     async def list_accounts(
         self, tenant_id: str, limit: int, after_account_id: str
     ) -> list[AccountState]:

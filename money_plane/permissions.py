@@ -20,6 +20,7 @@ PERMISSIONS: Permissions = permissions(
         "CreateAccounts": ADMIN_ONLY,
         # The console's Ledger page reads (finance_operator, sre, auditor);
         # nothing it may call moves money.
+        "ListTenants": ADMIN_AND_CONSOLE,
         "GetAccount": GATEWAY_ADMIN_AND_CONSOLE,
         "ListAccounts": ADMIN_AND_CONSOLE,
         "CreateTransfer": GATEWAY_AND_ADMIN,

@@ -111,6 +111,21 @@ class LedgerServicer(money_pb2_grpc.LedgerServiceServicer):
         account = await self._ledger.get_account(request.tenant_id, request.account_id)
         return pb.GetAccountResponse(account=codec.account(account, self._clock.now_us()))
 
+    async def ListTenants(
+        self, request: pb.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTenantsResponse:
+        limits = self._ledger.config.limits
+        size = wire.page_size(request.page_size, limits.default_page_size, limits.max_page_size)
+        position = wire.decode_page_token(request.page_token, codec.TENANTS_PAGE, (str,))
+        after = str(position[0]) if position is not None else ""
+        tenants = await self._ledger.list_tenants(size + 1, after)
+        response = pb.ListTenantsResponse(tenants=[codec.tenant(t) for t in tenants[:size]])
+        if len(tenants) > size:
+            response.next_page_token = wire.encode_page_token(
+                codec.TENANTS_PAGE, (tenants[size - 1].tenant_id,)
+            )
+        return response
+
     async def ListAccounts(
         self, request: pb.ListAccountsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAccountsResponse:

@@ -181,6 +181,16 @@ class ShardedLedger:
         ledger = await self._ledger(tenant_id)
         return await ledger.list_postings(tenant_id, account_id, page_size, after_seq)
 
+    async def list_tenants(self, limit: int, after_tenant_id: str) -> list[Tenant]:
+        """`limit` tenants after `after_tenant_id` over every shard: each
+        shard's next `limit` in id order, merged, the first `limit` kept (a
+        tenant lives on one shard, so none is listed twice)."""
+        pages = await asyncio.gather(
+            *(ledger.list_tenants(limit, after_tenant_id) for ledger in self.ledgers.values())
+        )
+        merged = sorted((t for page in pages for t in page), key=lambda t: t.tenant_id)
+        return merged[:limit]
+
     async def list_accounts(
         self, tenant_id: str, limit: int, after_account_id: str
     ) -> list[AccountState]:

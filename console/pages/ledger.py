@@ -1,8 +1,9 @@
-"""Ledger (money plane LedgerService), read-only: a tenant's accounts with
-their balances (ListAccounts, paged); one account's balance (posted, pending,
-available) now or posted as of a chosen instant (GetBalance as_of), and its
-postings a page at a time (ListAccountPostings); a hold and its state
-(GetHold); an entry by its id or its idempotency key (GetEntry).
+"""Ledger (money plane LedgerService), read-only: the tenants (ListTenants,
+paged); a tenant's accounts with their balances (ListAccounts, paged); one
+account's balance (posted, pending, available) now or posted as of a chosen
+instant (GetBalance as_of), and its postings a page at a time
+(ListAccountPostings); a hold and its state (GetHold); an entry by its id or
+its idempotency key (GetEntry).
 
 Who: `money:read`, held by finance_operator, sre and auditor; reviewer and
 risk_admin do not see the ledger. Nothing here moves money: the console holds
@@ -79,8 +80,23 @@ async def accounts(request: Request, session: Session) -> Response:
     except ValueError as bad:
         return error_page(request, session, 400, "FILTER_INVALID", f"{bad} is too long", str(bad))
     listed: list[pb.Account] = []
+    tenants: list[pb.Tenant] = []
     next_link = ""
-    if tenant:
+    if not tenant:
+        try:
+            found = await console.planes.ledger().ListTenants(
+                pb.ListTenantsRequest(
+                    page_size=console.config.console.page_size,
+                    page_token=params.get("page_token", ""),
+                ),
+                timeout=console.planes.timeout_s,
+            )
+        except grpc.aio.AioRpcError as error:
+            return grpc_error_page(request, session, error)
+        tenants = list(found.tenants)
+        if found.next_page_token:
+            next_link = "/ledger?" + urlencode({"page_token": found.next_page_token})
+    else:
         try:
             answer = await console.planes.ledger().ListAccounts(
                 pb.ListAccountsRequest(
@@ -101,7 +117,7 @@ async def accounts(request: Request, session: Session) -> Response:
         request,
         session,
         "ledger/accounts.html",
-        _context(tenant=tenant, accounts=listed, next_link=next_link),
+        _context(tenant=tenant, tenants=tenants, accounts=listed, next_link=next_link),
     )
 
 

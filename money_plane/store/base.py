@@ -524,6 +524,18 @@ class LedgerStore:
                 account_key(tenant_id, account_id)
             )
 
+    def list_tenants(self, after_tenant_id: str, limit: int) -> list[Tenant]:
+        """Tenants after `after_tenant_id`, in id order (the primary key's)."""
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT tenant_id, display_name, created_at_us FROM tenants "
+                    "WHERE tenant_id > %s ORDER BY tenant_id LIMIT %s"
+                ),
+                (after_tenant_id, limit),
+            )
+            return [Tenant(r[0], r[1], r[2]) for r in cur.fetchall()]
+
     def list_accounts(
         self, tenant_id: str, after_account_key: str, limit: int
     ) -> list[AccountState]:

@@ -65,7 +65,11 @@ def test_finance_operator_does_not_read_decisions(client: TestClient) -> None:
     page = client.get("/decisions?tenant=acme")
     assert page.status_code == 403
     assert page.headers["x-triplane-reason"] == "PERMISSION_DENIED"
-    assert 'href="/decisions"' not in client.get("/ledger").text
+    # No link to it on the pages they read (a ledger page refusing a bad
+    # point in time, before it calls the money plane).
+    ledger_page = client.get("/ledger/acme/accounts/cust_1?as_of=never")
+    assert '<a href="/ledger"' in ledger_page.text
+    assert 'href="/decisions"' not in ledger_page.text
     assert ("fina", "denied") in audit_rows(client, "permission.refused")
 
 

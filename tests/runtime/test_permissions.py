@@ -88,6 +88,7 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.ai.v1.ScoringService/Explain",
         "/triplane.policy.v1.PolicyService/ReplayDecisions",
         # Ledger page: reads only; nothing that moves money.
+        "/triplane.money.v1.LedgerService/ListTenants",
         "/triplane.money.v1.LedgerService/ListAccounts",
         "/triplane.money.v1.LedgerService/GetAccount",
         "/triplane.money.v1.LedgerService/GetBalance",

@@ -43,6 +43,11 @@ class LedgerServiceStub:
                 request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateTenantRequest.SerializeToString,
                 response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateTenantResponse.FromString,
                 _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/triplane.money.v1.LedgerService/ListTenants',
+                request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
         self.CreateAccounts = channel.unary_unary(
                 '/triplane.money.v1.LedgerService/CreateAccounts',
                 request_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateAccountsRequest.SerializeToString,
@@ -159,6 +164,13 @@ class LedgerServiceServicer:
 
     def CreateTenant(self, request, context):
         """Registers a tenant (a partner platform). Idempotent on tenant_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """The tenants, in tenant id order (over every shard); paged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -344,6 +356,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateTenantRequest.FromString,
                     response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateTenantResponse.SerializeToString,
             ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.ListTenantsRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_money__pb2.ListTenantsResponse.SerializeToString,
+            ),
             'CreateAccounts': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateAccounts,
                     request_deserializer=triplane_dot_money_dot_v1_dot_money__pb2.CreateAccountsRequest.FromString,
@@ -481,6 +498,33 @@ class LedgerService:
             '/triplane.money.v1.LedgerService/CreateTenant',
             triplane_dot_money_dot_v1_dot_money__pb2.CreateTenantRequest.SerializeToString,
             triplane_dot_money_dot_v1_dot_money__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.LedgerService/ListTenants',
+            triplane_dot_money_dot_v1_dot_money__pb2.ListTenantsRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_money__pb2.ListTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

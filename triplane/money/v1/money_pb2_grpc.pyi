@@ -39,6 +39,8 @@ class LedgerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LedgerServiceAsyncStub: ...
     CreateTenant: _grpc.UnaryUnaryMultiCallable[_money_pb2.CreateTenantRequest, _money_pb2.CreateTenantResponse]
     """Registers a tenant (a partner platform). Idempotent on tenant_id."""
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_money_pb2.ListTenantsRequest, _money_pb2.ListTenantsResponse]
+    """The tenants, in tenant id order (over every shard); paged."""
     CreateAccounts: _grpc.UnaryUnaryMultiCallable[_money_pb2.CreateAccountsRequest, _money_pb2.CreateAccountsResponse]
     """Opens accounts. Idempotent on (tenant_id, account_id): the same account
     again returns it, a different one is ALREADY_EXISTS naming the field.
@@ -128,6 +130,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTenant: _aio.UnaryUnaryMultiCallable[_money_pb2.CreateTenantRequest, _money_pb2.CreateTenantResponse]  # type: ignore[assignment]
     """Registers a tenant (a partner platform). Idempotent on tenant_id."""
+    ListTenants: _aio.UnaryUnaryMultiCallable[_money_pb2.ListTenantsRequest, _money_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """The tenants, in tenant id order (over every shard); paged."""
     CreateAccounts: _aio.UnaryUnaryMultiCallable[_money_pb2.CreateAccountsRequest, _money_pb2.CreateAccountsResponse]  # type: ignore[assignment]
     """Opens accounts. Idempotent on (tenant_id, account_id): the same account
     again returns it, a different one is ALREADY_EXISTS naming the field.
@@ -220,6 +224,14 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_money_pb2.CreateTenantResponse, _abc.Awaitable[_money_pb2.CreateTenantResponse]]:
         """Registers a tenant (a partner platform). Idempotent on tenant_id."""
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _money_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_money_pb2.ListTenantsResponse, _abc.Awaitable[_money_pb2.ListTenantsResponse]]:
+        """The tenants, in tenant id order (over every shard); paged."""
 
     @_abc_1.abstractmethod
     def CreateAccounts(
