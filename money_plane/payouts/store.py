@@ -354,10 +354,13 @@ def list_settlements(store: LedgerStore, tenant_id: str, account_id: str) -> lis
     def work(cur: Any) -> list[bytes]:
         cur.execute(
             store.sql(
-                "SELECT body FROM settlements WHERE tenant_id = %s AND settlement_key LIKE %s "
-                "ORDER BY settled_at_us"
+                # A prefix compared exactly, not LIKE: SQLite's LIKE folds
+                # case and has no default escape (an account id with "_"
+                # matched nothing there).
+                "SELECT body FROM settlements WHERE tenant_id = %s "
+                "AND substr(settlement_key, 1, %s) = %s ORDER BY settled_at_us"
             ),
-            (tenant_id, prefix.replace("%", "\\%").replace("_", "\\_") + "%"),
+            (tenant_id, len(prefix), prefix),
         )
         return [bytes(row[0]) for row in cur.fetchall()]
 

@@ -134,6 +134,22 @@ async def test_a_period_settles_once_with_fees_and_reserve(kit: Kit) -> None:
         await settlements.put_schedule(schedule(kit.tenant, payable_account_id="ghost"))
 
 
+async def test_settlements_are_listed_for_their_account_alone(kit: Kit) -> None:
+    # "_" and case are not patterns: mer_1's list holds neither merX1's nor MER_1's.
+    kit.clock.set_us(at_us("America/New_York", 2026, 6, 1, 12))
+    await kit.open(("payable", "USD", DEBITS_LIMITED, 0))
+    settlements = Settlements(kit.ledger)
+    for account in ("mer_1", "merX1", "MER_1"):
+        await kit.open((account, "USD", DEBITS_LIMITED, 0))
+        await settlements.put_schedule(schedule(kit.tenant, account_id=account))
+        await kit.fund(account, 10_000)
+    kit.clock.set_us(at_us("America/New_York", 2026, 6, 1, 18))
+    assert await settlements.settle_due() == 3
+    for account in ("mer_1", "merX1", "MER_1"):
+        [listed] = await settlements.settlements(kit.tenant, account)
+        assert (listed.account_id, listed.state) == (account, "settled")
+
+
 async def test_below_the_minimum_the_balance_waits(kit: Kit) -> None:
     kit.clock.set_us(at_us("America/New_York", 2026, 6, 1, 12))
     settlements = await _setup(kit, min_payout_minor=10_000, fee_bps=0, fee_fixed_minor=0)
