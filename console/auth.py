@@ -5,11 +5,13 @@ a role holds a set of them):
 
 | role | permissions |
 |---|---|
-| reviewer | cases:read, cases:resolve |
-| risk_admin | cases:read, pii:read, audit:read |
+| reviewer | cases:read, cases:resolve, bundles:read |
+| risk_admin | cases:read, pii:read, audit:read, bundles:read, bundles:activate, |
+| | models:read, experiments:read |
 | finance_operator | money:read, money:write |
-| sre | health:read |
-| auditor | cases:read, money:read, audit:read, health:read (read-only) |
+| sre | health:read, models:read, models:promote |
+| auditor | cases:read, money:read, audit:read, health:read, bundles:read, models:read, |
+| | experiments:read (read-only) |
 
 `pii:read` decides whether names are shown in clear or as their tokens.
 
@@ -49,11 +51,31 @@ if TYPE_CHECKING:
     from console.app import Console
 
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
-    "reviewer": frozenset({"cases:read", "cases:resolve"}),
-    "risk_admin": frozenset({"cases:read", "pii:read", "audit:read"}),
+    "reviewer": frozenset({"cases:read", "cases:resolve", "bundles:read"}),
+    "risk_admin": frozenset(
+        {
+            "cases:read",
+            "pii:read",
+            "audit:read",
+            "bundles:read",
+            "bundles:activate",
+            "models:read",
+            "experiments:read",
+        }
+    ),
     "finance_operator": frozenset({"money:read", "money:write"}),
-    "sre": frozenset({"health:read"}),
-    "auditor": frozenset({"cases:read", "money:read", "audit:read", "health:read"}),
+    "sre": frozenset({"health:read", "models:read", "models:promote"}),
+    "auditor": frozenset(
+        {
+            "cases:read",
+            "money:read",
+            "audit:read",
+            "health:read",
+            "bundles:read",
+            "models:read",
+            "experiments:read",
+        }
+    ),
 }
 # The Decisions and Ledger pages (console/pages/decisions.py, ledger.py):
 # every role but finance_operator reads decisions (decisions:read);

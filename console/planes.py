@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 from triplane.ai.v1 import ai_pb2_grpc
+from triplane.ai.v1 import ai_pb2_grpc
 from triplane.gateway.v1 import delivery_admin_pb2_grpc
 from triplane.money.v1 import money_pb2_grpc, recon_pb2_grpc
 from triplane.policy.v1 import policy_pb2_grpc
@@ -78,6 +79,12 @@ class Planes:
     def has(self, plane: str) -> bool:
         """Whether the console knows where `plane` is."""
         return bool(self._addresses.get(plane))
+
+    def bundles(self) -> policy_pb2_grpc.BundleServiceStub:
+        return policy_pb2_grpc.BundleServiceStub(self.channel("policy"))
+
+    def models(self) -> ai_pb2_grpc.ModelRegistryServiceStub:
+        return ai_pb2_grpc.ModelRegistryServiceStub(self.channel("ai"))
 
     async def close(self) -> None:
         for channel in self._channels.values():
