@@ -4,7 +4,7 @@ picks the tenant from the money plane's tenants, finds the customer's account
 among the tenant's, sees its balance (posted,
 pending, available) as the money plane reports it, pages through its
 postings (three a page) until every capture's posting has been seen once,
-opens a hold and sees it captured, and reads the posted balance as of a
+opens a posting's entry (the capture) and a hold (captured), and reads the posted balance as of a
 moment before the first capture (zero)."""
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ async def test_balance_and_postings_page_by_page(mesh: Mesh, page: Page) -> None
         await shot(page, f"postings-{pages + 1}")
     assert seen == list(range(1, CAPTURES + 1))
     assert pages == -(-CAPTURES // PAGE_SIZE)
+
+    # A posting's entry: the capture, found by its id from the history.
+    await page.goto(f"/ledger/{TENANT}/accounts/cust_2")
+    await page.locator('tr[data-posting="1"]').get_by_role("link").click()
+    await expect(page.get_by_test_id("entry-kind")).to_have_text("capture")
+    await shot(page, "entry")
 
     await page.goto(f"/ledger/{TENANT}/holds/{holds[0]}")
     await expect(page.get_by_test_id("hold-state")).to_have_text("captured")
