@@ -111,7 +111,7 @@ def _keep(b: pb.ReconBreak, filters: dict[str, Any]) -> bool:
 
 
 def _urgency(b: pb.ReconBreak) -> tuple[bool, int, str]:
-    """Overdue first, then oldest first."""
+    """Overdue first, then oldest first (the plane pages oldest first)."""
     return (not b.overdue, -b.age_seconds, b.break_id)
 
 
@@ -155,6 +155,8 @@ async def breaks(request: Request, session: Session) -> Response:
                     break_class=filters["break_class"],
                     page_size=console.config.console.page_size,
                     page_token=filters["page_token"],
+                    # Oldest first across pages; overdue first within each.
+                    order="oldest",
                 ),
                 timeout=console.planes.timeout_s,
             )

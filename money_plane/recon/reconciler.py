@@ -118,6 +118,16 @@ def _iso_day(day: dt.date) -> str:
     return day.isoformat()
 
 
+def _check_break_filters(tenant_id: str, state: str, break_class: str) -> None:
+    check_tenant_id(tenant_id)
+    if state and state not in {s.value for s in BreakState}:
+        raise InvalidArgument("BREAK_STATE_INVALID", f"unknown state {state!r}", "state")
+    if break_class and break_class not in {c.value for c in BreakClass}:
+        raise InvalidArgument(
+            "BREAK_CLASS_INVALID", f"unknown break class {break_class!r}", "break_class"
+        )
+
+
 def read_statement_file(data: bytes, max_bytes: int) -> StatementFile:
     """A camt file (XML) or an MT940 file, by its first character."""
     head = data[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -1192,17 +1202,46 @@ class Reconciler:
         after: str = "",
         limit: int = 100,
     ) -> list[Break]:
-        check_tenant_id(tenant_id)
-        if state and state not in {s.value for s in BreakState}:
-            raise InvalidArgument("BREAK_STATE_INVALID", f"unknown state {state!r}", "state")
-        if break_class and break_class not in {c.value for c in BreakClass}:
-            raise InvalidArgument(
-                "BREAK_CLASS_INVALID", f"unknown break class {break_class!r}", "break_class"
-            )
+        _check_break_filters(tenant_id, state, break_class)
         breaks: list[Break] = await self._tx(
             lambda tx: tx.list_breaks(tenant_id, state, break_class, after, limit)
         )
         return breaks
+
+    async def page_breaks(
+        self,
+        tenant_id: str,
+        state: str,
+        break_class: str,
+        page_token: str,
+        limit: int,
+        order: str = "",
+    ) -> tuple[list[Break], str]:
+        """One page of breaks and the next page's token (empty at the end):
+        by break id (order ""; the token is the last id), or oldest
+        detection first (order "oldest"; the token "<detected_at_us>:<id>")."""
+        if order not in ("", "oldest"):
+            raise InvalidArgument("BREAK_ORDER_INVALID", 'order is "" (by id) or "oldest"', "order")
+        if not order:
+            by_id = await self.list_breaks(tenant_id, state, break_class, page_token, limit)
+            return by_id, by_id[-1].break_id if len(by_id) == limit else ""
+        after_us, after_id = -1, ""
+        if page_token:
+            at, _, after_id = page_token.partition(":")
+            if not at.isdigit() or not after_id:
+                raise InvalidArgument(
+                    "PAGE_TOKEN_INVALID", "page_token is not one this order gave", "page_token"
+                )
+            after_us = int(at)
+        _check_break_filters(tenant_id, state, break_class)
+        found: list[Break] = await self._tx(
+            lambda tx: tx.list_breaks(
+                tenant_id, state, break_class, after_id, limit, after_detected_us=after_us
+            )
+        )
+        if len(found) < limit:
+            return found, ""
+        return found, f"{found[-1].detected_at_us}:{found[-1].break_id}"
 
     async def get_break(self, tenant_id: str, break_id: str) -> Break:
         found: Break | None = await self._tx(lambda tx: tx.get_break(tenant_id, break_id))

@@ -70,17 +70,20 @@ class ReconciliationServicer(recon_pb2_grpc.ReconciliationServiceServicer):
     ) -> pb.ListBreaksResponse:
         recon = await self._recon_for(request.tenant_id)
         size = _page_size(request.page_size)
-        breaks = await recon.list_breaks(
-            request.tenant_id, request.state, request.break_class, request.page_token, size
+        breaks, next_token = await recon.page_breaks(
+            request.tenant_id,
+            request.state,
+            request.break_class,
+            request.page_token,
+            size,
+            request.order,
         )
         now_us = recon.clock.now_us()
         out = []
         for b in breaks:
             sla = recon.sla(b, now_us)
             out.append(codec.recon_break(b, sla.tier, sla.overdue, sla.age_s))
-        return pb.ListBreaksResponse(
-            breaks=out, next_page_token=breaks[-1].break_id if len(breaks) == size else ""
-        )
+        return pb.ListBreaksResponse(breaks=out, next_page_token=next_token)
 
     async def ResolveBreak(
         self, request: pb.ResolveBreakRequest, context: grpc.aio.ServicerContext

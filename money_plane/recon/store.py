@@ -771,10 +771,26 @@ class Tx:
         return break_from_row(row) if row else None
 
     def list_breaks(
-        self, tenant_id: str, state: str, break_class: str, after: str, limit: int
+        self,
+        tenant_id: str,
+        state: str,
+        break_class: str,
+        after: str,
+        limit: int,
+        after_detected_us: int | None = None,
     ) -> list[Break]:
-        where = ["tenant_id = %s", "break_id > %s"]
-        params: list[Any] = [tenant_id, after]
+        """By break id after `after`; or, with `after_detected_us` (-1: from
+        the start), oldest detection first after (`after_detected_us`, `after`)."""
+        oldest = after_detected_us is not None
+        if oldest:
+            where = [
+                "tenant_id = %s",
+                "(detected_at_us > %s OR (detected_at_us = %s AND break_id > %s))",
+            ]
+            params: list[Any] = [tenant_id, after_detected_us, after_detected_us, after]
+        else:
+            where = ["tenant_id = %s", "break_id > %s"]
+            params = [tenant_id, after]
         if state:
             where.append("state = %s")
             params.append(state)
@@ -784,7 +800,7 @@ class Tx:
         self.cur.execute(
             self._sql(
                 f"SELECT {_BREAK_COLUMNS} FROM breaks WHERE {' AND '.join(where)} "
-                "ORDER BY break_id LIMIT %s"
+                f"ORDER BY {'detected_at_us, break_id' if oldest else 'break_id'} LIMIT %s"
             ),
             (*params, limit),
         )

@@ -85,3 +85,40 @@ async def test_list_statements_newest_first_paged(kit: Kit, recon: Reconciler) -
             )
         assert refused.value.reason == "PAGE_TOKEN_INVALID"
         assert refused.value.field == "page_token"
+
+
+async def test_list_breaks_oldest_first_across_pages(kit: Kit, recon: Reconciler) -> None:
+    servicer = servicer_for(recon)
+    raised = []
+    for n in range(5):
+        kit.clock.advance(60.0)
+        imported = await recon.import_statement(
+            kit.tenant, "bank", camt054(line(10 + n, e2e=f"OLD-{n}")), actor="ops"
+        )
+        raised.extend(b.break_id for b in imported.breaks)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await servicer.ListBreaks(
+            recon_pb2.ListBreaksRequest(
+                tenant_id=kit.tenant, state="open", page_size=2, page_token=token, order="oldest"
+            ),
+            None,  # type: ignore[arg-type]
+        )
+        seen.extend(b.break_id for b in page.breaks)
+        token = page.next_page_token
+        if not token:
+            break
+    # Detection order, whatever the ids' order.
+    assert seen == raised
+    for field, request in (
+        ("order", recon_pb2.ListBreaksRequest(tenant_id=kit.tenant, order="newest")),
+        (
+            "page_token",
+            recon_pb2.ListBreaksRequest(tenant_id=kit.tenant, order="oldest", page_token="brk_x"),
+        ),
+        ("state", recon_pb2.ListBreaksRequest(tenant_id=kit.tenant, order="oldest", state="x")),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            await servicer.ListBreaks(request, None)  # type: ignore[arg-type]
+        assert refused.value.field == field

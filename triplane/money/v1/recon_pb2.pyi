@@ -513,12 +513,19 @@ class ListBreaksRequest(_message.Message):
     BREAK_CLASS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     state: _builtins.str
     """Empty: any."""
     break_class: _builtins.str
     page_size: _builtins.int
     page_token: _builtins.str
+    order: _builtins.str
+    """Empty: by break id. "oldest": by detection time, oldest first (so what
+    has been open longest, and overdue first within a tier, comes first);
+    another value is INVALID_ARGUMENT BREAK_ORDER_INVALID naming order. A
+    page token is good for the order that gave it.
+    """
     def __init__(
         self,
         *,
@@ -527,10 +534,11 @@ class ListBreaksRequest(_message.Message):
         break_class: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        order: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_class", b"break_class", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_class", b"break_class", "order", b"order", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -109,7 +109,7 @@ class ReconciliationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListBreaks(self, request, context):
-        """Breaks, oldest id first, filtered by state and class, paged.
+        """Breaks, filtered by state and class, paged: by id, or oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,7 +51,7 @@ class ReconciliationServiceStub:
     GetStatement: _grpc.UnaryUnaryMultiCallable[_recon_pb2.GetStatementRequest, _recon_pb2.GetStatementResponse]
     """One imported statement with its lines and what each matched."""
     ListBreaks: _grpc.UnaryUnaryMultiCallable[_recon_pb2.ListBreaksRequest, _recon_pb2.ListBreaksResponse]
-    """Breaks, oldest id first, filtered by state and class, paged."""
+    """Breaks, filtered by state and class, paged: by id, or oldest first."""
     ResolveBreak: _grpc.UnaryUnaryMultiCallable[_recon_pb2.ResolveBreakRequest, _recon_pb2.ResolveBreakResponse]
     """Resolves a break once: a manual match, a write-off or a reversal posted
     to the ledger exactly once (with a decision token for that transfer), or
@@ -88,7 +88,7 @@ class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     GetStatement: _aio.UnaryUnaryMultiCallable[_recon_pb2.GetStatementRequest, _recon_pb2.GetStatementResponse]  # type: ignore[assignment]
     """One imported statement with its lines and what each matched."""
     ListBreaks: _aio.UnaryUnaryMultiCallable[_recon_pb2.ListBreaksRequest, _recon_pb2.ListBreaksResponse]  # type: ignore[assignment]
-    """Breaks, oldest id first, filtered by state and class, paged."""
+    """Breaks, filtered by state and class, paged: by id, or oldest first."""
     ResolveBreak: _aio.UnaryUnaryMultiCallable[_recon_pb2.ResolveBreakRequest, _recon_pb2.ResolveBreakResponse]  # type: ignore[assignment]
     """Resolves a break once: a manual match, a write-off or a reversal posted
     to the ledger exactly once (with a decision token for that transfer), or
@@ -146,7 +146,7 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _recon_pb2.ListBreaksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_recon_pb2.ListBreaksResponse, _abc.Awaitable[_recon_pb2.ListBreaksResponse]]:
-        """Breaks, oldest id first, filtered by state and class, paged."""
+        """Breaks, filtered by state and class, paged: by id, or oldest first."""
 
     @_abc_1.abstractmethod
     def ResolveBreak(
