@@ -29,14 +29,20 @@ USERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def password_hash() -> str:
+    """Hashed once: argon2 is slow on purpose."""
+    return hash_password(PASSWORD)
+
+
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[TestClient]:
+def client(tmp_path: Path, password_hash: str) -> Iterator[TestClient]:
     config = load_config(environ={}, overrides={"runtime": {"state_dir": str(tmp_path)}})
     assert not config.gateway.admin_listen  # the shipped default: no certificate port
     clock = ManualClock()
     store = ConsoleStore.from_config(config)
     for name, roles in USERS.items():
-        store.add_user(name, hash_password(PASSWORD), roles, clock.now_us())
+        store.add_user(name, password_hash, roles, clock.now_us())
     app = create_app(config, clock=clock, store=store)
     with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
         yield test_client
