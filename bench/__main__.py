@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-SUITES = ("ledger", "policy", "ai", "gateway", "nba", "recon")
+SUITES = ("ledger", "policy", "ai", "gateway", "nba", "recon", "console")
 BENCH_DIR = Path(__file__).resolve().parent
 
 
