@@ -110,6 +110,10 @@ def chain_for_writer(chain_id: str, writer_id: str) -> str:
     return f"{chain_id}-{writer_id}" if writer_id else chain_id
 
 
+# Decisions indexed per transaction by the search backfill.
+BACKFILL_PAGE_RECORDS = 500
+
+
 @dataclass
 class _Pending:
     record: DecisionRecord
@@ -151,6 +155,8 @@ class DecisionLog:
         self._max_wait_s = max_wait_ms / 1000.0
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_records)
         self._task: asyncio.Task[None] | None = None
+        self._backfill: asyncio.Task[None] | None = None
+        self._stopping = False
         # Another writer (another chain) may take an idempotency key between
         # our check and our insert: the retry sees it and answers with it.
         self._write_retrying = write_retry.retrying(
@@ -163,10 +169,52 @@ class DecisionLog:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="decision-log-writer")
+        if self._backfill is None:
+            self._stopping = False
+            self._backfill = asyncio.create_task(
+                self._backfill_in_background(), name="decision-search-backfill"
+            )
 
     async def stop(self) -> None:
+        self._stopping = True
         await cancel_and_wait([self._task])
         self._task = None
+        if self._backfill is not None:
+            # Its thread cannot be cancelled: it sees _stopping after the
+            # page it is on, so the store is not closed under it.
+            await self._backfill
+            self._backfill = None
+
+    async def _backfill_in_background(self) -> None:
+        try:
+            indexed = await asyncio.to_thread(self.backfill_search, BACKFILL_PAGE_RECORDS)
+        except Exception:
+            # Old decisions stay findable by id; the next start tries again.
+            log.exception("decision search backfill failed")
+            return
+        if indexed:
+            log.info("decision search: indexed %d decisions logged before it existed", indexed)
+
+    def backfill_search(self, page_records: int) -> int:
+        """Indexes for ListDecisions every logged decision decision_search
+        lacks (those logged before it existed), one page at a time, then
+        records that it is done so later starts skip the pass. Replicas may
+        run it at once: a row another indexed is left as it is. Returns how
+        many decisions it indexed."""
+        if self._store.search_backfilled():
+            return 0
+        indexed = 0
+        after = ("", 0)
+        while not self._stopping:
+            rows = self._store.unindexed_page(after, page_records)
+            if not rows:
+                self._store.mark_search_backfilled(indexed)
+                break
+            opened = [(self._sealer.open(record_decoder.decode(r.body)), r) for r in rows]
+            self._store.index_decisions([self._search_row(record, r) for record, r in opened])
+            indexed += len(rows)
+            after = (rows[-1].chain_id, rows[-1].seq)
+        return indexed
 
     async def append(
         self,

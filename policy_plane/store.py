@@ -76,6 +76,12 @@ CREATE INDEX IF NOT EXISTS decision_search_customer
 CREATE INDEX IF NOT EXISTS decision_search_token
   ON decision_search (tenant_id, customer_token, recorded_at_us, decision_id);
 CREATE INDEX IF NOT EXISTS decision_search_chain ON decision_search (chain_id, seq);
+-- One row once every decision logged before decision_search existed has
+-- been indexed (DecisionLog.backfill_search): later starts skip the pass.
+CREATE TABLE IF NOT EXISTS decision_search_backfill (
+  id INTEGER PRIMARY KEY,
+  decisions BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS decision_log_marks (
   chain_id TEXT NOT NULL,
   kind TEXT NOT NULL,
@@ -486,6 +492,55 @@ class PolicyStore:
         params.append(limit)
         with self.db.read() as tx:
             return [_log_row(r) for r in tx.all(sql, params)]
+
+    def search_backfilled(self) -> bool:
+        with self.db.read() as tx:
+            return tx.one("SELECT 1 FROM decision_search_backfill WHERE id = 1") is not None
+
+    def unindexed_page(self, after: tuple[str, int], limit: int) -> list[LogRow]:
+        """Logged decisions decision_search lacks, in log order after `after`
+        (chain, seq): the primary key's order, each checked against the
+        search index's primary key, so the pass reads the log once."""
+        with self.db.read() as tx:
+            rows = tx.all(
+                f"SELECT {', '.join('l.' + c.strip() for c in LOG_COLUMNS.split(','))} "
+                "FROM decision_log l WHERE (l.chain_id > ? OR (l.chain_id = ? AND l.seq > ?)) "
+                "AND NOT EXISTS (SELECT 1 FROM decision_search s "
+                "WHERE s.decision_id = l.decision_id) ORDER BY l.chain_id, l.seq LIMIT ?",
+                (after[0], after[0], after[1], limit),
+            )
+        return [_log_row(r) for r in rows]
+
+    def index_decisions(self, search: Sequence[SearchRow]) -> None:
+        """Search rows for decisions already logged; one another replica
+        indexed meanwhile is left as it is."""
+        with self.db.tx() as tx:
+            tx.execute_many(
+                "INSERT INTO decision_search (decision_id, tenant_id, recorded_at_us, "
+                "account_id, customer_id, customer_token, chain_id, seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (decision_id) DO NOTHING",
+                [
+                    (
+                        s.decision_id,
+                        s.tenant_id,
+                        s.recorded_at_us,
+                        s.account_id,
+                        s.customer_id,
+                        s.customer_token,
+                        s.chain_id,
+                        s.seq,
+                    )
+                    for s in search
+                ],
+            )
+
+    def mark_search_backfilled(self, decisions: int) -> None:
+        with self.db.tx() as tx:
+            tx.execute(
+                "INSERT INTO decision_search_backfill (id, decisions) VALUES (1, ?) "
+                "ON CONFLICT (id) DO NOTHING",
+                (decisions,),
+            )
 
     def search_page(
         self, query: DecisionQuery, before: tuple[int, str] | None, limit: int

@@ -171,3 +171,48 @@ async def test_list_decisions_over_grpc(stubs: Stubs) -> None:
             pb.ListDecisionsRequest(tenant_id=TENANT, customer="Jane Example")
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_decisions_logged_before_the_index_are_indexed_at_start(
+    any_engine: PolicyEngine, clock: ManualClock
+) -> None:
+    engine = any_engine
+    made = [await _decide(engine, clock, f"old-{i}") for i in range(3)]
+    newest_first = [d for d, _ in reversed(made)]
+    # As a log written before decision_search existed: no search rows, and
+    # no record of a backfill.
+    await engine.log.stop()
+    with engine.store.db.tx() as tx:
+        tx.execute("DELETE FROM decision_search")
+        tx.execute("DELETE FROM decision_search_backfill")
+    assert await _ids(engine, customer="cust-1") == []
+    assert await _ids(engine, decision_id=made[0][0]) == [made[0][0]]  # the log's own index
+
+    # A start indexes them (in the background, a page at a time).
+    engine.log.start()
+    deadline = asyncio.get_running_loop().time() + 30.0
+    while await _ids(engine, customer="cust-1") != newest_first:
+        assert asyncio.get_running_loop().time() < deadline, "the backfill did not finish"
+        await asyncio.sleep(0.05)
+    token = engine.sealer.token(TENANT, "Jane Example")
+    assert await _ids(engine, customer=token) == newest_first
+    assert await _ids(engine, account_id="acct-1") == newest_first
+    # Done once: the next pass finds the mark and reads nothing.
+    assert engine.store.search_backfilled()
+    with engine.store.db.tx() as tx:
+        tx.execute("DELETE FROM decision_search WHERE decision_id = ?", (made[0][0],))
+    assert await asyncio.to_thread(engine.log.backfill_search, 2) == 0
+
+
+async def test_backfill_pages_and_leaves_indexed_rows_alone(
+    engine: PolicyEngine, clock: ManualClock
+) -> None:
+    made = [await _decide(engine, clock, f"pg-{i}") for i in range(5)]
+    with engine.store.db.tx() as tx:
+        # Two of five unindexed, one of them the last: pages of 1 reach both.
+        tx.execute(
+            "DELETE FROM decision_search WHERE decision_id IN (?, ?)", (made[1][0], made[4][0])
+        )
+        tx.execute("DELETE FROM decision_search_backfill")
+    assert await asyncio.to_thread(engine.log.backfill_search, 1) == 2
+    assert await _ids(engine, customer="cust-1") == [d for d, _ in reversed(made)]
