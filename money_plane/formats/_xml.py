@@ -144,6 +144,41 @@ def text(el: _Element | None, *names: str) -> str:
     return node.text.strip()
 
 
+class Children:
+    """One element's children by local name, gathered in one pass: for an
+    element many names are looked up in (a camt entry, its transaction's
+    references: a dozen each). `child`, `text` and `required` answer as the
+    module's functions of the same names do for a one-name path."""
+
+    __slots__ = ("_first", "el")
+
+    def __init__(self, el: _Element | None) -> None:
+        self.el = el
+        first: dict[str, _Element] = {}
+        if el is not None:
+            for node in el.iterchildren(tag=etree.Element):
+                tag = node.tag
+                if isinstance(tag, str):  # always, for an element; typed wider
+                    first.setdefault(tag.rpartition("}")[2], node)
+        self._first = first
+
+    def child(self, name: str) -> _Element | None:
+        return self._first.get(name)
+
+    def text(self, name: str) -> str:
+        node = self._first.get(name)
+        if node is None or node.text is None:
+            return ""
+        return node.text.strip()
+
+    def required(self, name: str) -> _Element:
+        node = self._first.get(name)
+        if node is None:
+            assert self.el is not None  # nothing is required of no element
+            return required(self.el, name)  # the refusal, naming the path
+        return node
+
+
 def required(el: _Element, *names: str) -> _Element:
     node = child(el, *names)
     if node is None:

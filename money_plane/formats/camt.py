@@ -163,8 +163,10 @@ class _Money:
         return minor, currency
 
 
-def _sign(el: _El, *names: str) -> Sign:
-    value = _xml.text(el, *names)
+def _sign(el: _El, *names: str, value: str | None = None) -> Sign:
+    """CdtDbtInd down `names` of `el` (its text as `value` when read already)."""
+    if value is None:
+        value = _xml.text(el, *names)
     if value not in ("CRDT", "DBIT"):
         path = f"{_xml.path_of(el)}/{'/'.join(names)}"
         raise refuse("CREDIT_DEBIT_INVALID", f"{path} must be CRDT or DBIT", path)
@@ -216,8 +218,10 @@ def _balance(money: _Money, el: _El) -> Balance:
     )
 
 
-def _status(el: _El) -> EntryStatus:
-    sts = _xml.required(el, "Sts")
+def _status(el: _El, sts: _El | None = None) -> EntryStatus:
+    """The entry's Sts (the element itself when found already)."""
+    if sts is None:
+        sts = _xml.required(el, "Sts")
     code = (sts.text or "").strip() or _xml.text(sts, "Cd") or _xml.text(sts, "Prtry")
     try:
         return EntryStatus(code)
@@ -245,7 +249,8 @@ def _bank_tx_code(el: _El | None) -> str:
 
 
 def _entry(money: _Money, el: _El, path: str) -> StatementLine:
-    amount, currency = money.amount(_xml.required(el, "Amt"))
+    kids = _xml.Children(el)
+    amount, currency = money.amount(kids.required("Amt"))
     batch: Batch | None = None
     details: list[TransactionDetail] = []
     for ntry_dtls in _xml.children(el, "NtryDtls"):
@@ -262,21 +267,21 @@ def _entry(money: _Money, el: _El, path: str) -> StatementLine:
                 payment_info_id=_xml.text(btch, "PmtInfId"),
             )
         details.extend(_detail(money, tx) for tx in _xml.children(ntry_dtls, "TxDtls"))
-    sign = _sign(el, "CdtDbtInd")
+    sign = _sign(el, "CdtDbtInd", value=kids.text("CdtDbtInd"))
     return StatementLine(
         amount_minor=amount,
         currency=currency,
         sign=sign,
-        status=_status(el),
-        booking_date=_date_choice(_xml.child(el, "BookgDt")),
-        value_date=_date_choice(_xml.child(el, "ValDt")),
-        account_servicer_ref=_xml.text(el, "AcctSvcrRef"),
-        entry_ref=_xml.text(el, "NtryRef"),
-        reversal=_xml.text(el, "RvslInd").lower() in ("true", "1"),
-        bank_transaction_code=_bank_tx_code(_xml.child(el, "BkTxCd")),
+        status=_status(el, kids.required("Sts")),
+        booking_date=_date_choice(kids.child("BookgDt")),
+        value_date=_date_choice(kids.child("ValDt")),
+        account_servicer_ref=kids.text("AcctSvcrRef"),
+        entry_ref=kids.text("NtryRef"),
+        reversal=kids.text("RvslInd").lower() in ("true", "1"),
+        bank_transaction_code=_bank_tx_code(kids.child("BkTxCd")),
         batch=batch,
         details=tuple(details),
-        additional_info=_xml.text(el, "AddtlNtryInf"),
+        additional_info=kids.text("AddtlNtryInf"),
         source_path=path,
     )
 
@@ -290,37 +295,39 @@ def _account_id(el: _El | None) -> str:
 
 
 def _detail(money: _Money, el: _El) -> TransactionDetail:
-    refs = _xml.child(el, "Refs")
-    amount_el = _xml.child(el, "Amt")
+    kids = _xml.Children(el)
+    refs = _xml.Children(kids.child("Refs"))
+    amount_el = kids.child("Amt")
     if amount_el is None:  # .001.02 carries the amount in AmtDtls only
         amount_el = _xml.child(el, "AmtDtls", "TxAmt", "Amt")
     amount, currency = money.amount(amount_el) if amount_el is not None else (None, "")
-    sign = _sign(el, "CdtDbtInd") if _xml.text(el, "CdtDbtInd") else None
-    parties = _xml.child(el, "RltdPties")
+    indicator = kids.text("CdtDbtInd")
+    sign = _sign(el, "CdtDbtInd", value=indicator) if indicator else None
+    parties = kids.child("RltdPties")
     # The counterparty: the debtor of a credit, the creditor of a debit.
     if sign is Sign.DEBIT:
         name, acct = _party_name(_xml.child(parties, "Cdtr")), _xml.child(parties, "CdtrAcct")
     else:
         name, acct = _party_name(_xml.child(parties, "Dbtr")), _xml.child(parties, "DbtrAcct")
-    rmt = _xml.child(el, "RmtInf")
+    rmt = kids.child("RmtInf")
     creditor_ref = ""
     unstructured: list[str] = []
     if rmt is not None:
         unstructured = [(u.text or "").strip() for u in _xml.children(rmt, "Ustrd")]
         for strd in _xml.children(rmt, "Strd"):
             creditor_ref = creditor_ref or _xml.text(strd, "CdtrRefInf", "Ref")
-    rtr = _xml.child(el, "RtrInf")
+    rtr = kids.child("RtrInf")
     return TransactionDetail(
         references=References(
-            end_to_end_id=_xml.text(refs, "EndToEndId"),
-            instruction_id=_xml.text(refs, "InstrId"),
-            transaction_id=_xml.text(refs, "TxId"),
-            account_servicer_ref=_xml.text(refs, "AcctSvcrRef"),
-            message_id=_xml.text(refs, "MsgId"),
-            payment_info_id=_xml.text(refs, "PmtInfId"),
-            uetr=_xml.text(refs, "UETR"),
-            mandate_id=_xml.text(refs, "MndtId"),
-            clearing_system_ref=_xml.text(refs, "ClrSysRef"),
+            end_to_end_id=refs.text("EndToEndId"),
+            instruction_id=refs.text("InstrId"),
+            transaction_id=refs.text("TxId"),
+            account_servicer_ref=refs.text("AcctSvcrRef"),
+            message_id=refs.text("MsgId"),
+            payment_info_id=refs.text("PmtInfId"),
+            uetr=refs.text("UETR"),
+            mandate_id=refs.text("MndtId"),
+            clearing_system_ref=refs.text("ClrSysRef"),
         ),
         amount_minor=amount,
         currency=currency,

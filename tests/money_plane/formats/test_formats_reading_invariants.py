@@ -22,6 +22,7 @@ from money_plane.formats.statement import (
     TransactionDetail,
     fingerprint_statement,
 )
+from triplane.runtime.errors import InvalidArgument
 
 
 def test_line_fingerprints_are_pinned() -> None:
@@ -104,3 +105,18 @@ def test_a_path_finds_the_first_match_in_document_order_in_any_namespace() -> No
         assert _xml.child(root, *path) is root.find("/".join(f"{{*}}{n}" for n in path))
     with pytest.raises(TypeError):
         _xml.child(root)
+
+
+def test_children_by_name_answer_as_the_one_name_paths_do() -> None:
+    root = _xml.parse_xml(DOC)
+    entry = _xml.Children(root)
+    for name in ("Ntry", "Other", "Plain", "Missing"):
+        assert entry.child(name) is _xml.child(root, name)
+        assert entry.text(name) == _xml.text(root, name)
+    assert entry.required("Ntry") is _xml.child(root, "Ntry")
+    assert _xml.Children(root.find("{*}Ntry")).text("Amt") == "1"
+    assert _xml.Children(None).child("Ntry") is None and _xml.Children(None).text("Ntry") == ""
+    with pytest.raises(InvalidArgument) as refused:
+        entry.required("Missing")
+    assert refused.value.reason == "ELEMENT_REQUIRED"
+    assert refused.value.field == "Document/Missing"
