@@ -10,7 +10,7 @@ import grpc
 
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.ai.v1 import ai_pb2_grpc
-from triplane.gateway.v1 import delivery_admin_pb2_grpc
+from triplane.gateway.v1 import delivery_admin_pb2_grpc, experiments_admin_pb2_grpc
 from triplane.money.v1 import money_pb2_grpc, recon_pb2_grpc
 from triplane.policy.v1 import policy_pb2_grpc
 from triplane.runtime.config import Config
@@ -85,6 +85,9 @@ class Planes:
 
     def models(self) -> ai_pb2_grpc.ModelRegistryServiceStub:
         return ai_pb2_grpc.ModelRegistryServiceStub(self.channel("ai"))
+
+    def experiments(self) -> experiments_admin_pb2_grpc.ExperimentAdminServiceStub:
+        return experiments_admin_pb2_grpc.ExperimentAdminServiceStub(self.channel("gateway"))
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -15,6 +15,7 @@ from gateway.auth.setup import Auth, open_auth
 from gateway.core import Core
 from gateway.delivery_admin import delivery_admin_services
 from gateway.engagement import Engagement, ExposureMeasurement
+from gateway.experiments_admin import experiment_admin_services
 from gateway.idempotency import IdempotencyStore
 from gateway.ingest import Ingest
 from gateway.measure import LiftMetrics
@@ -160,6 +161,7 @@ class Gateway:
             services=[
                 *gateway_services(servicer),
                 *delivery_admin_services(engagement.delivery),
+                *experiment_admin_services(engagement.measurement.measurement),
                 *(auth.services if auth else []),
             ],
             # The public port: partners come with API keys, not certificates;

@@ -45,6 +45,10 @@ PERMISSIONS: Permissions = {
         },
     ),
     **permissions(
+        f"{_PACKAGE}.ExperimentAdminService",
+        {"GetLiftReport": ANY_CALLER},
+    ),
+    **permissions(
         f"{_PACKAGE}.ApiKeyService",
         {
             "CreateApiKey": ANY_CALLER,

@@ -19,6 +19,8 @@ DECISIONS_READ = "decisions:read"
 ACTIONS_WRITE = "actions:write"
 EVENTS_WRITE = "events:write"
 DELIVERIES_ADMIN = "deliveries:admin"
+# The lift of the tenant's offers over the holdout (ExperimentAdminService).
+EXPERIMENTS_READ = "experiments:read"
 # The clear value of the PII a decision saw (GetDecision), instead of tokens.
 PII_READ = "pii:read"
 # Customer profiles (the KYC facts the policy plane decides on): writing
@@ -40,6 +42,7 @@ ALL_SCOPES = frozenset(
         ACTIONS_WRITE,
         EVENTS_WRITE,
         DELIVERIES_ADMIN,
+        EXPERIMENTS_READ,
         PII_READ,
         CUSTOMERS_WRITE,
         CUSTOMERS_READ,
@@ -52,6 +55,7 @@ ALL_SCOPES = frozenset(
 GATEWAY_SERVICE = "triplane.gateway.v1.GatewayService"
 API_KEY_SERVICE = "triplane.gateway.v1.ApiKeyService"
 DELIVERY_ADMIN_SERVICE = "triplane.gateway.v1.DeliveryAdminService"
+EXPERIMENT_ADMIN_SERVICE = "triplane.gateway.v1.ExperimentAdminService"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,11 @@ def _keys(method: str) -> tuple[str, MethodRule]:
 def _deliveries(method: str) -> tuple[str, MethodRule]:
     rule = MethodRule(DELIVERIES_ADMIN, admin=True, console=True)
     return f"/{DELIVERY_ADMIN_SERVICE}/{method}", rule
+
+
+def _experiments(method: str) -> tuple[str, MethodRule]:
+    rule = MethodRule(EXPERIMENTS_READ, admin=True, console=True)
+    return f"/{EXPERIMENT_ADMIN_SERVICE}/{method}", rule
 
 
 METHOD_RULES: dict[str, MethodRule] = dict(
@@ -105,6 +114,7 @@ METHOD_RULES: dict[str, MethodRule] = dict(
         _deliveries("ListDeliveries"),
         _deliveries("GetDelivery"),
         _deliveries("RequeueDelivery"),
+        _experiments("GetLiftReport"),
     ]
 )
 

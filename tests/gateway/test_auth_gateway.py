@@ -36,6 +36,7 @@ from gateway.auth.scopes import (
     API_KEY_SERVICE,
     DELIVERY_ADMIN_SERVICE,
     EVENTS_WRITE,
+    EXPERIMENT_ADMIN_SERVICE,
     GATEWAY_SERVICE,
     KEYS_ADMIN,
     METHOD_RULES,
@@ -48,7 +49,7 @@ from gateway.storage import open_engagement_db
 from money_plane.app import MoneyPlane
 from policy_plane.app import build_plane
 from triplane.common.v1 import types_pb2
-from triplane.gateway.v1 import delivery_admin_pb2, gateway_pb2_grpc
+from triplane.gateway.v1 import delivery_admin_pb2, experiments_admin_pb2, gateway_pb2_grpc
 from triplane.gateway.v1 import gateway_pb2 as gw
 from triplane.money.v1 import money_pb2, money_pb2_grpc
 from triplane.policy.v1 import policy_pb2, policy_pb2_grpc
@@ -277,6 +278,7 @@ def test_every_method_the_gateway_serves_is_in_the_credential_table() -> None:
     services = [
         *gw.DESCRIPTOR.services_by_name.values(),
         *delivery_admin_pb2.DESCRIPTOR.services_by_name.values(),
+        *experiments_admin_pb2.DESCRIPTOR.services_by_name.values(),
     ]
     served = {
         f"/{service.full_name}/{method.name}" for service in services for method in service.methods
@@ -285,6 +287,7 @@ def test_every_method_the_gateway_serves_is_in_the_credential_table() -> None:
         GATEWAY_SERVICE,
         API_KEY_SERVICE,
         DELIVERY_ADMIN_SERVICE,
+        EXPERIMENT_ADMIN_SERVICE,
     }
     assert served == set(METHOD_RULES), "a method without a rule is refused; list it"
     # Every GatewayService request can be bound to the credential's tenant.

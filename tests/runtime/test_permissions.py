@@ -12,7 +12,7 @@ import gateway.permissions
 import money_plane.permissions
 import policy_plane.permissions
 from triplane.ai.v1 import ai_pb2
-from triplane.gateway.v1 import delivery_admin_pb2, gateway_pb2
+from triplane.gateway.v1 import delivery_admin_pb2, experiments_admin_pb2, gateway_pb2
 from triplane.money.v1 import money_pb2, recon_pb2
 from triplane.policy.v1 import policy_pb2
 from triplane.runtime import authz
@@ -23,7 +23,7 @@ PLANES = {
     "policy": ((policy_pb2.DESCRIPTOR,), policy_plane.permissions.PERMISSIONS),
     "ai": ((ai_pb2.DESCRIPTOR,), ai_plane.permissions.PERMISSIONS),
     "gateway": (
-        (gateway_pb2.DESCRIPTOR, delivery_admin_pb2.DESCRIPTOR),
+        (gateway_pb2.DESCRIPTOR, delivery_admin_pb2.DESCRIPTOR, experiments_admin_pb2.DESCRIPTOR),
         gateway.permissions.PERMISSIONS,
     ),
 }
