@@ -9,7 +9,6 @@ from __future__ import annotations
 import grpc
 
 from triplane.ai.v1 import ai_pb2_grpc
-from triplane.ai.v1 import ai_pb2_grpc
 from triplane.gateway.v1 import delivery_admin_pb2_grpc, experiments_admin_pb2_grpc
 from triplane.money.v1 import money_pb2_grpc, recon_pb2_grpc
 from triplane.policy.v1 import policy_pb2_grpc
