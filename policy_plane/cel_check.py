@@ -60,6 +60,15 @@ SCHEMA: dict[str, Any] = {
             "refunded_minor": "int",
             "refund_count": "int",
         },
+        # A reconciliation adjustment (movement "adjustment"): what the
+        # operator asked of which break, and why; all empty for any other.
+        "adjustment": {
+            "resolution": "string",
+            "break_id": "string",
+            "requested_by": "string",
+            "reason": "string",
+            "reverses_entry_id": "string",
+        },
     },
     "snapshot": {
         # From the customer's profile; known is false for a customer without one.

@@ -3,6 +3,7 @@ money and pages are read and written by the runtime's one vocabulary (`wire`).""
 
 from __future__ import annotations
 
+from policy_plane.adjustments import AdjustmentRequest
 from policy_plane.bundles_registry import BundleInfo
 from policy_plane.cases import CaseBody, ReviewedMovement
 from policy_plane.consent import ConsentRecord, ContactCheck, ContactProfile
@@ -352,6 +353,23 @@ def evaluate_request_pb(inp: EvaluationInput) -> pb.EvaluateRequest:
                 for r in s.rails
             ],
         ),
+    )
+
+
+def adjustment_request(request: pb.DecideAdjustmentRequest) -> AdjustmentRequest:
+    return AdjustmentRequest(
+        tenant_id=request.tenant_id,
+        idempotency_key=request.idempotency_key,
+        resolution=request.resolution,
+        break_id=request.break_id,
+        requested_by=request.requested_by,
+        reason=request.reason,
+        debit_account_id=request.debit_account_id,
+        credit_account_id=request.credit_account_id,
+        amount_minor=request.amount.amount_minor,
+        currency=request.amount.currency,
+        ledger_idempotency_key=request.ledger_idempotency_key,
+        reverses_entry_id=request.reverses_entry_id,
     )
 
 

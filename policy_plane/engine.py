@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
+from policy_plane import adjustments, validate
 from policy_plane import cases as cases_mod
-from policy_plane import validate
 from policy_plane.bundles_registry import BundleRegistry
 from policy_plane.cases import CaseDesk, EventEncoder
 from policy_plane.consent import ConsentBook
@@ -34,6 +34,7 @@ from policy_plane.decision_log import (
 )
 from policy_plane.evaluation import CompiledBundle
 from policy_plane.model import (
+    ADJUSTMENT_MOVEMENT,
     Decision,
     DecisionRecord,
     EvaluationInput,
@@ -60,13 +61,22 @@ from policy_plane.store import LogRow, PolicyStore
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import ConfigError, PolicyConfig
 from triplane.runtime.deadline import Deadline
-from triplane.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from triplane.runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from triplane.runtime.tokens import TokenSigner
 
 log = logging.getLogger("policy_plane.engine")
 LABELS = ("legitimate", "fraud", "chargeback")
-# The movement whose review case, approved, issues a decision token.
+# The movements whose review case, approved, issues a decision token: a
+# payout, and a reconciliation adjustment (which another operator than the
+# one who asked for it must approve).
 PAYOUT_MOVEMENT = "payout"
+TOKEN_ON_APPROVAL = frozenset({PAYOUT_MOVEMENT, ADJUSTMENT_MOVEMENT})
 # The rule a reviewer's approval is logged as having fired.
 REVIEW_RULE = "case_review"
 _T = TypeVar("_T")
@@ -232,6 +242,21 @@ class PolicyEngine:
         writer takes the decision; past it the answer is DEADLINE_EXCEEDED
         and nothing is logged (a retry with the same key decides afresh)."""
         validate.check_evaluation(inp, self.config.limits)
+        return await self._decide(inp, deadline)
+
+    async def decide_adjustment(
+        self, request: adjustments.AdjustmentRequest, deadline: Deadline | None = None
+    ) -> tuple[Decision, bool]:
+        """Decides an operator's write-off or reversal of a reconciliation
+        break like any payment (policy_plane/adjustments.py): logged, signed,
+        replayable; an allow's token is for exactly the ledger's transfer, a
+        review opens a case another operator must approve."""
+        inp = adjustments.evaluation_input(request, self.config.limits)
+        return await self._decide(inp, deadline)
+
+    async def _decide(
+        self, inp: EvaluationInput, deadline: Deadline | None
+    ) -> tuple[Decision, bool]:
         self.require_tenant(inp.tenant_id)
         if deadline is not None:
             deadline.check("deciding; nothing was logged")
@@ -411,9 +436,19 @@ class PolicyEngine:
             return case
         reviewed = (await self.get_decision(tenant_id, case.decision_id)).record
         movement = reviewed.input.payment.movement
+        adjustment = reviewed.input.adjustment
+        # Four eyes: whoever asked for a write-off or reversal cannot be the
+        # one who approves it.
+        if resolution == "approve" and adjustment and adjustment.requested_by == reviewer:
+            raise PermissionDenied(
+                "CASE_REVIEWER_IS_REQUESTER",
+                f"{reviewer} asked for this {adjustment.resolution}: another operator "
+                "must approve it",
+                "reviewer",
+            )
         event = cases_mod.ReviewedMovement(movement, reviewed.input.idempotency_key)
         approval_id = ""
-        if resolution == "decline" and movement == PAYOUT_MOVEMENT:
+        if resolution == "decline" and movement in TOKEN_ON_APPROVAL:
             # An approval logged already (resolving approve crashed before the
             # case was written, or is under way elsewhere) has its token: the
             # case is approve's to finish, not decline's.
@@ -424,7 +459,7 @@ class PolicyEngine:
                     "an approval of this case is logged; resolve it approve",
                     "resolution",
                 )
-        if resolution == "approve" and movement == PAYOUT_MOVEMENT:
+        if resolution == "approve" and movement in TOKEN_ON_APPROVAL:
             approval = await self._approval(reviewed, case_id, reviewer)
             event = cases_mod.ReviewedMovement(
                 movement, reviewed.input.idempotency_key, approval.token
@@ -490,7 +525,9 @@ class PolicyEngine:
             review=ReviewApproval(
                 reviewed_decision_id=reviewed.decision_id,
                 reviewer=reviewer,
-                idempotency_key=reviewed.input.idempotency_key,
+                # The key the reviewed decision's token would have bound (an
+                # adjustment's is the ledger's, not its request's).
+                idempotency_key=movement_of(reviewed.input).idempotency_key,
             ),
         )
         fingerprint = request_hash(self.sealer.blinded(inp))

@@ -22,8 +22,10 @@ from policy_plane import bundle as bundle_mod
 from policy_plane import cel_check
 from policy_plane.bundle import BundleLimits, BundleSource, BundleSpec, RuleSpec
 from policy_plane.model import (
+    ADJUSTMENT_MOVEMENT,
     UNKNOWN_VELOCITY,
     VELOCITY_COUNTERS,
+    AdjustmentInput,
     EvaluationInput,
     FiredRule,
     Obligation,
@@ -42,7 +44,7 @@ from triplane.runtime.errors import InvalidArgument
 
 SCORE_PRESENT_SOURCES = frozenset({"triton", "in_process", "last_good"})
 # Movements that travel the rails of the payment they act on: nothing to route.
-UNROUTED = frozenset({"capture", "refund"})
+UNROUTED = frozenset({"capture", "refund", ADJUSTMENT_MOVEMENT})
 SCORE_FALLBACK_SOURCES = frozenset({"in_process", "last_good"})
 _MAX_ERROR_TEXT = 160
 
@@ -199,6 +201,29 @@ def _request(payment: PaymentInput, tenant_id: str) -> dict[str, Any]:
             "refund_count": payment.refund.refund_count,
         },
     }
+
+
+def _adjustment(inp: EvaluationInput) -> dict[str, Any]:
+    """A reconciliation adjustment's request (all empty for any other)."""
+    adj = inp.adjustment
+    if adj is None:
+        return _NO_ADJUSTMENT
+    return {
+        "resolution": adj.resolution,
+        "break_id": adj.break_id,
+        "requested_by": adj.requested_by,
+        "reason": adj.reason,
+        "reverses_entry_id": adj.reverses_entry_id,
+    }
+
+
+_NO_ADJUSTMENT: dict[str, Any] = {
+    "resolution": "",
+    "break_id": "",
+    "requested_by": "",
+    "reason": "",
+    "reverses_entry_id": "",
+}
 
 
 def _snapshot(inp: EvaluationInput) -> dict[str, Any]:
@@ -468,7 +493,7 @@ class CompiledBundle:
         found = self._limits.get((tier, payment.currency))
         tier_limits = found[0] if found else None
         return {
-            "request": _request(payment, inp.tenant_id),
+            "request": {**_request(payment, inp.tenant_id), "adjustment": _adjustment(inp)},
             "snapshot": _snapshot(inp),
             "limits": {
                 "known": tier_limits is not None,
@@ -796,7 +821,27 @@ def probe_inputs() -> list[EvaluationInput]:
         ),
         snapshot=SnapshotInput(),
     )
-    return [full, empty, unknown, refund]
+    adjustment = EvaluationInput(
+        tenant_id="probe",
+        idempotency_key="probe",
+        payment=PaymentInput(
+            account_id="bank",
+            kind="write_off",
+            amount_minor=701,
+            currency="USD",
+            credit_account_id="write-off",
+            movement=ADJUSTMENT_MOVEMENT,
+        ),
+        snapshot=SnapshotInput(kyc_known=False),
+        adjustment=AdjustmentInput(
+            resolution="write_off",
+            break_id="brk",
+            requested_by="probe",
+            ledger_idempotency_key="recon-writeoff-brk",
+            reason="probe",
+        ),
+    )
+    return [full, empty, unknown, refund, adjustment]
 
 
 def compile_source(

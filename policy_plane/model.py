@@ -162,11 +162,39 @@ class SnapshotInput(_Frozen, frozen=True):
     rails: list[RailFacts] = msgspec.field(default_factory=list)
 
 
-class EvaluationInput(_Frozen, frozen=True):
+# The movement of a reconciliation adjustment (PolicyEngine.decide_adjustment):
+# an operator's write-off or reversal of a break, which the ledger posts as a
+# transfer. No Evaluate request can name it; the bundle's adjustment rules
+# judge it, not the spending ones.
+ADJUSTMENT_MOVEMENT = "adjustment"
+# The ledger operation an adjustment's token allows.
+ADJUSTMENT_LEDGER_KIND = "transfer"
+
+
+class AdjustmentInput(_Frozen, frozen=True):
+    """What an operator asks of a reconciliation break: the resolution
+    (write_off or reversal), who asks and why, and the ledger's key for the
+    transfer (its token binds that key; the decision's own key is the
+    request's, so a refused request can be asked again with a reason)."""
+
+    resolution: str
+    break_id: str
+    requested_by: str
+    ledger_idempotency_key: str
+    reason: str = ""
+    # A reversal: the ledger entry it reverses.
+    reverses_entry_id: str = ""
+
+
+class EvaluationInput(_Frozen, frozen=True, omit_defaults=True):
+    # omit_defaults: only `adjustment` has a default, so every other input
+    # encodes (and hashes) exactly as before it was taken.
     tenant_id: str
     idempotency_key: str
     payment: PaymentInput
     snapshot: SnapshotInput
+    # Set on a reconciliation adjustment (payment.movement "adjustment").
+    adjustment: AdjustmentInput | None = None
 
 
 class FiredRule(_Frozen, frozen=True):
@@ -295,15 +323,19 @@ def split_terms(splits: list[SplitInput]) -> list[SplitTerms]:
 def movement_of(inp: EvaluationInput) -> Movement:
     """What an allow lets the money plane do: the terms its token binds."""
     payment = inp.payment
+    kind, key = payment.movement, inp.idempotency_key
+    if inp.adjustment is not None:
+        # The ledger posts an adjustment as a transfer under its own key.
+        kind, key = ADJUSTMENT_LEDGER_KIND, inp.adjustment.ledger_idempotency_key
     return Movement(
         tenant_id=inp.tenant_id,
-        kind=payment.movement,
+        kind=kind,
         debit_account_id=payment.account_id,
         credit_account_id=payment.credit_account_id,
         amount_minor=payment.amount_minor,
         currency=payment.currency,
         splits_digest=splits_digest(split_terms(payment.splits)),
-        idempotency_key=inp.idempotency_key,
+        idempotency_key=key,
         hold_id=payment.hold_id,
         entry_id=payment.refund.entry_id,
     )

@@ -35,6 +35,9 @@ PERMISSIONS: Permissions = {
             "LabelDecision": ADMIN_ONLY,
             # The console's Bundles page shows shadow agreement.
             "GetPolicyMetrics": ADMIN_AND_CONSOLE,
+            # The console's Reconciliation page asks for a write-off's or
+            # reversal's decision (a finance operator's, money:write there).
+            "DecideAdjustment": ADMIN_AND_CONSOLE,
         },
     ),
     **permissions(

@@ -54,6 +54,17 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         decision, replayed = await self._engine.evaluate(codec.evaluation_input(request), deadline)
         return pb.EvaluateResponse(decision=codec.decision_pb(decision), replayed=replayed)
 
+    async def DecideAdjustment(
+        self, request: pb.DecideAdjustmentRequest, context: Ctx
+    ) -> pb.DecideAdjustmentResponse:
+        deadline = Deadline.from_remaining(
+            context.time_remaining(), self._engine.config.budget_ms / 1000.0
+        )
+        decision, replayed = await self._engine.decide_adjustment(
+            codec.adjustment_request(request), deadline
+        )
+        return pb.DecideAdjustmentResponse(decision=codec.decision_pb(decision), replayed=replayed)
+
     async def GetDecision(
         self, request: pb.GetDecisionRequest, context: Ctx
     ) -> pb.GetDecisionResponse:

@@ -115,6 +115,8 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.money.v1.ReconciliationService/ListBreaks",
         "/triplane.money.v1.ReconciliationService/GetBreak",
         "/triplane.money.v1.ReconciliationService/ResolveBreak",
+        # ... and a write-off's or reversal's decision (no token pasted).
+        "/triplane.policy.v1.PolicyService/DecideAdjustment",
     }
     # The gateway's public port leaves every method to its credential layer.
     assert all(roles == authz.ANY_CALLER for roles in gateway.permissions.PERMISSIONS.values())

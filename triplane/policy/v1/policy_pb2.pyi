@@ -1155,6 +1155,92 @@ class EvaluateResponse(_message.Message):
 Global___EvaluateResponse: _TypeAlias = EvaluateResponse  # noqa: Y015
 
 @_typing.final
+class DecideAdjustmentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    BREAK_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    LEDGER_IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REVERSES_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    idempotency_key: _builtins.str
+    """This request's key: a retry returns the same decision. The token binds
+    ledger_idempotency_key instead, so a refused request can be asked again
+    under another key and the ledger still posts the adjustment once.
+    """
+    resolution: _builtins.str
+    """"write_off" or "reversal"."""
+    break_id: _builtins.str
+    requested_by: _builtins.str
+    """The operator asking; may not approve the review case it opens."""
+    reason: _builtins.str
+    """Why; the default bundle denies an adjustment without one."""
+    debit_account_id: _builtins.str
+    """The transfer the ledger will post, as ReconciliationService.ResolveBreak
+    builds it: debited and credited accounts, amount, and its key
+    ("recon-writeoff-<break_id>" or "recon-reversal-<break_id>").
+    """
+    credit_account_id: _builtins.str
+    ledger_idempotency_key: _builtins.str
+    reverses_entry_id: _builtins.str
+    """A reversal: the ledger entry it reverses."""
+    @_builtins.property
+    def amount(self) -> _types_pb2.Money: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        resolution: _builtins.str = ...,
+        break_id: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        debit_account_id: _builtins.str = ...,
+        credit_account_id: _builtins.str = ...,
+        amount: _types_pb2.Money | None = ...,
+        ledger_idempotency_key: _builtins.str = ...,
+        reverses_entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "break_id", b"break_id", "credit_account_id", b"credit_account_id", "debit_account_id", b"debit_account_id", "idempotency_key", b"idempotency_key", "ledger_idempotency_key", b"ledger_idempotency_key", "reason", b"reason", "requested_by", b"requested_by", "resolution", b"resolution", "reverses_entry_id", b"reverses_entry_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideAdjustmentRequest: _TypeAlias = DecideAdjustmentRequest  # noqa: Y015
+
+@_typing.final
+class DecideAdjustmentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this answer is the stored one of an earlier identical request."""
+    @_builtins.property
+    def decision(self) -> Global___Decision: ...
+    def __init__(
+        self,
+        *,
+        decision: Global___Decision | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideAdjustmentResponse: _TypeAlias = DecideAdjustmentResponse  # noqa: Y015
+
+@_typing.final
 class GetDecisionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

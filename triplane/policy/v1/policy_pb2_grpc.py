@@ -78,6 +78,11 @@ class PolicyServiceStub:
                 request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetPolicyMetricsRequest.SerializeToString,
                 response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetPolicyMetricsResponse.FromString,
                 _registered_method=True)
+        self.DecideAdjustment = channel.unary_unary(
+                '/triplane.policy.v1.PolicyService/DecideAdjustment',
+                request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.DecideAdjustmentRequest.SerializeToString,
+                response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.DecideAdjustmentResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -148,6 +153,20 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecideAdjustment(self, request, context):
+        """Decides an operator's write-off or reversal of a reconciliation break
+        (what ReconciliationService.ResolveBreak posts as a ledger transfer) by
+        the live bundle's adjustment rules: logged, signed and replayable like
+        any decision. OUTCOME_ALLOW carries a token for exactly that transfer;
+        OUTCOME_REVIEW opens a case that an operator other than requested_by
+        must approve (CaseService.ResolveCase), and the approval's decision
+        (Case.approval_decision_id) carries the token. Idempotent on
+        (tenant_id, idempotency_key) like Evaluate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +209,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.GetPolicyMetrics,
                     request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetPolicyMetricsRequest.FromString,
                     response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetPolicyMetricsResponse.SerializeToString,
+            ),
+            'DecideAdjustment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideAdjustment,
+                    request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.DecideAdjustmentRequest.FromString,
+                    response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.DecideAdjustmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -412,6 +436,33 @@ class PolicyService:
             '/triplane.policy.v1.PolicyService/GetPolicyMetrics',
             triplane_dot_policy_dot_v1_dot_policy__pb2.GetPolicyMetricsRequest.SerializeToString,
             triplane_dot_policy_dot_v1_dot_policy__pb2.GetPolicyMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideAdjustment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.policy.v1.PolicyService/DecideAdjustment',
+            triplane_dot_policy_dot_v1_dot_policy__pb2.DecideAdjustmentRequest.SerializeToString,
+            triplane_dot_policy_dot_v1_dot_policy__pb2.DecideAdjustmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

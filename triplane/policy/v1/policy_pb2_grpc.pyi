@@ -61,6 +61,16 @@ class PolicyServiceStub:
     """
     GetPolicyMetrics: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyMetricsRequest, _policy_pb2.GetPolicyMetricsResponse]
     """Shadow agreement rate, human overrule rate and counters."""
+    DecideAdjustment: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DecideAdjustmentRequest, _policy_pb2.DecideAdjustmentResponse]
+    """Decides an operator's write-off or reversal of a reconciliation break
+    (what ReconciliationService.ResolveBreak posts as a ledger transfer) by
+    the live bundle's adjustment rules: logged, signed and replayable like
+    any decision. OUTCOME_ALLOW carries a token for exactly that transfer;
+    OUTCOME_REVIEW opens a case that an operator other than requested_by
+    must approve (CaseService.ResolveCase), and the approval's decision
+    (Case.approval_decision_id) carries the token. Idempotent on
+    (tenant_id, idempotency_key) like Evaluate.
+    """
 
 @_typing.type_check_only
 class PolicyServiceAsyncStub(PolicyServiceStub):
@@ -95,6 +105,16 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     """
     GetPolicyMetrics: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyMetricsRequest, _policy_pb2.GetPolicyMetricsResponse]  # type: ignore[assignment]
     """Shadow agreement rate, human overrule rate and counters."""
+    DecideAdjustment: _aio.UnaryUnaryMultiCallable[_policy_pb2.DecideAdjustmentRequest, _policy_pb2.DecideAdjustmentResponse]  # type: ignore[assignment]
+    """Decides an operator's write-off or reversal of a reconciliation break
+    (what ReconciliationService.ResolveBreak posts as a ledger transfer) by
+    the live bundle's adjustment rules: logged, signed and replayable like
+    any decision. OUTCOME_ALLOW carries a token for exactly that transfer;
+    OUTCOME_REVIEW opens a case that an operator other than requested_by
+    must approve (CaseService.ResolveCase), and the approval's decision
+    (Case.approval_decision_id) carries the token. Idempotent on
+    (tenant_id, idempotency_key) like Evaluate.
+    """
 
 class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     """PolicyService decides money movements. A decision is a pure function of
@@ -174,6 +194,22 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.GetPolicyMetricsResponse, _abc.Awaitable[_policy_pb2.GetPolicyMetricsResponse]]:
         """Shadow agreement rate, human overrule rate and counters."""
+
+    @_abc_1.abstractmethod
+    def DecideAdjustment(
+        self,
+        request: _policy_pb2.DecideAdjustmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.DecideAdjustmentResponse, _abc.Awaitable[_policy_pb2.DecideAdjustmentResponse]]:
+        """Decides an operator's write-off or reversal of a reconciliation break
+        (what ReconciliationService.ResolveBreak posts as a ledger transfer) by
+        the live bundle's adjustment rules: logged, signed and replayable like
+        any decision. OUTCOME_ALLOW carries a token for exactly that transfer;
+        OUTCOME_REVIEW opens a case that an operator other than requested_by
+        must approve (CaseService.ResolveCase), and the approval's decision
+        (Case.approval_decision_id) carries the token. Idempotent on
+        (tenant_id, idempotency_key) like Evaluate.
+        """
 
 def add_PolicyServiceServicer_to_server(servicer: PolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
