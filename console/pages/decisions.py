@@ -39,7 +39,6 @@ from triplane.runtime import codec as wire
 from triplane.runtime.status import parse_rpc_error
 
 MAX_FILTER_LENGTH = 128
-TIME_FORMATS = ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
 BAR_WIDTH = 640
 BAR_ROW = 24
 BAR_LABEL = 200
@@ -53,20 +52,29 @@ class BadFilter(ValueError):
         self.field = field
 
 
+def utc_timestamp(raw: str) -> Timestamp | None:
+    """A time typed in a form (a datetime-local field's 2026-12-06T14:00, with
+    seconds or not, or a date), read as UTC unless it names its offset; None
+    when it is not one. The Ledger page reads its "as of" with it too."""
+    try:
+        moment = datetime.datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
 def _time(params: dict[str, str], name: str) -> Timestamp | None:
-    """A UTC time from a form field (datetime-local or a date)."""
     raw = params.get(name, "").strip()
     if not raw:
         return None
-    for layout in TIME_FORMATS:
-        try:
-            moment = datetime.datetime.strptime(raw, layout).replace(tzinfo=datetime.UTC)
-        except ValueError:
-            continue
-        stamp = Timestamp()
-        stamp.FromDatetime(moment)
-        return stamp
-    raise BadFilter(name, f"{name} must be a UTC time like 2026-12-06T14:00")
+    stamp = utc_timestamp(raw)
+    if stamp is None:
+        raise BadFilter(name, f"{name} must be a UTC time like 2026-12-06T14:00")
+    return stamp
 
 
 def _filters(params: dict[str, str]) -> dict[str, Any]:

@@ -12,12 +12,10 @@ no money state and calls no method that writes.
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -25,11 +23,11 @@ from starlette.routing import Route
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
+from console.pages.decisions import utc_timestamp
 from triplane.money.v1 import money_pb2 as pb
 from triplane.runtime.currencies import format_minor
 
 MAX_FIELD_LENGTH = 128
-TIME_FORMATS = ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
 
 
 def _field(params: dict[str, str], name: str) -> str:
@@ -37,20 +35,6 @@ def _field(params: dict[str, str], name: str) -> str:
     if len(value) > MAX_FIELD_LENGTH:
         raise ValueError(name)
     return value
-
-
-def _as_of(raw: str) -> Timestamp | None:
-    if not raw:
-        return None
-    for layout in TIME_FORMATS:
-        try:
-            moment = datetime.datetime.strptime(raw, layout).replace(tzinfo=datetime.UTC)
-        except ValueError:
-            continue
-        stamp = Timestamp()
-        stamp.FromDatetime(moment)
-        return stamp
-    return None
 
 
 def account_path(tenant: str, account_id: str) -> str:
@@ -127,7 +111,7 @@ async def account(request: Request, session: Session) -> Response:
     tenant = request.path_params["tenant"]
     account_id = request.path_params["account_id"]
     raw_as_of = request.query_params.get("as_of", "").strip()
-    as_of = _as_of(raw_as_of)
+    as_of = utc_timestamp(raw_as_of) if raw_as_of else None
     if raw_as_of and as_of is None:
         return error_page(
             request,
