@@ -1,14 +1,17 @@
 """Drift: population stability index (PSI) of live scores against the
 training baseline (decile edges on held-out data), exported as Prometheus
 gauges. Live values sit in a bounded ring; the PSI is recomputed every
-`update_every` observations, never on the request path's hot loop."""
+`update_every` observations, never on the request path's hot loop. Each
+recomputed value is also kept, with its time, in a bounded history
+(`ai.drift.history_points`) that GetModelDrift serves: in memory, per
+replica, started afresh when the plane restarts or a version goes live."""
 
 from __future__ import annotations
 
 import bisect
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import Gauge
 
@@ -69,8 +72,15 @@ class PsiMonitor:
         expected: Sequence[float],
         window: int,
         every: int,
+        history: int = 0,
+        now_us: Callable[[], int] | None = None,
     ) -> None:
         assert window > 0 and every > 0 and len(expected) == len(edges) + 1
+        self.version = version
+        self.series = series
+        # (when, PSI) of each recomputation, oldest first; `history` at most.
+        self.history: deque[tuple[int, float]] = deque(maxlen=history)
+        self._now_us = now_us
         self.edges = list(edges)
         self._expected = list(expected)
         self._bins: deque[int] = deque()
@@ -96,4 +106,11 @@ class PsiMonitor:
         if total:
             self.value = psi(self._expected, [c / total for c in self._counts])
             self._gauge.set(self.value)
+            if self._now_us is not None and self.history.maxlen:
+                self.history.append((self._now_us(), self.value))
         return self.value
+
+    @property
+    def observed(self) -> int:
+        """Values in the live window now."""
+        return len(self._bins)

@@ -244,6 +244,8 @@ class AiEngine:
                 expected,
                 drift.window_scores,
                 drift.update_every_scores,
+                drift.history_points,
+                self._clock.now_us,
             )
             for series, (edges, expected) in baselines.items()
         }

@@ -36,6 +36,7 @@ PERMISSIONS: Permissions = {
             "TrainModel": ADMIN_ONLY,
             "PromoteModel": ADMIN_AND_CONSOLE,
             "RollbackModel": ADMIN_AND_CONSOLE,
+            "GetModelDrift": ADMIN_AND_CONSOLE,
             "EstimatePolicyValue": ADMIN_ONLY,
         },
     ),

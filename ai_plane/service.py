@@ -12,12 +12,13 @@ from ai_plane.engine import AiEngine
 from ai_plane.manager import ModelManager
 from ai_plane.ope_log import OpeEvaluator
 from ai_plane.registry import ModelState
+from ai_plane.training import MODEL_FEATURES
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime import codec as wire
 from triplane.runtime.config import AiLimitsConfig
 from triplane.runtime.deadline import Deadline
-from triplane.runtime.errors import FailedPrecondition
+from triplane.runtime.errors import FailedPrecondition, InvalidArgument
 from triplane.runtime.server import Service
 
 
@@ -129,6 +130,30 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
     ) -> pb.RollbackModelResponse:
         record, seconds = await self._manager.rollback(request.model)
         return pb.RollbackModelResponse(live=codec.model_version_pb(record), rollback_s=seconds)
+
+    async def GetModelDrift(
+        self, request: pb.GetModelDriftRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelDriftResponse:
+        if request.model not in MODEL_FEATURES:
+            raise InvalidArgument(
+                "UNKNOWN_MODEL", f"unknown model {request.model[:128]!r}", "model"
+            )
+        monitors = self._manager.engine.drift.get(request.model, {})
+        answer = pb.GetModelDriftResponse(model=request.model)
+        for name, monitor in monitors.items():
+            answer.version = monitor.version
+            answer.series.append(
+                pb.DriftSeries(
+                    series=name,
+                    psi=monitor.value,
+                    observed=monitor.observed,
+                    history=[
+                        pb.DriftPoint(at=wire.timestamp(at_us), psi=value)
+                        for at_us, value in list(monitor.history)
+                    ],
+                )
+            )
+        return answer
 
 
 def ai_services(

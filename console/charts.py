@@ -48,8 +48,7 @@ def _fmt(value: float) -> str:
 def _span(values: Sequence[float]) -> tuple[float, float]:
     low, high = min(values), max(values)
     if low == high:
-        pad = abs(low) * 0.1 or 1.0
-        return low - pad, high + pad
+        return low - 1.0, high + 1.0
     return low, high
 
 

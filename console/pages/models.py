@@ -5,13 +5,15 @@ and rollback to the previous live version. Each promotion or rollback needs a
 reason: the approval (who, why) is kept in the audit log with the version
 before and after (the plane's RPCs take no approval field).
 
-Drift: the AI plane computes PSI of live scores and key features against the
-training baseline (ai_plane/drift.py) but keeps no history and serves none
-over gRPC: only the current value, per replica, as the Prometheus gauge
-`triplane_ai_psi`. The page says so and charts what the API has."""
+Drift: the PSI of each model's live scores and key features against the
+training baseline over time (GetModelDrift: each recomputation with its
+time, as the AI plane replica the console reaches saw its own scores; kept
+in that replica's memory, so a restart or a new live version starts it
+afresh), one SVG line chart per model."""
 
 from __future__ import annotations
 
+import datetime
 from collections import defaultdict
 from typing import Any
 from urllib.parse import quote
@@ -37,6 +39,8 @@ TARGETS = {
 MAX_VERSIONS = 1_000
 MAX_REASON_LENGTH = 2_000
 MAX_MODEL_LENGTH = 128
+# A PSI above this is commonly read as a significant shift (drawn as a rule).
+PSI_SHIFT = 0.25
 
 
 def state_name(state: pb.ModelState.ValueType) -> str:
@@ -89,6 +93,35 @@ def _auc_chart(by_model: dict[str, list[pb.ModelVersion]]) -> Any:
     return line_chart("Held-out ROC AUC by version", series, x_labels=labels, y_label="ROC AUC")
 
 
+def _clock_label(us: int) -> str:
+    return datetime.datetime.fromtimestamp(us / 1e6, datetime.UTC).strftime("%m-%d %H:%M")
+
+
+async def _drift(console: Any, model: str) -> tuple[Any, pb.GetModelDriftResponse | None, str]:
+    """(the model's PSI chart, the plane's answer, why there is none)."""
+    try:
+        answer = await console.planes.models().GetModelDrift(
+            pb.GetModelDriftRequest(model=model), timeout=console.planes.timeout_s
+        )
+    except grpc.aio.AioRpcError as error:
+        return None, None, error.code().name
+    series = [
+        # Whole seconds: the series of one recomputation share their instant.
+        Series(s.series, [(float(p.at.seconds), p.psi) for p in s.history])
+        for s in answer.series
+    ]
+    times = sorted({x for line in series for x, _ in line.points})
+    labels = {t: _clock_label(int(t * 1_000_000)) for t in (times[:1] + times[-1:])}
+    chart = line_chart(
+        f"{model} v{answer.version}: PSI against the training baseline",
+        series,
+        x_labels=labels,
+        y_label="PSI",
+        threshold=PSI_SHIFT,
+    )
+    return chart, answer, ""
+
+
 @requires("models:read")
 async def models(request: Request, session: Session) -> Response:
     console = console_of(request)
@@ -103,6 +136,7 @@ async def models(request: Request, session: Session) -> Response:
         name: next((v for v in vs if v.state == pb.MODEL_STATE_LIVE), None)
         for name, vs in by_model.items()
     }
+    drift = {name: await _drift(console, name) for name in by_model}
     return render(
         request,
         session,
@@ -111,6 +145,8 @@ async def models(request: Request, session: Session) -> Response:
             "by_model": dict(by_model),
             "live": live,
             "chart": _auc_chart(by_model),
+            "drift": drift,
+            "psi_shift": PSI_SHIFT,
             "can_promote": session.can("models:promote"),
             "state_name": state_name,
             "version_path": version_path,

@@ -130,12 +130,25 @@ async def test_an_sre_promotes_and_rolls_back_a_model(
     await page.get_by_role("button", name="Promote").click()
     await expect(page.get_by_test_id("model-state")).to_have_text("live")
 
+    async with console.stack.channel("ai") as channel:
+        scoring = ai_pb2_grpc.ScoringServiceStub(channel)
+        for index in range(TEST_AI["drift"]["update_every_scores"]):
+            await scoring.Score(
+                ai_pb2.ScoreRequest(payment=payment(account_id=f"acct_{index % 20:06d}")),
+                timeout=10,
+            )
     await page.goto("/models")
     await expect(page.get_by_test_id(f"live-{MODEL}")).to_have_text(f"v{new}")
     assert await page.locator("svg.chart title").first.text_content() == (
         "Held-out ROC AUC by version"
     )
-    await expect(page.get_by_test_id("drift-note")).to_contain_text("keeps no history")
+    # Drift: the live version's PSI series, charted once recomputed (scores below).
+    drift = page.locator(f'section[data-drift="{MODEL}"]')
+    await expect(drift.locator('tr[data-series="score"]')).to_have_count(1)
+    await expect(drift.locator("svg.chart title")).to_have_text(
+        f"{MODEL} v{new}: PSI against the training baseline"
+    )
+    assert await drift.locator('svg.chart g[data-series="score"] circle').count() >= 1
     await shot(page, "models")
     await page.get_by_label(f"Reason for rolling {MODEL} back to v1").fill("Alert rate doubled")
     await page.get_by_role("button", name=f"Roll {MODEL} back").click()

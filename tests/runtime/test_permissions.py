@@ -107,6 +107,7 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.ai.v1.ModelRegistryService/GetModelVersion",
         "/triplane.ai.v1.ModelRegistryService/PromoteModel",
         "/triplane.ai.v1.ModelRegistryService/RollbackModel",
+        "/triplane.ai.v1.ModelRegistryService/GetModelDrift",
         # Reconciliation page: breaks, statements, imports and resolutions
         # (finance_operator; the operator is the plane's recorded actor).
         "/triplane.money.v1.ReconciliationService/ImportStatement",

@@ -581,6 +581,7 @@ class AiDriftConfig(_Strict, frozen=True):
     bins: int
     window_scores: int
     update_every_scores: int
+    history_points: int
 
 
 class AiRegistryConfig(_Strict, frozen=True):

@@ -1247,6 +1247,109 @@ class RollbackModelResponse(_message.Message):
 Global___RollbackModelResponse: _TypeAlias = RollbackModelResponse  # noqa: Y015
 
 @_typing.final
+class GetModelDriftRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelDriftRequest: _TypeAlias = GetModelDriftRequest  # noqa: Y015
+
+@_typing.final
+class DriftPoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    psi: _builtins.float
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        psi: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "psi", b"psi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftPoint: _TypeAlias = DriftPoint  # noqa: Y015
+
+@_typing.final
+class DriftSeries(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    series: _builtins.str
+    """"score", or the feature's name."""
+    psi: _builtins.float
+    """PSI of the live window now (0 before the first recomputation)."""
+    observed: _builtins.int
+    """Values in the live window (at most ai.drift.window_scores)."""
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftPoint]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        series: _builtins.str = ...,
+        psi: _builtins.float = ...,
+        observed: _builtins.int = ...,
+        history: _abc.Iterable[Global___DriftPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "observed", b"observed", "psi", b"psi", "series", b"series"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftSeries: _TypeAlias = DriftSeries  # noqa: Y015
+
+@_typing.final
+class GetModelDriftResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SERIES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    """The live version the baselines are of; 0: none is served here yet."""
+    @_builtins.property
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftSeries]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        series: _abc.Iterable[Global___DriftSeries] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "series", b"series", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelDriftResponse: _TypeAlias = GetModelDriftResponse  # noqa: Y015
+
+@_typing.final
 class BehaviourEvent(_message.Message):
     """BehaviourEvent is the payload of `gateway.behaviour.<kind>` events
     (subject triplane.gateway.<tenant>.behaviour.<kind>); the envelope carries

@@ -285,6 +285,11 @@ class ModelRegistryServiceStub:
                 request_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelRequest.SerializeToString,
                 response_deserializer=triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelResponse.FromString,
                 _registered_method=True)
+        self.GetModelDrift = channel.unary_unary(
+                '/triplane.ai.v1.ModelRegistryService/GetModelDrift',
+                request_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.GetModelDriftRequest.SerializeToString,
+                response_deserializer=triplane_dot_ai_dot_v1_dot_ai__pb2.GetModelDriftResponse.FromString,
+                _registered_method=True)
         self.EstimatePolicyValue = channel.unary_unary(
                 '/triplane.ai.v1.ModelRegistryService/EstimatePolicyValue',
                 request_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.EstimatePolicyValueRequest.SerializeToString,
@@ -336,6 +341,19 @@ class ModelRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelDrift(self, request, context):
+        """The drift of a model's live version as this replica sees it: the
+        population stability index (PSI) of its scores and key features against
+        the training baseline, now and each time it was recomputed (every
+        ai.drift.update_every_scores scores; the last ai.drift.history_points
+        kept, in memory: a restart or a new live version starts afresh, and each
+        replica answers for the scores it served). An unknown model is
+        INVALID_ARGUMENT UNKNOWN_MODEL naming model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EstimatePolicyValue(self, request, context):
         """Off-policy evaluation: the estimated value of a candidate model version
         (the policy that shows, among each logged ranking's eligible arms, the
@@ -374,6 +392,11 @@ def add_ModelRegistryServiceServicer_to_server(servicer, server):
                     servicer.RollbackModel,
                     request_deserializer=triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelRequest.FromString,
                     response_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelResponse.SerializeToString,
+            ),
+            'GetModelDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelDrift,
+                    request_deserializer=triplane_dot_ai_dot_v1_dot_ai__pb2.GetModelDriftRequest.FromString,
+                    response_serializer=triplane_dot_ai_dot_v1_dot_ai__pb2.GetModelDriftResponse.SerializeToString,
             ),
             'EstimatePolicyValue': grpc.unary_unary_rpc_method_handler(
                     servicer.EstimatePolicyValue,
@@ -518,6 +541,33 @@ class ModelRegistryService:
             '/triplane.ai.v1.ModelRegistryService/RollbackModel',
             triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelRequest.SerializeToString,
             triplane_dot_ai_dot_v1_dot_ai__pb2.RollbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.ai.v1.ModelRegistryService/GetModelDrift',
+            triplane_dot_ai_dot_v1_dot_ai__pb2.GetModelDriftRequest.SerializeToString,
+            triplane_dot_ai_dot_v1_dot_ai__pb2.GetModelDriftResponse.FromString,
             options,
             channel_credentials,
             insecure,

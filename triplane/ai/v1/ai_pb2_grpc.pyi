@@ -141,6 +141,15 @@ class ModelRegistryServiceStub:
     """Moves a version along draft -> approved -> live -> retired."""
     RollbackModel: _grpc.UnaryUnaryMultiCallable[_ai_pb2.RollbackModelRequest, _ai_pb2.RollbackModelResponse]
     """Makes the rollback pointer (the previous live version) live again."""
+    GetModelDrift: _grpc.UnaryUnaryMultiCallable[_ai_pb2.GetModelDriftRequest, _ai_pb2.GetModelDriftResponse]
+    """The drift of a model's live version as this replica sees it: the
+    population stability index (PSI) of its scores and key features against
+    the training baseline, now and each time it was recomputed (every
+    ai.drift.update_every_scores scores; the last ai.drift.history_points
+    kept, in memory: a restart or a new live version starts afresh, and each
+    replica answers for the scores it served). An unknown model is
+    INVALID_ARGUMENT UNKNOWN_MODEL naming model.
+    """
     EstimatePolicyValue: _grpc.UnaryUnaryMultiCallable[_ai_pb2.EstimatePolicyValueRequest, _ai_pb2.EstimatePolicyValueResponse]
     """Off-policy evaluation: the estimated value of a candidate model version
     (the policy that shows, among each logged ranking's eligible arms, the
@@ -171,6 +180,15 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     """Moves a version along draft -> approved -> live -> retired."""
     RollbackModel: _aio.UnaryUnaryMultiCallable[_ai_pb2.RollbackModelRequest, _ai_pb2.RollbackModelResponse]  # type: ignore[assignment]
     """Makes the rollback pointer (the previous live version) live again."""
+    GetModelDrift: _aio.UnaryUnaryMultiCallable[_ai_pb2.GetModelDriftRequest, _ai_pb2.GetModelDriftResponse]  # type: ignore[assignment]
+    """The drift of a model's live version as this replica sees it: the
+    population stability index (PSI) of its scores and key features against
+    the training baseline, now and each time it was recomputed (every
+    ai.drift.update_every_scores scores; the last ai.drift.history_points
+    kept, in memory: a restart or a new live version starts afresh, and each
+    replica answers for the scores it served). An unknown model is
+    INVALID_ARGUMENT UNKNOWN_MODEL naming model.
+    """
     EstimatePolicyValue: _aio.UnaryUnaryMultiCallable[_ai_pb2.EstimatePolicyValueRequest, _ai_pb2.EstimatePolicyValueResponse]  # type: ignore[assignment]
     """Off-policy evaluation: the estimated value of a candidate model version
     (the policy that shows, among each logged ranking's eligible arms, the
@@ -228,6 +246,21 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ai_pb2.RollbackModelResponse, _abc.Awaitable[_ai_pb2.RollbackModelResponse]]:
         """Makes the rollback pointer (the previous live version) live again."""
+
+    @_abc_1.abstractmethod
+    def GetModelDrift(
+        self,
+        request: _ai_pb2.GetModelDriftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ai_pb2.GetModelDriftResponse, _abc.Awaitable[_ai_pb2.GetModelDriftResponse]]:
+        """The drift of a model's live version as this replica sees it: the
+        population stability index (PSI) of its scores and key features against
+        the training baseline, now and each time it was recomputed (every
+        ai.drift.update_every_scores scores; the last ai.drift.history_points
+        kept, in memory: a restart or a new live version starts afresh, and each
+        replica answers for the scores it served). An unknown model is
+        INVALID_ARGUMENT UNKNOWN_MODEL naming model.
+        """
 
     @_abc_1.abstractmethod
     def EstimatePolicyValue(
