@@ -373,6 +373,26 @@ def adjustment_request(request: pb.DecideAdjustmentRequest) -> AdjustmentRequest
     )
 
 
+def adjustment_pb(inp: EvaluationInput) -> pb.DecideAdjustmentRequest | None:
+    """An adjustment's request as it was asked; None for any other input."""
+    adj = inp.adjustment
+    if adj is None:
+        return None
+    return pb.DecideAdjustmentRequest(
+        tenant_id=inp.tenant_id,
+        idempotency_key=inp.idempotency_key,
+        resolution=adj.resolution,
+        break_id=adj.break_id,
+        requested_by=adj.requested_by,
+        reason=adj.reason,
+        debit_account_id=inp.payment.account_id,
+        credit_account_id=inp.payment.credit_account_id,
+        amount=wire.money(inp.payment.amount_minor, inp.payment.currency),
+        ledger_idempotency_key=adj.ledger_idempotency_key,
+        reverses_entry_id=adj.reverses_entry_id,
+    )
+
+
 def decision_pb(decision: Decision) -> pb.Decision:
     record = decision.record
     verdict = record.verdict

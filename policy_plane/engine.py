@@ -421,6 +421,16 @@ class PolicyEngine:
         )
 
     # ------------------------------------------------------------ review cases
+    async def claim_case(self, tenant_id: str, case_id: str, reviewer: str) -> cases_mod.CaseBody:
+        """Claims an open case for `reviewer`; the operator who asked for an
+        adjustment may not claim its case (nor leave it locked to no one
+        who could approve it)."""
+        self.require_tenant(tenant_id)
+        case = await asyncio.to_thread(self.cases.get, tenant_id, case_id)
+        reviewed = (await self.get_decision(tenant_id, case.decision_id)).record
+        _check_four_eyes(reviewed, reviewer)
+        return await asyncio.to_thread(self.cases.claim, tenant_id, case_id, reviewer)
+
     async def resolve_case(
         self, tenant_id: str, case_id: str, reviewer: str, resolution: str, note: str
     ) -> cases_mod.CaseBody:
@@ -436,16 +446,8 @@ class PolicyEngine:
             return case
         reviewed = (await self.get_decision(tenant_id, case.decision_id)).record
         movement = reviewed.input.payment.movement
-        adjustment = reviewed.input.adjustment
-        # Four eyes: whoever asked for a write-off or reversal cannot be the
-        # one who approves it.
-        if resolution == "approve" and adjustment and adjustment.requested_by == reviewer:
-            raise PermissionDenied(
-                "CASE_REVIEWER_IS_REQUESTER",
-                f"{reviewer} asked for this {adjustment.resolution}: another operator "
-                "must approve it",
-                "reviewer",
-            )
+        if resolution == "approve":
+            _check_four_eyes(reviewed, reviewer)
         event = cases_mod.ReviewedMovement(movement, reviewed.input.idempotency_key)
         approval_id = ""
         if resolution == "decline" and movement in TOKEN_ON_APPROVAL:
@@ -636,6 +638,18 @@ def _writer_chain(config: PolicyConfig) -> str:
 
 # The snapshot's fields the engine fills from the customer's profile.
 _PROFILE_FACTS = ("kyc_tier", "kyc_country", "pep", "kyc_known", "account_age_days")
+
+
+def _check_four_eyes(reviewed: DecisionRecord, reviewer: str) -> None:
+    """Whoever asked for a write-off or reversal cannot be the one who
+    reviews it."""
+    adjustment = reviewed.input.adjustment
+    if adjustment is not None and adjustment.requested_by == reviewer:
+        raise PermissionDenied(
+            "CASE_REVIEWER_IS_REQUESTER",
+            f"{reviewer} asked for this {adjustment.resolution}: another operator must review it",
+            "reviewer",
+        )
 
 
 def without_declared_facts(inp: EvaluationInput) -> EvaluationInput:

@@ -80,6 +80,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             input=codec.evaluate_request_pb(logged if request.reveal_pii else tokenized),
             customer_name_token=tokenized.payment.customer.name,
             counterparty_name_token=tokenized.payment.counterparty.name,
+            adjustment=codec.adjustment_pb(logged),
         )
 
     async def ListDecisions(
@@ -394,10 +395,7 @@ class CaseServicer(pb_grpc.CaseServiceServicer):
         return pb.GetCaseResponse(case=codec.case_pb(case))
 
     async def ClaimCase(self, request: pb.ClaimCaseRequest, context: Ctx) -> pb.ClaimCaseResponse:
-        self._engine.require_tenant(request.tenant_id)
-        case = await asyncio.to_thread(
-            self._engine.cases.claim, request.tenant_id, request.case_id, request.reviewer
-        )
+        case = await self._engine.claim_case(request.tenant_id, request.case_id, request.reviewer)
         return pb.ClaimCaseResponse(case=codec.case_pb(case))
 
     async def ResolveCase(

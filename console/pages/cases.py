@@ -174,8 +174,11 @@ async def detail(request: Request, session: Session) -> Response:
         )
     except grpc.aio.AioRpcError as error:
         return grpc_error_page(request, session, error)
+    # A reconciliation adjustment is shown as it was asked (who, which
+    # break, why, the transfer): its input's movement is no Evaluate's.
+    shown = decision.adjustment if decision.HasField("adjustment") else decision.input
     logged_input = json.dumps(
-        MessageToDict(decision.input, preserving_proto_field_name=True), indent=2, sort_keys=True
+        MessageToDict(shown, preserving_proto_field_name=True), indent=2, sort_keys=True
     )
     may_resolve = session.can("cases:resolve")
     return render(

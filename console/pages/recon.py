@@ -9,13 +9,19 @@ import is audited with the break or import before and after.
 
 A write-off or a reversal posts a ledger transfer, and the money plane posts
 it only under a decision token the policy plane signed for exactly that
-transfer (architecture rule 1). No plane issues one to the console yet, so
-the form asks for the token (the operator brings one from the policy
-plane's process); without it the money plane refuses, and the page says why.
+transfer (architecture rule 1). The page asks the policy plane for it
+(PolicyService.DecideAdjustment, with the transfer ResolveBreak will post:
+the break's bank account and money.recon.write_off_account_id, or the
+reversed entry's accounts the other way round): an allow's token resolves the
+break at once; a review shows "waiting for a second approver" with the case,
+which another operator approves on the Cases page (the requester cannot);
+then this page applies the resolution with the approval's token. A denial
+is shown with its reason. Every step is audited.
 """
 
 from __future__ import annotations
 
+import hashlib
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -30,7 +36,9 @@ from console import audit
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
+from triplane.money.v1 import money_pb2
 from triplane.money.v1 import recon_pb2 as pb
+from triplane.policy.v1 import policy_pb2
 
 # recon.proto's ReconBreak.break_class values.
 CLASSES = (
@@ -45,7 +53,10 @@ CLASSES = (
 STATES = {"open": "open", "resolved": "resolved", "all": ""}
 # ResolveBreakRequest.resolution values, and what each needs besides a reason.
 RESOLUTIONS = ("manual_match", "write_off", "reversal", "accepted")
-NEEDS_TOKEN = frozenset({"write_off", "reversal"})
+# Those that post a ledger transfer: decided by the policy plane first.
+ADJUSTMENTS = frozenset({"write_off", "reversal"})
+LEDGER_KEY_PREFIX = {"write_off": "recon-writeoff-", "reversal": "recon-reversal-"}
+MAX_CASE_ID_LENGTH = 128
 MAX_TENANT_LENGTH = 128
 MAX_FIELD_LENGTH = 256
 MAX_NOTE_LENGTH = 2000
@@ -216,6 +227,8 @@ async def break_detail(request: Request, session: Session) -> Response:
             "expected": answer.expected_payment if answer.HasField("expected_payment") else None,
             "can_resolve": session.can("money:write") and found.state == "open",
             "resolutions": RESOLUTIONS,
+            # Back from "waiting for a second approver": the case to apply.
+            "case_id": request.query_params.get("case", "")[:MAX_CASE_ID_LENGTH],
             "path": break_path(tenant, break_id),
             "statement_path": statement_path,
             "age": _age,
@@ -255,21 +268,68 @@ def _resolution(form: Any) -> pb.ResolveBreakRequest:
     note = _field(form, "note", MAX_NOTE_LENGTH)
     if not note:
         raise BadInput("note", "NOTE_REQUIRED", "Say why: a reason is required.")
-    token = _field(form, "decision_token", 8192)
-    if resolution in NEEDS_TOKEN and not token:
+    entry_id = _field(form, "entry_id")
+    if resolution == "reversal" and not entry_id:
         raise BadInput(
-            "decision_token",
-            "DECISION_TOKEN_REQUIRED",
-            f"a {resolution} posts a ledger transfer: paste the policy plane's decision token "
-            "for it",
+            "entry_id", "FIELD_REQUIRED", "A reversal names the ledger entry it reverses."
         )
     return pb.ResolveBreakRequest(
         resolution=resolution,
         note=note,
         expected_id=_field(form, "expected_id"),
-        entry_id=_field(form, "entry_id"),
-        decision_token=token if resolution in NEEDS_TOKEN else "",
+        entry_id=entry_id,
     )
+
+
+async def _adjustment_request(
+    console: Any, tenant: str, b: pb.ReconBreak, wanted: pb.ResolveBreakRequest, actor: str
+) -> policy_pb2.DecideAdjustmentRequest:
+    """The decision request for the transfer ResolveBreak will post
+    (money_plane/recon/reconciler.py `_command`): a write-off between the
+    break's bank account and the write-off account, in the direction that
+    clears it; a reversal of an entry, its accounts the other way round."""
+    if wanted.resolution == "write_off":
+        bank, other = b.ledger_account_id, console.config.money.recon.write_off_account_id
+        debit, credit = (bank, other) if b.direction == "credit" else (other, bank)
+        amount = b.amount
+    else:
+        entry = (
+            await console.planes.ledger().GetEntry(
+                money_pb2.GetEntryRequest(tenant_id=tenant, entry_id=wanted.entry_id),
+                timeout=console.planes.timeout_s,
+            )
+        ).entry
+        sides = {p.side: p.account_id for p in reversed(entry.postings)}
+        debit = sides.get(money_pb2.POSTING_SIDE_CREDIT, "")
+        credit = sides.get(money_pb2.POSTING_SIDE_DEBIT, "")
+        amount = entry.amount
+    # The same request (operator, break, resolution, reason) is the same
+    # decision on a retry; another reason is another request.
+    digest = hashlib.sha256(
+        "\0".join([b.break_id, wanted.resolution, actor, wanted.note, wanted.entry_id]).encode()
+    ).hexdigest()[:32]
+    return policy_pb2.DecideAdjustmentRequest(
+        tenant_id=tenant,
+        idempotency_key=f"adj-{digest}",
+        resolution=wanted.resolution,
+        break_id=b.break_id,
+        requested_by=actor,
+        reason=wanted.note,
+        debit_account_id=debit,
+        credit_account_id=credit,
+        amount=amount,
+        ledger_idempotency_key=f"{LEDGER_KEY_PREFIX[wanted.resolution]}{b.break_id}",
+        reverses_entry_id=wanted.entry_id if wanted.resolution == "reversal" else "",
+    )
+
+
+def _decision_state(decision: policy_pb2.Decision) -> dict[str, Any]:
+    return {
+        "decision_id": decision.decision_id,
+        "outcome": policy_pb2.Outcome.Name(decision.outcome),
+        "reason_codes": [f.reason_code for f in decision.fired_rules],
+        "case_id": decision.case_id,
+    }
 
 
 @requires("money:write")
@@ -289,7 +349,13 @@ async def resolve(request: Request, session: Session) -> Response:
     asked = {"resolution": wanted.resolution, "expected_id": wanted.expected_id}
     before: dict[str, Any] = {}
     try:
-        before = break_state((await _break(console, tenant, break_id)).recon_break)
+        current = (await _break(console, tenant, break_id)).recon_break
+        before = break_state(current)
+        if wanted.resolution in ADJUSTMENTS and current.state == "open":
+            decided = await _decide(request, session, tenant, current, wanted)
+            if isinstance(decided, Response):
+                return decided
+            wanted.decision_token = decided
         answer = await console.planes.recon().ResolveBreak(wanted, timeout=console.planes.timeout_s)
     except grpc.aio.AioRpcError as error:
         await audit.record(
@@ -310,6 +376,163 @@ async def resolve(request: Request, session: Session) -> Response:
         "ok",
         before=before,
         after=break_state(answer.recon_break),
+    )
+    return RedirectResponse(break_path(tenant, break_id), 303)
+
+
+async def _decide(
+    request: Request,
+    session: Session,
+    tenant: str,
+    b: pb.ReconBreak,
+    wanted: pb.ResolveBreakRequest,
+) -> str | Response:
+    """The policy plane's decision on the adjustment: its token when
+    allowed; otherwise the page that says why (denied) or what is awaited
+    (review: the case another operator must approve). Audited either way."""
+    console = console_of(request)
+    target = f"break:{tenant}/{b.break_id}"
+    asked = await _adjustment_request(console, tenant, b, wanted, session.username)
+    try:
+        answer = await console.planes.policy().DecideAdjustment(
+            asked, timeout=console.planes.timeout_s
+        )
+    except grpc.aio.AioRpcError as error:
+        await audit.record(
+            request,
+            session,
+            "break.adjustment.decide",
+            target,
+            "failed",
+            before={"resolution": wanted.resolution, "amount_minor": asked.amount.amount_minor},
+            after={"code": error.code().name, "details": error.details() or ""},
+        )
+        return grpc_error_page(request, session, error)
+    decision = answer.decision
+    outcome = policy_pb2.Outcome.Name(decision.outcome).removeprefix("OUTCOME_").lower()
+    await audit.record(
+        request,
+        session,
+        "break.adjustment.decide",
+        target,
+        outcome,
+        before={"resolution": wanted.resolution, "amount_minor": asked.amount.amount_minor},
+        after=_decision_state(decision),
+    )
+    if decision.outcome == policy_pb2.OUTCOME_ALLOW:
+        token: str = decision.decision_token
+        return token
+    if decision.outcome in (policy_pb2.OUTCOME_REVIEW, policy_pb2.OUTCOME_HOLD):
+        return render(
+            request,
+            session,
+            "recon/awaiting.html",
+            {
+                "tenant": tenant,
+                "b": b,
+                "wanted": wanted,
+                "decision": decision,
+                "case_path": f"/cases/{quote(tenant, safe='')}/{quote(decision.case_id, safe='')}",
+                "apply_path": f"{break_path(tenant, b.break_id)}/apply",
+            },
+            status=202,
+        )
+    reasons = "; ".join(f.reason for f in decision.fired_rules) or "The policy refused it."
+    code = decision.fired_rules[0].reason_code if decision.fired_rules else "ADJUSTMENT_DENIED"
+    return error_page(request, session, 403, code, reasons, "note")
+
+
+@requires("money:write")
+async def apply_approved(request: Request, session: Session) -> Response:
+    """Applies a reviewed adjustment once its case is approved: the case's
+    approval decision carries the token for exactly the transfer the first
+    decision named, which must be this break's."""
+    console = console_of(request)
+    tenant = request.path_params["tenant"]
+    break_id = request.path_params["break_id"]
+    target = f"break:{tenant}/{break_id}"
+    form = await request.form()
+    try:
+        case_id = _field(form, "case_id", MAX_CASE_ID_LENGTH)
+        if not case_id:
+            raise BadInput("case_id", "FIELD_REQUIRED", "Name the approved case.")
+    except BadInput as bad:
+        return error_page(request, session, 400, bad.reason, str(bad), bad.field)
+    policy, timeout = console.planes.policy(), console.planes.timeout_s
+    before: dict[str, Any] = {}
+    try:
+        current = (await _break(console, tenant, break_id)).recon_break
+        before = break_state(current)
+        case = (
+            await console.planes.cases().GetCase(
+                policy_pb2.GetCaseRequest(tenant_id=tenant, case_id=case_id), timeout=timeout
+            )
+        ).case
+        reviewed = await policy.GetDecision(
+            policy_pb2.GetDecisionRequest(tenant_id=tenant, decision_id=case.decision_id),
+            timeout=timeout,
+        )
+        asked = reviewed.adjustment
+        refusal = None
+        if not reviewed.HasField("adjustment") or asked.break_id != break_id:
+            refusal = (
+                400,
+                "CASE_NOT_FOR_BREAK",
+                f"case {case_id} is not an adjustment of break {break_id}",
+            )
+        elif case.status != policy_pb2.CASE_STATUS_RESOLVED or not case.approval_decision_id:
+            refusal = (
+                409,
+                "CASE_NOT_APPROVED",
+                f"case {case_id} waits for a second approver (or was declined)",
+            )
+        if refusal is not None:
+            status, reason, message = refusal
+            await audit.record(
+                request,
+                session,
+                "break.resolve",
+                target,
+                "refused",
+                before=before,
+                after={"case_id": case_id, "reason": reason},
+            )
+            return error_page(request, session, status, reason, message, "case_id")
+        approval = await policy.GetDecision(
+            policy_pb2.GetDecisionRequest(tenant_id=tenant, decision_id=case.approval_decision_id),
+            timeout=timeout,
+        )
+        answer = await console.planes.recon().ResolveBreak(
+            pb.ResolveBreakRequest(
+                tenant_id=tenant,
+                break_id=break_id,
+                resolution=asked.resolution,
+                actor=session.username,
+                note=asked.reason,
+                entry_id=asked.reverses_entry_id,
+                decision_token=approval.decision.decision_token,
+            ),
+            timeout=timeout,
+        )
+    except grpc.aio.AioRpcError as error:
+        await audit.record(
+            request,
+            session,
+            "break.resolve",
+            target,
+            "failed",
+            before=before,
+            after={"case_id": case_id, "code": error.code().name, "details": error.details() or ""},
+        )
+        return grpc_error_page(request, session, error)
+    await audit.record(
+        request,
+        session,
+        "break.resolve",
+        target,
+        "ok",
+        before=before,
+        after={**break_state(answer.recon_break), "case_id": case_id},
     )
     return RedirectResponse(break_path(tenant, break_id), 303)
 
@@ -456,6 +679,7 @@ PAGE = Page(
         Route("/recon/statements/import", import_statement, methods=["POST"]),
         Route("/recon/{tenant}/breaks/{break_id}", break_detail, methods=["GET"]),
         Route("/recon/{tenant}/breaks/{break_id}/resolve", resolve, methods=["POST"]),
+        Route("/recon/{tenant}/breaks/{break_id}/apply", apply_approved, methods=["POST"]),
         Route("/recon/{tenant}/statements/{statement_id}", statement_detail, methods=["GET"]),
     ],
 )

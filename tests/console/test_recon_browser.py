@@ -43,7 +43,6 @@ from triplane.money.v1 import money_pb2, money_pb2_grpc, recon_pb2, recon_pb2_gr
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
-from triplane.runtime.tokens import DecisionClaims, load_signer
 
 from .conftest import PASSWORD, START_WITHIN_S, _Server, shot, signed_in
 
@@ -359,87 +358,8 @@ async def test_a_resolution_without_a_reason_changes_nothing(
     assert no_note.status == 400
     assert no_note.headers["x-triplane-reason"] == "NOTE_REQUIRED"
     assert no_note.headers["x-triplane-field"] == "note"
-    no_token = await page.request.post(
-        f"{path}/resolve",
-        form={"csrf_token": token, "resolution": "write_off", "note": "small stray credit"},
-    )
-    assert no_token.status == 400
-    assert no_token.headers["x-triplane-field"] == "decision_token"
-    # A token the policy plane never signed: the money plane refuses, and
-    # the page passes its reason on.
-    forged = await page.request.post(
-        f"{path}/resolve",
-        form={
-            "csrf_token": token,
-            "resolution": "write_off",
-            "note": "small stray credit",
-            "decision_token": "not-a-token",
-        },
-    )
-    assert forged.status in (400, 403)
-    assert forged.headers["x-triplane-reason"]
     bad_filter = await page.request.get(f"/recon?tenant={TENANT}&break_class=nonsense")
     assert bad_filter.status == 400
     assert bad_filter.headers["x-triplane-field"] == "break_class"
     [still] = [b for b in await recon_console.breaks() if b.break_id == raised.break_id]
     assert still.state == "open" and not still.resolved_by
-
-
-def write_off_token(config: Config, b: recon_pb2.ReconBreak) -> str:
-    """The decision token the policy plane would sign for exactly the
-    write-off's transfer (a stray credit: debit the bank account, credit the
-    write-off account), with the key the money plane of this state dir
-    trusts. No plane issues one to the console yet (the page's docstring)."""
-    now_s = int(time.time())
-    claims = DecisionClaims(
-        token_id=f"wo-{b.break_id}",
-        issued_at_s=now_s,
-        expires_at_s=now_s + 300,
-        tenant_id=TENANT,
-        decision_id=f"dec-recon-writeoff-{b.break_id}",
-        outcome="allow",
-        kind="transfer",
-        debit_account_id="bank",
-        credit_account_id="recon-write-off",
-        amount_minor=b.amount.amount_minor,
-        currency="USD",
-        idempotency_key=f"recon-writeoff-{b.break_id}",
-    )
-    return load_signer("", config.state_path).sign(claims)
-
-
-async def test_finance_operator_writes_off_with_the_decision_token(
-    recon_console: ReconConsole, page: Page
-) -> None:
-    async with recon_console.channel() as ch:
-        imported = await recon_pb2_grpc.ReconciliationServiceStub(ch).ImportStatement(
-            recon_pb2.ImportStatementRequest(
-                tenant_id=TENANT,
-                ledger_account_id="bank",
-                content=stray_booking(250, "STRAY-4"),
-                actor="ops-tool",
-            ),
-            timeout=10,
-        )
-    [raised] = imported.breaks
-    await signed_in(page, "fina")
-    await page.goto(f"/recon/{TENANT}/breaks/{raised.break_id}")
-    await page.get_by_role("radio", name="write off").check()
-    await page.get_by_label("Decision token (write off or reversal)").fill(
-        write_off_token(recon_console.config, raised)
-    )
-    await page.get_by_label("Reason").fill("Bank fee credit below the investigation threshold")
-    await page.get_by_role("button", name="Resolve").click()
-    await expect(page.get_by_test_id("break-resolution")).to_have_text("write off")
-    await shot(page, "written-off")
-    [resolved] = [b for b in await recon_console.breaks() if b.break_id == raised.break_id]
-    assert (resolved.resolution, resolved.resolved_by) == ("write_off", "fina")
-    # The transfer was posted to the ledger, once, under the break's key.
-    async with recon_console.channel() as ch:
-        entry = await money_pb2_grpc.LedgerServiceStub(ch).GetEntry(
-            money_pb2.GetEntryRequest(tenant_id=TENANT, entry_id=resolved.resolution_entry_id),
-            timeout=10,
-        )
-    assert entry.entry.amount.amount_minor == 250
-    assert entry.entry.idempotency_key == f"recon-writeoff-{raised.break_id}"
-    assert entry.entry.credit_account_id == "recon-write-off"

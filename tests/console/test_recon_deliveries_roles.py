@@ -120,7 +120,7 @@ def test_forms_are_checked_before_any_call(client: TestClient) -> None:
     cases = {
         "resolution": ({"resolution": "shrug", "note": "x"}, "RESOLUTION_INVALID"),
         "note": ({"resolution": "accepted", "note": "  "}, "NOTE_REQUIRED"),
-        "decision_token": ({"resolution": "reversal", "note": "x"}, "DECISION_TOKEN_REQUIRED"),
+        "entry_id": ({"resolution": "reversal", "note": "x"}, "FIELD_REQUIRED"),
     }
     for field, (form, reason) in cases.items():
         answer = client.post("/recon/acme/breaks/brk_1/resolve", data={"csrf_token": csrf, **form})

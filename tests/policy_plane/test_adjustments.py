@@ -104,33 +104,39 @@ async def test_a_large_write_off_needs_another_operators_approval(engine: Policy
     assert record.verdict.reason_codes == ["ADJUSTMENT_SECOND_APPROVER"]
     assert record.case_id and not record.token
 
-    # The requester cannot approve it; the case is left as it was.
-    engine.cases.claim(TENANT, record.case_id, "fina")
+    # The requester can neither claim its case nor approve it; the case
+    # is left open for another operator.
+    with pytest.raises(PermissionDenied) as refused:
+        await engine.claim_case(TENANT, record.case_id, "fina")
+    assert (refused.value.reason, refused.value.field) == ("CASE_REVIEWER_IS_REQUESTER", "reviewer")
+    assert engine.cases.get(TENANT, record.case_id).status == "open"
+    engine.cases.claim(TENANT, record.case_id, "fina")  # past the engine's check
     with pytest.raises(PermissionDenied) as refused:
         await engine.resolve_case(TENANT, record.case_id, "fina", "approve", "looks right")
-    assert (refused.value.reason, refused.value.field) == ("CASE_REVIEWER_IS_REQUESTER", "reviewer")
-    assert engine.cases.get(TENANT, record.case_id).status == "claimed"
+    assert refused.value.reason == "CASE_REVIEWER_IS_REQUESTER"
     assert not engine.cases.get(TENANT, record.case_id).approval_decision_id
 
     # Another operator approves such a case: the approval's decision carries
-    # the token for the transfer the first decision named.
+    # the token for exactly the transfer the first decision named.
     req2 = write_off("large2", 250_000)
     decision2, _ = await engine.decide_adjustment(req2)
     case_id = decision2.record.case_id
-    engine.cases.claim(TENANT, case_id, "vera")
+    await engine.claim_case(TENANT, case_id, "vera")
     case = await engine.resolve_case(TENANT, case_id, "vera", "approve", "statement checked")
     assert case.status == "resolved" and case.approval_decision_id
     approval = (await engine.get_decision(TENANT, case.approval_decision_id)).record
     assert approval.verdict.reason_codes == ["CASE_APPROVED"]
     assert approval.review is not None and approval.review.reviewer == "vera"
     verify(engine, approval.token, ledger_movement(req2))
+    again = await engine.resolve_case(TENANT, case_id, "vera", "approve", "statement checked")
+    assert again.approval_decision_id == case.approval_decision_id
 
 
 async def test_replay_reproduces_adjustment_decisions(engine: PolicyEngine) -> None:
     await engine.decide_adjustment(write_off("r-allow", 5_000))
     await engine.decide_adjustment(write_off("r-deny", 5_000, reason=""))
     review, _ = await engine.decide_adjustment(write_off("r-review", 500_000))
-    engine.cases.claim(TENANT, review.record.case_id, "vera")
+    await engine.claim_case(TENANT, review.record.case_id, "vera")
     await engine.resolve_case(TENANT, review.record.case_id, "vera", "approve", "ok")
     report = await engine.replay(ReplayWindow(TENANT, "", 0, 0, 0), "")
     assert report.replayed >= 4

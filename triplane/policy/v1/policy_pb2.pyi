@@ -1286,6 +1286,7 @@ class GetDecisionResponse(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     CUSTOMER_NAME_TOKEN_FIELD_NUMBER: _builtins.int
     COUNTERPARTY_NAME_TOKEN_FIELD_NUMBER: _builtins.int
+    ADJUSTMENT_FIELD_NUMBER: _builtins.int
     customer_name_token: _builtins.str
     """Token of payment.customer.name (`ptok_name_` and 32 letters; the same
     name, the same token within a tenant until the sealing key rotates);
@@ -1302,6 +1303,12 @@ class GetDecisionResponse(_message.Message):
         otherwise each is its token, as in the two fields below.
         """
 
+    @_builtins.property
+    def adjustment(self) -> Global___DecideAdjustmentRequest:
+        """A reconciliation adjustment's decision (DecideAdjustment): what was
+        asked, as asked (`input` cannot say it: its movement is no Evaluate's).
+        """
+
     def __init__(
         self,
         *,
@@ -1309,10 +1316,11 @@ class GetDecisionResponse(_message.Message):
         input: Global___EvaluateRequest | None = ...,
         customer_name_token: _builtins.str = ...,
         counterparty_name_token: _builtins.str = ...,
+        adjustment: Global___DecideAdjustmentRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjustment", b"adjustment", "decision", b"decision", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counterparty_name_token", b"counterparty_name_token", "customer_name_token", b"customer_name_token", "decision", b"decision", "input", b"input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjustment", b"adjustment", "counterparty_name_token", b"counterparty_name_token", "customer_name_token", b"customer_name_token", "decision", b"decision", "input", b"input"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

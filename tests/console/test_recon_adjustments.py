@@ -1,0 +1,271 @@
+"""Write-offs from the Reconciliation page decided by the policy plane, in a
+real browser (Debian's chromium) against running money and policy planes
+(their gRPC servers, mutual TLS, the console's own identity): no token is
+pasted anywhere. A finance operator writes off a small stray credit and the
+money plane's ListBreaks has it resolved with the ledger entry posted under
+the break's key; a large one waits for a second approver: the requester
+cannot approve its case, a reviewer approves it on the Cases page, and the
+resolution is then applied once with the approval's token."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import uvicorn
+from playwright.async_api import Browser, Page, expect
+
+from console.app import create_app
+from console.auth import hash_password
+from console.store import ConsoleStore
+from money_plane.app import MoneyPlane
+from policy_plane.app import PolicyPlane, build_plane
+from tests.tls_helpers import channel_as, dev_certificates
+from triplane.money.v1 import money_pb2, money_pb2_grpc, recon_pb2, recon_pb2_grpc
+from triplane.runtime.clock import ManualClock
+from triplane.runtime.config import Config, load_config
+from triplane.runtime.net import free_port
+
+from .conftest import PASSWORD, START_WITHIN_S, _Server, shot, signed_in
+from .test_recon_browser import TENANT, _csrf, _open_tenant, stray_booking
+
+# vera is a finance operator who also reviews; rita reviews.
+USERS = {
+    "fina": ["finance_operator"],
+    "vera": ["finance_operator", "reviewer"],
+    "rita": ["reviewer"],
+}
+# The default bundle's params.adjustment_review_minor: above it, four eyes.
+REVIEW_ABOVE_MINOR = 100_000
+
+
+@dataclass
+class Planes:
+    config: Config
+    money_address: str
+    policy: PolicyPlane
+    url: str
+    store: ConsoleStore
+
+    def channel(self) -> grpc.aio.Channel:
+        return channel_as(self.config.state_path, self.money_address)
+
+    async def break_(self, break_id: str) -> recon_pb2.ReconBreak:
+        async with self.channel() as channel:
+            answer = await recon_pb2_grpc.ReconciliationServiceStub(channel).ListBreaks(
+                recon_pb2.ListBreaksRequest(tenant_id=TENANT), timeout=10
+            )
+        [found] = [b for b in answer.breaks if b.break_id == break_id]
+        result: recon_pb2.ReconBreak = found
+        return result
+
+    async def entry(self, entry_id: str) -> money_pb2.Entry:
+        async with self.channel() as channel:
+            answer = await money_pb2_grpc.LedgerServiceStub(channel).GetEntry(
+                money_pb2.GetEntryRequest(tenant_id=TENANT, entry_id=entry_id), timeout=10
+            )
+        entry: money_pb2.Entry = answer.entry
+        return entry
+
+    async def stray(self, amount_minor: int, e2e: str) -> recon_pb2.ReconBreak:
+        async with self.channel() as channel:
+            imported = await recon_pb2_grpc.ReconciliationServiceStub(channel).ImportStatement(
+                recon_pb2.ImportStatementRequest(
+                    tenant_id=TENANT,
+                    ledger_account_id="bank",
+                    content=stray_booking(amount_minor, e2e),
+                    actor="ops-tool",
+                ),
+                timeout=10,
+            )
+        [raised] = imported.breaks
+        result: recon_pb2.ReconBreak = raised
+        return result
+
+
+@pytest.fixture(scope="module")
+async def planes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Planes]:
+    state_dir = tmp_path_factory.mktemp("recon-adjustments")
+    dev_certificates(state_dir)
+    money_address = f"127.0.0.1:{free_port()}"
+    policy_address = f"127.0.0.1:{free_port()}"
+    console_port = free_port()
+    config = load_config(
+        environ={},
+        overrides={
+            "runtime": {"state_dir": str(state_dir), "log_format": "text"},
+            "money": {"listen": money_address},
+            "policy": {"listen": policy_address},
+            "console": {
+                "listen": f"127.0.0.1:{console_port}",
+                "plane_addresses": {"money": money_address, "policy": policy_address},
+            },
+        },
+    )
+    money = MoneyPlane(config, listen=money_address)
+    await money.start(sweepers=False, relay=False, metrics=False)
+    policy = build_plane(config, listen=policy_address)
+    await policy.start()
+    try:
+        await _open_tenant(money.config, money_address)
+        await policy.engine.create_tenant(TENANT, "Recon Acme")
+        clock = ManualClock(time.time_ns() // 1000)
+        store = ConsoleStore.from_config(config)
+        for username, roles in USERS.items():
+            store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
+        server = _Server(
+            uvicorn.Config(
+                create_app(config, clock=clock, store=store),
+                host="127.0.0.1",
+                port=console_port,
+                log_config=None,
+                lifespan="on",
+            )
+        )
+        thread = threading.Thread(target=server.run, name="recon-adjust-console", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + START_WITHIN_S
+        while not server.started:
+            assert thread.is_alive(), "the console exited while starting"
+            assert time.monotonic() < deadline, "the console did not start"
+            await asyncio.sleep(0.05)
+        try:
+            yield Planes(config, money_address, policy, f"http://127.0.0.1:{console_port}", store)
+        finally:
+            server.should_exit = True
+            thread.join(START_WITHIN_S)
+    finally:
+        await policy.stop()
+        await money.stop()
+
+
+async def _page(browser: Browser, planes: Planes, username: str) -> Page:
+    context = await browser.new_context(base_url=planes.url)
+    page = await context.new_page()
+    await signed_in(page, username)
+    return page
+
+
+async def _write_off(page: Page, break_id: str, reason: str) -> None:
+    await page.goto(f"/recon/{TENANT}/breaks/{break_id}")
+    await expect(page.get_by_label("Decision token")).to_have_count(0)
+    await page.get_by_role("radio", name="write off").check()
+    await page.get_by_label("Reason").fill(reason)
+    await page.get_by_role("button", name="Resolve").click()
+    await page.wait_for_load_state()
+
+
+async def test_a_small_write_off_is_posted_with_no_token_pasted(
+    planes: Planes, browser: Browser
+) -> None:
+    raised = await planes.stray(250, "ADJ-SMALL")
+    page = await _page(browser, planes, "fina")
+    try:
+        await _write_off(page, raised.break_id, "Bank fee credit below the threshold")
+        await expect(page.get_by_test_id("break-resolution")).to_have_text("write off")
+        await shot(page, "written-off")
+    finally:
+        await page.context.close()
+    resolved = await planes.break_(raised.break_id)
+    assert (resolved.state, resolved.resolution, resolved.resolved_by) == (
+        "resolved",
+        "write_off",
+        "fina",
+    )
+    entry = await planes.entry(resolved.resolution_entry_id)
+    assert entry.amount.amount_minor == 250
+    assert entry.idempotency_key == f"recon-writeoff-{raised.break_id}"
+    # The decision is the policy plane's, logged with who asked and why.
+    audited = [
+        e
+        for e in planes.store.audit_entries(50, actor="fina")
+        if e.target.endswith(raised.break_id)
+    ]
+    decided = [e for e in audited if e.action == "break.adjustment.decide"]
+    assert [e.outcome for e in decided] == ["allow"]
+    record = (
+        await planes.policy.engine.get_decision(TENANT, decided[0].after["decision_id"])
+    ).record
+    assert record.input.adjustment is not None
+    assert record.input.adjustment.requested_by == "fina"
+    assert record.input.adjustment.break_id == raised.break_id
+    assert [e.outcome for e in audited if e.action == "break.resolve"] == ["ok"]
+
+
+async def test_a_large_write_off_waits_for_a_second_approver(
+    planes: Planes, browser: Browser
+) -> None:
+    amount = REVIEW_ABOVE_MINOR + 50_000
+    raised = await planes.stray(amount, "ADJ-LARGE")
+    vera = await _page(browser, planes, "vera")
+    rita = await _page(browser, planes, "rita")
+    try:
+        await _write_off(vera, raised.break_id, "Duplicate bank credit, refunded by the bank")
+        await expect(vera.get_by_test_id("awaiting")).to_have_text("Waiting for a second approver")
+        await shot(vera, "awaiting")
+        case_path = await vera.get_by_test_id("case-link").get_attribute("href")
+        assert case_path
+        case_id = case_path.rsplit("/", 1)[1]
+        # Applying before the approval posts nothing.
+        await vera.get_by_role("button", name="Apply the approved write off").click()
+        await expect(vera.locator("body")).to_contain_text("CASE_NOT_APPROVED")
+        assert (await planes.break_(raised.break_id)).state == "open"
+
+        # The requester, a reviewer too, cannot take its own case: it stays open.
+        await vera.goto(case_path)
+        await expect(vera.get_by_test_id("decision-input")).to_contain_text(raised.break_id)
+        await vera.get_by_role("button", name="Claim this case").click()
+        await expect(vera.locator("body")).to_contain_text("CASE_REVIEWER_IS_REQUESTER")
+        await shot(vera, "own-case-refused")
+        assert planes.policy.engine.cases.get(TENANT, case_id).status == "open"
+
+        # A second operator approves it on the Cases page.
+        await rita.goto(case_path)
+        await rita.get_by_role("button", name="Claim this case").click()
+        await rita.get_by_role("radio", name="approve").check()
+        await rita.get_by_label("Reason").fill("Statement and the bank's letter checked")
+        await rita.get_by_role("button", name="Resolve").click()
+        await expect(rita.get_by_test_id("case-resolution")).to_have_text("approve")
+        await shot(rita, "approved")
+
+        # The requester applies it with the approval's token.
+        await vera.goto(f"/recon/{TENANT}/breaks/{raised.break_id}?case={case_id}")
+        await vera.get_by_role("button", name="Apply", exact=True).click()
+        await expect(vera.get_by_test_id("break-resolution")).to_have_text("write off")
+        await shot(vera, "applied")
+        resolved = await planes.break_(raised.break_id)
+        # Applying again posts nothing more: the break keeps its one entry.
+        again = await vera.request.post(
+            f"/recon/{TENANT}/breaks/{raised.break_id}/apply",
+            form={"csrf_token": await _csrf(vera), "case_id": case_id},
+        )
+        assert again.ok
+    finally:
+        await vera.context.close()
+        await rita.context.close()
+    assert (resolved.resolution, resolved.resolved_by) == ("write_off", "vera")
+    assert (await planes.break_(raised.break_id)).resolution_entry_id == (
+        resolved.resolution_entry_id
+    )
+    entry = await planes.entry(resolved.resolution_entry_id)
+    assert entry.amount.amount_minor == amount
+    assert entry.idempotency_key == f"recon-writeoff-{raised.break_id}"
+    case = planes.policy.engine.cases.get(TENANT, case_id)
+    approval = (await planes.policy.engine.get_decision(TENANT, case.approval_decision_id)).record
+    assert approval.review is not None and approval.review.reviewer == "rita"
+    steps = [
+        (e.action, e.outcome)
+        for e in reversed(planes.store.audit_entries(100, actor="vera"))
+        if e.target.endswith(raised.break_id)
+    ]
+    assert steps == [
+        ("break.adjustment.decide", "review"),
+        ("break.resolve", "refused"),
+        ("break.resolve", "ok"),
+        ("break.resolve", "ok"),
+    ]
