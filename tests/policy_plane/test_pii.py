@@ -22,7 +22,7 @@ from policy_plane.permissions import PERMISSIONS
 from policy_plane.pii import DecisionSealer, load_cipher
 from policy_plane.replay import ReplayParallelism, ReplayWindow, replay_window
 from triplane.policy.v1 import policy_pb2 as pb
-from triplane.runtime.authz import GATEWAY_AND_ADMIN
+from triplane.runtime.authz import GATEWAY_ADMIN_AND_CONSOLE
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.errors import AlreadyExists
 from triplane.runtime.secret_files import FieldCipher, SecretError, key_id_of
@@ -177,9 +177,10 @@ def test_the_dev_key_ring_is_made_once_under_the_state_dir_for_its_owner_only(
     assert FieldCipher.from_file(path).open(sealed, "ctx") == CUSTOMER
 
 
-def test_only_the_gateway_and_admin_identities_may_ask_for_decisions() -> None:
-    # GetDecision (and so reveal_pii) is served to these roles only.
-    assert PERMISSIONS["/triplane.policy.v1.PolicyService/GetDecision"] == GATEWAY_AND_ADMIN
+def test_only_the_gateway_admin_and_console_identities_may_ask_for_decisions() -> None:
+    # GetDecision (and so reveal_pii) is served to these roles only; the
+    # console asks for names only for an operator whose role holds pii:read.
+    assert PERMISSIONS["/triplane.policy.v1.PolicyService/GetDecision"] == GATEWAY_ADMIN_AND_CONSOLE
 
 
 async def test_get_decision_shows_names_only_when_asked(plane: PolicyPlane, stubs: Stubs) -> None:
