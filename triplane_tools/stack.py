@@ -58,7 +58,7 @@ from gateway.auth.secrets import ensure_dev_files as ensure_dev_auth_files
 from triplane.runtime import tokens
 from triplane.runtime.config import Config, StackPlaneConfig
 from triplane.runtime.lifetime import SUPERVISOR_PID_ENV, die_with_parent
-from triplane.runtime.net import dial_address, host_port, port_open
+from triplane.runtime.net import dial_address, free_port, host_port, port_open
 from triplane.runtime.tls import ADMIN, TlsFiles, files_for, open_channel
 from triplane_tools import replicas as fleet
 from triplane_tools.certs import ensure_dev_certificates
@@ -71,6 +71,10 @@ log = logging.getLogger("triplane.stack")
 EFFECTIVE_CONFIG_FILE = "stack-config.yaml"
 HEALTH_CHECK_TIMEOUT_S = 1.0
 LOG_TAIL_LINES = 20
+# The dev stack's gateway ports: public (gateway.listen's shipped default)
+# and the certificate port the stack gives it when none is configured.
+DEV_GATEWAY_PORT = 50051
+DEV_GATEWAY_ADMIN_PORT = 50052
 # After a plane exits, how long processes it left in its group get to go.
 GROUP_REAP_TIMEOUT_S = 2.0
 
@@ -382,6 +386,7 @@ class Stack:
             # and `triplane keys` use to make the tenants' keys).
             ensure_dev_auth_files(self.state_dir, auth.environment)
         planes = self._selected_planes()
+        self.config = self._with_gateway_admin_port(planes)
         self._refuse_busy_ports(planes)
         if self.replicated:
             # PostgreSQL and Redis checked (refused with a message when
@@ -448,6 +453,27 @@ class Stack:
                         process.address,
                         process.pid,
                     )
+
+    def _with_gateway_admin_port(self, planes: list[StackPlaneConfig]) -> Config:
+        """The config with a gateway certificate port when the stack runs the
+        gateway with TLS and none is configured: the console's Deliveries
+        page reaches the gateway only there (console/planes.py dials
+        gateway.admin_listen). On the shipped dev ports it is 50052, beside
+        the public 50051 (as in Kubernetes, where the overlays set their
+        own); a gateway moved elsewhere gets a free port on its host."""
+        gateway = self.config.gateway
+        if (
+            gateway.admin_listen
+            or not self.config.runtime.tls.enabled
+            or "gateway" not in {plane.name for plane in planes}
+        ):
+            return self.config
+        host, port = host_port(gateway.listen)
+        admin_port = DEV_GATEWAY_ADMIN_PORT if port == DEV_GATEWAY_PORT else free_port()
+        admin = f"{host}:{admin_port}"
+        return msgspec.structs.replace(
+            self.config, gateway=msgspec.structs.replace(gateway, admin_listen=admin)
+        )
 
     def _resolved_config(self) -> Config:
         """The config with the state dir the children get (absolute)."""
@@ -655,6 +681,8 @@ def describe(stack: Stack) -> str:
         lines.append(f"{name:<11} {plane.address}  pid {plane.pid}  log {plane.log_path}")
     for plane_name, target in stack.gateway_targets.items():
         lines.append(f"gateway -> {plane_name:<6} {target} (round_robin)")
+    if stack.config.gateway.admin_listen and "gateway" in stack.addresses:
+        lines.append(f"gateway adm {stack.config.gateway.admin_listen}  (certificates only)")
     if "console" in stack.addresses:
         lines.append(
             f"console     http://{stack.addresses['console']}/  "
