@@ -166,3 +166,28 @@ async def test_malformed_requests_are_refused_and_log_nothing(
         await engine.decide_adjustment(dataclasses.replace(write_off("bad", 5_000), **change))  # type: ignore[arg-type]
     assert (refused.value.reason, refused.value.field) == (reason, field)
     assert engine.store.count_decisions(TENANT) == before
+
+
+async def test_a_reversal_names_the_entry_and_its_token_the_reversing_transfer(
+    engine: PolicyEngine,
+) -> None:
+    base = write_off("rev", 7_500)
+    req = dataclasses.replace(
+        base,
+        resolution="reversal",
+        debit_account_id="merchant",
+        credit_account_id="bank",
+        ledger_idempotency_key=f"recon-reversal-{base.break_id}",
+        reverses_entry_id="ent_42",
+    )
+    decision, _ = await engine.decide_adjustment(req)
+    record = decision.record
+    assert record.verdict.outcome == "allow"
+    assert record.input.adjustment is not None
+    assert record.input.adjustment.reverses_entry_id == "ent_42"
+    verify(engine, record.token, ledger_movement(req))
+    with pytest.raises(InvalidArgument) as refused:
+        await engine.decide_adjustment(
+            dataclasses.replace(req, idempotency_key="adj-rev-2", reverses_entry_id="")
+        )
+    assert (refused.value.reason, refused.value.field) == ("FIELD_REQUIRED", "reverses_entry_id")
