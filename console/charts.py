@@ -21,6 +21,9 @@ MARGIN_TOP = 16
 MARGIN_BOTTOM = 40
 COLOURS = ("#0a58ca", "#b42318", "#1a7f37", "#8250df", "#bc4c00", "#57606a")
 TICKS = 5
+# Legend entries per line under a line chart, and a line's height.
+LEGEND_PER_ROW = 4
+LEGEND_ROW_HEIGHT = 14
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ def line_chart(
     """Lines of `series` on shared axes; `x_labels` names chosen x ticks (else
     the x values themselves); `threshold` draws a dashed horizontal rule
     (e.g. an alert level). No point at all: a chart that says so."""
-    height = MARGIN_TOP + PLOT_HEIGHT + MARGIN_BOTTOM
+    legend_rows = max(1, math.ceil(len(series) / LEGEND_PER_ROW))
+    height = MARGIN_TOP + PLOT_HEIGHT + MARGIN_BOTTOM + (legend_rows - 1) * LEGEND_ROW_HEIGHT
     points = [p for s in series for p in s.points]
     desc = "; ".join(
         f"{s.name}: " + ", ".join(f"({_fmt(x)}, {_fmt(y)})" for x, y in s.points) for s in series
@@ -137,10 +141,11 @@ def line_chart(
         for x, y in line.points:
             parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>')
         parts.append("</g>")
-    legend_y = height - 8
     for index, line in enumerate(series):
         colour = COLOURS[index % len(COLOURS)]
-        x = MARGIN_LEFT + index * 150
+        row, column = divmod(index, LEGEND_PER_ROW)
+        legend_y = bottom + 32 + row * LEGEND_ROW_HEIGHT
+        x = MARGIN_LEFT + column * 150
         parts.append(
             f'<rect x="{x}" y="{legend_y - 9}" width="10" height="10" fill="{colour}"/>'
             f'<text x="{x + 14}" y="{legend_y}" font-size="11">{escape(line.name)}</text>'

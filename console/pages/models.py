@@ -194,7 +194,7 @@ async def detail(request: Request, session: Session) -> Response:
         return grpc_error_page(request, session, error)
     version = answer.version
     nexts = {
-        pb.MODEL_STATE_DRAFT: ["approved"],
+        pb.MODEL_STATE_DRAFT: ["approved", "retired"],
         pb.MODEL_STATE_APPROVED: ["live", "retired"],
         pb.MODEL_STATE_LIVE: ["retired"],
         pb.MODEL_STATE_RETIRED: ["approved"],
