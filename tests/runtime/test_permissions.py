@@ -85,7 +85,6 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         # Decisions page: search and replay one (read-only).
         "/triplane.policy.v1.PolicyService/ListDecisions",
         "/triplane.ai.v1.ScoringService/Explain",
-        "/triplane.ai.v1.ScoringService/Explain",
         "/triplane.policy.v1.PolicyService/ReplayDecisions",
         # Ledger page: reads only; nothing that moves money.
         "/triplane.money.v1.LedgerService/ListTenants",
