@@ -22,12 +22,19 @@ from dataclasses import dataclass
 import msgspec
 
 from policy_plane.model import DecisionRecord
-from policy_plane.store import CaseRow, OutboxRow, PolicyStore
+from policy_plane.store import CaseRow, OutboxRow, OverruleCount, PolicyStore, ResolutionRow
 from triplane.runtime.clock import Clock
 from triplane.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 RESOLUTIONS = ("approve", "decline")
 STATUSES = ("open", "claimed", "resolved")
+# GetOverruleSeries: a day's buckets unless asked otherwise; no narrower
+# than a minute, no more than this many in one window.
+DEFAULT_BUCKET_S = 86_400
+MIN_BUCKET_S = 60
+MAX_OVERRULE_BUCKETS = 1000
+# Cases indexed per transaction by the backfill of case_resolutions.
+BACKFILL_PAGE = 500
 
 
 class CaseBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,6 +134,28 @@ def from_row(row: CaseRow) -> CaseBody:
     return msgspec.json.decode(row.body, type=CaseBody)
 
 
+def resolution_row(case: CaseBody) -> ResolutionRow:
+    return ResolutionRow(
+        case.case_id,
+        case.tenant_id,
+        case.resolved_at_us,
+        case.model_suggestion,
+        case.resolution,
+        case.overruled,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OverruleSeries:
+    """Every bucket of a window (empty ones too), from its start, each
+    `bucket_us` wide; `total` sums them."""
+
+    start_us: int
+    bucket_us: int
+    buckets: list[OverruleCount]
+    total: OverruleCount
+
+
 @dataclass(frozen=True, slots=True)
 class OverruleStats:
     resolved_with_suggestion: int
@@ -147,6 +176,21 @@ class CaseDesk:
         self._clock = clock
         self._encode_event = encode_event
         self._max_note = max_note_length
+        self.backfill_resolutions()
+
+    def backfill_resolutions(self) -> int:
+        """Indexes the cases resolved before case_resolutions existed (a
+        page at a time; replicas may race, a row already there is left),
+        then records that it is done so later starts read nothing."""
+        if self._store.resolutions_backfilled():
+            return 0
+        done, after = 0, ""
+        while page := self._store.unindexed_resolved_cases(after, BACKFILL_PAGE):
+            self._store.index_resolutions([resolution_row(from_row(r)) for r in page])
+            done += len(page)
+            after = page[-1].case_id
+        self._store.mark_resolutions_backfilled(done)
+        return done
 
     def get(self, tenant_id: str, case_id: str) -> CaseBody:
         row = self._store.get_case(case_id)
@@ -228,7 +272,10 @@ class CaseDesk:
             approval_decision_id=approval_decision_id,
         )
         if not self._store.update_case(
-            to_row(resolved), "claimed", self._encode_event(resolved, now_us, reviewed)
+            to_row(resolved),
+            "claimed",
+            self._encode_event(resolved, now_us, reviewed),
+            resolution_row(resolved),
         ):
             raise FailedPrecondition(
                 "CASE_ALREADY_RESOLVED", "case was resolved concurrently", "case_id"
@@ -236,12 +283,44 @@ class CaseDesk:
         return resolved
 
     def overrule_stats(self, tenant_id: str) -> OverruleStats:
-        cases = [
-            msgspec.json.decode(b, type=CaseBody)
-            for b in self._store.resolved_case_bodies(tenant_id)
-        ]
-        with_suggestion = [c for c in cases if c.model_suggestion]
-        return OverruleStats(len(with_suggestion), sum(c.overruled for c in with_suggestion))
+        return OverruleStats(*self._store.overrule_totals(tenant_id))
+
+    def overrule_series(
+        self, tenant_id: str, start_us: int, end_us: int, bucket_s: int
+    ) -> OverruleSeries:
+        """A tenant's resolutions in [start_us, end_us) per bucket of
+        bucket_s seconds (0: a day): the human-overrule rate over time."""
+        if not start_us:
+            raise InvalidArgument("FIELD_REQUIRED", "start_time is required", "start_time")
+        if not end_us:
+            raise InvalidArgument("FIELD_REQUIRED", "end_time is required", "end_time")
+        if end_us <= start_us:
+            raise InvalidArgument("WINDOW_INVALID", "end_time must be after start_time", "end_time")
+        bucket_s = bucket_s or DEFAULT_BUCKET_S
+        if bucket_s < MIN_BUCKET_S:
+            raise InvalidArgument(
+                "BUCKET_INVALID", f"bucket_seconds is at least {MIN_BUCKET_S}", "bucket_seconds"
+            )
+        bucket_us = bucket_s * 1_000_000
+        count = -(-(end_us - start_us) // bucket_us)
+        if count > MAX_OVERRULE_BUCKETS:
+            raise InvalidArgument(
+                "TOO_MANY_BUCKETS",
+                f"the window holds {count} buckets of bucket_seconds, at most "
+                f"{MAX_OVERRULE_BUCKETS}",
+                "bucket_seconds",
+            )
+        found = {
+            c.bucket: c for c in self._store.overrule_counts(tenant_id, start_us, end_us, bucket_us)
+        }
+        buckets = [found.get(i, OverruleCount(i, 0, 0, 0)) for i in range(count)]
+        total = OverruleCount(
+            0,
+            sum(b.resolved for b in buckets),
+            sum(b.with_suggestion for b in buckets),
+            sum(b.overruled for b in buckets),
+        )
+        return OverruleSeries(start_us, bucket_us, buckets, total)
 
 
 def _check_reviewer(reviewer: str) -> None:

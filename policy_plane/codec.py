@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from policy_plane.adjustments import AdjustmentRequest
 from policy_plane.bundles_registry import BundleInfo
-from policy_plane.cases import CaseBody, ReviewedMovement
+from policy_plane.cases import CaseBody, OverruleSeries, ReviewedMovement
 from policy_plane.consent import ConsentRecord, ContactCheck, ContactProfile
 from policy_plane.decision_log import VerifyResult
 from policy_plane.engine import PolicyMetrics
@@ -25,7 +25,7 @@ from policy_plane.model import (
 from policy_plane.offers import Eligible, Excluded, OfferEntry, OfferVariant
 from policy_plane.profiles import CustomerProfile, ProfileChange
 from policy_plane.replay import Confusion, ReplayReport, ReplayWindow
-from policy_plane.store import OutboxRow
+from policy_plane.store import OutboxRow, OverruleCount
 from triplane.common.v1 import types_pb2
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.runtime import codec as wire
@@ -684,6 +684,26 @@ def case_pb(case: CaseBody) -> pb.Case:
         resolved_at=wire.timestamp(case.resolved_at_us),
         bundle_version=case.bundle_version,
         approval_decision_id=case.approval_decision_id,
+    )
+
+
+def _overrule_bucket_pb(count: OverruleCount, start_us: int) -> pb.OverruleBucket:
+    return pb.OverruleBucket(
+        start=wire.timestamp(start_us),
+        resolved=count.resolved,
+        with_suggestion=count.with_suggestion,
+        overruled=count.overruled,
+        overrule_rate=count.overruled / count.with_suggestion if count.with_suggestion else 0.0,
+    )
+
+
+def overrule_series_pb(series: OverruleSeries) -> pb.GetOverruleSeriesResponse:
+    return pb.GetOverruleSeriesResponse(
+        buckets=[
+            _overrule_bucket_pb(b, series.start_us + b.bucket * series.bucket_us)
+            for b in series.buckets
+        ],
+        total=_overrule_bucket_pb(series.total, series.start_us),
     )
 
 

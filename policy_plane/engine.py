@@ -612,6 +612,14 @@ class PolicyEngine:
             self.log.purge_expired, cutoff_us, self.config.decision_log.replay_page_records
         )
 
+    async def overrule_series(
+        self, tenant_id: str, start_us: int, end_us: int, bucket_s: int
+    ) -> cases_mod.OverruleSeries:
+        self.require_tenant(tenant_id)
+        return await asyncio.to_thread(
+            self.cases.overrule_series, tenant_id, start_us, end_us, bucket_s
+        )
+
     async def metrics(self, tenant_id: str) -> PolicyMetrics:
         self.require_tenant(tenant_id)
         total = await asyncio.to_thread(self.store.count_decisions, tenant_id)

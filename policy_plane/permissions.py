@@ -80,6 +80,7 @@ PERMISSIONS: Permissions = {
             "GetCase": ADMIN_AND_CONSOLE,
             "ClaimCase": ADMIN_AND_CONSOLE,
             "ResolveCase": ADMIN_AND_CONSOLE,
+            "GetOverruleSeries": ADMIN_AND_CONSOLE,
         },
     ),
     # A customer's KYC facts decide what they may spend: operators and the

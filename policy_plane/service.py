@@ -410,6 +410,17 @@ class CaseServicer(pb_grpc.CaseServiceServicer):
         )
         return pb.ResolveCaseResponse(case=codec.case_pb(case))
 
+    async def GetOverruleSeries(
+        self, request: pb.GetOverruleSeriesRequest, context: Ctx
+    ) -> pb.GetOverruleSeriesResponse:
+        series = await self._engine.overrule_series(
+            request.tenant_id,
+            wire.micros(request.start_time, "start_time"),
+            wire.micros(request.end_time, "end_time"),
+            request.bucket_seconds,
+        )
+        return codec.overrule_series_pb(series)
+
 
 class CustomerProfileServicer(pb_grpc.CustomerProfileServiceServicer):
     def __init__(self, engine: PolicyEngine) -> None:

@@ -105,6 +105,27 @@ CREATE TABLE IF NOT EXISTS review_cases (
   opened_at_us BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS review_cases_tenant ON review_cases (tenant_id, status, case_id);
+-- The human-overrule rate over time (CaseService.GetOverruleSeries): one row
+-- a resolved case, written in the transaction that resolves it, so a window
+-- of a tenant's resolutions is an index range, never its cases' bodies.
+-- suggestion is the model's ('' when it had none); overruled is 1 when the
+-- resolution differs from it.
+CREATE TABLE IF NOT EXISTS case_resolutions (
+  case_id TEXT PRIMARY KEY,
+  tenant_id TEXT NOT NULL,
+  resolved_at_us BIGINT NOT NULL,
+  suggestion TEXT NOT NULL,
+  resolution TEXT NOT NULL,
+  overruled BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS case_resolutions_time
+  ON case_resolutions (tenant_id, resolved_at_us);
+-- One row once every case resolved before case_resolutions existed has been
+-- indexed (CaseDesk.backfill_resolutions): later starts skip the pass.
+CREATE TABLE IF NOT EXISTS case_resolutions_backfill (
+  id INTEGER PRIMARY KEY,
+  cases BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS policy_outbox (
   event_id TEXT PRIMARY KEY,
   subject TEXT NOT NULL,
@@ -257,6 +278,29 @@ class CaseRow:
     status: str
     body: str
     opened_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResolutionRow:
+    """A resolved case as the overrule series counts it."""
+
+    case_id: str
+    tenant_id: str
+    resolved_at_us: int
+    suggestion: str
+    resolution: str
+    overruled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OverruleCount:
+    """A bucket's resolutions: all, those with a model suggestion, and of
+    those the ones resolved against it."""
+
+    bucket: int
+    resolved: int
+    with_suggestion: int
+    overruled: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,8 +702,15 @@ class PolicyStore:
         with self.db.read() as tx:
             return [CaseRow(*r) for r in tx.all(sql, params)]
 
-    def update_case(self, case: CaseRow, expected_status: str, event: OutboxRow | None) -> bool:
-        """Compare-and-set on status; with the case's event in the same transaction."""
+    def update_case(
+        self,
+        case: CaseRow,
+        expected_status: str,
+        event: OutboxRow | None,
+        resolution: ResolutionRow | None = None,
+    ) -> bool:
+        """Compare-and-set on status; with the case's event and (resolving
+        it) its row of case_resolutions in the same transaction."""
         with self.db.tx() as tx:
             changed = tx.execute(
                 "UPDATE review_cases SET status = ?, body = ? WHERE case_id = ? AND status = ?",
@@ -667,6 +718,8 @@ class PolicyStore:
             )
             if changed != 1:
                 return False
+            if resolution is not None:
+                _insert_resolutions(tx, [resolution])
             if event is not None:
                 tx.execute(
                     "INSERT INTO policy_outbox (event_id, subject, data_hex, created_at_us, "
@@ -675,13 +728,62 @@ class PolicyStore:
                 )
             return True
 
-    def resolved_case_bodies(self, tenant_id: str) -> list[str]:
+    def overrule_counts(
+        self, tenant_id: str, start_us: int, end_us: int, bucket_us: int
+    ) -> list[OverruleCount]:
+        """A tenant's resolutions in [start_us, end_us) counted per bucket of
+        bucket_us from start_us (bucket 0 first); buckets without one are
+        absent. One range of case_resolutions_time."""
         with self.db.read() as tx:
             rows = tx.all(
-                "SELECT body FROM review_cases WHERE tenant_id = ? AND status = 'resolved'",
+                "SELECT (resolved_at_us - CAST(? AS BIGINT)) / CAST(? AS BIGINT) AS bucket, "
+                "COUNT(*), SUM(CASE WHEN suggestion <> '' THEN 1 ELSE 0 END), SUM(overruled) "
+                "FROM case_resolutions WHERE tenant_id = ? AND resolved_at_us >= ? "
+                "AND resolved_at_us < ? GROUP BY 1 ORDER BY 1",
+                (start_us, bucket_us, tenant_id, start_us, end_us),
+            )
+        return [OverruleCount(int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    def overrule_totals(self, tenant_id: str) -> tuple[int, int]:
+        """A tenant's resolutions with a model suggestion, and of those the
+        ones overruled, over all time."""
+        with self.db.read() as tx:
+            row = tx.one(
+                "SELECT COUNT(*), SUM(overruled) FROM case_resolutions "
+                "WHERE tenant_id = ? AND suggestion <> ''",
                 (tenant_id,),
             )
-        return [str(r[0]) for r in rows]
+        return (int(row[0]), int(row[1] or 0)) if row else (0, 0)
+
+    def resolutions_backfilled(self) -> bool:
+        with self.db.read() as tx:
+            return tx.one("SELECT 1 FROM case_resolutions_backfill WHERE id = 1") is not None
+
+    def unindexed_resolved_cases(self, after_case_id: str, limit: int) -> list[CaseRow]:
+        """Resolved cases case_resolutions lacks, by id after after_case_id."""
+        with self.db.read() as tx:
+            rows = tx.all(
+                "SELECT c.case_id, c.tenant_id, c.decision_id, c.status, c.body, c.opened_at_us "
+                "FROM review_cases c WHERE c.case_id > ? AND c.status = 'resolved' "
+                "AND NOT EXISTS (SELECT 1 FROM case_resolutions r WHERE r.case_id = c.case_id) "
+                "ORDER BY c.case_id LIMIT ?",
+                (after_case_id, limit),
+            )
+        return [CaseRow(*r) for r in rows]
+
+    def index_resolutions(self, rows: Sequence[ResolutionRow]) -> None:
+        """Rows for cases already resolved; one another replica indexed
+        meanwhile is left as it is."""
+        with self.db.tx() as tx:
+            _insert_resolutions(tx, rows)
+
+    def mark_resolutions_backfilled(self, cases: int) -> None:
+        with self.db.tx() as tx:
+            tx.execute(
+                "INSERT INTO case_resolutions_backfill (id, cases) VALUES (1, ?) "
+                "ON CONFLICT (id) DO NOTHING",
+                (cases,),
+            )
 
     # ------------------------------------------------------------ outbox
     # Read by the runtime's OutboxRelay (triplane/runtime/outbox.py).
@@ -914,6 +1016,17 @@ class PolicyStore:
                 (tenant_id, customer_id, limit),
             )
         return [str(r[0]) for r in rows]
+
+
+def _insert_resolutions(tx: Tx, rows: Sequence[ResolutionRow]) -> None:
+    tx.execute_many(
+        "INSERT INTO case_resolutions (case_id, tenant_id, resolved_at_us, suggestion, "
+        "resolution, overruled) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (case_id) DO NOTHING",
+        [
+            (r.case_id, r.tenant_id, r.resolved_at_us, r.suggestion, r.resolution, int(r.overruled))
+            for r in rows
+        ],
+    )
 
 
 def _mark(tx: Tx, chain_id: str, kind: str, lock: bool = False) -> ChainMark | None:

@@ -81,6 +81,8 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.policy.v1.CaseService/GetCase",
         "/triplane.policy.v1.CaseService/ClaimCase",
         "/triplane.policy.v1.CaseService/ResolveCase",
+        # Cases page: the human-overrule rate over time.
+        "/triplane.policy.v1.CaseService/GetOverruleSeries",
         "/triplane.policy.v1.PolicyService/GetDecision",
         # Decisions page: search and replay one (read-only).
         "/triplane.policy.v1.PolicyService/ListDecisions",

@@ -3379,6 +3379,106 @@ class ListCasesResponse(_message.Message):
 Global___ListCasesResponse: _TypeAlias = ListCasesResponse  # noqa: Y015
 
 @_typing.final
+class GetOverruleSeriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    BUCKET_SECONDS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    bucket_seconds: _builtins.int
+    """Bucket width; 0 is a day (86400). At least 60 (BUCKET_INVALID); at most
+    1000 buckets in the window (TOO_MANY_BUCKETS), both naming bucket_seconds.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Both required; end_time after start_time (WINDOW_INVALID naming end_time)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        bucket_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_seconds", b"bucket_seconds", "end_time", b"end_time", "start_time", b"start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOverruleSeriesRequest: _TypeAlias = GetOverruleSeriesRequest  # noqa: Y015
+
+@_typing.final
+class OverruleBucket(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    WITH_SUGGESTION_FIELD_NUMBER: _builtins.int
+    OVERRULED_FIELD_NUMBER: _builtins.int
+    OVERRULE_RATE_FIELD_NUMBER: _builtins.int
+    resolved: _builtins.int
+    with_suggestion: _builtins.int
+    """Resolved cases whose model suggested approve or decline."""
+    overruled: _builtins.int
+    """Of those, resolved against the suggestion."""
+    overrule_rate: _builtins.float
+    """overruled / with_suggestion; 0 when no case had a suggestion."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """The bucket's first instant (the total's: start_time)."""
+
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        resolved: _builtins.int = ...,
+        with_suggestion: _builtins.int = ...,
+        overruled: _builtins.int = ...,
+        overrule_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["overrule_rate", b"overrule_rate", "overruled", b"overruled", "resolved", b"resolved", "start", b"start", "with_suggestion", b"with_suggestion"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverruleBucket: _TypeAlias = OverruleBucket  # noqa: Y015
+
+@_typing.final
+class GetOverruleSeriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___OverruleBucket]:
+        """Every bucket of the window in time order, empty ones included; the last
+        may end after end_time (only resolutions before end_time count).
+        """
+
+    @_builtins.property
+    def total(self) -> Global___OverruleBucket: ...
+    def __init__(
+        self,
+        *,
+        buckets: _abc.Iterable[Global___OverruleBucket] | None = ...,
+        total: Global___OverruleBucket | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOverruleSeriesResponse: _TypeAlias = GetOverruleSeriesResponse  # noqa: Y015
+
+@_typing.final
 class GetCaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1448,6 +1448,11 @@ class CaseServiceStub:
                 request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ResolveCaseRequest.SerializeToString,
                 response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ResolveCaseResponse.FromString,
                 _registered_method=True)
+        self.GetOverruleSeries = channel.unary_unary(
+                '/triplane.policy.v1.CaseService/GetOverruleSeries',
+                request_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetOverruleSeriesRequest.SerializeToString,
+                response_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetOverruleSeriesResponse.FromString,
+                _registered_method=True)
 
 
 class CaseServiceServicer:
@@ -1486,6 +1491,17 @@ class CaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOverruleSeries(self, request, context):
+        """The human-overrule rate over time: a tenant's cases resolved in
+        [start_time, end_time), counted per bucket of bucket_seconds from
+        start_time: all resolved, those where the model suggested a resolution,
+        and of those the ones resolved otherwise (overruled). Read from an index
+        of resolutions by time, not from the cases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1508,6 +1524,11 @@ def add_CaseServiceServicer_to_server(servicer, server):
                     servicer.ResolveCase,
                     request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ResolveCaseRequest.FromString,
                     response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.ResolveCaseResponse.SerializeToString,
+            ),
+            'GetOverruleSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOverruleSeries,
+                    request_deserializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetOverruleSeriesRequest.FromString,
+                    response_serializer=triplane_dot_policy_dot_v1_dot_policy__pb2.GetOverruleSeriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1619,6 +1640,33 @@ class CaseService:
             '/triplane.policy.v1.CaseService/ResolveCase',
             triplane_dot_policy_dot_v1_dot_policy__pb2.ResolveCaseRequest.SerializeToString,
             triplane_dot_policy_dot_v1_dot_policy__pb2.ResolveCaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOverruleSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.policy.v1.CaseService/GetOverruleSeries',
+            triplane_dot_policy_dot_v1_dot_policy__pb2.GetOverruleSeriesRequest.SerializeToString,
+            triplane_dot_policy_dot_v1_dot_policy__pb2.GetOverruleSeriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

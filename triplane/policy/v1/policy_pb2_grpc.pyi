@@ -579,6 +579,13 @@ class CaseServiceStub:
     it reviewed, with a decision token for the payout's movement); its token
     travels on the event to the money plane. Declining issues none.
     """
+    GetOverruleSeries: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetOverruleSeriesRequest, _policy_pb2.GetOverruleSeriesResponse]
+    """The human-overrule rate over time: a tenant's cases resolved in
+    [start_time, end_time), counted per bucket of bucket_seconds from
+    start_time: all resolved, those where the model suggested a resolution,
+    and of those the ones resolved otherwise (overruled). Read from an index
+    of resolutions by time, not from the cases.
+    """
 
 @_typing.type_check_only
 class CaseServiceAsyncStub(CaseServiceStub):
@@ -597,6 +604,13 @@ class CaseServiceAsyncStub(CaseServiceStub):
     new decision id in the decision log, naming the case and the decision
     it reviewed, with a decision token for the payout's movement); its token
     travels on the event to the money plane. Declining issues none.
+    """
+    GetOverruleSeries: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetOverruleSeriesRequest, _policy_pb2.GetOverruleSeriesResponse]  # type: ignore[assignment]
+    """The human-overrule rate over time: a tenant's cases resolved in
+    [start_time, end_time), counted per bucket of bucket_seconds from
+    start_time: all resolved, those where the model suggested a resolution,
+    and of those the ones resolved otherwise (overruled). Read from an index
+    of resolutions by time, not from the cases.
     """
 
 class CaseServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -637,6 +651,19 @@ class CaseServiceServicer(metaclass=_abc_1.ABCMeta):
         new decision id in the decision log, naming the case and the decision
         it reviewed, with a decision token for the payout's movement); its token
         travels on the event to the money plane. Declining issues none.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOverruleSeries(
+        self,
+        request: _policy_pb2.GetOverruleSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.GetOverruleSeriesResponse, _abc.Awaitable[_policy_pb2.GetOverruleSeriesResponse]]:
+        """The human-overrule rate over time: a tenant's cases resolved in
+        [start_time, end_time), counted per bucket of bucket_seconds from
+        start_time: all resolved, those where the model suggested a resolution,
+        and of those the ones resolved otherwise (overruled). Read from an index
+        of resolutions by time, not from the cases.
         """
 
 def add_CaseServiceServicer_to_server(servicer: CaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
