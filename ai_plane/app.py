@@ -36,7 +36,7 @@ from ai_plane.triton import ModelRepository, TritonProcess, TritonUnavailable
 from ai_plane.triton_grpc import TritonClient
 from triplane.ai.v1 import ai_pb2
 from triplane.common.v1 import envelope_pb2
-from triplane.runtime import bus
+from triplane.runtime import bus, tasks
 from triplane.runtime.clock import Clock, SystemClock
 from triplane.runtime.config import Config
 from triplane.runtime.errors import TriplaneError, Unavailable
@@ -81,6 +81,7 @@ class AiPlane:
     _nats: object | None = None
     spine: OutcomeSpine | None = None
     _follower: asyncio.Task[None] | None = None
+    _drift_writer: asyncio.Task[None] | None = None
     _sweeper: asyncio.Task[None] | None = None
 
     async def _start_triton(self, registry: Registry) -> tuple[str, str, ModelRepository | None]:
@@ -176,6 +177,10 @@ class AiPlane:
         if ai.registry.backend != "file":
             # A shared registry: follow what other replicas promote.
             self._follower = asyncio.create_task(self._follow_registry(registry))
+        # The drift history is shared state: written to the registry's store.
+        self._drift_writer = asyncio.create_task(
+            tasks.every(ai.drift.history_flush_s, self.manager.flush_drift, "writing drift history")
+        )
         if config.nats.url and ai.bandit.outcomes == "spine":
             await self._start_spine()
         if self.engine.rewards is not None:
@@ -332,6 +337,14 @@ class AiPlane:
         if self._follower is not None:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
+        if self._drift_writer is not None:
+            self._drift_writer.cancel()
+            await asyncio.gather(self._drift_writer, return_exceptions=True)
+            assert self.manager is not None
+            try:
+                await self.manager.flush_drift()  # what this replica recorded last
+            except Exception:
+                log.exception("writing the last drift history points failed")
         if self.pipeline is not None:
             await self.pipeline.stop()
         if self.spine is not None:

@@ -1,10 +1,18 @@
 """Drift: population stability index (PSI) of live scores against the
 training baseline (decile edges on held-out data), exported as Prometheus
 gauges. Live values sit in a bounded ring; the PSI is recomputed every
-`update_every` observations, never on the request path's hot loop. Each
-recomputed value is also kept, with its time, in a bounded history
-(`ai.drift.history_points`) that GetModelDrift serves: in memory, per
-replica, started afresh when the plane restarts or a version goes live."""
+`update_every` observations, never on the request path's hot loop.
+
+Each recomputed value is also a point of the model's drift history, which
+GetModelDrift serves. The history is shared state, kept where the model
+registry keeps its own (ai_plane/registry.py: PostgreSQL for replicas, the
+registry's file for a single dev pod), so any replica serves what every
+replica recorded and a restart keeps it. Points are keyed by model, version,
+series and time slot (`ai.drift.history_slot_s`): a monitor keeps only its
+latest value per slot until the plane writes it out (every
+`ai.drift.history_flush_s`, off the request path), two replicas recomputing
+in the same slot write one point (the later write wins), and the registry
+keeps the last `ai.drift.history_points` slots per model."""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from prometheus_client import Gauge
 
@@ -22,6 +31,18 @@ PSI_GAUGE = Gauge(
 )
 
 _EPSILON = 1e-4
+
+
+class DriftPoint(NamedTuple):
+    """One point of a series' drift history: the PSI recomputed at `at_us`,
+    the latest of its slot (at_us // ai.drift.history_slot_s)."""
+
+    model: str
+    version: int
+    series: str
+    slot: int
+    at_us: int
+    psi: float
 
 
 def bin_fractions(values: Sequence[float], edges: Sequence[float]) -> list[float]:
@@ -72,14 +93,18 @@ class PsiMonitor:
         expected: Sequence[float],
         window: int,
         every: int,
-        history: int = 0,
+        slot_us: int = 0,
         now_us: Callable[[], int] | None = None,
     ) -> None:
         assert window > 0 and every > 0 and len(expected) == len(edges) + 1
+        assert slot_us >= 0
+        self.model = model
         self.version = version
         self.series = series
-        # (when, PSI) of each recomputation, oldest first; `history` at most.
-        self.history: deque[tuple[int, float]] = deque(maxlen=history)
+        # Recomputations not yet written to the shared history: slot ->
+        # (when, PSI), the latest of each slot (0 slot_us: none kept).
+        self.pending: dict[int, tuple[int, float]] = {}
+        self._slot_us = slot_us
         self._now_us = now_us
         self.edges = list(edges)
         self._expected = list(expected)
@@ -106,9 +131,26 @@ class PsiMonitor:
         if total:
             self.value = psi(self._expected, [c / total for c in self._counts])
             self._gauge.set(self.value)
-            if self._now_us is not None and self.history.maxlen:
-                self.history.append((self._now_us(), self.value))
+            if self._now_us is not None and self._slot_us:
+                at_us = self._now_us()
+                self.pending[at_us // self._slot_us] = (at_us, self.value)
         return self.value
+
+    def take_pending(self) -> list[DriftPoint]:
+        """The recomputations not yet written out, as history points; the
+        monitor forgets them (a failed write hands them back with `keep`)."""
+        taken = [
+            DriftPoint(self.model, self.version, self.series, slot, at_us, value)
+            for slot, (at_us, value) in sorted(self.pending.items())
+        ]
+        self.pending.clear()
+        return taken
+
+    def keep(self, points: Sequence[DriftPoint]) -> None:
+        """Points whose write failed, kept for the next one (a newer value of
+        the same slot recorded meanwhile stays)."""
+        for point in points:
+            self.pending.setdefault(point.slot, (point.at_us, point.psi))
 
     @property
     def observed(self) -> int:

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from ai_plane.bandit import LinearThompsonBandit
 from ai_plane.bandit import arm_features as bandit_features
-from ai_plane.drift import PsiMonitor
+from ai_plane.drift import DriftPoint, PsiMonitor
 from ai_plane.features import (
     FEATURE_SET_VERSION,
     PROPENSITY_FEATURES,
@@ -230,11 +230,15 @@ class AiEngine:
         self._namespace = config.features.namespace
         self._explained: OrderedDict[str, _Explained] = OrderedDict()
         self.drift: dict[str, dict[str, PsiMonitor]] = {}
+        self._unwritten: list[DriftPoint] = []
 
     def set_drift_baselines(
         self, model: str, version: int, baselines: Mapping[str, list[list[float]]]
     ) -> None:
         drift = self._config.drift
+        for monitor in self.drift.get(model, {}).values():
+            # The old version's points not yet written still go out.
+            self._unwritten.extend(monitor.take_pending())
         self.drift[model] = {
             series: PsiMonitor(
                 model,
@@ -244,11 +248,38 @@ class AiEngine:
                 expected,
                 drift.window_scores,
                 drift.update_every_scores,
-                drift.history_points,
+                int(drift.history_slot_s * 1_000_000),
                 self._clock.now_us,
             )
             for series, (edges, expected) in baselines.items()
         }
+
+    def take_drift_points(self) -> list[DriftPoint]:
+        """Every monitor's recomputations not yet in the shared history (the
+        monitors forget them: write them, or hand them back)."""
+        taken, self._unwritten = self._unwritten, []
+        for monitors in self.drift.values():
+            for monitor in monitors.values():
+                taken.extend(monitor.take_pending())
+        return taken
+
+    def pending_drift(self, model: str, version: int) -> list[DriftPoint]:
+        """This replica's recomputations of a version not yet written (what
+        GetModelDrift adds to the stored history), left pending."""
+        return [
+            DriftPoint(model, version, monitor.series, slot, at_us, value)
+            for monitor in self.drift.get(model, {}).values()
+            if monitor.version == version
+            for slot, (at_us, value) in sorted(monitor.pending.items())
+        ]
+
+    def keep_drift_points(self, points: list[DriftPoint]) -> None:
+        """Points whose write failed, back to their monitors (dropped when
+        that version is no longer monitored here)."""
+        for point in points:
+            monitor = self.drift.get(point.model, {}).get(point.series)
+            if monitor is not None and monitor.version == point.version:
+                monitor.keep([point])
 
     # ---- validation ----
 

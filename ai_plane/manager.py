@@ -229,6 +229,38 @@ class ModelManager:
                 await self.activate(record)
             return await asyncio.to_thread(self.registry.transition, model, version, target)
 
+    async def flush_drift(self) -> int:
+        """Writes this replica's new drift points to the registry's shared
+        history (run every ai.drift.history_flush_s and at stop); a failed
+        write keeps them for the next. Returns the points written."""
+        points = self.engine.take_drift_points()
+        if not points:
+            return 0
+        try:
+            await asyncio.to_thread(
+                self.registry.record_drift, points, self.config.drift.history_points
+            )
+        except BaseException:
+            self.engine.keep_drift_points(points)
+            raise
+        return len(points)
+
+    async def drift_history(self, model: str, version: int) -> dict[str, list[tuple[int, float]]]:
+        """A version's drift history per series, oldest first: what any
+        replica wrote to the registry, with this replica's points not yet
+        written (the same slot: this replica's newer value)."""
+        stored = await asyncio.to_thread(self.registry.drift_history, model, version)
+        slots = {
+            series: {p.slot: (p.at_us, p.psi) for p in points} for series, points in stored.items()
+        }
+        for point in self.engine.pending_drift(model, version):
+            slots.setdefault(point.series, {})[point.slot] = (point.at_us, point.psi)
+        keep = self.config.drift.history_points
+        return {
+            series: [by_slot[slot] for slot in sorted(by_slot)[-keep:]]
+            for series, by_slot in slots.items()
+        }
+
     async def rollback(self, model: str) -> tuple[ModelRecord, float]:
         """Makes the rollback pointer live; returns it and the seconds taken
         until Triton served it."""

@@ -18,6 +18,13 @@ and follow a new live version (ai_plane/manager.py, RegistryFollower).
 
 An artifact whose hash no longer matches its record is refused loudly: a
 corrupt model is never served.
+
+The registry also keeps each model's drift history (ai_plane/drift.py): PSI
+points keyed by model, version, series and time slot, written by whichever
+replica recomputed them (the same slot twice: the later write wins) and
+bounded to the last `keep` slots per model: table ai_drift_points on a
+database, drift.json beside registry.json for the file backend. It is not
+part of the generation: recording a point moves no replica's serving.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pathlib import Path
 
 import msgspec
 
+from ai_plane.drift import DriftPoint
 from triplane.runtime.clock import Clock
 from triplane.runtime.config import Config
 from triplane.runtime.db import Database, Row
@@ -117,8 +125,34 @@ class _FileStore:
         except FileNotFoundError:
             return 0
 
+    def _drift_points(self) -> list[DriftPoint]:
+        path = self.root / "drift.json"
+        if not path.exists():
+            return []
+        return [DriftPoint(*row) for row in msgspec.json.decode(path.read_bytes(), type=list[_Row])]
+
+    def record_drift(self, points: list[DriftPoint], keep: int) -> None:
+        merged = {(p.model, p.version, p.series, p.slot): p for p in self._drift_points()}
+        merged.update({(p.model, p.version, p.series, p.slot): p for p in points})
+        newest: dict[str, int] = {}
+        for point in merged.values():
+            newest[point.model] = max(newest.get(point.model, point.slot), point.slot)
+        kept = [p for p in merged.values() if p.slot > newest[p.model] - keep]
+        tmp = self.root / "drift.tmp"
+        tmp.write_bytes(msgspec.json.encode([tuple(p) for p in kept]))
+        os.replace(tmp, self.root / "drift.json")
+
+    def drift_history(self, model: str, version: int) -> list[DriftPoint]:
+        return sorted(
+            (p for p in self._drift_points() if p.model == model and p.version == version),
+            key=lambda p: (p.series, p.slot),
+        )
+
     def close(self) -> None:
         pass
+
+
+_Row = tuple[str, int, str, int, int, float]
 
 
 _DDL = """
@@ -134,7 +168,16 @@ CREATE TABLE IF NOT EXISTS ai_registry_generation (
     id BIGINT PRIMARY KEY,
     generation BIGINT NOT NULL
 );
-INSERT INTO ai_registry_generation (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING
+INSERT INTO ai_registry_generation (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS ai_drift_points (
+    model TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    series TEXT NOT NULL,
+    slot BIGINT NOT NULL,
+    at_us BIGINT NOT NULL,
+    psi DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (model, version, series, slot)
+)
 """
 
 
@@ -219,6 +262,35 @@ class _DatabaseStore:
     def generation(self) -> int:
         row = self.db.read_one("SELECT generation FROM ai_registry_generation WHERE id = 1")
         return int(row[0]) if row is not None else 0
+
+    def record_drift(self, points: list[DriftPoint], keep: int) -> None:
+        with self.db.tx() as tx:
+            for point in points:
+                tx.execute(
+                    "INSERT INTO ai_drift_points (model, version, series, slot, at_us, psi) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, version, series, slot) "
+                    "DO UPDATE SET at_us = excluded.at_us, psi = excluded.psi",
+                    tuple(point),
+                )
+            for model in sorted({p.model for p in points}):
+                newest = tx.one("SELECT MAX(slot) FROM ai_drift_points WHERE model = ?", (model,))
+                assert newest is not None
+                tx.execute(
+                    "DELETE FROM ai_drift_points WHERE model = ? AND slot <= ?",
+                    (model, int(newest[0]) - keep),
+                )
+
+    def drift_history(self, model: str, version: int) -> list[DriftPoint]:
+        with self.db.read() as tx:
+            rows = tx.all(
+                "SELECT model, version, series, slot, at_us, psi FROM ai_drift_points "
+                "WHERE model = ? AND version = ? ORDER BY series, slot",
+                (model, version),
+            )
+        return [
+            DriftPoint(str(m), int(v), str(s), int(slot), int(at), float(value))
+            for m, v, s, slot, at, value in rows
+        ]
 
     def close(self) -> None:
         self.db.close()
@@ -388,6 +460,21 @@ class Registry:
     def rollback_target(self, model: str) -> tuple[ModelRecord, ModelRecord]:
         """(current live, the version a rollback makes live)."""
         return self._rollback_pair(self._doc, model)
+
+    def record_drift(self, points: list[DriftPoint], keep: int) -> None:
+        """Writes drift history points (one per model, version, series and
+        slot: a slot written again takes the later value) and drops each
+        written model's points older than its newest `keep` slots."""
+        if points:
+            self._store.record_drift(points, keep)
+
+    def drift_history(self, model: str, version: int) -> dict[str, list[DriftPoint]]:
+        """A version's drift history per series, oldest first, as recorded by
+        any replica on this registry's store."""
+        history: dict[str, list[DriftPoint]] = {}
+        for point in self._store.drift_history(model, version):
+            history.setdefault(point.series, []).append(point)
+        return history
 
     def rollback(self, model: str) -> ModelRecord:
         with self._change() as doc:

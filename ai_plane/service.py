@@ -140,8 +140,12 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
             )
         monitors = self._manager.engine.drift.get(request.model, {})
         answer = pb.GetModelDriftResponse(model=request.model)
+        if not monitors:
+            return answer
+        version = next(iter(monitors.values())).version
+        history = await self._manager.drift_history(request.model, version)
+        answer.version = version
         for name, monitor in monitors.items():
-            answer.version = monitor.version
             answer.series.append(
                 pb.DriftSeries(
                     series=name,
@@ -149,7 +153,7 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
                     observed=monitor.observed,
                     history=[
                         pb.DriftPoint(at=wire.timestamp(at_us), psi=value)
-                        for at_us, value in list(monitor.history)
+                        for at_us, value in history.get(name, [])
                     ],
                 )
             )

@@ -582,6 +582,8 @@ class AiDriftConfig(_Strict, frozen=True):
     window_scores: int
     update_every_scores: int
     history_points: int
+    history_slot_s: float = 300.0
+    history_flush_s: float = 5.0
 
 
 class AiRegistryConfig(_Strict, frozen=True):
