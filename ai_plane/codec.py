@@ -149,4 +149,14 @@ def model_version_pb(record: ModelRecord) -> pb.ModelVersion:
         created_at=wire.timestamp(record.created_at_us),
         rollback_version=record.rollback_version,
         feature_names=record.feature_names,
+        approvals=[
+            pb.ModelApproval(
+                state=STATE_TO_PB[a.state],
+                rollback=a.rollback,
+                actor=a.actor,
+                reason=a.reason,
+                at=wire.timestamp(a.at_us),
+            )
+            for a in record.approvals
+        ],
     )

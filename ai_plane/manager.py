@@ -221,13 +221,17 @@ class ModelManager:
                 train_into, self.registry, self.config, self.datasets_dir, model, seed
             )
 
-    async def promote(self, model: str, version: int, target: ModelState) -> ModelRecord:
+    async def promote(
+        self, model: str, version: int, target: ModelState, actor: str = "", reason: str = ""
+    ) -> ModelRecord:
         async with self._serialize():
             await asyncio.to_thread(self.registry.reload)
             record = self.registry.check_transition(model, version, target)
             if target is ModelState.LIVE:
                 await self.activate(record)
-            return await asyncio.to_thread(self.registry.transition, model, version, target)
+            return await asyncio.to_thread(
+                self.registry.transition, model, version, target, actor, reason
+            )
 
     async def flush_drift(self) -> int:
         """Writes this replica's new drift points to the registry's shared
@@ -261,7 +265,9 @@ class ModelManager:
             for series, by_slot in slots.items()
         }
 
-    async def rollback(self, model: str) -> tuple[ModelRecord, float]:
+    async def rollback(
+        self, model: str, actor: str = "", reason: str = ""
+    ) -> tuple[ModelRecord, float]:
         """Makes the rollback pointer live; returns it and the seconds taken
         until Triton served it."""
         async with self._serialize():
@@ -269,5 +275,5 @@ class ModelManager:
             await asyncio.to_thread(self.registry.reload)
             _, target = self.registry.rollback_target(model)
             await self.activate(target)
-            record = await asyncio.to_thread(self.registry.rollback, model)
+            record = await asyncio.to_thread(self.registry.rollback, model, actor, reason)
             return record, time.monotonic() - started

@@ -61,6 +61,18 @@ _TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
 }
 
 
+class Approval(msgspec.Struct, kw_only=True):
+    """One recorded move of a version: the state it moved to (a rollback:
+    live, with `rollback`), who asked and why (empty when the caller sent
+    neither), and when."""
+
+    state: ModelState
+    actor: str = ""
+    reason: str = ""
+    at_us: int = 0
+    rollback: bool = False
+
+
 class ModelRecord(msgspec.Struct, kw_only=True):
     model: str
     version: int
@@ -73,6 +85,8 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     rollback_version: int = 0
     # Drift baselines on held-out data: series -> [bin edges, expected fractions].
     baselines: dict[str, list[list[float]]] = msgspec.field(default_factory=dict)
+    # Who approved each move of this version and why, oldest first.
+    approvals: list[Approval] = msgspec.field(default_factory=list)
 
 
 class _Document(msgspec.Struct):
@@ -432,10 +446,12 @@ class Registry:
         """The record, if `target` is a legal next state for it; else refused."""
         return self._checked(self._doc, model, version, target)
 
-    def transition(self, model: str, version: int, target: ModelState) -> ModelRecord:
-        """Applies a checked transition (checked again on the stored registry);
-        going live retires the old live one and points the new one's rollback
-        at it."""
+    def transition(
+        self, model: str, version: int, target: ModelState, actor: str = "", reason: str = ""
+    ) -> ModelRecord:
+        """Applies a checked transition (checked again on the stored registry),
+        recording who approved it and why on the version; going live retires
+        the old live one and points the new one's rollback at it."""
         with self._change() as doc:
             record = self._checked(doc, model, version, target)
             if target is ModelState.LIVE:
@@ -444,6 +460,9 @@ class Registry:
                         previous.state = ModelState.RETIRED
                         record.rollback_version = previous.version
             record.state = target
+            record.approvals.append(
+                Approval(state=target, actor=actor, reason=reason, at_us=self._clock.now_us())
+            )
         return record
 
     @staticmethod
@@ -476,11 +495,22 @@ class Registry:
             history.setdefault(point.series, []).append(point)
         return history
 
-    def rollback(self, model: str) -> ModelRecord:
+    def rollback(self, model: str, actor: str = "", reason: str = "") -> ModelRecord:
+        """Makes the rollback pointer live again, recording who asked and why
+        on the version made live."""
         with self._change() as doc:
             live, target = self._rollback_pair(doc, model)
             live.state = ModelState.RETIRED
             target.state = ModelState.LIVE
+            target.approvals.append(
+                Approval(
+                    state=ModelState.LIVE,
+                    actor=actor,
+                    reason=reason,
+                    at_us=self._clock.now_us(),
+                    rollback=True,
+                )
+            )
         return target
 
 

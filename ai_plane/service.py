@@ -16,6 +16,7 @@ from ai_plane.training import MODEL_FEATURES
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime import codec as wire
+from triplane.runtime.approvals import check_approval
 from triplane.runtime.config import AiLimitsConfig
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import FailedPrecondition, InvalidArgument
@@ -103,11 +104,14 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
         self, request: pb.PromoteModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.PromoteModelResponse:
         target = codec.target_state(request.target_state)
+        check_approval(request.actor, request.reason)
         gate = None
         if target is ModelState.LIVE and self._ope is not None:
             # Refuses (FAILED_PRECONDITION) before anything changes.
             gate = await self._ope.gate(request.model, request.version, request.force)
-        record = await self._manager.promote(request.model, request.version, target)
+        record = await self._manager.promote(
+            request.model, request.version, target, request.actor, request.reason
+        )
         return pb.PromoteModelResponse(version=codec.model_version_pb(record), gate=gate)
 
     async def EstimatePolicyValue(
@@ -128,7 +132,8 @@ class RegistryServicer(ai_pb2_grpc.ModelRegistryServiceServicer):
     async def RollbackModel(
         self, request: pb.RollbackModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.RollbackModelResponse:
-        record, seconds = await self._manager.rollback(request.model)
+        check_approval(request.actor, request.reason)
+        record, seconds = await self._manager.rollback(request.model, request.actor, request.reason)
         return pb.RollbackModelResponse(live=codec.model_version_pb(record), rollback_s=seconds)
 
     async def GetModelDrift(

@@ -12,6 +12,7 @@ each follows a switch another made within policy.bundles.follow_interval_s
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import threading
@@ -36,6 +37,18 @@ TARGETS = ("store", "live", "shadow")
 
 
 @dataclass(frozen=True, slots=True)
+class SlotApproval:
+    """One move of a bundle into (or out of) a slot: who approved it and why
+    (empty from a caller that sent neither), and when."""
+
+    slot: str
+    set: bool
+    actor: str
+    reason: str
+    at_us: int
+
+
+@dataclass(frozen=True, slots=True)
 class BundleInfo:
     version: str
     label: str
@@ -43,6 +56,8 @@ class BundleInfo:
     rule_count: int
     sanctions_entry_count: int
     loaded_at_us: int
+    # Its slot moves, oldest first (policy_bundle_slot_history).
+    approvals: tuple[SlotApproval, ...] = ()
 
 
 def bundle_limits(config: PolicyConfig) -> BundleLimits:
@@ -128,22 +143,25 @@ class BundleRegistry:
                 self.shadow = compiled
         return self.info(compiled.version)
 
-    def activate(self, version: str) -> BundleInfo:
+    def activate(self, version: str, actor: str = "", reason: str = "") -> BundleInfo:
+        """Makes a stored bundle live, recording who approved it and why."""
         compiled = self.resolve(version)
         with self._slots_lock:
-            self._store.set_slot("live", version)
+            self._store.set_slot("live", version, actor, reason, self._clock.now_us())
             self.live = compiled
         return self.info(version)
 
-    def set_shadow(self, version: str) -> BundleInfo | None:
+    def set_shadow(self, version: str, actor: str = "", reason: str = "") -> BundleInfo | None:
+        """Puts a stored bundle in shadow (empty: clears the slot), recording
+        who approved it and why."""
         if not version:
             with self._slots_lock:
-                self._store.set_slot("shadow", "")
+                self._store.set_slot("shadow", "", actor, reason, self._clock.now_us())
                 self.shadow = None
             return None
         compiled = self.resolve(version)
         with self._slots_lock:
-            self._store.set_slot("shadow", version)
+            self._store.set_slot("shadow", version, actor, reason, self._clock.now_us())
             self.shadow = compiled
         return self.info(version)
 
@@ -201,10 +219,23 @@ class BundleRegistry:
         row = self._store.get_bundle(version)
         if row is None:
             raise NotFound("BUNDLE_VERSION_NOT_FOUND", f"no bundle {version!r}", "version")
-        return _info(row)
+        return self._with_approvals([_info(row)])[0]
 
     def list_bundles(self, offset: int, limit: int) -> list[BundleInfo]:
-        return [_info(r) for r in self._store.list_bundles(limit, offset)]
+        return self._with_approvals([_info(r) for r in self._store.list_bundles(limit, offset)])
+
+    def _with_approvals(self, infos: list[BundleInfo]) -> list[BundleInfo]:
+        history = self._store.slot_history([i.version for i in infos])
+        return [
+            dataclasses.replace(
+                info,
+                approvals=tuple(
+                    SlotApproval(str(slot), bool(is_set), str(actor), str(reason), int(at_us))
+                    for slot, is_set, actor, reason, at_us in history.get(info.version, [])
+                ),
+            )
+            for info in infos
+        ]
 
     def source(self, version: str, field: str = "version") -> BundleSource:
         """A stored bundle's source; NOT_FOUND naming `field` when none."""

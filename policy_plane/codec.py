@@ -185,6 +185,16 @@ def bundle_info_pb(info: BundleInfo) -> pb.BundleInfo:
         rule_count=info.rule_count,
         sanctions_entry_count=info.sanctions_entry_count,
         loaded_at=wire.timestamp(info.loaded_at_us),
+        approvals=[
+            pb.BundleApproval(
+                slot=a.slot,
+                set=a.set,
+                actor=a.actor,
+                reason=a.reason,
+                at=wire.timestamp(a.at_us),
+            )
+            for a in info.approvals
+        ],
     )
 
 

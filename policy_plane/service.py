@@ -16,6 +16,7 @@ from policy_plane.offers import CustomerContext
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc as pb_grpc
 from triplane.runtime import codec as wire
+from triplane.runtime.approvals import check_approval
 from triplane.runtime.authz import peer_identity
 from triplane.runtime.deadline import Deadline
 from triplane.runtime.errors import InvalidArgument
@@ -138,13 +139,19 @@ class BundleServicer(pb_grpc.BundleServiceServicer):
     async def ActivateBundle(
         self, request: pb.ActivateBundleRequest, context: Ctx
     ) -> pb.ActivateBundleResponse:
-        info = await asyncio.to_thread(self._engine.bundles.activate, request.version)
+        check_approval(request.actor, request.reason)
+        info = await asyncio.to_thread(
+            self._engine.bundles.activate, request.version, request.actor, request.reason
+        )
         return pb.ActivateBundleResponse(bundle=codec.bundle_info_pb(info))
 
     async def SetShadowBundle(
         self, request: pb.SetShadowBundleRequest, context: Ctx
     ) -> pb.SetShadowBundleResponse:
-        info = await asyncio.to_thread(self._engine.bundles.set_shadow, request.version)
+        check_approval(request.actor, request.reason)
+        info = await asyncio.to_thread(
+            self._engine.bundles.set_shadow, request.version, request.actor, request.reason
+        )
         return pb.SetShadowBundleResponse(shadow=codec.maybe_bundle_info_pb(info))
 
     async def GetActiveBundle(

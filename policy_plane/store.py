@@ -33,6 +33,17 @@ CREATE TABLE IF NOT EXISTS policy_bundle_state (
   slot TEXT PRIMARY KEY,
   version TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS policy_bundle_slot_history (
+  id {serial_key},
+  slot TEXT NOT NULL,
+  version TEXT NOT NULL,
+  is_set BIGINT NOT NULL,
+  actor TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  at_us BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS policy_bundle_slot_history_version
+  ON policy_bundle_slot_history (version, id);
 CREATE TABLE IF NOT EXISTS decision_log (
   chain_id TEXT NOT NULL,
   seq BIGINT NOT NULL,
@@ -321,7 +332,7 @@ class PolicyStore:
         # SELECT ... FOR UPDATE where rows can be locked (PostgreSQL); a
         # SQLite write transaction already excludes every other writer.
         self._row_locks = db.dialect == "postgres"
-        db.migrate(SCHEMA_DDL)
+        db.migrate(SCHEMA_DDL.replace("{serial_key}", db.serial_key))
 
     # ------------------------------------------------------------ tenants
     def create_tenant(self, tenant_id: str, display_name: str, now_us: int) -> tuple[str, int]:
@@ -388,13 +399,43 @@ class PolicyStore:
                 (limit, offset),
             )
 
-    def set_slot(self, slot: str, version: str) -> None:
+    def set_slot(
+        self, slot: str, version: str, actor: str = "", reason: str = "", at_us: int = 0
+    ) -> None:
+        """Puts `version` in the slot (empty: clears it) and records the move
+        in the slot history (who approved it, why, when) in the same
+        transaction; a clear is recorded against the bundle it took out."""
         with self.db.tx() as tx:
+            previous = tx.one("SELECT version FROM policy_bundle_state WHERE slot = ?", (slot,))
             tx.execute("DELETE FROM policy_bundle_state WHERE slot = ?", (slot,))
             if version:
                 tx.execute(
                     "INSERT INTO policy_bundle_state (slot, version) VALUES (?, ?)", (slot, version)
                 )
+            moved = version or (str(previous[0]) if previous else "")
+            if moved:
+                tx.execute(
+                    "INSERT INTO policy_bundle_slot_history (slot, version, is_set, actor, "
+                    "reason, at_us) VALUES (?, ?, ?, ?, ?, ?)",
+                    (slot, moved, 1 if version else 0, actor, reason, at_us),
+                )
+
+    def slot_history(self, versions: list[str]) -> dict[str, list[Row]]:
+        """Each bundle's slot moves, oldest first: (slot, is_set, actor,
+        reason, at_us) rows per version."""
+        history: dict[str, list[Row]] = {}
+        if not versions:
+            return history
+        marks = ", ".join("?" * len(versions))
+        with self.db.tx() as tx:
+            rows = tx.all(
+                "SELECT version, slot, is_set, actor, reason, at_us FROM "
+                f"policy_bundle_slot_history WHERE version IN ({marks}) ORDER BY id",
+                tuple(versions),
+            )
+        for row in rows:
+            history.setdefault(str(row[0]), []).append(row[1:])
+        return history
 
     def get_slot(self, slot: str) -> str:
         with self.db.tx() as tx:

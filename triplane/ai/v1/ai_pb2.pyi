@@ -781,6 +781,7 @@ class ModelVersion(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ROLLBACK_VERSION_FIELD_NUMBER: _builtins.int
     FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     state: Global___ModelState.ValueType
@@ -796,6 +797,12 @@ class ModelVersion(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelApproval]:
+        """Who approved each move of this version (approved, live, retired, a
+        rollback back to it) and why, oldest first, as recorded by the registry.
+        """
+
     def __init__(
         self,
         *,
@@ -808,14 +815,52 @@ class ModelVersion(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         rollback_version: _builtins.int = ...,
         feature_names: _abc.Iterable[_builtins.str] | None = ...,
+        approvals: _abc.Iterable[Global___ModelApproval] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "lineage", b"lineage", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_sha256", b"artifact_sha256", "created_at", b"created_at", "feature_names", b"feature_names", "lineage", b"lineage", "metrics", b"metrics", "model", b"model", "rollback_version", b"rollback_version", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "artifact_sha256", b"artifact_sha256", "created_at", b"created_at", "feature_names", b"feature_names", "lineage", b"lineage", "metrics", b"metrics", "model", b"model", "rollback_version", b"rollback_version", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class ModelApproval(_message.Message):
+    """One recorded move of a model version: who asked for it and why (empty from
+    a caller that sends neither, e.g. the admin CLI; the console sends both).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    state: Global___ModelState.ValueType
+    """The state the version moved to (a rollback: LIVE, with rollback set)."""
+    rollback: _builtins.bool
+    actor: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        state: Global___ModelState.ValueType = ...,
+        rollback: _builtins.bool = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at", b"at", "reason", b"reason", "rollback", b"rollback", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelApproval: _TypeAlias = ModelApproval  # noqa: Y015
 
 @_typing.final
 class ListModelVersionsRequest(_message.Message):
@@ -976,6 +1021,8 @@ class PromoteModelRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     TARGET_STATE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     target_state: Global___ModelState.ValueType
@@ -983,6 +1030,12 @@ class PromoteModelRequest(_message.Message):
     """Promote to live even when the off-policy gate (ai.ope.gate) would refuse;
     the answer's gate says what it found (outcome FORCED).
     """
+    actor: _builtins.str
+    """Who approves this move and why, recorded with it in the version's
+    approvals (at most 256 and 1024 characters: else INVALID_ARGUMENT
+    FIELD_TOO_LONG naming the field). Optional.
+    """
+    reason: _builtins.str
     def __init__(
         self,
         *,
@@ -990,10 +1043,12 @@ class PromoteModelRequest(_message.Message):
         version: _builtins.int = ...,
         target_state: Global___ModelState.ValueType = ...,
         force: _builtins.bool = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "model", b"model", "target_state", b"target_state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "force", b"force", "model", b"model", "reason", b"reason", "target_state", b"target_state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1208,15 +1263,22 @@ class RollbackModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    actor: _builtins.str
+    """As in PromoteModelRequest: recorded on the version made live again."""
+    reason: _builtins.str
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "model", b"model", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -345,10 +345,12 @@ class ModelRegistryServiceServicer:
         """The drift of a model's live version as this replica sees it: the
         population stability index (PSI) of its scores and key features against
         the training baseline, now and each time it was recomputed (every
-        ai.drift.update_every_scores scores; the last ai.drift.history_points
-        kept, in memory: a restart or a new live version starts afresh, and each
-        replica answers for the scores it served). An unknown model is
-        INVALID_ARGUMENT UNKNOWN_MODEL naming model.
+        ai.drift.update_every_scores scores, the latest per
+        ai.drift.history_slot_s slot; the last ai.drift.history_points slots,
+        kept in the model registry's store, so every replica answers with what
+        all of them recorded and a restart keeps it). The live window "now" is
+        this replica's. An unknown model is INVALID_ARGUMENT UNKNOWN_MODEL
+        naming model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2022,6 +2022,7 @@ class BundleInfo(_message.Message):
     RULE_COUNT_FIELD_NUMBER: _builtins.int
     SANCTIONS_ENTRY_COUNT_FIELD_NUMBER: _builtins.int
     LOADED_AT_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """"<label>@<content hash>" """
     label: _builtins.str
@@ -2030,6 +2031,13 @@ class BundleInfo(_message.Message):
     sanctions_entry_count: _builtins.int
     @_builtins.property
     def loaded_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundleApproval]:
+        """Each time this bundle was put in a slot by ActivateBundle or
+        SetShadowBundle (or taken out of the shadow slot): who approved it and
+        why, oldest first, as the plane recorded it.
+        """
+
     def __init__(
         self,
         *,
@@ -2039,14 +2047,50 @@ class BundleInfo(_message.Message):
         rule_count: _builtins.int = ...,
         sanctions_entry_count: _builtins.int = ...,
         loaded_at: _timestamp_pb2.Timestamp | None = ...,
+        approvals: _abc.Iterable[Global___BundleApproval] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["loaded_at", b"loaded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "label", b"label", "loaded_at", b"loaded_at", "rule_count", b"rule_count", "sanctions_entry_count", b"sanctions_entry_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "content_hash", b"content_hash", "label", b"label", "loaded_at", b"loaded_at", "rule_count", b"rule_count", "sanctions_entry_count", b"sanctions_entry_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BundleInfo: _TypeAlias = BundleInfo  # noqa: Y015
+
+@_typing.final
+class BundleApproval(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    SET_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    slot: _builtins.str
+    """"live" or "shadow"."""
+    set: _builtins.bool
+    """False: the bundle was taken out of the slot (SetShadowBundle with no version)."""
+    actor: _builtins.str
+    """Empty from a caller that sends none (the admin CLI); the console sends both."""
+    reason: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        slot: _builtins.str = ...,
+        set: _builtins.bool = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at", b"at", "reason", b"reason", "set", b"set", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BundleApproval: _TypeAlias = BundleApproval  # noqa: Y015
 
 @_typing.final
 class LoadBundleRequest(_message.Message):
@@ -2112,15 +2156,25 @@ class ActivateBundleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     version: _builtins.str
+    actor: _builtins.str
+    """Who approves the activation and why, recorded in the bundle's approvals
+    (at most 256 and 1024 characters: else INVALID_ARGUMENT FIELD_TOO_LONG
+    naming the field). Optional.
+    """
+    reason: _builtins.str
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2151,15 +2205,22 @@ class SetShadowBundleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     version: _builtins.str
+    actor: _builtins.str
+    """As in ActivateBundleRequest."""
+    reason: _builtins.str
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
