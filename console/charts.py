@@ -206,3 +206,72 @@ def interval_chart(title: str, rows: Sequence[Interval], *, unit: str = "") -> M
         parts.append("</g>")
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+@dataclass(frozen=True)
+class Share:
+    """One bar of a share chart: `part` of `whole` in a bucket named `label`;
+    a bucket with a whole of 0 has no share (no bar, not a zero)."""
+
+    label: str
+    part: int
+    whole: int
+
+
+def share_chart(title: str, bars: Sequence[Share], *, y_label: str = "") -> Markup:
+    """One vertical bar a bucket, its height part / whole on a fixed 0-100 %
+    axis, "part/whole" above it; buckets without a whole are left empty. At
+    most about a dozen x labels are written (evenly spaced)."""
+    height = MARGIN_TOP + PLOT_HEIGHT + MARGIN_BOTTOM
+    desc = "; ".join(
+        f"{b.label}: {b.part}/{b.whole} ({b.part / b.whole:.1%})" for b in bars if b.whole
+    )
+    parts = _frame(title, desc or "no data", height)
+    bottom = MARGIN_TOP + PLOT_HEIGHT
+    plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
+    slot = plot_w / max(1, len(bars))
+    parts.append(
+        f'<line x1="{MARGIN_LEFT}" y1="{bottom}" x2="{WIDTH - MARGIN_RIGHT}" y2="{bottom}" '
+        'stroke="#57606a"/>'
+        f'<line x1="{MARGIN_LEFT}" y1="{MARGIN_TOP}" x2="{MARGIN_LEFT}" y2="{bottom}" '
+        'stroke="#57606a"/>'
+    )
+    for i in range(TICKS + 1):
+        y = bottom - PLOT_HEIGHT * i / TICKS
+        parts.append(
+            f'<line x1="{MARGIN_LEFT - 4}" y1="{y:.1f}" x2="{WIDTH - MARGIN_RIGHT}" '
+            f'y2="{y:.1f}" stroke="#d0d7de"/><text x="{MARGIN_LEFT - 6}" y="{y + 4:.1f}" '
+            f'text-anchor="end" font-size="11">{100 * i // TICKS}%</text>'
+        )
+    if y_label:
+        parts.append(
+            f'<text x="12" y="{MARGIN_TOP + PLOT_HEIGHT / 2}" font-size="11" '
+            f'transform="rotate(-90 12 {MARGIN_TOP + PLOT_HEIGHT / 2})" '
+            f'text-anchor="middle">{escape(y_label)}</text>'
+        )
+    label_every = max(1, math.ceil(len(bars) / 12))
+    for index, bar in enumerate(bars):
+        x = MARGIN_LEFT + index * slot
+        centre = x + slot / 2
+        if index % label_every == 0:
+            parts.append(
+                f'<text x="{centre:.1f}" y="{bottom + 16}" text-anchor="middle" '
+                f'font-size="11">{escape(bar.label)}</text>'
+            )
+        if not bar.whole:
+            continue
+        top = bottom - PLOT_HEIGHT * bar.part / bar.whole
+        parts.append(
+            f'<g class="share" data-label="{escape(bar.label)}">'
+            f"<title>{escape(bar.label)}: {bar.part}/{bar.whole}</title>"
+            f'<rect x="{x + slot * 0.15:.1f}" y="{top:.1f}" width="{slot * 0.7:.1f}" '
+            f'height="{bottom - top:.1f}" fill="{COLOURS[0]}"/>'
+        )
+        if slot >= 24:
+            parts.append(
+                f'<text x="{centre:.1f}" y="{top - 4:.1f}" text-anchor="middle" '
+                f'font-size="10">{bar.part}/{bar.whole}</text>'
+            )
+        parts.append("</g>")
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -2,10 +2,17 @@
 by status, outcome, age and amount; a case with the decision behind it (its
 fired rules and logged input: names in clear only for `pii:read`); claim and
 resolve with a note (reviewers only: `cases:resolve`). Every claim and
-resolution is audited with the case before and after."""
+resolution is audited with the case before and after.
+
+Beside the queue, the human-overrule rate over time (GetOverruleSeries): per
+UTC day of the chosen window, of the tenant's cases resolved that day whose
+model suggested a resolution (decline at or above the bundle's
+decline_suggestion_score, approve below it), the share the reviewer resolved
+otherwise; charted as SVG with the counts in a table beside it."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -20,8 +27,10 @@ from starlette.routing import Route
 from console import audit
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
+from console.charts import Share, share_chart
 from console.pages import Page
 from triplane.policy.v1 import policy_pb2 as pb
+from triplane.runtime import codec as wire
 from triplane.runtime.currencies import EXPONENTS
 
 STATUSES = {
@@ -33,6 +42,10 @@ STATUSES = {
 OUTCOMES = {"review": pb.OUTCOME_REVIEW, "hold": pb.OUTCOME_HOLD, "deny": pb.OUTCOME_DENY}
 RESOLUTIONS = {"approve": pb.RESOLUTION_APPROVE, "decline": pb.RESOLUTION_DECLINE}
 MAX_TENANT_LENGTH = 128
+# The overrule chart's windows, in days (one bucket a UTC day).
+OVERRULE_WINDOWS = (7, 30, 90)
+DEFAULT_OVERRULE_WINDOW = 30
+DAY_US = 86_400_000_000
 
 
 class BadFilter(ValueError):
@@ -64,8 +77,15 @@ def _filters(params: dict[str, str]) -> dict[str, Any]:
     outcome = params.get("outcome", "")
     if outcome and outcome not in OUTCOMES:
         raise BadFilter("outcome", f"outcome must be one of {', '.join(OUTCOMES)}")
+    window = params.get("window_days", "") or str(DEFAULT_OVERRULE_WINDOW)
+    if window not in {str(days) for days in OVERRULE_WINDOWS}:
+        raise BadFilter(
+            "window_days",
+            f"window_days must be one of {', '.join(map(str, OVERRULE_WINDOWS))}",
+        )
     return {
         "tenant": tenant,
+        "window_days": int(window),
         "status": status,
         "outcome": outcome,
         "min_age_h": _decimal(params, "min_age_h"),
@@ -97,6 +117,47 @@ def _keep(case: pb.Case, filters: dict[str, Any], now_us: int) -> bool:
     )
 
 
+def _day_label(us: int) -> str:
+    return datetime.datetime.fromtimestamp(us / 1e6, datetime.UTC).strftime("%Y-%m-%d")
+
+
+async def _overrule(console: Any, tenant: str, days: int) -> dict[str, Any]:
+    """The last `days` UTC days (today included) of the tenant's
+    human-overrule rate: the chart, a row a day with its counts, the total;
+    or why there is none (the queue is still shown)."""
+    today = console.clock.now_us() // DAY_US
+    start_us, end_us = (today - (days - 1)) * DAY_US, (today + 1) * DAY_US
+    try:
+        answer = await console.planes.cases().GetOverruleSeries(
+            pb.GetOverruleSeriesRequest(
+                tenant_id=tenant,
+                start_time=wire.timestamp(start_us),
+                end_time=wire.timestamp(end_us),
+                bucket_seconds=DAY_US // 1_000_000,
+            ),
+            timeout=console.planes.timeout_s,
+        )
+    except grpc.aio.AioRpcError as error:
+        return {"error": f"{error.code().name}: {error.details() or ''}"}
+    rows = [
+        {
+            "day": _day_label(wire.micros(b.start, "start")),
+            "resolved": b.resolved,
+            "with_suggestion": b.with_suggestion,
+            "overruled": b.overruled,
+            "rate": b.overrule_rate if b.with_suggestion else None,
+        }
+        for b in answer.buckets
+    ]
+    # A day without a suggested resolution has no rate: no bar, not 0 %.
+    chart = share_chart(
+        f"Human-overrule rate per day, last {days} days ({tenant})",
+        [Share(row["day"][5:], row["overruled"], row["with_suggestion"]) for row in rows],
+        y_label="overruled / with a suggestion",
+    )
+    return {"chart": chart, "rows": rows, "total": answer.total, "error": ""}
+
+
 def case_path(tenant: str, case_id: str) -> str:
     return f"/cases/{quote(tenant, safe='')}/{quote(case_id, safe='')}"
 
@@ -111,6 +172,7 @@ async def queue(request: Request, session: Session) -> Response:
         return error_page(request, session, 400, "FILTER_INVALID", str(bad), bad.field)
     cases: list[pb.Case] = []
     next_token = ""
+    overrule: dict[str, Any] = {}
     if filters["tenant"]:
         try:
             answer = await console.planes.cases().ListCases(
@@ -127,6 +189,7 @@ async def queue(request: Request, session: Session) -> Response:
         now = console.clock.now_us()
         cases = [case for case in answer.cases if _keep(case, filters, now)]
         next_token = answer.next_page_token
+        overrule = await _overrule(console, filters["tenant"], filters["window_days"])
     next_link = ""
     if next_token:
         kept = {k: v for k, v in params.items() if k != "page_token" and v}
@@ -143,6 +206,8 @@ async def queue(request: Request, session: Session) -> Response:
             "next_link": next_link,
             "statuses": list(STATUSES),
             "outcomes": list(OUTCOMES),
+            "windows": OVERRULE_WINDOWS,
+            "overrule": overrule,
             "case_path": case_path,
             "pb": pb,
         },
