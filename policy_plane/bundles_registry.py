@@ -136,10 +136,10 @@ class BundleRegistry:
         self._remember(compiled)
         with self._slots_lock:
             if target == "live":
-                self._store.set_slot("live", compiled.version)
+                self._store.set_slot("live", compiled.version, at_us=self._clock.now_us())
                 self.live = compiled
             elif target == "shadow":
-                self._store.set_slot("shadow", compiled.version)
+                self._store.set_slot("shadow", compiled.version, at_us=self._clock.now_us())
                 self.shadow = compiled
         return self.info(compiled.version)
 

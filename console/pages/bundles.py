@@ -2,8 +2,11 @@
 stored version, a unified diff of two versions' sources (computed by the plane,
 DiffBundles), a tenant's shadow agreement (GetPolicyMetrics), and, for a
 risk_admin (`bundles:activate`), activating a version or setting the shadow.
-Each switch needs a reason: the approval (who, why) is kept in the audit log
-with the live and shadow versions before and after."""
+Each switch needs a reason: the console sends the signed-in operator and the
+reason with the RPC (actor, reason), the policy plane records them in the
+bundle's slot history (its approvals, shown beside each stored version), and
+the audit log keeps them too with the live and shadow versions before and
+after."""
 
 from __future__ import annotations
 
@@ -171,11 +174,13 @@ async def _switch(request: Request, session: Session, slot: str) -> Response:
         )
         if slot == "live":
             await stub.ActivateBundle(
-                pb.ActivateBundleRequest(version=version), timeout=console.planes.timeout_s
+                pb.ActivateBundleRequest(version=version, actor=session.username, reason=reason),
+                timeout=console.planes.timeout_s,
             )
         else:
             await stub.SetShadowBundle(
-                pb.SetShadowBundleRequest(version=version), timeout=console.planes.timeout_s
+                pb.SetShadowBundleRequest(version=version, actor=session.username, reason=reason),
+                timeout=console.planes.timeout_s,
             )
         after = _slots(
             await stub.GetActiveBundle(

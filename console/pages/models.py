@@ -2,14 +2,16 @@
 metrics, a chart of each model's held-out ROC AUC by version, and, for an
 sre (`models:promote`), promotion along draft -> approved -> live -> retired
 and rollback to the previous live version. Each promotion or rollback needs a
-reason: the approval (who, why) is kept in the audit log with the version
-before and after (the plane's RPCs take no approval field).
+reason: the console sends the signed-in operator and the reason with the
+RPC (actor, reason), the registry records them on the version (its
+approvals, shown in the versions table and on the version's page), and the
+audit log keeps them too with the version before and after.
 
 Drift: the PSI of each model's live scores and key features against the
-training baseline over time (GetModelDrift: each recomputation with its
-time, as the AI plane replica the console reaches saw its own scores; kept
-in that replica's memory, so a restart or a new live version starts it
-afresh), one SVG line chart per model."""
+training baseline over time (GetModelDrift: the latest recomputation of each
+time slot, kept by the AI plane in its model registry's store, so every
+replica answers with what all of them recorded and a restart keeps it), one
+SVG line chart per model."""
 
 from __future__ import annotations
 
@@ -259,7 +261,13 @@ async def promote(request: Request, session: Session) -> Response:
         )
         before = version_state(current.version)
         answer = await stub.PromoteModel(
-            pb.PromoteModelRequest(model=model, version=number, target_state=TARGETS[target]),
+            pb.PromoteModelRequest(
+                model=model,
+                version=number,
+                target_state=TARGETS[target],
+                actor=session.username,
+                reason=reason,
+            ),
             timeout=switch_timeout_s(console),
         )
     except grpc.aio.AioRpcError as error:
@@ -305,7 +313,8 @@ async def rollback(request: Request, session: Session) -> Response:
         )
         before = version_state(current.version)
         answer = await stub.RollbackModel(
-            pb.RollbackModelRequest(model=model), timeout=switch_timeout_s(console)
+            pb.RollbackModelRequest(model=model, actor=session.username, reason=reason),
+            timeout=switch_timeout_s(console),
         )
     except grpc.aio.AioRpcError as error:
         await audit.record(

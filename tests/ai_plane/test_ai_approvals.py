@@ -93,7 +93,7 @@ async def test_an_overlong_approval_is_refused_naming_the_field(
                 model="payment_risk",
                 version=live.version.version,
                 target_state=pb.MODEL_STATE_RETIRED,
-                reason="x" * 1025,
+                reason="x" * 2049,
             ),
             "reason",
         ),
@@ -104,7 +104,7 @@ async def test_an_overlong_approval_is_refused_naming_the_field(
         assert parse_rpc_error(caught.value) == ("FIELD_TOO_LONG", field)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await registry_stub.RollbackModel(
-            pb.RollbackModelRequest(model="payment_risk", reason="x" * 1025)
+            pb.RollbackModelRequest(model="payment_risk", reason="x" * 2049)
         )
     assert parse_rpc_error(caught.value) == ("FIELD_TOO_LONG", "reason")
     after = await registry_stub.GetModelVersion(pb.GetModelVersionRequest(model="payment_risk"))

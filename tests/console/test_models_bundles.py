@@ -129,6 +129,13 @@ async def test_an_sre_promotes_and_rolls_back_a_model(
     await shot(page, "model-promote")
     await page.get_by_role("button", name="Promote").click()
     await expect(page.get_by_test_id("model-state")).to_have_text("live")
+    # The registry recorded the approval: the operator signed in, and the reason.
+    approvals = page.get_by_test_id("approvals").locator("tbody tr")
+    await expect(approvals).to_have_count(2)  # approved (by the admin API), then live
+    await expect(approvals.nth(0)).to_contain_text("(not named)")
+    await expect(approvals.nth(1)).to_contain_text("live")
+    await expect(approvals.nth(1)).to_contain_text("sam")
+    await expect(approvals.nth(1)).to_contain_text("Better PR AUC on seed 8")
 
     async with console.stack.channel("ai") as channel:
         scoring = ai_pb2_grpc.ScoringServiceStub(channel)
@@ -155,12 +162,17 @@ async def test_an_sre_promotes_and_rolls_back_a_model(
     await expect(page.get_by_test_id(f"live-{MODEL}")).to_have_text("v1")
     await expect(page.get_by_test_id(f"state-{MODEL}-{new}")).not_to_have_text("live")
     await shot(page, "models-rolled-back")
+    await expect(page.get_by_test_id(f"approval-{MODEL}-1")).to_have_text(
+        "rollback by sam: Alert rate doubled"
+    )
 
     async with console.stack.channel("ai") as channel:
         live = await ai_pb2_grpc.ModelRegistryServiceStub(channel).GetModelVersion(
             ai_pb2.GetModelVersionRequest(model=MODEL), timeout=10
         )
         assert live.version.version == 1
+        last = live.version.approvals[-1]
+        assert (last.rollback, last.actor, last.reason) == (True, "sam", "Alert rate doubled")
         scored = await ai_pb2_grpc.ScoringServiceStub(channel).Score(
             ai_pb2.ScoreRequest(payment=payment()), timeout=10
         )
@@ -226,8 +238,19 @@ async def test_a_risk_admin_reads_the_diff_and_activates_a_bundle(
     await row.get_by_label("Reason").fill("Possible matches wait for a human before paying")
     await row.get_by_role("button", name="Activate").click()
     await expect(page.get_by_test_id("live-bundle")).to_have_text(changed)
+    await expect(page.get_by_test_id(f"approvals-{changed}")).to_contain_text(
+        "live set by rosa: Possible matches wait for a human before paying"
+    )
     await shot(page, "bundle-activated")
     assert await _live_bundle(console) == changed
+    async with console.stack.channel("policy") as channel:
+        listed = await policy_pb2_grpc.BundleServiceStub(channel).ListBundles(
+            pb.ListBundlesRequest(), timeout=10
+        )
+    [stored] = [b for b in listed.bundles if b.version == changed]
+    assert [(a.slot, a.set, a.actor, a.reason) for a in stored.approvals] == [
+        ("live", True, "rosa", "Possible matches wait for a human before paying")
+    ]
 
     entries = console.store.audit_entries(50, actor="rosa", action="bundle.activate")
     assert len(entries) == 1 and entries[0].outcome == "ok"

@@ -64,7 +64,7 @@ async def test_slot_moves_carry_the_approver_and_reason(
     before = await stubs.bundles.GetActiveBundle(pb.GetActiveBundleRequest())
     for call, field in (
         (pb.ActivateBundleRequest(version=strict.version, actor="x" * 257), "actor"),
-        (pb.ActivateBundleRequest(version=strict.version, reason="x" * 1025), "reason"),
+        (pb.ActivateBundleRequest(version=strict.version, reason="x" * 2049), "reason"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stubs.bundles.ActivateBundle(call)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from triplane.runtime.errors import InvalidArgument
 
 MAX_ACTOR_CHARS = 256
-MAX_REASON_CHARS = 1024
+MAX_REASON_CHARS = 2048
 
 
 def check_approval(actor: str, reason: str) -> None:

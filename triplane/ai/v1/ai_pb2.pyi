@@ -1032,7 +1032,7 @@ class PromoteModelRequest(_message.Message):
     """
     actor: _builtins.str
     """Who approves this move and why, recorded with it in the version's
-    approvals (at most 256 and 1024 characters: else INVALID_ARGUMENT
+    approvals (at most 256 and 2048 characters: else INVALID_ARGUMENT
     FIELD_TOO_LONG naming the field). Optional.
     """
     reason: _builtins.str

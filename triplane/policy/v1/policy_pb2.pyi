@@ -2161,7 +2161,7 @@ class ActivateBundleRequest(_message.Message):
     version: _builtins.str
     actor: _builtins.str
     """Who approves the activation and why, recorded in the bundle's approvals
-    (at most 256 and 1024 characters: else INVALID_ARGUMENT FIELD_TOO_LONG
+    (at most 256 and 2048 characters: else INVALID_ARGUMENT FIELD_TOO_LONG
     naming the field). Optional.
     """
     reason: _builtins.str
