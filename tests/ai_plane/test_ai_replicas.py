@@ -166,3 +166,34 @@ def test_in_process_features_with_replicas_refuse_to_start(tmp_path: Path) -> No
     )
     assert finished.returncode != 0
     assert "ai.features.backend 'in_process' with ai.replicas 3" in finished.stderr
+
+
+async def test_a_drift_point_recorded_by_one_replica_is_served_by_the_other(
+    replicas: tuple[AiPlane, AiPlane],
+) -> None:
+    """The drift history is shared: A's recomputations, written to the
+    registry's PostgreSQL, are in B's GetModelDrift (B scored none of them)."""
+    a, b = replicas
+    assert a.manager is not None and b.manager is not None
+    await _switched(b, a.manager.serving_version(MODEL))
+    channel, scoring, registry = await _stubs(a)
+    async with channel:
+        for index in range(a.config.ai.drift.update_every_scores):
+            await scoring.Score(
+                pb.ScoreRequest(payment=payment(account_id=f"acct_{index % 20:06d}")), timeout=10
+            )
+        seen_by_a = await registry.GetModelDrift(pb.GetModelDriftRequest(model=MODEL))
+    newest = {s.series: s.history[-1] for s in seen_by_a.series}
+    assert "score" in newest
+    assert await a.manager.flush_drift() >= 1
+    assert not b.manager.engine.pending_drift(MODEL, seen_by_a.version)
+    channel, _, registry = await _stubs(b)
+    async with channel:
+        seen_by_b = await registry.GetModelDrift(pb.GetModelDriftRequest(model=MODEL))
+    assert seen_by_b.version == seen_by_a.version
+    by_b = {s.series: s for s in seen_by_b.series}
+    for series, point in newest.items():
+        assert point in by_b[series].history, series
+    # The window "now" is each replica's own: B served few scores, A these.
+    observed_by_a = {s.series: s.observed for s in seen_by_a.series}
+    assert by_b["score"].observed < observed_by_a["score"]
