@@ -8,7 +8,10 @@ propensity of the synthetic world), simulate loans and abandon flows (the
 behavioural events that trigger follow-ups). The summary: authorizations and
 decisions per second, p50/p99 per flow, the outcome mix, cases opened,
 follow-ups scheduled and webhooks delivered, the ledger's balanced check and
-the lift table. Exit 0 only when the ledger balances and every flow answered.
+the lift table. The operator console gets one account per role (passwords in a
+0600 file under the state dir) and each role's pages are fetched over HTTP
+(demo_console). Exit 0 only when the ledger balances, every flow answered and
+every page a role may read answered 200.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from console.store import ConsoleStore
 from gateway import measure, storage
 from gateway.delivery.store import DeliveryStore
 from triplane.common.v1 import types_pb2
@@ -36,6 +40,7 @@ from triplane.runtime.config import Config, with_overrides
 from triplane_client import GatewayClient, LedgerAdminClient, TriplaneApiError
 from triplane_sim import synth
 from triplane_sim.demo_world import World, seed
+from triplane_tools import demo_console
 from triplane_tools.demo_payouts import print_report, run_payouts
 from triplane_tools.partner_keys import create_partner_key
 from triplane_tools.stack import Stack, describe
@@ -301,6 +306,41 @@ def _with_delivery(config: Config, receiver: Receiver) -> Config:
     )
 
 
+async def _console_accounts(stack: Stack) -> list[demo_console.Account]:
+    """One console account per role, their passwords in a 0600 file under
+    the state dir (its path is printed, never the passwords)."""
+    if "console" not in stack.addresses:
+        return []
+    path = stack.state_dir / demo_console.ACCOUNTS_FILE
+    store = ConsoleStore.from_config(stack.config)
+    try:
+        accounts = await demo_console.create_accounts(store, path, SystemClock().now_us())
+    finally:
+        store.close()
+    print(
+        f"console           http://{stack.addresses['console']}/  one account per role "
+        f"({', '.join(a.username for a in accounts)}); passwords in {path}"
+    )
+    return accounts
+
+
+async def _check_console(
+    stack: Stack, accounts: list[demo_console.Account]
+) -> demo_console.ConsoleReport:
+    """Signs in as each role and fetches every page it may read."""
+    if "console" not in stack.addresses:
+        return demo_console.ConsoleReport(
+            [demo_console.PageCheck("-", "/", 0, "the console did not start")]
+        )
+    report = await demo_console.check_pages(
+        f"http://{stack.addresses['console']}", accounts, TENANT
+    )
+    print(report.summary())
+    for failure in report.failures():
+        print(f"  {failure}")
+    return report
+
+
 async def run_product_demo(config: Config, environ: dict[str, str], options: Any) -> int:
     receiver = Receiver()
     await receiver.start()
@@ -321,6 +361,7 @@ async def _run_product_demo(
         if "gateway" not in addresses:
             print("the gateway is not available; nothing to drive")
             return 1
+        console_accounts = await _console_accounts(stack)
         world = await seed(
             addresses["money"],
             addresses["policy"],
@@ -373,11 +414,12 @@ async def _run_product_demo(
         if receiver.messages:
             print(f"  e.g. {receiver.messages[0]}")
         print_report(payouts)
+        console = await _check_console(stack, console_accounts)
         print("\nstopping the stack ...", flush=True)
     await asyncio.to_thread(_engagement_report, config)
     print(f"stopped; state and logs kept in {stack.state_dir}")
     answered = all(len(f.latencies_ms) > sum(f.errors.values()) for f in tally.flows.values())
-    failures = payouts.failures()
+    failures = payouts.failures() + console.failures()
     if failures:
         print("\nDEMO FAILED:\n  " + "\n  ".join(failures))
     return 0 if balanced.balanced and answered and not failures else 1
