@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +110,8 @@ class _FileStore:
         self.root = root
         self.path = root / "registry.json"
         root.mkdir(parents=True, exist_ok=True)
+        # drift.json is read, merged and replaced: one writer at a time.
+        self._drift_lock = threading.Lock()
 
     def load(self) -> _Document:
         if not self.path.exists():
@@ -146,15 +149,16 @@ class _FileStore:
         return [DriftPoint(*row) for row in msgspec.json.decode(path.read_bytes(), type=list[_Row])]
 
     def record_drift(self, points: list[DriftPoint], keep: int) -> None:
-        merged = {(p.model, p.version, p.series, p.slot): p for p in self._drift_points()}
-        merged.update({(p.model, p.version, p.series, p.slot): p for p in points})
-        newest: dict[str, int] = {}
-        for point in merged.values():
-            newest[point.model] = max(newest.get(point.model, point.slot), point.slot)
-        kept = [p for p in merged.values() if p.slot > newest[p.model] - keep]
-        tmp = self.root / "drift.tmp"
-        tmp.write_bytes(msgspec.json.encode([tuple(p) for p in kept]))
-        os.replace(tmp, self.root / "drift.json")
+        with self._drift_lock:
+            merged = {(p.model, p.version, p.series, p.slot): p for p in self._drift_points()}
+            merged.update({(p.model, p.version, p.series, p.slot): p for p in points})
+            newest: dict[str, int] = {}
+            for point in merged.values():
+                newest[point.model] = max(newest.get(point.model, point.slot), point.slot)
+            kept = [p for p in merged.values() if p.slot > newest[p.model] - keep]
+            tmp = self.root / "drift.tmp"
+            tmp.write_bytes(msgspec.json.encode([tuple(p) for p in kept]))
+            os.replace(tmp, self.root / "drift.json")
 
     def drift_history(self, model: str, version: int) -> list[DriftPoint]:
         return sorted(
