@@ -61,5 +61,8 @@ PERMISSIONS: Permissions = permissions(
         "ListBreaks": ADMIN_AND_CONSOLE,
         "GetBreak": ADMIN_AND_CONSOLE,
         "ResolveBreak": ADMIN_AND_CONSOLE,
+        # The transfer a write-off or reversal would post, for the console to
+        # ask the policy plane about exactly it; reads only.
+        "DescribeResolution": ADMIN_AND_CONSOLE,
     },
 )

@@ -10,13 +10,12 @@ import is audited with the break or import before and after.
 A write-off or a reversal posts a ledger transfer, and the money plane posts
 it only under a decision token the policy plane signed for exactly that
 transfer (architecture rule 1). The page asks the policy plane for it
-(PolicyService.DecideAdjustment, with the transfer ResolveBreak will post:
-the break's bank account and money.recon.write_off_account_id, or the
-reversed entry's accounts the other way round): an allow's token resolves the
-break at once; a review shows "waiting for a second approver" with the case,
-which another operator approves on the Cases page (the requester cannot);
-then this page applies the resolution with the approval's token. A denial
-is shown with its reason. Every step is audited.
+(PolicyService.DecideAdjustment, with the transfer ResolveBreak will post,
+as the money plane describes it: ReconciliationService.DescribeResolution):
+an allow's token resolves the break at once; a review shows "waiting for a
+second approver" with the case, which another operator approves on the Cases
+page (the requester cannot); then this page applies the resolution with the
+approval's token. A denial is shown with its reason. Every step is audited.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from console import audit
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
-from triplane.money.v1 import money_pb2
 from triplane.money.v1 import recon_pb2 as pb
 from triplane.policy.v1 import policy_pb2
 
@@ -55,7 +53,6 @@ STATES = {"open": "open", "resolved": "resolved", "all": ""}
 RESOLUTIONS = ("manual_match", "write_off", "reversal", "accepted")
 # Those that post a ledger transfer: decided by the policy plane first.
 ADJUSTMENTS = frozenset({"write_off", "reversal"})
-LEDGER_KEY_PREFIX = {"write_off": "recon-writeoff-", "reversal": "recon-reversal-"}
 MAX_CASE_ID_LENGTH = 128
 MAX_TENANT_LENGTH = 128
 MAX_FIELD_LENGTH = 256
@@ -284,25 +281,19 @@ def _resolution(form: Any) -> pb.ResolveBreakRequest:
 async def _adjustment_request(
     console: Any, tenant: str, b: pb.ReconBreak, wanted: pb.ResolveBreakRequest, actor: str
 ) -> policy_pb2.DecideAdjustmentRequest:
-    """The decision request for the transfer ResolveBreak will post
-    (money_plane/recon/reconciler.py `_command`): a write-off between the
-    break's bank account and the write-off account, in the direction that
-    clears it; a reversal of an entry, its accounts the other way round."""
-    if wanted.resolution == "write_off":
-        bank, other = b.ledger_account_id, console.config.money.recon.write_off_account_id
-        debit, credit = (bank, other) if b.direction == "credit" else (other, bank)
-        amount = b.amount
-    else:
-        entry = (
-            await console.planes.ledger().GetEntry(
-                money_pb2.GetEntryRequest(tenant_id=tenant, entry_id=wanted.entry_id),
-                timeout=console.planes.timeout_s,
-            )
-        ).entry
-        sides = {p.side: p.account_id for p in reversed(entry.postings)}
-        debit = sides.get(money_pb2.POSTING_SIDE_CREDIT, "")
-        credit = sides.get(money_pb2.POSTING_SIDE_DEBIT, "")
-        amount = entry.amount
+    """The decision request for the transfer ResolveBreak will post, as the
+    money plane computes it (ReconciliationService.DescribeResolution): the
+    page holds no copy of the plane's accounts or keys, so the policy plane
+    decides exactly the transfer the ledger is later asked to post."""
+    transfer = await console.planes.recon().DescribeResolution(
+        pb.DescribeResolutionRequest(
+            tenant_id=tenant,
+            break_id=b.break_id,
+            resolution=wanted.resolution,
+            entry_id=wanted.entry_id,
+        ),
+        timeout=console.planes.timeout_s,
+    )
     # The same request (operator, break, resolution, reason) is the same
     # decision on a retry; another reason is another request.
     digest = hashlib.sha256(
@@ -315,11 +306,11 @@ async def _adjustment_request(
         break_id=b.break_id,
         requested_by=actor,
         reason=wanted.note,
-        debit_account_id=debit,
-        credit_account_id=credit,
-        amount=amount,
-        ledger_idempotency_key=f"{LEDGER_KEY_PREFIX[wanted.resolution]}{b.break_id}",
-        reverses_entry_id=wanted.entry_id if wanted.resolution == "reversal" else "",
+        debit_account_id=transfer.debit_account_id,
+        credit_account_id=transfer.credit_account_id,
+        amount=transfer.amount,
+        ledger_idempotency_key=transfer.idempotency_key,
+        reverses_entry_id=transfer.reverses_entry_id,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from money_plane.domain import Command
 from money_plane.recon.model import (
     Break,
     BreakState,
@@ -179,4 +180,16 @@ def encode_break_event(b: Break, arrived_at_us: int) -> OutgoingEvent:
         event_id=envelope.event_id,
         subject=subject_for(BREAK_EVENT, b.tenant_id),
         data=envelope.SerializeToString(),
+    )
+
+
+def resolution_transfer(command: Command) -> pb.DescribeResolutionResponse:
+    """The transfer a write-off or reversal posts (Reconciler.resolution_command)."""
+    return pb.DescribeResolutionResponse(
+        debit_account_id=command.debit_account_id,
+        credit_account_id=command.credit_account_id,
+        amount=wire.money(command.amount_minor, command.currency),
+        idempotency_key=command.idempotency_key,
+        description=command.description,
+        reverses_entry_id=command.metadata.get("reverses", ""),
     )

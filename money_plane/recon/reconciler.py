@@ -1271,7 +1271,16 @@ class Reconciler:
         self, tenant_id: str, break_id: str, resolution: str, entry_id: str = ""
     ) -> Command:
         """The ledger transfer a write-off or a reversal of the break posts
-        (without its decision token: the caller gets one for exactly this)."""
+        (without its decision token: the caller gets one for exactly this);
+        DescribeResolution answers it, so the console asks the policy plane
+        about the very transfer `resolve_break` posts."""
+        check_tenant_id(tenant_id)
+        if resolution not in (Resolution.WRITE_OFF.value, Resolution.REVERSAL.value):
+            raise InvalidArgument(
+                "RESOLUTION_INVALID",
+                "only a write_off or a reversal posts a ledger transfer",
+                "resolution",
+            )
         b = await self.get_break(tenant_id, break_id)
         return await self._command(b, Resolution(resolution), entry_id)
 

@@ -131,6 +131,15 @@ class ReconciliationServicer(recon_pb2_grpc.ReconciliationServiceServicer):
             statements=[codec.statement(s) for s in found], next_page_token=next_token
         )
 
+    async def DescribeResolution(
+        self, request: pb.DescribeResolutionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeResolutionResponse:
+        recon = await self._recon_for(request.tenant_id)
+        command = await recon.resolution_command(
+            request.tenant_id, request.break_id, request.resolution, request.entry_id
+        )
+        return codec.resolution_transfer(command)
+
 
 def reconciliation_service(recon_for: ReconFor) -> Service:
     servicer = ReconciliationServicer(recon_for)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -22,11 +23,14 @@ from playwright.async_api import Browser, Page, expect
 
 from console.app import create_app
 from console.auth import hash_password
+from console.pages.recon import _adjustment_request
+from console.planes import Planes as ConsolePlanes
 from console.store import ConsoleStore
 from money_plane.app import MoneyPlane
 from policy_plane.app import PolicyPlane, build_plane
 from tests.tls_helpers import channel_as, dev_certificates
 from triplane.money.v1 import money_pb2, money_pb2_grpc, recon_pb2, recon_pb2_grpc
+from triplane.policy.v1 import policy_pb2
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
@@ -269,3 +273,89 @@ async def test_a_large_write_off_waits_for_a_second_approver(
         ("break.resolve", "ok"),
         ("break.resolve", "ok"),
     ]
+
+
+async def test_the_console_asks_about_the_transfer_the_money_plane_posts(planes: Planes) -> None:
+    """The console holds no copy of the plane's write-off account: configured
+    with another one than the money plane's, it still asks the policy plane
+    about the transfer ResolveBreak posts (DescribeResolution), so the token
+    it gets is accepted; a token for the console's own idea is refused."""
+    raised = await planes.stray(300, "ADJ-ELSEWHERE")
+    console_config = load_config(
+        environ={},
+        overrides={
+            "runtime": {"state_dir": str(planes.config.runtime.state_dir), "log_format": "text"},
+            "money": {"recon": {"write_off_account_id": "console-stale-write-off"}},
+            "console": {
+                "plane_addresses": {
+                    "money": planes.money_address,
+                    "policy": planes.config.console.plane_addresses.policy,
+                }
+            },
+        },
+    )
+    assert console_config.money.recon.write_off_account_id != (
+        planes.config.money.recon.write_off_account_id
+    )
+    console_planes = ConsolePlanes(console_config)
+    console = SimpleNamespace(config=console_config, planes=console_planes)
+    wanted = recon_pb2.ResolveBreakRequest(resolution="write_off", note="Bank fee credit")
+    asked = await _adjustment_request(console, TENANT, raised, wanted, "fina")
+    # A stray credit: the bank account debited, the plane's write-off credited.
+    assert (asked.debit_account_id, asked.credit_account_id) == ("bank", "recon-write-off")
+    assert asked.amount.amount_minor == 300 and asked.amount.currency == "USD"
+    assert asked.ledger_idempotency_key == f"recon-writeoff-{raised.break_id}"
+
+    # What the console's old copy asked: a token for another transfer.
+    stale = policy_pb2.DecideAdjustmentRequest()
+    stale.CopyFrom(asked)
+    stale.idempotency_key = f"{asked.idempotency_key}-stale"
+    stale.credit_account_id = "console-stale-write-off"
+    policy = console_planes.policy()
+    stale_token = (await policy.DecideAdjustment(stale, timeout=10)).decision.decision_token
+    assert stale_token
+    recon = console_planes.recon()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await recon.ResolveBreak(
+            recon_pb2.ResolveBreakRequest(
+                tenant_id=TENANT,
+                break_id=raised.break_id,
+                resolution="write_off",
+                actor="fina",
+                decision_token=stale_token,
+            ),
+            timeout=10,
+        )
+    assert (await planes.break_(raised.break_id)).state == "open"
+
+    decided = (await policy.DecideAdjustment(asked, timeout=10)).decision
+    assert decided.outcome == policy_pb2.OUTCOME_ALLOW
+    resolved = (
+        await recon.ResolveBreak(
+            recon_pb2.ResolveBreakRequest(
+                tenant_id=TENANT,
+                break_id=raised.break_id,
+                resolution="write_off",
+                actor="fina",
+                decision_token=decided.decision_token,
+            ),
+            timeout=10,
+        )
+    ).recon_break
+    entry = await planes.entry(resolved.resolution_entry_id)
+    assert {p.account_id for p in entry.postings} == {"bank", "recon-write-off"}
+
+    # A reversal of that entry (for another break) is described the other way round.
+    other = await planes.stray(777, "ADJ-REVERSE")
+    reversal = await recon.DescribeResolution(
+        recon_pb2.DescribeResolutionRequest(
+            tenant_id=TENANT,
+            break_id=other.break_id,
+            resolution="reversal",
+            entry_id=resolved.resolution_entry_id,
+        ),
+        timeout=10,
+    )
+    assert (reversal.debit_account_id, reversal.credit_account_id) == ("recon-write-off", "bank")
+    assert reversal.reverses_entry_id == resolved.resolution_entry_id
+    assert reversal.idempotency_key == f"recon-reversal-{other.break_id}"

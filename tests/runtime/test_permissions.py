@@ -117,6 +117,7 @@ def test_admin_rpcs_need_the_admin_identity() -> None:
         "/triplane.money.v1.ReconciliationService/ListBreaks",
         "/triplane.money.v1.ReconciliationService/GetBreak",
         "/triplane.money.v1.ReconciliationService/ResolveBreak",
+        "/triplane.money.v1.ReconciliationService/DescribeResolution",
         # ... and a write-off's or reversal's decision (no token pasted).
         "/triplane.policy.v1.PolicyService/DecideAdjustment",
     }

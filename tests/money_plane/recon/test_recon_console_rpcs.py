@@ -122,3 +122,55 @@ async def test_list_breaks_oldest_first_across_pages(kit: Kit, recon: Reconciler
         with pytest.raises(InvalidArgument) as refused:
             await servicer.ListBreaks(request, None)  # type: ignore[arg-type]
         assert refused.value.field == field
+
+
+async def test_describe_resolution_is_the_transfer_resolve_break_posts(
+    kit: Kit, recon: Reconciler
+) -> None:
+    servicer = servicer_for(recon)
+    imported = await recon.import_statement(kit.tenant, "bank", camt054(line(640, e2e="W-1")))
+    [stray] = imported.breaks
+    described = await servicer.DescribeResolution(
+        recon_pb2.DescribeResolutionRequest(
+            tenant_id=kit.tenant, break_id=stray.break_id, resolution="write_off"
+        ),
+        None,  # type: ignore[arg-type]
+    )
+    command = await recon.resolution_command(kit.tenant, stray.break_id, "write_off")
+    assert (described.debit_account_id, described.credit_account_id) == (
+        command.debit_account_id,
+        command.credit_account_id,
+    )
+    assert described.credit_account_id == recon.config.write_off_account_id
+    assert (described.amount.amount_minor, described.amount.currency) == (640, "USD")
+    assert described.idempotency_key == f"recon-writeoff-{stray.break_id}"
+    assert not described.reverses_entry_id
+    for request, reason, field in (
+        (
+            recon_pb2.DescribeResolutionRequest(
+                tenant_id=kit.tenant, break_id=stray.break_id, resolution="accepted"
+            ),
+            "RESOLUTION_INVALID",
+            "resolution",
+        ),
+        (
+            recon_pb2.DescribeResolutionRequest(
+                tenant_id=kit.tenant, break_id=stray.break_id, resolution="reversal"
+            ),
+            "FIELD_REQUIRED",
+            "entry_id",
+        ),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            await servicer.DescribeResolution(request, None)  # type: ignore[arg-type]
+        assert (refused.value.reason, refused.value.field) == (reason, field)
+    with pytest.raises(NotFound) as missing:
+        await servicer.DescribeResolution(
+            recon_pb2.DescribeResolutionRequest(
+                tenant_id=kit.tenant, break_id="brk_nope", resolution="write_off"
+            ),
+            None,  # type: ignore[arg-type]
+        )
+    assert missing.value.reason == "BREAK_NOT_FOUND"
+    # Describing posts nothing: the break is still open.
+    assert (await recon.get_break(kit.tenant, stray.break_id)).state.value == "open"

@@ -744,6 +744,75 @@ class ListStatementsResponse(_message.Message):
 Global___ListStatementsResponse: _TypeAlias = ListStatementsResponse  # noqa: Y015
 
 @_typing.final
+class DescribeResolutionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    BREAK_ID_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    break_id: _builtins.str
+    resolution: _builtins.str
+    """write_off or reversal."""
+    entry_id: _builtins.str
+    """reversal: the ledger entry it reverses."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        break_id: _builtins.str = ...,
+        resolution: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_id", b"break_id", "entry_id", b"entry_id", "resolution", b"resolution", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeResolutionRequest: _TypeAlias = DescribeResolutionRequest  # noqa: Y015
+
+@_typing.final
+class DescribeResolutionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    REVERSES_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    debit_account_id: _builtins.str
+    credit_account_id: _builtins.str
+    idempotency_key: _builtins.str
+    """The ledger idempotency key it posts under: recon-writeoff-<break_id> or
+    recon-reversal-<break_id>.
+    """
+    description: _builtins.str
+    reverses_entry_id: _builtins.str
+    """reversal: the entry it reverses."""
+    @_builtins.property
+    def amount(self) -> _types_pb2.Money: ...
+    def __init__(
+        self,
+        *,
+        debit_account_id: _builtins.str = ...,
+        credit_account_id: _builtins.str = ...,
+        amount: _types_pb2.Money | None = ...,
+        idempotency_key: _builtins.str = ...,
+        description: _builtins.str = ...,
+        reverses_entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "credit_account_id", b"credit_account_id", "debit_account_id", b"debit_account_id", "description", b"description", "idempotency_key", b"idempotency_key", "reverses_entry_id", b"reverses_entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeResolutionResponse: _TypeAlias = DescribeResolutionResponse  # noqa: Y015
+
+@_typing.final
 class ReconBreakDetectedEvent(_message.Message):
     """Published on triplane.money.<tenant>.recon.break for each new break."""
 

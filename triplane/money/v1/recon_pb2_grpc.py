@@ -73,6 +73,11 @@ class ReconciliationServiceStub:
                 request_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsRequest.SerializeToString,
                 response_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsResponse.FromString,
                 _registered_method=True)
+        self.DescribeResolution = channel.unary_unary(
+                '/triplane.money.v1.ReconciliationService/DescribeResolution',
+                request_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.DescribeResolutionRequest.SerializeToString,
+                response_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.DescribeResolutionResponse.FromString,
+                _registered_method=True)
 
 
 class ReconciliationServiceServicer:
@@ -140,6 +145,18 @@ class ReconciliationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeResolution(self, request, context):
+        """The ledger transfer ResolveBreak would post for a write-off or a
+        reversal of the break, computed as ResolveBreak computes it (so a caller
+        asks the policy plane to decide exactly that transfer). Reads only.
+        NOT_FOUND BREAK_NOT_FOUND (or the reversed entry's); INVALID_ARGUMENT
+        RESOLUTION_INVALID for a resolution that posts nothing, FIELD_REQUIRED
+        entry_id for a reversal that names no entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReconciliationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +194,11 @@ def add_ReconciliationServiceServicer_to_server(servicer, server):
                     servicer.ListStatements,
                     request_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsRequest.FromString,
                     response_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsResponse.SerializeToString,
+            ),
+            'DescribeResolution': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeResolution,
+                    request_deserializer=triplane_dot_money_dot_v1_dot_recon__pb2.DescribeResolutionRequest.FromString,
+                    response_serializer=triplane_dot_money_dot_v1_dot_recon__pb2.DescribeResolutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -372,6 +394,33 @@ class ReconciliationService:
             '/triplane.money.v1.ReconciliationService/ListStatements',
             triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsRequest.SerializeToString,
             triplane_dot_money_dot_v1_dot_recon__pb2.ListStatementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeResolution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triplane.money.v1.ReconciliationService/DescribeResolution',
+            triplane_dot_money_dot_v1_dot_recon__pb2.DescribeResolutionRequest.SerializeToString,
+            triplane_dot_money_dot_v1_dot_recon__pb2.DescribeResolutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

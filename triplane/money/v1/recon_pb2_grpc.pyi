@@ -64,6 +64,14 @@ class ReconciliationServiceStub:
     """
     ListStatements: _grpc.UnaryUnaryMultiCallable[_recon_pb2.ListStatementsRequest, _recon_pb2.ListStatementsResponse]
     """Imported statements, newest import first, paged."""
+    DescribeResolution: _grpc.UnaryUnaryMultiCallable[_recon_pb2.DescribeResolutionRequest, _recon_pb2.DescribeResolutionResponse]
+    """The ledger transfer ResolveBreak would post for a write-off or a
+    reversal of the break, computed as ResolveBreak computes it (so a caller
+    asks the policy plane to decide exactly that transfer). Reads only.
+    NOT_FOUND BREAK_NOT_FOUND (or the reversed entry's); INVALID_ARGUMENT
+    RESOLUTION_INVALID for a resolution that posts nothing, FIELD_REQUIRED
+    entry_id for a reversal that names no entry.
+    """
 
 @_typing.type_check_only
 class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
@@ -101,6 +109,14 @@ class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     """
     ListStatements: _aio.UnaryUnaryMultiCallable[_recon_pb2.ListStatementsRequest, _recon_pb2.ListStatementsResponse]  # type: ignore[assignment]
     """Imported statements, newest import first, paged."""
+    DescribeResolution: _aio.UnaryUnaryMultiCallable[_recon_pb2.DescribeResolutionRequest, _recon_pb2.DescribeResolutionResponse]  # type: ignore[assignment]
+    """The ledger transfer ResolveBreak would post for a write-off or a
+    reversal of the break, computed as ResolveBreak computes it (so a caller
+    asks the policy plane to decide exactly that transfer). Reads only.
+    NOT_FOUND BREAK_NOT_FOUND (or the reversed entry's); INVALID_ARGUMENT
+    RESOLUTION_INVALID for a resolution that posts nothing, FIELD_REQUIRED
+    entry_id for a reversal that names no entry.
+    """
 
 class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
     """ReconciliationService matches what the bank says happened (camt.052/053/054
@@ -177,5 +193,19 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_recon_pb2.ListStatementsResponse, _abc.Awaitable[_recon_pb2.ListStatementsResponse]]:
         """Imported statements, newest import first, paged."""
+
+    @_abc_1.abstractmethod
+    def DescribeResolution(
+        self,
+        request: _recon_pb2.DescribeResolutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recon_pb2.DescribeResolutionResponse, _abc.Awaitable[_recon_pb2.DescribeResolutionResponse]]:
+        """The ledger transfer ResolveBreak would post for a write-off or a
+        reversal of the break, computed as ResolveBreak computes it (so a caller
+        asks the policy plane to decide exactly that transfer). Reads only.
+        NOT_FOUND BREAK_NOT_FOUND (or the reversed entry's); INVALID_ARGUMENT
+        RESOLUTION_INVALID for a resolution that posts nothing, FIELD_REQUIRED
+        entry_id for a reversal that names no entry.
+        """
 
 def add_ReconciliationServiceServicer_to_server(servicer: ReconciliationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
