@@ -274,12 +274,21 @@ class AiEngine:
         ]
 
     def keep_drift_points(self, points: list[DriftPoint]) -> None:
-        """Points whose write failed, back to their monitors (dropped when
-        that version is no longer monitored here)."""
+        """Points whose write failed, back to their monitors (a version no
+        longer monitored here keeps them aside, its newest
+        ai.drift.history_points per series at most, while the store is out)."""
         for point in points:
             monitor = self.drift.get(point.model, {}).get(point.series)
             if monitor is not None and monitor.version == point.version:
                 monitor.keep([point])
+            else:
+                self._unwritten.append(point)
+        if self._unwritten:
+            newest: dict[tuple[str, int, str], list[DriftPoint]] = {}
+            for point in sorted(self._unwritten, key=lambda p: p.slot):
+                newest.setdefault((point.model, point.version, point.series), []).append(point)
+            keep = self._config.drift.history_points
+            self._unwritten = [p for kept in newest.values() for p in kept[-keep:]]
 
     # ---- validation ----
 

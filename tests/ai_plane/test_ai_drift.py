@@ -12,15 +12,22 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ai_helpers import payment
+from ai_helpers import ai_config, payment
 
 from ai_plane.app import AiPlane, registry_dir
+from ai_plane.bandit import LinearThompsonBandit
+from ai_plane.breaker import CircuitBreaker
 from ai_plane.drift import DriftPoint, PsiMonitor, baseline
+from ai_plane.engine import AiEngine
+from ai_plane.manager import ModelManager
 from ai_plane.registry import Registry
+from ai_plane.scorer import Scorer
+from ai_plane.store.base import build_store
 from triplane.ai.v1 import ai_pb2 as pb
 from triplane.ai.v1 import ai_pb2_grpc
 from triplane.runtime.clock import ManualClock
-from triplane.runtime.db import Database
+from triplane.runtime.config import Config
+from triplane.runtime.db import Database, DatabaseClosed
 from triplane.runtime.status import parse_rpc_error
 
 SLOT_US = 60_000_000
@@ -168,3 +175,78 @@ async def test_get_model_drift_serves_the_live_series_and_their_written_history(
         await registry_stub.GetModelDrift(pb.GetModelDriftRequest(model="nope"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert parse_rpc_error(caught.value) == ("UNKNOWN_MODEL", "model")
+
+
+def _engine(config: Config, clock: ManualClock) -> AiEngine:
+    ai = config.ai
+    breaker = CircuitBreaker(ai.breaker.failure_threshold, ai.breaker.open_s)
+    bandit = LinearThompsonBandit(
+        ai.bandit.prior_variance,
+        ai.bandit.noise_variance,
+        ai.bandit.probability_samples,
+        ai.bandit.seed,
+    )
+    return AiEngine(
+        ai, build_store(ai.features, clock), Scorer(ai, None, breaker, clock), bandit, clock
+    )
+
+
+async def test_two_engines_on_one_store_share_the_history_and_a_failed_write_is_kept(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """Two replicas' engines, each with its manager, on one SQLite registry:
+    what one recorded the other serves; a write that fails leaves the points
+    pending for the next; a new live version's predecessor's points still go
+    out."""
+    config = ai_config(state_dir)
+    rng = random.Random(5)
+    edges, expected = baseline([rng.gauss(0, 1) for _ in range(2000)], 10)
+    every = config.ai.drift.update_every_scores
+    clock = ManualClock(1_700_000_000_000_000)
+    db_path = str(tmp_path / "registry.db")
+
+    def manager(name: str) -> ModelManager:
+        engine = _engine(config, clock)
+        engine.set_drift_baselines("payment_risk", 3, {"score": [edges, expected]})
+        registry = Registry(
+            tmp_path / name, clock, "sqlite", Database("sqlite", db_path, readers=1)
+        )
+        return ModelManager(config.ai, registry, engine, None, None, tmp_path / "datasets")
+
+    def score(replica: ModelManager, shift: float) -> None:
+        monitor = replica.engine.drift["payment_risk"]["score"]
+        for _ in range(every):
+            monitor.observe(rng.gauss(shift, 1))
+
+    a, b = manager("a"), manager("b")
+    try:
+        score(a, 0.0)
+        assert await a.flush_drift() == 1
+        [(at_us, value)] = (await b.drift_history("payment_risk", 3))["score"]
+        assert at_us == clock.now_us() and value == a.engine.drift["payment_risk"]["score"].value
+        # The same slot from B: one point, B's later value.
+        clock.advance(1.0)
+        score(b, 1.0)
+        await b.flush_drift()
+        [(at_us, value)] = (await a.drift_history("payment_risk", 3))["score"]
+        assert at_us == clock.now_us() and value == b.engine.drift["payment_risk"]["score"].value
+
+        # The store is gone: the write fails, the point stays pending (and served).
+        clock.advance(config.ai.drift.history_slot_s)
+        score(a, 2.0)
+        a.registry.close()
+        with pytest.raises(DatabaseClosed):
+            await a.flush_drift()
+        pending = a.engine.pending_drift("payment_risk", 3)
+        assert [p.at_us for p in pending] == [clock.now_us()]
+        a.registry = Registry(
+            tmp_path / "a", clock, "sqlite", Database("sqlite", db_path, readers=1)
+        )
+        # A new live version: the old one's point is still written.
+        a.engine.set_drift_baselines("payment_risk", 4, {"score": [edges, expected]})
+        assert await a.flush_drift() == 1
+        history = (await b.drift_history("payment_risk", 3))["score"]
+        assert [at for at, _ in history] == [clock.now_us() - 300_000_000, clock.now_us()]
+    finally:
+        a.registry.close()
+        b.registry.close()
