@@ -136,6 +136,7 @@ async def test_an_sre_promotes_and_rolls_back_a_model(
     await expect(approvals.nth(1)).to_contain_text("live")
     await expect(approvals.nth(1)).to_contain_text("sam")
     await expect(approvals.nth(1)).to_contain_text("Better PR AUC on seed 8")
+    await shot(page, "model-approvals")
 
     async with console.stack.channel("ai") as channel:
         scoring = ai_pb2_grpc.ScoringServiceStub(channel)
