@@ -47,6 +47,7 @@ CLASSES = (
     "returned",
     "late",
     "balance_mismatch",
+    "booked_after_cancel",
 )
 STATES = {"open": "open", "resolved": "resolved", "all": ""}
 # ResolveBreakRequest.resolution values, and what each needs besides a reason.

@@ -39,6 +39,10 @@ class BreakClass(enum.StrEnum):
     LATE = "late"
     # A statement whose balances do not add up, or disagree with the ledger.
     BALANCE_MISMATCH = "balance_mismatch"
+    # A bank booking of a payment whose expected payment was withdrawn
+    # (cancelled: its payout failed, or the rail returned it, before the bank
+    # booked it): the bank moved money the ledger has already given back.
+    BOOKED_AFTER_CANCEL = "booked_after_cancel"
 
 
 class BreakState(enum.StrEnum):

@@ -451,6 +451,9 @@ class _Matcher:
         if found is None:
             return False
         rule, e = found
+        if self.state(e) is ExpectedState.CANCELLED:
+            self.booked_after_cancel(line, e, f"expected payment {e.expected_id} ({rule.value})")
+            return True
         if self.state(e) not in _MATCHABLE:
             self.add_break(
                 BreakClass.DUPLICATE,
@@ -491,6 +494,21 @@ class _Matcher:
         self.check_late(line, e)
         return True
 
+    def booked_after_cancel(self, line: Line, e: ExpectedPayment, what: str) -> None:
+        """The bank booked a payment after its expected payment was withdrawn
+        (the payout failed or came back from its rail first): the line stays
+        unmatched and the break names the expected payment."""
+        self.add_break(
+            BreakClass.BOOKED_AFTER_CANCEL,
+            f"booked-after-cancel:{line.fingerprint}",
+            line.amount_minor,
+            line.currency,
+            line.direction,
+            f"booked after its payment was cancelled: {what}",
+            line,
+            e.expected_id,
+        )
+
     def check_late(self, line: Line, e: ExpectedPayment) -> None:
         due = shift(e.date_to, self.config.grace_days)
         if line.day and line.day > due:
@@ -521,6 +539,15 @@ class _Matcher:
             return False
         members = [self.expected[m.expected_id] for m in members]
         taken = [m for m in members if self.state(m) not in _MATCHABLE]
+        cancelled = [m for m in taken if self.state(m) is ExpectedState.CANCELLED]
+        if cancelled:
+            self.booked_after_cancel(
+                line,
+                cancelled[0],
+                f"a batch of {len(members)}, {len(cancelled)} of them cancelled "
+                f"({cancelled[0].expected_id}, ...)",
+            )
+            return True
         if taken:
             self.add_break(
                 BreakClass.DUPLICATE,

@@ -1088,6 +1088,8 @@ class SandboxFaultsConfig(_Strict, frozen=True):
     duplicate_rate: float = 0.01
     late_rate: float = 0.01
     amount_change_rate: float = 0.01
+    # Share of rejected payments booked anyway, after the reject.
+    booked_after_reject_rate: float = 0.0
     # Share of ACH and SEPA files booked as one batch entry.
     batch_rate: float = 0.5
 

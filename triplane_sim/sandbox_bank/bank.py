@@ -76,7 +76,8 @@ class Payment:
     trace_number: str = ""
     outcome: str = "accepted"  # accepted | rejected | returned
     reason_code: str = ""
-    faults: list[str] = field(default_factory=list)  # batch, duplicate, late, amount_changed
+    # batch, duplicate, late, amount_changed, booked_after_reject
+    faults: list[str] = field(default_factory=list)
     bookings: list[dict[str, Any]] = field(default_factory=list)
     returned_on: str = ""
     ach_entry: AchEntry | None = None
@@ -178,6 +179,10 @@ class Bank:
             p.outcome = "rejected"
             codes = self.config.ach_reject_codes if p.rail == "ach" else self.config.reject_reasons
             p.reason_code = rng.choice(codes)
+            # The bank books it anyway, after its reject (a bank's error the
+            # originator must catch: its ledger gave the money back).
+            if rng.random() < f.booked_after_reject_rate:
+                p.faults.append("booked_after_reject")
             return
         if u < f.reject_rate + f.return_rate:
             p.outcome = "returned"
@@ -213,6 +218,11 @@ class Bank:
             self._book(on_time, batch_id)
         for p in late:
             self.due.append(_Due(now_us + self.config.late_by_days * _DAY_US, "book", [p]))
+        for p in payments:
+            if p.outcome == "rejected" and "booked_after_reject" in p.faults:
+                # After the reject has gone out (ACH's comes the next day).
+                days = self.config.late_by_days + (1 if p.rail == "ach" else 0)
+                self.due.append(_Due(now_us + days * _DAY_US, "book", [p]))
         for p in payments:
             if p.outcome == "returned":
                 delay = self.config.return_after_days + (
@@ -442,6 +452,8 @@ class Bank:
         return {"message_id": msg_id, "received": len(received)}
 
     def _file(self, received: list[Payment], file_id: str) -> None:
+        # Only a rejected payment booked after its reject is booked of these.
+        self._schedule([p for p in received if p.outcome == "rejected"])
         fresh = [p for p in received if p.outcome != "rejected"]
         batched = _draw(self.config.seed, "batch", file_id).random() < self.config.faults.batch_rate
         if batched:

@@ -44,6 +44,8 @@ FAULTS = {
     "duplicate_rate": 0.15,
     "late_rate": 0.15,
     "amount_change_rate": 0.15,
+    # Half the rejected payouts are booked anyway, after the reject.
+    "booked_after_reject_rate": 0.5,
     "batch_rate": 0.0,
 }
 RAIL_OF_METHOD = {"instant_payment": "instant", "bank_transfer": "ach"}
@@ -152,9 +154,10 @@ async def _days(
 
 def _wanted(payment: dict[str, Any], method: str, grace_days: int = 0) -> set[str]:
     """The break classes the bank's record says this payout must raise. A
-    rejected payout failed (its expected payment withdrawn): none."""
+    rejected payout failed (its expected payment withdrawn): none, unless the
+    bank booked it after all (booked_after_cancel, once per booking)."""
     if payment["outcome"] == "rejected":
-        return set()
+        return {"booked_after_cancel"} if payment["bookings"] else set()
     wanted = {
         {"duplicate": "duplicate", "amount_changed": "amount_mismatch"}[f]
         for f in payment["faults"]
@@ -227,7 +230,12 @@ async def test_the_intake_classifies_the_banks_faults_as_its_record_says(
     assert {k: v for k, v in wanted.items() if v} == dict(found)
     produced = set().union(*wanted.values())
     assert {"returned", "duplicate", "late", "amount_mismatch"} <= produced
-    assert any(truth[p.end_to_end_id]["outcome"] == "rejected" for p in made)
+    rejected = [
+        truth[p.end_to_end_id] for p in made if truth[p.end_to_end_id]["outcome"] == "rejected"
+    ]
+    # Some rejected payouts the bank left alone, some it booked after all.
+    assert {bool(r["bookings"]) for r in rejected} == {False, True}
+    assert {"booked_after_reject"} == {f for r in rejected if r["bookings"] for f in r["faults"]}
     # Every booking the bank made for these payouts is a line, once.
     booked = sum(len(truth[p.end_to_end_id]["bookings"]) for p in made)
     assert _count(kit, "statement_lines") == booked

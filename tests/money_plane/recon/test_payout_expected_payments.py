@@ -168,3 +168,34 @@ async def test_a_return_after_booking_is_the_bank_return_line_s(
     result = await recon.import_statement(kit.tenant, BANK, camt054(back))
     assert [(b.break_class.value, b.expected_id) for b in result.breaks] == [("returned", eid)]
     assert expected_rows(kit) == [(eid, "returned")]
+
+
+async def test_a_booking_after_the_payout_failed_is_booked_after_cancel(
+    kit: Kit, payouts: Payouts, recon: Reconciler
+) -> None:
+    """The rail rejected the payout (the ledger gave the money back), then the
+    bank booked it anyway: a class of its own, not a duplicate of anything;
+    booked again, the second line is a duplicate of the same kind."""
+    payout = await approved(kit, payouts, "po-4", 4_200, "instant_payment")
+    await payouts.hand_to_rail(kit.tenant, payout.payout_id, Rail())
+    await payouts.record_outcome(
+        kit.tenant, payout.payout_id, PayoutOutcome.FAILED, reason_code="AC04"
+    )
+    eid = expected_id_for(payout.payout_id)
+    assert expected_rows(kit) == [(eid, ExpectedState.CANCELLED.value)]
+    booked = line(4_200, e2e=payout.end_to_end_id, sign=Sign.DEBIT, day=today(kit))
+    result = await recon.import_statement(kit.tenant, BANK, camt054(booked))
+    assert result.matches == []
+    [raised] = result.breaks
+    assert (raised.break_class.value, raised.expected_id) == ("booked_after_cancel", eid)
+    assert (raised.amount_minor, raised.direction) == (4_200, Direction.DEBIT)
+    assert raised.owner == recon.config.default_owner
+    assert raised.line_fingerprint
+    assert recon.sla(raised).tier
+    # The expected payment stays cancelled: nothing ages, nothing matched it.
+    assert expected_rows(kit) == [(eid, ExpectedState.CANCELLED.value)]
+    again = line(4_200, e2e=payout.end_to_end_id, sign=Sign.DEBIT, day=today(kit), bank_ref="R2")
+    second = await recon.import_statement(kit.tenant, BANK, camt054(again))
+    assert [b.break_class.value for b in second.breaks] == ["booked_after_cancel"]
+    kit.clock.advance(10 * 86_400)
+    assert await recon.sweep_overdue(kit.tenant, BANK) == []

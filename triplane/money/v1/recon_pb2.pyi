@@ -280,7 +280,8 @@ class ReconBreak(_message.Message):
     break_id: _builtins.str
     break_class: _builtins.str
     """unmatched_bank, unmatched_ledger, amount_mismatch, duplicate, returned,
-    late, balance_mismatch.
+    late, balance_mismatch, booked_after_cancel (a booking of a payment whose
+    expected payment was cancelled: its payout failed first).
     """
     state: _builtins.str
     """open or resolved."""
