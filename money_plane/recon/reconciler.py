@@ -76,8 +76,11 @@ from triplane.runtime.tasks import every
 log = logging.getLogger("triplane.money.recon")
 
 BreakEncoder = Callable[[Break, int], OutgoingEvent]
+# The cause of an unmatched_ledger break of a bank posting, before its entry id.
+POSTING_CAUSE = "unmatched-posting:"
 _DAY_US = 86_400_000_000
 _MATCHABLE = (ExpectedState.OPEN, ExpectedState.OVERDUE)
+_LEDGER_RULES = (Rule.LEDGER_REFERENCE, Rule.LEDGER_AMOUNT_DATE)
 _BOOKED = EntryStatus.BOOKED.value
 _STATUS_VALUES = {status: status.value for status in EntryStatus}
 _COLUMNS = {
@@ -879,6 +882,19 @@ class Reconciler:
         tx.set_expected_states(
             tenant_id, [(eid, state, mid) for eid, (state, mid) in work.expected_changes.items()]
         )
+        posted = sorted(
+            {
+                break_id_for(tenant_id, f"{POSTING_CAUSE}{entry_id}"): entry_id
+                for m in work.matches
+                if m.rule in _LEDGER_RULES
+                for entry_id in m.entry_ids
+            }.items()
+        )
+        if posted:
+            raised = tx.existing_breaks(tenant_id, [break_id for break_id, _ in posted])
+            work.resolved_causes.extend(
+                f"{POSTING_CAUSE}{entry_id}" for break_id, entry_id in posted if break_id in raised
+            )
         for cause in work.resolved_causes:
             tx.resolve_break(
                 tenant_id,
@@ -887,7 +903,9 @@ class Reconciler:
                 "matcher",
                 now_us,
                 "",
-                "booked late: matched",
+                "a statement line matched the posting"
+                if cause.startswith(POSTING_CAUSE)
+                else "booked late: matched",
             )
         breaks = self._new_breaks(tx, tenant_id, work.breaks)
         tx.insert_breaks(breaks)
@@ -1001,6 +1019,42 @@ class Reconciler:
                 expected_id=e.expected_id,
             )
 
+    def _unaccounted_postings(
+        self, tx: Tx, tenant_id: str, account: str, day: str, matcher: _Matcher
+    ) -> None:
+        """The account's postings that no statement line matched and no
+        expected payment names, `date_window_days` + `grace_days` after the
+        day they were posted (a line booked within the window could still
+        have matched them by amount and date) and at most
+        `unmatched_posting_lookback_days` before that: an unmatched_ledger
+        break each, naming the entry. Payout settlements and reversals (their
+        payout's expected payment ages instead) and a break's own write-off or
+        reversal are left out (`unmatched_posting_skip_keys`)."""
+        config = self.config
+        last_day = shift(day, -(config.date_window_days + config.grace_days))
+        to_us = _day_end_us(last_day)
+        from_us = to_us + 1 - config.unmatched_posting_lookback_days * _DAY_US
+        currency = tx.account_currency(tenant_id, account)
+        if currency is None:
+            return
+        for entry_id, side, amount, posted_us in tx.unaccounted_bank_postings(
+            tenant_id, account, from_us, to_us, config.unmatched_posting_skip_keys, 10_000
+        ):
+            # A debit of the bank account (an asset) is money the ledger says
+            # came in: the bank's missing booking is a credit, and the break's
+            # direction, which way the bank moved what the ledger lacks, the
+            # other way (as an expected payment's).
+            bank = Direction.CREDIT if side == int(Side.DEBIT) else Direction.DEBIT
+            matcher.add_break(
+                BreakClass.UNMATCHED_LEDGER,
+                f"{POSTING_CAUSE}{entry_id}",
+                amount,
+                currency,
+                _other(bank),
+                f"ledger entry {entry_id} posted {_day_of_us(posted_us)} to {account} "
+                f"({bank.value} at the bank); no statement line matched it by {day}",
+            )
+
     def _new_breaks(self, tx: Tx, tenant_id: str, breaks: list[Break]) -> list[Break]:
         unique: dict[str, Break] = {}
         for b in breaks:
@@ -1030,6 +1084,7 @@ class Reconciler:
             w = _Work()
             matcher = _Matcher(tx, self.config, tenant_id, ledger_account_id, now_us, w)
             self._overdue(tx, tenant_id, ledger_account_id, as_of, matcher)
+            self._unaccounted_postings(tx, tenant_id, ledger_account_id, as_of, matcher)
             tx.set_expected_states(
                 tenant_id, [(eid, st, mid) for eid, (st, mid) in w.expected_changes.items()]
             )
@@ -1045,13 +1100,18 @@ class Reconciler:
 
     async def sweep_all(self, day: str = "") -> int:
         """sweep_overdue for every account with an open expected payment
-        overdue by `day` (default: yesterday), in every tenant; the number of
-        breaks raised. For the days no end-of-day statement closes."""
+        overdue by `day` (default: yesterday), and every bank account (whose
+        postings no statement line matched age too), in every tenant; the
+        number of breaks raised. For the days no end-of-day statement closes."""
         as_of = day or _day_of_us(self.clock.now_us() - _DAY_US)
         before = shift(as_of, -self.config.grace_days + 1)
-        accounts: list[tuple[str, str]] = await self._tx(
-            lambda tx: tx.accounts_with_open_expected_before(before, 10_000)
-        )
+        roles = self.config.bank_account_roles
+
+        def scan(tx: Tx) -> list[tuple[str, str]]:
+            overdue = tx.accounts_with_open_expected_before(before, 10_000)
+            return sorted({*overdue, *tx.bank_accounts(roles, 10_000)})
+
+        accounts: list[tuple[str, str]] = await self._tx(scan)
         raised = 0
         for tenant_id, account in accounts:
             raised += len(await self.sweep_overdue(tenant_id, account, as_of))
@@ -1459,6 +1519,17 @@ class Reconciler:
         )
         tx.insert_matches([match])
         tx.set_line_match(b.tenant_id, fp, match.match_id)
+        if entry_id and b.cause != f"{POSTING_CAUSE}{entry_id}":
+            # The entry's own unmatched_ledger break, if the sweep raised one.
+            tx.resolve_break(
+                b.tenant_id,
+                break_id_for(b.tenant_id, f"{POSTING_CAUSE}{entry_id}"),
+                Resolution.ACCEPTED.value,
+                actor,
+                now_us,
+                "",
+                f"matched by hand to line {fp} (break {b.break_id})",
+            )
         if expected:
             tx.set_expected_states(
                 b.tenant_id, [(expected[0], ExpectedState.MATCHED, match.match_id)]

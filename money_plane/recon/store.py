@@ -85,6 +85,9 @@ SCHEMA = [
     "ON expected_payments (tenant_id, remittance_reference) WHERE remittance_reference <> ''",
     "CREATE INDEX IF NOT EXISTS expected_by_batch ON expected_payments (tenant_id, batch_id) "
     "WHERE batch_id <> ''",
+    # The sweep's question: is a bank account's posting some expected payment's?
+    "CREATE INDEX IF NOT EXISTS expected_by_entry "
+    "ON expected_payments (tenant_id, ledger_entry_id) WHERE ledger_entry_id <> ''",
     "CREATE INDEX IF NOT EXISTS expected_open_by_amount "
     "ON expected_payments (tenant_id, ledger_account_id, amount_minor) WHERE state = 'open'",
     "CREATE INDEX IF NOT EXISTS expected_open_by_date "
@@ -719,6 +722,75 @@ class Tx:
             ),
         )
         return [(r[0], int(r[1]), int(r[2])) for r in self.cur.fetchall()]
+
+    def unaccounted_bank_postings(
+        self,
+        tenant_id: str,
+        ledger_account_id: str,
+        from_us: int,
+        to_us: int,
+        skip_key_patterns: Sequence[str],
+        limit: int,
+    ) -> list[tuple[str, int, int, int]]:
+        """(entry id, side, amount, posted_at_us) of the account's postings in
+        the window that no match names and no expected payment names as its
+        ledger entry, leaving out entries whose idempotency key is LIKE one of
+        `skip_key_patterns` (those reconciled another way)."""
+        skip = "".join(" AND e.idempotency_key NOT LIKE %s" for _ in skip_key_patterns)
+        self.cur.execute(
+            self._sql(
+                "SELECT p.entry_id, p.side, p.amount_minor, p.posted_at_us FROM postings p "
+                "JOIN entries e ON e.tenant_id = p.tenant_id "
+                "AND e.entry_key = p.tenant_id || '/' || p.entry_id "
+                "WHERE p.tenant_id = %s AND p.account_key = %s "
+                f"AND p.posted_at_us BETWEEN %s AND %s{skip} "
+                "AND NOT EXISTS (SELECT 1 FROM matches m WHERE m.tenant_id = p.tenant_id "
+                "AND m.entry_id <> '' AND m.entry_id = p.entry_id) "
+                "AND NOT EXISTS (SELECT 1 FROM expected_payments x "
+                "WHERE x.tenant_id = p.tenant_id AND x.ledger_entry_id <> '' "
+                "AND x.ledger_entry_id = p.entry_id) "
+                "ORDER BY p.posted_at_us, p.entry_id LIMIT %s"
+            ),
+            (
+                tenant_id,
+                account_key(tenant_id, ledger_account_id),
+                from_us,
+                to_us,
+                *skip_key_patterns,
+                limit,
+            ),
+        )
+        return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in self.cur.fetchall()]
+
+    def bank_accounts(self, roles: Sequence[str], limit: int) -> list[tuple[str, str]]:
+        """(tenant, account) of every tenant's bank accounts: those a
+        statement was imported for, and those whose metadata `role` is one of
+        `roles` (the payouts' bank accounts are opened as `payouts_bank`)."""
+        found: set[tuple[str, str]] = set()
+        self.cur.execute(
+            self._sql(
+                "SELECT DISTINCT tenant_id, ledger_account_id FROM statements "
+                "ORDER BY tenant_id, ledger_account_id LIMIT %s"
+            ),
+            (limit,),
+        )
+        found.update((r[0], r[1]) for r in self.cur.fetchall())
+        if roles:
+            self.cur.execute(
+                self._sql(
+                    "SELECT tenant_id, account_id, metadata FROM accounts "
+                    "WHERE metadata LIKE %s ORDER BY tenant_id, account_id LIMIT %s"
+                ),
+                ("%role%", limit),
+            )
+            for tenant_id, account_id, metadata in self.cur.fetchall():
+                try:
+                    role = json.loads(metadata or "{}").get("role", "")
+                except (ValueError, AttributeError):
+                    continue
+                if role in roles:
+                    found.add((tenant_id, account_id))
+        return sorted(found)[:limit]
 
     def bank_balance_as_of(self, tenant_id: str, ledger_account_id: str, as_of_us: int) -> int:
         """The account's posted debits - credits at or before as_of_us (the

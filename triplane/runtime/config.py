@@ -285,6 +285,19 @@ class ReconConfig(_Strict, frozen=True):
     intake_interval_s: float = 10.0
     # On first start, the end-of-day statements of this many closed days back.
     intake_days_back: int = 3
+    # Bank accounts whose postings the sweep ages into unmatched_ledger breaks
+    # when no statement line matched them by date_window_days + grace_days
+    # after posting: those a statement was imported for, and those whose
+    # metadata role is one of these.
+    bank_account_roles: list[str] = msgspec.field(default_factory=lambda: ["payouts_bank", "bank"])
+    # How far back (days before that age) each sweep looks for such postings.
+    unmatched_posting_lookback_days: int = 14
+    # Postings of entries whose idempotency key is LIKE one of these are
+    # reconciled another way (a payout's settlement and reversal through its
+    # expected payment; a break's own write-off or reversal) and never aged.
+    unmatched_posting_skip_keys: list[str] = msgspec.field(
+        default_factory=lambda: ["payout-settle:%", "payout-reverse:%", "recon-%"]
+    )
 
 
 class PayoutsConfig(_Strict, frozen=True):
