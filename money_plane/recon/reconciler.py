@@ -595,6 +595,7 @@ class _Matcher:
         window = self.config.date_window_days
         tol = self.config.amount_tolerance_minor
         amount, direction, currency = line.amount_minor, line.direction.value, line.currency
+        e2e = line.end_to_end_id
         changes = self.work.expected_changes
         best: tuple[int, int, str] | None = None
         # Terms, not whole expected payments: of up to 64 candidates one is
@@ -608,12 +609,16 @@ class _Matcher:
             high,
             date_from,
             date_to,
+            e_e2e,
         ) in self.tx.open_expected_near(
             self.tenant_id, self.account, amount - spread, amount + spread, 64
         ):
             change = changes.get(eid)
             if (
                 (change is not None and change[0] not in _MATCHABLE)
+                # Both carry an end-to-end id, another one: two payments,
+                # whatever their amounts (the line's own may still come).
+                or (e2e and e_e2e and e_e2e != e2e)
                 or e_direction != direction
                 or e_currency != currency
                 or not low - tol <= amount <= high + tol

@@ -520,16 +520,17 @@ class Tx:
 
     def open_expected_near(
         self, tenant_id: str, ledger_account_id: str, low_minor: int, high_minor: int, limit: int
-    ) -> list[tuple[str, str, str, int, int, int, str, str]]:
+    ) -> list[tuple[str, str, str, int, int, int, str, str, str]]:
         """Open expected payments of the account whose amount is in [low, high],
         nearest the middle first, as the terms matching by amount compares:
         (expected_id, direction, currency, amount, min, max, date_from,
-        date_to). Most are looked at and passed over, so none is read whole
-        (`get_expected` reads the one chosen)."""
+        date_to, end_to_end_id). Most are looked at and passed over, so none
+        is read whole (`get_expected` reads the one chosen)."""
         self.cur.execute(
             self._sql(
                 "SELECT expected_id, direction, currency, amount_minor, amount_min_minor, "
-                "amount_max_minor, date_from, date_to FROM expected_payments WHERE tenant_id = %s "
+                "amount_max_minor, date_from, date_to, end_to_end_id "
+                "FROM expected_payments WHERE tenant_id = %s "
                 "AND ledger_account_id = %s AND state = 'open' "
                 "AND amount_minor BETWEEN %s AND %s "
                 "ORDER BY ABS(amount_minor - %s), expected_id LIMIT %s"
@@ -544,7 +545,7 @@ class Tx:
             ),
         )
         return [
-            (r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), r[6], r[7])
+            (r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), r[6], r[7], r[8])
             for r in self.cur.fetchall()
         ]
 

@@ -63,3 +63,32 @@ async def test_amount_and_date_choose_the_nearest_free_candidate_in_its_window(
         ("unmatched_bank", ""),
         ("unmatched_ledger", "far"),
     }
+
+
+async def test_a_line_and_a_payment_with_different_end_to_end_ids_never_match_by_amount(
+    kit: Kit, recon: Reconciler
+) -> None:
+    """The bench's 50,000-line world drew a stray booking (an end-to-end id
+    nobody expected) of the very amount of an open payment in its window:
+    matched by amount, the payment's own line then counted as its duplicate.
+    Two end-to-end ids that differ are two payments; a line without one may
+    still match by amount and date."""
+    await recon.create_expected_payments(
+        kit.tenant,
+        [expected("mine", 1_806_203, e2e="E2E-MINE"), expected("plain", 4_400, e2e="E2E-P")],
+    )
+    stray = await recon.import_statement(
+        kit.tenant, "bank", camt053(statement([line(1_806_203, e2e="E2E-STRAY")]))
+    )
+    assert stray.matches == []
+    assert [(b.break_class.value, b.expected_id) for b in stray.breaks] == [("unmatched_bank", "")]
+    own = await recon.import_statement(
+        kit.tenant,
+        "bank",
+        camt053(statement([line(1_806_203, e2e="E2E-MINE"), line(4_400)], opening=1_806_203)),
+    )
+    assert own.breaks == []
+    assert sorted((m.rule, m.expected_ids) for m in own.matches) == [
+        (Rule.AMOUNT_DATE, ("plain",)),
+        (Rule.END_TO_END, ("mine",)),
+    ]
