@@ -132,7 +132,12 @@ class Database:
                 return conn
         if not self._reader_count:
             return None
-        return self._readers.get()
+        while True:  # every reader is busy: wait for one, or for close()
+            try:
+                return self._readers.get(timeout=0.1)
+            except queue.Empty:
+                if self._closed:
+                    raise DatabaseClosed("database closed") from None
 
     @property
     def reads_are_local(self) -> bool:
@@ -189,13 +194,16 @@ class Database:
     def _release(self, conn: sqlite3.Connection | psycopg.Connection[Any]) -> None:
         """A reader back to the pool; one whose server connection was lost
         is closed instead, and the next read opens another."""
-        if isinstance(conn, psycopg.Connection) and (conn.broken or conn.closed):
-            conn.close()
-            with self._readers_lock:
+        lost = isinstance(conn, psycopg.Connection) and (conn.broken or conn.closed)
+        with self._readers_lock:
+            if lost or self._closed:
+                # A reader in use when the store closed is closed here, by
+                # the thread that used it, never under a running statement.
+                conn.close()
                 if conn in self._opened:
                     self._opened.remove(conn)
-            return
-        self._readers.put(conn)
+                return
+            self._readers.put(conn)
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
@@ -247,10 +255,17 @@ class Database:
     def close(self) -> None:
         with self._readers_lock:
             self._closed = True
-            for conn in self._opened:
-                conn.close()
-            self._opened.clear()
-            self._readers = queue.LifoQueue()
+            # Only idle readers: closing a SQLite connection while another
+            # thread runs a statement on it crashes the process (a
+            # background pass reading as a plane stopped did); a reader in
+            # use is closed when it is released.
+            while True:
+                try:
+                    idle = self._readers.get_nowait()
+                except queue.Empty:
+                    break
+                idle.close()
+                self._opened.remove(idle)
         with self._lock:
             if self._sqlite is not None:
                 self._sqlite.close()
