@@ -238,6 +238,9 @@ class _Work:
     expected_changes: dict[str, tuple[ExpectedState, str]] = field(default_factory=dict)
     taken_entries: set[str] = field(default_factory=set)
     resolved_causes: list[str] = field(default_factory=list)
+    # (statement id, closing, closing day, its digest, currency) of the
+    # statements whose closing balance is checked against the ledger.
+    ledger_checks: list[tuple[str, int, str, str, str]] = field(default_factory=list)
 
 
 class _Matcher:
@@ -881,12 +884,24 @@ class Reconciler:
                     matcher,
                 )
             )
-        tx.insert_statements(records)
         tx.insert_lines(new_lines, work.match_of_line)
         tx.insert_matches(work.matches)
         tx.set_expected_states(
             tenant_id, [(eid, state, mid) for eid, (state, mid) in work.expected_changes.items()]
         )
+        checked = {
+            statement_id: self._ledger_check(
+                tx, tenant_id, account, statement_id, closing, day, own, cur, matcher
+            )
+            for statement_id, closing, day, own, cur in work.ledger_checks
+        }
+        records = [
+            replace(r, ledger_closing_minor=checked[r.statement_id])
+            if r.statement_id in checked
+            else r
+            for r in records
+        ]
+        tx.insert_statements(records)
         posted = sorted(
             {
                 break_id_for(tenant_id, f"{POSTING_CAUSE}{entry_id}"): entry_id
@@ -966,19 +981,11 @@ class Reconciler:
                 statement_id=statement_id,
             )
         if closing is not None and check_balance:
-            ledger_closing = tx.bank_balance_as_of(tenant_id, account, _day_end_us(closing_date))
-            if ledger_closing != closing.signed_minor:
-                diff = closing.signed_minor - ledger_closing
-                matcher.add_break(
-                    BreakClass.BALANCE_MISMATCH,
-                    f"ledger-balance:{own}",
-                    abs(diff),
-                    currency,
-                    Direction.CREDIT if diff > 0 else Direction.DEBIT,
-                    f"closing balance {closing.signed_minor} on {closing_date}; the ledger's "
-                    f"balance of {account} then is {ledger_closing}",
-                    statement_id=statement_id,
-                )
+            # Checked once this import's lines and matches are written (the
+            # payments in transit are read from them).
+            matcher.work.ledger_checks.append(
+                (statement_id, closing.signed_minor, closing_date, own, currency)
+            )
         if closing is not None:
             self._overdue(tx, tenant_id, account, closing_date, matcher)
         return StatementRecord(
@@ -1002,6 +1009,85 @@ class Reconciler:
             imported_at_us=now_us,
             imported_by=actor,
         )
+
+    def _ledger_check(
+        self,
+        tx: Tx,
+        tenant_id: str,
+        account: str,
+        statement_id: str,
+        closing_minor: int,
+        day: str,
+        own: str,
+        currency: str,
+        matcher: _Matcher,
+    ) -> int:
+        """The closing booked balance against the ledger's balance of the
+        account at the end of `day`, less the payments in transit (posted by
+        the ledger, not booked by the bank by then: `in_transit`); a
+        balance_mismatch break when they differ. The ledger's balance."""
+        ledger = tx.bank_balance_as_of(tenant_id, account, _day_end_us(day))
+        transit, count = self.in_transit(tx, tenant_id, account, day)
+        if ledger - transit != closing_minor:
+            diff = closing_minor - (ledger - transit)
+            matcher.add_break(
+                BreakClass.BALANCE_MISMATCH,
+                f"ledger-balance:{own}",
+                abs(diff),
+                currency,
+                Direction.CREDIT if diff > 0 else Direction.DEBIT,
+                f"closing balance {closing_minor} on {day}; the ledger's balance of {account} "
+                f"then is {ledger}, {transit} of it in {count} payments in transit",
+                statement_id=statement_id,
+            )
+        return ledger
+
+    def in_transit(self, tx: Tx, tenant_id: str, account: str, day: str) -> tuple[int, int]:
+        """The payments in transit on `day`: the account's postings from the
+        `unmatched_posting_lookback_days` before its end that no statement
+        line booked by `day` accounts for, as (their sum as the ledger's
+        balance counts them, debits - credits; how many). A line accounts for
+        a posting when it is matched to the posting's entry, or to the
+        expected payment that names the entry (its ledger_entry_id) or that
+        the entry's idempotency key names (`recon.in_transit_expected_keys`:
+        a payout's settlement, `payout-settle:<id>`, is the bank side of the
+        expected payment `payout:<id>`). A break's own write-off or reversal
+        (`recon-...`), and a posting whose unmatched_ledger break an operator
+        resolved, count as booked. Older postings count as booked (a posting
+        no line matched is an unmatched_ledger break by then)."""
+        end_us = _day_end_us(day)
+        from_us = end_us + 1 - self.config.unmatched_posting_lookback_days * _DAY_US
+        postings = tx.bank_postings_window(tenant_id, account, from_us, end_us, 100_000)
+        if not postings:
+            return 0, 0
+        mapped: dict[str, str] = {}
+        for entry_id, _, _, key in postings:
+            for prefix, expected_prefix in self.config.in_transit_expected_keys.items():
+                if key.startswith(prefix):
+                    mapped[entry_id] = expected_prefix + key.removeprefix(prefix)
+        entry_ids = [p[0] for p in postings]
+        matches_of = tx.matches_of_entries(tenant_id, entry_ids)
+        by_entry, by_id = tx.expected_matches(tenant_id, entry_ids, list(mapped.values()))
+        match_ids = [m for ms in matches_of.values() for m in ms]
+        match_ids += [*by_entry.values(), *by_id.values()]
+        booked_on = tx.first_booking_days(tenant_id, match_ids)
+        settled = tx.resolved_breaks(
+            tenant_id, [break_id_for(tenant_id, f"{POSTING_CAUSE}{e}") for e in entry_ids]
+        )
+        total = count = 0
+        for entry_id, side, amount, key in postings:
+            if key.startswith("recon-"):
+                continue
+            if break_id_for(tenant_id, f"{POSTING_CAUSE}{entry_id}") in settled:
+                continue
+            ids = [*matches_of.get(entry_id, []), by_entry.get(entry_id, "")]
+            ids.append(by_id.get(mapped.get(entry_id, ""), ""))
+            days = [booked_on[m] for m in ids if m in booked_on]
+            if days and min(days) <= day:
+                continue
+            total += amount if side == int(Side.DEBIT) else -amount
+            count += 1
+        return total, count
 
     def _overdue(self, tx: Tx, tenant_id: str, account: str, day: str, matcher: _Matcher) -> None:
         """Expected payments of the account whose window and grace ended by

@@ -763,6 +763,105 @@ class Tx:
         )
         return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in self.cur.fetchall()]
 
+    def bank_postings_window(
+        self, tenant_id: str, ledger_account_id: str, from_us: int, to_us: int, limit: int
+    ) -> list[tuple[str, int, int, str]]:
+        """(entry id, side, amount, idempotency key) of the account's postings
+        posted in [from_us, to_us]."""
+        self.cur.execute(
+            self._sql(
+                "SELECT p.entry_id, p.side, p.amount_minor, e.idempotency_key FROM postings p "
+                "JOIN entries e ON e.tenant_id = p.tenant_id "
+                "AND e.entry_key = p.tenant_id || '/' || p.entry_id "
+                "WHERE p.tenant_id = %s AND p.account_key = %s "
+                "AND p.posted_at_us BETWEEN %s AND %s ORDER BY p.posted_at_us, p.entry_id LIMIT %s"
+            ),
+            (tenant_id, account_key(tenant_id, ledger_account_id), from_us, to_us, limit),
+        )
+        return [(r[0], int(r[1]), int(r[2]), r[3]) for r in self.cur.fetchall()]
+
+    def matches_of_entries(self, tenant_id: str, entry_ids: Sequence[str]) -> dict[str, list[str]]:
+        """entry id -> the match ids naming it."""
+        found: dict[str, list[str]] = {}
+        for chunk in _chunks(sorted(set(entry_ids))):
+            self.cur.execute(
+                self._sql(
+                    "SELECT entry_id, match_id FROM matches WHERE tenant_id = %s "
+                    f"AND entry_id <> '' AND entry_id IN ({self._marks(len(chunk))})"
+                ),
+                (tenant_id, *chunk),
+            )
+            for entry_id, match_id in self.cur.fetchall():
+                found.setdefault(entry_id, []).append(match_id)
+        return found
+
+    def expected_matches(
+        self, tenant_id: str, entry_ids: Sequence[str], expected_ids: Sequence[str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The match ids of the expected payments naming these ledger entries
+        (entry id -> match id) and of these expected payments (expected id ->
+        match id); unmatched ones are left out."""
+        by_entry: dict[str, str] = {}
+        by_id: dict[str, str] = {}
+        for column, keys, out in (
+            ("ledger_entry_id", entry_ids, by_entry),
+            ("expected_id", expected_ids, by_id),
+        ):
+            for chunk in _chunks(sorted({k for k in keys if k})):
+                self.cur.execute(
+                    self._sql(
+                        f"SELECT {column}, match_id FROM expected_payments WHERE tenant_id = %s "
+                        f"AND {column} IN ({self._marks(len(chunk))}) AND match_id <> ''"
+                    ),
+                    (tenant_id, *chunk),
+                )
+                out.update((r[0], r[1]) for r in self.cur.fetchall())
+        return by_entry, by_id
+
+    def first_booking_days(self, tenant_id: str, match_ids: Sequence[str]) -> dict[str, str]:
+        """match id -> the earliest booking date of its statement lines."""
+        lines_of: dict[str, list[str]] = {}
+        for chunk in _chunks(sorted(set(match_ids))):
+            self.cur.execute(
+                self._sql(
+                    "SELECT match_id, line_fingerprints FROM matches WHERE tenant_id = %s "
+                    f"AND match_id IN ({self._marks(len(chunk))})"
+                ),
+                (tenant_id, *chunk),
+            )
+            for match_id, fingerprints in self.cur.fetchall():
+                lines_of[match_id] = json.loads(fingerprints)
+        day_of: dict[str, str] = {}
+        wanted = sorted({fp for fps in lines_of.values() for fp in fps})
+        for chunk in _chunks(wanted):
+            self.cur.execute(
+                self._sql(
+                    "SELECT fingerprint, booking_date FROM statement_lines WHERE tenant_id = %s "
+                    f"AND fingerprint IN ({self._marks(len(chunk))})"
+                ),
+                (tenant_id, *chunk),
+            )
+            day_of.update((r[0], r[1]) for r in self.cur.fetchall())
+        out: dict[str, str] = {}
+        for match_id, fps in lines_of.items():
+            days = [day_of[fp] for fp in fps if day_of.get(fp)]
+            if days:
+                out[match_id] = min(days)
+        return out
+
+    def resolved_breaks(self, tenant_id: str, break_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(break_ids))):
+            self.cur.execute(
+                self._sql(
+                    "SELECT break_id FROM breaks WHERE tenant_id = %s AND state = %s "
+                    f"AND break_id IN ({self._marks(len(chunk))})"
+                ),
+                (tenant_id, BreakState.RESOLVED.value, *chunk),
+            )
+            found.update(r[0] for r in self.cur.fetchall())
+        return found
+
     def bank_accounts(self, roles: Sequence[str], limit: int) -> list[tuple[str, str]]:
         """(tenant, account) of every tenant's bank accounts: those a
         statement was imported for, and those whose metadata `role` is one of

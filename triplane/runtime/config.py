@@ -298,6 +298,13 @@ class ReconConfig(_Strict, frozen=True):
     unmatched_posting_skip_keys: list[str] = msgspec.field(
         default_factory=lambda: ["payout-settle:%", "payout-reverse:%", "recon-%"]
     )
+    # The ledger-balance check's payments in transit: a bank account's
+    # posting whose entry's idempotency key starts with a key here is booked
+    # when the expected payment <value><rest of the key> is (a payout's
+    # settlement and its expected payment).
+    in_transit_expected_keys: dict[str, str] = msgspec.field(
+        default_factory=lambda: {"payout-settle:": "payout:", "payout-reverse:": "payout:"}
+    )
 
 
 class PayoutsConfig(_Strict, frozen=True):

@@ -19,6 +19,7 @@ from money_plane.payouts.domain import NewBeneficiary, Payout, PayoutOutcome, Ra
 from money_plane.payouts.service import Payouts, expected_id_for, expected_window, load_cipher
 from money_plane.recon.model import Direction, ExpectedPayment, ExpectedState
 from money_plane.recon.reconciler import Reconciler
+from triplane.runtime.config import ReconConfig
 
 IN_FLIGHT = "payouts_in_flight:USD"
 BANK = "payouts_bank:USD"
@@ -199,3 +200,64 @@ async def test_a_booking_after_the_payout_failed_is_booked_after_cancel(
     assert [b.break_class.value for b in second.breaks] == ["booked_after_cancel"]
     kit.clock.advance(10 * 86_400)
     assert await recon.sweep_overdue(kit.tenant, BANK) == []
+
+
+async def test_the_ledger_balance_check_counts_a_settled_payout_not_yet_booked_in_transit(
+    kit: Kit, payouts: Payouts, recon: Reconciler
+) -> None:
+    """An instant payout settles in the ledger on its day (the bank account
+    credited) and the bank books it the next: the first day's closing
+    balance is the ledger's less that payment in transit, no break; the
+    next day it is booked and nothing is in transit. A real difference
+    still raises balance_mismatch, naming what was in transit."""
+    checked = Reconciler(kit.ledger, ReconConfig(check_ledger_balance=True), kit.clock)
+    payout = await approved(kit, payouts, "po-5", 4_000, "instant_payment")
+    await payouts.hand_to_rail(kit.tenant, payout.payout_id, Rail())
+    await payouts.record_outcome(kit.tenant, payout.payout_id, PayoutOutcome.SETTLED)
+    first = today(kit)
+    day_one = await checked.import_statement(
+        kit.tenant, BANK, camt053(statement([], opening=0, day=first))
+    )
+    assert day_one.breaks == []
+    assert day_one.statements[0].ledger_closing_minor == -4_000
+    assert await checked_in_transit(checked, kit, first) == (-4_000, 1)
+
+    kit.clock.advance(86_400)
+    second = today(kit)
+    booked = line(4_000, e2e=payout.end_to_end_id, sign=Sign.DEBIT, day=second)
+    day_two = await checked.import_statement(
+        kit.tenant, BANK, camt053(statement([booked], opening=0, day=second))
+    )
+    assert day_two.breaks == []
+    assert [m.expected_ids for m in day_two.matches] == [(expected_id_for(payout.payout_id),)]
+    assert await checked_in_transit(checked, kit, second) == (0, 0)
+    # The first day still had it in transit: booked the day after.
+    assert await checked_in_transit(checked, kit, first) == (-4_000, 1)
+
+    # The bank says 100 more left than the ledger knows of.
+    kit.clock.advance(86_400)
+    third = today(kit)
+    off = await checked.import_statement(
+        kit.tenant,
+        BANK,
+        camt053(statement([], opening=-4_000, closing=-4_100, day=third)),
+    )
+    # The statement's own balances do not add up either (no line says why).
+    assert sorted(b.cause.partition(":")[0] for b in off.breaks) == [
+        "ledger-balance",
+        "statement-balance",
+    ]
+    [raised] = [b for b in off.breaks if b.cause.startswith("ledger-balance:")]
+    assert (raised.break_class.value, raised.amount_minor, raised.direction) == (
+        "balance_mismatch",
+        100,
+        Direction.DEBIT,
+    )
+    assert "0 of it in 0 payments in transit" in raised.reason
+
+
+async def checked_in_transit(recon: Reconciler, kit: Kit, day: dt.date) -> tuple[int, int]:
+    found: tuple[int, int] = await kit.ledger.run_on_writer(
+        lambda: recon.store.run(lambda tx: recon.in_transit(tx, kit.tenant, BANK, day.isoformat()))
+    )
+    return found
