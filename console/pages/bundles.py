@@ -11,14 +11,13 @@ after."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlencode
 
 import grpc
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from console import audit
+from console.actions import audited, next_page_link
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
@@ -92,10 +91,7 @@ async def bundles(request: Request, session: Session) -> Response:
             )
     except grpc.aio.AioRpcError as error:
         return grpc_error_page(request, session, error)
-    next_link = ""
-    if listed.next_page_token:
-        kept = {"tenant": tenant} if tenant else {}
-        next_link = "/bundles?" + urlencode({**kept, "page_token": listed.next_page_token})
+    next_link = next_page_link("/bundles", {"tenant": tenant}, listed.next_page_token)
     return render(
         request,
         session,
@@ -165,13 +161,10 @@ async def _switch(request: Request, session: Session, slot: str) -> Response:
     stub = console.planes.bundles()
     action = "bundle.activate" if slot == "live" else "bundle.shadow"
     target = f"bundle:{version or '(none)'}"
-    before: dict[str, Any] = {}
-    try:
-        before = _slots(
-            await stub.GetActiveBundle(
-                pb.GetActiveBundleRequest(), timeout=console.planes.timeout_s
-            )
-        )
+    active = pb.GetActiveBundleRequest()
+
+    async def change(before: dict[str, Any]) -> dict[str, Any]:
+        before.update(_slots(await stub.GetActiveBundle(active, timeout=console.planes.timeout_s)))
         if slot == "live":
             await stub.ActivateBundle(
                 pb.ActivateBundleRequest(version=version, actor=session.username, reason=reason),
@@ -182,26 +175,11 @@ async def _switch(request: Request, session: Session, slot: str) -> Response:
                 pb.SetShadowBundleRequest(version=version, actor=session.username, reason=reason),
                 timeout=console.planes.timeout_s,
             )
-        after = _slots(
-            await stub.GetActiveBundle(
-                pb.GetActiveBundleRequest(), timeout=console.planes.timeout_s
-            )
-        )
-    except grpc.aio.AioRpcError as error:
-        await audit.record(
-            request,
-            session,
-            action,
-            target,
-            "failed",
-            before={**before, "reason": reason},
-            after={"code": error.code().name, "details": error.details() or ""},
-        )
-        return grpc_error_page(request, session, error)
-    await audit.record(
-        request, session, action, target, "ok", before={**before, "reason": reason}, after=after
+        return _slots(await stub.GetActiveBundle(active, timeout=console.planes.timeout_s))
+
+    return await audited(
+        request, session, action, target, change, redirect_to="/bundles", before={"reason": reason}
     )
-    return RedirectResponse("/bundles", 303)
 
 
 @requires("bundles:activate")

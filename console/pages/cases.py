@@ -16,15 +16,22 @@ import datetime
 import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from console import audit
+from console.actions import (
+    BadFilter,
+    audited,
+    choice_filter,
+    filter_error_page,
+    next_page_link,
+    tenant_filter,
+)
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.charts import Share, share_chart
@@ -41,17 +48,10 @@ STATUSES = {
 }
 OUTCOMES = {"review": pb.OUTCOME_REVIEW, "hold": pb.OUTCOME_HOLD, "deny": pb.OUTCOME_DENY}
 RESOLUTIONS = {"approve": pb.RESOLUTION_APPROVE, "decline": pb.RESOLUTION_DECLINE}
-MAX_TENANT_LENGTH = 128
 # The overrule chart's windows, in days (one bucket a UTC day).
 OVERRULE_WINDOWS = (7, 30, 90)
 DEFAULT_OVERRULE_WINDOW = 30
 DAY_US = 86_400_000_000
-
-
-class BadFilter(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def _decimal(params: dict[str, str], name: str) -> Decimal | None:
@@ -68,26 +68,14 @@ def _decimal(params: dict[str, str], name: str) -> Decimal | None:
 
 
 def _filters(params: dict[str, str]) -> dict[str, Any]:
-    tenant = params.get("tenant", "").strip()
-    if len(tenant) > MAX_TENANT_LENGTH:
-        raise BadFilter("tenant", "tenant is too long")
-    status = params.get("status", "open") or "open"
-    if status not in STATUSES:
-        raise BadFilter("status", f"status must be one of {', '.join(STATUSES)}")
-    outcome = params.get("outcome", "")
-    if outcome and outcome not in OUTCOMES:
-        raise BadFilter("outcome", f"outcome must be one of {', '.join(OUTCOMES)}")
-    window = params.get("window_days", "") or str(DEFAULT_OVERRULE_WINDOW)
-    if window not in {str(days) for days in OVERRULE_WINDOWS}:
-        raise BadFilter(
-            "window_days",
-            f"window_days must be one of {', '.join(map(str, OVERRULE_WINDOWS))}",
-        )
+    windows = tuple(str(days) for days in OVERRULE_WINDOWS)
     return {
-        "tenant": tenant,
-        "window_days": int(window),
-        "status": status,
-        "outcome": outcome,
+        "tenant": tenant_filter(params),
+        "window_days": int(
+            choice_filter(params, "window_days", windows, str(DEFAULT_OVERRULE_WINDOW))
+        ),
+        "status": choice_filter(params, "status", STATUSES, "open"),
+        "outcome": choice_filter(params, "outcome", OUTCOMES, ""),
         "min_age_h": _decimal(params, "min_age_h"),
         "min_amount": _decimal(params, "min_amount"),
         "max_amount": _decimal(params, "max_amount"),
@@ -169,7 +157,7 @@ async def queue(request: Request, session: Session) -> Response:
     try:
         filters = _filters(params)
     except BadFilter as bad:
-        return error_page(request, session, 400, "FILTER_INVALID", str(bad), bad.field)
+        return filter_error_page(request, session, bad)
     cases: list[pb.Case] = []
     next_token = ""
     overrule: dict[str, Any] = {}
@@ -190,10 +178,7 @@ async def queue(request: Request, session: Session) -> Response:
         cases = [case for case in answer.cases if _keep(case, filters, now)]
         next_token = answer.next_page_token
         overrule = await _overrule(console, filters["tenant"], filters["window_days"])
-    next_link = ""
-    if next_token:
-        kept = {k: v for k, v in params.items() if k != "page_token" and v}
-        next_link = "/cases?" + urlencode({**kept, "page_token": next_token})
+    next_link = next_page_link("/cases", params, next_token)
     template = "cases/_table.html" if request.headers.get("hx-request") else "cases/list.html"
     return render(
         request,
@@ -284,28 +269,18 @@ async def claim(request: Request, session: Session) -> Response:
     tenant = request.path_params["tenant"]
     case_id = request.path_params["case_id"]
     target = f"case:{tenant}/{case_id}"
-    before: dict[str, Any] = {}
-    try:
-        before = case_state(await _case(console, tenant, case_id))
+
+    async def change(before: dict[str, Any]) -> dict[str, Any]:
+        before.update(case_state(await _case(console, tenant, case_id)))
         answer = await console.planes.cases().ClaimCase(
             pb.ClaimCaseRequest(tenant_id=tenant, case_id=case_id, reviewer=session.username),
             timeout=console.planes.timeout_s,
         )
-    except grpc.aio.AioRpcError as error:
-        await audit.record(
-            request,
-            session,
-            "case.claim",
-            target,
-            "failed",
-            before=before,
-            after={"code": error.code().name, "details": error.details() or ""},
-        )
-        return grpc_error_page(request, session, error)
-    await audit.record(
-        request, session, "case.claim", target, "ok", before=before, after=case_state(answer.case)
+        return case_state(answer.case)
+
+    return await audited(
+        request, session, "case.claim", target, change, redirect_to=case_path(tenant, case_id)
     )
-    return RedirectResponse(case_path(tenant, case_id), 303)
 
 
 @requires("cases:resolve")
@@ -330,9 +305,9 @@ async def resolve(request: Request, session: Session) -> Response:
         return error_page(
             request, session, 400, "NOTE_REQUIRED", "Say why: a reason is required.", "note"
         )
-    before: dict[str, Any] = {}
-    try:
-        before = case_state(await _case(console, tenant, case_id))
+
+    async def change(before: dict[str, Any]) -> dict[str, Any]:
+        before.update(case_state(await _case(console, tenant, case_id)))
         answer = await console.planes.cases().ResolveCase(
             pb.ResolveCaseRequest(
                 tenant_id=tenant,
@@ -343,27 +318,11 @@ async def resolve(request: Request, session: Session) -> Response:
             ),
             timeout=console.planes.timeout_s,
         )
-    except grpc.aio.AioRpcError as error:
-        await audit.record(
-            request,
-            session,
-            "case.resolve",
-            target,
-            "failed",
-            before=before,
-            after={"code": error.code().name, "details": error.details() or ""},
-        )
-        return grpc_error_page(request, session, error)
-    await audit.record(
-        request,
-        session,
-        "case.resolve",
-        target,
-        "ok",
-        before=before,
-        after=case_state(answer.case),
+        return case_state(answer.case)
+
+    return await audited(
+        request, session, "case.resolve", target, change, redirect_to=case_path(tenant, case_id)
     )
-    return RedirectResponse(case_path(tenant, case_id), 303)
 
 
 PAGE = Page(

@@ -19,7 +19,7 @@ import datetime
 import json
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -30,6 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from console import audit
+from console.actions import BadFilter, filter_error_page, next_page_link, text_filter
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
@@ -44,12 +45,6 @@ BAR_ROW = 24
 BAR_LABEL = 200
 # Attributions asked of the AI plane (largest contribution first).
 TOP_K = 8
-
-
-class BadFilter(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def utc_timestamp(raw: str) -> Timestamp | None:
@@ -78,12 +73,11 @@ def _time(params: dict[str, str], name: str) -> Timestamp | None:
 
 
 def _filters(params: dict[str, str]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for name in ("tenant", "decision_id", "customer", "account_id", "page_token"):
-        value = params.get(name, "").strip()
-        if name != "page_token" and len(value) > MAX_FILTER_LENGTH:
-            raise BadFilter(name, f"{name} is too long")
-        found[name] = value
+    found: dict[str, Any] = {
+        name: text_filter(params, name, MAX_FILTER_LENGTH)
+        for name in ("tenant", "decision_id", "customer", "account_id")
+    }
+    found["page_token"] = params.get("page_token", "").strip()
     found["start"] = _time(params, "start")
     found["end"] = _time(params, "end")
     return found
@@ -108,7 +102,7 @@ async def search(request: Request, session: Session) -> Response:
     try:
         filters = _filters(params)
     except BadFilter as bad:
-        return error_page(request, session, 400, "FILTER_INVALID", str(bad), bad.field)
+        return filter_error_page(request, session, bad)
     decisions: list[pb.ListedDecision] = []
     next_link = ""
     if filters["tenant"]:
@@ -131,9 +125,7 @@ async def search(request: Request, session: Session) -> Response:
         except grpc.aio.AioRpcError as error:
             return grpc_error_page(request, session, error)
         decisions = list(answer.decisions)
-        if answer.next_page_token:
-            kept = {k: v for k, v in params.items() if k != "page_token" and v}
-            next_link = "/decisions?" + urlencode({**kept, "page_token": answer.next_page_token})
+        next_link = next_page_link("/decisions", params, answer.next_page_token)
     template = (
         "decisions/_table.html" if request.headers.get("hx-request") else "decisions/list.html"
     )

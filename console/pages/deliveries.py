@@ -15,10 +15,18 @@ from urllib.parse import quote, urlencode
 
 import grpc
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from console import audit
+from console.actions import (
+    BadFilter,
+    audited,
+    choice_filter,
+    filter_error_page,
+    next_page_link,
+    tenant_filter,
+    text_filter,
+)
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
@@ -26,30 +34,14 @@ from triplane.gateway.v1 import delivery_admin_pb2 as pb
 
 # DeliveryRecord.status values; "" is any.
 STATUSES = ("", "pending", "sending", "delivered", "dead")
-MAX_TENANT_LENGTH = 128
 MAX_ENDPOINT_LENGTH = 2048
 
 
-class BadFilter(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
 def _filters(params: dict[str, str]) -> dict[str, str]:
-    tenant = params.get("tenant", "").strip()
-    if len(tenant) > MAX_TENANT_LENGTH:
-        raise BadFilter("tenant", "tenant is too long")
-    status = params.get("status", "")
-    if status not in STATUSES:
-        raise BadFilter("status", f"status must be one of {', '.join(s for s in STATUSES if s)}")
-    endpoint = params.get("endpoint", "").strip()
-    if len(endpoint) > MAX_ENDPOINT_LENGTH:
-        raise BadFilter("endpoint", "endpoint is too long")
     return {
-        "tenant": tenant,
-        "status": status,
-        "endpoint": endpoint,
+        "tenant": tenant_filter(params),
+        "status": choice_filter(params, "status", STATUSES, ""),
+        "endpoint": text_filter(params, "endpoint", MAX_ENDPOINT_LENGTH),
         "page_token": params.get("page_token", ""),
     }
 
@@ -76,7 +68,7 @@ async def deliveries(request: Request, session: Session) -> Response:
     try:
         filters = _filters(params)
     except BadFilter as bad:
-        return error_page(request, session, 400, "FILTER_INVALID", str(bad), bad.field)
+        return filter_error_page(request, session, bad)
     endpoints: list[pb.DeliveryEndpoint] = []
     dead: list[pb.DeliveryRecord] = []
     recent: list[pb.DeliveryRecord] = []
@@ -113,13 +105,11 @@ async def deliveries(request: Request, session: Session) -> Response:
         endpoints = list(listed.endpoints)
         dead = list(dead_page.deliveries)
         recent = list(page.deliveries)
-        if page.next_page_token:
-            next_link = deliveries_path(
-                tenant,
-                status=filters["status"],
-                endpoint=filters["endpoint"],
-                page_token=page.next_page_token,
-            )
+        next_link = next_page_link(
+            "/deliveries",
+            {"tenant": tenant, "status": filters["status"], "endpoint": filters["endpoint"]},
+            page.next_page_token,
+        )
     return render(
         request,
         session,
@@ -162,38 +152,22 @@ async def redeliver(request: Request, session: Session) -> Response:
     if not console.planes.has("gateway"):
         return _unreachable(request, session)
     stub = console.planes.deliveries()
-    before: dict[str, Any] = {}
-    try:
+
+    async def change(before: dict[str, Any]) -> dict[str, Any]:
         current = await stub.GetDelivery(
             pb.GetDeliveryRequest(tenant_id=tenant, delivery_id=delivery_id),
             timeout=console.planes.timeout_s,
         )
-        before = delivery_state(current.delivery)
+        before.update(delivery_state(current.delivery))
         answer = await stub.RequeueDelivery(
             pb.RequeueDeliveryRequest(tenant_id=tenant, delivery_id=delivery_id),
             timeout=console.planes.timeout_s,
         )
-    except grpc.aio.AioRpcError as error:
-        await audit.record(
-            request,
-            session,
-            "delivery.redeliver",
-            target,
-            "failed",
-            before=before,
-            after={"code": error.code().name, "details": error.details() or ""},
-        )
-        return grpc_error_page(request, session, error)
-    await audit.record(
-        request,
-        session,
-        "delivery.redeliver",
-        target,
-        "ok",
-        before=before,
-        after=delivery_state(answer.delivery),
+        return delivery_state(answer.delivery)
+
+    return await audited(
+        request, session, "delivery.redeliver", target, change, redirect_to=deliveries_path(tenant)
     )
-    return RedirectResponse(deliveries_path(tenant), 303)
 
 
 PAGE = Page(

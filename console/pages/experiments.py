@@ -15,20 +15,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from console.app import console_of, error_page, grpc_error_page, render
+from console.actions import BadFilter, filter_error_page, tenant_filter
+from console.app import console_of, grpc_error_page, render
 from console.auth import Session, requires
 from console.charts import Interval, interval_chart
 from console.pages import Page
 from triplane.gateway.v1 import experiments_admin_pb2 as pb
 
-MAX_TENANT_LENGTH = 128
 ALL = "*"
-
-
-class BadFilter(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def _day(params: dict[str, str], name: str) -> Timestamp | None:
@@ -60,13 +54,11 @@ def points(value: float) -> str:
 async def experiments(request: Request, session: Session) -> Response:
     console = console_of(request)
     params = dict(request.query_params)
-    tenant = params.get("tenant", "").strip()
-    if len(tenant) > MAX_TENANT_LENGTH:
-        return error_page(request, session, 400, "FILTER_INVALID", "tenant is too long", "tenant")
     try:
+        tenant = tenant_filter(params)
         since, until = _day(params, "since"), _day(params, "until")
     except BadFilter as bad:
-        return error_page(request, session, 400, "FILTER_INVALID", str(bad), bad.field)
+        return filter_error_page(request, session, bad)
     report: pb.GetLiftReportResponse | None = None
     chart: Any = None
     if tenant and console.planes.has("gateway"):

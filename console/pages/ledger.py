@@ -13,13 +13,14 @@ no money state and calls no method that writes.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import grpc
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from console.actions import BadFilter, filter_error_page, next_page_link, text_filter
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
@@ -28,13 +29,6 @@ from triplane.money.v1 import money_pb2 as pb
 from triplane.runtime.currencies import format_minor
 
 MAX_FIELD_LENGTH = 128
-
-
-def _field(params: dict[str, str], name: str) -> str:
-    value = params.get(name, "").strip()
-    if len(value) > MAX_FIELD_LENGTH:
-        raise ValueError(name)
-    return value
 
 
 def account_path(tenant: str, account_id: str) -> str:
@@ -60,9 +54,9 @@ async def accounts(request: Request, session: Session) -> Response:
     console = console_of(request)
     params = dict(request.query_params)
     try:
-        tenant = _field(params, "tenant")
-    except ValueError as bad:
-        return error_page(request, session, 400, "FILTER_INVALID", f"{bad} is too long", str(bad))
+        tenant = text_filter(params, "tenant", MAX_FIELD_LENGTH)
+    except BadFilter as bad:
+        return filter_error_page(request, session, bad)
     listed: list[pb.Account] = []
     tenants: list[pb.Tenant] = []
     next_link = ""
@@ -78,8 +72,7 @@ async def accounts(request: Request, session: Session) -> Response:
         except grpc.aio.AioRpcError as error:
             return grpc_error_page(request, session, error)
         tenants = list(found.tenants)
-        if found.next_page_token:
-            next_link = "/ledger?" + urlencode({"page_token": found.next_page_token})
+        next_link = next_page_link("/ledger", {}, found.next_page_token)
     else:
         try:
             answer = await console.planes.ledger().ListAccounts(
@@ -93,10 +86,7 @@ async def accounts(request: Request, session: Session) -> Response:
         except grpc.aio.AioRpcError as error:
             return grpc_error_page(request, session, error)
         listed = list(answer.accounts)
-        if answer.next_page_token:
-            next_link = "/ledger?" + urlencode(
-                {"tenant": tenant, "page_token": answer.next_page_token}
-            )
+        next_link = next_page_link("/ledger", {"tenant": tenant}, answer.next_page_token)
     return render(
         request,
         session,
@@ -147,14 +137,9 @@ async def account(request: Request, session: Session) -> Response:
         )
     except grpc.aio.AioRpcError as error:
         return grpc_error_page(request, session, error)
-    next_link = ""
-    if postings.next_page_token:
-        kept = {"as_of": raw_as_of} if raw_as_of else {}
-        next_link = (
-            account_path(tenant, account_id)
-            + "?"
-            + urlencode({**kept, "page_token": postings.next_page_token})
-        )
+    next_link = next_page_link(
+        account_path(tenant, account_id), {"as_of": raw_as_of}, postings.next_page_token
+    )
     return render(
         request,
         session,
@@ -194,14 +179,14 @@ async def entry(request: Request, session: Session) -> Response:
     tenant = request.path_params["tenant"]
     params = dict(request.query_params)
     try:
-        entry_id = _field(params, "entry_id")
-        key = _field(params, "idempotency_key")
+        entry_id = text_filter(params, "entry_id", MAX_FIELD_LENGTH)
+        key = text_filter(params, "idempotency_key", MAX_FIELD_LENGTH)
         answer = await console.planes.ledger().GetEntry(
             pb.GetEntryRequest(tenant_id=tenant, entry_id=entry_id, idempotency_key=key),
             timeout=console.planes.timeout_s,
         )
-    except ValueError as bad:
-        return error_page(request, session, 400, "FILTER_INVALID", f"{bad} is too long", str(bad))
+    except BadFilter as bad:
+        return filter_error_page(request, session, bad)
     except grpc.aio.AioRpcError as error:
         return grpc_error_page(request, session, error)
     return render(

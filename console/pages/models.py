@@ -22,10 +22,10 @@ from urllib.parse import quote
 
 import grpc
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from console import audit
+from console.actions import audited
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.charts import Series, line_chart
@@ -253,13 +253,13 @@ async def promote(request: Request, session: Session) -> Response:
         return bad_reason
     stub = console.planes.models()
     what = f"model:{model}/v{number}"
-    before: dict[str, Any] = {}
-    try:
+
+    async def change(before: dict[str, Any]) -> dict[str, Any]:
         current = await stub.GetModelVersion(
             pb.GetModelVersionRequest(model=model, version=number),
             timeout=console.planes.timeout_s,
         )
-        before = version_state(current.version)
+        before.update(version_state(current.version))
         answer = await stub.PromoteModel(
             pb.PromoteModelRequest(
                 model=model,
@@ -270,30 +270,20 @@ async def promote(request: Request, session: Session) -> Response:
             ),
             timeout=switch_timeout_s(console),
         )
-    except grpc.aio.AioRpcError as error:
-        await audit.record(
-            request,
-            session,
-            "model.promote",
-            what,
-            "failed",
-            before={**before, "reason": reason, "target": target},
-            after={"code": error.code().name, "details": error.details() or ""},
-        )
-        return grpc_error_page(request, session, error)
-    after = version_state(answer.version)
-    if answer.HasField("gate"):
-        after["ope_gate"] = answer.gate.outcome
-    await audit.record(
+        after = version_state(answer.version)
+        if answer.HasField("gate"):
+            after["ope_gate"] = answer.gate.outcome
+        return after
+
+    return await audited(
         request,
         session,
         "model.promote",
         what,
-        "ok",
-        before={**before, "reason": reason, "target": target},
-        after=after,
+        change,
+        redirect_to=version_path(model, number),
+        before={"reason": reason, "target": target},
     )
-    return RedirectResponse(version_path(model, number), 303)
 
 
 @requires("models:promote")
@@ -306,37 +296,27 @@ async def rollback(request: Request, session: Session) -> Response:
     if bad_reason is not None:
         return bad_reason
     stub = console.planes.models()
-    before: dict[str, Any] = {}
-    try:
+
+    async def change(before: dict[str, Any]) -> dict[str, Any]:
         current = await stub.GetModelVersion(
             pb.GetModelVersionRequest(model=model), timeout=console.planes.timeout_s
         )
-        before = version_state(current.version)
+        before.update(version_state(current.version))
         answer = await stub.RollbackModel(
             pb.RollbackModelRequest(model=model, actor=session.username, reason=reason),
             timeout=switch_timeout_s(console),
         )
-    except grpc.aio.AioRpcError as error:
-        await audit.record(
-            request,
-            session,
-            "model.rollback",
-            f"model:{model}",
-            "failed",
-            before={**before, "reason": reason},
-            after={"code": error.code().name, "details": error.details() or ""},
-        )
-        return grpc_error_page(request, session, error)
-    await audit.record(
+        return {**version_state(answer.live), "rollback_s": answer.rollback_s}
+
+    return await audited(
         request,
         session,
         "model.rollback",
         f"model:{model}",
-        "ok",
-        before={**before, "reason": reason},
-        after={**version_state(answer.live), "rollback_s": answer.rollback_s},
+        change,
+        redirect_to=f"/models#model-{quote(model, safe='')}",
+        before={"reason": reason},
     )
-    return RedirectResponse(f"/models#model-{quote(model, safe='')}", 303)
 
 
 PAGE = Page(
