@@ -12,6 +12,7 @@ $TRIPLANE_TEST_ARTIFACTS/console (default .pytest-artifacts/console).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import threading
@@ -120,6 +121,48 @@ class _Server(uvicorn.Server):
         pass
 
 
+@dataclass
+class RunningConsole:
+    url: str
+    clock: ManualClock
+    store: ConsoleStore
+
+
+@contextlib.asynccontextmanager
+async def serve_console(
+    config: Config, users: dict[str, list[str]], name: str = "console"
+) -> AsyncIterator[RunningConsole]:
+    """The console for `config` served by uvicorn in a thread of this process
+    (on config.console.listen), with a ManualClock and `users` (each with
+    PASSWORD and its roles) in its store; stopped on leaving."""
+    clock = ManualClock(time.time_ns() // 1000)
+    store = ConsoleStore.from_config(config)
+    for username, roles in users.items():
+        store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
+    host, port = config.console.listen.rsplit(":", 1)
+    server = _Server(
+        uvicorn.Config(
+            create_app(config, clock=clock, store=store),
+            host=host,
+            port=int(port),
+            log_config=None,
+            lifespan="on",
+        )
+    )
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_WITHIN_S
+    while not server.started:
+        assert thread.is_alive(), "the console exited while starting"
+        assert time.monotonic() < deadline, "the console did not start"
+        await asyncio.sleep(0.05)
+    try:
+        yield RunningConsole(f"http://{host}:{port}", clock, store)
+    finally:
+        server.should_exit = True
+        thread.join(START_WITHIN_S)
+
+
 @pytest.fixture(scope="session")
 async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConsoleUnderTest]:
     state_dir = tmp_path_factory.mktemp("console-state")
@@ -157,26 +200,8 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
                 ),
                 timeout=10,
             )
-        clock = ManualClock(time.time_ns() // 1000)
-        store = ConsoleStore.from_config(config)
-        for username, roles in USERS.items():
-            store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
-        app = create_app(config, clock=clock, store=store)
-        server = _Server(
-            uvicorn.Config(app, host="127.0.0.1", port=console_port, log_config=None, lifespan="on")
-        )
-        thread = threading.Thread(target=server.run, name="console", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_WITHIN_S
-        while not server.started:
-            assert thread.is_alive(), "the console exited while starting"
-            assert time.monotonic() < deadline, "the console did not start"
-            await asyncio.sleep(0.05)
-        try:
-            yield ConsoleUnderTest(stack, config, f"http://127.0.0.1:{console_port}", clock, store)
-        finally:
-            server.should_exit = True
-            thread.join(START_WITHIN_S)
+        async with serve_console(config, USERS) as running:
+            yield ConsoleUnderTest(stack, config, running.url, running.clock, running.store)
 
 
 def chromium() -> str:

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 import pytest
-import uvicorn
 from playwright.async_api import Browser, Page, expect
 
-from console.app import create_app
-from console.auth import hash_password
 from console.store import ConsoleStore
 from gateway.app import Gateway
 from gateway.delivery import Delivery
@@ -32,13 +28,13 @@ from tests.gateway._b_helpers import Receiver, receiver, secret_file
 from tests.tls_helpers import channel_as, dev_certificates, partner_files
 from triplane.gateway.v1 import delivery_admin_pb2 as pb
 from triplane.gateway.v1 import delivery_admin_pb2_grpc
-from triplane.runtime.clock import ManualClock, SystemClock
+from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import CONSOLE, GATEWAY, open_channel
 
-from .conftest import PASSWORD, START_WITHIN_S, _Server, shot, signed_in
+from .conftest import serve_console, shot, signed_in
 
 TENANT = "hooks-acme"
 USERS = {"sam": ["sre"], "fina": ["finance_operator"], "aldo": ["auditor"]}
@@ -129,39 +125,16 @@ async def deliveries_console(
         )
         public_address = f"127.0.0.1:{await gateway.start()}"
         try:
-            clock = ManualClock(time.time_ns() // 1000)
-            store = ConsoleStore.from_config(config)
-            for username, roles in USERS.items():
-                store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
-            server = _Server(
-                uvicorn.Config(
-                    create_app(config, clock=clock, store=store),
-                    host="127.0.0.1",
-                    port=console_port,
-                    log_config=None,
-                    lifespan="on",
-                )
-            )
-            thread = threading.Thread(target=server.run, name="deliveries-console", daemon=True)
-            thread.start()
-            deadline = time.monotonic() + START_WITHIN_S
-            while not server.started:
-                assert thread.is_alive(), "the console exited while starting"
-                assert time.monotonic() < deadline, "the console did not start"
-                await asyncio.sleep(0.05)
-            try:
+            async with serve_console(config, USERS, "deliveries-console") as running:
                 yield DeliveriesConsole(
                     config,
                     gateway,
                     public_address,
                     admin_address,
-                    f"http://127.0.0.1:{console_port}",
-                    store,
+                    running.url,
+                    running.store,
                     hook,
                 )
-            finally:
-                server.should_exit = True
-                thread.join(START_WITHIN_S)
         finally:
             await gateway.stop()
 

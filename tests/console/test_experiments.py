@@ -9,34 +9,27 @@ and table in chromium; a reviewer has no Experiments page."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 import pytest
-import uvicorn
 from google.protobuf.timestamp_pb2 import Timestamp
 from playwright.async_api import Browser, Page, expect
 
-from console.app import create_app
-from console.auth import hash_password
-from console.store import ConsoleStore
 from gateway.app import Gateway
 from gateway.experiments_admin import DIMENSIONS
 from tests.gateway.test_measure import T0, TENANT, simulate
 from tests.tls_helpers import channel_as, dev_certificates
 from triplane.gateway.v1 import experiments_admin_pb2 as pb
 from triplane.gateway.v1 import experiments_admin_pb2_grpc
-from triplane.runtime.clock import ManualClock, SystemClock
+from triplane.runtime.clock import SystemClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import CONSOLE
 
-from .conftest import PASSWORD, START_WITHIN_S, _Server, shot, signed_in
+from .conftest import serve_console, shot, signed_in
 
 USERS = {"rosa": ["risk_admin"], "rita": ["reviewer"]}
 
@@ -83,33 +76,8 @@ async def experiments_console(
     try:
         assert gateway.engagement is not None
         await simulate(gateway.engagement.measurement.measurement, seed=5)
-        clock = ManualClock(time.time_ns() // 1000)
-        store = ConsoleStore.from_config(config)
-        for username, roles in USERS.items():
-            store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
-        server = _Server(
-            uvicorn.Config(
-                create_app(config, clock=clock, store=store),
-                host="127.0.0.1",
-                port=console_port,
-                log_config=None,
-                lifespan="on",
-            )
-        )
-        thread = threading.Thread(target=server.run, name="experiments-console", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_WITHIN_S
-        while not server.started:
-            assert thread.is_alive(), "the console exited while starting"
-            assert time.monotonic() < deadline, "the console did not start"
-            await asyncio.sleep(0.05)
-        try:
-            yield ExperimentsConsole(
-                config, gateway, admin_address, f"http://127.0.0.1:{console_port}"
-            )
-        finally:
-            server.should_exit = True
-            thread.join(START_WITHIN_S)
+        async with serve_console(config, USERS, "experiments-console") as running:
+            yield ExperimentsConsole(config, gateway, admin_address, running.url)
     finally:
         await gateway.stop()
 

@@ -10,29 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
-import time
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 from playwright.async_api import Page, expect
 
-from console.app import create_app
-from console.auth import hash_password
-from console.store import ConsoleStore
 from policy_plane.bundle import shipped_default_path
 from tests.ai_plane.ai_helpers import TEST_AI, payment, require_triton
 from triplane.ai.v1 import ai_pb2, ai_pb2_grpc
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc
-from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import load_config
 from triplane.runtime.net import free_port
 from triplane_tools.models import write_datasets
 from triplane_tools.stack import Stack
 
-from .conftest import PASSWORD, START_WITHIN_S, ConsoleUnderTest, _Server, clean_env, shot
+from .conftest import PASSWORD, ConsoleUnderTest, clean_env, serve_console, shot
 
 MODEL = "payment_risk"
 # The second training's dataset seed (the bootstrap trained v1 on ai.models.seed).
@@ -61,27 +54,11 @@ async def planes_console(
             "console": {"listen": f"127.0.0.1:{console_port}"},
         },
     )
-    async with Stack(config, planes=["policy", "ai"], environ=clean_env()) as stack:
-        clock = ManualClock(time.time_ns() // 1000)
-        store = ConsoleStore.from_config(config)
-        for username, roles in USERS.items():
-            store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
-        app = create_app(config, clock=clock, store=store)
-        server = _Server(
-            uvicorn.Config(app, host="127.0.0.1", port=console_port, log_config=None, lifespan="on")
-        )
-        thread = threading.Thread(target=server.run, name="console", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_WITHIN_S
-        while not server.started:
-            assert thread.is_alive(), "the console exited while starting"
-            assert time.monotonic() < deadline, "the console did not start"
-            await asyncio.sleep(0.05)
-        try:
-            yield ConsoleUnderTest(stack, config, f"http://127.0.0.1:{console_port}", clock, store)
-        finally:
-            server.should_exit = True
-            thread.join(START_WITHIN_S)
+    async with (
+        Stack(config, planes=["policy", "ai"], environ=clean_env()) as stack,
+        serve_console(config, USERS) as running,
+    ):
+        yield ConsoleUnderTest(stack, config, running.url, running.clock, running.store)
 
 
 @pytest.fixture
