@@ -17,14 +17,16 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
 from google.protobuf.timestamp_pb2 import Timestamp
 from playwright.async_api import Browser, Page, async_playwright
+from starlette.testclient import TestClient
 
 from console.app import create_app
 from console.auth import hash_password
@@ -204,6 +206,102 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
             yield ConsoleUnderTest(stack, config, running.url, running.clock, running.store)
 
 
+@contextlib.contextmanager
+def console_client(
+    config: Config,
+    users: Mapping[str, Sequence[str]],
+    password: str = PASSWORD,
+    clock: ManualClock | None = None,
+) -> Iterator[TestClient]:
+    """The console for `config` behind Starlette's TestClient (redirects not
+    followed), with `users` (each with `password` and its roles) in its store."""
+    clock = clock or ManualClock()
+    store = ConsoleStore.from_config(config)
+    password_hash = hash_password(password)  # once: argon2 is slow on purpose
+    for username, roles in users.items():
+        store.add_user(username, password_hash, list(roles), clock.now_us())
+    app = create_app(config, clock=clock, store=store)
+    with TestClient(app, base_url="http://testserver", follow_redirects=False) as client:
+        yield client
+
+
+def login_token(client: TestClient) -> str:
+    """The sign-in form's CSRF token (the form's cookie is kept by the client)."""
+    page = client.get("/login")
+    assert page.status_code == 200
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found
+    return found.group(1)
+
+
+def sign_in_as(client: TestClient, username: str, password: str = PASSWORD) -> None:
+    """Signs `username` in, as a fresh browser would (no cookies before)."""
+    client.cookies.clear()
+    token = login_token(client)
+    answer = client.post(
+        "/login",
+        data={"username": username, "password": password, "csrf_token": token, "next": "/"},
+    )
+    assert answer.status_code == 303, answer.text
+
+
+@contextlib.asynccontextmanager
+async def browser_page(browser: Browser, url: str, **options: Any) -> AsyncIterator[Page]:
+    """A page in a fresh browser context (no cookies) on the console at `url`."""
+    context = await browser.new_context(base_url=url, **options)
+    try:
+        yield await context.new_page()
+    finally:
+        await context.close()
+
+
+# More than the focusable elements of any page: Tab presses before giving up.
+MAX_TABS = 400
+UNLABELLED = """() => Array.from(
+  document.querySelectorAll('input:not([type=hidden]), select, textarea')
+).filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+              && !el.getAttribute('aria-labelledby'))
+ .map(el => el.outerHTML)"""
+MARK_BUTTONS = """() => {
+  const found = Array.from(document.querySelectorAll(
+    'button, input[type=submit], input[type=button], input[type=reset]'
+  )).filter(el => !el.disabled && el.getClientRects().length > 0);
+  found.forEach((el, index) => el.setAttribute('data-a11y', String(index)));
+  return found.map(el => el.outerHTML);
+}"""
+FOCUSED = "() => document.activeElement && document.activeElement.getAttribute('data-a11y')"
+
+
+async def accessibility_problems(page: Page, path: str) -> dict[str, Any]:
+    """What is wrong with the page at `path` (nothing: {}): a visible form
+    control without a <label> or aria-label, not one <h1> or not one <main>,
+    a button the Tab key never reaches (tests/console/test_accessibility.py)."""
+    await page.goto(path)
+    problems: dict[str, Any] = {}
+    unlabelled = await page.evaluate(UNLABELLED)
+    if unlabelled:
+        problems["unlabelled controls"] = unlabelled
+    headings = await page.locator("h1").count()
+    if headings != 1:
+        problems["h1 count"] = headings
+    if await page.locator("main").count() != 1:
+        problems["main count"] = await page.locator("main").count()
+    buttons = await page.evaluate(MARK_BUTTONS)
+    reached: set[str] = set()
+    await page.locator("body").focus()
+    for _ in range(MAX_TABS):
+        if len(reached) == len(buttons):
+            break
+        await page.keyboard.press("Tab")
+        focused = await page.evaluate(FOCUSED)
+        if focused is not None:
+            reached.add(focused)
+    missed = [html for index, html in enumerate(buttons) if str(index) not in reached]
+    if missed:
+        problems["buttons Tab never reaches"] = missed
+    return problems
+
+
 def chromium() -> str:
     """Debian's chromium: missing, the browser tests fail under CI=true (.ci/run
     installs it) and are skipped loudly elsewhere, as the server suites are."""
@@ -228,12 +326,8 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture
 async def page(browser: Browser, console: ConsoleUnderTest) -> AsyncIterator[Page]:
     """A fresh browser context (no cookies) a test."""
-    context = await browser.new_context(base_url=console.url)
-    opened = await context.new_page()
-    try:
+    async with browser_page(browser, console.url) as opened:
         yield opened
-    finally:
-        await context.close()
 
 
 _SHOTS: dict[str, int] = {}

@@ -15,31 +15,24 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page
+from playwright.async_api import Browser
 
 from console.auth import ROLE_PERMISSIONS, hash_password
 from console.pages import discover
 
-from .conftest import PASSWORD, TENANT, ConsoleUnderTest, shot, signed_in
+from .conftest import (
+    PASSWORD,
+    TENANT,
+    ConsoleUnderTest,
+    accessibility_problems,
+    browser_page,
+    shot,
+    signed_in,
+)
 
 # The auditor reads every page it may; the others are the roles with actions.
 ROLES = ("auditor", "reviewer", "risk_admin", "finance_operator", "sre")
-# More than the focusable elements of any page: Tab presses before giving up.
-MAX_TABS = 400
 
-UNLABELLED = """() => Array.from(
-  document.querySelectorAll('input:not([type=hidden]), select, textarea')
-).filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
-              && !el.getAttribute('aria-labelledby'))
- .map(el => el.outerHTML)"""
-MARK_BUTTONS = """() => {
-  const found = Array.from(document.querySelectorAll(
-    'button, input[type=submit], input[type=button], input[type=reset]'
-  )).filter(el => !el.disabled && el.getClientRects().length > 0);
-  found.forEach((el, index) => el.setAttribute('data-a11y', String(index)));
-  return found.map(el => el.outerHTML);
-}"""
-FOCUSED = "() => document.activeElement && document.activeElement.getAttribute('data-a11y')"
 ROWS = """() => Array.from(document.querySelectorAll('main table tr'))
   .map(row => row.innerText.replace(/\\s+/g, ' ').trim())"""
 
@@ -68,45 +61,16 @@ def _paths(role: str, decision: Any) -> list[str]:
     return paths
 
 
-async def _check(page: Page, path: str) -> dict[str, Any]:
-    """What is wrong with the page at `path` (empty lists: nothing)."""
-    await page.goto(path)
-    problems: dict[str, Any] = {}
-    unlabelled = await page.evaluate(UNLABELLED)
-    if unlabelled:
-        problems["unlabelled controls"] = unlabelled
-    headings = await page.locator("h1").count()
-    if headings != 1:
-        problems["h1 count"] = headings
-    if await page.locator("main").count() != 1:
-        problems["main count"] = await page.locator("main").count()
-    buttons = await page.evaluate(MARK_BUTTONS)
-    reached: set[str] = set()
-    await page.locator("body").focus()
-    for _ in range(MAX_TABS):
-        if len(reached) == len(buttons):
-            break
-        await page.keyboard.press("Tab")
-        focused = await page.evaluate(FOCUSED)
-        if focused is not None:
-            reached.add(focused)
-    missed = [html for index, html in enumerate(buttons) if str(index) not in reached]
-    if missed:
-        problems["buttons Tab never reaches"] = missed
-    return problems
-
-
 @pytest.mark.parametrize("role", ROLES)
 async def test_every_page_is_accessible(
     browser: Browser, console: ConsoleUnderTest, role: str
 ) -> None:
     decision = await console.review_case(f"a11y-{role}")
     username = _user(console, role)
-    scripted = await browser.new_context(base_url=console.url)
-    plain = await browser.new_context(base_url=console.url, java_script_enabled=False)
-    try:
-        with_js = await scripted.new_page()
-        without_js = await plain.new_page()
+    async with (
+        browser_page(browser, console.url) as with_js,
+        browser_page(browser, console.url, java_script_enabled=False) as without_js,
+    ):
         await signed_in(with_js, username)
         await signed_in(without_js, username)
         assert "/login" not in with_js.url and "/login" not in without_js.url
@@ -114,7 +78,7 @@ async def test_every_page_is_accessible(
         paths = _paths(role, decision)
         assert paths, f"{role} reads no page"
         for path in paths:
-            problems = await _check(with_js, path)
+            problems = await accessibility_problems(with_js, path)
             rows = await with_js.evaluate(ROWS)
             await without_js.goto(path)
             plain_rows = await without_js.evaluate(ROWS)
@@ -124,6 +88,3 @@ async def test_every_page_is_accessible(
                 failures[path] = problems
         await shot(with_js, f"{role}-last-page")
         assert not failures, failures
-    finally:
-        await scripted.close()
-        await plain.close()

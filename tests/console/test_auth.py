@@ -17,6 +17,8 @@ from console.store import ConsoleStore
 from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
 
+from .conftest import console_client, login_token
+
 PASSWORD = "correct horse battery staple"
 
 
@@ -38,20 +40,9 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 def client(config: Config, clock: ManualClock) -> Iterator[TestClient]:
-    store = ConsoleStore.from_config(config)
-    for name, roles in (("rita", ["reviewer"]), ("aud", ["auditor"]), ("ria", ["risk_admin"])):
-        store.add_user(name, hash_password(PASSWORD), roles, clock.now_us())
-    app = create_app(config, clock=clock, store=store)
-    with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
+    users = {"rita": ["reviewer"], "aud": ["auditor"], "ria": ["risk_admin"]}
+    with console_client(config, users, PASSWORD, clock) as test_client:
         yield test_client
-
-
-def login_token(client: TestClient) -> str:
-    page = client.get("/login")
-    assert page.status_code == 200
-    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert found
-    return found.group(1)
 
 
 def sign_in(client: TestClient, username: str, password: str = PASSWORD) -> int:

@@ -15,15 +15,11 @@ import pytest
 from playwright.async_api import Page, expect
 from starlette.testclient import TestClient
 
-from console.app import create_app
-from console.auth import hash_password
-from console.store import ConsoleStore
 from triplane.policy.v1 import policy_pb2 as pb
 from triplane.policy.v1 import policy_pb2_grpc
 from triplane.runtime import codec as wire
-from triplane.runtime.clock import ManualClock
 
-from .conftest import TENANT, ConsoleUnderTest, shot, signed_in
+from .conftest import TENANT, ConsoleUnderTest, console_client, shot, sign_in_as, signed_in
 from .test_auth import PASSWORD, make_config
 
 DAY_US = 86_400_000_000
@@ -111,27 +107,13 @@ USERS = {"rita": "reviewer", "fina": "finance_operator", "sam": "sre"}
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
     config = make_config(tmp_path, session_idle_s=600.0, session_absolute_s=3600.0)
-    clock = ManualClock()
-    store = ConsoleStore.from_config(config)
-    for name, role in USERS.items():
-        store.add_user(name, hash_password(PASSWORD), [role], clock.now_us())
-    app = create_app(config, clock=clock, store=store)
-    with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
+    users = {name: [role] for name, role in USERS.items()}
+    with console_client(config, users, PASSWORD) as test_client:
         yield test_client
 
 
-def sign_in_as(client: TestClient, username: str) -> None:
-    client.cookies.clear()
-    page = client.get("/login")
-    token = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
-    answer = client.post(
-        "/login", data={"username": username, "password": PASSWORD, "csrf_token": token}
-    )
-    assert answer.status_code == 303, answer.text
-
-
 def test_a_bad_window_is_refused_naming_it(client: TestClient) -> None:
-    sign_in_as(client, "rita")
+    sign_in_as(client, "rita", PASSWORD)
     answer = client.get(f"/cases?tenant={TENANT}&window_days=365")
     assert answer.status_code == 400
     assert answer.headers["x-triplane-reason"] == "FILTER_INVALID"
@@ -144,7 +126,7 @@ def test_a_bad_window_is_refused_naming_it(client: TestClient) -> None:
 
 @pytest.mark.parametrize("username", ["fina", "sam"])
 def test_roles_without_cases_read_are_refused(client: TestClient, username: str) -> None:
-    sign_in_as(client, username)
+    sign_in_as(client, username, PASSWORD)
     answer = client.get(f"/cases?tenant={TENANT}&window_days=30")
     assert answer.status_code == 403
     assert answer.headers["x-triplane-reason"] == "PERMISSION_DENIED"

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 from playwright.async_api import Browser, Page, expect
 
-from .conftest import shot, signed_in
+from .conftest import browser_page, shot, signed_in
 from .gateway_mesh import TENANT, UNKNOWN_CUSTOMER, Mesh, gateway_mesh
 
 pytestmark = [pytest.mark.nats]
@@ -30,12 +30,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Async
 
 @pytest.fixture
 async def page(browser: Browser, mesh: Mesh) -> AsyncIterator[Page]:
-    context = await browser.new_context(base_url=mesh.url)
-    opened = await context.new_page()
-    try:
+    async with browser_page(browser, mesh.url) as opened:
         yield opened
-    finally:
-        await context.close()
 
 
 async def test_a_gateway_decision_is_found_by_id_and_by_customer_token(

@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from console.app import create_app
-from console.auth import hash_password
-from console.store import ConsoleStore
-from triplane.runtime.clock import ManualClock
-
+from .conftest import console_client, sign_in_as
 from .test_auth import PASSWORD, audit_rows, make_config
 
 ROLES = {
@@ -31,29 +27,14 @@ ROLES = {
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
     config = make_config(tmp_path, session_idle_s=600.0, session_absolute_s=3600.0)
-    clock = ManualClock()
-    store = ConsoleStore.from_config(config)
-    for name, role in ROLES.items():
-        store.add_user(name, hash_password(PASSWORD), [role], clock.now_us())
-    app = create_app(config, clock=clock, store=store)
-    with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
+    users = {name: [role] for name, role in ROLES.items()}
+    with console_client(config, users, PASSWORD) as test_client:
         yield test_client
-
-
-def sign_in_as(client: TestClient, username: str) -> None:
-    client.cookies.clear()
-    page = client.get("/login")
-    token = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
-    answer = client.post(
-        "/login",
-        data={"username": username, "password": PASSWORD, "csrf_token": token, "next": "/"},
-    )
-    assert answer.status_code == 303, answer.text
 
 
 @pytest.mark.parametrize("username", ["rita", "rosa", "sam", "aldo"])
 def test_readers_see_the_search_and_the_navigation_link(client: TestClient, username: str) -> None:
-    sign_in_as(client, username)
+    sign_in_as(client, username, PASSWORD)
     page = client.get("/decisions")
     assert page.status_code == 200
     assert '<a href="/decisions" aria-current="page">Decisions</a>' in page.text
@@ -61,7 +42,7 @@ def test_readers_see_the_search_and_the_navigation_link(client: TestClient, user
 
 
 def test_finance_operator_does_not_read_decisions(client: TestClient) -> None:
-    sign_in_as(client, "fina")
+    sign_in_as(client, "fina", PASSWORD)
     page = client.get("/decisions?tenant=acme")
     assert page.status_code == 403
     assert page.headers["x-triplane-reason"] == "PERMISSION_DENIED"
@@ -74,7 +55,7 @@ def test_finance_operator_does_not_read_decisions(client: TestClient) -> None:
 
 
 def test_a_reviewer_reads_but_may_not_replay(client: TestClient) -> None:
-    sign_in_as(client, "rita")
+    sign_in_as(client, "rita", PASSWORD)
     answer = client.get("/decisions/acme/d-1/replay?bundle_version=default@x")
     assert answer.status_code == 403
     assert answer.headers["x-triplane-reason"] == "PERMISSION_DENIED"
@@ -98,7 +79,7 @@ def test_signed_out_reading_goes_to_sign_in(client: TestClient) -> None:
 def test_bad_filters_are_refused_naming_the_field(
     client: TestClient, query: str, field: str
 ) -> None:
-    sign_in_as(client, "aldo")
+    sign_in_as(client, "aldo", PASSWORD)
     answer = client.get(f"/decisions?{query}")
     assert answer.status_code == 400
     assert answer.headers["x-triplane-reason"] == "FILTER_INVALID"

@@ -34,7 +34,7 @@ from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import CONSOLE, GATEWAY, open_channel
 
-from .conftest import serve_console, shot, signed_in
+from .conftest import accessibility_problems, browser_page, serve_console, shot, signed_in
 
 TENANT = "hooks-acme"
 USERS = {"sam": ["sre"], "fina": ["finance_operator"], "aldo": ["auditor"]}
@@ -161,12 +161,8 @@ async def _dead_letter(setup: DeliveriesConsole, key: str) -> str:
 
 @pytest.fixture
 async def page(browser: Browser, deliveries_console: DeliveriesConsole) -> AsyncIterator[Page]:
-    context = await browser.new_context(base_url=deliveries_console.url)
-    opened = await context.new_page()
-    try:
+    async with browser_page(browser, deliveries_console.url) as opened:
         yield opened
-    finally:
-        await context.close()
 
 
 async def _csrf(page: Page) -> str:
@@ -191,6 +187,7 @@ async def test_sre_redelivers_a_dead_letter(
     await expect(dead).to_contain_text("payout.failed")
     await expect(dead.locator("td").nth(5)).to_have_text("3")
     await shot(page, "dead-letter")
+    assert not await accessibility_problems(page, page.url)
 
     deliveries_console.hook.default = (200, 0.0)
     await dead.get_by_role("button", name="Redeliver").click()
@@ -227,9 +224,7 @@ async def test_finance_operator_cannot_redeliver_and_auditor_only_reads(
 ) -> None:
     delivery_id = await _dead_letter(deliveries_console, "payout-po-2")
     path = f"/deliveries/{TENANT}/{delivery_id}/redeliver"
-    finance = await browser.new_context(base_url=deliveries_console.url)
-    try:
-        page = await finance.new_page()
+    async with browser_page(browser, deliveries_console.url) as page:
         await signed_in(page, "fina")
         await expect(page.get_by_role("link", name="Deliveries")).to_have_count(0)
         seen = await page.goto(f"/deliveries?tenant={TENANT}")
@@ -237,11 +232,7 @@ async def test_finance_operator_cannot_redeliver_and_auditor_only_reads(
         answer = await page.request.post(path, form={"csrf_token": await _csrf(page)})
         assert answer.status == 403
         assert answer.headers["x-triplane-reason"] == "PERMISSION_DENIED"
-    finally:
-        await finance.close()
-    auditor = await browser.new_context(base_url=deliveries_console.url)
-    try:
-        page = await auditor.new_page()
+    async with browser_page(browser, deliveries_console.url) as page:
         await signed_in(page, "aldo")
         await page.goto(f"/deliveries?tenant={TENANT}")
         row = page.get_by_test_id("dead-letters").locator(f'tr[data-delivery-id="{delivery_id}"]')
@@ -250,8 +241,6 @@ async def test_finance_operator_cannot_redeliver_and_auditor_only_reads(
         await shot(page, "auditor")
         answer = await page.request.post(path, form={"csrf_token": await _csrf(page)})
         assert answer.status == 403
-    finally:
-        await auditor.close()
     assert (await deliveries_console.delivery(delivery_id)).status == "dead"
 
 

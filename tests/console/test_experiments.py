@@ -29,7 +29,7 @@ from triplane.runtime.net import free_port
 from triplane.runtime.status import parse_rpc_error
 from triplane.runtime.tls import CONSOLE
 
-from .conftest import serve_console, shot, signed_in
+from .conftest import browser_page, serve_console, shot, signed_in
 
 USERS = {"rosa": ["risk_admin"], "rita": ["reviewer"]}
 
@@ -146,12 +146,8 @@ async def test_bad_lift_requests_name_the_field(experiments_console: Experiments
 
 @pytest.fixture
 async def page(browser: Browser, experiments_console: ExperimentsConsole) -> AsyncIterator[Page]:
-    context = await browser.new_context(base_url=experiments_console.url)
-    opened: Page = await context.new_page()
-    try:
+    async with browser_page(browser, experiments_console.url) as opened:
         yield opened
-    finally:
-        await context.close()
 
 
 async def test_a_risk_admin_reads_the_lift_chart(page: Page) -> None:

@@ -17,7 +17,7 @@ from playwright.async_api import Browser, Page, expect
 
 from triplane.runtime.currencies import format_minor
 
-from .conftest import shot, signed_in
+from .conftest import accessibility_problems, browser_page, shot, signed_in
 from .gateway_mesh import KNOWN_CUSTOMER, PAGE_SIZE, TENANT, Mesh, gateway_mesh
 
 pytestmark = [pytest.mark.nats]
@@ -32,12 +32,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Async
 
 @pytest.fixture
 async def page(browser: Browser, mesh: Mesh) -> AsyncIterator[Page]:
-    context = await browser.new_context(base_url=mesh.url)
-    opened = await context.new_page()
-    try:
+    async with browser_page(browser, mesh.url) as opened:
         yield opened
-    finally:
-        await context.close()
 
 
 async def test_balance_and_postings_page_by_page(mesh: Mesh, page: Page) -> None:
@@ -101,3 +97,10 @@ async def test_balance_and_postings_page_by_page(mesh: Mesh, page: Page) -> None
     await page.get_by_role("button", name="Show").click()
     await expect(page.get_by_test_id("balance-as-of")).to_contain_text(format_minor(0, "USD"))
     await shot(page, "as-of")
+    for path in (
+        "/ledger",
+        f"/ledger?tenant={TENANT}",
+        f"/ledger/{TENANT}/accounts/cust_2",
+        f"/ledger/{TENANT}/holds/{holds[0]}",
+    ):
+        assert not await accessibility_problems(page, path), path

@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator
 
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Browser, Page, expect
 
 from policy_plane.bundle import shipped_default_path
 from tests.ai_plane.ai_helpers import TEST_AI, payment, require_triton
@@ -25,7 +25,15 @@ from triplane.runtime.net import free_port
 from triplane_tools.models import write_datasets
 from triplane_tools.stack import Stack
 
-from .conftest import PASSWORD, ConsoleUnderTest, clean_env, serve_console, shot
+from .conftest import (
+    PASSWORD,
+    ConsoleUnderTest,
+    accessibility_problems,
+    browser_page,
+    clean_env,
+    serve_console,
+    shot,
+)
 
 MODEL = "payment_risk"
 # The second training's dataset seed (the bootstrap trained v1 on ai.models.seed).
@@ -62,13 +70,9 @@ async def planes_console(
 
 
 @pytest.fixture
-async def page_on(browser: object, planes_console: ConsoleUnderTest) -> AsyncIterator[Page]:
-    context = await browser.new_context(base_url=planes_console.url)  # type: ignore[attr-defined]
-    opened: Page = await context.new_page()
-    try:
+async def page_on(browser: Browser, planes_console: ConsoleUnderTest) -> AsyncIterator[Page]:
+    async with browser_page(browser, planes_console.url) as opened:
         yield opened
-    finally:
-        await context.close()
 
 
 async def sign_in(page: Page, username: str) -> None:
@@ -114,6 +118,7 @@ async def test_an_sre_promotes_and_rolls_back_a_model(
     await expect(approvals.nth(1)).to_contain_text("sam")
     await expect(approvals.nth(1)).to_contain_text("Better PR AUC on seed 8")
     await shot(page, "model-approvals")
+    assert not await accessibility_problems(page, f"/models/{MODEL}/{new}")
 
     async with console.stack.channel("ai") as channel:
         scoring = ai_pb2_grpc.ScoringServiceStub(channel)
@@ -135,6 +140,7 @@ async def test_an_sre_promotes_and_rolls_back_a_model(
     )
     assert await drift.locator('svg.chart g[data-series="score"] circle').count() >= 1
     await shot(page, "models")
+    assert not await accessibility_problems(page, "/models")
     await page.get_by_label(f"Reason for rolling {MODEL} back to v1").fill("Alert rate doubled")
     await page.get_by_role("button", name=f"Roll {MODEL} back").click()
     await expect(page.get_by_test_id(f"live-{MODEL}")).to_have_text("v1")
@@ -210,9 +216,11 @@ async def test_a_risk_admin_reads_the_diff_and_activates_a_bundle(
     added = await page.locator(".diff-added").all_inner_texts()
     assert removed == ["-    outcome: review"] and added == ["+    outcome: hold"]
     await shot(page, "bundle-diff")
+    assert not await accessibility_problems(page, page.url)
 
     await page.goto("/bundles")
     row = page.locator(f'tr[data-bundle="{changed}"]')
+    assert not await accessibility_problems(page, "/bundles")
     await row.get_by_label("Reason").fill("Possible matches wait for a human before paying")
     await row.get_by_role("button", name="Activate").click()
     await expect(page.get_by_test_id("live-bundle")).to_have_text(changed)

@@ -11,15 +11,13 @@ from collections.abc import Iterator
 import pytest
 from starlette.testclient import TestClient
 
-from console.app import create_app
-from console.auth import hash_password
 from console.charts import Interval, Series, interval_chart, line_chart
 from console.pages.bundles import diff_lines
 from console.store import ConsoleStore
-from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config
 
-from .test_auth import PASSWORD, login_token, make_config
+from .conftest import console_client, sign_in_as
+from .test_auth import PASSWORD, make_config
 
 USERS = {"sam": ["sre"], "rosa": ["risk_admin"], "rita": ["reviewer"], "aldo": ["auditor"]}
 
@@ -31,24 +29,13 @@ def config(tmp_path: object) -> Config:
 
 @pytest.fixture
 def client(config: Config) -> Iterator[TestClient]:
-    clock = ManualClock()
-    store = ConsoleStore.from_config(config)
-    for name, roles in USERS.items():
-        store.add_user(name, hash_password(PASSWORD), roles, clock.now_us())
-    app = create_app(config, clock=clock, store=store)
-    with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
+    with console_client(config, USERS, PASSWORD) as test_client:
         yield test_client
 
 
 def signed_in(client: TestClient, username: str) -> str:
     """Signs `username` in (a fresh browser); returns the session's CSRF token."""
-    client.cookies.clear()
-    token = login_token(client)
-    answer = client.post(
-        "/login",
-        data={"username": username, "password": PASSWORD, "csrf_token": token, "next": "/"},
-    )
-    assert answer.status_code == 303
+    sign_in_as(client, username, PASSWORD)
     page = client.get("/login", follow_redirects=True)
     found = re.search(r'"X-CSRF-Token": "([^"]+)"', page.text)
     assert found, page.text
