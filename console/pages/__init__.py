@@ -34,10 +34,18 @@ How to add a page (say "payouts"):
    the request in, checks the role's permission (403), and on POST the CSRF
    token (403). Permissions per role are in console/auth.py's table; add a
    new one there when no existing one fits.
-2. Every action (a POST that changes something through a plane) calls
-   `audit.record(request, session, "<noun>.<verb>", target, outcome,
-   before=..., after=...)`, on refusal too (outcome "denied"/"failed").
-   Answer a POST with a 303 redirect to the page that shows the result.
+2. Every action (a POST that changes something through a plane) is
+   audited, on refusal too, with the state before and after: write the
+   change as a function of the `before` dict it fills and answer with
+   `console.actions.audited(request, session, "<noun>.<verb>", target,
+   change, redirect_to=...)`: it records "ok" or "failed" (the plane's
+   code and details) and answers a 303 to the page that shows the result,
+   or the plane's refusal. A list links its next page with
+   `console.actions.next_page_link(path, params, answer.next_page_token)`
+   and reads its filters with `text_filter` / `choice_filter` (a
+   `BadFilter` answered by `filter_error_page`: 400 FILTER_INVALID, the
+   field named). A refusal without a plane call (bad input, a role)
+   records `audit.record(...)` itself when it is an action.
 3. Templates under `console/templates/<page>/`, extending `base.html`:
    `{% extends "base.html" %}{% block title %}..{% endblock %}
    {% block content %}..{% endblock %}`. Every form control has a
@@ -52,8 +60,12 @@ How to add a page (say "payouts"):
    so a method not listed answers PERMISSION_DENIED. Add it also to the
    console set in tests/runtime/test_permissions.py.
 5. Tests in tests/console/: the browser fixtures in tests/console/conftest.py
-   (`signed_in(page, role)`, `shot(page, name)`); unit tests with Starlette's
-   TestClient as in tests/console/test_auth.py.
+   (`signed_in(page, role)`, `shot(page, name)`, `browser_page(browser, url)`,
+   `serve_console(config, users)` for a console against planes a module
+   starts itself, `accessibility_problems(page, path)`); unit tests with
+   Starlette's TestClient through `console_client(config, users)` and
+   `sign_in_as(client, username)`. tests/console/test_accessibility.py visits
+   every page found here as each role: a new page is checked without more.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,12 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ai_plane.app import AiPlane
-from console.app import create_app
-from console.auth import hash_password
 from console.store import ConsoleStore
 from gateway.app import Gateway
 from gateway.auth import secrets
@@ -48,7 +44,7 @@ from triplane.runtime.net import free_port
 from triplane.runtime.tls import channel_for, open_channel
 from triplane_tools.models import ensure_bootstrap_models
 
-from .conftest import PASSWORD, START_WITHIN_S, _Server
+from .conftest import serve_console
 
 TENANT = "mesh"
 MERCHANT = "merchant_1"
@@ -212,32 +208,14 @@ async def gateway_mesh(
                 }
             },
         )
-        console_clock = ManualClock(time.time_ns() // 1000)
-        store = ConsoleStore.from_config(console_config)
-        for username, roles in USERS.items():
-            store.add_user(username, hash_password(PASSWORD), roles, console_clock.now_us())
-        app = create_app(console_config, clock=console_clock, store=store)
-        server = _Server(
-            uvicorn.Config(app, host="127.0.0.1", port=console_port, log_config=None, lifespan="on")
+        running = await stack.enter_async_context(
+            serve_console(console_config, USERS, "console-mesh")
         )
-        thread = threading.Thread(target=server.run, name="console-mesh", daemon=True)
-        thread.start()
-
-        def stop_console() -> None:
-            server.should_exit = True
-            thread.join(START_WITHIN_S)
-
-        stack.callback(stop_console)
-        deadline = time.monotonic() + START_WITHIN_S
-        while not server.started:
-            assert thread.is_alive(), "the console exited while starting"
-            assert time.monotonic() < deadline, "the console did not start"
-            await asyncio.sleep(0.05)
         yield Mesh(
             console_config,
-            f"http://127.0.0.1:{console_port}",
-            console_clock,
-            store,
+            running.url,
+            running.clock,
+            running.store,
             KeyedStub(gateway_pb2_grpc.GatewayServiceStub(channel), key),
             money_address,
         )

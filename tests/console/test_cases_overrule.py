@@ -20,7 +20,7 @@ from triplane.policy.v1 import policy_pb2_grpc
 from triplane.runtime import codec as wire
 
 from .conftest import TENANT, ConsoleUnderTest, console_client, shot, sign_in_as, signed_in
-from .test_auth import PASSWORD, make_config
+from .test_auth import make_config
 
 DAY_US = 86_400_000_000
 
@@ -108,12 +108,12 @@ USERS = {"rita": "reviewer", "fina": "finance_operator", "sam": "sre"}
 def client(tmp_path: Path) -> Iterator[TestClient]:
     config = make_config(tmp_path, session_idle_s=600.0, session_absolute_s=3600.0)
     users = {name: [role] for name, role in USERS.items()}
-    with console_client(config, users, PASSWORD) as test_client:
+    with console_client(config, users) as test_client:
         yield test_client
 
 
 def test_a_bad_window_is_refused_naming_it(client: TestClient) -> None:
-    sign_in_as(client, "rita", PASSWORD)
+    sign_in_as(client, "rita")
     answer = client.get(f"/cases?tenant={TENANT}&window_days=365")
     assert answer.status_code == 400
     assert answer.headers["x-triplane-reason"] == "FILTER_INVALID"
@@ -126,7 +126,7 @@ def test_a_bad_window_is_refused_naming_it(client: TestClient) -> None:
 
 @pytest.mark.parametrize("username", ["fina", "sam"])
 def test_roles_without_cases_read_are_refused(client: TestClient, username: str) -> None:
-    sign_in_as(client, username, PASSWORD)
+    sign_in_as(client, username)
     answer = client.get(f"/cases?tenant={TENANT}&window_days=30")
     assert answer.status_code == 403
     assert answer.headers["x-triplane-reason"] == "PERMISSION_DENIED"

@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from .conftest import console_client, sign_in_as
-from .test_auth import PASSWORD, audit_rows, make_config
+from .test_auth import audit_rows, make_config
 
 ROLES = {
     "rita": "reviewer",
@@ -28,13 +28,13 @@ ROLES = {
 def client(tmp_path: Path) -> Iterator[TestClient]:
     config = make_config(tmp_path, session_idle_s=600.0, session_absolute_s=3600.0)
     users = {name: [role] for name, role in ROLES.items()}
-    with console_client(config, users, PASSWORD) as test_client:
+    with console_client(config, users) as test_client:
         yield test_client
 
 
 @pytest.mark.parametrize("username", ["rita", "rosa", "sam", "aldo"])
 def test_readers_see_the_search_and_the_navigation_link(client: TestClient, username: str) -> None:
-    sign_in_as(client, username, PASSWORD)
+    sign_in_as(client, username)
     page = client.get("/decisions")
     assert page.status_code == 200
     assert '<a href="/decisions" aria-current="page">Decisions</a>' in page.text
@@ -42,7 +42,7 @@ def test_readers_see_the_search_and_the_navigation_link(client: TestClient, user
 
 
 def test_finance_operator_does_not_read_decisions(client: TestClient) -> None:
-    sign_in_as(client, "fina", PASSWORD)
+    sign_in_as(client, "fina")
     page = client.get("/decisions?tenant=acme")
     assert page.status_code == 403
     assert page.headers["x-triplane-reason"] == "PERMISSION_DENIED"
@@ -55,7 +55,7 @@ def test_finance_operator_does_not_read_decisions(client: TestClient) -> None:
 
 
 def test_a_reviewer_reads_but_may_not_replay(client: TestClient) -> None:
-    sign_in_as(client, "rita", PASSWORD)
+    sign_in_as(client, "rita")
     answer = client.get("/decisions/acme/d-1/replay?bundle_version=default@x")
     assert answer.status_code == 403
     assert answer.headers["x-triplane-reason"] == "PERMISSION_DENIED"
@@ -79,7 +79,7 @@ def test_signed_out_reading_goes_to_sign_in(client: TestClient) -> None:
 def test_bad_filters_are_refused_naming_the_field(
     client: TestClient, query: str, field: str
 ) -> None:
-    sign_in_as(client, "aldo", PASSWORD)
+    sign_in_as(client, "aldo")
     answer = client.get(f"/decisions?{query}")
     assert answer.status_code == 400
     assert answer.headers["x-triplane-reason"] == "FILTER_INVALID"

@@ -13,8 +13,9 @@ from starlette.testclient import TestClient
 
 import console
 
+from .conftest import sign_in_as
 from .test_auth import audit_rows
-from .test_decisions_roles import client, sign_in_as
+from .test_decisions_roles import client
 
 __all__ = ["client"]
 

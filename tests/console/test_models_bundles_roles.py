@@ -17,7 +17,7 @@ from console.store import ConsoleStore
 from triplane.runtime.config import Config
 
 from .conftest import console_client, sign_in_as
-from .test_auth import PASSWORD, make_config
+from .test_auth import make_config
 
 USERS = {"sam": ["sre"], "rosa": ["risk_admin"], "rita": ["reviewer"], "aldo": ["auditor"]}
 
@@ -29,13 +29,13 @@ def config(tmp_path: object) -> Config:
 
 @pytest.fixture
 def client(config: Config) -> Iterator[TestClient]:
-    with console_client(config, USERS, PASSWORD) as test_client:
+    with console_client(config, USERS) as test_client:
         yield test_client
 
 
 def signed_in(client: TestClient, username: str) -> str:
     """Signs `username` in (a fresh browser); returns the session's CSRF token."""
-    sign_in_as(client, username, PASSWORD)
+    sign_in_as(client, username)
     page = client.get("/login", follow_redirects=True)
     found = re.search(r'"X-CSRF-Token": "([^"]+)"', page.text)
     assert found, page.text
