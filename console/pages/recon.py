@@ -32,6 +32,12 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from console import audit
+from console.actions import (
+    BadFilter,
+    filter_error_page,
+    next_page_link,
+    tenant_filter,
+)
 from console.app import console_of, error_page, grpc_error_page, render
 from console.auth import Session, requires
 from console.pages import Page
@@ -55,7 +61,6 @@ RESOLUTIONS = ("manual_match", "write_off", "reversal", "accepted")
 # Those that post a ledger transfer: decided by the policy plane first.
 ADJUSTMENTS = frozenset({"write_off", "reversal"})
 MAX_CASE_ID_LENGTH = 128
-MAX_TENANT_LENGTH = 128
 MAX_FIELD_LENGTH = 256
 MAX_NOTE_LENGTH = 2000
 # A statement file bigger than this is refused before it is sent.
@@ -68,13 +73,6 @@ class BadInput(ValueError):
         super().__init__(message)
         self.field = field
         self.reason = reason
-
-
-def _tenant(raw: str) -> str:
-    tenant = raw.strip()
-    if len(tenant) > MAX_TENANT_LENGTH:
-        raise BadInput("tenant", "FILTER_INVALID", "tenant is too long")
-    return tenant
 
 
 def _filters(params: dict[str, str], tiers: list[str]) -> dict[str, Any]:
@@ -99,7 +97,7 @@ def _filters(params: dict[str, str], tiers: list[str]) -> dict[str, Any]:
         if not min_age_h.is_finite() or min_age_h < 0:
             raise BadInput("min_age_h", "FILTER_INVALID", "min_age_h must be a number >= 0")
     return {
-        "tenant": _tenant(params.get("tenant", "")),
+        "tenant": tenant_filter(params),
         "state": state,
         "break_class": break_class,
         "tier": tier,
@@ -151,6 +149,8 @@ async def breaks(request: Request, session: Session) -> Response:
     tiers = _tiers(request)
     try:
         filters = _filters(params, tiers)
+    except BadFilter as bad:
+        return filter_error_page(request, session, bad)
     except BadInput as bad:
         return error_page(request, session, 400, bad.reason, str(bad), bad.field)
     found: list[pb.ReconBreak] = []
@@ -173,10 +173,7 @@ async def breaks(request: Request, session: Session) -> Response:
             return grpc_error_page(request, session, error)
         found = sorted((b for b in answer.breaks if _keep(b, filters)), key=_urgency)
         next_token = answer.next_page_token
-    next_link = ""
-    if next_token:
-        kept = {k: v for k, v in params.items() if k != "page_token" and v}
-        next_link = "/recon?" + urlencode({**kept, "page_token": next_token})
+    next_link = next_page_link("/recon", params, next_token)
     template = "recon/_breaks.html" if request.headers.get("hx-request") else "recon/breaks.html"
     return render(
         request,
@@ -534,9 +531,9 @@ async def statements(request: Request, session: Session) -> Response:
     console = console_of(request)
     params = dict(request.query_params)
     try:
-        tenant = _tenant(params.get("tenant", ""))
-    except BadInput as bad:
-        return error_page(request, session, 400, bad.reason, str(bad), bad.field)
+        tenant = tenant_filter(params)
+    except BadFilter as bad:
+        return filter_error_page(request, session, bad)
     found: list[pb.ReconStatement] = []
     next_link = ""
     if tenant:
@@ -552,10 +549,7 @@ async def statements(request: Request, session: Session) -> Response:
         except grpc.aio.AioRpcError as error:
             return grpc_error_page(request, session, error)
         found = list(answer.statements)
-        if answer.next_page_token:
-            next_link = "/recon/statements?" + urlencode(
-                {"tenant": tenant, "page_token": answer.next_page_token}
-            )
+        next_link = next_page_link("/recon/statements", {"tenant": tenant}, answer.next_page_token)
     return render(
         request,
         session,
@@ -600,7 +594,7 @@ async def import_statement(request: Request, session: Session) -> Response:
     console = console_of(request)
     form = await request.form()
     try:
-        tenant = _tenant(_field(form, "tenant"))
+        tenant = tenant_filter({"tenant": _field(form, "tenant")})
         if not tenant:
             raise BadInput("tenant", "FIELD_REQUIRED", "name the tenant")
         account = _field(form, "ledger_account_id")
@@ -614,6 +608,8 @@ async def import_statement(request: Request, session: Session) -> Response:
             raise BadInput(
                 "statement", "STATEMENT_TOO_LARGE", f"the file is over {MAX_STATEMENT_BYTES} bytes"
             )
+    except BadFilter as bad:
+        return filter_error_page(request, session, bad)
     except BadInput as bad:
         return error_page(request, session, 400, bad.reason, str(bad), bad.field)
     target = f"statement:{tenant}/{account}"
