@@ -9,20 +9,14 @@ resolution is then applied once with the approval's token."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import grpc
 import pytest
-import uvicorn
 from playwright.async_api import Browser, Page, expect
 
-from console.app import create_app
-from console.auth import hash_password
 from console.pages.recon import _adjustment_request
 from console.planes import Planes as ConsolePlanes
 from console.store import ConsoleStore
@@ -31,11 +25,10 @@ from policy_plane.app import PolicyPlane, build_plane
 from tests.tls_helpers import channel_as, dev_certificates
 from triplane.money.v1 import money_pb2, money_pb2_grpc, recon_pb2, recon_pb2_grpc
 from triplane.policy.v1 import policy_pb2
-from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
 
-from .conftest import PASSWORD, START_WITHIN_S, _Server, shot, signed_in
+from .conftest import serve_console, shot, signed_in
 from .test_recon_browser import TENANT, _csrf, _open_tenant, stray_booking
 
 # vera is a finance operator who also reviews; rita reviews.
@@ -118,31 +111,8 @@ async def planes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Plan
     try:
         await _open_tenant(money.config, money_address)
         await policy.engine.create_tenant(TENANT, "Recon Acme")
-        clock = ManualClock(time.time_ns() // 1000)
-        store = ConsoleStore.from_config(config)
-        for username, roles in USERS.items():
-            store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
-        server = _Server(
-            uvicorn.Config(
-                create_app(config, clock=clock, store=store),
-                host="127.0.0.1",
-                port=console_port,
-                log_config=None,
-                lifespan="on",
-            )
-        )
-        thread = threading.Thread(target=server.run, name="recon-adjust-console", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_WITHIN_S
-        while not server.started:
-            assert thread.is_alive(), "the console exited while starting"
-            assert time.monotonic() < deadline, "the console did not start"
-            await asyncio.sleep(0.05)
-        try:
-            yield Planes(config, money_address, policy, f"http://127.0.0.1:{console_port}", store)
-        finally:
-            server.should_exit = True
-            thread.join(START_WITHIN_S)
+        async with serve_console(config, USERS, "recon-adjust-console") as running:
+            yield Planes(config, money_address, policy, running.url, running.store)
     finally:
         await policy.stop()
         await money.stop()

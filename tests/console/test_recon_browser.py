@@ -9,21 +9,16 @@ sees it and no form."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import re
-import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
-import uvicorn
 from playwright.async_api import Browser, FilePayload, Page, expect
 
-from console.app import create_app
-from console.auth import hash_password
 from console.store import ConsoleStore
 from money_plane.app import MoneyPlane
 from money_plane.formats.camt import write_camt054
@@ -40,11 +35,10 @@ from money_plane.formats.statement import (
 from tests.tls_helpers import channel_as, dev_certificates
 from triplane.common.v1 import types_pb2
 from triplane.money.v1 import money_pb2, money_pb2_grpc, recon_pb2, recon_pb2_grpc
-from triplane.runtime.clock import ManualClock
 from triplane.runtime.config import Config, load_config
 from triplane.runtime.net import free_port
 
-from .conftest import PASSWORD, START_WITHIN_S, _Server, shot, signed_in
+from .conftest import accessibility_problems, browser_page, serve_console, shot, signed_in
 
 TENANT = "recon-acme"
 IBAN = "DE89370400440532013000"
@@ -154,43 +148,16 @@ async def recon_console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
     await plane.start(sweepers=False, relay=False, metrics=False)
     try:
         await _open_tenant(plane.config, money_address)
-        clock = ManualClock(time.time_ns() // 1000)
-        store = ConsoleStore.from_config(config)
-        for username, roles in USERS.items():
-            store.add_user(username, hash_password(PASSWORD), roles, clock.now_us())
-        server = _Server(
-            uvicorn.Config(
-                create_app(config, clock=clock, store=store),
-                host="127.0.0.1",
-                port=console_port,
-                log_config=None,
-                lifespan="on",
-            )
-        )
-        thread = threading.Thread(target=server.run, name="recon-console", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_WITHIN_S
-        while not server.started:
-            assert thread.is_alive(), "the console exited while starting"
-            assert time.monotonic() < deadline, "the console did not start"
-            await asyncio.sleep(0.05)
-        try:
-            yield ReconConsole(config, money_address, f"http://127.0.0.1:{console_port}", store)
-        finally:
-            server.should_exit = True
-            thread.join(START_WITHIN_S)
+        async with serve_console(config, USERS, "recon-console") as running:
+            yield ReconConsole(config, money_address, running.url, running.store)
     finally:
         await plane.stop()
 
 
 @pytest.fixture
 async def page(browser: Browser, recon_console: ReconConsole) -> AsyncIterator[Page]:
-    context = await browser.new_context(base_url=recon_console.url)
-    opened = await context.new_page()
-    try:
+    async with browser_page(browser, recon_console.url) as opened:
         yield opened
-    finally:
-        await context.close()
 
 
 async def _import(page: Page, content: bytes, name: str) -> None:
@@ -298,9 +265,7 @@ async def test_reviewer_cannot_resolve_and_auditor_sees_no_form(
     [raised] = imported.breaks
     path = f"/recon/{TENANT}/breaks/{raised.break_id}"
 
-    reviewer = await browser.new_context(base_url=recon_console.url)
-    try:
-        page = await reviewer.new_page()
+    async with browser_page(browser, recon_console.url) as page:
         await signed_in(page, "rita")
         await expect(page.get_by_role("link", name="Reconciliation")).to_have_count(0)
         seen = await page.goto(path)
@@ -312,12 +277,8 @@ async def test_reviewer_cannot_resolve_and_auditor_sees_no_form(
         )
         assert answer.status == 403
         assert answer.headers["x-triplane-reason"] == "PERMISSION_DENIED"
-    finally:
-        await reviewer.close()
 
-    auditor = await browser.new_context(base_url=recon_console.url)
-    try:
-        page = await auditor.new_page()
+    async with browser_page(browser, recon_console.url) as page:
         await signed_in(page, "aldo")
         await page.goto(path)
         await expect(page.get_by_test_id("break-state")).to_have_text("open")
@@ -325,8 +286,6 @@ async def test_reviewer_cannot_resolve_and_auditor_sees_no_form(
         await page.goto(f"/recon/statements?tenant={TENANT}")
         await expect(page.get_by_role("button", name="Import")).to_have_count(0)
         await shot(page, "auditor-statements")
-    finally:
-        await auditor.close()
 
     [still] = [b for b in await recon_console.breaks() if b.break_id == raised.break_id]
     assert still.state == "open" and not still.resolved_by
@@ -363,3 +322,36 @@ async def test_a_resolution_without_a_reason_changes_nothing(
     assert bad_filter.headers["x-triplane-field"] == "break_class"
     [still] = [b for b in await recon_console.breaks() if b.break_id == raised.break_id]
     assert still.state == "open" and not still.resolved_by
+
+
+@pytest.mark.parametrize("username", ["fina", "aldo"])
+async def test_the_recon_pages_are_accessible(
+    recon_console: ReconConsole, page: Page, username: str
+) -> None:
+    """A label on every control, one <h1> and one <main>, every button
+    reached by Tab: with the forms (finance operator) and without (auditor)."""
+    async with recon_console.channel() as ch:
+        imported = await recon_pb2_grpc.ReconciliationServiceStub(ch).ImportStatement(
+            recon_pb2.ImportStatementRequest(
+                tenant_id=TENANT,
+                ledger_account_id="bank",
+                content=stray_booking(1_234, f"A11Y-{username}"),
+                actor="ops-tool",
+            ),
+            timeout=10,
+        )
+    [raised] = imported.breaks
+    [statement] = imported.statements
+    await signed_in(page, username)
+    failures: dict[str, Any] = {}
+    for path in (
+        f"/recon?tenant={TENANT}",
+        f"/recon/{TENANT}/breaks/{raised.break_id}",
+        f"/recon/statements?tenant={TENANT}",
+        f"/recon/{TENANT}/statements/{statement.statement_id}",
+    ):
+        problems = await accessibility_problems(page, path)
+        if problems:
+            failures[path] = problems
+    await shot(page, "accessible")
+    assert failures == {}

@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from console.app import create_app
-from console.auth import hash_password, permissions_of
-from console.store import ConsoleStore
-from triplane.runtime.clock import ManualClock
+from console.auth import permissions_of
 from triplane.runtime.config import load_config
 
-PASSWORD = "correct horse battery staple"
+from .conftest import console_client, sign_in_as
+
 USERS = {
     "rita": ["reviewer"],
     "fina": ["finance_operator"],
@@ -29,35 +27,17 @@ USERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def password_hash() -> str:
-    """Hashed once: argon2 is slow on purpose."""
-    return hash_password(PASSWORD)
-
-
 @pytest.fixture
-def client(tmp_path: Path, password_hash: str) -> Iterator[TestClient]:
+def client(tmp_path: Path) -> Iterator[TestClient]:
     config = load_config(environ={}, overrides={"runtime": {"state_dir": str(tmp_path)}})
     assert not config.gateway.admin_listen  # the shipped default: no certificate port
-    clock = ManualClock()
-    store = ConsoleStore.from_config(config)
-    for name, roles in USERS.items():
-        store.add_user(name, password_hash, roles, clock.now_us())
-    app = create_app(config, clock=clock, store=store)
-    with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
+    with console_client(config, USERS) as test_client:
         yield test_client
 
 
 def sign_in(client: TestClient, username: str) -> str:
     """Signs in; the session's CSRF token."""
-    page = client.get("/login")
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert token
-    answer = client.post(
-        "/login",
-        data={"username": username, "password": PASSWORD, "csrf_token": token.group(1)},
-    )
-    assert answer.status_code == 303
+    sign_in_as(client, username)
     home = client.get("/", follow_redirects=True)
     csrf = re.search(r'"X-CSRF-Token": "([^"]+)"', home.text)
     assert csrf, home.text
