@@ -40,13 +40,15 @@ async def audited(
     target: str,
     change: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
     *,
-    redirect_to: str,
+    redirect_to: str | Callable[[dict[str, Any]], str],
     before: Mapping[str, Any] | None = None,
 ) -> Response:
     """Runs `change(before)` (it adds the state it reads before changing
     anything to the dict it is given, and returns the state after), audits
-    the outcome and answers: a 303 to `redirect_to`, or the plane's refusal.
-    `before`: what the entry keeps besides (the reason asked, say)."""
+    the outcome and answers: a 303 to `redirect_to` (or, where the page to
+    show depends on the plane's answer, to `redirect_to(after)`), or the
+    plane's refusal. `before`: what the entry keeps besides (the reason
+    asked, say)."""
     state: dict[str, Any] = {}
     try:
         after = await change(state)
@@ -64,7 +66,9 @@ async def audited(
     await audit.record(
         request, session, action, target, "ok", before={**state, **(before or {})}, after=after
     )
-    return RedirectResponse(redirect_to, 303)
+    return RedirectResponse(
+        redirect_to if isinstance(redirect_to, str) else redirect_to(after), 303
+    )
 
 
 def next_page_link(path: str, params: Mapping[str, str], next_token: str) -> str:

@@ -34,6 +34,7 @@ from starlette.routing import Route
 from console import audit
 from console.actions import (
     BadFilter,
+    audited,
     filter_error_page,
     next_page_link,
     tenant_filter,
@@ -613,8 +614,8 @@ async def import_statement(request: Request, session: Session) -> Response:
     except BadInput as bad:
         return error_page(request, session, 400, bad.reason, str(bad), bad.field)
     target = f"statement:{tenant}/{account}"
-    about = {"file": upload.filename, "bytes": len(content)}
-    try:
+
+    async def send(_: dict[str, Any]) -> dict[str, Any]:
         answer = await console.planes.recon().ImportStatement(
             pb.ImportStatementRequest(
                 tenant_id=tenant,
@@ -624,36 +625,32 @@ async def import_statement(request: Request, session: Session) -> Response:
             ),
             timeout=console.planes.timeout_s,
         )
-    except grpc.aio.AioRpcError as error:
-        await audit.record(
-            request,
-            session,
-            "statement.import",
-            target,
-            "failed",
-            before=about,
-            after={"code": error.code().name, "details": error.details() or ""},
-        )
-        return grpc_error_page(request, session, error)
-    await audit.record(
-        request,
-        session,
-        "statement.import",
-        target,
-        "ok",
-        before=about,
-        after={
+        return {
             "statements": [s.statement_id for s in answer.statements],
             "duplicate_file": answer.duplicate_file,
             "lines_read": answer.lines_read,
             "lines_new": answer.lines_new,
             "matches": len(answer.matches),
             "breaks": [b.break_id for b in answer.breaks],
-        },
+        }
+
+    return await audited(
+        request,
+        session,
+        "statement.import",
+        target,
+        send,
+        redirect_to=lambda after: imported_path(tenant, after["statements"]),
+        before={"file": upload.filename, "bytes": len(content)},
     )
-    if len(answer.statements) == 1:
-        return RedirectResponse(statement_path(tenant, answer.statements[0].statement_id), 303)
-    return RedirectResponse("/recon/statements?" + urlencode({"tenant": tenant}), 303)
+
+
+def imported_path(tenant: str, statement_ids: list[str]) -> str:
+    """Where an import lands: its statement, or the tenant's statements
+    when the file held several (or none new)."""
+    if len(statement_ids) == 1:
+        return statement_path(tenant, statement_ids[0])
+    return "/recon/statements?" + urlencode({"tenant": tenant})
 
 
 PAGE = Page(

@@ -243,6 +243,13 @@ async def test_finance_operator_matches_a_stray_booking_by_hand(
     assert audited[0].after["resolved_by"] == "fina"
     imported = [e for e in entries if e.action == "statement.import"]
     assert len(imported) == 1 and imported[0].after["breaks"] == [raised.break_id]
+    # Audited through console.actions.audited: the file before, the import after.
+    assert imported[0].outcome == "ok"
+    assert imported[0].before == {
+        "file": "stray.xml",
+        "bytes": len(stray_booking(4_321, "STRAY-1")),
+    }
+    assert imported[0].after["statements"] == [raised.statement_id]
     # The statements list shows the import and who made it.
     await page.goto(f"/recon/statements?tenant={TENANT}")
     await expect(page.locator("tr[data-statement-id]").first).to_contain_text("fina")

@@ -14,6 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from console.auth import permissions_of
+from console.pages.recon import imported_path
 from triplane.runtime.config import load_config
 
 from .conftest import console_client, sign_in_as
@@ -135,3 +136,11 @@ def test_deliveries_say_when_the_gateway_port_is_unknown(client: TestClient) -> 
     assert bad.status_code == 400 and bad.headers["x-triplane-field"] == "status"
     answer = client.post("/deliveries/acme/msg_1/redeliver", data={"csrf_token": csrf})
     assert answer.status_code == 503
+
+
+def test_an_import_lands_on_its_statement_or_on_the_list() -> None:
+    """import_statement's redirect_to(after): one statement read, its page;
+    several (or none new), the tenant's statements."""
+    assert imported_path("a b", ["stm_1"]) == "/recon/a%20b/statements/stm_1"
+    assert imported_path("a b", ["stm_1", "stm_2"]) == "/recon/statements?tenant=a+b"
+    assert imported_path("acme", []) == "/recon/statements?tenant=acme"
