@@ -25,16 +25,24 @@ import hmac
 import json
 import logging
 import secrets
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from authlib.integrations.httpx_client import AsyncOAuth2Client
+from authlib.deprecate import AuthlibDeprecationWarning
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
+
+with warnings.catch_warnings():
+    # authlib 1.9 warns, on import, that its httpx client will move to
+    # httpx2; it works on httpx (which Starlette's test client needs too),
+    # and the warning reached every console log and the demo's output.
+    warnings.simplefilter("ignore", AuthlibDeprecationWarning)
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from console.auth import check_roles
 from triplane.runtime.config import ConsoleOidcConfig
