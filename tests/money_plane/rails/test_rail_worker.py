@@ -58,12 +58,9 @@ def _config(kit: Kit, state_dir: Path, url: str, **worker: Any) -> Config:
     )
 
 
-async def _setup(
-    kit: Kit, client: BankClient, state_dir: Path, count: int, rail: str = "bank_transfer"
-) -> list[Payout]:
-    """`count` approved payouts to a US account (policy routed them to `rail`:
-    bank_transfer is ACH)."""
-    kit.clock.set_us(await client.now_us())
+async def us_payouts(kit: Kit, state_dir: Path) -> Payouts:
+    """The tenant's Payouts with one beneficiary, "ben-us": a US checking
+    account of merchant m-1."""
     config = kit.ledger.config.payouts
     payouts = Payouts(kit.ledger, load_cipher(config, state_dir), config, encode_payout_event)
     await payouts.create_beneficiary(
@@ -81,6 +78,16 @@ async def _setup(
             holder_name_token="tok_name_bcdfghjkmnpqrstvbcdfghjkmnpqrstv",
         ),
     )
+    return payouts
+
+
+async def _setup(
+    kit: Kit, client: BankClient, state_dir: Path, count: int, rail: str = "bank_transfer"
+) -> list[Payout]:
+    """`count` approved payouts to a US account (policy routed them to `rail`:
+    bank_transfer is ACH)."""
+    kit.clock.set_us(await client.now_us())
+    payouts = await us_payouts(kit, state_dir)
     await kit.fund("merchant", 100_000)
     made = []
     for n in range(count):

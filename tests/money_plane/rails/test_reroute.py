@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from money_helpers import BackendPlace, Kit
 from sandbox_helpers import BankClient
-from test_rail_worker import TO_FLUSH_S, _advance, _config, _entries, _plane
+from test_rail_worker import TO_FLUSH_S, _advance, _config, _entries, _plane, us_payouts
 
 from money_plane.domain import Kind
 from money_plane.payouts.codec import encode_payout_event
 from money_plane.payouts.domain import (
-    NewBeneficiary,
     Payout,
     PayoutState,
     end_to_end_id_for,
@@ -70,23 +69,7 @@ async def _payout(
     """An approved payout to a US account, the policy's route: `rail`,
     then `alternates`."""
     kit.clock.set_us(await client.now_us())
-    config = kit.ledger.config.payouts
-    payouts = Payouts(kit.ledger, load_cipher(config, state_dir), config, encode_payout_event)
-    await payouts.create_beneficiary(
-        kit.tenant,
-        NewBeneficiary(
-            beneficiary_id="ben-us",
-            merchant_id="m-1",
-            holder_name="Ada Seller",
-            country="US",
-            kind="us_bank",
-            routing_number="011000015",
-            account_number="987654321",
-            account_type="checking",
-            account_token="tok_acct_bcdfghjkmnpqrstvbcdfghjkmnpqrstv",
-            holder_name_token="tok_name_bcdfghjkmnpqrstvbcdfghjkmnpqrstv",
-        ),
-    )
+    payouts = await us_payouts(kit, state_dir)
     await kit.fund("merchant", 100_000)
     token = kit.move(key, "merchant", IN_FLIGHT, 4_321, kind=Kind.PAYOUT).decision_token
     payout, _ = await payouts.create_payout(
