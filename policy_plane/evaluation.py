@@ -419,13 +419,25 @@ class CompiledBundle:
     def context(self, inp: EvaluationInput, screening: Screening) -> cel.Context:
         """This thread's evaluation context, bound to `inp` (valid until this
         thread's next call)."""
-        local = self._local
+        return self._bound(self._local, self._constants, self._flat, self._roots, inp, screening)
+
+    def _bound(
+        self,
+        local: threading.local,
+        constants: dict[str, Any],
+        flat: list[tuple[str, tuple[str, ...]]],
+        roots: list[str],
+        inp: EvaluationInput,
+        screening: Screening,
+    ) -> cel.Context:
+        """`local`'s context (made once per thread from `constants`), with
+        the flattened names and whole roots of `inp` bound in it."""
         context: cel.Context | None = getattr(local, "context", None)
         if context is None:
-            context = local.context = cel.Context(dict(self._constants))
+            context = local.context = cel.Context(dict(constants))
         nested = self.activation(inp, screening)
-        values = {name: _lookup(nested, path) for name, path in self._flat}
-        for root in self._roots:
+        values = {name: _lookup(nested, path) for name, path in flat}
+        for root in roots:
             values[root] = nested[root]
         context.update(values)
         return context
@@ -578,16 +590,14 @@ class CompiledBundle:
     def _rail_context(self, inp: EvaluationInput, screening: Screening) -> cel.Context:
         """This thread's context for rail routes, bound to `inp` (valid until
         this thread's next call); `_bind_rail` binds each rail in turn."""
-        local = self._rail_local
-        context: cel.Context | None = getattr(local, "context", None)
-        if context is None:
-            context = local.context = cel.Context(dict(self._rail_constants))
-        nested = self.activation(inp, screening)
-        values = {name: _lookup(nested, path) for name, path in self._rail_flat}
-        for root in self._rail_roots:
-            values[root] = nested[root]
-        context.update(values)
-        return context
+        return self._bound(
+            self._rail_local,
+            self._rail_constants,
+            self._rail_flat,
+            self._rail_roots,
+            inp,
+            screening,
+        )
 
     def _bind_rail(self, context: cel.Context, facts: RailFacts) -> None:
         offer = _rail(facts)
